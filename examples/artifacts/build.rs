@@ -1,0 +1,146 @@
+//! Compiles the guest crates (the example hooks and the test guests) to Wasm with a nested
+//! `cargo build` into a target directory of their own, the way wasmtime's test-programs do,
+//! and writes `artifacts.rs` naming each output. `cargo build` and `cargo test` therefore
+//! need no manual step; a missing Wasm target is installed through rustup.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// (constant name, package, binary file stem, target)
+const GUESTS: &[(&str, &str, &str, &str)] = &[
+    (
+        "MODEL_CHECKSUM",
+        "model-checksum",
+        "model_checksum",
+        "wasm32-wasip2",
+    ),
+    (
+        "VALIDATE_INFERENCE",
+        "validate-inference",
+        "validate_inference",
+        "wasm32-wasip2",
+    ),
+    (
+        "PLAIN_COMMAND",
+        "plain-command",
+        "plain-command",
+        "wasm32-wasip2",
+    ),
+    (
+        "PLAIN_COMMAND_P1",
+        "plain-command",
+        "plain-command",
+        "wasm32-wasip1",
+    ),
+    (
+        "SANDBOX_PROBE",
+        "sandbox-probe",
+        "sandbox_probe",
+        "wasm32-wasip2",
+    ),
+];
+
+const WATCHED: &[&str] = &[
+    "examples/hooks",
+    "tests/guests",
+    "hooks-sdk/src",
+    "hooks-sdk/wit",
+    "hooks-sdk/Cargo.toml",
+    "Cargo.lock",
+];
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest_dir
+        .ancestors()
+        .nth(2)
+        .expect("workspace root")
+        .to_path_buf();
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    // Share one guest target dir between profiles: target/<profile>/build/<pkg>/out -> target.
+    let target_dir = out_dir
+        .ancestors()
+        .nth(4)
+        .unwrap_or(&out_dir)
+        .join("wasm-guests");
+    for path in WATCHED {
+        println!("cargo:rerun-if-changed={}", root.join(path).display());
+    }
+
+    let mut targets: Vec<&str> = GUESTS.iter().map(|g| g.3).collect();
+    targets.sort();
+    targets.dedup();
+    for target in &targets {
+        ensure_target_installed(target);
+        let packages = GUESTS
+            .iter()
+            .filter(|g| g.3 == *target)
+            .flat_map(|g| ["-p", g.1]);
+        build(&root, &target_dir, target, packages.collect());
+    }
+
+    let mut code = String::new();
+    for (name, _, stem, target) in GUESTS {
+        let path = target_dir
+            .join(target)
+            .join("release")
+            .join(format!("{stem}.wasm"));
+        assert!(path.exists(), "{} was not built", path.display());
+        code.push_str(&format!(
+            "/// `{stem}.wasm`, built for `{target}`.\npub const {name}: Artifact = Artifact {{ name: {stem:?}, path: {path:?}, bytes: include_bytes!({path:?}) }};\n",
+            path = path.display().to_string(),
+        ));
+    }
+    std::fs::write(out_dir.join("artifacts.rs"), code).unwrap();
+}
+
+fn build(root: &Path, target_dir: &Path, target: &str, packages: Vec<&str>) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["build", "--release", "--target", target])
+        .args(&packages)
+        .arg("--target-dir")
+        .arg(target_dir)
+        // Small, debug-free guests: they compile faster in wasmtime and embed cheaply.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+        // The outer build's flags are for the host, not for Wasm guests.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    let status = cmd
+        .status()
+        .expect("running cargo to build the Wasm guests");
+    assert!(
+        status.success(),
+        "building the Wasm guests for {target} failed: {status}"
+    );
+}
+
+/// Installs a Wasm target through rustup when the toolchain lacks it. rust-toolchain.toml
+/// lists the targets, but rustup adds them only when it installs the toolchain itself.
+fn ensure_target_installed(target: &str) {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .expect("rustc --print sysroot");
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if sysroot.join("lib/rustlib").join(target).exists() {
+        return;
+    }
+    println!("cargo:warning=installing the {target} target with rustup");
+    let status = Command::new("rustup")
+        .args(["target", "add", target])
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        other => panic!(
+            "the {target} target is missing and `rustup target add {target}` failed: {other:?}"
+        ),
+    }
+}

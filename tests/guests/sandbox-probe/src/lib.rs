@@ -1,0 +1,85 @@
+//! A test guest that tries, on request, everything a hook must not be able to do (or must
+//! be stopped doing), so the agent's sandbox tests exercise real compiled Wasm. The
+//! parameter `probe` picks the behaviour; `path`, `url`, `bytes`, `secs` qualify it.
+
+use std::hint::black_box;
+
+use shoal_hooks::{Context, Result, ResultExt, bail, http, info};
+
+pub fn run(ctx: &Context) -> Result<String> {
+    let probe = ctx.require_param("probe")?;
+    match probe {
+        "ok" => {
+            info!("probe ok at {} on {}", ctx.event, ctx.host.name);
+            Ok(format!(
+                "ok: {} {} {}",
+                ctx.event, ctx.application, ctx.deployment_id
+            ))
+        }
+        "fail" => bail!("asked to fail"),
+        "loop" => {
+            let mut n: u64 = 0;
+            loop {
+                n = black_box(n.wrapping_add(1));
+            }
+        }
+        "alloc" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(black_box(vec![1u8; 1 << 20]));
+            }
+        }
+        "panic" => panic!("the probe panicked on purpose"),
+        "trap" => {
+            #[cfg(target_arch = "wasm32")]
+            core::arch::wasm32::unreachable();
+            #[cfg(not(target_arch = "wasm32"))]
+            bail!("trap is wasm-only")
+        }
+        "sleep" => {
+            let secs: u64 = ctx.require_param("secs")?.parse().context("secs")?;
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+            Ok("woke up".into())
+        }
+        "read" => {
+            let path = ctx.require_param("path")?;
+            let text = std::fs::read(path).context(format!("reading {path}"))?;
+            Ok(format!("read {} bytes from {path}", text.len()))
+        }
+        "write" => {
+            let path = ctx.require_param("path")?;
+            std::fs::write(path, b"written by sandbox-probe").context(format!("writing {path}"))?;
+            Ok(format!("wrote {path}"))
+        }
+        "http" => {
+            let url = ctx.require_param("url")?;
+            let answer = http::get(url).send()?;
+            Ok(format!(
+                "HTTP {}: {}",
+                answer.status,
+                answer.text().unwrap_or("")
+            ))
+        }
+        "spam" => {
+            let bytes: usize = ctx.require_param("bytes")?.parse().context("bytes")?;
+            let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+\n";
+            let mut written = 0;
+            let mut n = 0u64;
+            while written < bytes {
+                let l = format!("{n:08} {line}");
+                print!("{l}");
+                written += l.len();
+                n += 1;
+            }
+            println!("END OF SPAM");
+            Ok(format!("printed {written} bytes"))
+        }
+        "env" => {
+            let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+            Ok(vars.join(" "))
+        }
+        other => bail!("unknown probe `{other}`"),
+    }
+}
+
+shoal_hooks::hook!(run);
