@@ -60,6 +60,11 @@ pub fn run(ctx: &Context) -> Result<String> {
                 answer.text().unwrap_or("")
             ))
         }
+        "tcp" => {
+            let addr = ctx.require_param("addr")?;
+            std::net::TcpStream::connect(addr).context(format!("connecting to {addr}"))?;
+            Ok(format!("connected to {addr}"))
+        }
         "spam" => {
             let bytes: usize = ctx.require_param("bytes")?.parse().context("bytes")?;
             let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+\n";
