@@ -1,4 +1,132 @@
-//! The `shoal` command line.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The `shoal` command line: argument parsing and everything the user sees. Other modules
+//! log through `tracing` (to stderr, filtered by `SHOAL_LOG`); only this layer prints
+//! results, as text or, with `--json`, as one JSON document on stdout. Every command exits
+//! 0 exactly when the thing asked for happened, and otherwise prints a one-line reason on
+//! stderr.
+
+mod demo;
+mod hook;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Shoal: deploy applications across a fleet, batch by batch, with sandboxed Wasm hooks.
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about)]
+pub struct Cli {
+    /// The agent to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_PEER",
+        default_value = "127.0.0.1:7400"
+    )]
+    pub peer: String,
+    /// An operator identity directory (ca.pem, cert.pem, key.pem).
+    #[arg(long, global = true, env = "SHOAL_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Work with lifecycle hooks.
+    #[command(subcommand)]
+    Hook(hook::HookCommand),
+    /// Run the built-in demonstration and exit 0 when it went as planned.
+    Demo(demo::DemoArgs),
+}
+
+/// Parses the command line, runs the command, and turns its result into an exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::anyhow!("starting the async runtime: {e}")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Hook(cmd) => hook::run(cmd, cli.json).await,
+            Command::Demo(args) => demo::run(args, cli.json).await,
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// Prints a value as pretty JSON on stdout.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Where compiled hooks are cached for commands run outside an agent.
+fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHOAL_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("shoal").join("hooks")
+}
+
+/// A spinner on stderr while something slow happens; invisible when stderr is not a terminal.
+fn spinner(message: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_options_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "shoal",
+            "hook",
+            "run",
+            "h.wasm",
+            "--json",
+            "--peer",
+            "10.0.0.1:7400",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.peer, "10.0.0.1:7400");
+    }
 }

@@ -1,0 +1,218 @@
+//! `shoal demo`: a built-in tour that needs no configuration and no files. Until the fleet
+//! exists it runs the example hooks, embedded in the binary, through the real sandbox on a
+//! revision it writes to a temporary directory: a model verified and a corrupted model
+//! caught, a plain WASI command in both WASI versions, and hooks that try to read
+//! `/etc/passwd`, loop forever and allocate forever, each stopped. Every step states what
+//! should happen; the demo exits 0 when everything did.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use shoal_examples::{Artifact, MODEL_CHECKSUM, PLAIN_COMMAND, PLAIN_COMMAND_P1, SANDBOX_PROBE};
+
+use crate::hooks::{DirGrant, HookContext, HookRuntime, HookStatus, LifecycleEvent, Sandbox};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {}
+
+/// What a step should end as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+enum Expect {
+    Succeeded,
+    Failed,
+}
+
+#[derive(Serialize)]
+struct StepReport {
+    step: &'static str,
+    hook: &'static str,
+    expected: Expect,
+    outcome: crate::hooks::HookOutcome,
+    as_expected: bool,
+}
+
+struct Step {
+    title: &'static str,
+    hook: Artifact,
+    event: LifecycleEvent,
+    params: &'static [(&'static str, &'static str)],
+    timeout: Duration,
+    memory_mib: usize,
+    before: fn(&Path) -> Result<()>,
+    expect: Expect,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        title: "verify the model against SHA256SUMS",
+        hook: MODEL_CHECKSUM,
+        event: LifecycleEvent::AfterInstall,
+        params: &[],
+        timeout: Duration::from_secs(30),
+        memory_mib: 256,
+        before: |_| Ok(()),
+        expect: Expect::Succeeded,
+    },
+    Step {
+        title: "the same check after one byte of the model flipped",
+        hook: MODEL_CHECKSUM,
+        event: LifecycleEvent::AfterInstall,
+        params: &[],
+        timeout: Duration::from_secs(30),
+        memory_mib: 256,
+        before: |rev| {
+            let path = rev.join("model/weights.json");
+            let mut model = std::fs::read(&path)?;
+            model[2] ^= 0x01;
+            Ok(std::fs::write(path, model)?)
+        },
+        expect: Expect::Failed,
+    },
+    Step {
+        title: "a plain WASI command (preview 2) using CodeDeploy's variables",
+        hook: PLAIN_COMMAND,
+        event: LifecycleEvent::BeforeInstall,
+        params: &[],
+        timeout: Duration::from_secs(30),
+        memory_mib: 256,
+        before: |_| Ok(()),
+        expect: Expect::Succeeded,
+    },
+    Step {
+        title: "the same command built as a WASI preview-1 module",
+        hook: PLAIN_COMMAND_P1,
+        event: LifecycleEvent::BeforeInstall,
+        params: &[],
+        timeout: Duration::from_secs(30),
+        memory_mib: 256,
+        before: |_| Ok(()),
+        expect: Expect::Succeeded,
+    },
+    Step {
+        title: "a hook trying to read /etc/passwd",
+        hook: SANDBOX_PROBE,
+        event: LifecycleEvent::BeforeInstall,
+        params: &[("probe", "read"), ("path", "/etc/passwd")],
+        timeout: Duration::from_secs(30),
+        memory_mib: 256,
+        before: |_| Ok(()),
+        expect: Expect::Failed,
+    },
+    Step {
+        title: "a hook looping forever, with a 1 s deadline",
+        hook: SANDBOX_PROBE,
+        event: LifecycleEvent::ValidateService,
+        params: &[("probe", "loop")],
+        timeout: Duration::from_secs(1),
+        memory_mib: 256,
+        before: |_| Ok(()),
+        expect: Expect::Failed,
+    },
+    Step {
+        title: "a hook allocating forever, with a 64 MiB cap",
+        hook: SANDBOX_PROBE,
+        event: LifecycleEvent::ValidateService,
+        params: &[("probe", "alloc")],
+        timeout: Duration::from_secs(30),
+        memory_mib: 64,
+        before: |_| Ok(()),
+        expect: Expect::Failed,
+    },
+];
+
+/// Writes the demo revision: a model and the SHA256SUMS that vouches for it.
+fn write_revision(rev: &Path) -> Result<()> {
+    std::fs::create_dir_all(rev.join("model"))?;
+    let model = br#"{"weights": [[0.5, -1.25, 2.0]], "bias": [0.1]}"#;
+    std::fs::write(rev.join("model/weights.json"), model)?;
+    let sum = hex::encode(Sha256::digest(model));
+    std::fs::write(
+        rev.join("SHA256SUMS"),
+        format!("{sum}  model/weights.json\n"),
+    )?;
+    Ok(())
+}
+
+pub async fn run(_args: DemoArgs, json: bool) -> Result<bool> {
+    let scratch = tempfile::tempdir().context("creating the demo's scratch directory")?;
+    let (rev, work) = (scratch.path().join("revision"), scratch.path().join("work"));
+    write_revision(&rev)?;
+    std::fs::create_dir_all(&work)?;
+    let runtime = HookRuntime::new(&super::default_cache_dir())?;
+
+    let mut reports = Vec::new();
+    for (n, step) in STEPS.iter().enumerate() {
+        (step.before)(&rev).with_context(|| format!("preparing step {}", n + 1))?;
+        let progress = super::spinner(step.title);
+        let hook = runtime
+            .load(step.hook.bytes)
+            .with_context(|| format!("loading {}", step.hook.name))?;
+        let mut ctx = HookContext::adhoc(step.event);
+        ctx.application = "inference".into();
+        ctx.deployment_id = "d-demo".into();
+        ctx.params = step
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let sandbox = Sandbox {
+            dirs: vec![
+                DirGrant {
+                    host: rev.clone(),
+                    guest: "/revision".into(),
+                    writable: false,
+                },
+                DirGrant {
+                    host: work.clone(),
+                    guest: "/work".into(),
+                    writable: true,
+                },
+            ],
+            timeout: step.timeout,
+            memory_limit: step.memory_mib << 20,
+            ..Sandbox::default()
+        };
+        let outcome = runtime.run(&hook, &ctx, &sandbox).await;
+        progress.finish_and_clear();
+        let got = match outcome.status {
+            HookStatus::Succeeded { .. } => Expect::Succeeded,
+            HookStatus::Failed { .. } => Expect::Failed,
+        };
+        let as_expected = got == step.expect;
+        if !json {
+            let mark = if as_expected { "ok  " } else { "FAIL" };
+            println!("{mark} {}. {} [{}]", n + 1, step.title, step.hook.name);
+            println!(
+                "       {:?}: {} ({} ms, compiled code: {:?})",
+                got,
+                outcome.summary(),
+                outcome.elapsed_ms,
+                outcome.cache
+            );
+        }
+        reports.push(StepReport {
+            step: step.title,
+            hook: step.hook.name,
+            expected: step.expect,
+            outcome,
+            as_expected,
+        });
+    }
+
+    let all = reports.iter().all(|r| r.as_expected);
+    if json {
+        super::print_json(&serde_json::json!({ "steps": reports, "as_planned": all }))?;
+    } else if all {
+        println!(
+            "\nEvery step went as planned: good hooks pass, bad models fail, and the sandbox holds."
+        );
+    }
+    if !all {
+        eprintln!("error: the demo did not go as planned (see the steps marked FAIL)");
+    }
+    Ok(all)
+}
