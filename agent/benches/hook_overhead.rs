@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use shoal_agent::hooks::{HookContext, HookRuntime, LifecycleEvent, Sandbox};
+use shoal_agent::hooks::{DirGrant, HookContext, HookRuntime, LifecycleEvent, Sandbox};
 use shoal_examples::{PLAIN_COMMAND, SANDBOX_PROBE};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -27,17 +27,22 @@ fn main() {
     let hooks = HookRuntime::new(cache.path()).unwrap();
     let mut ctx = HookContext::adhoc(LifecycleEvent::ValidateService);
     ctx.params.insert("probe".into(), "ok".into());
-    let sandbox = Sandbox::default();
+    // The plain command appends to /work/deployments.log, so it gets a work dir.
+    let work = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox {
+        dirs: vec![DirGrant { host: work.path().to_path_buf(), guest: "/work".into(), writable: true }],
+        ..Sandbox::default()
+    };
 
-    let mut measure_hook = |bytes: &[u8]| {
+    let mut measure_hook = |bytes: &[u8], sandbox: &Sandbox| {
         let hook = hooks.load(bytes).unwrap(); // compiled once, before timing
         for _ in 0..20 {
-            assert!(rt.block_on(hooks.run(&hook, &ctx, &sandbox)).succeeded());
+            assert!(rt.block_on(hooks.run(&hook, &ctx, sandbox)).succeeded());
         }
         let samples: Vec<Duration> = (0..runs)
             .map(|_| {
                 let t = Instant::now();
-                let outcome = rt.block_on(hooks.run(&hook, &ctx, &sandbox));
+                let outcome = rt.block_on(hooks.run(&hook, &ctx, sandbox));
                 let took = t.elapsed();
                 assert!(outcome.succeeded());
                 took
@@ -45,8 +50,9 @@ fn main() {
             .collect();
         median(samples)
     };
-    let shoal_hook = measure_hook(SANDBOX_PROBE.bytes);
-    let wasi_command = measure_hook(PLAIN_COMMAND.bytes);
+    let shoal_hook = measure_hook(SANDBOX_PROBE.bytes, &Sandbox::default());
+    let shoal_hook_dir = measure_hook(SANDBOX_PROBE.bytes, &sandbox);
+    let wasi_command = measure_hook(PLAIN_COMMAND.bytes, &sandbox);
 
     let spawn = || {
         let t = Instant::now();
@@ -76,6 +82,11 @@ fn main() {
         "| WASI command component: instantiate + run + drop | {:.0} | {:.3} |",
         us(wasi_command),
         us(wasi_command) / us(shell)
+    );
+    println!(
+        "| Shoal hook, with a read-write /work granted | {:.0} | {:.3} |",
+        us(shoal_hook_dir),
+        us(shoal_hook_dir) / us(shell)
     );
     println!("| spawn `sh -c true` and wait | {:.0} | 1.000 |", us(shell));
     let target = 0.1;

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 use wasmtime::component::{HasSelf, ResourceTable};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, UpdateDeadline,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -165,7 +167,10 @@ impl HookRuntime {
     /// A runtime whose compiled code is cached under `cache_dir`.
     pub fn new(cache_dir: &Path) -> Result<Self> {
         let mut config = Config::new();
-        config.epoch_interruption(true).wasm_component_model(true);
+        config
+            .epoch_interruption(true)
+            .wasm_component_model(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config()));
         let engine = wt(Engine::new(&config)).context("creating the Wasm engine")?;
 
         let mut components = wasmtime::component::Linker::new(&engine);
@@ -360,6 +365,29 @@ impl HookRuntime {
         store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
         store
     }
+}
+
+/// How many hooks may run at once on one agent.
+pub const MAX_CONCURRENT_HOOKS: u32 = 32;
+
+/// Instances come from a pool of pre-reserved slots: instantiating a hook is then a few
+/// page-table operations instead of fresh mappings. Slots reserve address space only; each
+/// memory slot admits wasm32's 4 GiB so that the sandbox's own cap, enforced by
+/// [`MemoryLimits`], is always the one a hook meets.
+fn pooling_config() -> PoolingAllocationConfig {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(MAX_CONCURRENT_HOOKS)
+        .total_core_instances(MAX_CONCURRENT_HOOKS * 8)
+        .total_memories(MAX_CONCURRENT_HOOKS * 2)
+        .total_tables(MAX_CONCURRENT_HOOKS * 8)
+        .total_stacks(MAX_CONCURRENT_HOOKS)
+        .max_memory_size(4 << 30)
+        // Reset a slot's first pages with memset rather than handing them back to the
+        // kernel: a Rust guest's stack and early heap live there, and re-faulting them on
+        // every run costs more than the copy.
+        .linear_memory_keep_resident(2 << 20)
+        .table_keep_resident(64 << 10);
+    pool
 }
 
 /// wasmtime's own error type, as an `anyhow::Error` for context and reporting.
