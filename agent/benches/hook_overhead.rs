@@ -30,11 +30,15 @@ fn main() {
     // The plain command appends to /work/deployments.log, so it gets a work dir.
     let work = tempfile::tempdir().unwrap();
     let sandbox = Sandbox {
-        dirs: vec![DirGrant { host: work.path().to_path_buf(), guest: "/work".into(), writable: true }],
+        dirs: vec![DirGrant {
+            host: work.path().to_path_buf(),
+            guest: "/work".into(),
+            writable: true,
+        }],
         ..Sandbox::default()
     };
 
-    let mut measure_hook = |bytes: &[u8], sandbox: &Sandbox| {
+    let measure_hook = |bytes: &[u8], sandbox: &Sandbox| {
         let hook = hooks.load(bytes).unwrap(); // compiled once, before timing
         for _ in 0..20 {
             assert!(rt.block_on(hooks.run(&hook, &ctx, sandbox)).succeeded());

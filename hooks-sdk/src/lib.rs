@@ -46,6 +46,7 @@ pub use error::{HookError, Result, ResultExt};
 pub use log::{Level, log};
 
 /// The bindings generated from `wit/hook.wit`. Hook authors use [`hook!`] instead.
+#[allow(clippy::too_many_arguments)]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
