@@ -1,5 +1,6 @@
 //! The Shoal agent: every host runs it; together the agents deploy applications across the
 //! fleet with no central server. See ARCHITECTURE.md for the codemap.
 
+pub mod appspec;
 pub mod cli;
 pub mod hooks;
