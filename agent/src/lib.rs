@@ -2,5 +2,6 @@
 //! fleet with no central server. See ARCHITECTURE.md for the codemap.
 
 pub mod appspec;
+pub mod bundle;
 pub mod cli;
 pub mod hooks;
