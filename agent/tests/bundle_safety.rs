@@ -186,7 +186,8 @@ fn refused(bundle: &Path, limits: &Limits) -> String {
 fn hostile_tar_entries_are_refused_naming_the_entry() {
     use tar::EntryType as T;
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut RawTar)>, &str)> = vec![
+    type Case = (&'static str, Box<dyn Fn(&mut RawTar)>, &'static str);
+    let cases: Vec<Case> = vec![
         (
             "traversal",
             Box::new(|t| {

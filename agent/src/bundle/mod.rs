@@ -26,6 +26,8 @@ use crate::appspec::{self, AppSpec};
 pub enum BundleError {
     #[error("{path}: not a bundle: expected a directory or a tar, tar.gz, tar.zst or zip archive")]
     UnknownFormat { path: PathBuf },
+    #[error("{path}: the output name must end in .tar, .tar.gz, .tgz, .tar.zst, .tzst or .zip")]
+    OutputName { path: PathBuf },
     #[error("entry `{entry}`: {why}")]
     Unsafe { entry: String, why: String },
     #[error("entry `{entry}`: the bundle expands past the limit of {limit} bytes")]

@@ -40,9 +40,8 @@ fn io_err(entry: &str) -> impl Fn(std::io::Error) -> BundleError + '_ {
 
 /// Packs `dir` into `out` and returns the revision id.
 pub fn create(dir: &Path, out: &Path) -> Result<RevisionId, BundleError> {
-    let format = format_of(out).ok_or_else(|| BundleError::Unsafe {
-        entry: out.display().to_string(),
-        why: "the output name must end in .tar, .tar.gz, .tgz, .tar.zst, .tzst or .zip".into(),
+    let format = format_of(out).ok_or_else(|| BundleError::OutputName {
+        path: out.to_path_buf(),
     })?;
     if !dir.join("appspec.yml").is_file() {
         return Err(BundleError::NoAppSpec);

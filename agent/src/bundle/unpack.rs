@@ -125,18 +125,17 @@ impl<'a> Extractor<'a> {
         let mut at = self.root.clone();
         for component in rel.parent().into_iter().flat_map(|p| p.components()) {
             at.push(component);
-            if let Ok(meta) = std::fs::symlink_metadata(&at) {
-                if meta.file_type().is_symlink() {
-                    let via = at
-                        .strip_prefix(&self.root)
-                        .unwrap_or(&at)
-                        .display()
-                        .to_string();
-                    return Err(unsafe_entry(
-                        name,
-                        format!("it would be written through the symbolic link `{via}`"),
-                    ));
-                }
+            let is_link = std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink());
+            if is_link {
+                let via = at
+                    .strip_prefix(&self.root)
+                    .unwrap_or(&at)
+                    .display()
+                    .to_string();
+                return Err(unsafe_entry(
+                    name,
+                    format!("it would be written through the symbolic link `{via}`"),
+                ));
             }
         }
         Ok(())

@@ -4,6 +4,7 @@
 //! 0 exactly when the thing asked for happened, and otherwise prints a one-line reason on
 //! stderr.
 
+mod bundle;
 mod demo;
 mod hook;
 
@@ -39,6 +40,9 @@ pub enum Command {
     /// Work with lifecycle hooks.
     #[command(subcommand)]
     Hook(hook::HookCommand),
+    /// Pack and check bundles (revisions).
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
     /// Run the built-in demonstration and exit 0 when it went as planned.
     Demo(demo::DemoArgs),
 }
@@ -63,6 +67,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Hook(cmd) => hook::run(cmd, cli.json).await,
+            Command::Bundle(cmd) => bundle::run(cmd, cli.json),
             Command::Demo(args) => demo::run(args, cli.json).await,
         }
     });
