@@ -1,4 +1,5 @@
-//! Compiles the guest crates (the example hooks and the test guests) to Wasm with a nested
+//! Compiles the guest crates (the example hooks and the test guests) to Wasm, and the example
+//! inference app for this host, with a nested
 //! `cargo build` into a target directory of their own, the way wasmtime's test-programs do,
 //! and writes `artifacts.rs` naming each output. `cargo build` and `cargo test` therefore
 //! need no manual step; a missing Wasm target is installed through rustup.
@@ -42,10 +43,12 @@ const GUESTS: &[(&str, &str, &str, &str)] = &[
 
 const WATCHED: &[&str] = &[
     "examples/hooks",
+    "examples/inference-app",
     "tests/guests",
     "hooks-sdk/src",
     "hooks-sdk/wit",
     "hooks-sdk/Cargo.toml",
+    "examples/revisions",
     "Cargo.lock",
 ];
 
@@ -62,7 +65,7 @@ fn main() {
         .ancestors()
         .nth(4)
         .unwrap_or(&out_dir)
-        .join("wasm-guests");
+        .join("shoal-examples");
     for path in WATCHED {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
@@ -76,10 +79,18 @@ fn main() {
             .iter()
             .filter(|g| g.3 == *target)
             .flat_map(|g| ["-p", g.1]);
-        build(&root, &target_dir, target, packages.collect());
+        build(&root, &target_dir, Some(target), packages.collect());
     }
 
-    let mut code = String::new();
+    // The example application, for this host.
+    build(&root, &target_dir, None, vec!["-p", "inference-app"]);
+    let app = target_dir.join("release").join("inference-app");
+    assert!(app.exists(), "{} was not built", app.display());
+
+    let mut code = format!(
+        "/// The example inference app, built for this host.\npub const INFERENCE_APP: Artifact = Artifact {{ name: \"inference-app\", path: {p:?}, bytes: include_bytes!({p:?}) }};\n",
+        p = app.display().to_string(),
+    );
     for (name, _, stem, target) in GUESTS {
         let path = target_dir
             .join(target)
@@ -94,30 +105,30 @@ fn main() {
     std::fs::write(out_dir.join("artifacts.rs"), code).unwrap();
 }
 
-fn build(root: &Path, target_dir: &Path, target: &str, packages: Vec<&str>) {
+fn build(root: &Path, target_dir: &Path, target: Option<&str>, packages: Vec<&str>) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root)
-        .args(["build", "--release", "--target", target])
-        .args(&packages)
+    cmd.current_dir(root).args(["build", "--release"]);
+    if let Some(target) = target {
+        cmd.args(["--target", target]);
+    }
+    cmd.args(&packages)
         .arg("--target-dir")
         .arg(target_dir)
         // Small, debug-free guests: they compile faster in wasmtime and embed cheaply.
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-        // The outer build's flags are for the host, not for Wasm guests.
+        // The outer build's flags (coverage, sanitizers, targets) are not the examples'.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
         .env_remove("RUSTC_WORKSPACE_WRAPPER");
-    let status = cmd
-        .status()
-        .expect("running cargo to build the Wasm guests");
+    let status = cmd.status().expect("running cargo to build the examples");
     assert!(
         status.success(),
-        "building the Wasm guests for {target} failed: {status}"
+        "building {packages:?} for {target:?} failed: {status}"
     );
 }
 
