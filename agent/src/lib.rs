@@ -5,3 +5,4 @@ pub mod appspec;
 pub mod bundle;
 pub mod cli;
 pub mod hooks;
+pub mod lifecycle;
