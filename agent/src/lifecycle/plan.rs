@@ -28,12 +28,21 @@ pub enum Side {
 /// What the driver must do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    RunHooks { event: LifecycleEvent, side: Side },
-    StopService { side: Side },
+    RunHooks {
+        event: LifecycleEvent,
+        side: Side,
+    },
+    StopService {
+        side: Side,
+    },
     /// DownloadBundle: unpack the bundle into its release directory.
     Unpack,
-    Install { side: Side },
-    StartService { side: Side },
+    Install {
+        side: Side,
+    },
+    StartService {
+        side: Side,
+    },
     /// Record the new revision as the host's active and last successful one.
     Commit,
     /// Nothing more to do.
@@ -95,26 +104,93 @@ impl Machine {
         use LifecycleEvent as E;
         let mut forward = Vec::new();
         if has_previous {
-            forward.push((E::ApplicationStop, Action::RunHooks { event: E::ApplicationStop, side: Side::Previous }));
-            forward.push((E::ApplicationStop, Action::StopService { side: Side::Previous }));
+            forward.push((
+                E::ApplicationStop,
+                Action::RunHooks {
+                    event: E::ApplicationStop,
+                    side: Side::Previous,
+                },
+            ));
+            forward.push((
+                E::ApplicationStop,
+                Action::StopService {
+                    side: Side::Previous,
+                },
+            ));
         }
         forward.extend([
             (E::DownloadBundle, Action::Unpack),
-            (E::BeforeInstall, Action::RunHooks { event: E::BeforeInstall, side: Side::New }),
+            (
+                E::BeforeInstall,
+                Action::RunHooks {
+                    event: E::BeforeInstall,
+                    side: Side::New,
+                },
+            ),
             (E::Install, Action::Install { side: Side::New }),
-            (E::AfterInstall, Action::RunHooks { event: E::AfterInstall, side: Side::New }),
-            (E::ApplicationStart, Action::StartService { side: Side::New }),
-            (E::ApplicationStart, Action::RunHooks { event: E::ApplicationStart, side: Side::New }),
-            (E::ValidateService, Action::RunHooks { event: E::ValidateService, side: Side::New }),
+            (
+                E::AfterInstall,
+                Action::RunHooks {
+                    event: E::AfterInstall,
+                    side: Side::New,
+                },
+            ),
+            (
+                E::ApplicationStart,
+                Action::StartService { side: Side::New },
+            ),
+            (
+                E::ApplicationStart,
+                Action::RunHooks {
+                    event: E::ApplicationStart,
+                    side: Side::New,
+                },
+            ),
+            (
+                E::ValidateService,
+                Action::RunHooks {
+                    event: E::ValidateService,
+                    side: Side::New,
+                },
+            ),
         ]);
         let rollback_steps = vec![
             (E::ApplicationStop, Action::StopService { side: Side::New }),
-            (E::Install, Action::Install { side: Side::Previous }),
-            (E::ApplicationStart, Action::StartService { side: Side::Previous }),
-            (E::ApplicationStart, Action::RunHooks { event: E::ApplicationStart, side: Side::Previous }),
-            (E::ValidateService, Action::RunHooks { event: E::ValidateService, side: Side::Previous }),
+            (
+                E::Install,
+                Action::Install {
+                    side: Side::Previous,
+                },
+            ),
+            (
+                E::ApplicationStart,
+                Action::StartService {
+                    side: Side::Previous,
+                },
+            ),
+            (
+                E::ApplicationStart,
+                Action::RunHooks {
+                    event: E::ApplicationStart,
+                    side: Side::Previous,
+                },
+            ),
+            (
+                E::ValidateService,
+                Action::RunHooks {
+                    event: E::ValidateService,
+                    side: Side::Previous,
+                },
+            ),
         ];
-        let events = records(&forward, if has_previous { &[] } else { &[E::ApplicationStop] });
+        let events = records(
+            &forward,
+            if has_previous {
+                &[]
+            } else {
+                &[E::ApplicationStop]
+            },
+        );
         Machine {
             forward,
             rollback_steps,
@@ -129,7 +205,11 @@ impl Machine {
     }
 
     fn steps(&self) -> &[Step] {
-        if self.rolling_back { &self.rollback_steps } else { &self.forward }
+        if self.rolling_back {
+            &self.rollback_steps
+        } else {
+            &self.forward
+        }
     }
 
     /// The action to take now. Calling it again without [`done`](Self::done) returns the same.
@@ -217,11 +297,20 @@ impl Machine {
             }
         }
         let rolled_back = self.rolling_back && rollback_error.is_none();
-        self.outcome = Some(Outcome::Failed { event, reason, rolled_back, rollback_error });
+        self.outcome = Some(Outcome::Failed {
+            event,
+            reason,
+            rolled_back,
+            rollback_error,
+        });
     }
 
     fn set_status(&mut self, event: LifecycleEvent, status: EventStatus) {
-        let list = if self.rolling_back { &mut self.rollback_events } else { &mut self.events };
+        let list = if self.rolling_back {
+            &mut self.rollback_events
+        } else {
+            &mut self.events
+        };
         if let Some(r) = list.iter_mut().find(|r| r.name == event) {
             r.status = status;
         }
@@ -238,11 +327,19 @@ impl Machine {
 
 /// One Pending record per distinct event of `steps`, in order; `skipped` ones first, Skipped.
 fn records(steps: &[Step], skipped: &[LifecycleEvent]) -> Vec<EventRecord> {
-    let mut out: Vec<EventRecord> =
-        skipped.iter().map(|e| EventRecord { name: *e, status: EventStatus::Skipped }).collect();
+    let mut out: Vec<EventRecord> = skipped
+        .iter()
+        .map(|e| EventRecord {
+            name: *e,
+            status: EventStatus::Skipped,
+        })
+        .collect();
     for (event, _) in steps {
         if !out.iter().any(|r| r.name == *event) {
-            out.push(EventRecord { name: *event, status: EventStatus::Pending });
+            out.push(EventRecord {
+                name: *event,
+                status: EventStatus::Pending,
+            });
         }
     }
     out
@@ -255,7 +352,11 @@ mod tests {
 
     /// Drives the machine, failing the `fail_at`-th action (0-based) and any rollback action
     /// listed in `fail_rollback_at`. Returns the actions taken.
-    fn drive(m: &mut Machine, fail_at: Option<usize>, fail_rollback_at: Option<usize>) -> Vec<Action> {
+    fn drive(
+        m: &mut Machine,
+        fail_at: Option<usize>,
+        fail_rollback_at: Option<usize>,
+    ) -> Vec<Action> {
         let mut taken = Vec::new();
         let mut rollback_n = 0;
         for n in 0..100 {
@@ -271,7 +372,11 @@ mod tests {
             } else {
                 fail_at == Some(n)
             };
-            m.done(if fail { Err(format!("step {n} failed")) } else { Ok(()) });
+            m.done(if fail {
+                Err(format!("step {n} failed"))
+            } else {
+                Ok(())
+            });
         }
         panic!("the machine did not finish");
     }
@@ -288,12 +393,24 @@ mod tests {
             taken,
             vec![
                 Action::Unpack,
-                Action::RunHooks { event: E::BeforeInstall, side: Side::New },
+                Action::RunHooks {
+                    event: E::BeforeInstall,
+                    side: Side::New
+                },
                 Action::Install { side: Side::New },
-                Action::RunHooks { event: E::AfterInstall, side: Side::New },
+                Action::RunHooks {
+                    event: E::AfterInstall,
+                    side: Side::New
+                },
                 Action::StartService { side: Side::New },
-                Action::RunHooks { event: E::ApplicationStart, side: Side::New },
-                Action::RunHooks { event: E::ValidateService, side: Side::New },
+                Action::RunHooks {
+                    event: E::ApplicationStart,
+                    side: Side::New
+                },
+                Action::RunHooks {
+                    event: E::ValidateService,
+                    side: Side::New
+                },
                 Action::Commit,
             ]
         );
@@ -317,8 +434,19 @@ mod tests {
     fn an_upgrade_stops_the_previous_revision_first() {
         let mut m = Machine::new(true, true);
         let taken = drive(&mut m, None, None);
-        assert_eq!(taken[0], Action::RunHooks { event: E::ApplicationStop, side: Side::Previous });
-        assert_eq!(taken[1], Action::StopService { side: Side::Previous });
+        assert_eq!(
+            taken[0],
+            Action::RunHooks {
+                event: E::ApplicationStop,
+                side: Side::Previous
+            }
+        );
+        assert_eq!(
+            taken[1],
+            Action::StopService {
+                side: Side::Previous
+            }
+        );
         assert_eq!(taken.len(), 10);
         assert!(m.events.iter().all(|r| r.status == EventStatus::Succeeded));
     }
@@ -328,24 +456,54 @@ mod tests {
         let mut m = Machine::new(true, true);
         // Action 8 is ValidateService's hooks.
         let taken = drive(&mut m, Some(8), None);
-        assert_eq!(taken[8], Action::RunHooks { event: E::ValidateService, side: Side::New });
+        assert_eq!(
+            taken[8],
+            Action::RunHooks {
+                event: E::ValidateService,
+                side: Side::New
+            }
+        );
         assert_eq!(
             taken[9..],
             [
                 Action::StopService { side: Side::New },
-                Action::Install { side: Side::Previous },
-                Action::StartService { side: Side::Previous },
-                Action::RunHooks { event: E::ApplicationStart, side: Side::Previous },
-                Action::RunHooks { event: E::ValidateService, side: Side::Previous },
+                Action::Install {
+                    side: Side::Previous
+                },
+                Action::StartService {
+                    side: Side::Previous
+                },
+                Action::RunHooks {
+                    event: E::ApplicationStart,
+                    side: Side::Previous
+                },
+                Action::RunHooks {
+                    event: E::ValidateService,
+                    side: Side::Previous
+                },
             ]
         );
-        assert!(!taken.contains(&Action::Commit), "a failed deployment is never committed");
+        assert!(
+            !taken.contains(&Action::Commit),
+            "a failed deployment is never committed"
+        );
         assert_eq!(
             m.outcome(),
-            Some(&Outcome::Failed { event: E::ValidateService, reason: "step 8 failed".into(), rolled_back: true, rollback_error: None })
+            Some(&Outcome::Failed {
+                event: E::ValidateService,
+                reason: "step 8 failed".into(),
+                rolled_back: true,
+                rollback_error: None
+            })
         );
         assert_eq!(m.events.last().unwrap().status, EventStatus::Failed);
-        assert!(m.rollback_events.iter().all(|r| r.status == EventStatus::Succeeded), "{:?}", m.rollback_events);
+        assert!(
+            m.rollback_events
+                .iter()
+                .all(|r| r.status == EventStatus::Succeeded),
+            "{:?}",
+            m.rollback_events
+        );
     }
 
     #[test]
@@ -371,7 +529,14 @@ mod tests {
     fn a_failed_rollback_is_reported_as_such() {
         let mut m = Machine::new(true, true);
         drive(&mut m, Some(8), Some(2)); // the previous service fails to start
-        let Some(Outcome::Failed { rolled_back, rollback_error, .. }) = m.outcome() else { panic!() };
+        let Some(Outcome::Failed {
+            rolled_back,
+            rollback_error,
+            ..
+        }) = m.outcome()
+        else {
+            panic!()
+        };
         assert!(!rolled_back);
         assert_eq!(rollback_error.as_deref(), Some("step 11 failed"));
         let rb = statuses(&m.rollback_events);
@@ -384,8 +549,15 @@ mod tests {
         for (has_previous, enabled) in [(false, true), (true, false)] {
             let mut m = Machine::new(has_previous, enabled);
             let taken = drive(&mut m, Some(if has_previous { 8 } else { 6 }), None);
-            assert!(!taken.iter().any(|a| matches!(a, Action::Install { side: Side::Previous })));
-            let Some(Outcome::Failed { rolled_back, .. }) = m.outcome() else { panic!() };
+            assert!(!taken.iter().any(|a| matches!(
+                a,
+                Action::Install {
+                    side: Side::Previous
+                }
+            )));
+            let Some(Outcome::Failed { rolled_back, .. }) = m.outcome() else {
+                panic!()
+            };
             assert!(!rolled_back);
             assert!(m.rollback_events.is_empty());
         }
