@@ -6,6 +6,7 @@
 
 mod bundle;
 mod demo;
+mod deploy;
 mod hook;
 
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ pub enum Command {
     /// Pack and check bundles (revisions).
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Deploy revisions.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
     /// Run the built-in demonstration and exit 0 when it went as planned.
     Demo(demo::DemoArgs),
 }
@@ -68,6 +72,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Hook(cmd) => hook::run(cmd, cli.json).await,
             Command::Bundle(cmd) => bundle::run(cmd, cli.json),
+            Command::Deploy(cmd) => deploy::run(cmd, cli.json).await,
             Command::Demo(args) => demo::run(args, cli.json).await,
         }
     });

@@ -58,9 +58,29 @@ pub struct InstallPlan {
 }
 
 impl InstallPlan {
-    /// Every destination path this install writes (the journal records them).
-    pub fn targets(&self) -> BTreeSet<PathBuf> {
-        self.copies.iter().map(|c| c.to.clone()).collect()
+    /// Refuses the install if a destination exists, is not `ours`, and the behavior is
+    /// DISALLOW. Call before journaling, so a refused file never counts as ours.
+    pub fn check_conflicts(&self, ours: &BTreeSet<PathBuf>) -> Result<(), InstallError> {
+        for c in &self.copies {
+            if self.foreign(c, ours) && c.behavior == FileExistsBehavior::Disallow {
+                return Err(InstallError::Conflict { path: c.to.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every path this install will write given what is `ours`: the journal records them.
+    /// A foreign file kept by RETAIN is not among them.
+    pub fn writes(&self, ours: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
+        self.copies
+            .iter()
+            .filter(|c| !(self.foreign(c, ours) && c.behavior == FileExistsBehavior::Retain))
+            .map(|c| c.to.clone())
+            .collect()
+    }
+
+    fn foreign(&self, c: &Copy, ours: &BTreeSet<PathBuf>) -> bool {
+        std::fs::symlink_metadata(&c.to).is_ok() && !ours.contains(&c.to)
     }
 }
 
@@ -119,6 +139,21 @@ pub fn plan(revision: &Path, spec: &AppSpec, root: &Path) -> Result<InstallPlan,
     })
 }
 
+/// A plan that installs nothing: carried out, it removes every file that is ours.
+pub fn plan_nothing() -> InstallPlan {
+    InstallPlan { copies: Vec::new() }
+}
+
+/// Fault injection for crash tests: `SHOAL_FAULT_SLOW_INSTALL_MS` pauses after every file
+/// copied, so a test can kill the process in the middle of Install. Unset in production.
+fn fault_delay() -> Option<std::time::Duration> {
+    let ms = std::env::var("SHOAL_FAULT_SLOW_INSTALL_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 /// Carries out `plan`. `ours` are the files this host's deployments installed (the
 /// previous revision's, and any an interrupted install wrote): they may be replaced or
 /// removed freely. Returns the files now installed.
@@ -127,13 +162,9 @@ pub fn install(
     ours: &BTreeSet<PathBuf>,
 ) -> Result<BTreeSet<PathBuf>, InstallError> {
     // 1. Conflicts, before any write.
-    for c in &plan.copies {
-        let exists = std::fs::symlink_metadata(&c.to).is_ok();
-        if exists && !ours.contains(&c.to) && c.behavior == FileExistsBehavior::Disallow {
-            return Err(InstallError::Conflict { path: c.to.clone() });
-        }
-    }
+    plan.check_conflicts(ours)?;
     // 2. Copies.
+    let delay = fault_delay();
     let mut installed = BTreeSet::new();
     for c in &plan.copies {
         let exists = std::fs::symlink_metadata(&c.to).is_ok();
@@ -142,6 +173,9 @@ pub fn install(
         }
         put(&c.from, &c.to)?;
         installed.insert(c.to.clone());
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+        }
     }
     // 3. What the previous revision installed and this one does not.
     for stale in ours.difference(&installed) {

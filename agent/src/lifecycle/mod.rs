@@ -1,5 +1,12 @@
 //! The lifecycle of a deployment on one host: the order of events and rollback (`plan`, a
-//! sans-IO state machine), and the steps that touch the host.
+//! sans-IO state machine), the Install step (`install`), the application's process
+//! (`service`), what the host remembers (`state`), and the driver that ties them together
+//! with a journal for crash safety (`run`).
 
 pub mod install;
 pub mod plan;
+pub mod run;
+pub mod service;
+pub mod state;
+
+pub use run::{DeployRequest, DeploymentRecord, LocalHost};

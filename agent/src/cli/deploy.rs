@@ -1,0 +1,154 @@
+//! `shoal deploy local`: the whole lifecycle on this host, without a mesh, like
+//! `codedeploy-local`. `shoal deploy recover` finishes what an interrupted deployment left
+//! (a deploy does that first anyway).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use crate::hooks::HookRuntime;
+use crate::lifecycle::run::DEFAULT_KEEP_RELEASES;
+use crate::lifecycle::{DeployRequest, DeploymentRecord, LocalHost};
+
+#[derive(Subcommand, Debug)]
+pub enum DeployCommand {
+    /// Deploy a bundle on this host and wait for the result; exits 0 exactly when it Succeeded.
+    Local(LocalArgs),
+    /// Put an application back on one revision after an interrupted deployment.
+    Recover(RecoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct HostArgs {
+    /// Where the host keeps releases, state and logs (default: $SHOAL_DATA_DIR or ~/.local/share/shoal).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Root the AppSpec's file destinations here (default /); lets several agents share a machine.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub install_root: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct LocalArgs {
+    #[arg(long)]
+    pub app: String,
+    /// A bundle: directory or archive with appspec.yml.
+    #[arg(long)]
+    pub bundle: PathBuf,
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Serve the application on this port instead of the AppSpec's (`$PORT` for the service).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// On failure, leave the host as it is instead of rolling back.
+    #[arg(long)]
+    pub no_rollback: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    #[arg(long)]
+    pub app: String,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHOAL_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".local/share/shoal"))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/shoal"))
+}
+
+fn local_host(args: &HostArgs) -> Result<LocalHost> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let hooks = HookRuntime::new(&data_dir.join("cache/hooks"))?;
+    Ok(LocalHost {
+        host_name: crate::hooks::HookContext::adhoc(crate::hooks::LifecycleEvent::Install)
+            .host_name,
+        data_dir,
+        install_root: args.install_root.clone(),
+        tags: Default::default(),
+        keep_releases: DEFAULT_KEEP_RELEASES,
+        hooks: Arc::new(hooks),
+    })
+}
+
+pub async fn run(cmd: DeployCommand, json: bool) -> Result<bool> {
+    match cmd {
+        DeployCommand::Local(args) => {
+            let host = local_host(&args.host)?;
+            let request = DeployRequest {
+                app: args.app.clone(),
+                bundle: args.bundle.clone(),
+                deployment_group: "local".into(),
+                rollback: !args.no_rollback,
+                port: args.port,
+            };
+            let progress = super::spinner(&format!(
+                "deploying {} to {}",
+                args.bundle.display(),
+                args.app
+            ));
+            let record = host.deploy(&request).await;
+            progress.finish_and_clear();
+            let record = record?;
+            if json {
+                super::print_json(&record)?;
+            } else {
+                print_record(&record);
+            }
+            if !record.succeeded() {
+                eprintln!("error: deployment {} {}", record.id, record.message);
+            }
+            Ok(record.succeeded())
+        }
+        DeployCommand::Recover(args) => {
+            let host = local_host(&args.host)?;
+            let recovered = host.recover(&args.app).await?;
+            let message = recovered
+                .clone()
+                .unwrap_or_else(|| "nothing to recover".into());
+            if json {
+                super::print_json(
+                    &serde_json::json!({ "app": args.app, "recovered": recovered.is_some(), "message": message }),
+                )?;
+            } else {
+                println!("{}: {message}", args.app);
+            }
+            Ok(true)
+        }
+    }
+}
+
+fn print_record(r: &DeploymentRecord) {
+    println!(
+        "deployment {} of {} revision {}",
+        r.id,
+        r.app,
+        r.revision.short()
+    );
+    for host in &r.hosts {
+        for e in &host.events {
+            println!("  {:<18} {:?}", e.name.to_string(), e.status);
+        }
+    }
+    for h in &r.hooks {
+        let mark = if h.succeeded { "ok  " } else { "FAIL" };
+        println!(
+            "  {mark} {} {} [{}]: {}",
+            h.event,
+            h.location,
+            h.revision.short(),
+            h.summary
+        );
+    }
+    if let Some(rb) = &r.rollback {
+        println!("  rollback to {}: {}", rb.revision.short(), rb.status);
+    }
+    println!("{}", r.message);
+}

@@ -1,0 +1,546 @@
+//! Runs a deployment on this host: the driver of [`Machine`]. It first checks the bundle
+//! completely, touching nothing: unpacked under the safety rules, its AppSpec free of
+//! errors, every hook compiled. Only then does it write the journal and run the lifecycle,
+//! keeping the journal current, so that a crash at any moment is recovered on the next
+//! start by [`LocalHost::recover`]: the host ends wholly on the revision it came from.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+
+use super::install;
+use super::plan::{Action, EventRecord, Machine, Outcome, Side};
+use super::service;
+use super::state::{AppDir, AppState, Journal, read_json, remove, write_json};
+use crate::appspec::{self, AppSpec};
+use crate::bundle::{self, Limits, RevisionId};
+use crate::hooks::{DirGrant, HookContext, HookRuntime, LifecycleEvent, Sandbox};
+
+/// Releases kept per application, besides the active one.
+pub const DEFAULT_KEEP_RELEASES: usize = 5;
+
+/// The host side of deployments: where its state lives and where files are installed.
+pub struct LocalHost {
+    pub data_dir: PathBuf,
+    /// Destinations in AppSpecs are rooted here (`/` in production).
+    pub install_root: PathBuf,
+    pub host_name: String,
+    pub tags: BTreeMap<String, String>,
+    pub keep_releases: usize,
+    pub hooks: Arc<HookRuntime>,
+}
+
+/// What to deploy, and how.
+#[derive(Clone, Debug)]
+pub struct DeployRequest {
+    pub app: String,
+    pub bundle: PathBuf,
+    pub deployment_group: String,
+    pub rollback: bool,
+    /// Overrides the service's port from the AppSpec.
+    pub port: Option<u16>,
+}
+
+/// The result of one hook run, as kept in the deployment record.
+#[derive(Clone, Debug, Serialize)]
+pub struct HookResult {
+    pub event: LifecycleEvent,
+    pub revision: RevisionId,
+    pub location: String,
+    pub succeeded: bool,
+    pub summary: String,
+    /// The whole captured log, on disk.
+    pub log: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HostRecord {
+    pub name: String,
+    pub status: String,
+    pub events: Vec<EventRecord>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RollbackRecord {
+    pub revision: RevisionId,
+    pub status: String,
+    pub events: Vec<EventRecord>,
+}
+
+/// A deployment's record: the shape `shoal deploy status --json` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeploymentRecord {
+    pub id: String,
+    pub app: String,
+    pub revision: RevisionId,
+    /// Succeeded or Failed.
+    pub status: String,
+    /// One line for people: "Succeeded", "Failed at ValidateService: …, rolled back to …".
+    pub message: String,
+    pub hosts: Vec<HostRecord>,
+    pub rollback: Option<RollbackRecord>,
+    pub hooks: Vec<HookResult>,
+    pub started_at: u64,
+    pub finished_at: u64,
+}
+
+impl DeploymentRecord {
+    pub fn succeeded(&self) -> bool {
+        self.status == "Succeeded"
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_deployment_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "d-{:012x}",
+        (nanos as u64) ^ u64::from(std::process::id()).rotate_left(40)
+    )
+}
+
+/// One revision, unpacked in its release directory, with its AppSpec.
+struct Release {
+    id: RevisionId,
+    dir: PathBuf,
+    spec: AppSpec,
+}
+
+impl LocalHost {
+    fn app_dir(&self, app: &str) -> Result<AppDir> {
+        if app.is_empty()
+            || !app
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || app.starts_with('.')
+        {
+            bail!("`{app}` is not a valid application name (letters, digits, `-`, `_`, `.`)");
+        }
+        Ok(AppDir::new(&self.data_dir, app))
+    }
+
+    fn open_release(&self, dir: &AppDir, id: &RevisionId) -> Result<Release> {
+        let path = dir.release(id);
+        let text = std::fs::read_to_string(path.join("appspec.yml"))
+            .with_context(|| format!("reading the AppSpec of release {}", id.short()))?;
+        let spec = appspec::parse(&text)?;
+        Ok(Release {
+            id: id.clone(),
+            dir: path,
+            spec,
+        })
+    }
+
+    /// Checks and unpacks a bundle into its release directory, touching nothing else.
+    fn preflight(&self, dir: &AppDir, bundle_path: &Path) -> Result<Release> {
+        std::fs::create_dir_all(dir.releases())?;
+        let staging = tempfile::Builder::new()
+            .prefix(".staging-")
+            .tempdir_in(dir.releases())?;
+        let unpacked = staging.path().join("bundle");
+        let b = bundle::open(bundle_path, &unpacked, &Limits::default())
+            .with_context(|| format!("refusing the bundle {}", bundle_path.display()))?;
+        b.appspec
+            .deployable()
+            .map_err(|errors| anyhow!("refusing the bundle: its AppSpec has errors:\n{errors}"))?;
+        for hooks in b.appspec.hooks.values() {
+            for h in hooks {
+                self.hooks
+                    .load_file(&b.root.join(&h.location))
+                    .with_context(|| {
+                        format!(
+                            "refusing the bundle: appspec.yml line {}: hook {}",
+                            h.line, h.location
+                        )
+                    })?;
+            }
+        }
+        if let Some(svc) = &b.appspec.service {
+            let program = b.root.join(&svc.command);
+            if !Path::new(&svc.command).is_absolute() && !program.is_file() {
+                bail!(
+                    "refusing the bundle: appspec.yml line {}: the service command {} is not in the revision",
+                    svc.line,
+                    svc.command
+                );
+            }
+        }
+        let release = dir.release(&b.id);
+        if !release.exists() {
+            std::fs::rename(&b.root, &release)
+                .with_context(|| format!("storing release {}", b.id.short()))?;
+        }
+        self.open_release(dir, &b.id)
+    }
+
+    /// Deploys a bundle here. An `Err` means the deployment never started (a refused bundle,
+    /// another deployment of the app under way): the host is untouched.
+    pub async fn deploy(&self, req: &DeployRequest) -> Result<DeploymentRecord> {
+        let dir = self.app_dir(&req.app)?;
+        std::fs::create_dir_all(&dir.root)?;
+        let _lock = lock(&dir)?;
+        self.recover_locked(&req.app, &dir).await?;
+
+        let started_at = now();
+        let new = self.preflight(&dir, &req.bundle)?;
+        let mut state: AppState = read_json(&dir.state())?.unwrap_or_default();
+        let previous = match &state.active {
+            Some(id) => Some(self.open_release(&dir, id)?),
+            None => None,
+        };
+        let id = new_deployment_id();
+        let mut journal = Journal {
+            deployment_id: id.clone(),
+            from: state.active.clone(),
+            to: new.id.clone(),
+            targets: BTreeSet::new(),
+            phase: "Started".into(),
+            port: state.port.or(req.port),
+        };
+        write_json(&dir.journal(), &journal)?;
+
+        let mut machine = Machine::new(previous.is_some(), req.rollback);
+        let mut hooks_run = Vec::new();
+        loop {
+            let action = machine.next();
+            let side_release = |side: Side| match side {
+                Side::New => Some(&new),
+                Side::Previous => previous.as_ref(),
+            };
+            let result: Result<()> = match action {
+                Action::Finished => break,
+                Action::Unpack => Ok(()), // done and verified in preflight
+                Action::RunHooks { event, side } => {
+                    let release = side_release(side).expect("a side the machine names exists");
+                    journal.phase = event.to_string();
+                    write_json(&dir.journal(), &journal)?;
+                    self.run_hooks(&dir, &id, req, release, event, &mut hooks_run)
+                        .await
+                }
+                Action::StopService { .. } => service::stop(&dir),
+                Action::Install { side } => {
+                    let release = side_release(side).expect("a side the machine names exists");
+                    journal.phase = format!("Install {}", release.id.short());
+                    self.install(&dir, release, &mut state, &mut journal)
+                }
+                Action::StartService { side } => {
+                    let release = side_release(side).expect("a side the machine names exists");
+                    let port = match side {
+                        Side::New => req.port,
+                        Side::Previous => journal.port,
+                    };
+                    self.start_service(&dir, release, port)
+                }
+                Action::Commit => {
+                    state.active = Some(new.id.clone());
+                    state.port = req.port.or(new.spec.service.as_ref().and_then(|s| s.port));
+                    state.history.retain(|r| r != &new.id);
+                    state.history.push(new.id.clone());
+                    write_json(&dir.state(), &state)
+                }
+            };
+            machine.done(result.map_err(|e| format!("{e:#}")));
+        }
+        remove(&dir.journal())?;
+        let record = self.record(
+            &id,
+            req,
+            &new,
+            previous.as_ref(),
+            &machine,
+            hooks_run,
+            started_at,
+        );
+        write_json(&dir.deployments().join(format!("{id}.json")), &record)?;
+        self.prune_releases(&dir, &state);
+        Ok(record)
+    }
+
+    fn install(
+        &self,
+        dir: &AppDir,
+        release: &Release,
+        state: &mut AppState,
+        journal: &mut Journal,
+    ) -> Result<()> {
+        let plan = install::plan(&release.dir, &release.spec, &self.install_root)?;
+        // Ours: what the installed revision wrote, and what an interrupted install may have.
+        let mut ours: BTreeSet<PathBuf> =
+            state.installed.union(&journal.targets).cloned().collect();
+        plan.check_conflicts(&ours)?;
+        // Journal every file this install will write before writing any.
+        let writes = plan.writes(&ours);
+        journal.targets.extend(writes.iter().cloned());
+        write_json(&dir.journal(), journal)?;
+        ours.extend(writes);
+        state.installed = install::install(&plan, &ours)?;
+        write_json(&dir.state(), state)?;
+        install::apply_permissions(&release.spec, &self.install_root)?;
+        Ok(())
+    }
+
+    fn start_service(&self, dir: &AppDir, release: &Release, port: Option<u16>) -> Result<()> {
+        let Some(spec) = &release.spec.service else {
+            return Ok(());
+        };
+        service::stop(dir)?;
+        service::start(dir, &release.dir, &release.id, spec, port.or(spec.port))?;
+        Ok(())
+    }
+
+    async fn run_hooks(
+        &self,
+        dir: &AppDir,
+        deployment: &str,
+        req: &DeployRequest,
+        release: &Release,
+        event: LifecycleEvent,
+        results: &mut Vec<HookResult>,
+    ) -> Result<()> {
+        let port = req
+            .port
+            .or(release.spec.service.as_ref().and_then(|s| s.port));
+        std::fs::create_dir_all(dir.work())?;
+        let logs = dir.deployments().join(deployment);
+        std::fs::create_dir_all(&logs)?;
+        for (n, spec) in release.spec.hooks_for(event).iter().enumerate() {
+            let hook = self.hooks.load_file(&release.dir.join(&spec.location))?;
+            let mut ctx = HookContext {
+                event,
+                deployment_id: deployment.to_string(),
+                application: req.app.clone(),
+                deployment_group: req.deployment_group.clone(),
+                revision: release.id.0.clone(),
+                host_name: self.host_name.clone(),
+                host_tags: self.tags.clone(),
+                params: BTreeMap::new(),
+            };
+            if let Some(port) = port {
+                ctx.params.insert("port".into(), port.to_string());
+            }
+            let sandbox = Sandbox {
+                dirs: vec![
+                    DirGrant {
+                        host: release.dir.clone(),
+                        guest: "/revision".into(),
+                        writable: false,
+                    },
+                    DirGrant {
+                        host: dir.work(),
+                        guest: "/work".into(),
+                        writable: true,
+                    },
+                ],
+                http_allow: port
+                    .map(|p| vec![format!("127.0.0.1:{p}").parse().expect("a valid address")])
+                    .unwrap_or_default(),
+                timeout: spec.timeout,
+                ..Sandbox::default()
+            };
+            let outcome = self.hooks.run(&hook, &ctx, &sandbox).await;
+            let log = logs.join(format!("{}-{}-{n}.log", release.id.short(), event));
+            std::fs::write(&log, &outcome.log.text)?;
+            let summary = outcome.summary();
+            results.push(HookResult {
+                event,
+                revision: release.id.clone(),
+                location: spec.location.clone(),
+                succeeded: outcome.succeeded(),
+                summary: summary.clone(),
+                log,
+            });
+            if !outcome.succeeded() {
+                bail!(
+                    "{event} hook {} (appspec.yml line {}): {summary}",
+                    spec.location,
+                    spec.line
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        id: &str,
+        req: &DeployRequest,
+        new: &Release,
+        previous: Option<&Release>,
+        machine: &Machine,
+        hooks: Vec<HookResult>,
+        started_at: u64,
+    ) -> DeploymentRecord {
+        let outcome = machine.outcome().cloned().unwrap_or(Outcome::Succeeded);
+        let (status, message) = match &outcome {
+            Outcome::Succeeded => (
+                "Succeeded".to_string(),
+                format!("Succeeded: {} is active", new.id.short()),
+            ),
+            Outcome::Failed {
+                event,
+                reason,
+                rolled_back,
+                rollback_error,
+            } => {
+                let tail = match (rolled_back, rollback_error, previous) {
+                    (true, _, Some(p)) => format!(", rolled back to {}", p.id),
+                    (false, Some(e), Some(p)) => {
+                        format!("; rolling back to {} failed too: {e}", p.id)
+                    }
+                    _ => String::new(),
+                };
+                (
+                    "Failed".to_string(),
+                    format!("Failed at {event}: {reason}{tail}"),
+                )
+            }
+        };
+        let rollback = previous
+            .filter(|_| !machine.rollback_events.is_empty())
+            .map(|p| RollbackRecord {
+                revision: p.id.clone(),
+                status: match &outcome {
+                    Outcome::Failed {
+                        rolled_back: true, ..
+                    } => "Succeeded".into(),
+                    _ => "Failed".into(),
+                },
+                events: machine.rollback_events.clone(),
+            });
+        DeploymentRecord {
+            id: id.to_string(),
+            app: req.app.clone(),
+            revision: new.id.clone(),
+            status: status.clone(),
+            message,
+            hosts: vec![HostRecord {
+                name: self.host_name.clone(),
+                status,
+                events: machine.events.clone(),
+            }],
+            rollback,
+            hooks,
+            started_at,
+            finished_at: now(),
+        }
+    }
+
+    /// Finishes what an interrupted deployment left: puts the host wholly back on the
+    /// revision it came from (or on nothing, for an interrupted first install).
+    pub async fn recover(&self, app: &str) -> Result<Option<String>> {
+        let dir = self.app_dir(app)?;
+        if !dir.root.exists() {
+            return Ok(None);
+        }
+        let _lock = lock(&dir)?;
+        self.recover_locked(app, &dir).await
+    }
+
+    async fn recover_locked(&self, app: &str, dir: &AppDir) -> Result<Option<String>> {
+        let Some(mut journal) = read_json::<Journal>(&dir.journal())? else {
+            return Ok(None);
+        };
+        tracing::warn!(app, deployment = %journal.deployment_id, phase = %journal.phase, "recovering an interrupted deployment");
+        let mut state: AppState = read_json(&dir.state())?.unwrap_or_default();
+        service::stop(dir)?;
+        let message = match journal.from.clone() {
+            Some(from) => {
+                let release = self.open_release(dir, &from)?;
+                self.install(dir, &release, &mut state, &mut journal)?;
+                state.active = Some(from.clone());
+                write_json(&dir.state(), &state)?;
+                if let Some(spec) = &release.spec.service {
+                    service::start(
+                        dir,
+                        &release.dir,
+                        &release.id,
+                        spec,
+                        journal.port.or(state.port).or(spec.port),
+                    )?;
+                }
+                format!(
+                    "interrupted during {}; rolled back to {from}",
+                    journal.phase
+                )
+            }
+            None => {
+                let ours: BTreeSet<PathBuf> =
+                    state.installed.union(&journal.targets).cloned().collect();
+                let nothing = install::plan_nothing();
+                install::install(&nothing, &ours)?;
+                state = AppState::default();
+                write_json(&dir.state(), &state)?;
+                format!(
+                    "interrupted during {}; the first install was removed",
+                    journal.phase
+                )
+            }
+        };
+        let record = serde_json::json!({
+            "id": journal.deployment_id,
+            "app": app,
+            "revision": journal.to,
+            "status": "Failed",
+            "message": format!("Failed: {message}"),
+            "hosts": [{"name": self.host_name, "status": "Failed", "events": []}],
+            "rollback": null,
+            "finished_at": now(),
+        });
+        write_json(
+            &dir.deployments()
+                .join(format!("{}.json", journal.deployment_id)),
+            &record,
+        )?;
+        remove(&dir.journal())?;
+        Ok(Some(message))
+    }
+
+    /// Keeps the newest `keep_releases` successful releases and the active one.
+    fn prune_releases(&self, dir: &AppDir, state: &AppState) {
+        let keep: BTreeSet<&RevisionId> = state
+            .history
+            .iter()
+            .rev()
+            .take(self.keep_releases)
+            .chain(state.active.as_ref())
+            .collect();
+        let Ok(entries) = std::fs::read_dir(dir.releases()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || keep.iter().any(|k| k.0 == name) {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(release = %name, "cannot prune release: {e}");
+            }
+        }
+    }
+}
+
+/// Holds the application's lock file: one deployment of an application at a time.
+fn lock(dir: &AppDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.lock())?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow!("another deployment of this application is under way on this host ({e})")
+    })
+}

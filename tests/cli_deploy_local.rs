@@ -1,0 +1,425 @@
+//! `shoal deploy local`, end to end: the real binary deploying the example revisions (the
+//! real inference app, the real example hooks) into a temporary data dir and install root.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// A host: data dir, install root, service port. Stops the service it started when dropped.
+struct Host {
+    tmp: tempfile::TempDir,
+    port: u16,
+}
+
+impl Host {
+    fn new() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Host {
+            tmp: tempfile::tempdir().unwrap(),
+            port,
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.tmp.path().join("data")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("root")
+    }
+
+    fn revision(&self, name: &str) -> PathBuf {
+        let dir = self.tmp.path().join("revisions").join(name);
+        if !dir.exists() {
+            shoal_examples::write_revision(name, &dir).unwrap();
+        }
+        dir
+    }
+
+    fn shoal(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let (data, root, port) = (self.data(), self.root(), self.port.to_string());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        cmd.args(args)
+            .args([
+                "--app",
+                "inference",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--install-root",
+                root.to_str().unwrap(),
+            ])
+            .env_remove("SHOAL_LOG");
+        if args.get(1) == Some(&"local") {
+            cmd.args(["--port", &port]);
+        }
+        cmd.envs(env.iter().copied()).output().unwrap()
+    }
+
+    fn deploy(&self, bundle: &Path) -> (Output, serde_json::Value) {
+        let o = self.shoal(
+            &[
+                "deploy",
+                "local",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--json",
+            ],
+            &[],
+        );
+        let v = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+        (o, v)
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    /// The model the service answers with.
+    fn serving(&self) -> Option<String> {
+        let health = self.get("/health")?;
+        let body = health.split("\r\n\r\n").nth(1)?;
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v["model"].as_str().map(String::from)
+    }
+
+    fn installed_model(&self) -> String {
+        std::fs::read_to_string(self.root().join("srv/inference/model/model.json")).unwrap()
+    }
+
+    fn active(&self) -> Option<String> {
+        let state = std::fs::read(self.data().join("apps/inference/state.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&state).ok()?;
+        v["active"].as_str().map(String::from)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let record = self.data().join("apps/inference/service.json");
+        if let Ok(bytes) = std::fs::read(record) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                if let Some(pid) = v["pid"].as_i64() {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{pid}")])
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn v1_then_v2_then_a_broken_model_rolls_back_to_v2() {
+    let host = Host::new();
+    let (o, v1) = host.deploy(&host.revision("v1"));
+    assert!(o.status.success(), "v1: {}{}", stderr(&o), v1);
+    assert_eq!(v1["status"], "Succeeded");
+    assert_eq!(
+        v1["hosts"][0]["events"][0],
+        serde_json::json!({"name": "ApplicationStop", "status": "Skipped"})
+    );
+    assert_eq!(
+        host.serving().as_deref(),
+        Some("v1"),
+        "the service outlives the CLI"
+    );
+
+    let (o, v2) = host.deploy(&host.revision("v2"));
+    assert!(o.status.success(), "v2: {}", stderr(&o));
+    assert_eq!(host.serving().as_deref(), Some("v2"));
+    let v2_id = v2["revision"].as_str().unwrap().to_string();
+    assert_eq!(host.active().as_deref(), Some(v2_id.as_str()));
+    let v2_model = host.installed_model();
+    assert!(v2_model.contains("\"v2\""));
+
+    let (o, v3) = host.deploy(&host.revision("v3-broken"));
+    assert_eq!(o.status.code(), Some(1), "v3-broken must fail: {v3}");
+    assert_eq!(v3["status"], "Failed");
+    let message = v3["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Failed at ValidateService: ValidateService hook hooks/validate_inference.wasm"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&format!("rolled back to {v2_id}")),
+        "{message}"
+    );
+    let events = v3["hosts"][0]["events"].as_array().unwrap();
+    assert_eq!(
+        events.last().unwrap(),
+        &serde_json::json!({"name": "ValidateService", "status": "Failed"})
+    );
+    assert_eq!(v3["rollback"]["status"], "Succeeded");
+    assert_eq!(v3["rollback"]["revision"], v2_id.as_str());
+    assert!(stderr(&o).contains("rolled back to"), "{}", stderr(&o));
+
+    // Wholly back on v2: files, state, and the service answering with v2's model.
+    assert_eq!(host.serving().as_deref(), Some("v2"));
+    assert_eq!(host.installed_model(), v2_model);
+    assert_eq!(host.active().as_deref(), Some(v2_id.as_str()));
+    // The failing hook's whole log was kept.
+    let failed = v3["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["succeeded"] == false)
+        .unwrap();
+    let log = std::fs::read_to_string(failed["log"].as_str().unwrap()).unwrap();
+    assert!(log.is_empty() || log.contains("case"), "{log}");
+}
+
+#[test]
+fn refused_bundles_leave_the_running_revision_untouched() {
+    let host = Host::new();
+    let (o, v2) = host.deploy(&host.revision("v2"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v2_id = v2["revision"].as_str().unwrap().to_string();
+    let model = host.installed_model();
+    let service_before = std::fs::read(host.data().join("apps/inference/service.json")).unwrap();
+
+    let bad = host.tmp.path().join("bad");
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        (
+            "script hook",
+            Box::new(|d: &Path| {
+                let spec = std::fs::read_to_string(d.join("appspec.yml")).unwrap();
+                std::fs::write(
+                    d.join("appspec.yml"),
+                    spec.replace("hooks/validate_inference.wasm", "scripts/validate.sh"),
+                )
+                .unwrap();
+            }),
+            "`scripts/validate.sh` is a shell script",
+        ),
+        (
+            "malformed appspec",
+            Box::new(|d: &Path| {
+                std::fs::write(
+                    d.join("appspec.yml"),
+                    "version: 0.0\nos: linux\nos: linux\n",
+                )
+                .unwrap();
+            }),
+            "appspec.yml line 3: duplicate mapping key: os",
+        ),
+        (
+            "escaping symlink",
+            Box::new(|d: &Path| {
+                std::os::unix::fs::symlink("/etc/passwd", d.join("passwd")).unwrap();
+            }),
+            "entry `passwd`: symbolic link to `/etc/passwd`",
+        ),
+        (
+            "garbage hook",
+            Box::new(|d: &Path| {
+                std::fs::write(d.join("hooks/validate_inference.wasm"), b"not wasm").unwrap();
+            }),
+            "hook hooks/validate_inference.wasm",
+        ),
+    ];
+    for (what, spoil, expected) in cases {
+        let _ = std::fs::remove_dir_all(&bad);
+        shoal_examples::write_revision("v1", &bad).unwrap();
+        spoil(&bad);
+        let (o, _) = host.deploy(&bad);
+        assert_eq!(o.status.code(), Some(1), "{what}");
+        assert!(stderr(&o).contains(expected), "{what}: {}", stderr(&o));
+        assert_eq!(host.installed_model(), model, "{what}: files changed");
+        assert_eq!(
+            host.active().as_deref(),
+            Some(v2_id.as_str()),
+            "{what}: state changed"
+        );
+        assert_eq!(
+            std::fs::read(host.data().join("apps/inference/service.json")).unwrap(),
+            service_before,
+            "{what}: service restarted"
+        );
+        assert_eq!(host.serving().as_deref(), Some("v2"), "{what}");
+    }
+    // An archive bomb is refused the same way (a 64 MiB file of zeros past a small limit is
+    // covered in bundle_safety; here a hostile tar entry in an archive).
+    let tar_path = host.tmp.path().join("evil.tar");
+    let mut t = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..8].copy_from_slice(b"../evil\0");
+    h.set_size(1);
+    h.set_cksum();
+    t.append(&h, &b"x"[..]).unwrap();
+    t.finish().unwrap();
+    let (o, _) = host.deploy(&tar_path);
+    assert!(
+        stderr(&o).contains("entry `../evil`: the path contains `..`"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!host.tmp.path().join("data/apps/inference/evil").exists());
+    assert_eq!(host.serving().as_deref(), Some("v2"));
+}
+
+#[test]
+fn disallow_reports_the_conflicting_file() {
+    let host = Host::new();
+    let v1 = host.revision("v1");
+    let spec = std::fs::read_to_string(v1.join("appspec.yml")).unwrap();
+    std::fs::write(
+        v1.join("appspec.yml"),
+        spec.replace("file_exists_behavior: OVERWRITE\n", ""),
+    )
+    .unwrap();
+    let foreign = host.root().join("srv/inference/golden.json");
+    std::fs::create_dir_all(foreign.parent().unwrap()).unwrap();
+    std::fs::write(&foreign, "hand-made").unwrap();
+    let (o, v) = host.deploy(&v1);
+    assert_eq!(o.status.code(), Some(1));
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "file_exists_behavior DISALLOW: {} already exists",
+            foreign.display()
+        )),
+        "{message}"
+    );
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "hand-made");
+    assert!(
+        !host.root().join("srv/inference/model/model.json").exists(),
+        "nothing installed"
+    );
+
+    // On an upgrade, a conflict fails Install and rolls back, and the rollback must not take
+    // the foreign file for one of ours.
+    std::fs::remove_file(&foreign).unwrap();
+    let (o, _) = host.deploy(&v1);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v2 = host.revision("v2");
+    let spec = std::fs::read_to_string(v2.join("appspec.yml")).unwrap();
+    std::fs::write(
+        v2.join("appspec.yml"),
+        spec.replace("file_exists_behavior: OVERWRITE\n", ""),
+    )
+    .unwrap();
+    std::fs::write(v2.join("model/extra.bin"), "v2's").unwrap();
+    let hand_made = host.root().join("srv/inference/model/extra.bin");
+    std::fs::write(&hand_made, "hand-made").unwrap();
+    let (o, v) = host.deploy(&v2);
+    assert_eq!(o.status.code(), Some(1));
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Failed at Install: file_exists_behavior DISALLOW"),
+        "{message}"
+    );
+    assert!(message.contains("rolled back to"), "{message}");
+    assert_eq!(
+        std::fs::read_to_string(&hand_made).unwrap(),
+        "hand-made",
+        "the rollback removed a file that was not ours"
+    );
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+}
+
+#[test]
+fn kill_9_during_install_then_recovery_leaves_one_whole_revision() {
+    let host = Host::new();
+    let (o, v1) = host.deploy(&host.revision("v1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v1_id = v1["revision"].as_str().unwrap().to_string();
+    let v1_model = host.installed_model();
+
+    // v2 with many files, copied slowly, so the kill lands in the middle of Install.
+    let v2 = host.revision("v2");
+    for i in 0..60 {
+        std::fs::write(
+            v2.join(format!("model/shard-{i:02}.bin")),
+            vec![i as u8; 4096],
+        )
+        .unwrap();
+    }
+    let (data, root, port) = (host.data(), host.root(), host.port.to_string());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "deploy",
+            "local",
+            "--app",
+            "inference",
+            "--bundle",
+            v2.to_str().unwrap(),
+        ])
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--install-root",
+            root.to_str().unwrap(),
+            "--port",
+            &port,
+        ])
+        .env("SHOAL_FAULT_SLOW_INSTALL_MS", "50")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let shard = root.join("srv/inference/model/shard-05.bin");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !shard.exists() {
+        assert!(Instant::now() < until, "Install never started");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the deployment ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        data.join("apps/inference/journal.json").exists(),
+        "the journal records the interrupted deployment"
+    );
+    assert!(
+        !root.join("srv/inference/model/shard-59.bin").exists(),
+        "killed in the middle of Install"
+    );
+
+    let o = host.shoal(&["deploy", "recover", "--json"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["recovered"], true);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("rolled back to {v1_id}")),
+        "{v}"
+    );
+
+    // Wholly v1: no file of v2 left, v1's model back, v1 active and serving, no journal.
+    assert!(!data.join("apps/inference/journal.json").exists());
+    assert_eq!(host.installed_model(), v1_model);
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("srv/inference/model"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["model.json"], "v2's shards removed");
+    assert_eq!(host.active().as_deref(), Some(v1_id.as_str()));
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+
+    // And the next deployment goes through.
+    let (o, _) = host.deploy(&host.revision("v2"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(host.serving().as_deref(), Some("v2"));
+}
