@@ -107,14 +107,14 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         let record = self.data().join("apps/inference/service.json");
-        if let Ok(bytes) = std::fs::read(record) {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                if let Some(pid) = v["pid"].as_i64() {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", "--", &format!("-{pid}")])
-                        .status();
-                }
-            }
+        let pid = std::fs::read(record)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|v| v["pid"].as_i64());
+        if let Some(pid) = pid {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
         }
     }
 }
@@ -195,7 +195,8 @@ fn refused_bundles_leave_the_running_revision_untouched() {
     let service_before = std::fs::read(host.data().join("apps/inference/service.json")).unwrap();
 
     let bad = host.tmp.path().join("bad");
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Case = (&'static str, Box<dyn Fn(&Path)>, &'static str);
+    let cases: Vec<Case> = vec![
         (
             "script hook",
             Box::new(|d: &Path| {

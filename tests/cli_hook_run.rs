@@ -311,4 +311,24 @@ fn the_demo_goes_as_planned() {
     assert!(steps.iter().all(|s| s["as_expected"] == true));
     assert_eq!(steps[5]["outcome"]["failure"]["kind"], "timeout");
     assert_eq!(steps[6]["outcome"]["failure"]["kind"], "memory-limit");
+    let deployed = v["deployments"].as_array().unwrap();
+    let summary: Vec<(&str, &str)> = deployed
+        .iter()
+        .map(|d| {
+            (
+                d["status"].as_str().unwrap(),
+                d["serving"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("Succeeded", "v1"), ("Succeeded", "v2"), ("Failed", "v2")]
+    );
+    assert!(
+        deployed[2]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rolled back to")
+    );
 }

@@ -1,9 +1,15 @@
-//! `shoal demo`: a built-in tour that needs no configuration and no files. Until the fleet
-//! exists it runs the example hooks, embedded in the binary, through the real sandbox on a
-//! revision it writes to a temporary directory: a model verified and a corrupted model
-//! caught, a plain WASI command in both WASI versions, and hooks that try to read
-//! `/etc/passwd`, loop forever and allocate forever, each stopped. Every step states what
-//! should happen; the demo exits 0 when everything did.
+//! `shoal demo`: a built-in tour that needs no configuration and no files; everything it
+//! uses is embedded in the binary and written to a temporary directory. Until the fleet
+//! exists it shows one host:
+//!
+//! 1. deployments with `deploy local`'s machinery: the example inference app at v1, then
+//!    v2, then v3-broken, whose model answers wrong, fails ValidateService and is rolled
+//!    back to v2, which keeps serving;
+//! 2. the hook sandbox: a model verified and a corrupted one caught, a plain WASI command
+//!    in both WASI versions, and hooks that read `/etc/passwd`, loop forever and allocate
+//!    forever, each stopped.
+//!
+//! Every step states what should happen; the demo exits 0 when everything did.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,6 +21,9 @@ use sha2::{Digest, Sha256};
 use shoal_examples::{Artifact, MODEL_CHECKSUM, PLAIN_COMMAND, PLAIN_COMMAND_P1, SANDBOX_PROBE};
 
 use crate::hooks::{DirGrant, HookContext, HookRuntime, HookStatus, LifecycleEvent, Sandbox};
+use crate::lifecycle::run::DEFAULT_KEEP_RELEASES;
+use crate::lifecycle::state::AppDir;
+use crate::lifecycle::{DeployRequest, LocalHost, service};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {}
@@ -137,12 +146,126 @@ fn write_revision(rev: &Path) -> Result<()> {
     Ok(())
 }
 
+#[derive(Serialize)]
+struct DeployReport {
+    step: String,
+    expected: Expect,
+    status: String,
+    message: String,
+    /// The model the service answered with afterwards.
+    serving: Option<String>,
+    expected_serving: &'static str,
+    as_expected: bool,
+}
+
+/// The model the example app on `port` answers with.
+fn serving(port: u16) -> Option<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    let body = agent
+        .get(&format!("http://127.0.0.1:{port}/health"))
+        .call()
+        .ok()?
+        .into_body()
+        .read_to_string()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["model"].as_str().map(String::from)
+}
+
+/// Part 1: v1, v2, then v3-broken rolled back, on a scratch host.
+async fn deployments(
+    scratch: &Path,
+    hooks: std::sync::Arc<HookRuntime>,
+    json: bool,
+) -> Result<Vec<DeployReport>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let host = LocalHost {
+        data_dir: scratch.join("data"),
+        install_root: scratch.join("root"),
+        host_name: "demo-host".into(),
+        tags: Default::default(),
+        keep_releases: DEFAULT_KEEP_RELEASES,
+        hooks,
+    };
+    let plan = [
+        (
+            "v1",
+            "deploy v1 (a linear model), the first install",
+            Expect::Succeeded,
+            "v1",
+        ),
+        ("v2", "deploy v2 (an MLP)", Expect::Succeeded, "v2"),
+        (
+            "v3-broken",
+            "deploy v3-broken (a model that answers wrong)",
+            Expect::Failed,
+            "v2",
+        ),
+    ];
+    let mut reports = Vec::new();
+    for (name, title, expect, expected_serving) in plan {
+        let bundle = scratch.join("revisions").join(name);
+        shoal_examples::write_revision(name, &bundle)?;
+        let progress = super::spinner(title);
+        let request = DeployRequest {
+            app: "inference".into(),
+            bundle,
+            deployment_group: "demo".into(),
+            rollback: true,
+            port: Some(port),
+        };
+        let record = host.deploy(&request).await;
+        progress.finish_and_clear();
+        let record = record?;
+        let got = if record.succeeded() {
+            Expect::Succeeded
+        } else {
+            Expect::Failed
+        };
+        let now_serving = serving(port);
+        let as_expected = got == expect && now_serving.as_deref() == Some(expected_serving);
+        if !json {
+            let mark = if as_expected { "ok  " } else { "FAIL" };
+            println!("{mark} {title}");
+            println!("       {}", record.message);
+            println!(
+                "       the service on 127.0.0.1:{port} answers with model {}",
+                now_serving.as_deref().unwrap_or("(none)")
+            );
+        }
+        reports.push(DeployReport {
+            step: title.into(),
+            expected: expect,
+            status: record.status,
+            message: record.message,
+            serving: now_serving,
+            expected_serving,
+            as_expected,
+        });
+    }
+    service::stop(&AppDir::new(&host.data_dir, "inference"))?;
+    Ok(reports)
+}
+
 pub async fn run(_args: DemoArgs, json: bool) -> Result<bool> {
     let scratch = tempfile::tempdir().context("creating the demo's scratch directory")?;
+    let runtime = std::sync::Arc::new(HookRuntime::new(&super::default_cache_dir())?);
+    if !json {
+        println!("Part 1: deployments on one host (deploy local), the example inference app\n");
+    }
+    let deployed = deployments(scratch.path(), runtime.clone(), json).await?;
+    if !json {
+        println!("\nPart 2: the hook sandbox\n");
+    }
     let (rev, work) = (scratch.path().join("revision"), scratch.path().join("work"));
     write_revision(&rev)?;
     std::fs::create_dir_all(&work)?;
-    let runtime = HookRuntime::new(&super::default_cache_dir())?;
 
     let mut reports = Vec::new();
     for (n, step) in STEPS.iter().enumerate() {
@@ -203,12 +326,14 @@ pub async fn run(_args: DemoArgs, json: bool) -> Result<bool> {
         });
     }
 
-    let all = reports.iter().all(|r| r.as_expected);
+    let all = reports.iter().all(|r| r.as_expected) && deployed.iter().all(|d| d.as_expected);
     if json {
-        super::print_json(&serde_json::json!({ "steps": reports, "as_planned": all }))?;
+        super::print_json(
+            &serde_json::json!({ "deployments": deployed, "steps": reports, "as_planned": all }),
+        )?;
     } else if all {
         println!(
-            "\nEvery step went as planned: good hooks pass, bad models fail, and the sandbox holds."
+            "\nEvery step went as planned: good revisions deploy, a bad model rolls back by itself, and the sandbox holds."
         );
     }
     if !all {

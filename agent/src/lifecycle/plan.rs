@@ -1,5 +1,5 @@
 //! The order of a deployment on one host, as a sans-IO state machine: it says which action
-//! to take next ([`Machine::next`]), is told how the action went ([`Machine::done`]), and
+//! to take next ([`Machine::next_action`]), is told how the action went ([`Machine::done`]), and
 //! keeps every lifecycle event's status. It performs no IO, so every path through it, the
 //! rollbacks included, is tested deterministically below; `run.rs` drives it.
 //!
@@ -213,7 +213,7 @@ impl Machine {
     }
 
     /// The action to take now. Calling it again without [`done`](Self::done) returns the same.
-    pub fn next(&mut self) -> Action {
+    pub fn next_action(&mut self) -> Action {
         if self.outcome.is_some() {
             return Action::Finished;
         }
@@ -238,7 +238,7 @@ impl Machine {
         }
     }
 
-    /// Reports how the action returned by [`next`](Self::next) went.
+    /// Reports how the action returned by [`next_action`](Self::next_action) went.
     pub fn done(&mut self, result: Result<(), String>) {
         if self.outcome.is_some() {
             return;
@@ -360,7 +360,7 @@ mod tests {
         let mut taken = Vec::new();
         let mut rollback_n = 0;
         for n in 0..100 {
-            let action = m.next();
+            let action = m.next_action();
             if action == Action::Finished {
                 return taken;
             }

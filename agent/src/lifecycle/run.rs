@@ -215,7 +215,7 @@ impl LocalHost {
         let mut machine = Machine::new(previous.is_some(), req.rollback);
         let mut hooks_run = Vec::new();
         loop {
-            let action = machine.next();
+            let action = machine.next_action();
             let side_release = |side: Side| match side {
                 Side::New => Some(&new),
                 Side::Previous => previous.as_ref(),
