@@ -424,3 +424,108 @@ fn kill_9_during_install_then_recovery_leaves_one_whole_revision() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(host.serving().as_deref(), Some("v2"));
 }
+
+/// `shoal agent` on the host's data dir; killed when dropped.
+struct Agent(std::process::Child);
+
+impl Agent {
+    fn start(host: &Host) -> Agent {
+        let config = host.tmp.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "name = \"test-host\"\ndata_dir = {:?}\ninstall_root = {:?}\n",
+                host.data(),
+                host.root()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(host.tmp.path().join("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["agent", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Agent(child)
+    }
+
+    fn signal(&mut self, sig: &str) {
+        Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < until, "the agent did not stop on {sig}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn service_pid(host: &Host) -> Option<i64> {
+    let bytes = std::fs::read(host.data().join("apps/inference/service.json")).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["pid"].as_i64()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(15);
+    while !ok() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_agent_restarts_a_crashed_service_and_the_app_outlives_the_agent() {
+    let host = Host::new();
+    let (o, _) = host.deploy(&host.revision("v1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = service_pid(&host).unwrap();
+
+    // The agent adopts the running service rather than starting another.
+    let mut agent = Agent::start(&host);
+    let log = host.tmp.path().join("agent.log");
+    wait_for("the agent to adopt the service", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("service running")
+    });
+    assert_eq!(service_pid(&host), Some(first), "adopted, not restarted");
+
+    // The app crashes: the agent starts it again.
+    Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    wait_for("a restarted service", || {
+        service_pid(&host).is_some_and(|p| p != first) && host.serving().as_deref() == Some("v1")
+    });
+    let second = service_pid(&host).unwrap();
+
+    // The agent stops (gracefully, then brutally): the app keeps serving throughout.
+    agent.signal("-TERM");
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+    let mut agent = Agent::start(&host);
+    std::thread::sleep(Duration::from_millis(500));
+    agent.signal("-KILL");
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+    assert_eq!(
+        service_pid(&host),
+        Some(second),
+        "the same process served across agent restarts"
+    );
+
+    // A new agent adopts it again.
+    let _agent = Agent::start(&host);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(service_pid(&host), Some(second));
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+}

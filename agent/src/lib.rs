@@ -4,5 +4,6 @@
 pub mod appspec;
 pub mod bundle;
 pub mod cli;
+pub mod config;
 pub mod hooks;
 pub mod lifecycle;

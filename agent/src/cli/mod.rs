@@ -4,6 +4,7 @@
 //! 0 exactly when the thing asked for happened, and otherwise prints a one-line reason on
 //! stderr.
 
+mod agent;
 mod bundle;
 mod demo;
 mod deploy;
@@ -38,6 +39,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the agent in the foreground.
+    Agent(agent::AgentArgs),
     /// Work with lifecycle hooks.
     #[command(subcommand)]
     Hook(hook::HookCommand),
@@ -54,10 +57,16 @@ pub enum Command {
 /// Parses the command line, runs the command, and turns its result into an exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The agent reports what it does; commands only warn.
+    let default_level = if matches!(cli.command, Command::Agent(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -70,6 +79,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Agent(args) => agent::run(args).await,
             Command::Hook(cmd) => hook::run(cmd, cli.json).await,
             Command::Bundle(cmd) => bundle::run(cmd, cli.json),
             Command::Deploy(cmd) => deploy::run(cmd, cli.json).await,

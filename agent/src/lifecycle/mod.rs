@@ -1,12 +1,14 @@
 //! The lifecycle of a deployment on one host: the order of events and rollback (`plan`, a
 //! sans-IO state machine), the Install step (`install`), the application's process
 //! (`service`), what the host remembers (`state`), and the driver that ties them together
-//! with a journal for crash safety (`run`).
+//! with a journal for crash safety (`run`), and the agent's supervision of services
+//! (`supervise`).
 
 pub mod install;
 pub mod plan;
 pub mod run;
 pub mod service;
 pub mod state;
+pub mod supervise;
 
 pub use run::{DeployRequest, DeploymentRecord, LocalHost};

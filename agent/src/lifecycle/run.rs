@@ -533,6 +533,11 @@ impl LocalHost {
     }
 }
 
+/// Takes the application's lock if free: one deployment (or supervisor) at a time.
+pub fn try_lock(dir: &AppDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    lock(dir)
+}
+
 /// Holds the application's lock file: one deployment of an application at a time.
 fn lock(dir: &AppDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
     let file = std::fs::OpenOptions::new()

@@ -181,7 +181,7 @@ fn stop_record(record: &ServiceRecord) -> Result<()> {
 }
 
 /// Collects the exit status of a child of this process, so it does not linger as a zombie.
-fn reap(pid: i32) {
+pub fn reap(pid: i32) {
     let _ = nix::sys::wait::waitpid(
         Pid::from_raw(pid),
         Some(nix::sys::wait::WaitPidFlag::WNOHANG),
