@@ -174,6 +174,17 @@ fn v1_then_v2_then_a_broken_model_rolls_back_to_v2() {
     assert_eq!(host.serving().as_deref(), Some("v2"));
     assert_eq!(host.installed_model(), v2_model);
     assert_eq!(host.active().as_deref(), Some(v2_id.as_str()));
+    // Releases: the two successful ones are kept, the failed one is not.
+    let mut releases: Vec<String> = std::fs::read_dir(host.data().join("apps/inference/releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    releases.sort();
+    let mut expected = vec![v1["revision"].as_str().unwrap().to_string(), v2_id.clone()];
+    expected.sort();
+    assert_eq!(releases, expected);
+
     // The failing hook's whole log was kept.
     let failed = v3["hooks"]
         .as_array()

@@ -28,6 +28,9 @@ pub struct HostArgs {
     /// Root the AppSpec's file destinations here (default /); lets several agents share a machine.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub install_root: PathBuf,
+    /// Successful releases kept per application besides the active one.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP_RELEASES)]
+    pub keep_releases: usize,
 }
 
 #[derive(Args, Debug)]
@@ -73,7 +76,7 @@ fn local_host(args: &HostArgs) -> Result<LocalHost> {
         data_dir,
         install_root: args.install_root.clone(),
         tags: Default::default(),
-        keep_releases: DEFAULT_KEEP_RELEASES,
+        keep_releases: args.keep_releases,
         hooks: Arc::new(hooks),
     })
 }
