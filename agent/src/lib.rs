@@ -6,4 +6,5 @@ pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod hooks;
+pub mod identity;
 pub mod lifecycle;

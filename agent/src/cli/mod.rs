@@ -6,6 +6,7 @@
 
 mod agent;
 mod bundle;
+mod ca;
 mod demo;
 mod deploy;
 mod hook;
@@ -39,6 +40,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Manage the fleet CA and identities.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Run the agent in the foreground.
     Agent(agent::AgentArgs),
     /// Work with lifecycle hooks.
@@ -80,6 +84,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Agent(args) => agent::run(args).await,
+            Command::Ca(cmd) => ca::run(cmd, cli.json),
             Command::Hook(cmd) => hook::run(cmd, cli.json).await,
             Command::Bundle(cmd) => bundle::run(cmd, cli.json),
             Command::Deploy(cmd) => deploy::run(cmd, cli.json).await,
