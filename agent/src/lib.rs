@@ -8,3 +8,4 @@ pub mod config;
 pub mod hooks;
 pub mod identity;
 pub mod lifecycle;
+pub mod mesh;
