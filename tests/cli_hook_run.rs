@@ -86,13 +86,18 @@ fn model_checksum_passes_and_a_corrupt_model_fails_with_a_reason() {
 }
 
 /// A model endpoint on 127.0.0.1 answering every `/predict` with `output`, for `requests` requests.
-fn model_endpoint(output: &'static str, requests: usize) -> (u16, std::thread::JoinHandle<usize>) {
+/// It listens for at most `window`.
+fn model_endpoint(
+    output: &'static str,
+    requests: usize,
+    window: Duration,
+) -> (u16, std::thread::JoinHandle<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
         let mut served = 0;
-        let until = Instant::now() + Duration::from_secs(30);
+        let until = Instant::now() + window;
         while served < requests && Instant::now() < until {
             let Ok((mut s, _)) = listener.accept() else {
                 std::thread::sleep(Duration::from_millis(5));
@@ -120,7 +125,7 @@ fn validate_inference_checks_predictions_against_the_golden_file() {
     let grant = format!("{}:/revision", tmp.path().display());
 
     for (output, should_pass) in [("[4.5]", true), ("[9.9]", false)] {
-        let (port, server) = model_endpoint(output, 1);
+        let (port, server) = model_endpoint(output, 1, Duration::from_secs(120));
         let (allow, param) = (format!("127.0.0.1:{port}"), format!("port={port}"));
         let o = shoal(
             cache.path(),
@@ -154,7 +159,8 @@ fn validate_inference_checks_predictions_against_the_golden_file() {
     }
 
     // Without --allow-http the same hook may not reach the endpoint at all.
-    let (port, server) = model_endpoint("[4.5]", 1);
+    // The denial happens before any connection, so a short window cannot change the outcome.
+    let (port, server) = model_endpoint("[4.5]", 1, Duration::from_secs(10));
     let param = format!("port={port}");
     let o = shoal(
         cache.path(),

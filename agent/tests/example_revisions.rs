@@ -49,7 +49,7 @@ fn start_app(revision: &Path, port: u16) -> App {
         .spawn()
         .expect("starting the inference app");
     let app = App(child);
-    let until = Instant::now() + Duration::from_secs(10);
+    let until = Instant::now() + Duration::from_secs(60);
     while Instant::now() < until {
         if get(port, "/health").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
             return app;

@@ -107,13 +107,11 @@ async fn a_looping_hook_is_stopped_at_its_deadline() {
         timeout: Duration::from_millis(500),
         ..Sandbox::default()
     };
-    let started = Instant::now();
     let o = probe(&[("probe", "loop")], &sandbox).await;
-    let took = started.elapsed();
     assert_eq!(failure(&o), &HookFailure::Timeout { timeout_ms: 500 });
     assert!(failure(&o).to_string().contains("timed out after 0.5s"));
-    // Compilation is part of `load`, not of the run: the run ends within a second of the deadline.
-    assert!(took < Duration::from_millis(1500), "stopped after {took:?}");
+    // `elapsed_ms` is the run alone (compiling is part of `load`): it ends within a second of the deadline.
+    assert!(o.elapsed_ms < 1500, "stopped after {} ms", o.elapsed_ms);
 }
 
 #[tokio::test]
@@ -122,14 +120,10 @@ async fn a_hook_blocked_in_a_host_call_is_stopped_at_its_deadline() {
         timeout: Duration::from_millis(500),
         ..Sandbox::default()
     };
-    let started = Instant::now();
     let o = probe(&[("probe", "sleep"), ("secs", "3600")], &sandbox).await;
     assert_eq!(failure(&o), &HookFailure::Timeout { timeout_ms: 500 });
-    assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "stopped after {:?}",
-        started.elapsed()
-    );
+    // `elapsed_ms` is the run alone: compiling the hook (part of `load`) is not under the deadline.
+    assert!(o.elapsed_ms < 1500, "stopped after {} ms", o.elapsed_ms);
 }
 
 #[tokio::test]
@@ -284,7 +278,7 @@ fn http_server(body: &'static str) -> (u16, std::thread::JoinHandle<bool>) {
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let handle = std::thread::spawn(move || {
-        let until = Instant::now() + Duration::from_secs(5);
+        let until = Instant::now() + Duration::from_secs(120);
         while Instant::now() < until {
             if let Ok((mut s, _)) = listener.accept() {
                 s.set_nonblocking(false).unwrap();
