@@ -1,0 +1,240 @@
+//! Membership and failure detection: SWIM (with suspicion and indirect probes) from foca,
+//! behind a sans-IO interface. Bytes and timer events go in; [`Output`]s come out: packets
+//! to send, timers to schedule, members seen up or down. The caller does all IO, which is
+//! what lets `agent/tests/mesh_simulation.rs` run hundreds of agents deterministically with
+//! simulated time and network.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use foca::{
+    Config, Foca, NoCustomBroadcast, Notification, PeriodicParams, PostcardCodec, Runtime, Timer,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+/// Who a member is: its name, the address of its QUIC endpoint, and a bump renewed on every
+/// start, so that an agent that restarted is told apart from its previous life.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MemberId {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub bump: u16,
+}
+
+impl foca::Identity for MemberId {
+    type Addr = SocketAddr;
+
+    fn renew(&self) -> Option<Self> {
+        Some(MemberId {
+            bump: self.bump.wrapping_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        // A seed is first known by its address alone (an empty name): the real identity
+        // at that address replaces the placeholder.
+        match (self.name.is_empty(), adversary.name.is_empty()) {
+            (false, true) => return true,
+            (true, false) => return false,
+            _ => {}
+        }
+        // Otherwise the newer life wins: bumps compared as a wrapping sequence.
+        let ahead = self.bump.wrapping_sub(adversary.bump);
+        ahead != 0 && ahead < u16::MAX / 2
+    }
+}
+
+/// What the caller must do after feeding the membership.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Deliver these bytes to that member (as a datagram).
+    Send { to: MemberId, data: Vec<u8> },
+    /// Hand this timer back through [`Membership::handle_timer`] after the delay.
+    Schedule {
+        timer: Timer<MemberId>,
+        after: Duration,
+    },
+    /// A member became reachable.
+    Up(MemberId),
+    /// A member was declared down.
+    Down(MemberId),
+}
+
+/// Collects what foca asks of its runtime.
+#[derive(Default)]
+struct Collect(Vec<Output>);
+
+impl Runtime<MemberId> for Collect {
+    fn notify(&mut self, notification: Notification<'_, MemberId>) {
+        match notification {
+            Notification::MemberUp(id) => self.0.push(Output::Up(id.clone())),
+            Notification::MemberDown(id) => self.0.push(Output::Down(id.clone())),
+            _ => {}
+        }
+    }
+
+    fn send_to(&mut self, to: MemberId, data: &[u8]) {
+        self.0.push(Output::Send {
+            to,
+            data: data.to_vec(),
+        });
+    }
+
+    fn submit_after(&mut self, timer: Timer<MemberId>, after: Duration) {
+        self.0.push(Output::Schedule { timer, after });
+    }
+}
+
+/// How the mesh behaves. Tuned for a LAN of agents:
+/// - failure detection: a probe every 500 ms, and a suspect declared down after 1.5 s;
+/// - dissemination: every update is piggybacked twice as often as foca's default, since a
+///   member that misses all its copies otherwise learns of it only by chance;
+/// - anti-entropy: every 2 s an agent announces itself to 2 random members, whose answers
+///   carry the members they know, so whatever gossip missed is repaired;
+/// - packets fit a QUIC datagram.
+pub fn config(cluster_size: u32) -> Config {
+    let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
+    c.probe_period = Duration::from_millis(500);
+    c.probe_rtt = Duration::from_millis(200);
+    c.suspect_to_down_after = Duration::from_millis(1500);
+    c.max_transmissions = c
+        .max_transmissions
+        .saturating_mul(NonZeroU8::new(2).expect("non-zero"));
+    c.periodic_announce = Some(PeriodicParams {
+        frequency: Duration::from_secs(2),
+        num_members: NonZeroUsize::new(2).expect("non-zero"),
+    });
+    c.max_packet_size = NonZeroUsize::new(1150).expect("non-zero");
+    c
+}
+
+/// One agent's view of the mesh.
+pub struct Membership {
+    foca: Foca<MemberId, PostcardCodec, StdRng, NoCustomBroadcast>,
+}
+
+/// A malformed or foreign packet; the membership is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[error("membership packet refused: {0}")]
+pub struct PacketError(String);
+
+impl Membership {
+    /// `seed` makes every random choice reproducible (tests); agents pass a random one.
+    pub fn new(id: MemberId, config: Config, seed: u64) -> Self {
+        Membership {
+            foca: Foca::new(id, config, StdRng::seed_from_u64(seed), PostcardCodec),
+        }
+    }
+
+    pub fn id(&self) -> &MemberId {
+        self.foca.identity()
+    }
+
+    /// Asks the member at `addr` to let us in. Its name need not be known.
+    pub fn join(&mut self, addr: SocketAddr) -> Vec<Output> {
+        let mut out = Collect::default();
+        let seed = MemberId {
+            name: String::new(),
+            addr,
+            bump: 0,
+        };
+        if let Err(e) = self.foca.announce(seed, &mut out) {
+            tracing::warn!(%addr, "announcing to the seed: {e}");
+        }
+        out.0
+    }
+
+    /// Feeds a packet received from the network.
+    pub fn handle_data(&mut self, data: &[u8]) -> Result<Vec<Output>, PacketError> {
+        let mut out = Collect::default();
+        self.foca
+            .handle_data(data, &mut out)
+            .map_err(|e| PacketError(e.to_string()))?;
+        Ok(out.0)
+    }
+
+    /// Feeds a timer scheduled by an earlier [`Output::Schedule`].
+    pub fn handle_timer(&mut self, timer: Timer<MemberId>) -> Vec<Output> {
+        let mut out = Collect::default();
+        if let Err(e) = self.foca.handle_timer(timer, &mut out) {
+            tracing::debug!("membership timer: {e}");
+        }
+        out.0
+    }
+
+    /// Leaves the mesh gracefully: members learn this one left rather than failed.
+    pub fn leave(mut self) -> Vec<Output> {
+        let mut out = Collect::default();
+        let _ = self.foca.leave_cluster(&mut out);
+        out.0
+    }
+
+    /// The members this agent considers alive (itself excluded).
+    pub fn alive(&self) -> impl Iterator<Item = &MemberId> {
+        self.foca.iter_members().map(|m| m.id())
+    }
+
+    /// Every member it knows of, with its state (alive, suspect or down).
+    pub fn states(&self) -> impl Iterator<Item = (&MemberId, foca::State)> {
+        self.foca
+            .iter_membership_state()
+            .map(|m| (m.id(), m.state()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use foca::Identity;
+
+    #[test]
+    fn a_restarted_agent_wins_over_its_previous_life() {
+        let old = MemberId {
+            name: "a".into(),
+            addr: "127.0.0.1:7400".parse().unwrap(),
+            bump: 7,
+        };
+        let new = old.renew().unwrap();
+        assert!(new.win_addr_conflict(&old));
+        assert!(!old.win_addr_conflict(&new));
+        let placeholder = MemberId {
+            name: String::new(),
+            bump: 0,
+            ..old.clone()
+        };
+        assert!(old.win_addr_conflict(&placeholder) && !placeholder.win_addr_conflict(&old));
+        let wrapped = MemberId {
+            bump: u16::MAX,
+            ..old.clone()
+        }
+        .renew()
+        .unwrap();
+        assert_eq!(wrapped.bump, 0);
+        assert!(wrapped.win_addr_conflict(&MemberId {
+            bump: u16::MAX,
+            ..old
+        }));
+    }
+
+    #[test]
+    fn garbage_packets_are_refused_and_change_nothing() {
+        let id = MemberId {
+            name: "a".into(),
+            addr: "127.0.0.1:7400".parse().unwrap(),
+            bump: 0,
+        };
+        let mut m = Membership::new(id, config(8), 1);
+        for junk in [&b""[..], b"\xff\xff\xff\xff", &[7u8; 2000]] {
+            assert!(m.handle_data(junk).is_err());
+        }
+        assert_eq!(m.alive().count(), 0);
+    }
+}
