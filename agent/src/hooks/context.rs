@@ -133,7 +133,8 @@ impl HookContext {
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name, for hooks' context when no agent name is configured.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())

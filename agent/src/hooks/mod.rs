@@ -14,7 +14,7 @@ mod runtime;
 mod sandbox;
 
 pub use cache::CacheStatus;
-pub use context::{HookContext, LifecycleEvent};
+pub use context::{HookContext, LifecycleEvent, hostname};
 pub use output::CapturedLog;
 pub use runtime::{HookFailure, HookKind, HookOutcome, HookRuntime, HookStatus, LoadedHook};
 pub use sandbox::{DirGrant, HttpAllow, Sandbox};

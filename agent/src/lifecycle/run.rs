@@ -533,13 +533,9 @@ impl LocalHost {
     }
 }
 
-/// Takes the application's lock if free: one deployment (or supervisor) at a time.
-pub fn try_lock(dir: &AppDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    lock(dir)
-}
-
-/// Holds the application's lock file: one deployment of an application at a time.
-fn lock(dir: &AppDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
+/// Takes the application's lock, or fails at once if it is held: one deployment (or
+/// supervisor pass) of an application at a time.
+pub fn lock(dir: &AppDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -97,7 +97,7 @@ fn apps(data_dir: &Path) -> Vec<String> {
 fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<()> {
     let dir = AppDir::new(&host.data_dir, app);
     // A deployment holds the lock: leave the app to it.
-    let Ok(_lock) = super::run::try_lock(&dir) else {
+    let Ok(_lock) = super::run::lock(&dir) else {
         return Ok(());
     };
     let state: AppState = read_json(&dir.state())?.unwrap_or_default();
