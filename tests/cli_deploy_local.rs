@@ -192,8 +192,25 @@ fn v1_then_v2_then_a_broken_model_rolls_back_to_v2() {
         .iter()
         .find(|h| h["succeeded"] == false)
         .unwrap();
-    let log = std::fs::read_to_string(failed["log"].as_str().unwrap()).unwrap();
-    assert!(log.is_empty() || log.contains("case"), "{log}");
+    let log = PathBuf::from(failed["log"].as_str().unwrap());
+    assert!(log.is_file(), "{}", log.display());
+    let deployment_dir = host
+        .data()
+        .join("apps/inference/deployments")
+        .join(v3["id"].as_str().unwrap());
+    assert!(
+        log.starts_with(&deployment_dir),
+        "{} is not under {}",
+        log.display(),
+        deployment_dir.display()
+    );
+    assert!(
+        failed["summary"]
+            .as_str()
+            .unwrap()
+            .contains("case 0: predicted [-1.7125]"),
+        "{failed}"
+    );
 }
 
 #[test]

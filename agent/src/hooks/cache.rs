@@ -90,16 +90,7 @@ impl CompileCache {
             // SAFETY: the entry was written by `store` below from code this engine compiled,
             // into a directory only the agent writes; its name binds it to the source's hash
             // and the engine's compatibility key, and wasmtime checks the header again.
-            let loaded = unsafe {
-                match kind {
-                    WasmKind::Component => {
-                        Component::deserialize_file(engine, &path).map(Compiled::Component)
-                    }
-                    WasmKind::CoreModule => {
-                        wasmtime::Module::deserialize_file(engine, &path).map(Compiled::Module)
-                    }
-                }
-            };
+            let loaded = unsafe { deserialize(engine, kind, Serialized::File(&path)) };
             match loaded {
                 Ok(compiled) => return Ok((compiled, CacheStatus::Disk)),
                 Err(e) => {
@@ -117,16 +108,7 @@ impl CompileCache {
             tracing::warn!(entry = %path.display(), "cannot cache the compiled hook: {e:#}");
         }
         // SAFETY: `serialized` was produced by this engine a moment ago.
-        let compiled = unsafe {
-            match kind {
-                WasmKind::Component => {
-                    Compiled::Component(Component::deserialize(engine, &serialized)?)
-                }
-                WasmKind::CoreModule => {
-                    Compiled::Module(wasmtime::Module::deserialize(engine, &serialized)?)
-                }
-            }
-        };
+        let compiled = unsafe { deserialize(engine, kind, Serialized::Bytes(&serialized)) }?;
         Ok((compiled, CacheStatus::Compiled))
     }
 
@@ -136,6 +118,40 @@ impl CompileCache {
         tmp.as_file().sync_all()?;
         tmp.persist(path)?;
         Ok(())
+    }
+}
+
+/// Where compiled code is read from.
+enum Serialized<'a> {
+    File(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+/// Loads compiled code of the given kind.
+///
+/// # Safety
+/// The code must have been produced by `engine` (see [`wasmtime::Module::deserialize`]).
+unsafe fn deserialize(
+    engine: &Engine,
+    kind: WasmKind,
+    from: Serialized<'_>,
+) -> wasmtime::Result<Compiled> {
+    // SAFETY: passed on from the caller.
+    unsafe {
+        Ok(match (kind, from) {
+            (WasmKind::Component, Serialized::File(p)) => {
+                Compiled::Component(Component::deserialize_file(engine, p)?)
+            }
+            (WasmKind::Component, Serialized::Bytes(b)) => {
+                Compiled::Component(Component::deserialize(engine, b)?)
+            }
+            (WasmKind::CoreModule, Serialized::File(p)) => {
+                Compiled::Module(wasmtime::Module::deserialize_file(engine, p)?)
+            }
+            (WasmKind::CoreModule, Serialized::Bytes(b)) => {
+                Compiled::Module(wasmtime::Module::deserialize(engine, b)?)
+            }
+        })
     }
 }
 

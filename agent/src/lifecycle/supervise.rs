@@ -53,6 +53,11 @@ struct Watch {
     policy: RestartPolicy,
     restart_at: Option<Instant>,
     adopted_logged: bool,
+    /// The active revision's service, read once per revision rather than every tick.
+    spec: Option<(
+        crate::bundle::RevisionId,
+        Option<crate::appspec::ServiceSpec>,
+    )>,
 }
 
 /// Supervises every application under the host's data dir until `stop` resolves.
@@ -105,8 +110,11 @@ fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<()> {
         return Ok(());
     };
     let release = dir.release(&active);
-    let text = std::fs::read_to_string(release.join("appspec.yml"))?;
-    let Some(spec) = crate::appspec::parse(&text)?.service else {
+    if watch.spec.as_ref().is_none_or(|(rev, _)| rev != &active) {
+        let text = std::fs::read_to_string(release.join("appspec.yml"))?;
+        watch.spec = Some((active.clone(), crate::appspec::parse(&text)?.service));
+    }
+    let Some((_, Some(spec))) = watch.spec.clone() else {
         return Ok(());
     };
 
