@@ -3,6 +3,7 @@
 //! silently falls back to a default.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -24,6 +25,28 @@ pub struct AgentConfig {
     /// Successful releases kept per application besides the active one.
     #[serde(default = "default_keep_releases")]
     pub keep_releases: usize,
+    /// The UDP address of the agent's QUIC endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The address peers reach this agent at, when `listen` is an unspecified address
+    /// (`0.0.0.0`). Defaults to `listen`, or else the local address routed toward the
+    /// first seed.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// The agent's identity directory (`ca.pem`, `cert.pem`, `key.pem`, as `shoal ca issue`
+    /// writes them). Without one the agent runs alone, outside any mesh.
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
+    /// Agents to join the mesh through. Any one that answers is enough.
+    #[serde(default)]
+    pub seeds: Vec<SocketAddr>,
+}
+
+/// The port agents listen on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7400;
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))
 }
 
 fn default_install_root() -> PathBuf {
@@ -49,6 +72,32 @@ impl AgentConfig {
         }
         Ok(config)
     }
+
+    /// The address this agent is known by in the mesh.
+    pub fn advertised_addr(&self) -> Result<SocketAddr> {
+        if let Some(addr) = self.advertise {
+            return Ok(addr);
+        }
+        if !self.listen.ip().is_unspecified() {
+            return Ok(self.listen);
+        }
+        // Ask the OS which local address it would use toward a seed; connecting a UDP
+        // socket sends nothing.
+        if let Some(seed) = self.seeds.first() {
+            let any = SocketAddr::new(self.listen.ip(), 0);
+            if let Ok(ip) = std::net::UdpSocket::bind(any)
+                .and_then(|s| s.connect(seed).and_then(|()| s.local_addr()))
+                .map(|a| a.ip())
+            {
+                return Ok(SocketAddr::new(ip, self.listen.port()));
+            }
+        }
+        anyhow::bail!(
+            "`listen = \"{}\"` does not say which address peers should use: set `advertise` \
+             (or `listen`) to this host's address",
+            self.listen
+        )
+    }
 }
 
 #[cfg(test)]
@@ -64,6 +113,39 @@ mod tests {
         assert_eq!(c.install_root, PathBuf::from("/"));
         assert_eq!(c.keep_releases, 5);
         assert_eq!(c.tags["role"], "inference");
+        assert_eq!(c.listen, "0.0.0.0:7400".parse().unwrap());
+        assert!(c.identity.is_none() && c.seeds.is_empty());
+    }
+
+    #[test]
+    fn the_advertised_address_is_told_or_found() {
+        let base = "name = \"a\"\ndata_dir = \"/d\"\n";
+        let c = AgentConfig::parse(&format!("{base}listen = \"127.0.0.9:7500\"\n")).unwrap();
+        assert_eq!(
+            c.advertised_addr().unwrap(),
+            "127.0.0.9:7500".parse().unwrap()
+        );
+        let c = AgentConfig::parse(&format!(
+            "{base}listen = \"0.0.0.0:7500\"\nadvertise = \"10.1.2.3:7500\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.advertised_addr().unwrap(),
+            "10.1.2.3:7500".parse().unwrap()
+        );
+        let c = AgentConfig::parse(&format!(
+            "{base}listen = \"0.0.0.0:7500\"\nseeds = [\"127.0.0.3:7400\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.advertised_addr().unwrap(),
+            "127.0.0.1:7500".parse().unwrap()
+        );
+        let err = AgentConfig::parse(base)
+            .unwrap()
+            .advertised_addr()
+            .unwrap_err();
+        assert!(err.to_string().contains("advertise"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The Shoal agent: every host runs it; together the agents deploy applications across the
 //! fleet with no central server. See ARCHITECTURE.md for the codemap.
 
+pub mod api;
 pub mod appspec;
 pub mod bundle;
 pub mod cli;

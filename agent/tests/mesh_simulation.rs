@@ -98,6 +98,7 @@ impl Sim {
                 Output::Up(id) => {
                     self.down[node].remove(&id.name);
                 }
+                Output::Rejoined(_) | Output::Idle => {}
             }
         }
     }

@@ -10,6 +10,7 @@ mod ca;
 mod demo;
 mod deploy;
 mod hook;
+mod hosts;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Deploy revisions.
     #[command(subcommand)]
     Deploy(deploy::DeployCommand),
+    /// List every member of the mesh: name, address, state, tags, applications.
+    Hosts,
     /// Run the built-in demonstration and exit 0 when it went as planned.
     Demo(demo::DemoArgs),
 }
@@ -88,6 +91,7 @@ pub fn main() -> ExitCode {
             Command::Hook(cmd) => hook::run(cmd, cli.json).await,
             Command::Bundle(cmd) => bundle::run(cmd, cli.json),
             Command::Deploy(cmd) => deploy::run(cmd, cli.json).await,
+            Command::Hosts => hosts::run(&cli.peer, cli.identity.as_deref(), cli.json).await,
             Command::Demo(args) => demo::run(args, cli.json).await,
         }
     });

@@ -86,7 +86,8 @@ pub async fn supervise(
     }
 }
 
-fn apps(data_dir: &Path) -> Vec<String> {
+/// The applications this host has a directory for, sorted.
+pub fn apps(data_dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(data_dir.join("apps")) else {
         return Vec::new();
     };

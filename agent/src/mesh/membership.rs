@@ -66,6 +66,12 @@ pub enum Output {
     Up(MemberId),
     /// A member was declared down.
     Down(MemberId),
+    /// The mesh had declared this agent down (a partition, a pause); it rejoined under a
+    /// renewed identity, which the caller should remember for its next start.
+    Rejoined(MemberId),
+    /// Every member this agent knew is down or gone: the caller should join again
+    /// through its seeds.
+    Idle,
 }
 
 /// Collects what foca asks of its runtime.
@@ -77,6 +83,8 @@ impl Runtime<MemberId> for Collect {
         match notification {
             Notification::MemberUp(id) => self.0.push(Output::Up(id.clone())),
             Notification::MemberDown(id) => self.0.push(Output::Down(id.clone())),
+            Notification::Rejoin(id) => self.0.push(Output::Rejoined(id.clone())),
+            Notification::Idle => self.0.push(Output::Idle),
             _ => {}
         }
     }
@@ -99,6 +107,8 @@ impl Runtime<MemberId> for Collect {
 ///   member that misses all its copies otherwise learns of it only by chance;
 /// - anti-entropy: every 2 s an agent announces itself to 2 random members, whose answers
 ///   carry the members they know, so whatever gossip missed is repaired;
+/// - down members are remembered (reported dead, not dropped), told that they are down so
+///   they rejoin, and sent an announce every 5 s so a partition heals by itself;
 /// - packets fit a QUIC datagram.
 pub fn config(cluster_size: u32) -> Config {
     let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
@@ -112,9 +122,18 @@ pub fn config(cluster_size: u32) -> Config {
         frequency: Duration::from_secs(2),
         num_members: NonZeroUsize::new(2).expect("non-zero"),
     });
-    c.max_packet_size = NonZeroUsize::new(1150).expect("non-zero");
+    c.remove_down_after = None;
+    c.notify_down_members = true;
+    c.periodic_announce_to_down_members = Some(PeriodicParams {
+        frequency: Duration::from_secs(5),
+        num_members: NonZeroUsize::new(2).expect("non-zero"),
+    });
+    c.max_packet_size = NonZeroUsize::new(MAX_PACKET).expect("non-zero");
     c
 }
+
+/// The largest membership packet, chosen to fit a QUIC datagram on a 1200-byte path.
+pub const MAX_PACKET: usize = 1150;
 
 /// One agent's view of the mesh.
 pub struct Membership {
@@ -171,7 +190,7 @@ impl Membership {
     }
 
     /// Leaves the mesh gracefully: members learn this one left rather than failed.
-    pub fn leave(mut self) -> Vec<Output> {
+    pub fn leave(&mut self) -> Vec<Output> {
         let mut out = Collect::default();
         let _ = self.foca.leave_cluster(&mut out);
         out.0

@@ -1,0 +1,84 @@
+//! `shoal hosts`: every member of the mesh as the agent at `--peer` sees it: name, address,
+//! state (alive, suspect, dead, left), tags and applications. Needs an operator identity.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::api::{self, HostView, Request, Response};
+
+pub async fn run(peer: &str, identity: Option<&Path>, json: bool) -> Result<bool> {
+    let identity = identity.ok_or_else(|| {
+        anyhow!(
+            "`shoal hosts` needs an operator identity: pass --identity DIR or set SHOAL_IDENTITY"
+        )
+    })?;
+    let addr = resolve(peer)?;
+    let hosts = match api::ask(addr, identity, &Request::Hosts).await? {
+        Response::Hosts(hosts) => hosts,
+        Response::Error(e) => bail!("{peer}: {e}"),
+    };
+    if json {
+        super::print_json(&hosts)?;
+    } else {
+        print!("{}", table(&hosts));
+    }
+    Ok(true)
+}
+
+/// `HOST:PORT`, with a name resolved, or an address.
+pub fn resolve(peer: &str) -> Result<SocketAddr> {
+    peer.to_socket_addrs()
+        .with_context(|| format!("`{peer}` is not HOST:PORT"))?
+        .next()
+        .ok_or_else(|| anyhow!("`{peer}` resolves to no address"))
+}
+
+fn table(hosts: &[HostView]) -> String {
+    let rows: Vec<[String; 5]> = hosts
+        .iter()
+        .map(|h| {
+            let tags = h
+                .tags
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let apps = h
+                .details
+                .iter()
+                .map(|(app, a)| {
+                    let rev = a.revision.as_deref().map_or("-", |r| &r[..r.len().min(12)]);
+                    format!("{app}@{rev} ({})", a.health.as_str())
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            [
+                h.name.clone(),
+                h.addr.to_string(),
+                h.state.as_str().to_string(),
+                if tags.is_empty() { "-".into() } else { tags },
+                if apps.is_empty() { "-".into() } else { apps },
+            ]
+        })
+        .collect();
+    let header = ["NAME", "ADDRESS", "STATE", "TAGS", "APPS"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
