@@ -1,0 +1,232 @@
+//! The mesh with real `shoal agent` processes on 127.0.0.x: eight agents see each other,
+//! report a killed one dead and welcome it back alive after a restart, report a stopped one
+//! as left; an agent from another CA never joins; garbage datagrams, frames and requests
+//! leave every agent serving.
+
+#[path = "support/fleet.rs"]
+mod fleet;
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use fleet::{Agent, Ca, agents, hosts, state_of, wait_for};
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// Whether every running agent lists exactly `expected` (name → state).
+fn all_agree(agents: &[Agent], operator: &std::path::Path, expected: &[(&str, &str)]) -> bool {
+    agents.iter().filter(|a| a.child.is_some()).all(|a| {
+        let Ok(list) = hosts(a.addr, operator) else {
+            return false;
+        };
+        list.len() == expected.len()
+            && expected
+                .iter()
+                .all(|(name, state)| state_of(&list, name).as_deref() == Some(*state))
+    })
+}
+
+#[test]
+fn eight_agents_see_all_detect_a_kill_and_welcome_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 77, 1], 8);
+    for a in fleet.iter_mut() {
+        a.start();
+    }
+    let names: Vec<String> = fleet.iter().map(|a| a.name.clone()).collect();
+    let everyone = |state: &'static str| -> Vec<(&str, &str)> {
+        names.iter().map(|n| (n.as_str(), state)).collect()
+    };
+
+    let took = wait_for("all eight agents to see all eight alive", LONG, || {
+        all_agree(&fleet, &ca.operator, &everyone("alive"))
+    });
+    eprintln!("eight agents converged {took:?} after starting");
+    // Gossiped state: every agent knows every other's tags.
+    let list = hosts(fleet[3].addr, &ca.operator).unwrap();
+    for (h, a) in list.iter().zip(&fleet) {
+        assert_eq!(h["name"], a.name.as_str());
+        assert_eq!(h["addr"], a.addr.to_string());
+        assert_eq!(h["tags"]["host"], a.name.as_str(), "{h}");
+        assert_eq!(h["tags"]["role"], "inference");
+        assert!(h["apps"].as_object().unwrap().is_empty());
+    }
+    let version_before = list[4]["version"].as_u64().unwrap();
+
+    // kill -9 one: every other reports it dead.
+    fleet[4].kill();
+    let mut expected = everyone("alive");
+    expected[4].1 = "dead";
+    let took = wait_for("the seven others to report agent-5 dead", LONG, || {
+        all_agree(&fleet, &ca.operator, &expected)
+    });
+    eprintln!("agent-5 reported dead by all seven {took:?} after kill -9");
+    assert!(
+        fleet[0]
+            .log_text()
+            .contains("member is dead member=agent-5"),
+        "agent-1 logs the death"
+    );
+
+    // Restart it: alive again everywhere, itself included, and its record is newer.
+    fleet[4].start();
+    wait_for("agent-5 to be alive again for all eight", LONG, || {
+        all_agree(&fleet, &ca.operator, &everyone("alive"))
+    });
+    let list = hosts(fleet[0].addr, &ca.operator).unwrap();
+    assert!(list[4]["version"].as_u64().unwrap() > version_before);
+
+    // SIGTERM another: it leaves gracefully, and the others say so.
+    let status = fleet[7].terminate();
+    assert!(status.success(), "SIGTERM ends the agent cleanly: {status}");
+    assert!(fleet[7].log_text().contains("left the mesh"));
+    let mut expected = everyone("alive");
+    expected[7].1 = "left";
+    wait_for("the others to report agent-8 left", LONG, || {
+        all_agree(&fleet, &ca.operator, &expected)
+    });
+}
+
+#[test]
+fn a_foreign_agent_never_joins_and_garbage_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 77, 2], 3);
+    for a in fleet.iter_mut() {
+        a.start();
+    }
+    // An agent with a certificate from another CA, seeded with a fleet member.
+    let other = Ca::new(tmp.path(), "other");
+    let foreign_addr: SocketAddr = "127.77.2.9:7400".parse().unwrap();
+    let mut foreign = Agent::new(
+        tmp.path(),
+        &other,
+        "intruder",
+        foreign_addr,
+        &[fleet[0].addr],
+    );
+    foreign.start();
+
+    let fleet_names = [
+        ("agent-1", "alive"),
+        ("agent-2", "alive"),
+        ("agent-3", "alive"),
+    ];
+    wait_for("the three fleet agents to see each other", LONG, || {
+        all_agree(&fleet, &ca.operator, &fleet_names)
+    });
+
+    // Garbage of every kind at agent-1.
+    let target = fleet[0].addr;
+    garbage_datagrams(target);
+    let insider = tmp.path().join("insider");
+    ca.issue("insider", &insider);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(garbage_on_a_fleet_connection(target, &insider));
+
+    // Give the intruder time to try (it announces to its seed every 2 s).
+    std::thread::sleep(Duration::from_secs(5));
+    for a in &fleet {
+        let list = hosts(a.addr, &ca.operator).unwrap();
+        let names: BTreeSet<&str> = list.iter().map(|h| h["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            BTreeSet::from(["agent-1", "agent-2", "agent-3"]),
+            "{} lists only the fleet",
+            a.name
+        );
+        assert!(list.iter().all(|h| h["state"] == "alive"), "{list:?}");
+    }
+    // The intruder's operator (same foreign CA) sees it alone.
+    let list = hosts(foreign_addr, &other.operator).unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["name"], "intruder");
+    // And the fleet's agent says why it refused the intruder.
+    let log = fleet[0].log_text();
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("refused a connection") && l.contains("127.77.2.9:7400"))
+        .unwrap_or_else(|| panic!("agent-1 logs the refusal:\n{log}"));
+    assert!(refusal.contains("certificate"), "{refusal}");
+    assert!(
+        foreign.log_text().contains("refused to join a peer"),
+        "the intruder logs its refusal too:\n{}",
+        foreign.log_text()
+    );
+
+    // An operator of another CA is refused; an agent's identity may not ask.
+    let err = hosts(target, &other.operator).unwrap_err();
+    assert!(err.contains("error:"), "{err}");
+    let err = hosts(target, &insider).unwrap_err();
+    assert!(err.contains("needs an operator identity"), "{err}");
+
+    // Still serving, still one fleet, all processes running.
+    for a in fleet.iter_mut() {
+        assert!(
+            a.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "{} still runs",
+            a.name
+        );
+    }
+    assert!(all_agree(&fleet, &ca.operator, &fleet_names));
+}
+
+/// Datagrams that are not QUIC, or look like the start of it, to `target`'s UDP port.
+fn garbage_datagrams(target: SocketAddr) {
+    let sock = UdpSocket::bind("127.77.2.100:0").unwrap();
+    let mut x: u32 = 0x1234_5678;
+    for i in 0..300usize {
+        let len = [1, 20, 1200, 1500][i % 4];
+        let mut packet: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        if i % 3 == 0 && len >= 5 {
+            // A long header, version 1: the shape of a QUIC Initial.
+            packet[0] = 0xc0;
+            packet[1..5].copy_from_slice(&1u32.to_be_bytes());
+        }
+        sock.send_to(&packet, target).unwrap();
+    }
+}
+
+/// Over a connection with a valid fleet certificate: garbage membership datagrams,
+/// malformed gossip frames, and garbage requests.
+async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path::Path) {
+    use shoal_agent::identity::Identity;
+    use shoal_agent::mesh::transport;
+
+    let id = Identity::load(identity).unwrap();
+    let endpoint = transport::endpoint("127.77.2.101:0".parse().unwrap(), &id).unwrap();
+    let conn = transport::connect(&endpoint, target).await.unwrap();
+    for junk in [&b""[..], b"\xff\xff\xff\xff", &[7u8; 1000]] {
+        let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(junk));
+    }
+    // Gossip streams: too large, wrong version, not decodable, cut short.
+    let frames: [&[u8]; 4] = [
+        &u32::MAX.to_be_bytes(),
+        &[0, 0, 0, 3, 9, 0xff, 0xff],
+        &[0, 0, 0, 4, 1, 0x7f, 0xff, 0xff],
+        &[0, 0, 0, 10, 1],
+    ];
+    for frame in frames {
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(frame).await.unwrap();
+        let _ = s.finish();
+    }
+    // A request stream with garbage gets an error frame back, not a dead agent.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 2, 1, 0x63]).await.unwrap();
+    send.finish().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16)).await;
+    let answer = answer.ok().and_then(|r| r.ok()).unwrap_or_default();
+    assert!(answer.len() > 4, "an error answer comes back");
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+}
