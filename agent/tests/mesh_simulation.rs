@@ -1,7 +1,11 @@
-//! Membership at scale, deterministically: 500 agents' membership cores (foca's SWIM)
-//! exchanging packets over a simulated network with simulated time. Every agent must come
-//! to see every other, and a killed agent must be declared down by every survivor, within
-//! bounds of simulated time. Same seeds, same run, every time.
+//! The mesh cores at scale, deterministically, with simulated time and network.
+//! - Membership: 500 agents' membership cores (foca's SWIM) exchange packets. Every agent
+//!   must come to see every other, and a killed agent must be declared down by every
+//!   survivor, within bounds of simulated time.
+//! - Host state: 1,000 agents' host tables. A change must reach every agent, and one cut
+//!   off while it spread must catch up by anti-entropy.
+//!
+//! Same seeds, same run, every time.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -188,7 +192,151 @@ fn five_hundred_agents_converge_and_detect_a_failure() {
         "the killed agent was declared down by all {} survivors after {took} ms simulated",
         N - 1
     );
-    // Deterministic (6.3 s and 3.0 s when written): the bounds catch regressions.
+    // Deterministic (6.9 s and 2.0 s with the current config): the bounds catch regressions.
     assert!(converged <= 15_000, "convergence took {converged} ms");
     assert!(took <= 5_000, "detection took {took} ms");
+}
+
+/// Host-state gossip at scale, deterministically: 1,000 agents' host tables (membership
+/// assumed converged), 1 to 20 ms of latency per message. A change at one agent must reach
+/// all the others, by relayed rumor with anti-entropy behind it; an agent cut off while
+/// the news spread must catch up by anti-entropy once it is back.
+#[test]
+fn a_state_change_reaches_a_thousand_agents() {
+    use shoal_agent::mesh::hoststate::{GossipMsg, HostRecord, HostTable};
+    use std::collections::BTreeMap;
+
+    const N: usize = 1000;
+    const AE_MS: u64 = 1000;
+    let addr = |i: usize| -> SocketAddr {
+        format!("127.2.{}.{}:7400", i / 250, i % 250 + 1)
+            .parse()
+            .unwrap()
+    };
+    let addrs: Vec<SocketAddr> = (0..N).map(addr).collect();
+    let index: HashMap<SocketAddr, usize> =
+        addrs.iter().enumerate().map(|(i, a)| (*a, i)).collect();
+    let mut tables: Vec<HostTable> = (0..N)
+        .map(|i| {
+            HostTable::new(
+                HostRecord {
+                    name: format!("sim-{i}"),
+                    addr: addrs[i],
+                    version: 1,
+                    left: false,
+                    tags: BTreeMap::new(),
+                    apps: BTreeMap::new(),
+                },
+                i as u64 + 7,
+            )
+        })
+        .collect();
+    let peers_of = |i: usize| -> Vec<SocketAddr> {
+        addrs.iter().copied().filter(|a| *a != addrs[i]).collect()
+    };
+    // Events: (time, seq) → message delivery or an anti-entropy tick.
+    enum Ev {
+        Msg {
+            to: usize,
+            from: SocketAddr,
+            msg: GossipMsg,
+        },
+        Tick(usize),
+    }
+    let mut queue: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+    let mut events: HashMap<u64, Ev> = HashMap::new();
+    let mut seq = 0u64;
+    let mut lcg = 0xfeed_u64;
+    let mut push = |queue: &mut BinaryHeap<Reverse<(u64, u64)>>,
+                    events: &mut HashMap<u64, Ev>,
+                    at: u64,
+                    ev: Ev| {
+        seq += 1;
+        queue.push(Reverse((at, seq)));
+        events.insert(seq, ev);
+    };
+    for i in 0..N {
+        push(
+            &mut queue,
+            &mut events,
+            (i as u64 * 7919) % AE_MS,
+            Ev::Tick(i),
+        );
+    }
+    let cut_off = N - 1;
+    let mut cut_until = u64::MAX;
+    let mut messages = 0u64;
+
+    let first = tables[0].publish(
+        |r| {
+            r.tags.insert("model".into(), "v2".into());
+        },
+        &peers_of(0),
+    );
+    let mut pending: Vec<(u64, usize, SocketAddr, GossipMsg)> = first
+        .into_iter()
+        .map(|o| (0, index[&o.to], addrs[0], o.msg))
+        .collect();
+    let knows = |t: &HostTable| t.get("sim-0").is_some_and(|r| r.version == 2);
+    let mut reached_at = None;
+    let mut now = 0;
+    loop {
+        for (at, to, from, msg) in pending.drain(..) {
+            lcg = lcg
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let latency = 1 + (lcg >> 33) % 20;
+            push(
+                &mut queue,
+                &mut events,
+                at + latency,
+                Ev::Msg { to, from, msg },
+            );
+        }
+        let Some(Reverse((at, s))) = queue.pop() else {
+            break;
+        };
+        now = at;
+        match events.remove(&s).unwrap() {
+            Ev::Msg { to, from, msg } => {
+                if to == cut_off && now < cut_until {
+                    continue; // lost while cut off
+                }
+                messages += 1;
+                let (out, _) = tables[to].handle(from, msg, &peers_of(to));
+                pending.extend(
+                    out.into_iter()
+                        .map(|o| (now, index[&o.to], addrs[to], o.msg)),
+                );
+            }
+            Ev::Tick(i) => {
+                if !(i == cut_off && now < cut_until) {
+                    let out = tables[i].anti_entropy(&peers_of(i));
+                    pending.extend(
+                        out.into_iter()
+                            .map(|o| (now, index[&o.to], addrs[i], o.msg)),
+                    );
+                }
+                push(&mut queue, &mut events, now + AE_MS, Ev::Tick(i));
+            }
+        }
+        if reached_at.is_none() && (1..N - 1).all(|i| knows(&tables[i])) {
+            reached_at = Some(now);
+            assert!(!knows(&tables[cut_off]), "the cut-off agent heard nothing");
+            cut_until = now;
+        }
+        if reached_at.is_some() && knows(&tables[cut_off]) {
+            break;
+        }
+        assert!(now < 60_000, "not spread after 60 s simulated");
+    }
+    let reached = reached_at.unwrap();
+    let caught_up = now - cut_until;
+    eprintln!(
+        "a change reached {} agents after {reached} ms simulated ({messages} messages); \
+         the cut-off agent caught up {caught_up} ms after it was back",
+        N - 2
+    );
+    assert!(reached <= 1_000, "spreading took {reached} ms");
+    assert!(caught_up <= 5_000, "catching up took {caught_up} ms");
 }

@@ -1,0 +1,271 @@
+//! Mesh benchmarks with real `shoal agent` processes on loopback (release build):
+//! - propagation: a tag change at one agent (config rewritten, SIGHUP) until every other
+//!   agent has logged the new version of its record;
+//! - detection: `kill -9` of an agent until every other has logged it dead;
+//! - idle cost: RSS and CPU of each agent in the converged, idle mesh, against one agent
+//!   run without the mesh (no identity) in the same run.
+//!
+//! `cargo bench -p shoal-agent --bench mesh_fleet` runs a 10- and a 50-agent fleet;
+//! `SHOAL_BENCH_FLEETS=8,20` picks other sizes. Results are printed as markdown, for
+//! docs/benchmarks.md.
+
+#[path = "../../tests/support/fleet.rs"]
+mod fleet;
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleet::{Agent, Ca, agents, hosts, wait_for};
+
+const DEBUG_LOG: &str = "info,shoal_agent::mesh::node=debug";
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("SHOAL_BENCH_FLEETS")
+        .unwrap_or_else(|_| "10,50".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("fleet sizes are numbers"))
+        .collect();
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo test --benches asks for a listing: nothing to list
+    }
+    println!(
+        "| agents | propagation: median / max (ms) | detection: median / max (ms) | idle RSS per agent: median / max (MiB) | idle CPU per agent (%) | RSS vs agent without mesh | false deaths while idle |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (k, n) in sizes.into_iter().enumerate() {
+        run_fleet(n, 10 + k as u8);
+    }
+}
+
+fn run_fleet(n: usize, net: u8) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 88, net], n);
+    for a in fleet.iter_mut() {
+        a.log_filter = DEBUG_LOG.into();
+        a.start();
+    }
+    // The alternative: an agent that runs alone (no identity, so no mesh).
+    let mut alone = Agent::new(
+        tmp.path(),
+        &ca,
+        "alone",
+        SocketAddr::from(([127, 88, net, 250], 7400)),
+        &[],
+    );
+    let text = std::fs::read_to_string(&alone.config).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("identity") && !l.starts_with("seeds"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&alone.config, text).unwrap();
+    alone.start();
+
+    let took = wait_for("the fleet to converge", Duration::from_secs(180), || {
+        fleet.iter().all(|a| {
+            hosts(a.addr, &ca.operator)
+                .is_ok_and(|l| l.len() == n && l.iter().all(|h| h["state"] == "alive"))
+        })
+    });
+    eprintln!("{n} agents converged; checked {took:?} after start");
+
+    // Idle: 10 s of CPU and the RSS at the end.
+    std::thread::sleep(Duration::from_secs(5));
+    let deaths_before = deaths(&fleet);
+    let cpu0: Vec<u64> = fleet.iter().map(|a| cpu_ticks(a.pid())).collect();
+    let alone0 = cpu_ticks(alone.pid());
+    let window = Duration::from_secs(10);
+    std::thread::sleep(window);
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let mut cpu: Vec<f64> = fleet
+        .iter()
+        .zip(&cpu0)
+        .map(|(a, c0)| {
+            (cpu_ticks(a.pid()) - c0) as f64 / ticks_per_s / window.as_secs_f64() * 100.0
+        })
+        .collect();
+    let alone_cpu =
+        (cpu_ticks(alone.pid()) - alone0) as f64 / ticks_per_s / window.as_secs_f64() * 100.0;
+    let mut rss: Vec<f64> = fleet.iter().map(|a| rss_mib(a.pid())).collect();
+    let alone_rss = rss_mib(alone.pid());
+    let false_deaths = deaths(&fleet) - deaths_before;
+
+    // Propagation: five tag changes at different agents.
+    let mut propagation = Vec::new();
+    for round in 0..5 {
+        let k = (round * 7 + 1) % n;
+        propagation.push(propagate(&fleet, k, round));
+    }
+
+    // Detection: kill -9 three agents, one after the other.
+    let mut detection = Vec::new();
+    for victim in [n / 2, n / 3, n - 1] {
+        let t0 = SystemTime::now();
+        fleet[victim].kill();
+        let name = fleet[victim].name.clone();
+        let needle = format!("member is dead member={name} ");
+        let mut last = t0;
+        wait_for(
+            &format!("{name} to be reported dead"),
+            Duration::from_secs(60),
+            || {
+                let mut latest = t0;
+                for a in fleet.iter().filter(|a| a.child.is_some()) {
+                    match log_time_of(&a.log_text(), &needle) {
+                        Some(t) => latest = latest.max(t),
+                        None => return false,
+                    }
+                }
+                last = latest;
+                true
+            },
+        );
+        detection.push(last.duration_since(t0).unwrap().as_secs_f64() * 1000.0);
+    }
+
+    cpu.sort_by(f64::total_cmp);
+    rss.sort_by(f64::total_cmp);
+    let (pm, px) = median_max(&mut propagation);
+    let (dm, dx) = median_max(&mut detection);
+    let mean_cpu = cpu.iter().sum::<f64>() / cpu.len() as f64;
+    println!(
+        "| {n} | {pm:.0} / {px:.0} | {dm:.0} / {dx:.0} | {:.1} / {:.1} | {mean_cpu:.2} (alone: {alone_cpu:.2}) | {:.2} ({:.1} vs {alone_rss:.1} MiB) | {false_deaths} |",
+        rss[rss.len() / 2],
+        rss[rss.len() - 1],
+        rss[rss.len() / 2] / alone_rss,
+        rss[rss.len() / 2],
+    );
+    eprintln!("propagation ms: {propagation:?}; detection ms: {detection:?}");
+}
+
+/// Rewrites agent `k`'s tags and sends SIGHUP; returns the milliseconds from its publishing
+/// the new version to the last agent logging it.
+fn propagate(fleet: &[Agent], k: usize, round: usize) -> f64 {
+    let agent = &fleet[k];
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let mut text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("round"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(&format!("round = \"{round}\"\n"));
+    std::fs::write(&agent.config, text).unwrap();
+    let published_before = agent
+        .log_text()
+        .matches("published this host's record")
+        .count();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let mut published: Option<(SystemTime, String)> = None;
+    wait_for(
+        "the change to be published",
+        Duration::from_secs(10),
+        || {
+            let log = agent.log_text();
+            let Some(line) = log
+                .lines()
+                .filter(|l| l.contains("published this host's record"))
+                .nth(published_before)
+            else {
+                return false;
+            };
+            let version = line
+                .split("version=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap();
+            published = Some((parse_time(line), version.to_string()));
+            true
+        },
+    );
+    let (t0, version) = published.unwrap();
+    let needle = format!("host={} version={version} ", agent.name);
+    let mut last = t0;
+    wait_for(
+        "the change to reach everyone",
+        Duration::from_secs(30),
+        || {
+            let mut latest = t0;
+            for (i, a) in fleet.iter().enumerate() {
+                if i == k || a.child.is_none() {
+                    continue;
+                }
+                match log_time_of(&a.log_text(), &needle) {
+                    Some(t) => latest = latest.max(t),
+                    None => return false,
+                }
+            }
+            last = latest;
+            true
+        },
+    );
+    last.duration_since(t0).unwrap_or_default().as_secs_f64() * 1000.0
+}
+
+fn deaths(fleet: &[Agent]) -> usize {
+    fleet
+        .iter()
+        .map(|a| a.log_text().matches("member is dead").count())
+        .sum()
+}
+
+fn median_max(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
+fn log_time_of(log: &str, needle: &str) -> Option<SystemTime> {
+    log.lines().find(|l| l.contains(needle)).map(parse_time)
+}
+
+/// The timestamp tracing puts first on a line: `2026-11-26T23:17:19.110401Z`.
+fn parse_time(line: &str) -> SystemTime {
+    let stamp = line.split_whitespace().next().expect("a timestamp");
+    let (date, time) = stamp
+        .trim_end_matches('Z')
+        .split_once('T')
+        .expect("date T time");
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<u64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
+    let micros: u64 = format!("{frac:0<6}")[..6].parse().unwrap();
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if d[1] <= 2 {
+        (d[0] - 1, d[1] + 9)
+    } else {
+        (d[0], d[1] - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146097 + doe - 719468) as u64;
+    UNIX_EPOCH
+        + Duration::from_secs(days * 86400 + t[0] * 3600 + t[1] * 60 + t[2])
+        + Duration::from_micros(micros)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the command name.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
