@@ -13,7 +13,7 @@
 mod fleet;
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use fleet::{Agent, Ca, agents, hosts, wait_for};
 
@@ -227,28 +227,9 @@ fn log_time_of(log: &str, needle: &str) -> Option<SystemTime> {
 /// The timestamp tracing puts first on a line: `2026-11-26T23:17:19.110401Z`.
 fn parse_time(line: &str) -> SystemTime {
     let stamp = line.split_whitespace().next().expect("a timestamp");
-    let (date, time) = stamp
-        .trim_end_matches('Z')
-        .split_once('T')
-        .expect("date T time");
-    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let t: Vec<u64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
-    let micros: u64 = format!("{frac:0<6}")[..6].parse().unwrap();
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let (y, m) = if d[1] <= 2 {
-        (d[0] - 1, d[1] + 9)
-    } else {
-        (d[0], d[1] - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + d[2] - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = (era * 146097 + doe - 719468) as u64;
-    UNIX_EPOCH
-        + Duration::from_secs(days * 86400 + t[0] * 3600 + t[1] * 60 + t[2])
-        + Duration::from_micros(micros)
+    time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339)
+        .expect("an RFC 3339 timestamp")
+        .into()
 }
 
 fn cpu_ticks(pid: u32) -> u64 {

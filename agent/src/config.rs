@@ -58,10 +58,22 @@ fn default_keep_releases() -> usize {
 }
 
 impl AgentConfig {
+    /// Reads a configuration file. Relative paths in it (`data_dir`, `install_root`,
+    /// `identity`) are taken from the file's directory, not the working directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("{}", path.display()))
+        let mut config = Self::parse(&text).with_context(|| format!("{}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for p in [&mut config.data_dir, &mut config.install_root]
+            .into_iter()
+            .chain(config.identity.as_mut())
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<Self> {
@@ -103,6 +115,22 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_paths_are_taken_from_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "name = \"edge-1\"\ndata_dir = \"data\"\nidentity = \"ids/edge-1\"\n\
+             install_root = \"/srv\"\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(&file).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.identity, Some(dir.path().join("ids/edge-1")));
+        assert_eq!(c.install_root, PathBuf::from("/srv"));
+    }
 
     #[test]
     fn a_minimal_config_gets_its_defaults() {
