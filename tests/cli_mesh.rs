@@ -1,7 +1,9 @@
-//! The mesh with real `shoal agent` processes on 127.0.0.x: eight agents see each other,
-//! report a killed one dead and welcome it back alive after a restart, report a stopped one
-//! as left; an agent from another CA never joins; garbage datagrams, frames and requests
-//! leave every agent serving.
+//! The mesh with real `shoal agent` processes on 127.0.0.x: eight agents see each other
+//! and what each runs, report a killed one dead and welcome it back alive after a restart,
+//! report a stopped one as left; an agent from another CA never joins; garbage datagrams,
+//! frames and requests leave every agent serving. In a network namespace of its own, a
+//! fleet is cut in two by blackhole routes, each side reports the other dead, and after
+//! the cut heals everyone is alive and up to date again.
 
 #[path = "support/fleet.rs"]
 mod fleet;
@@ -10,14 +12,14 @@ use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use fleet::{Agent, Ca, agents, hosts, state_of, wait_for};
+use fleet::{Agent, Ca, Netns, agents, deploy_tiny, hosts, hosts_in, state_of, wait_for};
 
 const LONG: Duration = Duration::from_secs(30);
 
 /// Whether every running agent lists exactly `expected` (name → state).
 fn all_agree(agents: &[Agent], operator: &std::path::Path, expected: &[(&str, &str)]) -> bool {
     agents.iter().filter(|a| a.child.is_some()).all(|a| {
-        let Ok(list) = hosts(a.addr, operator) else {
+        let Ok(list) = hosts_in(a.netns.as_deref(), a.addr, operator) else {
             return false;
         };
         list.len() == expected.len()
@@ -54,6 +56,18 @@ fn eight_agents_see_all_detect_a_kill_and_welcome_a_restart() {
         assert!(h["apps"].as_object().unwrap().is_empty());
     }
     let version_before = list[4]["version"].as_u64().unwrap();
+
+    // What a host runs is gossiped: a deployment on agent-3 shows everywhere.
+    let rev = deploy_tiny(&fleet[2], "tiny", "v1");
+    wait_for("every agent to list agent-3's new revision", LONG, || {
+        fleet.iter().all(|a| {
+            hosts(a.addr, &ca.operator).is_ok_and(|l| {
+                l[2]["apps"]["tiny"] == rev.as_str()
+                    && l[2]["details"]["tiny"]["health"] == "none"
+                    && l[2]["details"]["tiny"]["held"][0] == rev.as_str()
+            })
+        })
+    });
 
     // kill -9 one: every other reports it dead.
     fleet[4].kill();
@@ -229,4 +243,124 @@ async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path:
     assert!(answer.len() > 4, "an error answer comes back");
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
+}
+
+/// The fleet's side of a cut: `a-*` agents on 10.201.1.x, `b-*` on 10.201.2.x, all inside
+/// one network namespace the test creates (and deletes), so no traffic leaves it.
+#[test]
+fn a_partition_heals_and_the_cut_off_side_catches_up() {
+    let ns_name = format!("shoal-cut-{}", std::process::id());
+    let side_a: Vec<SocketAddr> = (1..=4).map(|i| ([10, 201, 1, i], 7400).into()).collect();
+    let side_b: Vec<SocketAddr> = (1..=2).map(|i| ([10, 201, 2, i], 7400).into()).collect();
+    let setup = || -> Result<Netns, String> {
+        let ns = Netns::create(&ns_name)?;
+        for addr in side_a.iter().chain(&side_b) {
+            ns.run(&format!("ip addr add {}/32 dev lo", addr.ip()), true)?;
+        }
+        // Let rules placed before the local table decide what reaches local addresses.
+        ns.run(
+            "ip rule del pref 0 && ip rule add pref 100 lookup local",
+            true,
+        )?;
+        Ok(ns)
+    };
+    let ns = match setup() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("SKIPPED a_partition_heals_and_the_cut_off_side_catches_up: {why}");
+            return;
+        }
+    };
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let seeds = [side_a[0], side_b[0]];
+    let named = side_a
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| (format!("a-{}", i + 1), *addr))
+        .chain(
+            side_b
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| (format!("b-{}", i + 1), *addr)),
+        );
+    let mut fleet: Vec<Agent> = named
+        .map(|(name, addr)| {
+            let mut agent = Agent::new(tmp.path(), &ca, &name, addr, &seeds);
+            agent.netns = Some(ns_name.clone());
+            agent
+        })
+        .collect();
+    for a in fleet.iter_mut() {
+        a.start();
+    }
+    let names: Vec<String> = fleet.iter().map(|a| a.name.clone()).collect();
+    // What `viewer` should list: its own side alive, the other side `far`.
+    let expect = |viewer: &str, far: &'static str| -> Vec<(String, &'static str)> {
+        names
+            .iter()
+            .map(|n| (n.clone(), if n[..1] == viewer[..1] { "alive" } else { far }))
+            .collect()
+    };
+    let sees = |agent: &Agent, expected: &[(String, &str)]| -> bool {
+        hosts_in(Some(&ns_name), agent.addr, &ca.operator).is_ok_and(|list| {
+            list.len() == expected.len()
+                && expected
+                    .iter()
+                    .all(|(n, st)| state_of(&list, n).as_deref() == Some(*st))
+        })
+    };
+    wait_for("all six to see all six alive", LONG, || {
+        fleet.iter().all(|a| sees(a, &expect(&a.name, "alive")))
+    });
+
+    // The cut: nothing passes between 10.201.1.x and 10.201.2.x.
+    ns.run(
+        "ip rule add pref 10 from 10.201.1.0/24 to 10.201.2.0/24 blackhole && \
+         ip rule add pref 11 from 10.201.2.0/24 to 10.201.1.0/24 blackhole",
+        true,
+    )
+    .unwrap();
+    let took = wait_for("each side to report the other dead", LONG, || {
+        fleet.iter().all(|a| sees(a, &expect(&a.name, "dead")))
+    });
+    eprintln!("each side reported the other dead {took:?} after the cut");
+
+    // While cut off, side B deploys; only side B can know.
+    let rev = deploy_tiny(&fleet[4], "tiny", "during the cut");
+    let knows = |agent: &Agent| {
+        hosts_in(Some(&ns_name), agent.addr, &ca.operator)
+            .is_ok_and(|l| l[4]["name"] == "b-1" && l[4]["apps"]["tiny"] == rev.as_str())
+    };
+    wait_for("b-2 to learn of b-1's deployment", LONG, || {
+        knows(&fleet[5])
+    });
+    assert!(
+        fleet[..4].iter().all(|a| !knows(a)),
+        "side A heard of the deployment through the cut"
+    );
+
+    // Healed: everyone alive everywhere, and side A catches up on b-1's record.
+    ns.run("ip rule del pref 10 && ip rule del pref 11", true)
+        .unwrap();
+    let took = wait_for(
+        "all six alive again, and side A to know of b-1's deployment",
+        Duration::from_secs(60),
+        || {
+            fleet
+                .iter()
+                .all(|a| sees(a, &expect(&a.name, "alive")) && knows(a))
+        },
+    );
+    eprintln!("healed and caught up {took:?} after the cut was lifted");
+    for a in fleet.iter_mut() {
+        assert!(
+            a.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "{} kept running through the cut",
+            a.name
+        );
+    }
+    drop(fleet);
+    drop(ns);
 }

@@ -57,11 +57,15 @@ impl Ca {
 /// One agent: its files, and its process while it runs.
 pub struct Agent {
     pub name: String,
+    /// Holds `agent.toml`, `identity/`, `data/` and `root/` (the install root).
+    pub home: PathBuf,
     pub addr: SocketAddr,
     pub config: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
     pub log_filter: String,
+    /// The network namespace the agent runs in, if not the test's own.
+    pub netns: Option<String>,
 }
 
 impl Agent {
@@ -91,6 +95,8 @@ impl Agent {
             log: home.join("agent.log"),
             child: None,
             log_filter: "info".into(),
+            netns: None,
+            home,
         }
     }
 
@@ -101,7 +107,7 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = shoal()
+        let child = in_netns(self.netns.as_deref())
             .arg("agent")
             .arg("--config")
             .arg(&self.config)
@@ -158,9 +164,30 @@ impl Drop for Agent {
     }
 }
 
+/// `shoal`, run inside the network namespace `netns` if there is one.
+pub fn in_netns(netns: Option<&str>) -> Command {
+    match netns {
+        None => shoal(),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_shoal")]);
+            c
+        }
+    }
+}
+
 /// What `shoal hosts --json` said, or its stderr.
 pub fn hosts(peer: SocketAddr, identity: &Path) -> Result<Vec<serde_json::Value>, String> {
-    let o = shoal()
+    hosts_in(None, peer, identity)
+}
+
+/// `hosts`, asked from inside a network namespace.
+pub fn hosts_in(
+    netns: Option<&str>,
+    peer: SocketAddr,
+    identity: &Path,
+) -> Result<Vec<serde_json::Value>, String> {
+    let o = in_netns(netns)
         .args(["hosts", "--json", "--peer", &peer.to_string(), "--identity"])
         .arg(identity)
         .output()
@@ -197,4 +224,85 @@ pub fn agents(root: &Path, ca: &Ca, prefix: [u8; 3], n: usize) -> Vec<Agent> {
     (0..n)
         .map(|i| Agent::new(root, ca, &format!("agent-{}", i + 1), addr(i), &[addr(0)]))
         .collect()
+}
+
+/// Deploys a tiny revision of application `app` (one file, no hooks, no service) on
+/// `agent`'s host with `shoal deploy local`, into the agent's data dir and install root.
+/// Returns the revision id.
+pub fn deploy_tiny(agent: &Agent, app: &str, content: &str) -> String {
+    let rev = agent.home.join(format!("rev-{app}-{content}"));
+    std::fs::create_dir_all(&rev).unwrap();
+    std::fs::write(
+        rev.join("appspec.yml"),
+        format!("version: 0.0\nos: linux\nfiles:\n  - source: payload.txt\n    destination: /srv/{app}\n"),
+    )
+    .unwrap();
+    std::fs::write(rev.join("payload.txt"), content).unwrap();
+    let o = shoal()
+        .args(["deploy", "local", "--json", "--app", app, "--bundle"])
+        .arg(&rev)
+        .arg("--data-dir")
+        .arg(agent.home.join("data"))
+        .arg("--install-root")
+        .arg(agent.home.join("root"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "deploying {app} on {}: {}",
+        agent.name,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let record: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(record["status"], "Succeeded", "{record}");
+    record["revision"].as_str().unwrap().to_string()
+}
+
+/// A network namespace of the test's own, deleted on drop (with whatever runs in it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates it with loopback up, or says why it cannot.
+    pub fn create(name: &str) -> Result<Netns, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("network namespaces need root".into());
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.run(&format!("ip netns add {name}"), false)?;
+        ns.run("ip link set lo up", true)?;
+        Ok(ns)
+    }
+
+    /// Runs a shell command, inside the namespace if `inside`.
+    pub fn run(&self, script: &str, inside: bool) -> Result<(), String> {
+        let mut c = Command::new("ip");
+        if inside {
+            c.args(["netns", "exec", &self.name, "sh", "-c", script]);
+        } else {
+            c = Command::new("sh");
+            c.args(["-c", script]);
+        }
+        let o = c.output().map_err(|e| format!("{script}: {e}"))?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{script}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
