@@ -210,10 +210,11 @@ fn garbage_datagrams(target: SocketAddr) {
     }
 }
 
-/// Over a connection with a valid fleet certificate: garbage membership datagrams,
-/// malformed gossip frames, and garbage requests.
+/// Over a connection with a valid fleet certificate: garbage membership datagrams, one
+/// that speaks for another member, malformed gossip frames, and garbage requests.
 async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path::Path) {
     use shoal_agent::identity::Identity;
+    use shoal_agent::mesh::membership::{self, MemberId, Membership, Output};
     use shoal_agent::mesh::transport;
 
     let id = Identity::load(identity).unwrap();
@@ -222,6 +223,22 @@ async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path:
     for junk in [&b""[..], b"\xff\xff\xff\xff", &[7u8; 1000]] {
         let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(junk));
     }
+    // A well-formed membership packet from this "insider" that claims to be a member
+    // called `ghost`: refused, so `ghost` never appears in the membership.
+    let ghost = MemberId {
+        name: "ghost".into(),
+        addr: "127.77.2.102:7400".parse().unwrap(),
+        bump: 0,
+    };
+    let forged = Membership::new(ghost, membership::config(8), 7)
+        .join(target)
+        .into_iter()
+        .find_map(|o| match o {
+            Output::Send { data, .. } => Some(data),
+            _ => None,
+        })
+        .expect("an announce");
+    conn.send_datagram(forged.into()).unwrap();
     // Gossip streams: too large, wrong version, not decodable, cut short.
     let frames: [&[u8]; 4] = [
         &u32::MAX.to_be_bytes(),

@@ -14,7 +14,8 @@ use std::net::SocketAddr;
 use shoal_agent::mesh::membership::{self, MemberId, Membership, Output};
 
 enum Event {
-    Data(Vec<u8>),
+    /// A packet, and the name of its sender (what its certificate would say).
+    Data(String, Vec<u8>),
     Timer(foca::Timer<MemberId>),
 }
 
@@ -89,7 +90,8 @@ impl Sim {
                 Output::Send { to, data } => {
                     if let Some(&j) = self.by_addr.get(&to.addr) {
                         let at = self.now_ms + self.latency();
-                        self.push(at, j, Event::Data(data));
+                        let from = self.nodes[node].id().name.clone();
+                        self.push(at, j, Event::Data(from, data));
                     }
                 }
                 Output::Schedule { timer, after } => {
@@ -121,10 +123,10 @@ impl Sim {
                 continue;
             }
             let out = match ev {
-                Event::Data(data) => {
+                Event::Data(from, data) => {
                     self.packets += 1;
                     self.nodes[node]
-                        .handle_data(&data)
+                        .handle_data(&from, &data)
                         .expect("simulated packets are well-formed")
                 }
                 Event::Timer(t) => self.nodes[node].handle_timer(t),

@@ -9,7 +9,8 @@ use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use foca::{
-    Config, Foca, NoCustomBroadcast, Notification, PeriodicParams, PostcardCodec, Runtime, Timer,
+    Codec, Config, Foca, NoCustomBroadcast, Notification, PeriodicParams, PostcardCodec, Runtime,
+    Timer,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -179,8 +180,19 @@ impl Membership {
         out.0
     }
 
-    /// Feeds a packet received from the network.
-    pub fn handle_data(&mut self, data: &[u8]) -> Result<Vec<Output>, PacketError> {
+    /// Feeds a packet received from the network over a connection whose certificate names
+    /// `sender`. A packet that claims to come from another member is refused: a fleet
+    /// member cannot speak for another in the membership (refute its death, say it left).
+    pub fn handle_data(&mut self, sender: &str, data: &[u8]) -> Result<Vec<Output>, PacketError> {
+        let header: foca::Header<MemberId> = PostcardCodec
+            .decode_header(data)
+            .map_err(|e| PacketError(e.to_string()))?;
+        if header.src.name != sender {
+            return Err(PacketError(format!(
+                "it claims to come from `{}` but arrived from `{sender}`",
+                header.src.name
+            )));
+        }
         let mut out = Collect::default();
         self.foca
             .handle_data(data, &mut out)
@@ -260,8 +272,37 @@ mod tests {
         };
         let mut m = Membership::new(id, config(8), 1);
         for junk in [&b""[..], b"\xff\xff\xff\xff", &[7u8; 2000]] {
-            assert!(m.handle_data(junk).is_err());
+            assert!(m.handle_data("b", junk).is_err());
         }
         assert_eq!(m.alive().count(), 0);
+    }
+
+    #[test]
+    fn a_packet_must_come_from_the_member_it_names() {
+        let id = |name: &str, port: u16| MemberId {
+            name: name.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            bump: 0,
+        };
+        let mut a = Membership::new(id("a", 1), config(8), 1);
+        let mut b = Membership::new(id("b", 2), config(8), 2);
+        let announce = a.join(id("b", 2).addr);
+        let Some(Output::Send { data, .. }) = announce
+            .into_iter()
+            .find(|o| matches!(o, Output::Send { .. }))
+        else {
+            panic!("joining sends an announce");
+        };
+        let err = b.handle_data("mallory", &data).unwrap_err().to_string();
+        assert!(
+            err.contains("claims to come from `a` but arrived from `mallory`"),
+            "{err}"
+        );
+        assert_eq!(b.alive().count(), 0, "the forged packet changed nothing");
+        b.handle_data("a", &data).unwrap();
+        assert_eq!(
+            b.alive().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
     }
 }

@@ -69,8 +69,12 @@ struct Remembered {
 }
 
 enum Event {
-    Datagram(Bytes),
-    Gossip { from: SocketAddr, msg: GossipMsg },
+    /// A membership packet, and the name in its sender's certificate.
+    Datagram(String, Bytes),
+    Gossip {
+        from: SocketAddr,
+        msg: GossipMsg,
+    },
     Timer(foca::Timer<MemberId>),
     Connected(quinn::Connection),
     DialFailed(SocketAddr),
@@ -233,9 +237,9 @@ impl Node {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Datagram(data) => match self.membership.handle_data(&data) {
+            Event::Datagram(from, data) => match self.membership.handle_data(&from, &data) {
                 Ok(out) => self.apply(out),
-                Err(e) => tracing::debug!("dropped a datagram: {e}"),
+                Err(e) => tracing::debug!(peer = %from, "dropped a datagram: {e}"),
             },
             Event::Gossip { from, msg } => {
                 let peers = self.alive_addrs();
@@ -530,12 +534,12 @@ async fn accept(endpoint: quinn::Endpoint, tx: mpsc::Sender<Event>) {
 fn serve(conn: quinn::Connection, name: String, role: Role, tx: mpsc::Sender<Event>) {
     let remote = conn.remote_address();
     if role == Role::Agent {
-        let (c, t) = (conn.clone(), tx.clone());
+        let (c, t, n) = (conn.clone(), tx.clone(), name.clone());
         tokio::spawn(async move {
             while let Ok(data) = c.read_datagram().await {
                 // A full queue drops the datagram: SWIM tolerates loss, the agent
                 // stays responsive.
-                let _ = t.try_send(Event::Datagram(data));
+                let _ = t.try_send(Event::Datagram(n.clone(), data));
             }
             let _ = t.send(Event::Closed(remote, c.stable_id())).await;
         });
