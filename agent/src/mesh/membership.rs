@@ -147,7 +147,12 @@ pub const MAX_PACKET: usize = 1150;
 /// One agent's view of the mesh.
 pub struct Membership {
     foca: Foca<MemberId, PostcardCodec, StdRng, NoCustomBroadcast>,
+    /// The cluster size the current configuration was made for (see [`Self::fit_size`]).
+    sized_for: u32,
 }
+
+/// The smallest cluster size the configuration is made for.
+const MIN_SIZE: u32 = 64;
 
 /// A malformed or foreign packet; the membership is unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -156,10 +161,26 @@ pub struct PacketError(String);
 
 impl Membership {
     /// `seed` makes every random choice reproducible (tests); agents pass a random one.
+    /// `config` is usually [`config`]`(n)` for the size `n` expected; [`Self::fit_size`]
+    /// adjusts it as the membership grows.
     pub fn new(id: MemberId, config: Config, seed: u64) -> Self {
         Membership {
             foca: Foca::new(id, config, StdRng::seed_from_u64(seed), PostcardCodec),
+            sized_for: 0,
         }
+    }
+
+    /// Fits dissemination to the membership's size: each update is passed on a number of
+    /// times that grows with the log of the members, so a large mesh needs more copies
+    /// than the 64-member default. Sizes go by powers of two, so the configuration
+    /// changes only when the mesh doubles or halves. Returns the size now configured.
+    pub fn fit_size(&mut self) -> u32 {
+        let members = self.foca.iter_membership_state().len() as u32 + 1;
+        let size = members.next_power_of_two().max(MIN_SIZE);
+        if size != self.sized_for && self.foca.set_config(config(size)).is_ok() {
+            self.sized_for = size;
+        }
+        self.sized_for
     }
 
     pub fn id(&self) -> &MemberId {
@@ -275,6 +296,27 @@ mod tests {
             assert!(m.handle_data("b", junk).is_err());
         }
         assert_eq!(m.alive().count(), 0);
+    }
+
+    #[test]
+    fn dissemination_grows_with_the_mesh() {
+        let id = |i: u32| MemberId {
+            name: format!("m{i}"),
+            addr: SocketAddr::from(([127, 3, (i / 250) as u8, (i % 250) as u8 + 1], 7400)),
+            bump: 0,
+        };
+        let mut m = Membership::new(id(0), config(64), 1);
+        assert_eq!(m.fit_size(), 64);
+        for i in 1..=200 {
+            let mut other = Membership::new(id(i), config(64), u64::from(i));
+            for o in other.join(id(0).addr) {
+                if let Output::Send { data, .. } = o {
+                    m.handle_data(&format!("m{i}"), &data).unwrap();
+                }
+            }
+        }
+        assert_eq!(m.fit_size(), 256, "201 members");
+        assert!(config(256).max_transmissions > config(64).max_transmissions);
     }
 
     #[test]

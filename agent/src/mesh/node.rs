@@ -222,6 +222,7 @@ impl Node {
                         self.join();
                     }
                     if ticks.is_multiple_of(20) {
+                        self.membership.fit_size();
                         let alive: BTreeSet<SocketAddr> = self.alive_addrs().into_iter().collect();
                         if !alive.is_empty() && alive != self.known {
                             self.known = alive;
