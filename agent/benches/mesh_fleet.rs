@@ -2,7 +2,8 @@
 //! - propagation: a tag change at one agent (config rewritten, SIGHUP) until every other
 //!   agent has logged the new version of its record;
 //! - detection: `kill -9` of an agent until every other has logged it dead;
-//! - idle cost: RSS and CPU of each agent in the converged, idle mesh, against one agent
+//! - idle cost: RSS, private memory (RSS less the binary's pages, which every `shoal`
+//!   process shares) and CPU of each agent in the converged, idle mesh, against one agent
 //!   run without the mesh (no identity) in the same run.
 //!
 //! `cargo bench -p shoal-agent --bench mesh_fleet` runs a 10- and a 50-agent fleet;
@@ -29,9 +30,9 @@ fn main() {
         return; // cargo test --benches asks for a listing: nothing to list
     }
     println!(
-        "| agents | propagation: median / max (ms) | detection: median / max (ms) | idle RSS per agent: median / max (MiB) | idle CPU per agent (%) | RSS vs agent without mesh | false deaths while idle |"
+        "| agents | propagation: median / max (ms) | detection: median / max (ms) | idle RSS per agent: median / max (MiB) | RSS vs agent without mesh | private memory per agent: median / max (MiB) | idle CPU per agent (%) | false deaths while idle |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (k, n) in sizes.into_iter().enumerate() {
         run_fleet(n, 10 + k as u8);
     }
@@ -89,6 +90,8 @@ fn run_fleet(n: usize, net: u8) {
         (cpu_ticks(alone.pid()) - alone0) as f64 / ticks_per_s / window.as_secs_f64() * 100.0;
     let mut rss: Vec<f64> = fleet.iter().map(|a| rss_mib(a.pid())).collect();
     let alone_rss = rss_mib(alone.pid());
+    let mut private: Vec<f64> = fleet.iter().map(|a| private_mib(a.pid())).collect();
+    let alone_private = private_mib(alone.pid());
     let false_deaths = deaths(&fleet) - deaths_before;
 
     // Propagation: five tag changes at different agents.
@@ -98,9 +101,9 @@ fn run_fleet(n: usize, net: u8) {
         propagation.push(propagate(&fleet, k, round));
     }
 
-    // Detection: kill -9 three agents, one after the other.
+    // Detection: kill -9 five agents, one after the other.
     let mut detection = Vec::new();
-    for victim in [n / 2, n / 3, n - 1] {
+    for victim in [n / 2, n / 3, n - 1, n / 4, 2 * n / 3] {
         let t0 = SystemTime::now();
         fleet[victim].kill();
         let name = fleet[victim].name.clone();
@@ -126,15 +129,18 @@ fn run_fleet(n: usize, net: u8) {
 
     cpu.sort_by(f64::total_cmp);
     rss.sort_by(f64::total_cmp);
+    private.sort_by(f64::total_cmp);
     let (pm, px) = median_max(&mut propagation);
     let (dm, dx) = median_max(&mut detection);
     let mean_cpu = cpu.iter().sum::<f64>() / cpu.len() as f64;
     println!(
-        "| {n} | {pm:.0} / {px:.0} | {dm:.0} / {dx:.0} | {:.1} / {:.1} | {mean_cpu:.2} (alone: {alone_cpu:.2}) | {:.2} ({:.1} vs {alone_rss:.1} MiB) | {false_deaths} |",
+        "| {n} | {pm:.0} / {px:.0} | {dm:.0} / {dx:.0} | {:.1} / {:.1} | {:.2} ({:.1} vs {alone_rss:.1} MiB) | {:.1} / {:.1} (alone: {alone_private:.1}) | {mean_cpu:.2} (alone: {alone_cpu:.2}) | {false_deaths} |",
         rss[rss.len() / 2],
         rss[rss.len() - 1],
         rss[rss.len() / 2] / alone_rss,
         rss[rss.len() / 2],
+        private[private.len() / 2],
+        private[private.len() - 1],
     );
     eprintln!("propagation ms: {propagation:?}; detection ms: {detection:?}");
 }
@@ -248,5 +254,18 @@ fn rss_mib(pid: u32) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap();
+    kb / 1024.0
+}
+
+/// Memory that is the process's own (heap, stacks, written data), without the pages of
+/// the binary that every `shoal` process on the machine shares.
+fn private_mib(pid: u32) -> f64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let kb: f64 = rollup
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
     kb / 1024.0
 }

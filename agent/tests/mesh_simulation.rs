@@ -194,7 +194,7 @@ fn five_hundred_agents_converge_and_detect_a_failure() {
         "the killed agent was declared down by all {} survivors after {took} ms simulated",
         N - 1
     );
-    // Deterministic (6.9 s and 2.0 s with the current config): the bounds catch regressions.
+    // Deterministic (5.1 s and 2.4 s with the current config): the bounds catch regressions.
     assert!(converged <= 15_000, "convergence took {converged} ms");
     assert!(took <= 5_000, "detection took {took} ms");
 }

@@ -103,8 +103,8 @@ impl Runtime<MemberId> for Collect {
 }
 
 /// How the mesh behaves. Tuned for a LAN of agents:
-/// - failure detection: a probe every 400 ms (an answer expected within 150 ms, else
-///   indirect probes through others), and a suspect declared down after 1 s (over two
+/// - failure detection: a probe every 300 ms (an answer expected within 100 ms, else
+///   indirect probes through others), and a suspect declared down after 1 s (over three
 ///   probe periods to refute a false suspicion);
 /// - dissemination: every update is piggybacked twice as often as foca's default, since a
 ///   member that misses all its copies otherwise learns of it only by chance;
@@ -117,8 +117,8 @@ impl Runtime<MemberId> for Collect {
 /// - packets fit a QUIC datagram.
 pub fn config(cluster_size: u32) -> Config {
     let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
-    c.probe_period = Duration::from_millis(400);
-    c.probe_rtt = Duration::from_millis(150);
+    c.probe_period = Duration::from_millis(300);
+    c.probe_rtt = Duration::from_millis(100);
     c.suspect_to_down_after = Duration::from_millis(1000);
     c.max_transmissions = c
         .max_transmissions
