@@ -140,8 +140,15 @@ fn a_foreign_agent_never_joins_and_garbage_changes_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(garbage_on_a_fleet_connection(target, &insider));
 
-    // Give the intruder time to try (it announces to its seed every 2 s).
-    std::thread::sleep(Duration::from_secs(5));
+    // Give the intruder time to try (it announces to its seed every 2 s); meanwhile, an
+    // operator who names an address where no agent runs is told so, after 5 s.
+    let started = std::time::Instant::now();
+    let err = hosts("127.77.2.99:7400".parse().unwrap(), &ca.operator).unwrap_err();
+    assert!(
+        err.contains("no agent answered at 127.77.2.99:7400 within 5 s"),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(4));
     for a in &fleet {
         let list = hosts(a.addr, &ca.operator).unwrap();
         let names: BTreeSet<&str> = list.iter().map(|h| h["name"].as_str().unwrap()).collect();

@@ -29,6 +29,9 @@ pub enum Response {
     Error(String),
 }
 
+/// How long an agent has to complete the handshake.
+const CONNECT_WITHIN: Duration = Duration::from_secs(5);
+
 /// Asks the agent at `peer` one question as the operator `identity`.
 pub async fn ask(peer: SocketAddr, identity: &Path, request: &Request) -> Result<Response> {
     let id = Identity::load(identity)?;
@@ -40,7 +43,16 @@ pub async fn ask(peer: SocketAddr, identity: &Path, request: &Request) -> Result
     let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
     endpoint.set_default_client_config(transport::client_config(&id)?);
     let answer = async {
-        let conn = transport::connect(&endpoint, peer).await?;
+        let conn = tokio::time::timeout(CONNECT_WITHIN, transport::connect(&endpoint, peer))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "no agent answered at {peer} within {} s: is `shoal agent` running there, \
+                     listening on that address, with UDP port {} reachable?",
+                    CONNECT_WITHIN.as_secs(),
+                    peer.port()
+                )
+            })??;
         let (mut send, mut recv) = conn.open_bi().await?;
         write_frame(&mut send, request).await?;
         send.finish()?;
