@@ -18,14 +18,19 @@ const LONG: Duration = Duration::from_secs(30);
 
 /// Whether every running agent lists exactly `expected` (name → state).
 fn all_agree(agents: &[Agent], operator: &std::path::Path, expected: &[(&str, &str)]) -> bool {
-    agents.iter().filter(|a| a.child.is_some()).all(|a| {
-        let Ok(list) = hosts_in(a.netns.as_deref(), a.addr, operator) else {
-            return false;
-        };
+    agents
+        .iter()
+        .filter(|a| a.child.is_some())
+        .all(|a| lists(a, operator, expected))
+}
+
+/// Whether `agent` lists exactly `expected` (name → state).
+fn lists<N: AsRef<str>>(agent: &Agent, operator: &std::path::Path, expected: &[(N, &str)]) -> bool {
+    hosts_in(agent.netns.as_deref(), agent.addr, operator).is_ok_and(|list| {
         list.len() == expected.len()
             && expected
                 .iter()
-                .all(|(name, state)| state_of(&list, name).as_deref() == Some(*state))
+                .all(|(name, state)| state_of(&list, name.as_ref()).as_deref() == Some(*state))
     })
 }
 
@@ -279,13 +284,10 @@ fn a_partition_heals_and_the_cut_off_side_catches_up() {
     let setup = || -> Result<Netns, String> {
         let ns = Netns::create(&ns_name)?;
         for addr in side_a.iter().chain(&side_b) {
-            ns.run(&format!("ip addr add {}/32 dev lo", addr.ip()), true)?;
+            ns.run(&format!("ip addr add {}/32 dev lo", addr.ip()))?;
         }
         // Let rules placed before the local table decide what reaches local addresses.
-        ns.run(
-            "ip rule del pref 0 && ip rule add pref 100 lookup local",
-            true,
-        )?;
+        ns.run("ip rule del pref 0 && ip rule add pref 100 lookup local")?;
         Ok(ns)
     };
     let ns = match setup() {
@@ -327,14 +329,7 @@ fn a_partition_heals_and_the_cut_off_side_catches_up() {
             .map(|n| (n.clone(), if n[..1] == viewer[..1] { "alive" } else { far }))
             .collect()
     };
-    let sees = |agent: &Agent, expected: &[(String, &str)]| -> bool {
-        hosts_in(Some(&ns_name), agent.addr, &ca.operator).is_ok_and(|list| {
-            list.len() == expected.len()
-                && expected
-                    .iter()
-                    .all(|(n, st)| state_of(&list, n).as_deref() == Some(*st))
-        })
-    };
+    let sees = |agent: &Agent, expected: &[(String, &str)]| lists(agent, &ca.operator, expected);
     wait_for("all six to see all six alive", LONG, || {
         fleet.iter().all(|a| sees(a, &expect(&a.name, "alive")))
     });
@@ -343,7 +338,6 @@ fn a_partition_heals_and_the_cut_off_side_catches_up() {
     ns.run(
         "ip rule add pref 10 from 10.201.1.0/24 to 10.201.2.0/24 blackhole && \
          ip rule add pref 11 from 10.201.2.0/24 to 10.201.1.0/24 blackhole",
-        true,
     )
     .unwrap();
     let took = wait_for("each side to report the other dead", LONG, || {
@@ -366,7 +360,7 @@ fn a_partition_heals_and_the_cut_off_side_catches_up() {
     );
 
     // Healed: everyone alive everywhere, and side A catches up on b-1's record.
-    ns.run("ip rule del pref 10 && ip rule del pref 11", true)
+    ns.run("ip rule del pref 10 && ip rule del pref 11")
         .unwrap();
     let took = wait_for(
         "all six alive again, and side A to know of b-1's deployment",

@@ -246,24 +246,23 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// Resident memory, as the kernel sums it over the process's mappings.
 fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
+    smaps_mib(pid, &["Rss:"])
 }
 
 /// Memory that is the process's own (heap, stacks, written data), without the pages of
 /// the binary that every `shoal` process on the machine shares.
 fn private_mib(pid: u32) -> f64 {
+    smaps_mib(pid, &["Private_Clean:", "Private_Dirty:"])
+}
+
+/// The sum of `fields` (in kB) of `/proc/PID/smaps_rollup`, in MiB.
+fn smaps_mib(pid: u32, fields: &[&str]) -> f64 {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
     let kb: f64 = rollup
         .lines()
-        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter(|l| fields.iter().any(|f| l.starts_with(f)))
         .filter_map(|l| l.split_whitespace().nth(1))
         .filter_map(|v| v.parse::<f64>().ok())
         .sum();

@@ -19,17 +19,62 @@ enum Event {
     Timer(foca::Timer<MemberId>),
 }
 
-struct Sim {
+/// Simulated time, shared by both simulations: events come out in order of time, then of
+/// scheduling; a message takes 1 to 20 ms, drawn from a seeded generator.
+struct Clock<E> {
     now_ms: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
-    events: HashMap<u64, (usize, Event)>,
+    events: HashMap<u64, E>,
+    lcg: u64,
+}
+
+impl<E> Clock<E> {
+    fn new(seed: u64) -> Self {
+        Clock {
+            now_ms: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            lcg: seed,
+        }
+    }
+
+    fn at(&mut self, at_ms: u64, event: E) {
+        self.seq += 1;
+        self.queue.push(Reverse((at_ms, self.seq)));
+        self.events.insert(self.seq, event);
+    }
+
+    /// A message's delivery, after 1 to 20 ms of latency.
+    fn deliver(&mut self, event: E) {
+        self.lcg = self
+            .lcg
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let at = self.now_ms + 1 + (self.lcg >> 33) % 20;
+        self.at(at, event);
+    }
+
+    /// The next event due by `limit_ms`, with the clock moved to its time.
+    fn next(&mut self, limit_ms: u64) -> Option<E> {
+        let &Reverse((at, seq)) = self.queue.peek()?;
+        if at > limit_ms {
+            return None;
+        }
+        self.queue.pop();
+        self.now_ms = at;
+        self.events.remove(&seq)
+    }
+}
+
+struct Sim {
+    clock: Clock<(usize, Event)>,
     nodes: Vec<Membership>,
     by_addr: HashMap<SocketAddr, usize>,
     dead: HashSet<usize>,
     /// Per observer, the names it has been told are down.
     down: Vec<HashSet<String>>,
-    lcg: u64,
     packets: u64,
 }
 
@@ -56,32 +101,13 @@ impl Sim {
             })
             .collect();
         Sim {
-            now_ms: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: HashMap::new(),
+            clock: Clock::new(0x5eed),
             nodes,
             by_addr,
             dead: HashSet::new(),
             down: vec![HashSet::new(); n],
-            lcg: 0x5eed,
             packets: 0,
         }
-    }
-
-    fn push(&mut self, at_ms: u64, node: usize, ev: Event) {
-        self.seq += 1;
-        self.queue.push(Reverse((at_ms, self.seq)));
-        self.events.insert(self.seq, (node, ev));
-    }
-
-    /// 1 to 20 ms of latency, deterministically.
-    fn latency(&mut self) -> u64 {
-        self.lcg = self
-            .lcg
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        1 + (self.lcg >> 33) % 20
     }
 
     fn apply(&mut self, node: usize, outputs: Vec<Output>) {
@@ -89,14 +115,13 @@ impl Sim {
             match o {
                 Output::Send { to, data } => {
                     if let Some(&j) = self.by_addr.get(&to.addr) {
-                        let at = self.now_ms + self.latency();
                         let from = self.nodes[node].id().name.clone();
-                        self.push(at, j, Event::Data(from, data));
+                        self.clock.deliver((j, Event::Data(from, data)));
                     }
                 }
                 Output::Schedule { timer, after } => {
-                    let at = self.now_ms + after.as_millis() as u64;
-                    self.push(at, node, Event::Timer(timer));
+                    let at = self.clock.now_ms + after.as_millis() as u64;
+                    self.clock.at(at, (node, Event::Timer(timer)));
                 }
                 Output::Down(id) => {
                     self.down[node].insert(id.name);
@@ -111,14 +136,8 @@ impl Sim {
 
     /// Runs until `done` holds (checked every 100 ms of simulated time) or `limit_ms`.
     fn run_until(&mut self, limit_ms: u64, done: impl Fn(&Sim) -> bool) -> Option<u64> {
-        let mut next_check = self.now_ms;
-        while let Some(Reverse((at, seq))) = self.queue.pop() {
-            if at > limit_ms {
-                self.queue.push(Reverse((at, seq)));
-                break;
-            }
-            self.now_ms = at;
-            let (node, ev) = self.events.remove(&seq).expect("queued event");
+        let mut next_check = self.clock.now_ms;
+        while let Some((node, ev)) = self.clock.next(limit_ms) {
             if self.dead.contains(&node) {
                 continue;
             }
@@ -132,14 +151,14 @@ impl Sim {
                 Event::Timer(t) => self.nodes[node].handle_timer(t),
             };
             self.apply(node, out);
-            if self.now_ms >= next_check {
-                next_check = self.now_ms + 100;
+            if self.clock.now_ms >= next_check {
+                next_check = self.clock.now_ms + 100;
                 if done(self) {
-                    return Some(self.now_ms);
+                    return Some(self.clock.now_ms);
                 }
             }
         }
-        done(self).then_some(self.now_ms)
+        done(self).then_some(self.clock.now_ms)
     }
 
     fn living(&self) -> impl Iterator<Item = usize> + '_ {
@@ -154,10 +173,10 @@ fn five_hundred_agents_converge_and_detect_a_failure() {
     let seed = sim.nodes[0].id().addr;
     for i in 1..N {
         let out = sim.nodes[i].join(seed);
-        sim.now_ms = i as u64 * 2; // joins spread over a second
+        sim.clock.now_ms = i as u64 * 2; // joins spread over a second
         sim.apply(i, out);
     }
-    sim.now_ms = 0;
+    sim.clock.now_ms = 0;
 
     let converged = sim.run_until(60_000, |s| {
         s.living().all(|i| s.nodes[i].alive().count() == N - 1)
@@ -170,7 +189,7 @@ fn five_hundred_agents_converge_and_detect_a_failure() {
             .collect();
         panic!(
             "not converged after {} ms simulated: (agent, members seen) short of {}: {short:?}",
-            sim.now_ms,
+            sim.clock.now_ms,
             N - 1
         );
     };
@@ -181,7 +200,7 @@ fn five_hundred_agents_converge_and_detect_a_failure() {
 
     let victim = 250;
     sim.dead.insert(victim);
-    let killed_at = sim.now_ms;
+    let killed_at = sim.clock.now_ms;
     let name = format!("sim-{victim}");
     let detected = sim
         .run_until(killed_at + 60_000, |s| {
@@ -205,7 +224,7 @@ fn five_hundred_agents_converge_and_detect_a_failure() {
 /// the news spread must catch up by anti-entropy once it is back.
 #[test]
 fn a_state_change_reaches_a_thousand_agents() {
-    use shoal_agent::mesh::hoststate::{GossipMsg, HostRecord, HostTable};
+    use shoal_agent::mesh::hoststate::{GossipMsg, HostRecord, HostTable, Outgoing};
     use std::collections::BTreeMap;
 
     const N: usize = 1000;
@@ -236,7 +255,7 @@ fn a_state_change_reaches_a_thousand_agents() {
     let peers_of = |i: usize| -> Vec<SocketAddr> {
         addrs.iter().copied().filter(|a| *a != addrs[i]).collect()
     };
-    // Events: (time, seq) → message delivery or an anti-entropy tick.
+    // Events: a message's delivery or an anti-entropy tick.
     enum Ev {
         Msg {
             to: usize,
@@ -245,25 +264,18 @@ fn a_state_change_reaches_a_thousand_agents() {
         },
         Tick(usize),
     }
-    let mut queue: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
-    let mut events: HashMap<u64, Ev> = HashMap::new();
-    let mut seq = 0u64;
-    let mut lcg = 0xfeed_u64;
-    let mut push = |queue: &mut BinaryHeap<Reverse<(u64, u64)>>,
-                    events: &mut HashMap<u64, Ev>,
-                    at: u64,
-                    ev: Ev| {
-        seq += 1;
-        queue.push(Reverse((at, seq)));
-        events.insert(seq, ev);
+    let mut clock: Clock<Ev> = Clock::new(0xfeed);
+    let send = |clock: &mut Clock<Ev>, from: usize, out: Vec<Outgoing>| {
+        for o in out {
+            clock.deliver(Ev::Msg {
+                to: index[&o.to],
+                from: addrs[from],
+                msg: o.msg,
+            });
+        }
     };
     for i in 0..N {
-        push(
-            &mut queue,
-            &mut events,
-            (i as u64 * 7919) % AE_MS,
-            Ev::Tick(i),
-        );
+        clock.at((i as u64 * 7919) % AE_MS, Ev::Tick(i));
     }
     let cut_off = N - 1;
     let mut cut_until = u64::MAX;
@@ -275,51 +287,28 @@ fn a_state_change_reaches_a_thousand_agents() {
         },
         &peers_of(0),
     );
-    let mut pending: Vec<(u64, usize, SocketAddr, GossipMsg)> = first
-        .into_iter()
-        .map(|o| (0, index[&o.to], addrs[0], o.msg))
-        .collect();
+    send(&mut clock, 0, first);
     let knows = |t: &HostTable| t.get("sim-0").is_some_and(|r| r.version == 2);
     let mut reached_at = None;
-    let mut now = 0;
-    loop {
-        for (at, to, from, msg) in pending.drain(..) {
-            lcg = lcg
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let latency = 1 + (lcg >> 33) % 20;
-            push(
-                &mut queue,
-                &mut events,
-                at + latency,
-                Ev::Msg { to, from, msg },
-            );
-        }
-        let Some(Reverse((at, s))) = queue.pop() else {
-            break;
-        };
-        now = at;
-        match events.remove(&s).unwrap() {
+    while let Some(ev) = clock.next(u64::MAX) {
+        let now = clock.now_ms;
+        match ev {
             Ev::Msg { to, from, msg } => {
                 if to == cut_off && now < cut_until {
                     continue; // lost while cut off
                 }
                 messages += 1;
                 let (out, _) = tables[to].handle(from, msg, &peers_of(to));
-                pending.extend(
-                    out.into_iter()
-                        .map(|o| (now, index[&o.to], addrs[to], o.msg)),
-                );
+                send(&mut clock, to, out);
             }
             Ev::Tick(i) => {
-                if !(i == cut_off && now < cut_until) {
-                    let out = tables[i].anti_entropy(&peers_of(i));
-                    pending.extend(
-                        out.into_iter()
-                            .map(|o| (now, index[&o.to], addrs[i], o.msg)),
-                    );
-                }
-                push(&mut queue, &mut events, now + AE_MS, Ev::Tick(i));
+                let out = if i == cut_off && now < cut_until {
+                    Vec::new()
+                } else {
+                    tables[i].anti_entropy(&peers_of(i))
+                };
+                clock.at(now + AE_MS, Ev::Tick(i));
+                send(&mut clock, i, out);
             }
         }
         if reached_at.is_none() && (1..N - 1).all(|i| knows(&tables[i])) {
@@ -333,7 +322,7 @@ fn a_state_change_reaches_a_thousand_agents() {
         assert!(now < 60_000, "not spread after 60 s simulated");
     }
     let reached = reached_at.unwrap();
-    let caught_up = now - cut_until;
+    let caught_up = clock.now_ms - cut_until;
     eprintln!(
         "a change reached {} agents after {reached} ms simulated ({messages} messages); \
          the cut-off agent caught up {caught_up} ms after it was back",

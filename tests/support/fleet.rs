@@ -14,12 +14,9 @@ pub fn shoal() -> Command {
 }
 
 fn run_ok(cmd: &mut Command) {
-    let o = cmd.output().expect("running shoal");
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    if let Err(e) = command_ok(cmd) {
+        panic!("{e}");
+    }
 }
 
 /// A CA with an operator, in its own temporary directory.
@@ -54,11 +51,10 @@ impl Ca {
     }
 }
 
-/// One agent: its files, and its process while it runs.
+/// One agent: its files (under one directory: `agent.toml`, `agent.log`, `identity/`,
+/// `data/`, and `root/` for the install root), and its process while it runs.
 pub struct Agent {
     pub name: String,
-    /// Holds `agent.toml`, `identity/`, `data/` and `root/` (the install root).
-    pub home: PathBuf,
     pub addr: SocketAddr,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -66,12 +62,15 @@ pub struct Agent {
     pub log_filter: String,
     /// The network namespace the agent runs in, if not the test's own.
     pub netns: Option<String>,
+    pub data_dir: PathBuf,
+    pub install_root: PathBuf,
 }
 
 impl Agent {
     /// Writes the agent's identity, config and data dir under `root`.
     pub fn new(root: &Path, ca: &Ca, name: &str, addr: SocketAddr, seeds: &[SocketAddr]) -> Agent {
         let home = root.join(name);
+        let (data_dir, install_root) = (home.join("data"), home.join("root"));
         std::fs::create_dir_all(&home).unwrap();
         ca.issue(name, &home.join("identity"));
         let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
@@ -81,8 +80,8 @@ impl Agent {
             format!(
                 "name = \"{name}\"\nlisten = \"{addr}\"\ndata_dir = {:?}\ninstall_root = {:?}\n\
                  identity = {:?}\nseeds = [{}]\n[tags]\nrole = \"inference\"\nhost = \"{name}\"\n",
-                home.join("data"),
-                home.join("root"),
+                data_dir,
+                install_root,
                 home.join("identity"),
                 seeds.join(", ")
             ),
@@ -96,7 +95,8 @@ impl Agent {
             child: None,
             log_filter: "info".into(),
             netns: None,
-            home,
+            data_dir,
+            install_root,
         }
     }
 
@@ -230,7 +230,10 @@ pub fn agents(root: &Path, ca: &Ca, prefix: [u8; 3], n: usize) -> Vec<Agent> {
 /// `agent`'s host with `shoal deploy local`, into the agent's data dir and install root.
 /// Returns the revision id.
 pub fn deploy_tiny(agent: &Agent, app: &str, content: &str) -> String {
-    let rev = agent.home.join(format!("rev-{app}-{content}"));
+    // Beside the agent's data dir, in its own directory.
+    let rev = agent
+        .data_dir
+        .with_file_name(format!("rev-{app}-{content}"));
     std::fs::create_dir_all(&rev).unwrap();
     std::fs::write(
         rev.join("appspec.yml"),
@@ -242,9 +245,9 @@ pub fn deploy_tiny(agent: &Agent, app: &str, content: &str) -> String {
         .args(["deploy", "local", "--json", "--app", app, "--bundle"])
         .arg(&rev)
         .arg("--data-dir")
-        .arg(agent.home.join("data"))
+        .arg(&agent.data_dir)
         .arg("--install-root")
-        .arg(agent.home.join("root"))
+        .arg(&agent.install_root)
         .output()
         .unwrap();
     assert!(
@@ -258,7 +261,8 @@ pub fn deploy_tiny(agent: &Agent, app: &str, content: &str) -> String {
     record["revision"].as_str().unwrap().to_string()
 }
 
-/// A network namespace of the test's own, deleted on drop (with whatever runs in it).
+/// A network namespace of the test's own, deleted on drop. It does not stop what runs in
+/// it: drop the agents first (declare the namespace before them).
 pub struct Netns {
     pub name: String,
 }
@@ -273,29 +277,27 @@ impl Netns {
         let ns = Netns {
             name: name.to_string(),
         };
-        ns.run(&format!("ip netns add {name}"), false)?;
-        ns.run("ip link set lo up", true)?;
+        command_ok(Command::new("ip").args(["netns", "add", name]))?;
+        ns.run("ip link set lo up")?;
         Ok(ns)
     }
 
-    /// Runs a shell command, inside the namespace if `inside`.
-    pub fn run(&self, script: &str, inside: bool) -> Result<(), String> {
-        let mut c = Command::new("ip");
-        if inside {
-            c.args(["netns", "exec", &self.name, "sh", "-c", script]);
-        } else {
-            c = Command::new("sh");
-            c.args(["-c", script]);
-        }
-        let o = c.output().map_err(|e| format!("{script}: {e}"))?;
-        if o.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{script}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))
-        }
+    /// Runs a shell command inside the namespace.
+    pub fn run(&self, script: &str) -> Result<(), String> {
+        command_ok(Command::new("ip").args(["netns", "exec", &self.name, "sh", "-c", script]))
+    }
+}
+
+/// Runs `cmd`; its stderr is the error if it fails.
+fn command_ok(cmd: &mut Command) -> Result<(), String> {
+    let o = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
     }
 }
 

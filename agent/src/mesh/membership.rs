@@ -173,7 +173,8 @@ impl Membership {
     /// Fits dissemination to the membership's size: each update is passed on a number of
     /// times that grows with the log of the members, so a large mesh needs more copies
     /// than the 64-member default. Sizes go by powers of two, so the configuration
-    /// changes only when the mesh doubles or halves. Returns the size now configured.
+    /// changes only when the mesh doubles. Down members count (they are kept, see
+    /// [`config`]), so the size does not shrink. Returns the size now configured.
     pub fn fit_size(&mut self) -> u32 {
         let members = self.foca.iter_membership_state().len() as u32 + 1;
         let size = members.next_power_of_two().max(MIN_SIZE);

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -70,7 +71,7 @@ struct Remembered {
 
 enum Event {
     /// A membership packet, and the name in its sender's certificate.
-    Datagram(String, Bytes),
+    Datagram(Arc<str>, Bytes),
     Gossip {
         from: SocketAddr,
         msg: GossipMsg,
@@ -535,7 +536,7 @@ async fn accept(endpoint: quinn::Endpoint, tx: mpsc::Sender<Event>) {
 fn serve(conn: quinn::Connection, name: String, role: Role, tx: mpsc::Sender<Event>) {
     let remote = conn.remote_address();
     if role == Role::Agent {
-        let (c, t, n) = (conn.clone(), tx.clone(), name.clone());
+        let (c, t, n) = (conn.clone(), tx.clone(), Arc::<str>::from(name.as_str()));
         tokio::spawn(async move {
             while let Ok(data) = c.read_datagram().await {
                 // A full queue drops the datagram: SWIM tolerates loss, the agent
