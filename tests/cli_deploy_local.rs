@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
 /// A host: data dir, install root, service port. Stops the service it started when dropped.
 struct Host {
     tmp: tempfile::TempDir,
@@ -112,9 +115,7 @@ impl Drop for Host {
             .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
             .and_then(|v| v["pid"].as_i64());
         if let Some(pid) = pid {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pid}")])
-                .status();
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
 }
@@ -478,14 +479,11 @@ impl Agent {
         Agent(child)
     }
 
-    fn signal(&mut self, sig: &str) {
-        Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
-            .status()
-            .unwrap();
+    fn signal(&mut self, sig: Signal) {
+        kill(Pid::from_raw(self.0.id() as i32), sig).unwrap();
         let until = Instant::now() + Duration::from_secs(10);
         while self.0.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < until, "the agent did not stop on {sig}");
+            assert!(Instant::now() < until, "the agent did not stop on {sig:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -529,21 +527,18 @@ fn the_agent_restarts_a_crashed_service_and_the_app_outlives_the_agent() {
     assert_eq!(service_pid(&host), Some(first), "adopted, not restarted");
 
     // The app crashes: the agent starts it again.
-    Command::new("kill")
-        .args(["-KILL", &first.to_string()])
-        .status()
-        .unwrap();
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
     wait_for("a restarted service", || {
         service_pid(&host).is_some_and(|p| p != first) && host.serving().as_deref() == Some("v1")
     });
     let second = service_pid(&host).unwrap();
 
     // The agent stops (gracefully, then brutally): the app keeps serving throughout.
-    agent.signal("-TERM");
+    agent.signal(Signal::SIGTERM);
     assert_eq!(host.serving().as_deref(), Some("v1"));
     let mut agent = Agent::start(&host);
     std::thread::sleep(Duration::from_millis(500));
-    agent.signal("-KILL");
+    agent.signal(Signal::SIGKILL);
     assert_eq!(host.serving().as_deref(), Some("v1"));
     assert_eq!(
         service_pid(&host),

@@ -1,5 +1,5 @@
 //! The AppSpec parser against 40 real AppSpec files from public repositories
-//! (`../shared/corpus/appspec`, listed in its SOURCES.tsv): every well-formed one is read,
+//! (`agent/tests/data/appspec-corpus`, listed in its SOURCES.tsv): every well-formed one is read,
 //! each of its script hooks is named, with its line, as needing to become Wasm; the
 //! malformed ones are refused with the line of the fault.
 
@@ -9,7 +9,7 @@ use shoal_agent::appspec::{self, ObjectType, Os, Severity};
 use shoal_agent::hooks::LifecycleEvent;
 
 fn corpus() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/appspec");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/appspec-corpus");
     assert!(
         dir.join("SOURCES.tsv").exists(),
         "the AppSpec corpus is expected at {}",
