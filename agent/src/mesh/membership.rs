@@ -1,7 +1,7 @@
 //! Membership and failure detection: SWIM (with suspicion and indirect probes) from foca,
 //! behind a sans-IO interface. Bytes and timer events go in; [`Output`]s come out: packets
 //! to send, timers to schedule, members seen up or down. The caller does all IO, which is
-//! what lets `agent/tests/mesh_simulation.rs` run hundreds of agents deterministically with
+//! what lets `agent/tests/membership_simulation.rs` run hundreds of agents deterministically with
 //! simulated time and network.
 
 use std::net::SocketAddr;
