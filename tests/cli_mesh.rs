@@ -226,6 +226,7 @@ fn garbage_datagrams(target: SocketAddr) {
 /// that speaks for another member, malformed gossip frames, and garbage requests.
 async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path::Path) {
     use shoal_agent::identity::Identity;
+    use shoal_agent::mesh::frame::Protocol;
     use shoal_agent::mesh::membership::{self, MemberId, Membership, Output};
     use shoal_agent::mesh::transport;
 
@@ -251,6 +252,10 @@ async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path:
         })
         .expect("an announce");
     conn.send_datagram(forged.into()).unwrap();
+    // A stream of a protocol nobody serves is stopped.
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&[0xee, 1, 2, 3]).await.unwrap();
+    let _ = s.finish();
     // Gossip streams: too large, wrong version, not decodable, cut short.
     let frames: [&[u8]; 4] = [
         &u32::MAX.to_be_bytes(),
@@ -260,11 +265,13 @@ async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path:
     ];
     for frame in frames {
         let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&[Protocol::Gossip as u8]).await.unwrap();
         s.write_all(frame).await.unwrap();
         let _ = s.finish();
     }
     // A request stream with garbage gets an error frame back, not a dead agent.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[Protocol::Api as u8]).await.unwrap();
     send.write_all(&[0, 0, 0, 2, 1, 0x63]).await.unwrap();
     send.finish().unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 16)).await;

@@ -1,17 +1,22 @@
 //! The operator's API: what `shoal` commands ask an agent over QUIC, and its answers. A
-//! request is one frame on a bidirectional stream and the answer one frame back. Only a
-//! connection whose certificate carries the operator role may ask; an agent's answer to
-//! anyone else is an error saying so.
+//! request is one frame on a bidirectional stream tagged [`Protocol::Api`]; the answer is
+//! one or more frames back, ending with [`Response::End`], so an answer of any size (10,000
+//! hosts) streams in frames under the limit. Only a connection whose certificate carries
+//! the operator role may ask; anyone else is answered with an error saying so. The operator
+//! in turn checks that what answered holds an *agent* certificate of the fleet (and the name
+//! it expected, when it dialled one by name).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
-use crate::identity::Identity;
-use crate::mesh::frame::{read_frame, write_frame};
+use crate::identity::{Identity, Role};
+use crate::mesh::frame::{Protocol, read_frame, write_frame, write_protocol};
+use crate::mesh::node::{Inbound, InboundStream, MeshHandle, STREAM_DEADLINE};
 use crate::mesh::transport;
 pub use crate::mesh::view::{HostView, MemberState};
 
@@ -22,18 +27,135 @@ pub enum Request {
     Hosts,
 }
 
-/// What an agent answers.
+/// What an agent answers: one or more parts, then `End` (or one `Error`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Response {
+    /// Some of the hosts; more may follow.
     Hosts(Vec<HostView>),
+    /// The answer is complete.
+    End,
     Error(String),
+}
+
+/// A whole answer, as the operator receives it.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    Hosts(Vec<HostView>),
 }
 
 /// How long an agent has to complete the handshake.
 const CONNECT_WITHIN: Duration = Duration::from_secs(5);
+/// How long a whole answer may take.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// The encoded size at which an answer's part is sent and a new one started.
+pub const PART_BYTES: usize = 256 * 1024;
+/// Requests answered at once by one agent.
+const MAX_ANSWERING: usize = 16;
+/// The most parts an operator accepts in one answer (1 GiB at most, in parts under the
+/// frame limit).
+const MAX_PARTS: usize = 1024;
 
-/// Asks the agent at `peer` one question as the operator `identity`.
-pub async fn ask(peer: SocketAddr, identity: &Path, request: &Request) -> Result<Response> {
+/// Splits `views` into parts whose encoding stays under [`PART_BYTES`] (a part holds at
+/// least one view; a single view is bounded by the host record's caps).
+pub fn parts(views: Vec<HostView>) -> Vec<Vec<HostView>> {
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut size = 0;
+    for view in views {
+        let len = postcard::experimental::serialized_size(&view).unwrap_or(PART_BYTES);
+        if !part.is_empty() && size + len > PART_BYTES {
+            parts.push(std::mem::take(&mut part));
+            size = 0;
+        }
+        size += len;
+        part.push(view);
+    }
+    if !part.is_empty() || parts.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
+/// The API service: answers each request stream, a bounded number at once, until the mesh
+/// shuts down.
+pub async fn serve(mesh: MeshHandle, mut streams: mpsc::Receiver<Inbound>) {
+    let answering = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING));
+    let mut shutdown = mesh.shutdown();
+    loop {
+        let inbound = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            next = streams.recv() => match next {
+                Some(inbound) => inbound,
+                None => return,
+            },
+        };
+        let InboundStream::Bi(send, recv) = inbound.stream else {
+            continue;
+        };
+        let Ok(permit) = answering.clone().try_acquire_owned() else {
+            continue;
+        };
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            answer(
+                mesh,
+                inbound.peer.name.as_ref(),
+                inbound.peer.role,
+                send,
+                recv,
+            )
+            .await;
+        });
+    }
+}
+
+async fn answer(
+    mesh: MeshHandle,
+    name: &str,
+    role: Role,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let request = tokio::time::timeout(STREAM_DEADLINE, read_frame::<Request>(&mut recv)).await;
+    let parts = match request {
+        Ok(Ok(_)) if role != Role::Operator => vec![Response::Error(format!(
+            "refused: `{name}` presented an agent certificate; this request needs an operator identity (`shoal ca issue --operator`)"
+        ))],
+        Ok(Ok(Request::Hosts)) => match mesh.hosts().await {
+            Ok(views) => parts(views)
+                .into_iter()
+                .map(Response::Hosts)
+                .chain([Response::End])
+                .collect(),
+            Err(e) => vec![Response::Error(e.to_string())],
+        },
+        Ok(Err(e)) => vec![Response::Error(format!("malformed request: {e}"))],
+        Err(_) => vec![Response::Error(
+            "the request did not arrive whole in time".into(),
+        )],
+    };
+    let sent = tokio::time::timeout(ANSWER_WITHIN, async {
+        for part in &parts {
+            write_frame(&mut send, part).await?;
+        }
+        send.finish()?;
+        anyhow::Ok(())
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        tracing::debug!(operator = %name, "an answer was not delivered");
+    }
+}
+
+/// Asks the agent at `peer` one question as the operator `identity`. `expect` is the agent
+/// name the operator meant, when it named one (a host name rather than an address).
+pub async fn ask(
+    peer: SocketAddr,
+    expect: Option<&str>,
+    identity: &Path,
+    request: &Request,
+) -> Result<Answer> {
     let id = Identity::load(identity)?;
     let bind: SocketAddr = if peer.is_ipv4() {
         "0.0.0.0:0".parse()?
@@ -53,18 +175,90 @@ pub async fn ask(peer: SocketAddr, identity: &Path, request: &Request) -> Result
                     peer.port()
                 )
             })??;
+        let (name, role) = transport::peer_identity(&conn)?;
+        if role != Role::Agent {
+            conn.close(1u32.into(), b"not an agent");
+            bail!(
+                "{peer} answered with `{name}`'s operator certificate, not an agent's: refusing to trust its answer"
+            );
+        }
+        if let Some(expected) = expect
+            && !names_match(expected, &name)
+        {
+            conn.close(1u32.into(), b"not the agent asked for");
+            bail!("{peer} is the agent `{name}`, not `{expected}`: refusing to trust its answer");
+        }
         let (mut send, mut recv) = conn.open_bi().await?;
+        write_protocol(&mut send, Protocol::Api).await?;
         write_frame(&mut send, request).await?;
         send.finish()?;
-        let response: Response = read_frame(&mut recv)
-            .await
-            .with_context(|| format!("reading the answer of {peer}"))?;
-        conn.close(0u32.into(), b"done");
-        anyhow::Ok(response)
+        let mut hosts = Vec::new();
+        for _ in 0..MAX_PARTS {
+            let response: Response = read_frame(&mut recv)
+                .await
+                .with_context(|| format!("reading the answer of {peer}"))?;
+            match response {
+                Response::Hosts(part) => hosts.extend(part),
+                Response::End => {
+                    conn.close(0u32.into(), b"done");
+                    return anyhow::Ok(Answer::Hosts(hosts));
+                }
+                Response::Error(e) => bail!("{peer}: {e}"),
+            }
+        }
+        bail!("{peer} sent more than {MAX_PARTS} parts of one answer")
     };
-    let response = tokio::time::timeout(Duration::from_secs(10), answer)
+    let answer = tokio::time::timeout(ANSWER_WITHIN, answer)
         .await
-        .map_err(|_| anyhow!("{peer} did not answer within 10 s"))??;
+        .map_err(|_| anyhow!("{peer} did not answer within {} s", ANSWER_WITHIN.as_secs()))??;
     endpoint.wait_idle().await;
-    Ok(response)
+    Ok(answer)
+}
+
+/// Whether the certificate name `actual` is the agent the operator named: the same, or
+/// the first label of a host name (`edge-1` for `edge-1.internal`).
+fn names_match(expected: &str, actual: &str) -> bool {
+    expected == actual
+        || expected
+            .strip_prefix(actual)
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::view::MemberState;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn ten_thousand_hosts_go_in_parts_under_the_frame_limit() {
+        let views: Vec<HostView> = (0..10_000)
+            .map(|i| HostView {
+                name: format!("host-{i:05}"),
+                addr: SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 7400)),
+                state: MemberState::Alive,
+                tags: (0..8)
+                    .map(|t| (format!("tag{t}"), "x".repeat(40)))
+                    .collect(),
+                apps: BTreeMap::new(),
+                details: BTreeMap::new(),
+                version: 1,
+            })
+            .collect();
+        let parts = parts(views);
+        assert!(parts.len() > 1);
+        assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), 10_000);
+        for part in parts {
+            let frame = crate::mesh::frame::encode_frame(&Response::Hosts(part)).unwrap();
+            assert!(frame.len() <= PART_BYTES + 64, "{}", frame.len());
+        }
+    }
+
+    #[test]
+    fn an_expected_name_matches_the_certificate_or_its_first_label() {
+        assert!(names_match("edge-1", "edge-1"));
+        assert!(names_match("edge-1.internal", "edge-1"));
+        assert!(!names_match("edge-10", "edge-1"));
+        assert!(!names_match("edge-1", "edge-2"));
+    }
 }

@@ -4,9 +4,9 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 
-use crate::api::{self, HostView, Request, Response};
+use crate::api::{self, Answer, HostView, Request};
 
 pub async fn run(peer: &str, identity: Option<&Path>, json: bool) -> Result<bool> {
     let identity = identity.ok_or_else(|| {
@@ -15,16 +15,22 @@ pub async fn run(peer: &str, identity: Option<&Path>, json: bool) -> Result<bool
         )
     })?;
     let addr = resolve(peer)?;
-    let hosts = match api::ask(addr, identity, &Request::Hosts).await? {
-        Response::Hosts(hosts) => hosts,
-        Response::Error(e) => bail!("{peer}: {e}"),
-    };
+    let expect = named_host(peer);
+    let Answer::Hosts(hosts) = api::ask(addr, expect, identity, &Request::Hosts).await?;
     if json {
         super::print_json(&hosts)?;
     } else {
         print!("{}", table(&hosts));
     }
     Ok(true)
+}
+
+/// The host part of `HOST:PORT` when it is a name, not an address: the agent the operator
+/// means, whose certificate must carry that name.
+pub fn named_host(peer: &str) -> Option<&str> {
+    let (host, _) = peer.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host.parse::<std::net::IpAddr>().is_err() && host != "localhost").then_some(host)
 }
 
 /// `HOST:PORT`, with a name resolved, or an address.

@@ -1,6 +1,10 @@
-//! Framed, versioned messages on QUIC streams: a 4-byte big-endian length, then a postcard
-//! encoding of `{version, body}`. Frames are bounded ([`MAX_FRAME`]); a frame that is too
-//! large, of another version, or that does not decode is an error for that stream only.
+//! Framed, versioned messages on QUIC streams. Every stream opens with one byte, its
+//! [`Protocol`], which the router reads to hand the stream to the service that owns it.
+//! Then come frames: a 4-byte big-endian length, then a postcard encoding of
+//! `{version, body}`. Frames are bounded ([`MAX_FRAME`]) and their bytes are allocated as
+//! they arrive, not on the word of the length prefix; a frame that is too large, of another
+//! version, or that does not decode is an error for that stream only. An answer too big for
+//! one frame is sent as several (see `api`).
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -20,9 +24,62 @@ pub enum FrameError {
     Malformed(String),
     #[error("the stream ended")]
     Closed,
+    #[error("unknown protocol tag {0}: the peer speaks a protocol this agent does not know")]
+    Protocol(u8),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
+
+/// The service a stream belongs to: the first byte of every stream between agents (and
+/// from operators). Unknown tags are refused, so a newer peer's protocol closes only its
+/// own stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Protocol {
+    /// Host-state gossip (`hoststate`), one message per unidirectional stream.
+    Gossip = 1,
+    /// Operator requests (`api`), a request and its answer on a bidirectional stream.
+    Api = 2,
+    /// Reserved: the replicated deployment log.
+    Raft = 3,
+    /// Reserved: chunked bundle transfer.
+    Blobs = 4,
+}
+
+impl Protocol {
+    pub fn from_byte(b: u8) -> Option<Protocol> {
+        Some(match b {
+            1 => Protocol::Gossip,
+            2 => Protocol::Api,
+            3 => Protocol::Raft,
+            4 => Protocol::Blobs,
+            _ => return None,
+        })
+    }
+}
+
+/// Writes the tag that opens a stream.
+pub async fn write_protocol(
+    w: &mut (impl AsyncWrite + Unpin),
+    protocol: Protocol,
+) -> Result<(), FrameError> {
+    w.write_all(&[protocol as u8]).await?;
+    Ok(())
+}
+
+/// Reads the tag that opens a stream.
+pub async fn read_protocol(r: &mut (impl AsyncRead + Unpin)) -> Result<Protocol, FrameError> {
+    let mut tag = [0u8; 1];
+    match r.read_exact(&mut tag).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    Protocol::from_byte(tag[0]).ok_or(FrameError::Protocol(tag[0]))
+}
+
+/// How much of a frame is allocated before its bytes arrive.
+const FIRST_ALLOCATION: usize = 16 * 1024;
 
 #[derive(Serialize)]
 struct EnvelopeOut<'a, T> {
@@ -36,20 +93,31 @@ struct EnvelopeIn<T> {
     body: T,
 }
 
+/// The bytes of one frame (length prefix included), refused if over [`MAX_FRAME`].
+pub fn encode_frame<T: Serialize>(body: &T) -> Result<Vec<u8>, FrameError> {
+    let mut bytes = vec![0u8; 4];
+    let bytes = postcard::to_extend(
+        &EnvelopeOut {
+            version: VERSION,
+            body,
+        },
+        std::mem::take(&mut bytes),
+    )
+    .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = u32::try_from(bytes.len() - 4).map_err(|_| FrameError::TooLarge(u32::MAX))?;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut bytes = bytes;
+    bytes[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(bytes)
+}
+
 pub async fn write_frame<T: Serialize>(
     w: &mut (impl AsyncWrite + Unpin),
     body: &T,
 ) -> Result<(), FrameError> {
-    let bytes = postcard::to_stdvec(&EnvelopeOut {
-        version: VERSION,
-        body,
-    })
-    .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let len = u32::try_from(bytes.len()).map_err(|_| FrameError::TooLarge(u32::MAX))?;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
-    }
-    w.write_all(&len.to_be_bytes()).await?;
+    let bytes = encode_frame(body)?;
     w.write_all(&bytes).await?;
     Ok(())
 }
@@ -67,8 +135,12 @@ pub async fn read_frame<T: DeserializeOwned>(
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut bytes = vec![0u8; len as usize];
-    r.read_exact(&mut bytes).await?;
+    // Allocated as the bytes arrive: a length prefix alone reserves at most a little.
+    let mut bytes = Vec::with_capacity((len as usize).min(FIRST_ALLOCATION));
+    let read = r.take(u64::from(len)).read_to_end(&mut bytes).await?;
+    if read != len as usize {
+        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     // The version is the envelope's first field: check it before decoding the body.
     let (version, _) = postcard::take_from_bytes::<u16>(&bytes)
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
@@ -139,6 +211,35 @@ mod tests {
         assert!(
             read_frame::<Msg>(&mut b).await.is_err(),
             "a truncated frame"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_length_prefix_alone_reserves_little() {
+        // A peer announces a 1 MiB frame and sends 3 bytes: the reader holds the stream
+        // open without having allocated the megabyte (it reads into a growing buffer).
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        a.write_all(&MAX_FRAME.to_be_bytes()).await.unwrap();
+        a.write_all(&[1, 0, 0]).await.unwrap();
+        drop(a);
+        let err = read_frame::<Msg>(&mut b).await.unwrap_err();
+        assert!(matches!(err, FrameError::Io(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn streams_open_with_their_protocol() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        write_protocol(&mut a, Protocol::Gossip).await.unwrap();
+        a.write_all(&[9]).await.unwrap();
+        assert_eq!(read_protocol(&mut b).await.unwrap(), Protocol::Gossip);
+        assert!(matches!(
+            read_protocol(&mut b).await,
+            Err(FrameError::Protocol(9))
+        ));
+        let frame = encode_frame(&Msg::Pong(3)).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize,
+            frame.len() - 4
         );
     }
 }

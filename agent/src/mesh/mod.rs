@@ -1,13 +1,17 @@
 //! The peer mesh: the QUIC transport with mutual TLS against the fleet CA (`transport`),
-//! the framed, versioned messages agents exchange (`frame`), membership with failure
-//! detection (`membership`) and gossiped host state (`hoststate`) as sans-IO cores, what
-//! operators see of it (`view`), what this host reports (`local`), and the agent's network
-//! loop that drives it all (`node`).
+//! tagged streams of framed, versioned messages (`frame`), the connection pool (`peers`),
+//! membership with failure detection (`membership`) and gossiped host state (`hoststate`)
+//! as sans-IO cores, the node's own decisions as a sans-IO core over them (`core`) with one
+//! timer queue (`timers`), what operators see of it (`view`), what this host reports
+//! (`local`), and the thin tokio driver, router and `MeshHandle` (`node`).
 
+pub mod core;
 pub mod frame;
 pub mod hoststate;
 pub mod local;
 pub mod membership;
 pub mod node;
+pub mod peers;
+pub mod timers;
 pub mod transport;
 pub mod view;

@@ -1,37 +1,44 @@
-//! The agent's network loop: the thin tokio layer around the sans-IO cores. One task owns
-//! the membership (`membership.rs`) and the host table (`hoststate.rs`) and is fed events
-//! through a channel: datagrams, gossip messages, timers, connections, operator requests.
-//! Everything it must send goes out over QUIC:
-//! - membership packets as unreliable datagrams (SWIM expects loss and copes with it);
-//! - host-state gossip as one framed message per unidirectional stream;
-//! - operator requests on bidirectional streams, answered only for the operator role.
+//! The agent's side of the mesh at runtime: the thin tokio layer around the sans-IO
+//! [`Core`](super::core::Core), the connection pool (`peers.rs`) and the router.
 //!
-//! Connections are kept per peer address and dialled on first use; what is sent while a
-//! dial is under way waits for it (up to a bound), and a peer that could not be dialled is
-//! not tried again for a second. A peer whose certificate the fleet CA did not issue never
-//! gets a connection, and the reason is logged.
+//! - **One router, many services.** Every stream opens with a [`Protocol`] tag; the router
+//!   hands it to the service that registered that protocol through [`MeshHandle::serve`]
+//!   (gossip and the operator API today, raft and blobs next). Membership packets are QUIC
+//!   datagrams. A stream of a protocol nobody serves is stopped.
+//! - **[`MeshHandle`]**, clonable, is how services use the mesh: open a stream to a peer
+//!   by name, serve a protocol, learn membership changes, obey the shutdown signal.
+//! - **One driver task** owns the core and the pool. It takes, in this order of priority:
+//!   membership packets, pool events, due timers, gossip, local changes. SWIM and gossip have
+//!   queues of their own, so a gossip burst cannot starve failure detection.
+//! - **Bounded.** Handshakes in flight, dials, streams read and written at once, queued
+//!   sends and every channel have a bound; every open, read and write a deadline. What is
+//!   dropped is counted and reported at warn, at most once per [`REPORT_EVERY`].
+//! - **Strangers** must prove their address (QUIC retry) before a handshake, and only
+//!   [`MAX_HANDSHAKES`] handshakes run at once; refusals are counted, not logged one by one.
 //!
 //! Across restarts the agent remembers (under `data_dir/mesh/`) its identity's bump and
 //! its record's version, so its next life wins over the old one everywhere, and the
-//! addresses of the members it last knew, so it can rejoin even if its seeds are down.
+//! addresses of the members it last knew, so it can rejoin even if its seeds are down. That
+//! file is written off the event loop.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use super::frame::{read_frame, write_frame};
-use super::hoststate::{AppRecord, GossipMsg, HostRecord, HostTable, Outgoing, first_version};
-use super::membership::{self, MemberId, Membership, Output};
+use super::core::{Core, Event, Remembered, Transmit};
+use super::frame::{Protocol, read_frame, read_protocol, write_frame, write_protocol};
+use super::hoststate::{AppRecord, GossipMsg, HostRecord, HostTable, first_version};
+use super::membership::{self, MemberId, Membership};
+use super::peers::{Live, MAX_QUEUED, Pending, Pool, Slot};
 use super::transport;
-use super::view;
-use crate::api::{Request, Response};
+use super::view::HostView;
 use crate::identity::{Identity, Role};
 use crate::lifecycle::state::{read_json, write_json};
 
@@ -52,431 +59,769 @@ pub struct LocalState {
     pub apps: BTreeMap<String, AppRecord>,
 }
 
-/// How often the loop polls local state, and the unit of its other periodic work.
-const TICK: Duration = Duration::from_millis(500);
-/// A send waiting for a dial is dropped beyond this many.
-const MAX_QUEUED: usize = 256;
-/// After a failed dial, the peer is not dialled again for this long.
-const REDIAL_AFTER: Duration = Duration::from_secs(1);
-/// How long a gossip stream may take to arrive whole.
-const STREAM_DEADLINE: Duration = Duration::from_secs(5);
+/// How long opening a stream, writing it or reading it whole may take.
+pub const STREAM_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a dial or an incoming handshake may take.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// Incoming handshakes in flight at once; more are refused.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Streams this agent writes at once (gossip); more are dropped.
+pub const MAX_WRITING: usize = 128;
+/// Incoming streams read at once, all peers together; more are stopped.
+pub const MAX_READING: usize = 128;
+/// Queued membership packets (the failure detector's own queue).
+const SWIM_QUEUE: usize = 2048;
+/// Queued gossip messages, read whole, waiting for the core.
+const GOSSIP_QUEUE: usize = 256;
+/// Queued streams per registered service.
+const SERVICE_QUEUE: usize = 64;
+/// How often dropped work is reported.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// What survives a restart, in `data_dir/mesh/self.json`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Remembered {
-    bump: u16,
-    version: u64,
-    peers: BTreeSet<SocketAddr>,
+/// Who is at the other end of a connection, from its certificate.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub name: Arc<str>,
+    pub role: Role,
+    pub addr: SocketAddr,
 }
 
-enum Event {
-    /// A membership packet, and the name in its sender's certificate.
-    Datagram(Arc<str>, Bytes),
-    Gossip {
-        from: SocketAddr,
-        msg: GossipMsg,
-    },
-    Timer(foca::Timer<MemberId>),
-    Connected(quinn::Connection),
+/// A stream a peer opened, for the service that serves its protocol (the tag already read).
+pub struct Inbound {
+    pub peer: PeerInfo,
+    pub stream: InboundStream,
+}
+
+pub enum InboundStream {
+    Uni(quinn::RecvStream),
+    Bi(quinn::SendStream, quinn::RecvStream),
+}
+
+/// Why the mesh could not do what a service asked.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("`{0}` is not an alive member of the mesh")]
+    UnknownPeer(String),
+    #[error("could not connect to {addr}: {reason}")]
+    Unreachable { addr: SocketAddr, reason: String },
+    #[error("opening or writing a stream to {addr} failed: {reason}")]
+    Stream { addr: SocketAddr, reason: String },
+    #[error("the mesh is shutting down")]
+    ShuttingDown,
+}
+
+/// Counters of dropped or refused work, reported at warn (rate-limited).
+#[derive(Default)]
+pub struct Drops {
+    pub swim_queue_full: AtomicU64,
+    pub gossip_queue_full: AtomicU64,
+    pub service_queue_full: AtomicU64,
+    pub sends_waiting_for_dial: AtomicU64,
+    pub writers_busy: AtomicU64,
+    pub readers_busy: AtomicU64,
+    pub bad_streams: AtomicU64,
+    pub bad_datagrams: AtomicU64,
+    pub handshakes_refused: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub unknown_protocol: AtomicU64,
+}
+
+impl Drops {
+    fn snapshot(&self) -> [(&'static str, u64); 11] {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("membership packets (queue full)", g(&self.swim_queue_full)),
+            ("gossip messages (queue full)", g(&self.gossip_queue_full)),
+            ("service streams (queue full)", g(&self.service_queue_full)),
+            ("sends waiting for a dial", g(&self.sends_waiting_for_dial)),
+            ("gossip sends (writers busy)", g(&self.writers_busy)),
+            ("incoming streams (readers busy)", g(&self.readers_busy)),
+            ("malformed or late streams", g(&self.bad_streams)),
+            ("refused membership packets", g(&self.bad_datagrams)),
+            (
+                "handshakes refused (too many at once)",
+                g(&self.handshakes_refused),
+            ),
+            ("handshakes failed", g(&self.handshakes_failed)),
+            ("streams of an unknown protocol", g(&self.unknown_protocol)),
+        ]
+    }
+}
+
+fn count(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Lets one log line through per [`REPORT_EVERY`]: refusals are logged with their reason,
+/// but a stranger cannot fill the log.
+#[derive(Default)]
+pub struct RateLimit {
+    last_ms: AtomicU64,
+}
+
+impl RateLimit {
+    pub fn allow(&self) -> bool {
+        let now = wall_ms();
+        let last = self.last_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= REPORT_EVERY.as_millis() as u64
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// The services that serve each protocol.
+#[derive(Default)]
+struct Router {
+    services: RwLock<HashMap<Protocol, mpsc::Sender<Inbound>>>,
+}
+
+impl Router {
+    fn register(&self, protocol: Protocol) -> mpsc::Receiver<Inbound> {
+        let (tx, rx) = mpsc::channel(SERVICE_QUEUE);
+        self.services
+            .write()
+            .expect("router lock")
+            .insert(protocol, tx);
+        rx
+    }
+
+    fn route(&self, protocol: Protocol, inbound: Inbound, drops: &Drops) {
+        let tx = self
+            .services
+            .read()
+            .expect("router lock")
+            .get(&protocol)
+            .cloned();
+        let Some(tx) = tx else {
+            count(&drops.unknown_protocol);
+            refuse(inbound.stream);
+            return;
+        };
+        if let Err(e) = tx.try_send(inbound) {
+            count(&drops.service_queue_full);
+            let inbound = match e {
+                mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
+            };
+            refuse(inbound.stream);
+        }
+    }
+}
+
+fn refuse(stream: InboundStream) {
+    match stream {
+        InboundStream::Uni(mut r) => {
+            let _ = r.stop(1u32.into());
+        }
+        InboundStream::Bi(mut s, mut r) => {
+            let _ = r.stop(1u32.into());
+            let _ = s.reset(1u32.into());
+        }
+    }
+}
+
+enum Command {
+    Established(Live),
     DialFailed(SocketAddr),
     Closed(SocketAddr, usize),
-    Request(Request, oneshot::Sender<Response>),
+    /// A service wants a connection to a member, by name.
+    Connect {
+        peer: String,
+        reply: oneshot::Sender<Result<quinn::Connection, MeshError>>,
+    },
+    Hosts(oneshot::Sender<Vec<HostView>>),
 }
 
-enum Peer {
-    Connected(quinn::Connection),
-    Dialing(Vec<Send>),
-    Failed(Instant),
+/// How services use the mesh. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshHandle {
+    commands: mpsc::Sender<Command>,
+    router: Arc<Router>,
+    members: watch::Receiver<Arc<Vec<MemberId>>>,
+    shutdown: watch::Receiver<bool>,
+    drops: Arc<Drops>,
 }
 
-enum Send {
-    Datagram(Bytes),
-    Gossip(GossipMsg),
+impl MeshHandle {
+    /// Registers the service for `protocol`: every stream a peer opens with that tag
+    /// arrives on the returned channel (bounded; when it is full, streams are refused).
+    pub fn serve(&self, protocol: Protocol) -> mpsc::Receiver<Inbound> {
+        self.router.register(protocol)
+    }
+
+    /// The members alive now, and their changes.
+    pub fn members(&self) -> watch::Receiver<Arc<Vec<MemberId>>> {
+        self.members.clone()
+    }
+
+    /// Turns true when the mesh stops; every service's task should end then.
+    pub fn shutdown(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
+    /// The connection to the member named `peer`, dialled if need be.
+    pub async fn connection(&self, peer: &str) -> Result<quinn::Connection, MeshError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Connect {
+                peer: peer.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| MeshError::ShuttingDown)?;
+        answer.await.map_err(|_| MeshError::ShuttingDown)?
+    }
+
+    /// A unidirectional stream of `protocol` to the member named `peer`.
+    pub async fn open_uni(
+        &self,
+        peer: &str,
+        protocol: Protocol,
+    ) -> Result<quinn::SendStream, MeshError> {
+        let conn = self.connection(peer).await?;
+        let addr = conn.remote_address();
+        let stream_error = |reason: String| MeshError::Stream { addr, reason };
+        tokio::time::timeout(STREAM_DEADLINE, async {
+            let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+            write_protocol(&mut s, protocol)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(s)
+        })
+        .await
+        .map_err(|_| stream_error(format!("not open within {STREAM_DEADLINE:?}")))?
+        .map_err(stream_error)
+    }
+
+    /// A bidirectional stream of `protocol` to the member named `peer`.
+    pub async fn open_bi(
+        &self,
+        peer: &str,
+        protocol: Protocol,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), MeshError> {
+        let conn = self.connection(peer).await?;
+        let addr = conn.remote_address();
+        let stream_error = |reason: String| MeshError::Stream { addr, reason };
+        tokio::time::timeout(STREAM_DEADLINE, async {
+            let (mut s, r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_protocol(&mut s, protocol)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((s, r))
+        })
+        .await
+        .map_err(|_| stream_error(format!("not open within {STREAM_DEADLINE:?}")))?
+        .map_err(stream_error)
+    }
+
+    /// Every host as this agent sees it (what `shoal hosts` shows).
+    pub async fn hosts(&self) -> Result<Vec<HostView>, MeshError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Hosts(reply))
+            .await
+            .map_err(|_| MeshError::ShuttingDown)?;
+        answer.await.map_err(|_| MeshError::ShuttingDown)
+    }
+
+    /// Counters of dropped work.
+    pub fn drops(&self) -> &Drops {
+        &self.drops
+    }
+}
+
+/// Both ends of a bounded queue.
+type Queue<T> = (mpsc::Sender<T>, mpsc::Receiver<T>);
+
+/// A bound mesh endpoint, ready to run.
+pub struct Mesh {
+    me: MemberId,
+    listen: SocketAddr,
+    endpoint: quinn::Endpoint,
+    core: Core,
+    handle: MeshHandle,
+    commands: mpsc::Receiver<Command>,
+    commands_tx: mpsc::Sender<Command>,
+    swim: Queue<(Arc<str>, Bytes)>,
+    gossip: Queue<(SocketAddr, GossipMsg)>,
+    members: watch::Sender<Arc<Vec<MemberId>>>,
+    shutdown: watch::Sender<bool>,
+    state_file: PathBuf,
+    seeds: Vec<SocketAddr>,
 }
 
 /// Runs this agent's side of the mesh until `stop` resolves, then leaves it gracefully:
 /// peers learn the agent left, rather than failed.
 pub async fn run(
     config: NodeConfig,
-    mut local: watch::Receiver<LocalState>,
+    local: watch::Receiver<LocalState>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let (cert_name, role) = (config.identity.name.clone(), config.identity.role);
-    if role != Role::Agent {
-        bail!("the identity is an operator's; an agent needs an agent identity");
-    }
-    if cert_name != config.name {
-        bail!(
-            "the configured name `{}` differs from the identity's certificate, issued to `{cert_name}`",
-            config.name
+    let mesh = Mesh::bind(config, local.borrow().clone())?;
+    let api = mesh.handle().serve(Protocol::Api);
+    tokio::spawn(crate::api::serve(mesh.handle(), api));
+    mesh.run(local, stop).await
+}
+
+impl Mesh {
+    /// Checks the identity, binds the endpoint and prepares the core; nothing is sent yet.
+    pub fn bind(config: NodeConfig, initial: LocalState) -> Result<Mesh> {
+        let (cert_name, role) = (config.identity.name.clone(), config.identity.role);
+        if role != Role::Agent {
+            bail!("the identity is an operator's; an agent needs an agent identity");
+        }
+        if cert_name != config.name {
+            bail!(
+                "the configured name `{}` differs from the identity's certificate, issued to `{cert_name}`",
+                config.name
+            );
+        }
+        let endpoint = transport::endpoint(config.listen, &config.identity)?;
+        let state_file = config.data_dir.join("mesh").join("self.json");
+        let remembered: Remembered = read_json(&state_file)
+            .unwrap_or_else(|e| {
+                tracing::warn!("{e:#}; starting the mesh state afresh");
+                None
+            })
+            .unwrap_or_else(|| Remembered {
+                // Without memory of a previous life, the clock tells lives apart.
+                bump: (wall_ms() / 1000 % 65536) as u16,
+                ..Remembered::default()
+            });
+        let me = MemberId {
+            name: config.name.clone(),
+            addr: config.advertise,
+            bump: remembered.bump.wrapping_add(1),
+        };
+        let own = HostRecord {
+            name: config.name.clone(),
+            addr: config.advertise,
+            version: first_version(remembered.version, wall_ms()),
+            left: false,
+            tags: initial.tags,
+            apps: initial.apps,
+        };
+        let seed = rand::random::<u64>();
+        let core = Core::new(
+            Instant::now(),
+            Membership::new(me.clone(), membership::config(64), seed),
+            HostTable::new(own, seed ^ 0x9e37_79b9_7f4a_7c15),
+            config.seeds.clone(),
+            remembered.peers,
         );
-    }
-    let endpoint = transport::endpoint(config.listen, &config.identity)?;
-    let state_file = config.data_dir.join("mesh").join("self.json");
-    let remembered: Remembered = read_json(&state_file)
-        .unwrap_or_else(|e| {
-            tracing::warn!("{e:#}; starting the mesh state afresh");
-            None
+        let (commands_tx, commands) = mpsc::channel(1024);
+        let (members, members_rx) = watch::channel(Arc::new(Vec::new()));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let handle = MeshHandle {
+            commands: commands_tx.clone(),
+            router: Arc::new(Router::default()),
+            members: members_rx,
+            shutdown: shutdown_rx,
+            drops: Arc::new(Drops::default()),
+        };
+        Ok(Mesh {
+            me,
+            listen: config.listen,
+            endpoint,
+            core,
+            handle,
+            commands,
+            commands_tx,
+            swim: mpsc::channel(SWIM_QUEUE),
+            gossip: mpsc::channel(GOSSIP_QUEUE),
+            members,
+            shutdown,
+            state_file,
+            seeds: config.seeds,
         })
-        .unwrap_or_else(|| Remembered {
-            // Without memory of a previous life, the clock tells lives apart.
-            bump: (std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-                % 65536) as u16,
-            ..Remembered::default()
-        });
-    let me = MemberId {
-        name: config.name.clone(),
-        addr: config.advertise,
-        bump: remembered.bump.wrapping_add(1),
-    };
-    let initial = local.borrow_and_update().clone();
-    let own = HostRecord {
-        name: config.name.clone(),
-        addr: config.advertise,
-        version: first_version(
-            remembered.version,
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        ),
-        left: false,
-        tags: initial.tags,
-        apps: initial.apps,
-    };
-    let seed = rand::random::<u64>();
-    let (tx, rx) = mpsc::channel(4096);
-    let mut node = Node {
-        membership: Membership::new(me.clone(), membership::config(64), seed),
-        table: HostTable::new(own, seed ^ 0x9e37_79b9_7f4a_7c15),
-        me,
-        endpoint: endpoint.clone(),
-        peers: HashMap::new(),
-        tx: tx.clone(),
-        seeds: config.seeds.clone(),
-        known: remembered.peers,
-        state_file,
-        saved_version: 0,
-    };
-    node.remember()?;
-    tracing::info!(
-        name = %node.me.name,
-        addr = %node.me.addr,
-        listen = %config.listen,
-        seeds = ?config.seeds,
-        "joining the mesh"
-    );
-    tokio::spawn(accept(endpoint.clone(), tx));
-    node.join();
-    node.run(rx, &mut local, stop).await;
-    node.leave().await;
-    endpoint.close(0u32.into(), b"agent stopped");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    Ok(())
-}
+    }
 
-struct Node {
-    me: MemberId,
-    membership: Membership,
-    table: HostTable,
-    endpoint: quinn::Endpoint,
-    peers: HashMap<SocketAddr, Peer>,
-    tx: mpsc::Sender<Event>,
-    seeds: Vec<SocketAddr>,
-    /// Members' addresses as last remembered on disk.
-    known: BTreeSet<SocketAddr>,
-    state_file: PathBuf,
-    /// The version of our record last written to `state_file`.
-    saved_version: u64,
-}
+    pub fn handle(&self) -> MeshHandle {
+        self.handle.clone()
+    }
 
-impl Node {
-    async fn run(
-        &mut self,
-        mut rx: mpsc::Receiver<Event>,
-        local: &mut watch::Receiver<LocalState>,
+    /// Runs until `stop` resolves, then leaves gracefully.
+    pub async fn run(
+        self,
+        mut local: watch::Receiver<LocalState>,
         stop: impl std::future::Future<Output = ()>,
-    ) {
+    ) -> Result<()> {
+        let Mesh {
+            me,
+            listen,
+            endpoint,
+            mut core,
+            handle,
+            mut commands,
+            commands_tx,
+            swim: (swim_tx, mut swim_rx),
+            gossip: (gossip_tx, mut gossip_rx),
+            members,
+            shutdown,
+            state_file,
+            seeds,
+        } = self;
+        tracing::info!(name = %me.name, addr = %me.addr, %listen, ?seeds, "joining the mesh");
+        let inbound = Arc::new(InboundCtx {
+            swim: swim_tx,
+            router: handle.router.clone(),
+            drops: handle.drops.clone(),
+            commands: commands_tx,
+            readers: Arc::new(Semaphore::new(MAX_READING)),
+            shutdown: handle.shutdown(),
+            refusals: RateLimit::default(),
+        });
+        // The gossip service reads whole messages and queues them for the core.
+        let gossip_streams = handle.serve(Protocol::Gossip);
+        tokio::spawn(read_gossip(gossip_streams, gossip_tx, inbound.clone()));
+        tokio::spawn(accept(endpoint.clone(), inbound.clone()));
+        let (persist_tx, persist_rx) = watch::channel(None);
+        let persister = tokio::spawn(persist(state_file.clone(), persist_rx));
+
+        let mut driver = Driver {
+            me: me.clone(),
+            endpoint: endpoint.clone(),
+            pool: Pool::default(),
+            writers: Arc::new(Semaphore::new(MAX_WRITING)),
+            inbound: inbound.clone(),
+            persist: persist_tx,
+            members,
+            last_members: Vec::new(),
+        };
+        driver.flush(&mut core);
         tokio::pin!(stop);
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks: u64 = 0;
+        let mut report = tokio::time::interval(REPORT_EVERY);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported = handle.drops.snapshot();
+        let mut local_open = true;
         loop {
+            let deadline = core
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                _ = &mut stop => return,
-                Some(event) = rx.recv() => self.handle(event),
-                Ok(()) = local.changed() => {
-                    let state = local.borrow_and_update().clone();
-                    self.publish(state);
+                biased;
+                _ = &mut stop => break,
+                Some((from, data)) = swim_rx.recv() => {
+                    if let Err(e) = core.handle_datagram(Instant::now(), &from, &data) {
+                        count(&handle.drops.bad_datagrams);
+                        tracing::debug!(peer = %from, "dropped a membership packet: {e}");
+                    }
                 }
-                _ = tick.tick() => {
-                    ticks += 1;
-                    if ticks.is_multiple_of(2) {
-                        let peers = self.alive_addrs();
-                        let out = self.table.anti_entropy(&peers);
-                        self.gossip(out);
+                Some(command) = commands.recv() => driver.command(&mut core, command),
+                _ = tokio::time::sleep_until(deadline) => core.handle_timeout(Instant::now()),
+                Some((from, msg)) = gossip_rx.recv() => core.handle_gossip(Instant::now(), from, msg),
+                changed = local.changed(), if local_open => match changed {
+                    Ok(()) => {
+                        let state = local.borrow_and_update().clone();
+                        core.handle_local(Instant::now(), state);
                     }
-                    if ticks.is_multiple_of(4) && self.membership.alive().next().is_none() {
-                        self.join();
+                    Err(_) => local_open = false,
+                },
+                _ = report.tick() => {
+                    let now = handle.drops.snapshot();
+                    let news: Vec<String> = now
+                        .iter()
+                        .zip(reported.iter())
+                        .filter(|((_, n), (_, o))| n > o)
+                        .map(|((what, n), (_, o))| format!("{} {what}", n - o))
+                        .collect();
+                    if !news.is_empty() {
+                        tracing::warn!(
+                            open_connections = driver.pool.open(),
+                            "dropped in the last {REPORT_EVERY:?}: {}",
+                            news.join(", ")
+                        );
                     }
-                    if ticks.is_multiple_of(20) {
-                        self.membership.fit_size();
-                        let alive: BTreeSet<SocketAddr> = self.alive_addrs().into_iter().collect();
-                        if !alive.is_empty() && alive != self.known {
-                            self.known = alive;
-                            if let Err(e) = self.remember() {
-                                tracing::warn!("remembering the mesh: {e:#}");
-                            }
-                        }
-                    }
+                    reported = now;
                 }
             }
+            driver.flush(&mut core);
+        }
+
+        // Leave: the record that says so and SWIM's leave, then a moment for both to go out.
+        core.leave(Instant::now());
+        driver.flush(&mut core);
+        let _ = shutdown.send(true);
+        tracing::info!("left the mesh");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(driver);
+        let _ = persister.await;
+        endpoint.close(0u32.into(), b"agent stopped");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        Ok(())
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes the latest state to remember, off the event loop; the last one is written
+/// before the task ends.
+async fn persist(path: PathBuf, mut rx: watch::Receiver<Option<Remembered>>) {
+    let write = |state: Remembered, path: PathBuf| async move {
+        let result = tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            write_json(&path, &state)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("remembering the mesh state: {e:#}"),
+            Err(e) => tracing::warn!("remembering the mesh state: {e}"),
+        }
+    };
+    loop {
+        let changed = rx.changed().await;
+        let state = rx.borrow_and_update().clone();
+        if let Some(state) = state {
+            write(state, path.clone()).await;
+        }
+        if changed.is_err() {
+            return;
         }
     }
+}
 
-    fn handle(&mut self, event: Event) {
-        match event {
-            Event::Datagram(from, data) => match self.membership.handle_data(&from, &data) {
-                Ok(out) => self.apply(out),
-                Err(e) => tracing::debug!(peer = %from, "dropped a datagram: {e}"),
-            },
-            Event::Gossip { from, msg } => {
-                let peers = self.alive_addrs();
-                let (out, learned) = self.table.handle(from, msg, &peers);
-                for record in learned {
-                    tracing::debug!(
-                        host = %record.name,
-                        version = record.version,
-                        left = record.left,
-                        "learned a host record"
-                    );
-                }
-                self.gossip(out);
-                if self.table.own().version != self.saved_version {
-                    self.remember_or_warn();
-                }
-            }
-            Event::Timer(timer) => {
-                let out = self.membership.handle_timer(timer);
-                self.apply(out);
-            }
-            Event::Connected(conn) => {
-                let addr = conn.remote_address();
-                let queued = match self.peers.insert(addr, Peer::Connected(conn.clone())) {
-                    Some(Peer::Dialing(queue)) => queue,
-                    _ => Vec::new(),
-                };
-                for item in queued {
-                    transmit(&conn, item);
-                }
-            }
-            Event::DialFailed(addr) => {
-                self.peers.insert(addr, Peer::Failed(Instant::now()));
-            }
-            Event::Closed(addr, id) => {
-                if matches!(self.peers.get(&addr), Some(Peer::Connected(c)) if c.stable_id() == id)
-                {
-                    self.peers.remove(&addr);
-                }
-            }
-            Event::Request(request, reply) => {
-                let response = match request {
-                    Request::Hosts => Response::Hosts(view::views(
-                        &self.me,
-                        &self.table,
-                        self.membership.states(),
-                    )),
-                };
-                let _ = reply.send(response);
+/// What the accept loop and every connection's readers share.
+struct InboundCtx {
+    swim: mpsc::Sender<(Arc<str>, Bytes)>,
+    router: Arc<Router>,
+    drops: Arc<Drops>,
+    commands: mpsc::Sender<Command>,
+    readers: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+    /// Logs of refused handshakes, either way.
+    refusals: RateLimit,
+}
+
+/// The driver's IO state: the pool, and where things go.
+struct Driver {
+    me: MemberId,
+    endpoint: quinn::Endpoint,
+    pool: Pool,
+    writers: Arc<Semaphore>,
+    inbound: Arc<InboundCtx>,
+    persist: watch::Sender<Option<Remembered>>,
+    members: watch::Sender<Arc<Vec<MemberId>>>,
+    last_members: Vec<MemberId>,
+}
+
+impl Driver {
+    /// Carries out what the core asks for.
+    fn flush(&mut self, core: &mut Core) {
+        let now = Instant::now();
+        while let Some(t) = core.poll_transmit() {
+            match t {
+                Transmit::Datagram { to, data } => self.send_datagram(now, to, Bytes::from(data)),
+                Transmit::Gossip { to, msg } => self.send_gossip(now, to, msg),
             }
         }
-    }
-
-    fn apply(&mut self, outputs: Vec<Output>) {
-        for output in outputs {
-            match output {
-                Output::Send { to, data } => self.send(to.addr, Send::Datagram(Bytes::from(data))),
-                Output::Schedule { timer, after } => {
-                    let tx = self.tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(after).await;
-                        let _ = tx.send(Event::Timer(timer)).await;
-                    });
-                }
-                Output::Up(id) => {
+        let mut membership_changed = false;
+        while let Some(event) = core.poll_event() {
+            match event {
+                Event::Up(id) => {
+                    membership_changed = true;
                     tracing::info!(member = %id.name, addr = %id.addr, "member is alive");
-                    let digest = self.table.digest_to(id.addr);
-                    self.gossip(vec![digest]);
                 }
-                Output::Down(id) => {
-                    let left = self.table.get(&id.name).is_some_and(|r| r.left);
+                Event::Down { id, left } => {
+                    membership_changed = true;
                     if left {
                         tracing::info!(member = %id.name, addr = %id.addr, "member left");
                     } else {
                         tracing::warn!(member = %id.name, addr = %id.addr, "member is dead");
                     }
                 }
-                Output::Rejoined(id) => {
+                Event::Rejoined(id) => {
                     tracing::warn!(
                         bump = id.bump,
                         "the mesh had declared this agent down; rejoined"
                     );
-                    self.me = id;
-                    self.remember_or_warn();
                 }
-                Output::Idle => {
-                    tracing::warn!(
-                        "no member of the mesh is reachable; joining again through the seeds"
-                    );
-                    self.join();
+                Event::Alone => tracing::warn!(
+                    "no member of the mesh is reachable; joining again through the seeds"
+                ),
+                Event::Persist(state) => {
+                    let _ = self.persist.send(Some(state));
                 }
+            }
+        }
+        if membership_changed {
+            let alive: Vec<MemberId> = core.membership().alive().cloned().collect();
+            if alive != self.last_members {
+                self.last_members = alive.clone();
+                let _ = self.members.send(Arc::new(alive));
             }
         }
     }
 
-    /// Announces this agent to its seeds and to the members it last knew.
-    fn join(&mut self) {
-        let targets: BTreeSet<SocketAddr> = self
-            .seeds
-            .iter()
-            .chain(self.known.iter())
-            .copied()
-            .filter(|a| *a != self.me.addr)
-            .collect();
-        for addr in targets {
-            let out = self.membership.join(addr);
-            self.apply(out);
+    fn command(&mut self, core: &mut Core, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Established(live) => {
+                let addr = live.conn.remote_address();
+                let (queued, close) = self.pool.established(now, &self.me.name, live);
+                for conn in close {
+                    conn.close(2u32.into(), b"duplicate or over the connection bound");
+                }
+                if let Some(conn) = self.pool.live(now, addr).cloned() {
+                    for p in queued {
+                        deliver(&conn, p);
+                    }
+                }
+            }
+            Command::DialFailed(addr) => {
+                for p in self.pool.dial_failed(now, addr) {
+                    if let Pending::Want(reply) = p {
+                        let _ = reply
+                            .send(Err(format!("no fleet handshake with {addr} (backing off)")));
+                    }
+                }
+            }
+            Command::Closed(addr, id) => self.pool.closed(addr, id),
+            Command::Connect { peer, reply } => {
+                let Some(addr) = core
+                    .membership()
+                    .alive()
+                    .find(|m| m.name == peer)
+                    .map(|m| m.addr)
+                else {
+                    let _ = reply.send(Err(MeshError::UnknownPeer(peer)));
+                    return;
+                };
+                let (tx, rx) = oneshot::channel();
+                self.want(now, addr, Pending::Want(tx));
+                tokio::spawn(async move {
+                    let result = match rx.await {
+                        Ok(Ok(conn)) => Ok(conn),
+                        Ok(Err(reason)) => Err(MeshError::Unreachable { addr, reason }),
+                        Err(_) => Err(MeshError::ShuttingDown),
+                    };
+                    let _ = reply.send(result);
+                });
+            }
+            Command::Hosts(reply) => {
+                let _ = reply.send(core.hosts());
+            }
         }
     }
 
-    fn publish(&mut self, state: LocalState) {
-        let peers = self.alive_addrs();
-        let out = self.table.publish(
-            |r| {
-                r.tags = state.tags;
-                r.apps = state.apps;
-            },
-            &peers,
-        );
-        if !out.is_empty() || peers.is_empty() {
-            tracing::debug!(
-                version = self.table.own().version,
-                "published this host's record"
-            );
-            self.remember_or_warn();
+    fn send_datagram(&mut self, now: Instant, to: SocketAddr, data: Bytes) {
+        if let Some(conn) = self.pool.live(now, to) {
+            if let Err(e) = conn.send_datagram(data) {
+                tracing::debug!(peer = %to, "datagram not sent: {e}");
+            }
+            return;
         }
-        self.gossip(out);
+        self.want(now, to, Pending::Datagram(data));
     }
 
-    /// Leaves: first the record that says so, then SWIM's leave, then a moment for both to
-    /// go out.
-    async fn leave(mut self) {
-        let peers = self.alive_addrs();
-        if !peers.is_empty() {
-            self.known = peers.iter().copied().collect();
+    fn send_gossip(&mut self, now: Instant, to: SocketAddr, msg: GossipMsg) {
+        let (tx, rx) = oneshot::channel();
+        if let Some(conn) = self.pool.live(now, to) {
+            let _ = tx.send(Ok(conn.clone()));
+        } else {
+            self.want(now, to, Pending::Want(tx));
         }
-        let out = self.table.publish(|r| r.left = true, &peers);
-        self.gossip(out);
-        self.remember_or_warn();
-        let out = self.membership.leave();
-        self.apply(out);
-        tracing::info!("left the mesh");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Ok(permit) = self.writers.clone().try_acquire_owned() else {
+            count(&self.inbound.drops.writers_busy);
+            return;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Ok(Ok(conn)) = rx.await else { return };
+            let sent = tokio::time::timeout(STREAM_DEADLINE, async {
+                let mut stream = conn.open_uni().await?;
+                write_protocol(&mut stream, Protocol::Gossip).await?;
+                write_frame(&mut stream, &msg).await?;
+                stream.finish()?;
+                anyhow::Ok(())
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(peer = %to, "gossip not sent: {e:#}"),
+                Err(_) => tracing::debug!(peer = %to, "gossip not sent within {STREAM_DEADLINE:?}"),
+            }
+        });
     }
 
-    fn gossip(&mut self, out: Vec<Outgoing>) {
-        for Outgoing { to, msg } in out {
-            self.send(to, Send::Gossip(msg));
-        }
-    }
-
-    fn send(&mut self, to: SocketAddr, item: Send) {
+    /// Queues `item` for the connection to `to`, dialling it if no dial is under way and
+    /// the back-off allows.
+    fn want(&mut self, now: Instant, to: SocketAddr, item: Pending) {
         if to == self.me.addr {
             return;
         }
-        match self.peers.get_mut(&to) {
-            Some(Peer::Connected(conn)) if conn.close_reason().is_none() => {
-                transmit(conn, item);
+        match self.pool.slots.get_mut(&to) {
+            Some(Slot::Connected(live)) if live.conn.close_reason().is_none() => {
+                live.last_used = now;
+                deliver(&live.conn.clone(), item);
                 return;
             }
-            Some(Peer::Dialing(queue)) => {
+            Some(Slot::Dialing(queue)) => {
                 if queue.len() < MAX_QUEUED {
                     queue.push(item);
+                } else {
+                    count(&self.inbound.drops.sends_waiting_for_dial);
                 }
                 return;
             }
-            Some(Peer::Failed(at)) if at.elapsed() < REDIAL_AFTER => return,
             _ => {}
         }
-        self.peers.insert(to, Peer::Dialing(vec![item]));
-        tokio::spawn(dial(self.endpoint.clone(), to, self.tx.clone()));
-    }
-
-    fn alive_addrs(&self) -> Vec<SocketAddr> {
-        self.membership.alive().map(|m| m.addr).collect()
-    }
-
-    fn remember(&mut self) -> Result<()> {
-        if let Some(dir) = self.state_file.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !self.pool.backoff.may_dial(now, to) {
+            if let Pending::Want(reply) = item {
+                let _ = reply.send(Err(format!("{to} failed to connect recently; backing off")));
+            }
+            return;
         }
-        write_json(
-            &self.state_file,
-            &Remembered {
-                bump: self.me.bump,
-                version: self.table.own().version,
-                peers: self.known.clone(),
-            },
-        )?;
-        self.saved_version = self.table.own().version;
-        Ok(())
-    }
-
-    fn remember_or_warn(&mut self) {
-        if let Err(e) = self.remember() {
-            tracing::warn!("remembering the mesh state: {e:#}");
-        }
+        self.pool.slots.insert(to, Slot::Dialing(vec![item]));
+        tokio::spawn(dial(
+            self.endpoint.clone(),
+            to,
+            self.pool.dials.clone(),
+            self.inbound.clone(),
+        ));
     }
 }
 
-/// Sends on an established connection. Datagrams that cannot go are dropped (SWIM copes);
-/// each gossip message gets a stream of its own.
-fn transmit(conn: &quinn::Connection, item: Send) {
+/// Hands a connection to what waited for it.
+fn deliver(conn: &quinn::Connection, item: Pending) {
     match item {
-        Send::Datagram(data) => {
+        Pending::Datagram(data) => {
             if let Err(e) = conn.send_datagram(data) {
                 tracing::debug!(peer = %conn.remote_address(), "datagram not sent: {e}");
             }
         }
-        Send::Gossip(msg) => {
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                let sent = async {
-                    let mut stream = conn.open_uni().await?;
-                    write_frame(&mut stream, &msg).await?;
-                    stream.finish()?;
-                    anyhow::Ok(())
-                };
-                if let Err(e) = sent.await {
-                    tracing::debug!(peer = %conn.remote_address(), "gossip not sent: {e:#}");
-                }
-            });
+        Pending::Want(reply) => {
+            let _ = reply.send(Ok(conn.clone()));
         }
     }
 }
 
-async fn dial(endpoint: quinn::Endpoint, addr: SocketAddr, tx: mpsc::Sender<Event>) {
+async fn dial(
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    dials: Arc<Semaphore>,
+    ctx: Arc<InboundCtx>,
+) {
+    let Ok(_permit) = dials.acquire_owned().await else {
+        return;
+    };
     let dialled = async {
-        let conn =
-            tokio::time::timeout(Duration::from_secs(3), transport::connect(&endpoint, addr))
-                .await
-                .map_err(|_| anyhow::anyhow!("no answer within 3 s"))??;
+        let conn = tokio::time::timeout(HANDSHAKE_DEADLINE, transport::connect(&endpoint, addr))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {HANDSHAKE_DEADLINE:?}"))??;
         let (name, role) = transport::peer_identity(&conn)?;
         if role != Role::Agent {
             conn.close(1u32.into(), b"not an agent");
+            tracing::warn!(peer = %addr, "refused to join a peer: its certificate ({name}) is not an agent's");
             bail!("its certificate ({name}) is not an agent's");
         }
         anyhow::Ok((conn, name))
@@ -484,128 +829,226 @@ async fn dial(endpoint: quinn::Endpoint, addr: SocketAddr, tx: mpsc::Sender<Even
     match dialled.await {
         Ok((conn, name)) => {
             tracing::debug!(peer = %addr, %name, "connected");
-            serve(conn.clone(), name, Role::Agent, tx.clone());
-            let _ = tx.send(Event::Connected(conn)).await;
+            let peer = PeerInfo {
+                name: Arc::from(name.as_str()),
+                role: Role::Agent,
+                addr,
+            };
+            serve(conn.clone(), peer.clone(), ctx.clone());
+            let now = Instant::now();
+            let _ = ctx
+                .commands
+                .send(Command::Established(Live {
+                    conn,
+                    name: peer.name,
+                    dialled_by_me: true,
+                    since: now,
+                    last_used: now,
+                }))
+                .await;
         }
         Err(e) => {
-            let text = format!("{e:#}");
-            if text.contains("certificate") || text.contains("handshake") || text.contains("agent")
-            {
-                tracing::warn!(peer = %addr, "refused to join a peer: {text}");
+            // The peer answered and the handshake failed (its certificate, or ours, was
+            // refused): worth a warning. No answer at all is ordinary for a dead member.
+            let refused = e.downcast_ref::<quinn::ConnectionError>().is_some_and(|c| {
+                matches!(
+                    c,
+                    quinn::ConnectionError::TransportError(_)
+                        | quinn::ConnectionError::ConnectionClosed(_)
+                )
+            });
+            if refused && ctx.refusals.allow() {
+                tracing::warn!(peer = %addr, "refused to join a peer: {e:#}");
             } else {
-                tracing::debug!(peer = %addr, "could not reach the peer: {text}");
+                tracing::debug!(peer = %addr, "could not connect: {e:#}");
             }
-            let _ = tx.send(Event::DialFailed(addr)).await;
+            count(&ctx.drops.handshakes_failed);
+            let _ = ctx.commands.send(Command::DialFailed(addr)).await;
         }
     }
 }
 
-/// Accepts connections until the endpoint closes. Agents' connections are kept for
-/// sending too; operators' serve requests only.
-async fn accept(endpoint: quinn::Endpoint, tx: mpsc::Sender<Event>) {
+/// Accepts connections until the endpoint closes. A source that has not proved its
+/// address is asked to (retry); at most [`MAX_HANDSHAKES`] run at once, each within
+/// [`HANDSHAKE_DEADLINE`]. Agents' connections join the pool; operators' serve requests.
+async fn accept(endpoint: quinn::Endpoint, ctx: Arc<InboundCtx>) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
-        let tx = tx.clone();
+        if !incoming.remote_address_validated() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            count(&ctx.drops.handshakes_refused);
+            incoming.refuse();
+            continue;
+        };
+        let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(peer = %remote, "refused a connection: {e}");
-                    return;
-                }
-            };
+            let conn =
+                match tokio::time::timeout(HANDSHAKE_DEADLINE, async { incoming.await }).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => {
+                        count(&ctx.drops.handshakes_failed);
+                        if ctx.refusals.allow() {
+                            tracing::warn!(peer = %remote, "refused a connection: {e}");
+                        } else {
+                            tracing::debug!(peer = %remote, "refused a connection: {e}");
+                        }
+                        return;
+                    }
+                    Err(_) => {
+                        count(&ctx.drops.handshakes_failed);
+                        return;
+                    }
+                };
             let (name, role) = match transport::peer_identity(&conn) {
                 Ok(who) => who,
                 Err(e) => {
-                    tracing::warn!(peer = %remote, "refused a connection: {e:#}");
+                    count(&ctx.drops.handshakes_failed);
+                    tracing::debug!(peer = %remote, "refused a connection: {e:#}");
                     conn.close(1u32.into(), b"unreadable certificate");
                     return;
                 }
             };
             tracing::debug!(peer = %remote, %name, ?role, "accepted a connection");
-            serve(conn.clone(), name, role, tx.clone());
+            let peer = PeerInfo {
+                name: Arc::from(name.as_str()),
+                role,
+                addr: remote,
+            };
+            serve(conn.clone(), peer.clone(), ctx.clone());
             if role == Role::Agent {
-                let _ = tx.send(Event::Connected(conn)).await;
+                let now = Instant::now();
+                let _ = ctx
+                    .commands
+                    .send(Command::Established(Live {
+                        conn,
+                        name: peer.name,
+                        dialled_by_me: false,
+                        since: now,
+                        last_used: now,
+                    }))
+                    .await;
             }
         });
     }
 }
 
-/// Reads what a peer sends on `conn`: datagrams and gossip streams from agents, requests
-/// on bidirectional streams from anyone (answered only for operators).
-fn serve(conn: quinn::Connection, name: String, role: Role, tx: mpsc::Sender<Event>) {
-    let remote = conn.remote_address();
-    if role == Role::Agent {
-        let (c, t, n) = (conn.clone(), tx.clone(), Arc::<str>::from(name.as_str()));
+/// Reads what a peer sends on `conn`: membership datagrams (agents only) for the core,
+/// and streams for the router, each opened with its protocol tag.
+fn serve(conn: quinn::Connection, peer: PeerInfo, ctx: Arc<InboundCtx>) {
+    if peer.role == Role::Agent {
+        let (c, dctx, name) = (conn.clone(), ctx.clone(), peer.name.clone());
         tokio::spawn(async move {
             while let Ok(data) = c.read_datagram().await {
-                // A full queue drops the datagram: SWIM tolerates loss, the agent
-                // stays responsive.
-                let _ = t.try_send(Event::Datagram(n.clone(), data));
+                // A full queue drops the packet: SWIM tolerates loss, the agent stays
+                // responsive.
+                if dctx.swim.try_send((name.clone(), data)).is_err() {
+                    count(&dctx.drops.swim_queue_full);
+                }
             }
-            let _ = t.send(Event::Closed(remote, c.stable_id())).await;
+            let _ = dctx
+                .commands
+                .send(Command::Closed(c.remote_address(), c.stable_id()))
+                .await;
         });
-        let (c, tx, name) = (conn.clone(), tx.clone(), name.clone());
+        let (c, uctx, peer) = (conn.clone(), ctx.clone(), peer.clone());
         tokio::spawn(async move {
-            while let Ok(mut stream) = c.accept_uni().await {
-                let (tx, name) = (tx.clone(), name.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(
-                        STREAM_DEADLINE,
-                        read_frame::<GossipMsg>(&mut stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(msg)) => {
-                            let _ = tx.send(Event::Gossip { from: remote, msg }).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(peer = %remote, %name, "dropped a gossip stream: {e}");
-                            let _ = stream.stop(1u32.into());
-                        }
-                        Err(_) => {
-                            tracing::warn!(peer = %remote, %name, "dropped a gossip stream: not whole within {STREAM_DEADLINE:?}");
-                            let _ = stream.stop(1u32.into());
-                        }
-                    }
-                });
+            while let Ok(stream) = c.accept_uni().await {
+                route(InboundStream::Uni(stream), peer.clone(), uctx.clone());
             }
         });
     }
     tokio::spawn(async move {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let (tx, name) = (tx.clone(), name.clone());
-            tokio::spawn(async move {
-                let response = match tokio::time::timeout(
-                    STREAM_DEADLINE,
-                    read_frame::<Request>(&mut recv),
-                )
-                .await
-                {
-                    Ok(Ok(request)) if role == Role::Operator => {
-                        tracing::debug!(peer = %remote, %name, ?request, "operator request");
-                        let (reply, answer) = oneshot::channel();
-                        if tx.send(Event::Request(request, reply)).await.is_err() {
-                            return;
-                        }
-                        match answer.await {
-                            Ok(response) => response,
-                            Err(_) => return,
-                        }
-                    }
-                    Ok(Ok(_)) => Response::Error(format!(
-                        "refused: `{name}` presented an agent certificate; this request needs an operator identity (`shoal ca issue --operator`)"
-                    )),
-                    Ok(Err(e)) => {
-                        tracing::warn!(peer = %remote, %name, "dropped a request stream: {e}");
-                        Response::Error(format!("malformed request: {e}"))
-                    }
-                    Err(_) => Response::Error("the request did not arrive whole in time".into()),
-                };
-                if write_frame(&mut send, &response).await.is_ok() {
-                    let _ = send.finish();
-                }
-            });
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            route(InboundStream::Bi(send, recv), peer.clone(), ctx.clone());
         }
     });
+}
+
+/// Reads a stream's protocol tag (within the deadline, as one of a bounded number of
+/// readers) and hands the stream to the service that serves it.
+fn route(stream: InboundStream, peer: PeerInfo, ctx: Arc<InboundCtx>) {
+    let Ok(permit) = ctx.readers.clone().try_acquire_owned() else {
+        count(&ctx.drops.readers_busy);
+        refuse(stream);
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut stream = stream;
+        let recv = match &mut stream {
+            InboundStream::Uni(r) => r,
+            InboundStream::Bi(_, r) => r,
+        };
+        match tokio::time::timeout(STREAM_DEADLINE, read_protocol(recv)).await {
+            Ok(Ok(protocol)) => ctx
+                .router
+                .route(protocol, Inbound { peer, stream }, &ctx.drops),
+            Ok(Err(e)) => {
+                count(&ctx.drops.bad_streams);
+                tracing::debug!(peer = %peer.addr, name = %peer.name, "dropped a stream: {e}");
+                refuse(stream);
+            }
+            Err(_) => {
+                count(&ctx.drops.bad_streams);
+                refuse(stream);
+            }
+        }
+    });
+}
+
+/// The gossip service: reads each stream's one message whole (within the deadline, as one
+/// of a bounded number of readers) and queues it for the core. Only agents gossip.
+async fn read_gossip(
+    mut streams: mpsc::Receiver<Inbound>,
+    to_core: mpsc::Sender<(SocketAddr, GossipMsg)>,
+    ctx: Arc<InboundCtx>,
+) {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let inbound = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            next = streams.recv() => match next {
+                Some(inbound) => inbound,
+                None => return,
+            },
+        };
+        let InboundStream::Uni(mut recv) = inbound.stream else {
+            refuse(inbound.stream);
+            continue;
+        };
+        if inbound.peer.role != Role::Agent {
+            let _ = recv.stop(1u32.into());
+            continue;
+        }
+        let Ok(permit) = ctx.readers.clone().try_acquire_owned() else {
+            count(&ctx.drops.readers_busy);
+            let _ = recv.stop(1u32.into());
+            continue;
+        };
+        let (to_core, ctx, peer) = (to_core.clone(), ctx.clone(), inbound.peer);
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(STREAM_DEADLINE, read_frame::<GossipMsg>(&mut recv)).await {
+                Ok(Ok(msg)) => {
+                    if to_core.try_send((peer.addr, msg)).is_err() {
+                        count(&ctx.drops.gossip_queue_full);
+                    }
+                }
+                Ok(Err(e)) => {
+                    count(&ctx.drops.bad_streams);
+                    tracing::debug!(peer = %peer.addr, name = %peer.name, "dropped a gossip stream: {e}");
+                    let _ = recv.stop(1u32.into());
+                }
+                Err(_) => {
+                    count(&ctx.drops.bad_streams);
+                    let _ = recv.stop(1u32.into());
+                }
+            }
+        });
+    }
 }

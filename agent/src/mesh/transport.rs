@@ -73,15 +73,42 @@ impl ServerCertVerifier for FleetServerVerifier {
     }
 }
 
+/// A connection that carried nothing for this long is closed (no keep-alives: an idle
+/// peer costs no packets; the next send dials again).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Unidirectional streams a peer may have open at once on one connection.
+pub const MAX_UNI_STREAMS: u32 = 32;
+/// Bidirectional streams a peer may have open at once on one connection.
+pub const MAX_BI_STREAMS: u32 = 8;
+/// Bytes a peer may have in flight on one stream: one whole frame and a little.
+pub const STREAM_WINDOW: u32 = super::frame::MAX_FRAME + 64 * 1024;
+/// Bytes a peer may have in flight on one connection, all streams together.
+pub const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Received datagrams buffered per connection before the oldest are dropped.
+pub const DATAGRAM_BUFFER: usize = 128 * 1024;
+
 fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(
-        Duration::from_secs(10)
-            .try_into()
-            .expect("a valid idle timeout"),
-    ));
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("a valid idle timeout")));
+    t.keep_alive_interval(None);
+    t.max_concurrent_uni_streams(MAX_UNI_STREAMS.into());
+    t.max_concurrent_bidi_streams(MAX_BI_STREAMS.into());
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONNECTION_WINDOW.into());
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
     t
+}
+
+/// The key behind stateless resets, derived from the agent's private key so that it is the
+/// same in every life of the agent: a restarted agent resets its old life's connections at
+/// their first packet, instead of leaving peers to wait for the idle timeout.
+fn reset_key(id: &Identity) -> Arc<ring::hmac::Key> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"shoal stateless reset key v1\0");
+    h.update(id.key.secret_der());
+    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &h.finalize()))
 }
 
 /// The client side alone: what an operator's CLI uses to talk to an agent.
@@ -126,8 +153,15 @@ pub fn endpoint(listen: SocketAddr, id: &Identity) -> Result<quinn::Endpoint> {
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
     ));
     server.transport_config(Arc::new(transport_config()));
-    let mut endpoint =
-        quinn::Endpoint::server(server, listen).with_context(|| format!("binding UDP {listen}"))?;
+    let socket =
+        std::net::UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::new(reset_key(id)),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("binding UDP {listen}"))?;
     endpoint.set_default_client_config(client_config(id)?);
     Ok(endpoint)
 }

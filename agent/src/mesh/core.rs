@@ -1,0 +1,485 @@
+//! The node's own decisions, sans-IO, in the shape of quinn-proto's `Connection`: events go
+//! in through `handle_*(now, ..)`, and what to do comes out through `poll_transmit` (bytes
+//! and messages to send), `poll_event` (what happened, what to persist) and `poll_timeout`
+//! (when to call `handle_timeout` next). It owns the membership core, the host table and
+//! the node's one [`TimerQueue`]; it decides the tick schedule (anti-entropy, rejoining
+//! while alone, remembering peers, fitting dissemination to the mesh's size), routes each
+//! message to the core that owns it, and decides what follows a member coming up, going
+//! down or this agent rejoining. `node.rs` is the thin tokio layer that does the IO.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::hoststate::{GossipMsg, HostTable, Outgoing};
+use super::membership::{self, MemberId, Membership, Output};
+use super::timers::TimerQueue;
+use super::view::{self, HostView};
+use crate::mesh::node::LocalState;
+
+/// How often a digest goes to one random peer (anti-entropy).
+pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(1);
+/// How often an agent with no live member announces itself to its seeds again.
+pub const REJOIN_EVERY: Duration = Duration::from_secs(2);
+/// How often the members' addresses are remembered and dissemination refitted.
+pub const REMEMBER_EVERY: Duration = Duration::from_secs(10);
+
+/// What survives a restart, in `data_dir/mesh/self.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    pub bump: u16,
+    pub version: u64,
+    pub peers: BTreeSet<SocketAddr>,
+}
+
+/// Something for the network layer to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// A membership packet, as a datagram.
+    Datagram { to: SocketAddr, data: Vec<u8> },
+    /// A host-state message, on a stream of its own.
+    Gossip { to: SocketAddr, msg: GossipMsg },
+}
+
+/// What happened, for the driver to log or act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Up(MemberId),
+    /// A member was declared down; `left` when its last record says it left on purpose.
+    Down {
+        id: MemberId,
+        left: bool,
+    },
+    /// The mesh had declared this agent down; it rejoined under a renewed identity.
+    Rejoined(MemberId),
+    /// No member is reachable; the agent is joining again through its seeds.
+    Alone,
+    /// Write this to `data_dir/mesh/self.json` (off the event loop; only the latest
+    /// matters).
+    Persist(Remembered),
+}
+
+#[derive(Debug)]
+enum Timer {
+    Swim(foca::Timer<MemberId>),
+    AntiEntropy,
+    Rejoin,
+    Remember,
+}
+
+/// One agent's side of the mesh, without IO.
+pub struct Core {
+    membership: Membership,
+    table: HostTable,
+    timers: TimerQueue<Timer>,
+    seeds: Vec<SocketAddr>,
+    /// Members' addresses as last remembered.
+    known: BTreeSet<SocketAddr>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    /// What was last handed out to persist.
+    persisted: Option<Remembered>,
+}
+
+impl Core {
+    /// A node about to join: `membership` and `table` made for this agent, `seeds` and
+    /// `known` (the peers remembered from a previous life) to announce itself to.
+    pub fn new(
+        now: Instant,
+        membership: Membership,
+        table: HostTable,
+        seeds: Vec<SocketAddr>,
+        known: BTreeSet<SocketAddr>,
+    ) -> Core {
+        let mut core = Core {
+            membership,
+            table,
+            timers: TimerQueue::default(),
+            seeds,
+            known,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            persisted: None,
+        };
+        core.timers
+            .push(now + ANTI_ENTROPY_EVERY, Timer::AntiEntropy);
+        core.timers.push(now + REJOIN_EVERY, Timer::Rejoin);
+        core.timers.push(now + REMEMBER_EVERY, Timer::Remember);
+        core.persist();
+        core.join(now);
+        core
+    }
+
+    pub fn me(&self) -> &MemberId {
+        self.membership.id()
+    }
+
+    pub fn table(&self) -> &HostTable {
+        &self.table
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// What `shoal hosts` shows.
+    pub fn hosts(&self) -> Vec<HostView> {
+        view::views(self.me(), &self.table, self.membership.states())
+    }
+
+    /// The addresses of the members alive now.
+    pub fn alive_addrs(&self) -> Vec<SocketAddr> {
+        self.membership.alive().map(|m| m.addr).collect()
+    }
+
+    /// A membership packet from the member whose certificate names `sender`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        sender: &str,
+        data: &[u8],
+    ) -> Result<(), membership::PacketError> {
+        let out = self.membership.handle_data(sender, data)?;
+        self.apply(now, out);
+        Ok(())
+    }
+
+    /// A host-state message from the agent at `from`.
+    pub fn handle_gossip(&mut self, _now: Instant, from: SocketAddr, msg: GossipMsg) {
+        let peers = self.alive_addrs();
+        let (out, learned) = self.table.handle(from, msg, &peers);
+        for record in learned {
+            tracing::debug!(host = %record.name, version = record.version, "learned a host record");
+        }
+        self.gossip(out);
+        self.persist();
+    }
+
+    /// What this host runs and its tags, as they change.
+    pub fn handle_local(&mut self, _now: Instant, state: LocalState) {
+        let peers = self.alive_addrs();
+        let out = self.table.publish(
+            |r| {
+                r.tags = state.tags;
+                r.apps = state.apps;
+            },
+            &peers,
+        );
+        self.gossip(out);
+        self.persist();
+    }
+
+    /// Fires every timer due by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(timer) = self.timers.pop_due(now) {
+            match timer {
+                Timer::Swim(t) => {
+                    let out = self.membership.handle_timer(t);
+                    self.apply(now, out);
+                }
+                Timer::AntiEntropy => {
+                    let peers = self.alive_addrs();
+                    let out = self.table.anti_entropy(&peers);
+                    self.gossip(out);
+                    self.timers
+                        .push(now + ANTI_ENTROPY_EVERY, Timer::AntiEntropy);
+                }
+                Timer::Rejoin => {
+                    if self.membership.alive().next().is_none() {
+                        self.join(now);
+                    }
+                    self.timers.push(now + REJOIN_EVERY, Timer::Rejoin);
+                }
+                Timer::Remember => {
+                    self.membership.fit_size();
+                    let alive: BTreeSet<SocketAddr> = self.alive_addrs().into_iter().collect();
+                    if !alive.is_empty() {
+                        self.known = alive;
+                    }
+                    self.persist();
+                    self.timers.push(now + REMEMBER_EVERY, Timer::Remember);
+                }
+            }
+        }
+    }
+
+    /// Leaves: first the record that says so, then SWIM's leave.
+    pub fn leave(&mut self, now: Instant) {
+        let peers = self.alive_addrs();
+        if !peers.is_empty() {
+            self.known = peers.iter().copied().collect();
+        }
+        let out = self.table.publish(|r| r.left = true, &peers);
+        self.gossip(out);
+        let out = self.membership.leave();
+        self.apply(now, out);
+        self.persist();
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    /// Announces this agent to its seeds and to the members it last knew.
+    fn join(&mut self, now: Instant) {
+        let me = self.me().addr;
+        let targets: BTreeSet<SocketAddr> = self
+            .seeds
+            .iter()
+            .chain(self.known.iter())
+            .copied()
+            .filter(|a| *a != me)
+            .collect();
+        for addr in targets {
+            let out = self.membership.join(addr);
+            self.apply(now, out);
+        }
+    }
+
+    fn apply(&mut self, now: Instant, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { to, data } => {
+                    if to.addr != self.me().addr {
+                        self.transmits
+                            .push_back(Transmit::Datagram { to: to.addr, data });
+                    }
+                }
+                Output::Schedule { timer, after } => {
+                    self.timers.push(now + after, Timer::Swim(timer));
+                }
+                Output::Up(id) => {
+                    let digest = self.table.digest_to(id.addr);
+                    self.gossip(vec![digest]);
+                    self.events.push_back(Event::Up(id));
+                }
+                Output::Down(id) => {
+                    let left = self.table.get(&id.name).is_some_and(|r| r.left);
+                    self.events.push_back(Event::Down { id, left });
+                }
+                Output::Rejoined(id) => {
+                    self.events.push_back(Event::Rejoined(id));
+                    self.persist();
+                }
+                Output::Idle => {
+                    self.events.push_back(Event::Alone);
+                    self.join(now);
+                }
+            }
+        }
+    }
+
+    fn gossip(&mut self, out: Vec<Outgoing>) {
+        let me = self.me().addr;
+        for Outgoing { to, msg } in out {
+            if to != me {
+                self.transmits.push_back(Transmit::Gossip { to, msg });
+            }
+        }
+    }
+
+    /// Hands out what to remember, when it changed.
+    fn persist(&mut self) {
+        let now = Remembered {
+            bump: self.me().bump,
+            version: self.table.own().version,
+            peers: self.known.clone(),
+        };
+        if self.persisted.as_ref() != Some(&now) {
+            self.persisted = Some(now.clone());
+            self.events.push_back(Event::Persist(now));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::hoststate::HostRecord;
+    use std::collections::BTreeMap;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 9, 0, i], 7400))
+    }
+
+    fn core(i: u8, seeds: Vec<SocketAddr>, now: Instant) -> Core {
+        let id = MemberId {
+            name: format!("n{i}"),
+            addr: addr(i),
+            bump: 1,
+        };
+        let record = HostRecord {
+            name: id.name.clone(),
+            addr: id.addr,
+            version: 1,
+            left: false,
+            tags: BTreeMap::new(),
+            apps: BTreeMap::new(),
+        };
+        Core::new(
+            now,
+            Membership::new(id, membership::config(8), u64::from(i)),
+            HostTable::new(record, u64::from(i)),
+            seeds,
+            BTreeSet::new(),
+        )
+    }
+
+    fn drain(c: &mut Core) -> (Vec<Transmit>, Vec<Event>) {
+        let t = std::iter::from_fn(|| c.poll_transmit()).collect();
+        let e = std::iter::from_fn(|| c.poll_event()).collect();
+        (t, e)
+    }
+
+    /// Delivers every transmit among `cores` until none is left (or `rounds` pass), firing
+    /// timers up to `until`.
+    fn run(cores: &mut [Core], now: &mut Instant, until: Instant) -> Vec<(usize, Event)> {
+        let mut events = Vec::new();
+        while *now <= until {
+            let mut moved = true;
+            while moved {
+                moved = false;
+                for i in 0..cores.len() {
+                    let (ts, es) = drain(&mut cores[i]);
+                    events.extend(es.into_iter().map(|e| (i, e)));
+                    for t in ts {
+                        moved = true;
+                        let from = cores[i].me().clone();
+                        match t {
+                            Transmit::Datagram { to, data } => {
+                                if let Some(j) = cores.iter().position(|c| c.me().addr == to) {
+                                    let _ = cores[j].handle_datagram(*now, &from.name, &data);
+                                }
+                            }
+                            Transmit::Gossip { to, msg } => {
+                                if let Some(j) = cores.iter().position(|c| c.me().addr == to) {
+                                    cores[j].handle_gossip(*now, from.addr, msg);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            *now += Duration::from_millis(50);
+            for c in cores.iter_mut() {
+                c.handle_timeout(*now);
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn a_new_node_announces_to_its_seeds_and_asks_to_persist() {
+        let now = Instant::now();
+        let mut c = core(2, vec![addr(1), addr(2)], now);
+        let (ts, es) = drain(&mut c);
+        assert!(
+            ts.iter()
+                .all(|t| matches!(t, Transmit::Datagram { to, .. } if *to == addr(1))),
+            "announces to the seed, never to itself: {ts:?}"
+        );
+        assert!(!ts.is_empty());
+        assert!(matches!(&es[..], [Event::Persist(r)] if r.version == 1));
+        assert_eq!(c.poll_timeout(), Some(now + ANTI_ENTROPY_EVERY));
+    }
+
+    #[test]
+    fn members_come_up_trade_records_and_a_change_reaches_the_other() {
+        let mut now = Instant::now();
+        let mut cores = vec![core(1, vec![], now), core(2, vec![addr(1)], now)];
+        let events = run(
+            &mut cores,
+            &mut now,
+            Instant::now() + Duration::from_secs(2),
+        );
+        assert!(
+            events
+                .iter()
+                .any(|(i, e)| *i == 0 && matches!(e, Event::Up(id) if id.name == "n2")),
+            "{events:?}"
+        );
+        assert_eq!(cores[0].table().get("n2").map(|r| r.version), Some(1));
+        let mut tags = BTreeMap::new();
+        tags.insert("role".to_string(), "inference".to_string());
+        cores[1].handle_local(
+            now,
+            LocalState {
+                tags,
+                apps: BTreeMap::new(),
+            },
+        );
+        let until = now + Duration::from_millis(100);
+        run(&mut cores, &mut now, until);
+        let seen = cores[0].table().get("n2").unwrap();
+        assert_eq!(seen.tags.get("role").map(String::as_str), Some("inference"));
+        assert!(cores[0].hosts().iter().any(|h| h.name == "n2"));
+    }
+
+    #[test]
+    fn a_lone_node_rejoins_through_its_seeds_on_its_schedule() {
+        let now = Instant::now();
+        let mut c = core(2, vec![addr(1)], now);
+        drain(&mut c);
+        c.handle_timeout(now + REJOIN_EVERY - Duration::from_millis(1));
+        assert!(
+            !std::iter::from_fn(|| c.poll_transmit())
+                .any(|t| matches!(t, Transmit::Datagram { to, .. } if to == addr(1))),
+            "not before its time"
+        );
+        c.handle_timeout(now + REJOIN_EVERY);
+        let ts: Vec<_> = std::iter::from_fn(|| c.poll_transmit()).collect();
+        assert!(
+            ts.iter()
+                .any(|t| matches!(t, Transmit::Datagram { to, .. } if *to == addr(1))),
+            "{ts:?}"
+        );
+    }
+
+    #[test]
+    fn a_dead_member_is_reported_and_leaving_is_told() {
+        let mut now = Instant::now();
+        let mut cores = vec![
+            core(1, vec![], now),
+            core(2, vec![addr(1)], now),
+            core(3, vec![addr(1)], now),
+        ];
+        run(
+            &mut cores,
+            &mut now,
+            Instant::now() + Duration::from_secs(3),
+        );
+        assert_eq!(cores[0].alive_addrs().len(), 2);
+        // n3 leaves gracefully: the others see it down, and left.
+        cores[2].leave(now);
+        let until = now + Duration::from_secs(2);
+        let events = run(&mut cores[..], &mut now, until);
+        assert!(
+            events
+                .iter()
+                .any(|(i, e)| *i == 0
+                    && matches!(e, Event::Down { id, left: true } if id.name == "n3")),
+            "{events:?}"
+        );
+        // n2 dies silently: n1 declares it down, not left.
+        let mut survivors: Vec<Core> = cores.drain(..1).collect();
+        let until = now + Duration::from_secs(5);
+        let events = run(&mut survivors, &mut now, until);
+        assert!(
+            events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::Down { id, left: false } if id.name == "n2")),
+            "{events:?}"
+        );
+    }
+}
