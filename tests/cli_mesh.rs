@@ -231,7 +231,7 @@ async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path:
     use shoal_agent::mesh::transport;
 
     let id = Identity::load(identity).unwrap();
-    let endpoint = transport::endpoint("127.77.2.101:0".parse().unwrap(), &id).unwrap();
+    let endpoint = transport::endpoint("127.77.2.101:0".parse().unwrap(), &id, None).unwrap();
     let conn = transport::connect(&endpoint, target).await.unwrap();
     for junk in [&b""[..], b"\xff\xff\xff\xff", &[7u8; 1000]] {
         let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(junk));

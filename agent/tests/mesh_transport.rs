@@ -83,13 +83,13 @@ async fn fleet_peers_connect_and_strangers_do_not() {
     );
     let other = identities(dir.path(), "other", &[("mallory", Role::Agent)]);
 
-    let server = transport::endpoint(addr("127.0.0.2"), &fleet[0]).unwrap();
+    let server = transport::endpoint(addr("127.0.0.2"), &fleet[0], None).unwrap();
     let server_addr = server.local_addr().unwrap();
     serve(server.clone());
 
     // A fleet agent and a fleet operator connect; each side knows who the other is.
     for (client_id, name) in [(&fleet[1], "edge-2"), (&fleet[2], "alice")] {
-        let client = transport::endpoint(addr("127.0.0.1"), client_id).unwrap();
+        let client = transport::endpoint(addr("127.0.0.1"), client_id, None).unwrap();
         let conn = transport::connect(&client, server_addr).await.unwrap();
         assert_eq!(
             transport::peer_identity(&conn).unwrap(),
@@ -104,7 +104,7 @@ async fn fleet_peers_connect_and_strangers_do_not() {
     }
 
     // A client with a certificate from another CA is refused by the server.
-    let stranger = transport::endpoint(addr("127.0.0.1"), &other[0]).unwrap();
+    let stranger = transport::endpoint(addr("127.0.0.1"), &other[0], None).unwrap();
     let refused = match transport::connect(&stranger, server_addr).await {
         Err(e) => Some(e),
         // With TLS 1.3 the client may finish before the server rejects its certificate:
@@ -117,10 +117,10 @@ async fn fleet_peers_connect_and_strangers_do_not() {
     );
 
     // A fleet client refuses a server with a certificate from another CA.
-    let rogue = transport::endpoint(addr("127.0.0.3"), &other[0]).unwrap();
+    let rogue = transport::endpoint(addr("127.0.0.3"), &other[0], None).unwrap();
     let rogue_addr = rogue.local_addr().unwrap();
     serve(rogue);
-    let client = transport::endpoint(addr("127.0.0.1"), &fleet[1]).unwrap();
+    let client = transport::endpoint(addr("127.0.0.1"), &fleet[1], None).unwrap();
     let err = transport::connect(&client, rogue_addr)
         .await
         .expect_err("a rogue server was accepted");
@@ -138,7 +138,7 @@ async fn garbage_frames_and_datagrams_do_not_hurt_the_endpoint() {
         "fleet",
         &[("edge-1", Role::Agent), ("edge-2", Role::Agent)],
     );
-    let server = transport::endpoint(addr("127.0.0.4"), &fleet[0]).unwrap();
+    let server = transport::endpoint(addr("127.0.0.4"), &fleet[0], None).unwrap();
     let server_addr = server.local_addr().unwrap();
     serve(server);
 
@@ -149,7 +149,7 @@ async fn garbage_frames_and_datagrams_do_not_hurt_the_endpoint() {
         udp.send_to(&junk, server_addr).unwrap();
     }
 
-    let client = transport::endpoint(addr("127.0.0.1"), &fleet[1]).unwrap();
+    let client = transport::endpoint(addr("127.0.0.1"), &fleet[1], None).unwrap();
     let conn = transport::connect(&client, server_addr).await.unwrap();
 
     // A garbage frame: that stream is reset...

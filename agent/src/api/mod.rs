@@ -25,6 +25,8 @@ pub use crate::mesh::view::{HostView, MemberState};
 pub enum Request {
     /// Every member of the mesh, as this agent sees it.
     Hosts,
+    /// A revocation list signed by the fleet CA (DER), to enforce and spread.
+    PublishRevocations(Vec<u8>),
 }
 
 /// What an agent answers: one or more parts, then `End` (or one `Error`).
@@ -32,6 +34,8 @@ pub enum Request {
 pub enum Response {
     /// Some of the hosts; more may follow.
     Hosts(Vec<HostView>),
+    /// The revocation list now in force has this number.
+    Published(u64),
     /// The answer is complete.
     End,
     Error(String),
@@ -41,6 +45,7 @@ pub enum Response {
 #[derive(Clone, Debug)]
 pub enum Answer {
     Hosts(Vec<HostView>),
+    Published(u64),
 }
 
 /// How long an agent has to complete the handshake.
@@ -130,6 +135,10 @@ async fn answer(
                 .collect(),
             Err(e) => vec![Response::Error(e.to_string())],
         },
+        Ok(Ok(Request::PublishRevocations(der))) => match mesh.publish_revocations(der).await {
+            Ok(number) => vec![Response::Published(number), Response::End],
+            Err(e) => vec![Response::Error(format!("revocation list refused: {e}"))],
+        },
         Ok(Err(e)) => vec![Response::Error(format!("malformed request: {e}"))],
         Err(_) => vec![Response::Error(
             "the request did not arrive whole in time".into(),
@@ -163,7 +172,7 @@ pub async fn ask(
         "[::]:0".parse()?
     };
     let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
-    endpoint.set_default_client_config(transport::client_config(&id)?);
+    endpoint.set_default_client_config(transport::client_config(&id, None)?);
     let answer = async {
         let conn = tokio::time::timeout(CONNECT_WITHIN, transport::connect(&endpoint, peer))
             .await
@@ -174,8 +183,39 @@ pub async fn ask(
                     CONNECT_WITHIN.as_secs(),
                     peer.port()
                 )
-            })??;
-        let (name, role) = transport::peer_identity(&conn)?;
+            })?
+            .map_err(|e| {
+                match e
+                    .downcast_ref::<quinn::ConnectionError>()
+                    .and_then(transport::refusal)
+                {
+                    Some(why) => anyhow!("{peer} refused this operator: its certificate {why}"),
+                    None => e,
+                }
+            })?;
+        exchange(&conn, peer, expect, request).await.map_err(|e| {
+            match conn.close_reason().as_ref().and_then(transport::refusal) {
+                Some(why) => anyhow!("{peer} refused this operator: its certificate {why}"),
+                None => e,
+            }
+        })
+    };
+    let answer = tokio::time::timeout(ANSWER_WITHIN, answer)
+        .await
+        .map_err(|_| anyhow!("{peer} did not answer within {} s", ANSWER_WITHIN.as_secs()))??;
+    endpoint.wait_idle().await;
+    Ok(answer)
+}
+
+/// One request and its answer on an established connection.
+async fn exchange(
+    conn: &quinn::Connection,
+    peer: SocketAddr,
+    expect: Option<&str>,
+    request: &Request,
+) -> Result<Answer> {
+    {
+        let (name, role) = transport::peer_identity(conn)?;
         if role != Role::Agent {
             conn.close(1u32.into(), b"not an agent");
             bail!(
@@ -193,26 +233,26 @@ pub async fn ask(
         write_frame(&mut send, request).await?;
         send.finish()?;
         let mut hosts = Vec::new();
+        let mut published = None;
         for _ in 0..MAX_PARTS {
             let response: Response = read_frame(&mut recv)
                 .await
                 .with_context(|| format!("reading the answer of {peer}"))?;
             match response {
                 Response::Hosts(part) => hosts.extend(part),
+                Response::Published(number) => published = Some(number),
                 Response::End => {
                     conn.close(0u32.into(), b"done");
-                    return anyhow::Ok(Answer::Hosts(hosts));
+                    return Ok(match published {
+                        Some(number) => Answer::Published(number),
+                        None => Answer::Hosts(hosts),
+                    });
                 }
                 Response::Error(e) => bail!("{peer}: {e}"),
             }
         }
         bail!("{peer} sent more than {MAX_PARTS} parts of one answer")
-    };
-    let answer = tokio::time::timeout(ANSWER_WITHIN, answer)
-        .await
-        .map_err(|_| anyhow!("{peer} did not answer within {} s", ANSWER_WITHIN.as_secs()))??;
-    endpoint.wait_idle().await;
-    Ok(answer)
+    }
 }
 
 /// Whether the certificate name `actual` is the agent the operator named: the same, or

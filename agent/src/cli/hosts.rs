@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 
 use crate::api::{self, Answer, HostView, Request};
 
@@ -16,7 +16,9 @@ pub async fn run(peer: &str, identity: Option<&Path>, json: bool) -> Result<bool
     })?;
     let addr = resolve(peer)?;
     let expect = named_host(peer);
-    let Answer::Hosts(hosts) = api::ask(addr, expect, identity, &Request::Hosts).await?;
+    let Answer::Hosts(hosts) = api::ask(addr, expect, identity, &Request::Hosts).await? else {
+        bail!("{peer} answered something other than the hosts");
+    };
     if json {
         super::print_json(&hosts)?;
     } else {

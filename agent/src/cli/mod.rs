@@ -92,7 +92,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Agent(args) => agent::run(args).await,
-            Command::Ca(cmd) => ca::run(cmd, cli.json),
+            Command::Ca(cmd) => ca::run(cmd, &cli.peer, cli.identity.as_deref(), cli.json).await,
             Command::Hook(cmd) => hook::run(cmd, cli.json).await,
             Command::Bundle(cmd) => bundle::run(cmd, cli.json),
             Command::Deploy(cmd) => deploy::run(cmd, cli.json).await,

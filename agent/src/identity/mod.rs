@@ -36,6 +36,8 @@ impl Role {
     }
 }
 
+pub mod revocation;
+
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
 
@@ -139,6 +141,9 @@ pub fn issue(ca_dir: &Path, name: &str, role: Role, out: &Path) -> Result<()> {
     let cert = params.signed_by(&key, &issuer)?;
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let serial = revocation::serial_of(cert.der())
+        .ok_or_else(|| anyhow!("the issued certificate does not parse"))?;
+    revocation::record_issued(ca_dir, name, &serial)?;
     write_private(&out.join("key.pem"), &key.serialize_pem())?;
     write_public(&out.join("cert.pem"), &cert.pem())?;
     write_public(&out.join("ca.pem"), &ca_pem)?;

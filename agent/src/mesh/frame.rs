@@ -44,6 +44,8 @@ pub enum Protocol {
     Raft = 3,
     /// Reserved: chunked bundle transfer.
     Blobs = 4,
+    /// Revocation lists, passed from agent to agent (`revocation`).
+    Revocations = 5,
 }
 
 impl Protocol {
@@ -53,6 +55,7 @@ impl Protocol {
             2 => Protocol::Api,
             3 => Protocol::Raft,
             4 => Protocol::Blobs,
+            5 => Protocol::Revocations,
             _ => return None,
         })
     }

@@ -3,7 +3,8 @@
 //! membership with failure detection (`membership`) and gossiped host state (`hoststate`)
 //! as sans-IO cores, the node's own decisions as a sans-IO core over them (`core`) with one
 //! timer queue (`timers`), what operators see of it (`view`), what this host reports
-//! (`local`), and the thin tokio driver, router and `MeshHandle` (`node`).
+//! (`local`), revocation lists passed from agent to agent (`revocation`), and the thin
+//! tokio driver, router and `MeshHandle` (`node`).
 
 pub mod core;
 pub mod frame;
@@ -12,6 +13,7 @@ pub mod local;
 pub mod membership;
 pub mod node;
 pub mod peers;
+pub mod revocation;
 pub mod timers;
 pub mod transport;
 pub mod view;

@@ -25,20 +25,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use bytes::Bytes;
+use rustls_pki_types::CertificateDer;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::core::{Core, Event, Remembered, Transmit};
-use super::frame::{Protocol, read_frame, read_protocol, write_frame, write_protocol};
+use super::frame::{Protocol, encode_frame, read_frame, read_protocol, write_protocol};
 use super::hoststate::{AppRecord, GossipMsg, HostRecord, HostTable, first_version};
 use super::membership::{self, MemberId, Membership};
 use super::peers::{Live, MAX_QUEUED, Pending, Pool, Slot};
 use super::transport;
 use super::view::HostView;
+use crate::identity::revocation::RevocationList;
 use crate::identity::{Identity, Role};
 use crate::lifecycle::state::{read_json, write_json};
 
@@ -231,6 +233,12 @@ enum Command {
         reply: oneshot::Sender<Result<quinn::Connection, MeshError>>,
     },
     Hosts(oneshot::Sender<Vec<HostView>>),
+    /// A revocation list from an operator or a peer: adopted if the fleet CA signed it and
+    /// it is newer than ours. The answer is the number of the list now in force.
+    Revocations {
+        der: Vec<u8>,
+        reply: Option<oneshot::Sender<Result<u64, String>>>,
+    },
 }
 
 /// How services use the mesh. Cheap to clone.
@@ -325,6 +333,30 @@ impl MeshHandle {
         answer.await.map_err(|_| MeshError::ShuttingDown)
     }
 
+    /// Hands the mesh a revocation list (DER). It is adopted, enforced and spread if the
+    /// fleet CA signed it and it is newer than the one in force; the answer is the number of
+    /// the list in force, or why it was refused.
+    pub async fn publish_revocations(&self, der: Vec<u8>) -> Result<u64, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Revocations {
+                der,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| MeshError::ShuttingDown.to_string())?;
+        answer
+            .await
+            .map_err(|_| MeshError::ShuttingDown.to_string())?
+    }
+
+    /// Passes on a revocation list received from a peer (no answer needed).
+    pub fn offer_revocations(&self, der: Vec<u8>) {
+        let _ = self
+            .commands
+            .try_send(Command::Revocations { der, reply: None });
+    }
+
     /// Counters of dropped work.
     pub fn drops(&self) -> &Drops {
         &self.drops
@@ -349,6 +381,8 @@ pub struct Mesh {
     shutdown: watch::Sender<bool>,
     state_file: PathBuf,
     seeds: Vec<SocketAddr>,
+    identity: Identity,
+    revoked: Option<RevocationList>,
 }
 
 /// Runs this agent's side of the mesh until `stop` resolves, then leaves it gracefully:
@@ -361,6 +395,8 @@ pub async fn run(
     let mesh = Mesh::bind(config, local.borrow().clone())?;
     let api = mesh.handle().serve(Protocol::Api);
     tokio::spawn(crate::api::serve(mesh.handle(), api));
+    let lists = mesh.handle().serve(Protocol::Revocations);
+    tokio::spawn(super::revocation::serve(mesh.handle(), lists));
     mesh.run(local, stop).await
 }
 
@@ -377,8 +413,9 @@ impl Mesh {
                 config.name
             );
         }
-        let endpoint = transport::endpoint(config.listen, &config.identity)?;
         let state_file = config.data_dir.join("mesh").join("self.json");
+        let revoked = super::revocation::load(&state_file, &config.identity);
+        let endpoint = transport::endpoint(config.listen, &config.identity, revoked.as_ref())?;
         let remembered: Remembered = read_json(&state_file)
             .unwrap_or_else(|e| {
                 tracing::warn!("{e:#}; starting the mesh state afresh");
@@ -434,6 +471,8 @@ impl Mesh {
             shutdown,
             state_file,
             seeds: config.seeds,
+            identity: config.identity,
+            revoked,
         })
     }
 
@@ -461,6 +500,8 @@ impl Mesh {
             shutdown,
             state_file,
             seeds,
+            identity,
+            revoked,
         } = self;
         tracing::info!(name = %me.name, addr = %me.addr, %listen, ?seeds, "joining the mesh");
         let inbound = Arc::new(InboundCtx {
@@ -471,6 +512,7 @@ impl Mesh {
             readers: Arc::new(Semaphore::new(MAX_READING)),
             shutdown: handle.shutdown(),
             refusals: RateLimit::default(),
+            connections: Mutex::new(HashMap::new()),
         });
         // The gossip service reads whole messages and queues them for the core.
         let gossip_streams = handle.serve(Protocol::Gossip);
@@ -488,6 +530,9 @@ impl Mesh {
             persist: persist_tx,
             members,
             last_members: Vec::new(),
+            identity,
+            revoked,
+            lists_file: super::revocation::file(&state_file),
         };
         driver.flush(&mut core);
         tokio::pin!(stop);
@@ -600,6 +645,9 @@ struct InboundCtx {
     shutdown: watch::Receiver<bool>,
     /// Logs of refused handshakes, either way.
     refusals: RateLimit,
+    /// Every open connection (agents' and operators'), with the peer's certificate, so that
+    /// a revocation can close those it names.
+    connections: Mutex<HashMap<usize, (quinn::Connection, CertificateDer<'static>)>>,
 }
 
 /// The driver's IO state: the pool, and where things go.
@@ -612,6 +660,10 @@ struct Driver {
     persist: watch::Sender<Option<Remembered>>,
     members: watch::Sender<Arc<Vec<MemberId>>>,
     last_members: Vec<MemberId>,
+    identity: Identity,
+    /// The revocation list in force.
+    revoked: Option<RevocationList>,
+    lists_file: PathBuf,
 }
 
 impl Driver {
@@ -630,6 +682,12 @@ impl Driver {
                 Event::Up(id) => {
                     membership_changed = true;
                     tracing::info!(member = %id.name, addr = %id.addr, "member is alive");
+                    if let Some(list) = &self.revoked {
+                        let frame = self.revocations_frame(list);
+                        if let Some(frame) = frame {
+                            self.send_frame(now, id.addr, Protocol::Revocations, frame);
+                        }
+                    }
                 }
                 Event::Down { id, left } => {
                     membership_changed = true;
@@ -710,7 +768,64 @@ impl Driver {
             Command::Hosts(reply) => {
                 let _ = reply.send(core.hosts());
             }
+            Command::Revocations { der, reply } => {
+                let result = self.adopt(now, core, der);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
         }
+    }
+
+    /// Adopts a revocation list if the fleet CA signed it and it is newer: enforced at every
+    /// handshake from now on, live connections of revoked certificates closed, written to
+    /// disk, and passed on to peers.
+    fn adopt(&mut self, now: Instant, core: &Core, der: Vec<u8>) -> Result<u64, String> {
+        let list = RevocationList::verify(&der, &self.identity.ca).map_err(|e| e.to_string())?;
+        let current = self.revoked.as_ref().map_or(0, |l| l.number);
+        if list.number <= current {
+            return Ok(current);
+        }
+        let server =
+            transport::server_config(&self.identity, Some(&list)).map_err(|e| format!("{e:#}"))?;
+        let client =
+            transport::client_config(&self.identity, Some(&list)).map_err(|e| format!("{e:#}"))?;
+        self.endpoint.set_server_config(Some(server));
+        self.endpoint.set_default_client_config(client);
+        let cut: Vec<quinn::Connection> = self
+            .inbound
+            .connections
+            .lock()
+            .expect("connections lock")
+            .values()
+            .filter(|(_, cert)| list.is_revoked(cert))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for conn in &cut {
+            conn.close(3u32.into(), b"certificate revoked");
+        }
+        tracing::warn!(
+            number = list.number,
+            revoked = list.serials.len(),
+            closed = cut.len(),
+            "a new revocation list is in force"
+        );
+        super::revocation::store(&self.lists_file, &list);
+        if let Some(frame) = self.revocations_frame(&list) {
+            let peers = core.alive_addrs();
+            let n = super::hoststate::fanout(peers.len());
+            use rand::seq::IndexedRandom;
+            for &to in peers.sample(&mut rand::rng(), n) {
+                self.send_frame(now, to, Protocol::Revocations, frame.clone());
+            }
+        }
+        let number = list.number;
+        self.revoked = Some(list);
+        Ok(number)
+    }
+
+    fn revocations_frame(&self, list: &RevocationList) -> Option<Arc<[u8]>> {
+        encode_frame(&list.der).ok().map(Arc::from)
     }
 
     fn send_datagram(&mut self, now: Instant, to: SocketAddr, data: Bytes) {
@@ -724,31 +839,45 @@ impl Driver {
     }
 
     fn send_gossip(&mut self, now: Instant, to: SocketAddr, msg: GossipMsg) {
+        match encode_frame(&msg) {
+            Ok(frame) => self.send_frame(now, to, Protocol::Gossip, Arc::from(frame)),
+            Err(e) => {
+                count(&self.inbound.drops.bad_streams);
+                tracing::warn!(peer = %to, "a gossip message was not sent: {e}");
+            }
+        }
+    }
+
+    /// Sends one encoded frame on a new stream of `protocol` to `to` (one of a bounded number
+    /// of writers, within the deadline).
+    fn send_frame(&mut self, now: Instant, to: SocketAddr, protocol: Protocol, frame: Arc<[u8]>) {
+        let Ok(permit) = self.writers.clone().try_acquire_owned() else {
+            count(&self.inbound.drops.writers_busy);
+            return;
+        };
         let (tx, rx) = oneshot::channel();
         if let Some(conn) = self.pool.live(now, to) {
             let _ = tx.send(Ok(conn.clone()));
         } else {
             self.want(now, to, Pending::Want(tx));
         }
-        let Ok(permit) = self.writers.clone().try_acquire_owned() else {
-            count(&self.inbound.drops.writers_busy);
-            return;
-        };
         tokio::spawn(async move {
             let _permit = permit;
             let Ok(Ok(conn)) = rx.await else { return };
             let sent = tokio::time::timeout(STREAM_DEADLINE, async {
                 let mut stream = conn.open_uni().await?;
-                write_protocol(&mut stream, Protocol::Gossip).await?;
-                write_frame(&mut stream, &msg).await?;
+                write_protocol(&mut stream, protocol).await?;
+                stream.write_all(&frame).await?;
                 stream.finish()?;
                 anyhow::Ok(())
             })
             .await;
             match sent {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(peer = %to, "gossip not sent: {e:#}"),
-                Err(_) => tracing::debug!(peer = %to, "gossip not sent within {STREAM_DEADLINE:?}"),
+                Ok(Err(e)) => tracing::debug!(peer = %to, ?protocol, "not sent: {e:#}"),
+                Err(_) => {
+                    tracing::debug!(peer = %to, ?protocol, "not sent within {STREAM_DEADLINE:?}")
+                }
             }
         });
     }
@@ -940,6 +1069,21 @@ async fn accept(endpoint: quinn::Endpoint, ctx: Arc<InboundCtx>) {
 /// Reads what a peer sends on `conn`: membership datagrams (agents only) for the core,
 /// and streams for the router, each opened with its protocol tag.
 fn serve(conn: quinn::Connection, peer: PeerInfo, ctx: Arc<InboundCtx>) {
+    if let Ok(cert) = transport::peer_cert(&conn) {
+        let id = conn.stable_id();
+        ctx.connections
+            .lock()
+            .expect("connections lock")
+            .insert(id, (conn.clone(), cert));
+        let (c, rctx) = (conn.clone(), ctx.clone());
+        tokio::spawn(async move {
+            c.closed().await;
+            rctx.connections
+                .lock()
+                .expect("connections lock")
+                .remove(&id);
+        });
+    }
     if peer.role == Role::Agent {
         let (c, dctx, name) = (conn.clone(), ctx.clone(), peer.name.clone());
         tokio::spawn(async move {
@@ -949,6 +1093,13 @@ fn serve(conn: quinn::Connection, peer: PeerInfo, ctx: Arc<InboundCtx>) {
                 if dctx.swim.try_send((name.clone(), data)).is_err() {
                     count(&dctx.drops.swim_queue_full);
                 }
+            }
+            // The peer's TLS may refuse us after our side of the handshake completed (our
+            // certificate revoked, say): that is worth a warning, once in a while.
+            if let Some(why) = c.close_reason().as_ref().and_then(transport::refusal)
+                && dctx.refusals.allow()
+            {
+                tracing::warn!(peer = %c.remote_address(), "refused to join a peer: it says our certificate {why}");
             }
             let _ = dctx
                 .commands

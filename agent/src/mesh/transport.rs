@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
+use crate::identity::revocation::RevocationList;
 use crate::identity::{self, Identity, Role};
 
 /// The ALPN protocol of Shoal's wire format, version 1.
@@ -111,15 +112,34 @@ fn reset_key(id: &Identity) -> Arc<ring::hmac::Key> {
     Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &h.finalize()))
 }
 
-/// The client side alone: what an operator's CLI uses to talk to an agent.
-pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig> {
+/// The fleet CA as the one root of trust.
+fn roots(id: &Identity) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
     roots
         .add(id.ca.clone())
         .context("the fleet CA certificate is not usable as a root")?;
-    let roots = Arc::new(roots);
+    Ok(Arc::new(roots))
+}
+
+/// The revocation list, if any, as rustls takes it.
+fn crls(revoked: Option<&RevocationList>) -> Vec<CertificateRevocationListDer<'static>> {
+    revoked
+        .map(|l| vec![CertificateRevocationListDer::from(l.der.clone())])
+        .unwrap_or_default()
+}
+
+/// The client side alone: what an operator's CLI uses to talk to an agent, and what an
+/// agent dials with. Servers on the revocation list are refused.
+pub fn client_config(
+    id: &Identity,
+    revoked: Option<&RevocationList>,
+) -> Result<quinn::ClientConfig> {
     let server_verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider()).build()?;
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(id)?, provider())
+            .with_crls(crls(revoked))
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -134,14 +154,16 @@ pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig> {
     Ok(config)
 }
 
-/// An endpoint bound to `listen` that accepts only peers of the fleet, and dials as `id`.
-pub fn endpoint(listen: SocketAddr, id: &Identity) -> Result<quinn::Endpoint> {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(id.ca.clone())
-        .context("the fleet CA certificate is not usable as a root")?;
+/// What an agent accepts: peers of the fleet whose certificates are not revoked.
+pub fn server_config(
+    id: &Identity,
+    revoked: Option<&RevocationList>,
+) -> Result<quinn::ServerConfig> {
     let client_verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(id)?, provider())
+            .with_crls(crls(revoked))
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
             .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -153,6 +175,17 @@ pub fn endpoint(listen: SocketAddr, id: &Identity) -> Result<quinn::Endpoint> {
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
     ));
     server.transport_config(Arc::new(transport_config()));
+    Ok(server)
+}
+
+/// An endpoint bound to `listen` that accepts only peers of the fleet (and none that
+/// `revoked` lists), and dials as `id`.
+pub fn endpoint(
+    listen: SocketAddr,
+    id: &Identity,
+    revoked: Option<&RevocationList>,
+) -> Result<quinn::Endpoint> {
+    let server = server_config(id, revoked)?;
     let socket =
         std::net::UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
     let mut endpoint = quinn::Endpoint::new(
@@ -162,7 +195,7 @@ pub fn endpoint(listen: SocketAddr, id: &Identity) -> Result<quinn::Endpoint> {
         Arc::new(quinn::TokioRuntime),
     )
     .with_context(|| format!("binding UDP {listen}"))?;
-    endpoint.set_default_client_config(client_config(id)?);
+    endpoint.set_default_client_config(client_config(id, revoked)?);
     Ok(endpoint)
 }
 
@@ -178,12 +211,36 @@ pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<qui
 
 /// The name and role in a connected peer's certificate.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<(String, Role)> {
+    identity::name_and_role(&peer_cert(conn)?)
+}
+
+/// A connected peer's certificate (DER).
+pub fn peer_cert(conn: &quinn::Connection) -> Result<CertificateDer<'static>> {
     let certs = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or_else(|| anyhow!("the peer presented no certificate"))?;
-    let leaf = certs
+    certs
         .first()
-        .ok_or_else(|| anyhow!("the peer presented no certificate"))?;
-    identity::name_and_role(leaf)
+        .cloned()
+        .ok_or_else(|| anyhow!("the peer presented no certificate"))
+}
+
+/// What a TLS refusal means, if the connection ended in one (a TLS alert travels as a QUIC
+/// crypto error, 0x100 + the alert): said of the certificate that was refused.
+pub fn refusal(e: &quinn::ConnectionError) -> Option<&'static str> {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        quinn::ConnectionError::TransportError(t) => t.code,
+        _ => return None,
+    };
+    [
+        (44, "has been revoked by the fleet CA (`shoal ca revoke`)"),
+        (42, "was not accepted (is it from this fleet's CA?)"),
+        (48, "is not from this fleet's CA"),
+        (45, "has expired"),
+    ]
+    .into_iter()
+    .find(|(alert, _)| code == quinn::TransportErrorCode::crypto(*alert))
+    .map(|(_, why)| why)
 }
