@@ -1,6 +1,8 @@
 //! The mesh against the people it must keep out, with real `shoal agent` processes on
 //! 127.77.x addresses: a certificate revoked while the fleet runs is cut off everywhere
-//! within seconds and cannot come back; a revoked operator can ask nothing.
+//! within seconds and cannot come back; a revoked operator can ask nothing; a stranger's
+//! 2,000 handshakes and an insider's gossip burst (oversized frames included) kill no
+//! member and slow no answer; an operator trusts only an agent's certificate.
 
 #[path = "support/fleet.rs"]
 mod fleet;
@@ -153,4 +155,319 @@ fn a_revoked_agent_is_cut_off_everywhere_and_a_revoked_operator_is_refused() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not signed by this fleet's CA"), "{err}");
+}
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// How many times a member was declared dead, in every log of the fleet.
+fn deaths(fleet: &[fleet::Agent]) -> usize {
+    fleet
+        .iter()
+        .map(|a| a.log_text().matches("member is dead").count())
+        .sum()
+}
+
+/// A client with no certificate at all, that accepts any server: a stranger on the network.
+fn stranger_config() -> quinn::ClientConfig {
+    #[derive(Debug)]
+    struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"shoal/1".to_vec()];
+    quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ))
+}
+
+#[test]
+fn a_stranger_opening_two_thousand_handshakes_changes_nothing() {
+    const HANDSHAKES: usize = 2000;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 77, 4], 4);
+    for a in fleet.iter_mut() {
+        a.start();
+    }
+    wait_for("four agents to see each other alive", LONG, || {
+        fleet.iter().all(|a| {
+            hosts(a.addr, &ca.operator)
+                .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
+        })
+    });
+    let target = fleet[0].addr;
+    let pid = fleet[0].pid();
+    // Settle: the member's memory before, once it stopped growing from start-up.
+    let mut before = rss_kib(pid);
+    wait_for("the target's memory to settle", LONG, || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = rss_kib(pid);
+        let settled = now <= before + 256;
+        before = before.max(now);
+        settled
+    });
+
+    let flood = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let mut endpoint = quinn::Endpoint::client("127.77.4.200:0".parse().unwrap()).unwrap();
+            endpoint.set_default_client_config(stranger_config());
+            let started = Instant::now();
+            let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+            let mut tasks = Vec::new();
+            let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for _ in 0..HANDSHAKES {
+                let permit = sem.clone().acquire_owned().await.unwrap();
+                let (endpoint, connected) = (endpoint.clone(), connected.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _permit = permit;
+                    let attempt = async {
+                        let conn = endpoint.connect(target, "shoal.fleet").ok()?.await.ok()?;
+                        // Its side of the handshake may complete; the agent's refusal follows.
+                        let mut s = conn.open_uni().await.ok()?;
+                        let _ = s.write_all(&[2, 0, 0, 0, 1]).await;
+                        Some(conn)
+                    };
+                    let conn = tokio::time::timeout(Duration::from_secs(10), attempt)
+                        .await
+                        .ok()
+                        .flatten();
+                    // Admitted: still open 3 s after its handshake.
+                    if let Some(conn) = conn
+                        && tokio::time::timeout(Duration::from_secs(3), conn.closed())
+                            .await
+                            .is_err()
+                    {
+                        connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            endpoint.close(0u32.into(), b"");
+            (
+                started.elapsed(),
+                connected.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    });
+
+    // Throughout: `shoal hosts` answers within a second, every member stays alive.
+    let mut slowest = Duration::ZERO;
+    let mut asked = 0;
+    while !flood.is_finished() {
+        let t = Instant::now();
+        let list = hosts(target, &ca.operator).expect("the member answers during the flood");
+        slowest = slowest.max(t.elapsed());
+        asked += 1;
+        assert!(
+            list.iter().all(|h| h["state"] == "alive"),
+            "a member was lost during the flood: {list:?}"
+        );
+    }
+    let (took, connected) = flood.join().unwrap();
+    eprintln!(
+        "{HANDSHAKES} stranger handshakes took {took:?}; {connected} were admitted; \
+         `shoal hosts` asked {asked} times, slowest {slowest:?}"
+    );
+    assert_eq!(connected, 0, "no stranger was admitted");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "hosts answered within {slowest:?}"
+    );
+    assert_eq!(deaths(&fleet), 0, "no member was declared dead");
+    assert!(
+        took < Duration::from_secs(120),
+        "the flood was bounded in time: {took:?}"
+    );
+    // The refusals are logged, not once per stranger.
+    let refusals = fleet[0].log_text().matches("refused a connection").count();
+    assert!(refusals < 20, "{refusals} refusal lines");
+    // Memory comes back to where it was.
+    let peak = rss_kib(pid);
+    wait_for("the target's memory to come back", LONG, || {
+        rss_kib(pid) <= before + 2048
+    });
+    eprintln!(
+        "target RSS: {before} KiB before, {peak} KiB after the flood, {} KiB settled",
+        rss_kib(pid)
+    );
+}
+
+#[test]
+fn a_gossip_burst_from_one_member_kills_no_one() {
+    use shoal_agent::identity::Identity;
+    use shoal_agent::mesh::frame::{Protocol, encode_frame};
+    use shoal_agent::mesh::hoststate::GossipMsg;
+    use shoal_agent::mesh::transport;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 77, 5], 4);
+    for a in fleet.iter_mut() {
+        a.start();
+    }
+    wait_for("four agents to see each other alive", LONG, || {
+        fleet.iter().all(|a| {
+            hosts(a.addr, &ca.operator)
+                .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
+        })
+    });
+    // The insider: a valid agent certificate, speaking the wire protocol directly.
+    let insider = tmp.path().join("insider");
+    ca.issue("insider", &insider);
+    let id = Identity::load(&insider).unwrap();
+    let targets: Vec<std::net::SocketAddr> = fleet.iter().map(|a| a.addr).collect();
+    let digest = GossipMsg::Digest((0..20_000).map(|i| (format!("ghost-{i}"), 1)).collect());
+    let frame = encode_frame(&digest).unwrap();
+    let oversized = {
+        let mut f = (shoal_agent::mesh::frame::MAX_FRAME + 1)
+            .to_be_bytes()
+            .to_vec();
+        f.extend(std::iter::repeat_n(0u8, 64 * 1024));
+        f
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sent = rt.block_on(async {
+        let endpoint = transport::endpoint("127.77.5.200:0".parse().unwrap(), &id, None).unwrap();
+        let mut sent = 0usize;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(8) {
+            for &t in &targets {
+                let Ok(Ok(conn)) =
+                    tokio::time::timeout(Duration::from_secs(2), transport::connect(&endpoint, t))
+                        .await
+                else {
+                    continue;
+                };
+                let mut writes = Vec::new();
+                for i in 0..64 {
+                    let conn = conn.clone();
+                    let bytes = if i == 0 {
+                        oversized.clone()
+                    } else {
+                        frame.clone()
+                    };
+                    writes.push(tokio::spawn(async move {
+                        let mut s = conn.open_uni().await.ok()?;
+                        s.write_all(&[Protocol::Gossip as u8]).await.ok()?;
+                        s.write_all(&bytes).await.ok()?;
+                        s.finish().ok()
+                    }));
+                }
+                for w in writes {
+                    if tokio::time::timeout(Duration::from_secs(5), w)
+                        .await
+                        .is_ok_and(|r| r.ok().flatten().is_some())
+                    {
+                        sent += 1;
+                    }
+                }
+            }
+        }
+        endpoint.close(0u32.into(), b"");
+        sent
+    });
+    eprintln!(
+        "the insider sent {sent} gossip streams of {} KiB each",
+        frame.len() / 1024
+    );
+    assert!(sent > 100, "the burst happened ({sent} streams)");
+    // Every member is still alive to every other, and none was declared dead meanwhile.
+    for a in &fleet {
+        let list = hosts(a.addr, &ca.operator).unwrap();
+        let fleet_only: Vec<_> = list.iter().filter(|h| h["name"] != "insider").collect();
+        assert!(
+            fleet_only.iter().all(|h| h["state"] == "alive"),
+            "{}: {list:?}",
+            a.name
+        );
+        assert!(
+            !list
+                .iter()
+                .any(|h| h["name"].as_str().unwrap().starts_with("ghost-")),
+            "no ghost was adopted"
+        );
+    }
+    assert_eq!(deaths(&fleet), 0, "no member was declared dead");
+    // The oversized frame is refused and reported at warn (within the report period).
+    wait_for("the drops to be reported", LONG, || {
+        fleet
+            .iter()
+            .all(|a| a.log_text().contains("malformed or late streams"))
+    });
+}
+
+#[test]
+fn an_operator_trusts_only_an_agent_certificate() {
+    use shoal_agent::identity::Identity;
+    use shoal_agent::mesh::transport;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    // Something on the path that holds the fleet's *operator* certificate poses as an agent.
+    let impostor = Identity::load(&ca.operator).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr: std::net::SocketAddr = "127.77.6.1:7400".parse().unwrap();
+    let endpoint = rt.block_on(async { transport::endpoint(addr, &impostor, None).unwrap() });
+    let server = endpoint.clone();
+    rt.spawn(async move {
+        while let Some(incoming) = server.accept().await {
+            if let Ok(conn) = incoming.await {
+                // Would answer anything; the operator must not get that far.
+                let _ = conn.accept_bi().await;
+            }
+        }
+    });
+    let err = hosts(addr, &ca.operator).unwrap_err();
+    assert!(
+        err.contains("operator certificate, not an agent's"),
+        "{err}"
+    );
+
+    drop(endpoint);
 }

@@ -67,6 +67,9 @@ pub const STREAM_DEADLINE: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 /// Incoming handshakes in flight at once; more are refused.
 pub const MAX_HANDSHAKES: usize = 64;
+/// Incoming handshakes in flight at once from one IP address; more are refused, so one
+/// source cannot take every handshake slot.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
 /// Streams this agent writes at once (gossip); more are dropped.
 pub const MAX_WRITING: usize = 128;
 /// Incoming streams read at once, all peers together; more are stopped.
@@ -1002,11 +1005,18 @@ async fn dial(
 /// [`HANDSHAKE_DEADLINE`]. Agents' connections join the pool; operators' serve requests.
 async fn accept(endpoint: quinn::Endpoint, ctx: Arc<InboundCtx>) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let per_source: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     while let Some(incoming) = endpoint.accept().await {
         if !incoming.remote_address_validated() {
             let _ = incoming.retry();
             continue;
         }
+        let source = incoming.remote_address().ip();
+        let Some(slot) = SourceSlot::take(&per_source, source) else {
+            count(&ctx.drops.handshakes_refused);
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             count(&ctx.drops.handshakes_refused);
             incoming.refuse();
@@ -1015,6 +1025,7 @@ async fn accept(endpoint: quinn::Endpoint, ctx: Arc<InboundCtx>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             let remote = incoming.remote_address();
             let conn =
                 match tokio::time::timeout(HANDSHAKE_DEADLINE, async { incoming.await }).await {
@@ -1063,6 +1074,42 @@ async fn accept(endpoint: quinn::Endpoint, ctx: Arc<InboundCtx>) {
                     .await;
             }
         });
+    }
+}
+
+/// One of a source address's handshake slots, given back when dropped.
+struct SourceSlot {
+    map: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    fn take(
+        map: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut m = map.lock().expect("handshake slots lock");
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().expect("handshake slots lock");
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
