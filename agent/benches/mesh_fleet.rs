@@ -4,9 +4,13 @@
 //! - detection: `kill -9` of an agent until every other has logged it dead;
 //! - idle cost: RSS, private memory (RSS less the binary's pages, which every `shoal`
 //!   process shares) and CPU of each agent in the converged, idle mesh, against one agent
-//!   run without the mesh (no identity) in the same run.
+//!   run without the mesh (no identity) in the same run; packets each agent sends per
+//!   second, counted outside it by nftables (skipped, with a note, where `nft` is missing);
+//!   open connections per agent, from its own status line;
+//! - the start-up storm: every agent is started at once, and members declared dead before
+//!   the mesh converged are counted.
 //!
-//! `cargo bench -p shoal-agent --bench mesh_fleet` runs a 10- and a 50-agent fleet;
+//! `cargo bench -p shoal-agent --bench mesh_fleet` runs a 10-, a 50- and a 100-agent fleet;
 //! `SHOAL_BENCH_FLEETS=8,20` picks other sizes. Results are printed as markdown, for
 //! docs/benchmarks.md.
 
@@ -18,11 +22,11 @@ use std::time::{Duration, SystemTime};
 
 use fleet::{Agent, Ca, agents, hosts, wait_for};
 
-const DEBUG_LOG: &str = "info,shoal_agent::mesh::node=debug";
+const DEBUG_LOG: &str = "info,shoal_agent::mesh::node=debug,shoal_agent::mesh::core=debug";
 
 fn main() {
     let sizes: Vec<usize> = std::env::var("SHOAL_BENCH_FLEETS")
-        .unwrap_or_else(|_| "10,50".into())
+        .unwrap_or_else(|_| "10,50,100".into())
         .split(',')
         .map(|s| s.trim().parse().expect("fleet sizes are numbers"))
         .collect();
@@ -30,9 +34,9 @@ fn main() {
         return; // cargo test --benches asks for a listing: nothing to list
     }
     println!(
-        "| agents | propagation: median / max (ms) | detection: median / max (ms) | idle RSS per agent: median / max (MiB) | RSS vs agent without mesh | private memory per agent: median / max (MiB) | idle CPU per agent (%) | false deaths while idle |"
+        "| agents | propagation: median / max (ms) | detection: median / max (ms) | idle RSS per agent: median / max (MiB) | RSS vs agent without mesh | private memory per agent: median / max (MiB) | idle CPU per agent (%) | idle packets/s per agent: median / max | open connections per agent: median / max | false deaths at start-up / while idle |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (k, n) in sizes.into_iter().enumerate() {
         run_fleet(n, 10 + k as u8);
     }
@@ -71,13 +75,28 @@ fn run_fleet(n: usize, net: u8) {
     });
     eprintln!("{n} agents converged; checked {took:?} after start");
 
-    // Idle: 10 s of CPU and the RSS at the end.
+    // Idle: 10 s of CPU and packets, and the RSS at the end.
     std::thread::sleep(Duration::from_secs(5));
     let deaths_before = deaths(&fleet);
+    let counters = Counters::install(&fleet);
     let cpu0: Vec<u64> = fleet.iter().map(|a| cpu_ticks(a.pid())).collect();
     let alone0 = cpu_ticks(alone.pid());
     let window = Duration::from_secs(10);
     std::thread::sleep(window);
+    let mut packets: Vec<f64> = match &counters {
+        Some(c) => c
+            .read()
+            .iter()
+            .map(|p| *p as f64 / window.as_secs_f64())
+            .collect(),
+        None => Vec::new(),
+    };
+    drop(counters);
+    let mut connections: Vec<f64> = fleet
+        .iter()
+        .filter_map(|a| open_connections(&a.log_text()))
+        .map(|c| c as f64)
+        .collect();
     let ticks_per_s = 100.0; // USER_HZ on Linux
     let mut cpu: Vec<f64> = fleet
         .iter()
@@ -133,8 +152,20 @@ fn run_fleet(n: usize, net: u8) {
     let (pm, px) = median_max(&mut propagation);
     let (dm, dx) = median_max(&mut detection);
     let mean_cpu = cpu.iter().sum::<f64>() / cpu.len() as f64;
+    let packets = if packets.is_empty() {
+        "not counted (no nft)".to_string()
+    } else {
+        let (m, x) = median_max(&mut packets);
+        format!("{m:.1} / {x:.1}")
+    };
+    let connections = if connections.is_empty() {
+        "-".to_string()
+    } else {
+        let (m, x) = median_max(&mut connections);
+        format!("{m:.0} / {x:.0}")
+    };
     println!(
-        "| {n} | {pm:.0} / {px:.0} | {dm:.0} / {dx:.0} | {:.1} / {:.1} | {:.2} ({:.1} vs {alone_rss:.1} MiB) | {:.1} / {:.1} (alone: {alone_private:.1}) | {mean_cpu:.2} (alone: {alone_cpu:.2}) | {false_deaths} |",
+        "| {n} | {pm:.0} / {px:.0} | {dm:.0} / {dx:.0} | {:.1} / {:.1} | {:.2} ({:.1} vs {alone_rss:.1} MiB) | {:.1} / {:.1} (alone: {alone_private:.1}) | {mean_cpu:.2} (alone: {alone_cpu:.2}) | {packets} | {connections} | {deaths_before} / {false_deaths} |",
         rss[rss.len() / 2],
         rss[rss.len() - 1],
         rss[rss.len() / 2] / alone_rss,
@@ -212,6 +243,97 @@ fn propagate(fleet: &[Agent], k: usize, round: usize) -> f64 {
         },
     );
     last.duration_since(t0).unwrap_or_default().as_secs_f64() * 1000.0
+}
+
+/// The last number of open connections an agent reported in its status line.
+fn open_connections(log: &str) -> Option<usize> {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("mesh status"))
+        .and_then(|l| l.split("open_connections=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// nftables counters of the UDP packets each agent sends, in a table of the benchmark's
+/// own (deleted on drop).
+struct Counters {
+    addrs: Vec<SocketAddr>,
+}
+
+const NFT_TABLE: &str = "shoal_bench";
+
+impl Counters {
+    fn install(fleet: &[Agent]) -> Option<Counters> {
+        let nft = |script: &str| {
+            std::process::Command::new("nft")
+                .arg(script)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        };
+        let _ = nft(&format!("delete table inet {NFT_TABLE}"));
+        let mut script = format!(
+            "add table inet {NFT_TABLE}\nadd chain inet {NFT_TABLE} out {{ type filter hook output priority 0; }}\n"
+        );
+        for a in fleet {
+            script.push_str(&format!(
+                "add rule inet {NFT_TABLE} out ip saddr {} udp sport {} counter\n",
+                a.addr.ip(),
+                a.addr.port()
+            ));
+        }
+        let path = std::env::temp_dir().join(format!("shoal-bench-{}.nft", std::process::id()));
+        std::fs::write(&path, script).ok()?;
+        let ok = std::process::Command::new("nft")
+            .arg("-f")
+            .arg(&path)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        let _ = std::fs::remove_file(&path);
+        if !ok {
+            eprintln!(
+                "nftables is not usable here (`nft` missing or not root): packets not counted"
+            );
+            return None;
+        }
+        Some(Counters {
+            addrs: fleet.iter().map(|a| a.addr).collect(),
+        })
+    }
+
+    /// Packets counted per agent, in fleet order.
+    fn read(&self) -> Vec<u64> {
+        let out = std::process::Command::new("nft")
+            .args(["list", "chain", "inet", NFT_TABLE, "out"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        self.addrs
+            .iter()
+            .map(|a| {
+                let needle = format!(
+                    "ip saddr {} udp sport {} counter packets ",
+                    a.ip(),
+                    a.port()
+                );
+                text.lines()
+                    .find_map(|l| l.trim().strip_prefix(&needle))
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Counters {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", NFT_TABLE])
+            .output();
+    }
 }
 
 fn deaths(fleet: &[Agent]) -> usize {

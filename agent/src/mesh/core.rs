@@ -160,6 +160,7 @@ impl Core {
     /// What this host runs and its tags, as they change.
     pub fn handle_local(&mut self, _now: Instant, state: LocalState) {
         let peers = self.alive_addrs();
+        let before = self.table.own().version;
         let out = self.table.publish(
             |r| {
                 r.tags = state.tags;
@@ -167,6 +168,12 @@ impl Core {
             },
             &peers,
         );
+        if self.table.own().version != before {
+            tracing::debug!(
+                version = self.table.own().version,
+                "published this host's record"
+            );
+        }
         self.gossip(out);
         self.persist();
     }

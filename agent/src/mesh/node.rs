@@ -568,6 +568,11 @@ impl Mesh {
                     Err(_) => local_open = false,
                 },
                 _ = report.tick() => {
+                    tracing::debug!(
+                        open_connections = driver.pool.open(),
+                        members = core.alive_addrs().len(),
+                        "mesh status"
+                    );
                     let now = handle.drops.snapshot();
                     let news: Vec<String> = now
                         .iter()
