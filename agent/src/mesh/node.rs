@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::frame::{read_frame, write_frame};
-use super::hoststate::{AppRecord, GossipMsg, HostRecord, HostTable, Outgoing, first_version};
+use super::hoststate::{
+    AppRecord, FleetAuthority, GossipMsg, HostRecord, HostTable, Outgoing, first_version,
+};
 use super::membership::{self, MemberId, Membership, Output};
 use super::transport;
 use super::view;
@@ -136,13 +138,7 @@ pub async fn run(
     let own = HostRecord {
         name: config.name.clone(),
         addr: config.advertise,
-        version: first_version(
-            remembered.version,
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        ),
+        version: first_version(remembered.version, now_ms()),
         left: false,
         tags: initial.tags,
         apps: initial.apps,
@@ -151,7 +147,11 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(4096);
     let mut node = Node {
         membership: Membership::new(me.clone(), membership::config(64), seed),
-        table: HostTable::new(own, seed ^ 0x9e37_79b9_7f4a_7c15),
+        table: HostTable::new(
+            own,
+            Box::new(FleetAuthority::new(&config.identity)?),
+            seed ^ 0x9e37_79b9_7f4a_7c15,
+        )?,
         me,
         endpoint: endpoint.clone(),
         peers: HashMap::new(),
@@ -245,7 +245,7 @@ impl Node {
             },
             Event::Gossip { from, msg } => {
                 let peers = self.alive_addrs();
-                let (out, learned) = self.table.handle(from, msg, &peers);
+                let (out, learned) = self.table.handle(from, msg, &peers, now_ms());
                 for record in learned {
                     tracing::debug!(
                         host = %record.name,
@@ -360,7 +360,12 @@ impl Node {
                 r.apps = state.apps;
             },
             &peers,
+            now_ms(),
         );
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => return tracing::warn!("this host's record was not published: {e}"),
+        };
         if !out.is_empty() || peers.is_empty() {
             tracing::debug!(
                 version = self.table.own().version,
@@ -378,8 +383,10 @@ impl Node {
         if !peers.is_empty() {
             self.known = peers.iter().copied().collect();
         }
-        let out = self.table.publish(|r| r.left = true, &peers);
-        self.gossip(out);
+        match self.table.publish(|r| r.left = true, &peers, now_ms()) {
+            Ok(out) => self.gossip(out),
+            Err(e) => tracing::warn!("the record saying this host left was not published: {e}"),
+        }
         self.remember_or_warn();
         let out = self.membership.leave();
         self.apply(out);
@@ -608,4 +615,12 @@ fn serve(conn: quinn::Connection, name: String, role: Role, tx: mpsc::Sender<Eve
             });
         }
     });
+}
+
+/// Wall-clock milliseconds since the epoch, for the host table's version checks.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
