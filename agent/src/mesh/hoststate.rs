@@ -1091,3 +1091,615 @@ fn wants(to: SocketAddr, names: Vec<String>) -> Vec<Outgoing> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 7400))
+    }
+
+    fn record(name: &str, i: u8, version: u64) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            addr: addr(i),
+            version,
+            left: false,
+            tags: BTreeMap::new(),
+            apps: BTreeMap::new(),
+        }
+    }
+
+    fn sim(name: &str) -> Box<SimAuthority> {
+        Box::new(SimAuthority::new(name, b"test fleet"))
+    }
+
+    /// `record`, signed by its owner.
+    fn signed(record: HostRecord) -> SignedRecord {
+        sim(&record.name).sign(&record).unwrap()
+    }
+
+    fn table(name: &str, i: u8, version: u64) -> HostTable {
+        HostTable::new(record(name, i, version), sim(name), u64::from(i)).unwrap()
+    }
+
+    fn push(records: Vec<HostRecord>) -> GossipMsg {
+        GossipMsg::Push(records.into_iter().map(signed).collect())
+    }
+
+    fn pushed_versions(out: &[Outgoing], name: &str) -> Vec<u64> {
+        out.iter()
+            .flat_map(|o| match &o.msg {
+                GossipMsg::Push(records) => records.clone(),
+                _ => Vec::new(),
+            })
+            .filter(|s| s.record.name == name)
+            .map(|s| s.record.version)
+            .collect()
+    }
+
+    #[test]
+    fn a_change_is_versioned_signed_and_pushed_to_every_peer_of_a_small_fleet() {
+        let mut a = table("a", 1, 1);
+        let peers = [addr(2), addr(3), addr(1)];
+        assert!(a.publish(|_| {}, &peers, NOW).unwrap().is_empty(), "no change, no version");
+        let out = a
+            .publish(|r| drop(r.tags.insert("role".into(), "inference".into())), &peers, NOW)
+            .unwrap();
+        assert_eq!(a.own().version, 2);
+        let mut to: Vec<_> = out.iter().map(|o| o.to).collect();
+        to.sort();
+        assert_eq!(to, [addr(2), addr(3)], "everyone but itself");
+        let GossipMsg::Push(records) = &out[0].msg else {
+            panic!("{out:?}")
+        };
+        assert_eq!(records[0].record.version, 2);
+        assert!(sim("b").verify(&records[0], NOW).is_ok());
+    }
+
+    #[test]
+    fn the_newest_version_wins_and_old_ones_are_ignored() {
+        let mut b = table("b", 2, 1);
+        let mut v3 = record("a", 1, 3);
+        v3.left = true;
+        let (_, learned) = b.handle(addr(1), push(vec![v3.clone()]), &[addr(1)], NOW);
+        assert_eq!(learned, vec![v3.clone()]);
+        let (out, learned) =
+            b.handle(addr(1), push(vec![record("a", 1, 2)]), &[addr(1), addr(3)], NOW);
+        assert!(learned.is_empty() && out.is_empty());
+        assert_eq!(b.get("a"), Some(&v3));
+    }
+
+    #[test]
+    fn a_forged_record_of_another_host_is_refused_and_the_table_is_unchanged() {
+        let mut b = table("b", 2, 1);
+        b.handle(addr(1), push(vec![record("a", 1, 3)]), &[addr(1)], NOW);
+        let before = b.get("a").cloned();
+        // Mallory rewrites a's record and signs it with her own key.
+        let mut forged = record("a", 9, 10);
+        forged.left = true;
+        let mut mallory = SimAuthority::new("a", b"mallory's own secret");
+        let by_mallory = mallory.sign(&forged).unwrap();
+        // Or takes a's genuine record and changes it.
+        let mut tampered = signed(record("a", 1, 3));
+        tampered.record.version = 11;
+        // Or signs it as herself and renames it.
+        let mut renamed = signed(record("mallory", 9, 12));
+        renamed.record.name = "a".into();
+        for (i, bad) in [by_mallory, tampered, renamed].into_iter().enumerate() {
+            let (out, learned) = b.handle(addr(9), GossipMsg::Push(vec![bad]), &[addr(9)], NOW);
+            assert!(out.is_empty() && learned.is_empty());
+            assert_eq!(b.get("a"), before.as_ref());
+            assert_eq!(b.stats().refused_forged, i as u64 + 1);
+        }
+        let err = sim("b").verify(&signed(record("a", 1, 3)), NOW);
+        assert!(err.is_ok());
+        let mut wrong = signed(record("a", 1, 3));
+        wrong.sig[0] ^= 1;
+        let err = sim("b").verify(&wrong, NOW).unwrap_err();
+        assert!(matches!(
+            err.kind(),
+            RecordErrorKind::Unauthenticated { host, reason: SignError::BadSignature } if host == "a"
+        ));
+        assert!(err.to_string().contains("not signed by `a`"), "{err}");
+    }
+
+    #[test]
+    fn an_absurd_version_is_refused_without_panic_or_change() {
+        let mut b = table("b", 2, NOW);
+        for version in [u64::MAX, NOW + MAX_AHEAD_MS + 1] {
+            for name in ["a", "b"] {
+                let (out, learned) =
+                    b.handle(addr(1), push(vec![record(name, 1, version)]), &[addr(1)], NOW);
+                assert!(out.is_empty() && learned.is_empty());
+            }
+        }
+        assert_eq!(b.get("a"), None);
+        assert_eq!(b.own().version, NOW);
+        assert_eq!(b.stats().refused_absurd, 4);
+        // Nor wanted from a digest.
+        let (out, _) = b.handle(
+            addr(1),
+            GossipMsg::Digest {
+                after: None,
+                through: None,
+                versions: vec![("a".into(), u64::MAX), ("b".into(), u64::MAX)],
+            },
+            &[addr(1)],
+            NOW,
+        );
+        assert!(out.iter().all(|o| !matches!(o.msg, GossipMsg::Want(_))), "{out:?}");
+        assert_eq!(b.own().version, NOW);
+        // The highest version that is still plausible is taken.
+        let edge = NOW + MAX_AHEAD_MS;
+        let (_, learned) = b.handle(addr(1), push(vec![record("a", 1, edge)]), &[addr(1)], NOW);
+        assert_eq!(learned.len(), 1);
+        assert_eq!(first_version(u64::MAX, NOW), NOW);
+        assert_eq!(first_version(edge + 5, NOW), NOW);
+        assert_eq!(first_version(4, 0), 5);
+        assert_eq!(first_version(0, NOW), NOW);
+    }
+
+    #[test]
+    fn a_digest_flood_gets_bounded_answers_and_bumps_nobody() {
+        let mut victim = table("v", 1, 5);
+        let mut out_total = 0;
+        for i in 0..10_000u64 {
+            let (out, _) = victim.handle(
+                addr(9),
+                GossipMsg::Digest {
+                    after: None,
+                    through: None,
+                    versions: vec![("v".into(), 6 + i), ("w".into(), 7)],
+                },
+                &[addr(9), addr(2), addr(3)],
+                NOW + i / 10, // 10,000 digests in one simulated second
+            );
+            out_total += out.len();
+            assert!(out.iter().all(|o| o.to == addr(9)), "answers go to the asker only");
+        }
+        assert_eq!(victim.own().version, 5, "a digest alone bumps nothing");
+        // One answer: the victim's record and a want of `v` and `w`.
+        assert_eq!(out_total, 2);
+        assert_eq!(victim.stats().answers_rate_limited, 9_999);
+        // A second later, one more answer.
+        let (out, _) = victim.handle(
+            addr(9),
+            GossipMsg::Digest {
+                after: None,
+                through: None,
+                versions: vec![("v".into(), 6)],
+            },
+            &[addr(9)],
+            NOW + 1000,
+        );
+        assert_eq!(out.len(), 1);
+        assert!(matches!(&out[0].msg, GossipMsg::Want(names) if names == &["v".to_string()]));
+        // Wants are limited the same way.
+        let mut answered = 0;
+        for i in 0..100 {
+            let (out, _) = victim.handle(addr(8), GossipMsg::Want(vec!["v".into()]), &[], NOW + i);
+            answered += out.len();
+        }
+        assert_eq!(answered, 1);
+    }
+
+    #[test]
+    fn relaying_is_the_receivers_decision() {
+        let many: Vec<SocketAddr> = (0..1000u32)
+            .map(|i| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 7400)))
+            .collect();
+        assert_eq!(fanout(50), 50);
+        assert_eq!(fanout(1000), 10);
+        let mut a = table("a", 1, 1);
+        let out = a.publish(|r| r.left = true, &many, NOW).unwrap();
+        assert_eq!(out.len(), 10);
+        let rumor = out[0].msg.clone();
+        // In a large fleet, what is new is passed on, never back to the sender.
+        let mut b = table("b", 2, 1);
+        let (relayed, learned) = b.handle(many[0], rumor.clone(), &many, NOW);
+        assert_eq!(learned.len(), 1);
+        assert_eq!(relayed.len(), 10);
+        assert!(relayed.iter().all(|o| o.to != many[0]));
+        assert_eq!(b.stats().relayed, 1);
+        // The same rumor again is not relayed.
+        let (again, _) = b.handle(many[1], rumor.clone(), &many, NOW);
+        assert!(again.is_empty());
+        // In a small fleet the owner reached everyone: nobody relays, whatever was sent.
+        let small: Vec<SocketAddr> = many[..DIRECT_LIMIT].to_vec();
+        let mut c = table("c", 3, 1);
+        let (relayed, learned) = c.handle(many[0], rumor, &small, NOW);
+        assert_eq!(learned.len(), 1);
+        assert!(relayed.is_empty(), "{relayed:?}");
+    }
+
+    #[test]
+    fn a_record_over_a_cap_is_refused_at_publish_and_at_receive() {
+        let mut a = table("a", 1, 1);
+        a.publish(|r| drop(r.tags.insert("role".into(), "web".into())), &[addr(2)], NOW)
+            .unwrap();
+        let before = a.own().clone();
+        let err = a
+            .publish(
+                |r| {
+                    for i in 0..10_000 {
+                        r.tags.insert(format!("t{i}"), "x".into());
+                    }
+                },
+                &[addr(2)],
+                NOW,
+            )
+            .unwrap_err();
+        assert!(matches!(
+            err.kind(),
+            RecordErrorKind::TooLarge { cap: Cap::Tags, len: 10_001, .. }
+        ));
+        assert!(err.to_string().contains("over the cap of 64"), "{err}");
+        assert_eq!(a.own(), &before, "the old record stays");
+        let err = a
+            .publish(
+                |r| {
+                    r.apps.insert(
+                        "x".repeat(MAX_APP_NAME + 1),
+                        AppRecord {
+                            revision: None,
+                            health: Health::None,
+                            held: BTreeSet::new(),
+                        },
+                    );
+                },
+                &[],
+                NOW,
+            )
+            .unwrap_err();
+        assert!(matches!(err.kind(), RecordErrorKind::TooLarge { cap: Cap::AppName, .. }));
+        assert_eq!(a.own(), &before);
+
+        // At a receiver, an oversized record signed by its owner is refused all the same.
+        let mut big = record("b", 2, 2);
+        big.tags.insert("k".into(), "v".repeat(MAX_TAG_VALUE + 1));
+        let mut held = BTreeSet::new();
+        for i in 0..=MAX_HELD {
+            held.insert(format!("rev-{i}"));
+        }
+        let mut many_held = record("c", 3, 2);
+        many_held.apps.insert(
+            "app".into(),
+            AppRecord {
+                revision: None,
+                health: Health::Running,
+                held,
+            },
+        );
+        let long_name = record(&"h".repeat(MAX_HOST_NAME + 1), 4, 2);
+        let (out, learned) = a.handle(
+            addr(2),
+            push(vec![big, many_held, long_name]),
+            &[addr(2)],
+            NOW,
+        );
+        assert!(out.is_empty() && learned.is_empty());
+        assert_eq!(a.len(), 1);
+        assert_eq!(a.stats().refused_oversized, 5);
+    }
+
+    /// A record as large as the caps allow, with a name of the longest kind.
+    fn maximal(i: usize) -> HostRecord {
+        let mut r = record(&format!("{:h<240}{i:0>13}", ""), 1, 1);
+        for t in 0..MAX_TAGS {
+            r.tags.insert(format!("{t:k>MAX_TAG_KEY$}"), "v".repeat(MAX_TAG_VALUE));
+        }
+        for a in 0..MAX_APPS {
+            let app = AppRecord {
+                revision: Some("r".repeat(MAX_REVISION_ID)),
+                health: Health::Running,
+                held: (0..MAX_HELD)
+                    .map(|h| format!("{h:r>MAX_REVISION_ID$}"))
+                    .collect(),
+            };
+            r.apps.insert(format!("{a:a>MAX_APP_NAME$}"), app);
+            if encoded_len(&r) > MAX_RECORD_BYTES {
+                r.apps.remove(&format!("{a:a>MAX_APP_NAME$}"));
+                break;
+            }
+        }
+        assert!(check_caps(&r).is_ok());
+        r
+    }
+
+    fn assert_fits(out: &[Outgoing]) -> usize {
+        let mut largest = 0;
+        for o in out {
+            let len = postcard::to_stdvec(&o.msg).unwrap().len();
+            assert!(len < MAX_MESSAGE, "a message of {len} bytes");
+            largest = largest.max(len);
+        }
+        largest
+    }
+
+    #[test]
+    fn every_message_fits_the_budget() {
+        // 10,000 records with names as long as allowed, and 40 as large as allowed.
+        let mut a = table("a", 1, 1);
+        let all: Vec<HostRecord> = (0..10_000)
+            .map(|i| record(&format!("{:n>240}{i:0>13}", ""), 2, 1))
+            .chain((0..40).map(maximal))
+            .collect();
+        assert!(all.iter().all(|r| r.name.len() == MAX_HOST_NAME));
+        for chunk in all.chunks(MAX_PUSH_RECORDS) {
+            let (_, learned) = a.handle(addr(2), push(chunk.to_vec()), &[], NOW);
+            assert_eq!(learned.len(), chunk.len());
+        }
+        assert_eq!(a.len(), 10_041);
+
+        // Digests: the ranges of successive rounds cover every name once, each fitting.
+        let mut seen = BTreeSet::new();
+        let mut rounds = 0;
+        loop {
+            let out = a.anti_entropy(&[addr(2)]);
+            assert_fits(&out);
+            rounds += 1;
+            let GossipMsg::Digest { through, versions, .. } = &out[0].msg else {
+                panic!()
+            };
+            for (n, _) in versions {
+                assert!(seen.insert(n.clone()), "{n} twice");
+            }
+            if through.is_none() {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 10_041);
+        assert!(rounds > 1, "split into {rounds}");
+
+        // An empty agent's digest gets an answer as large as allowed, in fitting pushes.
+        let mut e = table("e", 5, 1);
+        let (out, _) = a.handle(addr(5), e.digest_to(addr(1)).msg, &[], NOW);
+        let largest = assert_fits(&out);
+        assert!(largest > MAX_MESSAGE / 2, "{largest}");
+        let bytes: usize = out.iter().map(|o| encoded_len(&o.msg)).sum();
+        assert!(bytes <= MAX_ANSWER_BYTES + out.len() * MESSAGE_SLACK, "{bytes}");
+        let mut learned = 0;
+        for o in out {
+            learned += e.handle(addr(1), o.msg, &[], NOW).1.len();
+        }
+        assert!(learned > 1000, "{learned}");
+
+        // Wanting all of them: fitting wants; the answer is capped too.
+        let mut empty = table("z", 6, 1);
+        let mut wants = Vec::new();
+        let mut cursor = None;
+        loop {
+            let msg = a.digest_from(cursor.take());
+            let GossipMsg::Digest { through, .. } = &msg else {
+                panic!()
+            };
+            cursor = through.clone();
+            let (out, _) = empty.handle(addr(1), msg, &[], NOW + wants.len() as u64 * 1000);
+            wants.extend(out);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_fits(&wants);
+        let wanted: usize = wants
+            .iter()
+            .map(|o| match &o.msg {
+                GossipMsg::Want(n) => n.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(wanted, 10_041);
+        let (answer, _) = a.handle(addr(6), wants[0].msg.clone(), &[], NOW);
+        assert_fits(&answer);
+        // A push to many peers of a maximal record fits as well.
+        let mut m = HostTable::new(maximal(1), sim(&maximal(1).name), 1).unwrap();
+        let out = m
+            .publish(|r| r.left = true, &[addr(2), addr(3)], NOW)
+            .unwrap();
+        assert!(assert_fits(&out) > 60_000);
+    }
+
+    #[test]
+    fn a_restarted_agent_publishes_above_its_signed_previous_life_only() {
+        // It lost its state and starts again at version 1; peers hold version 5.
+        let mut a = table("a", 1, 1);
+        let peers = [addr(2)];
+        // A digest claiming a newer version of a only makes it ask.
+        let (out, _) = a.handle(
+            addr(2),
+            GossipMsg::Digest {
+                after: None,
+                through: None,
+                versions: vec![("a".into(), 5), ("b".into(), 1)],
+            },
+            &peers,
+            NOW,
+        );
+        assert_eq!(a.own().version, 1);
+        assert!(out.iter().any(
+            |o| matches!(&o.msg, GossipMsg::Want(n) if n.contains(&"a".to_string()))
+        ));
+        // A forged previous life changes nothing.
+        let mut forged = signed(record("a", 1, 5));
+        forged.record.version = 50;
+        let (out, _) = a.handle(addr(2), GossipMsg::Push(vec![forged]), &peers, NOW);
+        assert!(out.is_empty());
+        assert_eq!(a.own().version, 1);
+        // The genuine one: publish above it.
+        let (out, _) = a.handle(addr(2), push(vec![record("a", 1, 5)]), &peers, NOW);
+        assert_eq!(a.own().version, 6);
+        assert_eq!(pushed_versions(&out, "a"), [6]);
+        assert_eq!(a.stats().outlived, 1);
+        // Its own current record coming back changes nothing.
+        let own = a.signed("a").unwrap().clone();
+        let (out, learned) = a.handle(addr(2), GossipMsg::Push(vec![own]), &peers, NOW);
+        assert!(out.is_empty() && learned.is_empty());
+        assert_eq!(a.own().version, 6);
+    }
+
+    #[test]
+    fn anti_entropy_trades_what_each_side_misses() {
+        let mut a = table("a", 1, 1);
+        let mut b = table("b", 2, 4);
+        b.handle(addr(3), push(vec![record("c", 3, 9)]), &[], NOW);
+        // a → b: digest; b answers with its newer records and asks for a's.
+        let digest = a.anti_entropy(&[addr(2)]).remove(0);
+        let (replies, _) = b.handle(addr(1), digest.msg, &[addr(1)], NOW);
+        assert_eq!(replies.len(), 2, "{replies:?}");
+        for reply in replies {
+            assert_eq!(reply.to, addr(1));
+            let (back, _) = a.handle(addr(2), reply.msg, &[addr(2)], NOW);
+            for m in back {
+                b.handle(addr(1), m.msg, &[addr(1)], NOW);
+            }
+        }
+        assert_eq!(a.get("b").map(|r| r.version), Some(4));
+        assert_eq!(a.get("c").map(|r| r.version), Some(9));
+        assert_eq!(b.get("a").map(|r| r.version), Some(1));
+    }
+
+    #[test]
+    fn a_forgotten_record_does_not_come_back_unless_newer() {
+        let mut a = table("a", 1, 1);
+        a.handle(addr(2), push(vec![record("b", 2, 4)]), &[], NOW);
+        assert!(!a.forget("a"), "never its own");
+        assert!(a.forget("b"));
+        assert!(!a.forget("b"));
+        for v in [3, 4] {
+            let (_, learned) = a.handle(addr(2), push(vec![record("b", 2, v)]), &[], NOW);
+            assert!(learned.is_empty());
+        }
+        assert_eq!(a.get("b"), None);
+        assert_eq!(a.stats().refused_forgotten, 2);
+        // Not wanted from a digest either.
+        let (out, _) = a.handle(
+            addr(2),
+            GossipMsg::Digest {
+                after: None,
+                through: None,
+                versions: vec![("b".into(), 4)],
+            },
+            &[],
+            NOW,
+        );
+        assert!(out.iter().all(|o| !matches!(o.msg, GossipMsg::Want(_))));
+        let (_, learned) = a.handle(addr(2), push(vec![record("b", 2, 5)]), &[], NOW);
+        assert_eq!(learned.len(), 1, "a newer life is taken");
+        // Tombstones are bounded: the oldest go first.
+        let names: Vec<String> = (0..MAX_TOMBSTONES + 10).map(|i| format!("h{i}")).collect();
+        for chunk in names.chunks(MAX_PUSH_RECORDS) {
+            let records = chunk.iter().map(|n| record(n, 3, 1)).collect();
+            a.handle(addr(2), push(records), &[], NOW);
+        }
+        for n in &names {
+            assert!(a.forget(n));
+        }
+        assert_eq!(a.tombstones.len(), MAX_TOMBSTONES);
+        let (_, learned) = a.handle(addr(2), push(vec![record("h0", 3, 1)]), &[], NOW);
+        assert_eq!(learned.len(), 1, "its tombstone was evicted");
+        let (_, learned) = a.handle(addr(2), push(vec![record("h20", 3, 1)]), &[], NOW);
+        assert!(learned.is_empty());
+    }
+
+    #[test]
+    fn fleet_authority_checks_owner_chain_role_and_revocation() {
+        use crate::identity::{Role, init_ca, issue};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca).unwrap();
+        for (name, role) in [("a", Role::Agent), ("b", Role::Agent), ("alice", Role::Operator)] {
+            issue(&ca, name, role, &dir.path().join(name)).unwrap();
+        }
+        let other_ca = dir.path().join("other-ca");
+        init_ca(&other_ca).unwrap();
+        issue(&other_ca, "a", Role::Agent, &dir.path().join("a-elsewhere")).unwrap();
+        let load = |n: &str| Identity::load(&dir.path().join(n)).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let mut a = FleetAuthority::new(&load("a")).unwrap();
+        let mut b = FleetAuthority::new(&load("b")).unwrap();
+        let reason = |r: Result<(), RecordError>| match r.unwrap_err().kind() {
+            RecordErrorKind::Unauthenticated { reason, .. } => reason.clone(),
+            k => panic!("{k:?}"),
+        };
+
+        let rec = record("a", 1, 7);
+        let good = a.sign(&rec).unwrap();
+        assert!(b.verify(&good, now).is_ok());
+        assert!(b.verify(&good, now).is_ok(), "again, from the cache");
+        assert_eq!(a.sign(&record("b", 2, 1)).unwrap_err().kind(), &RecordErrorKind::NotOwn {
+            host: "b".into(),
+            me: "a".into()
+        });
+        // Tampered after signing.
+        let mut tampered = good.clone();
+        tampered.record.left = true;
+        assert_eq!(reason(b.verify(&tampered, now)), SignError::BadSignature);
+        // B's key and certificate claiming to be A.
+        let mut claim = b.sign(&record("b", 2, 7)).unwrap();
+        claim.record.name = "a".into();
+        let claim = SignedRecord {
+            sig: Signer::new(&load("b"))
+                .unwrap()
+                .sign(&SignedRecord::signed_bytes(&claim.record))
+                .unwrap(),
+            ..claim
+        };
+        assert!(matches!(
+            reason(a.verify(&claim, now)),
+            SignError::WrongName { named, expected } if named == "b" && expected == "a"
+        ));
+        // A's certificate with B's signature.
+        let mixed = SignedRecord {
+            sig: claim.sig.clone(),
+            ..good.clone()
+        };
+        assert_eq!(reason(b.verify(&mixed, now)), SignError::BadSignature);
+        // An operator's certificate.
+        let alice = load("alice");
+        let op_record = record("alice", 3, 1);
+        let op = SignedRecord {
+            sig: Signer::new(&alice)
+                .unwrap()
+                .sign(&SignedRecord::signed_bytes(&op_record))
+                .unwrap(),
+            cert: alice.cert.to_vec(),
+            record: op_record,
+        };
+        assert_eq!(reason(b.verify(&op, now)), SignError::NotAnAgent("alice".into()));
+        // A certificate for `a` from another CA.
+        let mut elsewhere = FleetAuthority::new(&load("a-elsewhere")).unwrap();
+        let foreign = elsewhere.sign(&rec).unwrap();
+        assert!(matches!(reason(b.verify(&foreign, now)), SignError::Untrusted(_)));
+        // Garbage for a certificate, and a time outside the certificate's validity.
+        let junk = SignedRecord {
+            cert: vec![0x30, 3, 1, 2, 3],
+            ..good.clone()
+        };
+        assert_eq!(reason(b.verify(&junk, now)), SignError::NotACertificate);
+        let in_ten_years = now + 10 * 365 * 86_400_000;
+        assert_eq!(reason(b.verify(&good, in_ten_years)), SignError::NotValidNow);
+        // Revoked: refused even though its chain check is cached.
+        let serial = {
+            let (_, c) = x509_parser::parse_x509_certificate(&good.cert).unwrap();
+            c.raw_serial().to_vec()
+        };
+        b.set_revoked(HashSet::from([serial]));
+        assert_eq!(reason(b.verify(&good, now)), SignError::Revoked);
+
+        // In a table: B's table refuses A's record signed by B.
+        let mut tb = HostTable::new(record("b", 2, now), Box::new(FleetAuthority::new(&load("b")).unwrap()), 1)
+            .unwrap();
+        let (_, learned) = tb.handle(addr(1), GossipMsg::Push(vec![claim]), &[], now);
+        assert!(learned.is_empty());
+        assert_eq!(tb.stats().refused_forged, 1);
+        let (_, learned) = tb.handle(addr(1), GossipMsg::Push(vec![good]), &[], now);
+        assert_eq!(learned.len(), 1);
+    }
+}
