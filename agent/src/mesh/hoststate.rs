@@ -16,8 +16,10 @@
 //!   answers to digests and wants are limited to one of each per sender per
 //!   [`ANSWER_INTERVAL_MS`] and to [`MAX_ANSWER_BYTES`]. What was refused or dropped is
 //!   counted in [`HostTableStats`].
-//! - **Relaying is the receiver's choice**: a record new here is passed on only in a fleet
-//!   larger than [`DIRECT_LIMIT`], never back to its sender.
+//! - **Relaying is the receiver's choice**: a record new here, pushed as news, is passed on
+//!   once, only in a fleet larger than [`DIRECT_LIMIT`], never back to its sender. What
+//!   answers a digest or a want is never passed on. A sender cannot make a receiver pass on
+//!   anything it already had.
 //! - **Records are small, messages fit.** The caps ([`Cap`]) hold at the owner (a change
 //!   over a cap is refused, the old record stays) and at receivers. Every outgoing message
 //!   encodes to less than [`MAX_MESSAGE`], well under the frame limit.
@@ -121,8 +123,12 @@ impl SignedRecord {
 /// What agents send each other about host state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GossipMsg {
-    /// Records, each signed by its owner. The receiver decides whether to pass them on.
+    /// News: records, each signed by its owner. The receiver decides whether to pass on
+    /// what is new to it.
     Push(Vec<SignedRecord>),
+    /// Records the receiver asked for (with a digest or a want). Never passed on: what
+    /// repairs one agent does not start a rumor.
+    Answer(Vec<SignedRecord>),
     /// Anti-entropy: the version of every record the sender holds whose name is above
     /// `after` (if any) and at most `through` (if any).
     Digest {
@@ -748,10 +754,11 @@ impl HostTable {
         peers: &[SocketAddr],
         now_ms: u64,
     ) -> (Vec<Outgoing>, Vec<HostRecord>) {
+        let news = matches!(msg, GossipMsg::Push(_));
         match msg {
-            GossipMsg::Push(records) => {
+            GossipMsg::Push(records) | GossipMsg::Answer(records) => {
                 let (learned, mut out) = self.merge(records, peers, now_ms);
-                if !learned.is_empty() && peers.len() > DIRECT_LIMIT {
+                if news && !learned.is_empty() && peers.len() > DIRECT_LIMIT {
                     self.stats.relayed += learned.len() as u64;
                     out.extend(self.push(&learned, peers, Some(from)));
                 }
@@ -791,7 +798,7 @@ impl HostTable {
                     .filter_map(|n| self.records.get(n))
                     .take_while(|e| take_budget(&mut budget, e.size))
                     .collect();
-                (pushes(from, &answer), Vec::new())
+                (pushes(from, &answer, GossipMsg::Answer), Vec::new())
             }
         }
     }
@@ -891,7 +898,7 @@ impl HostTable {
             .map(|(_, e)| e)
             .take_while(|e| take_budget(&mut budget, e.size))
             .collect();
-        let mut out = pushes(from, &newer_here);
+        let mut out = pushes(from, &newer_here, GossipMsg::Answer);
         out.extend(wants(from, wanted));
         out
     }
@@ -1019,7 +1026,7 @@ impl HostTable {
         let targets: Vec<SocketAddr> = candidates.sample(&mut self.rng, n).copied().collect();
         targets
             .into_iter()
-            .flat_map(|to| pushes(to, &entries))
+            .flat_map(|to| pushes(to, &entries, GossipMsg::Push))
             .collect()
     }
 }
@@ -1040,9 +1047,13 @@ fn digest_entry_len(name: &str) -> usize {
     name.len() + 5 + 10
 }
 
-/// `entries` to `to`, in as many pushes as keep each under [`MAX_MESSAGE`] and
-/// [`MAX_PUSH_RECORDS`].
-fn pushes(to: SocketAddr, entries: &[&Entry]) -> Vec<Outgoing> {
+/// `entries` to `to`, in as many pushes (or answers: `kind`) as keep each under
+/// [`MAX_MESSAGE`] and [`MAX_PUSH_RECORDS`].
+fn pushes(
+    to: SocketAddr,
+    entries: &[&Entry],
+    kind: fn(Vec<SignedRecord>) -> GossipMsg,
+) -> Vec<Outgoing> {
     let mut out = Vec::new();
     let mut batch: Vec<SignedRecord> = Vec::new();
     let mut budget = MAX_MESSAGE - MESSAGE_SLACK;
@@ -1050,7 +1061,7 @@ fn pushes(to: SocketAddr, entries: &[&Entry]) -> Vec<Outgoing> {
         if !batch.is_empty() && (batch.len() == MAX_PUSH_RECORDS || budget < e.size) {
             out.push(Outgoing {
                 to,
-                msg: GossipMsg::Push(std::mem::take(&mut batch)),
+                msg: kind(std::mem::take(&mut batch)),
             });
             budget = MAX_MESSAGE - MESSAGE_SLACK;
         }
@@ -1060,7 +1071,7 @@ fn pushes(to: SocketAddr, entries: &[&Entry]) -> Vec<Outgoing> {
     if !batch.is_empty() {
         out.push(Outgoing {
             to,
-            msg: GossipMsg::Push(batch),
+            msg: kind(batch),
         });
     }
     out
@@ -1133,7 +1144,7 @@ mod tests {
     fn pushed_versions(out: &[Outgoing], name: &str) -> Vec<u64> {
         out.iter()
             .flat_map(|o| match &o.msg {
-                GossipMsg::Push(records) => records.clone(),
+                GossipMsg::Push(records) | GossipMsg::Answer(records) => records.clone(),
                 _ => Vec::new(),
             })
             .filter(|s| s.record.name == name)
@@ -1308,6 +1319,14 @@ mod tests {
         // The same rumor again is not relayed.
         let (again, _) = b.handle(many[1], rumor.clone(), &many, NOW);
         assert!(again.is_empty());
+        // What answered a digest or a want is not passed on.
+        let mut d = table("d", 4, 1);
+        let GossipMsg::Push(records) = rumor.clone() else {
+            panic!()
+        };
+        let (relayed, learned) = d.handle(many[0], GossipMsg::Answer(records), &many, NOW);
+        assert_eq!(learned.len(), 1);
+        assert!(relayed.is_empty(), "{relayed:?}");
         // In a small fleet the owner reached everyone: nobody relays, whatever was sent.
         let small: Vec<SocketAddr> = many[..DIRECT_LIMIT].to_vec();
         let mut c = table("c", 3, 1);
