@@ -15,8 +15,7 @@ use std::net::SocketAddr;
 
 use shoal_agent::mesh::frame::MAX_FRAME;
 use shoal_agent::mesh::hoststate::{
-    Authority, GossipMsg, HostRecord, HostTable, MAX_MESSAGE, Outgoing, SignedRecord,
-    SimAuthority,
+    Authority, GossipMsg, HostRecord, HostTable, MAX_MESSAGE, Outgoing, SignedRecord, SimAuthority,
 };
 
 #[path = "sim/clock.rs"]
@@ -57,7 +56,11 @@ fn signed(r: HostRecord) -> SignedRecord {
 }
 
 enum Ev {
-    Msg { to: usize, from: usize, bytes: Vec<u8> },
+    Msg {
+        to: usize,
+        from: usize,
+        bytes: Vec<u8>,
+    },
     Tick(usize),
 }
 
@@ -127,7 +130,8 @@ impl Net {
                     if link(from, to, now) {
                         let msg: GossipMsg = postcard::from_bytes(&bytes).unwrap();
                         let t = self.now();
-                        let (out, _) = self.tables[to].handle(self.addrs[from], msg, &self.addrs, t);
+                        let (out, _) =
+                            self.tables[to].handle(self.addrs[from], msg, &self.addrs, t);
                         self.send(to, out);
                     }
                 }
@@ -200,17 +204,19 @@ fn a_state_change_reaches_every_agent() {
     let link = |_: usize, to: usize, now: u64| to != cut_off || now >= cut_until.get();
     let up = |i: usize, now: u64| i != cut_off || now >= cut_until.get();
     let reached = net
-        .run(
-            60_000,
-            link,
-            up,
-            |net| (0..n - 1).all(|i| knows(&net.tables[i])),
-        )
+        .run(60_000, link, up, |net| {
+            (0..n - 1).all(|i| knows(&net.tables[i]))
+        })
         .expect("the change reached everyone within 60 s simulated");
-    assert!(!knows(&net.tables[cut_off]), "the cut-off agent heard nothing");
+    assert!(
+        !knows(&net.tables[cut_off]),
+        "the cut-off agent heard nothing"
+    );
     cut_until.set(reached);
     let caught = net
-        .run(reached + 60_000, link, up, |net| knows(&net.tables[cut_off]))
+        .run(reached + 60_000, link, up, |net| {
+            knows(&net.tables[cut_off])
+        })
         .expect("the cut-off agent caught up");
     net.report(&format!("change at {n} agents"), n);
     eprintln!(
@@ -220,7 +226,11 @@ fn a_state_change_reaches_every_agent() {
         caught - reached
     );
     assert!(reached <= 2_000, "spreading took {reached} ms");
-    assert!(caught - reached <= 5_000, "catching up took {} ms", caught - reached);
+    assert!(
+        caught - reached <= 5_000,
+        "catching up took {} ms",
+        caught - reached
+    );
 }
 
 /// A new agent, its table empty, catches up on the records of all N hosts held by the
@@ -241,27 +251,38 @@ fn a_new_agent_catches_up_on_every_record() {
         })
         .collect();
     let newcomer = live;
-    tables.push(HostTable::new(
-        record("new", newcomer, EPOCH_MS),
-        Box::new(SimAuthority::new("new", SECRET)),
-        99,
-    )
-    .unwrap());
+    tables.push(
+        HostTable::new(
+            record("new", newcomer, EPOCH_MS),
+            Box::new(SimAuthority::new("new", SECRET)),
+            99,
+        )
+        .unwrap(),
+    );
     let mut net = Net::new(tables, 0xbeef);
     // It came up: it and its seed trade digests, as the loop does on a member's Up.
     let hello = net.tables[newcomer].digest_to(addr(0));
     net.send(newcomer, vec![hello]);
     let caught = net
-        .run(120_000, |_, _, _| true, |_, _| true, |net| {
-            net.tables[newcomer].len() == n + 1
-        })
+        .run(
+            120_000,
+            |_, _, _| true,
+            |_, _| true,
+            |net| net.tables[newcomer].len() == n + 1,
+        )
         .expect("the new agent caught up within 120 s simulated");
     let known = net
-        .run(caught + 60_000, |_, _, _| true, |_, _| true, |net| {
-            (0..live).all(|i| net.tables[i].get("new").is_some())
-        })
+        .run(
+            caught + 60_000,
+            |_, _, _| true,
+            |_, _| true,
+            |net| (0..live).all(|i| net.tables[i].get("new").is_some()),
+        )
         .expect("everyone learned of the new agent");
-    net.report(&format!("new agent, {n} records, {live} live agents"), live + 1);
+    net.report(
+        &format!("new agent, {n} records, {live} live agents"),
+        live + 1,
+    );
     eprintln!(
         "a new agent caught up on {n} records in {caught} ms simulated; all {live} live agents \
          knew it after {known} ms"
@@ -310,21 +331,34 @@ fn a_partition_heals() {
     net.run(healed_at, link, |_, _| true, |_| false);
     let left = |t: &HostTable, i: usize| t.get(&format!("sim-{i}")).is_some_and(|r| r.left);
     for i in 0..live {
-        assert_eq!(left(&net.tables[i], b), side(i) == side(b), "agent {i} before healing");
+        assert_eq!(
+            left(&net.tables[i], b),
+            side(i) == side(b),
+            "agent {i} before healing"
+        );
     }
     let healed = net
-        .run(healed_at + 120_000, link, |_, _| true, |net| {
-            net.tables
-                .iter()
-                .all(|t| t.len() >= n && left(t, a) && left(t, b))
-        })
+        .run(
+            healed_at + 120_000,
+            link,
+            |_, _| true,
+            |net| {
+                net.tables
+                    .iter()
+                    .all(|t| t.len() >= n && left(t, a) && left(t, b))
+            },
+        )
         .expect("healed within 120 s simulated");
     net.report(&format!("partition of {live} agents, {n} records"), live);
     eprintln!(
         "two halves ({n} records, {live} live agents) healed {} ms after the cut ended",
         healed - healed_at
     );
-    assert!(healed - healed_at <= 30_000, "healing took {} ms", healed - healed_at);
+    assert!(
+        healed - healed_at <= 30_000,
+        "healing took {} ms",
+        healed - healed_at
+    );
 }
 
 /// A member forges another host's record (a newer version saying it left, at its own
@@ -340,7 +374,9 @@ fn a_forged_record_is_refused_everywhere() {
         .sign(&record("sim-1", 1, 1000))
         .unwrap();
     by_mallory.record = forged.clone();
-    let other_fleet = SimAuthority::new("sim-0", b"another fleet").sign(&forged).unwrap();
+    let other_fleet = SimAuthority::new("sim-0", b"another fleet")
+        .sign(&forged)
+        .unwrap();
     let out: Vec<Outgoing> = net
         .addrs
         .iter()
@@ -358,7 +394,10 @@ fn a_forged_record_is_refused_everywhere() {
     assert!(refused >= 2 * (n as u64 - 2), "{refused}");
     for (i, t) in net.tables.iter().enumerate().skip(1) {
         let r = t.get("sim-0");
-        assert!(r.is_none_or(|r| !r.left && r.version == 1), "agent {i}: {r:?}");
+        assert!(
+            r.is_none_or(|r| !r.left && r.version == 1),
+            "agent {i}: {r:?}"
+        );
     }
     assert_eq!(net.tables[0].own().version, 1, "the victim did no work");
     net.report(&format!("forgery among {n} agents"), n);

@@ -262,11 +262,7 @@ pub struct RecordError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RecordErrorKind {
     /// Over one of the caps: `len` is what the record has.
-    TooLarge {
-        host: String,
-        cap: Cap,
-        len: usize,
-    },
+    TooLarge { host: String, cap: Cap, len: usize },
     /// A version its owner cannot have reached by `limit` (`now_ms + MAX_AHEAD_MS`).
     AbsurdVersion {
         host: String,
@@ -776,7 +772,10 @@ impl HostTable {
                 if !self.may_answer(from, AnswerKind::Digest, now_ms) {
                     return (Vec::new(), Vec::new());
                 }
-                (self.answer_digest(from, after, through, versions, now_ms), Vec::new())
+                (
+                    self.answer_digest(from, after, through, versions, now_ms),
+                    Vec::new(),
+                )
             }
             GossipMsg::Want(names) => {
                 if !self.may_answer(from, AnswerKind::Want, now_ms) {
@@ -831,9 +830,10 @@ impl HostTable {
     /// A digest of the records named after `after`, as many as fit in a message.
     fn digest_from(&self, after: Option<String>) -> GossipMsg {
         let range = match &after {
-            Some(a) => self
-                .records
-                .range::<str, _>((std::ops::Bound::Excluded(a.as_str()), std::ops::Bound::Unbounded)),
+            Some(a) => self.records.range::<str, _>((
+                std::ops::Bound::Excluded(a.as_str()),
+                std::ops::Bound::Unbounded,
+            )),
             None => self.records.range::<str, _>(..),
         };
         let mut budget = MAX_MESSAGE - MESSAGE_SLACK;
@@ -886,14 +886,18 @@ impl HostTable {
             theirs.insert(name, v);
         }
         let in_range = |name: &str| {
-            after.as_deref().is_none_or(|a| name > a) && through.as_deref().is_none_or(|t| name <= t)
+            after.as_deref().is_none_or(|a| name > a)
+                && through.as_deref().is_none_or(|t| name <= t)
         };
         let mut budget = MAX_ANSWER_BYTES;
         let newer_here: Vec<&Entry> = self
             .records
             .iter()
             .filter(|(name, e)| {
-                in_range(name) && theirs.get(*name).is_none_or(|&v| v < e.signed.record.version)
+                in_range(name)
+                    && theirs
+                        .get(*name)
+                        .is_none_or(|&v| v < e.signed.record.version)
             })
             .map(|(_, e)| e)
             .take_while(|e| take_budget(&mut budget, e.size))
@@ -906,7 +910,11 @@ impl HostTable {
     /// Whether `from` may have an answer of `kind` now; if so, the answer is counted.
     fn may_answer(&mut self, from: SocketAddr, kind: AnswerKind, now_ms: u64) -> bool {
         let recent = |last: u64| now_ms < last.saturating_add(ANSWER_INTERVAL_MS);
-        if self.answered.get(&(from, kind)).is_some_and(|&last| recent(last)) {
+        if self
+            .answered
+            .get(&(from, kind))
+            .is_some_and(|&last| recent(last))
+        {
             self.stats.answers_rate_limited += 1;
             return false;
         }
@@ -1156,9 +1164,16 @@ mod tests {
     fn a_change_is_versioned_signed_and_pushed_to_every_peer_of_a_small_fleet() {
         let mut a = table("a", 1, 1);
         let peers = [addr(2), addr(3), addr(1)];
-        assert!(a.publish(|_| {}, &peers, NOW).unwrap().is_empty(), "no change, no version");
+        assert!(
+            a.publish(|_| {}, &peers, NOW).unwrap().is_empty(),
+            "no change, no version"
+        );
         let out = a
-            .publish(|r| drop(r.tags.insert("role".into(), "inference".into())), &peers, NOW)
+            .publish(
+                |r| drop(r.tags.insert("role".into(), "inference".into())),
+                &peers,
+                NOW,
+            )
             .unwrap();
         assert_eq!(a.own().version, 2);
         let mut to: Vec<_> = out.iter().map(|o| o.to).collect();
@@ -1178,8 +1193,12 @@ mod tests {
         v3.left = true;
         let (_, learned) = b.handle(addr(1), push(vec![v3.clone()]), &[addr(1)], NOW);
         assert_eq!(learned, vec![v3.clone()]);
-        let (out, learned) =
-            b.handle(addr(1), push(vec![record("a", 1, 2)]), &[addr(1), addr(3)], NOW);
+        let (out, learned) = b.handle(
+            addr(1),
+            push(vec![record("a", 1, 2)]),
+            &[addr(1), addr(3)],
+            NOW,
+        );
         assert!(learned.is_empty() && out.is_empty());
         assert_eq!(b.get("a"), Some(&v3));
     }
@@ -1223,8 +1242,12 @@ mod tests {
         let mut b = table("b", 2, NOW);
         for version in [u64::MAX, NOW + MAX_AHEAD_MS + 1] {
             for name in ["a", "b"] {
-                let (out, learned) =
-                    b.handle(addr(1), push(vec![record(name, 1, version)]), &[addr(1)], NOW);
+                let (out, learned) = b.handle(
+                    addr(1),
+                    push(vec![record(name, 1, version)]),
+                    &[addr(1)],
+                    NOW,
+                );
                 assert!(out.is_empty() && learned.is_empty());
             }
         }
@@ -1242,7 +1265,10 @@ mod tests {
             &[addr(1)],
             NOW,
         );
-        assert!(out.iter().all(|o| !matches!(o.msg, GossipMsg::Want(_))), "{out:?}");
+        assert!(
+            out.iter().all(|o| !matches!(o.msg, GossipMsg::Want(_))),
+            "{out:?}"
+        );
         assert_eq!(b.own().version, NOW);
         // The highest version that is still plausible is taken.
         let edge = NOW + MAX_AHEAD_MS;
@@ -1270,7 +1296,10 @@ mod tests {
                 NOW + i / 10, // 10,000 digests in one simulated second
             );
             out_total += out.len();
-            assert!(out.iter().all(|o| o.to == addr(9)), "answers go to the asker only");
+            assert!(
+                out.iter().all(|o| o.to == addr(9)),
+                "answers go to the asker only"
+            );
         }
         assert_eq!(victim.own().version, 5, "a digest alone bumps nothing");
         // One answer: a want of `v` and `w` (nothing is newer at the victim).
@@ -1338,8 +1367,12 @@ mod tests {
     #[test]
     fn a_record_over_a_cap_is_refused_at_publish_and_at_receive() {
         let mut a = table("a", 1, 1);
-        a.publish(|r| drop(r.tags.insert("role".into(), "web".into())), &[addr(2)], NOW)
-            .unwrap();
+        a.publish(
+            |r| drop(r.tags.insert("role".into(), "web".into())),
+            &[addr(2)],
+            NOW,
+        )
+        .unwrap();
         let before = a.own().clone();
         let err = a
             .publish(
@@ -1354,7 +1387,11 @@ mod tests {
             .unwrap_err();
         assert!(matches!(
             err.kind(),
-            RecordErrorKind::TooLarge { cap: Cap::Tags, len: 10_001, .. }
+            RecordErrorKind::TooLarge {
+                cap: Cap::Tags,
+                len: 10_001,
+                ..
+            }
         ));
         assert!(err.to_string().contains("over the cap of 64"), "{err}");
         assert_eq!(a.own(), &before, "the old record stays");
@@ -1374,7 +1411,13 @@ mod tests {
                 NOW,
             )
             .unwrap_err();
-        assert!(matches!(err.kind(), RecordErrorKind::TooLarge { cap: Cap::AppName, .. }));
+        assert!(matches!(
+            err.kind(),
+            RecordErrorKind::TooLarge {
+                cap: Cap::AppName,
+                ..
+            }
+        ));
         assert_eq!(a.own(), &before);
 
         // At a receiver, an oversized record signed by its owner is refused all the same.
@@ -1409,7 +1452,8 @@ mod tests {
     fn maximal(i: usize) -> HostRecord {
         let mut r = record(&format!("{:h<240}{i:0>13}", ""), 1, 1);
         for t in 0..MAX_TAGS {
-            r.tags.insert(format!("{t:k>MAX_TAG_KEY$}"), "v".repeat(MAX_TAG_VALUE));
+            r.tags
+                .insert(format!("{t:k>MAX_TAG_KEY$}"), "v".repeat(MAX_TAG_VALUE));
         }
         for a in 0..MAX_APPS {
             let app = AppRecord {
@@ -1461,7 +1505,10 @@ mod tests {
             let out = a.anti_entropy(&[addr(2)]);
             assert_fits(&out);
             rounds += 1;
-            let GossipMsg::Digest { through, versions, .. } = &out[0].msg else {
+            let GossipMsg::Digest {
+                through, versions, ..
+            } = &out[0].msg
+            else {
                 panic!()
             };
             for (n, _) in versions {
@@ -1480,7 +1527,10 @@ mod tests {
         let largest = assert_fits(&out);
         assert!(largest > MAX_MESSAGE / 2, "{largest}");
         let bytes: usize = out.iter().map(|o| encoded_len(&o.msg)).sum();
-        assert!(bytes <= MAX_ANSWER_BYTES + out.len() * MESSAGE_SLACK, "{bytes}");
+        assert!(
+            bytes <= MAX_ANSWER_BYTES + out.len() * MESSAGE_SLACK,
+            "{bytes}"
+        );
         let mut learned = 0;
         for o in out {
             learned += e.handle(addr(1), o.msg, &[], NOW).1.len();
@@ -1539,9 +1589,10 @@ mod tests {
             NOW,
         );
         assert_eq!(a.own().version, 1);
-        assert!(out.iter().any(
-            |o| matches!(&o.msg, GossipMsg::Want(n) if n.contains(&"a".to_string()))
-        ));
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.msg, GossipMsg::Want(n) if n.contains(&"a".to_string())))
+        );
         // A forged previous life changes nothing.
         let mut forged = signed(record("a", 1, 5));
         forged.record.version = 50;
@@ -1630,7 +1681,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         init_ca(&ca).unwrap();
-        for (name, role) in [("a", Role::Agent), ("b", Role::Agent), ("alice", Role::Operator)] {
+        for (name, role) in [
+            ("a", Role::Agent),
+            ("b", Role::Agent),
+            ("alice", Role::Operator),
+        ] {
             issue(&ca, name, role, &dir.path().join(name)).unwrap();
         }
         let other_ca = dir.path().join("other-ca");
@@ -1652,10 +1707,13 @@ mod tests {
         let good = a.sign(&rec).unwrap();
         assert!(b.verify(&good, now).is_ok());
         assert!(b.verify(&good, now).is_ok(), "again, from the cache");
-        assert_eq!(a.sign(&record("b", 2, 1)).unwrap_err().kind(), &RecordErrorKind::NotOwn {
-            host: "b".into(),
-            me: "a".into()
-        });
+        assert_eq!(
+            a.sign(&record("b", 2, 1)).unwrap_err().kind(),
+            &RecordErrorKind::NotOwn {
+                host: "b".into(),
+                me: "a".into()
+            }
+        );
         // Tampered after signing.
         let mut tampered = good.clone();
         tampered.record.left = true;
@@ -1691,11 +1749,17 @@ mod tests {
             cert: alice.cert.to_vec(),
             record: op_record,
         };
-        assert_eq!(reason(b.verify(&op, now)), SignError::NotAnAgent("alice".into()));
+        assert_eq!(
+            reason(b.verify(&op, now)),
+            SignError::NotAnAgent("alice".into())
+        );
         // A certificate for `a` from another CA.
         let mut elsewhere = FleetAuthority::new(&load("a-elsewhere")).unwrap();
         let foreign = elsewhere.sign(&rec).unwrap();
-        assert!(matches!(reason(b.verify(&foreign, now)), SignError::Untrusted(_)));
+        assert!(matches!(
+            reason(b.verify(&foreign, now)),
+            SignError::Untrusted(_)
+        ));
         // Garbage for a certificate, and a time outside the certificate's validity.
         let junk = SignedRecord {
             cert: vec![0x30, 3, 1, 2, 3],
@@ -1703,7 +1767,10 @@ mod tests {
         };
         assert_eq!(reason(b.verify(&junk, now)), SignError::NotACertificate);
         let in_ten_years = now + 10 * 365 * 86_400_000;
-        assert_eq!(reason(b.verify(&good, in_ten_years)), SignError::NotValidNow);
+        assert_eq!(
+            reason(b.verify(&good, in_ten_years)),
+            SignError::NotValidNow
+        );
         // Revoked: refused even though its chain check is cached.
         let serial = {
             let (_, c) = x509_parser::parse_x509_certificate(&good.cert).unwrap();
@@ -1713,8 +1780,12 @@ mod tests {
         assert_eq!(reason(b.verify(&good, now)), SignError::Revoked);
 
         // In a table: B's table refuses A's record signed by B.
-        let mut tb = HostTable::new(record("b", 2, now), Box::new(FleetAuthority::new(&load("b")).unwrap()), 1)
-            .unwrap();
+        let mut tb = HostTable::new(
+            record("b", 2, now),
+            Box::new(FleetAuthority::new(&load("b")).unwrap()),
+            1,
+        )
+        .unwrap();
         let (_, learned) = tb.handle(addr(1), GossipMsg::Push(vec![claim]), &[], now);
         assert!(learned.is_empty());
         assert_eq!(tb.stats().refused_forged, 1);
