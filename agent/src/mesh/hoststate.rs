@@ -1707,6 +1707,7 @@ mod tests {
         let good = a.sign(&rec).unwrap();
         assert!(b.verify(&good, now).is_ok());
         assert!(b.verify(&good, now).is_ok(), "again, from the cache");
+        assert_eq!(b.verifier.cached(), 1, "one chain check for both");
         assert_eq!(
             a.sign(&record("b", 2, 1)).unwrap_err().kind(),
             &RecordErrorKind::NotOwn {
