@@ -4,6 +4,8 @@
 //! operator's `--identity` points at. Private keys are written with mode 0600 and never
 //! replaced silently.
 
+pub mod sign;
+
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

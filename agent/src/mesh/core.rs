@@ -17,6 +17,7 @@ use super::hoststate::{GossipMsg, HostTable, Outgoing};
 use super::membership::{self, MemberId, Membership, Output};
 use super::timers::TimerQueue;
 use super::view::{self, HostView};
+use crate::identity::revocation::RevocationList;
 use crate::mesh::node::LocalState;
 
 /// How often a digest goes to one random peer (anti-entropy).
@@ -81,6 +82,10 @@ pub struct Core {
     events: VecDeque<Event>,
     /// What was last handed out to persist.
     persisted: Option<Remembered>,
+    /// The wall clock at `started` (ms since the epoch): record versions are checked
+    /// against the wall clock, which the core derives from `now`.
+    wall_ms_at_start: u64,
+    started: Instant,
 }
 
 impl Core {
@@ -88,12 +93,15 @@ impl Core {
     /// `known` (the peers remembered from a previous life) to announce itself to.
     pub fn new(
         now: Instant,
+        wall_ms: u64,
         membership: Membership,
         table: HostTable,
         seeds: Vec<SocketAddr>,
         known: BTreeSet<SocketAddr>,
     ) -> Core {
         let mut core = Core {
+            wall_ms_at_start: wall_ms,
+            started: now,
             membership,
             table,
             timers: TimerQueue::default(),
@@ -146,10 +154,39 @@ impl Core {
         Ok(())
     }
 
+    /// The wall clock at `now`, in ms since the epoch.
+    fn wall_ms(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.started).as_millis();
+        self.wall_ms_at_start
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+
+    /// Stops trusting records signed by certificates the fleet CA revoked: new ones are
+    /// refused, and those held are dropped.
+    pub fn revoke(&mut self, list: &RevocationList) {
+        self.table
+            .authority_mut()
+            .set_revoked(list.serials.iter().cloned().collect());
+        let revoked: Vec<String> = self
+            .table
+            .records()
+            .map(|r| r.name.clone())
+            .filter(|name| {
+                self.table
+                    .signed(name)
+                    .is_some_and(|s| list.is_revoked(&s.cert))
+            })
+            .collect();
+        for name in revoked {
+            self.table.forget(&name);
+        }
+    }
+
     /// A host-state message from the agent at `from`.
-    pub fn handle_gossip(&mut self, _now: Instant, from: SocketAddr, msg: GossipMsg) {
+    pub fn handle_gossip(&mut self, now: Instant, from: SocketAddr, msg: GossipMsg) {
         let peers = self.alive_addrs();
-        let (out, learned) = self.table.handle(from, msg, &peers);
+        let now_ms = self.wall_ms(now);
+        let (out, learned) = self.table.handle(from, msg, &peers, now_ms);
         for record in learned {
             tracing::debug!(host = %record.name, version = record.version, "learned a host record");
         }
@@ -157,17 +194,26 @@ impl Core {
         self.persist();
     }
 
-    /// What this host runs and its tags, as they change.
-    pub fn handle_local(&mut self, _now: Instant, state: LocalState) {
+    /// What this host runs and its tags, as they change. A state over the record's caps is
+    /// refused with a warning naming the cap; the record published before stays.
+    pub fn handle_local(&mut self, now: Instant, state: LocalState) {
         let peers = self.alive_addrs();
         let before = self.table.own().version;
-        let out = self.table.publish(
+        let now_ms = self.wall_ms(now);
+        let out = match self.table.publish(
             |r| {
                 r.tags = state.tags;
                 r.apps = state.apps;
             },
             &peers,
-        );
+            now_ms,
+        ) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!("this host's new state was not published: {e}");
+                Vec::new()
+            }
+        };
         if self.table.own().version != before {
             tracing::debug!(
                 version = self.table.own().version,
@@ -218,8 +264,11 @@ impl Core {
         if !peers.is_empty() {
             self.known = peers.iter().copied().collect();
         }
-        let out = self.table.publish(|r| r.left = true, &peers);
-        self.gossip(out);
+        let now_ms = self.wall_ms(now);
+        match self.table.publish(|r| r.left = true, &peers, now_ms) {
+            Ok(out) => self.gossip(out),
+            Err(e) => tracing::warn!("the record saying this host left was not published: {e}"),
+        }
         let out = self.membership.leave();
         self.apply(now, out);
         self.persist();
@@ -313,8 +362,10 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::hoststate::HostRecord;
+    use crate::mesh::hoststate::{HostRecord, SimAuthority};
     use std::collections::BTreeMap;
+
+    const WALL: u64 = 1_800_000_000_000;
 
     fn addr(i: u8) -> SocketAddr {
         SocketAddr::from(([127, 9, 0, i], 7400))
@@ -334,10 +385,12 @@ mod tests {
             tags: BTreeMap::new(),
             apps: BTreeMap::new(),
         };
+        let authority = Box::new(SimAuthority::new(&id.name, b"fleet"));
         Core::new(
             now,
+            WALL,
             Membership::new(id, membership::config(8), u64::from(i)),
-            HostTable::new(record, u64::from(i)),
+            HostTable::new(record, authority, u64::from(i)).unwrap(),
             seeds,
             BTreeSet::new(),
         )

@@ -35,7 +35,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::core::{Core, Event, Remembered, Transmit};
 use super::frame::{Protocol, encode_frame, read_frame, read_protocol, write_protocol};
-use super::hoststate::{AppRecord, GossipMsg, HostRecord, HostTable, first_version};
+use super::hoststate::{
+    AppRecord, FleetAuthority, GossipMsg, HostRecord, HostTable, first_version,
+};
 use super::membership::{self, MemberId, Membership};
 use super::peers::{Live, MAX_QUEUED, Pending, Pool, Slot};
 use super::transport;
@@ -443,10 +445,20 @@ impl Mesh {
             apps: initial.apps,
         };
         let seed = rand::random::<u64>();
+        let mut authority = FleetAuthority::new(&config.identity).map_err(|e| {
+            anyhow::anyhow!("the agent's identity cannot sign its host record: {e}")
+        })?;
+        if let Some(list) = &revoked {
+            use super::hoststate::Authority;
+            authority.set_revoked(list.serials.iter().cloned().collect());
+        }
+        let table = HostTable::new(own, Box::new(authority), seed ^ 0x9e37_79b9_7f4a_7c15)
+            .map_err(|e| anyhow::anyhow!("this host's state cannot be published: {e}"))?;
         let core = Core::new(
             Instant::now(),
+            wall_ms(),
             Membership::new(me.clone(), membership::config(64), seed),
-            HostTable::new(own, seed ^ 0x9e37_79b9_7f4a_7c15),
+            table,
             config.seeds.clone(),
             remembered.peers,
         );
@@ -788,7 +800,7 @@ impl Driver {
     /// Adopts a revocation list if the fleet CA signed it and it is newer: enforced at every
     /// handshake from now on, live connections of revoked certificates closed, written to
     /// disk, and passed on to peers.
-    fn adopt(&mut self, now: Instant, core: &Core, der: Vec<u8>) -> Result<u64, String> {
+    fn adopt(&mut self, now: Instant, core: &mut Core, der: Vec<u8>) -> Result<u64, String> {
         let list = RevocationList::verify(&der, &self.identity.ca).map_err(|e| e.to_string())?;
         let current = self.revoked.as_ref().map_or(0, |l| l.number);
         if list.number <= current {
@@ -819,6 +831,7 @@ impl Driver {
             "a new revocation list is in force"
         );
         super::revocation::store(&self.lists_file, &list);
+        core.revoke(&list);
         if let Some(frame) = self.revocations_frame(&list) {
             let peers = core.alive_addrs();
             let n = super::hoststate::fanout(peers.len());

@@ -123,7 +123,7 @@ pub fn views<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::hoststate::{GossipMsg, Health, HostRecord};
+    use crate::mesh::hoststate::{Authority, GossipMsg, Health, HostRecord, SimAuthority};
     use std::collections::BTreeSet;
 
     fn id(name: &str, i: u8, bump: u16) -> MemberId {
@@ -157,17 +157,20 @@ mod tests {
     #[test]
     fn membership_and_records_make_one_list() {
         let me = id("a", 1, 0);
-        let mut table = HostTable::new(record("a", 1, false), 1);
-        let push = GossipMsg::Push {
-            records: vec![
+        let sim = |name: &str| Box::new(SimAuthority::new(name, b"fleet"));
+        let mut table = HostTable::new(record("a", 1, false), sim("a"), 1).unwrap();
+        let push = GossipMsg::Push(
+            [
                 record("b", 2, false),
                 record("c", 3, false),
                 record("d", 4, true),
                 record("e", 5, false),
-            ],
-            relay: false,
-        };
-        table.handle(me.addr, push, &[]);
+            ]
+            .into_iter()
+            .map(|r| sim(&r.name).sign(&r).unwrap())
+            .collect(),
+        );
+        table.handle(me.addr, push, &[], 0);
         let (b, c_old, c_new, d, f) = (
             id("b", 2, 0),
             id("c", 3, 0),
