@@ -476,3 +476,209 @@ fn an_operator_trusts_only_an_agent_certificate() {
 
     drop(endpoint);
 }
+
+/// The insider's side: a valid agent certificate speaking the wire protocol directly.
+struct Insider {
+    endpoint: quinn::Endpoint,
+    id: shoal_agent::identity::Identity,
+}
+
+impl Insider {
+    fn new(ca: &Ca, dir: &Path, name: &str, bind: &str) -> Insider {
+        ca.issue(name, dir);
+        let id = shoal_agent::identity::Identity::load(dir).unwrap();
+        let endpoint =
+            shoal_agent::mesh::transport::endpoint(bind.parse().unwrap(), &id, None).unwrap();
+        Insider { endpoint, id }
+    }
+
+    /// A record saying `record`, signed with the insider's own key.
+    fn sign(
+        &self,
+        record: shoal_agent::mesh::hoststate::HostRecord,
+    ) -> shoal_agent::mesh::hoststate::SignedRecord {
+        use shoal_agent::mesh::hoststate::SignedRecord;
+        let signer = shoal_agent::identity::sign::Signer::new(&self.id).unwrap();
+        let sig = signer.sign(&SignedRecord::signed_bytes(&record)).unwrap();
+        SignedRecord {
+            record,
+            cert: self.id.cert.to_vec(),
+            sig,
+        }
+    }
+
+    /// Sends each message on a gossip stream of its own.
+    async fn gossip(
+        &self,
+        conn: &quinn::Connection,
+        msgs: &[shoal_agent::mesh::hoststate::GossipMsg],
+    ) {
+        use shoal_agent::mesh::frame::{Protocol, encode_frame};
+        for msg in msgs {
+            let frame = encode_frame(msg).unwrap();
+            let mut s = conn.open_uni().await.unwrap();
+            s.write_all(&[Protocol::Gossip as u8]).await.unwrap();
+            s.write_all(&frame).await.unwrap();
+            let _ = s.finish();
+        }
+    }
+}
+
+#[test]
+fn an_insider_cannot_rewrite_another_host_or_make_it_work() {
+    use shoal_agent::mesh::hoststate::{GossipMsg, HostRecord};
+    use std::collections::BTreeMap;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 77, 7], 3);
+    for a in fleet.iter_mut() {
+        a.start();
+    }
+    wait_for("three agents to see each other alive", LONG, || {
+        fleet.iter().all(|a| {
+            hosts(a.addr, &ca.operator)
+                .is_ok_and(|l| l.len() == 3 && l.iter().all(|h| h["state"] == "alive"))
+        })
+    });
+    let version_of = |at: std::net::SocketAddr, name: &str| -> u64 {
+        let list = hosts(at, &ca.operator).unwrap();
+        list.iter().find(|h| h["name"] == name).unwrap()["version"]
+            .as_u64()
+            .unwrap()
+    };
+    let victim = fleet[1].name.clone();
+    let victim_version = version_of(fleet[1].addr, &victim);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let insider = {
+        let _runtime = rt.enter();
+        Insider::new(
+            &ca,
+            &tmp.path().join("insider"),
+            "insider",
+            "127.77.7.200:0",
+        )
+    };
+    let answers = rt.block_on(async {
+        use shoal_agent::mesh::transport;
+        // 1. A record of agent-2 that says it left and is evil, signed by the insider.
+        let forged = insider.sign(HostRecord {
+            name: victim.clone(),
+            addr: "127.77.7.200:7400".parse().unwrap(),
+            version: victim_version + 1000,
+            left: true,
+            tags: BTreeMap::from([("role".to_string(), "evil".to_string())]),
+            apps: BTreeMap::new(),
+        });
+        // 2. Its own record at version u64::MAX, properly signed.
+        let absurd = insider.sign(HostRecord {
+            name: "insider".into(),
+            addr: "127.77.7.200:7400".parse().unwrap(),
+            version: u64::MAX,
+            left: false,
+            tags: BTreeMap::new(),
+            apps: BTreeMap::new(),
+        });
+        for a in &fleet {
+            let conn = transport::connect(&insider.endpoint, a.addr).await.unwrap();
+            insider
+                .gossip(
+                    &conn,
+                    &[
+                        GossipMsg::Push(vec![forged.clone()]),
+                        GossipMsg::Push(vec![absurd.clone()]),
+                    ],
+                )
+                .await;
+        }
+        // 3. A digest flood at the victim: its own record "newer" by far, thousands of times.
+        let conn = transport::connect(&insider.endpoint, fleet[1].addr)
+            .await
+            .unwrap();
+        let answers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counting = {
+            let (conn, answers) = (conn.clone(), answers.clone());
+            tokio::spawn(async move {
+                while let Ok(_stream) = conn.accept_uni().await {
+                    answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        let digest = GossipMsg::Digest {
+            after: None,
+            through: None,
+            versions: vec![(victim.clone(), u64::MAX - 1), ("agent-1".into(), u64::MAX)],
+        };
+        let flood_started = Instant::now();
+        for _ in 0..100 {
+            insider.gossip(&conn, &vec![digest.clone(); 20]).await;
+        }
+        let flood = flood_started.elapsed();
+        // Answers still in flight arrive within a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        counting.abort();
+        let n = answers.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("2,000 digests over {flood:?} drew {n} streams back");
+        // The stated bound: one answer (and one want) per sender per second.
+        let seconds = flood.as_secs() + 2;
+        assert!(
+            n as u64 <= 2 * seconds + 2,
+            "{n} streams answered 2,000 digests in {flood:?}"
+        );
+        n
+    });
+    let _ = answers;
+
+    // Every agent still shows the true record of agent-2; the absurd one was adopted by none.
+    for a in &fleet {
+        let list = hosts(a.addr, &ca.operator).unwrap();
+        let v = list.iter().find(|h| h["name"] == victim.as_str()).unwrap();
+        assert_eq!(v["state"], "alive", "{}: {v}", a.name);
+        assert_eq!(v["tags"]["role"], "inference", "{}: {v}", a.name);
+        assert_eq!(v["addr"], fleet[1].addr.to_string(), "{}: {v}", a.name);
+        if let Some(i) = list.iter().find(|h| h["name"] == "insider") {
+            assert_ne!(i["version"].as_u64(), Some(u64::MAX), "{}: {i}", a.name);
+        }
+    }
+    // The victim did no work of its own: its record's version did not move.
+    assert_eq!(version_of(fleet[1].addr, &victim), victim_version);
+    for a in fleet.iter_mut() {
+        assert!(
+            a.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "{} runs",
+            a.name
+        );
+    }
+
+    // 4. A SIGHUP with 10,000 tags is refused at the owner, with a warning; the old record
+    //    stays.
+    let owner = &fleet[2];
+    let mut config = std::fs::read_to_string(&owner.config).unwrap();
+    for i in 0..10_000 {
+        config.push_str(&format!("t{i} = \"x\"\n"));
+    }
+    std::fs::write(&owner.config, config).unwrap();
+    let before = version_of(owner.addr, &owner.name);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(owner.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for("the oversized state to be refused", LONG, || {
+        owner.log_text().contains("was not published")
+    });
+    let line = owner
+        .log_text()
+        .lines()
+        .find(|l| l.contains("was not published"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("WARN") && line.contains("tags"), "{line}");
+    assert_eq!(version_of(fleet[0].addr, &owner.name), before);
+    let list = hosts(fleet[0].addr, &ca.operator).unwrap();
+    let o = list
+        .iter()
+        .find(|h| h["name"] == owner.name.as_str())
+        .unwrap();
+    assert_eq!(o["tags"].as_object().unwrap().len(), 2, "{o}");
+}
