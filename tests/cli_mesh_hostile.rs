@@ -579,8 +579,10 @@ fn an_insider_cannot_rewrite_another_host_or_make_it_work() {
             tags: BTreeMap::new(),
             apps: BTreeMap::new(),
         });
+        let mut conns = Vec::new();
         for a in &fleet {
             let conn = transport::connect(&insider.endpoint, a.addr).await.unwrap();
+            conns.push(conn.clone());
             insider
                 .gossip(
                     &conn,
@@ -617,6 +619,7 @@ fn an_insider_cannot_rewrite_another_host_or_make_it_work() {
         // Answers still in flight arrive within a moment.
         tokio::time::sleep(Duration::from_millis(500)).await;
         counting.abort();
+        drop(conns);
         let n = answers.load(std::sync::atomic::Ordering::Relaxed);
         eprintln!("2,000 digests over {flood:?} drew {n} streams back");
         // The stated bound: one answer (and one want) per sender per second.
@@ -640,6 +643,14 @@ fn an_insider_cannot_rewrite_another_host_or_make_it_work() {
             assert_ne!(i["version"].as_u64(), Some(u64::MAX), "{}: {i}", a.name);
         }
     }
+    // The refusals are reported at warn, counted.
+    wait_for("the forgeries to be reported", LONG, || {
+        fleet.iter().all(|a| {
+            a.log_text()
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains("host records with a forged signature"))
+        })
+    });
     // The victim did no work of its own: its record's version did not move.
     assert_eq!(version_of(fleet[1].addr, &victim), victim_version);
     for a in fleet.iter_mut() {

@@ -553,7 +553,7 @@ impl Mesh {
         tokio::pin!(stop);
         let mut report = tokio::time::interval(REPORT_EVERY);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reported = handle.drops.snapshot();
+        let mut reported = dropped(&handle.drops, &core);
         let mut local_open = true;
         loop {
             let deadline = core
@@ -585,7 +585,7 @@ impl Mesh {
                         members = core.alive_addrs().len(),
                         "mesh status"
                     );
-                    let now = handle.drops.snapshot();
+                    let now = dropped(&handle.drops, &core);
                     let news: Vec<String> = now
                         .iter()
                         .zip(reported.iter())
@@ -617,6 +617,23 @@ impl Mesh {
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         Ok(())
     }
+}
+
+/// Every counter of dropped or refused work: the driver's and the cores'.
+fn dropped(drops: &Drops, core: &Core) -> Vec<(&'static str, u64)> {
+    let t = core.table().stats();
+    let mut all = drops.snapshot().to_vec();
+    all.extend([
+        ("host records with a forged signature", t.refused_forged),
+        ("host records with an absurd version", t.refused_absurd),
+        ("host records or entries over a cap", t.refused_oversized),
+        ("records of forgotten hosts", t.refused_forgotten),
+        (
+            "digests left unanswered (rate limit)",
+            t.answers_rate_limited,
+        ),
+    ]);
+    all
 }
 
 fn wall_ms() -> u64 {
