@@ -1,16 +1,48 @@
 //! Membership and failure detection: SWIM (with suspicion and indirect probes) from foca,
 //! behind a sans-IO interface. Bytes and timer events go in; [`Output`]s come out: packets
-//! to send, timers to schedule, members seen up or down. The caller does all IO, which is
-//! what lets `agent/tests/membership_simulation.rs` run hundreds of agents deterministically with
-//! simulated time and network.
+//! to send, timers to schedule, members seen up, down or forgotten. The caller does all IO,
+//! which is what lets `agent/tests/membership_simulation.rs` run thousands of agents
+//! deterministically with simulated time and network.
+//!
+//! # What an insider cannot do
+//!
+//! SWIM believes what it is told. Every agent holds a valid certificate, so one compromised
+//! agent could otherwise rewrite everyone's membership. Every packet is therefore decoded,
+//! checked and re-encoded here *before* foca sees it ([`Membership::handle_data`]):
+//!
+//! 1. **The sender speaks only for itself.** The header's `src` must carry the name in the
+//!    connection's certificate and the connection's remote address; updates about the sender
+//!    must name exactly that identity. What arrives first-hand wins its address: a hearsay
+//!    identity squatting it is dropped.
+//! 2. **Hearsay cannot move, renew or kill.** An update about a third party cannot put a
+//!    known member at a new address, give a known address to another identity, or raise a
+//!    known member's bump (a restarted agent announces itself first-hand). A third party's
+//!    `Down` about a member held alive becomes `Suspect` (same incarnation) and starts this
+//!    agent's own check: direct pings, and only if the member does not answer within
+//!    [`VERIFY_DEADLINE`] does this agent declare it down, on its own evidence. Unknown
+//!    members are not learnt already dead.
+//! 3. **No dialing on request.** A request to send to a third party (`PingReq`,
+//!    `IndirectAck`) is dropped (its updates kept) unless that identity is a member known
+//!    active, exactly.
+//! 4. **Introductions are bounded.** Members a sender introduced that have not yet been
+//!    heard from first-hand count against it; beyond [`MAX_UNCONFIRMED_PER_SENDER`] its
+//!    further introductions are dropped.
+//! 5. **The dead are forgotten.** Down members are removed after `forget_down_after`
+//!    (default [`FORGET_DOWN_AFTER`]); [`Output::Forgotten`] tells the caller when a name is
+//!    no longer known.
+//!
+//! What was dropped is counted in [`MembershipStats`]; a refused packet is a typed
+//! [`PacketError`].
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use foca::{
-    Codec, Config, Foca, NoCustomBroadcast, Notification, PeriodicParams, PostcardCodec, Runtime,
-    Timer,
+    Codec, Config, Foca, Header, Identity, Member, Message, NoCustomBroadcast, Notification, PeriodicParams,
+    PostcardCodec, Runtime, State,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -59,14 +91,15 @@ pub enum Output {
     /// Deliver these bytes to that member (as a datagram).
     Send { to: MemberId, data: Vec<u8> },
     /// Hand this timer back through [`Membership::handle_timer`] after the delay.
-    Schedule {
-        timer: Timer<MemberId>,
-        after: Duration,
-    },
+    Schedule { timer: Timer, after: Duration },
     /// A member became reachable.
     Up(MemberId),
     /// A member was declared down.
     Down(MemberId),
+    /// No member of this name is known any more: the last identity carrying it was
+    /// forgotten (down for `forget_down_after`) or replaced at its address by another name.
+    /// The caller may drop what it keeps about the name (its host record).
+    Forgotten(MemberId),
     /// The mesh had declared this agent down (a partition, a pause); it rejoined under a
     /// renewed identity, which the caller should remember for its next start.
     Rejoined(MemberId),
@@ -75,30 +108,152 @@ pub enum Output {
     Idle,
 }
 
-/// Collects what foca asks of its runtime.
+/// A timer asked for by an [`Output::Schedule`]: opaque, handed back as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timer(TimerKind);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TimerKind {
+    /// One of foca's.
+    Swim(foca::Timer<MemberId>),
+    /// This agent's own check of a member a third party said was down: ping it again, or
+    /// (at the deadline) declare it down if it never answered.
+    Verify {
+        addr: SocketAddr,
+        generation: u64,
+        deadline: bool,
+    },
+}
+
+/// How long a down member is remembered (reported dead, announced to) before it is
+/// forgotten, unless [`config`] is told otherwise: a day, long enough for an operator to
+/// see what died, short enough that invented or long-gone members do not stay forever.
+pub const FORGET_DOWN_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The most members one sender may have introduced that this agent has not yet heard from
+/// first-hand. Honest senders stay far below (members confirm themselves within seconds by
+/// pinging, answering, announcing); an insider inventing members is stopped here. A slot is
+/// freed when the member speaks for itself or is forgotten.
+pub const MAX_UNCONFIRMED_PER_SENDER: usize = 64;
+
+/// When checking a member a third party reported down, the second direct ping goes after
+/// this long.
+pub const VERIFY_RETRY: Duration = Duration::from_millis(300);
+
+/// A member a third party reported down, that has not answered this agent's own pings
+/// within this long, is declared down by this agent.
+pub const VERIFY_DEADLINE: Duration = Duration::from_millis(1000);
+
+/// What the membership dropped or decided on its own, since it started. For logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembershipStats {
+    /// Packets refused whole (see [`PacketErrorKind`]).
+    pub packets_refused: u64,
+    /// Updates about the sender that did not name exactly the sender's identity.
+    pub updates_about_sender_refused: u64,
+    /// Updates about this agent under another identity (its address or name).
+    pub updates_about_us_refused: u64,
+    /// Hearsay giving a known address to another identity or a known name a new address.
+    pub updates_moving_members: u64,
+    /// Hearsay renewing a known member (another bump at its address).
+    pub updates_renewing_members: u64,
+    /// Hearsay introducing a member already down.
+    pub dead_introductions: u64,
+    /// Introductions dropped because the sender had [`MAX_UNCONFIRMED_PER_SENDER`] pending.
+    pub introductions_over_cap: u64,
+    /// The same address twice in one packet.
+    pub duplicate_updates: u64,
+    /// A third party's `Down` about a member held alive (or this agent), made `Suspect`.
+    pub downs_downgraded: u64,
+    /// `PingReq`/`IndirectAck` for a member not known active (or for this agent), dropped.
+    pub requests_to_unknown: u64,
+    /// Own checks started, answered, and ended in this agent declaring the member down.
+    pub verifications_started: u64,
+    pub verified_alive: u64,
+    pub verified_down: u64,
+    /// Members removed after `forget_down_after` (or pushed out of their address by
+    /// the identity that really is there).
+    pub members_forgotten: u64,
+    /// Errors foca reported on packets that passed the checks (logged, not refused).
+    pub protocol_errors: u64,
+}
+
+/// A malformed, foreign or lying packet; the membership is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[error("membership packet refused: {kind}")]
+pub struct PacketError {
+    kind: PacketErrorKind,
+}
+
+impl PacketError {
+    pub fn kind(&self) -> &PacketErrorKind {
+        &self.kind
+    }
+}
+
+/// Why a packet was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PacketErrorKind {
+    #[error("{len} bytes, over the {max}-byte limit")]
+    TooBig { len: usize, max: usize },
+    #[error("malformed {part}: {reason}")]
+    Malformed { part: &'static str, reason: String },
+    #[error("{len} bytes follow the updates")]
+    TrailingBytes { len: usize },
+    #[error("it claims to come from `{claimed}` but arrived from `{sender}`")]
+    ImpersonatesSender { claimed: String, sender: String },
+    #[error("it claims the address {claimed} but arrived from {remote}")]
+    AddressMismatch {
+        claimed: SocketAddr,
+        remote: SocketAddr,
+    },
+    #[error("it claims to come from this agent's own name or address (`{claimed}`)")]
+    FromOurselves { claimed: String },
+}
+
+/// Collects what foca asks of its runtime, and the membership changes it reports.
 #[derive(Default)]
-struct Collect(Vec<Output>);
+struct Collect {
+    out: Vec<Output>,
+    changes: Vec<Change>,
+}
+
+enum Change {
+    Up(MemberId),
+    Down(MemberId),
+    Rename(MemberId),
+}
 
 impl Runtime<MemberId> for Collect {
     fn notify(&mut self, notification: Notification<'_, MemberId>) {
         match notification {
-            Notification::MemberUp(id) => self.0.push(Output::Up(id.clone())),
-            Notification::MemberDown(id) => self.0.push(Output::Down(id.clone())),
-            Notification::Rejoin(id) => self.0.push(Output::Rejoined(id.clone())),
-            Notification::Idle => self.0.push(Output::Idle),
+            Notification::MemberUp(id) => {
+                self.out.push(Output::Up(id.clone()));
+                self.changes.push(Change::Up(id.clone()));
+            }
+            Notification::MemberDown(id) => {
+                self.out.push(Output::Down(id.clone()));
+                self.changes.push(Change::Down(id.clone()));
+            }
+            Notification::Rename(_, new) => self.changes.push(Change::Rename(new.clone())),
+            Notification::Rejoin(id) => self.out.push(Output::Rejoined(id.clone())),
+            Notification::Idle => self.out.push(Output::Idle),
             _ => {}
         }
     }
 
     fn send_to(&mut self, to: MemberId, data: &[u8]) {
-        self.0.push(Output::Send {
+        self.out.push(Output::Send {
             to,
             data: data.to_vec(),
         });
     }
 
-    fn submit_after(&mut self, timer: Timer<MemberId>, after: Duration) {
-        self.0.push(Output::Schedule { timer, after });
+    fn submit_after(&mut self, timer: foca::Timer<MemberId>, after: Duration) {
+        self.out.push(Output::Schedule {
+            timer: Timer(TimerKind::Swim(timer)),
+            after,
+        });
     }
 }
 
@@ -112,10 +267,12 @@ impl Runtime<MemberId> for Collect {
 ///   200 ms, on top of riding on probes; an idle mesh sends nothing for it;
 /// - anti-entropy: every 2 s an agent announces itself to 2 random members, whose answers
 ///   carry the members they know, so whatever gossip missed is repaired;
-/// - down members are remembered (reported dead, not dropped), told that they are down so
-///   they rejoin, and sent an announce every 5 s so a partition heals by itself;
+/// - down members are remembered (reported dead) for `forget_down_after` (usually
+///   [`FORGET_DOWN_AFTER`], a day), then forgotten; meanwhile they are told that they are
+///   down so they rejoin, and 2 of them are sent an announce every 5 s so a partition heals
+///   by itself;
 /// - packets fit a QUIC datagram.
-pub fn config(cluster_size: u32) -> Config {
+pub fn config(cluster_size: u32, forget_down_after: Duration) -> Config {
     let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
     c.probe_period = Duration::from_millis(300);
     c.probe_rtt = Duration::from_millis(100);
@@ -131,7 +288,7 @@ pub fn config(cluster_size: u32) -> Config {
         frequency: Duration::from_millis(200),
         num_members: NonZeroUsize::new(3).expect("non-zero"),
     });
-    c.remove_down_after = None;
+    c.remove_down_after = Some(forget_down_after);
     c.notify_down_members = true;
     c.periodic_announce_to_down_members = Some(PeriodicParams {
         frequency: Duration::from_secs(5),
@@ -144,41 +301,131 @@ pub fn config(cluster_size: u32) -> Config {
 /// The largest membership packet, chosen to fit a QUIC datagram on a 1200-byte path.
 pub const MAX_PACKET: usize = 1150;
 
+/// The smallest cluster size the configuration is made for.
+const MIN_SIZE: u32 = 64;
+
+/// The identities foca holds, by address, with whether each is active; kept in step with
+/// foca's notifications (foca has no lookup but a scan).
+#[derive(Default)]
+struct Index {
+    by_addr: HashMap<SocketAddr, (MemberId, bool)>,
+    /// How many identities carry each name.
+    names: HashMap<String, usize>,
+}
+
+impl Index {
+    fn active_exactly(&self, id: &MemberId) -> bool {
+        matches!(self.by_addr.get(&id.addr), Some((k, true)) if k == id)
+    }
+
+    /// Puts `id` at its address (replacing whoever was there), and sets its activity if
+    /// given. A name no identity carries any more is pushed onto `gone`.
+    fn set(&mut self, id: &MemberId, active: Option<bool>, gone: &mut Vec<MemberId>) {
+        let replaced = match self.by_addr.entry(id.addr) {
+            Entry::Occupied(mut e) => {
+                let (known, was) = e.get_mut();
+                if let Some(a) = active {
+                    *was = a;
+                }
+                (known != id).then(|| std::mem::replace(known, id.clone()))
+            }
+            Entry::Vacant(e) => {
+                e.insert((id.clone(), active.unwrap_or(true)));
+                *self.names.entry(id.name.clone()).or_default() += 1;
+                None
+            }
+        };
+        if let Some(old) = replaced {
+            *self.names.entry(id.name.clone()).or_default() += 1;
+            self.drop_name(old, gone);
+        }
+    }
+
+    fn remove(&mut self, addr: &SocketAddr, gone: &mut Vec<MemberId>) {
+        if let Some((old, _)) = self.by_addr.remove(addr) {
+            self.drop_name(old, gone);
+        }
+    }
+
+    fn drop_name(&mut self, old: MemberId, gone: &mut Vec<MemberId>) {
+        if let Entry::Occupied(mut e) = self.names.entry(old.name.clone()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+                gone.push(old);
+            }
+        }
+    }
+}
+
+/// A packet that passed the checks, rewritten for foca.
+struct Screened {
+    src: MemberId,
+    data: Vec<u8>,
+    /// Members it introduces (counted against the sender once foca has taken them).
+    introductions: Vec<MemberId>,
+    /// Members a third party said were down: to check ourselves.
+    to_verify: Vec<MemberId>,
+}
+
+/// This agent's own check of a member reported down.
+struct Verification {
+    id: MemberId,
+    generation: u64,
+}
+
 /// One agent's view of the mesh.
 pub struct Membership {
     foca: Foca<MemberId, PostcardCodec, StdRng, NoCustomBroadcast>,
     /// The cluster size the current configuration was made for (see [`Self::fit_size`]).
     sized_for: u32,
+    forget_down_after: Duration,
+    index: Index,
+    /// Members introduced by hearsay and not yet heard from first-hand, with who
+    /// introduced them.
+    unconfirmed: HashMap<SocketAddr, String>,
+    /// Per sender, how many of `unconfirmed` it introduced.
+    unconfirmed_by: HashMap<String, usize>,
+    verifying: HashMap<SocketAddr, Verification>,
+    generation: u64,
+    probe_number: u8,
+    stats: MembershipStats,
 }
-
-/// The smallest cluster size the configuration is made for.
-const MIN_SIZE: u32 = 64;
-
-/// A malformed or foreign packet; the membership is unchanged.
-#[derive(Debug, thiserror::Error)]
-#[error("membership packet refused: {0}")]
-pub struct PacketError(String);
 
 impl Membership {
     /// `seed` makes every random choice reproducible (tests); agents pass a random one.
-    /// `config` is usually [`config`]`(n)` for the size `n` expected; [`Self::fit_size`]
-    /// adjusts it as the membership grows.
+    /// `config` is usually [`config`]`(n, forget_down_after)` for the size `n` expected;
+    /// [`Self::fit_size`] adjusts it as the membership grows.
     pub fn new(id: MemberId, config: Config, seed: u64) -> Self {
+        let forget_down_after = config.remove_down_after.unwrap_or(FORGET_DOWN_AFTER);
         Membership {
             foca: Foca::new(id, config, StdRng::seed_from_u64(seed), PostcardCodec),
             sized_for: 0,
+            forget_down_after,
+            index: Index::default(),
+            unconfirmed: HashMap::new(),
+            unconfirmed_by: HashMap::new(),
+            verifying: HashMap::new(),
+            generation: 0,
+            probe_number: 0,
+            stats: MembershipStats::default(),
         }
     }
 
     /// Fits dissemination to the membership's size: each update is passed on a number of
     /// times that grows with the log of the members, so a large mesh needs more copies
     /// than the 64-member default. Sizes go by powers of two, so the configuration
-    /// changes only when the mesh doubles. Down members count (they are kept, see
-    /// [`config`]), so the size does not shrink. Returns the size now configured.
+    /// changes only when the mesh doubles. Down members count (they are kept until
+    /// forgotten, see [`config`]). Returns the size now configured.
     pub fn fit_size(&mut self) -> u32 {
         let members = self.foca.iter_membership_state().len() as u32 + 1;
         let size = members.next_power_of_two().max(MIN_SIZE);
-        if size != self.sized_for && self.foca.set_config(config(size)).is_ok() {
+        if size != self.sized_for
+            && self
+                .foca
+                .set_config(config(size, self.forget_down_after))
+                .is_ok()
+        {
             self.sized_for = size;
         }
         self.sized_for
@@ -186,6 +433,11 @@ impl Membership {
 
     pub fn id(&self) -> &MemberId {
         self.foca.identity()
+    }
+
+    /// What was dropped or decided so far.
+    pub fn stats(&self) -> &MembershipStats {
+        &self.stats
     }
 
     /// Asks the member at `addr` to let us in. Its name need not be known.
@@ -199,43 +451,96 @@ impl Membership {
         if let Err(e) = self.foca.announce(seed, &mut out) {
             tracing::warn!(%addr, "announcing to the seed: {e}");
         }
-        out.0
+        self.absorb(out)
     }
 
     /// Feeds a packet received from the network over a connection whose certificate names
-    /// `sender`. A packet that claims to come from another member is refused: a fleet
-    /// member cannot speak for another in the membership (refute its death, say it left).
-    pub fn handle_data(&mut self, sender: &str, data: &[u8]) -> Result<Vec<Output>, PacketError> {
-        let header: foca::Header<MemberId> = PostcardCodec
-            .decode_header(data)
-            .map_err(|e| PacketError(e.to_string()))?;
-        if header.src.name != sender {
-            return Err(PacketError(format!(
-                "it claims to come from `{}` but arrived from `{sender}`",
-                header.src.name
-            )));
+    /// `sender` and whose remote address is `remote`. The packet is checked and rewritten
+    /// first (see the module's documentation); a packet that lies about who sent it, or
+    /// cannot be read, is refused whole and changes nothing.
+    pub fn handle_data(
+        &mut self,
+        sender: &str,
+        remote: SocketAddr,
+        data: &[u8],
+    ) -> Result<Vec<Output>, PacketError> {
+        let screened = match self.screen(sender, remote, data) {
+            Ok(s) => s,
+            Err(kind) => {
+                self.stats.packets_refused += 1;
+                return Err(PacketError { kind });
+            }
+        };
+        let Screened {
+            src,
+            data,
+            introductions,
+            to_verify,
+        } = screened;
+        let mut c = Collect::default();
+        // First-hand, over a connection from that very address: whoever hearsay put there
+        // is not there.
+        let squatter = match self.index.by_addr.get(&src.addr) {
+            Some((known, _)) if *known != src && known.win_addr_conflict(&src) => {
+                Some(known.clone())
+            }
+            _ => None,
+        };
+        let mut out = Vec::new();
+        if let Some(squatter) = squatter {
+            out.extend(self.evict(squatter));
         }
-        let mut out = Collect::default();
-        self.foca
-            .handle_data(data, &mut out)
-            .map_err(|e| PacketError(e.to_string()))?;
-        Ok(out.0)
+        if let Err(e) = self.foca.handle_data(&data, &mut c) {
+            // Past the checks, foca's errors come after what it did: keep its outputs.
+            self.stats.protocol_errors += 1;
+            tracing::debug!(peer = sender, "membership packet: {e}");
+        }
+        out.extend(self.absorb(c));
+
+        // The sender spoke for itself: it is confirmed, and answers any check of it.
+        if let Some(introducer) = self.unconfirmed.remove(&src.addr) {
+            self.release(&introducer);
+        }
+        if self.verifying.remove(&src.addr).is_some() {
+            self.stats.verified_alive += 1;
+        }
+        for id in introductions {
+            let taken = matches!(self.index.by_addr.get(&id.addr), Some((k, _)) if *k == id);
+            if taken && !self.unconfirmed.contains_key(&id.addr) {
+                self.unconfirmed.insert(id.addr, sender.to_owned());
+                *self.unconfirmed_by.entry(sender.to_owned()).or_default() += 1;
+            }
+        }
+        for id in to_verify {
+            self.verify(id, &mut out);
+        }
+        Ok(out)
     }
 
     /// Feeds a timer scheduled by an earlier [`Output::Schedule`].
-    pub fn handle_timer(&mut self, timer: Timer<MemberId>) -> Vec<Output> {
-        let mut out = Collect::default();
-        if let Err(e) = self.foca.handle_timer(timer, &mut out) {
-            tracing::debug!("membership timer: {e}");
+    pub fn handle_timer(&mut self, timer: Timer) -> Vec<Output> {
+        match timer.0 {
+            TimerKind::Swim(foca::Timer::RemoveDown(id)) => self.forget(id),
+            TimerKind::Swim(t) => {
+                let mut c = Collect::default();
+                if let Err(e) = self.foca.handle_timer(t, &mut c) {
+                    tracing::debug!("membership timer: {e}");
+                }
+                self.absorb(c)
+            }
+            TimerKind::Verify {
+                addr,
+                generation,
+                deadline,
+            } => self.verify_timer(addr, generation, deadline),
         }
-        out.0
     }
 
     /// Leaves the mesh gracefully: members learn this one left rather than failed.
     pub fn leave(&mut self) -> Vec<Output> {
-        let mut out = Collect::default();
-        let _ = self.foca.leave_cluster(&mut out);
-        out.0
+        let mut c = Collect::default();
+        let _ = self.foca.leave_cluster(&mut c);
+        self.absorb(c)
     }
 
     /// The members this agent considers alive (itself excluded).
@@ -249,6 +554,377 @@ impl Membership {
             .iter_membership_state()
             .map(|m| (m.id(), m.state()))
     }
+
+    /// Decodes, checks and rewrites a packet (rules 1 to 4 of the module's documentation).
+    fn screen(
+        &mut self,
+        sender: &str,
+        remote: SocketAddr,
+        data: &[u8],
+    ) -> Result<Screened, PacketErrorKind> {
+        if data.len() > MAX_PACKET {
+            return Err(PacketErrorKind::TooBig {
+                len: data.len(),
+                max: MAX_PACKET,
+            });
+        }
+        let mut rest = data;
+        let header: Header<MemberId> =
+            PostcardCodec
+                .decode_header(&mut rest)
+                .map_err(|e| PacketErrorKind::Malformed {
+                    part: "header",
+                    reason: e.to_string(),
+                })?;
+        let src = header.src.clone();
+        if src.name != sender {
+            return Err(PacketErrorKind::ImpersonatesSender {
+                claimed: src.name,
+                sender: sender.to_owned(),
+            });
+        }
+        if !same_endpoint(src.addr, remote) {
+            return Err(PacketErrorKind::AddressMismatch {
+                claimed: src.addr,
+                remote,
+            });
+        }
+        let me = self.foca.identity().clone();
+        if src.name == me.name || src.addr == me.addr {
+            return Err(PacketErrorKind::FromOurselves { claimed: src.name });
+        }
+        // Messages that carry no updates (we use no custom broadcasts): nothing may follow.
+        let bare = matches!(
+            header.message,
+            Message::Announce | Message::Broadcast | Message::TurnUndead
+        );
+        let mut updates = Vec::new();
+        if !bare && rest.len() == 1 {
+            return Err(PacketErrorKind::Malformed {
+                part: "update count",
+                reason: "a single byte".into(),
+            });
+        }
+        if !bare && rest.len() >= 2 {
+            let count = u16::from_be_bytes([rest[0], rest[1]]);
+            rest = &rest[2..];
+            for _ in 0..count {
+                // Each update takes bytes: the count cannot make us allocate more than
+                // the packet holds.
+                let member: Member<MemberId> =
+                    PostcardCodec.decode_member(&mut rest).map_err(|e| {
+                        PacketErrorKind::Malformed {
+                            part: "update",
+                            reason: e.to_string(),
+                        }
+                    })?;
+                updates.push(member);
+            }
+        }
+        if !rest.is_empty() {
+            return Err(PacketErrorKind::TrailingBytes { len: rest.len() });
+        }
+
+        // Rule 3: no sending to a third party we do not know active.
+        let message = match header.message {
+            Message::PingReq { ref target, .. } | Message::IndirectAck { ref target, .. }
+                if !self.index.active_exactly(target) =>
+            {
+                self.stats.requests_to_unknown += 1;
+                Message::Gossip
+            }
+            Message::IndirectPing { ref origin, .. } | Message::ForwardedAck { ref origin, .. }
+                if *origin == me =>
+            {
+                self.stats.requests_to_unknown += 1;
+                Message::Gossip
+            }
+            m => m,
+        };
+
+        // Rules 1, 2 and 4, update by update.
+        let mut kept = Vec::with_capacity(updates.len());
+        let mut seen_addrs = HashSet::new();
+        let mut new_names = HashSet::new();
+        let mut introductions = Vec::new();
+        let mut to_verify = Vec::new();
+        let pending = self.unconfirmed_by.get(sender).copied().unwrap_or(0);
+        for update in updates {
+            let id = update.id();
+            if !seen_addrs.insert(id.addr) {
+                self.stats.duplicate_updates += 1;
+                continue;
+            }
+            if id.name == src.name || id.addr == src.addr {
+                if *id != src {
+                    self.stats.updates_about_sender_refused += 1;
+                    continue;
+                }
+                kept.push(update);
+                continue;
+            }
+            if id.name == me.name || id.addr == me.addr {
+                if *id != me {
+                    self.stats.updates_about_us_refused += 1;
+                    continue;
+                }
+                if update.state() == State::Down {
+                    // We know we are alive: refute it as a suspicion.
+                    self.stats.downs_downgraded += 1;
+                    kept.push(Member::new(me.clone(), update.incarnation(), State::Suspect));
+                } else {
+                    kept.push(update);
+                }
+                continue;
+            }
+            match self.index.by_addr.get(&id.addr) {
+                Some((known, active)) => {
+                    if known != id {
+                        if known.name == id.name {
+                            self.stats.updates_renewing_members += 1;
+                        } else {
+                            self.stats.updates_moving_members += 1;
+                        }
+                        continue;
+                    }
+                    if update.state() == State::Down && *active {
+                        self.stats.downs_downgraded += 1;
+                        to_verify.push(id.clone());
+                        let (incarnation, id) = (update.incarnation(), id.clone());
+                        kept.push(Member::new(id, incarnation, State::Suspect));
+                    } else {
+                        kept.push(update);
+                    }
+                }
+                None => {
+                    if self.index.names.contains_key(&id.name) || !new_names.insert(id.name.clone())
+                    {
+                        self.stats.updates_moving_members += 1;
+                        continue;
+                    }
+                    if update.state() == State::Down {
+                        self.stats.dead_introductions += 1;
+                        continue;
+                    }
+                    if pending + introductions.len() >= MAX_UNCONFIRMED_PER_SENDER {
+                        self.stats.introductions_over_cap += 1;
+                        continue;
+                    }
+                    introductions.push(id.clone());
+                    kept.push(update);
+                }
+            }
+        }
+
+        let header = Header {
+            src: header.src,
+            src_incarnation: header.src_incarnation,
+            dst: header.dst,
+            message,
+        };
+        let mut out = Vec::with_capacity(data.len());
+        PostcardCodec
+            .encode_header(&header, &mut out)
+            .expect("encoding into a Vec");
+        if !bare && !kept.is_empty() {
+            let count = u16::try_from(kept.len()).expect("at most as many as were read");
+            out.extend_from_slice(&count.to_be_bytes());
+            for member in &kept {
+                PostcardCodec
+                    .encode_member(member, &mut out)
+                    .expect("encoding into a Vec");
+            }
+        }
+        Ok(Screened {
+            src,
+            data: out,
+            introductions,
+            to_verify,
+        })
+    }
+
+    /// Starts this agent's own check of a member a third party said was down.
+    fn verify(&mut self, id: MemberId, out: &mut Vec<Output>) {
+        if self.verifying.contains_key(&id.addr) || !self.index.active_exactly(&id) {
+            return;
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        self.stats.verifications_started += 1;
+        out.push(self.ping(&id));
+        for (after, deadline) in [(VERIFY_RETRY, false), (VERIFY_DEADLINE, true)] {
+            out.push(Output::Schedule {
+                timer: Timer(TimerKind::Verify {
+                    addr: id.addr,
+                    generation,
+                    deadline,
+                }),
+                after,
+            });
+        }
+        self.verifying.insert(id.addr, Verification { id, generation });
+    }
+
+    fn verify_timer(&mut self, addr: SocketAddr, generation: u64, deadline: bool) -> Vec<Output> {
+        let Some(v) = self.verifying.get(&addr).filter(|v| v.generation == generation) else {
+            return Vec::new();
+        };
+        if !deadline {
+            let id = v.id.clone();
+            return vec![self.ping(&id)];
+        }
+        let Some(Verification { id, .. }) = self.verifying.remove(&addr) else {
+            return Vec::new();
+        };
+        if !self.index.active_exactly(&id) {
+            return Vec::new();
+        }
+        // It did not answer us: our own evidence, as strong as a failed probe and its
+        // suspicion timeout.
+        let incarnation = self
+            .foca
+            .iter_membership_state()
+            .find(|m| *m.id() == id)
+            .map_or(0, |m| m.incarnation());
+        self.stats.verified_down += 1;
+        let mut c = Collect::default();
+        if let Err(e) = self.foca.apply_many(
+            std::iter::once(Member::new(id, incarnation, State::Down)),
+            true,
+            &mut c,
+        ) {
+            tracing::debug!("declaring a member down: {e}");
+        }
+        self.absorb(c)
+    }
+
+    /// A bare ping from this agent (its answer is the proof of life).
+    fn ping(&mut self, to: &MemberId) -> Output {
+        self.probe_number = self.probe_number.wrapping_add(1);
+        let header = Header {
+            src: self.foca.identity().clone(),
+            // Older than or equal to what members know of us: it changes nothing.
+            src_incarnation: 0,
+            dst: to.clone(),
+            message: Message::Ping(self.probe_number),
+        };
+        let mut data = Vec::new();
+        PostcardCodec
+            .encode_header(&header, &mut data)
+            .expect("encoding into a Vec");
+        Output::Send {
+            to: to.clone(),
+            data,
+        }
+    }
+
+    /// Removes a member hearsay put at an address where another identity has just spoken
+    /// first-hand.
+    fn evict(&mut self, squatter: MemberId) -> Vec<Output> {
+        let mut c = Collect::default();
+        if let Err(e) =
+            self.foca
+                .apply_many(std::iter::once(Member::down(squatter.clone())), false, &mut c)
+        {
+            tracing::debug!("evicting a member: {e}");
+        }
+        let mut out = self.absorb(c);
+        out.extend(self.forget(squatter));
+        out
+    }
+
+    /// Handles foca's `RemoveDown`: the member goes if it is still down, and with it all we
+    /// kept about it.
+    fn forget(&mut self, id: MemberId) -> Vec<Output> {
+        let goes = matches!(self.index.by_addr.get(&id.addr), Some((k, false)) if *k == id);
+        let mut c = Collect::default();
+        if let Err(e) = self
+            .foca
+            .handle_timer(foca::Timer::RemoveDown(id.clone()), &mut c)
+        {
+            tracing::debug!("membership timer: {e}");
+        }
+        let mut gone = Vec::new();
+        if goes {
+            self.stats.members_forgotten += 1;
+            self.index.remove(&id.addr, &mut gone);
+            if let Some(introducer) = self.unconfirmed.remove(&id.addr) {
+                self.release(&introducer);
+            }
+            self.verifying.remove(&id.addr);
+        }
+        let mut out = self.absorb(c);
+        out.extend(gone.into_iter().map(Output::Forgotten));
+        out
+    }
+
+    fn release(&mut self, introducer: &str) {
+        if let Entry::Occupied(mut e) = self.unconfirmed_by.entry(introducer.to_owned()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Brings the index in step with what foca reported, and returns the outputs.
+    fn absorb(&mut self, c: Collect) -> Vec<Output> {
+        let Collect { mut out, changes } = c;
+        let mut gone = Vec::new();
+        for change in changes {
+            match change {
+                Change::Up(id) => self.index.set(&id, Some(true), &mut gone),
+                Change::Down(id) => self.index.set(&id, Some(false), &mut gone),
+                Change::Rename(id) => self.index.set(&id, None, &mut gone),
+            }
+        }
+        if self.index.by_addr.len() != self.foca.iter_membership_state().len() {
+            debug_assert!(false, "the membership index fell out of step with foca");
+            tracing::warn!("the membership index fell out of step with foca; rebuilt");
+            self.rebuild_index(&mut gone);
+        }
+        out.extend(gone.into_iter().map(Output::Forgotten));
+        out
+    }
+
+    fn rebuild_index(&mut self, gone: &mut Vec<MemberId>) {
+        let old_names: Vec<MemberId> = self.index.by_addr.values().map(|(k, _)| k.clone()).collect();
+        self.index = Index::default();
+        let members: Vec<(MemberId, bool)> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| (m.id().clone(), m.state() != State::Down))
+            .collect();
+        for (id, active) in members {
+            self.index.set(&id, Some(active), gone);
+        }
+        for old in old_names {
+            if !self.index.names.contains_key(&old.name) && !gone.iter().any(|g| g.name == old.name)
+            {
+                gone.push(old);
+            }
+        }
+        let index = &self.index;
+        let dropped: Vec<String> = self
+            .unconfirmed
+            .iter()
+            .filter(|(addr, _)| !index.by_addr.contains_key(addr))
+            .map(|(_, by)| by.clone())
+            .collect();
+        self.unconfirmed
+            .retain(|addr, _| index.by_addr.contains_key(addr));
+        self.verifying
+            .retain(|addr, _| index.by_addr.contains_key(addr));
+        for by in dropped {
+            self.release(&by);
+        }
+    }
+}
+
+/// Whether two addresses name the same endpoint (an IPv4 address and its IPv6-mapped form,
+/// as a dual-stack socket reports it, are the same).
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
 #[cfg(test)]

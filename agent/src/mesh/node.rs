@@ -71,12 +71,12 @@ struct Remembered {
 
 enum Event {
     /// A membership packet, and the name in its sender's certificate.
-    Datagram(Arc<str>, Bytes),
+    Datagram(Arc<str>, SocketAddr, Bytes),
     Gossip {
         from: SocketAddr,
         msg: GossipMsg,
     },
-    Timer(foca::Timer<MemberId>),
+    Timer(membership::Timer),
     Connected(quinn::Connection),
     DialFailed(SocketAddr),
     Closed(SocketAddr, usize),
@@ -150,7 +150,11 @@ pub async fn run(
     let seed = rand::random::<u64>();
     let (tx, rx) = mpsc::channel(4096);
     let mut node = Node {
-        membership: Membership::new(me.clone(), membership::config(64), seed),
+        membership: Membership::new(
+            me.clone(),
+            membership::config(64, membership::FORGET_DOWN_AFTER),
+            seed,
+        ),
         table: HostTable::new(own, seed ^ 0x9e37_79b9_7f4a_7c15),
         me,
         endpoint: endpoint.clone(),
@@ -239,7 +243,7 @@ impl Node {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Datagram(from, data) => match self.membership.handle_data(&from, &data) {
+            Event::Datagram(from, remote, data) => match self.membership.handle_data(&from, remote, &data) {
                 Ok(out) => self.apply(out),
                 Err(e) => tracing::debug!(peer = %from, "dropped a datagram: {e}"),
             },
@@ -326,6 +330,9 @@ impl Node {
                     );
                     self.me = id;
                     self.remember_or_warn();
+                }
+                Output::Forgotten(id) => {
+                    tracing::info!(member = %id.name, "member forgotten");
                 }
                 Output::Idle => {
                     tracing::warn!(
@@ -541,7 +548,7 @@ fn serve(conn: quinn::Connection, name: String, role: Role, tx: mpsc::Sender<Eve
             while let Ok(data) = c.read_datagram().await {
                 // A full queue drops the datagram: SWIM tolerates loss, the agent
                 // stays responsive.
-                let _ = t.try_send(Event::Datagram(n.clone(), data));
+                let _ = t.try_send(Event::Datagram(n.clone(), remote, data));
             }
             let _ = t.send(Event::Closed(remote, c.stable_id())).await;
         });
