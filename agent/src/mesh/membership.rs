@@ -134,15 +134,15 @@ pub const FORGET_DOWN_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 /// first-hand. Honest senders stay far below (members confirm themselves within seconds by
 /// pinging, answering, announcing); an insider inventing members is stopped here. A slot is
 /// freed when the member speaks for itself or is forgotten.
-pub const MAX_UNCONFIRMED_PER_SENDER: usize = 64;
+pub const MAX_UNCONFIRMED_PER_SENDER: usize = 128;
 
 /// When checking a member a third party reported down, the second direct ping goes after
 /// this long.
-pub const VERIFY_RETRY: Duration = Duration::from_millis(300);
+pub const VERIFY_RETRY: Duration = Duration::from_millis(200);
 
 /// A member a third party reported down, that has not answered this agent's own pings
 /// within this long, is declared down by this agent.
-pub const VERIFY_DEADLINE: Duration = Duration::from_millis(1000);
+pub const VERIFY_DEADLINE: Duration = Duration::from_millis(500);
 
 /// What the membership dropped or decided on its own, since it started. For logs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
