@@ -930,15 +930,168 @@ fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use foca::Identity;
+    use std::collections::BTreeMap;
+
+    fn id(name: &str, port: u16) -> MemberId {
+        MemberId {
+            name: name.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            bump: 0,
+        }
+    }
+
+    enum Ev {
+        Data(String, SocketAddr, Vec<u8>),
+        Timer(Timer),
+    }
+
+    /// A few real membership cores on simulated time: packets take 5 ms, timers fire when
+    /// due, a muted node neither sends nor receives.
+    struct Mesh {
+        nodes: Vec<Membership>,
+        queue: BTreeMap<(u64, u64), (usize, Ev)>,
+        now: u64,
+        seq: u64,
+        muted: HashSet<usize>,
+        /// Every non-send output, per node, in order.
+        seen: Vec<(usize, Output)>,
+        /// Every address sent to, per node.
+        sent_to: Vec<(usize, SocketAddr)>,
+    }
+
+    impl Mesh {
+        fn new(names: &[&str], forget_down_after: Duration) -> Mesh {
+            let nodes = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Membership::new(
+                        id(n, 7000 + i as u16),
+                        config(8, forget_down_after),
+                        i as u64 + 1,
+                    )
+                })
+                .collect();
+            let mut mesh = Mesh {
+                nodes,
+                queue: BTreeMap::new(),
+                now: 0,
+                seq: 0,
+                muted: HashSet::new(),
+                seen: Vec::new(),
+                sent_to: Vec::new(),
+            };
+            for i in 1..names.len() {
+                let out = mesh.nodes[i].join(id(names[0], 7000).addr);
+                mesh.apply(i, out);
+            }
+            mesh.run(5_000);
+            for i in 0..names.len() {
+                assert_eq!(mesh.nodes[i].alive().count(), names.len() - 1, "joined");
+            }
+            mesh
+        }
+
+        fn at(&mut self, t: u64, node: usize, ev: Ev) {
+            self.seq += 1;
+            self.queue.insert((t, self.seq), (node, ev));
+        }
+
+        fn apply(&mut self, node: usize, out: Vec<Output>) {
+            for o in out {
+                match o {
+                    Output::Send { to, data } => {
+                        self.sent_to.push((node, to.addr));
+                        let from = self.nodes[node].id().clone();
+                        if let Some(j) = self.nodes.iter().position(|n| n.id().addr == to.addr) {
+                            self.at(self.now + 5, j, Ev::Data(from.name, from.addr, data));
+                        }
+                    }
+                    Output::Schedule { timer, after } => {
+                        self.at(self.now + after.as_millis() as u64, node, Ev::Timer(timer))
+                    }
+                    other => self.seen.push((node, other)),
+                }
+            }
+        }
+
+        fn run(&mut self, for_ms: u64) {
+            let until = self.now + for_ms;
+            while let Some(entry) = self.queue.first_entry() {
+                if entry.key().0 > until {
+                    break;
+                }
+                let ((t, _), (node, ev)) = entry.remove_entry();
+                self.now = t;
+                if self.muted.contains(&node) {
+                    continue;
+                }
+                let out = match ev {
+                    Ev::Data(from, remote, data) => self.nodes[node]
+                        .handle_data(&from, remote, &data)
+                        .expect("honest packets pass"),
+                    Ev::Timer(timer) => self.nodes[node].handle_timer(timer),
+                };
+                self.apply(node, out);
+            }
+            self.now = until;
+        }
+
+        /// Feeds `node` a packet as if `from` had sent it, and applies what it does.
+        fn forge(&mut self, node: usize, from: usize, packet: Vec<u8>) -> Result<(), PacketError> {
+            let from = self.nodes[from].id().clone();
+            let out = self.nodes[node].handle_data(&from.name, from.addr, &packet)?;
+            self.apply(node, out);
+            Ok(())
+        }
+
+        fn view(&self, node: usize) -> Vec<(MemberId, State)> {
+            let mut v: Vec<(MemberId, State)> = self.nodes[node]
+                .states()
+                .map(|(m, s)| (m.clone(), s))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        }
+
+        fn downs(&self, node: usize, name: &str) -> usize {
+            self.seen
+                .iter()
+                .filter(|(n, o)| *n == node && matches!(o, Output::Down(m) if m.name == name))
+                .count()
+        }
+    }
+
+    /// A packet from `src` to `dst`, as foca would encode it.
+    fn packet(
+        src: &MemberId,
+        dst: &MemberId,
+        message: Message<MemberId>,
+        updates: &[Member<MemberId>],
+    ) -> Vec<u8> {
+        let mut data = Vec::new();
+        let header = Header {
+            src: src.clone(),
+            src_incarnation: 0,
+            dst: dst.clone(),
+            message,
+        };
+        PostcardCodec.encode_header(&header, &mut data).unwrap();
+        if header.message == Message::Announce {
+            return data;
+        }
+        data.extend((updates.len() as u16).to_be_bytes());
+        for u in updates {
+            PostcardCodec.encode_member(u, &mut data).unwrap();
+        }
+        assert!(data.len() <= MAX_PACKET);
+        data
+    }
 
     #[test]
     fn a_restarted_agent_wins_over_its_previous_life() {
-        let old = MemberId {
-            name: "a".into(),
-            addr: "127.0.0.1:7400".parse().unwrap(),
-            bump: 7,
-        };
+        let old = id("a", 7400);
+        let old = MemberId { bump: 7, ..old };
         let new = old.renew().unwrap();
         assert!(new.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&new));
@@ -963,16 +1116,36 @@ mod tests {
 
     #[test]
     fn garbage_packets_are_refused_and_change_nothing() {
-        let id = MemberId {
-            name: "a".into(),
-            addr: "127.0.0.1:7400".parse().unwrap(),
-            bump: 0,
-        };
-        let mut m = Membership::new(id, config(8), 1);
-        for junk in [&b""[..], b"\xff\xff\xff\xff", &[7u8; 2000]] {
-            assert!(m.handle_data("b", junk).is_err());
-        }
-        assert_eq!(m.alive().count(), 0);
+        let mut mesh = Mesh::new(&["a", "b"], FORGET_DOWN_AFTER);
+        let before = mesh.view(0);
+        let remote = mesh.nodes[1].id().addr;
+        let (a, b) = (mesh.nodes[0].id().clone(), mesh.nodes[1].id().clone());
+        let kinds: Vec<PacketErrorKind> = [&b""[..], b"\xff\xff\xff\xff", &[7u8; 2000]]
+            .into_iter()
+            .map(|junk| mesh.nodes[0].handle_data("b", remote, junk).unwrap_err().kind)
+            .collect();
+        assert!(matches!(kinds[0], PacketErrorKind::Malformed { part: "header", .. }));
+        assert!(matches!(kinds[1], PacketErrorKind::Malformed { .. }));
+        assert_eq!(kinds[2], PacketErrorKind::TooBig { len: 2000, max: MAX_PACKET });
+
+        let mut trailing = packet(&b, &a, Message::Gossip, &[]);
+        trailing.push(0);
+        let err = mesh.nodes[0].handle_data("b", remote, &trailing).unwrap_err();
+        assert_eq!(*err.kind(), PacketErrorKind::TrailingBytes { len: 1 });
+        let mut announce = packet(&b, &a, Message::Announce, &[]);
+        announce.extend([0, 0]);
+        let err = mesh.nodes[0].handle_data("b", remote, &announce).unwrap_err();
+        assert_eq!(*err.kind(), PacketErrorKind::TrailingBytes { len: 2 });
+        // A count of updates the packet does not hold.
+        let mut short = packet(&b, &a, Message::Gossip, &[]);
+        let n = short.len();
+        short[n - 2..].copy_from_slice(&500u16.to_be_bytes());
+        assert!(matches!(
+            mesh.nodes[0].handle_data("b", remote, &short).unwrap_err().kind,
+            PacketErrorKind::Malformed { part: "update", .. }
+        ));
+        assert_eq!(mesh.view(0), before);
+        assert_eq!(mesh.nodes[0].stats().packets_refused, 6);
     }
 
     #[test]
@@ -982,29 +1155,27 @@ mod tests {
             addr: SocketAddr::from(([127, 3, (i / 250) as u8, (i % 250) as u8 + 1], 7400)),
             bump: 0,
         };
-        let mut m = Membership::new(id(0), config(64), 1);
+        let mut m = Membership::new(id(0), config(64, FORGET_DOWN_AFTER), 1);
         assert_eq!(m.fit_size(), 64);
         for i in 1..=200 {
-            let mut other = Membership::new(id(i), config(64), u64::from(i));
+            let mut other = Membership::new(id(i), config(64, FORGET_DOWN_AFTER), u64::from(i));
             for o in other.join(id(0).addr) {
                 if let Output::Send { data, .. } = o {
-                    m.handle_data(&format!("m{i}"), &data).unwrap();
+                    m.handle_data(&format!("m{i}"), id(i).addr, &data).unwrap();
                 }
             }
         }
         assert_eq!(m.fit_size(), 256, "201 members");
-        assert!(config(256).max_transmissions > config(64).max_transmissions);
+        assert!(
+            config(256, FORGET_DOWN_AFTER).max_transmissions
+                > config(64, FORGET_DOWN_AFTER).max_transmissions
+        );
     }
 
     #[test]
     fn a_packet_must_come_from_the_member_it_names() {
-        let id = |name: &str, port: u16| MemberId {
-            name: name.into(),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            bump: 0,
-        };
-        let mut a = Membership::new(id("a", 1), config(8), 1);
-        let mut b = Membership::new(id("b", 2), config(8), 2);
+        let mut a = Membership::new(id("a", 1), config(8, FORGET_DOWN_AFTER), 1);
+        let mut b = Membership::new(id("b", 2), config(8, FORGET_DOWN_AFTER), 2);
         let announce = a.join(id("b", 2).addr);
         let Some(Output::Send { data, .. }) = announce
             .into_iter()
@@ -1012,16 +1183,226 @@ mod tests {
         else {
             panic!("joining sends an announce");
         };
-        let err = b.handle_data("mallory", &data).unwrap_err().to_string();
+        let err = b.handle_data("mallory", id("a", 1).addr, &data).unwrap_err();
+        assert_eq!(
+            *err.kind(),
+            PacketErrorKind::ImpersonatesSender {
+                claimed: "a".into(),
+                sender: "mallory".into()
+            }
+        );
         assert!(
-            err.contains("claims to come from `a` but arrived from `mallory`"),
+            err.to_string()
+                .contains("claims to come from `a` but arrived from `mallory`"),
             "{err}"
         );
-        assert_eq!(b.alive().count(), 0, "the forged packet changed nothing");
-        b.handle_data("a", &data).unwrap();
+        // The right name from another address: someone else's connection.
+        let elsewhere = SocketAddr::from(([10, 0, 0, 9], 1));
+        let err = b.handle_data("a", elsewhere, &data).unwrap_err();
+        assert_eq!(
+            *err.kind(),
+            PacketErrorKind::AddressMismatch {
+                claimed: id("a", 1).addr,
+                remote: elsewhere
+            }
+        );
+        assert!(err.to_string().contains("10.0.0.9:1"), "{err}");
+        assert_eq!(b.alive().count(), 0, "the forged packets changed nothing");
+        // A dual-stack socket reports the same endpoint IPv6-mapped.
+        let mapped = SocketAddr::from((std::net::Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped(), 1));
+        b.handle_data("a", mapped, &data).unwrap();
         assert_eq!(
             b.alive().map(|m| m.name.as_str()).collect::<Vec<_>>(),
             ["a"]
         );
+    }
+
+    #[test]
+    fn hearsay_cannot_take_over_an_address_or_renew_a_member() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, b, m) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        let before = mesh.view(0);
+        let lies = [
+            // b's next life, at b's address (a resurrection by bump + 1)
+            Member::alive(MemberId { bump: b.bump + 1, ..b.clone() }),
+            // another name at b's address
+            Member::alive(MemberId { name: "eve".into(), bump: 9, ..b.clone() }),
+            // b moved to mallory's choice of address
+            Member::alive(MemberId { addr: "10.6.6.6:7400".parse().unwrap(), ..b.clone() }),
+            // a about itself elsewhere
+            Member::alive(MemberId { addr: "10.6.6.7:7400".parse().unwrap(), ..a.clone() }),
+            // mallory speaking of its own other life: it must use its own identity
+            Member::alive(MemberId { bump: 3, ..m.clone() }),
+        ];
+        // One packet each: two updates about one address in a packet are dropped anyway.
+        for lie in lies {
+            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[lie])).unwrap();
+        }
+        mesh.run(3_000);
+        assert_eq!(mesh.view(0), before, "a's membership is unchanged");
+        let st = mesh.nodes[0].stats();
+        assert_eq!(st.updates_renewing_members, 1);
+        assert_eq!(st.updates_moving_members, 2);
+        assert_eq!(st.updates_about_us_refused, 1);
+        assert_eq!(st.updates_about_sender_refused, 1);
+        assert!(!mesh.sent_to.iter().any(|(n, to)| *n == 0 && to.ip().to_string().starts_with("10.")));
+    }
+
+    #[test]
+    fn a_flood_of_invented_members_stops_at_the_cap() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, m) = (mesh.nodes[0].id().clone(), mesh.nodes[2].id().clone());
+        let invented: Vec<Member<MemberId>> = (0..1000u32)
+            .map(|i| {
+                Member::alive(MemberId {
+                    name: format!("x{i}"),
+                    addr: SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 7400)),
+                    bump: 0,
+                })
+            })
+            .collect();
+        for chunk in invented.chunks(40) {
+            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, chunk)).unwrap();
+        }
+        let known = mesh.nodes[0].states().count();
+        assert_eq!(known, 2 + MAX_UNCONFIRMED_PER_SENDER, "b, mallory and the cap");
+        assert_eq!(
+            mesh.nodes[0].stats().introductions_over_cap,
+            1000 - MAX_UNCONFIRMED_PER_SENDER as u64
+        );
+        // The invented members never answer: a declares them down on its own probes, and
+        // the cap still holds (slots free only when they are forgotten).
+        mesh.run(60_000);
+        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &invented[..40])).unwrap();
+        assert_eq!(mesh.nodes[0].states().count(), 2 + MAX_UNCONFIRMED_PER_SENDER);
+        assert_eq!(mesh.nodes[0].alive().count(), 2, "only b and mallory alive");
+        // Invented members introduced already dead are not learnt at all.
+        let dead = Member::down(MemberId { name: "ghost".into(), ..invented[999].id().clone() });
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, m) = (mesh.nodes[0].id().clone(), mesh.nodes[2].id().clone());
+        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[dead])).unwrap();
+        assert_eq!(mesh.nodes[0].states().count(), 2);
+        assert_eq!(mesh.nodes[0].stats().dead_introductions, 1);
+    }
+
+    #[test]
+    fn a_forged_death_of_a_live_member_kills_no_one() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, b, m) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        for incarnation in [0, 5, 0] {
+            mesh.forge(
+                0,
+                2,
+                packet(&m, &a, Message::Gossip, &[Member::new(b.clone(), incarnation, State::Down)]),
+            )
+            .unwrap();
+            let state = mesh.nodes[0].states().find(|(x, _)| **x == b).unwrap().1;
+            assert_ne!(state, State::Down, "suspect at worst");
+            mesh.run(3_000);
+        }
+        // And about a itself: refuted, not a rejoin.
+        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[Member::down(a.clone())])).unwrap();
+        mesh.run(3_000);
+        assert_eq!(mesh.downs(0, "b") + mesh.downs(1, "b") + mesh.downs(2, "b"), 0);
+        assert!(!mesh.seen.iter().any(|(_, o)| matches!(o, Output::Rejoined(_))));
+        assert_eq!(mesh.nodes[0].id(), &a);
+        for i in 0..3 {
+            assert!(mesh.view(i).iter().all(|(_, s)| *s == State::Alive), "{:?}", mesh.view(i));
+        }
+        let st = mesh.nodes[0].stats();
+        assert_eq!(st.downs_downgraded, 4);
+        assert!(st.verified_alive >= 1 && st.verified_down == 0, "{st:?}");
+    }
+
+    #[test]
+    fn a_death_reported_and_confirmed_by_our_own_check_stands() {
+        let mut mesh = Mesh::new(&["a", "b", "c"], FORGET_DOWN_AFTER);
+        let (a, b, c) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        mesh.muted.insert(1);
+        mesh.forge(0, 2, packet(&c, &a, Message::Gossip, &[Member::down(b.clone())])).unwrap();
+        mesh.run(VERIFY_DEADLINE.as_millis() as u64 + 10);
+        assert_eq!(mesh.downs(0, "b"), 1, "b never answered a's own pings");
+        assert_eq!(mesh.nodes[0].stats().verified_down, 1);
+    }
+
+    #[test]
+    fn no_request_makes_us_send_to_a_stranger() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, b, m) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        let stranger = id("stranger", 9999);
+        mesh.sent_to.clear();
+        for message in [
+            Message::PingReq { target: stranger.clone(), probe_number: 1 },
+            Message::IndirectAck { target: stranger.clone(), probe_number: 1 },
+            // b, but not b's life we know
+            Message::PingReq { target: MemberId { bump: 1, ..b.clone() }, probe_number: 1 },
+            Message::PingReq { target: a.clone(), probe_number: 1 },
+        ] {
+            mesh.forge(0, 2, packet(&m, &a, message, &[])).unwrap();
+        }
+        assert!(mesh.sent_to.is_empty(), "{:?}", mesh.sent_to);
+        assert_eq!(mesh.nodes[0].stats().requests_to_unknown, 4);
+        // A known, active target is pinged on mallory's behalf as SWIM wants.
+        mesh.forge(0, 2, packet(&m, &a, Message::PingReq { target: b.clone(), probe_number: 1 }, &[]))
+            .unwrap();
+        assert_eq!(mesh.sent_to, [(0, b.addr)]);
+    }
+
+    #[test]
+    fn down_members_are_forgotten() {
+        let forget = Duration::from_secs(30);
+        let mut mesh = Mesh::new(&["a", "b", "c"], forget);
+        mesh.muted.insert(2);
+        mesh.run(5_000);
+        assert_eq!(mesh.downs(0, "c"), 1);
+        assert!(mesh.nodes[0].states().any(|(m, s)| m.name == "c" && s == State::Down));
+        assert!(!mesh.seen.iter().any(|(_, o)| matches!(o, Output::Forgotten(_))));
+        mesh.run(forget.as_millis() as u64);
+        assert!(mesh.nodes[0].states().all(|(m, _)| m.name != "c"), "{:?}", mesh.view(0));
+        assert!(mesh.nodes[1].states().all(|(m, _)| m.name != "c"));
+        let mut forgotten: Vec<_> = mesh
+            .seen
+            .iter()
+            .filter_map(|(n, o)| match o {
+                Output::Forgotten(m) => Some((*n, m.name.as_str())),
+                _ => None,
+            })
+            .collect();
+        forgotten.sort();
+        assert_eq!(forgotten, [(0, "c"), (1, "c")]);
+        assert_eq!(mesh.nodes[0].stats().members_forgotten, 1);
+    }
+
+    #[test]
+    fn what_speaks_first_hand_wins_its_address_over_hearsay() {
+        // mallory introduces "squatter" at the address where d will come from, with a
+        // bump far ahead: d's own packets still get in.
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, m) = (mesh.nodes[0].id().clone(), mesh.nodes[2].id().clone());
+        let d = id("d", 7100);
+        let squatter = MemberId { name: "squatter".into(), bump: 1000, ..d.clone() };
+        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[Member::alive(squatter)])).unwrap();
+        let out = mesh.nodes[0]
+            .handle_data("d", d.addr, &packet(&d, &a, Message::Announce, &[]))
+            .unwrap();
+        assert!(out.contains(&Output::Forgotten(MemberId { name: "squatter".into(), bump: 1000, ..d.clone() })));
+        assert!(mesh.nodes[0].alive().any(|x| *x == d));
+        assert!(mesh.nodes[0].states().all(|(x, _)| x.name != "squatter"));
     }
 }
