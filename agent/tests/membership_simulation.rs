@@ -51,9 +51,14 @@ fn members() -> usize {
 
 fn addr_of(i: usize) -> SocketAddr {
     // Labels only: the simulation sends nothing anywhere.
-    format!("127.{}.{}.{}:7400", 1 + i / 62_500, (i / 250) % 250, i % 250 + 1)
-        .parse()
-        .unwrap()
+    format!(
+        "127.{}.{}.{}:7400",
+        1 + i / 62_500,
+        (i / 250) % 250,
+        i % 250 + 1
+    )
+    .parse()
+    .unwrap()
 }
 
 impl Sim {
@@ -142,7 +147,8 @@ impl Sim {
                 Event::Timer(t) => self.nodes[node].handle_timer(t),
                 Event::Insider => {
                     self.lie(node);
-                    self.clock.at(self.clock.now_ms + 100, (node, Event::Insider));
+                    self.clock
+                        .at(self.clock.now_ms + 100, (node, Event::Insider));
                     Vec::new()
                 }
             };
@@ -212,7 +218,10 @@ impl Sim {
                 })
             })
             .unwrap_or_else(|| {
-                let missing = self.living().filter(|i| !self.down[*i].contains(&name)).count();
+                let missing = self
+                    .living()
+                    .filter(|i| !self.down[*i].contains(&name))
+                    .count();
                 panic!("{missing} survivors never declared {name} down within {limit_ms} ms")
             });
         detected - killed_at
@@ -227,7 +236,10 @@ impl Sim {
         let turn = self.clock.now_ms / 100;
         let me = self.nodes[insider].id().clone();
         let honest: Vec<usize> = self.honest().collect();
-        let pick = |k: u64| honest[(turn.wrapping_mul(7919).wrapping_add(k * 104_729) % honest.len() as u64) as usize];
+        let pick = |k: u64| {
+            honest
+                [(turn.wrapping_mul(7919).wrapping_add(k * 104_729) % honest.len() as u64) as usize]
+        };
         for k in 0..3 {
             let victim = pick(k);
             let dst = self.nodes[victim].id().clone();
@@ -244,9 +256,14 @@ impl Sim {
                 let fake = turn * 36 + k * 12 + f;
                 updates.push(Member::alive(MemberId {
                     name: format!("invented-{fake}"),
-                    addr: format!("10.{}.{}.{}:7400", (fake >> 16) & 255, (fake >> 8) & 255, fake & 255)
-                        .parse()
-                        .unwrap(),
+                    addr: format!(
+                        "10.{}.{}.{}:7400",
+                        (fake >> 16) & 255,
+                        (fake >> 8) & 255,
+                        fake & 255
+                    )
+                    .parse()
+                    .unwrap(),
                     bump: 0,
                 }));
             }
@@ -254,16 +271,27 @@ impl Sim {
             if a != b && a != victim && b != victim {
                 let (ia, ib) = (self.nodes[a].id().clone(), self.nodes[b].id().clone());
                 // a's name at b's address; a renewed; a down under its next life.
-                updates.push(Member::alive(MemberId { addr: ib.addr, ..ia.clone() }));
-                updates.push(Member::alive(MemberId { bump: ia.bump + 1, ..ia.clone() }));
+                updates.push(Member::alive(MemberId {
+                    addr: ib.addr,
+                    ..ia.clone()
+                }));
+                updates.push(Member::alive(MemberId {
+                    bump: ia.bump + 1,
+                    ..ia.clone()
+                }));
             }
             let stranger = MemberId {
                 name: format!("stranger-{turn}"),
-                addr: format!("10.250.{}.{}:7400", (turn >> 8) & 255, turn & 255).parse().unwrap(),
+                addr: format!("10.250.{}.{}:7400", (turn >> 8) & 255, turn & 255)
+                    .parse()
+                    .unwrap(),
                 bump: 0,
             };
-            let message = if turn % 2 == 0 {
-                Message::PingReq { target: stranger, probe_number: 1 }
+            let message = if turn.is_multiple_of(2) {
+                Message::PingReq {
+                    target: stranger,
+                    probe_number: 1,
+                }
             } else {
                 Message::Gossip
             };
@@ -273,7 +301,10 @@ impl Sim {
         // Speaking for another: refused whole.
         let (victim, other) = (pick(40), pick(41));
         if victim != other {
-            let (dst, other) = (self.nodes[victim].id().clone(), self.nodes[other].id().clone());
+            let (dst, other) = (
+                self.nodes[victim].id().clone(),
+                self.nodes[other].id().clone(),
+            );
             let dead_me = Member::new(other.clone(), 0, State::Down);
             let data = encode(&other, &dst, Message::Gossip, &[dead_me]);
             let from = self.nodes[insider].id().clone();
@@ -284,7 +315,12 @@ impl Sim {
     }
 }
 
-fn encode(src: &MemberId, dst: &MemberId, message: Message<MemberId>, updates: &[Member<MemberId>]) -> Vec<u8> {
+fn encode(
+    src: &MemberId,
+    dst: &MemberId,
+    message: Message<MemberId>,
+    updates: &[Member<MemberId>],
+) -> Vec<u8> {
     let mut data = Vec::new();
     let header = Header {
         src: src.clone(),
@@ -346,8 +382,14 @@ fn agents_converge_and_detect_a_failure() {
     );
     // Deterministic: the bounds catch regressions.
     let (converge_bound, detect_bound) = (scaled(15_000, n), scaled(5_000, n));
-    assert!(converged <= converge_bound, "convergence took {converged} ms (bound {converge_bound})");
-    assert!(took <= detect_bound, "detection took {took} ms (bound {detect_bound})");
+    assert!(
+        converged <= converge_bound,
+        "convergence took {converged} ms (bound {converge_bound})"
+    );
+    assert!(
+        took <= detect_bound,
+        "detection took {took} ms (bound {detect_bound})"
+    );
 }
 
 #[test]
@@ -391,9 +433,10 @@ fn an_insider_kills_no_one_and_floods_nothing() {
         .max()
         .unwrap_or(0);
     let honest_moved = sim.honest().any(|i| {
-        sim.nodes[i]
-            .states()
-            .any(|(m, _)| m.name.starts_with("sim-") && sim.by_addr.get(&m.addr).map(|&j| format!("sim-{j}")) != Some(m.name.clone()))
+        sim.nodes[i].states().any(|(m, _)| {
+            m.name.starts_with("sim-")
+                && sim.by_addr.get(&m.addr).map(|&j| format!("sim-{j}")) != Some(m.name.clone())
+        })
     });
     let stats: Vec<_> = sim.honest().map(|i| sim.nodes[i].stats().clone()).collect();
     let sum = |f: fn(&membership::MembershipStats) -> u64| stats.iter().map(f).sum::<u64>();
@@ -417,7 +460,10 @@ fn an_insider_kills_no_one_and_floods_nothing() {
     );
     assert!(!honest_moved, "an honest member was moved or renamed");
     assert!(sim.refused > 0, "the impersonations were refused");
-    assert!(took <= scaled(5_000, n) + 2_000, "detection under the flood took {took} ms");
+    assert!(
+        took <= scaled(5_000, n) + 2_000,
+        "detection under the flood took {took} ms"
+    );
     // Every invented member comes from the insider, directly or through honest relays,
     // each sender capped at MAX_UNCONFIRMED_PER_SENDER per agent.
     assert!(sum(|s| s.introductions_over_cap) > 0, "the cap was reached");

@@ -41,8 +41,8 @@ use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use foca::{
-    Codec, Config, Foca, Header, Identity, Member, Message, NoCustomBroadcast, Notification, PeriodicParams,
-    PostcardCodec, Runtime, State,
+    Codec, Config, Foca, Header, Identity, Member, Message, NoCustomBroadcast, Notification,
+    PeriodicParams, PostcardCodec, Runtime, State,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -671,7 +671,11 @@ impl Membership {
                 if update.state() == State::Down {
                     // We know we are alive: refute it as a suspicion.
                     self.stats.downs_downgraded += 1;
-                    kept.push(Member::new(me.clone(), update.incarnation(), State::Suspect));
+                    kept.push(Member::new(
+                        me.clone(),
+                        update.incarnation(),
+                        State::Suspect,
+                    ));
                 } else {
                     kept.push(update);
                 }
@@ -762,11 +766,16 @@ impl Membership {
                 after,
             });
         }
-        self.verifying.insert(id.addr, Verification { id, generation });
+        self.verifying
+            .insert(id.addr, Verification { id, generation });
     }
 
     fn verify_timer(&mut self, addr: SocketAddr, generation: u64, deadline: bool) -> Vec<Output> {
-        let Some(v) = self.verifying.get(&addr).filter(|v| v.generation == generation) else {
+        let Some(v) = self
+            .verifying
+            .get(&addr)
+            .filter(|v| v.generation == generation)
+        else {
             return Vec::new();
         };
         if !deadline {
@@ -822,10 +831,11 @@ impl Membership {
     /// first-hand.
     fn evict(&mut self, squatter: MemberId) -> Vec<Output> {
         let mut c = Collect::default();
-        if let Err(e) =
-            self.foca
-                .apply_many(std::iter::once(Member::down(squatter.clone())), false, &mut c)
-        {
+        if let Err(e) = self.foca.apply_many(
+            std::iter::once(Member::down(squatter.clone())),
+            false,
+            &mut c,
+        ) {
             tracing::debug!("evicting a member: {e}");
         }
         let mut out = self.absorb(c);
@@ -888,7 +898,12 @@ impl Membership {
     }
 
     fn rebuild_index(&mut self, gone: &mut Vec<MemberId>) {
-        let old_names: Vec<MemberId> = self.index.by_addr.values().map(|(k, _)| k.clone()).collect();
+        let old_names: Vec<MemberId> = self
+            .index
+            .by_addr
+            .values()
+            .map(|(k, _)| k.clone())
+            .collect();
         self.index = Index::default();
         let members: Vec<(MemberId, bool)> = self
             .foca
@@ -1122,26 +1137,47 @@ mod tests {
         let (a, b) = (mesh.nodes[0].id().clone(), mesh.nodes[1].id().clone());
         let kinds: Vec<PacketErrorKind> = [&b""[..], b"\xff\xff\xff\xff", &[7u8; 2000]]
             .into_iter()
-            .map(|junk| mesh.nodes[0].handle_data("b", remote, junk).unwrap_err().kind)
+            .map(|junk| {
+                mesh.nodes[0]
+                    .handle_data("b", remote, junk)
+                    .unwrap_err()
+                    .kind
+            })
             .collect();
-        assert!(matches!(kinds[0], PacketErrorKind::Malformed { part: "header", .. }));
+        assert!(matches!(
+            kinds[0],
+            PacketErrorKind::Malformed { part: "header", .. }
+        ));
         assert!(matches!(kinds[1], PacketErrorKind::Malformed { .. }));
-        assert_eq!(kinds[2], PacketErrorKind::TooBig { len: 2000, max: MAX_PACKET });
+        assert_eq!(
+            kinds[2],
+            PacketErrorKind::TooBig {
+                len: 2000,
+                max: MAX_PACKET
+            }
+        );
 
         let mut trailing = packet(&b, &a, Message::Gossip, &[]);
         trailing.push(0);
-        let err = mesh.nodes[0].handle_data("b", remote, &trailing).unwrap_err();
+        let err = mesh.nodes[0]
+            .handle_data("b", remote, &trailing)
+            .unwrap_err();
         assert_eq!(*err.kind(), PacketErrorKind::TrailingBytes { len: 1 });
         let mut announce = packet(&b, &a, Message::Announce, &[]);
         announce.extend([0, 0]);
-        let err = mesh.nodes[0].handle_data("b", remote, &announce).unwrap_err();
+        let err = mesh.nodes[0]
+            .handle_data("b", remote, &announce)
+            .unwrap_err();
         assert_eq!(*err.kind(), PacketErrorKind::TrailingBytes { len: 2 });
         // A count of updates the packet does not hold.
         let mut short = packet(&b, &a, Message::Gossip, &[]);
         let n = short.len();
         short[n - 2..].copy_from_slice(&500u16.to_be_bytes());
         assert!(matches!(
-            mesh.nodes[0].handle_data("b", remote, &short).unwrap_err().kind,
+            mesh.nodes[0]
+                .handle_data("b", remote, &short)
+                .unwrap_err()
+                .kind,
             PacketErrorKind::Malformed { part: "update", .. }
         ));
         assert_eq!(mesh.view(0), before);
@@ -1183,7 +1219,9 @@ mod tests {
         else {
             panic!("joining sends an announce");
         };
-        let err = b.handle_data("mallory", id("a", 1).addr, &data).unwrap_err();
+        let err = b
+            .handle_data("mallory", id("a", 1).addr, &data)
+            .unwrap_err();
         assert_eq!(
             *err.kind(),
             PacketErrorKind::ImpersonatesSender {
@@ -1228,19 +1266,36 @@ mod tests {
         let before = mesh.view(0);
         let lies = [
             // b's next life, at b's address (a resurrection by bump + 1)
-            Member::alive(MemberId { bump: b.bump + 1, ..b.clone() }),
+            Member::alive(MemberId {
+                bump: b.bump + 1,
+                ..b.clone()
+            }),
             // another name at b's address
-            Member::alive(MemberId { name: "eve".into(), bump: 9, ..b.clone() }),
+            Member::alive(MemberId {
+                name: "eve".into(),
+                bump: 9,
+                ..b.clone()
+            }),
             // b moved to mallory's choice of address
-            Member::alive(MemberId { addr: "10.6.6.6:7400".parse().unwrap(), ..b.clone() }),
+            Member::alive(MemberId {
+                addr: "10.6.6.6:7400".parse().unwrap(),
+                ..b.clone()
+            }),
             // a about itself elsewhere
-            Member::alive(MemberId { addr: "10.6.6.7:7400".parse().unwrap(), ..a.clone() }),
+            Member::alive(MemberId {
+                addr: "10.6.6.7:7400".parse().unwrap(),
+                ..a.clone()
+            }),
             // mallory speaking of its own other life: it must use its own identity
-            Member::alive(MemberId { bump: 3, ..m.clone() }),
+            Member::alive(MemberId {
+                bump: 3,
+                ..m.clone()
+            }),
         ];
         // One packet each: two updates about one address in a packet are dropped anyway.
         for lie in lies {
-            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[lie])).unwrap();
+            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[lie]))
+                .unwrap();
         }
         mesh.run(3_000);
         assert_eq!(mesh.view(0), before, "a's membership is unchanged");
@@ -1249,7 +1304,12 @@ mod tests {
         assert_eq!(st.updates_moving_members, 2);
         assert_eq!(st.updates_about_us_refused, 1);
         assert_eq!(st.updates_about_sender_refused, 1);
-        assert!(!mesh.sent_to.iter().any(|(n, to)| *n == 0 && to.ip().to_string().starts_with("10.")));
+        assert!(
+            !mesh
+                .sent_to
+                .iter()
+                .any(|(n, to)| *n == 0 && to.ip().to_string().starts_with("10."))
+        );
     }
 
     #[test]
@@ -1266,10 +1326,15 @@ mod tests {
             })
             .collect();
         for chunk in invented.chunks(40) {
-            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, chunk)).unwrap();
+            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, chunk))
+                .unwrap();
         }
         let known = mesh.nodes[0].states().count();
-        assert_eq!(known, 2 + MAX_UNCONFIRMED_PER_SENDER, "b, mallory and the cap");
+        assert_eq!(
+            known,
+            2 + MAX_UNCONFIRMED_PER_SENDER,
+            "b, mallory and the cap"
+        );
         assert_eq!(
             mesh.nodes[0].stats().introductions_over_cap,
             1000 - MAX_UNCONFIRMED_PER_SENDER as u64
@@ -1277,14 +1342,22 @@ mod tests {
         // The invented members never answer: a declares them down on its own probes, and
         // the cap still holds (slots free only when they are forgotten).
         mesh.run(60_000);
-        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &invented[..40])).unwrap();
-        assert_eq!(mesh.nodes[0].states().count(), 2 + MAX_UNCONFIRMED_PER_SENDER);
+        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &invented[..40]))
+            .unwrap();
+        assert_eq!(
+            mesh.nodes[0].states().count(),
+            2 + MAX_UNCONFIRMED_PER_SENDER
+        );
         assert_eq!(mesh.nodes[0].alive().count(), 2, "only b and mallory alive");
         // Invented members introduced already dead are not learnt at all.
-        let dead = Member::down(MemberId { name: "ghost".into(), ..invented[999].id().clone() });
+        let dead = Member::down(MemberId {
+            name: "ghost".into(),
+            ..invented[999].id().clone()
+        });
         let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
         let (a, m) = (mesh.nodes[0].id().clone(), mesh.nodes[2].id().clone());
-        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[dead])).unwrap();
+        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[dead]))
+            .unwrap();
         assert_eq!(mesh.nodes[0].states().count(), 2);
         assert_eq!(mesh.nodes[0].stats().dead_introductions, 1);
     }
@@ -1301,7 +1374,12 @@ mod tests {
             mesh.forge(
                 0,
                 2,
-                packet(&m, &a, Message::Gossip, &[Member::new(b.clone(), incarnation, State::Down)]),
+                packet(
+                    &m,
+                    &a,
+                    Message::Gossip,
+                    &[Member::new(b.clone(), incarnation, State::Down)],
+                ),
             )
             .unwrap();
             let state = mesh.nodes[0].states().find(|(x, _)| **x == b).unwrap().1;
@@ -1309,13 +1387,30 @@ mod tests {
             mesh.run(3_000);
         }
         // And about a itself: refuted, not a rejoin.
-        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[Member::down(a.clone())])).unwrap();
+        mesh.forge(
+            0,
+            2,
+            packet(&m, &a, Message::Gossip, &[Member::down(a.clone())]),
+        )
+        .unwrap();
         mesh.run(3_000);
-        assert_eq!(mesh.downs(0, "b") + mesh.downs(1, "b") + mesh.downs(2, "b"), 0);
-        assert!(!mesh.seen.iter().any(|(_, o)| matches!(o, Output::Rejoined(_))));
+        assert_eq!(
+            mesh.downs(0, "b") + mesh.downs(1, "b") + mesh.downs(2, "b"),
+            0
+        );
+        assert!(
+            !mesh
+                .seen
+                .iter()
+                .any(|(_, o)| matches!(o, Output::Rejoined(_)))
+        );
         assert_eq!(mesh.nodes[0].id(), &a);
         for i in 0..3 {
-            assert!(mesh.view(i).iter().all(|(_, s)| *s == State::Alive), "{:?}", mesh.view(i));
+            assert!(
+                mesh.view(i).iter().all(|(_, s)| *s == State::Alive),
+                "{:?}",
+                mesh.view(i)
+            );
         }
         let st = mesh.nodes[0].stats();
         assert_eq!(st.downs_downgraded, 4);
@@ -1331,7 +1426,12 @@ mod tests {
             mesh.nodes[2].id().clone(),
         );
         mesh.muted.insert(1);
-        mesh.forge(0, 2, packet(&c, &a, Message::Gossip, &[Member::down(b.clone())])).unwrap();
+        mesh.forge(
+            0,
+            2,
+            packet(&c, &a, Message::Gossip, &[Member::down(b.clone())]),
+        )
+        .unwrap();
         mesh.run(VERIFY_DEADLINE.as_millis() as u64 + 10);
         assert_eq!(mesh.downs(0, "b"), 1, "b never answered a's own pings");
         assert_eq!(mesh.nodes[0].stats().verified_down, 1);
@@ -1348,19 +1448,46 @@ mod tests {
         let stranger = id("stranger", 9999);
         mesh.sent_to.clear();
         for message in [
-            Message::PingReq { target: stranger.clone(), probe_number: 1 },
-            Message::IndirectAck { target: stranger.clone(), probe_number: 1 },
+            Message::PingReq {
+                target: stranger.clone(),
+                probe_number: 1,
+            },
+            Message::IndirectAck {
+                target: stranger.clone(),
+                probe_number: 1,
+            },
             // b, but not b's life we know
-            Message::PingReq { target: MemberId { bump: 1, ..b.clone() }, probe_number: 1 },
-            Message::PingReq { target: a.clone(), probe_number: 1 },
+            Message::PingReq {
+                target: MemberId {
+                    bump: 1,
+                    ..b.clone()
+                },
+                probe_number: 1,
+            },
+            Message::PingReq {
+                target: a.clone(),
+                probe_number: 1,
+            },
         ] {
             mesh.forge(0, 2, packet(&m, &a, message, &[])).unwrap();
         }
         assert!(mesh.sent_to.is_empty(), "{:?}", mesh.sent_to);
         assert_eq!(mesh.nodes[0].stats().requests_to_unknown, 4);
         // A known, active target is pinged on mallory's behalf as SWIM wants.
-        mesh.forge(0, 2, packet(&m, &a, Message::PingReq { target: b.clone(), probe_number: 1 }, &[]))
-            .unwrap();
+        mesh.forge(
+            0,
+            2,
+            packet(
+                &m,
+                &a,
+                Message::PingReq {
+                    target: b.clone(),
+                    probe_number: 1,
+                },
+                &[],
+            ),
+        )
+        .unwrap();
         assert_eq!(mesh.sent_to, [(0, b.addr)]);
     }
 
@@ -1371,10 +1498,23 @@ mod tests {
         mesh.muted.insert(2);
         mesh.run(5_000);
         assert_eq!(mesh.downs(0, "c"), 1);
-        assert!(mesh.nodes[0].states().any(|(m, s)| m.name == "c" && s == State::Down));
-        assert!(!mesh.seen.iter().any(|(_, o)| matches!(o, Output::Forgotten(_))));
+        assert!(
+            mesh.nodes[0]
+                .states()
+                .any(|(m, s)| m.name == "c" && s == State::Down)
+        );
+        assert!(
+            !mesh
+                .seen
+                .iter()
+                .any(|(_, o)| matches!(o, Output::Forgotten(_)))
+        );
         mesh.run(forget.as_millis() as u64);
-        assert!(mesh.nodes[0].states().all(|(m, _)| m.name != "c"), "{:?}", mesh.view(0));
+        assert!(
+            mesh.nodes[0].states().all(|(m, _)| m.name != "c"),
+            "{:?}",
+            mesh.view(0)
+        );
         assert!(mesh.nodes[1].states().all(|(m, _)| m.name != "c"));
         let mut forgotten: Vec<_> = mesh
             .seen
@@ -1396,12 +1536,25 @@ mod tests {
         let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
         let (a, m) = (mesh.nodes[0].id().clone(), mesh.nodes[2].id().clone());
         let d = id("d", 7100);
-        let squatter = MemberId { name: "squatter".into(), bump: 1000, ..d.clone() };
-        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[Member::alive(squatter)])).unwrap();
+        let squatter = MemberId {
+            name: "squatter".into(),
+            bump: 1000,
+            ..d.clone()
+        };
+        mesh.forge(
+            0,
+            2,
+            packet(&m, &a, Message::Gossip, &[Member::alive(squatter)]),
+        )
+        .unwrap();
         let out = mesh.nodes[0]
             .handle_data("d", d.addr, &packet(&d, &a, Message::Announce, &[]))
             .unwrap();
-        assert!(out.contains(&Output::Forgotten(MemberId { name: "squatter".into(), bump: 1000, ..d.clone() })));
+        assert!(out.contains(&Output::Forgotten(MemberId {
+            name: "squatter".into(),
+            bump: 1000,
+            ..d.clone()
+        })));
         assert!(mesh.nodes[0].alive().any(|x| *x == d));
         assert!(mesh.nodes[0].states().all(|(x, _)| x.name != "squatter"));
     }

@@ -243,10 +243,12 @@ impl Node {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Datagram(from, remote, data) => match self.membership.handle_data(&from, remote, &data) {
-                Ok(out) => self.apply(out),
-                Err(e) => tracing::debug!(peer = %from, "dropped a datagram: {e}"),
-            },
+            Event::Datagram(from, remote, data) => {
+                match self.membership.handle_data(&from, remote, &data) {
+                    Ok(out) => self.apply(out),
+                    Err(e) => tracing::debug!(peer = %from, "dropped a datagram: {e}"),
+                }
+            }
             Event::Gossip { from, msg } => {
                 let peers = self.alive_addrs();
                 let (out, learned) = self.table.handle(from, msg, &peers);
