@@ -243,14 +243,18 @@ async fn garbage_on_a_fleet_connection(target: SocketAddr, identity: &std::path:
         addr: "127.77.2.102:7400".parse().unwrap(),
         bump: 0,
     };
-    let forged = Membership::new(ghost, membership::config(8), 7)
-        .join(target)
-        .into_iter()
-        .find_map(|o| match o {
-            Output::Send { data, .. } => Some(data),
-            _ => None,
-        })
-        .expect("an announce");
+    let forged = Membership::new(
+        ghost,
+        membership::config(8, membership::FORGET_DOWN_AFTER),
+        7,
+    )
+    .join(target)
+    .into_iter()
+    .find_map(|o| match o {
+        Output::Send { data, .. } => Some(data),
+        _ => None,
+    })
+    .expect("an announce");
     conn.send_datagram(forged.into()).unwrap();
     // A stream of a protocol nobody serves is stopped.
     let mut s = conn.open_uni().await.unwrap();

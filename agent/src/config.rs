@@ -40,6 +40,34 @@ pub struct AgentConfig {
     /// Agents to join the mesh through. Any one that answers is enough.
     #[serde(default)]
     pub seeds: Vec<SocketAddr>,
+    /// How long a dead member stays listed before it is forgotten, record and all:
+    /// a number with a unit, `90s`, `30m`, `24h` or `7d`.
+    #[serde(default = "default_forget_dead_after")]
+    pub forget_dead_after: String,
+}
+
+fn default_forget_dead_after() -> String {
+    "24h".into()
+}
+
+/// `90s`, `30m`, `24h`, `7d`: a duration as the configuration writes it.
+pub fn parse_duration(text: &str) -> anyhow::Result<std::time::Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| anyhow::anyhow!("`{text}` is not a duration like 90s, 30m, 24h or 7d"))?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => anyhow::bail!("`{text}` is not a duration like 90s, 30m, 24h or 7d"),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(unit_secs)))
 }
 
 /// The port agents listen on unless told otherwise.
@@ -82,6 +110,7 @@ impl AgentConfig {
         if config.name.trim().is_empty() {
             anyhow::bail!("`name` is empty");
         }
+        parse_duration(&config.forget_dead_after).context("`forget_dead_after`")?;
         Ok(config)
     }
 

@@ -53,6 +53,7 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 identity: Identity::load(dir)?,
                 seeds: config.seeds.clone(),
                 data_dir: config.data_dir.clone(),
+                forget_dead_after: crate::config::parse_duration(&config.forget_dead_after)?,
             };
             let (local_tx, local_rx) = watch::channel(LocalState {
                 tags: config.tags.clone(),

@@ -57,6 +57,8 @@ pub enum Event {
     Rejoined(MemberId),
     /// No member is reachable; the agent is joining again through its seeds.
     Alone,
+    /// A member down for longer than the configured time was forgotten, record and all.
+    Forgotten(MemberId),
     /// Write this to `data_dir/mesh/self.json` (off the event loop; only the latest
     /// matters).
     Persist(Remembered),
@@ -64,7 +66,7 @@ pub enum Event {
 
 #[derive(Debug)]
 enum Timer {
-    Swim(foca::Timer<MemberId>),
+    Swim(membership::Timer),
     AntiEntropy,
     Rejoin,
     Remember,
@@ -142,14 +144,16 @@ impl Core {
         self.membership.alive().map(|m| m.addr).collect()
     }
 
-    /// A membership packet from the member whose certificate names `sender`.
+    /// A membership packet from the member whose certificate names `sender`, over a
+    /// connection from `remote`.
     pub fn handle_datagram(
         &mut self,
         now: Instant,
         sender: &str,
+        remote: SocketAddr,
         data: &[u8],
     ) -> Result<(), membership::PacketError> {
-        let out = self.membership.handle_data(sender, data)?;
+        let out = self.membership.handle_data(sender, remote, data)?;
         self.apply(now, out);
         Ok(())
     }
@@ -332,6 +336,12 @@ impl Core {
                     self.events.push_back(Event::Alone);
                     self.join(now);
                 }
+                Output::Forgotten(id) => {
+                    // Long dead (or replaced at its address): its record goes too, with a
+                    // tombstone so gossip does not bring the same record back.
+                    self.table.forget(&id.name);
+                    self.events.push_back(Event::Forgotten(id));
+                }
             }
         }
     }
@@ -389,7 +399,11 @@ mod tests {
         Core::new(
             now,
             WALL,
-            Membership::new(id, membership::config(8), u64::from(i)),
+            Membership::new(
+                id,
+                membership::config(8, membership::FORGET_DOWN_AFTER),
+                u64::from(i),
+            ),
             HostTable::new(record, authority, u64::from(i)).unwrap(),
             seeds,
             BTreeSet::new(),
@@ -419,7 +433,8 @@ mod tests {
                         match t {
                             Transmit::Datagram { to, data } => {
                                 if let Some(j) = cores.iter().position(|c| c.me().addr == to) {
-                                    let _ = cores[j].handle_datagram(*now, &from.name, &data);
+                                    let _ = cores[j]
+                                        .handle_datagram(*now, &from.name, from.addr, &data);
                                 }
                             }
                             Transmit::Gossip { to, msg } => {

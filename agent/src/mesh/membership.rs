@@ -1,16 +1,49 @@
 //! Membership and failure detection: SWIM (with suspicion and indirect probes) from foca,
 //! behind a sans-IO interface. Bytes and timer events go in; [`Output`]s come out: packets
-//! to send, timers to schedule, members seen up or down. The caller does all IO, which is
-//! what lets `agent/tests/membership_simulation.rs` run hundreds of agents deterministically with
-//! simulated time and network.
+//! to send, timers to schedule, members seen up, down or forgotten. The caller does all IO,
+//! which is what lets `agent/tests/membership_simulation.rs` run thousands of agents
+//! deterministically with simulated time and network.
+//!
+//! # What an insider cannot do
+//!
+//! SWIM believes what it is told. Every agent holds a valid certificate, so one compromised
+//! agent could otherwise rewrite everyone's membership. Every packet is therefore decoded,
+//! checked and re-encoded here *before* foca sees it ([`Membership::handle_data`]):
+//!
+//! 1. **The sender speaks only for itself.** The header's `src` must carry the name in the
+//!    connection's certificate and the connection's remote address; updates about the sender
+//!    must name exactly that identity. What arrives first-hand wins its address: a hearsay
+//!    identity squatting it is dropped.
+//! 2. **Hearsay cannot move, renew or kill.** An update about a third party cannot put a
+//!    known member at a new address, give a known address to another identity, or raise a
+//!    known member's bump (a restarted agent announces itself first-hand). A third party's
+//!    `Down` about a member held alive becomes `Suspect` (same incarnation) and starts this
+//!    agent's own check: direct pings, and only if the member does not answer within
+//!    [`VERIFY_DEADLINE`] does this agent declare it down, on its own evidence. Unknown
+//!    members are not learnt already dead.
+//! 3. **No dialing on request.** A request to send to a third party (`PingReq`,
+//!    `IndirectAck`) is dropped (its updates kept) unless that identity is a member known
+//!    active, exactly.
+//! 4. **Introductions are bounded.** Members a sender introduced that have not yet been
+//!    heard from first-hand count against it; beyond [`MAX_UNCONFIRMED_PER_SENDER`] its
+//!    further introductions are dropped, and beyond [`MAX_UNCONFIRMED`] all senders'.
+//! 5. **The dead are forgotten.** Down members are removed after `forget_down_after`
+//!    (default [`FORGET_DOWN_AFTER`]), or [`FORGET_UNCONFIRMED_AFTER`] if this agent never
+//!    heard from them first-hand; [`Output::Forgotten`] tells the caller when a name is no
+//!    longer known.
+//!
+//! What was dropped is counted in [`MembershipStats`]; a refused packet is a typed
+//! [`PacketError`].
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use foca::{
-    Codec, Config, Foca, NoCustomBroadcast, Notification, PeriodicParams, PostcardCodec, Runtime,
-    Timer,
+    Codec, Config, Foca, Header, Identity, Member, Message, NoCustomBroadcast, Notification,
+    PeriodicParams, PostcardCodec, Runtime, State,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -59,14 +92,15 @@ pub enum Output {
     /// Deliver these bytes to that member (as a datagram).
     Send { to: MemberId, data: Vec<u8> },
     /// Hand this timer back through [`Membership::handle_timer`] after the delay.
-    Schedule {
-        timer: Timer<MemberId>,
-        after: Duration,
-    },
+    Schedule { timer: Timer, after: Duration },
     /// A member became reachable.
     Up(MemberId),
     /// A member was declared down.
     Down(MemberId),
+    /// No member of this name is known any more: the last identity carrying it was
+    /// forgotten (down for `forget_down_after`) or replaced at its address by another name.
+    /// The caller may drop what it keeps about the name (its host record).
+    Forgotten(MemberId),
     /// The mesh had declared this agent down (a partition, a pause); it rejoined under a
     /// renewed identity, which the caller should remember for its next start.
     Rejoined(MemberId),
@@ -75,30 +109,162 @@ pub enum Output {
     Idle,
 }
 
-/// Collects what foca asks of its runtime.
+/// A timer asked for by an [`Output::Schedule`]: opaque, handed back as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timer(TimerKind);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TimerKind {
+    /// One of foca's.
+    Swim(foca::Timer<MemberId>),
+    /// This agent's own check of a member a third party said was down: ping it again, or
+    /// (at the deadline) declare it down if it never answered.
+    Verify {
+        addr: SocketAddr,
+        generation: u64,
+        deadline: bool,
+    },
+}
+
+/// How long a down member is remembered (reported dead, announced to) before it is
+/// forgotten, unless [`config`] is told otherwise: a day, long enough for an operator to
+/// see what died, short enough that invented or long-gone members do not stay forever.
+pub const FORGET_DOWN_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The most members one sender may have introduced that this agent has not yet heard from
+/// first-hand. Honest senders stay far below (members confirm themselves within seconds by
+/// pinging, answering, announcing); an insider inventing members is stopped here. A slot is
+/// freed when the member speaks for itself or is forgotten.
+pub const MAX_UNCONFIRMED_PER_SENDER: usize = 128;
+
+/// The most members, all senders together, that this agent holds without having heard from
+/// them first-hand. Members relayed by honest agents count against those agents, so this is
+/// what bounds the memory an insider's inventions can take at every agent.
+pub const MAX_UNCONFIRMED: usize = 512;
+
+/// A member never heard from first-hand is forgotten this long after it is declared down
+/// (rather than [`FORGET_DOWN_AFTER`]): long enough for the news of its death to outrun
+/// stale hearsay of it alive, short enough that invented members free their slots.
+pub const FORGET_UNCONFIRMED_AFTER: Duration = Duration::from_secs(60);
+
+/// When checking a member a third party reported down, the second direct ping goes after
+/// this long.
+pub const VERIFY_RETRY: Duration = Duration::from_millis(200);
+
+/// A member a third party reported down, that has not answered this agent's own pings
+/// within this long, is declared down by this agent.
+pub const VERIFY_DEADLINE: Duration = Duration::from_millis(500);
+
+/// What the membership dropped or decided on its own, since it started. For logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembershipStats {
+    /// Packets refused whole (see [`PacketErrorKind`]).
+    pub packets_refused: u64,
+    /// Updates about the sender that did not name exactly the sender's identity.
+    pub updates_about_sender_refused: u64,
+    /// Updates about this agent under another identity (its address or name).
+    pub updates_about_us_refused: u64,
+    /// Hearsay giving a known address to another identity or a known name a new address.
+    pub updates_moving_members: u64,
+    /// Hearsay renewing a known member (another bump at its address).
+    pub updates_renewing_members: u64,
+    /// Hearsay introducing a member already down.
+    pub dead_introductions: u64,
+    /// Introductions dropped because the sender had [`MAX_UNCONFIRMED_PER_SENDER`] pending.
+    pub introductions_over_cap: u64,
+    /// The same address twice in one packet.
+    pub duplicate_updates: u64,
+    /// A third party's `Down` about a member held alive (or this agent), made `Suspect`.
+    pub downs_downgraded: u64,
+    /// `PingReq`/`IndirectAck` for a member not known active (or for this agent), dropped.
+    pub requests_to_unknown: u64,
+    /// Own checks started, answered, and ended in this agent declaring the member down.
+    pub verifications_started: u64,
+    pub verified_alive: u64,
+    pub verified_down: u64,
+    /// Members removed after `forget_down_after` (or pushed out of their address by
+    /// the identity that really is there).
+    pub members_forgotten: u64,
+    /// Errors foca reported on packets that passed the checks (logged, not refused).
+    pub protocol_errors: u64,
+}
+
+/// A malformed, foreign or lying packet; the membership is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[error("membership packet refused: {kind}")]
+pub struct PacketError {
+    kind: PacketErrorKind,
+}
+
+impl PacketError {
+    pub fn kind(&self) -> &PacketErrorKind {
+        &self.kind
+    }
+}
+
+/// Why a packet was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PacketErrorKind {
+    #[error("{len} bytes, over the {max}-byte limit")]
+    TooBig { len: usize, max: usize },
+    #[error("malformed {part}: {reason}")]
+    Malformed { part: &'static str, reason: String },
+    #[error("{len} bytes follow the updates")]
+    TrailingBytes { len: usize },
+    #[error("it claims to come from `{claimed}` but arrived from `{sender}`")]
+    ImpersonatesSender { claimed: String, sender: String },
+    #[error("it claims the address {claimed} but arrived from {remote}")]
+    AddressMismatch {
+        claimed: SocketAddr,
+        remote: SocketAddr,
+    },
+    #[error("it claims to come from this agent's own name or address (`{claimed}`)")]
+    FromOurselves { claimed: String },
+}
+
+/// Collects what foca asks of its runtime, and the membership changes it reports.
 #[derive(Default)]
-struct Collect(Vec<Output>);
+struct Collect {
+    out: Vec<Output>,
+    changes: Vec<Change>,
+}
+
+enum Change {
+    Up(MemberId),
+    Down(MemberId),
+    Rename(MemberId),
+}
 
 impl Runtime<MemberId> for Collect {
     fn notify(&mut self, notification: Notification<'_, MemberId>) {
         match notification {
-            Notification::MemberUp(id) => self.0.push(Output::Up(id.clone())),
-            Notification::MemberDown(id) => self.0.push(Output::Down(id.clone())),
-            Notification::Rejoin(id) => self.0.push(Output::Rejoined(id.clone())),
-            Notification::Idle => self.0.push(Output::Idle),
+            Notification::MemberUp(id) => {
+                self.out.push(Output::Up(id.clone()));
+                self.changes.push(Change::Up(id.clone()));
+            }
+            Notification::MemberDown(id) => {
+                self.out.push(Output::Down(id.clone()));
+                self.changes.push(Change::Down(id.clone()));
+            }
+            Notification::Rename(_, new) => self.changes.push(Change::Rename(new.clone())),
+            Notification::Rejoin(id) => self.out.push(Output::Rejoined(id.clone())),
+            Notification::Idle => self.out.push(Output::Idle),
             _ => {}
         }
     }
 
     fn send_to(&mut self, to: MemberId, data: &[u8]) {
-        self.0.push(Output::Send {
+        self.out.push(Output::Send {
             to,
             data: data.to_vec(),
         });
     }
 
-    fn submit_after(&mut self, timer: Timer<MemberId>, after: Duration) {
-        self.0.push(Output::Schedule { timer, after });
+    fn submit_after(&mut self, timer: foca::Timer<MemberId>, after: Duration) {
+        self.out.push(Output::Schedule {
+            timer: Timer(TimerKind::Swim(timer)),
+            after,
+        });
     }
 }
 
@@ -112,10 +278,12 @@ impl Runtime<MemberId> for Collect {
 ///   200 ms, on top of riding on probes; an idle mesh sends nothing for it;
 /// - anti-entropy: every 2 s an agent announces itself to 2 random members, whose answers
 ///   carry the members they know, so whatever gossip missed is repaired;
-/// - down members are remembered (reported dead, not dropped), told that they are down so
-///   they rejoin, and sent an announce every 5 s so a partition heals by itself;
+/// - down members are remembered (reported dead) for `forget_down_after` (usually
+///   [`FORGET_DOWN_AFTER`], a day), then forgotten; meanwhile they are told that they are
+///   down so they rejoin, and 2 of them are sent an announce every 5 s so a partition heals
+///   by itself;
 /// - packets fit a QUIC datagram.
-pub fn config(cluster_size: u32) -> Config {
+pub fn config(cluster_size: u32, forget_down_after: Duration) -> Config {
     let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
     c.probe_period = Duration::from_millis(300);
     c.probe_rtt = Duration::from_millis(100);
@@ -131,7 +299,7 @@ pub fn config(cluster_size: u32) -> Config {
         frequency: Duration::from_millis(200),
         num_members: NonZeroUsize::new(3).expect("non-zero"),
     });
-    c.remove_down_after = None;
+    c.remove_down_after = Some(forget_down_after);
     c.notify_down_members = true;
     c.periodic_announce_to_down_members = Some(PeriodicParams {
         frequency: Duration::from_secs(5),
@@ -144,41 +312,131 @@ pub fn config(cluster_size: u32) -> Config {
 /// The largest membership packet, chosen to fit a QUIC datagram on a 1200-byte path.
 pub const MAX_PACKET: usize = 1150;
 
+/// The smallest cluster size the configuration is made for.
+const MIN_SIZE: u32 = 64;
+
+/// The identities foca holds, by address, with whether each is active; kept in step with
+/// foca's notifications (foca has no lookup but a scan).
+#[derive(Default)]
+struct Index {
+    by_addr: HashMap<SocketAddr, (MemberId, bool)>,
+    /// How many identities carry each name.
+    names: HashMap<String, usize>,
+}
+
+impl Index {
+    fn active_exactly(&self, id: &MemberId) -> bool {
+        matches!(self.by_addr.get(&id.addr), Some((k, true)) if k == id)
+    }
+
+    /// Puts `id` at its address (replacing whoever was there), and sets its activity if
+    /// given. A name no identity carries any more is pushed onto `gone`.
+    fn set(&mut self, id: &MemberId, active: Option<bool>, gone: &mut Vec<MemberId>) {
+        let replaced = match self.by_addr.entry(id.addr) {
+            Entry::Occupied(mut e) => {
+                let (known, was) = e.get_mut();
+                if let Some(a) = active {
+                    *was = a;
+                }
+                (known != id).then(|| std::mem::replace(known, id.clone()))
+            }
+            Entry::Vacant(e) => {
+                e.insert((id.clone(), active.unwrap_or(true)));
+                *self.names.entry(id.name.clone()).or_default() += 1;
+                None
+            }
+        };
+        if let Some(old) = replaced {
+            *self.names.entry(id.name.clone()).or_default() += 1;
+            self.drop_name(old, gone);
+        }
+    }
+
+    fn remove(&mut self, addr: &SocketAddr, gone: &mut Vec<MemberId>) {
+        if let Some((old, _)) = self.by_addr.remove(addr) {
+            self.drop_name(old, gone);
+        }
+    }
+
+    fn drop_name(&mut self, old: MemberId, gone: &mut Vec<MemberId>) {
+        if let Entry::Occupied(mut e) = self.names.entry(old.name.clone()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+                gone.push(old);
+            }
+        }
+    }
+}
+
+/// A packet that passed the checks, rewritten for foca.
+struct Screened {
+    src: MemberId,
+    data: Vec<u8>,
+    /// Members it introduces (counted against the sender once foca has taken them).
+    introductions: Vec<MemberId>,
+    /// Members a third party said were down: to check ourselves.
+    to_verify: Vec<MemberId>,
+}
+
+/// This agent's own check of a member reported down.
+struct Verification {
+    id: MemberId,
+    generation: u64,
+}
+
 /// One agent's view of the mesh.
 pub struct Membership {
     foca: Foca<MemberId, PostcardCodec, StdRng, NoCustomBroadcast>,
     /// The cluster size the current configuration was made for (see [`Self::fit_size`]).
     sized_for: u32,
+    forget_down_after: Duration,
+    index: Index,
+    /// Members introduced by hearsay and not yet heard from first-hand, with who
+    /// introduced them.
+    unconfirmed: HashMap<SocketAddr, String>,
+    /// Per sender, how many of `unconfirmed` it introduced.
+    unconfirmed_by: HashMap<String, usize>,
+    verifying: HashMap<SocketAddr, Verification>,
+    generation: u64,
+    probe_number: u8,
+    stats: MembershipStats,
 }
-
-/// The smallest cluster size the configuration is made for.
-const MIN_SIZE: u32 = 64;
-
-/// A malformed or foreign packet; the membership is unchanged.
-#[derive(Debug, thiserror::Error)]
-#[error("membership packet refused: {0}")]
-pub struct PacketError(String);
 
 impl Membership {
     /// `seed` makes every random choice reproducible (tests); agents pass a random one.
-    /// `config` is usually [`config`]`(n)` for the size `n` expected; [`Self::fit_size`]
-    /// adjusts it as the membership grows.
+    /// `config` is usually [`config`]`(n, forget_down_after)` for the size `n` expected;
+    /// [`Self::fit_size`] adjusts it as the membership grows.
     pub fn new(id: MemberId, config: Config, seed: u64) -> Self {
+        let forget_down_after = config.remove_down_after.unwrap_or(FORGET_DOWN_AFTER);
         Membership {
             foca: Foca::new(id, config, StdRng::seed_from_u64(seed), PostcardCodec),
             sized_for: 0,
+            forget_down_after,
+            index: Index::default(),
+            unconfirmed: HashMap::new(),
+            unconfirmed_by: HashMap::new(),
+            verifying: HashMap::new(),
+            generation: 0,
+            probe_number: 0,
+            stats: MembershipStats::default(),
         }
     }
 
     /// Fits dissemination to the membership's size: each update is passed on a number of
     /// times that grows with the log of the members, so a large mesh needs more copies
     /// than the 64-member default. Sizes go by powers of two, so the configuration
-    /// changes only when the mesh doubles. Down members count (they are kept, see
-    /// [`config`]), so the size does not shrink. Returns the size now configured.
+    /// changes only when the mesh doubles. Down members count (they are kept until
+    /// forgotten, see [`config`]). Returns the size now configured.
     pub fn fit_size(&mut self) -> u32 {
         let members = self.foca.iter_membership_state().len() as u32 + 1;
         let size = members.next_power_of_two().max(MIN_SIZE);
-        if size != self.sized_for && self.foca.set_config(config(size)).is_ok() {
+        if size != self.sized_for
+            && self
+                .foca
+                .set_config(config(size, self.forget_down_after))
+                .is_ok()
+        {
             self.sized_for = size;
         }
         self.sized_for
@@ -186,6 +444,11 @@ impl Membership {
 
     pub fn id(&self) -> &MemberId {
         self.foca.identity()
+    }
+
+    /// What was dropped or decided so far.
+    pub fn stats(&self) -> &MembershipStats {
+        &self.stats
     }
 
     /// Asks the member at `addr` to let us in. Its name need not be known.
@@ -199,43 +462,96 @@ impl Membership {
         if let Err(e) = self.foca.announce(seed, &mut out) {
             tracing::warn!(%addr, "announcing to the seed: {e}");
         }
-        out.0
+        self.absorb(out)
     }
 
     /// Feeds a packet received from the network over a connection whose certificate names
-    /// `sender`. A packet that claims to come from another member is refused: a fleet
-    /// member cannot speak for another in the membership (refute its death, say it left).
-    pub fn handle_data(&mut self, sender: &str, data: &[u8]) -> Result<Vec<Output>, PacketError> {
-        let header: foca::Header<MemberId> = PostcardCodec
-            .decode_header(data)
-            .map_err(|e| PacketError(e.to_string()))?;
-        if header.src.name != sender {
-            return Err(PacketError(format!(
-                "it claims to come from `{}` but arrived from `{sender}`",
-                header.src.name
-            )));
+    /// `sender` and whose remote address is `remote`. The packet is checked and rewritten
+    /// first (see the module's documentation); a packet that lies about who sent it, or
+    /// cannot be read, is refused whole and changes nothing.
+    pub fn handle_data(
+        &mut self,
+        sender: &str,
+        remote: SocketAddr,
+        data: &[u8],
+    ) -> Result<Vec<Output>, PacketError> {
+        let screened = match self.screen(sender, remote, data) {
+            Ok(s) => s,
+            Err(kind) => {
+                self.stats.packets_refused += 1;
+                return Err(PacketError { kind });
+            }
+        };
+        let Screened {
+            src,
+            data,
+            introductions,
+            to_verify,
+        } = screened;
+        let mut c = Collect::default();
+        // First-hand, over a connection from that very address: whoever hearsay put there
+        // is not there.
+        let squatter = match self.index.by_addr.get(&src.addr) {
+            Some((known, _)) if *known != src && known.win_addr_conflict(&src) => {
+                Some(known.clone())
+            }
+            _ => None,
+        };
+        let mut out = Vec::new();
+        if let Some(squatter) = squatter {
+            out.extend(self.evict(squatter));
         }
-        let mut out = Collect::default();
-        self.foca
-            .handle_data(data, &mut out)
-            .map_err(|e| PacketError(e.to_string()))?;
-        Ok(out.0)
+        if let Err(e) = self.foca.handle_data(&data, &mut c) {
+            // Past the checks, foca's errors come after what it did: keep its outputs.
+            self.stats.protocol_errors += 1;
+            tracing::debug!(peer = sender, "membership packet: {e}");
+        }
+        out.extend(self.absorb(c));
+
+        // The sender spoke for itself: it is confirmed, and answers any check of it.
+        if let Some(introducer) = self.unconfirmed.remove(&src.addr) {
+            self.release(&introducer);
+        }
+        if self.verifying.remove(&src.addr).is_some() {
+            self.stats.verified_alive += 1;
+        }
+        for id in introductions {
+            let taken = matches!(self.index.by_addr.get(&id.addr), Some((k, _)) if *k == id);
+            if taken && !self.unconfirmed.contains_key(&id.addr) {
+                self.unconfirmed.insert(id.addr, sender.to_owned());
+                *self.unconfirmed_by.entry(sender.to_owned()).or_default() += 1;
+            }
+        }
+        for id in to_verify {
+            self.verify(id, &mut out);
+        }
+        Ok(out)
     }
 
     /// Feeds a timer scheduled by an earlier [`Output::Schedule`].
-    pub fn handle_timer(&mut self, timer: Timer<MemberId>) -> Vec<Output> {
-        let mut out = Collect::default();
-        if let Err(e) = self.foca.handle_timer(timer, &mut out) {
-            tracing::debug!("membership timer: {e}");
+    pub fn handle_timer(&mut self, timer: Timer) -> Vec<Output> {
+        match timer.0 {
+            TimerKind::Swim(foca::Timer::RemoveDown(id)) => self.forget(id),
+            TimerKind::Swim(t) => {
+                let mut c = Collect::default();
+                if let Err(e) = self.foca.handle_timer(t, &mut c) {
+                    tracing::debug!("membership timer: {e}");
+                }
+                self.absorb(c)
+            }
+            TimerKind::Verify {
+                addr,
+                generation,
+                deadline,
+            } => self.verify_timer(addr, generation, deadline),
         }
-        out.0
     }
 
     /// Leaves the mesh gracefully: members learn this one left rather than failed.
     pub fn leave(&mut self) -> Vec<Output> {
-        let mut out = Collect::default();
-        let _ = self.foca.leave_cluster(&mut out);
-        out.0
+        let mut c = Collect::default();
+        let _ = self.foca.leave_cluster(&mut c);
+        self.absorb(c)
     }
 
     /// The members this agent considers alive (itself excluded).
@@ -249,20 +565,572 @@ impl Membership {
             .iter_membership_state()
             .map(|m| (m.id(), m.state()))
     }
+
+    /// Decodes, checks and rewrites a packet (rules 1 to 4 of the module's documentation).
+    fn screen(
+        &mut self,
+        sender: &str,
+        remote: SocketAddr,
+        data: &[u8],
+    ) -> Result<Screened, PacketErrorKind> {
+        if data.len() > MAX_PACKET {
+            return Err(PacketErrorKind::TooBig {
+                len: data.len(),
+                max: MAX_PACKET,
+            });
+        }
+        let mut rest = data;
+        let header: Header<MemberId> =
+            PostcardCodec
+                .decode_header(&mut rest)
+                .map_err(|e| PacketErrorKind::Malformed {
+                    part: "header",
+                    reason: e.to_string(),
+                })?;
+        let src = header.src.clone();
+        if src.name != sender {
+            return Err(PacketErrorKind::ImpersonatesSender {
+                claimed: src.name,
+                sender: sender.to_owned(),
+            });
+        }
+        if !same_endpoint(src.addr, remote) {
+            return Err(PacketErrorKind::AddressMismatch {
+                claimed: src.addr,
+                remote,
+            });
+        }
+        let me = self.foca.identity().clone();
+        if src.name == me.name || src.addr == me.addr {
+            return Err(PacketErrorKind::FromOurselves { claimed: src.name });
+        }
+        // Messages that carry no updates (we use no custom broadcasts): nothing may follow.
+        let bare = matches!(
+            header.message,
+            Message::Announce | Message::Broadcast | Message::TurnUndead
+        );
+        let mut updates = Vec::new();
+        if !bare && rest.len() == 1 {
+            return Err(PacketErrorKind::Malformed {
+                part: "update count",
+                reason: "a single byte".into(),
+            });
+        }
+        if !bare && rest.len() >= 2 {
+            let count = u16::from_be_bytes([rest[0], rest[1]]);
+            rest = &rest[2..];
+            for _ in 0..count {
+                // Each update takes bytes: the count cannot make us allocate more than
+                // the packet holds.
+                let member: Member<MemberId> =
+                    PostcardCodec.decode_member(&mut rest).map_err(|e| {
+                        PacketErrorKind::Malformed {
+                            part: "update",
+                            reason: e.to_string(),
+                        }
+                    })?;
+                updates.push(member);
+            }
+        }
+        if !rest.is_empty() {
+            return Err(PacketErrorKind::TrailingBytes { len: rest.len() });
+        }
+
+        // Rule 3: no sending to a third party we do not know active.
+        let message = match header.message {
+            Message::PingReq { ref target, .. } | Message::IndirectAck { ref target, .. }
+                if !self.index.active_exactly(target) =>
+            {
+                self.stats.requests_to_unknown += 1;
+                Message::Gossip
+            }
+            Message::IndirectPing { ref origin, .. } | Message::ForwardedAck { ref origin, .. }
+                if *origin == me =>
+            {
+                self.stats.requests_to_unknown += 1;
+                Message::Gossip
+            }
+            m => m,
+        };
+
+        // Rules 1, 2 and 4, update by update.
+        let mut kept = Vec::with_capacity(updates.len());
+        let mut seen_addrs = HashSet::new();
+        let mut new_names = HashSet::new();
+        let mut introductions = Vec::new();
+        let mut to_verify = Vec::new();
+        let pending = self.unconfirmed_by.get(sender).copied().unwrap_or(0);
+        for update in updates {
+            let id = update.id();
+            if !seen_addrs.insert(id.addr) {
+                self.stats.duplicate_updates += 1;
+                continue;
+            }
+            if id.name == src.name || id.addr == src.addr {
+                if *id != src {
+                    self.stats.updates_about_sender_refused += 1;
+                    continue;
+                }
+                kept.push(update);
+                continue;
+            }
+            if id.name == me.name || id.addr == me.addr {
+                if *id != me {
+                    self.stats.updates_about_us_refused += 1;
+                    continue;
+                }
+                if update.state() == State::Down {
+                    // We know we are alive: refute it as a suspicion.
+                    self.stats.downs_downgraded += 1;
+                    kept.push(Member::new(
+                        me.clone(),
+                        update.incarnation(),
+                        State::Suspect,
+                    ));
+                } else {
+                    kept.push(update);
+                }
+                continue;
+            }
+            match self.index.by_addr.get(&id.addr) {
+                Some((known, active)) => {
+                    if known != id {
+                        if known.name == id.name {
+                            self.stats.updates_renewing_members += 1;
+                        } else {
+                            self.stats.updates_moving_members += 1;
+                        }
+                        continue;
+                    }
+                    if update.state() == State::Down && *active {
+                        self.stats.downs_downgraded += 1;
+                        to_verify.push(id.clone());
+                        let (incarnation, id) = (update.incarnation(), id.clone());
+                        kept.push(Member::new(id, incarnation, State::Suspect));
+                    } else {
+                        kept.push(update);
+                    }
+                }
+                None => {
+                    if self.index.names.contains_key(&id.name) || !new_names.insert(id.name.clone())
+                    {
+                        self.stats.updates_moving_members += 1;
+                        continue;
+                    }
+                    if update.state() == State::Down {
+                        self.stats.dead_introductions += 1;
+                        continue;
+                    }
+                    if pending + introductions.len() >= MAX_UNCONFIRMED_PER_SENDER
+                        || self.unconfirmed.len() + introductions.len() >= MAX_UNCONFIRMED
+                    {
+                        self.stats.introductions_over_cap += 1;
+                        continue;
+                    }
+                    introductions.push(id.clone());
+                    kept.push(update);
+                }
+            }
+        }
+
+        let header = Header {
+            src: header.src,
+            src_incarnation: header.src_incarnation,
+            dst: header.dst,
+            message,
+        };
+        let mut out = Vec::with_capacity(data.len());
+        PostcardCodec
+            .encode_header(&header, &mut out)
+            .expect("encoding into a Vec");
+        if !bare && !kept.is_empty() {
+            let count = u16::try_from(kept.len()).expect("at most as many as were read");
+            out.extend_from_slice(&count.to_be_bytes());
+            for member in &kept {
+                PostcardCodec
+                    .encode_member(member, &mut out)
+                    .expect("encoding into a Vec");
+            }
+        }
+        Ok(Screened {
+            src,
+            data: out,
+            introductions,
+            to_verify,
+        })
+    }
+
+    /// Starts this agent's own check of a member a third party said was down.
+    fn verify(&mut self, id: MemberId, out: &mut Vec<Output>) {
+        if self.verifying.contains_key(&id.addr) || !self.index.active_exactly(&id) {
+            return;
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        self.stats.verifications_started += 1;
+        out.push(self.ping(&id));
+        for (after, deadline) in [(VERIFY_RETRY, false), (VERIFY_DEADLINE, true)] {
+            out.push(Output::Schedule {
+                timer: Timer(TimerKind::Verify {
+                    addr: id.addr,
+                    generation,
+                    deadline,
+                }),
+                after,
+            });
+        }
+        self.verifying
+            .insert(id.addr, Verification { id, generation });
+    }
+
+    fn verify_timer(&mut self, addr: SocketAddr, generation: u64, deadline: bool) -> Vec<Output> {
+        let Some(v) = self
+            .verifying
+            .get(&addr)
+            .filter(|v| v.generation == generation)
+        else {
+            return Vec::new();
+        };
+        if !deadline {
+            let id = v.id.clone();
+            return vec![self.ping(&id)];
+        }
+        let Some(Verification { id, .. }) = self.verifying.remove(&addr) else {
+            return Vec::new();
+        };
+        if !self.index.active_exactly(&id) {
+            return Vec::new();
+        }
+        // It did not answer us: our own evidence, as strong as a failed probe and its
+        // suspicion timeout.
+        let incarnation = self
+            .foca
+            .iter_membership_state()
+            .find(|m| *m.id() == id)
+            .map_or(0, |m| m.incarnation());
+        self.stats.verified_down += 1;
+        let mut c = Collect::default();
+        if let Err(e) = self.foca.apply_many(
+            std::iter::once(Member::new(id, incarnation, State::Down)),
+            true,
+            &mut c,
+        ) {
+            tracing::debug!("declaring a member down: {e}");
+        }
+        self.absorb(c)
+    }
+
+    /// A bare ping from this agent (its answer is the proof of life).
+    fn ping(&mut self, to: &MemberId) -> Output {
+        self.probe_number = self.probe_number.wrapping_add(1);
+        let header = Header {
+            src: self.foca.identity().clone(),
+            // Older than or equal to what members know of us: it changes nothing.
+            src_incarnation: 0,
+            dst: to.clone(),
+            message: Message::Ping(self.probe_number),
+        };
+        let mut data = Vec::new();
+        PostcardCodec
+            .encode_header(&header, &mut data)
+            .expect("encoding into a Vec");
+        Output::Send {
+            to: to.clone(),
+            data,
+        }
+    }
+
+    /// Removes a member hearsay put at an address where another identity has just spoken
+    /// first-hand.
+    fn evict(&mut self, squatter: MemberId) -> Vec<Output> {
+        let mut c = Collect::default();
+        if let Err(e) = self.foca.apply_many(
+            std::iter::once(Member::down(squatter.clone())),
+            false,
+            &mut c,
+        ) {
+            tracing::debug!("evicting a member: {e}");
+        }
+        let mut out = self.absorb(c);
+        out.extend(self.forget(squatter));
+        out
+    }
+
+    /// Handles foca's `RemoveDown`: the member goes if it is still down, and with it all we
+    /// kept about it.
+    fn forget(&mut self, id: MemberId) -> Vec<Output> {
+        let goes = matches!(self.index.by_addr.get(&id.addr), Some((k, false)) if *k == id);
+        let mut c = Collect::default();
+        if let Err(e) = self
+            .foca
+            .handle_timer(foca::Timer::RemoveDown(id.clone()), &mut c)
+        {
+            tracing::debug!("membership timer: {e}");
+        }
+        let mut gone = Vec::new();
+        if goes {
+            self.stats.members_forgotten += 1;
+            self.index.remove(&id.addr, &mut gone);
+            if let Some(introducer) = self.unconfirmed.remove(&id.addr) {
+                self.release(&introducer);
+            }
+            self.verifying.remove(&id.addr);
+        }
+        let mut out = self.absorb(c);
+        out.extend(gone.into_iter().map(Output::Forgotten));
+        out
+    }
+
+    fn release(&mut self, introducer: &str) {
+        if let Entry::Occupied(mut e) = self.unconfirmed_by.entry(introducer.to_owned()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Brings the index in step with what foca reported, and returns the outputs.
+    fn absorb(&mut self, c: Collect) -> Vec<Output> {
+        let Collect { mut out, changes } = c;
+        let mut gone = Vec::new();
+        let mut never_heard = Vec::new();
+        for change in changes {
+            match change {
+                Change::Up(id) => self.index.set(&id, Some(true), &mut gone),
+                Change::Down(id) => {
+                    if self.unconfirmed.contains_key(&id.addr) {
+                        never_heard.push(id.clone());
+                    }
+                    self.index.set(&id, Some(false), &mut gone)
+                }
+                Change::Rename(id) => self.index.set(&id, None, &mut gone),
+            }
+        }
+        if self.index.by_addr.len() != self.foca.iter_membership_state().len() {
+            debug_assert!(false, "the membership index fell out of step with foca");
+            tracing::warn!("the membership index fell out of step with foca; rebuilt");
+            self.rebuild_index(&mut gone);
+        }
+        out.extend(gone.into_iter().map(Output::Forgotten));
+        // Down and never heard from first-hand: most likely invented; forgotten soon.
+        out.extend(never_heard.into_iter().map(|id| Output::Schedule {
+            timer: Timer(TimerKind::Swim(foca::Timer::RemoveDown(id))),
+            after: FORGET_UNCONFIRMED_AFTER,
+        }));
+        out
+    }
+
+    fn rebuild_index(&mut self, gone: &mut Vec<MemberId>) {
+        let old_names: Vec<MemberId> = self
+            .index
+            .by_addr
+            .values()
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.index = Index::default();
+        let members: Vec<(MemberId, bool)> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| (m.id().clone(), m.state() != State::Down))
+            .collect();
+        for (id, active) in members {
+            self.index.set(&id, Some(active), gone);
+        }
+        for old in old_names {
+            if !self.index.names.contains_key(&old.name) && !gone.iter().any(|g| g.name == old.name)
+            {
+                gone.push(old);
+            }
+        }
+        let index = &self.index;
+        let dropped: Vec<String> = self
+            .unconfirmed
+            .iter()
+            .filter(|(addr, _)| !index.by_addr.contains_key(addr))
+            .map(|(_, by)| by.clone())
+            .collect();
+        self.unconfirmed
+            .retain(|addr, _| index.by_addr.contains_key(addr));
+        self.verifying
+            .retain(|addr, _| index.by_addr.contains_key(addr));
+        for by in dropped {
+            self.release(&by);
+        }
+    }
+}
+
+/// Whether two addresses name the same endpoint (an IPv4 address and its IPv6-mapped form,
+/// as a dual-stack socket reports it, are the same).
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use foca::Identity;
+    use std::collections::BTreeMap;
+
+    fn id(name: &str, port: u16) -> MemberId {
+        MemberId {
+            name: name.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            bump: 0,
+        }
+    }
+
+    enum Ev {
+        Data(String, SocketAddr, Vec<u8>),
+        Timer(Timer),
+    }
+
+    /// A few real membership cores on simulated time: packets take 5 ms, timers fire when
+    /// due, a muted node neither sends nor receives.
+    struct Mesh {
+        nodes: Vec<Membership>,
+        queue: BTreeMap<(u64, u64), (usize, Ev)>,
+        now: u64,
+        seq: u64,
+        muted: HashSet<usize>,
+        /// Every non-send output, per node, in order.
+        seen: Vec<(usize, Output)>,
+        /// Every address sent to, per node.
+        sent_to: Vec<(usize, SocketAddr)>,
+    }
+
+    impl Mesh {
+        fn new(names: &[&str], forget_down_after: Duration) -> Mesh {
+            let nodes = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Membership::new(
+                        id(n, 7000 + i as u16),
+                        config(8, forget_down_after),
+                        i as u64 + 1,
+                    )
+                })
+                .collect();
+            let mut mesh = Mesh {
+                nodes,
+                queue: BTreeMap::new(),
+                now: 0,
+                seq: 0,
+                muted: HashSet::new(),
+                seen: Vec::new(),
+                sent_to: Vec::new(),
+            };
+            for i in 1..names.len() {
+                let out = mesh.nodes[i].join(id(names[0], 7000).addr);
+                mesh.apply(i, out);
+            }
+            mesh.run(5_000);
+            for i in 0..names.len() {
+                assert_eq!(mesh.nodes[i].alive().count(), names.len() - 1, "joined");
+            }
+            mesh
+        }
+
+        fn at(&mut self, t: u64, node: usize, ev: Ev) {
+            self.seq += 1;
+            self.queue.insert((t, self.seq), (node, ev));
+        }
+
+        fn apply(&mut self, node: usize, out: Vec<Output>) {
+            for o in out {
+                match o {
+                    Output::Send { to, data } => {
+                        self.sent_to.push((node, to.addr));
+                        let from = self.nodes[node].id().clone();
+                        if let Some(j) = self.nodes.iter().position(|n| n.id().addr == to.addr) {
+                            self.at(self.now + 5, j, Ev::Data(from.name, from.addr, data));
+                        }
+                    }
+                    Output::Schedule { timer, after } => {
+                        self.at(self.now + after.as_millis() as u64, node, Ev::Timer(timer))
+                    }
+                    other => self.seen.push((node, other)),
+                }
+            }
+        }
+
+        fn run(&mut self, for_ms: u64) {
+            let until = self.now + for_ms;
+            while let Some(entry) = self.queue.first_entry() {
+                if entry.key().0 > until {
+                    break;
+                }
+                let ((t, _), (node, ev)) = entry.remove_entry();
+                self.now = t;
+                if self.muted.contains(&node) {
+                    continue;
+                }
+                let out = match ev {
+                    Ev::Data(from, remote, data) => self.nodes[node]
+                        .handle_data(&from, remote, &data)
+                        .expect("honest packets pass"),
+                    Ev::Timer(timer) => self.nodes[node].handle_timer(timer),
+                };
+                self.apply(node, out);
+            }
+            self.now = until;
+        }
+
+        /// Feeds `node` a packet as if `from` had sent it, and applies what it does.
+        fn forge(&mut self, node: usize, from: usize, packet: Vec<u8>) -> Result<(), PacketError> {
+            let from = self.nodes[from].id().clone();
+            let out = self.nodes[node].handle_data(&from.name, from.addr, &packet)?;
+            self.apply(node, out);
+            Ok(())
+        }
+
+        fn view(&self, node: usize) -> Vec<(MemberId, State)> {
+            let mut v: Vec<(MemberId, State)> = self.nodes[node]
+                .states()
+                .map(|(m, s)| (m.clone(), s))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        }
+
+        fn downs(&self, node: usize, name: &str) -> usize {
+            self.seen
+                .iter()
+                .filter(|(n, o)| *n == node && matches!(o, Output::Down(m) if m.name == name))
+                .count()
+        }
+    }
+
+    /// A packet from `src` to `dst`, as foca would encode it.
+    fn packet(
+        src: &MemberId,
+        dst: &MemberId,
+        message: Message<MemberId>,
+        updates: &[Member<MemberId>],
+    ) -> Vec<u8> {
+        let mut data = Vec::new();
+        let header = Header {
+            src: src.clone(),
+            src_incarnation: 0,
+            dst: dst.clone(),
+            message,
+        };
+        PostcardCodec.encode_header(&header, &mut data).unwrap();
+        if header.message == Message::Announce {
+            return data;
+        }
+        data.extend((updates.len() as u16).to_be_bytes());
+        for u in updates {
+            PostcardCodec.encode_member(u, &mut data).unwrap();
+        }
+        assert!(data.len() <= MAX_PACKET);
+        data
+    }
 
     #[test]
     fn a_restarted_agent_wins_over_its_previous_life() {
-        let old = MemberId {
-            name: "a".into(),
-            addr: "127.0.0.1:7400".parse().unwrap(),
-            bump: 7,
-        };
+        let old = id("a", 7400);
+        let old = MemberId { bump: 7, ..old };
         let new = old.renew().unwrap();
         assert!(new.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&new));
@@ -287,16 +1155,57 @@ mod tests {
 
     #[test]
     fn garbage_packets_are_refused_and_change_nothing() {
-        let id = MemberId {
-            name: "a".into(),
-            addr: "127.0.0.1:7400".parse().unwrap(),
-            bump: 0,
-        };
-        let mut m = Membership::new(id, config(8), 1);
-        for junk in [&b""[..], b"\xff\xff\xff\xff", &[7u8; 2000]] {
-            assert!(m.handle_data("b", junk).is_err());
-        }
-        assert_eq!(m.alive().count(), 0);
+        let mut mesh = Mesh::new(&["a", "b"], FORGET_DOWN_AFTER);
+        let before = mesh.view(0);
+        let remote = mesh.nodes[1].id().addr;
+        let (a, b) = (mesh.nodes[0].id().clone(), mesh.nodes[1].id().clone());
+        let kinds: Vec<PacketErrorKind> = [&b""[..], b"\xff\xff\xff\xff", &[7u8; 2000]]
+            .into_iter()
+            .map(|junk| {
+                mesh.nodes[0]
+                    .handle_data("b", remote, junk)
+                    .unwrap_err()
+                    .kind
+            })
+            .collect();
+        assert!(matches!(
+            kinds[0],
+            PacketErrorKind::Malformed { part: "header", .. }
+        ));
+        assert!(matches!(kinds[1], PacketErrorKind::Malformed { .. }));
+        assert_eq!(
+            kinds[2],
+            PacketErrorKind::TooBig {
+                len: 2000,
+                max: MAX_PACKET
+            }
+        );
+
+        let mut trailing = packet(&b, &a, Message::Gossip, &[]);
+        trailing.push(0);
+        let err = mesh.nodes[0]
+            .handle_data("b", remote, &trailing)
+            .unwrap_err();
+        assert_eq!(*err.kind(), PacketErrorKind::TrailingBytes { len: 1 });
+        let mut announce = packet(&b, &a, Message::Announce, &[]);
+        announce.extend([0, 0]);
+        let err = mesh.nodes[0]
+            .handle_data("b", remote, &announce)
+            .unwrap_err();
+        assert_eq!(*err.kind(), PacketErrorKind::TrailingBytes { len: 2 });
+        // A count of updates the packet does not hold.
+        let mut short = packet(&b, &a, Message::Gossip, &[]);
+        let n = short.len();
+        short[n - 2..].copy_from_slice(&500u16.to_be_bytes());
+        assert!(matches!(
+            mesh.nodes[0]
+                .handle_data("b", remote, &short)
+                .unwrap_err()
+                .kind,
+            PacketErrorKind::Malformed { part: "update", .. }
+        ));
+        assert_eq!(mesh.view(0), before);
+        assert_eq!(mesh.nodes[0].stats().packets_refused, 6);
     }
 
     #[test]
@@ -306,29 +1215,27 @@ mod tests {
             addr: SocketAddr::from(([127, 3, (i / 250) as u8, (i % 250) as u8 + 1], 7400)),
             bump: 0,
         };
-        let mut m = Membership::new(id(0), config(64), 1);
+        let mut m = Membership::new(id(0), config(64, FORGET_DOWN_AFTER), 1);
         assert_eq!(m.fit_size(), 64);
         for i in 1..=200 {
-            let mut other = Membership::new(id(i), config(64), u64::from(i));
+            let mut other = Membership::new(id(i), config(64, FORGET_DOWN_AFTER), u64::from(i));
             for o in other.join(id(0).addr) {
                 if let Output::Send { data, .. } = o {
-                    m.handle_data(&format!("m{i}"), &data).unwrap();
+                    m.handle_data(&format!("m{i}"), id(i).addr, &data).unwrap();
                 }
             }
         }
         assert_eq!(m.fit_size(), 256, "201 members");
-        assert!(config(256).max_transmissions > config(64).max_transmissions);
+        assert!(
+            config(256, FORGET_DOWN_AFTER).max_transmissions
+                > config(64, FORGET_DOWN_AFTER).max_transmissions
+        );
     }
 
     #[test]
     fn a_packet_must_come_from_the_member_it_names() {
-        let id = |name: &str, port: u16| MemberId {
-            name: name.into(),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            bump: 0,
-        };
-        let mut a = Membership::new(id("a", 1), config(8), 1);
-        let mut b = Membership::new(id("b", 2), config(8), 2);
+        let mut a = Membership::new(id("a", 1), config(8, FORGET_DOWN_AFTER), 1);
+        let mut b = Membership::new(id("b", 2), config(8, FORGET_DOWN_AFTER), 2);
         let announce = a.join(id("b", 2).addr);
         let Some(Output::Send { data, .. }) = announce
             .into_iter()
@@ -336,16 +1243,352 @@ mod tests {
         else {
             panic!("joining sends an announce");
         };
-        let err = b.handle_data("mallory", &data).unwrap_err().to_string();
+        let err = b
+            .handle_data("mallory", id("a", 1).addr, &data)
+            .unwrap_err();
+        assert_eq!(
+            *err.kind(),
+            PacketErrorKind::ImpersonatesSender {
+                claimed: "a".into(),
+                sender: "mallory".into()
+            }
+        );
         assert!(
-            err.contains("claims to come from `a` but arrived from `mallory`"),
+            err.to_string()
+                .contains("claims to come from `a` but arrived from `mallory`"),
             "{err}"
         );
-        assert_eq!(b.alive().count(), 0, "the forged packet changed nothing");
-        b.handle_data("a", &data).unwrap();
+        // The right name from another address: someone else's connection.
+        let elsewhere = SocketAddr::from(([10, 0, 0, 9], 1));
+        let err = b.handle_data("a", elsewhere, &data).unwrap_err();
+        assert_eq!(
+            *err.kind(),
+            PacketErrorKind::AddressMismatch {
+                claimed: id("a", 1).addr,
+                remote: elsewhere
+            }
+        );
+        assert!(err.to_string().contains("10.0.0.9:1"), "{err}");
+        assert_eq!(b.alive().count(), 0, "the forged packets changed nothing");
+        // A dual-stack socket reports the same endpoint IPv6-mapped.
+        let mapped = SocketAddr::from((std::net::Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped(), 1));
+        b.handle_data("a", mapped, &data).unwrap();
         assert_eq!(
             b.alive().map(|m| m.name.as_str()).collect::<Vec<_>>(),
             ["a"]
         );
+    }
+
+    #[test]
+    fn hearsay_cannot_take_over_an_address_or_renew_a_member() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, b, m) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        let before = mesh.view(0);
+        let lies = [
+            // b's next life, at b's address (a resurrection by bump + 1)
+            Member::alive(MemberId {
+                bump: b.bump + 1,
+                ..b.clone()
+            }),
+            // another name at b's address
+            Member::alive(MemberId {
+                name: "eve".into(),
+                bump: 9,
+                ..b.clone()
+            }),
+            // b moved to mallory's choice of address
+            Member::alive(MemberId {
+                addr: "10.6.6.6:7400".parse().unwrap(),
+                ..b.clone()
+            }),
+            // a about itself elsewhere
+            Member::alive(MemberId {
+                addr: "10.6.6.7:7400".parse().unwrap(),
+                ..a.clone()
+            }),
+            // mallory speaking of its own other life: it must use its own identity
+            Member::alive(MemberId {
+                bump: 3,
+                ..m.clone()
+            }),
+        ];
+        // One packet each: two updates about one address in a packet are dropped anyway.
+        for lie in lies {
+            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[lie]))
+                .unwrap();
+        }
+        mesh.run(3_000);
+        assert_eq!(mesh.view(0), before, "a's membership is unchanged");
+        let st = mesh.nodes[0].stats();
+        assert_eq!(st.updates_renewing_members, 1);
+        assert_eq!(st.updates_moving_members, 2);
+        assert_eq!(st.updates_about_us_refused, 1);
+        assert_eq!(st.updates_about_sender_refused, 1);
+        assert!(
+            !mesh
+                .sent_to
+                .iter()
+                .any(|(n, to)| *n == 0 && to.ip().to_string().starts_with("10."))
+        );
+    }
+
+    #[test]
+    fn a_flood_of_invented_members_stops_at_the_cap() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, m) = (mesh.nodes[0].id().clone(), mesh.nodes[2].id().clone());
+        let invented: Vec<Member<MemberId>> = (0..1000u32)
+            .map(|i| {
+                Member::alive(MemberId {
+                    name: format!("x{i}"),
+                    addr: SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 7400)),
+                    bump: 0,
+                })
+            })
+            .collect();
+        for chunk in invented.chunks(40) {
+            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, chunk))
+                .unwrap();
+        }
+        let known = mesh.nodes[0].states().count();
+        assert_eq!(
+            known,
+            2 + MAX_UNCONFIRMED_PER_SENDER,
+            "b, mallory and the cap"
+        );
+        assert_eq!(
+            mesh.nodes[0].stats().introductions_over_cap,
+            1000 - MAX_UNCONFIRMED_PER_SENDER as u64
+        );
+        // The invented members never answer: a declares them down on its own probes and,
+        // never having heard from them first-hand, forgets them a minute later.
+        mesh.run(60_000 + FORGET_UNCONFIRMED_AFTER.as_millis() as u64);
+        assert_eq!(mesh.nodes[0].alive().count(), 2, "only b and mallory alive");
+        assert_eq!(
+            mesh.nodes[0].states().count(),
+            2,
+            "the inventions are forgotten soon after they are found dead"
+        );
+        assert!(mesh.nodes[0].stats().members_forgotten >= MAX_UNCONFIRMED_PER_SENDER as u64);
+        // Their slots are free again; the cap still holds for the next flood.
+        for chunk in invented.chunks(40) {
+            mesh.forge(0, 2, packet(&m, &a, Message::Gossip, chunk))
+                .unwrap();
+        }
+        assert_eq!(
+            mesh.nodes[0].states().count(),
+            2 + MAX_UNCONFIRMED_PER_SENDER
+        );
+        // Invented members introduced already dead are not learnt at all.
+        let dead = Member::down(MemberId {
+            name: "ghost".into(),
+            ..invented[999].id().clone()
+        });
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, m) = (mesh.nodes[0].id().clone(), mesh.nodes[2].id().clone());
+        mesh.forge(0, 2, packet(&m, &a, Message::Gossip, &[dead]))
+            .unwrap();
+        assert_eq!(mesh.nodes[0].states().count(), 2);
+        assert_eq!(mesh.nodes[0].stats().dead_introductions, 1);
+    }
+
+    #[test]
+    fn a_forged_death_of_a_live_member_kills_no_one() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, b, m) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        for incarnation in [0, 5, 0] {
+            mesh.forge(
+                0,
+                2,
+                packet(
+                    &m,
+                    &a,
+                    Message::Gossip,
+                    &[Member::new(b.clone(), incarnation, State::Down)],
+                ),
+            )
+            .unwrap();
+            let state = mesh.nodes[0].states().find(|(x, _)| **x == b).unwrap().1;
+            assert_ne!(state, State::Down, "suspect at worst");
+            mesh.run(3_000);
+        }
+        // And about a itself: refuted, not a rejoin.
+        mesh.forge(
+            0,
+            2,
+            packet(&m, &a, Message::Gossip, &[Member::down(a.clone())]),
+        )
+        .unwrap();
+        mesh.run(3_000);
+        assert_eq!(
+            mesh.downs(0, "b") + mesh.downs(1, "b") + mesh.downs(2, "b"),
+            0
+        );
+        assert!(
+            !mesh
+                .seen
+                .iter()
+                .any(|(_, o)| matches!(o, Output::Rejoined(_)))
+        );
+        assert_eq!(mesh.nodes[0].id(), &a);
+        for i in 0..3 {
+            assert!(
+                mesh.view(i).iter().all(|(_, s)| *s == State::Alive),
+                "{:?}",
+                mesh.view(i)
+            );
+        }
+        let st = mesh.nodes[0].stats();
+        assert_eq!(st.downs_downgraded, 4);
+        assert!(st.verified_alive >= 1 && st.verified_down == 0, "{st:?}");
+    }
+
+    #[test]
+    fn a_death_reported_and_confirmed_by_our_own_check_stands() {
+        let mut mesh = Mesh::new(&["a", "b", "c"], FORGET_DOWN_AFTER);
+        let (a, b, c) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        mesh.muted.insert(1);
+        mesh.forge(
+            0,
+            2,
+            packet(&c, &a, Message::Gossip, &[Member::down(b.clone())]),
+        )
+        .unwrap();
+        mesh.run(VERIFY_DEADLINE.as_millis() as u64 + 10);
+        assert_eq!(mesh.downs(0, "b"), 1, "b never answered a's own pings");
+        assert_eq!(mesh.nodes[0].stats().verified_down, 1);
+    }
+
+    #[test]
+    fn no_request_makes_us_send_to_a_stranger() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, b, m) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        let stranger = id("stranger", 9999);
+        mesh.sent_to.clear();
+        for message in [
+            Message::PingReq {
+                target: stranger.clone(),
+                probe_number: 1,
+            },
+            Message::IndirectAck {
+                target: stranger.clone(),
+                probe_number: 1,
+            },
+            // b, but not b's life we know
+            Message::PingReq {
+                target: MemberId {
+                    bump: 1,
+                    ..b.clone()
+                },
+                probe_number: 1,
+            },
+            Message::PingReq {
+                target: a.clone(),
+                probe_number: 1,
+            },
+        ] {
+            mesh.forge(0, 2, packet(&m, &a, message, &[])).unwrap();
+        }
+        assert!(mesh.sent_to.is_empty(), "{:?}", mesh.sent_to);
+        assert_eq!(mesh.nodes[0].stats().requests_to_unknown, 4);
+        // A known, active target is pinged on mallory's behalf as SWIM wants.
+        mesh.forge(
+            0,
+            2,
+            packet(
+                &m,
+                &a,
+                Message::PingReq {
+                    target: b.clone(),
+                    probe_number: 1,
+                },
+                &[],
+            ),
+        )
+        .unwrap();
+        assert_eq!(mesh.sent_to, [(0, b.addr)]);
+    }
+
+    #[test]
+    fn down_members_are_forgotten() {
+        let forget = Duration::from_secs(30);
+        let mut mesh = Mesh::new(&["a", "b", "c"], forget);
+        mesh.muted.insert(2);
+        mesh.run(5_000);
+        assert_eq!(mesh.downs(0, "c"), 1);
+        assert!(
+            mesh.nodes[0]
+                .states()
+                .any(|(m, s)| m.name == "c" && s == State::Down)
+        );
+        assert!(
+            !mesh
+                .seen
+                .iter()
+                .any(|(_, o)| matches!(o, Output::Forgotten(_)))
+        );
+        mesh.run(forget.as_millis() as u64);
+        assert!(
+            mesh.nodes[0].states().all(|(m, _)| m.name != "c"),
+            "{:?}",
+            mesh.view(0)
+        );
+        assert!(mesh.nodes[1].states().all(|(m, _)| m.name != "c"));
+        let mut forgotten: Vec<_> = mesh
+            .seen
+            .iter()
+            .filter_map(|(n, o)| match o {
+                Output::Forgotten(m) => Some((*n, m.name.as_str())),
+                _ => None,
+            })
+            .collect();
+        forgotten.sort();
+        assert_eq!(forgotten, [(0, "c"), (1, "c")]);
+        assert_eq!(mesh.nodes[0].stats().members_forgotten, 1);
+    }
+
+    #[test]
+    fn what_speaks_first_hand_wins_its_address_over_hearsay() {
+        // mallory introduces "squatter" at the address where d will come from, with a
+        // bump far ahead: d's own packets still get in.
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, m) = (mesh.nodes[0].id().clone(), mesh.nodes[2].id().clone());
+        let d = id("d", 7100);
+        let squatter = MemberId {
+            name: "squatter".into(),
+            bump: 1000,
+            ..d.clone()
+        };
+        mesh.forge(
+            0,
+            2,
+            packet(&m, &a, Message::Gossip, &[Member::alive(squatter)]),
+        )
+        .unwrap();
+        let out = mesh.nodes[0]
+            .handle_data("d", d.addr, &packet(&d, &a, Message::Announce, &[]))
+            .unwrap();
+        assert!(out.contains(&Output::Forgotten(MemberId {
+            name: "squatter".into(),
+            bump: 1000,
+            ..d.clone()
+        })));
+        assert!(mesh.nodes[0].alive().any(|x| *x == d));
+        assert!(mesh.nodes[0].states().all(|(x, _)| x.name != "squatter"));
     }
 }

@@ -54,6 +54,8 @@ pub struct NodeConfig {
     pub identity: Identity,
     pub seeds: Vec<SocketAddr>,
     pub data_dir: PathBuf,
+    /// How long a dead member stays listed before it is forgotten.
+    pub forget_dead_after: Duration,
 }
 
 /// What the rest of the agent tells the mesh about this host as it changes.
@@ -380,7 +382,7 @@ pub struct Mesh {
     handle: MeshHandle,
     commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
-    swim: Queue<(Arc<str>, Bytes)>,
+    swim: Queue<(Arc<str>, SocketAddr, Bytes)>,
     gossip: Queue<(SocketAddr, GossipMsg)>,
     members: watch::Sender<Arc<Vec<MemberId>>>,
     shutdown: watch::Sender<bool>,
@@ -457,7 +459,11 @@ impl Mesh {
         let core = Core::new(
             Instant::now(),
             wall_ms(),
-            Membership::new(me.clone(), membership::config(64), seed),
+            Membership::new(
+                me.clone(),
+                membership::config(64, config.forget_dead_after),
+                seed,
+            ),
             table,
             config.seeds.clone(),
             remembered.peers,
@@ -563,8 +569,8 @@ impl Mesh {
             tokio::select! {
                 biased;
                 _ = &mut stop => break,
-                Some((from, data)) = swim_rx.recv() => {
-                    if let Err(e) = core.handle_datagram(Instant::now(), &from, &data) {
+                Some((from, remote, data)) = swim_rx.recv() => {
+                    if let Err(e) = core.handle_datagram(Instant::now(), &from, remote, &data) {
                         count(&handle.drops.bad_datagrams);
                         tracing::debug!(peer = %from, "dropped a membership packet: {e}");
                     }
@@ -674,7 +680,7 @@ async fn persist(path: PathBuf, mut rx: watch::Receiver<Option<Remembered>>) {
 
 /// What the accept loop and every connection's readers share.
 struct InboundCtx {
-    swim: mpsc::Sender<(Arc<str>, Bytes)>,
+    swim: mpsc::Sender<(Arc<str>, SocketAddr, Bytes)>,
     router: Arc<Router>,
     drops: Arc<Drops>,
     commands: mpsc::Sender<Command>,
@@ -743,6 +749,10 @@ impl Driver {
                 Event::Alone => tracing::warn!(
                     "no member of the mesh is reachable; joining again through the seeds"
                 ),
+                Event::Forgotten(id) => {
+                    membership_changed = true;
+                    tracing::info!(member = %id.name, addr = %id.addr, "forgot a member long dead");
+                }
                 Event::Persist(state) => {
                     let _ = self.persist.send(Some(state));
                 }
@@ -1172,7 +1182,11 @@ fn serve(conn: quinn::Connection, peer: PeerInfo, ctx: Arc<InboundCtx>) {
             while let Ok(data) = c.read_datagram().await {
                 // A full queue drops the packet: SWIM tolerates loss, the agent stays
                 // responsive.
-                if dctx.swim.try_send((name.clone(), data)).is_err() {
+                if dctx
+                    .swim
+                    .try_send((name.clone(), c.remote_address(), data))
+                    .is_err()
+                {
                     count(&dctx.drops.swim_queue_full);
                 }
             }
