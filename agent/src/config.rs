@@ -67,7 +67,11 @@ pub fn parse_duration(text: &str) -> anyhow::Result<std::time::Duration> {
         "d" => 86400,
         _ => anyhow::bail!("`{text}` is not a duration like 90s, 30m, 24h or 7d"),
     };
-    Ok(std::time::Duration::from_secs(n.saturating_mul(unit_secs)))
+    let secs = n.saturating_mul(unit_secs);
+    if secs > 366 * 86400 {
+        anyhow::bail!("`{text}` is longer than a year");
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// The port agents listen on unless told otherwise.

@@ -6,6 +6,7 @@ pub mod appspec;
 pub mod bundle;
 pub mod cli;
 pub mod config;
+pub mod durable;
 pub mod hooks;
 pub mod identity;
 pub mod lifecycle;

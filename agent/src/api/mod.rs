@@ -14,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::identity::revocation::RevocationList;
 use crate::identity::{Identity, Role};
 use crate::mesh::frame::{Protocol, read_frame, write_frame, write_protocol};
 use crate::mesh::node::{Inbound, InboundStream, MeshHandle, STREAM_DEADLINE};
@@ -158,11 +159,13 @@ async fn answer(
 }
 
 /// Asks the agent at `peer` one question as the operator `identity`. `expect` is the agent
-/// name the operator meant, when it named one (a host name rather than an address).
+/// name the operator meant, when it named one (a host name rather than an address). An
+/// agent whose certificate `revoked` lists is refused at the handshake.
 pub async fn ask(
     peer: SocketAddr,
     expect: Option<&str>,
     identity: &Path,
+    revoked: Option<&RevocationList>,
     request: &Request,
 ) -> Result<Answer> {
     let id = Identity::load(identity)?;
@@ -172,7 +175,7 @@ pub async fn ask(
         "[::]:0".parse()?
     };
     let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
-    endpoint.set_default_client_config(transport::client_config(&id, None)?);
+    endpoint.set_default_client_config(transport::client_config(&id, revoked)?);
     let answer = async {
         let conn = tokio::time::timeout(CONNECT_WITHIN, transport::connect(&endpoint, peer))
             .await

@@ -99,10 +99,15 @@ pub async fn run(cmd: CaCommand, peer: &str, operator: Option<&Path>, json: bool
                 anyhow!("publishing needs an operator identity: pass --identity DIR or set SHOAL_IDENTITY")
             })?;
             let der = revocation::read_list_file(&args.file)?;
+            // The list itself decides who may take it: an agent it revokes is refused.
+            let ca = identity::Identity::load(operator)?.ca;
+            let list = revocation::RevocationList::verify(&der, &ca)
+                .map_err(|e| anyhow!("{}: {e}", args.file.display()))?;
             let addr = super::hosts::resolve(peer)?;
             let expect = super::hosts::named_host(peer);
             let request = Request::PublishRevocations(der);
-            let Answer::Published(number) = api::ask(addr, expect, operator, &request).await?
+            let Answer::Published(number) =
+                api::ask(addr, expect, operator, Some(&list), &request).await?
             else {
                 bail!("{peer} answered something other than the list's number");
             };

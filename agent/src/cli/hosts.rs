@@ -16,7 +16,8 @@ pub async fn run(peer: &str, identity: Option<&Path>, json: bool) -> Result<bool
     })?;
     let addr = resolve(peer)?;
     let expect = named_host(peer);
-    let Answer::Hosts(hosts) = api::ask(addr, expect, identity, &Request::Hosts).await? else {
+    let Answer::Hosts(hosts) = api::ask(addr, expect, identity, None, &Request::Hosts).await?
+    else {
         bail!("{peer} answered something other than the hosts");
     };
     if json {

@@ -20,6 +20,8 @@ use rustls_pki_types::CertificateRevocationListDer;
 use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
+use crate::durable::write_whole;
+
 /// The largest revocation list an agent accepts, in bytes.
 pub const MAX_LIST_BYTES: usize = 512 * 1024;
 
@@ -50,13 +52,6 @@ fn read_or_default<T: Default + for<'de> Deserialize<'de>>(path: &Path) -> Resul
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-}
-
-fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Records that `serial` was issued to `name`, in the CA directory.

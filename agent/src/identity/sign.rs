@@ -188,7 +188,7 @@ impl CertVerifier {
         Ok(Verified {
             name,
             role,
-            serial: parsed.raw_serial().to_vec(),
+            serial: super::revocation::serial_of(cert_der).unwrap_or_default(),
             not_before_s: parsed.validity().not_before.timestamp(),
             not_after_s: parsed.validity().not_after.timestamp(),
         })

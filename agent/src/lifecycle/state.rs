@@ -102,18 +102,9 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> 
     }
 }
 
-/// Writes a JSON file whole: temporary file, fsync, rename, fsync of the directory.
+/// Writes a JSON file whole (see [`crate::durable`]).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().expect("a state file has a directory");
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(&serde_json::to_vec_pretty(value)?)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    crate::durable::write_whole(path, &serde_json::to_vec_pretty(value)?)
 }
 
 pub fn remove(path: &Path) -> anyhow::Result<()> {

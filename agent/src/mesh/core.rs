@@ -192,7 +192,7 @@ impl Core {
         let now_ms = self.wall_ms(now);
         let (out, learned) = self.table.handle(from, msg, &peers, now_ms);
         for record in learned {
-            tracing::debug!(host = %record.name, version = record.version, "learned a host record");
+            tracing::debug!(host = %record.name, version = record.version, left = record.left, "learned a host record");
         }
         self.gossip(out);
         self.persist();

@@ -38,7 +38,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -171,6 +171,11 @@ pub const ANSWER_INTERVAL_MS: u64 = 1000;
 /// Senders remembered by the answer limiter; beyond, senders not answered within the
 /// interval are forgotten, and if all were, new senders wait.
 pub const MAX_LIMITED_SENDERS: usize = 16_384;
+/// Failed signature checks a sender (by IP address) may cost this agent per second; beyond
+/// that its records are refused unchecked until the next second. A message with one forged
+/// record is refused whole. Honest agents never send a forgery, so this only bounds the CPU
+/// an insider can burn on ECDSA verification in the node's one loop.
+pub const MAX_FORGED_PER_SECOND: u32 = 4;
 /// Tombstones of forgotten records kept; the oldest goes first.
 pub const MAX_TOMBSTONES: usize = 4096;
 
@@ -611,7 +616,9 @@ pub struct HostTable {
     rng: StdRng,
     /// Where the next anti-entropy digest starts (after this name).
     cursor: Option<String>,
-    answered: HashMap<(SocketAddr, AnswerKind), u64>,
+    answered: HashMap<(IpAddr, AnswerKind), u64>,
+    /// Per sender's IP address: (the second, forgeries in it).
+    forged: HashMap<IpAddr, (u64, u32)>,
     tombstones: HashMap<String, u64>,
     tomb_order: VecDeque<String>,
     stats: HostTableStats,
@@ -639,6 +646,7 @@ impl HostTable {
             rng: StdRng::seed_from_u64(seed),
             cursor: None,
             answered: HashMap::new(),
+            forged: HashMap::new(),
             tombstones: HashMap::new(),
             tomb_order: VecDeque::new(),
             stats: HostTableStats::default(),
@@ -753,7 +761,7 @@ impl HostTable {
         let news = matches!(msg, GossipMsg::Push(_));
         match msg {
             GossipMsg::Push(records) | GossipMsg::Answer(records) => {
-                let (learned, mut out) = self.merge(records, peers, now_ms);
+                let (learned, mut out) = self.merge(from, records, peers, now_ms);
                 if news && !learned.is_empty() && peers.len() > DIRECT_LIMIT {
                     self.stats.relayed += learned.len() as u64;
                     out.extend(self.push(&learned, peers, Some(from)));
@@ -910,6 +918,7 @@ impl HostTable {
     /// Whether `from` may have an answer of `kind` now; if so, the answer is counted.
     fn may_answer(&mut self, from: SocketAddr, kind: AnswerKind, now_ms: u64) -> bool {
         let recent = |last: u64| now_ms < last.saturating_add(ANSWER_INTERVAL_MS);
+        let from = from.ip();
         if self
             .answered
             .get(&(from, kind))
@@ -934,16 +943,31 @@ impl HostTable {
     /// send if one of them is our own from a previous life.
     fn merge(
         &mut self,
+        from: SocketAddr,
         records: Vec<SignedRecord>,
         peers: &[SocketAddr],
         now_ms: u64,
     ) -> (Vec<String>, Vec<Outgoing>) {
         let mut learned = Vec::new();
         let mut out = Vec::new();
+        let second = now_ms / 1000;
+        let ip = from.ip();
+        let over_budget = |forged: &HashMap<IpAddr, (u64, u32)>| {
+            forged
+                .get(&ip)
+                .is_some_and(|&(s, n)| s == second && n >= MAX_FORGED_PER_SECOND)
+        };
+        if over_budget(&self.forged) {
+            self.stats.refused_forged += records.len() as u64;
+            return (learned, out);
+        }
         if records.len() > MAX_PUSH_RECORDS {
             self.stats.refused_oversized += (records.len() - MAX_PUSH_RECORDS) as u64;
         }
-        for signed in records.into_iter().take(MAX_PUSH_RECORDS) {
+        let total = records.len().min(MAX_PUSH_RECORDS);
+        for (i, signed) in records.into_iter().take(MAX_PUSH_RECORDS).enumerate() {
+            // This record and the rest of the message, when a forgery ends it.
+            let rest = (total - i) as u64;
             if check_signed_caps(&signed).is_err() {
                 self.stats.refused_oversized += 1;
                 continue;
@@ -961,8 +985,9 @@ impl HostTable {
                     continue;
                 }
                 if self.authority.verify(&signed, now_ms).is_err() {
-                    self.stats.refused_forged += 1;
-                    continue;
+                    self.stats.refused_forged += rest;
+                    self.note_forgery(ip, second);
+                    break;
                 }
                 out.extend(self.outlive(version, peers, now_ms));
                 continue;
@@ -979,8 +1004,10 @@ impl HostTable {
                 continue;
             }
             if self.authority.verify(&signed, now_ms).is_err() {
-                self.stats.refused_forged += 1;
-                continue;
+                // One forgery and the rest of the message is not worth checking.
+                self.stats.refused_forged += rest;
+                self.note_forgery(ip, second);
+                break;
             }
             let name = name.clone();
             if self.tombstones.remove(&name).is_some() {
@@ -990,6 +1017,21 @@ impl HostTable {
             learned.push(name);
         }
         (learned, out)
+    }
+
+    /// Counts a forgery against `ip` in `second` (the map bounded like the answer limiter).
+    fn note_forgery(&mut self, ip: IpAddr, second: u64) {
+        if self.forged.len() >= MAX_LIMITED_SENDERS && !self.forged.contains_key(&ip) {
+            self.forged.retain(|_, (s, _)| *s == second);
+            if self.forged.len() >= MAX_LIMITED_SENDERS {
+                return;
+            }
+        }
+        let entry = self.forged.entry(ip).or_insert((second, 0));
+        if entry.0 != second {
+            *entry = (second, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
     }
 
     /// A validly signed record of ours at version `theirs`, from before a restart that lost
@@ -1134,6 +1176,64 @@ mod tests {
 
     fn sim(name: &str) -> Box<SimAuthority> {
         Box::new(SimAuthority::new(name, b"test fleet"))
+    }
+
+    /// An authority that counts its signature checks.
+    struct Counting(SimAuthority, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Authority for Counting {
+        fn sign(&mut self, record: &HostRecord) -> Result<SignedRecord, RecordError> {
+            self.0.sign(record)
+        }
+        fn verify(&mut self, signed: &SignedRecord, now_ms: u64) -> Result<(), RecordError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.verify(signed, now_ms)
+        }
+        fn set_revoked(&mut self, serials: HashSet<Vec<u8>>) {
+            self.0.set_revoked(serials)
+        }
+    }
+
+    #[test]
+    fn forgeries_cost_a_bounded_number_of_signature_checks() {
+        let checks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let authority = Counting(SimAuthority::new("b", b"test fleet"), checks.clone());
+        let mut b = HostTable::new(record("b", 2, 1), Box::new(authority), 1).unwrap();
+        // Mallory signs records of `a` with its own key: 50 messages of 1,000 forgeries.
+        let mut mallory = SimAuthority::new("mallory", b"test fleet");
+        let forged: Vec<SignedRecord> = (0..1000)
+            .map(|v| {
+                let mut s = mallory.sign(&record("mallory", 9, 2 + v)).unwrap();
+                s.record.name = "a".into();
+                s
+            })
+            .collect();
+        for _ in 0..50 {
+            b.handle(addr(9), GossipMsg::Push(forged.clone()), &[], NOW);
+        }
+        let n = checks.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(n, MAX_FORGED_PER_SECOND as usize, "checked {n} signatures");
+        assert!(b.get("a").is_none());
+        assert_eq!(
+            b.stats().refused_forged,
+            50 * 1000,
+            "every record counted refused"
+        );
+        // Another port of the same address shares the budget; the next second brings more.
+        b.handle(
+            SocketAddr::from(([127, 0, 0, 9], 9999)),
+            GossipMsg::Push(forged.clone()),
+            &[],
+            NOW,
+        );
+        assert_eq!(checks.load(std::sync::atomic::Ordering::Relaxed), n);
+        b.handle(addr(9), GossipMsg::Push(forged), &[], NOW + 1000);
+        assert_eq!(checks.load(std::sync::atomic::Ordering::Relaxed), n + 1);
+        // An honest sender is not affected.
+        let mut a = SimAuthority::new("a", b"test fleet");
+        let good = a.sign(&record("a", 1, 5)).unwrap();
+        b.handle(addr(1), GossipMsg::Push(vec![good]), &[], NOW);
+        assert_eq!(b.get("a").map(|r| r.version), Some(5));
     }
 
     /// `record`, signed by its owner.
@@ -1773,10 +1873,8 @@ mod tests {
             SignError::NotValidNow
         );
         // Revoked: refused even though its chain check is cached.
-        let serial = {
-            let (_, c) = x509_parser::parse_x509_certificate(&good.cert).unwrap();
-            c.raw_serial().to_vec()
-        };
+        // As a revocation list names it (the same normalisation the verifier uses).
+        let serial = crate::identity::revocation::serial_of(&good.cert).unwrap();
         b.set_revoked(HashSet::from([serial]));
         assert_eq!(reason(b.verify(&good, now)), SignError::Revoked);
 

@@ -115,6 +115,12 @@ pub enum MeshError {
     Unreachable { addr: SocketAddr, reason: String },
     #[error("opening or writing a stream to {addr} failed: {reason}")]
     Stream { addr: SocketAddr, reason: String },
+    #[error("the agent at {addr} is `{found}`, not `{expected}`")]
+    WrongPeer {
+        addr: SocketAddr,
+        expected: String,
+        found: String,
+    },
     #[error("the mesh is shutting down")]
     ShuttingDown,
 }
@@ -162,7 +168,7 @@ fn count(a: &AtomicU64) {
 }
 
 /// Lets one log line through per [`REPORT_EVERY`]: refusals are logged with their reason,
-/// but a stranger cannot fill the log.
+/// but a stranger cannot fill the log. Time is the monotonic clock's, from the first use.
 #[derive(Default)]
 pub struct RateLimit {
     last_ms: AtomicU64,
@@ -170,7 +176,10 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub fn allow(&self) -> bool {
-        let now = wall_ms();
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        // Offset by one period, so that the first line always passes.
+        let now = epoch.elapsed().as_millis() as u64 + REPORT_EVERY.as_millis() as u64;
         let last = self.last_ms.load(Ordering::Relaxed);
         now.saturating_sub(last) >= REPORT_EVERY.as_millis() as u64
             && self
@@ -804,10 +813,26 @@ impl Driver {
                 let (tx, rx) = oneshot::channel();
                 self.want(now, addr, Pending::Want(tx));
                 tokio::spawn(async move {
-                    let result = match rx.await {
-                        Ok(Ok(conn)) => Ok(conn),
-                        Ok(Err(reason)) => Err(MeshError::Unreachable { addr, reason }),
-                        Err(_) => Err(MeshError::ShuttingDown),
+                    let result = match tokio::time::timeout(HANDSHAKE_DEADLINE * 2, rx).await {
+                        // Whatever answers at the address must be the member asked for.
+                        Ok(Ok(Ok(conn))) => match transport::peer_identity(&conn) {
+                            Ok((name, Role::Agent)) if name == peer => Ok(conn),
+                            Ok((name, _)) => Err(MeshError::WrongPeer {
+                                addr,
+                                expected: peer,
+                                found: name,
+                            }),
+                            Err(e) => Err(MeshError::Unreachable {
+                                addr,
+                                reason: format!("{e:#}"),
+                            }),
+                        },
+                        Ok(Ok(Err(reason))) => Err(MeshError::Unreachable { addr, reason }),
+                        Ok(Err(_)) => Err(MeshError::ShuttingDown),
+                        Err(_) => Err(MeshError::Unreachable {
+                            addr,
+                            reason: "no connection within the deadline".into(),
+                        }),
                     };
                     let _ = reply.send(result);
                 });

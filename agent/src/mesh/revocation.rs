@@ -57,22 +57,19 @@ pub fn load(state_file: &Path, identity: &Identity) -> Option<RevocationList> {
     }
 }
 
-/// Writes the list in force, whole, off the event loop.
+/// Writes the list in force, whole, off the event loop. Writes take turns, and one never
+/// replaces a newer list with an older one, so the newest adopted is what a restart finds.
 pub fn store(path: &Path, list: &RevocationList) {
-    let (path, der) = (path.to_path_buf(), list.der.clone());
+    static WRITTEN: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+    let (path, der, number) = (path.to_path_buf(), list.der.clone(), list.number);
     tokio::task::spawn_blocking(move || {
-        let write = || -> anyhow::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &der)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            tracing::warn!("keeping the revocation list in {}: {e:#}", path.display());
+        let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+        if number <= *written {
+            return;
+        }
+        match crate::durable::write_whole(&path, &der) {
+            Ok(()) => *written = number,
+            Err(e) => tracing::warn!("keeping the revocation list in {}: {e:#}", path.display()),
         }
     });
 }
