@@ -343,6 +343,8 @@ fn a_stranger_opening_two_thousand_handshakes_changes_nothing() {
     );
 }
 
+/// A burst of gossip streams (oversized frames among them) and of membership datagrams
+/// from one insider.
 #[test]
 fn a_gossip_burst_from_one_member_kills_no_one() {
     use shoal_agent::identity::Identity;
@@ -393,6 +395,10 @@ fn a_gossip_burst_from_one_member_kills_no_one() {
                 else {
                     continue;
                 };
+                // Membership datagrams too, far past any peer's rate.
+                for i in 0..2000u32 {
+                    let _ = conn.send_datagram(bytes::Bytes::from(i.to_be_bytes().repeat(64)));
+                }
                 let mut writes = Vec::new();
                 for i in 0..64 {
                     let conn = conn.clone();

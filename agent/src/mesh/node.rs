@@ -74,6 +74,14 @@ pub const MAX_HANDSHAKES: usize = 64;
 /// Incoming handshakes in flight at once from one IP address; more are refused, so one
 /// source cannot take every handshake slot.
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
+/// Streams read at once from one connection; the rest of its streams wait their turn (or
+/// are stopped), so one peer cannot take every reader.
+pub const MAX_READING_PER_PEER: usize = 8;
+/// Membership datagrams taken from one connection per second; SWIM sends a few. More are
+/// dropped, so one peer cannot fill the failure detector's queue.
+pub const MAX_DATAGRAMS_PER_PEER_PER_SECOND: u32 = 200;
+/// Operator connections open at once.
+pub const MAX_OPERATOR_CONNECTIONS: usize = 32;
 /// Streams this agent writes at once (gossip); more are dropped.
 pub const MAX_WRITING: usize = 128;
 /// Incoming streams read at once, all peers together; more are stopped.
@@ -99,6 +107,8 @@ pub struct PeerInfo {
 pub struct Inbound {
     pub peer: PeerInfo,
     pub stream: InboundStream,
+    /// The stream's place in its connection's share of readers: keep it while reading.
+    pub share: tokio::sync::OwnedSemaphorePermit,
 }
 
 pub enum InboundStream {
@@ -139,10 +149,12 @@ pub struct Drops {
     pub handshakes_refused: AtomicU64,
     pub handshakes_failed: AtomicU64,
     pub unknown_protocol: AtomicU64,
+    pub datagrams_over_rate: AtomicU64,
+    pub operators_over_cap: AtomicU64,
 }
 
 impl Drops {
-    fn snapshot(&self) -> [(&'static str, u64); 11] {
+    fn snapshot(&self) -> [(&'static str, u64); 13] {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             ("membership packets (queue full)", g(&self.swim_queue_full)),
@@ -159,6 +171,14 @@ impl Drops {
             ),
             ("handshakes failed", g(&self.handshakes_failed)),
             ("streams of an unknown protocol", g(&self.unknown_protocol)),
+            (
+                "membership packets over a peer's rate",
+                g(&self.datagrams_over_rate),
+            ),
+            (
+                "operator connections over the cap",
+                g(&self.operators_over_cap),
+            ),
         ]
     }
 }
@@ -543,6 +563,8 @@ impl Mesh {
             shutdown: handle.shutdown(),
             refusals: RateLimit::default(),
             connections: Mutex::new(HashMap::new()),
+            revoked: RwLock::new(revoked.clone().map(Arc::new)),
+            operators: Arc::new(Semaphore::new(MAX_OPERATOR_CONNECTIONS)),
         });
         // The gossip service reads whole messages and queues them for the core.
         let gossip_streams = handle.serve(Protocol::Gossip);
@@ -700,6 +722,10 @@ struct InboundCtx {
     /// Every open connection (agents' and operators'), with the peer's certificate, so that
     /// a revocation can close those it names.
     connections: Mutex<HashMap<usize, (quinn::Connection, CertificateDer<'static>)>>,
+    /// The revocation list in force, for connections that complete after it was adopted.
+    revoked: RwLock<Option<Arc<RevocationList>>>,
+    /// Operator connections open, bounded.
+    operators: Arc<Semaphore>,
 }
 
 /// The driver's IO state: the pool, and where things go.
@@ -853,6 +879,10 @@ impl Driver {
     /// handshake from now on, live connections of revoked certificates closed, written to
     /// disk, and passed on to peers.
     fn adopt(&mut self, now: Instant, core: &mut Core, der: Vec<u8>) -> Result<u64, String> {
+        // The list in force again (peers pass it on): nothing to check.
+        if let Some(current) = self.revoked.as_ref().filter(|l| l.der == der) {
+            return Ok(current.number);
+        }
         let list = RevocationList::verify(&der, &self.identity.ca).map_err(|e| e.to_string())?;
         let current = self.revoked.as_ref().map_or(0, |l| l.number);
         if list.number <= current {
@@ -864,6 +894,8 @@ impl Driver {
             transport::client_config(&self.identity, Some(&list)).map_err(|e| format!("{e:#}"))?;
         self.endpoint.set_server_config(Some(server));
         self.endpoint.set_default_client_config(client);
+        // Connections that complete from now on check this list as they register.
+        *self.inbound.revoked.write().expect("revocation lock") = Some(Arc::new(list.clone()));
         let cut: Vec<quinn::Connection> = self
             .inbound
             .connections
@@ -1129,6 +1161,18 @@ async fn accept(endpoint: quinn::Endpoint, ctx: Arc<InboundCtx>) {
                 role,
                 addr: remote,
             };
+            if role == Role::Operator {
+                let Ok(permit) = ctx.operators.clone().try_acquire_owned() else {
+                    count(&ctx.drops.operators_over_cap);
+                    conn.close(4u32.into(), b"too many operator connections; try again");
+                    return;
+                };
+                let c = conn.clone();
+                tokio::spawn(async move {
+                    c.closed().await;
+                    drop(permit);
+                });
+            }
             serve(conn.clone(), peer.clone(), ctx.clone());
             if role == Role::Agent {
                 let now = Instant::now();
@@ -1191,7 +1235,13 @@ fn serve(conn: quinn::Connection, peer: PeerInfo, ctx: Arc<InboundCtx>) {
         ctx.connections
             .lock()
             .expect("connections lock")
-            .insert(id, (conn.clone(), cert));
+            .insert(id, (conn.clone(), cert.clone()));
+        // A handshake that completed under the previous list, after the new one was
+        // enforced on the connections then open.
+        let revoked = ctx.revoked.read().expect("revocation lock").clone();
+        if revoked.is_some_and(|l| l.is_revoked(&cert)) {
+            conn.close(3u32.into(), b"certificate revoked");
+        }
         let (c, rctx) = (conn.clone(), ctx.clone());
         tokio::spawn(async move {
             c.closed().await;
@@ -1204,7 +1254,16 @@ fn serve(conn: quinn::Connection, peer: PeerInfo, ctx: Arc<InboundCtx>) {
     if peer.role == Role::Agent {
         let (c, dctx, name) = (conn.clone(), ctx.clone(), peer.name.clone());
         tokio::spawn(async move {
+            let mut window = (Instant::now(), 0u32);
             while let Ok(data) = c.read_datagram().await {
+                if window.0.elapsed() >= Duration::from_secs(1) {
+                    window = (Instant::now(), 0);
+                }
+                window.1 += 1;
+                if window.1 > MAX_DATAGRAMS_PER_PEER_PER_SECOND {
+                    count(&dctx.drops.datagrams_over_rate);
+                    continue;
+                }
                 // A full queue drops the packet: SWIM tolerates loss, the agent stays
                 // responsive.
                 if dctx
@@ -1227,23 +1286,41 @@ fn serve(conn: quinn::Connection, peer: PeerInfo, ctx: Arc<InboundCtx>) {
                 .send(Command::Closed(c.remote_address(), c.stable_id()))
                 .await;
         });
-        let (c, uctx, peer) = (conn.clone(), ctx.clone(), peer.clone());
+    }
+    let share = Arc::new(Semaphore::new(MAX_READING_PER_PEER));
+    if peer.role == Role::Agent {
+        let (c, uctx, peer, share) = (conn.clone(), ctx.clone(), peer.clone(), share.clone());
         tokio::spawn(async move {
             while let Ok(stream) = c.accept_uni().await {
-                route(InboundStream::Uni(stream), peer.clone(), uctx.clone());
+                route(
+                    InboundStream::Uni(stream),
+                    peer.clone(),
+                    &share,
+                    uctx.clone(),
+                );
             }
         });
     }
     tokio::spawn(async move {
         while let Ok((send, recv)) = conn.accept_bi().await {
-            route(InboundStream::Bi(send, recv), peer.clone(), ctx.clone());
+            route(
+                InboundStream::Bi(send, recv),
+                peer.clone(),
+                &share,
+                ctx.clone(),
+            );
         }
     });
 }
 
 /// Reads a stream's protocol tag (within the deadline, as one of a bounded number of
 /// readers) and hands the stream to the service that serves it.
-fn route(stream: InboundStream, peer: PeerInfo, ctx: Arc<InboundCtx>) {
+fn route(stream: InboundStream, peer: PeerInfo, share: &Arc<Semaphore>, ctx: Arc<InboundCtx>) {
+    let Ok(share) = share.clone().try_acquire_owned() else {
+        count(&ctx.drops.readers_busy);
+        refuse(stream);
+        return;
+    };
     let Ok(permit) = ctx.readers.clone().try_acquire_owned() else {
         count(&ctx.drops.readers_busy);
         refuse(stream);
@@ -1257,9 +1334,15 @@ fn route(stream: InboundStream, peer: PeerInfo, ctx: Arc<InboundCtx>) {
             InboundStream::Bi(_, r) => r,
         };
         match tokio::time::timeout(STREAM_DEADLINE, read_protocol(recv)).await {
-            Ok(Ok(protocol)) => ctx
-                .router
-                .route(protocol, Inbound { peer, stream }, &ctx.drops),
+            Ok(Ok(protocol)) => ctx.router.route(
+                protocol,
+                Inbound {
+                    peer,
+                    stream,
+                    share,
+                },
+                &ctx.drops,
+            ),
             Ok(Err(e)) => {
                 count(&ctx.drops.bad_streams);
                 tracing::debug!(peer = %peer.addr, name = %peer.name, "dropped a stream: {e}");
@@ -1289,6 +1372,7 @@ async fn read_gossip(
                 None => return,
             },
         };
+        let share = inbound.share;
         let InboundStream::Uni(mut recv) = inbound.stream else {
             refuse(inbound.stream);
             continue;
@@ -1304,7 +1388,7 @@ async fn read_gossip(
         };
         let (to_core, ctx, peer) = (to_core.clone(), ctx.clone(), inbound.peer);
         tokio::spawn(async move {
-            let _permit = permit;
+            let (_permit, _share) = (permit, share);
             match tokio::time::timeout(STREAM_DEADLINE, read_frame::<GossipMsg>(&mut recv)).await {
                 Ok(Ok(msg)) => {
                     if to_core.try_send((peer.addr, msg)).is_err() {
