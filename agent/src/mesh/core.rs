@@ -70,6 +70,7 @@ enum Timer {
     AntiEntropy,
     Rejoin,
     Remember,
+    GraceEnds,
 }
 
 /// One agent's side of the mesh, without IO.
@@ -117,6 +118,9 @@ impl Core {
             .push(now + ANTI_ENTROPY_EVERY, Timer::AntiEntropy);
         core.timers.push(now + REJOIN_EVERY, Timer::Rejoin);
         core.timers.push(now + REMEMBER_EVERY, Timer::Remember);
+        core.membership.set_grace(true);
+        core.timers
+            .push(now + membership::STARTUP_GRACE, Timer::GraceEnds);
         core.persist();
         core.join(now);
         core
@@ -249,6 +253,7 @@ impl Core {
                     }
                     self.timers.push(now + REJOIN_EVERY, Timer::Rejoin);
                 }
+                Timer::GraceEnds => self.membership.set_grace(false),
                 Timer::Remember => {
                     self.membership.fit_size();
                     let alive: BTreeSet<SocketAddr> = self.alive_addrs().into_iter().collect();

@@ -155,6 +155,20 @@ pub const VERIFY_RETRY: Duration = Duration::from_millis(200);
 /// within this long, is declared down by this agent.
 pub const VERIFY_DEADLINE: Duration = Duration::from_millis(500);
 
+/// Reports of a member's death from this many different members are believed without a
+/// check of our own: one insider is one reporter, and an honest member reports a death only
+/// on its own evidence, so two reporters are two first-hand observations. Later waves of a
+/// real death then spread at gossip speed instead of a check per wave.
+pub const CORROBORATION: usize = 2;
+
+/// While an agent starts (its first [`STARTUP_GRACE`]), its timeouts are relaxed: every
+/// connection is new, handshakes with every peer happen at once, and a probe that waits
+/// for one is not evidence of death. Probes every 600 ms with 300 ms to answer, suspicion
+/// for 4 s, and 2 s for its own check of a reported death.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(30);
+const GRACE_VERIFY_RETRY: Duration = Duration::from_millis(500);
+const GRACE_VERIFY_DEADLINE: Duration = Duration::from_secs(2);
+
 /// What the membership dropped or decided on its own, since it started. For logs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MembershipStats {
@@ -176,6 +190,8 @@ pub struct MembershipStats {
     pub duplicate_updates: u64,
     /// A third party's `Down` about a member held alive (or this agent), made `Suspect`.
     pub downs_downgraded: u64,
+    /// Deaths believed because [`CORROBORATION`] different members reported them.
+    pub downs_corroborated: u64,
     /// `PingReq`/`IndirectAck` for a member not known active (or for this agent), dropped.
     pub requests_to_unknown: u64,
     /// Own checks started, answered, and ended in this agent declaring the member down.
@@ -309,6 +325,15 @@ pub fn config(cluster_size: u32, forget_down_after: Duration) -> Config {
     c
 }
 
+/// [`config`] with the relaxed timeouts of [`STARTUP_GRACE`].
+pub fn startup_config(cluster_size: u32, forget_down_after: Duration) -> Config {
+    let mut c = config(cluster_size, forget_down_after);
+    c.probe_period = Duration::from_millis(600);
+    c.probe_rtt = Duration::from_millis(300);
+    c.suspect_to_down_after = Duration::from_secs(4);
+    c
+}
+
 /// The largest membership packet, chosen to fit a QUIC datagram on a 1200-byte path.
 pub const MAX_PACKET: usize = 1150;
 
@@ -398,6 +423,10 @@ pub struct Membership {
     /// Per sender, how many of `unconfirmed` it introduced.
     unconfirmed_by: HashMap<String, usize>,
     verifying: HashMap<SocketAddr, Verification>,
+    /// Per member held active, who reported its death (at most [`CORROBORATION`]).
+    down_reports: HashMap<SocketAddr, Vec<String>>,
+    /// Relaxed timeouts while the agent starts ([`STARTUP_GRACE`]).
+    grace: bool,
     generation: u64,
     probe_number: u8,
     stats: MembershipStats,
@@ -417,6 +446,8 @@ impl Membership {
             unconfirmed: HashMap::new(),
             unconfirmed_by: HashMap::new(),
             verifying: HashMap::new(),
+            down_reports: HashMap::new(),
+            grace: false,
             generation: 0,
             probe_number: 0,
             stats: MembershipStats::default(),
@@ -431,15 +462,30 @@ impl Membership {
     pub fn fit_size(&mut self) -> u32 {
         let members = self.foca.iter_membership_state().len() as u32 + 1;
         let size = members.next_power_of_two().max(MIN_SIZE);
-        if size != self.sized_for
-            && self
-                .foca
-                .set_config(config(size, self.forget_down_after))
-                .is_ok()
-        {
+        if size != self.sized_for && self.foca.set_config(self.config_for(size)).is_ok() {
             self.sized_for = size;
         }
         self.sized_for
+    }
+
+    fn config_for(&self, size: u32) -> Config {
+        if self.grace {
+            startup_config(size, self.forget_down_after)
+        } else {
+            config(size, self.forget_down_after)
+        }
+    }
+
+    /// Turns the start-up grace on or off (see [`STARTUP_GRACE`]).
+    pub fn set_grace(&mut self, on: bool) {
+        if self.grace == on {
+            return;
+        }
+        self.grace = on;
+        let size = self.sized_for.max(MIN_SIZE);
+        if self.foca.set_config(self.config_for(size)).is_ok() {
+            self.sized_for = size;
+        }
     }
 
     pub fn id(&self) -> &MemberId {
@@ -515,6 +561,7 @@ impl Membership {
         if self.verifying.remove(&src.addr).is_some() {
             self.stats.verified_alive += 1;
         }
+        self.down_reports.remove(&src.addr);
         for id in introductions {
             let taken = matches!(self.index.by_addr.get(&id.addr), Some((k, _)) if *k == id);
             if taken && !self.unconfirmed.contains_key(&id.addr) {
@@ -703,6 +750,17 @@ impl Membership {
                         continue;
                     }
                     if update.state() == State::Down && *active {
+                        let reporters = self.down_reports.entry(id.addr).or_default();
+                        if !reporters.iter().any(|r| r == sender) && reporters.len() < CORROBORATION
+                        {
+                            reporters.push(sender.to_owned());
+                        }
+                        if reporters.len() >= CORROBORATION {
+                            // Two first-hand observations: believed.
+                            self.stats.downs_corroborated += 1;
+                            kept.push(update);
+                            continue;
+                        }
                         self.stats.downs_downgraded += 1;
                         to_verify.push(id.clone());
                         let (incarnation, id) = (update.incarnation(), id.clone());
@@ -769,7 +827,12 @@ impl Membership {
         let generation = self.generation;
         self.stats.verifications_started += 1;
         out.push(self.ping(&id));
-        for (after, deadline) in [(VERIFY_RETRY, false), (VERIFY_DEADLINE, true)] {
+        let (retry, limit) = if self.grace {
+            (GRACE_VERIFY_RETRY, GRACE_VERIFY_DEADLINE)
+        } else {
+            (VERIFY_RETRY, VERIFY_DEADLINE)
+        };
+        for (after, deadline) in [(retry, false), (limit, true)] {
             out.push(Output::Schedule {
                 timer: Timer(TimerKind::Verify {
                     addr: id.addr,
@@ -798,6 +861,7 @@ impl Membership {
         let Some(Verification { id, .. }) = self.verifying.remove(&addr) else {
             return Vec::new();
         };
+        self.down_reports.remove(&addr);
         if !self.index.active_exactly(&id) {
             return Vec::new();
         }
@@ -875,6 +939,7 @@ impl Membership {
                 self.release(&introducer);
             }
             self.verifying.remove(&id.addr);
+            self.down_reports.remove(&id.addr);
         }
         let mut out = self.absorb(c);
         out.extend(gone.into_iter().map(Output::Forgotten));
@@ -1393,6 +1458,37 @@ mod tests {
             .unwrap();
         assert_eq!(mesh.nodes[0].states().count(), 2);
         assert_eq!(mesh.nodes[0].stats().dead_introductions, 1);
+    }
+
+    #[test]
+    fn a_death_two_members_report_is_believed_at_once() {
+        let mut mesh = Mesh::new(&["a", "b", "c", "d"], FORGET_DOWN_AFTER);
+        let (a, b, c, d) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+            mesh.nodes[3].id().clone(),
+        );
+        let state_of_d = |mesh: &Mesh| mesh.nodes[0].states().find(|(x, _)| **x == d).unwrap().1;
+        // One reporter, twice: a check of our own, not belief.
+        for _ in 0..2 {
+            mesh.forge(
+                0,
+                1,
+                packet(&b, &a, Message::Gossip, &[Member::down(d.clone())]),
+            )
+            .unwrap();
+        }
+        assert_ne!(state_of_d(&mesh), State::Down);
+        // A second reporter: believed without waiting for the check.
+        mesh.forge(
+            0,
+            2,
+            packet(&c, &a, Message::Gossip, &[Member::down(d.clone())]),
+        )
+        .unwrap();
+        assert_eq!(state_of_d(&mesh), State::Down);
+        assert_eq!(mesh.nodes[0].stats().downs_corroborated, 1);
     }
 
     #[test]
