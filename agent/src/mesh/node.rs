@@ -261,7 +261,12 @@ fn refuse(stream: InboundStream) {
 
 enum Command {
     Established(Live),
-    DialFailed(SocketAddr),
+    /// A dial failed; `busy` when the peer refused it for load (too many handshakes at
+    /// once), which says nothing about whether it is alive.
+    DialFailed {
+        addr: SocketAddr,
+        busy: bool,
+    },
     Closed(SocketAddr, usize),
     /// A service wants a connection to a member, by name.
     Connect {
@@ -817,8 +822,8 @@ impl Driver {
                     }
                 }
             }
-            Command::DialFailed(addr) => {
-                for p in self.pool.dial_failed(now, addr) {
+            Command::DialFailed { addr, busy } => {
+                for p in self.pool.dial_failed(now, addr, busy) {
                     if let Pending::Want(reply) = p {
                         let _ = reply
                             .send(Err(format!("no fleet handshake with {addr} (backing off)")));
@@ -1082,22 +1087,30 @@ async fn dial(
                 .await;
         }
         Err(e) => {
+            let error = e.downcast_ref::<quinn::ConnectionError>();
+            // The peer is busy with other handshakes (a fleet starting at once): try again
+            // soon, and do not count it against the peer.
+            let busy = error.is_some_and(|c| {
+                matches!(c, quinn::ConnectionError::ConnectionClosed(close)
+                    if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+            });
             // The peer answered and the handshake failed (its certificate, or ours, was
             // refused): worth a warning. No answer at all is ordinary for a dead member.
-            let refused = e.downcast_ref::<quinn::ConnectionError>().is_some_and(|c| {
-                matches!(
-                    c,
-                    quinn::ConnectionError::TransportError(_)
-                        | quinn::ConnectionError::ConnectionClosed(_)
-                )
-            });
+            let refused = !busy
+                && error.is_some_and(|c| {
+                    matches!(
+                        c,
+                        quinn::ConnectionError::TransportError(_)
+                            | quinn::ConnectionError::ConnectionClosed(_)
+                    )
+                });
             if refused && ctx.refusals.allow() {
                 tracing::warn!(peer = %addr, "refused to join a peer: {e:#}");
             } else {
                 tracing::debug!(peer = %addr, "could not connect: {e:#}");
             }
             count(&ctx.drops.handshakes_failed);
-            let _ = ctx.commands.send(Command::DialFailed(addr)).await;
+            let _ = ctx.commands.send(Command::DialFailed { addr, busy }).await;
         }
     }
 }

@@ -39,10 +39,12 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const GIVE_UP_AFTER: u32 = 6;
 /// How long an address that kept failing is not dialled at all.
 pub const GIVE_UP_FOR: Duration = Duration::from_secs(600);
+/// The wait after a peer refused a dial because it was busy with other handshakes.
+pub const BUSY_RETRY: Duration = Duration::from_millis(250);
 /// Addresses whose failures are remembered (the oldest are forgotten first).
 const MAX_FAILING: usize = 4096;
 /// Dials under way at once.
-pub const MAX_DIALS: usize = 16;
+pub const MAX_DIALS: usize = 64;
 
 /// When a failing address may be dialled again. Sans-IO.
 #[derive(Default)]
@@ -88,6 +90,22 @@ impl Backoff {
                 .min(MAX_BACKOFF)
         };
         f.next_try = now + wait;
+    }
+
+    /// `addr` refused a dial for load at `now`: tried again after [`BUSY_RETRY`], without
+    /// counting it as a failure.
+    pub fn busy(&mut self, now: Instant, addr: SocketAddr) {
+        if let Some(f) = self.failing.get_mut(&addr) {
+            f.next_try = now + BUSY_RETRY;
+        } else if self.failing.len() < MAX_FAILING {
+            self.failing.insert(
+                addr,
+                Failing {
+                    failures: 0,
+                    next_try: now + BUSY_RETRY,
+                },
+            );
+        }
     }
 
     /// `addr` connected (either way): it is forgiven.
@@ -208,9 +226,13 @@ impl Pool {
         (queued, close)
     }
 
-    /// A dial of `addr` failed: what waited for it is given up.
-    pub fn dial_failed(&mut self, now: Instant, addr: SocketAddr) -> Vec<Pending> {
-        self.backoff.failed(now, addr);
+    /// A dial of `addr` failed (`busy`: refused for load): what waited for it is given up.
+    pub fn dial_failed(&mut self, now: Instant, addr: SocketAddr, busy: bool) -> Vec<Pending> {
+        if busy {
+            self.backoff.busy(now, addr);
+        } else {
+            self.backoff.failed(now, addr);
+        }
         match self.slots.remove(&addr) {
             Some(Slot::Dialing(queue)) => queue,
             Some(other) => {
@@ -298,6 +320,13 @@ mod tests {
             "tried again much later"
         );
         assert!(b.may_dial(t0, a(2)), "other addresses are not affected");
+        // A busy peer is tried again soon, however often it was busy.
+        for i in 0..20 {
+            let at = t0 + BUSY_RETRY * i;
+            assert!(b.may_dial(at, a(3)));
+            b.busy(at, a(3));
+            assert!(!b.may_dial(at, a(3)));
+        }
         b.succeeded(a(1));
         assert!(b.may_dial(now, a(1)) && !b.is_failing(a(1)));
     }
