@@ -511,20 +511,41 @@ impl Insider {
         }
     }
 
-    /// Sends each message on a gossip stream of its own.
+    /// Sends each message on a gossip stream of its own, at most 8 in flight (a
+    /// connection's share of the agent's readers), and waits until the agent has them all
+    /// (acknowledged, or stopped). Returns how many the agent stopped.
     async fn gossip(
         &self,
         conn: &quinn::Connection,
         msgs: &[shoal_agent::mesh::hoststate::GossipMsg],
-    ) {
+    ) -> usize {
         use shoal_agent::mesh::frame::{Protocol, encode_frame};
-        for msg in msgs {
-            let frame = encode_frame(msg).unwrap();
-            let mut s = conn.open_uni().await.unwrap();
-            s.write_all(&[Protocol::Gossip as u8]).await.unwrap();
-            s.write_all(&frame).await.unwrap();
-            let _ = s.finish();
+        let mut stopped = 0;
+        for batch in msgs.chunks(8) {
+            let mut streams = Vec::new();
+            for msg in batch {
+                let frame = encode_frame(msg).unwrap();
+                let mut s = conn.open_uni().await.unwrap();
+                let sent = async {
+                    s.write_all(&[Protocol::Gossip as u8]).await?;
+                    s.write_all(&frame).await?;
+                    s.finish()?;
+                    anyhow::Ok(())
+                };
+                if sent.await.is_err() {
+                    stopped += 1;
+                }
+                streams.push(s);
+            }
+            for mut s in streams {
+                if let Ok(Ok(Some(_))) =
+                    tokio::time::timeout(Duration::from_secs(5), s.stopped()).await
+                {
+                    stopped += 1;
+                }
+            }
         }
+        stopped
     }
 }
 
