@@ -537,7 +537,7 @@ impl Insider {
                 }
                 streams.push(s);
             }
-            for mut s in streams {
+            for s in streams {
                 if let Ok(Ok(Some(_))) =
                     tokio::time::timeout(Duration::from_secs(5), s.stopped()).await
                 {
