@@ -46,6 +46,21 @@ fn revoke_and_publish(ca: &Ca, name: &str, peer: std::net::SocketAddr) -> Instan
     published
 }
 
+/// `n` agents on `prefix`.x, started and seeing each other alive.
+fn running_fleet(root: &Path, ca: &Ca, prefix: [u8; 3], n: usize) -> Vec<fleet::Agent> {
+    let mut fleet = agents(root, ca, prefix, n);
+    for a in fleet.iter_mut() {
+        a.start();
+    }
+    wait_for("the agents to see each other alive", LONG, || {
+        fleet.iter().all(|a| {
+            hosts(a.addr, &ca.operator)
+                .is_ok_and(|l| l.len() == n && l.iter().all(|h| h["state"] == "alive"))
+        })
+    });
+    fleet
+}
+
 fn state_at(peer: std::net::SocketAddr, operator: &Path, name: &str) -> Option<String> {
     hosts(peer, operator)
         .ok()
@@ -56,16 +71,7 @@ fn state_at(peer: std::net::SocketAddr, operator: &Path, name: &str) -> Option<S
 fn a_revoked_agent_is_cut_off_everywhere_and_a_revoked_operator_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new(tmp.path(), "fleet");
-    let mut fleet = agents(tmp.path(), &ca, [127, 77, 3], 4);
-    for a in fleet.iter_mut() {
-        a.start();
-    }
-    wait_for("four agents to see each other alive", LONG, || {
-        fleet.iter().all(|a| {
-            hosts(a.addr, &ca.operator)
-                .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
-        })
-    });
+    let mut fleet = running_fleet(tmp.path(), &ca, [127, 77, 3], 4);
 
     // agent-4's certificate is revoked; the list goes to agent-1 alone.
     let victim = fleet[3].name.clone();
@@ -233,16 +239,7 @@ fn a_stranger_opening_two_thousand_handshakes_changes_nothing() {
     const HANDSHAKES: usize = 2000;
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new(tmp.path(), "fleet");
-    let mut fleet = agents(tmp.path(), &ca, [127, 77, 4], 4);
-    for a in fleet.iter_mut() {
-        a.start();
-    }
-    wait_for("four agents to see each other alive", LONG, || {
-        fleet.iter().all(|a| {
-            hosts(a.addr, &ca.operator)
-                .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
-        })
-    });
+    let fleet = running_fleet(tmp.path(), &ca, [127, 77, 4], 4);
     let target = fleet[0].addr;
     let pid = fleet[0].pid();
     // Settle: the member's memory before, once it stopped growing from start-up.
@@ -354,16 +351,7 @@ fn a_gossip_burst_from_one_member_kills_no_one() {
 
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new(tmp.path(), "fleet");
-    let mut fleet = agents(tmp.path(), &ca, [127, 77, 5], 4);
-    for a in fleet.iter_mut() {
-        a.start();
-    }
-    wait_for("four agents to see each other alive", LONG, || {
-        fleet.iter().all(|a| {
-            hosts(a.addr, &ca.operator)
-                .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
-        })
-    });
+    let fleet = running_fleet(tmp.path(), &ca, [127, 77, 5], 4);
     // The insider: a valid agent certificate, speaking the wire protocol directly.
     let insider = tmp.path().join("insider");
     ca.issue("insider", &insider);
@@ -556,16 +544,7 @@ fn an_insider_cannot_rewrite_another_host_or_make_it_work() {
 
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new(tmp.path(), "fleet");
-    let mut fleet = agents(tmp.path(), &ca, [127, 77, 7], 3);
-    for a in fleet.iter_mut() {
-        a.start();
-    }
-    wait_for("three agents to see each other alive", LONG, || {
-        fleet.iter().all(|a| {
-            hosts(a.addr, &ca.operator)
-                .is_ok_and(|l| l.len() == 3 && l.iter().all(|h| h["state"] == "alive"))
-        })
-    });
+    let mut fleet = running_fleet(tmp.path(), &ca, [127, 77, 7], 3);
     let version_of = |at: std::net::SocketAddr, name: &str| -> u64 {
         let list = hosts(at, &ca.operator).unwrap();
         list.iter().find(|h| h["name"] == name).unwrap()["version"]
