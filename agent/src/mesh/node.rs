@@ -67,6 +67,9 @@ pub struct LocalState {
 
 /// How long opening a stream, writing it or reading it whole may take.
 pub const STREAM_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a connection the pool stopped using (a duplicate, or one over the bound) stays
+/// open before it is closed, so that what is in flight on it arrives.
+pub const DUPLICATE_GRACE: Duration = Duration::from_secs(2);
 /// How long a dial or an incoming handshake may take.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 /// Incoming handshakes in flight at once; more are refused.
@@ -813,8 +816,13 @@ impl Driver {
             Command::Established(live) => {
                 let addr = live.conn.remote_address();
                 let (queued, close) = self.pool.established(now, &self.me.name, live);
+                // Not at once: the peer may still be finishing its side of the handshake or
+                // have packets in flight on it. Nothing new is sent on it meanwhile.
                 for conn in close {
-                    conn.close(2u32.into(), b"duplicate or over the connection bound");
+                    tokio::spawn(async move {
+                        tokio::time::sleep(DUPLICATE_GRACE).await;
+                        conn.close(2u32.into(), b"duplicate or over the connection bound");
+                    });
                 }
                 if let Some(conn) = self.pool.live(now, addr).cloned() {
                     for p in queued {

@@ -5,7 +5,8 @@
 //!
 //! - **Duplicates.** When two agents dial each other at once, both end up with two
 //!   connections. Within [`DUPLICATE_WINDOW`] of each other, both sides keep the one dialled
-//!   by the agent whose name sorts first and close the other, so the choice agrees.
+//!   by the agent whose name sorts first and close the other (after `DUPLICATE_GRACE`, so
+//!   what is in flight on it arrives), so the choice agrees.
 //!   Otherwise the newer connection replaces the older one: that is how a restarted peer's
 //!   new connection takes over from its old life's.
 //! - **Bounded.** At most [`MAX_CONNECTIONS`] connections are kept; beyond that the one used
