@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::identity::revocation::RevocationList;
 use crate::identity::{Identity, Role};
 use crate::mesh::frame::{Protocol, read_frame, write_frame, write_protocol};
-use crate::mesh::node::{Inbound, InboundStream, MeshHandle, STREAM_DEADLINE};
+use crate::mesh::node::{InboundStream, MeshHandle, STREAM_DEADLINE, Streams};
 use crate::mesh::transport;
 pub use crate::mesh::view::{HostView, MemberState};
 
@@ -84,17 +83,9 @@ pub fn parts(views: Vec<HostView>) -> Vec<Vec<HostView>> {
 
 /// The API service: answers each request stream, a bounded number at once, until the mesh
 /// shuts down.
-pub async fn serve(mesh: MeshHandle, mut streams: mpsc::Receiver<Inbound>) {
+pub async fn serve(mesh: MeshHandle, mut streams: Streams) {
     let answering = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING));
-    let mut shutdown = mesh.shutdown();
-    loop {
-        let inbound = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
-            next = streams.recv() => match next {
-                Some(inbound) => inbound,
-                None => return,
-            },
-        };
+    while let Some(inbound) = streams.next().await {
         let InboundStream::Bi(send, recv) = inbound.stream else {
             continue;
         };

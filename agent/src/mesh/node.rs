@@ -119,6 +119,23 @@ pub enum InboundStream {
     Bi(quinn::SendStream, quinn::RecvStream),
 }
 
+/// The streams of one protocol, for the service that serves it: ends when the mesh shuts
+/// down.
+pub struct Streams {
+    rx: mpsc::Receiver<Inbound>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Streams {
+    /// The next stream, or `None` once the mesh shuts down.
+    pub async fn next(&mut self) -> Option<Inbound> {
+        tokio::select! {
+            _ = self.shutdown.wait_for(|s| *s) => None,
+            next = self.rx.recv() => next,
+        }
+    }
+}
+
 /// Why the mesh could not do what a service asked.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -298,8 +315,11 @@ pub struct MeshHandle {
 impl MeshHandle {
     /// Registers the service for `protocol`: every stream a peer opens with that tag
     /// arrives on the returned channel (bounded; when it is full, streams are refused).
-    pub fn serve(&self, protocol: Protocol) -> mpsc::Receiver<Inbound> {
-        self.router.register(protocol)
+    pub fn serve(&self, protocol: Protocol) -> Streams {
+        Streams {
+            rx: self.router.register(protocol),
+            shutdown: self.shutdown(),
+        }
     }
 
     /// The members alive now, and their changes.
@@ -568,7 +588,6 @@ impl Mesh {
             drops: handle.drops.clone(),
             commands: commands_tx,
             readers: Arc::new(Semaphore::new(MAX_READING)),
-            shutdown: handle.shutdown(),
             refusals: RateLimit::default(),
             connections: Mutex::new(HashMap::new()),
             revoked: RwLock::new(revoked.clone().map(Arc::new)),
@@ -724,7 +743,6 @@ struct InboundCtx {
     drops: Arc<Drops>,
     commands: mpsc::Sender<Command>,
     readers: Arc<Semaphore>,
-    shutdown: watch::Receiver<bool>,
     /// Logs of refused handshakes, either way.
     refusals: RateLimit,
     /// Every open connection (agents' and operators'), with the peer's certificate, so that
@@ -1082,17 +1100,8 @@ async fn dial(
                 addr,
             };
             serve(conn.clone(), peer.clone(), ctx.clone());
-            let now = Instant::now();
-            let _ = ctx
-                .commands
-                .send(Command::Established(Live {
-                    conn,
-                    name: peer.name,
-                    dialled_by_me: true,
-                    since: now,
-                    last_used: now,
-                }))
-                .await;
+            let live = Live::new(conn, peer.name, true, Instant::now());
+            let _ = ctx.commands.send(Command::Established(live)).await;
         }
         Err(e) => {
             let error = e.downcast_ref::<quinn::ConnectionError>();
@@ -1196,17 +1205,8 @@ async fn accept(endpoint: quinn::Endpoint, ctx: Arc<InboundCtx>) {
             }
             serve(conn.clone(), peer.clone(), ctx.clone());
             if role == Role::Agent {
-                let now = Instant::now();
-                let _ = ctx
-                    .commands
-                    .send(Command::Established(Live {
-                        conn,
-                        name: peer.name,
-                        dialled_by_me: false,
-                        since: now,
-                        last_used: now,
-                    }))
-                    .await;
+                let live = Live::new(conn, peer.name, false, Instant::now());
+                let _ = ctx.commands.send(Command::Established(live)).await;
             }
         });
     }
@@ -1380,19 +1380,11 @@ fn route(stream: InboundStream, peer: PeerInfo, share: &Arc<Semaphore>, ctx: Arc
 /// The gossip service: reads each stream's one message whole (within the deadline, as one
 /// of a bounded number of readers) and queues it for the core. Only agents gossip.
 async fn read_gossip(
-    mut streams: mpsc::Receiver<Inbound>,
+    mut streams: Streams,
     to_core: mpsc::Sender<(SocketAddr, GossipMsg)>,
     ctx: Arc<InboundCtx>,
 ) {
-    let mut shutdown = ctx.shutdown.clone();
-    loop {
-        let inbound = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
-            next = streams.recv() => match next {
-                Some(inbound) => inbound,
-                None => return,
-            },
-        };
+    while let Some(inbound) = streams.next().await {
         let share = inbound.share;
         let InboundStream::Uni(mut recv) = inbound.stream else {
             refuse(inbound.stream);

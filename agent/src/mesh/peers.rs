@@ -152,6 +152,19 @@ pub struct Live {
     pub last_used: Instant,
 }
 
+impl Live {
+    /// A connection just established (`dialled_by_me`: this agent dialled it).
+    pub fn new(conn: quinn::Connection, name: Arc<str>, dialled_by_me: bool, now: Instant) -> Live {
+        Live {
+            conn,
+            name,
+            dialled_by_me,
+            since: now,
+            last_used: now,
+        }
+    }
+}
+
 /// What waits for a dial.
 pub enum Pending {
     Datagram(bytes::Bytes),

@@ -12,10 +12,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 use super::frame::read_frame;
-use super::node::{Inbound, InboundStream, MeshHandle, STREAM_DEADLINE};
+use super::node::{InboundStream, MeshHandle, STREAM_DEADLINE, Streams};
 use crate::identity::revocation::{MAX_LIST_BYTES, RevocationList};
 use crate::identity::{Identity, Role};
 
@@ -75,17 +75,9 @@ pub fn store(path: &Path, list: &RevocationList) {
 }
 
 /// The service: reads lists that agents pass on and hands them to the mesh.
-pub async fn serve(mesh: MeshHandle, mut streams: mpsc::Receiver<Inbound>) {
+pub async fn serve(mesh: MeshHandle, mut streams: Streams) {
     let reading = Arc::new(Semaphore::new(MAX_READING));
-    let mut shutdown = mesh.shutdown();
-    loop {
-        let inbound = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
-            next = streams.recv() => match next {
-                Some(inbound) => inbound,
-                None => return,
-            },
-        };
+    while let Some(inbound) = streams.next().await {
         let (InboundStream::Uni(mut recv), Role::Agent) = (inbound.stream, inbound.peer.role)
         else {
             continue;
