@@ -107,7 +107,7 @@ impl Sim {
     fn apply(&mut self, node: usize, outputs: Vec<Output>) {
         for o in outputs {
             match o {
-                Output::Send { to, data } => self.send(node, to.addr, data),
+                Output::Send { to, data, .. } => self.send(node, to.addr, data),
                 Output::Schedule { timer, after } => {
                     let at = self.clock.now_ms + after.as_millis() as u64;
                     self.clock.at(at, (node, Event::Timer(timer)));
@@ -190,15 +190,35 @@ impl Sim {
             s.living().all(|i| s.nodes[i].alive().count() == n - 1)
         });
         let Some(converged) = converged else {
-            let short: Vec<(usize, usize)> = self
+            let short: Vec<(usize, usize, Vec<String>)> = self
                 .living()
-                .map(|i| (i, self.nodes[i].alive().count()))
-                .filter(|(_, c)| *c < n - 1)
+                .filter(|&i| self.nodes[i].alive().count() < n - 1)
                 .take(20)
+                .map(|i| {
+                    let seen: HashSet<&str> =
+                        self.nodes[i].alive().map(|m| m.name.as_str()).collect();
+                    let missing = self
+                        .living()
+                        .filter(|&j| j != i)
+                        .map(|j| self.nodes[j].id())
+                        .filter(|id| !seen.contains(id.name.as_str()))
+                        .take(5)
+                        .map(|id| {
+                            let held = self.nodes[i]
+                                .states()
+                                .find(|(m, _)| m.name == id.name)
+                                .map(|(m, st)| format!("{}#{} {st:?}", m.name, m.bump));
+                            format!("{}#{} held as {held:?}", id.name, id.bump)
+                        })
+                        .collect();
+                    (i, seen.len(), missing)
+                })
                 .collect();
             panic!(
-                "not converged after {} ms simulated: (agent, members seen) short of {}: {short:?}",
+                "not converged after {} ms simulated ({} deaths reported): (agent, members \
+                 seen, some missing) short of {}: {short:?}",
                 self.clock.now_ms,
+                self.deaths.len(),
                 n - 1
             );
         };
@@ -365,9 +385,11 @@ fn agents_converge_and_detect_a_failure() {
     let stats: Vec<_> = sim.nodes.iter().map(|m| m.stats().clone()).collect();
     let sum = |f: fn(&membership::MembershipStats) -> u64| stats.iter().map(f).sum::<u64>();
     eprintln!(
-        "while converging: introductions over the cap {}, moves {}, renewals {}, dead \
-         introductions {}, downs downgraded {}",
+        "while converging: introductions over the cap {}, deferred {}, readmitted {}, moves \
+         {}, renewals {}, dead introductions {}, downs downgraded {}",
         sum(|s| s.introductions_over_cap),
+        sum(|s| s.introductions_deferred),
+        sum(|s| s.introductions_readmitted),
         sum(|s| s.updates_moving_members),
         sum(|s| s.updates_renewing_members),
         sum(|s| s.dead_introductions),
@@ -381,7 +403,12 @@ fn agents_converge_and_detect_a_failure() {
         wall.elapsed().as_secs_f64()
     );
     // Deterministic: the bounds catch regressions.
-    let (converge_bound, detect_bound) = (scaled(15_000, n), scaled(5_000, n));
+    // Convergence from a cold start of every agent at once grows with the mesh: an agent
+    // takes in members it has only heard of up to four times those it has heard from
+    // first-hand (membership::MAX_UNCONFIRMED), and first-hand contact is made a few
+    // members a second. Detection grows with its log.
+    let converge_bound = 15_000 * (n as u64).div_ceil(500).max(1);
+    let detect_bound = scaled(5_000, n);
     assert!(
         converged <= converge_bound,
         "convergence took {converged} ms (bound {converge_bound})"

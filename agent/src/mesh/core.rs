@@ -38,8 +38,13 @@ pub struct Remembered {
 /// Something for the network layer to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transmit {
-    /// A membership packet, as a datagram.
-    Datagram { to: SocketAddr, data: Vec<u8> },
+    /// A membership packet, as a datagram; dialling the member first only if `dial` (see
+    /// [`Output::Send`]).
+    Datagram {
+        to: SocketAddr,
+        data: Vec<u8>,
+        dial: bool,
+    },
     /// A host-state message, on a stream of its own.
     Gossip { to: SocketAddr, msg: GossipMsg },
 }
@@ -315,10 +320,13 @@ impl Core {
     fn apply(&mut self, now: Instant, outputs: Vec<Output>) {
         for output in outputs {
             match output {
-                Output::Send { to, data } => {
+                Output::Send { to, data, dial } => {
                     if to.addr != self.me().addr {
-                        self.transmits
-                            .push_back(Transmit::Datagram { to: to.addr, data });
+                        self.transmits.push_back(Transmit::Datagram {
+                            to: to.addr,
+                            data,
+                            dial,
+                        });
                     }
                 }
                 Output::Schedule { timer, after } => {
@@ -436,7 +444,7 @@ mod tests {
                         moved = true;
                         let from = cores[i].me().clone();
                         match t {
-                            Transmit::Datagram { to, data } => {
+                            Transmit::Datagram { to, data, .. } => {
                                 if let Some(j) = cores.iter().position(|c| c.me().addr == to) {
                                     let _ = cores[j]
                                         .handle_datagram(*now, &from.name, from.addr, &data);

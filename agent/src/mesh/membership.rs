@@ -15,8 +15,11 @@
 //!    must name exactly that identity. What arrives first-hand wins its address: a hearsay
 //!    identity squatting it is dropped.
 //! 2. **Hearsay cannot move, renew or kill.** An update about a third party cannot put a
-//!    known member at a new address, give a known address to another identity, or raise a
-//!    known member's bump (a restarted agent announces itself first-hand). A third party's
+//!    known member at a new address or give a known address to another identity. It raises
+//!    a known member's bump (a restart, a rejoin) only once [`CORROBORATION`] different
+//!    members relayed that same renewal: a renewal not believed is not relayed, so honest
+//!    relays never make up an insider's count, and a real one spreads at gossip speed
+//!    instead of waiting for the member to reach everyone first-hand. A third party's
 //!    `Down` about a member held alive becomes `Suspect` (same incarnation) and starts this
 //!    agent's own check: direct pings, and only if the member does not answer within
 //!    [`VERIFY_DEADLINE`] does this agent declare it down, on its own evidence. Unknown
@@ -26,7 +29,10 @@
 //!    active, exactly.
 //! 4. **Introductions are bounded.** Members a sender introduced that have not yet been
 //!    heard from first-hand count against it; beyond [`MAX_UNCONFIRMED_PER_SENDER`] its
-//!    further introductions are dropped, and beyond [`MAX_UNCONFIRMED`] all senders'.
+//!    further introductions are dropped. All senders together may not make this agent hold
+//!    more unconfirmed members than [`MAX_UNCONFIRMED`] or four times those it has heard
+//!    from first-hand, whichever is more; introductions beyond that wait in a bounded queue
+//!    ([`MAX_DEFERRED`]) until members confirm themselves.
 //! 5. **The dead are forgotten.** Down members are removed after `forget_down_after`
 //!    (default [`FORGET_DOWN_AFTER`]), or [`FORGET_UNCONFIRMED_AFTER`] if this agent never
 //!    heard from them first-hand; [`Output::Forgotten`] tells the caller when a name is no
@@ -36,7 +42,7 @@
 //! [`PacketError`].
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
@@ -89,8 +95,16 @@ impl foca::Identity for MemberId {
 /// What the caller must do after feeding the membership.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// Deliver these bytes to that member (as a datagram).
-    Send { to: MemberId, data: Vec<u8> },
+    /// Deliver these bytes to that member (as a datagram). `dial` is false for gossip
+    /// (news pushed to random members on a timer): worth sending over a connection that is
+    /// open, not worth a handshake, so that a fleet starting at once does not handshake
+    /// with every member for news that reaches everyone anyway. Probes, their answers and
+    /// announcements dial.
+    Send {
+        to: MemberId,
+        data: Vec<u8>,
+        dial: bool,
+    },
     /// Hand this timer back through [`Membership::handle_timer`] after the delay.
     Schedule { timer: Timer, after: Duration },
     /// A member became reachable.
@@ -138,9 +152,18 @@ pub const FORGET_DOWN_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 pub const MAX_UNCONFIRMED_PER_SENDER: usize = 128;
 
 /// The most members, all senders together, that this agent holds without having heard from
-/// them first-hand. Members relayed by honest agents count against those agents, so this is
-/// what bounds the memory an insider's inventions can take at every agent.
+/// them first-hand, in a small mesh; in a larger one, four times the members it has heard
+/// from first-hand. Members relayed by honest agents count against those agents, so this is
+/// what bounds the memory (and the probes) an insider's inventions can take at every agent:
+/// a fixed multiple of the real mesh. A fixed number would not do: an agent joining a mesh
+/// of thousands hears of all of them long before it has met them.
 pub const MAX_UNCONFIRMED: usize = 512;
+
+/// Introductions put aside while the agent holds all the unconfirmed members it may: taken
+/// in, oldest first, as members confirm themselves. Without them, a member introduced
+/// while the agent was full would be learnt only by chance (anti-entropy), minutes later in
+/// a mesh of thousands. Beyond this many, the oldest are dropped.
+pub const MAX_DEFERRED: usize = 4096;
 
 /// A member never heard from first-hand is forgotten this long after it is declared down
 /// (rather than [`FORGET_DOWN_AFTER`]): long enough for the news of its death to outrun
@@ -180,12 +203,18 @@ pub struct MembershipStats {
     pub updates_about_us_refused: u64,
     /// Hearsay giving a known address to another identity or a known name a new address.
     pub updates_moving_members: u64,
-    /// Hearsay renewing a known member (another bump at its address).
+    /// Hearsay renewing a known member (another bump at its address), not (yet) believed.
     pub updates_renewing_members: u64,
+    /// Renewals believed because [`CORROBORATION`] different members relayed them.
+    pub renewals_corroborated: u64,
     /// Hearsay introducing a member already down.
     pub dead_introductions: u64,
     /// Introductions dropped because the sender had [`MAX_UNCONFIRMED_PER_SENDER`] pending.
     pub introductions_over_cap: u64,
+    /// Introductions put aside because this agent held as many unconfirmed members as it
+    /// may (see [`MAX_UNCONFIRMED`]), and how many of those were taken in later.
+    pub introductions_deferred: u64,
+    pub introductions_readmitted: u64,
     /// The same address twice in one packet.
     pub duplicate_updates: u64,
     /// A third party's `Down` about a member held alive (or this agent), made `Suspect`.
@@ -270,9 +299,17 @@ impl Runtime<MemberId> for Collect {
     }
 
     fn send_to(&mut self, to: MemberId, data: &[u8]) {
+        let gossip = matches!(
+            Codec::<MemberId>::decode_header(&mut PostcardCodec, data),
+            Ok(Header {
+                message: Message::Gossip,
+                ..
+            })
+        );
         self.out.push(Output::Send {
             to,
             data: data.to_vec(),
+            dial: !gossip,
         });
     }
 
@@ -422,9 +459,16 @@ pub struct Membership {
     unconfirmed: HashMap<SocketAddr, String>,
     /// Per sender, how many of `unconfirmed` it introduced.
     unconfirmed_by: HashMap<String, usize>,
+    /// Introductions that found the agent full, with who made them (see [`MAX_DEFERRED`]).
+    deferred: VecDeque<(Member<MemberId>, String)>,
+    /// The addresses in `deferred`: one entry per address.
+    deferred_addrs: HashSet<SocketAddr>,
     verifying: HashMap<SocketAddr, Verification>,
     /// Per member held active, who reported its death (at most [`CORROBORATION`]).
     down_reports: HashMap<SocketAddr, Vec<String>>,
+    /// Per member known at an address, the renewed identity hearsay reports there and who
+    /// reported it (at most [`CORROBORATION`]).
+    renewal_reports: HashMap<SocketAddr, (MemberId, Vec<String>)>,
     /// Relaxed timeouts while the agent starts ([`STARTUP_GRACE`]).
     grace: bool,
     generation: u64,
@@ -445,8 +489,11 @@ impl Membership {
             index: Index::default(),
             unconfirmed: HashMap::new(),
             unconfirmed_by: HashMap::new(),
+            deferred: VecDeque::new(),
+            deferred_addrs: HashSet::new(),
             verifying: HashMap::new(),
             down_reports: HashMap::new(),
+            renewal_reports: HashMap::new(),
             grace: false,
             generation: 0,
             probe_number: 0,
@@ -562,6 +609,7 @@ impl Membership {
             self.stats.verified_alive += 1;
         }
         self.down_reports.remove(&src.addr);
+        self.renewal_reports.remove(&src.addr);
         for id in introductions {
             let taken = matches!(self.index.by_addr.get(&id.addr), Some((k, _)) if *k == id);
             if taken && !self.unconfirmed.contains_key(&id.addr) {
@@ -572,7 +620,53 @@ impl Membership {
         for id in to_verify {
             self.verify(id, &mut out);
         }
+        self.readmit(&mut out);
         Ok(out)
+    }
+
+    /// Counts `sender` as a reporter of the renewed identity `id`; true once
+    /// [`CORROBORATION`] different members reported that very identity.
+    fn renewal_corroborated(&mut self, id: &MemberId, sender: &str) -> bool {
+        let entry = self
+            .renewal_reports
+            .entry(id.addr)
+            .or_insert_with(|| (id.clone(), Vec::new()));
+        if entry.0 != *id {
+            *entry = (id.clone(), Vec::new());
+        }
+        if !entry.1.iter().any(|r| r == sender) && entry.1.len() < CORROBORATION {
+            entry.1.push(sender.to_owned());
+        }
+        entry.1.len() >= CORROBORATION
+    }
+
+    /// Takes in deferred introductions, oldest first, while there is room for them; those
+    /// that became known meanwhile, or whose introducer is at its own cap, are dropped.
+    fn readmit(&mut self, out: &mut Vec<Output>) {
+        while !self.deferred.is_empty() && self.unconfirmed.len() < self.unconfirmed_cap() {
+            let Some((update, introducer)) = self.deferred.pop_front() else {
+                break;
+            };
+            let id = update.id().clone();
+            self.deferred_addrs.remove(&id.addr);
+            let pending = self.unconfirmed_by.get(&introducer).copied().unwrap_or(0);
+            if self.index.by_addr.contains_key(&id.addr)
+                || self.index.names.contains_key(&id.name)
+                || pending >= MAX_UNCONFIRMED_PER_SENDER
+            {
+                continue;
+            }
+            let mut c = Collect::default();
+            if let Err(e) = self.foca.apply_many(std::iter::once(update), true, &mut c) {
+                tracing::debug!(member = %id.name, "taking in a deferred member: {e}");
+            }
+            out.extend(self.absorb(c));
+            if matches!(self.index.by_addr.get(&id.addr), Some((k, _)) if *k == id) {
+                self.stats.introductions_readmitted += 1;
+                self.unconfirmed.insert(id.addr, introducer.clone());
+                *self.unconfirmed_by.entry(introducer).or_default() += 1;
+            }
+        }
     }
 
     /// Feeds a timer scheduled by an earlier [`Output::Schedule`].
@@ -611,6 +705,19 @@ impl Membership {
         self.foca
             .iter_membership_state()
             .map(|m| (m.id(), m.state()))
+    }
+
+    /// How many members heard of only by hearsay this agent holds at most: [`MAX_UNCONFIRMED`],
+    /// or four times as many as it has heard from first-hand when that is more. A large mesh
+    /// needs room for the members it has not met yet; an insider's inventions (which never
+    /// speak first-hand) stay within a fixed multiple of the real mesh.
+    fn unconfirmed_cap(&self) -> usize {
+        let confirmed = self
+            .index
+            .by_addr
+            .len()
+            .saturating_sub(self.unconfirmed.len());
+        MAX_UNCONFIRMED.max(confirmed.saturating_mul(4))
     }
 
     /// Decodes, checks and rewrites a packet (rules 1 to 4 of the module's documentation).
@@ -707,6 +814,7 @@ impl Membership {
         let mut introductions = Vec::new();
         let mut to_verify = Vec::new();
         let pending = self.unconfirmed_by.get(sender).copied().unwrap_or(0);
+        let unconfirmed_cap = self.unconfirmed_cap();
         for update in updates {
             let id = update.id();
             if !seen_addrs.insert(id.addr) {
@@ -743,6 +851,20 @@ impl Membership {
                 Some((known, active)) => {
                     if known != id {
                         if known.name == id.name {
+                            // A renewal (the member restarted, or rejoined after being
+                            // declared down) is believed from hearsay only when
+                            // CORROBORATION different members relay it: one insider cannot
+                            // renew anyone, and since an update not believed is not relayed,
+                            // honest relays cannot make up the count for it.
+                            let newer = id.win_addr_conflict(known);
+                            if newer
+                                && update.state() != State::Down
+                                && self.renewal_corroborated(id, sender)
+                            {
+                                self.stats.renewals_corroborated += 1;
+                                kept.push(update);
+                                continue;
+                            }
                             self.stats.updates_renewing_members += 1;
                         } else {
                             self.stats.updates_moving_members += 1;
@@ -779,10 +901,20 @@ impl Membership {
                         self.stats.dead_introductions += 1;
                         continue;
                     }
-                    if pending + introductions.len() >= MAX_UNCONFIRMED_PER_SENDER
-                        || self.unconfirmed.len() + introductions.len() >= MAX_UNCONFIRMED
-                    {
+                    if pending + introductions.len() >= MAX_UNCONFIRMED_PER_SENDER {
                         self.stats.introductions_over_cap += 1;
+                        continue;
+                    }
+                    if self.unconfirmed.len() + introductions.len() >= unconfirmed_cap {
+                        if self.deferred_addrs.insert(id.addr) {
+                            self.stats.introductions_deferred += 1;
+                            if self.deferred.len() >= MAX_DEFERRED
+                                && let Some((old, _)) = self.deferred.pop_front()
+                            {
+                                self.deferred_addrs.remove(&old.id().addr);
+                            }
+                            self.deferred.push_back((update, sender.to_owned()));
+                        }
                         continue;
                     }
                     introductions.push(id.clone());
@@ -901,6 +1033,7 @@ impl Membership {
         Output::Send {
             to: to.clone(),
             data,
+            dial: true,
         }
     }
 
@@ -940,6 +1073,7 @@ impl Membership {
             }
             self.verifying.remove(&id.addr);
             self.down_reports.remove(&id.addr);
+            self.renewal_reports.remove(&id.addr);
         }
         let mut out = self.absorb(c);
         out.extend(gone.into_iter().map(Output::Forgotten));
@@ -1104,7 +1238,7 @@ mod tests {
         fn apply(&mut self, node: usize, out: Vec<Output>) {
             for o in out {
                 match o {
-                    Output::Send { to, data } => {
+                    Output::Send { to, data, .. } => {
                         self.sent_to.push((node, to.addr));
                         let from = self.nodes[node].id().clone();
                         if let Some(j) = self.nodes.iter().position(|n| n.id().addr == to.addr) {
@@ -1489,6 +1623,54 @@ mod tests {
         .unwrap();
         assert_eq!(state_of_d(&mesh), State::Down);
         assert_eq!(mesh.nodes[0].stats().downs_corroborated, 1);
+    }
+
+    #[test]
+    fn a_renewal_two_members_relay_is_believed() {
+        let mut mesh = Mesh::new(&["a", "b", "c", "d"], FORGET_DOWN_AFTER);
+        let (a, b, c, d) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+            mesh.nodes[3].id().clone(),
+        );
+        let renewed = d.renew().unwrap();
+        let held = |mesh: &Mesh| {
+            mesh.nodes[0]
+                .states()
+                .find(|(x, _)| x.addr == d.addr)
+                .map(|(x, _)| x.clone())
+        };
+        // One relay, twice: not believed (it could be an insider's).
+        for _ in 0..2 {
+            mesh.forge(
+                0,
+                1,
+                packet(&b, &a, Message::Gossip, &[Member::alive(renewed.clone())]),
+            )
+            .unwrap();
+        }
+        assert_eq!(held(&mesh), Some(d.clone()));
+        // A different renewal from a second relay does not make up the count either.
+        let other = renewed.renew().unwrap();
+        mesh.forge(
+            0,
+            2,
+            packet(&c, &a, Message::Gossip, &[Member::alive(other)]),
+        )
+        .unwrap();
+        assert_eq!(held(&mesh), Some(d.clone()));
+        // The same renewal from a second relay, after b relays it again: believed.
+        for (from, src) in [(1, &b), (2, &c)] {
+            mesh.forge(
+                0,
+                from,
+                packet(src, &a, Message::Gossip, &[Member::alive(renewed.clone())]),
+            )
+            .unwrap();
+        }
+        assert_eq!(held(&mesh), Some(renewed));
+        assert_eq!(mesh.nodes[0].stats().renewals_corroborated, 1);
     }
 
     #[test]

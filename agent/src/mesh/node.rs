@@ -776,7 +776,9 @@ impl Driver {
         let now = Instant::now();
         while let Some(t) = core.poll_transmit() {
             match t {
-                Transmit::Datagram { to, data } => self.send_datagram(now, to, Bytes::from(data)),
+                Transmit::Datagram { to, data, dial } => {
+                    self.send_datagram(now, to, Bytes::from(data), dial)
+                }
                 Transmit::Gossip { to, msg } => self.send_gossip(now, to, msg),
             }
         }
@@ -964,14 +966,18 @@ impl Driver {
         encode_frame(&list.der).ok().map(Arc::from)
     }
 
-    fn send_datagram(&mut self, now: Instant, to: SocketAddr, data: Bytes) {
+    /// Sends a membership packet over the connection to `to`; without one, dials it only
+    /// if `dial` (gossip is not worth a handshake).
+    fn send_datagram(&mut self, now: Instant, to: SocketAddr, data: Bytes, dial: bool) {
         if let Some(conn) = self.pool.live(now, to) {
             if let Err(e) = conn.send_datagram(data) {
                 tracing::debug!(peer = %to, "datagram not sent: {e}");
             }
             return;
         }
-        self.want(now, to, Pending::Datagram(data));
+        if dial {
+            self.want(now, to, Pending::Datagram(data));
+        }
     }
 
     fn send_gossip(&mut self, now: Instant, to: SocketAddr, msg: GossipMsg) {

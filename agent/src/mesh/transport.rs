@@ -85,6 +85,8 @@ pub const MAX_BI_STREAMS: u32 = 8;
 pub const STREAM_WINDOW: u32 = super::frame::MAX_FRAME + 64 * 1024;
 /// Bytes a peer may have in flight on one connection, all streams together.
 pub const CONNECTION_WINDOW: u32 = 4 << 20;
+/// The largest UDP payload an agent receives: an Ethernet frame's.
+pub const MAX_UDP_PAYLOAD: u16 = 1472;
 /// Received datagrams buffered per connection before the oldest are dropped.
 pub const DATAGRAM_BUFFER: usize = 128 * 1024;
 
@@ -188,13 +190,15 @@ pub fn endpoint(
     let server = server_config(id, revoked)?;
     let socket =
         std::net::UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
-    let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::new(reset_key(id)),
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .with_context(|| format!("binding UDP {listen}"))?;
+    let mut config = quinn::EndpointConfig::new(reset_key(id));
+    // Ethernet-sized: quinn's receive buffers are sized by it (3 MiB at its default of 64 KiB
+    // per datagram).
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("a valid UDP payload size");
+    let mut endpoint =
+        quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+            .with_context(|| format!("binding UDP {listen}"))?;
     endpoint.set_default_client_config(client_config(id, revoked)?);
     Ok(endpoint)
 }
