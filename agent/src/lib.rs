@@ -10,4 +10,5 @@ pub mod durable;
 pub mod hooks;
 pub mod identity;
 pub mod lifecycle;
+pub mod memory;
 pub mod mesh;

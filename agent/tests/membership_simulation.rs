@@ -38,6 +38,9 @@ struct Sim {
     insider: Option<usize>,
     /// Packets sent to addresses no agent has (invented members).
     to_nowhere: u64,
+    /// Of those, the packets that would make a real agent dial (gossip goes only over
+    /// connections already open).
+    dials_to_nowhere: u64,
     refused: u64,
     packets: u64,
 }
@@ -89,25 +92,27 @@ impl Sim {
             deaths: Vec::new(),
             insider: None,
             to_nowhere: 0,
+            dials_to_nowhere: 0,
             refused: 0,
             packets: 0,
         }
     }
 
-    fn send(&mut self, from: usize, to: SocketAddr, data: Vec<u8>) {
+    fn send(&mut self, from: usize, to: SocketAddr, data: Vec<u8>, dial: bool) {
         if let Some(&j) = self.by_addr.get(&to) {
             let id = self.nodes[from].id();
             let (name, addr) = (id.name.clone(), id.addr);
             self.clock.deliver((j, Event::Data(name, addr, data)));
         } else {
             self.to_nowhere += 1;
+            self.dials_to_nowhere += u64::from(dial);
         }
     }
 
     fn apply(&mut self, node: usize, outputs: Vec<Output>) {
         for o in outputs {
             match o {
-                Output::Send { to, data, .. } => self.send(node, to.addr, data),
+                Output::Send { to, data, dial } => self.send(node, to.addr, data, dial),
                 Output::Schedule { timer, after } => {
                     let at = self.clock.now_ms + after.as_millis() as u64;
                     self.clock.at(at, (node, Event::Timer(timer)));
@@ -316,7 +321,7 @@ impl Sim {
                 Message::Gossip
             };
             let data = encode(&me, &dst, message, &updates);
-            self.send(insider, dst.addr, data);
+            self.send(insider, dst.addr, data, true);
         }
         // Speaking for another: refused whole.
         let (victim, other) = (pick(40), pick(41));
@@ -470,10 +475,11 @@ fn an_insider_kills_no_one_and_floods_nothing() {
     eprintln!(
         "insider run, {n} agents: the killed member detected after {took} ms; at most \
          {invented_max} invented members held by one agent; {} packets to invented \
-         addresses (of {} in all); refused {} packets; downs downgraded {}, own checks {} \
-         (alive {}, down {}), introductions over the cap {}, moves {}, renewals {}, \
-         requests to strangers {}",
+         addresses, {} of them dialling (of {} packets delivered); refused {} packets; \
+         downs downgraded {}, own checks {} (alive {}, down {}), introductions over the cap \
+         {}, deferred {}, moves {}, renewals {}, requests to strangers {}",
         sim.to_nowhere,
+        sim.dials_to_nowhere,
         sim.packets - packets_before,
         sim.refused,
         sum(|s| s.downs_downgraded),
@@ -481,6 +487,7 @@ fn an_insider_kills_no_one_and_floods_nothing() {
         sum(|s| s.verified_alive),
         sum(|s| s.verified_down),
         sum(|s| s.introductions_over_cap),
+        sum(|s| s.introductions_deferred),
         sum(|s| s.updates_moving_members),
         sum(|s| s.updates_renewing_members),
         sum(|s| s.requests_to_unknown),
@@ -493,5 +500,13 @@ fn an_insider_kills_no_one_and_floods_nothing() {
     );
     // Every invented member comes from the insider, directly or through honest relays,
     // each sender capped at MAX_UNCONFIRMED_PER_SENDER per agent.
-    assert!(sum(|s| s.introductions_over_cap) > 0, "the cap was reached");
+    assert!(
+        sum(|s| s.introductions_over_cap) + sum(|s| s.introductions_deferred) > 0,
+        "the caps were reached"
+    );
+    let cap = membership::MAX_UNCONFIRMED.max(4 * (n - 1));
+    assert!(
+        invented_max <= cap,
+        "{invented_max} invented members held by one agent (cap {cap})"
+    );
 }
