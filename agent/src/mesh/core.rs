@@ -94,6 +94,42 @@ pub struct Core {
     /// against the wall clock, which the core derives from `now`.
     wall_ms_at_start: u64,
     started: Instant,
+    health: Health,
+}
+
+/// This agent's own health, after Lifeguard's "local health multiplier" (memberlist): an
+/// agent whose event loop runs late (a fleet starting at once on few cores, a noisy
+/// neighbour) would miss answers that did arrive and suspect members that are fine. Each
+/// time timers fire more than [`LATE`] behind, the level rises by one (up to
+/// [`membership::MAX_OVERLOAD`]); after [`CALM_FOR`] on time, it falls by one. The
+/// membership stretches its probe timeouts and suspicion by the level.
+#[derive(Debug)]
+struct Health {
+    level: u8,
+    calm_since: Instant,
+}
+
+/// Timers firing later than this mean the agent is overloaded.
+pub const LATE: Duration = Duration::from_millis(100);
+/// How long timers must fire on time before the overload level falls by one.
+pub const CALM_FOR: Duration = Duration::from_secs(5);
+
+impl Health {
+    /// Takes how late timers fired at `now`; returns the new level when it changed.
+    fn observe(&mut self, now: Instant, late: Duration) -> Option<u8> {
+        if late > LATE {
+            self.calm_since = now;
+            if self.level < membership::MAX_OVERLOAD {
+                self.level += 1;
+                return Some(self.level);
+            }
+        } else if self.level > 0 && now.saturating_duration_since(self.calm_since) >= CALM_FOR {
+            self.calm_since = now;
+            self.level -= 1;
+            return Some(self.level);
+        }
+        None
+    }
 }
 
 impl Core {
@@ -118,6 +154,10 @@ impl Core {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             persisted: None,
+            health: Health {
+                level: 0,
+                calm_since: now,
+            },
         };
         core.timers
             .push(now + ANTI_ENTROPY_EVERY, Timer::AntiEntropy);
@@ -237,9 +277,12 @@ impl Core {
         self.persist();
     }
 
-    /// Fires every timer due by `now`.
+    /// Fires every timer due by `now`. Timers that fire late mean this agent is too busy
+    /// to trust its own probes (see [`Health`]).
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(timer) = self.timers.pop_due(now) {
+        let mut late = Duration::ZERO;
+        while let Some((due, timer)) = self.timers.pop_due(now) {
+            late = late.max(now.saturating_duration_since(due));
             match timer {
                 Timer::Swim(t) => {
                     let out = self.membership.handle_timer(t);
@@ -269,6 +312,18 @@ impl Core {
                     self.timers.push(now + REMEMBER_EVERY, Timer::Remember);
                 }
             }
+        }
+        if let Some(level) = self.health.observe(now, late) {
+            if level > 0 {
+                tracing::info!(
+                    late_ms = late.as_millis() as u64,
+                    level,
+                    "this agent is late on its timers: its failure detection waits longer"
+                );
+            } else {
+                tracing::info!("this agent keeps time again: failure detection back to normal");
+            }
+            self.membership.set_overload(level);
         }
     }
 
@@ -532,6 +587,39 @@ mod tests {
                 .any(|t| matches!(t, Transmit::Datagram { to, .. } if *to == addr(1))),
             "{ts:?}"
         );
+    }
+
+    #[test]
+    fn an_agent_late_on_its_timers_waits_longer_before_suspecting() {
+        let start = Instant::now();
+        let mut c = core(2, vec![addr(1)], start);
+        drain(&mut c);
+        // On time: nothing changes.
+        let mut now = start;
+        while now < start + Duration::from_secs(2) {
+            now = c.poll_timeout().unwrap();
+            c.handle_timeout(now);
+        }
+        assert_eq!(c.membership.overload(), 0);
+        // Twice 300 ms late: two levels.
+        for _ in 0..2 {
+            now = c.poll_timeout().unwrap() + Duration::from_millis(300);
+            c.handle_timeout(now);
+        }
+        assert_eq!(c.membership.overload(), 2);
+        // Late without end: capped.
+        for _ in 0..10 {
+            now = c.poll_timeout().unwrap() + Duration::from_millis(300);
+            c.handle_timeout(now);
+        }
+        assert_eq!(c.membership.overload(), membership::MAX_OVERLOAD);
+        // On time again: one level less per CALM_FOR.
+        let calm_from = now;
+        while now < calm_from + CALM_FOR * 2 + Duration::from_millis(10) {
+            now = c.poll_timeout().unwrap();
+            c.handle_timeout(now);
+        }
+        assert_eq!(c.membership.overload(), membership::MAX_OVERLOAD - 2);
     }
 
     #[test]

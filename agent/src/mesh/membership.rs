@@ -189,6 +189,9 @@ pub const CORROBORATION: usize = 2;
 /// for one is not evidence of death. Probes every 600 ms with 300 ms to answer, suspicion
 /// for 4 s, and 2 s for its own check of a reported death.
 pub const STARTUP_GRACE: Duration = Duration::from_secs(30);
+/// The most an overloaded agent stretches its timeouts: `1 + MAX_OVERLOAD` times (see
+/// [`Membership::set_overload`]).
+pub const MAX_OVERLOAD: u8 = 4;
 const GRACE_VERIFY_RETRY: Duration = Duration::from_millis(500);
 const GRACE_VERIFY_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -471,6 +474,8 @@ pub struct Membership {
     renewal_reports: HashMap<SocketAddr, (MemberId, Vec<String>)>,
     /// Relaxed timeouts while the agent starts ([`STARTUP_GRACE`]).
     grace: bool,
+    /// How overloaded the agent is ([`Self::set_overload`]).
+    overload: u8,
     generation: u64,
     probe_number: u8,
     stats: MembershipStats,
@@ -495,6 +500,7 @@ impl Membership {
             down_reports: HashMap::new(),
             renewal_reports: HashMap::new(),
             grace: false,
+            overload: 0,
             generation: 0,
             probe_number: 0,
             stats: MembershipStats::default(),
@@ -516,11 +522,35 @@ impl Membership {
     }
 
     fn config_for(&self, size: u32) -> Config {
-        if self.grace {
+        let mut c = if self.grace {
             startup_config(size, self.forget_down_after)
         } else {
             config(size, self.forget_down_after)
+        };
+        let stretch = 1 + u32::from(self.overload);
+        c.probe_period *= stretch;
+        c.probe_rtt *= stretch;
+        c.suspect_to_down_after *= stretch;
+        c
+    }
+
+    /// How overloaded this agent is (0 to [`MAX_OVERLOAD`]): its probe timeouts, suspicion
+    /// and own checks of reported deaths take `1 + level` times as long, since an agent that
+    /// runs late misses answers that did arrive (the caller measures it: see `core.rs`).
+    pub fn set_overload(&mut self, level: u8) {
+        let level = level.min(MAX_OVERLOAD);
+        if level == self.overload {
+            return;
         }
+        self.overload = level;
+        let size = self.sized_for.max(MIN_SIZE);
+        if self.foca.set_config(self.config_for(size)).is_ok() {
+            self.sized_for = size;
+        }
+    }
+
+    pub fn overload(&self) -> u8 {
+        self.overload
     }
 
     /// Turns the start-up grace on or off (see [`STARTUP_GRACE`]).
@@ -964,6 +994,8 @@ impl Membership {
         } else {
             (VERIFY_RETRY, VERIFY_DEADLINE)
         };
+        let stretch = 1 + u32::from(self.overload);
+        let (retry, limit) = (retry * stretch, limit * stretch);
         for (after, deadline) in [(retry, false), (limit, true)] {
             out.push(Output::Schedule {
                 timer: Timer(TimerKind::Verify {

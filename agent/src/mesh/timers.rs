@@ -61,12 +61,13 @@ impl<T> TimerQueue<T> {
         self.heap.peek().map(|Reverse(e)| e.at)
     }
 
-    /// The earliest timer due at or before `now`, taken out of the queue.
-    pub fn pop_due(&mut self, now: Instant) -> Option<T> {
+    /// The earliest timer due at or before `now`, taken out of the queue, with the deadline
+    /// it was due at (how late it fires says how busy the caller is).
+    pub fn pop_due(&mut self, now: Instant) -> Option<(Instant, T)> {
         if self.next_deadline()? > now {
             return None;
         }
-        self.heap.pop().map(|Reverse(e)| e.timer)
+        self.heap.pop().map(|Reverse(e)| (e.at, e.timer))
     }
 
     pub fn len(&self) -> usize {
@@ -95,7 +96,7 @@ mod tests {
         assert_eq!(q.next_deadline(), Some(ms(10)));
         assert_eq!(q.pop_due(ms(5)), None, "nothing is due yet");
         let mut due = Vec::new();
-        while let Some(t) = q.pop_due(ms(30)) {
+        while let Some((_, t)) = q.pop_due(ms(30)) {
             due.push(t);
         }
         assert_eq!(due, ["a", "b", "c", "d"]);
