@@ -215,8 +215,9 @@ impl Core {
     }
 
     /// Stops trusting records signed by certificates the fleet CA revoked: new ones are
-    /// refused, and those held are dropped.
-    pub fn revoke(&mut self, list: &RevocationList) {
+    /// refused, those held are dropped, and the members they name are declared down at
+    /// once (no probe need confirm it).
+    pub fn revoke(&mut self, now: Instant, list: &RevocationList) {
         self.table
             .authority_mut()
             .set_revoked(list.serials.iter().cloned().collect());
@@ -231,6 +232,8 @@ impl Core {
             })
             .collect();
         for name in revoked {
+            let out = self.membership.expel(&name);
+            self.apply(now, out);
             self.table.forget(&name);
         }
     }
@@ -314,14 +317,17 @@ impl Core {
             }
         }
         if let Some(level) = self.health.observe(now, late) {
-            if level > 0 {
+            if late > LATE {
                 tracing::info!(
                     late_ms = late.as_millis() as u64,
                     level,
                     "this agent is late on its timers: its failure detection waits longer"
                 );
             } else {
-                tracing::info!("this agent keeps time again: failure detection back to normal");
+                tracing::info!(
+                    level,
+                    "this agent keeps time again: its failure detection waits less"
+                );
             }
             self.membership.set_overload(level);
         }
@@ -647,9 +653,10 @@ mod tests {
                     && matches!(e, Event::Down { id, left: true } if id.name == "n3")),
             "{events:?}"
         );
-        // n2 dies silently: n1 declares it down, not left.
+        // n2 dies silently: n1 declares it down, not left (still in its start-up grace,
+        // when a suspect has 10 s to refute).
         let mut survivors: Vec<Core> = cores.drain(..1).collect();
-        let until = now + Duration::from_secs(5);
+        let until = now + Duration::from_secs(13);
         let events = run(&mut survivors, &mut now, until);
         assert!(
             events

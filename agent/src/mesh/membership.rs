@@ -186,9 +186,15 @@ pub const CORROBORATION: usize = 2;
 
 /// While an agent starts (its first [`STARTUP_GRACE`]), its timeouts are relaxed: every
 /// connection is new, handshakes with every peer happen at once, and a probe that waits
-/// for one is not evidence of death. Probes every 600 ms with 300 ms to answer, suspicion
-/// for 4 s, and 2 s for its own check of a reported death.
+/// for one is not evidence of death. A suspect has 10 s to refute (rather than 1 s), and
+/// its own check of a reported death takes 2 s (rather than 500 ms).
 pub const STARTUP_GRACE: Duration = Duration::from_secs(30);
+/// How far above the incarnation held for a member hearsay may take it. A member raises
+/// its own incarnation by one per suspicion it refutes, so honest news is rarely more than
+/// a step or two ahead; a forged incarnation near `u16::MAX` would leave the member unable
+/// to refute a suspicion, forcing it to rejoin under a new identity.
+pub const MAX_INCARNATION_STEP: u16 = 16;
+
 /// The most an overloaded agent stretches its timeouts: `1 + MAX_OVERLOAD` times (see
 /// [`Membership::set_overload`]).
 pub const MAX_OVERLOAD: u8 = 4;
@@ -210,6 +216,8 @@ pub struct MembershipStats {
     pub updates_renewing_members: u64,
     /// Renewals believed because [`CORROBORATION`] different members relayed them.
     pub renewals_corroborated: u64,
+    /// Hearsay incarnations capped (see [`MAX_INCARNATION_STEP`]), about us included.
+    pub incarnations_clamped: u64,
     /// Hearsay introducing a member already down.
     pub dead_introductions: u64,
     /// Introductions dropped because the sender had [`MAX_UNCONFIRMED_PER_SENDER`] pending.
@@ -275,6 +283,8 @@ pub enum PacketErrorKind {
 struct Collect {
     out: Vec<Output>,
     changes: Vec<Change>,
+    /// This agent's incarnation, as its last packet out said.
+    incarnation: Option<u16>,
 }
 
 enum Change {
@@ -302,13 +312,13 @@ impl Runtime<MemberId> for Collect {
     }
 
     fn send_to(&mut self, to: MemberId, data: &[u8]) {
-        let gossip = matches!(
-            Codec::<MemberId>::decode_header(&mut PostcardCodec, data),
-            Ok(Header {
-                message: Message::Gossip,
-                ..
-            })
-        );
+        let header = Codec::<MemberId>::decode_header(&mut PostcardCodec, data).ok();
+        let gossip = header
+            .as_ref()
+            .is_some_and(|h| h.message == Message::Gossip);
+        if let Some(h) = header {
+            self.incarnation = Some(h.src_incarnation);
+        }
         self.out.push(Output::Send {
             to,
             data: data.to_vec(),
@@ -365,12 +375,13 @@ pub fn config(cluster_size: u32, forget_down_after: Duration) -> Config {
     c
 }
 
-/// [`config`] with the relaxed timeouts of [`STARTUP_GRACE`].
+/// [`config`] with the longer suspicion of [`STARTUP_GRACE`]. The probe period and
+/// timeout stay as they are: foca refuses to change them once running (a first version
+/// changed them, foca refused the whole configuration, and the grace silently never
+/// applied).
 pub fn startup_config(cluster_size: u32, forget_down_after: Duration) -> Config {
     let mut c = config(cluster_size, forget_down_after);
-    c.probe_period = Duration::from_millis(600);
-    c.probe_rtt = Duration::from_millis(300);
-    c.suspect_to_down_after = Duration::from_secs(4);
+    c.suspect_to_down_after = Duration::from_secs(10);
     c
 }
 
@@ -472,10 +483,17 @@ pub struct Membership {
     /// Per member known at an address, the renewed identity hearsay reports there and who
     /// reported it (at most [`CORROBORATION`]).
     renewal_reports: HashMap<SocketAddr, (MemberId, Vec<String>)>,
+    /// Per address, the highest incarnation taken in (first-hand, or hearsay within
+    /// [`MAX_INCARNATION_STEP`]).
+    incarnations: HashMap<SocketAddr, u16>,
+    /// This agent's own incarnation, as its last packet out said.
+    own_incarnation: u16,
     /// Relaxed timeouts while the agent starts ([`STARTUP_GRACE`]).
     grace: bool,
     /// How overloaded the agent is ([`Self::set_overload`]).
     overload: u8,
+    /// foca's `suspect_to_down_after`, as last configured.
+    suspicion: Duration,
     generation: u64,
     probe_number: u8,
     stats: MembershipStats,
@@ -487,6 +505,7 @@ impl Membership {
     /// [`Self::fit_size`] adjusts it as the membership grows.
     pub fn new(id: MemberId, config: Config, seed: u64) -> Self {
         let forget_down_after = config.remove_down_after.unwrap_or(FORGET_DOWN_AFTER);
+        let suspicion = config.suspect_to_down_after;
         Membership {
             foca: Foca::new(id, config, StdRng::seed_from_u64(seed), PostcardCodec),
             sized_for: 0,
@@ -499,8 +518,11 @@ impl Membership {
             verifying: HashMap::new(),
             down_reports: HashMap::new(),
             renewal_reports: HashMap::new(),
+            incarnations: HashMap::new(),
+            own_incarnation: 0,
             grace: false,
             overload: 0,
+            suspicion,
             generation: 0,
             probe_number: 0,
             stats: MembershipStats::default(),
@@ -515,42 +537,75 @@ impl Membership {
     pub fn fit_size(&mut self) -> u32 {
         let members = self.foca.iter_membership_state().len() as u32 + 1;
         let size = members.next_power_of_two().max(MIN_SIZE);
-        if size != self.sized_for && self.foca.set_config(self.config_for(size)).is_ok() {
-            self.sized_for = size;
+        if size != self.sized_for {
+            self.reconfigure(size);
         }
         self.sized_for
     }
 
-    fn config_for(&self, size: u32) -> Config {
+    /// Applies the configuration for `size`, the grace and the overload level. foca refuses
+    /// a new probe period or probe timeout once running, so only suspicion and
+    /// dissemination change here (see [`startup_config`]).
+    fn reconfigure(&mut self, size: u32) {
         let mut c = if self.grace {
             startup_config(size, self.forget_down_after)
         } else {
             config(size, self.forget_down_after)
         };
-        let stretch = 1 + u32::from(self.overload);
-        c.probe_period *= stretch;
-        c.probe_rtt *= stretch;
-        c.suspect_to_down_after *= stretch;
-        c
+        c.suspect_to_down_after *= 1 + u32::from(self.overload);
+        let suspicion = c.suspect_to_down_after;
+        match self.foca.set_config(c) {
+            Ok(()) => (self.sized_for, self.suspicion) = (size, suspicion),
+            Err(e) => {
+                debug_assert!(false, "foca refused the membership configuration: {e}");
+                tracing::error!("foca refused the membership configuration: {e}");
+            }
+        }
     }
 
-    /// How overloaded this agent is (0 to [`MAX_OVERLOAD`]): its probe timeouts, suspicion
-    /// and own checks of reported deaths take `1 + level` times as long, since an agent that
-    /// runs late misses answers that did arrive (the caller measures it: see `core.rs`).
+    /// How overloaded this agent is (0 to [`MAX_OVERLOAD`]): suspicion and its own checks
+    /// of reported deaths take `1 + level` times as long, since an agent that runs late
+    /// misses answers that did arrive, and is late to refute suspicions of itself (the
+    /// caller measures it: see `core.rs`).
     pub fn set_overload(&mut self, level: u8) {
         let level = level.min(MAX_OVERLOAD);
         if level == self.overload {
             return;
         }
         self.overload = level;
-        let size = self.sized_for.max(MIN_SIZE);
-        if self.foca.set_config(self.config_for(size)).is_ok() {
-            self.sized_for = size;
-        }
+        self.reconfigure(self.sized_for.max(MIN_SIZE));
     }
 
     pub fn overload(&self) -> u8 {
         self.overload
+    }
+
+    /// Declares down, at once and on this agent's own authority, every active member named
+    /// `name` (its certificate was revoked: no probe need confirm it). Not relayed as news:
+    /// every agent enforces the signed revocation list itself.
+    pub fn expel(&mut self, name: &str) -> Vec<Output> {
+        let ids: Vec<MemberId> = self
+            .index
+            .by_addr
+            .values()
+            .filter(|(id, active)| *active && id.name == name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut c = Collect::default();
+        for id in ids {
+            if let Err(e) = self
+                .foca
+                .apply_many(std::iter::once(Member::down(id)), false, &mut c)
+            {
+                tracing::debug!(member = name, "expelling a member: {e}");
+            }
+        }
+        self.absorb(c)
+    }
+
+    /// How long a suspect has to refute before it is declared down, as configured now.
+    pub fn suspicion(&self) -> Duration {
+        self.suspicion
     }
 
     /// Turns the start-up grace on or off (see [`STARTUP_GRACE`]).
@@ -559,10 +614,7 @@ impl Membership {
             return;
         }
         self.grace = on;
-        let size = self.sized_for.max(MIN_SIZE);
-        if self.foca.set_config(self.config_for(size)).is_ok() {
-            self.sized_for = size;
-        }
+        self.reconfigure(self.sized_for.max(MIN_SIZE));
     }
 
     pub fn id(&self) -> &MemberId {
@@ -652,6 +704,28 @@ impl Membership {
         }
         self.readmit(&mut out);
         Ok(out)
+    }
+
+    /// Caps a hearsay update's incarnation: news of a member alive may run
+    /// [`MAX_INCARNATION_STEP`] ahead of the incarnation held for its address (0 for a
+    /// member not known yet), a suspicion or a death not at all: a suspicion above what
+    /// the member really reached could not be settled by its answers, only by a rejoin.
+    fn clamp_hearsay(&mut self, update: Member<MemberId>) -> Member<MemberId> {
+        let held = self
+            .incarnations
+            .get(&update.id().addr)
+            .copied()
+            .unwrap_or(0);
+        let cap = match update.state() {
+            State::Alive => held.saturating_add(MAX_INCARNATION_STEP),
+            _ => held,
+        };
+        if update.incarnation() <= cap {
+            return update;
+        }
+        self.stats.incarnations_clamped += 1;
+        let state = update.state();
+        Member::new(update.id().clone(), cap, state)
     }
 
     /// Counts `sender` as a reporter of the renewed identity `id`; true once
@@ -788,6 +862,11 @@ impl Membership {
         if src.name == me.name || src.addr == me.addr {
             return Err(PacketErrorKind::FromOurselves { claimed: src.name });
         }
+        // First-hand: the sender's own word on its incarnation.
+        self.incarnations.insert(src.addr, header.src_incarnation);
+        if header.message == Message::TurnUndead {
+            tracing::debug!(peer = sender, dst = ?header.dst, me = ?me, "told we are down");
+        }
         // Messages that carry no updates (we use no custom broadcasts): nothing may follow.
         let bare = matches!(
             header.message,
@@ -864,19 +943,27 @@ impl Membership {
                     self.stats.updates_about_us_refused += 1;
                     continue;
                 }
-                if update.state() == State::Down {
-                    // We know we are alive: refute it as a suspicion.
-                    self.stats.downs_downgraded += 1;
-                    kept.push(Member::new(
-                        me.clone(),
-                        update.incarnation(),
-                        State::Suspect,
-                    ));
-                } else {
-                    kept.push(update);
+                // Only we raise our incarnation: a suspicion above it (u16::MAX would force
+                // a rejoin, since it cannot be refuted) is taken as one of the current.
+                let incarnation = update.incarnation().min(self.own_incarnation);
+                if incarnation < update.incarnation() {
+                    self.stats.incarnations_clamped += 1;
                 }
+                let state = match update.state() {
+                    State::Down => {
+                        // We know we are alive: refute it as a suspicion.
+                        self.stats.downs_downgraded += 1;
+                        State::Suspect
+                    }
+                    s => s,
+                };
+                kept.push(Member::new(me.clone(), incarnation, state));
                 continue;
             }
+            // Hearsay about a third party: its incarnation may not run ahead of what we
+            // hold (a forged suspicion at u16::MAX could never be refuted).
+            let update = self.clamp_hearsay(update);
+            let id = update.id();
             match self.index.by_addr.get(&id.addr) {
                 Some((known, active)) => {
                     if known != id {
@@ -953,6 +1040,12 @@ impl Membership {
             }
         }
 
+        for m in &kept {
+            if m.id().addr != me.addr {
+                let held = self.incarnations.entry(m.id().addr).or_default();
+                *held = (*held).max(m.incarnation());
+            }
+        }
         let header = Header {
             src: header.src,
             src_incarnation: header.src_incarnation,
@@ -1106,6 +1199,7 @@ impl Membership {
             self.verifying.remove(&id.addr);
             self.down_reports.remove(&id.addr);
             self.renewal_reports.remove(&id.addr);
+            self.incarnations.remove(&id.addr);
         }
         let mut out = self.absorb(c);
         out.extend(gone.into_iter().map(Output::Forgotten));
@@ -1123,7 +1217,14 @@ impl Membership {
 
     /// Brings the index in step with what foca reported, and returns the outputs.
     fn absorb(&mut self, c: Collect) -> Vec<Output> {
-        let Collect { mut out, changes } = c;
+        let Collect {
+            mut out,
+            changes,
+            incarnation,
+        } = c;
+        if let Some(i) = incarnation {
+            self.own_incarnation = i;
+        }
         let mut gone = Vec::new();
         let mut never_heard = Vec::new();
         for change in changes {
@@ -1703,6 +1804,56 @@ mod tests {
         }
         assert_eq!(held(&mesh), Some(renewed));
         assert_eq!(mesh.nodes[0].stats().renewals_corroborated, 1);
+    }
+
+    #[test]
+    fn a_suspicion_at_the_last_incarnation_is_taken_as_one_of_the_current() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, b, m) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        mesh.run(2_000);
+        // At a: b suspected, and a itself, at u16::MAX.
+        for victim in [&b, &a] {
+            mesh.forge(
+                0,
+                2,
+                packet(
+                    &m,
+                    &a,
+                    Message::Gossip,
+                    &[Member::new(victim.clone(), u16::MAX, State::Suspect)],
+                ),
+            )
+            .unwrap();
+        }
+        mesh.run(5_000);
+        assert_eq!(mesh.nodes[0].id(), &a, "a was not made to rejoin");
+        assert!(
+            mesh.view(0).contains(&(b.clone(), State::Alive)),
+            "b refuted the suspicion: {:?}",
+            mesh.view(0)
+        );
+        assert_eq!(mesh.downs(0, "b"), 0);
+        assert_eq!(mesh.nodes[0].stats().incarnations_clamped, 2);
+    }
+
+    #[test]
+    fn the_grace_and_overload_stretch_suspicion() {
+        let mut m = Membership::new(id("a", 7400), config(8, FORGET_DOWN_AFTER), 1);
+        assert_eq!(m.suspicion(), Duration::from_secs(1));
+        m.set_grace(true);
+        assert_eq!(m.suspicion(), Duration::from_secs(10));
+        m.set_overload(2);
+        assert_eq!(m.suspicion(), Duration::from_secs(30));
+        m.fit_size();
+        assert_eq!(m.suspicion(), Duration::from_secs(30));
+        m.set_grace(false);
+        assert_eq!(m.suspicion(), Duration::from_secs(3));
+        m.set_overload(0);
+        assert_eq!(m.suspicion(), Duration::from_secs(1));
     }
 
     #[test]

@@ -948,7 +948,7 @@ impl Driver {
             "a new revocation list is in force"
         );
         super::revocation::store(&self.lists_file, &list);
-        core.revoke(&list);
+        core.revoke(Instant::now(), &list);
         if let Some(frame) = self.revocations_frame(&list) {
             let peers = core.alive_addrs();
             let n = super::hoststate::fanout(peers.len());

@@ -85,6 +85,9 @@ pub const MAX_BI_STREAMS: u32 = 8;
 pub const STREAM_WINDOW: u32 = super::frame::MAX_FRAME + 64 * 1024;
 /// Bytes a peer may have in flight on one connection, all streams together.
 pub const CONNECTION_WINDOW: u32 = 4 << 20;
+/// What the agent asks for its UDP socket's receive and send buffers (the system may give
+/// less: `net.core.rmem_max`).
+pub const SOCKET_BUFFER: usize = 4 << 20;
 /// The largest UDP payload an agent receives: an Ethernet frame's.
 pub const MAX_UDP_PAYLOAD: u16 = 1472;
 /// Received datagrams buffered per connection before the oldest are dropped.
@@ -188,8 +191,7 @@ pub fn endpoint(
     revoked: Option<&RevocationList>,
 ) -> Result<quinn::Endpoint> {
     let server = server_config(id, revoked)?;
-    let socket =
-        std::net::UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+    let socket = udp_socket(listen).with_context(|| format!("binding UDP {listen}"))?;
     let mut config = quinn::EndpointConfig::new(reset_key(id));
     // Ethernet-sized: quinn's receive buffers are sized by it (3 MiB at its default of 64 KiB
     // per datagram).
@@ -201,6 +203,37 @@ pub fn endpoint(
             .with_context(|| format!("binding UDP {listen}"))?;
     endpoint.set_default_client_config(client_config(id, revoked)?);
     Ok(endpoint)
+}
+
+/// The endpoint's one UDP socket, with room for bursts: every peer's packets arrive on it,
+/// and the system's default receive buffer (208 KiB on Linux) overflowed when 100 agents
+/// started at once (about one packet in ten dropped by the kernel, membership datagrams
+/// among them: refutations lost, false deaths).
+fn udp_socket(listen: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    for (what, result) in [
+        ("receive", socket.set_recv_buffer_size(SOCKET_BUFFER)),
+        ("send", socket.set_send_buffer_size(SOCKET_BUFFER)),
+    ] {
+        if let Err(e) = result {
+            tracing::warn!("the UDP {what} buffer stays at the system's default: {e}");
+        }
+    }
+    let got = socket.recv_buffer_size().unwrap_or(0);
+    if got < SOCKET_BUFFER {
+        tracing::info!(
+            bytes = got,
+            wanted = SOCKET_BUFFER,
+            "the system caps the UDP receive buffer (net.core.rmem_max); bursts may drop packets"
+        );
+    }
+    socket.bind(&listen.into())?;
+    Ok(socket.into())
 }
 
 /// Dials `addr` from `endpoint`.
