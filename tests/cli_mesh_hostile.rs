@@ -1162,7 +1162,8 @@ fn membership_at(
 ///    address backed off as `peers::Backoff` says;
 /// 3. its forged deaths kill no one, and its requests make no agent send to a stranger:
 ///    (a) at incarnations near the victim's own and far above it, then (b) at the last
-///    incarnation, `u16::MAX`, which no member can refute.
+///    incarnation, `u16::MAX`, which no member could refute if it were believed (hearsay
+///    incarnations are capped: `membership::MAX_INCARNATION_STEP`).
 ///
 /// Addresses: agents at 127.77.8.1-3, the insider at .200; at .201 (where it moves
 /// members) and .250 (its stranger), and at the invented members' addresses in
