@@ -165,7 +165,7 @@ impl Core {
         core.timers.push(now + REMEMBER_EVERY, Timer::Remember);
         core.membership.set_grace(true);
         core.timers
-            .push(now + membership::STARTUP_GRACE, Timer::GraceEnds);
+            .push(now + membership::MIN_STARTUP_GRACE, Timer::GraceEnds);
         core.persist();
         core.join(now);
         core
@@ -304,7 +304,20 @@ impl Core {
                     }
                     self.timers.push(now + REJOIN_EVERY, Timer::Rejoin);
                 }
-                Timer::GraceEnds => self.membership.set_grace(false),
+                Timer::GraceEnds => {
+                    // Over once the agent keeps time (or at the latest STARTUP_GRACE): a
+                    // calm start does not leave deaths undetected for long.
+                    let calm = self.health.level == 0
+                        && now.saturating_duration_since(self.health.calm_since) >= CALM_FOR;
+                    if calm
+                        || now.saturating_duration_since(self.started) >= membership::STARTUP_GRACE
+                    {
+                        self.membership.set_grace(false);
+                    } else {
+                        self.timers
+                            .push(now + Duration::from_secs(1), Timer::GraceEnds);
+                    }
+                }
                 Timer::Remember => {
                     self.membership.fit_size();
                     let alive: BTreeSet<SocketAddr> = self.alive_addrs().into_iter().collect();
@@ -626,6 +639,38 @@ mod tests {
             c.handle_timeout(now);
         }
         assert_eq!(c.membership.overload(), membership::MAX_OVERLOAD - 2);
+    }
+
+    #[test]
+    fn the_start_up_grace_ends_early_only_for_an_agent_that_keeps_time() {
+        let start = Instant::now();
+        let mut calm = core(2, vec![addr(1)], start);
+        let mut busy = core(3, vec![addr(1)], start);
+        drain(&mut calm);
+        drain(&mut busy);
+        let until = start + membership::MIN_STARTUP_GRACE + Duration::from_millis(100);
+        let mut now = start;
+        while now < until {
+            now = calm.poll_timeout().unwrap();
+            calm.handle_timeout(now);
+        }
+        assert_eq!(calm.membership.suspicion(), Duration::from_secs(1));
+        let mut now = start;
+        while now < until {
+            // Every round 200 ms late.
+            now = busy.poll_timeout().unwrap() + Duration::from_millis(200);
+            busy.handle_timeout(now);
+        }
+        assert!(busy.membership.suspicion() >= Duration::from_secs(10));
+        // At the latest after STARTUP_GRACE, and then only the overload stretches it.
+        while now < start + membership::STARTUP_GRACE + Duration::from_secs(2) {
+            now = busy.poll_timeout().unwrap() + Duration::from_millis(200);
+            busy.handle_timeout(now);
+        }
+        assert_eq!(
+            busy.membership.suspicion(),
+            Duration::from_secs(1) * (1 + u32::from(busy.membership.overload()))
+        );
     }
 
     #[test]

@@ -184,7 +184,11 @@ pub const VERIFY_DEADLINE: Duration = Duration::from_millis(500);
 /// real death then spread at gossip speed instead of a check per wave.
 pub const CORROBORATION: usize = 2;
 
-/// While an agent starts (its first [`STARTUP_GRACE`]), its timeouts are relaxed: every
+/// The start-up grace lasts at least this long, then ends as soon as the agent keeps time
+/// (its timers fire on time for 5 s: see `core.rs`), at the latest after [`STARTUP_GRACE`].
+pub const MIN_STARTUP_GRACE: Duration = Duration::from_secs(10);
+
+/// While an agent starts (its first [`STARTUP_GRACE`] at most), its timeouts are relaxed: every
 /// connection is new, handshakes with every peer happen at once, and a probe that waits
 /// for one is not evidence of death. A suspect has 10 s to refute (rather than 1 s), and
 /// its own check of a reported death takes 2 s (rather than 500 ms).
