@@ -75,8 +75,19 @@ fn run_fleet(n: usize, net: u8) {
     });
     eprintln!("{n} agents converged; checked {took:?} after start");
 
-    // Idle: 10 s of CPU and packets, and the RSS at the end.
-    std::thread::sleep(Duration::from_secs(5));
+    // Idle: once no agent has logged a member alive, dead or a rejoin for 10 s (a fleet
+    // started at once keeps renaming members for a while after it converged), 10 s of CPU
+    // and packets, and the RSS at the end.
+    let settled = wait_for("the fleet to settle", Duration::from_secs(120), || {
+        let quiet_since = SystemTime::now() - Duration::from_secs(10);
+        fleet.iter().all(|a| {
+            let log = a.log_text();
+            ["member is alive", "member is dead", "rejoined"]
+                .iter()
+                .all(|n| last_time_of(&log, n).is_none_or(|t| t < quiet_since))
+        })
+    });
+    eprintln!("settled {settled:?} after converging");
     let deaths_before = deaths(&fleet);
     let counters = Counters::install(&fleet);
     let cpu0: Vec<u64> = fleet.iter().map(|a| cpu_ticks(a.pid())).collect();
@@ -350,6 +361,13 @@ fn median_max(v: &mut [f64]) -> (f64, f64) {
 
 fn log_time_of(log: &str, needle: &str) -> Option<SystemTime> {
     log.lines().find(|l| l.contains(needle)).map(parse_time)
+}
+
+fn last_time_of(log: &str, needle: &str) -> Option<SystemTime> {
+    log.lines()
+        .rev()
+        .find(|l| l.contains(needle))
+        .map(parse_time)
 }
 
 /// The timestamp tracing puts first on a line: `2026-11-26T23:17:19.110401Z`.
