@@ -15,9 +15,9 @@ use std::time::Duration;
 use fleet::{Agent, Ca, Netns, agents, deploy_tiny, hosts, hosts_in, state_of, wait_for};
 
 const LONG: Duration = Duration::from_secs(30);
-/// How long a death may take to be reported: the fleets here are in their first 30 s, when
-/// a suspect has 10 s to refute, longer on a machine so loaded that the agents run late
-/// (`membership::STARTUP_GRACE`, `core::Health`).
+/// How long a death may take to be reported: the fleets here may still be in their start-up
+/// grace (10 to 30 s), when a suspect has 10 s to refute, longer on a machine so loaded that
+/// the agents run late (`membership::STARTUP_GRACE`, `core::Health`).
 const DETECTION: Duration = Duration::from_secs(60);
 
 /// Whether every running agent lists exactly `expected` (name → state).

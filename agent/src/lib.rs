@@ -10,5 +10,4 @@ pub mod durable;
 pub mod hooks;
 pub mod identity;
 pub mod lifecycle;
-pub mod memory;
 pub mod mesh;

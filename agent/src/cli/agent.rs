@@ -74,7 +74,6 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
         }
     };
     tracing::info!(name = %config.name, data_dir = %config.data_dir.display(), "agent started");
-    tokio::spawn(crate::memory::trim_periodically(stopped.clone()));
 
     tokio::spawn(async move {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");

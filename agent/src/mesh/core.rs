@@ -102,7 +102,8 @@ pub struct Core {
 /// neighbour) would miss answers that did arrive and suspect members that are fine. Each
 /// time timers fire more than [`LATE`] behind, the level rises by one (up to
 /// [`membership::MAX_OVERLOAD`]); after [`CALM_FOR`] on time, it falls by one. The
-/// membership stretches its probe timeouts and suspicion by the level.
+/// membership stretches suspicion and its own checks by the level (foca fixes the probe
+/// timing).
 #[derive(Debug)]
 struct Health {
     level: u8,

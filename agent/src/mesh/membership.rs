@@ -95,11 +95,11 @@ impl foca::Identity for MemberId {
 /// What the caller must do after feeding the membership.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// Deliver these bytes to that member (as a datagram). `dial` is false for gossip
-    /// (news pushed to random members on a timer): worth sending over a connection that is
-    /// open, not worth a handshake, so that a fleet starting at once does not handshake
-    /// with every member for news that reaches everyone anyway. Probes, their answers and
-    /// announcements dial.
+    /// Deliver these bytes to that member (as a datagram). `dial` is false for periodic
+    /// gossip (news pushed to random members every 200 ms): worth sending over a connection
+    /// that is open, not worth a handshake, so that a fleet starting at once does not
+    /// handshake with every member for news that reaches everyone anyway. Everything else
+    /// dials: probes and their answers, announcements, refutations, leaving.
     Send {
         to: MemberId,
         data: Vec<u8>,
@@ -289,6 +289,9 @@ struct Collect {
     changes: Vec<Change>,
     /// This agent's incarnation, as its last packet out said.
     incarnation: Option<u16>,
+    /// Collecting what foca's periodic gossip timer sends: news pushed to random members,
+    /// not worth a handshake.
+    periodic: bool,
 }
 
 enum Change {
@@ -317,9 +320,10 @@ impl Runtime<MemberId> for Collect {
 
     fn send_to(&mut self, to: MemberId, data: &[u8]) {
         let header = Codec::<MemberId>::decode_header(&mut PostcardCodec, data).ok();
-        let gossip = header
-            .as_ref()
-            .is_some_and(|h| h.message == Message::Gossip);
+        let gossip = self.periodic
+            && header
+                .as_ref()
+                .is_some_and(|h| h.message == Message::Gossip);
         if let Some(h) = header {
             self.incarnation = Some(h.src_incarnation);
         }
@@ -457,6 +461,8 @@ struct Screened {
     introductions: Vec<MemberId>,
     /// Members a third party said were down: to check ourselves.
     to_verify: Vec<MemberId>,
+    /// The sender's incarnation, in its own words.
+    src_incarnation: u16,
 }
 
 /// This agent's own check of a member reported down.
@@ -487,9 +493,9 @@ pub struct Membership {
     /// Per member known at an address, the renewed identity hearsay reports there and who
     /// reported it (at most [`CORROBORATION`]).
     renewal_reports: HashMap<SocketAddr, (MemberId, Vec<String>)>,
-    /// Per address, the highest incarnation taken in (first-hand, or hearsay within
-    /// [`MAX_INCARNATION_STEP`]).
-    incarnations: HashMap<SocketAddr, u16>,
+    /// Per member known at an address, its bump and the highest incarnation it gave
+    /// first-hand (the anchor for capping hearsay: [`MAX_INCARNATION_STEP`]).
+    first_hand: HashMap<SocketAddr, (u16, u16)>,
     /// This agent's own incarnation, as its last packet out said.
     own_incarnation: u16,
     /// Relaxed timeouts while the agent starts ([`STARTUP_GRACE`]).
@@ -522,7 +528,7 @@ impl Membership {
             verifying: HashMap::new(),
             down_reports: HashMap::new(),
             renewal_reports: HashMap::new(),
-            incarnations: HashMap::new(),
+            first_hand: HashMap::new(),
             own_incarnation: 0,
             grace: false,
             overload: 0,
@@ -569,7 +575,7 @@ impl Membership {
 
     /// How overloaded this agent is (0 to [`MAX_OVERLOAD`]): suspicion and its own checks
     /// of reported deaths take `1 + level` times as long, since an agent that runs late
-    /// misses answers that did arrive, and is late to refute suspicions of itself (the
+    /// misses answers that did arrive (the
     /// caller measures it: see `core.rs`).
     pub fn set_overload(&mut self, level: u8) {
         let level = level.min(MAX_OVERLOAD);
@@ -666,6 +672,7 @@ impl Membership {
             data,
             introductions,
             to_verify,
+            src_incarnation,
         } = screened;
         let mut c = Collect::default();
         // First-hand, over a connection from that very address: whoever hearsay put there
@@ -687,6 +694,18 @@ impl Membership {
         }
         out.extend(self.absorb(c));
 
+        // Its own word on its incarnation, kept while it is a member (after foca took the
+        // packet: a refused one changes nothing).
+        if matches!(self.index.by_addr.get(&src.addr), Some((k, _)) if *k == src) {
+            let entry = self
+                .first_hand
+                .entry(src.addr)
+                .or_insert((src.bump, src_incarnation));
+            if entry.0 != src.bump {
+                *entry = (src.bump, src_incarnation);
+            }
+            entry.1 = entry.1.max(src_incarnation);
+        }
         // The sender spoke for itself: it is confirmed, and answers any check of it.
         if let Some(introducer) = self.unconfirmed.remove(&src.addr) {
             self.release(&introducer);
@@ -710,16 +729,17 @@ impl Membership {
         Ok(out)
     }
 
-    /// Caps a hearsay update's incarnation: news of a member alive may run
-    /// [`MAX_INCARNATION_STEP`] ahead of the incarnation held for its address (0 for a
-    /// member not known yet), a suspicion or a death not at all: a suspicion above what
-    /// the member really reached could not be settled by its answers, only by a rejoin.
+    /// Caps a hearsay update's incarnation against the one the member last gave first-hand
+    /// (0 if it never spoke to us): news of it alive may run [`MAX_INCARNATION_STEP`] ahead
+    /// (its refutations of suspicions we missed), a suspicion or a death not at all (a
+    /// suspicion above what the member really reached could not be settled by its answers,
+    /// only by a rejoin). Anchored first-hand, so repeated hearsay cannot ratchet it up.
     fn clamp_hearsay(&mut self, update: Member<MemberId>) -> Member<MemberId> {
-        let held = self
-            .incarnations
-            .get(&update.id().addr)
-            .copied()
-            .unwrap_or(0);
+        let id = update.id();
+        let held = match self.first_hand.get(&id.addr) {
+            Some(&(bump, incarnation)) if bump == id.bump => incarnation,
+            _ => 0,
+        };
         let cap = match update.state() {
             State::Alive => held.saturating_add(MAX_INCARNATION_STEP),
             _ => held,
@@ -751,10 +771,9 @@ impl Membership {
     /// Takes in deferred introductions, oldest first, while there is room for them; those
     /// that became known meanwhile, or whose introducer is at its own cap, are dropped.
     fn readmit(&mut self, out: &mut Vec<Output>) {
-        while !self.deferred.is_empty() && self.unconfirmed.len() < self.unconfirmed_cap() {
-            let Some((update, introducer)) = self.deferred.pop_front() else {
-                break;
-            };
+        while self.unconfirmed.len() < self.unconfirmed_cap()
+            && let Some((update, introducer)) = self.deferred.pop_front()
+        {
             let id = update.id().clone();
             self.deferred_addrs.remove(&id.addr);
             let pending = self.unconfirmed_by.get(&introducer).copied().unwrap_or(0);
@@ -782,7 +801,10 @@ impl Membership {
         match timer.0 {
             TimerKind::Swim(foca::Timer::RemoveDown(id)) => self.forget(id),
             TimerKind::Swim(t) => {
-                let mut c = Collect::default();
+                let mut c = Collect {
+                    periodic: matches!(t, foca::Timer::PeriodicGossip(_)),
+                    ..Collect::default()
+                };
                 if let Err(e) = self.foca.handle_timer(t, &mut c) {
                     tracing::debug!("membership timer: {e}");
                 }
@@ -866,11 +888,6 @@ impl Membership {
         if src.name == me.name || src.addr == me.addr {
             return Err(PacketErrorKind::FromOurselves { claimed: src.name });
         }
-        // First-hand: the sender's own word on its incarnation.
-        self.incarnations.insert(src.addr, header.src_incarnation);
-        if header.message == Message::TurnUndead {
-            tracing::debug!(peer = sender, dst = ?header.dst, me = ?me, "told we are down");
-        }
         // Messages that carry no updates (we use no custom broadcasts): nothing may follow.
         let bare = matches!(
             header.message,
@@ -947,9 +964,13 @@ impl Membership {
                     self.stats.updates_about_us_refused += 1;
                     continue;
                 }
-                // Only we raise our incarnation: a suspicion above it (u16::MAX would force
-                // a rejoin, since it cannot be refuted) is taken as one of the current.
-                let incarnation = update.incarnation().min(self.own_incarnation);
+                // Only we raise our incarnation: a suspicion far above it (u16::MAX would
+                // force a rejoin, since it cannot be refuted) is taken at the most another
+                // agent may hold of us (our incarnation given first-hand, plus the step
+                // hearsay may add), which our refutation then outbids.
+                let incarnation = update
+                    .incarnation()
+                    .min(self.own_incarnation.saturating_add(MAX_INCARNATION_STEP));
                 if incarnation < update.incarnation() {
                     self.stats.incarnations_clamped += 1;
                 }
@@ -1044,12 +1065,6 @@ impl Membership {
             }
         }
 
-        for m in &kept {
-            if m.id().addr != me.addr {
-                let held = self.incarnations.entry(m.id().addr).or_default();
-                *held = (*held).max(m.incarnation());
-            }
-        }
         let header = Header {
             src: header.src,
             src_incarnation: header.src_incarnation,
@@ -1074,6 +1089,7 @@ impl Membership {
             data: out,
             introductions,
             to_verify,
+            src_incarnation: header.src_incarnation,
         })
     }
 
@@ -1151,7 +1167,7 @@ impl Membership {
         let header = Header {
             src: self.foca.identity().clone(),
             // Older than or equal to what members know of us: it changes nothing.
-            src_incarnation: 0,
+            src_incarnation: self.own_incarnation,
             dst: to.clone(),
             message: Message::Ping(self.probe_number),
         };
@@ -1203,7 +1219,7 @@ impl Membership {
             self.verifying.remove(&id.addr);
             self.down_reports.remove(&id.addr);
             self.renewal_reports.remove(&id.addr);
-            self.incarnations.remove(&id.addr);
+            self.first_hand.remove(&id.addr);
         }
         let mut out = self.absorb(c);
         out.extend(gone.into_iter().map(Output::Forgotten));
@@ -1225,6 +1241,7 @@ impl Membership {
             mut out,
             changes,
             incarnation,
+            ..
         } = c;
         if let Some(i) = incarnation {
             self.own_incarnation = i;
@@ -1842,6 +1859,46 @@ mod tests {
         );
         assert_eq!(mesh.downs(0, "b"), 0);
         assert_eq!(mesh.nodes[0].stats().incarnations_clamped, 2);
+    }
+
+    #[test]
+    fn hearsay_cannot_ratchet_an_incarnation_to_make_a_suspicion_stick() {
+        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
+        let (a, b, m) = (
+            mesh.nodes[0].id().clone(),
+            mesh.nodes[1].id().clone(),
+            mesh.nodes[2].id().clone(),
+        );
+        mesh.run(2_000);
+        // b "alive" ever higher, then suspected at the top: b could never refute that.
+        for k in 1..=50u16 {
+            mesh.forge(
+                0,
+                2,
+                packet(
+                    &m,
+                    &a,
+                    Message::Gossip,
+                    &[Member::new(b.clone(), 16 * k, State::Alive)],
+                ),
+            )
+            .unwrap();
+        }
+        mesh.forge(
+            0,
+            2,
+            packet(
+                &m,
+                &a,
+                Message::Gossip,
+                &[Member::new(b.clone(), 800, State::Suspect)],
+            ),
+        )
+        .unwrap();
+        mesh.run(5_000);
+        assert_eq!(mesh.downs(0, "b"), 0, "{:?}", mesh.view(0));
+        assert_eq!(mesh.nodes[1].id(), &b, "b was not made to rejoin");
+        assert!(mesh.view(0).contains(&(b.clone(), State::Alive)));
     }
 
     #[test]

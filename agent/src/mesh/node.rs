@@ -647,7 +647,6 @@ impl Mesh {
                     tracing::debug!(
                         open_connections = driver.pool.open(),
                         members = core.alive_addrs().len(),
-                        heap_in_use = crate::memory::heap_in_use(),
                         "mesh status"
                     );
                     let now = dropped(&handle.drops, &core);

@@ -88,8 +88,6 @@ pub const CONNECTION_WINDOW: u32 = 4 << 20;
 /// What the agent asks for its UDP socket's receive and send buffers (the system may give
 /// less: `net.core.rmem_max`).
 pub const SOCKET_BUFFER: usize = 4 << 20;
-/// The largest UDP payload an agent receives: an Ethernet frame's.
-pub const MAX_UDP_PAYLOAD: u16 = 1472;
 /// Received datagrams buffered per connection before the oldest are dropped.
 pub const DATAGRAM_BUFFER: usize = 128 * 1024;
 
@@ -192,12 +190,7 @@ pub fn endpoint(
 ) -> Result<quinn::Endpoint> {
     let server = server_config(id, revoked)?;
     let socket = udp_socket(listen).with_context(|| format!("binding UDP {listen}"))?;
-    let mut config = quinn::EndpointConfig::new(reset_key(id));
-    // Ethernet-sized: quinn's receive buffers are sized by it (3 MiB at its default of 64 KiB
-    // per datagram).
-    config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .expect("a valid UDP payload size");
+    let config = quinn::EndpointConfig::new(reset_key(id));
     let mut endpoint =
         quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
             .with_context(|| format!("binding UDP {listen}"))?;
