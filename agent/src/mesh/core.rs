@@ -627,6 +627,8 @@ mod tests {
             c.handle_timeout(now);
         }
         assert_eq!(c.membership.overload(), 2);
+        // Still in its start-up grace: 10 s of suspicion, three times over.
+        assert_eq!(c.membership.suspicion(), Duration::from_secs(30));
         // Late without end: capped.
         for _ in 0..10 {
             now = c.poll_timeout().unwrap() + Duration::from_millis(300);

@@ -342,6 +342,16 @@ impl Runtime<MemberId> for Collect {
     }
 }
 
+/// Takes one off `key`'s count, forgetting the key at zero.
+fn uncount(counts: &mut HashMap<String, usize>, key: &str) {
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
 /// How the mesh behaves. Tuned for a LAN of agents:
 /// - failure detection: a probe every 300 ms (an answer expected within 100 ms, else
 ///   indirect probes through others), and a suspect declared down after 1 s (over three
@@ -463,6 +473,8 @@ struct Screened {
     to_verify: Vec<MemberId>,
     /// The sender's incarnation, in its own words.
     src_incarnation: u16,
+    /// Introductions that found this agent full: queued once foca took the packet.
+    to_defer: Vec<Member<MemberId>>,
 }
 
 /// This agent's own check of a member reported down.
@@ -485,14 +497,19 @@ pub struct Membership {
     unconfirmed_by: HashMap<String, usize>,
     /// Introductions that found the agent full, with who made them (see [`MAX_DEFERRED`]).
     deferred: VecDeque<(Member<MemberId>, String)>,
-    /// The addresses in `deferred`: one entry per address.
+    /// The addresses in `deferred` still to take in (one entry per address; news of one's
+    /// death cancels it).
     deferred_addrs: HashSet<SocketAddr>,
+    /// Per introducer, its entries in `deferred` (at most [`MAX_UNCONFIRMED_PER_SENDER`]:
+    /// one insider cannot crowd out everyone else's).
+    deferred_by: HashMap<String, usize>,
     verifying: HashMap<SocketAddr, Verification>,
     /// Per member held active, who reported its death (at most [`CORROBORATION`]).
     down_reports: HashMap<SocketAddr, Vec<String>>,
-    /// Per member known at an address, the renewed identity hearsay reports there and who
-    /// reported it (at most [`CORROBORATION`]).
-    renewal_reports: HashMap<SocketAddr, (MemberId, Vec<String>)>,
+    /// Per member known at an address, the renewed identities hearsay reports there (at
+    /// most [`CORROBORATION`] + 1, the oldest dropped: a bogus one cannot reset the count
+    /// of the real one) and who reported each (at most [`CORROBORATION`]).
+    renewal_reports: HashMap<SocketAddr, Vec<(MemberId, Vec<String>)>>,
     /// Per member known at an address, its bump and the highest incarnation it gave
     /// first-hand (the anchor for capping hearsay: [`MAX_INCARNATION_STEP`]).
     first_hand: HashMap<SocketAddr, (u16, u16)>,
@@ -525,6 +542,7 @@ impl Membership {
             unconfirmed_by: HashMap::new(),
             deferred: VecDeque::new(),
             deferred_addrs: HashSet::new(),
+            deferred_by: HashMap::new(),
             verifying: HashMap::new(),
             down_reports: HashMap::new(),
             renewal_reports: HashMap::new(),
@@ -673,6 +691,7 @@ impl Membership {
             introductions,
             to_verify,
             src_incarnation,
+            to_defer,
         } = screened;
         let mut c = Collect::default();
         // First-hand, over a connection from that very address: whoever hearsay put there
@@ -725,6 +744,12 @@ impl Membership {
         for id in to_verify {
             self.verify(id, &mut out);
         }
+        // Queued only from a sender foca holds active (it ignores the payload of others).
+        if self.index.active_exactly(&src) {
+            for update in to_defer {
+                self.defer(update, sender);
+            }
+        }
         self.readmit(&mut out);
         Ok(out)
     }
@@ -755,17 +780,38 @@ impl Membership {
     /// Counts `sender` as a reporter of the renewed identity `id`; true once
     /// [`CORROBORATION`] different members reported that very identity.
     fn renewal_corroborated(&mut self, id: &MemberId, sender: &str) -> bool {
-        let entry = self
-            .renewal_reports
-            .entry(id.addr)
-            .or_insert_with(|| (id.clone(), Vec::new()));
-        if entry.0 != *id {
-            *entry = (id.clone(), Vec::new());
+        let candidates = self.renewal_reports.entry(id.addr).or_default();
+        let at = match candidates.iter().position(|(c, _)| c == id) {
+            Some(at) => at,
+            None => {
+                if candidates.len() > CORROBORATION {
+                    candidates.remove(0);
+                }
+                candidates.push((id.clone(), Vec::new()));
+                candidates.len() - 1
+            }
+        };
+        let reporters = &mut candidates[at].1;
+        if !reporters.iter().any(|r| r == sender) && reporters.len() < CORROBORATION {
+            reporters.push(sender.to_owned());
         }
-        if !entry.1.iter().any(|r| r == sender) && entry.1.len() < CORROBORATION {
-            entry.1.push(sender.to_owned());
+        reporters.len() >= CORROBORATION
+    }
+
+    /// Queues an introduction that found this agent full (see [`MAX_DEFERRED`]).
+    fn defer(&mut self, update: Member<MemberId>, introducer: &str) {
+        if !self.deferred_addrs.insert(update.id().addr) {
+            return;
         }
-        entry.1.len() >= CORROBORATION
+        self.stats.introductions_deferred += 1;
+        if self.deferred.len() >= MAX_DEFERRED
+            && let Some((old, by)) = self.deferred.pop_front()
+        {
+            self.deferred_addrs.remove(&old.id().addr);
+            uncount(&mut self.deferred_by, &by);
+        }
+        *self.deferred_by.entry(introducer.to_owned()).or_default() += 1;
+        self.deferred.push_back((update, introducer.to_owned()));
     }
 
     /// Takes in deferred introductions, oldest first, while there is room for them; those
@@ -775,9 +821,10 @@ impl Membership {
             && let Some((update, introducer)) = self.deferred.pop_front()
         {
             let id = update.id().clone();
-            self.deferred_addrs.remove(&id.addr);
+            uncount(&mut self.deferred_by, &introducer);
             let pending = self.unconfirmed_by.get(&introducer).copied().unwrap_or(0);
-            if self.index.by_addr.contains_key(&id.addr)
+            if !self.deferred_addrs.remove(&id.addr)
+                || self.index.by_addr.contains_key(&id.addr)
                 || self.index.names.contains_key(&id.name)
                 || pending >= MAX_UNCONFIRMED_PER_SENDER
             {
@@ -943,6 +990,7 @@ impl Membership {
         let mut new_names = HashSet::new();
         let mut introductions = Vec::new();
         let mut to_verify = Vec::new();
+        let mut to_defer = Vec::new();
         let pending = self.unconfirmed_by.get(sender).copied().unwrap_or(0);
         let unconfirmed_cap = self.unconfirmed_cap();
         for update in updates {
@@ -1041,6 +1089,8 @@ impl Membership {
                     }
                     if update.state() == State::Down {
                         self.stats.dead_introductions += 1;
+                        // Not to be taken in later as alive either.
+                        self.deferred_addrs.remove(&id.addr);
                         continue;
                     }
                     if pending + introductions.len() >= MAX_UNCONFIRMED_PER_SENDER {
@@ -1048,14 +1098,11 @@ impl Membership {
                         continue;
                     }
                     if self.unconfirmed.len() + introductions.len() >= unconfirmed_cap {
-                        if self.deferred_addrs.insert(id.addr) {
-                            self.stats.introductions_deferred += 1;
-                            if self.deferred.len() >= MAX_DEFERRED
-                                && let Some((old, _)) = self.deferred.pop_front()
-                            {
-                                self.deferred_addrs.remove(&old.id().addr);
-                            }
-                            self.deferred.push_back((update, sender.to_owned()));
+                        let queued = self.deferred_by.get(sender).copied().unwrap_or(0);
+                        if queued + to_defer.len() >= MAX_UNCONFIRMED_PER_SENDER {
+                            self.stats.introductions_over_cap += 1;
+                        } else if !self.deferred_addrs.contains(&id.addr) {
+                            to_defer.push(update);
                         }
                         continue;
                     }
@@ -1090,6 +1137,7 @@ impl Membership {
             introductions,
             to_verify,
             src_incarnation: header.src_incarnation,
+            to_defer,
         })
     }
 
@@ -1227,12 +1275,7 @@ impl Membership {
     }
 
     fn release(&mut self, introducer: &str) {
-        if let Entry::Occupied(mut e) = self.unconfirmed_by.entry(introducer.to_owned()) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
+        uncount(&mut self.unconfirmed_by, introducer);
     }
 
     /// Brings the index in step with what foca reported, and returns the outputs.
