@@ -477,6 +477,16 @@ struct Screened {
     to_defer: Vec<Member<MemberId>>,
 }
 
+/// A member's incarnation, as far as this agent knows it.
+#[derive(Clone, Copy, Debug)]
+struct Incarnations {
+    bump: u16,
+    /// The highest it gave itself, first-hand.
+    said: u16,
+    /// The highest hearsay of it alive that was taken in (at most `said` + the step).
+    admitted: u16,
+}
+
 /// This agent's own check of a member reported down.
 struct Verification {
     id: MemberId,
@@ -510,9 +520,9 @@ pub struct Membership {
     /// most [`CORROBORATION`] + 1, the oldest dropped: a bogus one cannot reset the count
     /// of the real one) and who reported each (at most [`CORROBORATION`]).
     renewal_reports: HashMap<SocketAddr, Vec<(MemberId, Vec<String>)>>,
-    /// Per member known at an address, its bump and the highest incarnation it gave
-    /// first-hand (the anchor for capping hearsay: [`MAX_INCARNATION_STEP`]).
-    first_hand: HashMap<SocketAddr, (u16, u16)>,
+    /// Per member that spoke to us first-hand, what we know of its incarnation (the anchor
+    /// for capping hearsay: [`MAX_INCARNATION_STEP`]).
+    first_hand: HashMap<SocketAddr, Incarnations>,
     /// This agent's own incarnation, as its last packet out said.
     own_incarnation: u16,
     /// Relaxed timeouts while the agent starts ([`STARTUP_GRACE`]).
@@ -716,14 +726,17 @@ impl Membership {
         // Its own word on its incarnation, kept while it is a member (after foca took the
         // packet: a refused one changes nothing).
         if matches!(self.index.by_addr.get(&src.addr), Some((k, _)) if *k == src) {
-            let entry = self
-                .first_hand
-                .entry(src.addr)
-                .or_insert((src.bump, src_incarnation));
-            if entry.0 != src.bump {
-                *entry = (src.bump, src_incarnation);
+            let fresh = Incarnations {
+                bump: src.bump,
+                said: src_incarnation,
+                admitted: src_incarnation,
+            };
+            let entry = self.first_hand.entry(src.addr).or_insert(fresh);
+            if entry.bump != src.bump {
+                *entry = fresh;
             }
-            entry.1 = entry.1.max(src_incarnation);
+            entry.said = entry.said.max(src_incarnation);
+            entry.admitted = entry.admitted.max(entry.said);
         }
         // The sender spoke for itself: it is confirmed, and answers any check of it.
         if let Some(introducer) = self.unconfirmed.remove(&src.addr) {
@@ -756,19 +769,26 @@ impl Membership {
 
     /// Caps a hearsay update's incarnation against the one the member last gave first-hand
     /// (0 if it never spoke to us): news of it alive may run [`MAX_INCARNATION_STEP`] ahead
-    /// (its refutations of suspicions we missed), a suspicion or a death not at all (a
-    /// suspicion above what the member really reached could not be settled by its answers,
-    /// only by a rejoin). Anchored first-hand, so repeated hearsay cannot ratchet it up.
+    /// (its refutations of suspicions we missed), a suspicion or a death no further than
+    /// news of it alive that we took in. Anchored first-hand, so repeated hearsay cannot
+    /// ratchet it up; and the member takes a suspicion of itself up to its own incarnation
+    /// plus the step, so its refutation outbids any suspicion an agent may hold.
     fn clamp_hearsay(&mut self, update: Member<MemberId>) -> Member<MemberId> {
         let id = update.id();
-        let held = match self.first_hand.get(&id.addr) {
-            Some(&(bump, incarnation)) if bump == id.bump => incarnation,
-            _ => 0,
-        };
+        let known = self
+            .first_hand
+            .get_mut(&id.addr)
+            .filter(|k| k.bump == id.bump);
+        let (said, admitted) = known.as_ref().map_or((0, 0), |k| (k.said, k.admitted));
         let cap = match update.state() {
-            State::Alive => held.saturating_add(MAX_INCARNATION_STEP),
-            _ => held,
+            State::Alive => said.saturating_add(MAX_INCARNATION_STEP),
+            _ => admitted.max(said),
         };
+        if update.state() == State::Alive
+            && let Some(k) = known
+        {
+            k.admitted = k.admitted.max(update.incarnation().min(cap));
+        }
         if update.incarnation() <= cap {
             return update;
         }
