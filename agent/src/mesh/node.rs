@@ -967,7 +967,7 @@ impl Driver {
     }
 
     /// Sends a membership packet over the connection to `to`; without one, dials it only
-    /// if `dial` (gossip is not worth a handshake).
+    /// if `dial` (periodic gossip is not worth a handshake).
     fn send_datagram(&mut self, now: Instant, to: SocketAddr, data: Bytes, dial: bool) {
         if let Some(conn) = self.pool.live(now, to) {
             if let Err(e) = conn.send_datagram(data) {
