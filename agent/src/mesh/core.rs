@@ -217,12 +217,13 @@ impl Core {
 
     /// Stops trusting records signed by certificates the fleet CA revoked: new ones are
     /// refused, those held are dropped, and the members they name are declared down at
-    /// once (no probe need confirm it).
-    pub fn revoke(&mut self, now: Instant, list: &RevocationList) {
+    /// once (no probe need confirm it), as are `also` (the names on the revoked
+    /// certificates of connections the driver cut, whose records may not be held).
+    pub fn revoke(&mut self, now: Instant, list: &RevocationList, also: &[String]) {
         self.table
             .authority_mut()
             .set_revoked(list.serials.iter().cloned().collect());
-        let revoked: Vec<String> = self
+        let mut revoked: Vec<String> = self
             .table
             .records()
             .map(|r| r.name.clone())
@@ -232,6 +233,11 @@ impl Core {
                     .is_some_and(|s| list.is_revoked(&s.cert))
             })
             .collect();
+        for name in also {
+            if !revoked.contains(name) {
+                revoked.push(name.clone());
+            }
+        }
         for name in revoked {
             let out = self.membership.expel(&name);
             self.apply(now, out);

@@ -929,18 +929,26 @@ impl Driver {
         self.endpoint.set_default_client_config(client);
         // Connections that complete from now on check this list as they register.
         *self.inbound.revoked.write().expect("revocation lock") = Some(Arc::new(list.clone()));
-        let cut: Vec<quinn::Connection> = self
+        let cut: Vec<(quinn::Connection, Option<String>)> = self
             .inbound
             .connections
             .lock()
             .expect("connections lock")
             .values()
             .filter(|(_, cert)| list.is_revoked(cert))
-            .map(|(c, _)| c.clone())
+            .map(|(c, cert)| {
+                (
+                    c.clone(),
+                    crate::identity::name_and_role(cert.as_ref())
+                        .ok()
+                        .map(|(n, _)| n),
+                )
+            })
             .collect();
-        for conn in &cut {
+        for (conn, _) in &cut {
             conn.close(3u32.into(), b"certificate revoked");
         }
+        let names: Vec<String> = cut.iter().filter_map(|(_, n)| n.clone()).collect();
         tracing::warn!(
             number = list.number,
             revoked = list.serials.len(),
@@ -948,7 +956,7 @@ impl Driver {
             "a new revocation list is in force"
         );
         super::revocation::store(&self.lists_file, &list);
-        core.revoke(Instant::now(), &list);
+        core.revoke(Instant::now(), &list, &names);
         if let Some(frame) = self.revocations_frame(&list) {
             let peers = core.alive_addrs();
             let n = super::hoststate::fanout(peers.len());
