@@ -1500,6 +1500,11 @@ mod tests {
             Ok(())
         }
 
+        /// The members' identities, in order.
+        fn ids<const N: usize>(&self) -> [MemberId; N] {
+            std::array::from_fn(|i| self.nodes[i].id().clone())
+        }
+
         fn view(&self, node: usize) -> Vec<(MemberId, State)> {
             let mut v: Vec<(MemberId, State)> = self.nodes[node]
                 .states()
@@ -1698,11 +1703,7 @@ mod tests {
     #[test]
     fn hearsay_cannot_take_over_an_address_or_renew_a_member() {
         let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
-        let (a, b, m) = (
-            mesh.nodes[0].id().clone(),
-            mesh.nodes[1].id().clone(),
-            mesh.nodes[2].id().clone(),
-        );
+        let [a, b, m] = mesh.ids();
         let before = mesh.view(0);
         let lies = [
             // b's next life, at b's address (a resurrection by bump + 1)
@@ -1814,12 +1815,7 @@ mod tests {
     #[test]
     fn a_death_two_members_report_is_believed_at_once() {
         let mut mesh = Mesh::new(&["a", "b", "c", "d"], FORGET_DOWN_AFTER);
-        let (a, b, c, d) = (
-            mesh.nodes[0].id().clone(),
-            mesh.nodes[1].id().clone(),
-            mesh.nodes[2].id().clone(),
-            mesh.nodes[3].id().clone(),
-        );
+        let [a, b, c, d] = mesh.ids();
         let state_of_d = |mesh: &Mesh| mesh.nodes[0].states().find(|(x, _)| **x == d).unwrap().1;
         // One reporter, twice: a check of our own, not belief.
         for _ in 0..2 {
@@ -1845,12 +1841,7 @@ mod tests {
     #[test]
     fn a_renewal_two_members_relay_is_believed() {
         let mut mesh = Mesh::new(&["a", "b", "c", "d"], FORGET_DOWN_AFTER);
-        let (a, b, c, d) = (
-            mesh.nodes[0].id().clone(),
-            mesh.nodes[1].id().clone(),
-            mesh.nodes[2].id().clone(),
-            mesh.nodes[3].id().clone(),
-        );
+        let [a, b, c, d] = mesh.ids();
         let renewed = d.renew().unwrap();
         let held = |mesh: &Mesh| {
             mesh.nodes[0]
@@ -1893,11 +1884,7 @@ mod tests {
     #[test]
     fn a_suspicion_at_the_last_incarnation_is_taken_as_one_of_the_current() {
         let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
-        let (a, b, m) = (
-            mesh.nodes[0].id().clone(),
-            mesh.nodes[1].id().clone(),
-            mesh.nodes[2].id().clone(),
-        );
+        let [a, b, m] = mesh.ids();
         mesh.run(2_000);
         // At a: b suspected, and a itself, at u16::MAX.
         for victim in [&b, &a] {
@@ -1927,11 +1914,7 @@ mod tests {
     #[test]
     fn hearsay_cannot_ratchet_an_incarnation_to_make_a_suspicion_stick() {
         let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
-        let (a, b, m) = (
-            mesh.nodes[0].id().clone(),
-            mesh.nodes[1].id().clone(),
-            mesh.nodes[2].id().clone(),
-        );
+        let [a, b, m] = mesh.ids();
         mesh.run(2_000);
         // b "alive" ever higher, then suspected at the top: b could never refute that.
         for k in 1..=50u16 {
@@ -1983,11 +1966,7 @@ mod tests {
     #[test]
     fn a_forged_death_of_a_live_member_kills_no_one() {
         let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
-        let (a, b, m) = (
-            mesh.nodes[0].id().clone(),
-            mesh.nodes[1].id().clone(),
-            mesh.nodes[2].id().clone(),
-        );
+        let [a, b, m] = mesh.ids();
         for incarnation in [0, 5, 0] {
             mesh.forge(
                 0,
@@ -2038,11 +2017,7 @@ mod tests {
     #[test]
     fn a_death_reported_and_confirmed_by_our_own_check_stands() {
         let mut mesh = Mesh::new(&["a", "b", "c"], FORGET_DOWN_AFTER);
-        let (a, b, c) = (
-            mesh.nodes[0].id().clone(),
-            mesh.nodes[1].id().clone(),
-            mesh.nodes[2].id().clone(),
-        );
+        let [a, b, c] = mesh.ids();
         mesh.muted.insert(1);
         mesh.forge(
             0,
@@ -2058,11 +2033,7 @@ mod tests {
     #[test]
     fn no_request_makes_us_send_to_a_stranger() {
         let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
-        let (a, b, m) = (
-            mesh.nodes[0].id().clone(),
-            mesh.nodes[1].id().clone(),
-            mesh.nodes[2].id().clone(),
-        );
+        let [a, b, m] = mesh.ids();
         let stranger = id("stranger", 9999);
         mesh.sent_to.clear();
         for message in [
