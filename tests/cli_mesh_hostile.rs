@@ -724,21 +724,13 @@ fn swim_packet(
     message: foca::Message<shoal_agent::mesh::membership::MemberId>,
     updates: &[foca::Member<shoal_agent::mesh::membership::MemberId>],
 ) -> Vec<u8> {
-    use foca::{Codec, Header, PostcardCodec};
-    let mut data = Vec::new();
-    let header = Header {
+    let header = foca::Header {
         src: src.clone(),
         src_incarnation,
         dst: dst.clone(),
         message,
     };
-    PostcardCodec.encode_header(&header, &mut data).unwrap();
-    if !updates.is_empty() {
-        data.extend(u16::try_from(updates.len()).unwrap().to_be_bytes());
-        for u in updates {
-            PostcardCodec.encode_member(u, &mut data).unwrap();
-        }
-    }
+    let data = shoal_agent::mesh::membership::encode_packet(&header, updates);
     assert!(data.len() <= shoal_agent::mesh::membership::MAX_PACKET);
     data
 }

@@ -342,6 +342,26 @@ impl Runtime<MemberId> for Collect {
     }
 }
 
+/// A membership packet as foca reads it: the header, then (when there are any) a big-endian
+/// count of updates and the updates. How the screen re-encodes what it kept, and how tests
+/// speak SWIM as an insider would.
+pub fn encode_packet(header: &Header<MemberId>, updates: &[Member<MemberId>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PostcardCodec
+        .encode_header(header, &mut out)
+        .expect("encoding into a Vec");
+    if !updates.is_empty() {
+        let count = u16::try_from(updates.len()).expect("a packet holds fewer than 65,536 updates");
+        out.extend_from_slice(&count.to_be_bytes());
+        for member in updates {
+            PostcardCodec
+                .encode_member(member, &mut out)
+                .expect("encoding into a Vec");
+        }
+    }
+    out
+}
+
 /// Takes one off `key`'s count, forgetting the key at zero.
 fn uncount(counts: &mut HashMap<String, usize>, key: &str) {
     if let Some(n) = counts.get_mut(key) {
@@ -1138,19 +1158,7 @@ impl Membership {
             dst: header.dst,
             message,
         };
-        let mut out = Vec::with_capacity(data.len());
-        PostcardCodec
-            .encode_header(&header, &mut out)
-            .expect("encoding into a Vec");
-        if !bare && !kept.is_empty() {
-            let count = u16::try_from(kept.len()).expect("at most as many as were read");
-            out.extend_from_slice(&count.to_be_bytes());
-            for member in &kept {
-                PostcardCodec
-                    .encode_member(member, &mut out)
-                    .expect("encoding into a Vec");
-            }
-        }
+        let out = encode_packet(&header, if bare { &[] } else { &kept });
         Ok(Screened {
             src,
             data: out,
@@ -1529,20 +1537,16 @@ mod tests {
         message: Message<MemberId>,
         updates: &[Member<MemberId>],
     ) -> Vec<u8> {
-        let mut data = Vec::new();
         let header = Header {
             src: src.clone(),
             src_incarnation: 0,
             dst: dst.clone(),
             message,
         };
-        PostcardCodec.encode_header(&header, &mut data).unwrap();
-        if header.message == Message::Announce {
-            return data;
-        }
-        data.extend((updates.len() as u16).to_be_bytes());
-        for u in updates {
-            PostcardCodec.encode_member(u, &mut data).unwrap();
+        let mut data = encode_packet(&header, updates);
+        if updates.is_empty() && header.message != Message::Announce {
+            // As foca writes it: a count of none (the garbage tests build on it).
+            data.extend(0u16.to_be_bytes());
         }
         assert!(data.len() <= MAX_PACKET);
         data
