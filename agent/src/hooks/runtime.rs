@@ -12,9 +12,9 @@
 //! allocation failure is reported as such rather than as the trap it turns into.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -144,6 +144,9 @@ impl LoadedHook {
 
 struct Prepared {
     sha256: String,
+    /// The engine it was compiled for, which its stores must use, and its epoch ticker.
+    engine: Engine,
+    ticker: Arc<Ticking>,
     pre: Pre,
 }
 
@@ -154,19 +157,27 @@ enum Pre {
 }
 
 /// Runs hooks. Create one per agent and share it: it owns the engine, the epoch ticker
-/// and the caches.
+/// and the caches. The engine is made when the first hook is loaded, not before: an
+/// agent that runs no hook pays neither the engine's memory (the code it touches, its
+/// linkers) nor the epoch thread's wake-ups.
 pub struct HookRuntime {
+    cache_dir: PathBuf,
+    wasm: OnceLock<Wasm>,
+    making: Mutex<()>,
+    loaded: Mutex<HashMap<String, Arc<Prepared>>>,
+}
+
+/// The engine and what is tied to it.
+struct Wasm {
     engine: Engine,
     cache: CompileCache,
     components: wasmtime::component::Linker<State<P2>>,
     modules: wasmtime::Linker<State<WasiP1Ctx>>,
-    loaded: Mutex<HashMap<String, Arc<Prepared>>>,
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
 }
 
-impl HookRuntime {
-    /// A runtime whose compiled code is cached under `cache_dir`.
-    pub fn new(cache_dir: &Path) -> Result<Self> {
+impl Wasm {
+    fn new(cache_dir: &Path) -> Result<Self> {
         let mut config = Config::new();
         config
             .epoch_interruption(true)
@@ -182,57 +193,13 @@ impl HookRuntime {
             &mut s.wasi
         })?;
 
-        Ok(HookRuntime {
+        Ok(Wasm {
             cache: CompileCache::open(cache_dir, &engine)?,
-            _ticker: EpochTicker::start(&engine),
+            ticker: EpochTicker::start(&engine),
             engine,
             components,
             modules,
-            loaded: Mutex::new(HashMap::new()),
         })
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    /// Reads, compiles (or loads from cache) and links a hook file.
-    pub fn load_file(&self, path: &Path) -> Result<LoadedHook> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        self.load(&bytes)
-            .with_context(|| format!("loading the hook {}", path.display()))
-    }
-
-    /// Compiles (or loads from cache) and links a hook.
-    pub fn load(&self, bytes: &[u8]) -> Result<LoadedHook> {
-        let sha256 = sha256_hex(bytes);
-        if let Some(prepared) = self.loaded.lock().unwrap().get(&sha256) {
-            return Ok(LoadedHook {
-                prepared: prepared.clone(),
-                cache: CacheStatus::Memory,
-            });
-        }
-        let (compiled, cache) = self.cache.load(&self.engine, bytes, &sha256)?;
-        let pre = match compiled {
-            Compiled::Component(c) => self.link_component(&c)?,
-            Compiled::Module(m) => {
-                if m.get_export("_start").is_none() {
-                    anyhow::bail!(
-                        "this core module has no `_start` export: a preview-1 module must be a WASI command"
-                    );
-                }
-                Pre::Module(
-                    wt(self.modules.instantiate_pre(&m))
-                        .context("linking the WASI preview-1 module")?,
-                )
-            }
-        };
-        let prepared = Arc::new(Prepared {
-            sha256: sha256.clone(),
-            pre,
-        });
-        self.loaded.lock().unwrap().insert(sha256, prepared.clone());
-        Ok(LoadedHook { prepared, cache })
     }
 
     fn link_component(&self, component: &wasmtime::component::Component) -> Result<Pre> {
@@ -262,6 +229,77 @@ impl HookRuntime {
             )
         }
     }
+}
+
+impl HookRuntime {
+    /// A runtime whose compiled code is cached under `cache_dir` (created now, so a cache
+    /// that cannot be is reported at once; the engine waits for the first hook).
+    pub fn new(cache_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(cache_dir).with_context(|| {
+            format!("creating the hook cache directory {}", cache_dir.display())
+        })?;
+        Ok(HookRuntime {
+            cache_dir: cache_dir.to_path_buf(),
+            wasm: OnceLock::new(),
+            making: Mutex::new(()),
+            loaded: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The engine, made on first use.
+    fn wasm(&self) -> Result<&Wasm> {
+        if let Some(w) = self.wasm.get() {
+            return Ok(w);
+        }
+        let _one_at_a_time = self.making.lock().unwrap();
+        if let Some(w) = self.wasm.get() {
+            return Ok(w);
+        }
+        let w = Wasm::new(&self.cache_dir)?;
+        Ok(self.wasm.get_or_init(|| w))
+    }
+
+    /// Reads, compiles (or loads from cache) and links a hook file.
+    pub fn load_file(&self, path: &Path) -> Result<LoadedHook> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        self.load(&bytes)
+            .with_context(|| format!("loading the hook {}", path.display()))
+    }
+
+    /// Compiles (or loads from cache) and links a hook.
+    pub fn load(&self, bytes: &[u8]) -> Result<LoadedHook> {
+        let sha256 = sha256_hex(bytes);
+        if let Some(prepared) = self.loaded.lock().unwrap().get(&sha256) {
+            return Ok(LoadedHook {
+                prepared: prepared.clone(),
+                cache: CacheStatus::Memory,
+            });
+        }
+        let wasm = self.wasm()?;
+        let (compiled, cache) = wasm.cache.load(&wasm.engine, bytes, &sha256)?;
+        let pre = match compiled {
+            Compiled::Component(c) => wasm.link_component(&c)?,
+            Compiled::Module(m) => {
+                if m.get_export("_start").is_none() {
+                    anyhow::bail!(
+                        "this core module has no `_start` export: a preview-1 module must be a WASI command"
+                    );
+                }
+                Pre::Module(
+                    wt(wasm.modules.instantiate_pre(&m))
+                        .context("linking the WASI preview-1 module")?,
+                )
+            }
+        };
+        let prepared = Arc::new(Prepared {
+            sha256: sha256.clone(),
+            engine: wasm.engine.clone(),
+            ticker: wasm.ticker.0.clone(),
+            pre,
+        });
+        self.loaded.lock().unwrap().insert(sha256, prepared.clone());
+        Ok(LoadedHook { prepared, cache })
+    }
 
     /// Runs a loaded hook in a fresh sandbox. Never panics and never fails: whatever the
     /// hook does is reported in the outcome.
@@ -274,6 +312,7 @@ impl HookRuntime {
         let started = Instant::now();
         let log = LogSink::new(sandbox.output_limit);
         let denied = Arc::new(AtomicUsize::new(0));
+        let _ticks = Ticking::ticks(&hook.prepared.ticker);
         let run = self.run_inner(hook, ctx, sandbox, &log, &denied);
         let ended = match tokio::time::timeout(sandbox.timeout, run).await {
             Ok(ended) => ended,
@@ -315,7 +354,10 @@ impl HookRuntime {
         };
         match &hook.prepared.pre {
             Pre::Hook(pre) => {
-                let mut store = self.store(State::p2(builder, limits, log.clone(), http));
+                let mut store = store(
+                    &hook.prepared.engine,
+                    State::p2(builder, limits, log.clone(), http),
+                );
                 let result = async {
                     let instance = pre.instantiate_async(&mut store).await?;
                     instance.call_run(&mut store, &to_wit(ctx)).await
@@ -326,7 +368,10 @@ impl HookRuntime {
                 }
             }
             Pre::Command(pre) => {
-                let mut store = self.store(State::p2(builder, limits, log.clone(), http));
+                let mut store = store(
+                    &hook.prepared.engine,
+                    State::p2(builder, limits, log.clone(), http),
+                );
                 let result = async {
                     let command = pre.instantiate_async(&mut store).await?;
                     command.wasi_cli_run().call_run(&mut store).await
@@ -344,7 +389,7 @@ impl HookRuntime {
                     log: log.clone(),
                     http,
                 };
-                let mut store = self.store(state);
+                let mut store = store(&hook.prepared.engine, state);
                 let result = async {
                     let instance = pre.instantiate_async(&mut store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -356,15 +401,6 @@ impl HookRuntime {
                 }
             }
         }
-    }
-
-    fn store<W: Send + 'static>(&self, state: State<W>) -> Store<State<W>> {
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limits);
-        // Yield to the executor at every tick so the run's timeout can fire.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
-        store
     }
 }
 
@@ -646,31 +682,78 @@ impl ResourceLimiter for MemoryLimits {
     }
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] on a thread of its own, until dropped.
-struct EpochTicker {
-    running: Arc<AtomicBool>,
+/// A fresh store for one run, with its limits and the epoch deadline that lets the run's
+/// timeout fire.
+fn store<W: Send + 'static>(engine: &Engine, state: State<W>) -> Store<State<W>> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limits);
+    // Yield to the executor at every tick so the run's timeout can fire.
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+    store
 }
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on a thread of its own while a hook
+/// runs (an idle agent's thread sleeps, so it costs no wake-ups), until dropped.
+struct EpochTicker(Arc<Ticking>);
+
+struct Ticking {
+    /// Hooks running now, and whether the ticker was dropped.
+    state: Mutex<(usize, bool)>,
+    wake: std::sync::Condvar,
+}
+
+/// Keeps the epoch advancing while it lives: one per hook run.
+struct Ticks(Arc<Ticking>);
 
 impl EpochTicker {
     fn start(engine: &Engine) -> Self {
-        let running = Arc::new(AtomicBool::new(true));
-        let (engine, alive) = (engine.clone(), running.clone());
+        let ticking = Arc::new(Ticking {
+            state: Mutex::new((0, false)),
+            wake: std::sync::Condvar::new(),
+        });
+        let (engine, t) = (engine.clone(), ticking.clone());
         std::thread::Builder::new()
             .name("shoal-epoch".into())
             .spawn(move || {
-                while alive.load(Ordering::Relaxed) {
+                loop {
+                    {
+                        let state = t.state.lock().unwrap();
+                        let state = t
+                            .wake
+                            .wait_while(state, |(runs, stop)| *runs == 0 && !*stop);
+                        if state.unwrap().1 {
+                            return;
+                        }
+                    }
                     std::thread::sleep(EPOCH_TICK);
                     engine.increment_epoch();
                 }
             })
             .expect("spawning the epoch thread");
-        EpochTicker { running }
+        EpochTicker(ticking)
+    }
+}
+
+impl Ticking {
+    /// The epoch advances until the returned guard is dropped.
+    fn ticks(this: &Arc<Ticking>) -> Ticks {
+        this.state.lock().unwrap().0 += 1;
+        this.wake.notify_one();
+        Ticks(this.clone())
+    }
+}
+
+impl Drop for Ticks {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().0 -= 1;
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.running.store(false, Ordering::Relaxed);
+        self.0.state.lock().unwrap().1 = true;
+        self.0.wake.notify_one();
     }
 }
 
