@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -144,9 +144,10 @@ impl LoadedHook {
 
 struct Prepared {
     sha256: String,
-    /// The engine it was compiled for, which its stores must use, and its epoch ticker.
+    /// The engine it was compiled for, which its stores must use, and its epoch ticker
+    /// (kept alive by every hook loaded, so a hook outliving its runtime still times out).
     engine: Engine,
-    ticker: Arc<Ticking>,
+    ticker: Arc<EpochTicker>,
     pre: Pre,
 }
 
@@ -173,7 +174,7 @@ struct Wasm {
     cache: CompileCache,
     components: wasmtime::component::Linker<State<P2>>,
     modules: wasmtime::Linker<State<WasiP1Ctx>>,
-    ticker: EpochTicker,
+    ticker: Arc<EpochTicker>,
 }
 
 impl Wasm {
@@ -195,7 +196,7 @@ impl Wasm {
 
         Ok(Wasm {
             cache: CompileCache::open(cache_dir, &engine)?,
-            ticker: EpochTicker::start(&engine),
+            ticker: Arc::new(EpochTicker::start(&engine)?),
             engine,
             components,
             modules,
@@ -246,12 +247,19 @@ impl HookRuntime {
         })
     }
 
+    /// Makes the engine now if it is not made yet: an error here is the agent's (its
+    /// memory or threads), not a hook's.
+    pub fn ready(&self) -> Result<()> {
+        self.wasm().map(|_| ())
+    }
+
     /// The engine, made on first use.
     fn wasm(&self) -> Result<&Wasm> {
         if let Some(w) = self.wasm.get() {
             return Ok(w);
         }
-        let _one_at_a_time = self.making.lock().unwrap();
+        // A failed attempt leaves nothing half made: the lock's data is `()`.
+        let _one_at_a_time = self.making.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(w) = self.wasm.get() {
             return Ok(w);
         }
@@ -294,7 +302,7 @@ impl HookRuntime {
         let prepared = Arc::new(Prepared {
             sha256: sha256.clone(),
             engine: wasm.engine.clone(),
-            ticker: wasm.ticker.0.clone(),
+            ticker: wasm.ticker.clone(),
             pre,
         });
         self.loaded.lock().unwrap().insert(sha256, prepared.clone());
@@ -312,7 +320,7 @@ impl HookRuntime {
         let started = Instant::now();
         let log = LogSink::new(sandbox.output_limit);
         let denied = Arc::new(AtomicUsize::new(0));
-        let _ticks = Ticking::ticks(&hook.prepared.ticker);
+        let _ticks = hook.prepared.ticker.ticks();
         let run = self.run_inner(hook, ctx, sandbox, &log, &denied);
         let ended = match tokio::time::timeout(sandbox.timeout, run).await {
             Ok(ended) => ended,
@@ -707,7 +715,7 @@ struct Ticking {
 struct Ticks(Arc<Ticking>);
 
 impl EpochTicker {
-    fn start(engine: &Engine) -> Self {
+    fn start(engine: &Engine) -> Result<Self> {
         let ticking = Arc::new(Ticking {
             state: Mutex::new((0, false)),
             wake: std::sync::Condvar::new(),
@@ -718,11 +726,12 @@ impl EpochTicker {
             .spawn(move || {
                 loop {
                     {
-                        let state = t.state.lock().unwrap();
+                        let state = t.state.lock().unwrap_or_else(PoisonError::into_inner);
                         let state = t
                             .wake
-                            .wait_while(state, |(runs, stop)| *runs == 0 && !*stop);
-                        if state.unwrap().1 {
+                            .wait_while(state, |(runs, stop)| *runs == 0 && !*stop)
+                            .unwrap_or_else(PoisonError::into_inner);
+                        if state.1 {
                             return;
                         }
                     }
@@ -730,29 +739,33 @@ impl EpochTicker {
                     engine.increment_epoch();
                 }
             })
-            .expect("spawning the epoch thread");
-        EpochTicker(ticking)
+            .context("starting the hooks' epoch thread")?;
+        Ok(EpochTicker(ticking))
+    }
+
+    /// The epoch advances until the returned guard is dropped.
+    fn ticks(&self) -> Ticks {
+        self.0.lock().0 += 1;
+        self.0.wake.notify_one();
+        Ticks(self.0.clone())
     }
 }
 
 impl Ticking {
-    /// The epoch advances until the returned guard is dropped.
-    fn ticks(this: &Arc<Ticking>) -> Ticks {
-        this.state.lock().unwrap().0 += 1;
-        this.wake.notify_one();
-        Ticks(this.clone())
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, bool)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Drop for Ticks {
     fn drop(&mut self) {
-        self.0.state.lock().unwrap().0 -= 1;
+        self.0.lock().0 -= 1;
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.0.state.lock().unwrap().1 = true;
+        self.0.lock().1 = true;
         self.0.wake.notify_one();
     }
 }
@@ -769,6 +782,24 @@ mod tests {
             "the probe panicked on purpose (at src/lib.rs:30:20)"
         );
         assert_eq!(panic_message("no panic here"), None);
+    }
+
+    #[test]
+    fn the_engine_is_made_at_the_first_hook_and_ticks_only_while_one_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = HookRuntime::new(dir.path()).unwrap();
+        assert!(rt.wasm.get().is_none(), "no engine before a hook");
+        // The smallest WASI command: a core module whose `_start` returns.
+        let hook = rt
+            .load(b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x02\x01\0\x07\x0a\x01\x06_start\0\0\x0a\x04\x01\x02\0\x0b")
+            .unwrap();
+        let ticker = rt.wasm.get().expect("an engine once a hook is loaded").ticker.clone();
+        assert_eq!(ticker.0.lock().0, 0, "idle: the ticker sleeps");
+        {
+            let _running = hook.prepared.ticker.ticks();
+            assert_eq!(ticker.0.lock().0, 1);
+        }
+        assert_eq!(ticker.0.lock().0, 0);
     }
 
     #[test]

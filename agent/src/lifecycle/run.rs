@@ -156,6 +156,12 @@ impl LocalHost {
         b.appspec
             .deployable()
             .map_err(|errors| anyhow!("refusing the bundle: its AppSpec has errors:\n{errors}"))?;
+        if b.appspec.hooks.values().any(|h| !h.is_empty()) {
+            // The agent's fault, not the bundle's: said so.
+            self.hooks
+                .ready()
+                .context("this agent cannot run hooks (the bundle was not looked at further)")?;
+        }
         for hooks in b.appspec.hooks.values() {
             for h in hooks {
                 self.hooks

@@ -198,19 +198,6 @@ pub const STARTUP_GRACE: Duration = Duration::from_secs(30);
 /// a step or two ahead; a forged incarnation near `u16::MAX` would leave the member unable
 /// to refute a suspicion, forcing it to rejoin under a new identity.
 pub const MAX_INCARNATION_STEP: u16 = 16;
-/// How far this agent may raise its own incarnation in a burst to refute suspicions of
-/// itself. A refutation raises it to one above the suspected incarnation, and an
-/// incarnation that reaches `u16::MAX` forces a rejoin under a new identity; so the
-/// budget refills by one step per [`PROBES_PER_REFUTATION`] probe periods (about a
-/// second) and suspicions beyond it are dropped. An insider repeating forged suspicions
-/// of a member can then no longer wear its incarnation out (65,535 steps at one a second
-/// take 18 hours, and end in a rejoin, not an outage). Honest suspicions are of the
-/// incarnation held or one below and need one step, which answers them all; the burst
-/// also covers one suspicion at the most hearsay may have raised us to
-/// ([`MAX_INCARNATION_STEP`]).
-pub const REFUTATION_BURST: u16 = MAX_INCARNATION_STEP + 2;
-/// Probe periods per refutation step regained (see [`REFUTATION_BURST`]).
-pub const PROBES_PER_REFUTATION: u8 = 3;
 
 /// The most an overloaded agent stretches its timeouts: `1 + MAX_OVERLOAD` times (see
 /// [`Membership::set_overload`]).
@@ -235,8 +222,6 @@ pub struct MembershipStats {
     pub renewals_corroborated: u64,
     /// Hearsay incarnations capped (see [`MAX_INCARNATION_STEP`]), about us included.
     pub incarnations_clamped: u64,
-    /// Suspicions of this agent dropped over its refutation budget ([`REFUTATION_BURST`]).
-    pub refutations_over_budget: u64,
     /// Hearsay introducing a member already down.
     pub dead_introductions: u64,
     /// Introductions dropped because the sender had [`MAX_UNCONFIRMED_PER_SENDER`] pending.
@@ -562,9 +547,6 @@ pub struct Membership {
     first_hand: HashMap<SocketAddr, Incarnations>,
     /// This agent's own incarnation, as its last packet out said.
     own_incarnation: u16,
-    /// Steps this agent may still raise its incarnation by now ([`REFUTATION_BURST`]), and
-    /// probe periods since the budget last grew.
-    refutations: (u16, u8),
     /// Relaxed timeouts while the agent starts ([`STARTUP_GRACE`]).
     grace: bool,
     /// How overloaded the agent is ([`Self::set_overload`]).
@@ -598,7 +580,6 @@ impl Membership {
             renewal_reports: HashMap::new(),
             first_hand: HashMap::new(),
             own_incarnation: 0,
-            refutations: (REFUTATION_BURST, 0),
             grace: false,
             overload: 0,
             suspicion,
@@ -909,9 +890,6 @@ impl Membership {
         match timer.0 {
             TimerKind::Swim(foca::Timer::RemoveDown(id)) => self.forget(id),
             TimerKind::Swim(t) => {
-                if matches!(t, foca::Timer::ProbeRandomMember(_)) {
-                    self.regain_refutation();
-                }
                 let mut c = Collect {
                     periodic: matches!(t, foca::Timer::PeriodicGossip(_)),
                     ..Collect::default()
@@ -1094,16 +1072,6 @@ impl Membership {
                     }
                     s => s,
                 };
-                // A suspicion of our incarnation or above raises it (below, foca ignores
-                // it): within the budget only.
-                if state == State::Suspect && incarnation >= self.own_incarnation {
-                    let steps = incarnation - self.own_incarnation + 1;
-                    if steps > self.refutations.0 {
-                        self.stats.refutations_over_budget += 1;
-                        continue;
-                    }
-                    self.refutations.0 -= steps;
-                }
                 kept.push(Member::new(me.clone(), incarnation, state));
                 continue;
             }
@@ -1334,17 +1302,6 @@ impl Membership {
         let mut out = self.absorb(c);
         out.extend(gone.into_iter().map(Output::Forgotten));
         out
-    }
-
-    /// One probe period passed: the refutation budget grows by one step every
-    /// [`PROBES_PER_REFUTATION`] of them, up to [`REFUTATION_BURST`].
-    fn regain_refutation(&mut self) {
-        let (left, probes) = &mut self.refutations;
-        *probes += 1;
-        if *probes >= PROBES_PER_REFUTATION {
-            *probes = 0;
-            *left = (*left + 1).min(REFUTATION_BURST);
-        }
     }
 
     fn release(&mut self, introducer: &str) {
@@ -1958,50 +1915,6 @@ mod tests {
         );
         assert_eq!(mesh.downs(0, "b"), 0);
         assert_eq!(mesh.nodes[0].stats().incarnations_clamped, 2);
-    }
-
-    #[test]
-    fn forged_suspicions_cannot_wear_out_an_incarnation() {
-        let mut mesh = Mesh::new(&["a", "b", "mallory"], FORGET_DOWN_AFTER);
-        let [a, b, m] = mesh.ids();
-        mesh.run(2_000);
-        let before = mesh.nodes[0].own_incarnation;
-        // 1,000 suspicions of a, each at the incarnation a holds right then or at the most
-        // hearsay may add to it, over 3 s.
-        for k in 0..1_000 {
-            let held = mesh.nodes[0].own_incarnation + (k % 2) * MAX_INCARNATION_STEP;
-            mesh.forge(
-                0,
-                2,
-                packet(
-                    &m,
-                    &a,
-                    Message::Gossip,
-                    &[Member::new(a.clone(), held, State::Suspect)],
-                ),
-            )
-            .unwrap();
-            if k % 10 == 9 {
-                mesh.run(30);
-            }
-        }
-        mesh.run(2_000);
-        let after = mesh.nodes[0].own_incarnation;
-        // A burst, then a step a second (5 s: 16 probe periods).
-        let most = REFUTATION_BURST + 16 / u16::from(PROBES_PER_REFUTATION);
-        assert!(
-            after - before <= most,
-            "incarnation {before} -> {after}, at most {most} expected"
-        );
-        assert!(mesh.nodes[0].stats().refutations_over_budget >= 990);
-        assert_eq!(mesh.nodes[0].id(), &a, "a was not made to rejoin");
-        assert!(
-            mesh.view(1)
-                .iter()
-                .any(|(x, s)| x == &a && *s == State::Alive)
-        );
-        assert_eq!(mesh.downs(1, "a"), 0);
-        let _ = b;
     }
 
     #[test]
