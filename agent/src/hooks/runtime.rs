@@ -793,7 +793,12 @@ mod tests {
         let hook = rt
             .load(b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x02\x01\0\x07\x0a\x01\x06_start\0\0\x0a\x04\x01\x02\0\x0b")
             .unwrap();
-        let ticker = rt.wasm.get().expect("an engine once a hook is loaded").ticker.clone();
+        let ticker = rt
+            .wasm
+            .get()
+            .expect("an engine once a hook is loaded")
+            .ticker
+            .clone();
         assert_eq!(ticker.0.lock().0, 0, "idle: the ticker sleeps");
         {
             let _running = hook.prepared.ticker.ticks();
