@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod durable;
+pub mod fleet;
 pub mod hooks;
 pub mod identity;
 pub mod lifecycle;
