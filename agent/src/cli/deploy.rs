@@ -1,6 +1,7 @@
 //! `shoal deploy local`: the whole lifecycle on this host, without a mesh, like
 //! `codedeploy-local`. `shoal deploy recover` finishes what an interrupted deployment left
-//! (a deploy does that first anyway).
+//! (a deploy does that first anyway). `shoal deploy create` is a fleet deployment
+//! (`deploy_create.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ pub enum DeployCommand {
     Local(LocalArgs),
     /// Put an application back on one revision after an interrupted deployment.
     Recover(RecoverArgs),
+    /// A fleet deployment by tags, asked of any agent (for now `--dry-run` only: the plan).
+    Create(super::deploy_create::CreateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -81,8 +84,14 @@ fn local_host(args: &HostArgs) -> Result<LocalHost> {
     })
 }
 
-pub async fn run(cmd: DeployCommand, json: bool) -> Result<bool> {
+pub async fn run(
+    cmd: DeployCommand,
+    peer: &str,
+    identity: Option<&std::path::Path>,
+    json: bool,
+) -> Result<bool> {
     match cmd {
+        DeployCommand::Create(args) => super::deploy_create::run(args, peer, identity, json).await,
         DeployCommand::Local(args) => {
             let host = local_host(&args.host)?;
             let request = DeployRequest {

@@ -9,6 +9,7 @@ mod bundle;
 mod ca;
 mod demo;
 mod deploy;
+mod deploy_create;
 mod hook;
 mod hosts;
 
@@ -95,7 +96,9 @@ pub fn main() -> ExitCode {
             Command::Ca(cmd) => ca::run(cmd, &cli.peer, cli.identity.as_deref(), cli.json).await,
             Command::Hook(cmd) => hook::run(cmd, cli.json).await,
             Command::Bundle(cmd) => bundle::run(cmd, cli.json),
-            Command::Deploy(cmd) => deploy::run(cmd, cli.json).await,
+            Command::Deploy(cmd) => {
+                deploy::run(cmd, &cli.peer, cli.identity.as_deref(), cli.json).await
+            }
             Command::Hosts => hosts::run(&cli.peer, cli.identity.as_deref(), cli.json).await,
             Command::Demo(args) => demo::run(args, cli.json).await,
         }

@@ -1,0 +1,363 @@
+//! `shoal deploy create`: a fleet deployment, asked of any agent with an operator identity.
+//!
+//! `--dry-run` works today and changes nothing: it reads the bundle (its revision id, its
+//! AppSpec), asks the agent at `--peer` for the hosts it sees, picks the targets by tags
+//! (CodeDeploy's tag groups, [`crate::fleet::targets`]) and prints the batches CodeDeploy's
+//! rules would run, in order ([`crate::fleet::plan`]). Only hosts the mesh holds alive or
+//! suspect are targeted; matching hosts that are dead or left are listed apart.
+//!
+//! A host's health for the plan is what it gossips for the application: a service that
+//! is stopped, or a deployment in progress, is unhealthy (updated first, at no cost to
+//! the minimum); anything else is healthy. Its revision is the active one it gossips, or
+//! unknown when it has none.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde::Serialize;
+
+use crate::api::{self, Answer, Request};
+use crate::bundle::{self, Limits};
+use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Planner, Revision, Rules};
+use crate::fleet::targets::{self, Targets};
+use crate::mesh::hoststate;
+use crate::mesh::view::{HostView, MemberState};
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// The application to deploy.
+    #[arg(long)]
+    pub app: String,
+    /// A bundle: directory or archive with appspec.yml.
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// The deployment group (default: the application's name).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// The hosts, by tags: `k=v[,k=v]` is one tag group whose tags are ORed; up to three
+    /// groups separated by `;` are ANDed (`role=web,role=api;env=prod`).
+    #[arg(long, value_name = "TAGS")]
+    pub targets: Option<String>,
+    /// AllAtOnce, HalfAtATime or OneAtATime (the default).
+    #[arg(long, value_name = "NAME", conflicts_with = "min_healthy")]
+    pub config: Option<String>,
+    /// The hosts that must stay healthy, as a count (`N`) or a percentage (`P%`).
+    #[arg(long, value_name = "N|P%")]
+    pub min_healthy: Option<String>,
+    /// Print the targets and the batches, in order, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Wait for the deployment to end, showing progress; exit 0 exactly when it Succeeded.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// What `--dry-run` prints (with `--json`, this object).
+#[derive(Debug, Serialize)]
+pub struct DryRun {
+    pub app: String,
+    pub group: String,
+    pub revision: String,
+    pub config: String,
+    pub targets: String,
+    /// The plan's numbers: the minimum of healthy hosts, the successes required and the
+    /// largest batch.
+    pub rules: Rules,
+    /// The targeted hosts, in the order CodeDeploy's rules update them.
+    pub hosts: Vec<PlannedHost>,
+    /// The batches, in order (assuming every host succeeds).
+    pub batches: Vec<Vec<String>>,
+    /// Hosts whose tags match but that the mesh holds dead or left: not targeted.
+    pub unreachable: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlannedHost {
+    pub name: String,
+    pub healthy: bool,
+    /// The revision it runs now, if any.
+    pub revision: Option<String>,
+}
+
+pub async fn run(
+    args: CreateArgs,
+    peer: &str,
+    identity: Option<&Path>,
+    json: bool,
+) -> Result<bool> {
+    if !args.dry_run {
+        bail!(
+            "`shoal deploy create` can only plan for now (--dry-run): fleet deployments through \
+             the deployment log are not built yet; `shoal deploy local` deploys on one host"
+        );
+    }
+    let identity = identity.ok_or_else(|| {
+        anyhow!(
+            "`shoal deploy create` needs an operator identity: pass --identity DIR or set SHOAL_IDENTITY"
+        )
+    })?;
+    let config =
+        DeploymentConfig::from_options(args.config.as_deref(), args.min_healthy.as_deref())
+            .context("--config / --min-healthy")?;
+    let group = args.group.clone().unwrap_or_else(|| args.app.clone());
+    let targets = match &args.targets {
+        Some(t) => Targets::parse(t).context("--targets")?,
+        None => bail!(
+            "the deployment group {group:?} has no targets on record yet: pass --targets k=v[,k=v]"
+        ),
+    };
+    let revision = revision_of(&args.bundle)?;
+
+    let addr = super::hosts::resolve(peer)?;
+    let expect = super::hosts::named_host(peer);
+    let Answer::Hosts(hosts) = api::ask(addr, expect, identity, None, &Request::Hosts).await?
+    else {
+        bail!("{peer} answered something other than the hosts");
+    };
+    let plan = dry_run(&args.app, &group, &revision, config, &targets, &hosts)?;
+    if json {
+        super::print_json(&plan)?;
+    } else {
+        print!("{}", text(&plan));
+    }
+    Ok(true)
+}
+
+/// The bundle's revision id, after checking that it opens and its AppSpec can deploy.
+fn revision_of(path: &Path) -> Result<String> {
+    let staging = tempfile::tempdir().context("making a scratch directory")?;
+    let b = bundle::open(path, &staging.path().join("bundle"), &Limits::default())
+        .with_context(|| format!("refusing the bundle {}", path.display()))?;
+    b.appspec
+        .deployable()
+        .map_err(|errors| anyhow!("refusing the bundle: its AppSpec has errors:\n{errors}"))?;
+    Ok(b.id.0)
+}
+
+/// The plan for `hosts` (as an agent lists them). Sans-IO, so tests can call it.
+pub fn dry_run(
+    app: &str,
+    group: &str,
+    revision: &str,
+    config: DeploymentConfig,
+    targets: &Targets,
+    hosts: &[HostView],
+) -> Result<DryRun> {
+    let matching: Vec<&HostView> = hosts.iter().filter(|h| targets.matches(&h.tags)).collect();
+    let (reachable, unreachable): (Vec<&HostView>, Vec<&HostView>) = matching
+        .into_iter()
+        .partition(|h| matches!(h.state, MemberState::Alive | MemberState::Suspect));
+    let tags: BTreeMap<&str, &BTreeMap<String, String>> = reachable
+        .iter()
+        .map(|h| (h.name.as_str(), &h.tags))
+        .collect();
+    let names = targets::select(targets, tags.iter().map(|(n, t)| (*n, *t))).map_err(|e| {
+        let dead = unreachable.len();
+        if dead > 0 {
+            anyhow!("{e} ({dead} matching hosts are dead or left)")
+        } else {
+            anyhow!("{e}")
+        }
+    })?;
+    let by_name: BTreeMap<&str, &HostView> =
+        reachable.iter().map(|h| (h.name.as_str(), *h)).collect();
+    let infos: Vec<HostInfo> = names.iter().map(|n| host_info(by_name[n], app)).collect();
+    let planner = Planner::new(config, infos.clone(), revision)
+        .with_context(|| format!("cannot plan {config} over {} hosts", names.len()))?;
+    let order: Vec<String> = planner.batches_preview().concat();
+    let info: BTreeMap<&str, &HostInfo> = infos.iter().map(|h| (h.name.as_str(), h)).collect();
+    Ok(DryRun {
+        app: app.to_string(),
+        group: group.to_string(),
+        revision: revision.to_string(),
+        config: config.to_string(),
+        targets: targets.to_string(),
+        rules: planner.rules(),
+        hosts: order
+            .iter()
+            .map(|n| {
+                let h = info[n.as_str()];
+                PlannedHost {
+                    name: n.clone(),
+                    healthy: h.health == Health::Healthy,
+                    revision: match &h.revision {
+                        Revision::Known(r) => Some(r.clone()),
+                        Revision::Unknown => None,
+                    },
+                }
+            })
+            .collect(),
+        batches: planner.batches_preview(),
+        unreachable: unreachable.iter().map(|h| h.name.clone()).collect(),
+    })
+}
+
+fn host_info(h: &HostView, app: &str) -> HostInfo {
+    let detail = h.details.get(app);
+    let health = match detail.map(|d| d.health) {
+        Some(hoststate::Health::Stopped | hoststate::Health::Deploying) => Health::Unhealthy,
+        _ => Health::Healthy,
+    };
+    let revision = match detail.and_then(|d| d.revision.clone()) {
+        Some(r) => Revision::Known(r),
+        None => Revision::Unknown,
+    };
+    HostInfo {
+        name: h.name.clone(),
+        health,
+        revision,
+    }
+}
+
+fn text(plan: &DryRun) -> String {
+    let short = |r: &str| r[..r.len().min(12)].to_string();
+    let mut out = format!(
+        "dry run: {} revision {} to group {} ({}), targets {}\n{} hosts; at least {} stay healthy, {} must succeed, at most {} at a time\n",
+        plan.app,
+        short(&plan.revision),
+        plan.group,
+        plan.config,
+        plan.targets,
+        plan.hosts.len(),
+        plan.rules.minimum,
+        plan.rules.required,
+        plan.rules.max_batch,
+    );
+    let state: BTreeMap<&str, &PlannedHost> =
+        plan.hosts.iter().map(|h| (h.name.as_str(), h)).collect();
+    for (i, batch) in plan.batches.iter().enumerate() {
+        let hosts: Vec<String> = batch
+            .iter()
+            .map(|n| {
+                let h = state[n.as_str()];
+                let rev = h
+                    .revision
+                    .as_deref()
+                    .map_or("no revision".to_string(), short);
+                let health = if h.healthy { "" } else { ", unhealthy" };
+                format!("{n} ({rev}{health})")
+            })
+            .collect();
+        out.push_str(&format!("batch {}: {}\n", i + 1, hosts.join(", ")));
+    }
+    if !plan.unreachable.is_empty() {
+        out.push_str(&format!(
+            "not targeted (dead or left): {}\n",
+            plan.unreachable.join(", ")
+        ));
+    }
+    out.push_str("nothing was changed (--dry-run)\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::hoststate::AppRecord;
+
+    fn host(
+        name: &str,
+        state: MemberState,
+        tags: &[(&str, &str)],
+        app: Option<(&str, hoststate::Health)>,
+    ) -> HostView {
+        HostView {
+            name: name.into(),
+            addr: "127.0.0.1:7400".parse().unwrap(),
+            state,
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            apps: BTreeMap::new(),
+            details: app
+                .map(|(rev, health)| {
+                    (
+                        "web".to_string(),
+                        AppRecord {
+                            revision: Some(rev.to_string()),
+                            health,
+                            held: Default::default(),
+                        },
+                    )
+                })
+                .into_iter()
+                .collect(),
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn plans_over_matching_live_hosts_in_codedeploy_order() {
+        use hoststate::Health::{Running, Stopped};
+        let hosts = vec![
+            host(
+                "a",
+                MemberState::Alive,
+                &[("role", "web")],
+                Some(("new", Running)),
+            ),
+            host(
+                "b",
+                MemberState::Alive,
+                &[("role", "web")],
+                Some(("old", Running)),
+            ),
+            host("c", MemberState::Alive, &[("role", "web")], None),
+            host(
+                "d",
+                MemberState::Suspect,
+                &[("role", "web")],
+                Some(("old", Stopped)),
+            ),
+            host("e", MemberState::Dead, &[("role", "web")], None),
+            host("f", MemberState::Alive, &[("role", "db")], None),
+        ];
+        let targets = Targets::parse("role=web").unwrap();
+        let plan = dry_run(
+            "web",
+            "web",
+            "new",
+            DeploymentConfig::OneAtATime,
+            &targets,
+            &hosts,
+        )
+        .unwrap();
+        // Unhealthy first, then unknown revision, then old, then current.
+        assert_eq!(
+            plan.batches,
+            vec![vec!["d"], vec!["c"], vec!["b"], vec!["a"]]
+        );
+        assert_eq!(plan.unreachable, vec!["e"]);
+        assert!(!plan.hosts[0].healthy);
+        let half = dry_run(
+            "web",
+            "web",
+            "new",
+            DeploymentConfig::HalfAtATime,
+            &targets,
+            &hosts,
+        )
+        .unwrap();
+        assert_eq!(half.rules.max_batch, 2);
+    }
+
+    #[test]
+    fn no_matching_live_host_is_an_error_that_says_why() {
+        let hosts = vec![host("e", MemberState::Dead, &[("role", "web")], None)];
+        let targets = Targets::parse("role=web").unwrap();
+        let err = dry_run(
+            "web",
+            "web",
+            "new",
+            DeploymentConfig::AllAtOnce,
+            &targets,
+            &hosts,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("dead or left"), "{err}");
+    }
+}
