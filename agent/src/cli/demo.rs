@@ -150,7 +150,7 @@ fn write_revision(rev: &Path) -> Result<()> {
 struct DeployReport {
     step: String,
     expected: Expect,
-    status: String,
+    status: crate::lifecycle::status::DeploymentStatus,
     message: String,
     /// The model the service answered with afterwards.
     serving: Option<String>,

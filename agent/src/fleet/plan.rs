@@ -320,30 +320,7 @@ pub enum Outcome {
     Failed,
 }
 
-/// CodeDeploy's host statuses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum HostStatus {
-    /// Not started yet.
-    Pending,
-    /// Started and not reported.
-    InProgress,
-    /// Reported [`Outcome::Succeeded`].
-    Succeeded,
-    /// Reported [`Outcome::Failed`].
-    Failed,
-    /// Never started: the deployment stopped or failed first.
-    Skipped,
-    /// The coordinator cannot tell (for instance, a new coordinator that finds a host
-    /// started but no result in the log and cannot reach it). The planner never says it:
-    /// such a host stays InProgress here until it is reported.
-    Unknown,
-}
-
-impl fmt::Display for HostStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
+pub use crate::lifecycle::status::HostStatus;
 
 /// The deployment's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -49,15 +49,7 @@ pub enum Action {
     Finished,
 }
 
-/// CodeDeploy's event statuses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum EventStatus {
-    Pending,
-    InProgress,
-    Succeeded,
-    Failed,
-    Skipped,
-}
+pub use super::status::EventStatus;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EventRecord {

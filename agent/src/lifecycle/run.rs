@@ -16,6 +16,7 @@ use super::install;
 use super::plan::{Action, EventRecord, Machine, Outcome, Side};
 use super::service;
 use super::state::{AppDir, AppState, Journal, read_json, remove, write_json};
+use super::status::{DeploymentStatus, HostStatus};
 use crate::appspec::{self, AppSpec};
 use crate::bundle::{self, Limits, RevisionId};
 use crate::hooks::{DirGrant, HookContext, HookRuntime, LifecycleEvent, Sandbox};
@@ -60,14 +61,14 @@ pub struct HookResult {
 #[derive(Clone, Debug, Serialize)]
 pub struct HostRecord {
     pub name: String,
-    pub status: String,
+    pub status: HostStatus,
     pub events: Vec<EventRecord>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RollbackRecord {
     pub revision: RevisionId,
-    pub status: String,
+    pub status: DeploymentStatus,
     pub events: Vec<EventRecord>,
 }
 
@@ -77,8 +78,8 @@ pub struct DeploymentRecord {
     pub id: String,
     pub app: String,
     pub revision: RevisionId,
-    /// Succeeded or Failed.
-    pub status: String,
+    /// Succeeded or Failed, once it ended.
+    pub status: DeploymentStatus,
     /// One line for people: "Succeeded", "Failed at ValidateService: …, rolled back to …".
     pub message: String,
     pub hosts: Vec<HostRecord>,
@@ -90,7 +91,7 @@ pub struct DeploymentRecord {
 
 impl DeploymentRecord {
     pub fn succeeded(&self) -> bool {
-        self.status == "Succeeded"
+        self.status == DeploymentStatus::Succeeded
     }
 }
 
@@ -393,7 +394,7 @@ impl LocalHost {
         let outcome = machine.outcome().cloned().unwrap_or(Outcome::Succeeded);
         let (status, message) = match &outcome {
             Outcome::Succeeded => (
-                "Succeeded".to_string(),
+                DeploymentStatus::Succeeded,
                 format!("Succeeded: {} is active", new.id.short()),
             ),
             Outcome::Failed {
@@ -410,7 +411,7 @@ impl LocalHost {
                     _ => String::new(),
                 };
                 (
-                    "Failed".to_string(),
+                    DeploymentStatus::Failed,
                     format!("Failed at {event}: {reason}{tail}"),
                 )
             }
@@ -422,8 +423,8 @@ impl LocalHost {
                 status: match &outcome {
                     Outcome::Failed {
                         rolled_back: true, ..
-                    } => "Succeeded".into(),
-                    _ => "Failed".into(),
+                    } => DeploymentStatus::Succeeded,
+                    _ => DeploymentStatus::Failed,
                 },
                 events: machine.rollback_events.clone(),
             });
@@ -431,11 +432,14 @@ impl LocalHost {
             id: id.to_string(),
             app: req.app.clone(),
             revision: new.id.clone(),
-            status: status.clone(),
+            status,
             message,
             hosts: vec![HostRecord {
                 name: self.host_name.clone(),
-                status,
+                status: match status {
+                    DeploymentStatus::Succeeded => HostStatus::Succeeded,
+                    _ => HostStatus::Failed,
+                },
                 events: machine.events.clone(),
             }],
             rollback,
@@ -496,16 +500,23 @@ impl LocalHost {
                 )
             }
         };
-        let record = serde_json::json!({
-            "id": journal.deployment_id,
-            "app": app,
-            "revision": journal.to,
-            "status": "Failed",
-            "message": format!("Failed: {message}"),
-            "hosts": [{"name": self.host_name, "status": "Failed", "events": []}],
-            "rollback": null,
-            "finished_at": now(),
-        });
+        let finished_at = now();
+        let record = DeploymentRecord {
+            id: journal.deployment_id.clone(),
+            app: app.to_string(),
+            revision: journal.to.clone(),
+            status: DeploymentStatus::Failed,
+            message: format!("Failed: {message}"),
+            hosts: vec![HostRecord {
+                name: self.host_name.clone(),
+                status: HostStatus::Failed,
+                events: Vec::new(),
+            }],
+            rollback: None,
+            hooks: Vec::new(),
+            started_at: finished_at,
+            finished_at,
+        };
         write_json(
             &dir.deployments()
                 .join(format!("{}.json", journal.deployment_id)),
