@@ -95,6 +95,53 @@ impl DeploymentRecord {
     }
 }
 
+/// Why a deployment on this host did not run (see [`LocalHost::deploy`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}")]
+pub struct DeployError {
+    kind: DeployErrorKind,
+}
+
+impl DeployError {
+    /// What went wrong, to act on.
+    pub fn kind(&self) -> &DeployErrorKind {
+        &self.kind
+    }
+
+    fn host(e: impl Into<anyhow::Error>) -> DeployError {
+        DeployErrorKind::Host(e.into()).into()
+    }
+}
+
+impl From<DeployErrorKind> for DeployError {
+    fn from(kind: DeployErrorKind) -> Self {
+        DeployError { kind }
+    }
+}
+
+/// The kinds of [`DeployError`]. Only `Host` may have touched the host; the others leave
+/// it as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployErrorKind {
+    /// The application's name cannot be a directory name.
+    #[error("`{app}` is not a valid application name (letters, digits, `-`, `_`, `.`)")]
+    InvalidApp { app: String },
+    /// Another deployment of the application holds it: try again once it ended.
+    #[error("another deployment of {app} is under way on this host ({detail})")]
+    Busy { app: String, detail: String },
+    /// The bundle cannot be deployed (unreadable, a bad AppSpec, a hook that does not
+    /// load, a service that is not in it): fix the revision.
+    #[error("refusing the bundle: {0:#}")]
+    RefusedBundle(anyhow::Error),
+    /// This agent cannot run hooks (its Wasm engine could not be made): the agent's
+    /// fault, not the bundle's.
+    #[error("this agent cannot run hooks (the bundle was not looked at further): {0:#}")]
+    CannotRunHooks(anyhow::Error),
+    /// The host failed under the deployment (its disk, its files); a journal recovers it.
+    #[error("{0:#}")]
+    Host(anyhow::Error),
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -146,63 +193,89 @@ impl LocalHost {
     }
 
     /// Checks and unpacks a bundle into its release directory, touching nothing else.
-    fn preflight(&self, dir: &AppDir, bundle_path: &Path) -> Result<Release> {
-        std::fs::create_dir_all(dir.releases())?;
+    fn preflight(&self, dir: &AppDir, bundle_path: &Path) -> Result<Release, DeployError> {
+        let refused = |e: anyhow::Error| DeployError::from(DeployErrorKind::RefusedBundle(e));
+        std::fs::create_dir_all(dir.releases()).map_err(DeployError::host)?;
         let staging = tempfile::Builder::new()
             .prefix(".staging-")
-            .tempdir_in(dir.releases())?;
+            .tempdir_in(dir.releases())
+            .map_err(DeployError::host)?;
         let unpacked = staging.path().join("bundle");
         let b = bundle::open(bundle_path, &unpacked, &Limits::default())
-            .with_context(|| format!("refusing the bundle {}", bundle_path.display()))?;
+            .with_context(|| format!("{}", bundle_path.display()))
+            .map_err(refused)?;
         b.appspec
             .deployable()
-            .map_err(|errors| anyhow!("refusing the bundle: its AppSpec has errors:\n{errors}"))?;
+            .map_err(|errors| refused(anyhow!("its AppSpec has errors:\n{errors}")))?;
         if b.appspec.hooks.values().any(|h| !h.is_empty()) {
             // The agent's fault, not the bundle's: said so.
             self.hooks
                 .ready()
-                .context("this agent cannot run hooks (the bundle was not looked at further)")?;
+                .map_err(|e| DeployError::from(DeployErrorKind::CannotRunHooks(e)))?;
         }
         for hooks in b.appspec.hooks.values() {
             for h in hooks {
                 self.hooks
                     .load_file(&b.root.join(&h.location))
-                    .with_context(|| {
-                        format!(
-                            "refusing the bundle: appspec.yml line {}: hook {}",
-                            h.line, h.location
-                        )
-                    })?;
+                    .with_context(|| format!("appspec.yml line {}: hook {}", h.line, h.location))
+                    .map_err(refused)?;
             }
         }
         if let Some(svc) = &b.appspec.service {
             let program = b.root.join(&svc.command);
             if !Path::new(&svc.command).is_absolute() && !program.is_file() {
-                bail!(
-                    "refusing the bundle: appspec.yml line {}: the service command {} is not in the revision",
+                return Err(refused(anyhow!(
+                    "appspec.yml line {}: the service command {} is not in the revision",
                     svc.line,
                     svc.command
-                );
+                )));
             }
         }
         let release = dir.release(&b.id);
         if !release.exists() {
             std::fs::rename(&b.root, &release)
-                .with_context(|| format!("storing release {}", b.id.short()))?;
+                .with_context(|| format!("storing release {}", b.id.short()))
+                .map_err(DeployError::host)?;
         }
-        self.open_release(dir, &b.id)
+        self.open_release(dir, &b.id).map_err(DeployError::host)
     }
 
     /// Deploys a bundle here. An `Err` means the deployment never started (a refused bundle,
-    /// another deployment of the app under way): the host is untouched.
-    pub async fn deploy(&self, req: &DeployRequest) -> Result<DeploymentRecord> {
-        let dir = self.app_dir(&req.app)?;
-        std::fs::create_dir_all(&dir.root)?;
-        let _lock = lock(&dir)?;
-        self.recover_locked(&req.app, &dir).await?;
-
+    /// another deployment of the app under way) or this host failed under it (its disk):
+    /// [`DeployErrorKind`] says which. A failure at a lifecycle event is not an `Err`: it is
+    /// in the record, with the rollback.
+    pub async fn deploy(&self, req: &DeployRequest) -> Result<DeploymentRecord, DeployError> {
+        let dir = self.app_dir(&req.app).map_err(|_| {
+            DeployError::from(DeployErrorKind::InvalidApp {
+                app: req.app.clone(),
+            })
+        })?;
+        std::fs::create_dir_all(&dir.root).map_err(DeployError::host)?;
+        let _lock = lock(&dir).map_err(|e| {
+            DeployError::from(DeployErrorKind::Busy {
+                app: req.app.clone(),
+                detail: format!("{e:#}"),
+            })
+        })?;
+        self.recover_locked(&req.app, &dir)
+            .await
+            .map_err(DeployError::host)?;
         let started_at = now();
         let new = self.preflight(&dir, &req.bundle)?;
+        self.deploy_locked(req, &dir, new, started_at)
+            .await
+            .map_err(DeployError::host)
+    }
+
+    /// [`Self::deploy`] once the application is locked and the bundle accepted.
+    async fn deploy_locked(
+        &self,
+        req: &DeployRequest,
+        dir: &AppDir,
+        new: Release,
+        started_at: u64,
+    ) -> Result<DeploymentRecord> {
+        let dir = dir.clone();
         let mut state: AppState = read_json(&dir.state())?.unwrap_or_default();
         let previous = match &state.active {
             Some(id) => Some(self.open_release(&dir, id)?),
@@ -561,4 +634,63 @@ pub fn lock(dir: &AppDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         anyhow!("another deployment of this application is under way on this host ({e})")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(root: &Path) -> LocalHost {
+        LocalHost {
+            data_dir: root.join("data"),
+            install_root: root.join("root"),
+            host_name: "h".into(),
+            tags: BTreeMap::new(),
+            keep_releases: DEFAULT_KEEP_RELEASES,
+            hooks: Arc::new(HookRuntime::new(&root.join("cache")).unwrap()),
+        }
+    }
+
+    fn request(app: &str, bundle: &Path) -> DeployRequest {
+        DeployRequest {
+            app: app.into(),
+            bundle: bundle.into(),
+            deployment_group: "local".into(),
+            rollback: true,
+            port: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn why_a_deployment_did_not_run_is_a_kind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = host(tmp.path());
+        let bundle = tmp.path().join("rev");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(bundle.join("appspec.yml"), "version: 0.0\nos: linux\n").unwrap();
+
+        let err = h.deploy(&request("../etc", &bundle)).await.unwrap_err();
+        assert!(
+            matches!(err.kind(), DeployErrorKind::InvalidApp { .. }),
+            "{err}"
+        );
+
+        let broken = tmp.path().join("broken");
+        std::fs::create_dir_all(&broken).unwrap();
+        std::fs::write(broken.join("appspec.yml"), "version: 0.0\nos: [\n").unwrap();
+        let err = h.deploy(&request("web", &broken)).await.unwrap_err();
+        assert!(
+            matches!(err.kind(), DeployErrorKind::RefusedBundle(_)),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("refusing the bundle"), "{err}");
+
+        let held = lock(&h.app_dir("web").unwrap()).unwrap();
+        let err = h.deploy(&request("web", &bundle)).await.unwrap_err();
+        assert!(matches!(err.kind(), DeployErrorKind::Busy { .. }), "{err}");
+        drop(held);
+        let record = h.deploy(&request("web", &bundle)).await.unwrap();
+        assert_eq!(record.status, DeploymentStatus::Succeeded);
+        assert_eq!(record.hosts[0].status, HostStatus::Succeeded);
+    }
 }
