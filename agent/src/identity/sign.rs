@@ -42,6 +42,8 @@ pub enum SignError {
     WrongName { named: String, expected: String },
     #[error("the certificate of `{0}` is not an agent's")]
     NotAnAgent(String),
+    #[error("the certificate of `{0}` is not an operator's")]
+    NotAnOperator(String),
     #[error("the signature was not made by the certificate's key")]
     BadSignature,
 }
@@ -126,6 +128,19 @@ impl CertVerifier {
         sig: &[u8],
         now_ms: u64,
     ) -> Result<(), SignError> {
+        self.verify_as(Role::Agent, cert_der, expected, msg, sig, now_ms)
+    }
+
+    /// [`Self::verify`] for a certificate that must carry `role`.
+    pub fn verify_as(
+        &mut self,
+        role: Role,
+        cert_der: &[u8],
+        expected: &str,
+        msg: &[u8],
+        sig: &[u8],
+        now_ms: u64,
+    ) -> Result<(), SignError> {
         let key: [u8; 32] = Sha256::digest(cert_der).into();
         if !self.cache.contains_key(&key) {
             let verified = self.chain_check(cert_der, now_ms)?;
@@ -151,8 +166,11 @@ impl CertVerifier {
                 expected: expected.to_string(),
             });
         }
-        if v.role != Role::Agent {
-            return Err(SignError::NotAnAgent(v.name.clone()));
+        if v.role != role {
+            return Err(match role {
+                Role::Agent => SignError::NotAnAgent(v.name.clone()),
+                Role::Operator => SignError::NotAnOperator(v.name.clone()),
+            });
         }
         let cert = CertificateDer::from(cert_der);
         let ee = webpki::EndEntityCert::try_from(&cert).map_err(|_| SignError::NotACertificate)?;

@@ -1,0 +1,1658 @@
+//! Deployment intents: what an operator approved, signed by the operator, checked by every
+//! host before it installs anything.
+//!
+//! The CLI builds an [`Intent`] (application, deployment group, [`Targets`], the revision
+//! id of the bundle, the [`DeploymentConfig`], a fresh random id, the time and the
+//! operator's name) and [`sign`]s it with the operator's identity. The [`SignedIntent`]
+//! travels through any agent and the coordinator to the hosts. A host then, in this order:
+//!
+//! 1. [`verify`]: the sizes are bounded, the certificate chains to the fleet CA, is valid now
+//!    and not revoked, carries the **operator** role, its key made the signature, the body
+//!    decodes, names the certificate's holder as its operator, and is neither from the
+//!    future (beyond [`MAX_CLOCK_SKEW_SECS`]) nor older than [`MAX_AGE_SECS`];
+//! 2. [`check_revision`]: the bundle it fetched is the revision the operator signed;
+//! 3. [`Executed::admit`]: the intent's id was never executed here; the id is on disk
+//!    (fsynced) before `admit` returns;
+//! 4. only then installs.
+//!
+//! So an agent, the coordinator included, can relay, delay or drop an intent, but cannot
+//! make one up, alter one, replay one, or point one at other code: a host runs only
+//! revisions an operator signed, once per intent. An agent's certificate cannot sign an
+//! intent at all ([`IntentErrorKind::NotAnOperator`]), so an agent's identity cannot create,
+//! stop or roll back a deployment.
+//!
+//! Signatures reuse the identity module: [`Signer`] signs, [`CertVerifier`] checks chain,
+//! validity and revocation (one verifier per host, with the revocation list in force, and its
+//! cache of checked certificates). The signed message is [`INTENT_CONTEXT`] followed by the
+//! body, so an intent signature can never be taken for any other signature in the fleet.
+//!
+//! Every error is an [`IntentError`] whose [`IntentErrorKind`] says what was wrong and what
+//! to do about it; callers match on the kind, never on the text.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+use super::plan::DeploymentConfig;
+use super::targets::{Targets, quote};
+use crate::bundle::RevisionId;
+use crate::durable::write_whole;
+use crate::identity::sign::{CertVerifier, SignError, Signer};
+use crate::identity::{Identity, Role, name_and_role};
+
+/// What every intent signature covers before the body: a signature made for anything else
+/// in the fleet (a host record, a future message) never verifies as an intent, and the
+/// reverse.
+pub const INTENT_CONTEXT: &[u8] = b"shoal deployment intent v1\0";
+
+/// The largest signed body a host parses, in bytes. The largest valid intent is under
+/// 40 KiB: its targets' canonical text is at most 37,056 bytes (see
+/// [`super::targets::MAX_INPUT`]), every other field is a short name or number.
+pub const MAX_BODY: usize = 64 * 1024;
+/// The largest certificate a host looks at, in bytes. A fleet certificate (ECDSA P-256,
+/// two names and a role) is about 600 bytes.
+pub const MAX_CERT: usize = 16 * 1024;
+/// The largest signature, in bytes: an ASN.1 DER ECDSA P-256 signature is at most 72.
+pub const MAX_SIGNATURE: usize = 72;
+
+/// How far in the future of the host's clock an intent's creation time may be: the clocks of
+/// the operator's machine and the hosts may disagree by this much (5 minutes).
+pub const MAX_CLOCK_SKEW_SECS: u64 = 5 * 60;
+/// How long an intent stays valid after it was created: a day. Long enough for a slow
+/// rollout across a large fleet to reach its last batch (a host verifies the intent when its
+/// batch starts), short enough that the replay store ([`Executed`]) stays small. A
+/// deployment that must start later is signed again.
+pub const MAX_AGE_SECS: u64 = 24 * 3600;
+/// The most intent ids [`Executed`] remembers at once. When it is full of unexpired ids it
+/// refuses new intents ([`IntentErrorKind::ReplayStoreFull`]) rather than forget one.
+pub const MAX_EXECUTED: usize = 100_000;
+
+/// The longest application or deployment group name, in bytes (as long as a host record's
+/// application names, `mesh::hoststate::MAX_APP_NAME`).
+pub const MAX_NAME: usize = 64;
+/// The longest operator name, in bytes (the fleet CA's limit on names).
+pub const MAX_OPERATOR: usize = 63;
+
+/// Hex digits in an intent id (128 random bits).
+const ID_HEX: usize = 32;
+/// Hex digits in a revision id (a SHA-256, as `bundle::tree_id` makes it).
+const REVISION_HEX: usize = 64;
+
+/// What an operator asks the fleet to do: deploy `revision` of `app` to the hosts `targets`
+/// choose, under `config`. Made by [`Intent::new`], which gives it a fresh id; signed by
+/// [`sign`]; accepted by a host only through [`verify`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intent {
+    /// 128 random bits in lowercase hex, fresh for every intent: what the replay guard
+    /// remembers.
+    pub id: String,
+    /// The application (letters, digits, `-`, `_`, `.`; at most [`MAX_NAME`] bytes).
+    pub app: String,
+    /// The deployment group's name (same rules), or empty when the deployment is defined by
+    /// its targets alone.
+    pub group: String,
+    /// Which hosts the deployment is for.
+    pub targets: Targets,
+    /// The revision id (64 lowercase hex digits) of the bundle to install.
+    pub revision: String,
+    /// How many hosts may be updated at once.
+    pub config: DeploymentConfig,
+    /// When the operator created the intent, in seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The operator's name: the common name of the certificate that signs the intent.
+    pub operator: String,
+}
+
+impl Intent {
+    /// A new intent by `operator` at `now_unix` (seconds since the epoch), with a fresh
+    /// random id. Refuses fields a host would refuse ([`IntentErrorKind::InvalidField`]).
+    pub fn new(
+        app: &str,
+        group: &str,
+        targets: Targets,
+        revision: &RevisionId,
+        config: DeploymentConfig,
+        operator: &str,
+        now_unix: u64,
+    ) -> Result<Intent, IntentError> {
+        let mut id = [0u8; ID_HEX / 2];
+        SystemRandom::new()
+            .fill(&mut id)
+            .map_err(|_| IntentErrorKind::NoRandomness)?;
+        let intent = Intent {
+            id: hex::encode(id),
+            app: app.to_string(),
+            group: group.to_string(),
+            targets,
+            revision: revision.0.clone(),
+            config,
+            created_unix: now_unix,
+            operator: operator.to_string(),
+        };
+        intent.check_fields()?;
+        Ok(intent)
+    }
+
+    /// The rules on each field that its type does not already hold (targets and config are
+    /// checked as they deserialize).
+    fn check_fields(&self) -> Result<(), IntentError> {
+        check_id(&self.id)?;
+        check_name("app", &self.app, MAX_NAME, false)?;
+        check_name("group", &self.group, MAX_NAME, true)?;
+        check_name("operator", &self.operator, MAX_OPERATOR, false)?;
+        if self.revision.len() != REVISION_HEX || !is_lower_hex(&self.revision) {
+            return Err(invalid(
+                "revision",
+                format!(
+                    "{:?} is not a revision id (64 lowercase hex digits)",
+                    quote(&self.revision)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn is_lower_hex(text: &str) -> bool {
+    text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn check_id(id: &str) -> Result<(), IntentError> {
+    if id.len() != ID_HEX || !is_lower_hex(id) {
+        return Err(invalid(
+            "id",
+            format!(
+                "{:?} is not an intent id (32 lowercase hex digits)",
+                quote(id)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Names (application, group, operator): letters, digits, `-`, `_`, `.`, not starting with
+/// `-` or `.`, at most `max` bytes; empty only where `may_be_empty`.
+fn check_name(
+    field: &'static str,
+    name: &str,
+    max: usize,
+    may_be_empty: bool,
+) -> Result<(), IntentError> {
+    if name.is_empty() {
+        return if may_be_empty {
+            Ok(())
+        } else {
+            Err(invalid(field, "is empty".into()))
+        };
+    }
+    let ok = name.len() <= max
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with(['-', '.']);
+    if !ok {
+        return Err(invalid(
+            field,
+            format!(
+                "{:?} is not a valid name (letters, digits, `-`, `_`, `.`, not starting with \
+                 `-` or `.`; at most {max} bytes)",
+                quote(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn invalid(field: &'static str, reason: String) -> IntentError {
+    IntentErrorKind::InvalidField { field, reason }.into()
+}
+
+/// An intent as it travels: the exact bytes the operator signed, the operator's certificate
+/// and the signature.
+///
+/// `body` is the intent encoded as compact JSON (`serde_json::to_vec` of [`Intent`]). JSON
+/// rather than postcard because a signed intent outlives the process that made it (it sits in
+/// the deployment log and is checked by agents of possibly newer or older versions during an
+/// upgrade): JSON names every field, so a body from another version fails loudly
+/// ([`IntentErrorKind::Malformed`]: unknown, missing or duplicate field, trailing bytes)
+/// instead of being read as different values, and an operator or auditor can read what was
+/// signed. The encoding need not be canonical: hosts verify the signature over `body` as
+/// received and decode those very bytes, never a re-encoding, so what a host acts on is
+/// exactly what the operator signed. (The fields themselves are deterministic: targets
+/// serialize as their canonical text, and there are no maps or floats.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedIntent {
+    /// The signed bytes: the intent as compact JSON.
+    pub body: Vec<u8>,
+    /// The operator's certificate (DER), issued by the fleet CA.
+    pub cert: Vec<u8>,
+    /// ECDSA P-256 SHA-256 (ASN.1 DER) over [`INTENT_CONTEXT`] followed by `body`.
+    pub signature: Vec<u8>,
+}
+
+/// The message a signature covers.
+fn signed_message(body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(INTENT_CONTEXT.len() + body.len());
+    msg.extend_from_slice(INTENT_CONTEXT);
+    msg.extend_from_slice(body);
+    msg
+}
+
+/// Signs `intent` with an operator's identity. Refuses an agent's identity
+/// ([`IntentErrorKind::NotAnOperator`]), an intent naming another operator
+/// ([`IntentErrorKind::OperatorMismatch`]) and fields a host would refuse.
+pub fn sign(intent: &Intent, identity: &Identity) -> Result<SignedIntent, IntentError> {
+    if identity.role != Role::Operator {
+        return Err(IntentErrorKind::NotAnOperator {
+            name: identity.name.clone(),
+        }
+        .into());
+    }
+    if intent.operator != identity.name {
+        return Err(IntentErrorKind::OperatorMismatch {
+            certificate: identity.name.clone(),
+            intent: quote(&intent.operator),
+        }
+        .into());
+    }
+    intent.check_fields()?;
+    let body = serde_json::to_vec(intent).map_err(|e| IntentErrorKind::Malformed {
+        reason: e.to_string(),
+    })?;
+    if body.len() > MAX_BODY {
+        return Err(IntentErrorKind::TooBig {
+            what: "intent",
+            len: body.len(),
+            max: MAX_BODY,
+        }
+        .into());
+    }
+    let signing = |reason| IntentErrorKind::Signing { reason };
+    let signature = Signer::new(identity)
+        .map_err(signing)?
+        .sign(&signed_message(&body))
+        .map_err(signing)?;
+    Ok(SignedIntent {
+        body,
+        cert: identity.cert.to_vec(),
+        signature,
+    })
+}
+
+/// Accepts `signed` only if an operator of this fleet signed it recently; returns the intent.
+///
+/// Checks, in this order, and refuses with the first that fails: sizes ([`MAX_BODY`],
+/// [`MAX_CERT`], [`MAX_SIGNATURE`]) before anything is parsed; a signature is present; the
+/// certificate chains to the fleet CA, is valid at `now_unix` and is not revoked (by
+/// `verifier`, which holds the fleet CA and the revocation list in force); it carries the
+/// operator role; its key made the signature; the body decodes and its fields are valid; the
+/// body's operator is the certificate's holder; it was created at most
+/// [`MAX_CLOCK_SKEW_SECS`] after `now_unix` and at most [`MAX_AGE_SECS`] before. Nothing from
+/// the body is parsed before the signature is known to be an operator's.
+///
+/// It does not check replays (that is [`Executed::admit`]) nor the bundle
+/// ([`check_revision`]).
+pub fn verify(
+    signed: &SignedIntent,
+    verifier: &mut CertVerifier,
+    now_unix: u64,
+) -> Result<Intent, IntentError> {
+    for (what, len, max) in [
+        ("intent", signed.body.len(), MAX_BODY),
+        ("certificate", signed.cert.len(), MAX_CERT),
+        ("signature", signed.signature.len(), MAX_SIGNATURE),
+    ] {
+        if len > max {
+            return Err(IntentErrorKind::TooBig { what, len, max }.into());
+        }
+    }
+    if signed.signature.is_empty() {
+        return Err(IntentErrorKind::Unsigned.into());
+    }
+    let operator = check_operator_signature(
+        verifier,
+        &signed.cert,
+        &signed_message(&signed.body),
+        &signed.signature,
+        now_unix,
+    )?;
+
+    let intent: Intent =
+        serde_json::from_slice(&signed.body).map_err(|e| IntentErrorKind::Malformed {
+            reason: e.to_string(),
+        })?;
+    intent.check_fields()?;
+    if intent.operator != operator {
+        return Err(IntentErrorKind::OperatorMismatch {
+            certificate: operator,
+            intent: quote(&intent.operator),
+        }
+        .into());
+    }
+    check_time(&intent, now_unix)?;
+    Ok(intent)
+}
+
+/// Who signed `msg`: the holder of `cert`, an operator certificate of the fleet, valid now,
+/// unrevoked, whose key made `sig`.
+fn check_operator_signature(
+    verifier: &mut CertVerifier,
+    cert: &[u8],
+    msg: &[u8],
+    sig: &[u8],
+    now_unix: u64,
+) -> Result<String, IntentError> {
+    let untrusted = |reason: String| IntentErrorKind::UntrustedCertificate { reason };
+    let (name, _) = name_and_role(cert).map_err(|e| untrusted(format!("{e:#}")))?;
+    let now_ms = now_unix.saturating_mul(1000);
+    match verifier.verify_as(Role::Operator, cert, &name, msg, sig, now_ms) {
+        Ok(()) => Ok(name),
+        Err(SignError::NotAnOperator(_)) => Err(IntentErrorKind::NotAnOperator { name }.into()),
+        Err(SignError::BadSignature) => Err(IntentErrorKind::BadSignature.into()),
+        Err(SignError::Revoked) => Err(IntentErrorKind::Revoked { name }.into()),
+        Err(SignError::NotValidNow) => Err(IntentErrorKind::CertificateNotValidNow { name }.into()),
+        Err(SignError::Untrusted(reason)) => Err(untrusted(reason).into()),
+        Err(e) => Err(untrusted(e.to_string()).into()),
+    }
+}
+
+fn check_time(intent: &Intent, now_unix: u64) -> Result<(), IntentError> {
+    if intent.created_unix > now_unix.saturating_add(MAX_CLOCK_SKEW_SECS) {
+        return Err(IntentErrorKind::FromTheFuture {
+            created_unix: intent.created_unix,
+            now_unix,
+            max_skew_secs: MAX_CLOCK_SKEW_SECS,
+        }
+        .into());
+    }
+    if intent.created_unix < now_unix.saturating_sub(MAX_AGE_SECS) {
+        return Err(expired(intent, now_unix));
+    }
+    Ok(())
+}
+
+fn expired(intent: &Intent, now_unix: u64) -> IntentError {
+    IntentErrorKind::Expired {
+        created_unix: intent.created_unix,
+        now_unix,
+        max_age_secs: MAX_AGE_SECS,
+    }
+    .into()
+}
+
+/// Accepts the bundle a host holds only if it is the revision the operator signed.
+/// `bundle_revision` is the id the host computed from the bundle's content
+/// (`bundle::tree_id`), never one a peer asserted.
+pub fn check_revision(intent: &Intent, bundle_revision: &str) -> Result<(), IntentError> {
+    if intent.revision != bundle_revision {
+        return Err(IntentErrorKind::RevisionMismatch {
+            signed: intent.revision.clone(),
+            bundle: quote(bundle_revision),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The file in the store's directory that lists executed intents.
+pub const EXECUTED_FILE: &str = "executed-intents.json";
+/// The file whose lock makes one [`Executed`] per directory at a time.
+const LOCK_FILE: &str = "executed-intents.lock";
+/// The version of [`EXECUTED_FILE`]'s format.
+const STORE_VERSION: u32 = 1;
+/// Bytes per remembered id in the store file, generously: `"<32 hex>":<20 digits>,`.
+const BYTES_PER_ENTRY: usize = 64;
+
+/// The replay guard: the ids of the intents this host executed, on disk, so that no intent
+/// runs twice here, across restarts.
+///
+/// An id is remembered until its intent expires ([`MAX_AGE_SECS`] after its creation); after
+/// that [`verify`] refuses the intent anyway. The store also keeps a *horizon*, the oldest
+/// creation time it still admits, which only moves forward: an intent older than the horizon
+/// is refused even if the host's clock is later set back, so forgetting an expired id never
+/// lets it run again. At most `MAX_EXECUTED` ids are held; when all are unexpired, new
+/// intents are refused ([`IntentErrorKind::ReplayStoreFull`]).
+///
+/// On disk: one directory holding [`EXECUTED_FILE`] (JSON: version, horizon, id → creation
+/// time) and a lock file. The directory is created 0700 and must be a real directory (not a
+/// symbolic link) owned by this user and writable by nobody else; the lock (`flock`, held
+/// while the value lives) makes a second `Executed` on the same directory fail with
+/// [`IntentErrorKind::StoreInUse`], so two handles can never each admit the same id. Files
+/// are opened without following symbolic links, reads are bounded before allocation, and
+/// every change is written whole with [`write_whole`] (temporary file, fsync, rename, fsync
+/// of the directory). The whole file is rewritten on each admission: intents are rare (a
+/// host executes a few a day), and at the cap it is about 6 MB.
+#[derive(Debug)]
+pub struct Executed {
+    dir: PathBuf,
+    horizon: u64,
+    ids: BTreeMap<String, u64>,
+    max: usize,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// [`EXECUTED_FILE`]'s shape.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    version: u32,
+    horizon: u64,
+    executed: BTreeMap<String, u64>,
+}
+
+impl Executed {
+    /// Opens (or creates) the replay store in `dir`. Refuses a directory another `Executed`
+    /// holds, an unsafe directory, and a store file it cannot read back (rather than start
+    /// empty and forget what ran).
+    pub fn open(dir: &Path) -> Result<Executed, IntentError> {
+        Executed::open_capped(dir, MAX_EXECUTED)
+    }
+
+    fn open_capped(dir: &Path, max: usize) -> Result<Executed, IntentError> {
+        let io = |e: std::io::Error| IntentErrorKind::StoreIo {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        check_dir(dir)?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(no_follow())
+            .open(&lock_path)
+            .map_err(|e| unsafe_or_io(&lock_path, e))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| match errno {
+                nix::errno::Errno::EWOULDBLOCK => IntentErrorKind::StoreInUse {
+                    path: dir.to_path_buf(),
+                },
+                e => IntentErrorKind::StoreIo {
+                    path: lock_path.clone(),
+                    reason: e.to_string(),
+                },
+            })?;
+        let (horizon, ids) = read_store(&dir.join(EXECUTED_FILE), max)?;
+        Ok(Executed {
+            dir: dir.to_path_buf(),
+            horizon,
+            ids,
+            max,
+            _lock: lock,
+        })
+    }
+
+    /// Records that `intent` is about to run, or refuses it: an id already executed
+    /// ([`IntentErrorKind::Replayed`]), an intent older than the horizon or
+    /// [`MAX_AGE_SECS`] ([`IntentErrorKind::Expired`]) or from the future, or a full store.
+    /// The id is on disk, fsynced, before this returns `Ok`: after a crash at any point the
+    /// host either never acted on the intent or remembers it. Call it after [`verify`] and
+    /// [`check_revision`], before touching anything.
+    pub fn admit(&mut self, intent: &Intent, now_unix: u64) -> Result<(), IntentError> {
+        check_id(&intent.id)?;
+        if intent.created_unix > now_unix.saturating_add(MAX_CLOCK_SKEW_SECS) {
+            return Err(IntentErrorKind::FromTheFuture {
+                created_unix: intent.created_unix,
+                now_unix,
+                max_skew_secs: MAX_CLOCK_SKEW_SECS,
+            }
+            .into());
+        }
+        self.horizon = self.horizon.max(now_unix.saturating_sub(MAX_AGE_SECS));
+        if intent.created_unix < self.horizon {
+            return Err(expired(intent, now_unix));
+        }
+        if self.ids.contains_key(&intent.id) {
+            return Err(IntentErrorKind::Replayed {
+                id: intent.id.clone(),
+            }
+            .into());
+        }
+        let horizon = self.horizon;
+        self.ids.retain(|_, created| *created >= horizon);
+        if self.ids.len() >= self.max {
+            return Err(IntentErrorKind::ReplayStoreFull { max: self.max }.into());
+        }
+        self.ids.insert(intent.id.clone(), intent.created_unix);
+        if let Err(e) = self.persist() {
+            // Not on disk, so not admitted: memory stays what the disk says.
+            self.ids.remove(&intent.id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether the intent with this id was executed here (and has not expired).
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    /// How many ids are remembered.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn persist(&self) -> Result<(), IntentError> {
+        let path = self.dir.join(EXECUTED_FILE);
+        let file = StoreFile {
+            version: STORE_VERSION,
+            horizon: self.horizon,
+            executed: self.ids.clone(),
+        };
+        let bytes = serde_json::to_vec(&file).map_err(|e| IntentErrorKind::StoreIo {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_whole(&path, &bytes).map_err(|e| {
+            IntentErrorKind::StoreIo {
+                path,
+                reason: format!("{e:#}"),
+            }
+            .into()
+        })
+    }
+}
+
+fn no_follow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
+/// A symbolic link where a file should be is unsafe; anything else is an I/O error.
+fn unsafe_or_io(path: &Path, e: std::io::Error) -> IntentError {
+    if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
+        IntentErrorKind::StoreUnsafe {
+            path: path.to_path_buf(),
+            reason: "it is a symbolic link".into(),
+        }
+        .into()
+    } else {
+        IntentErrorKind::StoreIo {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+        .into()
+    }
+}
+
+/// The store's directory, opened without following a link, is a directory owned by this
+/// user that no one else may write into (so no one else can plant or swap its files).
+fn check_dir(dir: &Path) -> Result<(), IntentError> {
+    let unsafe_dir = |reason: String| IntentErrorKind::StoreUnsafe {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow() | nix::fcntl::OFlag::O_DIRECTORY.bits())
+        .open(dir)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code)
+                if code == nix::errno::Errno::ELOOP as i32
+                    || code == nix::errno::Errno::ENOTDIR as i32 =>
+            {
+                unsafe_dir("it is a symbolic link or not a directory".into())
+            }
+            _ => IntentErrorKind::StoreIo {
+                path: dir.to_path_buf(),
+                reason: e.to_string(),
+            },
+        })?;
+    let meta = handle.metadata().map_err(|e| IntentErrorKind::StoreIo {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not this agent's",
+            meta.uid()
+        ))
+        .into());
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "others may write into it (mode {:o}); make it 0700",
+            meta.mode() & 0o777
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Reads the store file: nothing yet if there is none; refuses one that is a link, too
+/// large or not what [`Executed`] writes.
+fn read_store(path: &Path, max: usize) -> Result<(u64, BTreeMap<String, u64>), IntentError> {
+    let corrupt = |reason: String| IntentErrorKind::StoreCorrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow())
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, BTreeMap::new())),
+        Err(e) => return Err(unsafe_or_io(path, e)),
+    };
+    let limit = max.saturating_mul(BYTES_PER_ENTRY).saturating_add(1024);
+    let mut bytes = Vec::new();
+    file.take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| IntentErrorKind::StoreIo {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if bytes.len() > limit {
+        return Err(corrupt(format!("it is larger than {limit} bytes")).into());
+    }
+    let file: StoreFile =
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("it does not decode: {e}")))?;
+    if file.version != STORE_VERSION {
+        return Err(corrupt(format!("version {} is not {STORE_VERSION}", file.version)).into());
+    }
+    if let Some(bad) = file.executed.keys().find(|id| check_id(id).is_err()) {
+        return Err(corrupt(format!("{:?} is not an intent id", quote(bad))).into());
+    }
+    Ok((file.horizon, file.executed))
+}
+
+/// A deployment intent was refused (or could not be made, signed or recorded).
+/// [`IntentError::kind`] says why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("deployment intent: {kind}")]
+pub struct IntentError {
+    kind: IntentErrorKind,
+}
+
+impl IntentError {
+    /// What was wrong.
+    pub fn kind(&self) -> &IntentErrorKind {
+        &self.kind
+    }
+}
+
+impl From<IntentErrorKind> for IntentError {
+    fn from(kind: IntentErrorKind) -> Self {
+        IntentError { kind }
+    }
+}
+
+/// Why an intent was refused, and what to do about it. Text from an intent or a peer is cut
+/// to 64 bytes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IntentErrorKind {
+    /// Signed, or asked to be signed, with a certificate that does not carry the operator
+    /// role: agents cannot create, stop or roll back deployments.
+    #[error(
+        "`{name}` is not an operator: only an operator identity may create, stop or roll back \
+         a deployment; use one issued with `shoal ca issue --operator`"
+    )]
+    NotAnOperator {
+        /// The certificate's holder.
+        name: String,
+    },
+    /// No signature at all.
+    #[error(
+        "the intent is not signed; deployments must be signed with an operator identity \
+         (--identity DIR)"
+    )]
+    Unsigned,
+    /// The signature was not made over this intent by this certificate's key.
+    #[error(
+        "the signature does not match the intent and its certificate: it was altered after \
+         signing or signed with another key; nothing was installed, deploy again"
+    )]
+    BadSignature,
+    /// The certificate is not one the fleet CA issued (or not a certificate).
+    #[error(
+        "the signing certificate is not from this fleet's CA ({reason}); sign with an \
+         operator identity the fleet CA issued"
+    )]
+    UntrustedCertificate {
+        /// What the chain check found.
+        reason: String,
+    },
+    /// The certificate is expired or not yet valid at the host's time.
+    #[error(
+        "the certificate of `{name}` is expired or not yet valid; check this host's clock, \
+         or issue the operator a new certificate"
+    )]
+    CertificateNotValidNow {
+        /// The certificate's holder.
+        name: String,
+    },
+    /// The certificate is on the fleet CA's revocation list.
+    #[error("the certificate of `{name}` is revoked; the operator needs a new identity")]
+    Revoked {
+        /// The certificate's holder.
+        name: String,
+    },
+    /// The intent names another operator than the one whose certificate signs it.
+    #[error(
+        "the intent names operator `{intent}` but is signed by `{certificate}`; an intent is \
+         signed by the operator it names"
+    )]
+    OperatorMismatch {
+        /// The signing certificate's holder.
+        certificate: String,
+        /// The operator the intent names.
+        intent: String,
+    },
+    /// Created too far after the host's clock.
+    #[error(
+        "the intent was created at {created_unix} (Unix time), more than {max_skew_secs} s \
+         after this host's clock ({now_unix}); check the clocks of the operator's machine \
+         and of this host"
+    )]
+    FromTheFuture {
+        /// The intent's creation time.
+        created_unix: u64,
+        /// The host's time.
+        now_unix: u64,
+        /// The skew allowed ([`MAX_CLOCK_SKEW_SECS`]).
+        max_skew_secs: u64,
+    },
+    /// Older than an intent may be.
+    #[error(
+        "the intent was created at {created_unix} (Unix time), more than {max_age_secs} s \
+         before this host's clock ({now_unix}) or before intents it already forgot; deploy \
+         again to sign a fresh one"
+    )]
+    Expired {
+        /// The intent's creation time.
+        created_unix: u64,
+        /// The host's time.
+        now_unix: u64,
+        /// The age allowed ([`MAX_AGE_SECS`]).
+        max_age_secs: u64,
+    },
+    /// A part is larger than a host reads.
+    #[error("the {what} is {len} bytes, more than the {max} a host accepts")]
+    TooBig {
+        /// Which part: `intent`, `certificate` or `signature`.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The signed body is not an intent this agent understands.
+    #[error(
+        "the signed intent does not decode ({reason}); the operator's CLI and this agent may \
+         be of incompatible versions"
+    )]
+    Malformed {
+        /// What the decoder said.
+        reason: String,
+    },
+    /// A field breaks its rules.
+    #[error("the intent's {field}: {reason}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// This host already executed this intent.
+    #[error(
+        "intent {id} was already executed on this host; an intent runs once, deploy again to \
+         sign a new one"
+    )]
+    Replayed {
+        /// The intent's id.
+        id: String,
+    },
+    /// The bundle the host holds is not the revision the operator signed.
+    #[error(
+        "the operator signed revision {signed} but the bundle here is {bundle}; the bundle \
+         was replaced or damaged on the way: fetch it again"
+    )]
+    RevisionMismatch {
+        /// The revision in the intent.
+        signed: String,
+        /// The revision of the bundle.
+        bundle: String,
+    },
+    /// The replay store holds the most ids it may, none expired yet.
+    #[error(
+        "this host executed {max} intents in the last day, the most it remembers; it refuses \
+         new ones until the oldest expire"
+    )]
+    ReplayStoreFull {
+        /// The limit ([`MAX_EXECUTED`]).
+        max: usize,
+    },
+    /// The identity could not sign.
+    #[error("the operator identity cannot sign: {reason}")]
+    Signing {
+        /// What the signer said.
+        reason: SignError,
+    },
+    /// The system's random number generator failed, so no fresh id could be made.
+    #[error("the system's random number generator failed; no intent id could be made")]
+    NoRandomness,
+    /// The replay store could not be read or written.
+    #[error("the executed-intents store {}: {reason}", path.display())]
+    StoreIo {
+        /// The file or directory.
+        path: PathBuf,
+        /// The system's error.
+        reason: String,
+    },
+    /// The replay store's file is not what this agent writes. Starting empty would let
+    /// intents run twice, so the agent refuses.
+    #[error(
+        "the executed-intents store {} cannot be read back ({reason}); restore it, or remove \
+         it only if no intent signed in the last day may have run on this host",
+        path.display()
+    )]
+    StoreCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Another handle holds the replay store's directory.
+    #[error(
+        "the executed-intents store {} is in use by another agent process on this host",
+        path.display()
+    )]
+    StoreInUse {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The replay store's directory or files could be tampered with by someone else.
+    #[error(
+        "the executed-intents store {} is unsafe: {reason}; it must be a directory of the \
+         agent's user that no one else can write to",
+        path.display()
+    )]
+    StoreUnsafe {
+        /// The directory or file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::identity::{init_ca, issue, revocation};
+
+    /// A fleet CA with an operator (`alice`, `bob`) and an agent (`edge-1`), and another CA
+    /// with its own `alice`.
+    struct Fleet {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fleet {
+        fn new() -> Fleet {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = dir.path().join("ca");
+            init_ca(&ca).unwrap();
+            for (name, role) in [
+                ("alice", Role::Operator),
+                ("bob", Role::Operator),
+                ("edge-1", Role::Agent),
+            ] {
+                issue(&ca, name, role, &dir.path().join(name)).unwrap();
+            }
+            let other = dir.path().join("other-ca");
+            init_ca(&other).unwrap();
+            issue(
+                &other,
+                "alice",
+                Role::Operator,
+                &dir.path().join("alice-elsewhere"),
+            )
+            .unwrap();
+            Fleet { dir }
+        }
+
+        fn identity(&self, name: &str) -> Identity {
+            Identity::load(&self.dir.path().join(name)).unwrap()
+        }
+
+        fn verifier(&self) -> CertVerifier {
+            CertVerifier::new(self.identity("edge-1").ca)
+        }
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    const REV: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn intent_by(operator: &str, at: u64) -> Intent {
+        Intent::new(
+            "inference",
+            "prod",
+            "role=inference".parse().unwrap(),
+            &RevisionId(REV.into()),
+            DeploymentConfig::HalfAtATime,
+            operator,
+            at,
+        )
+        .unwrap()
+    }
+
+    /// Signs `body` as `who` would, bypassing [`sign`]'s checks: what an attacker holding
+    /// `who`'s key can do.
+    fn signed_by_hand(who: &Identity, body: Vec<u8>) -> SignedIntent {
+        let signature = Signer::new(who)
+            .unwrap()
+            .sign(&signed_message(&body))
+            .unwrap();
+        SignedIntent {
+            body,
+            cert: who.cert.to_vec(),
+            signature,
+        }
+    }
+
+    fn refusal(r: Result<Intent, IntentError>) -> IntentErrorKind {
+        r.unwrap_err().kind().clone()
+    }
+
+    #[test]
+    fn an_operator_signs_and_every_host_verifies() {
+        let fleet = Fleet::new();
+        let alice = fleet.identity("alice");
+        let t = now();
+        let intent = intent_by("alice", t);
+        let signed = sign(&intent, &alice).unwrap();
+        assert_eq!(signed.cert, alice.cert.to_vec());
+        assert_eq!(
+            serde_json::from_slice::<Intent>(&signed.body).unwrap(),
+            intent
+        );
+        let mut verifier = fleet.verifier();
+        assert_eq!(verify(&signed, &mut verifier, t).unwrap(), intent);
+        assert_eq!(verify(&signed, &mut verifier, t).unwrap(), intent);
+        assert_eq!(verifier.cached(), 1, "the chain is checked once");
+        // Another host, another verifier: same answer.
+        assert_eq!(verify(&signed, &mut fleet.verifier(), t).unwrap(), intent);
+    }
+
+    #[test]
+    fn a_signed_intent_survives_the_wire() {
+        let fleet = Fleet::new();
+        let t = now();
+        let signed = sign(&intent_by("alice", t), &fleet.identity("alice")).unwrap();
+        let via_postcard: SignedIntent =
+            postcard::from_bytes(&postcard::to_allocvec(&signed).unwrap()).unwrap();
+        let via_json: SignedIntent =
+            serde_json::from_slice(&serde_json::to_vec(&signed).unwrap()).unwrap();
+        for copy in [via_postcard, via_json] {
+            assert_eq!(copy, signed);
+            assert!(verify(&copy, &mut fleet.verifier(), t).is_ok());
+        }
+    }
+
+    #[test]
+    fn intent_ids_are_fresh_128_bit_hex() {
+        let ids: HashSet<String> = (0..100).map(|_| intent_by("alice", 1).id).collect();
+        assert_eq!(ids.len(), 100);
+        for id in &ids {
+            assert_eq!(id.len(), 32);
+            assert!(is_lower_hex(id));
+        }
+    }
+
+    #[test]
+    fn the_constructor_refuses_fields_a_host_would_refuse() {
+        let make = |app: &str, group: &str, revision: &str, operator: &str| {
+            Intent::new(
+                app,
+                group,
+                "env=prod".parse().unwrap(),
+                &RevisionId(revision.into()),
+                DeploymentConfig::default(),
+                operator,
+                1,
+            )
+        };
+        assert!(make("inference", "", REV, "alice").is_ok(), "no group name");
+        let field = |r: Result<Intent, IntentError>| match r.unwrap_err().kind() {
+            IntentErrorKind::InvalidField { field, .. } => *field,
+            k => panic!("{k:?}"),
+        };
+        assert_eq!(field(make("", "g", REV, "alice")), "app");
+        assert_eq!(field(make("../etc", "g", REV, "alice")), "app");
+        assert_eq!(field(make(&"a".repeat(65), "g", REV, "alice")), "app");
+        assert_eq!(field(make("app", "a b", REV, "alice")), "group");
+        assert_eq!(field(make("app", "g", "abc", "alice")), "revision");
+        assert_eq!(
+            field(make("app", "g", &REV.to_uppercase(), "alice")),
+            "revision"
+        );
+        assert_eq!(field(make("app", "g", REV, "")), "operator");
+        assert_eq!(field(make("app", "g", REV, &"o".repeat(64))), "operator");
+    }
+
+    #[test]
+    fn an_agent_identity_cannot_sign() {
+        let fleet = Fleet::new();
+        let agent = fleet.identity("edge-1");
+        let err = sign(&intent_by("edge-1", now()), &agent).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            &IntentErrorKind::NotAnOperator {
+                name: "edge-1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_agent_signature_made_by_hand_is_refused_on_the_host() {
+        let fleet = Fleet::new();
+        let agent = fleet.identity("edge-1");
+        let t = now();
+        // A compromised agent (a coordinator, say) signs with its own key and certificate.
+        let forged = signed_by_hand(&agent, serde_json::to_vec(&intent_by("edge-1", t)).unwrap());
+        assert_eq!(
+            refusal(verify(&forged, &mut fleet.verifier(), t)),
+            IntentErrorKind::NotAnOperator {
+                name: "edge-1".into()
+            }
+        );
+        // The same, claiming to be alice in the body.
+        let claim = signed_by_hand(&agent, serde_json::to_vec(&intent_by("alice", t)).unwrap());
+        assert_eq!(
+            refusal(verify(&claim, &mut fleet.verifier(), t)),
+            IntentErrorKind::NotAnOperator {
+                name: "edge-1".into()
+            }
+        );
+        // An agent's certificate with a signature it did not make: still not an operator.
+        let mixed = SignedIntent {
+            signature: sign(&intent_by("alice", t), &fleet.identity("alice"))
+                .unwrap()
+                .signature,
+            ..forged
+        };
+        assert_eq!(
+            refusal(verify(&mixed, &mut fleet.verifier(), t)),
+            IntentErrorKind::NotAnOperator {
+                name: "edge-1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_unsigned_intent_is_refused() {
+        let fleet = Fleet::new();
+        let t = now();
+        let unsigned = SignedIntent {
+            signature: Vec::new(),
+            ..sign(&intent_by("alice", t), &fleet.identity("alice")).unwrap()
+        };
+        assert_eq!(
+            refusal(verify(&unsigned, &mut fleet.verifier(), t)),
+            IntentErrorKind::Unsigned
+        );
+        let no_cert = SignedIntent {
+            cert: Vec::new(),
+            ..sign(&intent_by("alice", t), &fleet.identity("alice")).unwrap()
+        };
+        assert!(matches!(
+            refusal(verify(&no_cert, &mut fleet.verifier(), t)),
+            IntentErrorKind::UntrustedCertificate { .. }
+        ));
+    }
+
+    #[test]
+    fn a_forged_signature_is_refused() {
+        let fleet = Fleet::new();
+        let alice = fleet.identity("alice");
+        let t = now();
+        let signed = sign(&intent_by("alice", t), &alice).unwrap();
+        let mut verifier = fleet.verifier();
+
+        // One flipped bit anywhere in the body or the signature.
+        for i in 0..signed.body.len() {
+            let mut body = signed.body.clone();
+            body[i] ^= 1 << (i % 8);
+            let tampered = SignedIntent {
+                body,
+                ..signed.clone()
+            };
+            assert_eq!(
+                refusal(verify(&tampered, &mut verifier, t)),
+                IntentErrorKind::BadSignature,
+                "bit flipped in body byte {i}"
+            );
+        }
+        for i in 0..signed.signature.len() {
+            let mut signature = signed.signature.clone();
+            signature[i] ^= 0x80;
+            let tampered = SignedIntent {
+                signature,
+                ..signed.clone()
+            };
+            assert_eq!(
+                refusal(verify(&tampered, &mut verifier, t)),
+                IntentErrorKind::BadSignature,
+                "bit flipped in signature byte {i}"
+            );
+        }
+        // A coordinator swaps the revision (or anything else) and keeps the signature.
+        let mut other = intent_by("alice", t);
+        other.revision = "f".repeat(64);
+        let swapped = SignedIntent {
+            body: serde_json::to_vec(&other).unwrap(),
+            ..signed.clone()
+        };
+        assert_eq!(
+            refusal(verify(&swapped, &mut verifier, t)),
+            IntentErrorKind::BadSignature
+        );
+        // Alice's signature of the same body without the intent context (made for some other
+        // purpose) is no intent signature.
+        let out_of_context = SignedIntent {
+            signature: Signer::new(&alice).unwrap().sign(&signed.body).unwrap(),
+            ..signed.clone()
+        };
+        assert_eq!(
+            refusal(verify(&out_of_context, &mut verifier, t)),
+            IntentErrorKind::BadSignature
+        );
+        // Alice's signature presented with Bob's certificate.
+        let borrowed = SignedIntent {
+            cert: fleet.identity("bob").cert.to_vec(),
+            ..signed.clone()
+        };
+        assert_eq!(
+            refusal(verify(&borrowed, &mut verifier, t)),
+            IntentErrorKind::BadSignature
+        );
+        // A flipped bit in the certificate's own signature breaks its chain.
+        let mut cert = signed.cert.clone();
+        *cert.last_mut().unwrap() ^= 1;
+        let bad_cert = SignedIntent {
+            cert,
+            ..signed.clone()
+        };
+        assert!(matches!(
+            refusal(verify(&bad_cert, &mut verifier, t)),
+            IntentErrorKind::UntrustedCertificate { .. }
+        ));
+        assert!(verify(&signed, &mut verifier, t).is_ok(), "the original");
+    }
+
+    #[test]
+    fn an_intent_naming_another_operator_is_refused() {
+        let fleet = Fleet::new();
+        let bob = fleet.identity("bob");
+        let t = now();
+        assert_eq!(
+            sign(&intent_by("alice", t), &bob).unwrap_err().kind(),
+            &IntentErrorKind::OperatorMismatch {
+                certificate: "bob".into(),
+                intent: "alice".into()
+            }
+        );
+        // Bob signs, by hand, an intent that says Alice asked for it.
+        let claim = signed_by_hand(&bob, serde_json::to_vec(&intent_by("alice", t)).unwrap());
+        assert_eq!(
+            refusal(verify(&claim, &mut fleet.verifier(), t)),
+            IntentErrorKind::OperatorMismatch {
+                certificate: "bob".into(),
+                intent: "alice".into()
+            }
+        );
+        assert!(
+            verify(
+                &sign(&intent_by("bob", t), &bob).unwrap(),
+                &mut fleet.verifier(),
+                t
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_certificate_from_another_ca_is_refused() {
+        let fleet = Fleet::new();
+        let t = now();
+        let foreign = sign(&intent_by("alice", t), &fleet.identity("alice-elsewhere")).unwrap();
+        assert!(matches!(
+            refusal(verify(&foreign, &mut fleet.verifier(), t)),
+            IntentErrorKind::UntrustedCertificate { .. }
+        ));
+        // The fleet CA's own certificate carries no role: it signs nothing.
+        let ca = fleet.identity("alice").ca.to_vec();
+        let as_ca = SignedIntent {
+            cert: ca,
+            ..foreign
+        };
+        assert!(matches!(
+            refusal(verify(&as_ca, &mut fleet.verifier(), t)),
+            IntentErrorKind::UntrustedCertificate { .. }
+        ));
+    }
+
+    #[test]
+    fn a_revoked_operator_is_refused() {
+        let fleet = Fleet::new();
+        let alice = fleet.identity("alice");
+        let t = now();
+        let signed = sign(&intent_by("alice", t), &alice).unwrap();
+        let mut verifier = fleet.verifier();
+        assert!(
+            verify(&signed, &mut verifier, t).is_ok(),
+            "cached before revocation"
+        );
+        verifier.set_revoked(HashSet::from([revocation::serial_of(&alice.cert).unwrap()]));
+        assert_eq!(
+            refusal(verify(&signed, &mut verifier, t)),
+            IntentErrorKind::Revoked {
+                name: "alice".into()
+            }
+        );
+        // A revoked agent is refused as revoked too.
+        let agent = fleet.identity("edge-1");
+        verifier.set_revoked(HashSet::from([revocation::serial_of(&agent.cert).unwrap()]));
+        let by_agent = signed_by_hand(&agent, signed.body.clone());
+        assert_eq!(
+            refusal(verify(&by_agent, &mut verifier, t)),
+            IntentErrorKind::Revoked {
+                name: "edge-1".into()
+            }
+        );
+        assert!(
+            verify(&signed, &mut verifier, t).is_ok(),
+            "alice is no longer revoked"
+        );
+    }
+
+    #[test]
+    fn a_certificate_outside_its_validity_is_refused() {
+        let fleet = Fleet::new();
+        // Signed (with a matching clock) three years on: the certificate has expired.
+        let later = now() + 3 * 365 * 86_400;
+        let signed = sign(&intent_by("alice", later), &fleet.identity("alice")).unwrap();
+        assert_eq!(
+            refusal(verify(&signed, &mut fleet.verifier(), later)),
+            IntentErrorKind::CertificateNotValidNow {
+                name: "alice".into()
+            }
+        );
+    }
+
+    #[test]
+    fn oversized_parts_are_refused_before_parsing() {
+        let fleet = Fleet::new();
+        let t = now();
+        let signed = sign(&intent_by("alice", t), &fleet.identity("alice")).unwrap();
+        let cases = [
+            (
+                SignedIntent {
+                    body: vec![b' '; MAX_BODY + 1],
+                    ..signed.clone()
+                },
+                "intent",
+                MAX_BODY,
+            ),
+            (
+                SignedIntent {
+                    cert: vec![0x30; MAX_CERT + 1],
+                    ..signed.clone()
+                },
+                "certificate",
+                MAX_CERT,
+            ),
+            (
+                SignedIntent {
+                    signature: vec![0; MAX_SIGNATURE + 1],
+                    ..signed.clone()
+                },
+                "signature",
+                MAX_SIGNATURE,
+            ),
+        ];
+        for (big, what, max) in cases {
+            assert_eq!(
+                refusal(verify(&big, &mut fleet.verifier(), t)),
+                IntentErrorKind::TooBig {
+                    what,
+                    len: max + 1,
+                    max
+                }
+            );
+        }
+        // Even an operator's valid signature over a body that large is refused unread.
+        let mut huge = serde_json::to_vec(&intent_by("alice", t)).unwrap();
+        huge.resize(MAX_BODY + 1, b' ');
+        let huge = signed_by_hand(&fleet.identity("alice"), huge);
+        assert!(matches!(
+            refusal(verify(&huge, &mut fleet.verifier(), t)),
+            IntentErrorKind::TooBig { what: "intent", .. }
+        ));
+    }
+
+    #[test]
+    fn an_intent_expires_and_may_not_come_from_the_future() {
+        let fleet = Fleet::new();
+        let alice = fleet.identity("alice");
+        let t = now();
+        let signed = sign(&intent_by("alice", t), &alice).unwrap();
+        assert!(verify(&signed, &mut fleet.verifier(), t + MAX_AGE_SECS).is_ok());
+        assert_eq!(
+            refusal(verify(&signed, &mut fleet.verifier(), t + MAX_AGE_SECS + 1)),
+            IntentErrorKind::Expired {
+                created_unix: t,
+                now_unix: t + MAX_AGE_SECS + 1,
+                max_age_secs: MAX_AGE_SECS
+            }
+        );
+        // Created within the allowed skew ahead of the host: fine; beyond it: refused.
+        let ahead = sign(&intent_by("alice", t + MAX_CLOCK_SKEW_SECS), &alice).unwrap();
+        assert!(verify(&ahead, &mut fleet.verifier(), t).is_ok());
+        let too_far = sign(&intent_by("alice", t + MAX_CLOCK_SKEW_SECS + 1), &alice).unwrap();
+        assert_eq!(
+            refusal(verify(&too_far, &mut fleet.verifier(), t)),
+            IntentErrorKind::FromTheFuture {
+                created_unix: t + MAX_CLOCK_SKEW_SECS + 1,
+                now_unix: t,
+                max_skew_secs: MAX_CLOCK_SKEW_SECS
+            }
+        );
+        let absurd = sign(&intent_by("alice", u64::MAX), &alice).unwrap();
+        assert!(matches!(
+            refusal(verify(&absurd, &mut fleet.verifier(), t)),
+            IntentErrorKind::FromTheFuture { .. }
+        ));
+    }
+
+    #[test]
+    fn a_signed_body_that_is_not_an_intent_is_refused() {
+        let fleet = Fleet::new();
+        let alice = fleet.identity("alice");
+        let t = now();
+        let good = serde_json::to_string(&intent_by("alice", t)).unwrap();
+        let malformed = |body: String| {
+            let signed = signed_by_hand(&alice, body.into_bytes());
+            refusal(verify(&signed, &mut fleet.verifier(), t))
+        };
+        for body in [
+            "not json".to_string(),
+            String::new(),
+            good.replace("\"app\"", "\"application\""),
+            good.replacen('{', "{\"extra\":1,", 1),
+            // A second `revision` a lenient parser might take instead of the first.
+            good.replacen('{', &format!("{{\"revision\":\"{}\",", "e".repeat(64)), 1),
+            format!("{good}{good}"),
+            good.replace("\"role=inference\"", "\"\""),
+            good.replace(
+                "\"HalfAtATime\"",
+                "{\"Custom\":{\"min_healthy\":{\"Percent\":101}}}",
+            ),
+        ] {
+            assert!(
+                matches!(malformed(body.clone()), IntentErrorKind::Malformed { .. }),
+                "{body}"
+            );
+        }
+        let bad_revision = good.replace(REV, "../../etc");
+        assert!(matches!(
+            malformed(bad_revision),
+            IntentErrorKind::InvalidField {
+                field: "revision",
+                ..
+            }
+        ));
+        let bad_id = {
+            let mut intent = intent_by("alice", t);
+            intent.id = "short".into();
+            serde_json::to_string(&intent).unwrap()
+        };
+        assert!(matches!(
+            malformed(bad_id),
+            IntentErrorKind::InvalidField { field: "id", .. }
+        ));
+    }
+
+    #[test]
+    fn a_revision_other_than_the_bundles_is_refused() {
+        let intent = intent_by("alice", 1);
+        assert!(check_revision(&intent, REV).is_ok());
+        let other = "a".repeat(64);
+        assert_eq!(
+            check_revision(&intent, &other).unwrap_err().kind(),
+            &IntentErrorKind::RevisionMismatch {
+                signed: REV.into(),
+                bundle: other
+            }
+        );
+        assert!(check_revision(&intent, &REV[..63]).is_err());
+        assert!(check_revision(&intent, "").is_err());
+    }
+
+    #[test]
+    fn a_replay_is_refused_also_after_reopening_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("intents");
+        let t = now();
+        let (first, second) = (intent_by("alice", t), intent_by("alice", t));
+        let mut executed = Executed::open(&store).unwrap();
+        assert!(executed.is_empty());
+        executed.admit(&first, t).unwrap();
+        assert_eq!(
+            executed.admit(&first, t + 1).unwrap_err().kind(),
+            &IntentErrorKind::Replayed {
+                id: first.id.clone()
+            }
+        );
+        executed.admit(&second, t + 1).unwrap();
+        drop(executed);
+
+        let mut executed = Executed::open(&store).unwrap();
+        assert_eq!(executed.len(), 2);
+        for intent in [&first, &second] {
+            assert!(executed.contains(&intent.id));
+            assert_eq!(
+                executed.admit(intent, t + 2).unwrap_err().kind(),
+                &IntentErrorKind::Replayed {
+                    id: intent.id.clone()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn an_id_is_on_disk_before_admit_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = now();
+        let intent = intent_by("alice", t);
+        let mut executed = Executed::open(dir.path()).unwrap();
+        executed.admit(&intent, t).unwrap();
+        // Read as a restarted agent would, while this one still holds the store.
+        let on_disk: StoreFile =
+            serde_json::from_slice(&std::fs::read(dir.path().join(EXECUTED_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(on_disk.executed.get(&intent.id), Some(&t));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(
+            names.len(),
+            2,
+            "the store and its lock, no temporary file: {names:?}"
+        );
+    }
+
+    #[test]
+    fn the_store_forgets_only_expired_ids_and_refuses_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = now();
+        let mut executed = Executed::open_capped(dir.path(), 3).unwrap();
+        let old: Vec<Intent> = (0..3).map(|i| intent_by("alice", t + i)).collect();
+        for intent in &old {
+            executed.admit(intent, t + 2).unwrap();
+        }
+        let fresh = intent_by("alice", t + 10);
+        assert_eq!(
+            executed.admit(&fresh, t + 10).unwrap_err().kind(),
+            &IntentErrorKind::ReplayStoreFull { max: 3 }
+        );
+        assert!(!executed.contains(&fresh.id), "refused, not recorded");
+        assert!(
+            old.iter().all(|i| executed.contains(&i.id)),
+            "nothing forgotten"
+        );
+        // Once the oldest has expired, its place is free.
+        let later = t + MAX_AGE_SECS + 1;
+        executed.admit(&fresh, later).unwrap();
+        assert!(!executed.contains(&old[0].id));
+        assert!(executed.contains(&old[1].id) && executed.contains(&old[2].id));
+        assert_eq!(executed.len(), 3);
+        drop(executed);
+        assert_eq!(Executed::open_capped(dir.path(), 3).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_clock_set_back_does_not_bring_forgotten_intents_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = now();
+        let old = intent_by("alice", t);
+        let mut executed = Executed::open(dir.path()).unwrap();
+        executed.admit(&old, t).unwrap();
+        // A day and more later another intent runs, and the old id is forgotten.
+        let later = t + MAX_AGE_SECS + 100;
+        executed.admit(&intent_by("alice", later), later).unwrap();
+        assert!(!executed.contains(&old.id));
+        drop(executed);
+        // The clock goes back to when the old intent was fresh, and the agent restarts.
+        let mut executed = Executed::open(dir.path()).unwrap();
+        assert!(matches!(
+            executed.admit(&old, t).unwrap_err().kind(),
+            IntentErrorKind::Expired { .. }
+        ));
+        let never_seen = intent_by("alice", t);
+        assert!(matches!(
+            executed.admit(&never_seen, t).unwrap_err().kind(),
+            IntentErrorKind::Expired { .. }
+        ));
+        // And an absurd creation time cannot fill the store with ids that never expire.
+        assert!(matches!(
+            executed
+                .admit(&intent_by("alice", u64::MAX), t)
+                .unwrap_err()
+                .kind(),
+            IntentErrorKind::FromTheFuture { .. }
+        ));
+    }
+
+    #[test]
+    fn one_handle_per_store_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let executed = Executed::open(dir.path()).unwrap();
+        assert_eq!(
+            Executed::open(dir.path()).unwrap_err().kind(),
+            &IntentErrorKind::StoreInUse {
+                path: dir.path().to_path_buf()
+            }
+        );
+        drop(executed);
+        assert!(Executed::open(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn a_store_that_does_not_read_back_is_refused_not_forgotten() {
+        let t = now();
+        let corrupt = |bytes: &[u8]| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(EXECUTED_FILE), bytes).unwrap();
+            Executed::open_capped(dir.path(), 3)
+                .unwrap_err()
+                .kind()
+                .clone()
+        };
+        for bytes in [
+            b"".to_vec(),
+            b"{\"version\":1}".to_vec(),
+            b"{\"version\":2,\"horizon\":0,\"executed\":{}}".to_vec(),
+            b"{\"version\":1,\"horizon\":0,\"executed\":{\"nope\":1}}".to_vec(),
+            vec![b' '; 3 * BYTES_PER_ENTRY + 1025],
+        ] {
+            assert!(
+                matches!(corrupt(&bytes), IntentErrorKind::StoreCorrupt { .. }),
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        // A store written by another handle reads back.
+        let dir = tempfile::tempdir().unwrap();
+        let intent = intent_by("alice", t);
+        Executed::open(dir.path())
+            .unwrap()
+            .admit(&intent, t)
+            .unwrap();
+        assert!(Executed::open(dir.path()).unwrap().contains(&intent.id));
+    }
+
+    #[test]
+    fn an_unsafe_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let unsafe_kind = |r: Result<Executed, IntentError>| match r.unwrap_err().kind() {
+            IntentErrorKind::StoreUnsafe { .. } => {}
+            k => panic!("{k:?}"),
+        };
+        // Others may write into the directory.
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        unsafe_kind(Executed::open(&open));
+        // The directory is a link to another.
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        unsafe_kind(Executed::open(&link));
+        // The store file is a link (to a file someone else controls).
+        let planted = dir.path().join("planted");
+        std::fs::create_dir(&planted).unwrap();
+        std::fs::write(dir.path().join("elsewhere.json"), b"{}").unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("elsewhere.json"),
+            planted.join(EXECUTED_FILE),
+        )
+        .unwrap();
+        unsafe_kind(Executed::open(&planted));
+        // A new store directory is made 0700.
+        let fresh = dir.path().join("a/b");
+        Executed::open(&fresh).unwrap();
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+}

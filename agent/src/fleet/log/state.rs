@@ -1,0 +1,827 @@
+//! What the deployment log means: the commands its entries carry and the state they build.
+//!
+//! [`DeploymentsState::apply`] is a pure function of the state and one committed entry: no
+//! clock, no randomness, no IO, ordered maps only. Every voter applies the same entries in
+//! the same order and so holds the same state, byte for byte; a new leader (the next batch
+//! coordinator) reads from it which hosts were started, which reported, and with what
+//! fencing token each was commanded.
+//!
+//! The rules that make a coordinator's failover safe live here:
+//! - A host is commanded only after a [`Command::StartHosts`] naming it is committed, and
+//!   the command carries that entry's position as its [`Fence`]. A host refuses a fence
+//!   lower than the highest it has seen, so a deposed coordinator cannot act.
+//! - A host that has a result is never started again; a host started but not reported may
+//!   be commanded again (with a newer fence) by a new leader that could not learn its fate.
+//! - No batch starts once a deployment is stopped or has its verdict. Hosts already in
+//!   flight still report.
+//! - The first result of a host stands: the same result again is [`Response::Unchanged`],
+//!   a different one is refused.
+//!
+//! Refusals are answers ([`Response::Refused`]), never panics: a command that does not fit
+//! the state changes nothing, and the entry stays in the log like any other.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Revision};
+
+/// A fencing token: the Raft term and log index of the committed entry that authorised a
+/// command. Tokens order by term, then index, so every token a newer leader issues is higher
+/// than any its predecessors issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Fence {
+    pub term: u64,
+    pub index: u64,
+}
+
+impl fmt::Display for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.term, self.index)
+    }
+}
+
+/// A host a deployment targets, as the coordinator found it when the deployment was
+/// created: enough to rebuild the same [`crate::fleet::plan::Planner`] on any voter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedHost {
+    pub name: String,
+    pub health: Health,
+    /// What it ran when the deployment was created.
+    pub revision: Revision,
+}
+
+/// A deployment as it enters the log: the operator's signed intent and what the
+/// coordinator decided from it (the hosts, their health and revisions at the time).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewDeployment {
+    /// Unique among the log's deployments.
+    pub id: String,
+    pub app: String,
+    /// The revision id being deployed.
+    pub revision: String,
+    pub config: DeploymentConfig,
+    /// The targeted hosts (at least one, names unique).
+    pub hosts: Vec<PlannedHost>,
+    /// The intent as the operator signed it, kept verbatim: every host checks it before it
+    /// installs anything.
+    pub signed_intent: Vec<u8>,
+    /// When the coordinator accepted it (Unix milliseconds, its clock): for display only.
+    pub created_at_ms: u64,
+}
+
+/// How a host's deployment, or a whole deployment, ended.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Verdict {
+    Succeeded,
+    Failed { reason: String },
+}
+
+/// What a log entry asks for. Proposed by the coordinator (the leader), applied by every
+/// voter once committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Records a new deployment, every host Pending. The same deployment again is
+    /// [`Response::Unchanged`] (a retried proposal); another with the same id is refused.
+    CreateDeployment(NewDeployment),
+    /// Records that these hosts are about to be commanded; the answer's fence is the token
+    /// those commands carry. All or nothing.
+    StartHosts {
+        deployment: String,
+        hosts: Vec<String>,
+    },
+    /// A host's result, as the host reported it.
+    HostResult {
+        deployment: String,
+        host: String,
+        verdict: Verdict,
+    },
+    /// The operator stopped it: no batch starts after this; hosts not started are Skipped.
+    Stop { deployment: String },
+    /// The coordinator's verdict on the deployment ([`crate::fleet::plan::Planner::status`]).
+    Finish {
+        deployment: String,
+        verdict: Verdict,
+    },
+}
+
+impl Command {
+    /// The deployment the command is about.
+    pub fn deployment(&self) -> &str {
+        match self {
+            Command::CreateDeployment(new) => &new.id,
+            Command::StartHosts { deployment, .. }
+            | Command::HostResult { deployment, .. }
+            | Command::Stop { deployment }
+            | Command::Finish { deployment, .. } => deployment,
+        }
+    }
+}
+
+/// The answer to an applied entry, returned to whoever proposed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The state changed. `fence` is the entry's position: for [`Command::StartHosts`], the
+    /// token the hosts' commands carry.
+    Applied { fence: Fence },
+    /// The command repeats what the state already says; nothing changed.
+    Unchanged,
+    /// The command does not fit the state; nothing changed.
+    Refused(Refusal),
+    /// A Raft entry of its own (blank or membership), not a command.
+    Internal,
+}
+
+/// Why a command was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("no deployment {id:?} in the log")]
+    UnknownDeployment { id: String },
+    #[error("deployment {id:?} already exists with other contents")]
+    DeploymentExists { id: String },
+    #[error("deployment {id:?} has no hosts")]
+    NoHosts { id: String },
+    #[error("host {host:?} is named twice")]
+    DuplicateHost { host: String },
+    #[error("host {host:?} is not part of deployment {deployment:?}")]
+    UnknownHost { deployment: String, host: String },
+    #[error("host {host:?} has not been started")]
+    HostNotStarted { host: String },
+    #[error("host {host:?} already reported {recorded:?}")]
+    HostFinished { host: String, recorded: HostState },
+    #[error("deployment {id:?} has ended ({status:?})")]
+    DeploymentEnded {
+        id: String,
+        status: DeploymentStatus,
+    },
+    #[error("{count} host(s) have not reported, so deployment {id:?} cannot have succeeded")]
+    HostsUnfinished { id: String, count: usize },
+}
+
+/// CodeDeploy's deployment statuses, as far as the log knows them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeploymentStatus {
+    /// Recorded; no host started yet.
+    Created,
+    InProgress,
+    Succeeded,
+    Failed {
+        reason: String,
+    },
+    Stopped,
+}
+
+impl DeploymentStatus {
+    /// Whether the deployment has ended (no batch may start).
+    pub fn is_ended(&self) -> bool {
+        matches!(
+            self,
+            DeploymentStatus::Succeeded
+                | DeploymentStatus::Failed { .. }
+                | DeploymentStatus::Stopped
+        )
+    }
+}
+
+/// One host's progress in a deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HostState {
+    Pending,
+    /// Commanded with this token (the newest, if it was commanded again).
+    InProgress {
+        fence: Fence,
+    },
+    Succeeded,
+    Failed {
+        reason: String,
+    },
+    /// Never started: the deployment stopped or ended first.
+    Skipped,
+}
+
+/// A host of a deployment: how it was planned and where it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub health: Health,
+    pub revision: Revision,
+    pub state: HostState,
+}
+
+/// A deployment as the log knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: String,
+    pub app: String,
+    pub revision: String,
+    pub config: DeploymentConfig,
+    pub signed_intent: Vec<u8>,
+    pub created_at_ms: u64,
+    /// The position of the entry that created it.
+    pub created_at: Fence,
+    pub status: DeploymentStatus,
+    /// Every targeted host by name.
+    pub hosts: BTreeMap<String, HostRecord>,
+}
+
+impl Deployment {
+    /// The hosts as the planner takes them, to rebuild its plan on a new leader.
+    pub fn host_infos(&self) -> Vec<HostInfo> {
+        self.hosts
+            .iter()
+            .map(|(name, h)| HostInfo {
+                name: name.clone(),
+                health: h.health,
+                revision: h.revision.clone(),
+            })
+            .collect()
+    }
+
+    /// Hosts started and not reported, with the fence they were last commanded with: what
+    /// a new coordinator must ask about before it starts anything else.
+    pub fn in_flight(&self) -> impl Iterator<Item = (&str, Fence)> + '_ {
+        self.hosts.iter().filter_map(|(name, h)| match h.state {
+            HostState::InProgress { fence } => Some((name.as_str(), fence)),
+            _ => None,
+        })
+    }
+
+    fn skip_pending(&mut self) {
+        for host in self.hosts.values_mut() {
+            if host.state == HostState::Pending {
+                host.state = HostState::Skipped;
+            }
+        }
+    }
+}
+
+/// Every deployment in the log, by id. Built only by [`DeploymentsState::apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentsState {
+    deployments: BTreeMap<String, Deployment>,
+}
+
+impl DeploymentsState {
+    /// The deployment with this id.
+    pub fn get(&self, id: &str) -> Option<&Deployment> {
+        self.deployments.get(id)
+    }
+
+    /// Every deployment, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &Deployment> + '_ {
+        self.deployments.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.deployments.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deployments.is_empty()
+    }
+
+    /// Applies the committed entry at `at`. Deterministic; a refused command changes
+    /// nothing.
+    pub fn apply(&mut self, at: Fence, command: Command) -> Response {
+        let outcome = match command {
+            Command::CreateDeployment(new) => self.create(at, new),
+            Command::StartHosts { deployment, hosts } => self.start(at, &deployment, hosts),
+            Command::HostResult {
+                deployment,
+                host,
+                verdict,
+            } => self.host_result(&deployment, &host, verdict),
+            Command::Stop { deployment } => self.stop(&deployment),
+            Command::Finish {
+                deployment,
+                verdict,
+            } => self.finish(&deployment, verdict),
+        };
+        match outcome {
+            Ok(Change::Applied) => Response::Applied { fence: at },
+            Ok(Change::Unchanged) => Response::Unchanged,
+            Err(refusal) => Response::Refused(refusal),
+        }
+    }
+
+    fn create(&mut self, at: Fence, new: NewDeployment) -> Result<Change, Refusal> {
+        if let Some(existing) = self.deployments.get(&new.id) {
+            return if same_creation(existing, &new) {
+                Ok(Change::Unchanged)
+            } else {
+                Err(Refusal::DeploymentExists { id: new.id })
+            };
+        }
+        if new.hosts.is_empty() {
+            return Err(Refusal::NoHosts { id: new.id });
+        }
+        let mut hosts = BTreeMap::new();
+        for planned in new.hosts {
+            let record = HostRecord {
+                health: planned.health,
+                revision: planned.revision,
+                state: HostState::Pending,
+            };
+            if hosts.insert(planned.name.clone(), record).is_some() {
+                return Err(Refusal::DuplicateHost { host: planned.name });
+            }
+        }
+        let deployment = Deployment {
+            id: new.id.clone(),
+            app: new.app,
+            revision: new.revision,
+            config: new.config,
+            signed_intent: new.signed_intent,
+            created_at_ms: new.created_at_ms,
+            created_at: at,
+            status: DeploymentStatus::Created,
+            hosts,
+        };
+        self.deployments.insert(new.id, deployment);
+        Ok(Change::Applied)
+    }
+
+    fn start(&mut self, at: Fence, id: &str, names: Vec<String>) -> Result<Change, Refusal> {
+        let deployment = self.deployment_mut(id)?;
+        if deployment.status.is_ended() {
+            return Err(ended(deployment));
+        }
+        if names.is_empty() {
+            return Err(Refusal::NoHosts { id: id.to_owned() });
+        }
+        // Check every host before changing any: all or nothing.
+        let mut seen = std::collections::BTreeSet::new();
+        for name in &names {
+            if !seen.insert(name.as_str()) {
+                return Err(Refusal::DuplicateHost { host: name.clone() });
+            }
+            let Some(host) = deployment.hosts.get(name) else {
+                return Err(Refusal::UnknownHost {
+                    deployment: id.to_owned(),
+                    host: name.clone(),
+                });
+            };
+            match &host.state {
+                HostState::Pending | HostState::InProgress { .. } => {}
+                recorded => {
+                    return Err(Refusal::HostFinished {
+                        host: name.clone(),
+                        recorded: recorded.clone(),
+                    });
+                }
+            }
+        }
+        for name in &names {
+            if let Some(host) = deployment.hosts.get_mut(name) {
+                host.state = HostState::InProgress { fence: at };
+            }
+        }
+        deployment.status = DeploymentStatus::InProgress;
+        Ok(Change::Applied)
+    }
+
+    fn host_result(&mut self, id: &str, name: &str, verdict: Verdict) -> Result<Change, Refusal> {
+        let deployment = self.deployment_mut(id)?;
+        let Some(host) = deployment.hosts.get_mut(name) else {
+            return Err(Refusal::UnknownHost {
+                deployment: id.to_owned(),
+                host: name.to_owned(),
+            });
+        };
+        let reported = match verdict {
+            Verdict::Succeeded => HostState::Succeeded,
+            Verdict::Failed { reason } => HostState::Failed { reason },
+        };
+        match &host.state {
+            HostState::InProgress { .. } => {
+                host.state = reported;
+                Ok(Change::Applied)
+            }
+            HostState::Pending | HostState::Skipped => Err(Refusal::HostNotStarted {
+                host: name.to_owned(),
+            }),
+            recorded if *recorded == reported => Ok(Change::Unchanged),
+            recorded => Err(Refusal::HostFinished {
+                host: name.to_owned(),
+                recorded: recorded.clone(),
+            }),
+        }
+    }
+
+    fn stop(&mut self, id: &str) -> Result<Change, Refusal> {
+        let deployment = self.deployment_mut(id)?;
+        match deployment.status {
+            DeploymentStatus::Stopped => Ok(Change::Unchanged),
+            DeploymentStatus::Succeeded | DeploymentStatus::Failed { .. } => Err(ended(deployment)),
+            DeploymentStatus::Created | DeploymentStatus::InProgress => {
+                deployment.status = DeploymentStatus::Stopped;
+                deployment.skip_pending();
+                Ok(Change::Applied)
+            }
+        }
+    }
+
+    fn finish(&mut self, id: &str, verdict: Verdict) -> Result<Change, Refusal> {
+        let deployment = self.deployment_mut(id)?;
+        let status = match verdict {
+            Verdict::Succeeded => DeploymentStatus::Succeeded,
+            Verdict::Failed { reason } => DeploymentStatus::Failed { reason },
+        };
+        if deployment.status == status {
+            return Ok(Change::Unchanged);
+        }
+        if deployment.status.is_ended() {
+            return Err(ended(deployment));
+        }
+        if status == DeploymentStatus::Succeeded {
+            let count = deployment
+                .hosts
+                .values()
+                .filter(|h| matches!(h.state, HostState::Pending | HostState::InProgress { .. }))
+                .count();
+            if count > 0 {
+                return Err(Refusal::HostsUnfinished {
+                    id: id.to_owned(),
+                    count,
+                });
+            }
+        }
+        deployment.status = status;
+        deployment.skip_pending();
+        Ok(Change::Applied)
+    }
+
+    fn deployment_mut(&mut self, id: &str) -> Result<&mut Deployment, Refusal> {
+        self.deployments
+            .get_mut(id)
+            .ok_or_else(|| Refusal::UnknownDeployment { id: id.to_owned() })
+    }
+}
+
+enum Change {
+    Applied,
+    Unchanged,
+}
+
+fn ended(deployment: &Deployment) -> Refusal {
+    Refusal::DeploymentEnded {
+        id: deployment.id.clone(),
+        status: deployment.status.clone(),
+    }
+}
+
+/// Whether `new` is the proposal that created `existing` (a retry), whatever happened since.
+fn same_creation(existing: &Deployment, new: &NewDeployment) -> bool {
+    existing.app == new.app
+        && existing.revision == new.revision
+        && existing.config == new.config
+        && existing.signed_intent == new.signed_intent
+        && existing.created_at_ms == new.created_at_ms
+        && existing.hosts.len() == new.hosts.len()
+        && new.hosts.iter().all(|p| {
+            existing
+                .hosts
+                .get(&p.name)
+                .is_some_and(|h| h.health == p.health && h.revision == p.revision)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fence(index: u64) -> Fence {
+        Fence { term: 1, index }
+    }
+
+    fn planned(name: &str) -> PlannedHost {
+        PlannedHost {
+            name: name.to_owned(),
+            health: Health::Healthy,
+            revision: Revision::Known("old".to_owned()),
+        }
+    }
+
+    fn new_deployment(id: &str, hosts: &[&str]) -> NewDeployment {
+        NewDeployment {
+            id: id.to_owned(),
+            app: "inference".to_owned(),
+            revision: "new".to_owned(),
+            config: DeploymentConfig::default(),
+            hosts: hosts.iter().map(|h| planned(h)).collect(),
+            signed_intent: b"signed".to_vec(),
+            created_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn start(deployment: &str, hosts: &[&str]) -> Command {
+        Command::StartHosts {
+            deployment: deployment.to_owned(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    fn result(deployment: &str, host: &str, verdict: Verdict) -> Command {
+        Command::HostResult {
+            deployment: deployment.to_owned(),
+            host: host.to_owned(),
+            verdict,
+        }
+    }
+
+    fn failed(reason: &str) -> Verdict {
+        Verdict::Failed {
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn host_state(state: &DeploymentsState, id: &str, host: &str) -> HostState {
+        state.get(id).unwrap().hosts[host].state.clone()
+    }
+
+    /// A state with deployment "d1" of hosts a, b, c created at index 1.
+    fn created() -> DeploymentsState {
+        let mut state = DeploymentsState::default();
+        let r = state.apply(
+            fence(1),
+            Command::CreateDeployment(new_deployment("d1", &["a", "b", "c"])),
+        );
+        assert_eq!(r, Response::Applied { fence: fence(1) });
+        state
+    }
+
+    #[test]
+    fn a_deployment_is_created_with_every_host_pending() {
+        let state = created();
+        let d = state.get("d1").unwrap();
+        assert_eq!(d.status, DeploymentStatus::Created);
+        assert_eq!(d.created_at, fence(1));
+        assert!(d.hosts.values().all(|h| h.state == HostState::Pending));
+        assert_eq!(d.host_infos().len(), 3);
+    }
+
+    #[test]
+    fn a_retried_creation_is_unchanged_and_a_different_one_is_refused() {
+        let mut state = created();
+        state.apply(fence(2), start("d1", &["a"]));
+        let again = Command::CreateDeployment(new_deployment("d1", &["a", "b", "c"]));
+        assert_eq!(state.apply(fence(3), again), Response::Unchanged);
+        assert_eq!(
+            host_state(&state, "d1", "a"),
+            HostState::InProgress { fence: fence(2) },
+            "a retried creation resets nothing"
+        );
+        let other = Command::CreateDeployment(new_deployment("d1", &["a"]));
+        assert_eq!(
+            state.apply(fence(4), other),
+            Response::Refused(Refusal::DeploymentExists { id: "d1".into() })
+        );
+    }
+
+    #[test]
+    fn creations_without_hosts_or_with_a_host_twice_are_refused() {
+        let mut state = DeploymentsState::default();
+        let none = Command::CreateDeployment(new_deployment("d1", &[]));
+        assert!(matches!(
+            state.apply(fence(1), none),
+            Response::Refused(Refusal::NoHosts { .. })
+        ));
+        let twice = Command::CreateDeployment(new_deployment("d1", &["a", "a"]));
+        assert!(matches!(
+            state.apply(fence(2), twice),
+            Response::Refused(Refusal::DuplicateHost { .. })
+        ));
+        assert!(state.is_empty());
+    }
+
+    #[test]
+    fn started_hosts_carry_the_fence_of_their_entry() {
+        let mut state = created();
+        let r = state.apply(Fence { term: 3, index: 7 }, start("d1", &["a", "b"]));
+        let f = Fence { term: 3, index: 7 };
+        assert_eq!(r, Response::Applied { fence: f });
+        assert_eq!(
+            state.get("d1").unwrap().status,
+            DeploymentStatus::InProgress
+        );
+        let in_flight: Vec<_> = state.get("d1").unwrap().in_flight().collect();
+        assert_eq!(in_flight, vec![("a", f), ("b", f)]);
+        assert_eq!(host_state(&state, "d1", "c"), HostState::Pending);
+    }
+
+    #[test]
+    fn a_host_in_flight_may_be_commanded_again_with_a_newer_fence() {
+        let mut state = created();
+        state.apply(fence(2), start("d1", &["a"]));
+        let newer = Fence { term: 2, index: 3 };
+        assert_eq!(
+            state.apply(newer, start("d1", &["a"])),
+            Response::Applied { fence: newer }
+        );
+        assert_eq!(
+            host_state(&state, "d1", "a"),
+            HostState::InProgress { fence: newer }
+        );
+    }
+
+    #[test]
+    fn a_host_with_a_result_is_never_started_again() {
+        let mut state = created();
+        state.apply(fence(2), start("d1", &["a"]));
+        state.apply(fence(3), result("d1", "a", Verdict::Succeeded));
+        let r = state.apply(fence(4), start("d1", &["b", "a"]));
+        assert_eq!(
+            r,
+            Response::Refused(Refusal::HostFinished {
+                host: "a".into(),
+                recorded: HostState::Succeeded
+            })
+        );
+        assert_eq!(
+            host_state(&state, "d1", "b"),
+            HostState::Pending,
+            "all or nothing: b was not started either"
+        );
+    }
+
+    #[test]
+    fn starting_unknown_or_repeated_hosts_is_refused() {
+        let mut state = created();
+        assert!(matches!(
+            state.apply(fence(2), start("d1", &["a", "zz"])),
+            Response::Refused(Refusal::UnknownHost { .. })
+        ));
+        assert!(matches!(
+            state.apply(fence(3), start("d1", &["a", "a"])),
+            Response::Refused(Refusal::DuplicateHost { .. })
+        ));
+        assert!(matches!(
+            state.apply(fence(4), start("d1", &[])),
+            Response::Refused(Refusal::NoHosts { .. })
+        ));
+        assert!(matches!(
+            state.apply(fence(5), start("nope", &["a"])),
+            Response::Refused(Refusal::UnknownDeployment { .. })
+        ));
+        assert_eq!(host_state(&state, "d1", "a"), HostState::Pending);
+        assert_eq!(state.get("d1").unwrap().status, DeploymentStatus::Created);
+    }
+
+    #[test]
+    fn a_duplicate_result_is_unchanged_and_a_contrary_one_refused() {
+        let mut state = created();
+        state.apply(fence(2), start("d1", &["a"]));
+        assert_eq!(
+            state.apply(fence(3), result("d1", "a", failed("hook"))),
+            Response::Applied { fence: fence(3) }
+        );
+        assert_eq!(
+            state.apply(fence(4), result("d1", "a", failed("hook"))),
+            Response::Unchanged
+        );
+        assert_eq!(
+            state.apply(fence(5), result("d1", "a", Verdict::Succeeded)),
+            Response::Refused(Refusal::HostFinished {
+                host: "a".into(),
+                recorded: HostState::Failed {
+                    reason: "hook".into()
+                }
+            })
+        );
+        assert_eq!(
+            host_state(&state, "d1", "a"),
+            HostState::Failed {
+                reason: "hook".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_result_for_an_unknown_deployment_or_host_is_an_error_response() {
+        let mut state = created();
+        assert_eq!(
+            state.apply(fence(2), result("d9", "a", Verdict::Succeeded)),
+            Response::Refused(Refusal::UnknownDeployment { id: "d9".into() })
+        );
+        assert!(matches!(
+            state.apply(fence(3), result("d1", "zz", Verdict::Succeeded)),
+            Response::Refused(Refusal::UnknownHost { .. })
+        ));
+        assert!(matches!(
+            state.apply(fence(4), result("d1", "a", Verdict::Succeeded)),
+            Response::Refused(Refusal::HostNotStarted { .. })
+        ));
+        assert_eq!(state, created());
+    }
+
+    #[test]
+    fn stop_skips_what_has_not_started_and_lets_hosts_in_flight_report() {
+        let mut state = created();
+        state.apply(fence(2), start("d1", &["a"]));
+        let stop = Command::Stop {
+            deployment: "d1".into(),
+        };
+        assert_eq!(
+            state.apply(fence(3), stop.clone()),
+            Response::Applied { fence: fence(3) }
+        );
+        assert_eq!(state.apply(fence(4), stop), Response::Unchanged);
+        assert_eq!(host_state(&state, "d1", "b"), HostState::Skipped);
+        assert!(matches!(
+            state.apply(fence(5), start("d1", &["b"])),
+            Response::Refused(Refusal::DeploymentEnded { .. })
+        ));
+        assert_eq!(
+            state.apply(fence(6), result("d1", "a", Verdict::Succeeded)),
+            Response::Applied { fence: fence(6) }
+        );
+        assert_eq!(state.get("d1").unwrap().status, DeploymentStatus::Stopped);
+    }
+
+    #[test]
+    fn success_needs_every_host_reported_and_a_verdict_stands() {
+        let mut state = created();
+        state.apply(fence(2), start("d1", &["a", "b", "c"]));
+        state.apply(fence(3), result("d1", "a", Verdict::Succeeded));
+        let finish = |verdict| Command::Finish {
+            deployment: "d1".into(),
+            verdict,
+        };
+        assert_eq!(
+            state.apply(fence(4), finish(Verdict::Succeeded)),
+            Response::Refused(Refusal::HostsUnfinished {
+                id: "d1".into(),
+                count: 2
+            })
+        );
+        state.apply(fence(5), result("d1", "b", Verdict::Succeeded));
+        state.apply(fence(6), result("d1", "c", failed("validate")));
+        assert_eq!(
+            state.apply(fence(7), finish(Verdict::Succeeded)),
+            Response::Applied { fence: fence(7) }
+        );
+        assert_eq!(
+            state.apply(fence(8), finish(Verdict::Succeeded)),
+            Response::Unchanged
+        );
+        assert!(matches!(
+            state.apply(fence(9), finish(failed("late"))),
+            Response::Refused(Refusal::DeploymentEnded { .. })
+        ));
+        assert!(matches!(
+            state.apply(
+                fence(10),
+                Command::Stop {
+                    deployment: "d1".into()
+                }
+            ),
+            Response::Refused(Refusal::DeploymentEnded { .. })
+        ));
+        assert_eq!(state.get("d1").unwrap().status, DeploymentStatus::Succeeded);
+    }
+
+    #[test]
+    fn a_failure_verdict_skips_hosts_not_started() {
+        let mut state = created();
+        state.apply(fence(2), start("d1", &["a"]));
+        state.apply(
+            fence(3),
+            Command::Finish {
+                deployment: "d1".into(),
+                verdict: failed("too few"),
+            },
+        );
+        assert_eq!(host_state(&state, "d1", "b"), HostState::Skipped);
+        assert_eq!(
+            host_state(&state, "d1", "a"),
+            HostState::InProgress { fence: fence(2) }
+        );
+    }
+
+    #[test]
+    fn applying_the_same_entries_gives_the_same_bytes() {
+        let entries = vec![
+            Command::CreateDeployment(new_deployment("d2", &["z", "y"])),
+            Command::CreateDeployment(new_deployment("d1", &["c", "a", "b"])),
+            start("d1", &["b", "a"]),
+            result("d1", "a", Verdict::Succeeded),
+            result("d9", "a", Verdict::Succeeded),
+            start("d2", &["y"]),
+            Command::Stop {
+                deployment: "d2".into(),
+            },
+            result("d1", "b", failed("x")),
+            result("d1", "b", failed("x")),
+        ];
+        let run = || {
+            let mut state = DeploymentsState::default();
+            let responses: Vec<_> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, c)| state.apply(fence(i as u64 + 1), c.clone()))
+                .collect();
+            (postcard::to_allocvec(&state).unwrap(), responses)
+        };
+        assert_eq!(run(), run());
+    }
+}
