@@ -26,6 +26,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Revision};
+use crate::lifecycle::status;
 
 /// A fencing token: the Raft term and log index of the committed entry that authorised a
 /// command. Tokens order by term, then index, so every token a newer leader issues is higher
@@ -151,17 +152,15 @@ pub enum Refusal {
     #[error("host {host:?} already reported {recorded:?}")]
     HostFinished { host: String, recorded: HostState },
     #[error("deployment {id:?} has ended ({status:?})")]
-    DeploymentEnded {
-        id: String,
-        status: DeploymentStatus,
-    },
+    DeploymentEnded { id: String, status: DeploymentState },
     #[error("{count} host(s) have not reported, so deployment {id:?} cannot have succeeded")]
     HostsUnfinished { id: String, count: usize },
 }
 
-/// CodeDeploy's deployment statuses, as far as the log knows them.
+/// Where a deployment is, as far as the log knows it: CodeDeploy's status
+/// ([`Self::status`]) with what goes with it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum DeploymentStatus {
+pub enum DeploymentState {
     /// Recorded; no host started yet.
     Created,
     InProgress,
@@ -172,14 +171,23 @@ pub enum DeploymentStatus {
     Stopped,
 }
 
-impl DeploymentStatus {
+impl DeploymentState {
+    /// The status word, as `--json` shows it.
+    pub fn status(&self) -> status::DeploymentStatus {
+        match self {
+            DeploymentState::Created => status::DeploymentStatus::Created,
+            DeploymentState::InProgress => status::DeploymentStatus::InProgress,
+            DeploymentState::Succeeded => status::DeploymentStatus::Succeeded,
+            DeploymentState::Failed { .. } => status::DeploymentStatus::Failed,
+            DeploymentState::Stopped => status::DeploymentStatus::Stopped,
+        }
+    }
+
     /// Whether the deployment has ended (no batch may start).
     pub fn is_ended(&self) -> bool {
         matches!(
             self,
-            DeploymentStatus::Succeeded
-                | DeploymentStatus::Failed { .. }
-                | DeploymentStatus::Stopped
+            DeploymentState::Succeeded | DeploymentState::Failed { .. } | DeploymentState::Stopped
         )
     }
 }
@@ -198,6 +206,19 @@ pub enum HostState {
     },
     /// Never started: the deployment stopped or ended first.
     Skipped,
+}
+
+impl HostState {
+    /// The status word, as `--json` shows it.
+    pub fn status(&self) -> status::HostStatus {
+        match self {
+            HostState::Pending => status::HostStatus::Pending,
+            HostState::InProgress { .. } => status::HostStatus::InProgress,
+            HostState::Succeeded => status::HostStatus::Succeeded,
+            HostState::Failed { .. } => status::HostStatus::Failed,
+            HostState::Skipped => status::HostStatus::Skipped,
+        }
+    }
 }
 
 /// A host of a deployment: how it was planned and where it is.
@@ -219,7 +240,7 @@ pub struct Deployment {
     pub created_at_ms: u64,
     /// The position of the entry that created it.
     pub created_at: Fence,
-    pub status: DeploymentStatus,
+    pub status: DeploymentState,
     /// Every targeted host by name.
     pub hosts: BTreeMap<String, HostRecord>,
 }
@@ -334,7 +355,7 @@ impl DeploymentsState {
             signed_intent: new.signed_intent,
             created_at_ms: new.created_at_ms,
             created_at: at,
-            status: DeploymentStatus::Created,
+            status: DeploymentState::Created,
             hosts,
         };
         self.deployments.insert(new.id, deployment);
@@ -376,7 +397,7 @@ impl DeploymentsState {
                 host.state = HostState::InProgress { fence: at };
             }
         }
-        deployment.status = DeploymentStatus::InProgress;
+        deployment.status = DeploymentState::InProgress;
         Ok(Change::Applied)
     }
 
@@ -411,10 +432,10 @@ impl DeploymentsState {
     fn stop(&mut self, id: &str) -> Result<Change, Refusal> {
         let deployment = self.deployment_mut(id)?;
         match deployment.status {
-            DeploymentStatus::Stopped => Ok(Change::Unchanged),
-            DeploymentStatus::Succeeded | DeploymentStatus::Failed { .. } => Err(ended(deployment)),
-            DeploymentStatus::Created | DeploymentStatus::InProgress => {
-                deployment.status = DeploymentStatus::Stopped;
+            DeploymentState::Stopped => Ok(Change::Unchanged),
+            DeploymentState::Succeeded | DeploymentState::Failed { .. } => Err(ended(deployment)),
+            DeploymentState::Created | DeploymentState::InProgress => {
+                deployment.status = DeploymentState::Stopped;
                 deployment.skip_pending();
                 Ok(Change::Applied)
             }
@@ -424,8 +445,8 @@ impl DeploymentsState {
     fn finish(&mut self, id: &str, verdict: Verdict) -> Result<Change, Refusal> {
         let deployment = self.deployment_mut(id)?;
         let status = match verdict {
-            Verdict::Succeeded => DeploymentStatus::Succeeded,
-            Verdict::Failed { reason } => DeploymentStatus::Failed { reason },
+            Verdict::Succeeded => DeploymentState::Succeeded,
+            Verdict::Failed { reason } => DeploymentState::Failed { reason },
         };
         if deployment.status == status {
             return Ok(Change::Unchanged);
@@ -433,7 +454,7 @@ impl DeploymentsState {
         if deployment.status.is_ended() {
             return Err(ended(deployment));
         }
-        if status == DeploymentStatus::Succeeded {
+        if status == DeploymentState::Succeeded {
             let count = deployment
                 .hosts
                 .values()
@@ -554,7 +575,7 @@ mod tests {
     fn a_deployment_is_created_with_every_host_pending() {
         let state = created();
         let d = state.get("d1").unwrap();
-        assert_eq!(d.status, DeploymentStatus::Created);
+        assert_eq!(d.status, DeploymentState::Created);
         assert_eq!(d.created_at, fence(1));
         assert!(d.hosts.values().all(|h| h.state == HostState::Pending));
         assert_eq!(d.host_infos().len(), 3);
@@ -600,10 +621,7 @@ mod tests {
         let r = state.apply(Fence { term: 3, index: 7 }, start("d1", &["a", "b"]));
         let f = Fence { term: 3, index: 7 };
         assert_eq!(r, Response::Applied { fence: f });
-        assert_eq!(
-            state.get("d1").unwrap().status,
-            DeploymentStatus::InProgress
-        );
+        assert_eq!(state.get("d1").unwrap().status, DeploymentState::InProgress);
         let in_flight: Vec<_> = state.get("d1").unwrap().in_flight().collect();
         assert_eq!(in_flight, vec![("a", f), ("b", f)]);
         assert_eq!(host_state(&state, "d1", "c"), HostState::Pending);
@@ -664,7 +682,7 @@ mod tests {
             Response::Refused(Refusal::UnknownDeployment { .. })
         ));
         assert_eq!(host_state(&state, "d1", "a"), HostState::Pending);
-        assert_eq!(state.get("d1").unwrap().status, DeploymentStatus::Created);
+        assert_eq!(state.get("d1").unwrap().status, DeploymentState::Created);
     }
 
     #[test]
@@ -735,7 +753,7 @@ mod tests {
             state.apply(fence(6), result("d1", "a", Verdict::Succeeded)),
             Response::Applied { fence: fence(6) }
         );
-        assert_eq!(state.get("d1").unwrap().status, DeploymentStatus::Stopped);
+        assert_eq!(state.get("d1").unwrap().status, DeploymentState::Stopped);
     }
 
     #[test]
@@ -777,7 +795,7 @@ mod tests {
             ),
             Response::Refused(Refusal::DeploymentEnded { .. })
         ));
-        assert_eq!(state.get("d1").unwrap().status, DeploymentStatus::Succeeded);
+        assert_eq!(state.get("d1").unwrap().status, DeploymentState::Succeeded);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::fleet::log::state::{
-    Command, DeploymentStatus, HostState, NewDeployment, PlannedHost, Verdict,
+    Command, DeploymentState, HostState, NewDeployment, PlannedHost, Verdict,
 };
 use crate::fleet::plan::{DeploymentConfig, Health, Revision};
 
@@ -121,7 +121,7 @@ fn a_deployments_entries() -> Vec<Entry> {
 
 fn check_deployment_applied(state: &DeploymentsState) {
     let d = state.get("d1").expect("d1 is in the state");
-    assert_eq!(d.status, DeploymentStatus::Stopped);
+    assert_eq!(d.status, DeploymentState::Stopped);
     assert_eq!(d.hosts["a"].state, HostState::Succeeded);
     assert_eq!(
         d.hosts["b"].state,
