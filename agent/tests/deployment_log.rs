@@ -2,8 +2,8 @@
 //! 127.78.1.x (mutual TLS, the pool, the router), each with an openraft node on its own
 //! redb log and the `raft` protocol served on its mesh. The three elect a leader, and what
 //! it commits is applied by all three; when the leader's agent stops, the other two elect
-//! another and go on. A member that campaigns as another member is refused, and the
-//! term of the member it called does not move.
+//! another and go on. An agent that is not a voter cannot lead, and a voter cannot
+//! campaign as another: both are refused, and the term of the voter called does not move.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use openraft::Raft;
 use openraft::Vote;
-use openraft::raft::VoteRequest;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use shoal_agent::fleet::log::network::{self, Answer, Call, Network};
 use shoal_agent::fleet::log::{Command, Node, NodeId, StateReader, TypeConfig, node_id, open};
 use shoal_agent::identity::{self, Identity, Role};
@@ -62,13 +62,7 @@ async fn start(dir: &Path, ca_dir: &Path, name: &str, addr: SocketAddr, seed: So
         .unwrap()
         .unwrap();
     let reader = sm.reader();
-    let config = openraft::Config {
-        cluster_name: "shoal-test".into(),
-        heartbeat_interval: 200,
-        election_timeout_min: 1_000,
-        election_timeout_max: 2_000,
-        ..Default::default()
-    };
+    let config = shoal_agent::fleet::log::raft_config();
     let raft = Raft::new(
         node_id(name),
         Arc::new(config.validate().unwrap()),
@@ -172,8 +166,40 @@ async fn three_voters_over_the_mesh_elect_commit_and_survive_their_leader() {
     assert_ne!(new, old);
     commit_everywhere(&rest, "second").await;
 
-    // An insider (a member with a valid certificate) campaigns as another member: refused,
-    // and the callee's term does not move.
+    // An agent of the fleet that is not a voter leads as itself, at a higher term: refused,
+    // and the voter's term and leader do not move (openraft alone would follow it).
+    let voter = rest[0];
+    let at = agents.iter().position(|a| a.name == voter.name).unwrap();
+    let outsider = start(tmp.path(), &ca_dir, "outsider", addr(9), addr(at as u8 + 1)).await;
+    let (term, led_by) = {
+        let m = voter.raft.metrics().borrow().clone();
+        (m.current_term, m.current_leader)
+    };
+    let start_at = Instant::now();
+    let (mut send, mut recv) = loop {
+        // The outsider's mesh learns of the voter through the seed first.
+        match outsider.mesh.open_bi(&voter.name, Protocol::Raft).await {
+            Ok(s) => break s,
+            Err(e) => assert!(start_at.elapsed() < LONG, "never reached the voter: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let forged = Call::Append(AppendEntriesRequest {
+        vote: Vote::new_committed(term + 100, node_id("outsider")),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    });
+    write_frame(&mut send, &forged).await.unwrap();
+    let _ = send.finish();
+    match read_frame::<Answer>(&mut recv).await.unwrap() {
+        Answer::Refused(why) => assert!(why.contains("not a voter"), "{why}"),
+        other => panic!("an outsider's append was answered: {other:?}"),
+    }
+    let m = voter.raft.metrics().borrow().clone();
+    assert_eq!((m.current_term, m.current_leader), (term, led_by));
+
+    // A voter campaigns as another member: refused, and the callee's term does not move.
     let (caller, callee) = (rest[0], rest[1]);
     let term = callee.raft.metrics().borrow().current_term;
     let (mut send, mut recv) = caller
@@ -194,6 +220,8 @@ async fn three_voters_over_the_mesh_elect_commit_and_survive_their_leader() {
     assert_eq!(callee.raft.metrics().borrow().current_term, term);
     commit_everywhere(&rest, "third").await;
 
+    let _ = outsider.raft.shutdown().await;
+    let _ = outsider.stop.send(true);
     for a in agents.iter().filter(|a| node_id(&a.name) != old) {
         let _ = a.raft.shutdown().await;
         let _ = a.stop.send(true);

@@ -211,8 +211,23 @@ fn host_info(h: &HostView, app: &str) -> HostInfo {
     }
 }
 
+/// `s` with control characters escaped (`\u{1b}` rather than a terminal escape).
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 fn text(plan: &DryRun) -> String {
-    let short = |r: &str| r[..r.len().min(12)].to_string();
+    // Names and revisions come from other hosts' gossip: cut by characters, never bytes,
+    // and print no control characters.
+    let short = |r: &str| printable(&r.chars().take(12).collect::<String>());
     let mut out = format!(
         "dry run: {} revision {} to group {} ({}), targets {}\n{} hosts; at least {} stay healthy, {} must succeed, at most {} at a time\n",
         plan.app,
@@ -237,7 +252,7 @@ fn text(plan: &DryRun) -> String {
                     .as_deref()
                     .map_or("no revision".to_string(), short);
                 let health = if h.healthy { "" } else { ", unhealthy" };
-                format!("{n} ({rev}{health})")
+                format!("{} ({rev}{health})", printable(n))
             })
             .collect();
         out.push_str(&format!("batch {}: {}\n", i + 1, hosts.join(", ")));
@@ -245,7 +260,11 @@ fn text(plan: &DryRun) -> String {
     if !plan.unreachable.is_empty() {
         out.push_str(&format!(
             "not targeted (dead or left): {}\n",
-            plan.unreachable.join(", ")
+            plan.unreachable
+                .iter()
+                .map(|n| printable(n))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     out.push_str("nothing was changed (--dry-run)\n");
@@ -342,6 +361,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(half.rules.max_batch, 2);
+    }
+
+    #[test]
+    fn gossiped_names_and_revisions_are_printed_safely() {
+        let hosts = vec![host(
+            "a\u{1b}[2J",
+            MemberState::Alive,
+            &[("role", "web")],
+            Some(("ééééééééééééééé", hoststate::Health::Running)),
+        )];
+        let targets = Targets::parse("role=web").unwrap();
+        let plan = dry_run(
+            "web",
+            "web",
+            "new",
+            DeploymentConfig::AllAtOnce,
+            &targets,
+            &hosts,
+        )
+        .unwrap();
+        let out = text(&plan);
+        assert!(out.contains("a\\u{1b}[2J (éééééééééééé)"), "{out}");
+        assert!(!out.contains('\u{1b}'));
     }
 
     #[test]

@@ -400,6 +400,24 @@ pub fn check_revision(intent: &Intent, bundle_revision: &str) -> Result<(), Inte
     Ok(())
 }
 
+/// Accepts an intent on a host only if the host is one of its targets, by the host's own
+/// tags (never the tags a coordinator or a peer says it has): a coordinator cannot carry
+/// a revision approved for some hosts to others.
+pub fn check_host(
+    intent: &Intent,
+    host: &str,
+    own_tags: &std::collections::BTreeMap<String, String>,
+) -> Result<(), IntentError> {
+    if !intent.targets.matches(own_tags) {
+        return Err(IntentErrorKind::NotATarget {
+            host: quote(host),
+            targets: intent.targets.to_string(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// The file in the store's directory that lists executed intents.
 pub const EXECUTED_FILE: &str = "executed-intents.json";
 /// The file whose lock makes one [`Executed`] per directory at a time.
@@ -830,6 +848,17 @@ pub enum IntentErrorKind {
         signed: String,
         /// The revision of the bundle.
         bundle: String,
+    },
+    /// This host's own tags do not match the intent's targets.
+    #[error(
+        "host {host} is not among the targets the operator signed ({targets}): refused, \
+         whatever the coordinator says"
+    )]
+    NotATarget {
+        /// This host.
+        host: String,
+        /// The signed targets, in their canonical form.
+        targets: String,
     },
     /// The replay store holds the most ids it may, none expired yet.
     #[error(
@@ -1453,6 +1482,21 @@ mod tests {
         );
         assert!(check_revision(&intent, &REV[..63]).is_err());
         assert!(check_revision(&intent, "").is_err());
+    }
+
+    #[test]
+    fn a_host_outside_the_signed_targets_refuses() {
+        let intent = intent_by("alice", 1);
+        let tags = |v: &str| [("role".to_string(), v.to_string())].into_iter().collect();
+        assert!(check_host(&intent, "edge-1", &tags("inference")).is_ok());
+        assert_eq!(
+            check_host(&intent, "db-1", &tags("db")).unwrap_err().kind(),
+            &IntentErrorKind::NotATarget {
+                host: "db-1".into(),
+                targets: "role=inference".into()
+            }
+        );
+        assert!(check_host(&intent, "bare", &Default::default()).is_err());
     }
 
     #[test]

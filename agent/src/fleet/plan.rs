@@ -780,7 +780,6 @@ fn status_of(state: State) -> HostStatus {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -1488,7 +1487,6 @@ mod tests {
     #[test]
     fn ten_thousand_hosts_run_through_the_planner() {
         const N: usize = 10_000;
-        let started = Instant::now();
 
         // HalfAtATime, all succeed: two batches of 5,000.
         let mut p = Planner::new(DeploymentConfig::HalfAtATime, big_fleet(N), TARGET)
@@ -1520,11 +1518,5 @@ mod tests {
         assert_eq!(batch_sizes.len(), 5_001);
         assert!(is_failed(&p));
         assert_eq!(p.counts(), counts(0, 0, 5_000, 1, 4_999));
-
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            started.elapsed()
-        );
     }
 }

@@ -252,10 +252,14 @@ impl LocalHost {
         })?;
         std::fs::create_dir_all(&dir.root).map_err(DeployError::host)?;
         let _lock = lock(&dir).map_err(|e| {
-            DeployError::from(DeployErrorKind::Busy {
-                app: req.app.clone(),
-                detail: format!("{e:#}"),
-            })
+            if e.is::<Held>() {
+                DeployError::from(DeployErrorKind::Busy {
+                    app: req.app.clone(),
+                    detail: format!("{e:#}"),
+                })
+            } else {
+                DeployError::host(e)
+            }
         })?;
         self.recover_locked(&req.app, &dir)
             .await
@@ -632,9 +636,20 @@ pub fn lock(dir: &AppDir) -> Result<nix::fcntl::Flock<std::fs::File>> {
         .write(true)
         .open(dir.lock())?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        anyhow!("another deployment of this application is under way on this host ({e})")
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            anyhow::Error::new(Held).context(
+                "another deployment of this application is under way on this host".to_string(),
+            )
+        } else {
+            anyhow!("locking {}: {e}", dir.lock().display())
+        }
     })
 }
+
+/// The lock is held by another deployment (the one error of [`lock`] worth a retry).
+#[derive(Debug, thiserror::Error)]
+#[error("the application's lock is held")]
+pub struct Held;
 
 #[cfg(test)]
 mod tests {

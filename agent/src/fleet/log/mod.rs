@@ -93,6 +93,22 @@ openraft::declare_raft_types!(
         SnapshotData = Cursor<Vec<u8>>,
 );
 
+/// openraft's configuration for the deployment log: at most 16 entries per append and
+/// snapshots in 256 KiB chunks, so a call fits the mesh's 1 MiB frame as long as each
+/// command stays under 64 KiB (to be checked before a command is proposed); heartbeats
+/// every 250 ms, elections after 1 to 2 s of silence.
+pub fn raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "shoal".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1_000,
+        election_timeout_max: 2_000,
+        max_payload_entries: 16,
+        snapshot_max_chunk_size: 256 * 1024,
+        ..Default::default()
+    }
+}
+
 /// A log entry of Shoal's deployment log.
 pub type Entry = openraft::Entry<TypeConfig>;
 /// A position in the log.

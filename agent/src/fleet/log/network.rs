@@ -8,10 +8,17 @@
 //!   backs off), a stream that breaks mid-call a `NetworkError` (it retries), a deadline a
 //!   `Timeout`.
 //! - **Server** ([`serve`]): answers agents only, at most [`MAX_SERVING`] calls at once,
-//!   each within [`CALL_DEADLINE`], with frames bounded by the mesh's frame limit. A member
-//!   speaks only for itself: a vote request, an append or a snapshot chunk is answered only
-//!   when the leader or candidate it names is the Raft id of the certificate that sent it
-//!   ([`super::node_id`] of its name), so one insider cannot campaign or lead as another.
+//!   each within [`CALL_DEADLINE`], with frames bounded by the mesh's frame limit and
+//!   snapshot chunks by [`MAX_SNAPSHOT`]. A call is answered only when the leader or
+//!   candidate it names is the Raft id of the certificate that sent it ([`super::node_id`]
+//!   of its name) and that id is a voter in this agent's membership: openraft itself
+//!   believes any caller with a higher term, so without this an agent that is not a voter
+//!   could campaign, lead and commit entries. An agent whose log is not initialized yet
+//!   answers any agent (that is how it joins); it holds nothing until then.
+//!
+//! Raft does not defend against a lying voter: a compromised voter can forge the log. What
+//! keeps a host safe from that is the operator's signature on every intent
+//! ([`crate::fleet::intent`]), checked by the host itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +44,9 @@ use crate::mesh::node::{InboundStream, MeshHandle, Streams};
 pub const MAX_SERVING: usize = 64;
 /// How long a call may take to arrive whole and be answered, on the server.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(10);
+/// The largest snapshot a voter takes in (the end of any chunk): a chunk's offset is a seek
+/// in the snapshot being received, and an unbounded one would grow it without limit.
+pub const MAX_SNAPSHOT: u64 = 64 << 20;
 
 /// One call, as it travels (public for tests that play a hostile member).
 #[derive(Debug, Serialize, Deserialize)]
@@ -212,6 +222,32 @@ fn speaks_for(call: &Call) -> Option<NodeId> {
     vote.leader_id().voted_for()
 }
 
+/// Why `sender`'s call is not answered, if it is not (see the module documentation).
+fn refusal(raft: &Raft<TypeConfig>, sender: &str, call: &Call) -> Option<String> {
+    let Some(id) = speaks_for(call) else {
+        return Some(format!("`{sender}` named no leader or candidate"));
+    };
+    if id != node_id(sender) {
+        return Some(format!(
+            "`{sender}` spoke for another member (Raft id {id})"
+        ));
+    }
+    if let Call::Snapshot(r) = call
+        && r.offset.saturating_add(r.data.len() as u64) > MAX_SNAPSHOT
+    {
+        return Some(format!(
+            "a snapshot chunk ending past {MAX_SNAPSHOT} bytes (offset {})",
+            r.offset
+        ));
+    }
+    let membership = raft.metrics().borrow().membership_config.clone();
+    let initialized = membership.nodes().next().is_some();
+    if initialized && !membership.voter_ids().any(|v| v == id) {
+        return Some(format!("`{sender}` is not a voter of the deployment log"));
+    }
+    None
+}
+
 /// Answers the deployment log's calls from other agents until the mesh shuts down.
 pub async fn serve(raft: Raft<TypeConfig>, mut streams: Streams) {
     let serving = Arc::new(Semaphore::new(MAX_SERVING));
@@ -230,12 +266,10 @@ pub async fn serve(raft: Raft<TypeConfig>, mut streams: Streams) {
             let _share = inbound.share;
             let answered = tokio::time::timeout(CALL_DEADLINE, async {
                 let call = read_frame::<Call>(&mut recv).await?;
-                let answer = match (permit, speaks_for(&call)) {
+                let answer = match (permit, refusal(&raft, &sender, &call)) {
                     (Err(_), _) => Answer::Refused("too many calls at once".into()),
-                    (Ok(_), Some(id)) if id != node_id(&sender) => Answer::Refused(format!(
-                        "`{sender}` spoke for another member (Raft id {id})"
-                    )),
-                    (Ok(_permit), _) => match call {
+                    (Ok(_), Some(why)) => Answer::Refused(why),
+                    (Ok(_permit), None) => match call {
                         Call::Append(r) => Answer::Append(raft.append_entries(r).await),
                         Call::Vote(r) => Answer::Vote(raft.vote(r).await),
                         Call::Snapshot(r) => Answer::Snapshot(raft.install_snapshot(r).await),
