@@ -170,7 +170,30 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        // An append that would not fit a frame sends the prefix of entries that does, and
+        // says so (openraft sends the rest next).
+        let mut rpc = rpc;
+        let entries = std::mem::take(&mut rpc.entries);
+        let header = postcard::experimental::serialized_size(&rpc).unwrap_or(usize::MAX);
+        let sizes: Vec<usize> = entries
+            .iter()
+            .map(|e| postcard::experimental::serialized_size(e).unwrap_or(usize::MAX))
+            .collect();
+        let fits = prefix_that_fits(header, &sizes, FRAME_BUDGET);
+        if fits == 0 && !entries.is_empty() {
+            let e = CallError::Unreachable(format!(
+                "one entry of {} bytes does not fit a frame of {FRAME_BUDGET}",
+                sizes[0]
+            ));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
+        let partial = (fits < entries.len()).then(|| entries[fits - 1].log_id);
+        rpc.entries = entries;
+        rpc.entries.truncate(fits);
         match self.call(Call::Append(rpc), option.hard_ttl()).await {
+            Ok(Answer::Append(Ok(AppendEntriesResponse::Success))) if partial.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(partial))
+            }
             Ok(Answer::Append(Ok(r))) => Ok(r),
             Ok(Answer::Append(Err(e))) => Err(self.remote(e)),
             Ok(Answer::Refused(why)) => Err(self.refused(why)),
@@ -209,6 +232,22 @@ impl RaftNetwork<TypeConfig> for Peer {
             Err(e) => Err(self.error(RPCTypes::Vote, e)),
         }
     }
+}
+
+/// What one call may take, under the mesh's frame limit (with room for the framing).
+pub const FRAME_BUDGET: usize = crate::mesh::frame::MAX_FRAME as usize - 16 * 1024;
+
+/// How many of the entries (of these encoded sizes, after a header of `header` bytes) fit
+/// in `budget` bytes, counting generously for the enum tag and the length prefix.
+fn prefix_that_fits(header: usize, sizes: &[usize], budget: usize) -> usize {
+    let mut used = header.saturating_add(16);
+    for (n, size) in sizes.iter().enumerate() {
+        used = used.saturating_add(*size);
+        if used > budget {
+            return n;
+        }
+    }
+    sizes.len()
 }
 
 /// The member a call speaks for: the leader of an append or a snapshot chunk, the
@@ -289,5 +328,19 @@ pub async fn serve(raft: Raft<TypeConfig>, mut streams: Streams) {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_append_too_big_for_a_frame_is_cut_to_what_fits() {
+        assert_eq!(prefix_that_fits(100, &[10, 10, 10], 1_000), 3);
+        assert_eq!(prefix_that_fits(100, &[400, 400, 400], 1_000), 2);
+        assert_eq!(prefix_that_fits(100, &[2_000], 1_000), 0);
+        assert_eq!(prefix_that_fits(100, &[], 1_000), 0);
+        assert_eq!(prefix_that_fits(usize::MAX, &[1], 1_000), 0);
     }
 }
