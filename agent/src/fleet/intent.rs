@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
+use super::log::{Fence, Verdict};
 use super::plan::DeploymentConfig;
 use super::targets::{Targets, quote};
 use crate::bundle::RevisionId;
@@ -70,7 +71,7 @@ pub const MAX_CLOCK_SKEW_SECS: u64 = 5 * 60;
 pub const MAX_AGE_SECS: u64 = 24 * 3600;
 /// The most intent ids [`Executed`] remembers at once. When it is full of unexpired ids it
 /// refuses new intents ([`IntentErrorKind::ReplayStoreFull`]) rather than forget one.
-pub const MAX_EXECUTED: usize = 100_000;
+pub const MAX_EXECUTED: usize = 10_000;
 
 /// The longest application or deployment group name, in bytes (as long as a host record's
 /// application names, `mesh::hoststate::MAX_APP_NAME`).
@@ -424,11 +425,16 @@ pub const EXECUTED_FILE: &str = "executed-intents.json";
 const LOCK_FILE: &str = "executed-intents.lock";
 /// The version of [`EXECUTED_FILE`]'s format.
 const STORE_VERSION: u32 = 1;
-/// Bytes per remembered id in the store file, generously: `"<32 hex>":<20 digits>,`.
-const BYTES_PER_ENTRY: usize = 64;
+/// Bytes per remembered id in the store file, generously: the id, its creation time, the
+/// fence and an outcome whose reason is at most [`MAX_REASON`] bytes (escaped in JSON).
+const BYTES_PER_ENTRY: usize = 2048;
+/// The longest failure reason the store keeps for an intent (longer ones are cut).
+pub const MAX_REASON: usize = 256;
 
-/// The replay guard: the ids of the intents this host executed, on disk, so that no intent
-/// runs twice here, across restarts.
+/// The replay and fencing guard: the intents this host executed, on disk, with the highest
+/// fence each was commanded with and how it ended here, so that no intent runs twice here
+/// across restarts, a deposed coordinator's commands are refused, and a new coordinator
+/// that asks again after a failover is answered rather than refused ([`Admission`]).
 ///
 /// An id is remembered until its intent expires ([`MAX_AGE_SECS`] after its creation); after
 /// that [`verify`] refuses the intent anyway. The store also keeps a *horizon*, the oldest
@@ -450,7 +456,7 @@ const BYTES_PER_ENTRY: usize = 64;
 pub struct Executed {
     dir: PathBuf,
     horizon: u64,
-    ids: BTreeMap<String, u64>,
+    ids: BTreeMap<String, Run>,
     max: usize,
     _lock: nix::fcntl::Flock<File>,
 }
@@ -461,7 +467,31 @@ pub struct Executed {
 struct StoreFile {
     version: u32,
     horizon: u64,
-    executed: BTreeMap<String, u64>,
+    executed: BTreeMap<String, Run>,
+}
+
+/// What the store remembers of one intent on this host: when it was created (for expiry),
+/// the highest fence a coordinator commanded it with, and how it ended here, once it did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Run {
+    created: u64,
+    fence: Fence,
+    outcome: Option<Verdict>,
+}
+
+/// What a host does with a command that [`Executed::admit`] let through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A new intent: run it.
+    Run,
+    /// A newer coordinator asks again for an intent this host started and has no outcome
+    /// for (the old coordinator died, or this host restarted mid-way): finish it (the
+    /// lifecycle's journal recovers an interrupted deployment) and report; do not start it
+    /// over.
+    Resume,
+    /// It ended here already: report this outcome again, run nothing.
+    Done(Verdict),
 }
 
 impl Executed {
@@ -513,13 +543,27 @@ impl Executed {
         })
     }
 
-    /// Records that `intent` is about to run, or refuses it: an id already executed
-    /// ([`IntentErrorKind::Replayed`]), an intent older than the horizon or
-    /// [`MAX_AGE_SECS`] ([`IntentErrorKind::Expired`]) or from the future, or a full store.
-    /// The id is on disk, fsynced, before this returns `Ok`: after a crash at any point the
-    /// host either never acted on the intent or remembers it. Call it after [`verify`] and
-    /// [`check_revision`], before touching anything.
-    pub fn admit(&mut self, intent: &Intent, now_unix: u64) -> Result<(), IntentError> {
+    /// Records that `intent` is about to run here under `fence` (the token of the command
+    /// that carries it), or refuses it, and says what to do ([`Admission`]):
+    /// - a new id is recorded and run;
+    /// - a known id with an outcome is not run again: its outcome is reported again;
+    /// - a known id without one, commanded with a newer fence (a new coordinator after a
+    ///   failover), is resumed, never started over;
+    /// - a fence below the one recorded is refused ([`IntentErrorKind::StaleFence`]: a
+    ///   deposed coordinator), and the same fence again is a replay
+    ///   ([`IntentErrorKind::Replayed`]);
+    /// - an intent older than the horizon or [`MAX_AGE_SECS`] ([`IntentErrorKind::Expired`])
+    ///   or from the future, or a full store, is refused.
+    ///
+    /// What is recorded is on disk, fsynced, before this returns: after a crash at any point
+    /// the host either never acted on the intent or remembers it. Call it after [`verify`],
+    /// [`check_revision`] and [`check_host`], before touching anything.
+    pub fn admit(
+        &mut self,
+        intent: &Intent,
+        fence: Fence,
+        now_unix: u64,
+    ) -> Result<Admission, IntentError> {
         check_id(&intent.id)?;
         if intent.created_unix > now_unix.saturating_add(MAX_CLOCK_SKEW_SECS) {
             return Err(IntentErrorKind::FromTheFuture {
@@ -533,21 +577,89 @@ impl Executed {
         if intent.created_unix < self.horizon {
             return Err(expired(intent, now_unix));
         }
-        if self.ids.contains_key(&intent.id) {
-            return Err(IntentErrorKind::Replayed {
-                id: intent.id.clone(),
+        if let Some(run) = self.ids.get(&intent.id).cloned() {
+            if fence < run.fence {
+                return Err(IntentErrorKind::StaleFence {
+                    id: intent.id.clone(),
+                    seen: run.fence,
+                    got: fence,
+                }
+                .into());
             }
-            .into());
+            if fence == run.fence && run.outcome.is_none() {
+                return Err(IntentErrorKind::Replayed {
+                    id: intent.id.clone(),
+                }
+                .into());
+            }
+            if fence > run.fence {
+                self.record(
+                    &intent.id,
+                    Run {
+                        fence,
+                        ..run.clone()
+                    },
+                )?;
+            }
+            return Ok(match run.outcome {
+                Some(outcome) => Admission::Done(outcome),
+                None => Admission::Resume,
+            });
         }
         let horizon = self.horizon;
-        self.ids.retain(|_, created| *created >= horizon);
+        self.ids.retain(|_, run| run.created >= horizon);
         if self.ids.len() >= self.max {
             return Err(IntentErrorKind::ReplayStoreFull { max: self.max }.into());
         }
-        self.ids.insert(intent.id.clone(), intent.created_unix);
+        self.record(
+            &intent.id,
+            Run {
+                created: intent.created_unix,
+                fence,
+                outcome: None,
+            },
+        )?;
+        Ok(Admission::Run)
+    }
+
+    /// Records how the intent `id`, admitted earlier, ended on this host (a failure's reason
+    /// cut to [`MAX_REASON`] bytes), fsynced before this returns: a coordinator that asks
+    /// again is told this outcome.
+    pub fn finish(&mut self, id: &str, outcome: Verdict) -> Result<(), IntentError> {
+        let Some(run) = self.ids.get(id).cloned() else {
+            return Err(IntentErrorKind::NotAdmitted { id: quote(id) }.into());
+        };
+        let outcome = match outcome {
+            Verdict::Failed { mut reason } => {
+                if reason.len() > MAX_REASON {
+                    let mut cut = MAX_REASON;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                }
+                Verdict::Failed { reason }
+            }
+            v => v,
+        };
+        self.record(
+            id,
+            Run {
+                outcome: Some(outcome),
+                ..run
+            },
+        )
+    }
+
+    /// Puts `run` in the store and on disk, or leaves both as they were.
+    fn record(&mut self, id: &str, run: Run) -> Result<(), IntentError> {
+        let before = self.ids.insert(id.to_string(), run);
         if let Err(e) = self.persist() {
-            // Not on disk, so not admitted: memory stays what the disk says.
-            self.ids.remove(&intent.id);
+            // Not on disk, so not recorded: memory stays what the disk says.
+            match before {
+                Some(b) => self.ids.insert(id.to_string(), b),
+                None => self.ids.remove(id),
+            };
             return Err(e);
         }
         Ok(())
@@ -656,7 +768,7 @@ fn check_dir(dir: &Path) -> Result<(), IntentError> {
 
 /// Reads the store file: nothing yet if there is none; refuses one that is a link, too
 /// large or not what [`Executed`] writes.
-fn read_store(path: &Path, max: usize) -> Result<(u64, BTreeMap<String, u64>), IntentError> {
+fn read_store(path: &Path, max: usize) -> Result<(u64, BTreeMap<String, Run>), IntentError> {
     let corrupt = |reason: String| IntentErrorKind::StoreCorrupt {
         path: path.to_path_buf(),
         reason,
@@ -849,6 +961,26 @@ pub enum IntentErrorKind {
         /// The revision of the bundle.
         bundle: String,
     },
+    /// A command carried a fence below the one this host already saw for the intent: it
+    /// comes from a coordinator that has been replaced.
+    #[error(
+        "intent {id} was commanded with fence {got}, but this host already saw {seen}: the \
+         command comes from a deposed coordinator and is refused"
+    )]
+    StaleFence {
+        /// The intent's id.
+        id: String,
+        /// The highest fence this host saw for it.
+        seen: Fence,
+        /// The fence of the refused command.
+        got: Fence,
+    },
+    /// An outcome was reported for an intent this host never admitted.
+    #[error("intent {id} was never admitted on this host, so it has no outcome to record")]
+    NotAdmitted {
+        /// The id.
+        id: String,
+    },
     /// This host's own tags do not match the intent's targets.
     #[error(
         "host {host} is not among the targets the operator signed ({targets}): refused, \
@@ -928,6 +1060,9 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    /// The fence of the commands in tests that have one coordinator.
+    const F: Fence = Fence { term: 1, index: 1 };
     use crate::identity::{init_ca, issue, revocation};
 
     /// A fleet CA with an operator (`alice`, `bob`) and an agent (`edge-1`), and another CA
@@ -1507,14 +1642,14 @@ mod tests {
         let (first, second) = (intent_by("alice", t), intent_by("alice", t));
         let mut executed = Executed::open(&store).unwrap();
         assert!(executed.is_empty());
-        executed.admit(&first, t).unwrap();
+        executed.admit(&first, F, t).unwrap();
         assert_eq!(
-            executed.admit(&first, t + 1).unwrap_err().kind(),
+            executed.admit(&first, F, t + 1).unwrap_err().kind(),
             &IntentErrorKind::Replayed {
                 id: first.id.clone()
             }
         );
-        executed.admit(&second, t + 1).unwrap();
+        executed.admit(&second, F, t + 1).unwrap();
         drop(executed);
 
         let mut executed = Executed::open(&store).unwrap();
@@ -1522,7 +1657,7 @@ mod tests {
         for intent in [&first, &second] {
             assert!(executed.contains(&intent.id));
             assert_eq!(
-                executed.admit(intent, t + 2).unwrap_err().kind(),
+                executed.admit(intent, F, t + 2).unwrap_err().kind(),
                 &IntentErrorKind::Replayed {
                     id: intent.id.clone()
                 }
@@ -1531,17 +1666,66 @@ mod tests {
     }
 
     #[test]
+    fn a_new_coordinator_resumes_a_host_and_a_deposed_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = now();
+        let intent = intent_by("alice", t);
+        let (old, new) = (Fence { term: 3, index: 40 }, Fence { term: 4, index: 2 });
+        let mut executed = Executed::open(dir.path()).unwrap();
+        assert_eq!(executed.admit(&intent, old, t).unwrap(), Admission::Run);
+        // The coordinator died before the host reported; the next one asks again.
+        assert_eq!(executed.admit(&intent, new, t).unwrap(), Admission::Resume);
+        // The deposed one is refused, even for an intent it started.
+        assert_eq!(
+            executed.admit(&intent, old, t).unwrap_err().kind(),
+            &IntentErrorKind::StaleFence {
+                id: intent.id.clone(),
+                seen: new,
+                got: old
+            }
+        );
+        // Once it ended, every later ask gets the outcome, across a restart, and a reason
+        // is kept bounded.
+        let long = "é".repeat(MAX_REASON);
+        executed
+            .finish(&intent.id, Verdict::Failed { reason: long })
+            .unwrap();
+        drop(executed);
+        let mut executed = Executed::open(dir.path()).unwrap();
+        let later = Fence { term: 5, index: 1 };
+        match executed.admit(&intent, later, t).unwrap() {
+            Admission::Done(Verdict::Failed { reason }) => assert!(reason.len() <= MAX_REASON),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            executed.admit(&intent, new, t).unwrap_err().kind(),
+            &IntentErrorKind::StaleFence {
+                id: intent.id.clone(),
+                seen: later,
+                got: new
+            }
+        );
+        assert!(matches!(
+            executed
+                .finish("0123456789abcdef0123456789abcdef", Verdict::Succeeded)
+                .unwrap_err()
+                .kind(),
+            IntentErrorKind::NotAdmitted { .. }
+        ));
+    }
+
+    #[test]
     fn an_id_is_on_disk_before_admit_returns() {
         let dir = tempfile::tempdir().unwrap();
         let t = now();
         let intent = intent_by("alice", t);
         let mut executed = Executed::open(dir.path()).unwrap();
-        executed.admit(&intent, t).unwrap();
+        executed.admit(&intent, F, t).unwrap();
         // Read as a restarted agent would, while this one still holds the store.
         let on_disk: StoreFile =
             serde_json::from_slice(&std::fs::read(dir.path().join(EXECUTED_FILE)).unwrap())
                 .unwrap();
-        assert_eq!(on_disk.executed.get(&intent.id), Some(&t));
+        assert_eq!(on_disk.executed.get(&intent.id).map(|r| r.created), Some(t));
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -1560,11 +1744,11 @@ mod tests {
         let mut executed = Executed::open_capped(dir.path(), 3).unwrap();
         let old: Vec<Intent> = (0..3).map(|i| intent_by("alice", t + i)).collect();
         for intent in &old {
-            executed.admit(intent, t + 2).unwrap();
+            executed.admit(intent, F, t + 2).unwrap();
         }
         let fresh = intent_by("alice", t + 10);
         assert_eq!(
-            executed.admit(&fresh, t + 10).unwrap_err().kind(),
+            executed.admit(&fresh, F, t + 10).unwrap_err().kind(),
             &IntentErrorKind::ReplayStoreFull { max: 3 }
         );
         assert!(!executed.contains(&fresh.id), "refused, not recorded");
@@ -1574,7 +1758,7 @@ mod tests {
         );
         // Once the oldest has expired, its place is free.
         let later = t + MAX_AGE_SECS + 1;
-        executed.admit(&fresh, later).unwrap();
+        executed.admit(&fresh, F, later).unwrap();
         assert!(!executed.contains(&old[0].id));
         assert!(executed.contains(&old[1].id) && executed.contains(&old[2].id));
         assert_eq!(executed.len(), 3);
@@ -1588,27 +1772,29 @@ mod tests {
         let t = now();
         let old = intent_by("alice", t);
         let mut executed = Executed::open(dir.path()).unwrap();
-        executed.admit(&old, t).unwrap();
+        executed.admit(&old, F, t).unwrap();
         // A day and more later another intent runs, and the old id is forgotten.
         let later = t + MAX_AGE_SECS + 100;
-        executed.admit(&intent_by("alice", later), later).unwrap();
+        executed
+            .admit(&intent_by("alice", later), F, later)
+            .unwrap();
         assert!(!executed.contains(&old.id));
         drop(executed);
         // The clock goes back to when the old intent was fresh, and the agent restarts.
         let mut executed = Executed::open(dir.path()).unwrap();
         assert!(matches!(
-            executed.admit(&old, t).unwrap_err().kind(),
+            executed.admit(&old, F, t).unwrap_err().kind(),
             IntentErrorKind::Expired { .. }
         ));
         let never_seen = intent_by("alice", t);
         assert!(matches!(
-            executed.admit(&never_seen, t).unwrap_err().kind(),
+            executed.admit(&never_seen, F, t).unwrap_err().kind(),
             IntentErrorKind::Expired { .. }
         ));
         // And an absurd creation time cannot fill the store with ids that never expire.
         assert!(matches!(
             executed
-                .admit(&intent_by("alice", u64::MAX), t)
+                .admit(&intent_by("alice", u64::MAX), F, t)
                 .unwrap_err()
                 .kind(),
             IntentErrorKind::FromTheFuture { .. }
@@ -1658,7 +1844,7 @@ mod tests {
         let intent = intent_by("alice", t);
         Executed::open(dir.path())
             .unwrap()
-            .admit(&intent, t)
+            .admit(&intent, F, t)
             .unwrap();
         assert!(Executed::open(dir.path()).unwrap().contains(&intent.id));
     }
