@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use state::{
-    Command, Deployment, DeploymentState, DeploymentsState, Fence, HostRecord, HostState,
+    Command, Deployment, DeploymentHost, DeploymentState, DeploymentsState, Fence, HostState,
     NewDeployment, PlannedHost, Refusal, Response, Verdict,
 };
 pub use store::{LogStore, StateMachineStore, StateReader, open};

@@ -79,6 +79,17 @@ pub enum Verdict {
     Failed { reason: String },
 }
 
+impl Verdict {
+    /// What the planner is told ([`crate::fleet::plan::Planner::host_done`]): the verdict
+    /// without its reason.
+    pub fn outcome(&self) -> crate::fleet::plan::Outcome {
+        match self {
+            Verdict::Succeeded => crate::fleet::plan::Outcome::Succeeded,
+            Verdict::Failed { .. } => crate::fleet::plan::Outcome::Failed,
+        }
+    }
+}
+
 /// What a log entry asks for. Proposed by the coordinator (the leader), applied by every
 /// voter once committed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,7 +234,7 @@ impl HostState {
 
 /// A host of a deployment: how it was planned and where it is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostRecord {
+pub struct DeploymentHost {
     pub health: Health,
     pub revision: Revision,
     pub state: HostState,
@@ -242,7 +253,7 @@ pub struct Deployment {
     pub created_at: Fence,
     pub status: DeploymentState,
     /// Every targeted host by name.
-    pub hosts: BTreeMap<String, HostRecord>,
+    pub hosts: BTreeMap<String, DeploymentHost>,
 }
 
 impl Deployment {
@@ -338,7 +349,7 @@ impl DeploymentsState {
         }
         let mut hosts = BTreeMap::new();
         for planned in new.hosts {
-            let record = HostRecord {
+            let record = DeploymentHost {
                 health: planned.health,
                 revision: planned.revision,
                 state: HostState::Pending,
