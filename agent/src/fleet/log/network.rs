@@ -279,12 +279,17 @@ fn refusal(raft: &Raft<TypeConfig>, sender: &str, call: &Call) -> Option<String>
             r.offset
         ));
     }
+    not_a_voter(raft, sender)
+}
+
+/// Why `sender` may not call at all: this agent's log is initialized and `sender` is not
+/// one of its voters.
+fn not_a_voter(raft: &Raft<TypeConfig>, sender: &str) -> Option<String> {
     let membership = raft.metrics().borrow().membership_config.clone();
     let initialized = membership.nodes().next().is_some();
-    if initialized && !membership.voter_ids().any(|v| v == id) {
-        return Some(format!("`{sender}` is not a voter of the deployment log"));
-    }
-    None
+    let id = node_id(sender);
+    (initialized && !membership.voter_ids().any(|v| v == id))
+        .then(|| format!("`{sender}` is not a voter of the deployment log"))
 }
 
 /// Answers the deployment log's calls from other agents until the mesh shuts down.
@@ -300,10 +305,20 @@ pub async fn serve(raft: Raft<TypeConfig>, mut streams: Streams) {
             continue;
         }
         let (raft, sender) = (raft.clone(), inbound.peer.name.clone());
+        // Who may call is known before a byte of the call is read: an agent that is not a
+        // voter is answered at once and its frame never read, so non-voters cannot take the
+        // serving slots the voters' heartbeats need.
+        let outsider = not_a_voter(&raft, &sender);
         let permit = serving.clone().try_acquire_owned();
         tokio::spawn(async move {
             let _share = inbound.share;
             let answered = tokio::time::timeout(CALL_DEADLINE, async {
+                if let Some(why) = outsider {
+                    let _ = recv.stop(1u32.into());
+                    write_frame(&mut send, &Answer::Refused(why)).await?;
+                    let _ = send.finish();
+                    return anyhow::Ok(());
+                }
                 let call = read_frame::<Call>(&mut recv).await?;
                 let answer = match (permit, refusal(&raft, &sender, &call)) {
                     (Err(_), _) => Answer::Refused("too many calls at once".into()),
