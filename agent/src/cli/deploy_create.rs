@@ -166,7 +166,8 @@ pub fn dry_run(
     let infos: Vec<HostInfo> = names.iter().map(|n| host_info(by_name[n], app)).collect();
     let planner = Planner::new(config, infos.clone(), revision)
         .with_context(|| format!("cannot plan {config} over {} hosts", names.len()))?;
-    let order: Vec<String> = planner.batches_preview().concat();
+    let batches = planner.batches_preview();
+    let order: Vec<String> = batches.concat();
     let info: BTreeMap<&str, &HostInfo> = infos.iter().map(|h| (h.name.as_str(), h)).collect();
     Ok(DryRun {
         app: app.to_string(),
@@ -189,7 +190,7 @@ pub fn dry_run(
                 }
             })
             .collect(),
-        batches: planner.batches_preview(),
+        batches,
         unreachable: unreachable.iter().map(|h| h.name.clone()).collect(),
     })
 }
@@ -211,23 +212,9 @@ fn host_info(h: &HostView, app: &str) -> HostInfo {
     }
 }
 
-/// `s` with control characters escaped (`\u{1b}` rather than a terminal escape).
-fn printable(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
 fn text(plan: &DryRun) -> String {
-    // Names and revisions come from other hosts' gossip: cut by characters, never bytes,
-    // and print no control characters.
-    let short = |r: &str| printable(&r.chars().take(12).collect::<String>());
+    let short = super::short;
+    let printable = super::printable;
     let mut out = format!(
         "dry run: {} revision {} to group {} ({}), targets {}\n{} hosts; at least {} stay healthy, {} must succeed, at most {} at a time\n",
         plan.app,

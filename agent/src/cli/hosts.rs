@@ -51,20 +51,20 @@ fn table(hosts: &[HostView]) -> String {
             let tags = h
                 .tags
                 .iter()
-                .map(|(k, v)| format!("{k}={v}"))
+                .map(|(k, v)| format!("{}={}", super::printable(k), super::printable(v)))
                 .collect::<Vec<_>>()
                 .join(",");
             let apps = h
                 .details
                 .iter()
                 .map(|(app, a)| {
-                    let rev = a.revision.as_deref().map_or("-", |r| &r[..r.len().min(12)]);
-                    format!("{app}@{rev} ({})", a.health.as_str())
+                    let rev = a.revision.as_deref().map_or("-".to_string(), super::short);
+                    format!("{}@{rev} ({})", super::printable(app), a.health.as_str())
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
             [
-                h.name.clone(),
+                super::printable(&h.name),
                 h.addr.to_string(),
                 h.state.as_str().to_string(),
                 if tags.is_empty() { "-".into() } else { tags },

@@ -115,6 +115,26 @@ fn fail(e: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// `s` with control characters escaped (`\u{1b}` rather than a terminal escape): for
+/// what other hosts gossip (names, tags, revisions) before it reaches a terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// The first 12 characters of a revision id another host gossiped (cut by characters,
+/// never bytes), printable.
+fn short(revision: &str) -> String {
+    printable(&revision.chars().take(12).collect::<String>())
+}
+
 /// Prints a value as pretty JSON on stdout.
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -144,6 +164,14 @@ fn spinner(message: &str) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gossiped_text_is_cut_by_characters_and_printed_without_escapes() {
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short(&"é".repeat(20)), "é".repeat(12));
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("edge-1"), "edge-1");
+    }
 
     #[test]
     fn the_command_line_is_well_formed() {
