@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod appspec;
+pub mod blobs;
 pub mod bundle;
 pub mod cli;
 pub mod config;

@@ -27,6 +27,12 @@ pub enum Request {
     Hosts,
     /// A revocation list signed by the fleet CA (DER), to enforce and spread.
     PublishRevocations(Vec<u8>),
+    /// A fleet deployment request: answered by the deployment log's leader, through this
+    /// agent.
+    Fleet(crate::fleet::wire::OperatorRequest),
+    /// A bundle of `len` bytes for `app` follows this frame on the stream, raw: this agent
+    /// keeps it and serves it to the hosts that deploy it.
+    Upload { app: String, len: u64 },
 }
 
 /// What an agent answers: one or more parts, then `End` (or one `Error`).
@@ -36,6 +42,12 @@ pub enum Response {
     Hosts(Vec<HostView>),
     /// The revocation list now in force has this number.
     Published(u64),
+    Fleet(crate::fleet::wire::OperatorAnswer),
+    /// The bundle is kept here as this revision, by this agent.
+    Uploaded {
+        revision: String,
+        holder: String,
+    },
     /// The answer is complete.
     End,
     Error(String),
@@ -46,6 +58,15 @@ pub enum Response {
 pub enum Answer {
     Hosts(Vec<HostView>),
     Published(u64),
+    Fleet(crate::fleet::wire::OperatorAnswer),
+    Uploaded { revision: String, holder: String },
+}
+
+/// What the API serves besides the mesh: fleet deployments and the bundles uploaded.
+#[derive(Clone)]
+pub struct Services {
+    pub fleet: std::sync::Arc<crate::fleet::service::Fleet>,
+    pub bundles: std::sync::Arc<crate::blobs::BundleStore>,
 }
 
 /// How long an agent has to complete the handshake.
@@ -83,7 +104,7 @@ pub fn parts(views: Vec<HostView>) -> Vec<Vec<HostView>> {
 
 /// The API service: answers each request stream, a bounded number at once, until the mesh
 /// shuts down.
-pub async fn serve(mesh: MeshHandle, mut streams: Streams) {
+pub async fn serve(mesh: MeshHandle, mut streams: Streams, services: Services) {
     let answering = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING));
     while let Some(inbound) = streams.next().await {
         let InboundStream::Bi(send, recv) = inbound.stream else {
@@ -93,10 +114,12 @@ pub async fn serve(mesh: MeshHandle, mut streams: Streams) {
             continue;
         };
         let mesh = mesh.clone();
+        let services = services.clone();
         tokio::spawn(async move {
             let _permit = permit;
             answer(
                 mesh,
+                services,
                 inbound.peer.name.as_ref(),
                 inbound.peer.role,
                 send,
@@ -109,6 +132,7 @@ pub async fn serve(mesh: MeshHandle, mut streams: Streams) {
 
 async fn answer(
     mesh: MeshHandle,
+    services: Services,
     name: &str,
     role: Role,
     mut send: quinn::SendStream,
@@ -131,6 +155,22 @@ async fn answer(
             Ok(number) => vec![Response::Published(number), Response::End],
             Err(e) => vec![Response::Error(format!("revocation list refused: {e}"))],
         },
+        Ok(Ok(Request::Fleet(request))) => vec![
+            Response::Fleet(services.fleet.operator(request, false).await),
+            Response::End,
+        ],
+        Ok(Ok(Request::Upload { app, len })) => {
+            match services.bundles.receive(&app, len, &mut recv, None).await {
+                Ok(revision) => vec![
+                    Response::Uploaded {
+                        revision: revision.0,
+                        holder: services.fleet.name.clone(),
+                    },
+                    Response::End,
+                ],
+                Err(e) => vec![Response::Error(format!("bundle refused: {e}"))],
+            }
+        }
         Ok(Err(e)) => vec![Response::Error(format!("malformed request: {e}"))],
         Err(_) => vec![Response::Error(
             "the request did not arrive whole in time".into(),
@@ -158,6 +198,29 @@ pub async fn ask(
     identity: &Path,
     revoked: Option<&RevocationList>,
     request: &Request,
+) -> Result<Answer> {
+    ask_with(
+        peer,
+        expect,
+        identity,
+        revoked,
+        request,
+        None,
+        ANSWER_WITHIN,
+    )
+    .await
+}
+
+/// [`ask`], with a file sent raw after the request (an upload) and the time the whole
+/// exchange may take.
+pub async fn ask_with(
+    peer: SocketAddr,
+    expect: Option<&str>,
+    identity: &Path,
+    revoked: Option<&RevocationList>,
+    request: &Request,
+    body: Option<&Path>,
+    within: Duration,
 ) -> Result<Answer> {
     let id = Identity::load(identity)?;
     let bind: SocketAddr = if peer.is_ipv4() {
@@ -187,16 +250,18 @@ pub async fn ask(
                     None => e,
                 }
             })?;
-        exchange(&conn, peer, expect, request).await.map_err(|e| {
-            match conn.close_reason().as_ref().and_then(transport::refusal) {
-                Some(why) => anyhow!("{peer} refused this operator: its certificate {why}"),
-                None => e,
-            }
-        })
+        exchange(&conn, peer, expect, request, body)
+            .await
+            .map_err(
+                |e| match conn.close_reason().as_ref().and_then(transport::refusal) {
+                    Some(why) => anyhow!("{peer} refused this operator: its certificate {why}"),
+                    None => e,
+                },
+            )
     };
-    let answer = tokio::time::timeout(ANSWER_WITHIN, answer)
+    let answer = tokio::time::timeout(within, answer)
         .await
-        .map_err(|_| anyhow!("{peer} did not answer within {} s", ANSWER_WITHIN.as_secs()))??;
+        .map_err(|_| anyhow!("{peer} did not answer within {} s", within.as_secs()))??;
     endpoint.wait_idle().await;
     Ok(answer)
 }
@@ -207,6 +272,7 @@ async fn exchange(
     peer: SocketAddr,
     expect: Option<&str>,
     request: &Request,
+    body: Option<&Path>,
 ) -> Result<Answer> {
     {
         let (name, role) = transport::peer_identity(conn)?;
@@ -225,9 +291,18 @@ async fn exchange(
         let (mut send, mut recv) = conn.open_bi().await?;
         write_protocol(&mut send, Protocol::Api).await?;
         write_frame(&mut send, request).await?;
+        if let Some(path) = body {
+            let mut file = tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
+            tokio::io::copy(&mut file, &mut send)
+                .await
+                .with_context(|| format!("sending {} to {peer}", path.display()))?;
+        }
         send.finish()?;
         let mut hosts = Vec::new();
         let mut published = None;
+        let mut other = None;
         for _ in 0..MAX_PARTS {
             let response: Response = read_frame(&mut recv)
                 .await
@@ -235,11 +310,16 @@ async fn exchange(
             match response {
                 Response::Hosts(part) => hosts.extend(part),
                 Response::Published(number) => published = Some(number),
+                Response::Fleet(answer) => other = Some(Answer::Fleet(answer)),
+                Response::Uploaded { revision, holder } => {
+                    other = Some(Answer::Uploaded { revision, holder })
+                }
                 Response::End => {
                     conn.close(0u32.into(), b"done");
-                    return Ok(match published {
-                        Some(number) => Answer::Published(number),
-                        None => Answer::Hosts(hosts),
+                    return Ok(match (other, published) {
+                        (Some(answer), _) => answer,
+                        (None, Some(number)) => Answer::Published(number),
+                        (None, None) => Answer::Hosts(hosts),
                     });
                 }
                 Response::Error(e) => bail!("{peer}: {e}"),
@@ -276,6 +356,7 @@ mod tests {
                     .collect(),
                 apps: BTreeMap::new(),
                 details: BTreeMap::new(),
+                log: None,
                 version: 1,
             })
             .collect();

@@ -1,6 +1,8 @@
 //! `shoal agent --config FILE`: runs the agent in the foreground. It recovers interrupted
 //! deployments, adopts and supervises services, and (given an identity) joins the mesh:
-//! membership, gossiped host state, operator requests. SIGHUP reloads the tags; SIGTERM
+//! membership, gossiped host state, operator requests, bundles served to peers, and fleet
+//! deployments (its copy of the deployment log, the coordinator when it leads, its part
+//! as a host). SIGHUP reloads the tags; SIGTERM
 //! or Ctrl-C leaves the mesh gracefully and stops the agent, leaving services running for
 //! the next agent to adopt.
 
@@ -13,12 +15,19 @@ use clap::Args;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+use crate::blobs::{self, BundleStore};
 use crate::config::AgentConfig;
+use crate::fleet::host::HostSide;
+use crate::fleet::intent::Executed;
+use crate::fleet::service::Fleet;
 use crate::hooks::HookRuntime;
 use crate::identity::Identity;
+use crate::identity::sign::CertVerifier;
 use crate::lifecycle::LocalHost;
+use crate::mesh::frame::Protocol;
+use crate::mesh::hoststate::LogRecord;
 use crate::mesh::local::apps_on_disk;
-use crate::mesh::node::{self, LocalState, NodeConfig};
+use crate::mesh::node::{LocalState, Mesh, NodeConfig};
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
@@ -30,14 +39,14 @@ pub struct AgentArgs {
 pub async fn run(args: AgentArgs) -> Result<bool> {
     let config = AgentConfig::load(&args.config)?;
     std::fs::create_dir_all(&config.data_dir)?;
-    let host = LocalHost {
+    let host = Arc::new(LocalHost {
         hooks: Arc::new(HookRuntime::new(&config.data_dir.join("cache/hooks"))?),
         data_dir: config.data_dir.clone(),
         install_root: config.install_root.clone(),
         host_name: config.name.clone(),
         tags: config.tags.clone(),
         keep_releases: config.keep_releases,
-    };
+    });
     // Everything runs until this flips.
     let (stopping, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -46,27 +55,75 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
 
     let mesh = match &config.identity {
         Some(dir) => {
+            let identity = Identity::load(dir)?;
+            let ca = identity.ca.clone();
+            let advertise = config.advertised_addr()?;
             let node_config = NodeConfig {
                 name: config.name.clone(),
                 listen: config.listen,
-                advertise: config.advertised_addr()?,
-                identity: Identity::load(dir)?,
+                advertise,
+                identity,
                 seeds: config.seeds.clone(),
                 data_dir: config.data_dir.clone(),
                 forget_dead_after: crate::config::parse_duration(&config.forget_dead_after)?,
             };
-            let (local_tx, local_rx) = watch::channel(LocalState {
+            let initial = LocalState {
                 tags: config.tags.clone(),
                 apps: apps_on_disk(&config.data_dir),
-            });
+                log: None,
+            };
+            let (local_tx, local_rx) = watch::channel(initial.clone());
+            let (log_tx, log_rx) = watch::channel(None);
+            let (tags_tx, tags_rx) = watch::channel(config.tags.clone());
             tokio::spawn(report_local(
                 args.config.clone(),
                 config.clone(),
                 local_tx,
+                log_rx,
+                tags_tx,
                 stopped.clone(),
             ));
+            let mesh = Mesh::bind(node_config, initial)?;
+            let handle = mesh.handle();
+            let bundles = Arc::new(BundleStore::new(&config.data_dir));
+            tokio::spawn(blobs::serve(
+                bundles.clone(),
+                config.data_dir.clone(),
+                handle.serve(Protocol::Blobs),
+            ));
+            let executed = {
+                let dir = config.data_dir.join("executed");
+                tokio::task::spawn_blocking(move || Executed::open(&dir)).await??
+            };
+            let side = Arc::new(HostSide::new(
+                config.name.clone(),
+                host.clone(),
+                handle.clone(),
+                bundles.clone(),
+                CertVerifier::new(ca.clone()),
+                executed,
+                tags_rx,
+            ));
+            let fleet = Fleet::start(
+                &config.data_dir,
+                advertise,
+                handle.clone(),
+                side,
+                ca,
+                log_tx,
+            )
+            .await?;
+            tokio::spawn(crate::api::serve(
+                handle.clone(),
+                handle.serve(Protocol::Api),
+                crate::api::Services { fleet, bundles },
+            ));
+            tokio::spawn(crate::mesh::revocation::serve(
+                handle.clone(),
+                handle.serve(Protocol::Revocations),
+            ));
             let stop = until_stopped(stopped.clone());
-            Some(tokio::spawn(node::run(node_config, local_rx, stop)))
+            Some(tokio::spawn(mesh.run(local_rx, stop)))
         }
         None => {
             tracing::warn!("no `identity` in the configuration: running alone, outside any mesh");
@@ -93,12 +150,15 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
     Ok(true)
 }
 
-/// Tells the mesh what this host runs (polling the lifecycle's state on disk) and its tags
-/// (reloaded from the configuration on SIGHUP).
+/// Tells the mesh what this host runs (polling the lifecycle's state on disk), its tags
+/// (reloaded from the configuration on SIGHUP; also told to the fleet's host side) and its
+/// part in the deployment log.
 async fn report_local(
     path: PathBuf,
     mut config: AgentConfig,
     tx: watch::Sender<LocalState>,
+    log: watch::Receiver<Option<LogRecord>>,
+    tags: watch::Sender<std::collections::BTreeMap<String, String>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
@@ -120,9 +180,15 @@ async fn report_local(
             },
             _ = tick.tick() => {}
         }
+        tags.send_if_modified(|current| {
+            let changed = *current != config.tags;
+            current.clone_from(&config.tags);
+            changed
+        });
         let state = LocalState {
             tags: config.tags.clone(),
             apps: apps_on_disk(&config.data_dir),
+            log: log.borrow().clone(),
         };
         tx.send_if_modified(|current| {
             let changed = *current != state;

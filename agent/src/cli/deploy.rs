@@ -19,8 +19,14 @@ pub enum DeployCommand {
     Local(LocalArgs),
     /// Put an application back on one revision after an interrupted deployment.
     Recover(RecoverArgs),
-    /// A fleet deployment by tags, asked of any agent (for now `--dry-run` only: the plan).
+    /// A fleet deployment by tags, asked of any agent; `--wait` follows it to its end.
     Create(super::deploy_create::CreateArgs),
+    /// A fleet deployment's status: each host's and each event's, with hook log tails.
+    Status(super::fleet::StatusArgs),
+    /// Fleet deployments, newest first.
+    List(super::fleet::ListArgs),
+    /// Stop a fleet deployment: no new batch starts; hosts in flight finish.
+    Stop(super::fleet::StopArgs),
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +98,9 @@ pub async fn run(
 ) -> Result<bool> {
     match cmd {
         DeployCommand::Create(args) => super::deploy_create::run(args, peer, identity, json).await,
+        DeployCommand::Status(args) => super::fleet::run_status(args, peer, identity, json).await,
+        DeployCommand::List(args) => super::fleet::run_list(args, peer, identity, json).await,
+        DeployCommand::Stop(args) => super::fleet::run_stop(args, peer, identity, json).await,
         DeployCommand::Local(args) => {
             let host = local_host(&args.host)?;
             let request = DeployRequest {

@@ -22,8 +22,7 @@ use crate::api::{self, Answer, Request};
 use crate::bundle::{self, Limits};
 use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Planner, Revision, Rules};
 use crate::fleet::targets::{self, Targets};
-use crate::mesh::hoststate;
-use crate::mesh::view::{HostView, MemberState};
+use crate::mesh::view::HostView;
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
@@ -87,12 +86,6 @@ pub async fn run(
     identity: Option<&Path>,
     json: bool,
 ) -> Result<bool> {
-    if !args.dry_run {
-        bail!(
-            "`shoal deploy create` can only plan for now (--dry-run): fleet deployments through \
-             the deployment log are not built yet; `shoal deploy local` deploys on one host"
-        );
-    }
     let identity = identity.ok_or_else(|| {
         anyhow!(
             "`shoal deploy create` needs an operator identity: pass --identity DIR or set SHOAL_IDENTITY"
@@ -102,6 +95,22 @@ pub async fn run(
         DeploymentConfig::from_options(args.config.as_deref(), args.min_healthy.as_deref())
             .context("--config / --min-healthy")?;
     let group = args.group.clone().unwrap_or_else(|| args.app.clone());
+    if !args.dry_run {
+        let revision = revision_of(&args.bundle)?;
+        return super::fleet::create(
+            peer,
+            identity,
+            &args.app,
+            &args.bundle,
+            &group,
+            args.targets.as_deref(),
+            config,
+            &revision,
+            args.wait,
+            json,
+        )
+        .await;
+    }
     let targets = match &args.targets {
         Some(t) => Targets::parse(t).context("--targets")?,
         None => bail!(
@@ -145,25 +154,9 @@ pub fn dry_run(
     targets: &Targets,
     hosts: &[HostView],
 ) -> Result<DryRun> {
-    let matching: Vec<&HostView> = hosts.iter().filter(|h| targets.matches(&h.tags)).collect();
-    let (reachable, unreachable): (Vec<&HostView>, Vec<&HostView>) = matching
-        .into_iter()
-        .partition(|h| matches!(h.state, MemberState::Alive | MemberState::Suspect));
-    let tags: BTreeMap<&str, &BTreeMap<String, String>> = reachable
-        .iter()
-        .map(|h| (h.name.as_str(), &h.tags))
-        .collect();
-    let names = targets::select(targets, tags.iter().map(|(n, t)| (*n, *t))).map_err(|e| {
-        let dead = unreachable.len();
-        if dead > 0 {
-            anyhow!("{e} ({dead} matching hosts are dead or left)")
-        } else {
-            anyhow!("{e}")
-        }
-    })?;
-    let by_name: BTreeMap<&str, &HostView> =
-        reachable.iter().map(|h| (h.name.as_str(), *h)).collect();
-    let infos: Vec<HostInfo> = names.iter().map(|n| host_info(by_name[n], app)).collect();
+    let chosen = targets::choose(targets, app, hosts)?;
+    let (infos, unreachable) = (chosen.hosts, chosen.unreachable);
+    let names: Vec<&str> = infos.iter().map(|h| h.name.as_str()).collect();
     let planner = Planner::new(config, infos.clone(), revision)
         .with_context(|| format!("cannot plan {config} over {} hosts", names.len()))?;
     let batches = planner.batches_preview();
@@ -191,25 +184,8 @@ pub fn dry_run(
             })
             .collect(),
         batches,
-        unreachable: unreachable.iter().map(|h| h.name.clone()).collect(),
+        unreachable,
     })
-}
-
-fn host_info(h: &HostView, app: &str) -> HostInfo {
-    let detail = h.details.get(app);
-    let health = match detail.map(|d| d.health) {
-        Some(hoststate::Health::Stopped | hoststate::Health::Deploying) => Health::Unhealthy,
-        _ => Health::Healthy,
-    };
-    let revision = match detail.and_then(|d| d.revision.clone()) {
-        Some(r) => Revision::Known(r),
-        None => Revision::Unknown,
-    };
-    HostInfo {
-        name: h.name.clone(),
-        health,
-        revision,
-    }
 }
 
 fn text(plan: &DryRun) -> String {
@@ -261,7 +237,8 @@ fn text(plan: &DryRun) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::hoststate::AppRecord;
+    use crate::mesh::hoststate::{self, AppRecord};
+    use crate::mesh::view::MemberState;
 
     fn host(
         name: &str,
@@ -291,6 +268,7 @@ mod tests {
                 })
                 .into_iter()
                 .collect(),
+            log: None,
             version: 1,
         }
     }

@@ -10,6 +10,7 @@ mod ca;
 mod demo;
 mod deploy;
 mod deploy_create;
+mod fleet;
 mod hook;
 mod hosts;
 
@@ -56,6 +57,9 @@ pub enum Command {
     /// Deploy revisions.
     #[command(subcommand)]
     Deploy(deploy::DeployCommand),
+    /// Deployment groups (their targets, config and last successful revision).
+    #[command(subcommand)]
+    Group(fleet::GroupCommand),
     /// List every member of the mesh: name, address, state, tags, applications.
     Hosts,
     /// Run the built-in demonstration and exit 0 when it went as planned.
@@ -65,9 +69,10 @@ pub enum Command {
 /// Parses the command line, runs the command, and turns its result into an exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The agent reports what it does; commands only warn.
+    // The agent reports what it does (openraft only its errors: its warnings are about
+    // messages of a past term, routine in a Raft); commands only warn.
     let default_level = if matches!(cli.command, Command::Agent(_)) {
-        "info"
+        "info,openraft=error"
     } else {
         "warn"
     };
@@ -98,6 +103,9 @@ pub fn main() -> ExitCode {
             Command::Bundle(cmd) => bundle::run(cmd, cli.json),
             Command::Deploy(cmd) => {
                 deploy::run(cmd, &cli.peer, cli.identity.as_deref(), cli.json).await
+            }
+            Command::Group(cmd) => {
+                fleet::run_group(cmd, &cli.peer, cli.identity.as_deref(), cli.json).await
             }
             Command::Hosts => hosts::run(&cli.peer, cli.identity.as_deref(), cli.json).await,
             Command::Demo(args) => demo::run(args, cli.json).await,

@@ -419,6 +419,116 @@ pub fn check_host(
     Ok(())
 }
 
+/// Domain separation for [`SignedStop`]: a stop cannot be replayed as an intent, nor the
+/// reverse.
+pub const STOP_CONTEXT: &[u8] = b"shoal deployment stop v1\0";
+
+/// An operator's order to stop a deployment: no batch starts after it. Signed like an
+/// intent ([`sign_stop`], [`verify_stop`]), so an agent, coordinator included, cannot stop
+/// a deployment no operator asked to stop. Replaying one changes nothing: a stopped
+/// deployment stays stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stop {
+    /// The deployment to stop (its intent's id).
+    pub deployment: String,
+    /// The operator's name: the common name of the certificate that signs it.
+    pub operator: String,
+    /// When the operator made it, in seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// A [`Stop`] as compact JSON with its operator's signature over [`STOP_CONTEXT`] + body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStop {
+    pub body: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// Signs an order to stop `deployment` with an operator's identity; refuses an agent's.
+pub fn sign_stop(
+    deployment: &str,
+    identity: &Identity,
+    now_unix: u64,
+) -> Result<SignedStop, IntentError> {
+    if identity.role != Role::Operator {
+        return Err(IntentErrorKind::NotAnOperator {
+            name: identity.name.clone(),
+        }
+        .into());
+    }
+    check_id(deployment)?;
+    let stop = Stop {
+        deployment: deployment.to_owned(),
+        operator: identity.name.clone(),
+        created_unix: now_unix,
+    };
+    let body = serde_json::to_vec(&stop).map_err(|e| IntentErrorKind::Malformed {
+        reason: e.to_string(),
+    })?;
+    let mut msg = STOP_CONTEXT.to_vec();
+    msg.extend_from_slice(&body);
+    let signing = |reason| IntentErrorKind::Signing { reason };
+    let signature = Signer::new(identity)
+        .map_err(signing)?
+        .sign(&msg)
+        .map_err(signing)?;
+    Ok(SignedStop {
+        body,
+        cert: identity.cert.to_vec(),
+        signature,
+    })
+}
+
+/// Accepts `signed` only if an operator of this fleet signed it recently (the same
+/// certificate, size and time checks as [`verify`]); returns the order.
+pub fn verify_stop(
+    signed: &SignedStop,
+    verifier: &mut CertVerifier,
+    now_unix: u64,
+) -> Result<Stop, IntentError> {
+    for (what, len, max) in [
+        ("stop order", signed.body.len(), 1024),
+        ("certificate", signed.cert.len(), MAX_CERT),
+        ("signature", signed.signature.len(), MAX_SIGNATURE),
+    ] {
+        if len > max {
+            return Err(IntentErrorKind::TooBig { what, len, max }.into());
+        }
+    }
+    if signed.signature.is_empty() {
+        return Err(IntentErrorKind::Unsigned.into());
+    }
+    let mut msg = STOP_CONTEXT.to_vec();
+    msg.extend_from_slice(&signed.body);
+    let operator =
+        check_operator_signature(verifier, &signed.cert, &msg, &signed.signature, now_unix)?;
+    let stop: Stop =
+        serde_json::from_slice(&signed.body).map_err(|e| IntentErrorKind::Malformed {
+            reason: e.to_string(),
+        })?;
+    check_id(&stop.deployment)?;
+    if stop.operator != operator {
+        return Err(IntentErrorKind::OperatorMismatch {
+            certificate: operator,
+            intent: quote(&stop.operator),
+        }
+        .into());
+    }
+    if stop.created_unix > now_unix.saturating_add(MAX_CLOCK_SKEW_SECS)
+        || stop.created_unix < now_unix.saturating_sub(MAX_AGE_SECS)
+    {
+        return Err(IntentErrorKind::Expired {
+            created_unix: stop.created_unix,
+            now_unix,
+            max_age_secs: MAX_AGE_SECS,
+        }
+        .into());
+    }
+    Ok(stop)
+}
+
 /// The file in the store's directory that lists executed intents.
 pub const EXECUTED_FILE: &str = "executed-intents.json";
 /// The file whose lock makes one [`Executed`] per directory at a time.

@@ -19,11 +19,22 @@
 //! - [`log`]: the replicated deployment log (intents, plans and host results, kept by the
 //!   voters with openraft on redb) and its transport over the mesh.
 //!
-//! Next comes the coordinator, the log's leader driving [`plan::Planner`] from it; the thin
-//! async layer that talks to hosts stays outside the sans-IO modules.
+//! The thin async layer around them:
+//!
+//! - [`service`]: one agent's fleet service: its raft node, the log's founding, operator
+//!   requests answered by the leader or forwarded to it, the voter upkeep.
+//! - [`coordinator`]: the leader's drivers, one per deployment, [`plan::Planner`] fed
+//!   from the log, fenced commands to hosts, results committed.
+//! - [`host`]: what a host does with a command: checks the intent itself, fetches the
+//!   revision from peers, runs the lifecycle, once.
+//! - [`wire`]: what they say to each other and to operators.
 
+pub mod coordinator;
+pub mod host;
 pub mod intent;
 pub mod log;
 pub mod plan;
+pub mod service;
 pub mod targets;
 pub mod voters;
+pub mod wire;

@@ -32,6 +32,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::plan::{Health, HostInfo, Revision};
+
 /// The most tag groups one [`Targets`] may have (CodeDeploy's limit).
 pub const MAX_GROUPS: usize = 3;
 /// The most filters one [`TagGroup`] may have.
@@ -229,6 +231,71 @@ where
     Ok(chosen)
 }
 
+/// The hosts a deployment targets, as the mesh describes them to one agent.
+#[derive(Debug)]
+pub struct Chosen {
+    /// The matching hosts the mesh holds alive or suspect, by name, as the planner takes
+    /// them.
+    pub hosts: Vec<HostInfo>,
+    /// Matching hosts the mesh holds dead or left: not targeted.
+    pub unreachable: Vec<String>,
+}
+
+/// Chooses the targets of a deployment of `app` among `hosts` (what an agent's mesh lists):
+/// those whose tags `targets` matches and that are alive or suspect. A host's health for
+/// the plan is what it gossips for the application (a stopped service or a deployment
+/// under way is unhealthy, anything else healthy); its revision is the active one it
+/// gossips. Refuses a choice of no host, saying how many matching hosts are down.
+pub fn choose(
+    targets: &Targets,
+    app: &str,
+    hosts: &[crate::mesh::view::HostView],
+) -> Result<Chosen, TargetsError> {
+    use crate::mesh::view::MemberState;
+    let (reachable, unreachable): (Vec<_>, Vec<_>) = hosts
+        .iter()
+        .filter(|h| targets.matches(&h.tags))
+        .partition(|h| matches!(h.state, MemberState::Alive | MemberState::Suspect));
+    let names = select(
+        targets,
+        reachable.iter().map(|h| (h.name.as_str(), &h.tags)),
+    )
+    .map_err(|e| match e.kind {
+        TargetsErrorKind::NoHostMatched { .. } if !unreachable.is_empty() => {
+            TargetsErrorKind::AllMatchingDown {
+                targets: targets.to_string(),
+                down: unreachable.len(),
+            }
+            .into()
+        }
+        _ => e,
+    })?;
+    let by_name: BTreeMap<&str, &crate::mesh::view::HostView> =
+        reachable.iter().map(|h| (h.name.as_str(), *h)).collect();
+    Ok(Chosen {
+        hosts: names.iter().map(|n| host_info(by_name[n], app)).collect(),
+        unreachable: unreachable.iter().map(|h| h.name.clone()).collect(),
+    })
+}
+
+fn host_info(h: &crate::mesh::view::HostView, app: &str) -> HostInfo {
+    use crate::mesh::hoststate;
+    let detail = h.details.get(app);
+    let health = match detail.map(|d| d.health) {
+        Some(hoststate::Health::Stopped | hoststate::Health::Deploying) => Health::Unhealthy,
+        _ => Health::Healthy,
+    };
+    let revision = match detail.and_then(|d| d.revision.clone()) {
+        Some(r) => Revision::Known(r),
+        None => Revision::Unknown,
+    };
+    HostInfo {
+        name: h.name.clone(),
+        health,
+        revision,
+    }
+}
+
 /// One group's text (`number` counts from 1).
 fn parse_group(number: usize, text: &str) -> Result<TagGroup, TargetsError> {
     if text.trim().is_empty() {
@@ -339,6 +406,12 @@ impl From<TargetsErrorKind> for TargetsError {
 /// parts are cut to 64 bytes.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TargetsErrorKind {
+    /// Every host the targets match is dead or left: nothing could be deployed.
+    #[error(
+        "targets {targets} match only hosts the mesh holds dead or left ({down}): start their \
+         agents or change --targets"
+    )]
+    AllMatchingDown { targets: String, down: usize },
     /// Nothing but spaces.
     #[error("nothing given; write key=value, filters separated by `,`, groups by `;`")]
     Empty,

@@ -267,6 +267,7 @@ impl Core {
             |r| {
                 r.tags = state.tags;
                 r.apps = state.apps;
+                r.log = state.log;
             },
             &peers,
             now_ms,
@@ -488,6 +489,7 @@ mod tests {
             left: false,
             tags: BTreeMap::new(),
             apps: BTreeMap::new(),
+            log: None,
         };
         let authority = Box::new(SimAuthority::new(&id.name, b"fleet"));
         Core::new(
@@ -586,6 +588,7 @@ mod tests {
             LocalState {
                 tags,
                 apps: BTreeMap::new(),
+                log: None,
             },
         );
         let until = now + Duration::from_millis(100);

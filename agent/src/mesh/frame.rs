@@ -46,6 +46,9 @@ pub enum Protocol {
     Blobs = 4,
     /// Revocation lists, passed from agent to agent (`revocation`).
     Revocations = 5,
+    /// Fleet deployments between agents (`fleet::wire`): operators' requests forwarded
+    /// to the log's leader, the coordinator's commands to hosts and their results.
+    Fleet = 6,
 }
 
 impl Protocol {
@@ -56,6 +59,7 @@ impl Protocol {
             3 => Protocol::Raft,
             4 => Protocol::Blobs,
             5 => Protocol::Revocations,
+            6 => Protocol::Fleet,
             _ => return None,
         })
     }

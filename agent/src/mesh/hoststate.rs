@@ -95,6 +95,21 @@ pub struct HostRecord {
     pub left: bool,
     pub tags: BTreeMap<String, String>,
     pub apps: BTreeMap<String, AppRecord>,
+    /// This host's part in the deployment log, if it holds a copy.
+    pub log: Option<LogRecord>,
+}
+
+/// What a host says of its part in the deployment log (`fleet::log`): a hint for finding
+/// the coordinator, never trusted for anything that must be safe (the log's leader checks
+/// for itself that it leads).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// A voter (rather than a learner catching up).
+    pub voter: bool,
+    /// The Raft term this host last saw.
+    pub term: u64,
+    /// The leader it knows of in that term, by agent name.
+    pub leader: Option<String>,
 }
 
 /// A host record with its owner's signature: what travels between agents.
@@ -362,6 +377,9 @@ pub fn check_caps(record: &HostRecord) -> Result<(), RecordError> {
         for r in &app.held {
             too_large(host, Cap::RevisionId, r.len())?;
         }
+    }
+    if let Some(leader) = record.log.as_ref().and_then(|l| l.leader.as_ref()) {
+        too_large(host, Cap::HostName, leader.len())?;
     }
     too_large(host, Cap::Record, encoded_len(record))
 }
@@ -1171,6 +1189,7 @@ mod tests {
             left: false,
             tags: BTreeMap::new(),
             apps: BTreeMap::new(),
+            log: None,
         }
     }
 

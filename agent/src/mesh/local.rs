@@ -1,24 +1,71 @@
 //! What this host says about itself in the mesh: its applications as the lifecycle left
-//! them on disk (active revision, service health, releases held). Read without taking any
-//! application's lock, so reporting never gets in a deployment's way.
+//! them on disk (active revision, service health, releases held) and the bundles its
+//! bundle store keeps (`blobs`), which it can serve as well. Read without taking any
+//! application's lock, so reporting never gets in a deployment's way, and without
+//! following links.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use super::hoststate::{AppRecord, Health};
+use super::hoststate::{AppRecord, Health, MAX_APPS, MAX_HELD};
+use crate::blobs::{BundleStore, valid_app, valid_revision};
 use crate::lifecycle::service;
 use crate::lifecycle::state::{AppDir, AppState, read_json};
 use crate::lifecycle::supervise::apps;
 
-/// Every application under `data_dir`, as a gossiped record.
+/// Every application under `data_dir`, as a gossiped record: those the lifecycle has a
+/// directory for, then those of which the bundle store alone holds bundles (no revision,
+/// no health). `held` is what this host can serve, releases and stored bundles together,
+/// within the gossip caps ([`MAX_HELD`] per application, the active revision first;
+/// [`MAX_APPS`] applications), so that a full store never stops the record's publication.
 pub fn apps_on_disk(data_dir: &Path) -> BTreeMap<String, AppRecord> {
-    apps(data_dir)
+    let store = BundleStore::new(data_dir);
+    let mut records: BTreeMap<String, AppRecord> = apps(data_dir)
         .into_iter()
         .map(|app| {
-            let record = app_record(&AppDir::new(data_dir, &app));
+            let mut record = app_record(&AppDir::new(data_dir, &app));
+            record.held.extend(store.held(&app));
             (app, record)
         })
-        .collect()
+        .collect();
+    for app in store.apps() {
+        if records.contains_key(&app) || records.len() >= MAX_APPS {
+            continue;
+        }
+        let held = store.held(&app);
+        if !held.is_empty() {
+            let record = AppRecord {
+                revision: None,
+                health: Health::None,
+                held,
+            };
+            records.insert(app, record);
+        }
+    }
+    for record in records.values_mut() {
+        cap_held(record);
+    }
+    records
+}
+
+/// Keeps at most [`MAX_HELD`] revisions in `held`: the active one first, then in order.
+fn cap_held(record: &mut AppRecord) {
+    if record.held.len() <= MAX_HELD {
+        return;
+    }
+    let mut kept: BTreeSet<String> = record
+        .revision
+        .iter()
+        .filter(|r| record.held.contains(*r))
+        .cloned()
+        .collect();
+    for r in &record.held {
+        if kept.len() >= MAX_HELD {
+            break;
+        }
+        kept.insert(r.clone());
+    }
+    record.held = kept;
 }
 
 fn app_record(dir: &AppDir) -> AppRecord {
@@ -32,19 +79,87 @@ fn app_record(dir: &AppDir) -> AppRecord {
             _ => Health::None,
         }
     };
-    let held: BTreeSet<String> = std::fs::read_dir(dir.releases())
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
+    let name = dir.root.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let real_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    // Releases the blobs service could pack and send: directories (not links) named by a
+    // revision id, under an application whose name it accepts.
+    let held: BTreeSet<String> = if valid_app(name).is_ok() && real_dir(&dir.root) {
+        std::fs::read_dir(dir.releases())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| valid_revision(n).is_ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        BTreeSet::new()
+    };
     AppRecord {
         revision: state.active.map(|r| r.0),
         health,
         held,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(i: usize) -> String {
+        format!("{i:064x}")
+    }
+
+    #[test]
+    fn stored_bundles_are_held_alongside_releases() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path();
+        // `web`: a release directory and a stored bundle of another revision.
+        std::fs::create_dir_all(data.join("apps/web/releases").join(rev(1))).unwrap();
+        std::fs::create_dir_all(data.join("apps/web/releases/.staging-x")).unwrap();
+        std::fs::create_dir_all(data.join("bundles/web")).unwrap();
+        std::fs::write(data.join(format!("bundles/web/{}.bundle", rev(2))), b"x").unwrap();
+        // `api`: only an uploaded bundle; `junk`: nothing that counts.
+        std::fs::create_dir_all(data.join("bundles/api")).unwrap();
+        std::fs::write(data.join(format!("bundles/api/{}.bundle", rev(3))), b"x").unwrap();
+        std::fs::create_dir_all(data.join("bundles/junk")).unwrap();
+        std::fs::write(data.join("bundles/junk/notes.txt"), b"x").unwrap();
+        std::fs::create_dir_all(data.join("bundles/.tmp")).unwrap();
+        std::fs::write(data.join(format!("bundles/.tmp/{}.bundle", rev(4))), b"x").unwrap();
+        // A link named like a release is not one.
+        std::os::unix::fs::symlink(
+            data.join("bundles"),
+            data.join("apps/web/releases").join(rev(5)),
+        )
+        .unwrap();
+
+        let apps = apps_on_disk(data);
+        assert_eq!(
+            apps.keys().cloned().collect::<Vec<_>>(),
+            vec!["api".to_string(), "web".to_string()]
+        );
+        assert_eq!(apps["web"].held, [rev(1), rev(2)].into());
+        assert_eq!(
+            apps["api"],
+            AppRecord {
+                revision: None,
+                health: Health::None,
+                held: [rev(3)].into(),
+            }
+        );
+    }
+
+    #[test]
+    fn held_stays_within_the_gossip_cap_keeping_the_active_revision() {
+        let mut record = AppRecord {
+            revision: Some(rev(MAX_HELD + 5)),
+            health: Health::Running,
+            held: (0..MAX_HELD + 10).map(rev).collect(),
+        };
+        cap_held(&mut record);
+        assert_eq!(record.held.len(), MAX_HELD);
+        assert!(record.held.contains(&rev(MAX_HELD + 5)));
     }
 }

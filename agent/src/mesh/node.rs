@@ -36,7 +36,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use super::core::{Core, Event, Remembered, Transmit};
 use super::frame::{Protocol, encode_frame, read_frame, read_protocol, write_protocol};
 use super::hoststate::{
-    AppRecord, FleetAuthority, GossipMsg, HostRecord, HostTable, first_version,
+    AppRecord, FleetAuthority, GossipMsg, HostRecord, HostTable, LogRecord, first_version,
 };
 use super::membership::{self, MemberId, Membership};
 use super::peers::{Live, MAX_QUEUED, Pending, Pool, Slot};
@@ -63,6 +63,8 @@ pub struct NodeConfig {
 pub struct LocalState {
     pub tags: BTreeMap<String, String>,
     pub apps: BTreeMap<String, AppRecord>,
+    /// Its part in the deployment log.
+    pub log: Option<LogRecord>,
 }
 
 /// How long opening a stream, writing it or reading it whole may take.
@@ -449,21 +451,6 @@ pub struct Mesh {
     revoked: Option<RevocationList>,
 }
 
-/// Runs this agent's side of the mesh until `stop` resolves, then leaves it gracefully:
-/// peers learn the agent left, rather than failed.
-pub async fn run(
-    config: NodeConfig,
-    local: watch::Receiver<LocalState>,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<()> {
-    let mesh = Mesh::bind(config, local.borrow().clone())?;
-    let api = mesh.handle().serve(Protocol::Api);
-    tokio::spawn(crate::api::serve(mesh.handle(), api));
-    let lists = mesh.handle().serve(Protocol::Revocations);
-    tokio::spawn(super::revocation::serve(mesh.handle(), lists));
-    mesh.run(local, stop).await
-}
-
 impl Mesh {
     /// Checks the identity, binds the endpoint and prepares the core; nothing is sent yet.
     pub fn bind(config: NodeConfig, initial: LocalState) -> Result<Mesh> {
@@ -502,6 +489,7 @@ impl Mesh {
             left: false,
             tags: initial.tags,
             apps: initial.apps,
+            log: initial.log,
         };
         let seed = rand::random::<u64>();
         let mut authority = FleetAuthority::new(&config.identity).map_err(|e| {

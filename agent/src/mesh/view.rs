@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::hoststate::{AppRecord, HostTable};
+use super::hoststate::{AppRecord, HostTable, LogRecord};
 use super::membership::MemberId;
 
 /// A member's state as operators see it.
@@ -42,6 +42,9 @@ pub struct HostView {
     pub apps: BTreeMap<String, Option<String>>,
     /// Application → health and the revisions held.
     pub details: BTreeMap<String, AppRecord>,
+    /// Its part in the deployment log, as it says.
+    #[serde(default)]
+    pub log: Option<LogRecord>,
     /// The version of the host's gossiped record shown (0: none received yet).
     pub version: u64,
 }
@@ -82,6 +85,7 @@ pub fn views<'a>(
                 tags: BTreeMap::new(),
                 apps: BTreeMap::new(),
                 details: BTreeMap::new(),
+                log: None,
                 version: 0,
             },
         );
@@ -113,6 +117,7 @@ pub fn views<'a>(
                     .map(|(app, a)| (app.clone(), a.revision.clone()))
                     .collect(),
                 details: record.apps.clone(),
+                log: record.log.clone(),
                 version: record.version,
             },
         );
@@ -151,6 +156,7 @@ mod tests {
             left,
             tags: BTreeMap::from([("role".to_string(), "inference".to_string())]),
             apps,
+            log: None,
         }
     }
 

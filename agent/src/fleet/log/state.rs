@@ -60,6 +60,10 @@ pub struct NewDeployment {
     /// Unique among the log's deployments.
     pub id: String,
     pub app: String,
+    /// The deployment group it belongs to (its targets and config are remembered there).
+    pub group: String,
+    /// The targets as the operator gave them (`fleet::targets::Targets`' text form).
+    pub targets: String,
     /// The revision id being deployed.
     pub revision: String,
     pub config: DeploymentConfig,
@@ -108,6 +112,8 @@ pub enum Command {
         deployment: String,
         host: String,
         verdict: Verdict,
+        /// What the host said of its events (bounded by [`HostReport::bounded`]).
+        report: HostReport,
     },
     /// The operator stopped it: no batch starts after this; hosts not started are Skipped.
     Stop { deployment: String },
@@ -166,6 +172,8 @@ pub enum Refusal {
     DeploymentEnded { id: String, status: DeploymentState },
     #[error("{count} host(s) have not reported, so deployment {id:?} cannot have succeeded")]
     HostsUnfinished { id: String, count: usize },
+    #[error("deployment group {group:?} belongs to application {app:?}")]
+    GroupOfAnotherApp { group: String, app: String },
 }
 
 /// Where a deployment is, as far as the log knows it: CodeDeploy's status
@@ -238,6 +246,68 @@ pub struct DeploymentHost {
     pub health: Health,
     pub revision: Revision,
     pub state: HostState,
+    /// Its events and the last lines of its hook logs, once it reported.
+    pub report: HostReport,
+}
+
+/// The most events a host report keeps (CodeDeploy's in-place lifecycle has 9, a rollback
+/// as many again).
+pub const MAX_REPORT_EVENTS: usize = 24;
+/// The most log lines a host report keeps, and their longest length in bytes.
+pub const MAX_REPORT_LINES: usize = 10;
+pub const MAX_REPORT_LINE: usize = 200;
+
+/// What a host says of its part in a deployment: each lifecycle event's status and the
+/// last lines of its hook logs. Bounded before it is proposed ([`HostReport::bounded`]), so
+/// one host cannot swell the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReport {
+    /// Lifecycle events in the order they ran (DownloadBundle first), with their status.
+    pub events: Vec<(String, status::EventStatus)>,
+    /// The last lines of the hook logs (a failed hook's reason last).
+    pub tail: Vec<String>,
+}
+
+impl HostReport {
+    /// The report cut to [`MAX_REPORT_EVENTS`] events (names cut to 64 bytes) and the last
+    /// [`MAX_REPORT_LINES`] lines of at most [`MAX_REPORT_LINE`] bytes each.
+    pub fn bounded(mut self) -> HostReport {
+        self.events.truncate(MAX_REPORT_EVENTS);
+        for (name, _) in &mut self.events {
+            cut(name, 64);
+        }
+        let skip = self.tail.len().saturating_sub(MAX_REPORT_LINES);
+        self.tail.drain(..skip);
+        for line in &mut self.tail {
+            cut(line, MAX_REPORT_LINE);
+        }
+        self
+    }
+}
+
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// A deployment group, as CodeDeploy has them: the targets and config its deployments
+/// used last, and the last revision that succeeded in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub app: String,
+    pub targets: String,
+    pub config: DeploymentConfig,
+    /// The revision of the newest deployment that Succeeded.
+    pub last_successful: Option<String>,
+    /// Its deployments, oldest first.
+    pub deployments: Vec<String>,
 }
 
 /// A deployment as the log knows it.
@@ -245,6 +315,8 @@ pub struct DeploymentHost {
 pub struct Deployment {
     pub id: String,
     pub app: String,
+    pub group: String,
+    pub targets: String,
     pub revision: String,
     pub config: DeploymentConfig,
     pub signed_intent: Vec<u8>,
@@ -291,6 +363,7 @@ impl Deployment {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentsState {
     deployments: BTreeMap<String, Deployment>,
+    groups: BTreeMap<String, Group>,
 }
 
 impl DeploymentsState {
@@ -302,6 +375,16 @@ impl DeploymentsState {
     /// Every deployment, by id.
     pub fn iter(&self) -> impl Iterator<Item = &Deployment> + '_ {
         self.deployments.values()
+    }
+
+    /// Every deployment group, by name.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> + '_ {
+        self.groups.values()
+    }
+
+    /// The deployment group named `name`.
+    pub fn group(&self, name: &str) -> Option<&Group> {
+        self.groups.get(name)
     }
 
     pub fn len(&self) -> usize {
@@ -322,7 +405,8 @@ impl DeploymentsState {
                 deployment,
                 host,
                 verdict,
-            } => self.host_result(&deployment, &host, verdict),
+                report,
+            } => self.host_result(&deployment, &host, verdict, report),
             Command::Stop { deployment } => self.stop(&deployment),
             Command::Finish {
                 deployment,
@@ -344,6 +428,14 @@ impl DeploymentsState {
                 Err(Refusal::DeploymentExists { id: new.id })
             };
         }
+        if let Some(group) = self.groups.get(&new.group)
+            && group.app != new.app
+        {
+            return Err(Refusal::GroupOfAnotherApp {
+                group: new.group,
+                app: group.app.clone(),
+            });
+        }
         if new.hosts.is_empty() {
             return Err(Refusal::NoHosts { id: new.id });
         }
@@ -353,14 +445,31 @@ impl DeploymentsState {
                 health: planned.health,
                 revision: planned.revision,
                 state: HostState::Pending,
+                report: HostReport::default(),
             };
             if hosts.insert(planned.name.clone(), record).is_some() {
                 return Err(Refusal::DuplicateHost { host: planned.name });
             }
         }
+        let group = self
+            .groups
+            .entry(new.group.clone())
+            .or_insert_with(|| Group {
+                name: new.group.clone(),
+                app: new.app.clone(),
+                targets: String::new(),
+                config: new.config,
+                last_successful: None,
+                deployments: Vec::new(),
+            });
+        group.targets = new.targets.clone();
+        group.config = new.config;
+        group.deployments.push(new.id.clone());
         let deployment = Deployment {
             id: new.id.clone(),
             app: new.app,
+            group: new.group,
+            targets: new.targets,
             revision: new.revision,
             config: new.config,
             signed_intent: new.signed_intent,
@@ -412,7 +521,13 @@ impl DeploymentsState {
         Ok(Change::Applied)
     }
 
-    fn host_result(&mut self, id: &str, name: &str, verdict: Verdict) -> Result<Change, Refusal> {
+    fn host_result(
+        &mut self,
+        id: &str,
+        name: &str,
+        verdict: Verdict,
+        report: HostReport,
+    ) -> Result<Change, Refusal> {
         let deployment = self.deployment_mut(id)?;
         let Some(host) = deployment.hosts.get_mut(name) else {
             return Err(Refusal::UnknownHost {
@@ -427,6 +542,7 @@ impl DeploymentsState {
         match &host.state {
             HostState::InProgress { .. } => {
                 host.state = reported;
+                host.report = report.bounded();
                 Ok(Change::Applied)
             }
             HostState::Pending | HostState::Skipped => Err(Refusal::HostNotStarted {
@@ -478,8 +594,15 @@ impl DeploymentsState {
                 });
             }
         }
+        let succeeded = status == DeploymentState::Succeeded;
         deployment.status = status;
         deployment.skip_pending();
+        if succeeded {
+            let (group, revision) = (deployment.group.clone(), deployment.revision.clone());
+            if let Some(group) = self.groups.get_mut(&group) {
+                group.last_successful = Some(revision);
+            }
+        }
         Ok(Change::Applied)
     }
 
@@ -505,6 +628,8 @@ fn ended(deployment: &Deployment) -> Refusal {
 /// Whether `new` is the proposal that created `existing` (a retry), whatever happened since.
 fn same_creation(existing: &Deployment, new: &NewDeployment) -> bool {
     existing.app == new.app
+        && existing.group == new.group
+        && existing.targets == new.targets
         && existing.revision == new.revision
         && existing.config == new.config
         && existing.signed_intent == new.signed_intent
@@ -538,6 +663,8 @@ mod tests {
         NewDeployment {
             id: id.to_owned(),
             app: "inference".to_owned(),
+            group: "inference".to_owned(),
+            targets: "role=inference".to_owned(),
             revision: "new".to_owned(),
             config: DeploymentConfig::default(),
             hosts: hosts.iter().map(|h| planned(h)).collect(),
@@ -558,6 +685,7 @@ mod tests {
             deployment: deployment.to_owned(),
             host: host.to_owned(),
             verdict,
+            report: HostReport::default(),
         }
     }
 

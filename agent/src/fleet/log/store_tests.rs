@@ -61,6 +61,8 @@ fn create(id: &str, hosts: &[&str], intent_len: usize) -> Command {
     Command::CreateDeployment(NewDeployment {
         id: id.to_owned(),
         app: "inference".to_owned(),
+        group: "inference".to_owned(),
+        targets: "role=inference".to_owned(),
         revision: "rev-2".to_owned(),
         config: DeploymentConfig::default(),
         hosts: hosts
@@ -88,6 +90,7 @@ fn succeeded(id: &str, host: &str) -> Command {
         deployment: id.to_owned(),
         host: host.to_owned(),
         verdict: Verdict::Succeeded,
+        report: Default::default(),
     }
 }
 

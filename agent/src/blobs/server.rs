@@ -1,0 +1,283 @@
+//! The holder's side: answers [`Protocol::Blobs`](crate::mesh::frame::Protocol::Blobs)
+//! streams from other agents with the bundle they ask for.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::{
+    BlobAnswer, BlobRequest, BundleStore, CopyError, KEEPALIVE, MAX_BUNDLE, MAX_SENDING,
+    PACK_DEADLINE, copy_exact, peer_text, transfer_deadline, valid_app, valid_revision,
+};
+use crate::bundle::RevisionId;
+use crate::identity::Role;
+use crate::lifecycle::state::AppDir;
+use crate::mesh::frame::{read_frame, write_frame};
+use crate::mesh::node::{InboundStream, PeerInfo, STREAM_DEADLINE, Streams};
+
+/// One (application, revision) being packed, and the lock later requests for it wait on.
+type PackLocks = Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>;
+
+struct Holder {
+    store: Arc<BundleStore>,
+    data_dir: PathBuf,
+    sending: Arc<Semaphore>,
+    packing: PackLocks,
+}
+
+/// Answers other agents' requests for bundles until the mesh shuts down: from `store`,
+/// or from the release directories under `data_dir` (packed into `store` on demand). See
+/// the module documentation for the protocol and its bounds.
+pub async fn serve(store: Arc<BundleStore>, data_dir: PathBuf, mut streams: Streams) {
+    let holder = Arc::new(Holder {
+        store,
+        data_dir,
+        sending: Arc::new(Semaphore::new(MAX_SENDING)),
+        packing: Mutex::new(HashMap::new()),
+    });
+    while let Some(inbound) = streams.next().await {
+        let (send, recv) = match inbound.stream {
+            InboundStream::Bi(send, recv) => (send, recv),
+            InboundStream::Uni(mut recv) => {
+                let _ = recv.stop(1u32.into());
+                continue;
+            }
+        };
+        let holder = holder.clone();
+        tokio::spawn(async move {
+            holder.answer(inbound.peer, send, recv, inbound.share).await;
+        });
+    }
+}
+
+/// Writes one answer frame within the stream deadline.
+async fn say(send: &mut quinn::SendStream, answer: &BlobAnswer) -> Result<(), String> {
+    match tokio::time::timeout(STREAM_DEADLINE, write_frame(send, answer)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("the fetcher went away: {e}")),
+        Err(_) => Err(format!("an answer not taken within {STREAM_DEADLINE:?}")),
+    }
+}
+
+/// What became of one request.
+enum Outcome {
+    Sent(u64),
+    /// Answered without bytes (missing, busy, refused); the answer says why.
+    Answered(BlobAnswer),
+    /// Failed after the bytes began (the stream is reset), or the fetcher went away.
+    Broken(String),
+}
+
+impl Holder {
+    async fn answer(
+        &self,
+        peer: PeerInfo,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        share: OwnedSemaphorePermit,
+    ) {
+        if peer.role != Role::Agent {
+            drop(share);
+            let _ = recv.stop(1u32.into());
+            let why = format!(
+                "refused: `{}` is not an agent; bundles are sent to agents only",
+                peer_text(&peer.name)
+            );
+            tracing::debug!(peer = %peer.name, "{why}");
+            let _ = say(&mut send, &BlobAnswer::Error(why)).await;
+            let _ = send.finish();
+            return;
+        }
+        let request =
+            tokio::time::timeout(STREAM_DEADLINE, read_frame::<BlobRequest>(&mut recv)).await;
+        // The request is read: the connection's share of readers goes back (a send may
+        // last hours; the sending permits bound it instead).
+        drop(share);
+        let outcome = match request {
+            Ok(Ok(BlobRequest::Fetch { app, revision })) => {
+                self.send_bundle(&app, &revision, &mut send).await
+            }
+            Ok(Err(e)) => Outcome::Answered(BlobAnswer::Error(format!("malformed request: {e}"))),
+            Err(_) => Outcome::Answered(BlobAnswer::Error(format!(
+                "the request did not arrive whole within {STREAM_DEADLINE:?}"
+            ))),
+        };
+        match outcome {
+            Outcome::Sent(bytes) => {
+                tracing::debug!(peer = %peer.name, bytes, "sent a bundle");
+            }
+            Outcome::Answered(answer) => {
+                tracing::debug!(peer = %peer.name, ?answer, "answered a bundle request");
+                let _ = say(&mut send, &answer).await;
+                let _ = send.finish();
+            }
+            Outcome::Broken(why) => {
+                tracing::warn!(peer = %peer.name, "sending a bundle failed: {why}");
+                let _ = send.reset(1u32.into());
+            }
+        }
+    }
+
+    async fn send_bundle(
+        &self,
+        app: &str,
+        revision: &str,
+        send: &mut quinn::SendStream,
+    ) -> Outcome {
+        if let Err(e) = valid_app(app).and_then(|()| valid_revision(revision)) {
+            return Outcome::Answered(BlobAnswer::Error(e.to_string()));
+        }
+        let stored = self.store.path(app, revision);
+        let release = match &stored {
+            Some(_) => None,
+            None => match release_dir(&self.data_dir, app, revision) {
+                Some(dir) => Some(dir),
+                None => return Outcome::Answered(BlobAnswer::Missing),
+            },
+        };
+        let Ok(_permit) = self.sending.clone().try_acquire_owned() else {
+            return Outcome::Answered(BlobAnswer::Busy);
+        };
+        let path = match (stored, release) {
+            (Some(path), _) => path,
+            (None, Some(release)) => match self.pack(app, revision, release, send).await {
+                Ok(path) => path,
+                Err(Ok(why)) => return Outcome::Answered(BlobAnswer::Error(why)),
+                Err(Err(broken)) => return Outcome::Broken(broken),
+            },
+            (None, None) => unreachable!("answered Missing above"),
+        };
+        let mut file = match tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&path)
+            .await
+        {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::warn!("opening the stored bundle {}: {e}", path.display());
+                return Outcome::Answered(BlobAnswer::Error(
+                    "the stored bundle cannot be read".into(),
+                ));
+            }
+        };
+        let len = match file.metadata().await {
+            Ok(m) if m.is_file() && m.len() <= MAX_BUNDLE => m.len(),
+            Ok(m) => {
+                tracing::warn!(
+                    "the stored bundle {} is not a file of at most {MAX_BUNDLE} bytes ({} bytes)",
+                    path.display(),
+                    m.len()
+                );
+                return Outcome::Answered(BlobAnswer::Error(
+                    "the stored bundle cannot be sent".into(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!("reading the stored bundle {}: {e}", path.display());
+                return Outcome::Answered(BlobAnswer::Error(
+                    "the stored bundle cannot be read".into(),
+                ));
+            }
+        };
+        if let Err(why) = say(send, &BlobAnswer::Sending { len }).await {
+            return Outcome::Broken(why);
+        }
+        let deadline = transfer_deadline(len);
+        let copied = tokio::time::timeout(
+            deadline,
+            copy_exact(&mut file, send, len, |n| self.store.count_served(n)),
+        )
+        .await;
+        let why = match copied {
+            Ok(Ok(())) => None,
+            Err(_) => Some(format!("not sent within {deadline:?}")),
+            Ok(Err(CopyError::Read(e))) => Some(format!("reading {}: {e}", path.display())),
+            Ok(Err(CopyError::Truncated { got })) => Some(format!(
+                "{} ended after {got} of {len} bytes",
+                path.display()
+            )),
+            Ok(Err(CopyError::Write(e))) => Some(format!("the fetcher went away: {e}")),
+            Ok(Err(CopyError::Stalled { reading })) => Some(if reading {
+                format!("reading {} stalled", path.display())
+            } else {
+                "the fetcher stopped taking bytes".into()
+            }),
+        };
+        if let Some(why) = why {
+            return Outcome::Broken(why);
+        }
+        let _ = send.finish();
+        // Hold the sending permit until the fetcher has the bytes (or a deadline).
+        let _ = tokio::time::timeout(STREAM_DEADLINE, send.stopped()).await;
+        Outcome::Sent(len)
+    }
+
+    /// Packs the release into the store, saying `Packing` every [`KEEPALIVE`] meanwhile.
+    /// One pack per revision at a time; a request that finds one under way waits for it.
+    /// `Err(Ok(why))` is to be answered, `Err(Err(why))` means the stream is broken.
+    async fn pack(
+        &self,
+        app: &str,
+        revision: &str,
+        release: PathBuf,
+        send: &mut quinn::SendStream,
+    ) -> Result<PathBuf, Result<String, String>> {
+        let key = (app.to_string(), revision.to_string());
+        let lock = self
+            .packing
+            .lock()
+            .expect("pack locks")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let work = async {
+            let _turn = lock.lock().await;
+            if let Some(path) = self.store.path(app, revision) {
+                return Ok(path);
+            }
+            let (store, app, revision) =
+                (self.store.clone(), app.to_string(), revision.to_string());
+            tokio::task::spawn_blocking(move || store.pack_release(&app, &revision, &release))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| {
+                    tracing::warn!("packing a release to send it: {e}");
+                    format!("the release could not be packed: {e}")
+                })
+        };
+        tokio::pin!(work);
+        let deadline = tokio::time::sleep(PACK_DEADLINE);
+        tokio::pin!(deadline);
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        let outcome = loop {
+            tokio::select! {
+                done = &mut work => break done.map_err(Ok),
+                _ = &mut deadline => {
+                    break Err(Ok(format!("packing the release took longer than {PACK_DEADLINE:?}")));
+                }
+                _ = keepalive.tick() => {
+                    if let Err(why) = say(send, &BlobAnswer::Packing).await {
+                        break Err(Err(why));
+                    }
+                }
+            }
+        };
+        let mut locks = self.packing.lock().expect("pack locks");
+        if locks.get(&key).is_some_and(|l| Arc::ptr_eq(l, &lock)) {
+            locks.remove(&key);
+        }
+        outcome
+    }
+}
+
+/// The lifecycle's release directory of `revision` of `app`, if it is there: directories
+/// all the way, no link followed.
+fn release_dir(data_dir: &Path, app: &str, revision: &str) -> Option<PathBuf> {
+    let app_dir = AppDir::new(data_dir, app);
+    let release = app_dir.release(&RevisionId(revision.to_string()));
+    let real = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    (real(&app_dir.root) && real(&app_dir.releases()) && real(&release)).then_some(release)
+}

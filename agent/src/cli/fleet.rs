@@ -1,0 +1,513 @@
+//! Fleet deployments from the command line, through any agent with an operator identity:
+//! `deploy create` (without `--dry-run`), `deploy status`, `deploy list`, `deploy stop` and
+//! `group list`. The agent at `--peer` answers, or passes the request to the deployment
+//! log's leader; creations and stops are signed here with the operator's key, and every
+//! host checks that signature itself.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+
+use crate::api::{self, Answer, Request};
+use crate::bundle::RevisionId;
+use crate::fleet::intent::{self, Intent};
+use crate::fleet::plan::DeploymentConfig;
+use crate::fleet::targets::Targets;
+use crate::fleet::wire::{
+    DeploymentSummary, DeploymentView, GroupView, OperatorAnswer, OperatorRequest,
+};
+use crate::identity::Identity;
+use crate::lifecycle::status::{DeploymentStatus, HostStatus};
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The deployment's id.
+    pub id: String,
+    /// Keep showing its progress until it ends; exit 0 exactly when it Succeeded.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub app: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// The deployment's id.
+    pub id: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Every deployment group: its application, targets, config and last successful revision.
+    List,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn need_identity<'a>(identity: Option<&'a Path>, command: &str) -> Result<&'a Path> {
+    identity.ok_or_else(|| {
+        anyhow!("`shoal {command}` needs an operator identity: pass --identity DIR or set SHOAL_IDENTITY")
+    })
+}
+
+/// Asks the agent at `peer` a fleet request; a refusal is an error.
+pub async fn ask(peer: &str, identity: &Path, request: OperatorRequest) -> Result<OperatorAnswer> {
+    let addr = super::hosts::resolve(peer)?;
+    let expect = super::hosts::named_host(peer);
+    // A creation may wait for the log to be founded and for a commit.
+    let within = Duration::from_secs(30);
+    let answer = api::ask_with(
+        addr,
+        expect,
+        identity,
+        None,
+        &Request::Fleet(request),
+        None,
+        within,
+    )
+    .await?;
+    match answer {
+        Answer::Fleet(OperatorAnswer::Refused(why)) => bail!("{why}"),
+        Answer::Fleet(answer) => Ok(answer),
+        _ => bail!("{peer} answered something other than a fleet answer"),
+    }
+}
+
+async fn status(peer: &str, identity: &Path, id: &str) -> Result<DeploymentView> {
+    match ask(
+        peer,
+        identity,
+        OperatorRequest::Status { id: id.to_owned() },
+    )
+    .await?
+    {
+        OperatorAnswer::Deployment(view) => Ok(view),
+        _ => bail!("{peer} answered something other than a deployment"),
+    }
+}
+
+/// `deploy create` for real: uploads the bundle to the agent at `peer`, signs the intent,
+/// asks for the deployment, and with `wait` follows it to its end.
+#[allow(clippy::too_many_arguments)]
+pub async fn create(
+    peer: &str,
+    identity: &Path,
+    app: &str,
+    bundle: &Path,
+    group: &str,
+    targets: Option<&str>,
+    config: DeploymentConfig,
+    revision: &str,
+    wait: bool,
+    json: bool,
+) -> Result<bool> {
+    let operator = Identity::load(identity)?;
+    let targets = match targets {
+        Some(t) => Targets::parse(t).context("--targets")?,
+        None => {
+            let groups = match ask(peer, identity, OperatorRequest::Groups).await? {
+                OperatorAnswer::Groups(g) => g,
+                _ => bail!("{peer} answered something other than the groups"),
+            };
+            let Some(known) = groups.iter().find(|g| g.name == group) else {
+                bail!(
+                    "the deployment group {group:?} has no targets on record yet: pass --targets k=v[,k=v]"
+                );
+            };
+            Targets::parse(&known.targets)
+                .with_context(|| format!("the targets on record for group {group:?}"))?
+        }
+    };
+    // The bundle goes to the agent first: the hosts fetch it from there and from each other.
+    let packed;
+    let file = if bundle.is_dir() {
+        packed = tempfile::tempdir().context("making a scratch directory")?;
+        let out = packed.path().join("bundle.tar.zst");
+        crate::bundle::create(bundle, &out)
+            .with_context(|| format!("packing {}", bundle.display()))?;
+        out
+    } else {
+        bundle.to_path_buf()
+    };
+    let len = std::fs::metadata(&file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    let addr = super::hosts::resolve(peer)?;
+    let expect = super::hosts::named_host(peer);
+    let uploading = super::spinner(&format!(
+        "uploading {} ({len} bytes) to {peer}",
+        bundle.display()
+    ));
+    let within = Duration::from_secs(60 + len / (1 << 20));
+    let uploaded = api::ask_with(
+        addr,
+        expect,
+        identity,
+        None,
+        &Request::Upload {
+            app: app.to_owned(),
+            len,
+        },
+        Some(&file),
+        within,
+    )
+    .await;
+    uploading.finish_and_clear();
+    let holder = match uploaded? {
+        Answer::Uploaded {
+            revision: kept,
+            holder,
+        } => {
+            if kept != revision {
+                bail!(
+                    "{peer} kept the bundle as revision {kept}, not {revision}: it changed while uploading?"
+                );
+            }
+            holder
+        }
+        _ => bail!("{peer} answered something other than an upload"),
+    };
+    let intent = Intent::new(
+        app,
+        group,
+        targets,
+        &RevisionId(revision.to_owned()),
+        config,
+        &operator.name,
+        now_unix(),
+    )?;
+    let signed = intent::sign(&intent, &operator)?;
+    let view = match ask(
+        peer,
+        identity,
+        OperatorRequest::Create {
+            intent: signed,
+            holder: Some(holder),
+        },
+    )
+    .await?
+    {
+        OperatorAnswer::Deployment(view) => view,
+        _ => bail!("{peer} answered something other than the deployment"),
+    };
+    if !wait {
+        if json {
+            super::print_json(&view)?;
+        } else {
+            println!(
+                "deployment {} created: {} revision {} to {} host(s) ({}), coordinator {}",
+                view.id,
+                view.app,
+                super::short(&view.revision),
+                view.hosts.len(),
+                view.config,
+                view.coordinator.as_deref().unwrap_or("?")
+            );
+            println!("follow it with: shoal deploy status {} --watch", view.id);
+        }
+        return Ok(true);
+    }
+    follow(peer, identity, &view.id, json).await
+}
+
+/// Shows a deployment's progress until it ends, then its final state; true exactly when
+/// it Succeeded.
+async fn follow(peer: &str, identity: &Path, id: &str, json: bool) -> Result<bool> {
+    let progress = Progress::new();
+    let mut failures = 0;
+    let view = loop {
+        match status(peer, identity, id).await {
+            Ok(view) => {
+                failures = 0;
+                progress.show(&view);
+                if view.ended() {
+                    break view;
+                }
+            }
+            // The agent asked may be restarting, or the log electing: keep asking a while.
+            Err(e) => {
+                failures += 1;
+                if failures >= 20 {
+                    return Err(e.context("the deployment's status could not be read"));
+                }
+                progress.note(&format!("{e:#}"));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    progress.finish();
+    print_view(&view, json)?;
+    if view.status != DeploymentStatus::Succeeded {
+        eprintln!(
+            "error: deployment {} {}{}",
+            view.id,
+            view.status,
+            view.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(view.status == DeploymentStatus::Succeeded)
+}
+
+/// Per-host lines on a terminal (bars that update in place), nothing otherwise.
+struct Progress {
+    multi: indicatif::MultiProgress,
+    header: indicatif::ProgressBar,
+    hosts: std::cell::RefCell<BTreeMap<String, indicatif::ProgressBar>>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let multi = indicatif::MultiProgress::new();
+        let header = multi.add(indicatif::ProgressBar::new(0));
+        header.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} hosts")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Progress {
+            multi,
+            header,
+            hosts: Default::default(),
+        }
+    }
+
+    fn show(&self, view: &DeploymentView) {
+        let done = view
+            .hosts
+            .iter()
+            .filter(|h| !matches!(h.status, HostStatus::Pending | HostStatus::InProgress))
+            .count();
+        self.header.set_length(view.hosts.len() as u64);
+        self.header.set_position(done as u64);
+        self.header.set_message(format!(
+            "{} {} ({}, coordinator {})",
+            &view.id[..view.id.len().min(8)],
+            view.status,
+            view.config,
+            view.coordinator.as_deref().unwrap_or("?")
+        ));
+        let mut hosts = self.hosts.borrow_mut();
+        for h in &view.hosts {
+            let bar = hosts.entry(h.name.clone()).or_insert_with(|| {
+                let bar = self.multi.add(indicatif::ProgressBar::new_spinner());
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("  {spinner} {msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                bar
+            });
+            let event = h
+                .events
+                .iter()
+                .rev()
+                .find(|e| e.status != crate::lifecycle::status::EventStatus::Pending)
+                .map(|e| format!(" {} {}", e.name, e.status))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "{:<20} {}{event}",
+                super::printable(&h.name),
+                h.status
+            ));
+            if h.status == HostStatus::InProgress {
+                bar.tick();
+            }
+        }
+    }
+
+    fn note(&self, message: &str) {
+        self.header.set_message(format!("waiting: {message}"));
+    }
+
+    fn finish(&self) {
+        for bar in self.hosts.borrow().values() {
+            bar.finish_and_clear();
+        }
+        self.header.finish_and_clear();
+        let _ = self.multi.clear();
+    }
+}
+
+fn print_view(view: &DeploymentView, json: bool) -> Result<()> {
+    if json {
+        return super::print_json(view);
+    }
+    println!(
+        "deployment {}: {} revision {} to group {} ({}, targets {})",
+        view.id,
+        view.app,
+        super::short(&view.revision),
+        view.group,
+        view.config,
+        view.targets
+    );
+    print!("status {}", view.status);
+    if let Some(reason) = &view.reason {
+        print!(": {reason}");
+    }
+    println!(
+        "; coordinator {}",
+        view.coordinator.as_deref().unwrap_or("unknown")
+    );
+    if let Some(warning) = &view.warning {
+        println!("warning: {warning}");
+    }
+    for h in &view.hosts {
+        let events: Vec<String> = h
+            .events
+            .iter()
+            .map(|e| format!("{} {}", e.name, e.status))
+            .collect();
+        println!(
+            "  {:<20} {:<10} {}",
+            super::printable(&h.name),
+            h.status.to_string(),
+            events.join(", ")
+        );
+        if let Some(reason) = &h.reason {
+            println!("      {}", super::printable(reason));
+        }
+        if h.status == HostStatus::Failed {
+            for line in &h.log_tail {
+                println!("      | {}", super::printable(line));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `shoal deploy status ID [--watch]`.
+pub async fn run_status(
+    args: StatusArgs,
+    peer: &str,
+    identity: Option<&Path>,
+    json: bool,
+) -> Result<bool> {
+    let identity = need_identity(identity, "deploy status")?;
+    if args.watch {
+        return follow(peer, identity, &args.id, json).await;
+    }
+    let view = status(peer, identity, &args.id).await?;
+    print_view(&view, json)?;
+    Ok(true)
+}
+
+/// `shoal deploy list [--app APP] [--group NAME]`.
+pub async fn run_list(
+    args: ListArgs,
+    peer: &str,
+    identity: Option<&Path>,
+    json: bool,
+) -> Result<bool> {
+    let identity = need_identity(identity, "deploy list")?;
+    let list: Vec<DeploymentSummary> = match ask(
+        peer,
+        identity,
+        OperatorRequest::List {
+            app: args.app,
+            group: args.group,
+        },
+    )
+    .await?
+    {
+        OperatorAnswer::Deployments(list) => list,
+        _ => bail!("{peer} answered something other than deployments"),
+    };
+    if json {
+        super::print_json(&list)?;
+        return Ok(true);
+    }
+    if list.is_empty() {
+        println!("no deployments");
+    }
+    for d in &list {
+        println!(
+            "{}  {:<10} {:<16} {:<16} {}  {}/{} succeeded, {} failed",
+            d.id,
+            d.status.to_string(),
+            super::printable(&d.app),
+            super::printable(&d.group),
+            super::short(&d.revision),
+            d.succeeded,
+            d.hosts,
+            d.failed
+        );
+    }
+    Ok(true)
+}
+
+/// `shoal deploy stop ID`: signed here, so no agent can stop a deployment on its own.
+pub async fn run_stop(
+    args: StopArgs,
+    peer: &str,
+    identity: Option<&Path>,
+    json: bool,
+) -> Result<bool> {
+    let identity_dir = need_identity(identity, "deploy stop")?;
+    let operator = Identity::load(identity_dir)?;
+    let stop = intent::sign_stop(&args.id, &operator, now_unix())?;
+    let view = match ask(peer, identity_dir, OperatorRequest::Stop { stop }).await? {
+        OperatorAnswer::Deployment(view) => view,
+        _ => bail!("{peer} answered something other than the deployment"),
+    };
+    if json {
+        super::print_json(&view)?;
+    } else {
+        println!(
+            "deployment {} is {}: no new batch starts; hosts in flight finish",
+            view.id, view.status
+        );
+    }
+    Ok(true)
+}
+
+/// `shoal group list`.
+pub async fn run_group(
+    cmd: GroupCommand,
+    peer: &str,
+    identity: Option<&Path>,
+    json: bool,
+) -> Result<bool> {
+    let GroupCommand::List = cmd;
+    let identity = need_identity(identity, "group list")?;
+    let groups: Vec<GroupView> = match ask(peer, identity, OperatorRequest::Groups).await? {
+        OperatorAnswer::Groups(g) => g,
+        _ => bail!("{peer} answered something other than the groups"),
+    };
+    if json {
+        super::print_json(&groups)?;
+        return Ok(true);
+    }
+    if groups.is_empty() {
+        println!("no deployment groups");
+    }
+    for g in &groups {
+        println!(
+            "{:<16} app {:<16} targets {:<24} {:<12} last successful {}  ({} deployments)",
+            super::printable(&g.name),
+            super::printable(&g.app),
+            super::printable(&g.targets),
+            g.config,
+            g.last_successful
+                .as_deref()
+                .map_or("none".into(), super::short),
+            g.deployments
+        );
+    }
+    Ok(true)
+}

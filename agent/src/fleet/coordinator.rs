@@ -1,0 +1,336 @@
+//! The batch coordinator: on the agent that leads the deployment log, one task per
+//! deployment that has not ended, driving [`Planner`] from the log.
+//!
+//! A driver first replays the log into a fresh planner (the batches are a function of the
+//! hosts and their results, so a new leader rebuilds the same plan), then repeats:
+//! 1. the batch to run: the hosts a previous leader started and that have not reported, or
+//!    else the planner's next batch;
+//! 2. commit [`Command::StartHosts`] for it: the entry's position is the fence every
+//!    command of this batch carries;
+//! 3. command every host of the batch at once and wait for each one's result, taken from
+//!    the host itself, never from gossip;
+//! 4. commit each result ([`Command::HostResult`]) and tell the planner;
+//!
+//! until the planner has its verdict, committed as [`Command::Finish`]. A stop committed
+//! by an operator ends the loop before the next batch. If this agent stops leading, a
+//! commit fails and the driver ends; the next leader's driver takes over from the log, and
+//! hosts that are still running answer its command by joining the run under way
+//! (`fleet::host`), so no host runs twice and none is skipped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::Raft;
+
+use super::log::{Command, Deployment, HostReport, HostState, Response, TypeConfig, Verdict};
+use super::plan::{Planner, Status};
+use super::wire::{FleetRequest, HostAnswer, RunHost};
+use crate::mesh::frame::{Protocol, read_frame, write_frame};
+use crate::mesh::node::MeshHandle;
+
+/// How long a host may stay unreachable before it counts as failed.
+pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(30);
+/// How long one host's run may take, all events together.
+pub const HOST_RUN_LIMIT: Duration = Duration::from_secs(2 * 3600);
+/// How long a commit may take before this agent says the log has no majority.
+pub const COMMIT_WITHIN: Duration = Duration::from_secs(10);
+
+/// Why a driver stopped before the deployment ended.
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    #[error("this agent no longer leads the deployment log ({0})")]
+    NotLeader(String),
+    #[error("no majority of the deployment log answered within {COMMIT_WITHIN:?}")]
+    NoMajority,
+    #[error("the log refused {what}: {why}")]
+    Refused { what: &'static str, why: String },
+}
+
+/// What a driver needs: the log, the mesh, who this agent is.
+#[derive(Clone)]
+pub struct Ctx {
+    pub raft: Raft<TypeConfig>,
+    pub reader: super::log::StateReader,
+    pub mesh: MeshHandle,
+    /// Agents known to hold each deployment's revision (the uploader), by deployment.
+    pub holders: Arc<std::sync::Mutex<BTreeMap<String, Vec<String>>>>,
+    /// This agent's own host side: the coordinator commands itself without the network.
+    pub me: Arc<super::host::HostSide>,
+}
+
+/// Proposes `command` and waits for it to be applied here.
+pub async fn commit(raft: &Raft<TypeConfig>, command: Command) -> Result<Response, DriveError> {
+    match tokio::time::timeout(COMMIT_WITHIN, raft.client_write(command)).await {
+        Err(_) => Err(DriveError::NoMajority),
+        Ok(Err(e)) => Err(DriveError::NotLeader(e.to_string())),
+        Ok(Ok(written)) => Ok(written.data),
+    }
+}
+
+/// Drives deployment `id` until it ends or this agent stops leading.
+pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
+    let Some(d) = ctx.reader.read(|s| s.get(&id).cloned()) else {
+        return Ok(());
+    };
+    if d.status.is_ended() {
+        return Ok(());
+    }
+    let mut planner = match Planner::new(d.config, d.host_infos(), &d.revision) {
+        Ok(p) => p,
+        Err(e) => {
+            let verdict = Verdict::Failed {
+                reason: e.to_string(),
+            };
+            finish(&ctx, &id, verdict).await?;
+            return Ok(());
+        }
+    };
+    let mut open = replay(&mut planner, &d);
+    loop {
+        if open.is_empty() {
+            let ended = ctx
+                .reader
+                .read(|s| s.get(&id).map(|d| d.status.is_ended()))
+                .unwrap_or(true);
+            if ended {
+                return Ok(());
+            }
+            match planner.next_batch() {
+                Some(batch) => open = batch,
+                None => {
+                    let verdict = match planner.status() {
+                        Status::Succeeded => Verdict::Succeeded,
+                        Status::Failed { reason } => Verdict::Failed {
+                            reason: reason.to_string(),
+                        },
+                        Status::Stopped | Status::InProgress => return Ok(()),
+                    };
+                    finish(&ctx, &id, verdict).await?;
+                    return Ok(());
+                }
+            }
+        }
+        let fence = match commit(
+            &ctx.raft,
+            Command::StartHosts {
+                deployment: id.clone(),
+                hosts: open.clone(),
+            },
+        )
+        .await?
+        {
+            Response::Applied { fence } => fence,
+            Response::Refused(super::log::Refusal::DeploymentEnded { .. }) => return Ok(()),
+            other => {
+                return Err(DriveError::Refused {
+                    what: "starting a batch",
+                    why: format!("{other:?}"),
+                });
+            }
+        };
+        tracing::info!(deployment = %id, hosts = ?open, %fence, "batch started");
+        let (intent, holders) = (
+            d.signed_intent.clone(),
+            ctx.holders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned()
+                .unwrap_or_default(),
+        );
+        let intent: super::intent::SignedIntent =
+            serde_json::from_slice(&intent).map_err(|e| DriveError::Refused {
+                what: "the recorded intent",
+                why: e.to_string(),
+            })?;
+        // Dropped with the driver (this agent stopped leading): the commands stop, the
+        // hosts' runs do not.
+        let mut runs = tokio::task::JoinSet::new();
+        for host in &open {
+            let cmd = RunHost {
+                deployment: id.clone(),
+                intent: intent.clone(),
+                fence,
+                holders: holders.clone(),
+            };
+            let mesh = ctx.mesh.clone();
+            let host = host.clone();
+            let me = ctx.me.clone();
+            runs.spawn(async move {
+                let (verdict, report) = if host == me.name {
+                    command_self(&me, cmd).await
+                } else {
+                    command_host(&mesh, &host, &cmd).await
+                };
+                (host, verdict, report)
+            });
+        }
+        while let Some(joined) = runs.join_next().await {
+            let Ok((host, verdict, report)) = joined else {
+                continue;
+            };
+            tracing::info!(deployment = %id, %host, ?verdict, "host reported");
+            match commit(
+                &ctx.raft,
+                Command::HostResult {
+                    deployment: id.clone(),
+                    host: host.clone(),
+                    verdict: verdict.clone(),
+                    report,
+                },
+            )
+            .await?
+            {
+                Response::Applied { .. } | Response::Unchanged => {}
+                other => {
+                    return Err(DriveError::Refused {
+                        what: "a host's result",
+                        why: format!("{other:?}"),
+                    });
+                }
+            }
+            let _ = planner.host_done(&host, verdict.outcome());
+        }
+        open.clear();
+    }
+}
+
+async fn finish(ctx: &Ctx, id: &str, verdict: Verdict) -> Result<(), DriveError> {
+    tracing::info!(deployment = %id, ?verdict, "deployment ended");
+    commit(
+        &ctx.raft,
+        Command::Finish {
+            deployment: id.to_owned(),
+            verdict,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Feeds the planner the results the log holds, batch by batch, and returns the hosts of
+/// the batch under way (started and not reported, or planned and not started yet when
+/// the previous leader died between planning and starting it). Empty when no batch is
+/// under way.
+pub fn replay(planner: &mut Planner, d: &Deployment) -> Vec<String> {
+    if d.status.is_ended() {
+        planner.stop();
+        return Vec::new();
+    }
+    while let Some(batch) = planner.next_batch() {
+        let mut open = Vec::new();
+        for host in batch {
+            match d.hosts.get(&host).map(|h| &h.state) {
+                Some(HostState::Succeeded) => {
+                    let _ = planner.host_done(&host, super::plan::Outcome::Succeeded);
+                }
+                Some(HostState::Failed { .. }) | Some(HostState::Skipped) | None => {
+                    let _ = planner.host_done(&host, super::plan::Outcome::Failed);
+                }
+                Some(HostState::InProgress { .. }) | Some(HostState::Pending) => open.push(host),
+            }
+        }
+        if !open.is_empty() {
+            return open;
+        }
+    }
+    Vec::new()
+}
+
+/// Commands this agent's own host side and waits for its result.
+async fn command_self(me: &Arc<super::host::HostSide>, cmd: RunHost) -> (Verdict, HostReport) {
+    match me.accept(cmd).await {
+        Err(why) => (
+            Verdict::Failed {
+                reason: format!("{} refused the command: {why}", me.name),
+            },
+            HostReport {
+                events: Vec::new(),
+                tail: vec![why],
+            },
+        ),
+        Ok(Ok(done)) => done,
+        Ok(Err(mut running)) => match running.wait_for(|r| r.is_some()).await {
+            Ok(done) => done.clone().expect("waited for"),
+            Err(_) => (
+                Verdict::Failed {
+                    reason: "the run ended without an outcome".into(),
+                },
+                HostReport::default(),
+            ),
+        },
+    }
+}
+
+/// Commands `host` and waits for its result. A host that cannot be reached for
+/// [`UNREACHABLE_AFTER`] fails; one that refuses fails with its reason.
+async fn command_host(mesh: &MeshHandle, host: &str, cmd: &RunHost) -> (Verdict, HostReport) {
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        match try_command(mesh, host, cmd).await {
+            Ok(HostAnswer::Done { verdict, report }) => return (verdict, report),
+            Ok(HostAnswer::Refused(why)) => {
+                return (
+                    Verdict::Failed {
+                        reason: format!("{host} refused the command: {why}"),
+                    },
+                    HostReport {
+                        events: Vec::new(),
+                        tail: vec![why],
+                    },
+                );
+            }
+            Ok(HostAnswer::Started) => unreachable_since = None,
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= UNREACHABLE_AFTER {
+                    return (
+                        Verdict::Failed {
+                            reason: format!(
+                                "{host} could not be reached for {} s: {e}",
+                                UNREACHABLE_AFTER.as_secs()
+                            ),
+                        },
+                        HostReport::default(),
+                    );
+                }
+                tracing::debug!(%host, "command not delivered, retrying: {e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One command on one stream: the host's last answer (`Done` or `Refused`), or `Started`
+/// if the stream broke after the host started.
+async fn try_command(mesh: &MeshHandle, host: &str, cmd: &RunHost) -> anyhow::Result<HostAnswer> {
+    let (mut send, mut recv) = mesh.open_bi(host, Protocol::Fleet).await?;
+    tokio::time::timeout(
+        crate::mesh::node::STREAM_DEADLINE,
+        write_frame(&mut send, &FleetRequest::RunHost(cmd.clone())),
+    )
+    .await??;
+    send.finish()?;
+    let first: HostAnswer =
+        tokio::time::timeout(crate::mesh::node::STREAM_DEADLINE, read_frame(&mut recv)).await??;
+    if !matches!(first, HostAnswer::Started) {
+        return Ok(first);
+    }
+    match tokio::time::timeout(HOST_RUN_LIMIT, read_frame::<HostAnswer>(&mut recv)).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => {
+            tracing::debug!(%host, "the host's stream broke while it ran: {e}");
+            Ok(HostAnswer::Started)
+        }
+        Err(_) => Ok(HostAnswer::Done {
+            verdict: Verdict::Failed {
+                reason: format!(
+                    "{host} did not finish within {} s",
+                    HOST_RUN_LIMIT.as_secs()
+                ),
+            },
+            report: HostReport::default(),
+        }),
+    }
+}

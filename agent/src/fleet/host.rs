@@ -1,0 +1,273 @@
+//! A host's side of a fleet deployment: what it does with a coordinator's [`RunHost`].
+//!
+//! The host trusts the coordinator for nothing but the timing. Before it touches anything
+//! it checks, itself: the operator's signature on the intent (fleet CA, operator role,
+//! age), that the intent is for this host by the host's *own* tags, and, in its replay and
+//! fencing store ([`Executed`]), that the intent has not run here already and that the
+//! command's fence is not below the highest it has seen for it. Then it fetches the
+//! revision from peers that hold it (DownloadBundle), checks that the bundle is the
+//! revision the operator signed, and runs the lifecycle.
+//!
+//! A second command for an intent that is running here (a new coordinator after a
+//! failover) waits for the same run: no host is deployed twice. One for an intent that
+//! ended here is answered with its outcome at once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use super::intent::{self, Admission, Executed, Intent, MAX_REASON};
+use super::log::{HostReport, Verdict};
+use super::wire::RunHost;
+use crate::blobs::{self, BundleStore};
+use crate::identity::sign::CertVerifier;
+use crate::lifecycle::status::EventStatus;
+use crate::lifecycle::{DeployRequest, LocalHost};
+use crate::mesh::node::MeshHandle;
+use crate::mesh::view::MemberState;
+
+/// How a run ended here, for every command that waits on it.
+type Finished = watch::Receiver<Option<(Verdict, HostReport)>>;
+
+/// The host side of fleet deployments.
+pub struct HostSide {
+    pub name: String,
+    pub host: Arc<LocalHost>,
+    pub mesh: MeshHandle,
+    pub bundles: Arc<BundleStore>,
+    pub verifier: Mutex<CertVerifier>,
+    pub executed: Arc<Mutex<Executed>>,
+    /// This host's tags, as its configuration says now.
+    pub tags: watch::Receiver<BTreeMap<String, String>>,
+    /// Intents running here, by id.
+    running: Mutex<HashMap<String, Finished>>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl HostSide {
+    pub fn new(
+        name: String,
+        host: Arc<LocalHost>,
+        mesh: MeshHandle,
+        bundles: Arc<BundleStore>,
+        verifier: CertVerifier,
+        executed: Executed,
+        tags: watch::Receiver<BTreeMap<String, String>>,
+    ) -> HostSide {
+        HostSide {
+            name,
+            host,
+            mesh,
+            bundles,
+            verifier: Mutex::new(verifier),
+            executed: Arc::new(Mutex::new(executed)),
+            tags,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks a command and starts (or joins) its run. `Err` is a refusal: nothing ran.
+    /// `Ok(Ok(..))` is an outcome known at once; `Ok(Err(rx))` a run to wait for.
+    pub async fn accept(
+        self: &Arc<Self>,
+        cmd: RunHost,
+    ) -> Result<Result<(Verdict, HostReport), Finished>, String> {
+        let now = now_unix();
+        let intent = {
+            let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
+            intent::verify(&cmd.intent, &mut verifier, now).map_err(|e| e.to_string())?
+        };
+        if intent.id != cmd.deployment {
+            return Err(format!(
+                "the command is for deployment {} but carries intent {}",
+                crate::fleet::targets::quote(&cmd.deployment),
+                intent.id
+            ));
+        }
+        let tags = self.tags.borrow().clone();
+        intent::check_host(&intent, &self.name, &tags).map_err(|e| e.to_string())?;
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&intent.id)
+            .cloned();
+        let executed = self.executed.clone();
+        let (id, fence) = (intent.id.clone(), cmd.fence);
+        let admission = tokio::task::spawn_blocking(move || {
+            let mut executed = executed.lock().unwrap_or_else(|p| p.into_inner());
+            executed.admit(&intent, fence, now).map(|a| (a, intent))
+        })
+        .await
+        .map_err(|e| format!("the replay store failed: {e}"))?;
+        let (admission, intent) = match admission {
+            Ok(x) => x,
+            // The same fence again while the run goes on: the coordinator reconnected.
+            Err(e)
+                if matches!(e.kind(), intent::IntentErrorKind::Replayed { .. })
+                    && running.is_some() =>
+            {
+                return Ok(Err(running.expect("checked")));
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        match admission {
+            Admission::Done(verdict) => Ok(Ok((verdict, HostReport::default()))),
+            Admission::Resume if running.is_some() => Ok(Err(running.expect("checked"))),
+            Admission::Run | Admission::Resume => {
+                let (tx, rx) = watch::channel(None);
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), rx.clone());
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let (verdict, report) = this.run(&intent, &cmd.holders).await;
+                    let executed = this.executed.clone();
+                    let (id, kept) = (intent.id.clone(), verdict.clone());
+                    let finished = tokio::task::spawn_blocking(move || {
+                        executed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .finish(&id, kept)
+                    })
+                    .await;
+                    if !matches!(finished, Ok(Ok(()))) {
+                        tracing::error!(intent = %intent.id, "the outcome could not be recorded: {finished:?}");
+                    }
+                    let _ = tx.send(Some((verdict, report)));
+                    this.running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&intent.id);
+                });
+                Ok(Err(rx))
+            }
+        }
+    }
+
+    /// DownloadBundle, then the lifecycle.
+    async fn run(&self, intent: &Intent, hinted: &[String]) -> (Verdict, HostReport) {
+        let mut report = HostReport::default();
+        let failed = |mut report: HostReport, reason: String| {
+            let mut reason = reason;
+            if reason.len() > MAX_REASON {
+                let mut end = MAX_REASON;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                reason.truncate(end);
+            }
+            report.tail.push(reason.clone());
+            (Verdict::Failed { reason }, report)
+        };
+        let release = crate::lifecycle::state::AppDir::new(&self.host.data_dir, &intent.app)
+            .release(&crate::bundle::RevisionId(intent.revision.clone()));
+        let holders = self.holders(intent, hinted).await;
+        let fetched = if release.is_dir() {
+            // Held already (a redeployment, or a rollback's revision): the lifecycle checks
+            // its content against the signed id as it copies it.
+            Ok(blobs::Fetched {
+                path: release,
+                from: self.name.clone(),
+                bytes: 0,
+            })
+        } else {
+            blobs::fetch(
+                &self.mesh,
+                &self.bundles,
+                &holders,
+                &intent.app,
+                &intent.revision,
+            )
+            .await
+        };
+        let fetched = match fetched {
+            Ok(f) => f,
+            Err(e) => {
+                report
+                    .events
+                    .push(("DownloadBundle".into(), EventStatus::Failed));
+                return failed(report, format!("DownloadBundle: {e}"));
+            }
+        };
+        report.tail.push(format!(
+            "DownloadBundle: {} bytes from {}",
+            fetched.bytes, fetched.from
+        ));
+        let request = DeployRequest {
+            app: intent.app.clone(),
+            bundle: fetched.path.clone(),
+            deployment_group: if intent.group.is_empty() {
+                intent.app.clone()
+            } else {
+                intent.group.clone()
+            },
+            rollback: true,
+            port: None,
+        };
+        match self.host.deploy(&request).await {
+            Ok(record) => {
+                if record.revision.0 != intent.revision {
+                    // The store verified the id; this would be a bug, and is said so.
+                    return failed(
+                        report,
+                        format!(
+                            "the installed revision {} is not the signed {}",
+                            record.revision.0, intent.revision
+                        ),
+                    );
+                }
+                // The lifecycle's own DownloadBundle stands for the fetch done above.
+                for host in &record.hosts {
+                    for event in &host.events {
+                        let status = if event.name.to_string() == "DownloadBundle" {
+                            EventStatus::Succeeded
+                        } else {
+                            event.status
+                        };
+                        report.events.push((event.name.to_string(), status));
+                    }
+                }
+                for hook in &record.hooks {
+                    report
+                        .tail
+                        .push(format!("{}: {}", hook.event, hook.summary));
+                }
+                if record.succeeded() {
+                    (Verdict::Succeeded, report)
+                } else {
+                    failed(report, record.message.clone())
+                }
+            }
+            Err(e) => failed(report, e.to_string()),
+        }
+    }
+
+    /// Where to fetch the revision: the agents gossip says hold it and are up, and those
+    /// the coordinator named, never this host.
+    async fn holders(&self, intent: &Intent, hinted: &[String]) -> Vec<String> {
+        let mut holders: BTreeSet<String> = hinted.iter().cloned().collect();
+        if let Ok(hosts) = self.mesh.hosts().await {
+            for h in hosts {
+                if matches!(h.state, MemberState::Alive | MemberState::Suspect)
+                    && h.details
+                        .get(&intent.app)
+                        .is_some_and(|a| a.held.contains(&intent.revision))
+                {
+                    holders.insert(h.name);
+                }
+            }
+        }
+        holders.remove(&self.name);
+        holders.into_iter().collect()
+    }
+}

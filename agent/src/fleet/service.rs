@@ -1,0 +1,673 @@
+//! The fleet service of one agent: its copy of the deployment log, the operator's requests
+//! it answers or forwards, the coordinator when it leads, and its host side.
+//!
+//! - **Where the log lives.** Every agent opens `data_dir/raft` and runs an openraft node,
+//!   idle until the log's leader adds it (first as a learner, then as a voter when
+//!   [`super::voters`] picks it). Only voters hold the log for good.
+//! - **How the log starts** (decision 0011). No central server: the first operator request
+//!   that needs the log (a `deploy create`), on an agent that holds no log and hears of none
+//!   by gossip, founds it with that agent as its only voter. The leader then grows the
+//!   voters to 3 and 5 as the fleet grows ([`super::voters`]), one change at a time.
+//! - **Finding the leader.** Members of the log gossip their part in it (voter or not,
+//!   the term, the leader they know) in their signed host record. An agent that does not
+//!   lead forwards an operator's request, once, to the leader it knows (from its own raft
+//!   node, or else from gossip, highest term first). The leader checks for itself that it
+//!   leads; a forwarded request is never forwarded again.
+//! - **What the leader does.** It checks the operator's signature, chooses the targets
+//!   from its own view of the mesh, plans (refusing a plan that cannot hold), commits the
+//!   deployment and drives it ([`super::coordinator`]). Reads are answered from the log
+//!   after checking, within a bound, that a majority still follows; if not, the answer
+//!   says so ("no progress possible") rather than pretend.
+//! - **Bounded.** Operator requests forwarded at once, host commands served at once, and
+//!   deployments driven at once each have a semaphore; every stream a deadline.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use openraft::{Raft, ServerState};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use super::coordinator::{self, COMMIT_WITHIN, Ctx};
+use super::host::HostSide;
+use super::intent::{self, SignedIntent};
+use super::log::{
+    self, Command, NewDeployment, Node, NodeId, PlannedHost, Response, StateReader, TypeConfig,
+    node_id,
+};
+use super::plan::Planner;
+use super::targets;
+use super::voters::{Liveness, Voters};
+use super::wire::{
+    DeploymentSummary, DeploymentView, FleetRequest, GroupView, HostAnswer, MAX_LISTED,
+    OperatorAnswer, OperatorRequest,
+};
+use crate::identity::sign::CertVerifier;
+use crate::mesh::frame::{Protocol, read_frame, write_frame};
+use crate::mesh::hoststate::LogRecord;
+use crate::mesh::node::{InboundStream, MeshHandle, STREAM_DEADLINE, Streams};
+use crate::mesh::view::MemberState;
+
+/// The largest command proposed to the log, encoded: a frame holds it with room to spare.
+/// A deployment's creation lists its hosts (about 100 bytes each), so this bounds one
+/// deployment to a few thousand hosts for now.
+pub const MAX_COMMAND: usize = 512 * 1024;
+/// Deployments driven at once by a coordinator.
+const MAX_DRIVING: usize = 64;
+/// Fleet streams (forwarded requests, host commands) served at once.
+const MAX_SERVING: usize = 64;
+/// How long a forwarded operator request may take, commit included.
+const FORWARD_WITHIN: Duration = Duration::from_secs(20);
+/// How often the coordinator looks for deployments to drive and the voters are checked.
+const TICK: Duration = Duration::from_millis(200);
+
+/// One agent's fleet service.
+pub struct Fleet {
+    pub name: String,
+    addr: SocketAddr,
+    raft: Raft<TypeConfig>,
+    reader: StateReader,
+    mesh: MeshHandle,
+    host: Arc<HostSide>,
+    verifier: Mutex<CertVerifier>,
+    founding: tokio::sync::Mutex<()>,
+    holders: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Whom to ask.
+enum Leader {
+    Me,
+    Other(String),
+    /// A log exists (someone gossips it) but no leader is known now.
+    Unknown,
+    /// No agent this one hears of holds a log.
+    NoLog,
+}
+
+impl Fleet {
+    /// Opens the log under `data_dir/raft`, starts the raft node and serves `raft` and
+    /// `fleet` streams; runs the coordinator, the voter upkeep and the gossip of this
+    /// agent's part in the log until the mesh shuts down. `log_record` receives what this
+    /// agent gossips about the log.
+    pub async fn start(
+        data_dir: &Path,
+        addr: SocketAddr,
+        mesh: MeshHandle,
+        host: Arc<HostSide>,
+        ca: rustls_pki_types::CertificateDer<'static>,
+        log_record: watch::Sender<Option<LogRecord>>,
+    ) -> Result<Arc<Fleet>> {
+        let dir = data_dir.join("raft");
+        let (log_store, sm) = tokio::task::spawn_blocking(move || log::open(&dir))
+            .await
+            .context("opening the deployment log")??;
+        let reader = sm.reader();
+        let config = Arc::new(
+            log::raft_config()
+                .validate()
+                .context("the deployment log's configuration")?,
+        );
+        let name = host.name.clone();
+        let raft = Raft::new(
+            node_id(&name),
+            config,
+            log::network::Network::new(mesh.clone()),
+            log_store,
+            sm,
+        )
+        .await
+        .context("starting the deployment log")?;
+        let fleet = Arc::new(Fleet {
+            name,
+            addr,
+            raft: raft.clone(),
+            reader,
+            mesh: mesh.clone(),
+            host,
+            verifier: Mutex::new(CertVerifier::new(ca)),
+            founding: tokio::sync::Mutex::new(()),
+            holders: Arc::new(Mutex::new(BTreeMap::new())),
+        });
+        tokio::spawn(log::network::serve(
+            raft.clone(),
+            mesh.serve(Protocol::Raft),
+        ));
+        tokio::spawn(serve(fleet.clone(), mesh.serve(Protocol::Fleet)));
+        tokio::spawn(fleet.clone().upkeep(log_record));
+        Ok(fleet)
+    }
+
+    /// What the raft node says of the leader.
+    fn leader_here(&self) -> (Option<NodeId>, Option<String>, ServerState) {
+        let m = self.raft.metrics().borrow().clone();
+        let name = m.current_leader.and_then(|id| {
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.name.clone())
+        });
+        (m.current_leader, name, m.state)
+    }
+
+    async fn leader(&self) -> Leader {
+        let (id, name, state) = self.leader_here();
+        if state == ServerState::Leader && id == Some(node_id(&self.name)) {
+            return Leader::Me;
+        }
+        if let Some(name) = name
+            && name != self.name
+        {
+            return Leader::Other(name);
+        }
+        let hosts = self.mesh.hosts().await.unwrap_or_default();
+        let mut best: Option<(u64, String)> = None;
+        let mut exists = self.raft.is_initialized().await.unwrap_or(false);
+        for h in hosts {
+            let Some(record) = &h.log else { continue };
+            exists = true;
+            if !matches!(h.state, MemberState::Alive | MemberState::Suspect) {
+                continue;
+            }
+            if let Some(leader) = &record.leader
+                && *leader != self.name
+                && best.as_ref().is_none_or(|(term, _)| record.term > *term)
+            {
+                best = Some((record.term, leader.clone()));
+            }
+        }
+        match (best, exists) {
+            (Some((_, leader)), _) => Leader::Other(leader),
+            (None, true) => Leader::Unknown,
+            (None, false) => Leader::NoLog,
+        }
+    }
+
+    /// Answers an operator's request: here if this agent leads the log, else through the
+    /// leader. `forwarded` requests came from another agent and are never passed on.
+    pub async fn operator(&self, request: OperatorRequest, forwarded: bool) -> OperatorAnswer {
+        let deadline = Instant::now() + FORWARD_WITHIN;
+        let mut last = String::from("no leader of the deployment log is known");
+        loop {
+            match self.leader().await {
+                Leader::Me => return self.lead(request).await,
+                Leader::Other(name) if !forwarded => {
+                    match forward(&self.mesh, &name, &request).await {
+                        Ok(answer) => return answer,
+                        Err(e) => last = format!("the log's leader {name} did not answer: {e:#}"),
+                    }
+                }
+                Leader::Other(name) => {
+                    return OperatorAnswer::Refused(format!(
+                        "{} does not lead the deployment log ({name} does); ask again",
+                        self.name
+                    ));
+                }
+                Leader::NoLog if matches!(request, OperatorRequest::Create { .. }) => {
+                    if let Err(e) = self.found().await {
+                        return OperatorAnswer::Refused(format!(
+                            "founding the deployment log: {e:#}"
+                        ));
+                    }
+                    continue;
+                }
+                Leader::NoLog => {
+                    return match request {
+                        OperatorRequest::List { .. } => OperatorAnswer::Deployments(Vec::new()),
+                        OperatorRequest::Groups => OperatorAnswer::Groups(Vec::new()),
+                        _ => OperatorAnswer::Refused(
+                            "no deployment log exists yet: no fleet deployment was ever created \
+                             in this fleet"
+                                .into(),
+                        ),
+                    };
+                }
+                Leader::Unknown => {}
+            }
+            if Instant::now() >= deadline {
+                return OperatorAnswer::Refused(format!(
+                    "{last}; the deployment log has no reachable leader (no majority of its \
+                     voters is reachable from {}): nothing can progress until one is",
+                    self.name
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Founds the log with this agent as its only voter, unless it was founded meanwhile.
+    async fn found(&self) -> Result<()> {
+        let _one = self.founding.lock().await;
+        if self.raft.is_initialized().await? {
+            return Ok(());
+        }
+        let me = node_id(&self.name);
+        tracing::info!(name = %self.name, "founding the deployment log, as its first voter");
+        let members = BTreeMap::from([(
+            me,
+            Node {
+                name: self.name.clone(),
+                addr: self.addr,
+            },
+        )]);
+        self.raft.initialize(members).await?;
+        let mut metrics = self.raft.metrics();
+        tokio::time::timeout(
+            COMMIT_WITHIN,
+            metrics.wait_for(|m| m.current_leader == Some(me) && m.state == ServerState::Leader),
+        )
+        .await
+        .context("the new log did not elect this agent")??;
+        Ok(())
+    }
+
+    /// Checks, within a bound, that a majority still follows this leader: `None` when it
+    /// does, else a warning for the operator.
+    async fn majority(&self) -> Option<String> {
+        match tokio::time::timeout(Duration::from_secs(3), self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => None,
+            _ => Some(format!(
+                "{} cannot reach a majority of the deployment log's voters: this may be out of \
+                 date, and no deployment progresses until a majority is reachable",
+                self.name
+            )),
+        }
+    }
+
+    fn view(&self, id: &str) -> Option<DeploymentView> {
+        self.reader.read(|s| {
+            s.get(id)
+                .map(|d| DeploymentView::of(d, Some(self.name.clone())))
+        })
+    }
+
+    /// The leader's answer.
+    async fn lead(&self, request: OperatorRequest) -> OperatorAnswer {
+        match request {
+            OperatorRequest::Create { intent, holder } => self.create(intent, holder).await,
+            OperatorRequest::Status { id } => {
+                let warning = self.majority().await;
+                match self.view(&id) {
+                    Some(mut view) => {
+                        view.warning = warning;
+                        OperatorAnswer::Deployment(view)
+                    }
+                    None => OperatorAnswer::Refused(format!(
+                        "no deployment {} in the log",
+                        targets::quote(&id)
+                    )),
+                }
+            }
+            OperatorRequest::List { app, group } => {
+                let mut list: Vec<DeploymentSummary> = self.reader.read(|s| {
+                    s.iter()
+                        .filter(|d| app.as_ref().is_none_or(|a| *a == d.app))
+                        .filter(|d| group.as_ref().is_none_or(|g| *g == d.group))
+                        .map(DeploymentSummary::of)
+                        .collect()
+                });
+                list.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+                list.truncate(MAX_LISTED);
+                OperatorAnswer::Deployments(list)
+            }
+            OperatorRequest::Groups => OperatorAnswer::Groups(
+                self.reader
+                    .read(|s| s.groups().map(GroupView::of).collect()),
+            ),
+            OperatorRequest::Stop { stop } => {
+                let checked = {
+                    let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
+                    intent::verify_stop(&stop, &mut verifier, now_unix())
+                };
+                let stop = match checked {
+                    Ok(s) => s,
+                    Err(e) => return OperatorAnswer::Refused(format!("stop refused: {e}")),
+                };
+                match coordinator::commit(
+                    &self.raft,
+                    Command::Stop {
+                        deployment: stop.deployment.clone(),
+                    },
+                )
+                .await
+                {
+                    Ok(Response::Applied { .. } | Response::Unchanged) => {
+                        tracing::info!(deployment = %stop.deployment, operator = %stop.operator, "deployment stopped");
+                        match self.view(&stop.deployment) {
+                            Some(v) => OperatorAnswer::Deployment(v),
+                            None => OperatorAnswer::Refused("the deployment vanished".into()),
+                        }
+                    }
+                    Ok(Response::Refused(r)) => OperatorAnswer::Refused(r.to_string()),
+                    Ok(Response::Internal) => OperatorAnswer::Refused("unexpected answer".into()),
+                    Err(e) => OperatorAnswer::Refused(e.to_string()),
+                }
+            }
+        }
+    }
+
+    async fn create(&self, signed: SignedIntent, holder: Option<String>) -> OperatorAnswer {
+        let checked = {
+            let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
+            intent::verify(&signed, &mut verifier, now_unix())
+        };
+        let intent = match checked {
+            Ok(i) => i,
+            Err(e) => return OperatorAnswer::Refused(format!("intent refused: {e}")),
+        };
+        if let Some(existing) = self.view(&intent.id) {
+            return OperatorAnswer::Deployment(existing);
+        }
+        let group = if intent.group.is_empty() {
+            intent.app.clone()
+        } else {
+            intent.group.clone()
+        };
+        let hosts = match self.mesh.hosts().await {
+            Ok(h) => h,
+            Err(e) => return OperatorAnswer::Refused(format!("the mesh is down here: {e}")),
+        };
+        let chosen = match targets::choose(&intent.targets, &intent.app, &hosts) {
+            Ok(c) => c,
+            Err(e) => return OperatorAnswer::Refused(format!("--targets: {e}")),
+        };
+        if let Err(e) = Planner::new(intent.config, chosen.hosts.clone(), &intent.revision) {
+            return OperatorAnswer::Refused(format!(
+                "cannot plan {} over {} hosts: {e}",
+                intent.config,
+                chosen.hosts.len()
+            ));
+        }
+        let signed_intent = match serde_json::to_vec(&signed) {
+            Ok(b) => b,
+            Err(e) => return OperatorAnswer::Refused(e.to_string()),
+        };
+        let command = Command::CreateDeployment(NewDeployment {
+            id: intent.id.clone(),
+            app: intent.app.clone(),
+            group,
+            targets: intent.targets.to_string(),
+            revision: intent.revision.clone(),
+            config: intent.config,
+            hosts: chosen
+                .hosts
+                .iter()
+                .map(|h| PlannedHost {
+                    name: h.name.clone(),
+                    health: h.health,
+                    revision: h.revision.clone(),
+                })
+                .collect(),
+            signed_intent,
+            created_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        });
+        let size = postcard::experimental::serialized_size(&command).unwrap_or(usize::MAX);
+        if size > MAX_COMMAND {
+            return OperatorAnswer::Refused(format!(
+                "a deployment to {} hosts does not fit one log entry ({size} bytes, at most \
+                 {MAX_COMMAND}); target fewer hosts per deployment",
+                chosen.hosts.len()
+            ));
+        }
+        if let Some(holder) = holder {
+            self.holders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(intent.id.clone(), vec![holder]);
+        }
+        match coordinator::commit(&self.raft, command).await {
+            Ok(Response::Applied { .. } | Response::Unchanged) => {
+                tracing::info!(deployment = %intent.id, app = %intent.app, operator = %intent.operator, hosts = chosen.hosts.len(), "deployment created");
+                match self.view(&intent.id) {
+                    Some(v) => OperatorAnswer::Deployment(v),
+                    None => OperatorAnswer::Refused("the deployment vanished".into()),
+                }
+            }
+            Ok(Response::Refused(r)) => OperatorAnswer::Refused(r.to_string()),
+            Ok(Response::Internal) => OperatorAnswer::Refused("unexpected answer".into()),
+            Err(e) => OperatorAnswer::Refused(e.to_string()),
+        }
+    }
+
+    /// Until the mesh shuts down: drives deployments while leading, keeps the voters, and
+    /// tells the mesh this agent's part in the log.
+    async fn upkeep(self: Arc<Self>, log_record: watch::Sender<Option<LogRecord>>) {
+        let mut shutdown = self.mesh.shutdown();
+        let mut driving: HashMap<String, JoinHandle<()>> = HashMap::new();
+        let limit = Arc::new(Semaphore::new(MAX_DRIVING));
+        let mut voters = Voters::default();
+        let mut next_voters = Instant::now();
+        let me = node_id(&self.name);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            let m = self.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership().clone();
+            let member = membership.get_node(&me).is_some();
+            let record = member.then(|| LogRecord {
+                voter: membership.voter_ids().any(|v| v == me),
+                term: m.current_term,
+                leader: m
+                    .current_leader
+                    .and_then(|id| membership.get_node(&id))
+                    .map(|n| n.name.clone()),
+            });
+            log_record.send_if_modified(|current| {
+                let changed = *current != record;
+                *current = record;
+                changed
+            });
+            let leading = m.state == ServerState::Leader;
+            driving.retain(|_, task| !task.is_finished());
+            if !leading {
+                for (_, task) in driving.drain() {
+                    task.abort();
+                }
+                continue;
+            }
+            // Wait until this leader has applied what its predecessors committed.
+            if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
+                continue;
+            }
+            let open: Vec<String> = self.reader.read(|s| {
+                s.iter()
+                    .filter(|d| !d.status.is_ended())
+                    .map(|d| d.id.clone())
+                    .collect()
+            });
+            for id in open {
+                if driving.contains_key(&id) {
+                    continue;
+                }
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    break;
+                };
+                let ctx = Ctx {
+                    raft: self.raft.clone(),
+                    reader: self.reader.clone(),
+                    mesh: self.mesh.clone(),
+                    holders: self.holders.clone(),
+                    me: self.host.clone(),
+                };
+                let deployment = id.clone();
+                driving.insert(
+                    id,
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        if let Err(e) = coordinator::drive(ctx, deployment.clone()).await {
+                            tracing::warn!(%deployment, "coordinating paused: {e}");
+                        }
+                    }),
+                );
+            }
+            if Instant::now() >= next_voters {
+                next_voters = Instant::now() + Duration::from_secs(1);
+                self.keep_voters(&mut voters, &membership).await;
+            }
+        }
+        for (_, task) in driving.drain() {
+            task.abort();
+        }
+    }
+
+    /// One step of the voter upkeep ([`Voters::decide`]): adds the new voters as learners,
+    /// then changes the membership, with bounds on both.
+    async fn keep_voters(
+        &self,
+        voters: &mut Voters,
+        membership: &openraft::Membership<NodeId, Node>,
+    ) {
+        let Ok(hosts) = self.mesh.hosts().await else {
+            return;
+        };
+        let mut members: BTreeMap<String, Liveness> = BTreeMap::new();
+        let mut addrs: BTreeMap<String, SocketAddr> = BTreeMap::new();
+        for h in &hosts {
+            let up = matches!(h.state, MemberState::Alive | MemberState::Suspect);
+            members.insert(
+                h.name.clone(),
+                if up { Liveness::Up } else { Liveness::Down },
+            );
+            addrs.insert(h.name.clone(), h.addr);
+        }
+        members.insert(self.name.clone(), Liveness::Up);
+        let current: BTreeSet<String> = membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|n| n.name.clone()))
+            .collect();
+        let Some(wanted) = voters.decide(Instant::now(), &current, &members, &self.name) else {
+            return;
+        };
+        tracing::info!(?current, ?wanted, "changing the deployment log's voters");
+        for name in wanted.difference(&current) {
+            let Some(addr) = addrs.get(name) else { return };
+            let node = Node {
+                name: name.clone(),
+                addr: *addr,
+            };
+            match tokio::time::timeout(
+                COMMIT_WITHIN,
+                self.raft.add_learner(node_id(name), node, true),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                other => {
+                    tracing::warn!(%name, "could not add a voter to the deployment log: {other:?}");
+                    return;
+                }
+            }
+        }
+        let ids: BTreeSet<NodeId> = wanted.iter().map(|n| node_id(n)).collect();
+        match tokio::time::timeout(COMMIT_WITHIN, self.raft.change_membership(ids, false)).await {
+            Ok(Ok(_)) => tracing::info!(voters = ?wanted, "the deployment log's voters changed"),
+            other => tracing::warn!("the voters did not change: {other:?}"),
+        }
+    }
+
+    /// The host side, for tests and the agent.
+    pub fn host(&self) -> &Arc<HostSide> {
+        &self.host
+    }
+}
+
+/// Asks the agent `leader` to answer `request` (once: it will not pass it on).
+async fn forward(
+    mesh: &MeshHandle,
+    leader: &str,
+    request: &OperatorRequest,
+) -> Result<OperatorAnswer> {
+    tokio::time::timeout(FORWARD_WITHIN, async {
+        let (mut send, mut recv) = mesh.open_bi(leader, Protocol::Fleet).await?;
+        write_frame(&mut send, &FleetRequest::Operator(request.clone())).await?;
+        send.finish()?;
+        Ok(read_frame::<OperatorAnswer>(&mut recv).await?)
+    })
+    .await
+    .context("no answer in time")?
+}
+
+/// Serves `fleet` streams from other agents: forwarded operator requests (answered only
+/// by the leader) and coordinators' commands to this host.
+async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
+    let serving = Arc::new(Semaphore::new(MAX_SERVING));
+    while let Some(inbound) = streams.next().await {
+        let InboundStream::Bi(mut send, mut recv) = inbound.stream else {
+            continue;
+        };
+        if inbound.peer.role != crate::identity::Role::Agent {
+            let _ = send.reset(1u32.into());
+            continue;
+        }
+        let Ok(permit) = serving.clone().try_acquire_owned() else {
+            let _ = send.reset(2u32.into());
+            continue;
+        };
+        let fleet = fleet.clone();
+        let from = inbound.peer.name.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _share = inbound.share;
+            let request =
+                match tokio::time::timeout(STREAM_DEADLINE, read_frame::<FleetRequest>(&mut recv))
+                    .await
+                {
+                    Ok(Ok(r)) => r,
+                    _ => return,
+                };
+            match request {
+                FleetRequest::Operator(request) => {
+                    let answer = fleet.operator(request, true).await;
+                    let _ = tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, &answer))
+                        .await;
+                    let _ = send.finish();
+                }
+                FleetRequest::RunHost(cmd) => {
+                    tracing::debug!(coordinator = %from, deployment = %cmd.deployment, fence = %cmd.fence, "host command");
+                    let host = fleet.host.clone();
+                    let answer = match host.accept(cmd).await {
+                        Err(why) => {
+                            tracing::warn!(coordinator = %from, "command refused: {why}");
+                            HostAnswer::Refused(why)
+                        }
+                        Ok(Ok((verdict, report))) => HostAnswer::Done { verdict, report },
+                        Ok(Err(mut running)) => {
+                            if tokio::time::timeout(
+                                STREAM_DEADLINE,
+                                write_frame(&mut send, &HostAnswer::Started),
+                            )
+                            .await
+                            .is_err()
+                            {
+                                return;
+                            }
+                            let done = running.wait_for(|r| r.is_some()).await;
+                            match done.ok().and_then(|r| r.clone()) {
+                                Some((verdict, report)) => HostAnswer::Done { verdict, report },
+                                None => return,
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, &answer))
+                        .await;
+                    let _ = send.finish();
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,240 @@
+//! What agents and operators say about fleet deployments, on the wire: an operator's
+//! requests (created, read and stopped from any agent, forwarded to the log's leader), the
+//! coordinator's commands to hosts and their answers, and the views the CLI prints.
+//!
+//! Between agents these travel on [`Protocol::Fleet`](crate::mesh::frame::Protocol)
+//! streams, one request and its answer per bidirectional stream; from an operator, inside
+//! the API's request ([`crate::api::Request::Fleet`]). Everything is a bounded frame.
+
+use serde::{Deserialize, Serialize};
+
+use super::intent::{SignedIntent, SignedStop};
+use super::log::{Deployment, Fence, Group, HostReport, HostState, Verdict};
+use crate::lifecycle::status::{DeploymentStatus, EventStatus, HostStatus};
+
+/// What an operator asks of the fleet, through any agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum OperatorRequest {
+    /// Start a deployment: the leader checks the signature and the targets, records it and
+    /// drives it. `holder` is the agent the bundle was uploaded to, if any.
+    Create {
+        intent: SignedIntent,
+        holder: Option<String>,
+    },
+    /// One deployment's state.
+    Status { id: String },
+    /// Deployments, newest first, optionally of one application or group.
+    List {
+        app: Option<String>,
+        group: Option<String>,
+    },
+    /// Stop a deployment: no new batch starts.
+    Stop { stop: SignedStop },
+    /// The deployment groups.
+    Groups,
+}
+
+/// The most deployments one list answers with (the newest).
+pub const MAX_LISTED: usize = 1000;
+
+/// The leader's answer to an [`OperatorRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum OperatorAnswer {
+    Deployment(DeploymentView),
+    Deployments(Vec<DeploymentSummary>),
+    Groups(Vec<GroupView>),
+    /// Refused, with the reason for the operator.
+    Refused(String),
+}
+
+/// What an agent asks another over `Protocol::Fleet`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FleetRequest {
+    /// An operator's request, forwarded to the agent believed to lead the log.
+    Operator(OperatorRequest),
+    /// The coordinator commands a host: run its part of a deployment, or report how it
+    /// went if it already ran.
+    RunHost(RunHost),
+}
+
+/// A coordinator's command to one host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunHost {
+    /// The deployment (the intent's id).
+    pub deployment: String,
+    /// The operator's signed intent: the host checks it itself.
+    pub intent: SignedIntent,
+    /// The token of the log entry that started this host: the host refuses one lower than
+    /// it has seen for this intent.
+    pub fence: Fence,
+    /// Agents the coordinator knows to hold the revision (the uploader), besides those the
+    /// host learns of by gossip.
+    pub holders: Vec<String>,
+}
+
+/// A host's answers to [`RunHost`]: `Started` at once (or `Done` if it ran already), then
+/// `Done` when it ended; `Refused` if it will not run it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum HostAnswer {
+    Started,
+    Done {
+        verdict: Verdict,
+        report: HostReport,
+    },
+    Refused(String),
+}
+
+/// A deployment as `shoal deploy status` shows it (and `create --wait`, and `create`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeploymentView {
+    pub id: String,
+    pub app: String,
+    pub group: String,
+    pub revision: String,
+    pub status: DeploymentStatus,
+    /// Why it failed, when it did.
+    pub reason: Option<String>,
+    /// The agent driving it now (the log's leader).
+    pub coordinator: Option<String>,
+    pub config: String,
+    pub targets: String,
+    pub created_at_ms: u64,
+    pub hosts: Vec<HostView>,
+    /// A rollback of this deployment (automatic rollbacks are not built yet).
+    pub rollback: Option<String>,
+    /// Set when the agent that answered cannot reach a majority of the log: what it shows
+    /// may be out of date and nothing progresses.
+    pub warning: Option<String>,
+}
+
+/// One host of a deployment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostView {
+    pub name: String,
+    pub status: HostStatus,
+    pub reason: Option<String>,
+    pub events: Vec<EventView>,
+    /// The last lines of its hook logs.
+    pub log_tail: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventView {
+    pub name: String,
+    pub status: EventStatus,
+}
+
+/// A line of `shoal deploy list`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeploymentSummary {
+    pub id: String,
+    pub app: String,
+    pub group: String,
+    pub revision: String,
+    pub status: DeploymentStatus,
+    pub hosts: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub created_at_ms: u64,
+}
+
+/// A line of `shoal group list`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupView {
+    pub name: String,
+    pub app: String,
+    pub targets: String,
+    pub config: String,
+    pub last_successful: Option<String>,
+    pub deployments: usize,
+    pub last_deployment: Option<String>,
+}
+
+impl DeploymentView {
+    /// The view of a deployment as the log holds it.
+    pub fn of(d: &Deployment, coordinator: Option<String>) -> DeploymentView {
+        DeploymentView {
+            id: d.id.clone(),
+            app: d.app.clone(),
+            group: d.group.clone(),
+            revision: d.revision.clone(),
+            status: d.status.status(),
+            reason: match &d.status {
+                super::log::DeploymentState::Failed { reason } => Some(reason.clone()),
+                _ => None,
+            },
+            coordinator,
+            config: d.config.to_string(),
+            targets: d.targets.clone(),
+            created_at_ms: d.created_at_ms,
+            hosts: d
+                .hosts
+                .iter()
+                .map(|(name, h)| HostView {
+                    name: name.clone(),
+                    status: h.state.status(),
+                    reason: match &h.state {
+                        HostState::Failed { reason } => Some(reason.clone()),
+                        _ => None,
+                    },
+                    events: h
+                        .report
+                        .events
+                        .iter()
+                        .map(|(name, status)| EventView {
+                            name: name.clone(),
+                            status: *status,
+                        })
+                        .collect(),
+                    log_tail: h.report.tail.clone(),
+                })
+                .collect(),
+            rollback: None,
+            warning: None,
+        }
+    }
+
+    /// Whether it has ended.
+    pub fn ended(&self) -> bool {
+        matches!(
+            self.status,
+            DeploymentStatus::Succeeded | DeploymentStatus::Failed | DeploymentStatus::Stopped
+        )
+    }
+}
+
+impl DeploymentSummary {
+    pub fn of(d: &Deployment) -> DeploymentSummary {
+        let count = |want: HostStatus| {
+            d.hosts
+                .values()
+                .filter(|h| h.state.status() == want)
+                .count()
+        };
+        DeploymentSummary {
+            id: d.id.clone(),
+            app: d.app.clone(),
+            group: d.group.clone(),
+            revision: d.revision.clone(),
+            status: d.status.status(),
+            hosts: d.hosts.len(),
+            succeeded: count(HostStatus::Succeeded),
+            failed: count(HostStatus::Failed),
+            created_at_ms: d.created_at_ms,
+        }
+    }
+}
+
+impl GroupView {
+    pub fn of(g: &Group) -> GroupView {
+        GroupView {
+            name: g.name.clone(),
+            app: g.app.clone(),
+            targets: g.targets.clone(),
+            config: g.config.to_string(),
+            last_successful: g.last_successful.clone(),
+            deployments: g.deployments.len(),
+            last_deployment: g.deployments.last().cloned(),
+        }
+    }
+}
