@@ -28,6 +28,9 @@ use crate::lifecycle::{DeployRequest, LocalHost};
 use crate::mesh::node::MeshHandle;
 use crate::mesh::view::MemberState;
 
+/// How long a host keeps trying to fetch a revision from its holders.
+pub const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// How a run ended here, for every command that waits on it.
 type Finished = watch::Receiver<Option<(Verdict, HostReport)>>;
 
@@ -171,7 +174,6 @@ impl HostSide {
         };
         let release = crate::lifecycle::state::AppDir::new(&self.host.data_dir, &intent.app)
             .release(&crate::bundle::RevisionId(intent.revision.clone()));
-        let holders = self.holders(intent, hinted).await;
         let fetched = if release.is_dir() {
             // Held already (a redeployment, or a rollback's revision): the lifecycle checks
             // its content against the signed id as it copies it.
@@ -181,14 +183,7 @@ impl HostSide {
                 bytes: 0,
             })
         } else {
-            blobs::fetch(
-                &self.mesh,
-                &self.bundles,
-                &holders,
-                &intent.app,
-                &intent.revision,
-            )
-            .await
+            self.fetch(intent, hinted).await
         };
         let fetched = match fetched {
             Ok(f) => f,
@@ -249,6 +244,43 @@ impl HostSide {
                 }
             }
             Err(e) => failed(report, e.to_string()),
+        }
+    }
+
+    /// Fetches the revision from its holders. Holders that are busy serving others, or
+    /// that do not hold it yet, are asked again after a pause, the list of holders read
+    /// again from gossip each time (hosts that fetched it serve it too), for at most
+    /// [`FETCH_WITHIN`]; an invalid request or this host's own store failing ends at once.
+    async fn fetch(
+        &self,
+        intent: &Intent,
+        hinted: &[String],
+    ) -> Result<blobs::Fetched, blobs::FetchError> {
+        let deadline = tokio::time::Instant::now() + FETCH_WITHIN;
+        loop {
+            let holders = self.holders(intent, hinted).await;
+            let tried = blobs::fetch(
+                &self.mesh,
+                &self.bundles,
+                &holders,
+                &intent.app,
+                &intent.revision,
+            )
+            .await;
+            match tried {
+                Ok(f) => return Ok(f),
+                Err(e)
+                    if matches!(
+                        e.kind,
+                        blobs::FetchErrorKind::NoHolders | blobs::FetchErrorKind::AllFailed { .. }
+                    ) && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(revision = %intent.revision, "fetch again soon: {e}");
+                    let pause = 200 + rand::random::<u64>() % 600;
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 

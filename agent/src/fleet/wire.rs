@@ -113,6 +113,8 @@ pub struct HostView {
     pub name: String,
     pub status: HostStatus,
     pub reason: Option<String>,
+    /// The batch it was started in, by the position of the log entry that started it.
+    pub batch: Option<Fence>,
     pub events: Vec<EventView>,
     /// The last lines of its hook logs.
     pub log_tail: Vec<String>,
@@ -177,6 +179,7 @@ impl DeploymentView {
                         HostState::Failed { reason } => Some(reason.clone()),
                         _ => None,
                     },
+                    batch: h.started,
                     events: h
                         .report
                         .events

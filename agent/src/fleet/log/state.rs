@@ -246,6 +246,9 @@ pub struct DeploymentHost {
     pub health: Health,
     pub revision: Revision,
     pub state: HostState,
+    /// The fence of the entry that first started it: hosts started by the same entry were
+    /// one batch.
+    pub started: Option<Fence>,
     /// Its events and the last lines of its hook logs, once it reported.
     pub report: HostReport,
 }
@@ -445,6 +448,7 @@ impl DeploymentsState {
                 health: planned.health,
                 revision: planned.revision,
                 state: HostState::Pending,
+                started: None,
                 report: HostReport::default(),
             };
             if hosts.insert(planned.name.clone(), record).is_some() {
@@ -515,6 +519,7 @@ impl DeploymentsState {
         for name in &names {
             if let Some(host) = deployment.hosts.get_mut(name) {
                 host.state = HostState::InProgress { fence: at };
+                host.started.get_or_insert(at);
             }
         }
         deployment.status = DeploymentState::InProgress;

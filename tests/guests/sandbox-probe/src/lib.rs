@@ -1,13 +1,19 @@
 //! A test guest that tries, on request, everything a hook must not be able to do (or must
 //! be stopped doing), so the agent's sandbox tests exercise real compiled Wasm. The
 //! parameter `probe` picks the behaviour; `path`, `url`, `bytes`, `secs` qualify it.
+//!
+//! Without a `probe` parameter (as an AppSpec hook, which has none) it acts on the host's
+//! tags, so fleet tests can make one host differ: it fails at the event named by the tag
+//! `probe-fail` (`probe-fail = "ValidateService"`), and first sleeps `probe-sleep` seconds.
 
 use std::hint::black_box;
 
 use shoal_hooks::{Context, Result, ResultExt, bail, http, info};
 
 pub fn run(ctx: &Context) -> Result<String> {
-    let probe = ctx.require_param("probe")?;
+    let Some(probe) = ctx.param("probe") else {
+        return by_tags(ctx);
+    };
     match probe {
         "ok" => {
             info!("probe ok at {} on {}", ctx.event, ctx.host.name);
@@ -85,6 +91,20 @@ pub fn run(ctx: &Context) -> Result<String> {
         }
         other => bail!("unknown probe `{other}`"),
     }
+}
+
+/// The behaviour the host's tags ask for (see the crate's documentation).
+fn by_tags(ctx: &Context) -> Result<String> {
+    if let Some(secs) = ctx.host.tags.get("probe-sleep") {
+        let secs: u64 = secs.parse().context("the tag probe-sleep")?;
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+    }
+    let event = ctx.event.to_string();
+    if ctx.host.tags.get("probe-fail") == Some(&event) {
+        bail!("{} is tagged to fail at {event}", ctx.host.name);
+    }
+    info!("probe by tags: {event} on {} passed", ctx.host.name);
+    Ok(format!("{event} passed"))
 }
 
 shoal_hooks::hook!(run);

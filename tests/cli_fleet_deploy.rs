@@ -1,0 +1,429 @@
+//! Fleet deployments with real `shoal agent` processes on 127.80.x.y, asked of one agent and
+//! watched from another: AllAtOnce, HalfAtATime and OneAtATime over six hosts chosen by
+//! tags run the batches `--dry-run` printed, never leave fewer healthy hosts than the
+//! minimum, and put the revision on every host; a host whose ValidateService fails fails
+//! the deployment by the minimum-healthy rule and no batch starts after it; `deploy stop`
+//! halts a deployment between batches. The revision's ValidateService hook is a real
+//! compiled Wasm guest (`tests/guests/sandbox-probe`), which fails or sleeps as the
+//! host's tags say.
+
+#[path = "support/fleet.rs"]
+mod fleet;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet::{Agent, Ca, agents, hosts, shoal, wait_for};
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// Gives `agent` these tags (and only these) in its config.
+fn tag(agent: &Agent, tags: &[(&str, &str)]) {
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let head = text.split("[tags]").next().unwrap().to_string();
+    let tags: String = tags
+        .iter()
+        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+        .collect();
+    std::fs::write(&agent.config, format!("{head}[tags]\n{tags}")).unwrap();
+}
+
+/// A revision of `tiny`: one file with `payload`, and a ValidateService hook (the probe).
+fn revision(root: &Path, payload: &str) -> PathBuf {
+    let dir = root.join(format!("rev-{payload}"));
+    std::fs::create_dir_all(dir.join("hooks")).unwrap();
+    std::fs::write(
+        dir.join("appspec.yml"),
+        "version: 0.0\nos: linux\nfiles:\n  - source: payload.txt\n    destination: /srv/tiny\n\
+         hooks:\n  ValidateService:\n    - location: hooks/probe.wasm\n      timeout: 30\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("payload.txt"), payload).unwrap();
+    std::fs::copy(
+        shoal_examples::SANDBOX_PROBE.path,
+        dir.join("hooks/probe.wasm"),
+    )
+    .unwrap();
+    dir
+}
+
+fn create(peer: &Agent, operator: &Path, bundle: &Path, extra: &[&str]) -> Output {
+    shoal()
+        .args(["deploy", "create", "--app", "tiny", "--json", "--peer"])
+        .arg(peer.addr.to_string())
+        .arg("--identity")
+        .arg(operator)
+        .arg("--bundle")
+        .arg(bundle)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn json(o: &Output, what: &str) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn status(peer: &Agent, operator: &Path, id: &str) -> Result<serde_json::Value, String> {
+    let o = shoal()
+        .args(["deploy", "status", id, "--json", "--peer"])
+        .arg(peer.addr.to_string())
+        .arg("--identity")
+        .arg(operator)
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
+}
+
+/// The batches a deployment ran, from its status: hosts grouped by the entry that started
+/// them, in log order.
+fn batches_run(view: &serde_json::Value) -> Vec<Vec<String>> {
+    let mut by_fence: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
+    for h in view["hosts"].as_array().unwrap() {
+        if let Some(b) = h["batch"].as_object() {
+            let key = (b["term"].as_u64().unwrap(), b["index"].as_u64().unwrap());
+            by_fence
+                .entry(key)
+                .or_default()
+                .push(h["name"].as_str().unwrap().to_string());
+        }
+    }
+    by_fence.into_values().collect()
+}
+
+fn host_status(view: &serde_json::Value, name: &str) -> String {
+    view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .map(|h| h["status"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn installed(agent: &Agent) -> Option<String> {
+    std::fs::read_to_string(agent.install_root.join("srv/tiny/payload.txt")).ok()
+}
+
+/// Samples `deploy status` at `peer` until `stop`, recording the fewest healthy hosts seen
+/// (neither in progress nor failed).
+fn observe(
+    peer: SocketAddrOwned,
+    operator: PathBuf,
+    id: String,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
+        let (mut fewest, mut samples) = (usize::MAX, 0);
+        while !stop.load(Ordering::SeqCst) {
+            let o = shoal()
+                .args(["deploy", "status", &id, "--json", "--peer", &peer.0])
+                .arg("--identity")
+                .arg(&operator)
+                .output()
+                .unwrap();
+            if o.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                let healthy = v["hosts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|h| !matches!(h["status"].as_str(), Some("InProgress" | "Failed")))
+                    .count();
+                fewest = fewest.min(healthy);
+                samples += 1;
+            }
+        }
+        (fewest, samples)
+    })
+}
+
+/// An address as text, owned, for the observer thread.
+struct SocketAddrOwned(String);
+
+#[test]
+fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 80, 1], 7);
+    for (i, a) in fleet.iter_mut().enumerate() {
+        if i < 6 {
+            tag(
+                a,
+                &[
+                    ("role", "web"),
+                    ("zone", if i % 2 == 0 { "a" } else { "b" }),
+                ],
+            );
+        } else {
+            tag(a, &[("role", "db")]);
+        }
+        a.start();
+    }
+    wait_for("agent-7 to see all seven alive", LONG, || {
+        hosts(fleet[6].addr, &ca.operator)
+            .is_ok_and(|l| l.len() == 7 && l.iter().all(|h| h["state"] == "alive"))
+    });
+    for (n, config) in ["AllAtOnce", "HalfAtATime", "OneAtATime"]
+        .iter()
+        .enumerate()
+    {
+        let bundle = revision(tmp.path(), &format!("v{}", n + 1));
+        let args = ["--targets", "zone=a,zone=b;role=web", "--config", config];
+        let plan = json(
+            &create(
+                &fleet[6],
+                &ca.operator,
+                &bundle,
+                &[&args[..], &["--dry-run"]].concat(),
+            ),
+            "the dry run",
+        );
+        let planned: Vec<Vec<String>> = serde_json::from_value(plan["batches"].clone()).unwrap();
+        let minimum = plan["rules"]["minimum"].as_u64().unwrap() as usize;
+
+        // Created on agent-7 (not a target), watched from agent-1 (a target).
+        let o = create(&fleet[6], &ca.operator, &bundle, &args);
+        let accepted = json(&o, "deploy create");
+        let id = accepted["id"].as_str().unwrap().to_string();
+        assert_eq!(accepted["hosts"].as_array().unwrap().len(), 6, "{accepted}");
+        assert!(accepted["coordinator"].is_string(), "{accepted}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let observer = observe(
+            SocketAddrOwned(fleet[0].addr.to_string()),
+            ca.operator.clone(),
+            id.clone(),
+            stop.clone(),
+        );
+        let watched = shoal()
+            .args(["deploy", "status", &id, "--watch", "--json", "--peer"])
+            .arg(fleet[0].addr.to_string())
+            .arg("--identity")
+            .arg(&ca.operator)
+            .output()
+            .unwrap();
+        stop.store(true, Ordering::SeqCst);
+        let (fewest, samples) = observer.join().unwrap();
+        let view = json(&watched, "deploy status --watch");
+        assert_eq!(view["status"], "Succeeded", "{config}: {view}");
+        assert_eq!(
+            batches_run(&view),
+            planned,
+            "{config}: the batches run are the plan's"
+        );
+        assert!(samples > 0, "{config}: the observer never read a status");
+        assert!(
+            fewest >= minimum,
+            "{config}: {fewest} healthy hosts seen, below the minimum of {minimum}"
+        );
+        for h in view["hosts"].as_array().unwrap() {
+            let events: Vec<&str> = h["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["status"] == "Succeeded")
+                .map(|e| e["name"].as_str().unwrap())
+                .collect();
+            assert!(
+                events.contains(&"DownloadBundle") && events.contains(&"ValidateService"),
+                "{config}: {h}"
+            );
+        }
+        for a in &fleet[..6] {
+            assert_eq!(
+                installed(a).as_deref(),
+                Some(format!("v{}", n + 1).as_str())
+            );
+        }
+        assert_eq!(installed(&fleet[6]), None, "agent-7 is not a target");
+    }
+    // The group remembers its targets, config and last successful revision, from any peer.
+    let groups = json(
+        &shoal()
+            .args(["group", "list", "--json", "--peer"])
+            .arg(fleet[2].addr.to_string())
+            .arg("--identity")
+            .arg(&ca.operator)
+            .output()
+            .unwrap(),
+        "group list",
+    );
+    assert_eq!(groups[0]["name"], "tiny", "{groups}");
+    assert_eq!(groups[0]["config"], "OneAtATime", "{groups}");
+    assert_eq!(groups[0]["deployments"], 3, "{groups}");
+    let list = json(
+        &shoal()
+            .args(["deploy", "list", "--json", "--app", "tiny", "--peer"])
+            .arg(fleet[4].addr.to_string())
+            .arg("--identity")
+            .arg(&ca.operator)
+            .output()
+            .unwrap(),
+        "deploy list",
+    );
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["status"] == "Succeeded")
+    );
+}
+
+#[test]
+fn a_failing_host_fails_the_deployment_and_a_stop_halts_between_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 80, 2], 6);
+    for (i, a) in fleet.iter_mut().enumerate() {
+        let name = format!("agent-{}", i + 1);
+        let mut tags = vec![
+            ("role", "web"),
+            ("host", name.as_str()),
+            ("probe-sleep", "1"),
+        ];
+        if i == 1 {
+            tags.push(("probe-fail", "ValidateService"));
+        }
+        tag(a, &tags);
+        a.start();
+    }
+    wait_for("agent-6 to see all six alive", LONG, || {
+        hosts(fleet[5].addr, &ca.operator)
+            .is_ok_and(|l| l.len() == 6 && l.iter().all(|h| h["state"] == "alive"))
+    });
+
+    // OneAtATime keeps 5 of 6 healthy: agent-2 failing leaves no room for another batch.
+    let bundle = revision(tmp.path(), "v1");
+    let o = create(
+        &fleet[5],
+        &ca.operator,
+        &bundle,
+        &["--targets", "role=web", "--config", "OneAtATime", "--wait"],
+    );
+    assert!(!o.status.success(), "a failed deployment exits non-zero");
+    let view: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(view["status"], "Failed", "{view}");
+    assert!(
+        view["reason"].as_str().unwrap().contains("minimum of 5"),
+        "{view}"
+    );
+    assert_eq!(host_status(&view, "agent-1"), "Succeeded", "{view}");
+    assert_eq!(host_status(&view, "agent-2"), "Failed", "{view}");
+    let failed = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "agent-2")
+        .unwrap();
+    assert!(
+        failed["log_tail"].as_array().unwrap().iter().any(|l| l
+            .as_str()
+            .unwrap()
+            .contains("tagged to fail at ValidateService")),
+        "the hook's own words reach the operator: {failed}"
+    );
+    for name in ["agent-3", "agent-4", "agent-5", "agent-6"] {
+        assert_eq!(host_status(&view, name), "Skipped", "{name}: {view}");
+    }
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Failed"));
+    // agent-2 rolled back to nothing; the skipped hosts were never touched.
+    for a in &fleet[2..] {
+        assert_eq!(installed(a), None, "{} was skipped", a.name);
+    }
+    assert_eq!(installed(&fleet[0]).as_deref(), Some("v1"));
+
+    // A stop between batches: hosts other than agent-2, one at a time, a second each.
+    let before: Vec<Option<String>> = fleet.iter().map(installed).collect();
+    let bundle = revision(tmp.path(), "v2");
+    let accepted = json(
+        &create(
+            &fleet[0],
+            &ca.operator,
+            &bundle,
+            &[
+                "--targets",
+                "host=agent-1,host=agent-3,host=agent-4,host=agent-5,host=agent-6",
+                "--group",
+                "healthy",
+                "--config",
+                "OneAtATime",
+            ],
+        ),
+        "deploy create",
+    );
+    let id = accepted["id"].as_str().unwrap().to_string();
+    let started = Mutex::new(0);
+    wait_for("the first host to succeed", LONG, || {
+        status(&fleet[3], &ca.operator, &id).is_ok_and(|v| {
+            let done = v["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["status"] == "Succeeded")
+                .count();
+            *started.lock().unwrap() = done;
+            done >= 1
+        })
+    });
+    let o = shoal()
+        .args(["deploy", "stop", &id, "--json", "--peer"])
+        .arg(fleet[4].addr.to_string())
+        .arg("--identity")
+        .arg(&ca.operator)
+        .output()
+        .unwrap();
+    let stopped = json(&o, "deploy stop");
+    assert_eq!(stopped["status"], "Stopped", "{stopped}");
+    let mut last = serde_json::Value::Null;
+    wait_for("no host in flight any more", LONG, || {
+        status(&fleet[2], &ca.operator, &id).is_ok_and(|v| {
+            let busy = v["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["status"] == "InProgress");
+            last = v;
+            !busy
+        })
+    });
+    assert_eq!(last["status"], "Stopped", "{last}");
+    let skipped: Vec<&str> = last["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["status"] == "Skipped")
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        !skipped.is_empty(),
+        "the stop came before the last batch: {last}"
+    );
+    for (a, before) in fleet.iter().zip(&before) {
+        if skipped.contains(&a.name.as_str()) {
+            assert_eq!(installed(a), *before, "{} was skipped but changed", a.name);
+        }
+    }
+    // An agent's identity cannot stop a deployment: the CLI refuses to sign with it.
+    let agent_identity = tmp.path().join("agent-1").join("identity");
+    let o = shoal()
+        .args(["deploy", "stop", &id, "--peer"])
+        .arg(fleet[0].addr.to_string())
+        .arg("--identity")
+        .arg(&agent_identity)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}
