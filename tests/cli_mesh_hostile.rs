@@ -575,6 +575,7 @@ fn an_insider_cannot_rewrite_another_host_or_make_it_work() {
             left: true,
             tags: BTreeMap::from([("role".to_string(), "evil".to_string())]),
             apps: BTreeMap::new(),
+            log: None,
         });
         // 2. Its own record at version u64::MAX, properly signed.
         let absurd = insider.sign(HostRecord {
@@ -584,6 +585,7 @@ fn an_insider_cannot_rewrite_another_host_or_make_it_work() {
             left: false,
             tags: BTreeMap::new(),
             apps: BTreeMap::new(),
+            log: None,
         });
         let mut conns = Vec::new();
         for a in &fleet {

@@ -48,6 +48,7 @@ fn record(name: &str, i: usize, version: u64) -> HostRecord {
         left: false,
         tags: [("rack".to_string(), format!("r{}", i % 40))].into(),
         apps: Default::default(),
+        log: None,
     }
 }
 

@@ -41,8 +41,13 @@ pub enum FetchErrorKind {
     #[error("no peer is known to hold it")]
     NoHolders,
     /// Every holder tried failed: each one's name and why.
+    /// `retry` when some holder failed for a reason that may pass (busy, not holding it
+    /// yet, unreachable), rather than by serving bytes that are not the revision.
     #[error("every holder tried failed: {}", attempts_text(.attempts))]
-    AllFailed { attempts: Vec<(String, String)> },
+    AllFailed {
+        attempts: Vec<(String, String)>,
+        retry: bool,
+    },
     /// This host's own store failed (while receiving from `holder`); another holder would
     /// not do better.
     #[error("receiving from `{holder}`: {error}")]
@@ -94,6 +99,7 @@ pub async fn fetch(
     order.shuffle(&mut rand::rng());
     order.truncate(MAX_ATTEMPTS);
     let mut attempts = Vec::new();
+    let mut retry = false;
     for holder in order {
         match fetch_from(mesh, store, holder, app, revision).await {
             Ok(bytes) => match store.path(app, revision) {
@@ -105,7 +111,10 @@ pub async fn fetch(
                         bytes,
                     });
                 }
-                None => attempts.push((holder.clone(), "the bundle vanished once stored".into())),
+                None => {
+                    retry = true;
+                    attempts.push((holder.clone(), "the bundle vanished once stored".into()))
+                }
             },
             Err(Attempt::Local(error)) => {
                 return Err(fail(FetchErrorKind::Store {
@@ -113,7 +122,12 @@ pub async fn fetch(
                     error,
                 }));
             }
+            Err(Attempt::Bad(why)) => {
+                tracing::warn!(app, revision, %holder, "a holder served something else: {why}");
+                attempts.push((holder.clone(), why));
+            }
             Err(Attempt::Failed { why, expected }) => {
+                retry = true;
                 if expected {
                     tracing::debug!(app, revision, %holder, "no bundle from this holder: {why}");
                 } else {
@@ -123,7 +137,7 @@ pub async fn fetch(
             }
         }
     }
-    Err(fail(FetchErrorKind::AllFailed { attempts }))
+    Err(fail(FetchErrorKind::AllFailed { attempts, retry }))
 }
 
 /// Why one holder gave nothing.
@@ -132,6 +146,8 @@ enum Attempt {
     Local(BlobError),
     /// The holder failed or refused; `expected` for the ordinary refusals (busy, missing).
     Failed { why: String, expected: bool },
+    /// The holder served bytes that are not the revision asked for (or not a bundle).
+    Bad(String),
 }
 
 fn failed(why: impl Into<String>) -> Attempt {
@@ -194,6 +210,9 @@ async fn fetch_from(
     match store.receive(app, len, &mut recv, Some(revision)).await {
         Ok(_) => {}
         Err(e) if e.is_local() => return Err(Attempt::Local(e)),
+        Err(e @ (BlobError::WrongRevision { .. } | BlobError::NotABundle(_))) => {
+            return Err(Attempt::Bad(e.to_string()));
+        }
         Err(e) => return Err(failed(e.to_string())),
     }
     // Nothing follows the bytes: read the end of the stream, so it closes cleanly.

@@ -86,6 +86,10 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
             let mesh = Mesh::bind(node_config, initial)?;
             let handle = mesh.handle();
             let bundles = Arc::new(BundleStore::new(&config.data_dir));
+            // What a kill left half-received or half-packed.
+            if let Err(e) = bundles.remove_leftovers() {
+                tracing::warn!("bundle store: {e}");
+            }
             tokio::spawn(blobs::serve(
                 bundles.clone(),
                 config.data_dir.clone(),

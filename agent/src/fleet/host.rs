@@ -247,10 +247,11 @@ impl HostSide {
         }
     }
 
-    /// Fetches the revision from its holders. Holders that are busy serving others, or
-    /// that do not hold it yet, are asked again after a pause, the list of holders read
+    /// Fetches the revision from its holders. Holders that are busy serving others, that
+    /// do not hold it yet or that cannot be reached are asked again after a pause, the list of holders read
     /// again from gossip each time (hosts that fetched it serve it too), for at most
-    /// [`FETCH_WITHIN`]; an invalid request or this host's own store failing ends at once.
+    /// [`FETCH_WITHIN`]; holders that all served something other than the revision, an
+    /// invalid request or this host's own store failing end it at once.
     async fn fetch(
         &self,
         intent: &Intent,
@@ -272,7 +273,8 @@ impl HostSide {
                 Err(e)
                     if matches!(
                         e.kind,
-                        blobs::FetchErrorKind::NoHolders | blobs::FetchErrorKind::AllFailed { .. }
+                        blobs::FetchErrorKind::NoHolders
+                            | blobs::FetchErrorKind::AllFailed { retry: true, .. }
                     ) && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::debug!(revision = %intent.revision, "fetch again soon: {e}");
