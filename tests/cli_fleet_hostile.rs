@@ -1,0 +1,336 @@
+//! A compromised agent against a real host: an in-process agent with a valid agent
+//! certificate of the fleet (the insider; a coordinator would hold no more) joins a mesh of
+//! real `shoal agent` processes on 127.83.1.x and commands a host directly, as a rogue
+//! coordinator would. The host checks everything itself and refuses, with a reason: an
+//! intent signed by an agent, an unsigned one, a forged one, one from another fleet's
+//! operator, one for hosts it is not, one whose bundle is another revision, and one it
+//! already executed (run again with the same fence: reported, not run; with a lower fence:
+//! refused). Only an operator's intent for this host and this revision runs, once. An
+//! agent's identity also cannot create a deployment through the CLI.
+
+#[path = "support/fleet.rs"]
+mod fleet;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleet::{Ca, agents, hosts, shoal, wait_for};
+use shoal_agent::blobs::{self, BundleStore};
+use shoal_agent::bundle::RevisionId;
+use shoal_agent::fleet::intent::{self, INTENT_CONTEXT, Intent, SignedIntent};
+use shoal_agent::fleet::log::{Fence, Verdict};
+use shoal_agent::fleet::plan::DeploymentConfig;
+use shoal_agent::fleet::targets::Targets;
+use shoal_agent::fleet::wire::{FleetRequest, HostAnswer, RunHost};
+use shoal_agent::identity::sign::Signer;
+use shoal_agent::identity::{Identity, Role};
+use shoal_agent::mesh::frame::{Protocol, read_frame, write_frame};
+use shoal_agent::mesh::node::{LocalState, Mesh, MeshHandle, NodeConfig};
+use tokio::sync::watch;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A bundle of `tiny` with `payload`, packed: its path and revision.
+fn bundle(root: &Path, payload: &str) -> (PathBuf, RevisionId) {
+    let dir = root.join(format!("src-{payload}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("appspec.yml"),
+        "version: 0.0\nos: linux\nfiles:\n  - source: payload.txt\n    destination: /srv/tiny\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("payload.txt"), payload).unwrap();
+    let out = root.join(format!("{payload}.tar.zst"));
+    let id = shoal_agent::bundle::create(&dir, &out).unwrap();
+    (out, id)
+}
+
+fn operator_intent(operator: &Identity, targets: &str, revision: &RevisionId) -> SignedIntent {
+    let intent = Intent::new(
+        "tiny",
+        "tiny",
+        Targets::parse(targets).unwrap(),
+        revision,
+        DeploymentConfig::AllAtOnce,
+        &operator.name,
+        now(),
+    )
+    .unwrap();
+    intent::sign(&intent, operator).unwrap()
+}
+
+/// Signs `intent` with any identity, bypassing `intent::sign`'s refusal of agents.
+fn signed_by(identity: &Identity, intent: &Intent) -> SignedIntent {
+    let body = serde_json::to_vec(intent).unwrap();
+    let mut msg = INTENT_CONTEXT.to_vec();
+    msg.extend_from_slice(&body);
+    SignedIntent {
+        signature: Signer::new(identity).unwrap().sign(&msg).unwrap(),
+        cert: identity.cert.to_vec(),
+        body,
+    }
+}
+
+/// The insider commands `host` and returns the host's last answer.
+async fn command(
+    insider: &MeshHandle,
+    host: &str,
+    intent: &SignedIntent,
+    fence: Fence,
+) -> HostAnswer {
+    let id: Intent = serde_json::from_slice(&intent.body).unwrap();
+    let cmd = RunHost {
+        deployment: id.id,
+        intent: intent.clone(),
+        fence,
+        holders: vec!["insider".into()],
+    };
+    let (mut send, mut recv) = insider.open_bi(host, Protocol::Fleet).await.unwrap();
+    write_frame(&mut send, &FleetRequest::RunHost(cmd))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let mut answer: HostAnswer = read_frame(&mut recv).await.unwrap();
+    if matches!(answer, HostAnswer::Started) {
+        answer = tokio::time::timeout(LONG, read_frame(&mut recv))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    answer
+}
+
+fn refused(answer: &HostAnswer, why: &str) {
+    match answer {
+        HostAnswer::Refused(reason) => assert!(reason.contains(why), "refused, but: {reason}"),
+        other => panic!("not refused ({why}): {other:?}"),
+    }
+}
+
+fn records(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("apps/tiny/deployments"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let other_ca = Ca::new(tmp.path(), "other");
+    let mut fleet = agents(tmp.path(), &ca, [127, 83, 1], 2);
+    for a in fleet.iter_mut() {
+        a.start();
+    }
+    let operator = Identity::load(&ca.operator).unwrap();
+    let stranger = Identity::load(&other_ca.operator).unwrap();
+
+    // The insider: a real agent certificate of this fleet, its own mesh and bundle store.
+    let insider_dir = tmp.path().join("insider");
+    ca.issue("insider", &insider_dir.join("identity"));
+    let insider_identity = Identity::load(&insider_dir.join("identity")).unwrap();
+    assert_eq!(insider_identity.role, Role::Agent);
+    let addr = SocketAddr::from(([127, 83, 1, 200], 7400));
+    let mesh = Mesh::bind(
+        NodeConfig {
+            name: "insider".into(),
+            listen: addr,
+            advertise: addr,
+            identity: Identity::load(&insider_dir.join("identity")).unwrap(),
+            seeds: vec![fleet[0].addr],
+            data_dir: insider_dir.join("data"),
+            forget_dead_after: Duration::from_secs(3600),
+        },
+        LocalState::default(),
+    )
+    .unwrap();
+    let insider = mesh.handle();
+    let store = Arc::new(BundleStore::new(&insider_dir.join("data")));
+    tokio::spawn(blobs::serve(
+        store.clone(),
+        insider_dir.join("data"),
+        insider.serve(Protocol::Blobs),
+    ));
+    let (_local, local_rx) = watch::channel(LocalState::default());
+    let (stop, mut stopped) = watch::channel(false);
+    tokio::spawn(mesh.run(local_rx, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let (peer, op) = (fleet[1].addr, ca.operator.clone());
+    tokio::task::spawn_blocking(move || {
+        wait_for("the insider to be seen", LONG, || {
+            hosts(peer, &op).is_ok_and(|l| l.len() == 3 && l.iter().all(|h| h["state"] == "alive"))
+        })
+    })
+    .await
+    .unwrap();
+
+    // The insider holds v1 honestly, and v2's bytes filed under v3's revision id.
+    let (v1, r1) = bundle(tmp.path(), "v1");
+    let (v2, r2) = bundle(tmp.path(), "v2");
+    let (_, r3) = bundle(tmp.path(), "v3");
+    for path in [&v1, &v2] {
+        let len = std::fs::metadata(path).unwrap().len();
+        let mut f = tokio::fs::File::open(path).await.unwrap();
+        store.receive("tiny", len, &mut f, None).await.unwrap();
+    }
+    let stored = insider_dir.join("data/bundles/tiny");
+    std::fs::rename(
+        stored.join(format!("{}.bundle", r2.0)),
+        stored.join(format!("{}.bundle", r3.0)),
+    )
+    .unwrap();
+
+    let host = fleet[0].name.as_str();
+    let fence = |index| Fence { term: 1, index };
+
+    // Signed by an agent (the insider itself).
+    let intent = Intent::new(
+        "tiny",
+        "tiny",
+        Targets::parse("role=inference").unwrap(),
+        &r1,
+        DeploymentConfig::AllAtOnce,
+        "insider",
+        now(),
+    )
+    .unwrap();
+    refused(
+        &command(
+            &insider,
+            host,
+            &signed_by(&insider_identity, &intent),
+            fence(1),
+        )
+        .await,
+        "is not an operator",
+    );
+    // Unsigned.
+    let mut unsigned = operator_intent(&operator, "role=inference", &r1);
+    unsigned.signature.clear();
+    refused(
+        &command(&insider, host, &unsigned, fence(1)).await,
+        "not signed",
+    );
+    // Forged: an operator's intent for v1, its revision changed to v3 after signing.
+    let mut forged = operator_intent(&operator, "role=inference", &r1);
+    forged.body = String::from_utf8(forged.body)
+        .unwrap()
+        .replace(&r1.0, &r3.0)
+        .into_bytes();
+    refused(
+        &command(&insider, host, &forged, fence(1)).await,
+        "signature does not match",
+    );
+    // Signed by another fleet's operator.
+    refused(
+        &command(
+            &insider,
+            host,
+            &operator_intent(&stranger, "role=inference", &r1),
+            fence(1),
+        )
+        .await,
+        "not from this fleet's CA",
+    );
+    // For other hosts: this host's own tags decide.
+    refused(
+        &command(
+            &insider,
+            host,
+            &operator_intent(&operator, "role=db", &r1),
+            fence(1),
+        )
+        .await,
+        "not among the targets",
+    );
+    assert_eq!(records(&fleet[0].data_dir), 0, "nothing ran so far");
+
+    // An operator's intent for v3, but the bundle served is v2: refused before installing.
+    let wrong = operator_intent(&operator, "role=inference", &r3);
+    match command(&insider, host, &wrong, fence(1)).await {
+        HostAnswer::Done {
+            verdict: Verdict::Failed { reason },
+            ..
+        } => assert!(
+            reason.contains(&r3.0) && reason.contains(&r2.0),
+            "the reason names both revisions: {reason}"
+        ),
+        other => panic!("a wrong bundle was not refused: {other:?}"),
+    }
+    assert_eq!(records(&fleet[0].data_dir), 0, "nothing was installed");
+    assert!(!fleet[0].install_root.join("srv/tiny").exists());
+
+    // The real thing runs, once.
+    let good = operator_intent(&operator, "role=inference", &r1);
+    match command(&insider, host, &good, fence(10)).await {
+        HostAnswer::Done {
+            verdict: Verdict::Succeeded,
+            ..
+        } => {}
+        other => panic!("an operator's intent did not run: {other:?}"),
+    }
+    assert_eq!(records(&fleet[0].data_dir), 1);
+    assert_eq!(
+        std::fs::read_to_string(fleet[0].install_root.join("srv/tiny/payload.txt")).unwrap(),
+        "v1"
+    );
+    // Replayed with the same fence, or a newer one: its outcome, nothing run again.
+    for f in [fence(10), Fence { term: 2, index: 1 }] {
+        match command(&insider, host, &good, f).await {
+            HostAnswer::Done {
+                verdict: Verdict::Succeeded,
+                ..
+            } => {}
+            other => panic!("a replay was not answered with the outcome: {other:?}"),
+        }
+    }
+    assert_eq!(records(&fleet[0].data_dir), 1, "a replay ran nothing");
+    // A lower fence: a deposed coordinator.
+    refused(
+        &command(&insider, host, &good, fence(9)).await,
+        "deposed coordinator",
+    );
+
+    // Through the CLI, an agent's identity cannot create a deployment.
+    let agent_identity = insider_dir.join("identity");
+    let peer = fleet[1].addr.to_string();
+    let o = tokio::task::spawn_blocking(move || {
+        shoal()
+            .args([
+                "deploy",
+                "create",
+                "--app",
+                "tiny",
+                "--targets",
+                "role=inference",
+                "--peer",
+            ])
+            .arg(&peer)
+            .arg("--identity")
+            .arg(&agent_identity)
+            .arg("--bundle")
+            .arg(&v1)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("operator"), "{err}");
+    let _ = stop.send(true);
+}
