@@ -40,9 +40,9 @@ pub enum Protocol {
     Gossip = 1,
     /// Operator requests (`api`), a request and its answer on a bidirectional stream.
     Api = 2,
-    /// Reserved: the replicated deployment log.
+    /// The replicated deployment log (`fleet::log::network`): openraft RPCs between voters.
     Raft = 3,
-    /// Reserved: chunked bundle transfer.
+    /// Bundles between agents (`blobs`): a fetch and the bundle's bytes.
     Blobs = 4,
     /// Revocation lists, passed from agent to agent (`revocation`).
     Revocations = 5,
