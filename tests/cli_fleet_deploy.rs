@@ -298,6 +298,8 @@ fn a_failing_host_fails_the_deployment_and_a_stop_halts_between_batches() {
             tags.push(("probe-fail", "ValidateService"));
         }
         tag(a, &tags);
+        // What each agent sends of bundles is logged: the test counts the uploader's bytes.
+        a.log_filter = "info,shoal_agent::blobs=debug".into();
         a.start();
     }
     wait_for("agent-6 to see all six alive", LONG, || {
@@ -416,6 +418,70 @@ fn a_failing_host_fails_the_deployment_and_a_stop_halts_between_batches() {
             assert_eq!(installed(a), *before, "{} was skipped but changed", a.name);
         }
     }
+    // A bundle of 1 MiB of noise, uploaded to agent-6, one host at a time (a second each,
+    // the probe's sleep, time enough for gossip to say who holds it): the uploader serves
+    // the first host; the others fetch from hosts that have it.
+    let noise = revision(tmp.path(), "noise");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..1u32 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::fs::write(noise.join("payload.txt"), &bytes).unwrap();
+    let packed = tmp.path().join("noise.tar.zst");
+    let o = shoal()
+        .args(["bundle", "create"])
+        .arg(&noise)
+        .arg("-o")
+        .arg(&packed)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let size = std::fs::metadata(&packed).unwrap().len();
+    assert!(size > 512 * 1024, "the noise does not compress: {size}");
+    let o = create(
+        &fleet[5],
+        &ca.operator,
+        &packed,
+        &[
+            "--targets",
+            "host=agent-1,host=agent-3,host=agent-4,host=agent-5",
+            "--group",
+            "noise",
+            "--config",
+            "OneAtATime",
+            "--wait",
+        ],
+    );
+    let view = json(&o, "the noise deployment");
+    assert_eq!(view["status"], "Succeeded", "{view}");
+    let sent_by = |a: &Agent| {
+        std::fs::read_to_string(&a.log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("sent a bundle") && l.contains(&format!("bytes={size}")))
+            .count()
+    };
+    let served: Vec<(String, usize)> = fleet.iter().map(|a| (a.name.clone(), sent_by(a))).collect();
+    let total: usize = served.iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        total, 4,
+        "each of the four hosts fetched it once: {served:?}"
+    );
+    let uploader = served[5].1 as u64 * size;
+    assert!(
+        uploader <= size,
+        "the uploader sent {uploader} bytes for four hosts of {size}: {served:?}"
+    );
+    assert!(
+        served.iter().filter(|(_, n)| *n > 0).count() > 1,
+        "more than one peer served the revision: {served:?}"
+    );
+
     // An agent's identity cannot stop a deployment: the CLI refuses to sign with it.
     let agent_identity = tmp.path().join("agent-1").join("identity");
     let o = shoal()

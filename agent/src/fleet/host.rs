@@ -259,15 +259,29 @@ impl HostSide {
     ) -> Result<blobs::Fetched, blobs::FetchError> {
         let deadline = tokio::time::Instant::now() + FETCH_WITHIN;
         loop {
-            let holders = self.holders(intent, hinted).await;
-            let tried = blobs::fetch(
-                &self.mesh,
-                &self.bundles,
-                &holders,
-                &intent.app,
-                &intent.revision,
-            )
-            .await;
+            // Peers that fetched the revision first, the uploader after: the agent an
+            // operator uploaded to serves the first hosts, not every host.
+            let (peers, origins) = self.holders(intent, hinted).await;
+            let fetch = |holders: Vec<String>| async move {
+                blobs::fetch(
+                    &self.mesh,
+                    &self.bundles,
+                    &holders,
+                    &intent.app,
+                    &intent.revision,
+                )
+                .await
+            };
+            let mut tried = fetch(peers).await;
+            if let Err(e) = &tried
+                && matches!(
+                    e.kind,
+                    blobs::FetchErrorKind::NoHolders | blobs::FetchErrorKind::AllFailed { .. }
+                )
+                && !origins.is_empty()
+            {
+                tried = fetch(origins).await;
+            }
             match tried {
                 Ok(f) => return Ok(f),
                 Err(e)
@@ -286,10 +300,10 @@ impl HostSide {
         }
     }
 
-    /// Where to fetch the revision: the agents gossip says hold it and are up, and those
-    /// the coordinator named, never this host.
-    async fn holders(&self, intent: &Intent, hinted: &[String]) -> Vec<String> {
-        let mut holders: BTreeSet<String> = hinted.iter().cloned().collect();
+    /// Where to fetch the revision, never from this host: the agents gossip says hold it
+    /// and are up, and apart, the origins (those the coordinator named: the uploader).
+    async fn holders(&self, intent: &Intent, hinted: &[String]) -> (Vec<String>, Vec<String>) {
+        let mut holders: BTreeSet<String> = BTreeSet::new();
         if let Ok(hosts) = self.mesh.hosts().await {
             for h in hosts {
                 if matches!(h.state, MemberState::Alive | MemberState::Suspect)
@@ -302,6 +316,14 @@ impl HostSide {
             }
         }
         holders.remove(&self.name);
-        holders.into_iter().collect()
+        let origins: Vec<String> = hinted
+            .iter()
+            .filter(|h| **h != self.name)
+            .cloned()
+            .collect();
+        for origin in &origins {
+            holders.remove(origin);
+        }
+        (holders.into_iter().collect(), origins)
     }
 }
