@@ -368,8 +368,21 @@ fn a_failing_host_fails_the_deployment_and_a_stop_halts_between_batches() {
     );
     let id = accepted["id"].as_str().unwrap().to_string();
     let started = Mutex::new(0);
+    let mut live = None;
     wait_for("the first host to succeed", LONG, || {
         status(&fleet[3], &ca.operator, &id).is_ok_and(|v| {
+            // Live progress: the event a running host is in.
+            for h in v["hosts"].as_array().unwrap() {
+                if h["status"] == "InProgress"
+                    && let Some(e) = h["events"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|e| e["status"] == "InProgress")
+                {
+                    live = Some(format!("{} {}", h["name"], e["name"]));
+                }
+            }
             let done = v["hosts"]
                 .as_array()
                 .unwrap()
@@ -380,6 +393,11 @@ fn a_failing_host_fails_the_deployment_and_a_stop_halts_between_batches() {
             done >= 1
         })
     });
+    assert!(
+        live.as_deref()
+            .is_some_and(|l| l.contains("ValidateService")),
+        "a running host's current event was shown: {live:?}"
+    );
     let o = shoal()
         .args(["deploy", "stop", &id, "--json", "--peer"])
         .arg(fleet[4].addr.to_string())

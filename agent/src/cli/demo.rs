@@ -219,6 +219,7 @@ async fn deployments(
             deployment_group: "demo".into(),
             rollback: true,
             port: Some(port),
+            progress: None,
         };
         let record = host.deploy(&request).await;
         progress.finish_and_clear();

@@ -109,6 +109,7 @@ pub async fn run(
                 deployment_group: "local".into(),
                 rollback: !args.no_rollback,
                 port: args.port,
+                progress: None,
             };
             let progress = super::spinner(&format!(
                 "deploying {} to {}",

@@ -26,6 +26,7 @@ use openraft::Raft;
 use super::log::{Command, Deployment, HostReport, HostState, Response, TypeConfig, Verdict};
 use super::plan::{Planner, Status};
 use super::wire::{FleetRequest, HostAnswer, RunHost};
+use crate::lifecycle::status::EventStatus;
 use crate::mesh::frame::{Protocol, read_frame, write_frame};
 use crate::mesh::node::MeshHandle;
 
@@ -57,6 +58,19 @@ pub struct Ctx {
     pub holders: Arc<std::sync::Mutex<BTreeMap<String, Vec<String>>>>,
     /// This agent's own host side: the coordinator commands itself without the network.
     pub me: Arc<super::host::HostSide>,
+    /// The events of hosts running now, as they report them: (deployment, host) → events.
+    pub progress: Progress,
+}
+
+/// Hosts' live events, by (deployment, host): what `deploy status` shows of a host that
+/// has not reported yet. In memory only; a new leader learns them from the hosts again.
+pub type Progress = Arc<std::sync::Mutex<BTreeMap<(String, String), Vec<(String, EventStatus)>>>>;
+
+fn note(progress: &Progress, deployment: &str, host: &str, events: Vec<(String, EventStatus)>) {
+    progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert((deployment.to_owned(), host.to_owned()), events);
 }
 
 /// Proposes `command` and waits for it to be applied here.
@@ -157,11 +171,12 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
             let mesh = ctx.mesh.clone();
             let host = host.clone();
             let me = ctx.me.clone();
+            let progress = ctx.progress.clone();
             runs.spawn(async move {
                 let (verdict, report) = if host == me.name {
-                    command_self(&me, cmd).await
+                    command_self(&me, cmd, &progress).await
                 } else {
-                    command_host(&mesh, &host, &cmd).await
+                    command_host(&mesh, &host, &cmd, &progress).await
                 };
                 (host, verdict, report)
             });
@@ -190,6 +205,10 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
                     });
                 }
             }
+            ctx.progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(id.clone(), host.clone()));
             let _ = planner.host_done(&host, verdict.outcome());
         }
         open.clear();
@@ -239,7 +258,12 @@ pub fn replay(planner: &mut Planner, d: &Deployment) -> Vec<String> {
 }
 
 /// Commands this agent's own host side and waits for its result.
-async fn command_self(me: &Arc<super::host::HostSide>, cmd: RunHost) -> (Verdict, HostReport) {
+async fn command_self(
+    me: &Arc<super::host::HostSide>,
+    cmd: RunHost,
+    progress: &Progress,
+) -> (Verdict, HostReport) {
+    let deployment = cmd.deployment.clone();
     match me.accept(cmd).await {
         Err(why) => (
             Verdict::Failed {
@@ -251,24 +275,35 @@ async fn command_self(me: &Arc<super::host::HostSide>, cmd: RunHost) -> (Verdict
             },
         ),
         Ok(Ok(done)) => done,
-        Ok(Err(mut running)) => match running.wait_for(|r| r.is_some()).await {
-            Ok(done) => done.clone().expect("waited for"),
-            Err(_) => (
-                Verdict::Failed {
-                    reason: "the run ended without an outcome".into(),
-                },
-                HostReport::default(),
-            ),
+        Ok(Err(mut running)) => loop {
+            let state = running.borrow_and_update().clone();
+            if let Some(done) = state.done {
+                break done;
+            }
+            note(progress, &deployment, &me.name, state.events);
+            if running.changed().await.is_err() {
+                break (
+                    Verdict::Failed {
+                        reason: "the run ended without an outcome".into(),
+                    },
+                    HostReport::default(),
+                );
+            }
         },
     }
 }
 
 /// Commands `host` and waits for its result. A host that cannot be reached for
 /// [`UNREACHABLE_AFTER`] fails; one that refuses fails with its reason.
-async fn command_host(mesh: &MeshHandle, host: &str, cmd: &RunHost) -> (Verdict, HostReport) {
+async fn command_host(
+    mesh: &MeshHandle,
+    host: &str,
+    cmd: &RunHost,
+    progress: &Progress,
+) -> (Verdict, HostReport) {
     let mut unreachable_since: Option<Instant> = None;
     loop {
-        match try_command(mesh, host, cmd).await {
+        match try_command(mesh, host, cmd, progress).await {
             Ok(HostAnswer::Done { verdict, report }) => return (verdict, report),
             Ok(HostAnswer::Refused(why)) => {
                 return (
@@ -281,7 +316,7 @@ async fn command_host(mesh: &MeshHandle, host: &str, cmd: &RunHost) -> (Verdict,
                     },
                 );
             }
-            Ok(HostAnswer::Started) => unreachable_since = None,
+            Ok(HostAnswer::Started | HostAnswer::Progress(_)) => unreachable_since = None,
             Err(e) => {
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= UNREACHABLE_AFTER {
@@ -304,7 +339,12 @@ async fn command_host(mesh: &MeshHandle, host: &str, cmd: &RunHost) -> (Verdict,
 
 /// One command on one stream: the host's last answer (`Done` or `Refused`), or `Started`
 /// if the stream broke after the host started.
-async fn try_command(mesh: &MeshHandle, host: &str, cmd: &RunHost) -> anyhow::Result<HostAnswer> {
+async fn try_command(
+    mesh: &MeshHandle,
+    host: &str,
+    cmd: &RunHost,
+    progress: &Progress,
+) -> anyhow::Result<HostAnswer> {
     let (mut send, mut recv) = mesh.open_bi(host, Protocol::Fleet).await?;
     tokio::time::timeout(
         crate::mesh::node::STREAM_DEADLINE,
@@ -317,20 +357,38 @@ async fn try_command(mesh: &MeshHandle, host: &str, cmd: &RunHost) -> anyhow::Re
     if !matches!(first, HostAnswer::Started) {
         return Ok(first);
     }
-    match tokio::time::timeout(HOST_RUN_LIMIT, read_frame::<HostAnswer>(&mut recv)).await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) => {
-            tracing::debug!(%host, "the host's stream broke while it ran: {e}");
-            Ok(HostAnswer::Started)
+    let deadline = tokio::time::Instant::now() + HOST_RUN_LIMIT;
+    loop {
+        match tokio::time::timeout_at(deadline, read_frame::<HostAnswer>(&mut recv)).await {
+            Ok(Ok(HostAnswer::Progress(events))) => {
+                note(progress, &cmd.deployment, host, bounded(events));
+            }
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) => {
+                tracing::debug!(%host, "the host's stream broke while it ran: {e}");
+                return Ok(HostAnswer::Started);
+            }
+            Err(_) => {
+                return Ok(HostAnswer::Done {
+                    verdict: Verdict::Failed {
+                        reason: format!(
+                            "{host} did not finish within {} s",
+                            HOST_RUN_LIMIT.as_secs()
+                        ),
+                    },
+                    report: HostReport::default(),
+                });
+            }
         }
-        Err(_) => Ok(HostAnswer::Done {
-            verdict: Verdict::Failed {
-                reason: format!(
-                    "{host} did not finish within {} s",
-                    HOST_RUN_LIMIT.as_secs()
-                ),
-            },
-            report: HostReport::default(),
-        }),
     }
+}
+
+/// A host's progress as the coordinator keeps it: at most as many events as a report.
+fn bounded(events: Vec<(String, EventStatus)>) -> Vec<(String, EventStatus)> {
+    HostReport {
+        events,
+        tail: Vec::new(),
+    }
+    .bounded()
+    .events
 }

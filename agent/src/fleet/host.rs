@@ -31,8 +31,15 @@ use crate::mesh::view::MemberState;
 /// How long a host keeps trying to fetch a revision from its holders.
 pub const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// How a run ended here, for every command that waits on it.
-type Finished = watch::Receiver<Option<(Verdict, HostReport)>>;
+/// A run on this host as it goes: its events' statuses, then how it ended.
+#[derive(Clone, Debug, Default)]
+pub struct RunState {
+    pub events: Vec<(String, EventStatus)>,
+    pub done: Option<(Verdict, HostReport)>,
+}
+
+/// A run, for every command that waits on it.
+pub type Running = watch::Receiver<RunState>;
 
 /// The host side of fleet deployments.
 pub struct HostSide {
@@ -45,7 +52,7 @@ pub struct HostSide {
     /// This host's tags, as its configuration says now.
     pub tags: watch::Receiver<BTreeMap<String, String>>,
     /// Intents running here, by id.
-    running: Mutex<HashMap<String, Finished>>,
+    running: Mutex<HashMap<String, Running>>,
 }
 
 fn now_unix() -> u64 {
@@ -82,7 +89,7 @@ impl HostSide {
     pub async fn accept(
         self: &Arc<Self>,
         cmd: RunHost,
-    ) -> Result<Result<(Verdict, HostReport), Finished>, String> {
+    ) -> Result<Result<(Verdict, HostReport), Running>, String> {
         let now = now_unix();
         let intent = {
             let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
@@ -126,14 +133,14 @@ impl HostSide {
             Admission::Done(verdict) => Ok(Ok((verdict, HostReport::default()))),
             Admission::Resume if running.is_some() => Ok(Err(running.expect("checked"))),
             Admission::Run | Admission::Resume => {
-                let (tx, rx) = watch::channel(None);
+                let (tx, rx) = watch::channel(RunState::default());
                 self.running
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(id.clone(), rx.clone());
                 let this = self.clone();
                 tokio::spawn(async move {
-                    let (verdict, report) = this.run(&intent, &cmd.holders).await;
+                    let (verdict, report) = this.run(&intent, &cmd.holders, &tx).await;
                     let executed = this.executed.clone();
                     let (id, kept) = (intent.id.clone(), verdict.clone());
                     let finished = tokio::task::spawn_blocking(move || {
@@ -146,7 +153,7 @@ impl HostSide {
                     if !matches!(finished, Ok(Ok(()))) {
                         tracing::error!(intent = %intent.id, "the outcome could not be recorded: {finished:?}");
                     }
-                    let _ = tx.send(Some((verdict, report)));
+                    tx.send_modify(|r| r.done = Some((verdict, report)));
                     this.running
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -158,7 +165,12 @@ impl HostSide {
     }
 
     /// DownloadBundle, then the lifecycle.
-    async fn run(&self, intent: &Intent, hinted: &[String]) -> (Verdict, HostReport) {
+    async fn run(
+        &self,
+        intent: &Intent,
+        hinted: &[String],
+        state: &watch::Sender<RunState>,
+    ) -> (Verdict, HostReport) {
         let mut report = HostReport::default();
         let failed = |mut report: HostReport, reason: String| {
             let mut reason = reason;
@@ -198,6 +210,22 @@ impl HostSide {
             "DownloadBundle: {} bytes from {}",
             fetched.bytes, fetched.from
         ));
+        let (progress, mut events) =
+            tokio::sync::mpsc::unbounded_channel::<Vec<crate::lifecycle::plan::EventRecord>>();
+        let relay = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                while let Some(list) = events.recv().await {
+                    let list: Vec<(String, EventStatus)> = list
+                        .iter()
+                        .map(|e: &crate::lifecycle::plan::EventRecord| {
+                            (e.name.to_string(), e.status)
+                        })
+                        .collect();
+                    state.send_modify(|r| r.events = list);
+                }
+            })
+        };
         let request = DeployRequest {
             app: intent.app.clone(),
             bundle: fetched.path.clone(),
@@ -208,8 +236,25 @@ impl HostSide {
             },
             rollback: true,
             port: None,
+            progress: Some(progress),
         };
-        match self.host.deploy(&request).await {
+        // On a thread of its own: a hook that blocks its thread (a WASI sleep does) must not
+        // hold up one of the agent's few runtime workers, nor the relay of its progress.
+        let (host, runtime) = (self.host.clone(), tokio::runtime::Handle::current());
+        let deployed = tokio::task::spawn_blocking(move || {
+            runtime.block_on(async move { host.deploy(&request).await })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(
+                crate::lifecycle::run::DeployErrorKind::Host(anyhow::anyhow!(
+                    "the deployment's thread failed: {e}"
+                ))
+                .into(),
+            )
+        });
+        let _ = relay.await;
+        match deployed {
             Ok(record) => {
                 if record.revision.0 != intent.revision {
                     // The store verified the id; this would be a bug, and is said so.

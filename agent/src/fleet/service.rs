@@ -76,6 +76,7 @@ pub struct Fleet {
     verifier: Mutex<CertVerifier>,
     founding: tokio::sync::Mutex<()>,
     holders: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
+    progress: coordinator::Progress,
 }
 
 fn now_unix() -> u64 {
@@ -138,6 +139,7 @@ impl Fleet {
             verifier: Mutex::new(CertVerifier::new(ca)),
             founding: tokio::sync::Mutex::new(()),
             holders: Arc::new(Mutex::new(BTreeMap::new())),
+            progress: Default::default(),
         });
         tokio::spawn(log::network::serve(
             raft.clone(),
@@ -284,11 +286,27 @@ impl Fleet {
         }
     }
 
+    /// A deployment as the log has it, with the live events of hosts still running.
     fn view(&self, id: &str) -> Option<DeploymentView> {
-        self.reader.read(|s| {
+        let mut view = self.reader.read(|s| {
             s.get(id)
                 .map(|d| DeploymentView::of(d, Some(self.name.clone())))
-        })
+        })?;
+        let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        for host in &mut view.hosts {
+            if host.status == crate::lifecycle::status::HostStatus::InProgress
+                && let Some(events) = progress.get(&(view.id.clone(), host.name.clone()))
+            {
+                host.events = events
+                    .iter()
+                    .map(|(name, status)| super::wire::EventView {
+                        name: name.clone(),
+                        status: *status,
+                    })
+                    .collect();
+            }
+        }
+        Some(view)
     }
 
     /// The leader's answer.
@@ -503,6 +521,7 @@ impl Fleet {
                     mesh: self.mesh.clone(),
                     holders: self.holders.clone(),
                     me: self.host.clone(),
+                    progress: self.progress.clone(),
                 };
                 let deployment = id.clone();
                 driving.insert(
@@ -656,10 +675,20 @@ async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
                             {
                                 return;
                             }
-                            let done = running.wait_for(|r| r.is_some()).await;
-                            match done.ok().and_then(|r| r.clone()) {
-                                Some((verdict, report)) => HostAnswer::Done { verdict, report },
-                                None => return,
+                            // Each change of the run's events, then its end.
+                            loop {
+                                let state = running.borrow_and_update().clone();
+                                if let Some((verdict, report)) = state.done {
+                                    break HostAnswer::Done { verdict, report };
+                                }
+                                let told = tokio::time::timeout(
+                                    STREAM_DEADLINE,
+                                    write_frame(&mut send, &HostAnswer::Progress(state.events)),
+                                )
+                                .await;
+                                if !matches!(told, Ok(Ok(()))) || running.changed().await.is_err() {
+                                    return;
+                                }
                             }
                         }
                     };

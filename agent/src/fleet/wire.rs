@@ -73,10 +73,12 @@ pub struct RunHost {
 }
 
 /// A host's answers to [`RunHost`]: `Started` at once (or `Done` if it ran already), then
-/// `Done` when it ended; `Refused` if it will not run it.
+/// `Progress` as its events go, and `Done` when it ended; `Refused` if it will not run it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum HostAnswer {
     Started,
+    /// Every lifecycle event's status, sent each time one changes while the host runs.
+    Progress(Vec<(String, EventStatus)>),
     Done {
         verdict: Verdict,
         report: HostReport,

@@ -44,6 +44,9 @@ pub struct DeployRequest {
     pub rollback: bool,
     /// Overrides the service's port from the AppSpec.
     pub port: Option<u16>,
+    /// Told every event's status each time one changes (the rollback's events after the
+    /// deployment's), for live progress.
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<Vec<EventRecord>>>,
 }
 
 /// The result of one hook run, as kept in the deployment record.
@@ -298,8 +301,16 @@ impl LocalHost {
 
         let mut machine = Machine::new(previous.is_some(), req.rollback);
         let mut hooks_run = Vec::new();
+        let tell = |machine: &Machine| {
+            if let Some(progress) = &req.progress {
+                let mut events = machine.events.clone();
+                events.extend(machine.rollback_events.iter().cloned());
+                let _ = progress.send(events);
+            }
+        };
         loop {
             let action = machine.next_action();
+            tell(&machine);
             let side_release = |side: Side| match side {
                 Side::New => Some(&new),
                 Side::Previous => previous.as_ref(),
@@ -337,6 +348,7 @@ impl LocalHost {
                 }
             };
             machine.done(result.map_err(|e| format!("{e:#}")));
+            tell(&machine);
         }
         remove(&dir.journal())?;
         let record = self.record(
@@ -673,6 +685,7 @@ mod tests {
             deployment_group: "local".into(),
             rollback: true,
             port: None,
+            progress: None,
         }
     }
 

@@ -174,6 +174,11 @@ pub enum Refusal {
     HostsUnfinished { id: String, count: usize },
     #[error("deployment group {group:?} belongs to application {app:?}")]
     GroupOfAnotherApp { group: String, app: String },
+    #[error(
+        "deployment {deployment} of group {group:?} is still active: wait for it to end, or \
+         stop it (`shoal deploy stop {deployment}`)"
+    )]
+    GroupBusy { group: String, deployment: String },
 }
 
 /// Where a deployment is, as far as the log knows it: CodeDeploy's status
@@ -431,13 +436,24 @@ impl DeploymentsState {
                 Err(Refusal::DeploymentExists { id: new.id })
             };
         }
-        if let Some(group) = self.groups.get(&new.group)
-            && group.app != new.app
-        {
-            return Err(Refusal::GroupOfAnotherApp {
-                group: new.group,
-                app: group.app.clone(),
-            });
+        if let Some(group) = self.groups.get(&new.group) {
+            if group.app != new.app {
+                return Err(Refusal::GroupOfAnotherApp {
+                    group: new.group,
+                    app: group.app.clone(),
+                });
+            }
+            // As CodeDeploy: one active deployment per deployment group.
+            if let Some(active) = group.deployments.iter().rev().find(|id| {
+                self.deployments
+                    .get(*id)
+                    .is_some_and(|d| !d.status.is_ended())
+            }) {
+                return Err(Refusal::GroupBusy {
+                    group: new.group,
+                    deployment: active.clone(),
+                });
+            }
         }
         if new.hosts.is_empty() {
             return Err(Refusal::NoHosts { id: new.id });
@@ -713,6 +729,49 @@ mod tests {
         );
         assert_eq!(r, Response::Applied { fence: fence(1) });
         state
+    }
+
+    #[test]
+    fn a_group_has_one_active_deployment_and_remembers_its_last_success() {
+        let mut state = created();
+        let mut other = new_deployment("d2", &["a"]);
+        let refused = state.apply(fence(2), Command::CreateDeployment(other.clone()));
+        assert!(
+            matches!(&refused, Response::Refused(Refusal::GroupBusy { deployment, .. }) if deployment == "d1"),
+            "{refused:?}"
+        );
+        let mut foreign = new_deployment("d3", &["a"]);
+        foreign.app = "other".into();
+        assert!(matches!(
+            state.apply(fence(3), Command::CreateDeployment(foreign)),
+            Response::Refused(Refusal::GroupOfAnotherApp { .. })
+        ));
+        state.apply(fence(4), start("d1", &["a", "b", "c"]));
+        for h in ["a", "b", "c"] {
+            state.apply(fence(5), result("d1", h, Verdict::Succeeded));
+        }
+        state.apply(
+            fence(6),
+            Command::Finish {
+                deployment: "d1".into(),
+                verdict: Verdict::Succeeded,
+            },
+        );
+        let group = state.group("inference").unwrap();
+        assert_eq!(group.last_successful.as_deref(), Some("new"));
+        other.targets = "role=web".into();
+        assert_eq!(
+            state.apply(fence(7), Command::CreateDeployment(other)),
+            Response::Applied { fence: fence(7) }
+        );
+        let group = state.group("inference").unwrap();
+        assert_eq!(group.targets, "role=web");
+        assert_eq!(group.deployments, ["d1", "d2"]);
+        assert_eq!(
+            group.last_successful.as_deref(),
+            Some("new"),
+            "until d2 succeeds"
+        );
     }
 
     #[test]
