@@ -90,10 +90,9 @@ fn status(peer: &Agent, operator: &Path, id: &str) -> Result<serde_json::Value, 
 /// The batches a deployment ran, from its status: hosts grouped by the entry that started
 /// them, in log order.
 fn batches_run(view: &serde_json::Value) -> Vec<Vec<String>> {
-    let mut by_fence: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
+    let mut by_fence: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for h in view["hosts"].as_array().unwrap() {
-        if let Some(b) = h["batch"].as_object() {
-            let key = (b["term"].as_u64().unwrap(), b["index"].as_u64().unwrap());
+        if let Some(key) = h["batch"].as_u64() {
             by_fence
                 .entry(key)
                 .or_default()

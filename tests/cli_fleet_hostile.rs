@@ -99,14 +99,16 @@ async fn command(
         .await
         .unwrap();
     send.finish().unwrap();
-    let mut answer: HostAnswer = read_frame(&mut recv).await.unwrap();
-    if matches!(answer, HostAnswer::Started) {
-        answer = tokio::time::timeout(LONG, read_frame(&mut recv))
+    // Started and the events as they go, then how it ended.
+    loop {
+        let answer: HostAnswer = tokio::time::timeout(LONG, read_frame(&mut recv))
             .await
             .unwrap()
             .unwrap();
+        if !matches!(answer, HostAnswer::Started | HostAnswer::Progress(_)) {
+            return answer;
+        }
     }
-    answer
 }
 
 fn refused(answer: &HostAnswer, why: &str) {
@@ -331,6 +333,29 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("only an operator identity"), "{err}");
+
+    // And an agent's certificate asking the API to take a bundle is refused before a byte
+    // of it is kept, with the reason.
+    let (v1_path, peer) = (tmp.path().join("v1.tar.zst"), fleet[1].addr);
+    let asked = shoal_agent::api::ask_with(
+        peer,
+        None,
+        &insider_dir.join("identity"),
+        None,
+        &shoal_agent::api::Request::Upload {
+            app: "tiny".into(),
+            len: std::fs::metadata(&v1_path).unwrap().len(),
+        },
+        Some(&v1_path),
+        LONG,
+    )
+    .await;
+    let err = format!("{:#}", asked.err().expect("an agent's upload was taken"));
     assert!(err.contains("operator"), "{err}");
+    assert!(
+        !fleet[1].data_dir.join("bundles/tiny").exists(),
+        "nothing was kept"
+    );
     let _ = stop.send(true);
 }

@@ -295,9 +295,15 @@ async fn exchange(
             let mut file = tokio::fs::File::open(path)
                 .await
                 .with_context(|| format!("opening {}", path.display()))?;
-            tokio::io::copy(&mut file, &mut send)
-                .await
-                .with_context(|| format!("sending {} to {peer}", path.display()))?;
+            if let Err(e) = tokio::io::copy(&mut file, &mut send).await {
+                // The agent may have refused the request before reading what follows it:
+                // its answer says why.
+                let answer = tokio::time::timeout(STREAM_DEADLINE, read_frame(&mut recv)).await;
+                if let Ok(Ok(Response::Error(why))) = answer {
+                    bail!("{peer}: {why}");
+                }
+                return Err(e).with_context(|| format!("sending {} to {peer}", path.display()));
+            }
         }
         send.finish()?;
         let mut hosts = Vec::new();

@@ -116,6 +116,14 @@ pub async fn create(
     json: bool,
 ) -> Result<bool> {
     let operator = Identity::load(identity)?;
+    if operator.role != crate::identity::Role::Operator {
+        bail!(
+            "{} holds the agent identity of `{}`: only an operator identity may create a \
+             deployment (`shoal ca issue --operator`)",
+            identity.display(),
+            operator.name
+        );
+    }
     let targets = match targets {
         Some(t) => Targets::parse(t).context("--targets")?,
         None => {

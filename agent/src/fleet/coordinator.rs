@@ -26,7 +26,7 @@ use openraft::Raft;
 use super::log::{Command, Deployment, HostReport, HostState, Response, TypeConfig, Verdict};
 use super::plan::{Planner, Status};
 use super::wire::{FleetRequest, HostAnswer, RunHost};
-use crate::lifecycle::status::EventStatus;
+use crate::lifecycle::plan::EventRecord;
 use crate::mesh::frame::{Protocol, read_frame, write_frame};
 use crate::mesh::node::MeshHandle;
 
@@ -64,9 +64,9 @@ pub struct Ctx {
 
 /// Hosts' live events, by (deployment, host): what `deploy status` shows of a host that
 /// has not reported yet. In memory only; a new leader learns them from the hosts again.
-pub type Progress = Arc<std::sync::Mutex<BTreeMap<(String, String), Vec<(String, EventStatus)>>>>;
+pub type Progress = Arc<std::sync::Mutex<BTreeMap<(String, String), Vec<EventRecord>>>>;
 
-fn note(progress: &Progress, deployment: &str, host: &str, events: Vec<(String, EventStatus)>) {
+fn note(progress: &Progress, deployment: &str, host: &str, events: Vec<EventRecord>) {
     progress
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -384,7 +384,7 @@ async fn try_command(
 }
 
 /// A host's progress as the coordinator keeps it: at most as many events as a report.
-fn bounded(events: Vec<(String, EventStatus)>) -> Vec<(String, EventStatus)> {
+fn bounded(events: Vec<EventRecord>) -> Vec<EventRecord> {
     HostReport {
         events,
         tail: Vec::new(),

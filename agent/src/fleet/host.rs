@@ -22,7 +22,9 @@ use super::intent::{self, Admission, Executed, Intent, MAX_REASON};
 use super::log::{HostReport, Verdict};
 use super::wire::RunHost;
 use crate::blobs::{self, BundleStore};
+use crate::hooks::LifecycleEvent;
 use crate::identity::sign::CertVerifier;
+use crate::lifecycle::plan::EventRecord;
 use crate::lifecycle::status::EventStatus;
 use crate::lifecycle::{DeployRequest, LocalHost};
 use crate::mesh::node::MeshHandle;
@@ -34,7 +36,7 @@ pub const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(120
 /// A run on this host as it goes: its events' statuses, then how it ended.
 #[derive(Clone, Debug, Default)]
 pub struct RunState {
-    pub events: Vec<(String, EventStatus)>,
+    pub events: Vec<EventRecord>,
     pub done: Option<(Verdict, HostReport)>,
 }
 
@@ -200,9 +202,10 @@ impl HostSide {
         let fetched = match fetched {
             Ok(f) => f,
             Err(e) => {
-                report
-                    .events
-                    .push(("DownloadBundle".into(), EventStatus::Failed));
+                report.events.push(EventRecord {
+                    name: LifecycleEvent::DownloadBundle,
+                    status: EventStatus::Failed,
+                });
                 return failed(report, format!("DownloadBundle: {e}"));
             }
         };
@@ -210,18 +213,11 @@ impl HostSide {
             "DownloadBundle: {} bytes from {}",
             fetched.bytes, fetched.from
         ));
-        let (progress, mut events) =
-            tokio::sync::mpsc::unbounded_channel::<Vec<crate::lifecycle::plan::EventRecord>>();
+        let (progress, mut events) = tokio::sync::mpsc::unbounded_channel::<Vec<EventRecord>>();
         let relay = {
             let state = state.clone();
             tokio::spawn(async move {
                 while let Some(list) = events.recv().await {
-                    let list: Vec<(String, EventStatus)> = list
-                        .iter()
-                        .map(|e: &crate::lifecycle::plan::EventRecord| {
-                            (e.name.to_string(), e.status)
-                        })
-                        .collect();
                     state.send_modify(|r| r.events = list);
                 }
             })
@@ -269,12 +265,11 @@ impl HostSide {
                 // The lifecycle's own DownloadBundle stands for the fetch done above.
                 for host in &record.hosts {
                     for event in &host.events {
-                        let status = if event.name.to_string() == "DownloadBundle" {
-                            EventStatus::Succeeded
-                        } else {
-                            event.status
-                        };
-                        report.events.push((event.name.to_string(), status));
+                        let mut event = event.clone();
+                        if event.name == LifecycleEvent::DownloadBundle {
+                            event.status = EventStatus::Succeeded;
+                        }
+                        report.events.push(event);
                     }
                 }
                 for hook in &record.hooks {

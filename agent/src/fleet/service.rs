@@ -297,13 +297,7 @@ impl Fleet {
             if host.status == crate::lifecycle::status::HostStatus::InProgress
                 && let Some(events) = progress.get(&(view.id.clone(), host.name.clone()))
             {
-                host.events = events
-                    .iter()
-                    .map(|(name, status)| super::wire::EventView {
-                        name: name.clone(),
-                        status: *status,
-                    })
-                    .collect();
+                host.events = events.clone();
             }
         }
         Some(view)

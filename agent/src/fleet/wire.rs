@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::intent::{SignedIntent, SignedStop};
 use super::log::{Deployment, Fence, Group, HostReport, HostState, Verdict};
-use crate::lifecycle::status::{DeploymentStatus, EventStatus, HostStatus};
+use crate::lifecycle::plan::EventRecord;
+use crate::lifecycle::run::HostRecord;
+use crate::lifecycle::status::{DeploymentStatus, HostStatus};
 
 /// What an operator asks of the fleet, through any agent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,7 +80,7 @@ pub struct RunHost {
 pub enum HostAnswer {
     Started,
     /// Every lifecycle event's status, sent each time one changes while the host runs.
-    Progress(Vec<(String, EventStatus)>),
+    Progress(Vec<EventRecord>),
     Done {
         verdict: Verdict,
         report: HostReport,
@@ -101,31 +103,13 @@ pub struct DeploymentView {
     pub config: String,
     pub targets: String,
     pub created_at_ms: u64,
-    pub hosts: Vec<HostView>,
+    /// Every host, with the same record `deploy local` prints for its host.
+    pub hosts: Vec<HostRecord>,
     /// A rollback of this deployment (automatic rollbacks are not built yet).
     pub rollback: Option<String>,
     /// Set when the agent that answered cannot reach a majority of the log: what it shows
     /// may be out of date and nothing progresses.
     pub warning: Option<String>,
-}
-
-/// One host of a deployment.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HostView {
-    pub name: String,
-    pub status: HostStatus,
-    pub reason: Option<String>,
-    /// The batch it was started in, by the position of the log entry that started it.
-    pub batch: Option<Fence>,
-    pub events: Vec<EventView>,
-    /// The last lines of its hook logs.
-    pub log_tail: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EventView {
-    pub name: String,
-    pub status: EventStatus,
 }
 
 /// A line of `shoal deploy list`.
@@ -174,23 +158,15 @@ impl DeploymentView {
             hosts: d
                 .hosts
                 .iter()
-                .map(|(name, h)| HostView {
+                .map(|(name, h)| HostRecord {
                     name: name.clone(),
                     status: h.state.status(),
                     reason: match &h.state {
                         HostState::Failed { reason } => Some(reason.clone()),
                         _ => None,
                     },
-                    batch: h.started,
-                    events: h
-                        .report
-                        .events
-                        .iter()
-                        .map(|(name, status)| EventView {
-                            name: name.clone(),
-                            status: *status,
-                        })
-                        .collect(),
+                    batch: h.started.map(|f| f.index),
+                    events: h.report.events.clone(),
                     log_tail: h.report.tail.clone(),
                 })
                 .collect(),

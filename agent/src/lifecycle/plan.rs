@@ -11,7 +11,7 @@
 //! revision's files installed again, its service started, and its ApplicationStart and
 //! ValidateService hooks run again.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::hooks::LifecycleEvent;
 
@@ -51,7 +51,7 @@ pub enum Action {
 
 pub use super::status::EventStatus;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EventRecord {
     pub name: LifecycleEvent,
     pub status: EventStatus,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::install;
 use super::plan::{Action, EventRecord, Machine, Outcome, Side};
@@ -61,11 +61,20 @@ pub struct HookResult {
     pub log: PathBuf,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// One host's part in a deployment: the record `deploy local` prints for its host and
+/// `deploy status` for each host of a fleet deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRecord {
     pub name: String,
     pub status: HostStatus,
+    /// Why it failed, when it did.
+    pub reason: Option<String>,
+    /// In a fleet deployment, the batch it ran in: the index of the log entry that started
+    /// it (hosts with the same index were one batch).
+    pub batch: Option<u64>,
     pub events: Vec<EventRecord>,
+    /// The last lines of its hook logs (a fleet deployment's; `hooks` has them locally).
+    pub log_tail: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -522,15 +531,18 @@ impl LocalHost {
             app: req.app.clone(),
             revision: new.id.clone(),
             status,
-            message,
             hosts: vec![HostRecord {
                 name: self.host_name.clone(),
                 status: match status {
                     DeploymentStatus::Succeeded => HostStatus::Succeeded,
                     _ => HostStatus::Failed,
                 },
+                reason: (status != DeploymentStatus::Succeeded).then(|| message.clone()),
+                batch: None,
                 events: machine.events.clone(),
+                log_tail: Vec::new(),
             }],
+            message,
             rollback,
             hooks,
             started_at,
@@ -599,7 +611,10 @@ impl LocalHost {
             hosts: vec![HostRecord {
                 name: self.host_name.clone(),
                 status: HostStatus::Failed,
+                reason: Some(message.to_string()),
+                batch: None,
                 events: Vec::new(),
+                log_tail: Vec::new(),
             }],
             rollback: None,
             hooks: Vec::new(),

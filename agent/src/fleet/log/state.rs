@@ -26,6 +26,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Revision};
+use crate::lifecycle::plan::EventRecord;
 use crate::lifecycle::status;
 
 /// A fencing token: the Raft term and log index of the committed entry that authorised a
@@ -259,7 +260,7 @@ pub struct DeploymentHost {
 }
 
 /// The most events a host report keeps (CodeDeploy's in-place lifecycle has 9, a rollback
-/// as many again).
+/// as many again, the traffic events 6 more).
 pub const MAX_REPORT_EVENTS: usize = 24;
 /// The most log lines a host report keeps, and their longest length in bytes.
 pub const MAX_REPORT_LINES: usize = 10;
@@ -270,20 +271,17 @@ pub const MAX_REPORT_LINE: usize = 200;
 /// one host cannot swell the log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostReport {
-    /// Lifecycle events in the order they ran (DownloadBundle first), with their status.
-    pub events: Vec<(String, status::EventStatus)>,
+    /// Lifecycle events in the order they ran, with their status.
+    pub events: Vec<EventRecord>,
     /// The last lines of the hook logs (a failed hook's reason last).
     pub tail: Vec<String>,
 }
 
 impl HostReport {
-    /// The report cut to [`MAX_REPORT_EVENTS`] events (names cut to 64 bytes) and the last
+    /// The report cut to [`MAX_REPORT_EVENTS`] events and the last
     /// [`MAX_REPORT_LINES`] lines of at most [`MAX_REPORT_LINE`] bytes each.
     pub fn bounded(mut self) -> HostReport {
         self.events.truncate(MAX_REPORT_EVENTS);
-        for (name, _) in &mut self.events {
-            cut(name, 64);
-        }
         let skip = self.tail.len().saturating_sub(MAX_REPORT_LINES);
         self.tail.drain(..skip);
         for line in &mut self.tail {
