@@ -351,7 +351,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
         LONG,
     )
     .await;
-    let err = format!("{:#}", asked.err().expect("an agent's upload was taken"));
+    let err = format!("{:#}", asked.expect_err("an agent's upload was taken"));
     assert!(err.contains("operator"), "{err}");
     assert!(
         !fleet[1].data_dir.join("bundles/tiny").exists(),

@@ -95,7 +95,7 @@ async fn status(peer: &str, identity: &Path, id: &str) -> Result<DeploymentView>
     )
     .await?
     {
-        OperatorAnswer::Deployment(view) => Ok(view),
+        OperatorAnswer::Deployment(view) => Ok(*view),
         _ => bail!("{peer} answered something other than a deployment"),
     }
 }
@@ -209,7 +209,7 @@ pub async fn create(
     )
     .await?
     {
-        OperatorAnswer::Deployment(view) => view,
+        OperatorAnswer::Deployment(view) => *view,
         _ => bail!("{peer} answered something other than the deployment"),
     };
     if !wait {
@@ -470,7 +470,7 @@ pub async fn run_stop(
     let operator = Identity::load(identity_dir)?;
     let stop = intent::sign_stop(&args.id, &operator, now_unix())?;
     let view = match ask(peer, identity_dir, OperatorRequest::Stop { stop }).await? {
-        OperatorAnswer::Deployment(view) => view,
+        OperatorAnswer::Deployment(view) => *view,
         _ => bail!("{peer} answered something other than the deployment"),
     };
     if json {

@@ -312,7 +312,7 @@ impl Fleet {
                 match self.view(&id) {
                     Some(mut view) => {
                         view.warning = warning;
-                        OperatorAnswer::Deployment(view)
+                        OperatorAnswer::Deployment(Box::new(view))
                     }
                     None => OperatorAnswer::Refused(format!(
                         "no deployment {} in the log",
@@ -328,7 +328,7 @@ impl Fleet {
                         .map(DeploymentSummary::of)
                         .collect()
                 });
-                list.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+                list.sort_by_key(|d| std::cmp::Reverse(d.created_at_ms));
                 list.truncate(MAX_LISTED);
                 OperatorAnswer::Deployments(list)
             }
@@ -356,7 +356,7 @@ impl Fleet {
                     Ok(Response::Applied { .. } | Response::Unchanged) => {
                         tracing::info!(deployment = %stop.deployment, operator = %stop.operator, "deployment stopped");
                         match self.view(&stop.deployment) {
-                            Some(v) => OperatorAnswer::Deployment(v),
+                            Some(v) => OperatorAnswer::Deployment(Box::new(v)),
                             None => OperatorAnswer::Refused("the deployment vanished".into()),
                         }
                     }
@@ -378,7 +378,7 @@ impl Fleet {
             Err(e) => return OperatorAnswer::Refused(format!("intent refused: {e}")),
         };
         if let Some(existing) = self.view(&intent.id) {
-            return OperatorAnswer::Deployment(existing);
+            return OperatorAnswer::Deployment(Box::new(existing));
         }
         let group = if intent.group.is_empty() {
             intent.app.clone()
@@ -444,7 +444,7 @@ impl Fleet {
             Ok(Response::Applied { .. } | Response::Unchanged) => {
                 tracing::info!(deployment = %intent.id, app = %intent.app, operator = %intent.operator, hosts = chosen.hosts.len(), "deployment created");
                 match self.view(&intent.id) {
-                    Some(v) => OperatorAnswer::Deployment(v),
+                    Some(v) => OperatorAnswer::Deployment(Box::new(v)),
                     None => OperatorAnswer::Refused("the deployment vanished".into()),
                 }
             }

@@ -42,7 +42,7 @@ pub const MAX_LISTED: usize = 1000;
 /// The leader's answer to an [`OperatorRequest`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum OperatorAnswer {
-    Deployment(DeploymentView),
+    Deployment(Box<DeploymentView>),
     Deployments(Vec<DeploymentSummary>),
     Groups(Vec<GroupView>),
     /// Refused, with the reason for the operator.
