@@ -142,6 +142,18 @@ fn revision_of(path: &Path) -> Result<String> {
     b.appspec
         .deployable()
         .map_err(|errors| anyhow!("refusing the bundle: its AppSpec has errors:\n{errors}"))?;
+    // What every host would refuse, refused here before anything is uploaded.
+    for hooks in b.appspec.hooks.values() {
+        for h in hooks {
+            if !b.root.join(&h.location).is_file() {
+                bail!(
+                    "refusing the bundle: appspec.yml line {}: hook {} is not a file in the bundle",
+                    h.line,
+                    h.location
+                );
+            }
+        }
+    }
     Ok(b.id.0)
 }
 
