@@ -1,12 +1,15 @@
 //! A compromised agent against a real host: an in-process agent with a valid agent
-//! certificate of the fleet (the insider; a coordinator would hold no more) joins a mesh of
-//! real `shoal agent` processes on 127.83.1.x and commands a host directly, as a rogue
-//! coordinator would. The host checks everything itself and refuses, with a reason: an
-//! intent signed by an agent, an unsigned one, a forged one, one from another fleet's
-//! operator, one for hosts it is not, one whose bundle is another revision, and one it
-//! already executed (run again with the same fence: reported, not run; with a lower fence:
-//! refused). Only an operator's intent for this host and this revision runs, once. An
-//! agent's identity also cannot create a deployment through the CLI.
+//! certificate of the fleet (the insider) joins a mesh of real `shoal agent` processes on
+//! 127.83.1.x and commands a host directly, as a rogue coordinator would. The host checks
+//! everything itself and refuses, with a reason: an intent signed by an agent, an unsigned
+//! one, a forged one, one from another fleet's operator, one for hosts it is not, and a
+//! genuine operator intent that the deployment log never started on this host (no
+//! majority of the voters holds the entry its fence names). During a real deployment the
+//! insider gossips that it holds the revision and serves another bundle's bytes: the host
+//! refuses them, fetches from the uploader and installs the signed revision, once; the
+//! deployment's own intent replayed with its real fence is answered with its outcome and
+//! runs nothing, and with a fence the log never gave is refused. An agent's identity can
+//! neither create a deployment through the CLI nor upload a bundle.
 
 #[path = "support/fleet.rs"]
 mod fleet;
@@ -23,7 +26,7 @@ use shoal_agent::fleet::intent::{self, INTENT_CONTEXT, Intent, SignedIntent};
 use shoal_agent::fleet::log::{Fence, Verdict};
 use shoal_agent::fleet::plan::DeploymentConfig;
 use shoal_agent::fleet::targets::Targets;
-use shoal_agent::fleet::wire::{FleetRequest, HostAnswer, RunHost};
+use shoal_agent::fleet::wire::{FleetRequest, HostAnswer, OperatorRequest, RunHost};
 use shoal_agent::identity::sign::Signer;
 use shoal_agent::identity::{Identity, Role};
 use shoal_agent::mesh::frame::{Protocol, read_frame, write_frame};
@@ -92,7 +95,7 @@ async fn command(
         deployment: id.id,
         intent: intent.clone(),
         fence,
-        holders: vec!["insider".into()],
+        holders: Vec::new(),
     };
     let (mut send, mut recv) = insider.open_bi(host, Protocol::Fleet).await.unwrap();
     write_frame(&mut send, &FleetRequest::RunHost(cmd))
@@ -166,7 +169,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
         insider_dir.join("data"),
         insider.serve(Protocol::Blobs),
     ));
-    let (_local, local_rx) = watch::channel(LocalState::default());
+    let (local, local_rx) = watch::channel(LocalState::default());
     let (stop, mut stopped) = watch::channel(false);
     tokio::spawn(mesh.run(local_rx, async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -261,38 +264,132 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     );
     assert_eq!(records(&fleet[0].data_dir), 0, "nothing ran so far");
 
-    // An operator's intent for v3, but the bundle served is v2: refused before installing.
-    let wrong = operator_intent(&operator, "role=inference", &r3);
-    match command(&insider, host, &wrong, fence(1)).await {
-        HostAnswer::Done {
-            verdict: Verdict::Failed { reason },
-            ..
-        } => assert!(
-            reason.contains(&r3.0) && reason.contains(&r2.0),
-            "the reason names both revisions: {reason}"
-        ),
-        other => panic!("a wrong bundle was not refused: {other:?}"),
-    }
-    assert_eq!(records(&fleet[0].data_dir), 0, "nothing was installed");
-    assert!(!fleet[0].install_root.join("srv/tiny").exists());
+    // An operator's intent, genuine, for this host: without the log behind the command
+    // (no entry started this host with this fence), the host does nothing.
+    let genuine = operator_intent(&operator, "role=inference", &r1);
+    refused(
+        &command(&insider, host, &genuine, fence(10)).await,
+        "did not confirm this command",
+    );
+    assert_eq!(records(&fleet[0].data_dir), 0, "nothing ran so far");
 
-    // The real thing runs, once.
-    let good = operator_intent(&operator, "role=inference", &r1);
-    match command(&insider, host, &good, fence(10)).await {
-        HostAnswer::Done {
-            verdict: Verdict::Succeeded,
-            ..
-        } => {}
-        other => panic!("an operator's intent did not run: {other:?}"),
-    }
+    // A real deployment of v1 to agent-1, uploaded to agent-2, while the insider gossips
+    // that it holds v1 and serves v2's bytes under that id: the host refuses those bytes
+    // (wrong revision), fetches from the uploader and installs v1, once.
+    let mut apps = std::collections::BTreeMap::new();
+    let mut held = std::collections::BTreeSet::new();
+    held.insert(r1.0.clone());
+    apps.insert(
+        "tiny".to_string(),
+        shoal_agent::mesh::hoststate::AppRecord {
+            revision: None,
+            health: shoal_agent::mesh::hoststate::Health::None,
+            held,
+        },
+    );
+    std::fs::rename(
+        stored.join(format!("{}.bundle", r1.0)),
+        stored.join("v1.kept"),
+    )
+    .unwrap();
+    std::fs::copy(
+        stored.join(format!("{}.bundle", r3.0)),
+        stored.join(format!("{}.bundle", r1.0)),
+    )
+    .unwrap();
+    local
+        .send(LocalState {
+            apps,
+            ..LocalState::default()
+        })
+        .unwrap();
+    let (peer, op, first) = (fleet[1].addr, ca.operator.clone(), fleet[0].addr);
+    tokio::task::spawn_blocking(move || {
+        wait_for("agent-1 to hear the insider holds v1", LONG, || {
+            hosts(first, &op).is_ok_and(|l| {
+                l.iter().any(|h| {
+                    h["name"] == "insider"
+                        && h["apps"]["tiny"].is_null()
+                        && h["details"]["tiny"]["held"]
+                            .as_array()
+                            .is_some_and(|a| !a.is_empty())
+                })
+            })
+        });
+        let _ = peer;
+    })
+    .await
+    .unwrap();
+    // As `deploy create` does it: upload to agent-2, sign, create; then wait for the end.
+    let uploaded = shoal_agent::api::ask_with(
+        fleet[1].addr,
+        None,
+        &ca.operator,
+        None,
+        &shoal_agent::api::Request::Upload {
+            app: "tiny".into(),
+            len: std::fs::metadata(&v1).unwrap().len(),
+        },
+        Some(&v1),
+        LONG,
+    )
+    .await
+    .unwrap();
+    let shoal_agent::api::Answer::Uploaded { holder, .. } = uploaded else {
+        panic!("not uploaded: {uploaded:?}");
+    };
+    let signed = operator_intent(&operator, "host=agent-1", &r1);
+    let id: Intent = serde_json::from_slice(&signed.body).unwrap();
+    let id = id.id;
+    shoal_agent::api::ask_with(
+        fleet[1].addr,
+        None,
+        &ca.operator,
+        None,
+        &shoal_agent::api::Request::Fleet(OperatorRequest::Create {
+            intent: signed.clone(),
+            holder: Some(holder),
+        }),
+        None,
+        LONG,
+    )
+    .await
+    .unwrap();
+    let (peer, op, wanted) = (fleet[1].addr.to_string(), ca.operator.clone(), id.clone());
+    let view = tokio::task::spawn_blocking(move || {
+        let o = shoal()
+            .args([
+                "deploy", "status", &wanted, "--watch", "--json", "--peer", &peer,
+            ])
+            .arg("--identity")
+            .arg(&op)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(view["status"], "Succeeded", "{view}");
     assert_eq!(records(&fleet[0].data_dir), 1);
     assert_eq!(
         std::fs::read_to_string(fleet[0].install_root.join("srv/tiny/payload.txt")).unwrap(),
         "v1"
     );
-    // Replayed with the same fence, or a newer one: its outcome, nothing run again.
-    for f in [fence(10), Fence { term: 2, index: 1 }] {
-        match command(&insider, host, &good, f).await {
+    let log = std::fs::read_to_string(&fleet[0].log).unwrap();
+    assert!(
+        log.contains("a holder served something else") && log.contains("insider"),
+        "the insider's bytes were refused, and said so: {log}"
+    );
+
+    // The deployment's own intent, replayed with the fence the log gave it: reported
+    // again, nothing run again. With a fence the log never gave: refused.
+    let index = view["hosts"][0]["batch"].as_u64().unwrap();
+    let list =
+        std::fs::read_to_string(fleet[0].data_dir.join("executed/executed-intents.json")).unwrap();
+    assert!(list.contains(&id), "the host remembers the intent it ran");
+    {
+        match command(&insider, host, &signed, Fence { term: 1, index }).await {
             HostAnswer::Done {
                 verdict: Verdict::Succeeded,
                 ..
@@ -301,11 +398,21 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
         }
     }
     assert_eq!(records(&fleet[0].data_dir), 1, "a replay ran nothing");
-    // A lower fence: a deposed coordinator.
-    refused(
-        &command(&insider, host, &good, fence(9)).await,
-        "deposed coordinator",
-    );
+    for f in [
+        Fence {
+            term: 1,
+            index: index - 1,
+        },
+        Fence {
+            term: 9,
+            index: index + 50,
+        },
+    ] {
+        refused(
+            &command(&insider, host, &signed, f).await,
+            "did not confirm this command",
+        );
+    }
 
     // Through the CLI, an agent's identity cannot create a deployment.
     let agent_identity = insider_dir.join("identity");
@@ -344,7 +451,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
         &insider_dir.join("identity"),
         None,
         &shoal_agent::api::Request::Upload {
-            app: "tiny".into(),
+            app: "other".into(),
             len: std::fs::metadata(&v1_path).unwrap().len(),
         },
         Some(&v1_path),
@@ -354,7 +461,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     let err = format!("{:#}", asked.expect_err("an agent's upload was taken"));
     assert!(err.contains("operator"), "{err}");
     assert!(
-        !fleet[1].data_dir.join("bundles/tiny").exists(),
+        !fleet[1].data_dir.join("bundles/other").exists(),
         "nothing was kept"
     );
     let _ = stop.send(true);

@@ -55,9 +55,11 @@ pub struct HostSide {
     pub tags: watch::Receiver<BTreeMap<String, String>>,
     /// Intents running here, by id.
     running: Mutex<HashMap<String, Running>>,
+    /// Held while a command is admitted.
+    admitting: tokio::sync::Mutex<()>,
 }
 
-fn now_unix() -> u64 {
+pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -83,6 +85,7 @@ impl HostSide {
             executed: Arc::new(Mutex::new(executed)),
             tags,
             running: Mutex::new(HashMap::new()),
+            admitting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -93,19 +96,10 @@ impl HostSide {
         cmd: RunHost,
     ) -> Result<Result<(Verdict, HostReport), Running>, String> {
         let now = now_unix();
-        let intent = {
-            let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
-            intent::verify(&cmd.intent, &mut verifier, now).map_err(|e| e.to_string())?
-        };
-        if intent.id != cmd.deployment {
-            return Err(format!(
-                "the command is for deployment {} but carries intent {}",
-                crate::fleet::targets::quote(&cmd.deployment),
-                intent.id
-            ));
-        }
-        let tags = self.tags.borrow().clone();
-        intent::check_host(&intent, &self.name, &tags).map_err(|e| e.to_string())?;
+        let intent = self.check(&cmd, now)?;
+        // One command at a time from here to the run's registration: two coordinators'
+        // commands for one intent (a failover) must not both start it.
+        let _admitting = self.admitting.lock().await;
         let running = self
             .running
             .lock()
@@ -164,6 +158,26 @@ impl HostSide {
                 Ok(Err(rx))
             }
         }
+    }
+
+    /// What a host checks of a command before anything else: the operator's signature
+    /// (fleet CA, role, age), that the command names the intent it carries, and that this
+    /// host is among the signed targets by its own tags. Returns the intent.
+    pub fn check(&self, cmd: &RunHost, now: u64) -> Result<Intent, String> {
+        let intent = {
+            let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
+            intent::verify(&cmd.intent, &mut verifier, now).map_err(|e| e.to_string())?
+        };
+        if intent.id != cmd.deployment {
+            return Err(format!(
+                "the command is for deployment {} but carries intent {}",
+                crate::fleet::targets::quote(&cmd.deployment),
+                intent.id
+            ));
+        }
+        let tags = self.tags.borrow().clone();
+        intent::check_host(&intent, &self.name, &tags).map_err(|e| e.to_string())?;
+        Ok(intent)
     }
 
     /// DownloadBundle, then the lifecycle.

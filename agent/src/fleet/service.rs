@@ -36,8 +36,8 @@ use super::coordinator::{self, COMMIT_WITHIN, Ctx};
 use super::host::HostSide;
 use super::intent::{self, SignedIntent};
 use super::log::{
-    self, Command, NewDeployment, Node, NodeId, PlannedHost, Response, StateReader, TypeConfig,
-    node_id,
+    self, Command, Fence, NewDeployment, Node, NodeId, PlannedHost, Response, StateReader,
+    TypeConfig, node_id,
 };
 use super::plan::Planner;
 use super::targets;
@@ -62,6 +62,8 @@ const MAX_DRIVING: usize = 64;
 const MAX_SERVING: usize = 64;
 /// How long a forwarded operator request may take, commit included.
 const FORWARD_WITHIN: Duration = Duration::from_secs(20);
+/// How long a host keeps asking the voters to confirm a command.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
 /// How often the coordinator looks for deployments to drive and the voters are checked.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -70,6 +72,8 @@ pub struct Fleet {
     pub name: String,
     addr: SocketAddr,
     raft: Raft<TypeConfig>,
+    /// The log's entries, read to confirm a command's fence to a host.
+    log: log::LogStore,
     reader: StateReader,
     mesh: MeshHandle,
     host: Arc<HostSide>,
@@ -124,7 +128,7 @@ impl Fleet {
             node_id(&name),
             config,
             log::network::Network::new(mesh.clone()),
-            log_store,
+            log_store.clone(),
             sm,
         )
         .await
@@ -133,6 +137,7 @@ impl Fleet {
             name,
             addr,
             raft: raft.clone(),
+            log: log_store,
             reader,
             mesh: mesh.clone(),
             host,
@@ -593,6 +598,115 @@ impl Fleet {
         }
     }
 
+    /// Whether this agent's copy of the log started `host` in `deployment` with `fence`:
+    /// the entry at the fence's index has the fence's term and is that `StartHosts` (or,
+    /// once the entry is compacted away, the applied state still has the host in progress
+    /// under that fence).
+    async fn holds_start(&self, deployment: &str, host: &str, fence: Fence) -> bool {
+        use openraft::storage::RaftLogReader;
+        let mut log = self.log.clone();
+        if let Ok(entries) = log.try_get_log_entries(fence.index..=fence.index).await
+            && let Some(entry) = entries.first()
+        {
+            return entry.log_id.leader_id.term == fence.term
+                && matches!(
+                    &entry.payload,
+                    openraft::EntryPayload::Normal(Command::StartHosts { deployment: d, hosts })
+                        if d == deployment && hosts.iter().any(|h| h == host)
+                );
+        }
+        self.reader.read(|s| {
+            s.get(deployment)
+                .and_then(|d| d.hosts.get(host))
+                .is_some_and(|h| h.state == log::HostState::InProgress { fence })
+        })
+    }
+
+    /// Checks with the log's voters that a command to this host is the log's: a majority of
+    /// the voters this agent hears of (each voter speaks for itself in gossip) must hold
+    /// the entry that started this host under the command's fence. An agent that is not
+    /// the coordinator, or a coordinator that was deposed before its entry committed,
+    /// cannot get a host to act; a command for a fence no entry has is refused. Voters that
+    /// lag in gossip are asked again for [`CONFIRM_WITHIN`].
+    async fn confirm(&self, cmd: &super::wire::RunHost) -> Result<(), String> {
+        let deadline = Instant::now() + CONFIRM_WITHIN;
+        loop {
+            let mut voters: BTreeSet<String> = self
+                .mesh
+                .hosts()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|h| h.log.as_ref().is_some_and(|l| l.voter))
+                .map(|h| h.name)
+                .collect();
+            let m = self.raft.metrics().borrow().clone();
+            let me = node_id(&self.name);
+            if m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == me)
+            {
+                voters.insert(self.name.clone());
+            }
+            let mut asked = tokio::task::JoinSet::new();
+            for voter in &voters {
+                let (voter, mesh) = (voter.clone(), self.mesh.clone());
+                let (deployment, host, fence) =
+                    (cmd.deployment.clone(), self.name.clone(), cmd.fence);
+                if voter == self.name {
+                    let yes = self.holds_start(&deployment, &host, fence).await;
+                    asked.spawn(async move { Some(yes) });
+                    continue;
+                }
+                asked.spawn(async move {
+                    let ask = async {
+                        let (mut send, mut recv) = mesh.open_bi(&voter, Protocol::Fleet).await?;
+                        write_frame(
+                            &mut send,
+                            &FleetRequest::Confirm {
+                                deployment,
+                                host,
+                                fence,
+                            },
+                        )
+                        .await?;
+                        send.finish()?;
+                        anyhow::Ok(read_frame::<bool>(&mut recv).await?)
+                    };
+                    match tokio::time::timeout(STREAM_DEADLINE, ask).await {
+                        Ok(Ok(answer)) => Some(answer),
+                        _ => None,
+                    }
+                });
+            }
+            let (mut yes, mut no) = (0, 0);
+            while let Some(answer) = asked.join_next().await {
+                match answer {
+                    Ok(Some(true)) => yes += 1,
+                    Ok(Some(false)) => no += 1,
+                    _ => {}
+                }
+            }
+            if !voters.is_empty() && yes * 2 > voters.len() {
+                return Ok(());
+            }
+            // Asked again only while some voter is unknown or did not answer; a majority
+            // that says no is final.
+            if Instant::now() >= deadline || (!voters.is_empty() && no * 2 >= voters.len()) {
+                return Err(format!(
+                    "the deployment log did not confirm this command: {yes} of the {} voters \
+                     this host hears of hold the entry {} that would start it; it comes from an \
+                     agent that does not coordinate the deployment, or from a deposed \
+                     coordinator",
+                    voters.len(),
+                    cmd.fence
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The host side, for tests and the agent.
     pub fn host(&self) -> &Arc<HostSide> {
         &self.host
@@ -635,7 +749,7 @@ async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
         let from = inbound.peer.name.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _share = inbound.share;
+            let share = inbound.share;
             let request =
                 match tokio::time::timeout(STREAM_DEADLINE, read_frame::<FleetRequest>(&mut recv))
                     .await
@@ -643,6 +757,9 @@ async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
                     Ok(Ok(r)) => r,
                     _ => return,
                 };
+            // The request is read: the connection's share of readers goes back, so a long
+            // host run does not hold it (raft calls from the same peer need it).
+            drop(share);
             match request {
                 FleetRequest::Operator(request) => {
                     let answer = fleet.operator(request, true).await;
@@ -650,10 +767,29 @@ async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
                         .await;
                     let _ = send.finish();
                 }
+                FleetRequest::Confirm {
+                    deployment,
+                    host,
+                    fence,
+                } => {
+                    let yes = fleet.holds_start(&deployment, &host, fence).await;
+                    let _ =
+                        tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, &yes)).await;
+                    let _ = send.finish();
+                }
                 FleetRequest::RunHost(cmd) => {
                     tracing::debug!(coordinator = %from, deployment = %cmd.deployment, fence = %cmd.fence, "host command");
                     let host = fleet.host.clone();
-                    let answer = match host.accept(cmd).await {
+                    // The operator's signature and this host's tags first, then the log.
+                    let checked = match host.check(&cmd, super::host::now_unix()) {
+                        Ok(_) => fleet.confirm(&cmd).await,
+                        Err(why) => Err(why),
+                    };
+                    let accepted = match checked {
+                        Ok(()) => host.accept(cmd).await,
+                        Err(why) => Err(why),
+                    };
+                    let answer = match accepted {
                         Err(why) => {
                             tracing::warn!(coordinator = %from, "command refused: {why}");
                             HostAnswer::Refused(why)

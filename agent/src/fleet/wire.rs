@@ -57,6 +57,13 @@ pub enum FleetRequest {
     /// The coordinator commands a host: run its part of a deployment, or report how it
     /// went if it already ran.
     RunHost(RunHost),
+    /// A host asks a voter whether the log holds, at the fence's position, the entry that
+    /// started it in this deployment. Answered with a `bool` frame.
+    Confirm {
+        deployment: String,
+        host: String,
+        fence: Fence,
+    },
 }
 
 /// A coordinator's command to one host.
