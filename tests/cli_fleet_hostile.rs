@@ -2,7 +2,8 @@
 //! certificate of the fleet (the insider) joins a mesh of real `shoal agent` processes on
 //! 127.83.1.x and commands a host directly, as a rogue coordinator would. The host checks
 //! everything itself and refuses, with a reason: an intent signed by an agent, an unsigned
-//! one, a forged one, one from another fleet's operator, one for hosts it is not, and a
+//! one, a forged one, one from a revoked operator, one from another fleet's operator, one
+//! for hosts it is not, and a
 //! genuine operator intent that the deployment log never started on this host (no
 //! majority of the voters holds the entry its fence names). During a real deployment the
 //! insider gossips that it holds the revision and serves another bundle's bytes: the host
@@ -239,6 +240,43 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     refused(
         &command(&insider, host, &forged, fence(1)).await,
         "signature does not match",
+    );
+    // Signed by an operator of this fleet whose certificate was revoked since.
+    let mallory_dir = tmp.path().join("mallory");
+    let o = shoal()
+        .args(["ca", "issue", "--operator", "--name", "mallory", "--dir"])
+        .arg(&ca.dir)
+        .arg("--out")
+        .arg(&mallory_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mallory = Identity::load(&mallory_dir).unwrap();
+    let o = shoal()
+        .args(["ca", "revoke", "--name", "mallory", "--dir"])
+        .arg(&ca.dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = shoal()
+        .args(["ca", "publish-revocations"])
+        .arg(ca.dir.join("revocations.crl"))
+        .arg("--peer")
+        .arg(fleet[0].addr.to_string())
+        .arg("--identity")
+        .arg(&ca.operator)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    refused(
+        &command(
+            &insider,
+            host,
+            &operator_intent(&mallory, "role=inference", &r1),
+            fence(1),
+        )
+        .await,
+        "revoked",
     );
     // Signed by another fleet's operator.
     refused(

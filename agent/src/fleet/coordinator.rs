@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use openraft::Raft;
 
-use super::log::{Command, Deployment, HostReport, HostState, Response, TypeConfig, Verdict};
+use super::log::{
+    Command, Deployment, Fence, HostReport, HostState, Response, TypeConfig, Verdict,
+};
 use super::plan::{Planner, Status};
 use super::wire::{FleetRequest, HostAnswer, RunHost};
 use crate::lifecycle::plan::EventRecord;
@@ -54,8 +56,6 @@ pub struct Ctx {
     pub raft: Raft<TypeConfig>,
     pub reader: super::log::StateReader,
     pub mesh: MeshHandle,
-    /// Agents known to hold each deployment's revision (the uploader), by deployment.
-    pub holders: Arc<std::sync::Mutex<BTreeMap<String, Vec<String>>>>,
     /// This agent's own host side: the coordinator commands itself without the network.
     pub me: Arc<super::host::HostSide>,
     /// The events of hosts running now, as they report them: (deployment, host) → events.
@@ -88,6 +88,13 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
         return Ok(());
     };
     if d.status.is_ended() {
+        // Stopped or ended while hosts ran, and the leader changed since: their results
+        // are still the log's to collect, under the fences they were started with.
+        let in_flight: Vec<(String, Fence)> =
+            d.in_flight().map(|(h, f)| (h.to_owned(), f)).collect();
+        if !in_flight.is_empty() {
+            run_batch(&ctx, &d, in_flight).await?;
+        }
         return Ok(());
     }
     let mut planner = match Planner::new(d.config, d.host_infos(), &d.revision) {
@@ -144,88 +151,103 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
             }
         };
         tracing::info!(deployment = %id, hosts = ?open, %fence, "batch started");
-        let (intent, holders) = (
-            d.signed_intent.clone(),
-            ctx.holders
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .cloned()
-                .unwrap_or_default(),
-        );
-        let intent: super::intent::SignedIntent =
-            serde_json::from_slice(&intent).map_err(|e| DriveError::Refused {
-                what: "the recorded intent",
-                why: e.to_string(),
-            })?;
-        // Dropped with the driver (this agent stopped leading): the commands stop, the
-        // hosts' runs do not.
-        let mut runs = tokio::task::JoinSet::new();
-        for host in &open {
-            let cmd = RunHost {
-                deployment: id.clone(),
-                intent: intent.clone(),
-                fence,
-                holders: holders.clone(),
-            };
-            let mesh = ctx.mesh.clone();
-            let host = host.clone();
-            let me = ctx.me.clone();
-            let progress = ctx.progress.clone();
-            runs.spawn(async move {
-                let (verdict, report) = if host == me.name {
-                    command_self(&me, cmd, &progress).await
-                } else {
-                    command_host(&mesh, &host, &cmd, &progress).await
-                };
-                (host, verdict, report)
-            });
-        }
-        while let Some(joined) = runs.join_next().await {
-            let Ok((host, verdict, report)) = joined else {
-                continue;
-            };
-            tracing::info!(deployment = %id, %host, ?verdict, "host reported");
-            match commit(
-                &ctx.raft,
-                Command::HostResult {
-                    deployment: id.clone(),
-                    host: host.clone(),
-                    verdict: verdict.clone(),
-                    report,
-                },
-            )
-            .await?
-            {
-                Response::Applied { .. } | Response::Unchanged => {}
-                other => {
-                    return Err(DriveError::Refused {
-                        what: "a host's result",
-                        why: format!("{other:?}"),
-                    });
-                }
-            }
-            ctx.progress
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&(id.clone(), host.clone()));
+        let batch: Vec<(String, Fence)> = open.iter().map(|h| (h.clone(), fence)).collect();
+        for (host, verdict) in run_batch(&ctx, &d, batch).await? {
             let _ = planner.host_done(&host, verdict.outcome());
         }
         open.clear();
     }
 }
 
+/// Commands every host of a batch at once, each with its fence, and commits each result
+/// as it comes; returns the results.
+async fn run_batch(
+    ctx: &Ctx,
+    d: &Deployment,
+    batch: Vec<(String, Fence)>,
+) -> Result<Vec<(String, Verdict)>, DriveError> {
+    let id = &d.id;
+    let intent: super::intent::SignedIntent =
+        serde_json::from_slice(&d.signed_intent).map_err(|e| DriveError::Refused {
+            what: "the recorded intent",
+            why: e.to_string(),
+        })?;
+    let holders: Vec<String> = d.origin.iter().cloned().collect();
+    // Dropped with the driver (this agent stopped leading): the commands stop, the
+    // hosts' runs do not.
+    let mut runs = tokio::task::JoinSet::new();
+    for (host, fence) in batch {
+        let cmd = RunHost {
+            deployment: id.clone(),
+            intent: intent.clone(),
+            fence,
+            holders: holders.clone(),
+        };
+        let mesh = ctx.mesh.clone();
+        let me = ctx.me.clone();
+        let progress = ctx.progress.clone();
+        runs.spawn(async move {
+            let (verdict, report) = if host == me.name {
+                command_self(&me, cmd, &progress).await
+            } else {
+                command_host(&mesh, &host, &cmd, &progress).await
+            };
+            (host, verdict, report)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = runs.join_next().await {
+        let Ok((host, verdict, report)) = joined else {
+            continue;
+        };
+        tracing::info!(deployment = %id, %host, ?verdict, "host reported");
+        let committed = commit(
+            &ctx.raft,
+            Command::HostResult {
+                deployment: id.clone(),
+                host: host.clone(),
+                verdict: verdict.clone(),
+                report,
+            },
+        )
+        .await;
+        ctx.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(id.clone(), host.clone()));
+        match committed? {
+            Response::Applied { .. } | Response::Unchanged => {}
+            other => {
+                return Err(DriveError::Refused {
+                    what: "a host's result",
+                    why: format!("{other:?}"),
+                });
+            }
+        }
+        results.push((host, verdict));
+    }
+    Ok(results)
+}
+
 async fn finish(ctx: &Ctx, id: &str, verdict: Verdict) -> Result<(), DriveError> {
     tracing::info!(deployment = %id, ?verdict, "deployment ended");
-    commit(
+    match commit(
         &ctx.raft,
         Command::Finish {
             deployment: id.to_owned(),
             verdict,
         },
     )
-    .await?;
-    Ok(())
+    .await?
+    {
+        Response::Applied { .. } | Response::Unchanged => Ok(()),
+        // Stopped meanwhile: the stop stands.
+        Response::Refused(super::log::Refusal::DeploymentEnded { .. }) => Ok(()),
+        other => Err(DriveError::Refused {
+            what: "the deployment's verdict",
+            why: format!("{other:?}"),
+        }),
+    }
 }
 
 /// Feeds the planner the results the log holds, batch by batch, and returns the hosts of

@@ -166,6 +166,7 @@ impl HostSide {
     pub fn check(&self, cmd: &RunHost, now: u64) -> Result<Intent, String> {
         let intent = {
             let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
+            verifier.honour(self.mesh.revoked().as_deref());
             intent::verify(&cmd.intent, &mut verifier, now).map_err(|e| e.to_string())?
         };
         if intent.id != cmd.deployment {

@@ -79,7 +79,6 @@ pub struct Fleet {
     host: Arc<HostSide>,
     verifier: Mutex<CertVerifier>,
     founding: tokio::sync::Mutex<()>,
-    holders: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
     progress: coordinator::Progress,
 }
 
@@ -143,7 +142,6 @@ impl Fleet {
             host,
             verifier: Mutex::new(CertVerifier::new(ca)),
             founding: tokio::sync::Mutex::new(()),
-            holders: Arc::new(Mutex::new(BTreeMap::new())),
             progress: Default::default(),
         });
         tokio::spawn(log::network::serve(
@@ -177,24 +175,29 @@ impl Fleet {
         {
             return Leader::Other(name);
         }
+        // Gossip is a hint, and a member speaks only for itself: a leader is believed when a
+        // majority of the agents that say they are voters name it in the same term, so one
+        // agent claiming to lead (or to vote) cannot draw the fleet's requests to itself.
         let hosts = self.mesh.hosts().await.unwrap_or_default();
-        let mut best: Option<(u64, String)> = None;
         let mut exists = self.raft.is_initialized().await.unwrap_or(false);
+        let mut voters = 0usize;
+        let mut named: BTreeMap<(u64, String), usize> = BTreeMap::new();
         for h in hosts {
             let Some(record) = &h.log else { continue };
             exists = true;
-            if !matches!(h.state, MemberState::Alive | MemberState::Suspect) {
+            if !record.voter || !matches!(h.state, MemberState::Alive | MemberState::Suspect) {
                 continue;
             }
-            if let Some(leader) = &record.leader
-                && *leader != self.name
-                && best.as_ref().is_none_or(|(term, _)| record.term > *term)
-            {
-                best = Some((record.term, leader.clone()));
+            voters += 1;
+            if let Some(leader) = &record.leader {
+                *named.entry((record.term, leader.clone())).or_default() += 1;
             }
         }
-        match (best, exists) {
-            (Some((_, leader)), _) => Leader::Other(leader),
+        let agreed = named
+            .into_iter()
+            .find(|((_, leader), n)| n * 2 > voters && *leader != self.name);
+        match (agreed, exists) {
+            (Some(((_, leader), _)), _) => Leader::Other(leader),
             (None, true) => Leader::Unknown,
             (None, false) => Leader::NoLog,
         }
@@ -209,7 +212,8 @@ impl Fleet {
             match self.leader().await {
                 Leader::Me => return self.lead(request).await,
                 Leader::Other(name) if !forwarded => {
-                    match forward(&self.mesh, &name, &request).await {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match forward(&self.mesh, &name, &request, left).await {
                         Ok(answer) => return answer,
                         Err(e) => last = format!("the log's leader {name} did not answer: {e:#}"),
                     }
@@ -220,7 +224,11 @@ impl Fleet {
                         self.name
                     ));
                 }
-                Leader::NoLog if matches!(request, OperatorRequest::Create { .. }) => {
+                // Only the agent the operator asked founds a log, never one a request was
+                // forwarded to.
+                Leader::NoLog
+                    if !forwarded && matches!(request, OperatorRequest::Create { .. }) =>
+                {
                     if let Err(e) = self.found().await {
                         return OperatorAnswer::Refused(format!(
                             "founding the deployment log: {e:#}"
@@ -344,6 +352,7 @@ impl Fleet {
             OperatorRequest::Stop { stop } => {
                 let checked = {
                     let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
+                    verifier.honour(self.mesh.revoked().as_deref());
                     intent::verify_stop(&stop, &mut verifier, now_unix())
                 };
                 let stop = match checked {
@@ -376,6 +385,7 @@ impl Fleet {
     async fn create(&self, signed: SignedIntent, holder: Option<String>) -> OperatorAnswer {
         let checked = {
             let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
+            verifier.honour(self.mesh.revoked().as_deref());
             intent::verify(&signed, &mut verifier, now_unix())
         };
         let intent = match checked {
@@ -426,6 +436,7 @@ impl Fleet {
                 })
                 .collect(),
             signed_intent,
+            origin: holder,
             created_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -438,12 +449,6 @@ impl Fleet {
                  {MAX_COMMAND}); target fewer hosts per deployment",
                 chosen.hosts.len()
             ));
-        }
-        if let Some(holder) = holder {
-            self.holders
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(intent.id.clone(), vec![holder]);
         }
         match coordinator::commit(&self.raft, command).await {
             Ok(Response::Applied { .. } | Response::Unchanged) => {
@@ -503,7 +508,7 @@ impl Fleet {
             }
             let open: Vec<String> = self.reader.read(|s| {
                 s.iter()
-                    .filter(|d| !d.status.is_ended())
+                    .filter(|d| !d.status.is_ended() || d.in_flight().next().is_some())
                     .map(|d| d.id.clone())
                     .collect()
             });
@@ -518,7 +523,6 @@ impl Fleet {
                     raft: self.raft.clone(),
                     reader: self.reader.clone(),
                     mesh: self.mesh.clone(),
-                    holders: self.holders.clone(),
                     me: self.host.clone(),
                     progress: self.progress.clone(),
                 };
@@ -718,8 +722,9 @@ async fn forward(
     mesh: &MeshHandle,
     leader: &str,
     request: &OperatorRequest,
+    within: Duration,
 ) -> Result<OperatorAnswer> {
-    tokio::time::timeout(FORWARD_WITHIN, async {
+    tokio::time::timeout(within, async {
         let (mut send, mut recv) = mesh.open_bi(leader, Protocol::Fleet).await?;
         write_frame(&mut send, &FleetRequest::Operator(request.clone())).await?;
         send.finish()?;

@@ -93,6 +93,8 @@ pub struct CertVerifier {
     cache: HashMap<[u8; 32], Verified>,
     order: VecDeque<[u8; 32]>,
     revoked: HashSet<Vec<u8>>,
+    /// The number of the revocation list `revoked` came from, by [`Self::honour`].
+    list_number: Option<u64>,
 }
 
 impl CertVerifier {
@@ -103,6 +105,7 @@ impl CertVerifier {
             cache: HashMap::new(),
             order: VecDeque::new(),
             revoked: HashSet::new(),
+            list_number: None,
         }
     }
 
@@ -110,6 +113,18 @@ impl CertVerifier {
     /// refused from now on, cached or not.
     pub fn set_revoked(&mut self, serials: HashSet<Vec<u8>>) {
         self.revoked = serials;
+    }
+
+    /// Refuses the certificates `list` revokes (none when `None`), if it is not the list
+    /// already in force here: cheap to call before every check.
+    pub fn honour(&mut self, list: Option<&crate::identity::revocation::RevocationList>) {
+        let number = list.map(|l| l.number);
+        if self.list_number != number {
+            self.revoked = list
+                .map(|l| l.serials.iter().cloned().collect())
+                .unwrap_or_default();
+            self.list_number = number;
+        }
     }
 
     /// How many verified certificates are cached.

@@ -312,9 +312,17 @@ pub struct MeshHandle {
     members: watch::Receiver<Arc<Vec<MemberId>>>,
     shutdown: watch::Receiver<bool>,
     drops: Arc<Drops>,
+    /// The revocation list in force (shared with the handshakes' checks).
+    revoked: Arc<RwLock<Option<Arc<RevocationList>>>>,
 }
 
 impl MeshHandle {
+    /// The revocation list this agent enforces now, if any: what checks of signatures
+    /// (an operator's intent, a stop) must honour too.
+    pub fn revoked(&self) -> Option<Arc<RevocationList>> {
+        self.revoked.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
     /// Registers the service for `protocol`: every stream a peer opens with that tag
     /// arrives on the returned channel (bounded; when it is full, streams are refused).
     pub fn serve(&self, protocol: Protocol) -> Streams {
@@ -522,6 +530,7 @@ impl Mesh {
             members: members_rx,
             shutdown: shutdown_rx,
             drops: Arc::new(Drops::default()),
+            revoked: Arc::new(RwLock::new(revoked.clone().map(Arc::new))),
         };
         Ok(Mesh {
             me,
@@ -578,7 +587,7 @@ impl Mesh {
             readers: Arc::new(Semaphore::new(MAX_READING)),
             refusals: RateLimit::default(),
             connections: Mutex::new(HashMap::new()),
-            revoked: RwLock::new(revoked.clone().map(Arc::new)),
+            revoked: handle.revoked.clone(),
             operators: Arc::new(Semaphore::new(MAX_OPERATOR_CONNECTIONS)),
         });
         // The gossip service reads whole messages and queues them for the core.
@@ -737,7 +746,7 @@ struct InboundCtx {
     /// a revocation can close those it names.
     connections: Mutex<HashMap<usize, (quinn::Connection, CertificateDer<'static>)>>,
     /// The revocation list in force, for connections that complete after it was adopted.
-    revoked: RwLock<Option<Arc<RevocationList>>>,
+    revoked: Arc<RwLock<Option<Arc<RevocationList>>>>,
     /// Operator connections open, bounded.
     operators: Arc<Semaphore>,
 }

@@ -75,6 +75,9 @@ pub struct NewDeployment {
     pub signed_intent: Vec<u8>,
     /// When the coordinator accepted it (Unix milliseconds, its clock): for display only.
     pub created_at_ms: u64,
+    /// The agent the operator uploaded the bundle to: a holder of the revision that any
+    /// coordinator, after a failover too, names to the hosts.
+    pub origin: Option<String>,
 }
 
 /// How a host's deployment, or a whole deployment, ended.
@@ -327,6 +330,8 @@ pub struct Deployment {
     pub config: DeploymentConfig,
     pub signed_intent: Vec<u8>,
     pub created_at_ms: u64,
+    /// See [`NewDeployment::origin`].
+    pub origin: Option<String>,
     /// The position of the entry that created it.
     pub created_at: Fence,
     pub status: DeploymentState,
@@ -441,11 +446,12 @@ impl DeploymentsState {
                     app: group.app.clone(),
                 });
             }
-            // As CodeDeploy: one active deployment per deployment group.
+            // As CodeDeploy: one active deployment per deployment group; a stopped one is
+            // active while its hosts in flight have not reported.
             if let Some(active) = group.deployments.iter().rev().find(|id| {
                 self.deployments
                     .get(*id)
-                    .is_some_and(|d| !d.status.is_ended())
+                    .is_some_and(|d| !d.status.is_ended() || d.in_flight().next().is_some())
             }) {
                 return Err(Refusal::GroupBusy {
                     group: new.group,
@@ -492,6 +498,7 @@ impl DeploymentsState {
             config: new.config,
             signed_intent: new.signed_intent,
             created_at_ms: new.created_at_ms,
+            origin: new.origin,
             created_at: at,
             status: DeploymentState::Created,
             hosts,
@@ -653,6 +660,7 @@ fn same_creation(existing: &Deployment, new: &NewDeployment) -> bool {
         && existing.config == new.config
         && existing.signed_intent == new.signed_intent
         && existing.created_at_ms == new.created_at_ms
+        && existing.origin == new.origin
         && existing.hosts.len() == new.hosts.len()
         && new.hosts.iter().all(|p| {
             existing
@@ -689,6 +697,7 @@ mod tests {
             hosts: hosts.iter().map(|h| planned(h)).collect(),
             signed_intent: b"signed".to_vec(),
             created_at_ms: 1_700_000_000_000,
+            origin: None,
         }
     }
 

@@ -75,6 +75,7 @@ fn create(id: &str, hosts: &[&str], intent_len: usize) -> Command {
             .collect(),
         signed_intent: vec![7; intent_len],
         created_at_ms: 1,
+        origin: None,
     })
 }
 
