@@ -1,7 +1,8 @@
 //! Fleet deployments with real `shoal agent` processes on 127.80.x.y, asked of one agent and
 //! watched from another: AllAtOnce, HalfAtATime and OneAtATime over six hosts chosen by
-//! tags run the batches `--dry-run` printed, never leave fewer healthy hosts than the
-//! minimum, and put the revision on every host; a host whose ValidateService fails fails
+//! tags run the batches `--dry-run` printed, never leave fewer hosts in service than the
+//! minimum (as the hosts' own disks show it, sampled every few milliseconds), and put the
+//! revision on every host; a host whose ValidateService fails fails
 //! the deployment by the minimum-healthy rule and no batch starts after it; `deploy stop`
 //! halts a deployment between batches. The revision's ValidateService hook is a real
 //! compiled Wasm guest (`tests/guests/sandbox-probe`), which fails or sleeps as the
@@ -116,41 +117,28 @@ fn installed(agent: &Agent) -> Option<String> {
     std::fs::read_to_string(agent.install_root.join("srv/tiny/payload.txt")).ok()
 }
 
-/// Samples `deploy status` at `peer` until `stop`, recording the fewest healthy hosts seen
-/// (neither in progress nor failed).
+/// Samples the hosts themselves until `stop`: a host is out of service while its lifecycle
+/// journal exists (from the first lifecycle event to the last). Returns the fewest hosts
+/// seen in service at once, and how many samples were taken. Independent of the log and
+/// of gossip: what the hosts' disks say.
 fn observe(
-    peer: SocketAddrOwned,
-    operator: PathBuf,
-    id: String,
+    data_dirs: Vec<PathBuf>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<(usize, usize)> {
     std::thread::spawn(move || {
         let (mut fewest, mut samples) = (usize::MAX, 0);
         while !stop.load(Ordering::SeqCst) {
-            let o = shoal()
-                .args(["deploy", "status", &id, "--json", "--peer", &peer.0])
-                .arg("--identity")
-                .arg(&operator)
-                .output()
-                .unwrap();
-            if o.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-                let healthy = v["hosts"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|h| !matches!(h["status"].as_str(), Some("InProgress" | "Failed")))
-                    .count();
-                fewest = fewest.min(healthy);
-                samples += 1;
-            }
+            let out = data_dirs
+                .iter()
+                .filter(|d| d.join("apps/tiny/journal.json").exists())
+                .count();
+            fewest = fewest.min(data_dirs.len() - out);
+            samples += 1;
+            std::thread::sleep(Duration::from_millis(2));
         }
         (fewest, samples)
     })
 }
-
-/// An address as text, owned, for the observer thread.
-struct SocketAddrOwned(String);
 
 #[test]
 fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
@@ -175,10 +163,27 @@ fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
         hosts(fleet[6].addr, &ca.operator)
             .is_ok_and(|l| l.len() == 7 && l.iter().all(|h| h["state"] == "alive"))
     });
+    let mut previous: Option<String> = None;
     for (n, config) in ["AllAtOnce", "HalfAtATime", "OneAtATime"]
         .iter()
         .enumerate()
     {
+        // The dry run and the deployment plan from what agent-7 hears: wait until it hears
+        // that every host runs the previous revision, so both see the same fleet.
+        if let Some(previous) = &previous {
+            wait_for(
+                "agent-7 to hear every host runs the last revision",
+                LONG,
+                || {
+                    hosts(fleet[6].addr, &ca.operator).is_ok_and(|l| {
+                        l.iter().filter(|h| h["tags"]["role"] == "web").all(|h| {
+                            h["apps"]["tiny"] == previous.as_str()
+                                && h["details"]["tiny"]["health"] != "deploying"
+                        })
+                    })
+                },
+            );
+        }
         let bundle = revision(tmp.path(), &format!("v{}", n + 1));
         let args = ["--targets", "zone=a,zone=b;role=web", "--config", config];
         let plan = json(
@@ -197,13 +202,12 @@ fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
         let o = create(&fleet[6], &ca.operator, &bundle, &args);
         let accepted = json(&o, "deploy create");
         let id = accepted["id"].as_str().unwrap().to_string();
+        previous = Some(accepted["revision"].as_str().unwrap().to_string());
         assert_eq!(accepted["hosts"].as_array().unwrap().len(), 6, "{accepted}");
         assert!(accepted["coordinator"].is_string(), "{accepted}");
         let stop = Arc::new(AtomicBool::new(false));
         let observer = observe(
-            SocketAddrOwned(fleet[0].addr.to_string()),
-            ca.operator.clone(),
-            id.clone(),
+            fleet[..6].iter().map(|a| a.data_dir.clone()).collect(),
             stop.clone(),
         );
         let watched = shoal()
@@ -222,7 +226,10 @@ fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
             planned,
             "{config}: the batches run are the plan's"
         );
-        assert!(samples > 0, "{config}: the observer never read a status");
+        assert!(
+            samples > 100,
+            "{config}: the observer sampled {samples} times"
+        );
         assert!(
             fewest >= minimum,
             "{config}: {fewest} healthy hosts seen, below the minimum of {minimum}"
