@@ -117,7 +117,9 @@ async fn command(
 
 fn refused(answer: &HostAnswer, why: &str) {
     match answer {
-        HostAnswer::Refused(reason) => assert!(reason.contains(why), "refused, but: {reason}"),
+        HostAnswer::Refused(refusal) => {
+            assert!(refusal.reason.contains(why), "refused, but: {refusal}")
+        }
         other => panic!("not refused ({why}): {other:?}"),
     }
 }
@@ -446,9 +448,11 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
             index: index + 50,
         },
     ] {
-        refused(
-            &command(&insider, host, &signed, f).await,
-            "did not confirm this command",
+        let answer = command(&insider, host, &signed, f).await;
+        refused(&answer, "did not confirm this command");
+        assert!(
+            matches!(&answer, HostAnswer::Refused(r) if !r.passing),
+            "the voters said no: final"
         );
     }
 

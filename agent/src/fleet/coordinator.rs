@@ -293,7 +293,7 @@ async fn command_self(
             },
             HostReport {
                 events: Vec::new(),
-                tail: vec![why],
+                tail: vec![why.reason],
             },
         ),
         Ok(Ok(done)) => done,
@@ -315,8 +315,9 @@ async fn command_self(
     }
 }
 
-/// Commands `host` and waits for its result. A host that cannot be reached for
-/// [`UNREACHABLE_AFTER`] fails; one that refuses fails with its reason.
+/// Commands `host` and waits for its result. A host that cannot be reached, or refuses for
+/// a reason that may pass, for [`UNREACHABLE_AFTER`] fails; one that refuses for good fails
+/// with its reason.
 async fn command_host(
     mesh: &MeshHandle,
     host: &str,
@@ -327,19 +328,25 @@ async fn command_host(
     loop {
         match try_command(mesh, host, cmd, progress).await {
             Ok(HostAnswer::Done { verdict, report }) => return (verdict, report),
-            Ok(HostAnswer::Refused(why)) => {
+            Ok(HostAnswer::Refused(why)) if !why.passing => {
                 return (
                     Verdict::Failed {
                         reason: format!("{host} refused the command: {why}"),
                     },
                     HostReport {
                         events: Vec::new(),
-                        tail: vec![why],
+                        tail: vec![why.reason],
                     },
                 );
             }
             Ok(HostAnswer::Started | HostAnswer::Progress(_)) => unreachable_since = None,
-            Err(e) => {
+            // Unreachable, or a refusal that may pass: asked again for a while.
+            failed => {
+                let e = match failed {
+                    Ok(HostAnswer::Refused(why)) => format!("it refused for now: {why}"),
+                    Err(e) => format!("{e:#}"),
+                    Ok(_) => String::new(),
+                };
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= UNREACHABLE_AFTER {
                     return (

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::intent::{self, Admission, Executed, Intent, MAX_REASON};
 use super::log::{HostReport, Verdict};
-use super::wire::RunHost;
+use super::wire::{Refusal, RunHost};
 use crate::blobs::{self, BundleStore};
 use crate::hooks::LifecycleEvent;
 use crate::identity::sign::CertVerifier;
@@ -94,9 +94,9 @@ impl HostSide {
     pub async fn accept(
         self: &Arc<Self>,
         cmd: RunHost,
-    ) -> Result<Result<(Verdict, HostReport), Running>, String> {
+    ) -> Result<Result<(Verdict, HostReport), Running>, Refusal> {
         let now = now_unix();
-        let intent = self.check(&cmd, now)?;
+        let intent = self.check(&cmd, now).map_err(Refusal::lasting)?;
         // One command at a time from here to the run's registration: two coordinators'
         // commands for one intent (a failover) must not both start it.
         let _admitting = self.admitting.lock().await;
@@ -113,7 +113,7 @@ impl HostSide {
             executed.admit(&intent, fence, now).map(|a| (a, intent))
         })
         .await
-        .map_err(|e| format!("the replay store failed: {e}"))?;
+        .map_err(|e| Refusal::passing(format!("the replay store failed: {e}")))?;
         let (admission, intent) = match admission {
             Ok(x) => x,
             // The same fence again while the run goes on: the coordinator reconnected.
@@ -123,7 +123,17 @@ impl HostSide {
             {
                 return Ok(Err(running.expect("checked")));
             }
-            Err(e) => return Err(e.to_string()),
+            // The store's own trouble may pass; the rest is about the command.
+            Err(e) => {
+                return Err(match e.kind() {
+                    intent::IntentErrorKind::StoreInUse { .. }
+                    | intent::IntentErrorKind::StoreIo { .. }
+                    | intent::IntentErrorKind::ReplayStoreFull { .. } => {
+                        Refusal::passing(e.to_string())
+                    }
+                    _ => Refusal::lasting(e.to_string()),
+                });
+            }
         };
         match admission {
             Admission::Done(verdict) => Ok(Ok((verdict, HostReport::default()))),

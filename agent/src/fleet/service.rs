@@ -632,7 +632,7 @@ impl Fleet {
     /// the coordinator, or a coordinator that was deposed before its entry committed,
     /// cannot get a host to act; a command for a fence no entry has is refused. Voters that
     /// lag in gossip are asked again for [`CONFIRM_WITHIN`].
-    async fn confirm(&self, cmd: &super::wire::RunHost) -> Result<(), String> {
+    async fn confirm(&self, cmd: &super::wire::RunHost) -> Result<(), super::wire::Refusal> {
         let deadline = Instant::now() + CONFIRM_WITHIN;
         loop {
             let mut voters: BTreeSet<String> = self
@@ -697,15 +697,22 @@ impl Fleet {
             }
             // Asked again only while some voter is unknown or did not answer; a majority
             // that says no is final.
-            if Instant::now() >= deadline || (!voters.is_empty() && no * 2 >= voters.len()) {
-                return Err(format!(
+            let said_no = !voters.is_empty() && no * 2 >= voters.len();
+            if Instant::now() >= deadline || said_no {
+                let reason = format!(
                     "the deployment log did not confirm this command: {yes} of the {} voters \
                      this host hears of hold the entry {} that would start it; it comes from an \
                      agent that does not coordinate the deployment, or from a deposed \
                      coordinator",
                     voters.len(),
                     cmd.fence
-                ));
+                );
+                // A majority that says no is final; voters that did not answer may later.
+                return Err(if said_no {
+                    super::wire::Refusal::lasting(reason)
+                } else {
+                    super::wire::Refusal::passing(reason)
+                });
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -788,7 +795,7 @@ async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
                     // The operator's signature and this host's tags first, then the log.
                     let checked = match host.check(&cmd, super::host::now_unix()) {
                         Ok(_) => fleet.confirm(&cmd).await,
-                        Err(why) => Err(why),
+                        Err(why) => Err(super::wire::Refusal::lasting(why)),
                     };
                     let accepted = match checked {
                         Ok(()) => host.accept(cmd).await,

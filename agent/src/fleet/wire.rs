@@ -81,6 +81,34 @@ pub struct RunHost {
     pub holders: Vec<String>,
 }
 
+/// Why a host will not act on a command. `passing` when asking again may succeed (the
+/// voters have not confirmed yet, the host's replay store is busy or full); a coordinator
+/// asks again for a while, and otherwise counts the host failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    pub reason: String,
+    pub passing: bool,
+}
+
+impl Refusal {
+    /// A refusal that asking again will not change.
+    pub fn lasting(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            reason: reason.into(),
+            passing: false,
+        }
+    }
+
+    /// A refusal that may pass.
+    pub fn passing(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            reason: reason.into(),
+            passing: true,
+        }
+    }
+}
+
 /// A host's answers to [`RunHost`]: `Started` at once (or `Done` if it ran already), then
 /// `Progress` as its events go, and `Done` when it ended; `Refused` if it will not run it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -92,7 +120,7 @@ pub enum HostAnswer {
         verdict: Verdict,
         report: HostReport,
     },
-    Refused(String),
+    Refused(Refusal),
 }
 
 /// A deployment as `shoal deploy status` shows it (and `create --wait`, and `create`).
