@@ -305,7 +305,7 @@ impl Progress {
         self.header.set_position(done as u64);
         self.header.set_message(format!(
             "{} {} ({}, coordinator {})",
-            &view.id[..view.id.len().min(8)],
+            view.id.chars().take(8).collect::<String>(),
             view.status,
             view.config,
             view.coordinator.as_deref().unwrap_or("?")

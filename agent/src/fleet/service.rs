@@ -4,7 +4,7 @@
 //! - **Where the log lives.** Every agent opens `data_dir/raft` and runs an openraft node,
 //!   idle until the log's leader adds it (first as a learner, then as a voter when
 //!   [`super::voters`] picks it). Only voters hold the log for good.
-//! - **How the log starts** (decision 0011). No central server: the first operator request
+//! - **How the log starts** (decision 0012). No central server: the first operator request
 //!   that needs the log (a `deploy create`), on an agent that holds no log and hears of none
 //!   by gossip, founds it with that agent as its only voter. The leader then grows the
 //!   voters to 3 and 5 as the fleet grows ([`super::voters`]), one change at a time.
@@ -470,7 +470,10 @@ impl Fleet {
         let mut shutdown = self.mesh.shutdown();
         let mut driving: HashMap<String, JoinHandle<()>> = HashMap::new();
         let limit = Arc::new(Semaphore::new(MAX_DRIVING));
-        let mut voters = Voters::default();
+        // The voters' upkeep runs beside this loop (a change waits for a learner to catch
+        // up), one at a time: the loop keeps driving, and noticing a lost lead, meanwhile.
+        let voters = Arc::new(tokio::sync::Mutex::new(Voters::default()));
+        let mut upkeep: Option<JoinHandle<()>> = None;
         let mut next_voters = Instant::now();
         let me = node_id(&self.name);
         loop {
@@ -537,10 +540,17 @@ impl Fleet {
                     }),
                 );
             }
-            if Instant::now() >= next_voters {
+            if Instant::now() >= next_voters && upkeep.as_ref().is_none_or(|t| t.is_finished()) {
                 next_voters = Instant::now() + Duration::from_secs(1);
-                self.keep_voters(&mut voters, &membership).await;
+                let (this, voters) = (self.clone(), voters.clone());
+                upkeep = Some(tokio::spawn(async move {
+                    let mut voters = voters.lock().await;
+                    this.keep_voters(&mut voters, &membership).await;
+                }));
             }
+        }
+        if let Some(task) = upkeep {
+            task.abort();
         }
         for (_, task) in driving.drain() {
             task.abort();
