@@ -193,7 +193,11 @@ fn a_dry_run_plans_codedeploy_batches_over_hosts_chosen_by_tags() {
         "version: 0.0\nos: linux\nhooks:\n  ValidateService:\n    - location: hooks/gone.wasm\n",
     )
     .unwrap();
-    refused(&["--targets", "role=web"], &broken, "line 5: hook hooks/gone.wasm is not a file");
+    refused(
+        &["--targets", "role=web"],
+        &broken,
+        "line 5: hook hooks/gone.wasm is not a file",
+    );
 
     // A dry run changes nothing.
     let after = hosts(fleet[7].addr, &ca.operator).unwrap();
