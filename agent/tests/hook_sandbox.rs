@@ -92,11 +92,11 @@ async fn a_returned_error_is_a_typed_failure() {
             reason: "asked to fail".into()
         }
     );
-    let o = probe(&[], &Sandbox::default()).await;
+    let o = probe(&[("probe", "nonsense")], &Sandbox::default()).await;
     assert_eq!(
         failure(&o),
         &HookFailure::Returned {
-            reason: "the deployment parameter `probe` is not set".into()
+            reason: "unknown probe `nonsense`".into()
         }
     );
 }
