@@ -255,7 +255,7 @@ async fn follow(peer: &str, identity: &Path, id: &str, json: bool) -> Result<boo
                 progress.note(&format!("{e:#}"));
             }
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     progress.finish();
     print_view(&view, json)?;

@@ -30,6 +30,10 @@ use crate::lifecycle::{DeployRequest, LocalHost};
 use crate::mesh::node::MeshHandle;
 use crate::mesh::view::MemberState;
 
+/// How long a host waits for its application's lock, held by something else, before it
+/// gives up: the supervisor holds it for an instant; a `deploy local` may hold it longer.
+pub const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a host keeps trying to fetch a revision from its holders.
 pub const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -261,9 +265,26 @@ impl HostSide {
         };
         // On a thread of its own: a hook that blocks its thread (a WASI sleep does) must not
         // hold up one of the agent's few runtime workers, nor the relay of its progress.
+        // The agent's own supervisor takes the application's lock for an instant every
+        // 250 ms: a deployment that finds it held asks again for a while.
         let (host, runtime) = (self.host.clone(), tokio::runtime::Handle::current());
         let deployed = tokio::task::spawn_blocking(move || {
-            runtime.block_on(async move { host.deploy(&request).await })
+            runtime.block_on(async move {
+                let until = tokio::time::Instant::now() + BUSY_WITHIN;
+                loop {
+                    match host.deploy(&request).await {
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                crate::lifecycle::run::DeployErrorKind::Busy { .. }
+                            ) && tokio::time::Instant::now() < until =>
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                        }
+                        done => return done,
+                    }
+                }
+            })
         })
         .await
         .unwrap_or_else(|e| {
@@ -357,7 +378,7 @@ impl HostSide {
                     ) && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::debug!(revision = %intent.revision, "fetch again soon: {e}");
-                    let pause = 200 + rand::random::<u64>() % 600;
+                    let pause = 50 + rand::random::<u64>() % 250;
                     tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
                 Err(e) => return Err(e),

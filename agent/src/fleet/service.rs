@@ -62,6 +62,9 @@ const MAX_DRIVING: usize = 64;
 const MAX_SERVING: usize = 64;
 /// How long a forwarded operator request may take, commit included.
 const FORWARD_WITHIN: Duration = Duration::from_secs(20);
+/// How long one forwarding of an operator's request may take before the leader is looked
+/// up again (a creation forwarded twice is recorded once: it is known by its intent's id).
+const FORWARD_ATTEMPT: Duration = Duration::from_secs(5);
 /// How long a host keeps asking the voters to confirm a command.
 const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
 /// How often the coordinator looks for deployments to drive and the voters are checked.
@@ -80,6 +83,10 @@ pub struct Fleet {
     verifier: Mutex<CertVerifier>,
     founding: tokio::sync::Mutex<()>,
     progress: coordinator::Progress,
+    /// The term in which a majority last confirmed this agent's lead ([`Self::leads`]).
+    confirmed_term: std::sync::atomic::AtomicU64,
+    /// Told when a deployment is created, to drive it at once.
+    created: tokio::sync::Notify,
 }
 
 fn now_unix() -> u64 {
@@ -143,6 +150,8 @@ impl Fleet {
             verifier: Mutex::new(CertVerifier::new(ca)),
             founding: tokio::sync::Mutex::new(()),
             progress: Default::default(),
+            confirmed_term: std::sync::atomic::AtomicU64::new(0),
+            created: tokio::sync::Notify::new(),
         });
         tokio::spawn(log::network::serve(
             raft.clone(),
@@ -166,10 +175,10 @@ impl Fleet {
     }
 
     async fn leader(&self) -> Leader {
-        let (id, name, state) = self.leader_here();
-        if state == ServerState::Leader && id == Some(node_id(&self.name)) {
+        if self.leads().await {
             return Leader::Me;
         }
+        let (_, name, _) = self.leader_here();
         if let Some(name) = name
             && name != self.name
         {
@@ -212,7 +221,11 @@ impl Fleet {
             match self.leader().await {
                 Leader::Me => return self.lead(request).await,
                 Leader::Other(name) if !forwarded => {
-                    let left = deadline.saturating_duration_since(Instant::now());
+                    // One attempt at most FORWARD_ATTEMPT: a leader that just died keeps
+                    // its connection open a while, and the next one is elected meanwhile.
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(FORWARD_ATTEMPT);
                     match forward(&self.mesh, &name, &request, left).await {
                         Ok(answer) => return answer,
                         Err(e) => last = format!("the log's leader {name} did not answer: {e:#}"),
@@ -251,13 +264,42 @@ impl Fleet {
             }
             if Instant::now() >= deadline {
                 return OperatorAnswer::Refused(format!(
-                    "{last}; the deployment log has no reachable leader (no majority of its \
-                     voters is reachable from {}): nothing can progress until one is",
-                    self.name
+                    "{last}; no leader of the deployment log answered {} within {} s (a \
+                     majority of its voters may be unreachable from it): nothing can progress \
+                     until one does",
+                    self.name,
+                    FORWARD_WITHIN.as_secs()
                 ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Whether this agent leads the log, confirmed by a majority in the current term. A
+    /// leader that restarts comes back believing it still leads its old term (openraft
+    /// restores it so); until a majority has answered it, it neither answers operators nor
+    /// coordinates.
+    async fn leads(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader || m.current_leader != Some(node_id(&self.name)) {
+            return false;
+        }
+        if self
+            .confirmed_term
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == m.current_term
+        {
+            return true;
+        }
+        let confirmed = matches!(
+            tokio::time::timeout(Duration::from_secs(2), self.raft.ensure_linearizable()).await,
+            Ok(Ok(_))
+        );
+        if confirmed {
+            self.confirmed_term
+                .store(m.current_term, std::sync::atomic::Ordering::Relaxed);
+        }
+        confirmed
     }
 
     /// Founds the log with this agent as its only voter, unless it was founded meanwhile.
@@ -453,6 +495,7 @@ impl Fleet {
         match coordinator::commit(&self.raft, command).await {
             Ok(Response::Applied { .. } | Response::Unchanged) => {
                 tracing::info!(deployment = %intent.id, app = %intent.app, operator = %intent.operator, hosts = chosen.hosts.len(), "deployment created");
+                self.created.notify_one();
                 match self.view(&intent.id) {
                     Some(v) => OperatorAnswer::Deployment(Box::new(v)),
                     None => OperatorAnswer::Refused("the deployment vanished".into()),
@@ -480,6 +523,8 @@ impl Fleet {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
                 _ = tokio::time::sleep(TICK) => {}
+                // A deployment was just created here: drive it now, not at the next tick.
+                _ = self.created.notified() => {}
             }
             let m = self.raft.metrics().borrow().clone();
             let membership = m.membership_config.membership().clone();
@@ -497,7 +542,7 @@ impl Fleet {
                 *current = record;
                 changed
             });
-            let leading = m.state == ServerState::Leader;
+            let leading = self.leads().await;
             driving.retain(|_, task| !task.is_finished());
             if !leading {
                 for (_, task) in driving.drain() {
