@@ -124,19 +124,20 @@ fn installed(agent: &Agent) -> Option<String> {
 fn observe(
     data_dirs: Vec<PathBuf>,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(usize, usize)> {
+) -> std::thread::JoinHandle<(usize, usize, usize)> {
     std::thread::spawn(move || {
-        let (mut fewest, mut samples) = (usize::MAX, 0);
+        let (mut fewest, mut most_out, mut samples) = (usize::MAX, 0, 0);
         while !stop.load(Ordering::SeqCst) {
             let out = data_dirs
                 .iter()
                 .filter(|d| d.join("apps/tiny/journal.json").exists())
                 .count();
             fewest = fewest.min(data_dirs.len() - out);
+            most_out = most_out.max(out);
             samples += 1;
             std::thread::sleep(Duration::from_millis(2));
         }
-        (fewest, samples)
+        (fewest, most_out, samples)
     })
 }
 
@@ -152,6 +153,8 @@ fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
                 &[
                     ("role", "web"),
                     ("zone", if i % 2 == 0 { "a" } else { "b" }),
+                    // ValidateService lasts a second: batches overlap what is sampled.
+                    ("probe-sleep", "1"),
                 ],
             );
         } else {
@@ -198,18 +201,19 @@ fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
         let planned: Vec<Vec<String>> = serde_json::from_value(plan["batches"].clone()).unwrap();
         let minimum = plan["rules"]["minimum"].as_u64().unwrap() as usize;
 
-        // Created on agent-7 (not a target), watched from agent-1 (a target).
+        // Created on agent-7 (not a target), watched from agent-1 (a target); the hosts'
+        // disks are watched from before the creation.
+        let stop = Arc::new(AtomicBool::new(false));
+        let observer = observe(
+            fleet[..6].iter().map(|a| a.data_dir.clone()).collect(),
+            stop.clone(),
+        );
         let o = create(&fleet[6], &ca.operator, &bundle, &args);
         let accepted = json(&o, "deploy create");
         let id = accepted["id"].as_str().unwrap().to_string();
         previous = Some(accepted["revision"].as_str().unwrap().to_string());
         assert_eq!(accepted["hosts"].as_array().unwrap().len(), 6, "{accepted}");
         assert!(accepted["coordinator"].is_string(), "{accepted}");
-        let stop = Arc::new(AtomicBool::new(false));
-        let observer = observe(
-            fleet[..6].iter().map(|a| a.data_dir.clone()).collect(),
-            stop.clone(),
-        );
         let watched = shoal()
             .args(["deploy", "status", &id, "--watch", "--json", "--peer"])
             .arg(fleet[0].addr.to_string())
@@ -218,7 +222,7 @@ fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
             .output()
             .unwrap();
         stop.store(true, Ordering::SeqCst);
-        let (fewest, samples) = observer.join().unwrap();
+        let (fewest, most_out, samples) = observer.join().unwrap();
         let view = json(&watched, "deploy status --watch");
         assert_eq!(view["status"], "Succeeded", "{config}: {view}");
         assert_eq!(
@@ -233,6 +237,12 @@ fn six_hosts_by_tags_take_each_configs_batches_watched_from_another_peer() {
         assert!(
             fewest >= minimum,
             "{config}: {fewest} healthy hosts seen, below the minimum of {minimum}"
+        );
+        // The observer saw deployments happen: at most a batch at once, and at least one.
+        let largest = planned.iter().map(Vec::len).max().unwrap();
+        assert!(
+            (1..=largest).contains(&most_out),
+            "{config}: {most_out} hosts out of service at once; batches of at most {largest}"
         );
         for h in view["hosts"].as_array().unwrap() {
             let events: Vec<&str> = h["events"]

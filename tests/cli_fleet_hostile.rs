@@ -438,23 +438,39 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
         }
     }
     assert_eq!(records(&fleet[0].data_dir), 1, "a replay ran nothing");
-    for f in [
+    // The intent ended here: a newer fence is answered with its outcome (nothing runs), an
+    // older one is a deposed coordinator's, refused for good.
+    match command(&insider, host, &signed, Fence { term: 9, index }).await {
+        HostAnswer::Done {
+            verdict: Verdict::Succeeded,
+            ..
+        } => {}
+        other => panic!("an ended intent was not answered with its outcome: {other:?}"),
+    }
+    let answer = command(
+        &insider,
+        host,
+        &signed,
         Fence {
             term: 1,
             index: index - 1,
         },
-        Fence {
-            term: 9,
-            index: index + 50,
-        },
-    ] {
-        let answer = command(&insider, host, &signed, f).await;
-        refused(&answer, "did not confirm this command");
-        assert!(
-            matches!(&answer, HostAnswer::Refused(r) if !r.passing),
-            "the voters said no: final"
-        );
-    }
+    )
+    .await;
+    refused(&answer, "deposed coordinator");
+    assert!(matches!(&answer, HostAnswer::Refused(r) if !r.passing));
+    assert_eq!(records(&fleet[0].data_dir), 1, "nothing ran again");
+
+    // A genuine operator intent for this host, the fence of an entry that exists but
+    // started another intent: the voters have applied past it and say it conflicts.
+    let other = operator_intent(&operator, "role=inference", &r1);
+    let answer = command(&insider, host, &other, Fence { term: 1, index }).await;
+    refused(&answer, "did not confirm this command");
+    assert!(
+        matches!(&answer, HostAnswer::Refused(r) if !r.passing),
+        "the voters said it conflicts: final"
+    );
+    assert_eq!(records(&fleet[0].data_dir), 1);
 
     // Through the CLI, an agent's identity cannot create a deployment.
     let agent_identity = insider_dir.join("identity");

@@ -286,7 +286,16 @@ async fn command_self(
     progress: &Progress,
 ) -> (Verdict, HostReport) {
     let deployment = cmd.deployment.clone();
-    match me.accept(cmd).await {
+    let since = Instant::now();
+    let accepted = loop {
+        match me.accept(cmd.clone()).await {
+            Err(why) if why.passing && since.elapsed() < UNREACHABLE_AFTER => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => break other,
+        }
+    };
+    match accepted {
         Err(why) => (
             Verdict::Failed {
                 reason: format!("{} refused the command: {why}", me.name),
@@ -381,8 +390,12 @@ async fn try_command(
     )
     .await??;
     send.finish()?;
-    let first: HostAnswer =
-        tokio::time::timeout(crate::mesh::node::STREAM_DEADLINE, read_frame(&mut recv)).await??;
+    // The host asks the voters before it answers.
+    let first: HostAnswer = tokio::time::timeout(
+        super::service::CONFIRM_WITHIN + crate::mesh::node::STREAM_DEADLINE,
+        read_frame(&mut recv),
+    )
+    .await??;
     if !matches!(first, HostAnswer::Started) {
         return Ok(first);
     }

@@ -195,6 +195,15 @@ impl HostSide {
         Ok(intent)
     }
 
+    /// Whether the intent `id` ended on this host (its outcome is recorded).
+    pub fn ended(&self, id: &str) -> bool {
+        self.executed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .outcome(id)
+            .is_some()
+    }
+
     /// DownloadBundle, then the lifecycle.
     async fn run(
         &self,

@@ -775,6 +775,11 @@ impl Executed {
         Ok(())
     }
 
+    /// How the intent with this id ended here, if it was executed here and ended.
+    pub fn outcome(&self, id: &str) -> Option<&Verdict> {
+        self.ids.get(id).and_then(|run| run.outcome.as_ref())
+    }
+
     /// Whether the intent with this id was executed here (and has not expired).
     pub fn contains(&self, id: &str) -> bool {
         self.ids.contains_key(id)

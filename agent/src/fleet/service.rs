@@ -66,7 +66,9 @@ const FORWARD_WITHIN: Duration = Duration::from_secs(20);
 /// up again (a creation forwarded twice is recorded once: it is known by its intent's id).
 const FORWARD_ATTEMPT: Duration = Duration::from_secs(5);
 /// How long a host keeps asking the voters to confirm a command.
-const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
+pub const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
+/// How long one voter has to answer a confirmation.
+const CONFIRM_ASK: Duration = Duration::from_secs(2);
 /// How often the coordinator looks for deployments to drive and the voters are checked.
 const TICK: Duration = Duration::from_millis(200);
 
@@ -75,8 +77,6 @@ pub struct Fleet {
     pub name: String,
     addr: SocketAddr,
     raft: Raft<TypeConfig>,
-    /// The log's entries, read to confirm a command's fence to a host.
-    log: log::LogStore,
     reader: StateReader,
     mesh: MeshHandle,
     host: Arc<HostSide>,
@@ -134,7 +134,7 @@ impl Fleet {
             node_id(&name),
             config,
             log::network::Network::new(mesh.clone()),
-            log_store.clone(),
+            log_store,
             sm,
         )
         .await
@@ -143,7 +143,6 @@ impl Fleet {
             name,
             addr,
             raft: raft.clone(),
-            log: log_store,
             reader,
             mesh: mesh.clone(),
             host,
@@ -461,6 +460,7 @@ impl Fleet {
             Ok(b) => b,
             Err(e) => return OperatorAnswer::Refused(e.to_string()),
         };
+        let signed_bytes = signed_intent.clone();
         let command = Command::CreateDeployment(NewDeployment {
             id: intent.id.clone(),
             app: intent.app.clone(),
@@ -501,7 +501,18 @@ impl Fleet {
                     None => OperatorAnswer::Refused("the deployment vanished".into()),
                 }
             }
-            Ok(Response::Refused(r)) => OperatorAnswer::Refused(r.to_string()),
+            Ok(Response::Refused(r)) => {
+                // The same creation, forwarded twice (a slow leader, a retried forward):
+                // the deployment the first made is the answer.
+                let same = self.reader.read(|s| {
+                    s.get(&intent.id)
+                        .is_some_and(|d| d.signed_intent == signed_bytes)
+                });
+                match self.view(&intent.id) {
+                    Some(v) if same => OperatorAnswer::Deployment(Box::new(v)),
+                    _ => OperatorAnswer::Refused(r.to_string()),
+                }
+            }
             Ok(Response::Internal) => OperatorAnswer::Refused("unexpected answer".into()),
             Err(e) => OperatorAnswer::Refused(e.to_string()),
         }
@@ -657,38 +668,55 @@ impl Fleet {
         }
     }
 
-    /// Whether this agent's copy of the log started `host` in `deployment` with `fence`:
-    /// the entry at the fence's index has the fence's term and is that `StartHosts` (or,
-    /// once the entry is compacted away, the applied state still has the host in progress
-    /// under that fence).
-    async fn holds_start(&self, deployment: &str, host: &str, fence: Fence) -> bool {
-        use openraft::storage::RaftLogReader;
-        let mut log = self.log.clone();
-        if let Ok(entries) = log.try_get_log_entries(fence.index..=fence.index).await
-            && let Some(entry) = entries.first()
+    /// What this agent's applied state says of a command to `host` in `deployment` under
+    /// `fence` carrying the intent whose digest is `intent` ([`Confirmation`]). Only the
+    /// applied state counts: a `StartHosts` the state machine refused (the deployment was
+    /// stopped first) leaves an entry in the log but starts nobody.
+    fn confirmation(
+        &self,
+        deployment: &str,
+        host: &str,
+        fence: Fence,
+        intent: &[u8; 32],
+    ) -> super::wire::Confirmation {
+        use super::wire::Confirmation;
+        if self
+            .reader
+            .last_applied()
+            .is_none_or(|applied| applied.index < fence.index)
         {
-            return entry.log_id.leader_id.term == fence.term
-                && matches!(
-                    &entry.payload,
-                    openraft::EntryPayload::Normal(Command::StartHosts { deployment: d, hosts })
-                        if d == deployment && hosts.iter().any(|h| h == host)
-                );
+            return Confirmation::Unknown;
         }
         self.reader.read(|s| {
-            s.get(deployment)
-                .and_then(|d| d.hosts.get(host))
-                .is_some_and(|h| h.state == log::HostState::InProgress { fence })
+            let holds = s.get(deployment).is_some_and(|d| {
+                d.hosts
+                    .get(host)
+                    .is_some_and(|h| h.state == log::HostState::InProgress { fence })
+                    && {
+                        use sha2::Digest;
+                        let digest: [u8; 32] = sha2::Sha256::digest(&d.signed_intent).into();
+                        digest == *intent
+                    }
+            });
+            if holds {
+                Confirmation::Holds
+            } else {
+                Confirmation::Conflicts
+            }
         })
     }
 
     /// Checks with the log's voters that a command to this host is the log's: a majority of
-    /// the voters this agent hears of (each voter speaks for itself in gossip) must hold
-    /// the entry that started this host under the command's fence. An agent that is not
-    /// the coordinator, or a coordinator that was deposed before its entry committed,
-    /// cannot get a host to act; a command for a fence no entry has is refused. Voters that
-    /// lag in gossip are asked again for [`CONFIRM_WITHIN`].
+    /// the voters this agent hears of (alive, each speaking for itself in gossip) must have
+    /// applied the entry that started this host under the command's fence, for the very
+    /// intent the command carries. An agent that is not the coordinator, a coordinator
+    /// deposed before its entry committed, or one that reuses a fence for another intent,
+    /// cannot get a host to act. A majority that says the state conflicts is final; voters
+    /// that lag or do not answer are asked again for [`CONFIRM_WITHIN`].
     async fn confirm(&self, cmd: &super::wire::RunHost) -> Result<(), super::wire::Refusal> {
+        use super::wire::Confirmation;
         let deadline = Instant::now() + CONFIRM_WITHIN;
+        let digest = super::wire::intent_digest(&cmd.intent);
         loop {
             let mut voters: BTreeSet<String> = self
                 .mesh
@@ -696,7 +724,10 @@ impl Fleet {
                 .await
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|h| h.log.as_ref().is_some_and(|l| l.voter))
+                .filter(|h| {
+                    h.log.as_ref().is_some_and(|l| l.voter)
+                        && matches!(h.state, MemberState::Alive | MemberState::Suspect)
+                })
                 .map(|h| h.name)
                 .collect();
             let m = self.raft.metrics().borrow().clone();
@@ -708,14 +739,15 @@ impl Fleet {
             {
                 voters.insert(self.name.clone());
             }
+            let n = voters.len();
             let mut asked = tokio::task::JoinSet::new();
             for voter in &voters {
                 let (voter, mesh) = (voter.clone(), self.mesh.clone());
                 let (deployment, host, fence) =
                     (cmd.deployment.clone(), self.name.clone(), cmd.fence);
                 if voter == self.name {
-                    let yes = self.holds_start(&deployment, &host, fence).await;
-                    asked.spawn(async move { Some(yes) });
+                    let answer = self.confirmation(&deployment, &host, fence, &digest);
+                    asked.spawn(async move { answer });
                     continue;
                 }
                 asked.spawn(async move {
@@ -727,43 +759,45 @@ impl Fleet {
                                 deployment,
                                 host,
                                 fence,
+                                intent: digest,
                             },
                         )
                         .await?;
                         send.finish()?;
-                        anyhow::Ok(read_frame::<bool>(&mut recv).await?)
+                        anyhow::Ok(read_frame::<Confirmation>(&mut recv).await?)
                     };
-                    match tokio::time::timeout(STREAM_DEADLINE, ask).await {
-                        Ok(Ok(answer)) => Some(answer),
-                        _ => None,
+                    match tokio::time::timeout(CONFIRM_ASK, ask).await {
+                        Ok(Ok(answer)) => answer,
+                        _ => Confirmation::Unknown,
                     }
                 });
             }
-            let (mut yes, mut no) = (0, 0);
+            // Decided as soon as a majority agrees; the slow voters are not waited for.
+            let (mut holds, mut conflicts) = (0, 0);
             while let Some(answer) = asked.join_next().await {
                 match answer {
-                    Ok(Some(true)) => yes += 1,
-                    Ok(Some(false)) => no += 1,
+                    Ok(Confirmation::Holds) => holds += 1,
+                    Ok(Confirmation::Conflicts) => conflicts += 1,
                     _ => {}
                 }
+                if holds * 2 > n || conflicts * 2 > n {
+                    break;
+                }
             }
-            if !voters.is_empty() && yes * 2 > voters.len() {
+            asked.abort_all();
+            if n > 0 && holds * 2 > n {
                 return Ok(());
             }
-            // Asked again only while some voter is unknown or did not answer; a majority
-            // that says no is final.
-            let said_no = !voters.is_empty() && no * 2 >= voters.len();
-            if Instant::now() >= deadline || said_no {
+            let final_ = n > 0 && conflicts * 2 > n;
+            if Instant::now() >= deadline || final_ {
                 let reason = format!(
-                    "the deployment log did not confirm this command: {yes} of the {} voters \
-                     this host hears of hold the entry {} that would start it; it comes from an \
-                     agent that does not coordinate the deployment, or from a deposed \
-                     coordinator",
-                    voters.len(),
+                    "the deployment log did not confirm this command: {holds} of the {n} voters \
+                     this host hears of have it started under {} for this intent ({conflicts} \
+                     say otherwise); it comes from an agent that does not coordinate the \
+                     deployment, or from a deposed coordinator",
                     cmd.fence
                 );
-                // A majority that says no is final; voters that did not answer may later.
-                return Err(if said_no {
+                return Err(if final_ {
                     super::wire::Refusal::lasting(reason)
                 } else {
                     super::wire::Refusal::passing(reason)
@@ -838,17 +872,21 @@ async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
                     deployment,
                     host,
                     fence,
+                    intent,
                 } => {
-                    let yes = fleet.holds_start(&deployment, &host, fence).await;
-                    let _ =
-                        tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, &yes)).await;
+                    let answer = fleet.confirmation(&deployment, &host, fence, &intent);
+                    let _ = tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, &answer))
+                        .await;
                     let _ = send.finish();
                 }
                 FleetRequest::RunHost(cmd) => {
                     tracing::debug!(coordinator = %from, deployment = %cmd.deployment, fence = %cmd.fence, "host command");
                     let host = fleet.host.clone();
                     // The operator's signature and this host's tags first, then the log.
+                    // An intent that ended here is reported again without asking the log
+                    // (nothing runs); anything else must be the log's.
                     let checked = match host.check(&cmd, super::host::now_unix()) {
+                        Ok(_) if host.ended(&cmd.deployment) => Ok(()),
                         Ok(_) => fleet.confirm(&cmd).await,
                         Err(why) => Err(super::wire::Refusal::lasting(why)),
                     };

@@ -57,13 +57,33 @@ pub enum FleetRequest {
     /// The coordinator commands a host: run its part of a deployment, or report how it
     /// went if it already ran.
     RunHost(RunHost),
-    /// A host asks a voter whether the log holds, at the fence's position, the entry that
-    /// started it in this deployment. Answered with a `bool` frame.
+    /// A host asks a voter whether the log's applied state has it started in this
+    /// deployment under this fence, for this very intent (`intent`: the SHA-256 of the
+    /// signed intent as the command carries it). Answered with a [`Confirmation`] frame.
     Confirm {
         deployment: String,
         host: String,
         fence: Fence,
+        intent: [u8; 32],
     },
+}
+
+/// A voter's answer to [`FleetRequest::Confirm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Confirmation {
+    /// The applied state has the host in progress under that fence, for that intent.
+    Holds,
+    /// It has applied past the fence and does not: the command is not the log's.
+    Conflicts,
+    /// It has not applied that far (or is not a voter): it cannot tell yet.
+    Unknown,
+}
+
+/// The digest of a signed intent that [`FleetRequest::Confirm`] carries.
+pub fn intent_digest(intent: &SignedIntent) -> [u8; 32] {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(intent).unwrap_or_default();
+    sha2::Sha256::digest(&bytes).into()
 }
 
 /// A coordinator's command to one host.

@@ -320,7 +320,10 @@ impl MeshHandle {
     /// The revocation list this agent enforces now, if any: what checks of signatures
     /// (an operator's intent, a stop) must honour too.
     pub fn revoked(&self) -> Option<Arc<RevocationList>> {
-        self.revoked.read().map(|r| r.clone()).unwrap_or_default()
+        self.revoked
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Registers the service for `protocol`: every stream a peer opens with that tag
