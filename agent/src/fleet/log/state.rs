@@ -179,8 +179,9 @@ pub enum Refusal {
     #[error("deployment group {group:?} belongs to application {app:?}")]
     GroupOfAnotherApp { group: String, app: String },
     #[error(
-        "deployment {deployment} of group {group:?} is still active: wait for it to end, or \
-         stop it (`shoal deploy stop {deployment}`)"
+        "deployment {deployment} of group {group:?} is still active (running, or stopped with \
+         hosts that have not reported): wait for it to end, or stop it if it runs \
+         (`shoal deploy stop {deployment}`)"
     )]
     GroupBusy { group: String, deployment: String },
 }
