@@ -11,20 +11,9 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use fleet::{Agent, Ca, agents, deploy_tiny, hosts, shoal, wait_for};
+use fleet::{Agent, Ca, agents, deploy_tiny, hosts, shoal, tag, wait_for};
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// Gives `agent` these tags (and only these) in its config.
-fn tag(agent: &Agent, tags: &[(&str, &str)]) {
-    let text = std::fs::read_to_string(&agent.config).unwrap();
-    let head = text.split("[tags]").next().unwrap().to_string();
-    let tags: String = tags
-        .iter()
-        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
-        .collect();
-    std::fs::write(&agent.config, format!("{head}[tags]\n{tags}")).unwrap();
-}
 
 fn create(peer: &Agent, operator: &Path, bundle: &Path, extra: &[&str]) -> Output {
     shoal()

@@ -12,81 +12,16 @@
 mod fleet;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet::{Agent, Ca, agents, hosts, shoal, wait_for};
+use fleet::{
+    Agent, Ca, agents, create, hosts, installed, json, revision, shoal, status, tag, wait_for,
+};
 
 const LONG: Duration = Duration::from_secs(90);
-
-/// Gives `agent` these tags (and only these) in its config.
-fn tag(agent: &Agent, tags: &[(&str, &str)]) {
-    let text = std::fs::read_to_string(&agent.config).unwrap();
-    let head = text.split("[tags]").next().unwrap().to_string();
-    let tags: String = tags
-        .iter()
-        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
-        .collect();
-    std::fs::write(&agent.config, format!("{head}[tags]\n{tags}")).unwrap();
-}
-
-/// A revision of `tiny`: one file with `payload`, and a ValidateService hook (the probe).
-fn revision(root: &Path, payload: &str) -> PathBuf {
-    let dir = root.join(format!("rev-{payload}"));
-    std::fs::create_dir_all(dir.join("hooks")).unwrap();
-    std::fs::write(
-        dir.join("appspec.yml"),
-        "version: 0.0\nos: linux\nfiles:\n  - source: payload.txt\n    destination: /srv/tiny\n\
-         hooks:\n  ValidateService:\n    - location: hooks/probe.wasm\n      timeout: 30\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("payload.txt"), payload).unwrap();
-    std::fs::copy(
-        shoal_examples::SANDBOX_PROBE.path,
-        dir.join("hooks/probe.wasm"),
-    )
-    .unwrap();
-    dir
-}
-
-fn create(peer: &Agent, operator: &Path, bundle: &Path, extra: &[&str]) -> Output {
-    shoal()
-        .args(["deploy", "create", "--app", "tiny", "--json", "--peer"])
-        .arg(peer.addr.to_string())
-        .arg("--identity")
-        .arg(operator)
-        .arg("--bundle")
-        .arg(bundle)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn json(o: &Output, what: &str) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn status(peer: &Agent, operator: &Path, id: &str) -> Result<serde_json::Value, String> {
-    let o = shoal()
-        .args(["deploy", "status", id, "--json", "--peer"])
-        .arg(peer.addr.to_string())
-        .arg("--identity")
-        .arg(operator)
-        .output()
-        .unwrap();
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
-    }
-    serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
-}
 
 /// The batches a deployment ran, from its status: hosts grouped by the entry that started
 /// them, in log order.
@@ -111,10 +46,6 @@ fn host_status(view: &serde_json::Value, name: &str) -> String {
         .find(|h| h["name"] == name)
         .map(|h| h["status"].as_str().unwrap().to_string())
         .unwrap_or_default()
-}
-
-fn installed(agent: &Agent) -> Option<String> {
-    std::fs::read_to_string(agent.install_root.join("srv/tiny/payload.txt")).ok()
 }
 
 /// Samples the hosts themselves until `stop`: a host is out of service while its lifecycle

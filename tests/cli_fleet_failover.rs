@@ -18,83 +18,18 @@ mod fleet;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleet::{Agent, Ca, Netns, agents, hosts_in, in_netns, wait_for};
+use fleet::{
+    Agent, Ca, Netns, agents, create, hosts_in, in_netns, installed, json, revision, status, tag,
+    wait_for,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 /// How long the watchers wait for one answer before they ask again.
 const ASK_WITHIN: Duration = Duration::from_secs(4);
-
-/// Gives `agent` these tags (and only these) in its config.
-fn tag(agent: &Agent, tags: &[(&str, &str)]) {
-    let text = std::fs::read_to_string(&agent.config).unwrap();
-    let head = text.split("[tags]").next().unwrap().to_string();
-    let tags: String = tags
-        .iter()
-        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
-        .collect();
-    std::fs::write(&agent.config, format!("{head}[tags]\n{tags}")).unwrap();
-}
-
-/// A revision of `tiny`: one file with `payload`, and a ValidateService hook (the probe).
-fn revision(root: &Path, payload: &str) -> PathBuf {
-    let dir = root.join(format!("rev-{payload}"));
-    std::fs::create_dir_all(dir.join("hooks")).unwrap();
-    std::fs::write(
-        dir.join("appspec.yml"),
-        "version: 0.0\nos: linux\nfiles:\n  - source: payload.txt\n    destination: /srv/tiny\n\
-         hooks:\n  ValidateService:\n    - location: hooks/probe.wasm\n      timeout: 30\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("payload.txt"), payload).unwrap();
-    std::fs::copy(
-        shoal_examples::SANDBOX_PROBE.path,
-        dir.join("hooks/probe.wasm"),
-    )
-    .unwrap();
-    dir
-}
-
-/// `shoal deploy create` of `bundle` asked of `peer` (from inside its namespace).
-fn create(peer: &Agent, operator: &Path, bundle: &Path, extra: &[&str]) -> Output {
-    in_netns(peer.netns.as_deref())
-        .args(["deploy", "create", "--app", "tiny", "--json", "--peer"])
-        .arg(peer.addr.to_string())
-        .arg("--identity")
-        .arg(operator)
-        .arg("--bundle")
-        .arg(bundle)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn json(o: &Output, what: &str) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-/// `shoal deploy status ID --json` asked of `peer`: the view, or the CLI's stderr.
-fn status(peer: &Agent, operator: &Path, id: &str) -> Result<serde_json::Value, String> {
-    let o = in_netns(peer.netns.as_deref())
-        .args(["deploy", "status", id, "--json", "--peer"])
-        .arg(peer.addr.to_string())
-        .arg("--identity")
-        .arg(operator)
-        .output()
-        .unwrap();
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
-    }
-    serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
-}
 
 /// `status`, given up after `limit` (the CLI is killed): an agent asked just after the
 /// coordinator died may wait on the dead one for a long while before it answers.
@@ -149,10 +84,6 @@ fn count(view: &serde_json::Value, status: &str) -> usize {
         .values()
         .filter(|s| *s == status)
         .count()
-}
-
-fn installed(agent: &Agent) -> Option<String> {
-    std::fs::read_to_string(agent.install_root.join("srv/tiny/payload.txt")).ok()
 }
 
 /// The deployment records the lifecycle wrote on `agent`'s host for `tiny`: one

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn shoal() -> Command {
@@ -307,4 +307,78 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+// Fleet deployments: what the `deploy create` tests share.
+
+/// Gives `agent` these tags (and only these) in its config.
+pub fn tag(agent: &Agent, tags: &[(&str, &str)]) {
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let head = text.split("[tags]").next().unwrap().to_string();
+    let tags: String = tags
+        .iter()
+        .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+        .collect();
+    std::fs::write(&agent.config, format!("{head}[tags]\n{tags}")).unwrap();
+}
+
+/// A revision of `tiny`: one file with `payload`, and a ValidateService hook (the probe).
+pub fn revision(root: &Path, payload: &str) -> PathBuf {
+    let dir = root.join(format!("rev-{payload}"));
+    std::fs::create_dir_all(dir.join("hooks")).unwrap();
+    std::fs::write(
+        dir.join("appspec.yml"),
+        "version: 0.0\nos: linux\nfiles:\n  - source: payload.txt\n    destination: /srv/tiny\n\
+         hooks:\n  ValidateService:\n    - location: hooks/probe.wasm\n      timeout: 30\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("payload.txt"), payload).unwrap();
+    std::fs::copy(
+        shoal_examples::SANDBOX_PROBE.path,
+        dir.join("hooks/probe.wasm"),
+    )
+    .unwrap();
+    dir
+}
+
+/// `shoal deploy create` of `bundle` asked of `peer` (from inside its namespace).
+pub fn create(peer: &Agent, operator: &Path, bundle: &Path, extra: &[&str]) -> Output {
+    in_netns(peer.netns.as_deref())
+        .args(["deploy", "create", "--app", "tiny", "--json", "--peer"])
+        .arg(peer.addr.to_string())
+        .arg("--identity")
+        .arg(operator)
+        .arg("--bundle")
+        .arg(bundle)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+pub fn json(o: &Output, what: &str) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `shoal deploy status ID --json` asked of `peer`: the view, or the CLI's stderr.
+pub fn status(peer: &Agent, operator: &Path, id: &str) -> Result<serde_json::Value, String> {
+    let o = in_netns(peer.netns.as_deref())
+        .args(["deploy", "status", id, "--json", "--peer"])
+        .arg(peer.addr.to_string())
+        .arg("--identity")
+        .arg(operator)
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())
+}
+
+pub fn installed(agent: &Agent) -> Option<String> {
+    std::fs::read_to_string(agent.install_root.join("srv/tiny/payload.txt")).ok()
 }
