@@ -417,6 +417,14 @@ impl Core {
                 Output::Up(id) => {
                     let digest = self.table.digest_to(id.addr);
                     self.gossip(vec![digest]);
+                    // An agent that remembers no one but itself (a first start whose only
+                    // seed is itself) remembers its first peer at once, not at the next
+                    // `REMEMBER_EVERY`: killed before then, it could not rejoin.
+                    let me = self.me().addr;
+                    if self.known.iter().all(|a| *a == me) && id.addr != me {
+                        self.known.insert(id.addr);
+                        self.persist();
+                    }
                     self.events.push_back(Event::Up(id));
                 }
                 Output::Down(id) => {
@@ -596,6 +604,25 @@ mod tests {
         let seen = cores[0].table().get("n2").unwrap();
         assert_eq!(seen.tags.get("role").map(String::as_str), Some("inference"));
         assert!(cores[0].hosts().iter().any(|h| h.name == "n2"));
+    }
+
+    #[test]
+    fn a_node_with_no_one_to_remember_remembers_its_first_peer_at_once() {
+        let mut now = Instant::now();
+        let mut cores = vec![core(1, vec![], now), core(2, vec![addr(1)], now)];
+        let until = now + Duration::from_secs(2);
+        let events = run(&mut cores, &mut now, until);
+        assert!(
+            Duration::from_secs(2) < REMEMBER_EVERY,
+            "well before the periodic save"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|(i, e)| *i == 0
+                    && matches!(e, Event::Persist(r) if r.peers.contains(&addr(2)))),
+            "n1 saved n2's address as soon as it came up: {events:?}"
+        );
     }
 
     #[test]
