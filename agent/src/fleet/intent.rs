@@ -304,18 +304,11 @@ pub fn verify(
     verifier: &mut CertVerifier,
     now_unix: u64,
 ) -> Result<Intent, IntentError> {
-    for (what, len, max) in [
+    check_envelope(
         ("intent", signed.body.len(), MAX_BODY),
-        ("certificate", signed.cert.len(), MAX_CERT),
-        ("signature", signed.signature.len(), MAX_SIGNATURE),
-    ] {
-        if len > max {
-            return Err(IntentErrorKind::TooBig { what, len, max }.into());
-        }
-    }
-    if signed.signature.is_empty() {
-        return Err(IntentErrorKind::Unsigned.into());
-    }
+        &signed.cert,
+        &signed.signature,
+    )?;
     let operator = check_operator_signature(
         verifier,
         &signed.cert,
@@ -338,6 +331,28 @@ pub fn verify(
     }
     check_time(&intent, now_unix)?;
     Ok(intent)
+}
+
+/// The sizes of a signed operator message (its body as `(what, len, max)`, its certificate
+/// and its signature), checked before anything is parsed, and that it is signed at all.
+fn check_envelope(
+    body: (&'static str, usize, usize),
+    cert: &[u8],
+    signature: &[u8],
+) -> Result<(), IntentError> {
+    for (what, len, max) in [
+        body,
+        ("certificate", cert.len(), MAX_CERT),
+        ("signature", signature.len(), MAX_SIGNATURE),
+    ] {
+        if len > max {
+            return Err(IntentErrorKind::TooBig { what, len, max }.into());
+        }
+    }
+    if signature.is_empty() {
+        return Err(IntentErrorKind::Unsigned.into());
+    }
+    Ok(())
 }
 
 /// Who signed `msg`: the holder of `cert`, an operator certificate of the fleet, valid now,
@@ -488,18 +503,11 @@ pub fn verify_stop(
     verifier: &mut CertVerifier,
     now_unix: u64,
 ) -> Result<Stop, IntentError> {
-    for (what, len, max) in [
+    check_envelope(
         ("stop order", signed.body.len(), 1024),
-        ("certificate", signed.cert.len(), MAX_CERT),
-        ("signature", signed.signature.len(), MAX_SIGNATURE),
-    ] {
-        if len > max {
-            return Err(IntentErrorKind::TooBig { what, len, max }.into());
-        }
-    }
-    if signed.signature.is_empty() {
-        return Err(IntentErrorKind::Unsigned.into());
-    }
+        &signed.cert,
+        &signed.signature,
+    )?;
     let mut msg = STOP_CONTEXT.to_vec();
     msg.extend_from_slice(&signed.body);
     let operator =

@@ -806,11 +806,6 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-
-    /// The host side, for tests and the agent.
-    pub fn host(&self) -> &Arc<HostSide> {
-        &self.host
-    }
 }
 
 /// Asks the agent `leader` to answer `request` (once: it will not pass it on).
