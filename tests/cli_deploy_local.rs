@@ -10,22 +10,23 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+#[path = "support/ports.rs"]
+mod ports;
+
 /// A host: data dir, install root, service port. Stops the service it started when dropped.
 struct Host {
     tmp: tempfile::TempDir,
     port: u16,
+    _port: ports::PortLease,
 }
 
 impl Host {
     fn new() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let lease = ports::lease();
         Host {
             tmp: tempfile::tempdir().unwrap(),
-            port,
+            port: lease.port(),
+            _port: lease,
         }
     }
 
@@ -537,7 +538,11 @@ fn the_agent_restarts_a_crashed_service_and_the_app_outlives_the_agent() {
     agent.signal(Signal::SIGTERM);
     assert_eq!(host.serving().as_deref(), Some("v1"));
     let mut agent = Agent::start(&host);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for("the second agent to adopt the service", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("service running")
+    });
     agent.signal(Signal::SIGKILL);
     assert_eq!(host.serving().as_deref(), Some("v1"));
     assert_eq!(
@@ -546,9 +551,13 @@ fn the_agent_restarts_a_crashed_service_and_the_app_outlives_the_agent() {
         "the same process served across agent restarts"
     );
 
-    // A new agent adopts it again.
+    // A new agent adopts it again, without starting another.
     let _agent = Agent::start(&host);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for("the third agent to adopt the service", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("service running")
+    });
     assert_eq!(service_pid(&host), Some(second));
     assert_eq!(host.serving().as_deref(), Some("v1"));
 }

@@ -21,13 +21,8 @@ impl Drop for App {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../tests/support/ports.rs"]
+mod ports;
 
 fn get(port: u16, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -71,7 +66,8 @@ async fn v1_and_v2_validate_and_v3_broken_fails_only_its_golden_predictions() {
                 .unwrap();
         assert_eq!(spec.deployable(), Ok(()), "{name}");
 
-        let port = free_port();
+        let lease = ports::lease();
+        let port = lease.port();
         let _app = start_app(dir.path(), port);
         let health = get(port, "/health").unwrap();
         assert!(
