@@ -238,23 +238,57 @@ pub struct SignedIntent {
 }
 
 /// The message a signature covers.
-fn signed_message(body: &[u8]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(INTENT_CONTEXT.len() + body.len());
-    msg.extend_from_slice(INTENT_CONTEXT);
+fn signed_message(context: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(context.len() + body.len());
+    msg.extend_from_slice(context);
     msg.extend_from_slice(body);
     msg
 }
 
-/// Signs `intent` with an operator's identity. Refuses an agent's identity
-/// ([`IntentErrorKind::NotAnOperator`]), an intent naming another operator
-/// ([`IntentErrorKind::OperatorMismatch`]) and fields a host would refuse.
-pub fn sign(intent: &Intent, identity: &Identity) -> Result<SignedIntent, IntentError> {
+/// Refuses an identity that is not an operator's: only operators order deployments.
+fn operator_only(identity: &Identity) -> Result<(), IntentError> {
     if identity.role != Role::Operator {
         return Err(IntentErrorKind::NotAnOperator {
             name: identity.name.clone(),
         }
         .into());
     }
+    Ok(())
+}
+
+/// `value` as compact JSON of at most `max` bytes, and the identity's signature over
+/// `context` followed by that JSON.
+fn encode_and_sign<T: Serialize>(
+    what: &'static str,
+    max: usize,
+    context: &[u8],
+    value: &T,
+    identity: &Identity,
+) -> Result<(Vec<u8>, Vec<u8>), IntentError> {
+    let body = serde_json::to_vec(value).map_err(|e| IntentErrorKind::Malformed {
+        reason: e.to_string(),
+    })?;
+    if body.len() > max {
+        return Err(IntentErrorKind::TooBig {
+            what,
+            len: body.len(),
+            max,
+        }
+        .into());
+    }
+    let signing = |reason| IntentErrorKind::Signing { reason };
+    let signature = Signer::new(identity)
+        .map_err(signing)?
+        .sign(&signed_message(context, &body))
+        .map_err(signing)?;
+    Ok((body, signature))
+}
+
+/// Signs `intent` with an operator's identity. Refuses an agent's identity
+/// ([`IntentErrorKind::NotAnOperator`]), an intent naming another operator
+/// ([`IntentErrorKind::OperatorMismatch`]) and fields a host would refuse.
+pub fn sign(intent: &Intent, identity: &Identity) -> Result<SignedIntent, IntentError> {
+    operator_only(identity)?;
     if intent.operator != identity.name {
         return Err(IntentErrorKind::OperatorMismatch {
             certificate: identity.name.clone(),
@@ -263,22 +297,7 @@ pub fn sign(intent: &Intent, identity: &Identity) -> Result<SignedIntent, Intent
         .into());
     }
     intent.check_fields()?;
-    let body = serde_json::to_vec(intent).map_err(|e| IntentErrorKind::Malformed {
-        reason: e.to_string(),
-    })?;
-    if body.len() > MAX_BODY {
-        return Err(IntentErrorKind::TooBig {
-            what: "intent",
-            len: body.len(),
-            max: MAX_BODY,
-        }
-        .into());
-    }
-    let signing = |reason| IntentErrorKind::Signing { reason };
-    let signature = Signer::new(identity)
-        .map_err(signing)?
-        .sign(&signed_message(&body))
-        .map_err(signing)?;
+    let (body, signature) = encode_and_sign("intent", MAX_BODY, INTENT_CONTEXT, intent, identity)?;
     Ok(SignedIntent {
         body,
         cert: identity.cert.to_vec(),
@@ -312,7 +331,7 @@ pub fn verify(
     let operator = check_operator_signature(
         verifier,
         &signed.cert,
-        &signed_message(&signed.body),
+        &signed_message(INTENT_CONTEXT, &signed.body),
         &signed.signature,
         now_unix,
     )?;
@@ -438,6 +457,9 @@ pub fn check_host(
 /// reverse.
 pub const STOP_CONTEXT: &[u8] = b"shoal deployment stop v1\0";
 
+/// The largest signed stop order's body (its JSON: an id, a name and a time).
+const MAX_STOP: usize = 1024;
+
 /// An operator's order to stop a deployment: no batch starts after it. Signed like an
 /// intent ([`sign_stop`], [`verify_stop`]), so an agent, coordinator included, cannot stop
 /// a deployment no operator asked to stop. Replaying one changes nothing: a stopped
@@ -467,28 +489,14 @@ pub fn sign_stop(
     identity: &Identity,
     now_unix: u64,
 ) -> Result<SignedStop, IntentError> {
-    if identity.role != Role::Operator {
-        return Err(IntentErrorKind::NotAnOperator {
-            name: identity.name.clone(),
-        }
-        .into());
-    }
+    operator_only(identity)?;
     check_id(deployment)?;
     let stop = Stop {
         deployment: deployment.to_owned(),
         operator: identity.name.clone(),
         created_unix: now_unix,
     };
-    let body = serde_json::to_vec(&stop).map_err(|e| IntentErrorKind::Malformed {
-        reason: e.to_string(),
-    })?;
-    let mut msg = STOP_CONTEXT.to_vec();
-    msg.extend_from_slice(&body);
-    let signing = |reason| IntentErrorKind::Signing { reason };
-    let signature = Signer::new(identity)
-        .map_err(signing)?
-        .sign(&msg)
-        .map_err(signing)?;
+    let (body, signature) = encode_and_sign("stop order", MAX_STOP, STOP_CONTEXT, &stop, identity)?;
     Ok(SignedStop {
         body,
         cert: identity.cert.to_vec(),
@@ -504,12 +512,11 @@ pub fn verify_stop(
     now_unix: u64,
 ) -> Result<Stop, IntentError> {
     check_envelope(
-        ("stop order", signed.body.len(), 1024),
+        ("stop order", signed.body.len(), MAX_STOP),
         &signed.cert,
         &signed.signature,
     )?;
-    let mut msg = STOP_CONTEXT.to_vec();
-    msg.extend_from_slice(&signed.body);
+    let msg = signed_message(STOP_CONTEXT, &signed.body);
     let operator =
         check_operator_signature(verifier, &signed.cert, &msg, &signed.signature, now_unix)?;
     let stop: Stop =
@@ -1254,7 +1261,7 @@ mod tests {
     fn signed_by_hand(who: &Identity, body: Vec<u8>) -> SignedIntent {
         let signature = Signer::new(who)
             .unwrap()
-            .sign(&signed_message(&body))
+            .sign(&signed_message(INTENT_CONTEXT, &body))
             .unwrap();
         SignedIntent {
             body,
