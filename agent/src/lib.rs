@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod durable;
+pub mod faults;
 pub mod fleet;
 pub mod hooks;
 pub mod identity;
