@@ -365,97 +365,121 @@ fn disallow_reports_the_conflicting_file() {
     assert_eq!(host.serving().as_deref(), Some("v1"));
 }
 
+/// The crash points of `shoal::faults`, each as a test arms it: points in loops are hit at
+/// their third pass, in the middle of the loop.
+const CRASH_POINTS: &[&str] = &[
+    "release.unpacked",
+    "release.renamed",
+    "journal.written",
+    "install.file:3",
+    "install.files-done",
+    "install.state-written",
+    "install.permissions",
+    "service.stopped",
+    "service.started",
+    "commit.state-written",
+    "record.written",
+    "journal.removed",
+];
+
 #[test]
-fn kill_9_during_install_then_recovery_leaves_one_whole_revision() {
+fn every_crash_point_lists_in_the_agent_is_walked_by_the_kill_9_test() {
+    let armed: Vec<&str> = CRASH_POINTS
+        .iter()
+        .map(|p| p.split(':').next().unwrap())
+        .collect();
+    let mut listed = shoal_agent::faults::POINTS.to_vec();
+    listed.sort();
+    let mut walked = armed.clone();
+    walked.sort();
+    assert_eq!(
+        walked, listed,
+        "a crash point is not walked by the kill -9 test"
+    );
+}
+
+/// kill -9 at each write point of a deployment v1 → v2 (a fault-injection switch per point),
+/// then recovery: every time, the host is wholly on one revision and the next deployment
+/// goes through.
+#[test]
+fn kill_9_at_every_write_point_then_recovery_leaves_one_whole_revision() {
+    for point in CRASH_POINTS {
+        kill_9_at(point);
+    }
+}
+
+fn kill_9_at(point: &str) {
     let host = Host::new();
     let (o, v1) = host.deploy(&host.revision("v1"));
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.status.success(), "{point}: {}", stderr(&o));
     let v1_id = v1["revision"].as_str().unwrap().to_string();
     let v1_model = host.installed_model();
 
-    // v2 with many files, copied slowly, so the kill lands in the middle of Install.
+    // v2 with more files, so a point inside Install's loop falls in its middle.
     let v2 = host.revision("v2");
-    for i in 0..60 {
+    for i in 0..12 {
         std::fs::write(
             v2.join(format!("model/shard-{i:02}.bin")),
             vec![i as u8; 4096],
         )
         .unwrap();
     }
-    let (data, root, port) = (host.data(), host.root(), host.port.to_string());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args([
-            "deploy",
-            "local",
-            "--app",
-            "inference",
-            "--bundle",
-            v2.to_str().unwrap(),
-        ])
-        .args([
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--install-root",
-            root.to_str().unwrap(),
-            "--port",
-            &port,
-        ])
-        .env("SHOAL_FAULT_SLOW_INSTALL_MS", "50")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let shard = root.join("srv/inference/model/shard-05.bin");
-    let until = Instant::now() + Duration::from_secs(60);
-    while !shard.exists() {
-        assert!(Instant::now() < until, "Install never started");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the deployment ended before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(
-        data.join("apps/inference/journal.json").exists(),
-        "the journal records the interrupted deployment"
+    let v2_model = std::fs::read_to_string(v2.join("model/model.json")).unwrap();
+    let o = host.shoal(
+        &["deploy", "local", "--bundle", v2.to_str().unwrap()],
+        &[("SHOAL_FAULT_POINT", point)],
     );
-    assert!(
-        !root.join("srv/inference/model/shard-59.bin").exists(),
-        "killed in the middle of Install"
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "{point}: the deployment was not killed there (the point is never reached): {}",
+        stderr(&o)
     );
 
     let o = host.shoal(&["deploy", "recover", "--json"], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["recovered"], true);
+    assert!(o.status.success(), "{point}: {}", stderr(&o));
+    let data = host.data();
     assert!(
-        v["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("rolled back to {v1_id}")),
-        "{v}"
+        !data.join("apps/inference/journal.json").exists(),
+        "{point}: a journal is left after recovery"
+    );
+    let active = host.active();
+    let model_dir = host.root().join("srv/inference/model");
+    let mut files: Vec<String> = std::fs::read_dir(&model_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    if active.as_deref() == Some(v1_id.as_str()) {
+        assert_eq!(host.installed_model(), v1_model, "{point}: v1 active");
+        assert_eq!(files, ["model.json"], "{point}: v2's shards left on v1");
+        assert_eq!(host.serving().as_deref(), Some("v1"), "{point}");
+    } else {
+        assert_eq!(host.installed_model(), v2_model, "{point}: v2 active");
+        assert_eq!(files.len(), 13, "{point}: v2 partly installed: {files:?}");
+        for i in 0..12 {
+            let shard = std::fs::read(model_dir.join(format!("shard-{i:02}.bin"))).unwrap();
+            assert_eq!(shard, vec![i as u8; 4096], "{point}: shard {i}");
+        }
+        assert_eq!(host.serving().as_deref(), Some("v2"), "{point}");
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(data.join("apps/inference/releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "{point}: leftovers of the interrupted run: {leftovers:?}"
     );
 
-    // Wholly v1: no file of v2 left, v1's model back, v1 active and serving, no journal.
-    assert!(!data.join("apps/inference/journal.json").exists());
-    assert_eq!(host.installed_model(), v1_model);
-    let leftovers: Vec<_> = std::fs::read_dir(root.join("srv/inference/model"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(leftovers, ["model.json"], "v2's shards removed");
-    assert_eq!(host.active().as_deref(), Some(v1_id.as_str()));
-    assert_eq!(host.serving().as_deref(), Some("v1"));
-
     // And the next deployment goes through.
-    let (o, _) = host.deploy(&host.revision("v2"));
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(host.serving().as_deref(), Some("v2"));
+    let (o, _) = host.deploy(&v2);
+    assert!(o.status.success(), "{point}: {}", stderr(&o));
+    assert_eq!(host.serving().as_deref(), Some("v2"), "{point}");
 }
 
-/// `shoal agent` on the host's data dir; killed when dropped.
 struct Agent(std::process::Child);
 
 impl Agent {

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod appspec;
+pub mod beneath;
 pub mod blobs;
 pub mod bundle;
 pub mod cli;

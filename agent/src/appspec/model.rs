@@ -286,6 +286,13 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
                     format!("`{destination}` is not an absolute path"),
                 );
             }
+            if destination.split(['/', '\\']).any(|part| part == "..") {
+                c.error(
+                    Some(line_of(&f.destination)),
+                    format!("{key}.destination"),
+                    format!("`{destination}` climbs with `..`: name the directory itself"),
+                );
+            }
             let feb = f
                 .file_exists_behavior
                 .as_ref()
@@ -482,6 +489,13 @@ fn permission(c: &mut Checker, i: usize, p: RawPermission) -> Permission {
             Some(line),
             format!("{key}.object"),
             format!("`{object}` is not an absolute path"),
+        );
+    }
+    if object.split('/').any(|part| part == "..") {
+        c.error(
+            Some(line),
+            format!("{key}.object"),
+            format!("`{object}` climbs with `..`: name the directory itself"),
         );
     }
     let mode = p.mode.as_ref().and_then(|m| {

@@ -208,6 +208,7 @@ impl LocalHost {
     fn preflight(&self, dir: &AppDir, bundle_path: &Path) -> Result<Release, DeployError> {
         let refused = |e: anyhow::Error| DeployError::from(DeployErrorKind::RefusedBundle(e));
         std::fs::create_dir_all(dir.releases()).map_err(DeployError::host)?;
+        clean_staging(dir);
         let staging = tempfile::Builder::new()
             .prefix(".staging-")
             .tempdir_in(dir.releases())
@@ -216,6 +217,7 @@ impl LocalHost {
         let b = bundle::open(bundle_path, &unpacked, &Limits::default())
             .with_context(|| format!("{}", bundle_path.display()))
             .map_err(refused)?;
+        crate::faults::point("release.unpacked");
         b.appspec
             .deployable()
             .map_err(|errors| refused(anyhow!("its AppSpec has errors:\n{errors}")))?;
@@ -244,10 +246,19 @@ impl LocalHost {
             }
         }
         let release = dir.release(&b.id);
+        if release.exists() && !release_intact(&release, &b.id) {
+            // Changed on disk since it was stored: replaced by the bundle's own content.
+            tracing::warn!(release = %b.id.short(), "a kept release was changed on disk: unpacking it again");
+            std::fs::remove_dir_all(&release)
+                .with_context(|| format!("removing the changed release {}", b.id.short()))
+                .map_err(DeployError::host)?;
+        }
         if !release.exists() {
             std::fs::rename(&b.root, &release)
+                .and_then(|()| std::fs::File::open(dir.releases())?.sync_all())
                 .with_context(|| format!("storing release {}", b.id.short()))
                 .map_err(DeployError::host)?;
+            crate::faults::point("release.renamed");
         }
         self.open_release(dir, &b.id).map_err(DeployError::host)
     }
@@ -307,6 +318,7 @@ impl LocalHost {
             port: state.port.or(req.port),
         };
         write_json(&dir.journal(), &journal)?;
+        crate::faults::point("journal.written");
 
         let mut machine = Machine::new(previous.is_some(), req.rollback);
         let mut hooks_run = Vec::new();
@@ -334,10 +346,15 @@ impl LocalHost {
                     self.run_hooks(&dir, &id, req, release, event, &mut hooks_run)
                         .await
                 }
-                Action::StopService { .. } => service::stop(&dir),
+                Action::StopService { .. } => service::stop(&dir).inspect(|()| {
+                    crate::faults::point("service.stopped");
+                }),
                 Action::Install { side } => {
                     let release = side_release(side).expect("a side the machine names exists");
                     journal.phase = format!("Install {}", release.id.short());
+                    if side == Side::Previous {
+                        check_intact(release)?;
+                    }
                     self.install(&dir, release, &mut state, &mut journal)
                 }
                 Action::StartService { side } => {
@@ -346,20 +363,25 @@ impl LocalHost {
                         Side::New => req.port,
                         Side::Previous => journal.port,
                     };
-                    self.start_service(&dir, release, port)
+                    self.start_service(&dir, release, port).inspect(|()| {
+                        crate::faults::point("service.started");
+                    })
                 }
                 Action::Commit => {
                     state.active = Some(new.id.clone());
                     state.port = req.port.or(new.spec.service.as_ref().and_then(|s| s.port));
                     state.history.retain(|r| r != &new.id);
                     state.history.push(new.id.clone());
-                    write_json(&dir.state(), &state)
+                    write_json(&dir.state(), &state).inspect(|()| {
+                        crate::faults::point("commit.state-written");
+                    })
                 }
             };
             machine.done(result.map_err(|e| format!("{e:#}")));
             tell(&machine);
         }
-        remove(&dir.journal())?;
+        // The record before the journal goes: a crash between them is recovered as an
+        // interrupted deployment (rolled back, its record rewritten), never a lost record.
         let record = self.record(
             &id,
             req,
@@ -370,6 +392,9 @@ impl LocalHost {
             started_at,
         );
         write_json(&dir.deployments().join(format!("{id}.json")), &record)?;
+        crate::faults::point("record.written");
+        remove(&dir.journal())?;
+        crate::faults::point("journal.removed");
         self.prune_releases(&dir, &state);
         Ok(record)
     }
@@ -387,13 +412,16 @@ impl LocalHost {
             state.installed.union(&journal.targets).cloned().collect();
         plan.check_conflicts(&ours)?;
         // Journal every file this install will write before writing any.
-        let writes = plan.writes(&ours);
+        let writes = plan.writes(&ours)?;
         journal.targets.extend(writes.iter().cloned());
         write_json(&dir.journal(), journal)?;
         ours.extend(writes);
-        state.installed = install::install(&plan, &ours)?;
+        state.installed = install::install(&plan, &ours, &dir.replaced())?;
+        crate::faults::point("install.files-done");
         write_json(&dir.state(), state)?;
+        crate::faults::point("install.state-written");
         install::apply_permissions(&release.spec, &self.install_root)?;
+        crate::faults::point("install.permissions");
         Ok(())
     }
 
@@ -562,6 +590,7 @@ impl LocalHost {
     }
 
     async fn recover_locked(&self, app: &str, dir: &AppDir) -> Result<Option<String>> {
+        clean_staging(dir);
         let Some(mut journal) = read_json::<Journal>(&dir.journal())? else {
             return Ok(None);
         };
@@ -571,6 +600,7 @@ impl LocalHost {
         let message = match journal.from.clone() {
             Some(from) => {
                 let release = self.open_release(dir, &from)?;
+                check_intact(&release)?;
                 self.install(dir, &release, &mut state, &mut journal)?;
                 state.active = Some(from.clone());
                 write_json(&dir.state(), &state)?;
@@ -591,8 +621,8 @@ impl LocalHost {
             None => {
                 let ours: BTreeSet<PathBuf> =
                     state.installed.union(&journal.targets).cloned().collect();
-                let nothing = install::plan_nothing();
-                install::install(&nothing, &ours)?;
+                let nothing = install::plan_nothing(&self.install_root);
+                install::install(&nothing, &ours, &dir.replaced())?;
                 state = AppState::default();
                 write_json(&dir.state(), &state)?;
                 format!(
@@ -650,6 +680,37 @@ impl LocalHost {
             if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                 tracing::warn!(release = %name, "cannot prune release: {e}");
             }
+        }
+    }
+}
+
+/// True if the release directory's content still has the revision id it is stored under.
+fn release_intact(release: &Path, id: &RevisionId) -> bool {
+    bundle::tree_id(release).is_ok_and(|found| &found == id)
+}
+
+/// Refuses to put a release back in place whose content changed since it was stored.
+fn check_intact(release: &Release) -> Result<()> {
+    if !release_intact(&release.dir, &release.id) {
+        bail!(
+            "release {} was changed on disk since it was stored: refusing to install it (deploy its bundle again)",
+            release.id
+        );
+    }
+    Ok(())
+}
+
+/// Removes what interrupted unpacks left in the releases directory (`.staging-*`). Called
+/// under the application's lock, so no unpack is under way.
+fn clean_staging(dir: &AppDir) {
+    let Ok(entries) = std::fs::read_dir(dir.releases()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".staging-")
+            && let Err(e) = std::fs::remove_dir_all(entry.path())
+        {
+            tracing::warn!(path = %entry.path().display(), "cannot remove an interrupted unpack: {e}");
         }
     }
 }

@@ -48,6 +48,11 @@ impl AppDir {
     pub fn release(&self, id: &RevisionId) -> PathBuf {
         self.releases().join(&id.0)
     }
+    /// Files of the host's own that OVERWRITE replaced, kept until no revision installs
+    /// their path (see `install.rs`).
+    pub fn replaced(&self) -> PathBuf {
+        self.root.join("replaced")
+    }
     pub fn work(&self) -> PathBuf {
         self.root.join("work")
     }
@@ -107,9 +112,14 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     crate::durable::write_whole(path, &serde_json::to_vec_pretty(value)?)
 }
 
+/// Removes a state file (absent is fine), then fsyncs its directory, so a removed journal
+/// cannot come back after a power cut.
 pub fn remove(path: &Path) -> anyhow::Result<()> {
     match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
+        Ok(()) => path
+            .parent()
+            .map_or(Ok(()), |dir| std::fs::File::open(dir)?.sync_all())
+            .map_err(|e| anyhow::anyhow!("syncing after removing {}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(anyhow::anyhow!("removing {}: {e}", path.display())),
     }
