@@ -217,6 +217,11 @@ pub fn plan(revision: &Path, spec: &AppSpec, root: &Path) -> Result<InstallPlan,
     })
 }
 
+/// How deep a directory tree Install walks (a revision's, or a permission object's that the
+/// app's user may have filled): deeper is refused, so no tree can exhaust the stack or the
+/// descriptors of the agent.
+const MAX_DEPTH: usize = 128;
+
 /// Adds every entry below `dir` (the revision's `from`) as copies to `to`.
 fn walk(
     dir: &Dir,
@@ -224,6 +229,12 @@ fn walk(
     to: &Path,
     add: &mut dyn FnMut(PathBuf, PathBuf, Source),
 ) -> io::Result<()> {
+    if from.components().count() > MAX_DEPTH {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("more than {MAX_DEPTH} directories deep"),
+        ));
+    }
     for (name, kind) in dir.entries()? {
         let (f, t) = (from.join(&name), to.join(&name));
         match kind {
@@ -468,6 +479,12 @@ impl Rule<'_> {
 
     /// Applies the rule to `dir` (at `rel` below the object) and everything below it.
     fn walk(&self, dir: &Dir, rel: &Path) -> Result<(), InstallError> {
+        if rel.components().count() > MAX_DEPTH {
+            return Err(self.err(format!(
+                "{} is more than {MAX_DEPTH} directories deep: refused",
+                dir.path().display()
+            )));
+        }
         if self.applies(rel, ObjectType::Directory) {
             self.set(dir.fd(), dir.path())?;
         }
@@ -951,6 +968,21 @@ mod tests {
     }
 
     #[test]
+    fn a_permission_object_too_deep_is_refused_not_walked_to_the_end() {
+        let root = tempfile::tempdir().unwrap();
+        let v1 = revision(&[("app/a", "a")]);
+        let s = spec("permissions:\n  - object: /srv/app\n    mode: 755\n");
+        put(&plan(v1.path(), &s, root.path()).unwrap(), &BTreeSet::new()).unwrap();
+        let mut deep = root.path().join("srv/app");
+        for _ in 0..(MAX_DEPTH + 2) {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let err = apply_permissions(&s, root.path()).unwrap_err().to_string();
+        assert!(err.contains("directories deep"), "{err}");
+    }
+
+    #[test]
     fn a_destination_that_climbs_is_refused_with_its_line() {
         let err = appspec::parse(
             "version: 0.0\nos: linux\nfiles:\n  - source: /app\n    destination: /srv/../etc\n",
@@ -960,337 +992,5 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("line 5") && err.contains("climbs"), "{err}");
-    }
-}
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::appspec;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn revision(files: &[(&str, &str)]) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        for (path, text) in files {
-            let p = dir.path().join(path);
-            if let Some(d) = path.strip_suffix('/') {
-                std::fs::create_dir_all(dir.path().join(d)).unwrap();
-                continue;
-            }
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, text).unwrap();
-        }
-        dir
-    }
-
-    fn spec(extra: &str) -> AppSpec {
-        appspec::parse(&format!(
-            "version: 0.0\nos: linux\nfiles:\n  - source: /app\n    destination: /srv/app\n{extra}"
-        ))
-        .unwrap()
-    }
-
-    /// Installs `rev` with `s` over `ours`, keeping replaced files in `kept`.
-    fn run(
-        root: &Path,
-        rev: &Path,
-        s: &AppSpec,
-        ours: &BTreeSet<PathBuf>,
-        kept: &mut BTreeMap<PathBuf, Replaced>,
-    ) -> Result<BTreeSet<PathBuf>, InstallError> {
-        let p = plan(rev, s, root)?;
-        let tree = Tree::new(p.roots().clone(), root);
-        let backups = root.join("backups");
-        install(
-            &p,
-            &tree,
-            ours,
-            Keep {
-                replaced: kept,
-                backups: &backups,
-            },
-        )
-    }
-
-    fn install_simple(
-        root: &Path,
-        rev: &Path,
-        s: &AppSpec,
-        ours: &BTreeSet<PathBuf>,
-    ) -> Result<BTreeSet<PathBuf>, InstallError> {
-        run(root, rev, s, ours, &mut BTreeMap::new())
-    }
-
-    fn perms(s: &AppSpec, root: &Path) -> Result<(), InstallError> {
-        let p = plan_nothing();
-        let _ = p;
-        let roots = s.files.iter().map(|f| rooted(root, &f.destination));
-        apply_permissions(s, root, &Tree::new(roots, root))
-    }
-
-    #[test]
-    fn installs_replaces_and_removes_what_the_previous_revision_left() {
-        let root = tempfile::tempdir().unwrap();
-        let v1 = revision(&[
-            ("app/a.txt", "a1"),
-            ("app/old/only-in-v1.txt", "x"),
-            ("app/sub/b.txt", "b1"),
-        ]);
-        let v2 = revision(&[
-            ("app/a.txt", "a2"),
-            ("app/sub/b.txt", "b2"),
-            ("app/new.txt", "n"),
-        ]);
-        let s = spec("");
-        let first = install_simple(root.path(), v1.path(), &s, &BTreeSet::new()).unwrap();
-        assert_eq!(first.len(), 5, "three files and two directories: {first:?}");
-        let second = install_simple(root.path(), v2.path(), &s, &first).unwrap();
-        let srv = root.path().join("srv/app");
-        assert_eq!(std::fs::read_to_string(srv.join("a.txt")).unwrap(), "a2");
-        assert_eq!(std::fs::read_to_string(srv.join("new.txt")).unwrap(), "n");
-        assert!(!srv.join("old/only-in-v1.txt").exists());
-        assert!(!srv.join("old").exists(), "emptied directories go too");
-        assert_eq!(second.len(), 4);
-        assert!(std::fs::read_dir(&srv).unwrap().all(|e| {
-            !e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".shoal-tmp")
-        }));
-        // Removing everything never removes the destination root.
-        let none = install(
-            &plan_nothing(),
-            &Tree::new([srv.clone()], root.path()),
-            &second,
-            Keep {
-                replaced: &mut BTreeMap::new(),
-                backups: root.path(),
-            },
-        )
-        .unwrap();
-        assert!(none.is_empty());
-        assert!(srv.is_dir());
-        assert_eq!(std::fs::read_dir(&srv).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn empty_directories_are_installed_and_removed_when_dropped_if_empty_and_ours() {
-        let root = tempfile::tempdir().unwrap();
-        let srv = root.path().join("srv/app");
-        std::fs::create_dir_all(srv.join("theirs")).unwrap();
-        let v1 = revision(&[
-            ("app/a.txt", "a"),
-            ("app/logs/", ""),
-            ("app/tmp/cache/", ""),
-            ("app/theirs/", ""),
-        ]);
-        let v2 = revision(&[("app/a.txt", "a")]);
-        let s = spec("");
-        let first = install_simple(root.path(), v1.path(), &s, &BTreeSet::new()).unwrap();
-        for d in ["logs", "tmp", "tmp/cache", "theirs"] {
-            assert!(srv.join(d).is_dir(), "{d}");
-        }
-        assert!(first.contains(&srv.join("tmp/cache")));
-        assert!(!first.contains(&srv.join("theirs")), "there before: not ours");
-        std::fs::write(srv.join("logs/app.log"), "written by the app").unwrap();
-        let second = install_simple(root.path(), v2.path(), &s, &first).unwrap();
-        assert!(!srv.join("tmp").exists(), "dropped and empty: removed");
-        assert!(srv.join("logs/app.log").exists(), "not empty: kept");
-        assert!(srv.join("theirs").is_dir(), "not ours: kept");
-        assert_eq!(second, [srv.join("a.txt")].into());
-    }
-
-    #[test]
-    fn disallow_names_the_conflicting_file_and_writes_nothing() {
-        let root = tempfile::tempdir().unwrap();
-        let srv = root.path().join("srv/app");
-        std::fs::create_dir_all(&srv).unwrap();
-        std::fs::write(srv.join("z-hand-made.txt"), "mine").unwrap();
-        let v1 = revision(&[("app/a.txt", "a1"), ("app/z-hand-made.txt", "theirs")]);
-        let err = install_simple(root.path(), v1.path(), &spec(""), &BTreeSet::new()).unwrap_err();
-        assert!(
-            matches!(&err, InstallError::Conflict { path } if path == &srv.join("z-hand-made.txt")),
-            "{err}"
-        );
-        assert!(
-            !srv.join("a.txt").exists(),
-            "nothing written before the conflict was found"
-        );
-        assert_eq!(
-            std::fs::read_to_string(srv.join("z-hand-made.txt")).unwrap(),
-            "mine"
-        );
-    }
-
-    #[test]
-    fn overwrite_keeps_what_it_replaced_and_puts_it_back_byte_for_byte() {
-        let root = tempfile::tempdir().unwrap();
-        let srv = root.path().join("srv/app");
-        std::fs::create_dir_all(&srv).unwrap();
-        let original: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
-        std::fs::write(srv.join("conf"), &original).unwrap();
-        std::fs::set_permissions(srv.join("conf"), std::fs::Permissions::from_mode(0o640))
-            .unwrap();
-        nix::unistd::chown(&srv.join("conf"), Some(1234.into()), Some(4321.into())).unwrap();
-        let v1 = revision(&[("app/conf", "theirs")]);
-        let s = spec("file_exists_behavior: OVERWRITE\n");
-        let mut kept = BTreeMap::new();
-        let installed = run(root.path(), v1.path(), &s, &BTreeSet::new(), &mut kept).unwrap();
-        assert_eq!(std::fs::read_to_string(srv.join("conf")).unwrap(), "theirs");
-        assert!(kept.contains_key(&srv.join("conf")));
-        // Rolled back to nothing: the user's file is back.
-        let p = plan_nothing();
-        let left = install(
-            &p,
-            &Tree::new([srv.clone()], root.path()),
-            &installed,
-            Keep {
-                replaced: &mut kept,
-                backups: &root.path().join("backups"),
-            },
-        )
-        .unwrap();
-        assert!(left.is_empty());
-        assert!(kept.is_empty());
-        assert_eq!(std::fs::read(srv.join("conf")).unwrap(), original);
-        let meta = std::fs::symlink_metadata(srv.join("conf")).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(
-            (meta.mode() & 0o7777, meta.uid(), meta.gid()),
-            (0o640, 1234, 4321)
-        );
-    }
-
-    #[test]
-    fn retain_keeps_the_foreign_file() {
-        let root = tempfile::tempdir().unwrap();
-        let srv = root.path().join("srv/app");
-        std::fs::create_dir_all(&srv).unwrap();
-        std::fs::write(srv.join("conf"), "mine").unwrap();
-        let v1 = revision(&[("app/conf", "theirs")]);
-        let s = spec("file_exists_behavior: RETAIN\n");
-        let installed = install_simple(root.path(), v1.path(), &s, &BTreeSet::new()).unwrap();
-        assert_eq!(std::fs::read_to_string(srv.join("conf")).unwrap(), "mine");
-        assert!(!installed.contains(&srv.join("conf")));
-    }
-
-    #[test]
-    fn a_parent_that_is_a_link_is_refused_and_nothing_outside_is_written() {
-        let root = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        let srv = root.path().join("srv/app");
-        std::fs::create_dir_all(&srv).unwrap();
-        std::os::unix::fs::symlink(outside.path(), srv.join("sub")).unwrap();
-        let v1 = revision(&[("app/sub/b.txt", "b")]);
-        let err = install_simple(root.path(), v1.path(), &spec(""), &BTreeSet::new()).unwrap_err();
-        assert!(
-            matches!(&err, InstallError::Symlink { path } if path == &srv.join("sub")),
-            "{err}"
-        );
-        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn permissions_follow_pattern_except_and_type() {
-        let root = tempfile::tempdir().unwrap();
-        let v1 = revision(&[
-            ("app/bin/run", "#!"),
-            ("app/bin/README", "r"),
-            ("app/data/x", "x"),
-        ]);
-        let s = spec(
-            "permissions:\n  - object: /srv/app\n    pattern: \"bin/*\"\n    except: [bin/README]\n    mode: 750\n    type: [file]\n",
-        );
-        install_simple(root.path(), v1.path(), &s, &BTreeSet::new()).unwrap();
-        perms(&s, root.path()).unwrap();
-        let mode = |p: &str| {
-            std::fs::metadata(root.path().join("srv/app").join(p))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777
-        };
-        assert_eq!(mode("bin/run"), 0o750);
-        assert_eq!(mode("bin/README"), 0o644);
-        assert_eq!(mode("data/x"), 0o644);
-        assert_ne!(mode("bin"), 0o750, "directories excluded by type");
-
-        let bad = spec("permissions:\n  - object: /srv/app\n    owner: no-such-user-shoal\n");
-        let err = perms(&bad, root.path()).unwrap_err().to_string();
-        assert!(
-            err.starts_with("appspec.yml line 7: owner `no-such-user-shoal` is not a user"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn a_permission_object_that_is_or_passes_through_a_link_is_refused() {
-        let root = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("secret"), "s").unwrap();
-        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        let v1 = revision(&[("app/storage/x", "x")]);
-        let s = spec("");
-        install_simple(root.path(), v1.path(), &s, &BTreeSet::new()).unwrap();
-        let storage = root.path().join("srv/app/storage");
-        std::fs::remove_dir_all(&storage).unwrap();
-        std::os::unix::fs::symlink(outside.path(), &storage).unwrap();
-        for object in ["/srv/app/storage", "/srv/app/storage/secret"] {
-            let rule = spec(&format!(
-                "permissions:\n  - object: {object}\n    mode: 777\n    owner: nobody\n"
-            ));
-            let err = perms(&rule, root.path()).unwrap_err();
-            assert!(
-                matches!(&err, InstallError::PermissionThroughLink { link, .. } if link == &storage),
-                "{object}: {err}"
-            );
-        }
-        let meta = std::fs::metadata(outside.path()).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
-        let secret = std::fs::metadata(outside.path().join("secret")).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(secret.uid(), nix::unistd::getuid().as_raw());
-    }
-
-    #[test]
-    fn a_destination_with_dotdot_is_refused_with_its_line() {
-        let root = tempfile::tempdir().unwrap();
-        let v1 = revision(&[("app/a", "a")]);
-        let mut s = spec("");
-        s.files[0].destination = "/srv/../../etc".into();
-        let err = plan(v1.path(), &s, root.path()).err().unwrap();
-        assert!(
-            matches!(&err, InstallError::BadPath { line: 4, .. }),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn a_missing_source_names_its_line() {
-        let root = tempfile::tempdir().unwrap();
-        let v1 = revision(&[("other/x", "x")]);
-        let err = plan(v1.path(), &spec(""), root.path())
-            .err()
-            .unwrap()
-            .to_string();
-        assert_eq!(
-            err,
-            "appspec.yml line 4: files source `app` is not in the revision"
-        );
-    }
-
-    #[test]
-    fn leftover_temporary_files_are_cleaned() {
-        let root = tempfile::tempdir().unwrap();
-        let srv = root.path().join("srv/app");
-        std::fs::create_dir_all(srv.join("sub")).unwrap();
-        std::fs::write(srv.join("sub/.shoal-tmp-0123456789abcdef"), "half").unwrap();
-        std::fs::write(srv.join("sub/keep"), "k").unwrap();
-        let tree = Tree::new([srv.clone()], root.path());
-        clean_leftovers(&tree, &[srv.join("sub/a")].into());
-        let names: Vec<_> = std::fs::read_dir(srv.join("sub"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("keep")]);
     }
 }
