@@ -233,6 +233,11 @@ impl Store {
         )
         .map_err(|e| match e {
             Errno::ELOOP => CacheRefusal::Symlink,
+            // With `O_DIRECTORY`, a link is reported as "not a directory"; which it was is
+            // looked up for the message only (nothing is opened by it).
+            Errno::ENOTDIR if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) => {
+                CacheRefusal::Symlink
+            }
             Errno::ENOTDIR => CacheRefusal::NotADirectory,
             e => CacheRefusal::Io {
                 message: format!("opening {}: {e}", path.display()),

@@ -1146,6 +1146,43 @@ mod tests {
         assert_eq!(ticker.0.lock().0, 0);
     }
 
+    #[tokio::test]
+    async fn an_abandoned_compile_holds_its_pool_place_until_it_ends_and_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = HookRuntime::with_limits(
+            dir.path(),
+            HookLimits {
+                compile_budget: Duration::ZERO,
+                compile_threads: 1,
+                ..HookLimits::default()
+            },
+        )
+        .unwrap();
+        let probe = shoal_examples::SANDBOX_PROBE.bytes;
+        assert!(matches!(
+            rt.load(probe).await,
+            Err(LoadError::CompileTimeout { .. })
+        ));
+        // The compile runs on; its place in the pool comes back when it ends.
+        let until = Instant::now() + Duration::from_secs(300);
+        while rt.inner.compiles.available_permits() == 0 {
+            assert!(Instant::now() < until, "the compile never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rt.in_memory(), 0);
+        let stored = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".cwasm")
+            })
+            .count();
+        assert_eq!(stored, 0, "the abandoned result is not stored");
+    }
+
     #[test]
     fn memory_limits_sum_over_memories_and_remember_refusals() {
         let denied = Arc::new(AtomicUsize::new(0));
