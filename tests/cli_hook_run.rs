@@ -376,14 +376,21 @@ fn a_planted_cache_entry_is_refused_and_the_hook_compiled_again() {
     std::fs::copy(&other, &entry).unwrap();
     let (v, err) = run(PLAIN_COMMAND.path);
     assert_eq!(v["cache"], "compiled", "the planted entry was used");
-    assert_eq!(v["kind"], "wasi-command", "the hook that ran is the right one");
+    assert_eq!(
+        v["kind"], "wasi-command",
+        "the hook that ran is the right one"
+    );
     assert_eq!(v["status"], "Succeeded");
     assert!(
         err.contains("refused a compiled-hook cache entry")
             && err.contains("authentication tag does not verify"),
         "the refusal is logged: {err}"
     );
-    assert_eq!(run(PLAIN_COMMAND.path).0["cache"], "disk", "a genuine entry replaced it");
+    assert_eq!(
+        run(PLAIN_COMMAND.path).0["cache"],
+        "disk",
+        "a genuine entry replaced it"
+    );
 
     // A link in its place, to the genuine entry copied elsewhere: not followed.
     let copy = work.path().join("copy.cwasm");

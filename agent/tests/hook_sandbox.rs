@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use shoal_agent::hooks::{
     CacheRefusal, CacheStatus, DirGrant, HookContext, HookFailure, HookKind, HookLimits,
-    HookOutcome, HookRuntime, HookStatus, LifecycleEvent, LoadError, MAX_CONCURRENT_HOOKS,
-    Sandbox,
+    HookOutcome, HookRuntime, HookStatus, LifecycleEvent, LoadError, MAX_CONCURRENT_HOOKS, Sandbox,
 };
 use shoal_examples::{Artifact, MODEL_CHECKSUM, PLAIN_COMMAND, PLAIN_COMMAND_P1, SANDBOX_PROBE};
 
@@ -154,7 +153,11 @@ fn a_looping_hook_is_stopped_at_its_deadline() {
     let (o, cpu) = run_measured(&[("probe", "loop")], sandbox, Duration::from_secs(120));
     assert_eq!(failure(&o), &HookFailure::Timeout { timeout_ms: 500 });
     assert!(failure(&o).to_string().contains("timed out after 0.5s"));
-    assert!(o.elapsed_ms >= 500, "stopped early, after {} ms", o.elapsed_ms);
+    assert!(
+        o.elapsed_ms >= 500,
+        "stopped early, after {} ms",
+        o.elapsed_ms
+    );
     // The run's own cost, not the machine's clock: the guest spins on this thread, so the
     // CPU time it got is at most the deadline plus a few epoch ticks, however busy the
     // machine is (a busy machine gives it less CPU, never more). A deadline enforced late
@@ -179,8 +182,15 @@ fn a_hook_blocked_in_a_host_call_is_stopped_at_its_deadline() {
         Duration::from_secs(120),
     );
     assert_eq!(failure(&o), &HookFailure::Timeout { timeout_ms: 500 });
-    assert!(o.elapsed_ms >= 500, "stopped early, after {} ms", o.elapsed_ms);
-    assert!(cpu < Duration::from_millis(1500), "a sleeping guest used {cpu:?}");
+    assert!(
+        o.elapsed_ms >= 500,
+        "stopped early, after {} ms",
+        o.elapsed_ms
+    );
+    assert!(
+        cpu < Duration::from_millis(1500),
+        "a sleeping guest used {cpu:?}"
+    );
 }
 
 #[tokio::test]
@@ -643,9 +653,15 @@ async fn a_planted_cache_entry_is_refused_and_the_hook_compiled_again() {
     std::fs::write(&copy, &genuine).unwrap();
 
     type Plant<'a> = Box<dyn Fn(&Path) + 'a>;
-    let write = |bytes: Vec<u8>| -> Plant<'static> { Box::new(move |p: &Path| std::fs::write(p, &bytes).unwrap()) };
+    let write = |bytes: Vec<u8>| -> Plant<'static> {
+        Box::new(move |p: &Path| std::fs::write(p, &bytes).unwrap())
+    };
     let cases: Vec<(&str, Plant<'_>, CacheRefusal)> = vec![
-        ("garbage", write(b"garbage".to_vec()), CacheRefusal::NotAnEntry),
+        (
+            "garbage",
+            write(b"garbage".to_vec()),
+            CacheRefusal::NotAnEntry,
+        ),
         (
             "another module's genuine entry",
             write(other.clone()),
@@ -727,7 +743,11 @@ async fn a_planted_cache_entry_is_refused_and_the_hook_compiled_again() {
             .load(SANDBOX_PROBE.bytes)
             .await
             .unwrap();
-        assert_eq!((hook.cache, hook.refused), (CacheStatus::Disk, None), "{what}");
+        assert_eq!(
+            (hook.cache, hook.refused),
+            (CacheStatus::Disk, None),
+            "{what}"
+        );
     }
     assert_eq!(
         std::fs::read(&copy).unwrap(),
@@ -795,10 +815,7 @@ async fn an_oversize_module_is_refused_before_it_is_read() {
     let ok = dir.path().join("probe.wasm");
     std::fs::write(&ok, SANDBOX_PROBE.bytes).unwrap();
     assert!((SANDBOX_PROBE.bytes.len() as u64) < limit);
-    assert_eq!(
-        rt.load_file(&ok).await.unwrap().kind(),
-        HookKind::ShoalHook
-    );
+    assert_eq!(rt.load_file(&ok).await.unwrap().kind(), HookKind::ShoalHook);
 }
 
 #[tokio::test]
@@ -929,7 +946,9 @@ async fn a_run_that_waits_too_long_for_a_slot_says_so() {
     assert_eq!(*slots, MAX_CONCURRENT_HOOKS);
     assert!(*waited_ms >= 200, "{waited_ms}");
     assert!(
-        busy[0].to_string().contains("all 32 hook slots stayed busy"),
+        busy[0]
+            .to_string()
+            .contains("all 32 hook slots stayed busy"),
         "{}",
         busy[0]
     );

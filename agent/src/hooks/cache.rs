@@ -179,7 +179,8 @@ impl CompileCache {
         let result = store.fetch(engine, kind, &name);
         if let Err(refusal) = &result {
             tracing::warn!(entry = %name, "refused a compiled-hook cache entry, compiling the hook again: {refusal}");
-            if let Err(e) = nix::unistd::unlinkat(&store.dir, name.as_str(), UnlinkatFlags::NoRemoveDir)
+            if let Err(e) =
+                nix::unistd::unlinkat(&store.dir, name.as_str(), UnlinkatFlags::NoRemoveDir)
                 && e != Errno::ENOENT
             {
                 tracing::warn!(entry = %name, "cannot remove the refused cache entry: {e}");
@@ -290,7 +291,9 @@ impl Store {
                 }
                 Err(CacheRefusal::Io { message }) => return Err(CacheRefusal::Io { message }),
                 Err(refusal) => {
-                    tracing::warn!("the hook cache's key file is refused, making a new key: {refusal}");
+                    tracing::warn!(
+                        "the hook cache's key file is refused, making a new key: {refusal}"
+                    );
                     self.remove(KEY_FILE);
                 }
             }
@@ -371,11 +374,10 @@ impl Store {
         // it to the module's SHA-256 and this engine's compatibility key. So this agent wrote
         // it, from what this engine compiled for this very module. wasmtime checks its
         // header again.
-        let compiled = unsafe { deserialize(engine, kind, code) }.map_err(|e| {
-            CacheRefusal::Unusable {
+        let compiled =
+            unsafe { deserialize(engine, kind, code) }.map_err(|e| CacheRefusal::Unusable {
                 message: format!("{e:#}"),
-            }
-        })?;
+            })?;
         Ok(Some((compiled, code.len())))
     }
 
@@ -429,12 +431,10 @@ impl Store {
             Mode::from_bits_truncate(0o600),
         )?;
         let mut f = File::from(fd);
-        let written = write(&mut f)
-            .and_then(|()| f.sync_all())
-            .and_then(|()| {
-                nix::fcntl::renameat2(&self.dir, tmp.as_str(), &self.dir, name, flags)
-                    .map_err(std::io::Error::from)
-            });
+        let written = write(&mut f).and_then(|()| f.sync_all()).and_then(|()| {
+            nix::fcntl::renameat2(&self.dir, tmp.as_str(), &self.dir, name, flags)
+                .map_err(std::io::Error::from)
+        });
         if let Err(e) = written {
             self.remove(&tmp);
             return Err(e);
@@ -466,11 +466,9 @@ impl Store {
             let Some(name) = name.to_str().filter(|n| n.starts_with(TMP_PREFIX)) else {
                 continue;
             };
-            let Ok(stat) = nix::sys::stat::fstatat(
-                &self.dir,
-                name,
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            ) else {
+            let Ok(stat) =
+                nix::sys::stat::fstatat(&self.dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            else {
                 continue;
             };
             let modified =
@@ -663,10 +661,7 @@ mod tests {
         let engine = Engine::default();
         let dir = tempfile::tempdir().unwrap();
         CompileCache::open(dir.path(), &engine);
-        let (stale, fresh) = (
-            dir.path().join(".tmp-stale"),
-            dir.path().join(".tmp-fresh"),
-        );
+        let (stale, fresh) = (dir.path().join(".tmp-stale"), dir.path().join(".tmp-fresh"));
         std::fs::write(&stale, b"half").unwrap();
         std::fs::write(&fresh, b"half").unwrap();
         let old = SystemTime::now() - 2 * TMP_STALE;

@@ -40,9 +40,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::cache::{
-    self, CacheRefusal, CacheStatus, CompileCache, Compiled, WasmKind, sha256_hex,
-};
+use super::cache::{self, CacheRefusal, CacheStatus, CompileCache, Compiled, WasmKind, sha256_hex};
 use super::context::HookContext;
 use super::http::{self, HttpPolicy};
 use super::output::{CapturedLog, LogSink};
@@ -290,9 +288,7 @@ impl Remembered {
         {
             self.bytes -= old.code_bytes;
         }
-        while self.hooks.len() > 1
-            && (self.hooks.len() > self.max || self.bytes > self.max_bytes)
-        {
+        while self.hooks.len() > 1 && (self.hooks.len() > self.max || self.bytes > self.max_bytes) {
             let oldest = self
                 .hooks
                 .iter()
@@ -654,11 +650,10 @@ impl Inner {
         let (compiled, code_bytes, cache) = match fetched {
             Some((compiled, size)) => (compiled, size, CacheStatus::Disk),
             None => {
-                let code = cache::compile(&wasm.engine, kind, bytes).map_err(|e| {
-                    LoadError::Compile {
+                let code =
+                    cache::compile(&wasm.engine, kind, bytes).map_err(|e| LoadError::Compile {
                         message: format!("{e:#}"),
-                    }
-                })?;
+                    })?;
                 if abandoned.load(Ordering::Relaxed) {
                     return Err(LoadError::CompileTimeout {
                         budget: self.limits.compile_budget,
@@ -668,9 +663,11 @@ impl Inner {
                     tracing::warn!(sha256 = %sha256, "cannot cache the compiled hook: {e}");
                 }
                 // SAFETY: `code` was produced by this engine a moment ago.
-                let compiled = unsafe { cache::deserialize(&wasm.engine, kind, &code) }
-                    .map_err(|e| LoadError::Compile {
-                        message: format!("{e:#}"),
+                let compiled =
+                    unsafe { cache::deserialize(&wasm.engine, kind, &code) }.map_err(|e| {
+                        LoadError::Compile {
+                            message: format!("{e:#}"),
+                        }
                     })?;
                 (compiled, code.len(), CacheStatus::Compiled)
             }

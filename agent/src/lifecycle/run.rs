@@ -423,7 +423,10 @@ impl LocalHost {
         let logs = dir.deployments().join(deployment);
         std::fs::create_dir_all(&logs)?;
         for (n, spec) in release.spec.hooks_for(event).iter().enumerate() {
-            let hook = self.hooks.load_file(&release.dir.join(&spec.location)).await?;
+            let hook = self
+                .hooks
+                .load_file(&release.dir.join(&spec.location))
+                .await?;
             let mut ctx = HookContext {
                 event,
                 deployment_id: deployment.to_string(),
