@@ -338,3 +338,68 @@ fn the_demo_goes_as_planned() {
             .contains("rolled back to")
     );
 }
+
+#[test]
+fn a_planted_cache_entry_is_refused_and_the_hook_compiled_again() {
+    let (work, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let grant = format!("{}:/work:rw", work.path().display());
+    let run = |hook: &str| {
+        let o = shoal(
+            cache.path(),
+            &["hook", "run", hook, "--dir", &grant, "--json"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (v, stderr(&o))
+    };
+    // Two modules compiled into the cache, each its own entry.
+    assert_eq!(run(PLAIN_COMMAND.path).0["cache"], "compiled");
+    assert_eq!(run(PLAIN_COMMAND_P1.path).0["cache"], "compiled");
+    let entry_of = |bytes: &[u8]| {
+        use sha2::{Digest, Sha256};
+        let sha = hex::encode(Sha256::digest(bytes));
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_str().unwrap();
+                name.starts_with(&sha) && name.ends_with(".cwasm")
+            })
+            .expect("an entry")
+    };
+    let (entry, other) = (
+        entry_of(PLAIN_COMMAND.bytes),
+        entry_of(PLAIN_COMMAND_P1.bytes),
+    );
+
+    // The other module's genuine entry, planted under this module's name.
+    std::fs::copy(&other, &entry).unwrap();
+    let (v, err) = run(PLAIN_COMMAND.path);
+    assert_eq!(v["cache"], "compiled", "the planted entry was used");
+    assert_eq!(
+        v["kind"], "wasi-command",
+        "the hook that ran is the right one"
+    );
+    assert_eq!(v["status"], "Succeeded");
+    assert!(
+        err.contains("refused a compiled-hook cache entry")
+            && err.contains("authentication tag does not verify"),
+        "the refusal is logged: {err}"
+    );
+    assert_eq!(
+        run(PLAIN_COMMAND.path).0["cache"],
+        "disk",
+        "a genuine entry replaced it"
+    );
+
+    // A link in its place, to the genuine entry copied elsewhere: not followed.
+    let copy = work.path().join("copy.cwasm");
+    std::fs::copy(&entry, &copy).unwrap();
+    std::fs::remove_file(&entry).unwrap();
+    std::os::unix::fs::symlink(&copy, &entry).unwrap();
+    let (v, err) = run(PLAIN_COMMAND.path);
+    assert_eq!(v["cache"], "compiled");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert!(!std::fs::symlink_metadata(&entry).unwrap().is_symlink());
+    assert_eq!(run(PLAIN_COMMAND.path).0["cache"], "disk");
+}

@@ -39,7 +39,7 @@ fn main() {
     };
 
     let measure_hook = |bytes: &[u8], sandbox: &Sandbox| {
-        let hook = hooks.load(bytes).unwrap(); // compiled once, before timing
+        let hook = rt.block_on(hooks.load(bytes)).unwrap(); // compiled once, before timing
         for _ in 0..20 {
             assert!(rt.block_on(hooks.run(&hook, &ctx, sandbox)).succeeded());
         }

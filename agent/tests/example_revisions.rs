@@ -92,6 +92,7 @@ async fn v1_and_v2_validate_and_v3_broken_fails_only_its_golden_predictions() {
             for hook_spec in spec.hooks_for(event) {
                 let hook = hooks
                     .load_file(&dir.path().join(&hook_spec.location))
+                    .await
                     .unwrap();
                 let mut ctx = HookContext::adhoc(event);
                 ctx.params.insert("port".into(), port.to_string());

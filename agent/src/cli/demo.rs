@@ -274,6 +274,7 @@ pub async fn run(_args: DemoArgs, json: bool) -> Result<bool> {
         let progress = super::spinner(step.title);
         let hook = runtime
             .load(step.hook.bytes)
+            .await
             .with_context(|| format!("loading {}", step.hook.name))?;
         let mut ctx = HookContext::adhoc(step.event);
         ctx.application = "inference".into();

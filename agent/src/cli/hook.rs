@@ -69,7 +69,7 @@ pub async fn run(cmd: HookCommand, json: bool) -> Result<bool> {
         .unwrap_or_else(super::default_cache_dir);
     let runtime = HookRuntime::new(&cache_dir)?;
     let progress = super::spinner(&format!("loading {}", args.hook.display()));
-    let loaded = runtime.load_file(&args.hook);
+    let loaded = runtime.load_file(&args.hook).await;
     progress.finish_and_clear();
     let hook = loaded?;
 

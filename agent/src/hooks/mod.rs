@@ -13,8 +13,11 @@ mod output;
 mod runtime;
 mod sandbox;
 
-pub use cache::CacheStatus;
+pub use cache::{CacheRefusal, CacheStatus};
 pub use context::{HookContext, LifecycleEvent, hostname};
 pub use output::CapturedLog;
-pub use runtime::{HookFailure, HookKind, HookOutcome, HookRuntime, HookStatus, LoadedHook};
+pub use runtime::{
+    HookFailure, HookKind, HookLimits, HookOutcome, HookRuntime, HookStatus, LoadError, LoadedHook,
+    MAX_CONCURRENT_HOOKS,
+};
 pub use sandbox::{DirGrant, HttpAllow, Sandbox};

@@ -10,15 +10,27 @@
 //! tick of the deadline) and host calls are async (so a sleeping or blocked guest stops
 //! too). Memory is capped by a resource limiter that remembers what it refused, so an
 //! allocation failure is reported as such rather than as the trap it turns into.
+//!
+//! Loading is bounded too ([`HookLimits`], docs/decisions/0016-hook-cache-and-bounds.md):
+//! a module over the size cap is refused before it is read whole; compiling happens on
+//! blocking threads, at most `compile_threads` at once, and a caller stops waiting after
+//! `compile_budget` (wasmtime cannot interrupt a compile: it runs on, holding its place in
+//! the pool, and its result is thrown away); the compiled hooks kept in memory are bounded
+//! by count and code size, least recently used dropped first. A run waits for one of the
+//! [`MAX_CONCURRENT_HOOKS`] instance slots the pooling allocator has, for at most
+//! `instance_wait`, instead of failing when they are all taken.
 
 use std::collections::HashMap;
+use std::io::Read as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 use wasmtime::component::{HasSelf, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
@@ -28,7 +40,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::cache::{CacheStatus, CompileCache, Compiled, sha256_hex};
+use super::cache::{self, CacheRefusal, CacheStatus, CompileCache, Compiled, WasmKind, sha256_hex};
 use super::context::HookContext;
 use super::http::{self, HttpPolicy};
 use super::output::{CapturedLog, LogSink};
@@ -84,6 +96,73 @@ pub enum HookFailure {
     /// The hook could not be started (a granted directory is missing, ...).
     #[error("the hook could not start: {message}")]
     Start { message: String },
+    /// All instance slots stayed taken for as long as the run may wait for one.
+    #[error("the hook did not start: all {slots} hook slots stayed busy for {:.1}s", *waited_ms as f64 / 1000.0)]
+    Busy { slots: u32, waited_ms: u64 },
+}
+
+/// Why a hook could not be loaded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be opened or read.
+    #[error("reading {}: {message}", path.display())]
+    Read { path: PathBuf, message: String },
+    /// The path names something other than a regular file.
+    #[error("{} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
+    /// The module is larger than [`HookLimits::max_module_bytes`]; nothing past the limit
+    /// was read.
+    #[error("the hook module is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    /// Not WebAssembly, or a version of it this agent does not run.
+    #[error("{message}")]
+    NotWasm { message: String },
+    /// Every place in the compile pool stayed taken for the whole budget.
+    #[error("no compile slot came free within {:.1}s ({slots} compiles running)", budget.as_secs_f64())]
+    CompilePoolBusy { slots: usize, budget: Duration },
+    /// The compile did not finish within the budget; its result will be thrown away.
+    #[error("compiling the hook took longer than its budget of {:.1}s", budget.as_secs_f64())]
+    CompileTimeout { budget: Duration },
+    /// wasmtime refused to compile it.
+    #[error("compiling the hook: {message}")]
+    Compile { message: String },
+    /// It compiled but is not a hook this agent can run (imports, exports, no `_start`).
+    #[error("{message}")]
+    Link { message: String },
+    /// The agent's own failure: the engine could not be made.
+    #[error("the Wasm engine: {message}")]
+    Engine { message: String },
+}
+
+/// Bounds on loading and running hooks. [`Default`] gives the agent's.
+#[derive(Clone, Debug)]
+pub struct HookLimits {
+    /// The largest hook module accepted, checked before the file is read whole: 32 MiB.
+    pub max_module_bytes: u64,
+    /// How long a load waits for a compile slot, and then for the compile: 120 s each.
+    pub compile_budget: Duration,
+    /// Compiles at once (each a blocking thread, and wasmtime compiles a module's
+    /// functions in parallel too): 2.
+    pub compile_threads: usize,
+    /// Compiled hooks kept in memory: at most this many (64)...
+    pub max_loaded: usize,
+    /// ... holding at most this much compiled code (256 MiB).
+    pub max_loaded_bytes: usize,
+    /// How long a run waits for one of the [`MAX_CONCURRENT_HOOKS`] instance slots: 600 s.
+    pub instance_wait: Duration,
+}
+
+impl Default for HookLimits {
+    fn default() -> Self {
+        HookLimits {
+            max_module_bytes: 32 << 20,
+            compile_budget: Duration::from_secs(120),
+            compile_threads: 2,
+            max_loaded: 64,
+            max_loaded_bytes: 256 << 20,
+            instance_wait: Duration::from_secs(600),
+        }
+    }
 }
 
 /// How a hook run ended.
@@ -103,6 +182,7 @@ pub struct HookOutcome {
     /// Hex SHA-256 of the hook's Wasm.
     pub sha256: String,
     pub cache: CacheStatus,
+    /// How long the run took, from when it had an instance slot.
     pub elapsed_ms: u64,
     pub log: CapturedLog,
 }
@@ -126,6 +206,8 @@ pub struct LoadedHook {
     prepared: Arc<Prepared>,
     /// Where its compiled code came from for this load.
     pub cache: CacheStatus,
+    /// The on-disk entry refused for this load (and removed), if one was.
+    pub refused: Option<CacheRefusal>,
 }
 
 impl LoadedHook {
@@ -148,6 +230,10 @@ struct Prepared {
     /// (kept alive by every hook loaded, so a hook outliving its runtime still times out).
     engine: Engine,
     ticker: Arc<EpochTicker>,
+    /// The engine's instance slots: one per run.
+    slots: Arc<Semaphore>,
+    /// The size of its compiled code, what it costs the in-memory map.
+    code_bytes: usize,
     pre: Pre,
 }
 
@@ -162,10 +248,59 @@ enum Pre {
 /// agent that runs no hook pays neither the engine's memory (the code it touches, its
 /// linkers) nor the epoch thread's wake-ups.
 pub struct HookRuntime {
+    inner: Arc<Inner>,
+}
+
+/// What the runtime shares with its compile threads.
+struct Inner {
     cache_dir: PathBuf,
+    limits: HookLimits,
     wasm: OnceLock<Wasm>,
     making: Mutex<()>,
-    loaded: Mutex<HashMap<String, Arc<Prepared>>>,
+    loaded: Mutex<Remembered>,
+    compiles: Arc<Semaphore>,
+}
+
+/// The compiled hooks kept in memory, bounded by count and code size; the least recently
+/// used goes first.
+struct Remembered {
+    hooks: HashMap<String, (Arc<Prepared>, u64)>,
+    clock: u64,
+    bytes: usize,
+    max: usize,
+    max_bytes: usize,
+}
+
+impl Remembered {
+    fn get(&mut self, sha256: &str) -> Option<Arc<Prepared>> {
+        self.clock += 1;
+        let (prepared, used) = self.hooks.get_mut(sha256)?;
+        *used = self.clock;
+        Some(prepared.clone())
+    }
+
+    fn insert(&mut self, prepared: Arc<Prepared>) {
+        self.clock += 1;
+        self.bytes += prepared.code_bytes;
+        if let Some((old, _)) = self
+            .hooks
+            .insert(prepared.sha256.clone(), (prepared.clone(), self.clock))
+        {
+            self.bytes -= old.code_bytes;
+        }
+        while self.hooks.len() > 1 && (self.hooks.len() > self.max || self.bytes > self.max_bytes) {
+            let oldest = self
+                .hooks
+                .iter()
+                .filter(|(sha, _)| **sha != prepared.sha256)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(sha, _)| sha.clone())
+                .expect("another hook is kept");
+            if let Some((gone, _)) = self.hooks.remove(&oldest) {
+                self.bytes -= gone.code_bytes;
+            }
+        }
+    }
 }
 
 /// The engine and what is tied to it.
@@ -175,6 +310,7 @@ struct Wasm {
     components: wasmtime::component::Linker<State<P2>>,
     modules: wasmtime::Linker<State<WasiP1Ctx>>,
     ticker: Arc<EpochTicker>,
+    slots: Arc<Semaphore>,
 }
 
 impl Wasm {
@@ -195,8 +331,9 @@ impl Wasm {
         })?;
 
         Ok(Wasm {
-            cache: CompileCache::open(cache_dir, &engine)?,
+            cache: CompileCache::open(cache_dir, &engine),
             ticker: Arc::new(EpochTicker::start(&engine)?),
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_HOOKS as usize)),
             engine,
             components,
             modules,
@@ -233,80 +370,123 @@ impl Wasm {
 }
 
 impl HookRuntime {
-    /// A runtime whose compiled code is cached under `cache_dir` (created now, so a cache
-    /// that cannot be is reported at once; the engine waits for the first hook).
+    /// A runtime with the agent's [`HookLimits`] whose compiled code is cached under
+    /// `cache_dir` (created when the engine is, at the first hook).
     pub fn new(cache_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(cache_dir).with_context(|| {
-            format!("creating the hook cache directory {}", cache_dir.display())
-        })?;
+        Self::with_limits(cache_dir, HookLimits::default())
+    }
+
+    /// A runtime with the given limits.
+    pub fn with_limits(cache_dir: &Path, limits: HookLimits) -> Result<Self> {
+        anyhow::ensure!(
+            limits.compile_threads > 0 && limits.max_loaded > 0,
+            "hook limits: at least one compile thread and one loaded hook"
+        );
         Ok(HookRuntime {
-            cache_dir: cache_dir.to_path_buf(),
-            wasm: OnceLock::new(),
-            making: Mutex::new(()),
-            loaded: Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                cache_dir: cache_dir.to_path_buf(),
+                compiles: Arc::new(Semaphore::new(limits.compile_threads)),
+                loaded: Mutex::new(Remembered {
+                    hooks: HashMap::new(),
+                    clock: 0,
+                    bytes: 0,
+                    max: limits.max_loaded,
+                    max_bytes: limits.max_loaded_bytes,
+                }),
+                limits,
+                wasm: OnceLock::new(),
+                making: Mutex::new(()),
+            }),
         })
     }
 
     /// Makes the engine now if it is not made yet: an error here is the agent's (its
     /// memory or threads), not a hook's.
     pub fn ready(&self) -> Result<()> {
-        self.wasm().map(|_| ())
+        self.inner.wasm().map(|_| ())
     }
 
-    /// The engine, made on first use.
-    fn wasm(&self) -> Result<&Wasm> {
-        if let Some(w) = self.wasm.get() {
-            return Ok(w);
-        }
-        // A failed attempt leaves nothing half made: the lock's data is `()`.
-        let _one_at_a_time = self.making.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(w) = self.wasm.get() {
-            return Ok(w);
-        }
-        let w = Wasm::new(&self.cache_dir)?;
-        Ok(self.wasm.get_or_init(|| w))
+    /// How many compiled hooks are kept in memory now.
+    pub fn in_memory(&self) -> usize {
+        self.inner.remembered().hooks.len()
     }
 
-    /// Reads, compiles (or loads from cache) and links a hook file.
-    pub fn load_file(&self, path: &Path) -> Result<LoadedHook> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        self.load(&bytes)
-            .with_context(|| format!("loading the hook {}", path.display()))
+    /// Reads (at most [`HookLimits::max_module_bytes`]), compiles (or loads from cache) and
+    /// links a hook file.
+    pub async fn load_file(&self, path: &Path) -> Result<LoadedHook, LoadError> {
+        let (path, limit) = (path.to_path_buf(), self.inner.limits.max_module_bytes);
+        let bytes = tokio::task::spawn_blocking(move || read_module(&path, limit))
+            .await
+            .map_err(|e| LoadError::Engine {
+                message: format!("the reading task failed: {e}"),
+            })??;
+        self.load(&bytes).await
     }
 
-    /// Compiles (or loads from cache) and links a hook.
-    pub fn load(&self, bytes: &[u8]) -> Result<LoadedHook> {
-        let sha256 = sha256_hex(bytes);
-        if let Some(prepared) = self.loaded.lock().unwrap().get(&sha256) {
-            return Ok(LoadedHook {
-                prepared: prepared.clone(),
-                cache: CacheStatus::Memory,
+    /// Compiles (or loads from cache) and links a hook. The work happens on a blocking
+    /// thread from the compile pool; this waits for it within the compile budget.
+    pub async fn load(&self, bytes: &[u8]) -> Result<LoadedHook, LoadError> {
+        let limits = &self.inner.limits;
+        if bytes.len() as u64 > limits.max_module_bytes {
+            return Err(LoadError::TooLarge {
+                size: bytes.len() as u64,
+                limit: limits.max_module_bytes,
             });
         }
-        let wasm = self.wasm()?;
-        let (compiled, cache) = wasm.cache.load(&wasm.engine, bytes, &sha256)?;
-        let pre = match compiled {
-            Compiled::Component(c) => wasm.link_component(&c)?,
-            Compiled::Module(m) => {
-                if m.get_export("_start").is_none() {
-                    anyhow::bail!(
-                        "this core module has no `_start` export: a preview-1 module must be a WASI command"
-                    );
-                }
-                Pre::Module(
-                    wt(wasm.modules.instantiate_pre(&m))
-                        .context("linking the WASI preview-1 module")?,
-                )
-            }
+        let kind = WasmKind::detect(bytes).map_err(|e| LoadError::NotWasm {
+            message: e.to_string(),
+        })?;
+        let sha256 = sha256_hex(bytes);
+        if let Some(prepared) = self.inner.remembered().get(&sha256) {
+            return Ok(LoadedHook {
+                prepared,
+                cache: CacheStatus::Memory,
+                refused: None,
+            });
+        }
+        if self.inner.wasm.get().is_none() {
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || inner.wasm().map(|_| ()))
+                .await
+                .map_err(|e| anyhow::anyhow!("the engine task failed: {e}"))
+                .and_then(|made| made)
+                .map_err(|e| LoadError::Engine {
+                    message: format!("{e:#}"),
+                })?;
+        }
+
+        let budget = limits.compile_budget;
+        let permit = tokio::time::timeout(budget, self.inner.compiles.clone().acquire_owned())
+            .await
+            .map_err(|_| LoadError::CompilePoolBusy {
+                slots: limits.compile_threads,
+                budget,
+            })?
+            .expect("the compile pool is never closed");
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let job = {
+            let (inner, abandoned, bytes) = (self.inner.clone(), abandoned.clone(), bytes.to_vec());
+            tokio::task::spawn_blocking(move || {
+                // The place in the pool is held until the compile ends, even one the caller
+                // stopped waiting for: runaway compiles cannot pile up.
+                let _permit = permit;
+                inner.prepare(kind, &bytes, sha256, &abandoned)
+            })
         };
-        let prepared = Arc::new(Prepared {
-            sha256: sha256.clone(),
-            engine: wasm.engine.clone(),
-            ticker: wasm.ticker.clone(),
-            pre,
-        });
-        self.loaded.lock().unwrap().insert(sha256, prepared.clone());
-        Ok(LoadedHook { prepared, cache })
+        match tokio::time::timeout(budget, job).await {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(e)) => Err(LoadError::Compile {
+                message: format!("the compile task failed: {e}"),
+            }),
+            Err(_) => {
+                abandoned.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    budget_s = budget.as_secs_f64(),
+                    "a hook's compile ran past its budget; it runs on in the compile pool and its result will be discarded"
+                );
+                Err(LoadError::CompileTimeout { budget })
+            }
+        }
     }
 
     /// Runs a loaded hook in a fresh sandbox. Never panics and never fails: whatever the
@@ -317,8 +497,28 @@ impl HookRuntime {
         ctx: &HookContext,
         sandbox: &Sandbox,
     ) -> HookOutcome {
-        let started = Instant::now();
         let log = LogSink::new(sandbox.output_limit);
+        let wait = self.inner.limits.instance_wait;
+        let queued = Instant::now();
+        let Ok(Ok(_slot)) =
+            tokio::time::timeout(wait, hook.prepared.slots.clone().acquire_owned()).await
+        else {
+            return HookOutcome {
+                status: HookStatus::Failed {
+                    failure: HookFailure::Busy {
+                        slots: MAX_CONCURRENT_HOOKS,
+                        waited_ms: queued.elapsed().as_millis() as u64,
+                    },
+                },
+                kind: hook.kind(),
+                sha256: hook.sha256().to_string(),
+                cache: hook.cache,
+                elapsed_ms: 0,
+                log: log.captured(),
+            };
+        };
+        // The run is timed from here: waiting for a slot is not running.
+        let started = Instant::now();
         let denied = Arc::new(AtomicUsize::new(0));
         let _ticks = hook.prepared.ticker.ticks();
         let run = self.run_inner(hook, ctx, sandbox, &log, &denied);
@@ -410,6 +610,140 @@ impl HookRuntime {
             }
         }
     }
+}
+
+impl Inner {
+    /// The engine, made on first use.
+    fn wasm(&self) -> Result<&Wasm> {
+        if let Some(w) = self.wasm.get() {
+            return Ok(w);
+        }
+        // A failed attempt leaves nothing half made: the lock's data is `()`.
+        let _one_at_a_time = self.making.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = self.wasm.get() {
+            return Ok(w);
+        }
+        let w = Wasm::new(&self.cache_dir)?;
+        Ok(self.wasm.get_or_init(|| w))
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        self.loaded.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fetches or compiles, then links, a module (on a compile thread). A result the caller
+    /// stopped waiting for (`abandoned`) is neither stored nor remembered.
+    fn prepare(
+        &self,
+        kind: WasmKind,
+        bytes: &[u8],
+        sha256: String,
+        abandoned: &AtomicBool,
+    ) -> Result<LoadedHook, LoadError> {
+        let wasm = self.wasm().map_err(|e| LoadError::Engine {
+            message: format!("{e:#}"),
+        })?;
+        let (fetched, refused) = match wasm.cache.fetch(&wasm.engine, kind, &sha256) {
+            Ok(fetched) => (fetched, None),
+            Err(refusal) => (None, Some(refusal)),
+        };
+        let (compiled, code_bytes, cache) = match fetched {
+            Some((compiled, size)) => (compiled, size, CacheStatus::Disk),
+            None => {
+                let code =
+                    cache::compile(&wasm.engine, kind, bytes).map_err(|e| LoadError::Compile {
+                        message: format!("{e:#}"),
+                    })?;
+                if abandoned.load(Ordering::Relaxed) {
+                    return Err(LoadError::CompileTimeout {
+                        budget: self.limits.compile_budget,
+                    });
+                }
+                if let Err(e) = wasm.cache.store(&sha256, &code) {
+                    tracing::warn!(sha256 = %sha256, "cannot cache the compiled hook: {e}");
+                }
+                // SAFETY: `code` was produced by this engine a moment ago.
+                let compiled =
+                    unsafe { cache::deserialize(&wasm.engine, kind, &code) }.map_err(|e| {
+                        LoadError::Compile {
+                            message: format!("{e:#}"),
+                        }
+                    })?;
+                (compiled, code.len(), CacheStatus::Compiled)
+            }
+        };
+        let link = |e: anyhow::Error| LoadError::Link {
+            message: format!("{e:#}"),
+        };
+        let pre = match compiled {
+            Compiled::Component(c) => wasm.link_component(&c).map_err(link)?,
+            Compiled::Module(m) => {
+                if m.get_export("_start").is_none() {
+                    return Err(link(anyhow::anyhow!(
+                        "this core module has no `_start` export: a preview-1 module must be a WASI command"
+                    )));
+                }
+                Pre::Module(
+                    wt(wasm.modules.instantiate_pre(&m))
+                        .context("linking the WASI preview-1 module")
+                        .map_err(link)?,
+                )
+            }
+        };
+        let prepared = Arc::new(Prepared {
+            sha256,
+            engine: wasm.engine.clone(),
+            ticker: wasm.ticker.clone(),
+            slots: wasm.slots.clone(),
+            code_bytes,
+            pre,
+        });
+        if !abandoned.load(Ordering::Relaxed) {
+            self.remembered().insert(prepared.clone());
+        }
+        Ok(LoadedHook {
+            prepared,
+            cache,
+            refused,
+        })
+    }
+}
+
+/// Reads a hook module, refusing one over `limit` bytes before reading it whole (and one
+/// that grows past it while read). Opened non-blocking, so a FIFO cannot stall the agent.
+fn read_module(path: &Path, limit: u64) -> Result<Vec<u8>, LoadError> {
+    let read_error = |e: std::io::Error| LoadError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(LoadError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if meta.len() > limit {
+        return Err(LoadError::TooLarge {
+            size: meta.len(),
+            limit,
+        });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > limit {
+        return Err(LoadError::TooLarge {
+            size: bytes.len() as u64,
+            limit,
+        });
+    }
+    Ok(bytes)
 }
 
 /// How many hooks may run at once on one agent.
@@ -784,16 +1118,18 @@ mod tests {
         assert_eq!(panic_message("no panic here"), None);
     }
 
-    #[test]
-    fn the_engine_is_made_at_the_first_hook_and_ticks_only_while_one_runs() {
+    #[tokio::test]
+    async fn the_engine_is_made_at_the_first_hook_and_ticks_only_while_one_runs() {
         let dir = tempfile::tempdir().unwrap();
         let rt = HookRuntime::new(dir.path()).unwrap();
-        assert!(rt.wasm.get().is_none(), "no engine before a hook");
+        assert!(rt.inner.wasm.get().is_none(), "no engine before a hook");
         // The smallest WASI command: a core module whose `_start` returns.
         let hook = rt
             .load(b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x02\x01\0\x07\x0a\x01\x06_start\0\0\x0a\x04\x01\x02\0\x0b")
+            .await
             .unwrap();
         let ticker = rt
+            .inner
             .wasm
             .get()
             .expect("an engine once a hook is loaded")
@@ -805,6 +1141,43 @@ mod tests {
             assert_eq!(ticker.0.lock().0, 1);
         }
         assert_eq!(ticker.0.lock().0, 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_compile_holds_its_pool_place_until_it_ends_and_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = HookRuntime::with_limits(
+            dir.path(),
+            HookLimits {
+                compile_budget: Duration::ZERO,
+                compile_threads: 1,
+                ..HookLimits::default()
+            },
+        )
+        .unwrap();
+        let probe = shoal_examples::SANDBOX_PROBE.bytes;
+        assert!(matches!(
+            rt.load(probe).await,
+            Err(LoadError::CompileTimeout { .. })
+        ));
+        // The compile runs on; its place in the pool comes back when it ends.
+        let until = Instant::now() + Duration::from_secs(300);
+        while rt.inner.compiles.available_permits() == 0 {
+            assert!(Instant::now() < until, "the compile never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rt.in_memory(), 0);
+        let stored = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".cwasm")
+            })
+            .count();
+        assert_eq!(stored, 0, "the abandoned result is not stored");
     }
 
     #[test]

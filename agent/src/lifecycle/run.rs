@@ -205,7 +205,7 @@ impl LocalHost {
     }
 
     /// Checks and unpacks a bundle into its release directory, touching nothing else.
-    fn preflight(&self, dir: &AppDir, bundle_path: &Path) -> Result<Release, DeployError> {
+    async fn preflight(&self, dir: &AppDir, bundle_path: &Path) -> Result<Release, DeployError> {
         let refused = |e: anyhow::Error| DeployError::from(DeployErrorKind::RefusedBundle(e));
         std::fs::create_dir_all(dir.releases()).map_err(DeployError::host)?;
         clean_staging(dir);
@@ -231,6 +231,7 @@ impl LocalHost {
             for h in hooks {
                 self.hooks
                     .load_file(&b.root.join(&h.location))
+                    .await
                     .with_context(|| format!("appspec.yml line {}: hook {}", h.line, h.location))
                     .map_err(refused)?;
             }
@@ -288,7 +289,7 @@ impl LocalHost {
             .await
             .map_err(DeployError::host)?;
         let started_at = now();
-        let new = self.preflight(&dir, &req.bundle)?;
+        let new = self.preflight(&dir, &req.bundle).await?;
         self.deploy_locked(req, &dir, new, started_at)
             .await
             .map_err(DeployError::host)
@@ -450,7 +451,10 @@ impl LocalHost {
         let logs = dir.deployments().join(deployment);
         std::fs::create_dir_all(&logs)?;
         for (n, spec) in release.spec.hooks_for(event).iter().enumerate() {
-            let hook = self.hooks.load_file(&release.dir.join(&spec.location))?;
+            let hook = self
+                .hooks
+                .load_file(&release.dir.join(&spec.location))
+                .await?;
             let mut ctx = HookContext {
                 event,
                 deployment_id: deployment.to_string(),
