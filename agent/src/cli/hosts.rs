@@ -1,5 +1,6 @@
 //! `shoal hosts`: every member of the mesh as the agent at `--peer` sees it: name, address,
-//! state (alive, suspect, dead, left), tags and applications. Needs an operator identity.
+//! state (alive, suspect, dead, left), tags and applications (with the problem its
+//! supervisor reports for one, if any). Needs an operator identity.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -59,7 +60,17 @@ fn table(hosts: &[HostView]) -> String {
                 .iter()
                 .map(|(app, a)| {
                     let rev = a.revision.as_deref().map_or("-".to_string(), super::short);
-                    format!("{}@{rev} ({})", super::printable(app), a.health.as_str())
+                    match &a.problem {
+                        None => {
+                            format!("{}@{rev} ({})", super::printable(app), a.health.as_str())
+                        }
+                        Some(p) => format!(
+                            "{}@{rev} ({}; problem: {})",
+                            super::printable(app),
+                            a.health.as_str(),
+                            super::printable(p)
+                        ),
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
