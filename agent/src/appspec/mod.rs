@@ -13,9 +13,8 @@ mod model;
 mod raw;
 
 pub use model::{
-    health_path,
     AppSpec, FileExistsBehavior, FileMapping, HookSpec, ObjectType, Os, Permission, Problem,
-    ServiceSpec, Severity,
+    ServiceSpec, Severity, health_path,
 };
 
 use std::fmt;
@@ -240,9 +239,13 @@ shoal:
             );
             assert_eq!(spec.service.unwrap().health_path, None, "{bad}");
         }
-        let spec = parse("version: 0.0\nos: linux\nshoal:\n  service:\n    command: bin/app\n    user: \"-x\"\n").unwrap();
+        let spec = parse(
+            "version: 0.0\nos: linux\nshoal:\n  service:\n    command: bin/app\n    user: \"-x\"\n",
+        )
+        .unwrap();
         assert!(
-            spec.errors().any(|p| p.key == "shoal.service.user" && p.line == Some(6)),
+            spec.errors()
+                .any(|p| p.key == "shoal.service.user" && p.line == Some(6)),
             "{:?}",
             spec.problems
         );

@@ -184,7 +184,9 @@ pub fn health_path(path: &str) -> Result<(), String> {
         return Err(format!("`{path}` must start with `/`"));
     }
     if path.starts_with("//") {
-        return Err(format!("`{path}` starts with `//`, which would name a host"));
+        return Err(format!(
+            "`{path}` starts with `//`, which would name a host"
+        ));
     }
     if path.len() > 1024 {
         return Err("longer than 1024 bytes".into());

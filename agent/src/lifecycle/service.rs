@@ -111,9 +111,7 @@ fn processes() -> Vec<Proc> {
 }
 
 fn start_ticks(pid: i32) -> Option<u64> {
-    proc_stat(pid)
-        .filter(|p| !p.zombie)
-        .map(|p| p.start_ticks)
+    proc_stat(pid).filter(|p| !p.zombie).map(|p| p.start_ticks)
 }
 
 impl ServiceRecord {
@@ -438,10 +436,7 @@ fn http_ok(port: u16, path: &str) -> bool {
         .timeout_global(Some(Duration::from_secs(1)))
         .build()
         .into();
-    agent
-        .get(uri)
-        .call()
-        .is_ok_and(|r| r.status().is_success())
+    agent.get(uri).call().is_ok_and(|r| r.status().is_success())
 }
 
 fn log_tail(dir: &AppDir, from: u64) -> String {
@@ -596,7 +591,14 @@ mod tests {
         let (dir, release) = app(tmp.path());
         // The leader starts a child that ignores SIGTERM, prints its pid, then exits.
         let script = "trap '' TERM; sh -c 'trap \"\" TERM; echo child $$; exec sleep 600' & sleep 1.5; exit 0";
-        let record = start(&dir, &release, &rev(), &spec("/bin/sh", &["-c", script]), None).unwrap();
+        let record = start(
+            &dir,
+            &release,
+            &rev(),
+            &spec("/bin/sh", &["-c", script]),
+            None,
+        )
+        .unwrap();
         let child = || {
             std::fs::read_to_string(dir.service_log())
                 .unwrap()
@@ -651,7 +653,10 @@ mod tests {
             ),
             "{err:#}"
         );
-        assert!(current(&dir).unwrap().is_none(), "a failed start is not recorded");
+        assert!(
+            current(&dir).unwrap().is_none(),
+            "a failed start is not recorded"
+        );
         // The same check accepts a listener the service's own tree holds.
         let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let own_port = own.local_addr().unwrap().port();
@@ -675,14 +680,24 @@ mod tests {
         start(&dir, &release, &rev(), &s, Some(4321)).unwrap();
         let log = std::fs::read_to_string(dir.service_log()).unwrap();
         stop(&dir).unwrap();
-        let names: BTreeSet<&str> = log.lines().filter_map(|l| l.split_once('=')).map(|(k, _)| k).collect();
-        assert!(log.contains("GREETING=hello") && log.contains("PORT=4321"), "{log}");
+        let names: BTreeSet<&str> = log
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            log.contains("GREETING=hello") && log.contains("PORT=4321"),
+            "{log}"
+        );
         assert!(log.contains(&format!("PATH={SERVICE_PATH}")), "{log}");
         let inherited: Vec<String> = std::env::vars()
             .map(|(k, _)| k)
             .filter(|k| !ENV_ALLOWED.contains(&k.as_str()) && k != "PATH")
             .collect();
-        assert!(!inherited.is_empty(), "the test runs with variables of its own");
+        assert!(
+            !inherited.is_empty(),
+            "the test runs with variables of its own"
+        );
         for k in &inherited {
             // `sh` itself sets a few (PWD, SHLVL); nothing of the agent's comes through.
             if !["PWD", "SHLVL", "_", "OLDPWD"].contains(&k.as_str()) {
@@ -696,7 +711,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, release) = app(tmp.path());
         let script = "head -c 5000 /dev/zero | tr '\\0' x; echo; echo mark-1; exec sleep 600";
-        start(&dir, &release, &rev(), &spec("/bin/sh", &["-c", script]), None).unwrap();
+        start(
+            &dir,
+            &release,
+            &rev(),
+            &spec("/bin/sh", &["-c", script]),
+            None,
+        )
+        .unwrap();
         wait_for("the first output", || {
             std::fs::read_to_string(dir.service_log()).is_ok_and(|l| l.contains("mark-1"))
         });
@@ -720,19 +742,31 @@ mod tests {
         for d in [tmp.path(), release.as_path()] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let mut s = spec("/bin/sh", &["-c", "echo uid=$(id -u) gid=$(id -g) user=$USER; exec sleep 600"]);
+        let mut s = spec(
+            "/bin/sh",
+            &[
+                "-c",
+                "echo uid=$(id -u) gid=$(id -g) user=$USER; exec sleep 600",
+            ],
+        );
         s.user = Some("nobody".into());
         start(&dir, &release, &rev(), &s, None).unwrap();
         let log = std::fs::read_to_string(dir.service_log()).unwrap();
         stop(&dir).unwrap();
         assert!(
-            log.contains(&format!("uid={} gid={} user=nobody", nobody.uid, nobody.gid)),
+            log.contains(&format!(
+                "uid={} gid={} user=nobody",
+                nobody.uid, nobody.gid
+            )),
             "{log}"
         );
         s.user = Some("no-such-user-here".into());
         let err = start(&dir, &release, &rev(), &s, None).unwrap_err();
         assert!(
-            matches!(err.downcast_ref::<ServiceError>(), Some(ServiceError::NoSuchUser(_))),
+            matches!(
+                err.downcast_ref::<ServiceError>(),
+                Some(ServiceError::NoSuchUser(_))
+            ),
             "{err:#}"
         );
     }

@@ -139,7 +139,10 @@ fn status_line(
         return;
     }
     if now_problems.is_empty() {
-        tracing::info!(apps, "status: {apps} applications supervised, none with a problem");
+        tracing::info!(
+            apps,
+            "status: {apps} applications supervised, none with a problem"
+        );
     } else {
         let list: Vec<String> = now_problems
             .iter()
@@ -165,7 +168,12 @@ fn set_problem(problems: &Problems, app: &str, problem: &str) {
 }
 
 fn clear_problem(problems: &Problems, app: &str) {
-    if problems.lock().expect("problems lock").remove(app).is_some() {
+    if problems
+        .lock()
+        .expect("problems lock")
+        .remove(app)
+        .is_some()
+    {
         tracing::info!(app, "problem resolved");
     }
 }
@@ -196,7 +204,12 @@ async fn watch_app(
                 (result, w)
             })
             .await
-            .unwrap_or_else(|e| (Err(anyhow::anyhow!("the pass panicked: {e}")), Watch::default()));
+            .unwrap_or_else(|e| {
+                (
+                    Err(anyhow::anyhow!("the pass panicked: {e}")),
+                    Watch::default(),
+                )
+            });
             watch = w;
             result
         } else {
@@ -233,7 +246,11 @@ async fn watch_app(
             // A recovery that waits for a deployment is not a problem.
             Err(e) if !recovered && e.is::<Held>() => Duration::from_millis(250),
             Err(e) => {
-                let what = if recovered { "supervising" } else { "recovering" };
+                let what = if recovered {
+                    "supervising"
+                } else {
+                    "recovering"
+                };
                 let mut problem = format!("{what}: {e:#}");
                 truncate(&mut problem, crate::mesh::hoststate::MAX_PROBLEM);
                 set_problem(&problems, &app, &problem);

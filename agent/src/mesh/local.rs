@@ -176,8 +176,24 @@ mod tests {
     #[test]
     fn problems_are_told_within_their_cap() {
         let mut records = BTreeMap::from([
-            ("a".to_string(), AppRecord { revision: None, health: Health::Stopped, held: BTreeSet::new(), problem: None }),
-            ("b".to_string(), AppRecord { revision: None, health: Health::Running, held: BTreeSet::new(), problem: Some("old".into()) }),
+            (
+                "a".to_string(),
+                AppRecord {
+                    revision: None,
+                    health: Health::Stopped,
+                    held: BTreeSet::new(),
+                    problem: None,
+                },
+            ),
+            (
+                "b".to_string(),
+                AppRecord {
+                    revision: None,
+                    health: Health::Running,
+                    held: BTreeSet::new(),
+                    problem: Some("old".into()),
+                },
+            ),
         ]);
         let problems = BTreeMap::from([
             ("a".to_string(), "é".repeat(MAX_PROBLEM)),
@@ -186,7 +202,10 @@ mod tests {
         add_problems(&mut records, &problems);
         let a = records["a"].problem.as_deref().unwrap();
         assert!(a.len() <= MAX_PROBLEM && a.starts_with('é'));
-        assert_eq!(records["b"].problem, None, "a resolved problem is no longer told");
+        assert_eq!(
+            records["b"].problem, None,
+            "a resolved problem is no longer told"
+        );
         assert_eq!(records.len(), 2);
     }
 
