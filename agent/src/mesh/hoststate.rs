@@ -1595,6 +1595,7 @@ mod tests {
                 held: (0..MAX_HELD)
                     .map(|h| format!("{h:r>MAX_REVISION_ID$}"))
                     .collect(),
+                problem: Some("p".repeat(MAX_PROBLEM)),
             };
             r.apps.insert(format!("{a:a>MAX_APP_NAME$}"), app);
             if encoded_len(&r) > MAX_RECORD_BYTES {
