@@ -101,7 +101,17 @@ pub async fn supervise(host: Arc<LocalHost>, problems: Problems, stop: watch::Re
     let mut stop_rx = stop.clone();
     let mut last_status: Option<(Instant, BTreeMap<String, String>)> = None;
     loop {
-        for app in apps(&host.data_dir) {
+        let on_disk = apps(&host.data_dir);
+        // An application whose directory is gone is no longer supervised, nor a problem.
+        tasks.retain(|app, task| {
+            let keep = on_disk.contains(app);
+            if !keep {
+                task.abort();
+                clear_problem(&problems, app);
+            }
+            keep
+        });
+        for app in on_disk {
             let ended = tasks.get(&app).is_none_or(|t| t.is_finished());
             if ended && !*stop.borrow() {
                 if tasks.contains_key(&app) {
@@ -384,6 +394,58 @@ mod tests {
         assert_eq!(delays[7], Duration::from_secs(30), "capped");
         // A crash long after the others starts over.
         assert_eq!(p.exited(t0 + Duration::from_secs(600)), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_lock_is_free_while_a_started_service_becomes_healthy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = LocalHost {
+            data_dir: tmp.path().join("data"),
+            install_root: tmp.path().join("root"),
+            host_name: "h".into(),
+            tags: Default::default(),
+            keep_releases: 1,
+            hooks: Arc::new(crate::hooks::HookRuntime::new(&tmp.path().join("cache")).unwrap()),
+        };
+        let dir = AppDir::new(&host.data_dir, "web");
+        let rev = crate::bundle::RevisionId("c".repeat(64));
+        std::fs::create_dir_all(dir.release(&rev)).unwrap();
+        // A service that never answers its health check (nothing listens on the port).
+        std::fs::write(
+            dir.release(&rev).join("appspec.yml"),
+            "version: 0.0\nos: linux\nshoal:\n  service:\n    command: /bin/sleep\n    args: [\"600\"]\n    port: 1\n    health_path: /h\n    start_timeout: 3\n",
+        )
+        .unwrap();
+        let state = AppState {
+            active: Some(rev.clone()),
+            ..AppState::default()
+        };
+        super::super::state::write_json(&dir.state(), &state).unwrap();
+
+        let mut watch = Watch::default();
+        assert_eq!(tick(&host, "web", &mut watch).unwrap(), Pass::Waiting);
+        let started = std::thread::scope(|s| {
+            let pass = s.spawn(|| tick(&host, "web", &mut watch));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while service::current(&dir).unwrap().is_none() {
+                assert!(Instant::now() < deadline, "the service was never spawned");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Spawned, not healthy yet: a deployment can take the application meanwhile.
+            let mut free = false;
+            while !pass.is_finished() {
+                if let Ok(lock) = super::super::run::lock(&dir) {
+                    free = service::current(&dir).unwrap().is_some();
+                    drop(lock);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (free, pass.join().unwrap())
+        });
+        assert!(started.0, "the lock was held across the wait for health");
+        assert!(started.1.is_err(), "the service never became healthy");
+        assert!(service::current(&dir).unwrap().is_none());
     }
 
     #[test]
