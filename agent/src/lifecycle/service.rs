@@ -16,8 +16,11 @@
 //!
 //! What is running is recorded in `service.json` with the leader's start time, so a later
 //! agent (or a later `deploy local`) recognises it, and never signals a recycled pid.
-//! A service that leaves its process group (`setsid`) escapes the stop; decision 0015 says
-//! why cgroups are not used yet.
+//! Where a cgroup v2 hierarchy is mounted and writable, each service also gets a cgroup of
+//! its own (beside the agent's, `shoal-<app>-<n>`, recorded in `service.json`): the service
+//! is moved into it before exec, so a process that leaves the group (`setsid`) is still
+//! counted in its tree, signalled and killed (`cgroup.kill`). Elsewhere the process group
+//! is all there is, and such a process escapes the stop (decision 0015).
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::{Read, Seek};
@@ -71,6 +74,56 @@ pub struct ServiceRecord {
     /// The process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
     pub start_ticks: u64,
     pub port: Option<u16>,
+    /// The service's own cgroup (v2), when the host has one to give.
+    #[serde(default)]
+    pub cgroup: Option<std::path::PathBuf>,
+}
+
+/// Where this agent makes services' cgroups: beside its own cgroup in the cgroup v2
+/// hierarchy (`/proc/self/mountinfo`, `/proc/self/cgroup`), if there is one.
+fn cgroup_parent() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split(' ').next()? == "cgroup2").then(|| left.split(' ').nth(4).map(String::from))?
+    })?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    let mut parent = std::path::PathBuf::from(mount);
+    parent.push(own.trim_start_matches('/'));
+    parent.is_dir().then_some(parent)
+}
+
+/// Makes a cgroup for one start of `app`'s service; `None` (said in the log) where the
+/// host has no cgroup v2 to give.
+fn new_cgroup(app: &str) -> Option<std::path::PathBuf> {
+    let parent = cgroup_parent()?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dir = parent.join(format!("shoal-{app}-{nanos:x}"));
+    match std::fs::create_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            tracing::warn!(
+                app,
+                "no cgroup for the service ({}: {e}); its process group alone contains it",
+                dir.display()
+            );
+            None
+        }
+    }
+}
+
+/// The live processes of a cgroup.
+fn cgroup_members(cgroup: &Path) -> Vec<i32> {
+    std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|pid| proc_stat(*pid).is_some_and(|p| !p.zombie))
+        .collect()
 }
 
 /// One process, as `/proc/<pid>/stat` says.
@@ -131,30 +184,32 @@ impl ServiceRecord {
         }
     }
 
-    /// The live members of the service's process group (the leader included, if alive).
+    /// The live members of the service's process group (the leader included, if alive)
+    /// and of its cgroup.
     fn group(&self) -> Vec<i32> {
-        if !self.owns_group() {
-            return Vec::new();
-        }
-        processes()
+        let mut members: BTreeSet<i32> = self
+            .cgroup
+            .as_deref()
+            .map(cgroup_members)
+            .unwrap_or_default()
             .into_iter()
-            .filter(|p| p.pgrp == self.pid)
-            .map(|p| p.pid)
-            .collect()
+            .collect();
+        if self.owns_group() {
+            members.extend(
+                processes()
+                    .into_iter()
+                    .filter(|p| p.pgrp == self.pid)
+                    .map(|p| p.pid),
+            );
+        }
+        members.into_iter().collect()
     }
 
     /// The service's tree: its group and every descendant of it (a child that made a group
     /// of its own included).
     fn tree(&self) -> BTreeSet<i32> {
-        if !self.owns_group() {
-            return BTreeSet::new();
-        }
         let all = processes();
-        let mut tree: BTreeSet<i32> = all
-            .iter()
-            .filter(|p| p.pgrp == self.pid)
-            .map(|p| p.pid)
-            .collect();
+        let mut tree: BTreeSet<i32> = self.group().into_iter().collect();
         loop {
             let before = tree.len();
             for p in &all {
@@ -259,6 +314,23 @@ pub fn spawn(
         release.join(&spec.command)
     };
     let user = spec.user.as_deref().map(run_as).transpose()?;
+    let app = dir
+        .root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cgroup = new_cgroup(&app);
+    // Opened before the fork: the child only writes to it.
+    let cgroup_procs = match &cgroup {
+        Some(cg) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_CLOEXEC)
+                .open(cg.join("cgroup.procs"))
+                .with_context(|| format!("opening {}/cgroup.procs", cg.display()))?,
+        ),
+        None => None,
+    };
     rotate_log(dir, MAX_LOG_BYTES)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -277,27 +349,41 @@ pub fn spawn(
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    if let Some(u) = user {
+    if cgroup_procs.is_some() || user.is_some() {
         // SAFETY: between fork and exec only async-signal-safe system calls run here
-        // (setgroups, setgid, setuid on values computed before the fork); no allocation.
+        // (write to a descriptor opened before the fork; setgroups, setgid, setuid on
+        // values computed before it); no allocation.
         unsafe {
             cmd.pre_exec(move || {
-                nix::unistd::setgroups(&u.groups)?;
-                nix::unistd::setgid(u.gid)?;
-                nix::unistd::setuid(u.uid)?;
+                if let Some(procs) = &cgroup_procs {
+                    // "0": the writing process itself, into the service's cgroup.
+                    nix::unistd::write(procs, b"0")?;
+                }
+                if let Some(u) = &user {
+                    nix::unistd::setgroups(&u.groups)?;
+                    nix::unistd::setgid(u.gid)?;
+                    nix::unistd::setuid(u.uid)?;
+                }
                 Ok(())
             });
         }
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting the service {}", program.display()))?;
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(cg) = &cgroup {
+                let _ = std::fs::remove_dir(cg);
+            }
+            return Err(e).with_context(|| format!("starting the service {}", program.display()));
+        }
+    };
     let pid = child.id() as i32;
     let record = ServiceRecord {
         revision: revision.clone(),
         pid,
         start_ticks: start_ticks(pid).context("reading the service's start time")?,
         port,
+        cgroup,
     };
     write_json(&dir.service(), &record)?;
     Ok(Starting {
@@ -523,19 +609,42 @@ fn stop_record(record: &ServiceRecord) -> Result<(), ServiceError> {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    if record.group().is_empty() {
+    let signal_all = |signal: Signal| {
+        if record.owns_group() {
+            let _ = killpg(group, signal);
+        }
+        if let Some(cg) = &record.cgroup {
+            for pid in cgroup_members(cg) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+            }
+        }
+    };
+    let result = if record.group().is_empty() {
         reap(record.pid);
-        return Ok(());
+        Ok(())
+    } else {
+        signal_all(Signal::SIGTERM);
+        match gone_within(TERM_GRACE) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                if let Some(cg) = &record.cgroup {
+                    let _ = std::fs::write(cg.join("cgroup.kill"), b"1");
+                }
+                signal_all(Signal::SIGKILL);
+                gone_within(KILL_GRACE).map_err(|pids| ServiceError::Survived {
+                    group: record.pid,
+                    pids,
+                })
+            }
+        }
+    };
+    if result.is_ok()
+        && let Some(cg) = &record.cgroup
+    {
+        // Empty now: removing it cannot fail for its content.
+        let _ = std::fs::remove_dir(cg);
     }
-    let _ = killpg(group, Signal::SIGTERM);
-    if gone_within(TERM_GRACE).is_ok() {
-        return Ok(());
-    }
-    let _ = killpg(group, Signal::SIGKILL);
-    gone_within(KILL_GRACE).map_err(|pids| ServiceError::Survived {
-        group: record.pid,
-        pids,
-    })
+    result
 }
 
 /// Collects the exit status of a child of this process, so it does not linger as a zombie.
@@ -638,6 +747,50 @@ mod tests {
     }
 
     #[test]
+    fn a_process_that_leaves_the_group_is_stopped_where_cgroups_exist() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, release) = app(tmp.path());
+        let script = "setsid sh -c 'echo escaped $$; exec sleep 600' & exec sleep 600";
+        let record = start(
+            &dir,
+            &release,
+            &rev(),
+            &spec("/bin/sh", &["-c", script]),
+            None,
+        )
+        .unwrap();
+        let escaped = || {
+            std::fs::read_to_string(dir.service_log())
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("escaped ")?.trim().parse::<i32>().ok())
+        };
+        wait_for("the escaped pid", || escaped().is_some());
+        let escaped = escaped().unwrap();
+        assert!(
+            proc_stat(escaped).is_some_and(|p| p.pgrp != record.pid),
+            "it left the group"
+        );
+        stop(&dir).unwrap();
+        let alive = proc_stat(escaped).is_some_and(|p| !p.zombie);
+        match cgroup_parent() {
+            Some(_) => {
+                let cg = record
+                    .cgroup
+                    .as_ref()
+                    .expect("a cgroup where the host has one");
+                assert!(!alive, "the cgroup's member survived the stop");
+                assert!(!cg.exists(), "the service's cgroup is removed");
+            }
+            // No cgroup v2 here: the process group is all there is, and the escapee lives.
+            None => {
+                assert!(alive);
+                let _ = nix::sys::signal::kill(Pid::from_raw(escaped), Signal::SIGKILL);
+            }
+        }
+    }
+
+    #[test]
     fn a_listener_outside_the_service_tree_is_not_health() {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, release) = app(tmp.path());
@@ -665,6 +818,7 @@ mod tests {
             pid: nix::unistd::getpgrp().as_raw(),
             start_ticks: start_ticks(nix::unistd::getpgrp().as_raw()).unwrap_or(0),
             port: Some(own_port),
+            cgroup: None,
         };
         if me.owns_group() {
             assert_eq!(listener_is_ours(&me, own_port), Some(true));
