@@ -102,3 +102,41 @@ fn table(hosts: &[HostView]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::hoststate::{AppRecord, Health};
+    use crate::mesh::view::MemberState;
+
+    #[test]
+    fn an_application_problem_is_shown_escaped() {
+        let app = |problem: Option<&str>| AppRecord {
+            revision: Some("ab".repeat(32)),
+            health: Health::Stopped,
+            held: Default::default(),
+            problem: problem.map(String::from),
+        };
+        let host = HostView {
+            name: "edge-1".into(),
+            addr: "10.0.0.5:7400".parse().unwrap(),
+            state: MemberState::Alive,
+            tags: Default::default(),
+            apps: Default::default(),
+            details: [
+                ("a".to_string(), app(Some("recovering: \u{1b}[31mno"))),
+                ("b".to_string(), app(None)),
+            ]
+            .into(),
+            log: None,
+            version: 1,
+        };
+        let text = table(&[host]);
+        assert!(
+            text.contains("(stopped; problem: recovering: \\u{1b}[31mno)"),
+            "{text}"
+        );
+        assert!(text.contains("(stopped)"), "{text}");
+        assert!(!text.contains('\u{1b}'));
+    }
+}
