@@ -325,6 +325,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
             revision: None,
             health: shoal_agent::mesh::hoststate::Health::None,
             held,
+            problem: None,
         },
     );
     std::fs::rename(

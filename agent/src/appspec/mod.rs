@@ -14,7 +14,7 @@ mod raw;
 
 pub use model::{
     AppSpec, FileExistsBehavior, FileMapping, HookSpec, ObjectType, Os, Permission, Problem,
-    ServiceSpec, Severity,
+    ServiceSpec, Severity, health_path,
 };
 
 use std::fmt;
@@ -214,6 +214,46 @@ shoal:
         assert_eq!(spec.warnings().count(), 1, "{shown:#?}");
         let refused = spec.deployable().unwrap_err();
         assert_eq!(refused.lines().count(), 4, "{refused}");
+    }
+
+    #[test]
+    fn a_health_path_that_could_name_another_host_is_refused_with_its_line() {
+        for bad in [
+            "@169.254.169.254/latest/meta-data",
+            "health",
+            "//evil.example/x",
+            "/x@169.254.169.254",
+            "/a b",
+            "/a#b",
+            "/a\\\\b",
+        ] {
+            let text = format!(
+                "version: 0.0\nos: linux\nshoal:\n  service:\n    command: bin/app\n    port: 8080\n    health_path: \"{bad}\"\n"
+            );
+            let spec = parse(&text).unwrap();
+            let p: Vec<String> = spec.errors().map(|p| p.to_string()).collect();
+            assert!(
+                p.iter()
+                    .any(|p| p.starts_with("appspec.yml line 7: error: shoal.service.health_path")),
+                "{bad}: {p:?}"
+            );
+            assert_eq!(spec.service.unwrap().health_path, None, "{bad}");
+        }
+        let spec = parse(
+            "version: 0.0\nos: linux\nshoal:\n  service:\n    command: bin/app\n    user: \"-x\"\n",
+        )
+        .unwrap();
+        assert!(
+            spec.errors()
+                .any(|p| p.key == "shoal.service.user" && p.line == Some(6)),
+            "{:?}",
+            spec.problems
+        );
+        let spec = parse("version: 0.0\nos: linux\nshoal:\n  service:\n    command: bin/app\n    user: www-data\n    health_path: /health?deep=1\n").unwrap();
+        assert_eq!(spec.deployable(), Ok(()));
+        let svc = spec.service.unwrap();
+        assert_eq!(svc.user.as_deref(), Some("www-data"));
+        assert_eq!(svc.health_path.as_deref(), Some("/health?deep=1"));
     }
 
     #[test]

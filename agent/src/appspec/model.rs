@@ -84,9 +84,12 @@ pub struct ServiceSpec {
     pub env: BTreeMap<String, String>,
     /// The port the application serves on; hooks may reach `127.0.0.1:port`.
     pub port: Option<u16>,
-    /// An HTTP path that answers 2xx once the application is up.
+    /// An HTTP path that answers 2xx once the application is up: always a path (it starts
+    /// with `/` and names no host), asked of `127.0.0.1:$PORT` and nothing else.
     pub health_path: Option<String>,
     pub start_timeout: Duration,
+    /// The user the service runs as (its uid, gid and groups); root when not given.
+    pub user: Option<String>,
     pub line: u64,
 }
 
@@ -172,6 +175,29 @@ impl AppSpec {
 /// Collects problems while the raw document is interpreted.
 struct Checker {
     problems: Vec<Problem>,
+}
+
+/// Why `path` is not a health-check path: it must be an absolute path of printable ASCII
+/// with no `@`, `\\`, `#` or `//` at its start, so that nothing in it can name another host.
+pub fn health_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("`{path}` must start with `/`"));
+    }
+    if path.starts_with("//") {
+        return Err(format!(
+            "`{path}` starts with `//`, which would name a host"
+        ));
+    }
+    if path.len() > 1024 {
+        return Err("longer than 1024 bytes".into());
+    }
+    if let Some(bad) = path
+        .chars()
+        .find(|ch| !ch.is_ascii_graphic() || matches!(ch, '@' | '\\' | '#'))
+    {
+        return Err(format!("`{}` may not hold {bad:?}", path.escape_default()));
+    }
+    Ok(())
 }
 
 fn line_of(t: &Text) -> u64 {
@@ -375,13 +401,40 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
         if s.command.value.trim().is_empty() {
             c.error(Some(line), "shoal.service.command", "empty");
         }
+        let health_path = s.health_path.and_then(|h| match health_path(&h.value) {
+            Ok(()) => Some(h.value),
+            Err(why) => {
+                c.error(Some(line_of(&h)), "shoal.service.health_path", why);
+                None
+            }
+        });
+        let user = s.user.and_then(|u| {
+            let name = u.value.trim();
+            let valid = !name.is_empty()
+                && name.len() <= 32
+                && !name.starts_with('-')
+                && name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+            if valid {
+                Some(name.to_string())
+            } else {
+                c.error(
+                    Some(line_of(&u)),
+                    "shoal.service.user",
+                    format!("`{}` is not a user name", u.value),
+                );
+                None
+            }
+        });
         ServiceSpec {
             command: s.command.value.trim().to_string(),
             args: s.args,
             env: s.env,
             port,
-            health_path: s.health_path.map(|h| h.value),
+            health_path,
             start_timeout,
+            user,
             line,
         }
     });

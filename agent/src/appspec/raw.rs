@@ -67,6 +67,7 @@ pub struct RawService {
     pub port: Option<Text>,
     pub health_path: Option<Text>,
     pub start_timeout: Option<Text>,
+    pub user: Option<Text>,
 }
 
 /// A list of scalars that may also be written as one scalar, or left empty.

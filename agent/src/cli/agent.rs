@@ -2,9 +2,10 @@
 //! deployments, adopts and supervises services, and (given an identity) joins the mesh:
 //! membership, gossiped host state, operator requests, bundles served to peers, and fleet
 //! deployments (its copy of the deployment log, the coordinator when it leads, its part
-//! as a host). SIGHUP reloads the tags; SIGTERM
-//! or Ctrl-C leaves the mesh gracefully and stops the agent, leaving services running for
-//! the next agent to adopt.
+//! as a host). Its signal handlers are installed first, whatever the configuration: SIGHUP
+//! reloads the tags (and never stops the agent, with or without a mesh); SIGTERM or SIGINT
+//! leaves the mesh gracefully and stops the agent, leaving services running for the next
+//! agent to adopt.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use crate::identity::sign::CertVerifier;
 use crate::lifecycle::LocalHost;
 use crate::mesh::frame::Protocol;
 use crate::mesh::hoststate::LogRecord;
-use crate::mesh::local::apps_on_disk;
+use crate::mesh::local::{add_problems, apps_on_disk};
 use crate::mesh::node::{LocalState, Mesh, NodeConfig};
 
 #[derive(Args, Debug)]
@@ -37,6 +38,11 @@ pub struct AgentArgs {
 }
 
 pub async fn run(args: AgentArgs) -> Result<bool> {
+    // Before anything else: a signal that arrives while the agent starts is handled, not
+    // fatal (SIGHUP's default action would end the agent).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let hup = signal(SignalKind::hangup())?;
     let config = AgentConfig::load(&args.config)?;
     std::fs::create_dir_all(&config.data_dir)?;
     let host = Arc::new(LocalHost {
@@ -52,6 +58,8 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let problems = crate::lifecycle::supervise::Problems::default();
+    let mut hup = Some(hup);
 
     let mesh = match &config.identity {
         Some(dir) => {
@@ -76,8 +84,12 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
             let (log_tx, log_rx) = watch::channel(None);
             let (tags_tx, tags_rx) = watch::channel(config.tags.clone());
             tokio::spawn(report_local(
-                args.config.clone(),
-                config.clone(),
+                Reporting {
+                    path: args.config.clone(),
+                    config: config.clone(),
+                    problems: problems.clone(),
+                    hup: hup.take().expect("one mesh"),
+                },
                 local_tx,
                 log_rx,
                 tags_tx,
@@ -136,36 +148,57 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
     };
     tracing::info!(name = %config.name, data_dir = %config.data_dir.display(), "agent started");
 
+    if let Some(mut hup) = hup {
+        // Alone, there are no tags to tell anyone: SIGHUP is acknowledged, nothing more.
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => return,
+                    _ = hup.recv() => tracing::info!("SIGHUP: running alone, there is nothing to reload"),
+                }
+            }
+        });
+    }
     tokio::spawn(async move {
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
         tracing::info!("stopping; services keep running");
         let _ = stopping.send(true);
     });
-    let supervised =
-        crate::lifecycle::supervise::supervise(&host, until_stopped(stopped.clone())).await;
+    crate::lifecycle::supervise::supervise(host, problems, stopped.clone()).await;
     if let Some(mesh) = mesh {
         mesh.await??;
     }
-    supervised?;
     Ok(true)
 }
 
-/// Tells the mesh what this host runs (polling the lifecycle's state on disk), its tags
-/// (reloaded from the configuration on SIGHUP; also told to the fleet's host side) and its
-/// part in the deployment log.
-async fn report_local(
+/// What [`report_local`] reads: the configuration file (reloaded on `hup`) and the
+/// supervisor's problems.
+struct Reporting {
     path: PathBuf,
-    mut config: AgentConfig,
+    config: AgentConfig,
+    problems: crate::lifecycle::supervise::Problems,
+    hup: tokio::signal::unix::Signal,
+}
+
+/// Tells the mesh what this host runs (polling the lifecycle's state on disk, with the
+/// supervisor's problems), its tags (reloaded from the configuration on SIGHUP; also told
+/// to the fleet's host side) and its part in the deployment log.
+async fn report_local(
+    Reporting {
+        path,
+        mut config,
+        problems,
+        mut hup,
+    }: Reporting,
     tx: watch::Sender<LocalState>,
     log: watch::Receiver<Option<LogRecord>>,
     tags: watch::Sender<std::collections::BTreeMap<String, String>>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -189,9 +222,11 @@ async fn report_local(
             current.clone_from(&config.tags);
             changed
         });
+        let mut apps = apps_on_disk(&config.data_dir);
+        add_problems(&mut apps, &problems.lock().expect("problems lock"));
         let state = LocalState {
             tags: config.tags.clone(),
-            apps: apps_on_disk(&config.data_dir),
+            apps,
             log: log.borrow().clone(),
         };
         tx.send_if_modified(|current| {

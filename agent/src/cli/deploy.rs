@@ -1,6 +1,6 @@
 //! `shoal deploy local`: the whole lifecycle on this host, without a mesh, like
 //! `codedeploy-local`. `shoal deploy recover` finishes what an interrupted deployment left
-//! (a deploy does that first anyway). `shoal deploy create` is a fleet deployment
+//! (a deploy does that first anyway; `--force` even when the old service will not start). `shoal deploy create` is a fleet deployment
 //! (`deploy_create.rs`).
 
 use std::path::PathBuf;
@@ -63,6 +63,12 @@ pub struct LocalArgs {
 pub struct RecoverArgs {
     #[arg(long)]
     pub app: String,
+    /// Put the host back on the revision it came from even if that revision's service will
+    /// not start (the recovery otherwise fails and keeps its journal, and the app cannot be
+    /// deployed). Waits up to a minute for a deployment or the agent's supervisor to let go
+    /// of the application.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub host: HostArgs,
 }
@@ -131,7 +137,12 @@ pub async fn run(
         }
         DeployCommand::Recover(args) => {
             let host = local_host(&args.host)?;
-            let recovered = host.recover(&args.app).await?;
+            let recovered = if args.force {
+                host.recover_forced(&args.app, std::time::Duration::from_secs(60))
+                    .await?
+            } else {
+                host.recover(&args.app).await?
+            };
             let message = recovered
                 .clone()
                 .unwrap_or_else(|| "nothing to recover".into());

@@ -275,6 +275,7 @@ mod tests {
                             revision: Some(rev.to_string()),
                             health,
                             held: Default::default(),
+                            problem: None,
                         },
                     )
                 })

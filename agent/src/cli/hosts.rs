@@ -1,5 +1,6 @@
 //! `shoal hosts`: every member of the mesh as the agent at `--peer` sees it: name, address,
-//! state (alive, suspect, dead, left), tags and applications. Needs an operator identity.
+//! state (alive, suspect, dead, left), tags and applications (with the problem its
+//! supervisor reports for one, if any). Needs an operator identity.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -59,7 +60,17 @@ fn table(hosts: &[HostView]) -> String {
                 .iter()
                 .map(|(app, a)| {
                     let rev = a.revision.as_deref().map_or("-".to_string(), super::short);
-                    format!("{}@{rev} ({})", super::printable(app), a.health.as_str())
+                    match &a.problem {
+                        None => {
+                            format!("{}@{rev} ({})", super::printable(app), a.health.as_str())
+                        }
+                        Some(p) => format!(
+                            "{}@{rev} ({}; problem: {})",
+                            super::printable(app),
+                            a.health.as_str(),
+                            super::printable(p)
+                        ),
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
@@ -90,4 +101,42 @@ fn table(hosts: &[HostView]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::hoststate::{AppRecord, Health};
+    use crate::mesh::view::MemberState;
+
+    #[test]
+    fn an_application_problem_is_shown_escaped() {
+        let app = |problem: Option<&str>| AppRecord {
+            revision: Some("ab".repeat(32)),
+            health: Health::Stopped,
+            held: Default::default(),
+            problem: problem.map(String::from),
+        };
+        let host = HostView {
+            name: "edge-1".into(),
+            addr: "10.0.0.5:7400".parse().unwrap(),
+            state: MemberState::Alive,
+            tags: Default::default(),
+            apps: Default::default(),
+            details: [
+                ("a".to_string(), app(Some("recovering: \u{1b}[31mno"))),
+                ("b".to_string(), app(None)),
+            ]
+            .into(),
+            log: None,
+            version: 1,
+        };
+        let text = table(&[host]);
+        assert!(
+            text.contains("(stopped; problem: recovering: \\u{1b}[31mno)"),
+            "{text}"
+        );
+        assert!(text.contains("(stopped)"), "{text}");
+        assert!(!text.contains('\u{1b}'));
+    }
 }

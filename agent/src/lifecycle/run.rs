@@ -594,6 +594,41 @@ impl LocalHost {
     }
 
     async fn recover_locked(&self, app: &str, dir: &AppDir) -> Result<Option<String>> {
+        self.recover_locked_with(app, dir, false).await
+    }
+
+    /// [`Self::recover`] for an operator who wants the host back on the revision it came
+    /// from even when that revision's service will not start (`deploy recover --force`):
+    /// the files and state are put back and the journal is removed; the service's failure
+    /// is in the message (the supervisor keeps trying to start it). Waits up to `wait` for
+    /// the application's lock.
+    pub async fn recover_forced(
+        &self,
+        app: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<String>> {
+        let dir = self.app_dir(app)?;
+        if !dir.root.exists() {
+            return Ok(None);
+        }
+        let deadline = std::time::Instant::now() + wait;
+        let _lock = loop {
+            match lock(&dir) {
+                Err(e) if e.is::<Held>() && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => break other?,
+            }
+        };
+        self.recover_locked_with(app, &dir, true).await
+    }
+
+    async fn recover_locked_with(
+        &self,
+        app: &str,
+        dir: &AppDir,
+        force: bool,
+    ) -> Result<Option<String>> {
         clean_staging(dir);
         let Some(mut journal) = read_json::<Journal>(&dir.journal())? else {
             return Ok(None);
@@ -608,17 +643,23 @@ impl LocalHost {
                 self.install(dir, &release, &mut state, &mut journal)?;
                 state.active = Some(from.clone());
                 write_json(&dir.state(), &state)?;
-                if let Some(spec) = &release.spec.service {
-                    service::start(
+                let mut unstarted = String::new();
+                if let Some(spec) = &release.spec.service
+                    && let Err(e) = service::start(
                         dir,
                         &release.dir,
                         &release.id,
                         spec,
                         journal.port.or(state.port).or(spec.port),
-                    )?;
+                    )
+                {
+                    if !force {
+                        return Err(e);
+                    }
+                    unstarted = format!("; its service did not start: {e:#}");
                 }
                 format!(
-                    "interrupted during {}; rolled back to {from}",
+                    "interrupted during {}; rolled back to {from}{unstarted}",
                     journal.phase
                 )
             }

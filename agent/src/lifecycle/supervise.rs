@@ -1,18 +1,40 @@
-//! Keeps each application's service running while the agent runs. On start the agent
-//! finishes any interrupted deployment and adopts a service that is still running from
-//! before (it outlives the agent); afterwards, a service that exits is started again, with
-//! a growing delay if it keeps crashing. Apps that a deployment holds (their lock is taken)
-//! are left alone until it ends.
+//! Keeps each application's service running while the agent runs. Every application is
+//! supervised on its own task: it first finishes any interrupted deployment and adopts a
+//! service still running from before (it outlives the agent); afterwards, a service that
+//! exits is started again, with a growing delay if it keeps crashing. An application whose
+//! recovery or supervision fails is retried with back-off, its problem kept in [`Problems`]
+//! (gossiped in `shoal hosts` and logged in the agent's status line); it never stops the
+//! supervision of the others.
+//!
+//! The application's lock is waited for at most [`LOCK_WAIT`] per pass (a deployment that
+//! holds it keeps the app), and is held to decide and to spawn, never across the wait for a
+//! service to become healthy.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use tokio::sync::watch;
 
-use super::run::LocalHost;
+use super::run::{Held, LocalHost};
 use super::service;
 use super::state::{AppDir, AppState, read_json};
+
+/// How long one supervisor pass waits for an application's lock before leaving the app to
+/// whoever holds it until the next pass.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// A lock held longer than this is reported as the application's problem.
+pub const LOCK_HELD_PROBLEM: Duration = Duration::from_secs(15 * 60);
+
+/// How often the agent logs its status line when nothing changed.
+const STATUS_EVERY: Duration = Duration::from_secs(60);
+
+/// What went wrong with each application the supervisor could not look after, by name:
+/// shared with what the host gossips.
+pub type Problems = Arc<Mutex<BTreeMap<String, String>>>;
 
 /// When to restart a service that keeps exiting: at once the first time, then after a delay
 /// that doubles with each exit within `window`, up to `max`. Pure, so it is tested directly.
@@ -53,6 +75,8 @@ struct Watch {
     policy: RestartPolicy,
     restart_at: Option<Instant>,
     adopted_logged: bool,
+    /// Since when a pass found the lock held.
+    held_since: Option<Instant>,
     /// The active revision's service, read once per revision rather than every tick.
     spec: Option<(
         crate::bundle::RevisionId,
@@ -60,55 +84,252 @@ struct Watch {
     )>,
 }
 
-/// Supervises every application under the host's data dir until `stop` resolves.
-pub async fn supervise(
-    host: &LocalHost,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<()> {
-    for app in apps(&host.data_dir) {
-        if let Some(message) = host.recover(&app).await? {
-            tracing::warn!(app, "recovered an interrupted deployment: {message}");
-        }
-    }
-    let mut watches: HashMap<String, Watch> = HashMap::new();
-    tokio::pin!(stop);
+/// What one pass found.
+#[derive(Debug, PartialEq, Eq)]
+enum Pass {
+    /// The service runs (or the revision has none, or nothing is deployed): nothing wrong.
+    Fine,
+    /// A deployment holds the application; nothing was done.
+    Busy,
+    /// The service is down and will be started after its back-off delay.
+    Waiting,
+}
+
+/// Supervises every application under the host's data dir until `stop` turns true.
+pub async fn supervise(host: Arc<LocalHost>, problems: Problems, stop: watch::Receiver<bool>) {
+    let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut stop_rx = stop.clone();
+    let mut last_status: Option<(Instant, BTreeMap<String, String>)> = None;
     loop {
-        for app in apps(&host.data_dir) {
-            let watch = watches.entry(app.clone()).or_default();
-            if let Err(e) = tick(host, &app, watch) {
-                tracing::warn!(app, "supervising: {e:#}");
+        let on_disk = apps(&host.data_dir);
+        // An application whose directory is gone is no longer supervised, nor a problem.
+        tasks.retain(|app, task| {
+            let keep = on_disk.contains(app);
+            if !keep {
+                task.abort();
+                clear_problem(&problems, app);
+            }
+            keep
+        });
+        for app in on_disk {
+            let ended = tasks.get(&app).is_none_or(|t| t.is_finished());
+            if ended && !*stop.borrow() {
+                if tasks.contains_key(&app) {
+                    // Only a panic ends an app's task before the stop: said, and restarted.
+                    set_problem(&problems, &app, "its supervisor task ended; restarted");
+                }
+                let task = watch_app(host.clone(), app.clone(), problems.clone(), stop.clone());
+                tasks.insert(app, tokio::spawn(task));
             }
         }
+        status_line(&problems, tasks.len(), &mut last_status);
         tokio::select! {
-            _ = &mut stop => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop_rx.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    for (_, task) in tasks {
+        let _ = task.await;
+    }
+}
+
+/// The agent's status line: at once when an application's problem changes, else every
+/// [`STATUS_EVERY`].
+fn status_line(
+    problems: &Problems,
+    apps: usize,
+    last: &mut Option<(Instant, BTreeMap<String, String>)>,
+) {
+    let now_problems = problems.lock().expect("problems lock").clone();
+    let due = match last {
+        None => true,
+        Some((at, seen)) => *seen != now_problems || at.elapsed() >= STATUS_EVERY,
+    };
+    if !due {
+        return;
+    }
+    if now_problems.is_empty() {
+        tracing::info!(
+            apps,
+            "status: {apps} applications supervised, none with a problem"
+        );
+    } else {
+        let list: Vec<String> = now_problems
+            .iter()
+            .map(|(app, p)| format!("{app}: {p}"))
+            .collect();
+        tracing::warn!(
+            apps,
+            with_problems = now_problems.len(),
+            "status: {apps} applications supervised, {} with a problem: {}",
+            now_problems.len(),
+            list.join("; ")
+        );
+    }
+    *last = Some((Instant::now(), now_problems));
+}
+
+fn set_problem(problems: &Problems, app: &str, problem: &str) {
+    let mut map = problems.lock().expect("problems lock");
+    if map.get(app).map(String::as_str) != Some(problem) {
+        tracing::warn!(app, "problem: {problem}");
+        map.insert(app.to_string(), problem.to_string());
+    }
+}
+
+fn clear_problem(problems: &Problems, app: &str) {
+    if problems
+        .lock()
+        .expect("problems lock")
+        .remove(app)
+        .is_some()
+    {
+        tracing::info!(app, "problem resolved");
+    }
+}
+
+/// One application's supervisor, until `stop`: recovery first (retried with back-off
+/// until it succeeds), then a pass every 250 ms.
+async fn watch_app(
+    host: Arc<LocalHost>,
+    app: String,
+    problems: Problems,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut recovered = false;
+    let mut watch = Watch::default();
+    let mut errors = RestartPolicy {
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+        window: Duration::from_secs(300),
+        ..RestartPolicy::default()
+    };
+    let runtime = tokio::runtime::Handle::current();
+    while !*stop.borrow() {
+        let (h, a) = (host.clone(), app.clone());
+        let result: Result<Pass> = if recovered {
+            let mut w = std::mem::take(&mut watch);
+            let (result, w) = tokio::task::spawn_blocking(move || {
+                let result = tick(&h, &a, &mut w);
+                (result, w)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                (
+                    Err(anyhow::anyhow!("the pass panicked: {e}")),
+                    Watch::default(),
+                )
+            });
+            watch = w;
+            result
+        } else {
+            let rt = runtime.clone();
+            tokio::task::spawn_blocking(move || rt.block_on(h.recover(&a)))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the recovery panicked: {e}")))
+                .map(|message| {
+                    if let Some(message) = message {
+                        tracing::warn!(app, "recovered an interrupted deployment: {message}");
+                    }
+                    recovered = true;
+                    Pass::Fine
+                })
+        };
+        let delay = match result {
+            Ok(pass) => {
+                match pass {
+                    Pass::Fine => clear_problem(&problems, &app),
+                    Pass::Busy => {
+                        let since = *watch.held_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= LOCK_HELD_PROBLEM {
+                            let held = since.elapsed().as_secs();
+                            set_problem(&problems, &app, &format!("its lock is held for {held}s"));
+                        }
+                    }
+                    Pass::Waiting => {}
+                }
+                if pass != Pass::Busy {
+                    watch.held_since = None;
+                }
+                Duration::from_millis(250)
+            }
+            // A recovery that waits for a deployment is not a problem.
+            Err(e) if !recovered && e.is::<Held>() => Duration::from_millis(250),
+            Err(e) => {
+                let what = if recovered {
+                    "supervising"
+                } else {
+                    "recovering"
+                };
+                let mut problem = format!("{what}: {e:#}");
+                truncate(&mut problem, crate::mesh::hoststate::MAX_PROBLEM);
+                set_problem(&problems, &app, &problem);
+                errors.exited(Instant::now()).max(Duration::from_secs(1))
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }
 
-/// The applications this host has a directory for, sorted.
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+}
+
+/// The applications this host has a directory for, sorted: directories (not links) with a
+/// valid application name; anything else under `apps/` is ignored.
 pub fn apps(data_dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(data_dir.join("apps")) else {
         return Vec::new();
     };
     let mut apps: Vec<String> = entries
         .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| crate::blobs::valid_app(name).is_ok())
         .collect();
     apps.sort();
     apps
 }
 
-fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<()> {
+/// Takes the application's lock, waiting up to `wait` for a holder to let go; `None` if it
+/// is still held then.
+fn lock_within(dir: &AppDir, wait: Duration) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match super::run::lock(dir) {
+            Ok(lock) => return Ok(Some(lock)),
+            Err(e) if e.is::<Held>() => {
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One pass over one application. The lock is held to decide and to spawn; the wait for
+/// the new service to become healthy runs without it.
+fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<Pass> {
     let dir = AppDir::new(&host.data_dir, app);
-    // A deployment holds the lock: leave the app to it.
-    let Ok(_lock) = super::run::lock(&dir) else {
-        return Ok(());
+    let Some(lock) = lock_within(&dir, LOCK_WAIT)? else {
+        return Ok(Pass::Busy);
     };
     let state: AppState = read_json(&dir.state())?.unwrap_or_default();
     let Some(active) = state.active else {
-        return Ok(());
+        return Ok(Pass::Fine);
     };
     let release = dir.release(&active);
     if watch.spec.as_ref().is_none_or(|(rev, _)| rev != &active) {
@@ -116,8 +337,9 @@ fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<()> {
         watch.spec = Some((active.clone(), crate::appspec::parse(&text)?.service));
     }
     let Some((_, Some(spec))) = watch.spec.clone() else {
-        return Ok(());
+        return Ok(Pass::Fine);
     };
+    service::rotate_log(&dir, service::MAX_LOG_BYTES)?;
 
     if let Some(record) = service::current(&dir)?
         && record.revision == active
@@ -127,26 +349,31 @@ fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<()> {
             tracing::info!(app, pid = record.pid, revision = %active.short(), "service running");
             watch.adopted_logged = true;
         }
-        return Ok(());
+        return Ok(Pass::Fine);
     }
+    watch.adopted_logged = false;
     let now = Instant::now();
     match watch.restart_at {
         None => {
             let delay = watch.policy.exited(now);
             tracing::warn!(app, revision = %active.short(), "service is not running; starting it in {delay:?}");
             watch.restart_at = Some(now + delay);
+            Ok(Pass::Waiting)
         }
         Some(at) if now >= at => {
             watch.restart_at = None;
-            if let Some(record) = service::current(&dir)? {
-                service::reap(record.pid);
-            }
-            let started = service::start(&dir, &release, &active, &spec, state.port.or(spec.port))?;
-            tracing::info!(app, pid = started.pid, "service started");
+            // Whatever is left of the one before (a group whose leader died) goes first.
+            service::stop(&dir)?;
+            let starting =
+                service::spawn(&dir, &release, &active, &spec, state.port.or(spec.port))?;
+            drop(lock);
+            let pid = starting.pid();
+            starting.wait()?;
+            tracing::info!(app, pid, "service started");
+            Ok(Pass::Fine)
         }
-        Some(_) => {}
+        Some(_) => Ok(Pass::Waiting),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -167,5 +394,64 @@ mod tests {
         assert_eq!(delays[7], Duration::from_secs(30), "capped");
         // A crash long after the others starts over.
         assert_eq!(p.exited(t0 + Duration::from_secs(600)), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_lock_is_free_while_a_started_service_becomes_healthy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = LocalHost {
+            data_dir: tmp.path().join("data"),
+            install_root: tmp.path().join("root"),
+            host_name: "h".into(),
+            tags: Default::default(),
+            keep_releases: 1,
+            hooks: Arc::new(crate::hooks::HookRuntime::new(&tmp.path().join("cache")).unwrap()),
+        };
+        let dir = AppDir::new(&host.data_dir, "web");
+        let rev = crate::bundle::RevisionId("c".repeat(64));
+        std::fs::create_dir_all(dir.release(&rev)).unwrap();
+        // A service that never answers its health check (nothing listens on the port).
+        std::fs::write(
+            dir.release(&rev).join("appspec.yml"),
+            "version: 0.0\nos: linux\nshoal:\n  service:\n    command: /bin/sleep\n    args: [\"600\"]\n    port: 1\n    health_path: /h\n    start_timeout: 3\n",
+        )
+        .unwrap();
+        let state = AppState {
+            active: Some(rev.clone()),
+            ..AppState::default()
+        };
+        super::super::state::write_json(&dir.state(), &state).unwrap();
+
+        let mut watch = Watch::default();
+        assert_eq!(tick(&host, "web", &mut watch).unwrap(), Pass::Waiting);
+        let started = std::thread::scope(|s| {
+            let pass = s.spawn(|| tick(&host, "web", &mut watch));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while service::current(&dir).unwrap().is_none() {
+                assert!(Instant::now() < deadline, "the service was never spawned");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Spawned, not healthy yet: a deployment can take the application meanwhile.
+            let mut free = false;
+            while !pass.is_finished() {
+                if let Ok(lock) = super::super::run::lock(&dir) {
+                    free = service::current(&dir).unwrap().is_some();
+                    drop(lock);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (free, pass.join().unwrap())
+        });
+        assert!(started.0, "the lock was held across the wait for health");
+        assert!(started.1.is_err(), "the service never became healthy");
+        assert!(service::current(&dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn problems_are_cut_to_the_gossip_cap() {
+        let mut s = "é".repeat(400);
+        truncate(&mut s, 101);
+        assert!(s.len() <= 101 && s.ends_with("..."));
     }
 }

@@ -82,6 +82,10 @@ pub struct AppRecord {
     pub health: Health,
     /// The revisions whose releases this host keeps (and could serve to peers).
     pub held: BTreeSet<String>,
+    /// What keeps the host's supervisor from looking after the application (a recovery
+    /// that fails, a service that will not start), at most [`MAX_PROBLEM`] bytes.
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// What one host says about itself.
@@ -208,6 +212,8 @@ pub const MAX_APP_NAME: usize = 64;
 pub const MAX_REVISION_ID: usize = 128;
 /// Revisions held per application.
 pub const MAX_HELD: usize = 32;
+/// Bytes in an application's problem.
+pub const MAX_PROBLEM: usize = 256;
 /// Bytes of a host name (a DNS name's limit).
 pub const MAX_HOST_NAME: usize = 253;
 /// Bytes of a record's postcard encoding: the caps above allow more (64 apps of 32 held
@@ -232,6 +238,7 @@ pub enum Cap {
     AppName,
     RevisionId,
     Held,
+    Problem,
     Record,
     Cert,
     Signature,
@@ -249,6 +256,7 @@ impl Cap {
             Cap::AppName => MAX_APP_NAME,
             Cap::RevisionId => MAX_REVISION_ID,
             Cap::Held => MAX_HELD,
+            Cap::Problem => MAX_PROBLEM,
             Cap::Record => MAX_RECORD_BYTES,
             Cap::Cert => MAX_CERT_BYTES,
             Cap::Signature => MAX_SIG_BYTES,
@@ -265,6 +273,7 @@ impl Cap {
             Cap::AppName => "bytes in an application name",
             Cap::RevisionId => "bytes in a revision id",
             Cap::Held => "revisions held by one application",
+            Cap::Problem => "bytes in an application's problem",
             Cap::Record => "bytes in the encoded record",
             Cap::Cert => "bytes in the owner's certificate",
             Cap::Signature => "bytes in the signature",
@@ -374,6 +383,9 @@ pub fn check_caps(record: &HostRecord) -> Result<(), RecordError> {
             too_large(host, Cap::RevisionId, r.len())?;
         }
         too_large(host, Cap::Held, app.held.len())?;
+        if let Some(p) = &app.problem {
+            too_large(host, Cap::Problem, p.len())?;
+        }
         for r in &app.held {
             too_large(host, Cap::RevisionId, r.len())?;
         }
@@ -1523,6 +1535,7 @@ mod tests {
                             revision: None,
                             health: Health::None,
                             held: BTreeSet::new(),
+                            problem: None,
                         },
                     );
                 },
@@ -1553,6 +1566,7 @@ mod tests {
                 revision: None,
                 health: Health::Running,
                 held,
+                problem: None,
             },
         );
         let long_name = record(&"h".repeat(MAX_HOST_NAME + 1), 4, 2);
@@ -1581,6 +1595,7 @@ mod tests {
                 held: (0..MAX_HELD)
                     .map(|h| format!("{h:r>MAX_REVISION_ID$}"))
                     .collect(),
+                problem: Some("p".repeat(MAX_PROBLEM)),
             };
             r.apps.insert(format!("{a:a>MAX_APP_NAME$}"), app);
             if encoded_len(&r) > MAX_RECORD_BYTES {

@@ -1,13 +1,14 @@
 //! What this host says about itself in the mesh: its applications as the lifecycle left
 //! them on disk (active revision, service health, releases held) and the bundles its
-//! bundle store keeps (`blobs`), which it can serve as well. Read without taking any
+//! bundle store keeps (`blobs`), which it can serve as well, and what the supervisor
+//! reports as each application's problem. Read without taking any
 //! application's lock, so reporting never gets in a deployment's way, and without
 //! following links.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use super::hoststate::{AppRecord, Health, MAX_APPS, MAX_HELD};
+use super::hoststate::{AppRecord, Health, MAX_APPS, MAX_HELD, MAX_PROBLEM};
 use crate::blobs::{BundleStore, valid_app, valid_revision};
 use crate::lifecycle::service;
 use crate::lifecycle::state::{AppDir, AppState, read_json};
@@ -38,6 +39,7 @@ pub fn apps_on_disk(data_dir: &Path) -> BTreeMap<String, AppRecord> {
                 revision: None,
                 health: Health::None,
                 held,
+                problem: None,
             };
             records.insert(app, record);
         }
@@ -46,6 +48,24 @@ pub fn apps_on_disk(data_dir: &Path) -> BTreeMap<String, AppRecord> {
         cap_held(record);
     }
     records
+}
+
+/// Adds what the supervisor says is wrong with each application (`supervise::Problems`)
+/// to its record, cut to [`MAX_PROBLEM`] bytes. A problem of an application without a
+/// record is not told: the supervisor only watches applications on disk.
+pub fn add_problems(
+    records: &mut BTreeMap<String, AppRecord>,
+    problems: &BTreeMap<String, String>,
+) {
+    for (app, record) in records.iter_mut() {
+        record.problem = problems.get(app).map(|p| {
+            let mut end = p.len().min(MAX_PROBLEM);
+            while !p.is_char_boundary(end) {
+                end -= 1;
+            }
+            p[..end].to_string()
+        });
+    }
 }
 
 /// Keeps at most [`MAX_HELD`] revisions in `held`: the active one first, then in order.
@@ -101,6 +121,7 @@ fn app_record(dir: &AppDir) -> AppRecord {
         revision: state.active.map(|r| r.0),
         health,
         held,
+        problem: None,
     }
 }
 
@@ -147,8 +168,45 @@ mod tests {
                 revision: None,
                 health: Health::None,
                 held: [rev(3)].into(),
+                problem: None,
             }
         );
+    }
+
+    #[test]
+    fn problems_are_told_within_their_cap() {
+        let mut records = BTreeMap::from([
+            (
+                "a".to_string(),
+                AppRecord {
+                    revision: None,
+                    health: Health::Stopped,
+                    held: BTreeSet::new(),
+                    problem: None,
+                },
+            ),
+            (
+                "b".to_string(),
+                AppRecord {
+                    revision: None,
+                    health: Health::Running,
+                    held: BTreeSet::new(),
+                    problem: Some("old".into()),
+                },
+            ),
+        ]);
+        let problems = BTreeMap::from([
+            ("a".to_string(), "é".repeat(MAX_PROBLEM)),
+            ("ghost".to_string(), "x".into()),
+        ]);
+        add_problems(&mut records, &problems);
+        let a = records["a"].problem.as_deref().unwrap();
+        assert!(a.len() <= MAX_PROBLEM && a.starts_with('é'));
+        assert_eq!(
+            records["b"].problem, None,
+            "a resolved problem is no longer told"
+        );
+        assert_eq!(records.len(), 2);
     }
 
     #[test]
@@ -157,6 +215,7 @@ mod tests {
             revision: Some(rev(MAX_HELD + 5)),
             health: Health::Running,
             held: (0..MAX_HELD + 10).map(rev).collect(),
+            problem: None,
         };
         cap_held(&mut record);
         assert_eq!(record.held.len(), MAX_HELD);

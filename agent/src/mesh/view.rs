@@ -147,6 +147,7 @@ mod tests {
                 revision: Some("abc".into()),
                 health: Health::Running,
                 held: BTreeSet::from(["abc".to_string()]),
+                problem: None,
             },
         );
         HostRecord {
