@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::{Read, Seek};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -299,6 +299,39 @@ fn environment(
     env.into_iter().collect()
 }
 
+/// The application's writable directory (`apps/<app>/work`, shared with its hooks as
+/// `/work`), owned by the service's user when it has one. The release the service runs in
+/// is the revision as deployed: a change there is caught before the release is used again
+/// (`run.rs`), so what the app writes belongs here. Opened without following a link and
+/// changed through the open descriptor.
+fn work_dir(dir: &AppDir, user: Option<&RunAs>) -> Result<std::path::PathBuf> {
+    let work = dir.work();
+    match std::fs::DirBuilder::new().mode(0o750).create(&work) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", work.display())),
+    }
+    let fd = nix::fcntl::open(
+        &work,
+        nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_DIRECTORY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .with_context(|| {
+        format!(
+            "opening {} (it must be a directory, not a link)",
+            work.display()
+        )
+    })?;
+    if let Some(u) = user {
+        nix::unistd::fchown(&fd, Some(u.uid), Some(u.gid))
+            .with_context(|| format!("giving {} to {}", work.display(), u.name))?;
+    }
+    Ok(work)
+}
+
 /// Starts `spec` and records it in `service.json`; does not wait for it to be healthy.
 pub fn spawn(
     dir: &AppDir,
@@ -340,11 +373,14 @@ pub fn spawn(
         .open(dir.service_log())
         .with_context(|| format!("opening {}", dir.service_log().display()))?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let work = work_dir(dir, user.as_ref())?;
     let mut cmd = Command::new(&program);
     cmd.args(&spec.args)
         .current_dir(release)
         .env_clear()
         .envs(environment(spec, port, user.as_ref()))
+        .env("SHOAL_RELEASE_DIR", release)
+        .env("SHOAL_WORK_DIR", &work)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -844,6 +880,10 @@ mod tests {
             "{log}"
         );
         assert!(log.contains(&format!("PATH={SERVICE_PATH}")), "{log}");
+        assert!(
+            log.contains(&format!("SHOAL_WORK_DIR={}", dir.work().display())),
+            "{log}"
+        );
         let inherited: Vec<String> = std::env::vars()
             .map(|(k, _)| k)
             .filter(|k| !ENV_ALLOWED.contains(&k.as_str()) && k != "PATH")
@@ -900,7 +940,10 @@ mod tests {
             "/bin/sh",
             &[
                 "-c",
-                "echo uid=$(id -u) gid=$(id -g) user=$USER; exec sleep 600",
+                "echo uid=$(id -u) gid=$(id -g) user=$USER; \
+                 echo w > \"$SHOAL_WORK_DIR/w\" && echo wrote-work; \
+                 (echo x > ./planted) 2>/dev/null && echo wrote-release || echo release-kept; \
+                 exec sleep 600",
             ],
         );
         s.user = Some("nobody".into());
@@ -913,6 +956,10 @@ mod tests {
                 nobody.uid, nobody.gid
             )),
             "{log}"
+        );
+        assert!(
+            log.contains("wrote-work") && log.contains("release-kept"),
+            "its work directory is its own, the release is not: {log}"
         );
         s.user = Some("no-such-user-here".into());
         let err = start(&dir, &release, &rev(), &s, None).unwrap_err();
