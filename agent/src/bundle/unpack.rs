@@ -199,6 +199,28 @@ fn file_type(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
+/// Why `at` (`c` under `dir`), a parent of entry `name`, could not be opened as a directory.
+fn not_a_dir(dir: BorrowedFd<'_>, c: &OsStr, name: &str, at: &Path, e: Errno) -> BundleError {
+    match e {
+        Errno::ELOOP | Errno::ENOTDIR => {
+            let is_link = stat_at(dir, c).is_ok_and(|st| file_type(&st) == SFlag::S_IFLNK);
+            let why = if is_link {
+                format!(
+                    "it would be written through the symbolic link `{}`",
+                    at.display()
+                )
+            } else {
+                format!("its parent `{}` is not a directory", at.display())
+            };
+            unsafe_entry(name, why)
+        }
+        e => BundleError::Io {
+            entry: name.to_string(),
+            source: errno_io(e),
+        },
+    }
+}
+
 impl<'a> Extractor<'a> {
     pub(super) fn new(root: &Path, limits: &'a Limits) -> Result<Self, BundleError> {
         let io = |source| BundleError::Io {
@@ -263,34 +285,14 @@ impl<'a> Extractor<'a> {
                         Ok(()) | Err(Errno::EEXIST) => {}
                         Err(e) => return Err(io(e)),
                     }
-                    open_dir_at(dir.as_fd(), c).map_err(|e| self.not_a_dir(name, &at, e))?
+                    open_dir_at(dir.as_fd(), c)
+                        .map_err(|e| not_a_dir(dir.as_fd(), c, name, &at, e))?
                 }
-                Err(e) => return Err(self.not_a_dir(name, &at, e)),
+                Err(e) => return Err(not_a_dir(dir.as_fd(), c, name, &at, e)),
             };
             dir = next;
         }
         Ok(dir)
-    }
-
-    /// Why `at`, a parent of entry `name`, could not be opened as a directory.
-    fn not_a_dir(&self, name: &str, at: &Path, e: Errno) -> BundleError {
-        match e {
-            Errno::ELOOP => unsafe_entry(
-                name,
-                format!(
-                    "it would be written through the symbolic link `{}`",
-                    at.display()
-                ),
-            ),
-            Errno::ENOTDIR => unsafe_entry(
-                name,
-                format!("its parent `{}` is not a directory", at.display()),
-            ),
-            e => BundleError::Io {
-                entry: name.to_string(),
-                source: errno_io(e),
-            },
-        }
     }
 
     pub(super) fn entry(
@@ -343,8 +345,8 @@ impl<'a> Extractor<'a> {
                 Err(e) => Err(errno(e)),
             },
             Kind::Symlink { target } => {
-                let (_, through) =
-                    resolve_link(&self.links, &rel, &target).map_err(|why| unsafe_entry(name, why))?;
+                let (_, through) = resolve_link(&self.links, &rel, &target)
+                    .map_err(|why| unsafe_entry(name, why))?;
                 if let Some(earlier) = holds_at_or_below(&self.traversed, &rel) {
                     return Err(unsafe_entry(
                         name,
@@ -413,9 +415,13 @@ impl<R: Read> Read for Bounded<R> {
                 return Ok(0);
             }
             self.hit.set(true);
-            return Err(io::Error::other("the decompressed stream exceeds its limit"));
+            return Err(io::Error::other(
+                "the decompressed stream exceeds its limit",
+            ));
         }
-        let max = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let max = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..max])?;
         self.left -= n as u64;
         Ok(n)
@@ -589,7 +595,9 @@ fn untar_entries(reader: impl Read, out: &mut Extractor) -> Result<(), BundleErr
             )?);
             continue;
         }
-        let mut name = long_name.take().unwrap_or_else(|| entry.path_bytes().into_owned());
+        let mut name = long_name
+            .take()
+            .unwrap_or_else(|| entry.path_bytes().into_owned());
         let mut link = long_link
             .take()
             .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
@@ -830,7 +838,10 @@ mod tests {
         assert_eq!(inside(&links, "d", ".").unwrap().0, Path::new(""));
         links.insert(PathBuf::from("d"));
         let err = inside(&links, "esc", "d/d/../..").unwrap_err();
-        assert!(err.contains("passes through the symbolic link `d`"), "{err}");
+        assert!(
+            err.contains("passes through the symbolic link `d`"),
+            "{err}"
+        );
         // A link to a link (its last component) is a chain, allowed.
         assert!(inside(&links, "again", "d").is_ok());
         // A link through itself.
