@@ -553,7 +553,19 @@ fn catalogue(dir: &Path) -> Vec<Case> {
             t.link("esc", "d/..").link("d", ".");
         }),
         d(),
-        "entry `d`: a symbolic link where an earlier link's target passes (`d`)",
+        "entry `d`: a symbolic link where an earlier link's target passes",
+    );
+    add(
+        "link targets deep enough to make the link checks quadratic",
+        tar(&|t| {
+            for i in 0..64 {
+                let target = format!("{i}/{}x", "a/".repeat(2000));
+                t.gnu_long(b'K', target.as_bytes())
+                    .link(&format!("l{i}"), "x");
+            }
+        }),
+        d(),
+        "entry `l0`: the link target has more than 256 components",
     );
     add(
         "link through itself",
@@ -947,4 +959,3 @@ fn not_a_bundle_no_appspec_and_a_malformed_appspec() {
         area.assert_contained();
     }
 }
-

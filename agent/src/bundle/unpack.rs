@@ -16,9 +16,10 @@
 //!   directory's handle with `O_NOFOLLOW`, and judged by what was opened, not by a path.
 
 use std::cell::Cell;
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -55,6 +56,11 @@ impl Default for Limits {
 pub(super) const MAX_NAME: u64 = 4096;
 /// The largest PAX header (local or global) read.
 pub(super) const MAX_PAX: u64 = 64 * 1024;
+/// The most components a link target may have.
+const MAX_TARGET_COMPONENTS: usize = 256;
+/// The most paths links and their targets' intermediate components may name, in all: what
+/// the link checks keep in memory (32 bytes or so each).
+const MAX_LINK_PATHS: usize = 1 << 18;
 /// Bytes of the raw (decompressed) stream allowed per entry beyond its content: the header
 /// block and padding.
 const STREAM_PER_ENTRY: u64 = 1024;
@@ -78,11 +84,14 @@ pub(super) struct Extractor<'a> {
     limits: &'a Limits,
     bytes: u64,
     entries: u64,
-    /// The symbolic links extracted so far, by path relative to the root.
-    links: BTreeSet<PathBuf>,
+    /// The symbolic links extracted so far, by the key of their path relative to the root.
+    links: HashSet<u128>,
     /// Every path an extracted link's target went through before its last component: no
     /// link may be created at one of these (or above one) later.
-    traversed: BTreeSet<PathBuf>,
+    traversed: HashSet<u128>,
+    /// Keys paths: 128 bits of two randomly keyed SipHashes, so a bundle cannot aim at a
+    /// collision, and memory per path is fixed whatever its length.
+    keys: (RandomState, RandomState),
     /// The last entry named, for errors found between entries.
     last: String,
 }
@@ -125,19 +134,10 @@ fn relative_path(name: &str) -> Result<Option<PathBuf>, String> {
     })
 }
 
-/// Whether `set` holds `path` or a path beneath it.
-fn holds_at_or_below(set: &BTreeSet<PathBuf>, path: &Path) -> Option<PathBuf> {
-    // Paths order component by component: those beneath `path` follow it directly.
-    set.range(path.to_path_buf()..)
-        .next()
-        .filter(|p| p.starts_with(path))
-        .cloned()
-}
-
-/// Where a link at `link` pointing at `target` leads, resolved against the links in
-/// `links`, and the paths it passes through on the way; or why it is refused.
+/// Where a link at `link` pointing at `target` leads, resolved against the links extracted
+/// (`is_link`), and the paths it passes through on the way; or why it is refused.
 fn resolve_link(
-    links: &BTreeSet<PathBuf>,
+    is_link: &dyn Fn(&Path) -> bool,
     link: &Path,
     target: &str,
 ) -> Result<(PathBuf, Vec<PathBuf>), String> {
@@ -154,6 +154,11 @@ fn resolve_link(
     let mut at = link.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut through = Vec::new();
     let components: Vec<_> = Path::new(target).components().collect();
+    if components.len() > MAX_TARGET_COMPONENTS {
+        return Err(format!(
+            "the link target has more than {MAX_TARGET_COMPONENTS} components"
+        ));
+    }
     for (i, component) in components.iter().enumerate() {
         match component {
             Component::CurDir => {}
@@ -166,7 +171,7 @@ fn resolve_link(
                 at.push(c);
                 let last = i + 1 == components.len();
                 if !last {
-                    if links.contains(&at) || at == link {
+                    if is_link(&at) || at == link {
                         return Err(format!(
                             "symbolic link to `{target}` passes through the symbolic link `{}`",
                             at.display()
@@ -234,10 +239,17 @@ impl<'a> Extractor<'a> {
             limits,
             bytes: 0,
             entries: 0,
-            links: BTreeSet::new(),
-            traversed: BTreeSet::new(),
+            links: HashSet::new(),
+            traversed: HashSet::new(),
+            keys: (RandomState::new(), RandomState::new()),
             last: String::new(),
         })
+    }
+
+    fn key(&self, path: &Path) -> u128 {
+        let a = self.keys.0.hash_one(path);
+        let b = self.keys.1.hash_one(path);
+        (u128::from(a) << 64) | u128::from(b)
     }
 
     /// Counts `len` bytes read into memory (a long name, a PAX header, a link target)
@@ -345,20 +357,32 @@ impl<'a> Extractor<'a> {
                 Err(e) => Err(errno(e)),
             },
             Kind::Symlink { target } => {
-                let (_, through) = resolve_link(&self.links, &rel, &target)
-                    .map_err(|why| unsafe_entry(name, why))?;
-                if let Some(earlier) = holds_at_or_below(&self.traversed, &rel) {
+                let (_, through) =
+                    resolve_link(&|p: &Path| self.links.contains(&self.key(p)), &rel, &target)
+                        .map_err(|why| unsafe_entry(name, why))?;
+                // Every ancestor of a traversed path is traversed too, or an existing
+                // directory: a link at none of them is beneath none of them.
+                if self.traversed.contains(&self.key(&rel)) {
+                    return Err(unsafe_entry(
+                        name,
+                        "a symbolic link where an earlier link's target passes",
+                    ));
+                }
+                if self.links.len() + self.traversed.len() + through.len() > MAX_LINK_PATHS {
                     return Err(unsafe_entry(
                         name,
                         format!(
-                            "a symbolic link where an earlier link's target passes (`{}`)",
-                            earlier.display()
+                            "the bundle's symbolic links pass through more than {MAX_LINK_PATHS} paths"
                         ),
                     ));
                 }
                 nix::unistd::symlinkat(target.as_str(), parent.as_fd(), base).map_err(errno)?;
-                self.links.insert(rel);
-                self.traversed.extend(through);
+                let key = self.key(&rel);
+                self.links.insert(key);
+                for p in through {
+                    let key = self.key(&p);
+                    self.traversed.insert(key);
+                }
                 Ok(())
             }
             Kind::File { executable } => {
@@ -820,9 +844,9 @@ mod tests {
 
     #[test]
     fn symlink_targets_must_stay_inside_and_pass_through_no_link() {
-        let mut links = BTreeSet::new();
-        let inside = |links: &BTreeSet<PathBuf>, link: &str, target: &str| {
-            resolve_link(links, Path::new(link), target)
+        let mut links = std::collections::BTreeSet::new();
+        let inside = |links: &std::collections::BTreeSet<PathBuf>, link: &str, target: &str| {
+            resolve_link(&|p: &Path| links.contains(p), Path::new(link), target)
         };
         assert_eq!(
             inside(&links, "a/current", "../b/model.bin").unwrap().0,
@@ -846,17 +870,13 @@ mod tests {
         assert!(inside(&links, "again", "d").is_ok());
         // A link through itself.
         assert!(inside(&links, "self", "self/x").is_err());
-    }
-
-    #[test]
-    fn paths_at_or_below_are_found() {
-        let set: BTreeSet<PathBuf> = ["a/b", "a-c", "ab"].iter().map(PathBuf::from).collect();
-        assert_eq!(
-            holds_at_or_below(&set, Path::new("a")),
-            Some(PathBuf::from("a/b"))
+        // A target deeper than the cap.
+        let deep = format!("{}x", "a/".repeat(MAX_TARGET_COMPONENTS));
+        assert!(
+            inside(&links, "deep", &deep)
+                .unwrap_err()
+                .contains("components")
         );
-        assert_eq!(holds_at_or_below(&set, Path::new("a/b/c")), None);
-        assert_eq!(holds_at_or_below(&set, Path::new("b")), None);
     }
 
     #[test]
