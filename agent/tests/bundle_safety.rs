@@ -959,3 +959,43 @@ fn not_a_bundle_no_appspec_and_a_malformed_appspec() {
         area.assert_contained();
     }
 }
+
+/// The fuzz targets' bundle inputs kept in the repository (`fuzz/seeds/bundle_*`, and any
+/// crash input saved in `fuzz/regressions/bundle_*`), replayed on stable the way the
+/// targets run them: each is refused or accepted, never a panic, nothing outside staging.
+#[test]
+fn fuzz_inputs_replay_without_panic() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        max_entries: 256,
+    };
+    let mut replayed = 0;
+    for (dir, ext) in [
+        ("seeds/bundle_tar", "tar"),
+        ("seeds/bundle_zip", "zip"),
+        ("regressions/bundle_tar", "tar"),
+        ("regressions/bundle_zip", "zip"),
+    ] {
+        let Ok(entries) = std::fs::read_dir(fuzz.join(dir)) else {
+            continue;
+        };
+        for entry in entries {
+            let input = entry.unwrap().path();
+            let scratch = tempfile::tempdir().unwrap();
+            let bundle_path = scratch.path().join(format!("in.{ext}"));
+            std::fs::copy(&input, &bundle_path).unwrap();
+            let area = Area::new();
+            if let Ok(b) = area.open(&bundle_path, &limits) {
+                assert!(b.root.starts_with(area.staging()), "{}", input.display());
+            }
+            area.assert_contained();
+            replayed += 1;
+        }
+    }
+    assert!(
+        replayed >= 30,
+        "only {replayed} fuzz inputs found under {}",
+        fuzz.display()
+    );
+}
