@@ -169,9 +169,7 @@ fn ensure_target_installed(target: &str) {
     if pinned() {
         rustup.env_remove("RUSTUP_TOOLCHAIN");
     }
-    let status = rustup
-        .args(["target", "add", target])
-        .status();
+    let status = rustup.args(["target", "add", target]).status();
     match status {
         Ok(s) if s.success() => {}
         other => panic!(
