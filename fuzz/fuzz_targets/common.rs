@@ -1,6 +1,8 @@
 //! Shared by the bundle targets: writes the candidate bundle to a scratch file on tmpfs and
 //! opens it with small limits, so a bomb shows as a refusal (or an out-of-memory crash).
 
+#![allow(dead_code)] // Each target uses only part of this module.
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
