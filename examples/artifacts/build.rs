@@ -66,6 +66,7 @@ fn main() {
         .nth(4)
         .unwrap_or(&out_dir)
         .join("shoal-examples");
+    println!("cargo:rerun-if-env-changed=SHOAL_GUESTS_PINNED");
     for path in WATCHED {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
@@ -105,9 +106,29 @@ fn main() {
     std::fs::write(out_dir.join("artifacts.rs"), code).unwrap();
 }
 
+/// With `SHOAL_GUESTS_PINNED` set (fuzz/run.sh sets it), the guests are built with the
+/// toolchain rust-toolchain.toml pins, through rustup's proxies, rather than with the outer
+/// build's: the nightly `cargo fuzz` needs may lack the Wasm targets.
+fn pinned() -> bool {
+    std::env::var_os("SHOAL_GUESTS_PINNED").is_some()
+}
+
+/// A command for `tool` (cargo or rustc) of the toolchain the guests are built with.
+fn tool(tool: &str, outer: &str) -> Command {
+    if pinned() {
+        let mut cmd = Command::new(tool);
+        cmd.env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("RUSTDOC")
+            .env_remove("CARGO");
+        cmd
+    } else {
+        Command::new(std::env::var(outer).unwrap_or_else(|_| tool.into()))
+    }
+}
+
 fn build(root: &Path, target_dir: &Path, target: Option<&str>, packages: Vec<&str>) {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = tool("cargo", "CARGO");
     cmd.current_dir(root).args(["build", "--release"]);
     if let Some(target) = target {
         cmd.args(["--target", target]);
@@ -135,8 +156,7 @@ fn build(root: &Path, target_dir: &Path, target: Option<&str>, packages: Vec<&st
 /// Installs a Wasm target through rustup when the toolchain lacks it. rust-toolchain.toml
 /// lists the targets, but rustup adds them only when it installs the toolchain itself.
 fn ensure_target_installed(target: &str) {
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let sysroot = Command::new(rustc)
+    let sysroot = tool("rustc", "RUSTC")
         .args(["--print", "sysroot"])
         .output()
         .expect("rustc --print sysroot");
@@ -145,9 +165,11 @@ fn ensure_target_installed(target: &str) {
         return;
     }
     println!("cargo:warning=installing the {target} target with rustup");
-    let status = Command::new("rustup")
-        .args(["target", "add", target])
-        .status();
+    let mut rustup = Command::new("rustup");
+    if pinned() {
+        rustup.env_remove("RUSTUP_TOOLCHAIN");
+    }
+    let status = rustup.args(["target", "add", target]).status();
     match status {
         Ok(s) if s.success() => {}
         other => panic!(
