@@ -74,8 +74,16 @@ pub struct Bundle {
 pub fn open(path: &Path, staging: &Path, limits: &Limits) -> Result<Bundle, BundleError> {
     unpack::unpack(path, staging, limits)?;
     let root = revision_root(staging)?;
+    let appspec = read_appspec(&root)?;
+    let id = tree_id(&root)?;
+    Ok(Bundle { root, id, appspec })
+}
+
+/// Reads and parses the `appspec.yml` of the revision (or release) at `root`, through
+/// [`read_in_revision`]: bounded, and never by a link that leaves the revision.
+pub fn read_appspec(root: &Path) -> Result<AppSpec, BundleError> {
     let text = read_in_revision(
-        &root,
+        root,
         Path::new("appspec.yml"),
         appspec::MAX_APPSPEC_BYTES as u64,
     )?;
@@ -83,9 +91,7 @@ pub fn open(path: &Path, staging: &Path, limits: &Limits) -> Result<Bundle, Bund
         entry: "appspec.yml".into(),
         why: "not UTF-8 text".into(),
     })?;
-    let appspec = appspec::parse(&text)?;
-    let id = tree_id(&root)?;
-    Ok(Bundle { root, id, appspec })
+    Ok(appspec::parse(&text)?)
 }
 
 /// Opens the file `rel` of the revision whose root is `root`, for reading, resolved beneath

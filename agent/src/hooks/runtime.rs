@@ -425,6 +425,27 @@ impl HookRuntime {
 
     /// Compiles (or loads from cache) and links a hook. The work happens on a blocking
     /// thread from the compile pool; this waits for it within the compile budget.
+    /// Loads the hook file `rel` of the revision (or release) at `root`, read through
+    /// [`crate::bundle::read_in_revision`]: never by a link that leaves the revision, and
+    /// no more than [`HookLimits::max_module_bytes`] of it.
+    pub async fn load_in_revision(&self, root: &Path, rel: &Path) -> Result<LoadedHook, LoadError> {
+        let (root, rel) = (root.to_path_buf(), rel.to_path_buf());
+        let limit = self.inner.limits.max_module_bytes;
+        let path = root.join(&rel);
+        let bytes = tokio::task::spawn_blocking(move || {
+            crate::bundle::read_in_revision(&root, &rel, limit)
+        })
+        .await
+        .map_err(|e| LoadError::Engine {
+            message: format!("the reading task failed: {e}"),
+        })?
+        .map_err(|e| LoadError::Read {
+            path,
+            message: e.to_string(),
+        })?;
+        self.load(&bytes).await
+    }
+
     pub async fn load(&self, bytes: &[u8]) -> Result<LoadedHook, LoadError> {
         let limits = &self.inner.limits;
         if bytes.len() as u64 > limits.max_module_bytes {

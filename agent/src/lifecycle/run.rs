@@ -17,7 +17,7 @@ use super::plan::{Action, EventRecord, Machine, Outcome, Side};
 use super::service;
 use super::state::{AppDir, AppState, Journal, read_json, remove, write_json};
 use super::status::{DeploymentStatus, HostStatus};
-use crate::appspec::{self, AppSpec};
+use crate::appspec::AppSpec;
 use crate::bundle::{self, Limits, RevisionId};
 use crate::hooks::{DirGrant, HookContext, HookRuntime, LifecycleEvent, Sandbox};
 
@@ -194,9 +194,8 @@ impl LocalHost {
 
     fn open_release(&self, dir: &AppDir, id: &RevisionId) -> Result<Release> {
         let path = dir.release(id);
-        let text = std::fs::read_to_string(path.join("appspec.yml"))
+        let spec = bundle::read_appspec(&path)
             .with_context(|| format!("reading the AppSpec of release {}", id.short()))?;
-        let spec = appspec::parse(&text)?;
         Ok(Release {
             id: id.clone(),
             dir: path,
@@ -230,21 +229,21 @@ impl LocalHost {
         for hooks in b.appspec.hooks.values() {
             for h in hooks {
                 self.hooks
-                    .load_file(&b.root.join(&h.location))
+                    .load_in_revision(&b.root, Path::new(&h.location))
                     .await
                     .with_context(|| format!("appspec.yml line {}: hook {}", h.line, h.location))
                     .map_err(refused)?;
             }
         }
-        if let Some(svc) = &b.appspec.service {
-            let program = b.root.join(&svc.command);
-            if !Path::new(&svc.command).is_absolute() && !program.is_file() {
-                return Err(refused(anyhow!(
-                    "appspec.yml line {}: the service command {} is not in the revision",
-                    svc.line,
-                    svc.command
-                )));
-            }
+        if let Some(svc) = &b.appspec.service
+            && !Path::new(&svc.command).is_absolute()
+            && bundle::open_in_revision(&b.root, Path::new(&svc.command)).is_err()
+        {
+            return Err(refused(anyhow!(
+                "appspec.yml line {}: the service command {} is not in the revision",
+                svc.line,
+                svc.command
+            )));
         }
         let release = dir.release(&b.id);
         if release.exists() && !release_intact(&release, &b.id) {
@@ -453,7 +452,7 @@ impl LocalHost {
         for (n, spec) in release.spec.hooks_for(event).iter().enumerate() {
             let hook = self
                 .hooks
-                .load_file(&release.dir.join(&spec.location))
+                .load_in_revision(&release.dir, Path::new(&spec.location))
                 .await?;
             let mut ctx = HookContext {
                 event,

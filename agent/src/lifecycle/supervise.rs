@@ -333,8 +333,8 @@ fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<Pass> {
     };
     let release = dir.release(&active);
     if watch.spec.as_ref().is_none_or(|(rev, _)| rev != &active) {
-        let text = std::fs::read_to_string(release.join("appspec.yml"))?;
-        watch.spec = Some((active.clone(), crate::appspec::parse(&text)?.service));
+        let spec = crate::bundle::read_appspec(&release)?;
+        watch.spec = Some((active.clone(), spec.service));
     }
     let Some((_, Some(spec))) = watch.spec.clone() else {
         return Ok(Pass::Fine);
