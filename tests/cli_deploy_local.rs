@@ -365,12 +365,65 @@ fn disallow_reports_the_conflicting_file() {
     assert_eq!(host.serving().as_deref(), Some("v1"));
 }
 
+/// OVERWRITE over a file of the host's own, then a failed upgrade: the rollback puts the
+/// host's file back byte for byte, with its mode and owner; and so does a later revision
+/// that no longer carries the file.
+#[test]
+fn overwrite_then_rollback_restores_the_hosts_own_file_byte_for_byte() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let host = Host::new();
+    let (o, _) = host.deploy(&host.revision("v1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let own = host.root().join("srv/inference/model/extra.bin");
+    let original: Vec<u8> = (0..70_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&own, &original).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&own, Some(4321), Some(4322)).unwrap();
+    let unchanged = |what: &str| {
+        assert_eq!(std::fs::read(&own).unwrap(), original, "{what}: bytes");
+        let meta = std::fs::metadata(&own).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o640, "{what}: mode");
+        assert_eq!((meta.uid(), meta.gid()), (4321, 4322), "{what}: owner");
+    };
+    let kept = host.data().join("apps/inference/replaced");
+    let kept_count = || std::fs::read_dir(&kept).map_or(0, |d| d.count());
+
+    // v3-broken carries the file too: it replaces the host's, fails ValidateService, and
+    // rolls back to v1, which does not carry it.
+    let broken = host.revision("v3-broken");
+    std::fs::write(broken.join("model/extra.bin"), "v3-broken's").unwrap();
+    let (o, v) = host.deploy(&broken);
+    assert_eq!(o.status.code(), Some(1), "v3-broken must fail: {v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("rolled back to"),
+        "{v}"
+    );
+    unchanged("after the rollback");
+    assert_eq!(kept_count(), 0, "the kept copy was not put back");
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+
+    // v2 carries it and succeeds: the file is v2's, the host's is kept aside.
+    let v2 = host.revision("v2");
+    std::fs::write(v2.join("model/extra.bin"), "v2's").unwrap();
+    let (o, _) = host.deploy(&v2);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&own).unwrap(), b"v2's");
+    assert_eq!(kept_count(), 1);
+    // Back to v1, which does not carry it: the host's file returns.
+    let (o, _) = host.deploy(&host.revision("v1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    unchanged("after v1 again");
+    assert_eq!(kept_count(), 0);
+}
+
 /// The crash points of `shoal::faults`, each as a test arms it: points in loops are hit at
 /// their third pass, in the middle of the loop.
 const CRASH_POINTS: &[&str] = &[
     "release.unpacked",
     "release.renamed",
     "journal.written",
+    "install.journaled",
+    "install.kept",
     "install.file:3",
     "install.files-done",
     "install.state-written",
@@ -425,6 +478,10 @@ fn kill_9_at(point: &str) {
         .unwrap();
     }
     let v2_model = std::fs::read_to_string(v2.join("model/model.json")).unwrap();
+    // A file of the host's own that v2 replaces (OVERWRITE): back to v1, it must be the
+    // host's again, byte for byte.
+    let own = host.root().join("srv/inference/model/shard-05.bin");
+    std::fs::write(&own, "the host's own").unwrap();
     let o = host.shoal(
         &["deploy", "local", "--bundle", v2.to_str().unwrap()],
         &[("SHOAL_FAULT_POINT", point)],
@@ -453,7 +510,16 @@ fn kill_9_at(point: &str) {
     files.sort();
     if active.as_deref() == Some(v1_id.as_str()) {
         assert_eq!(host.installed_model(), v1_model, "{point}: v1 active");
-        assert_eq!(files, ["model.json"], "{point}: v2's shards left on v1");
+        assert_eq!(
+            files,
+            ["model.json", "shard-05.bin"],
+            "{point}: v2's shards left on v1, or the host's file lost"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&own).unwrap(),
+            "the host's own",
+            "{point}: the host's file replaced on v1"
+        );
         assert_eq!(host.serving().as_deref(), Some("v1"), "{point}");
     } else {
         assert_eq!(host.installed_model(), v2_model, "{point}: v2 active");

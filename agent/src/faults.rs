@@ -15,6 +15,8 @@ pub const POINTS: &[&str] = &[
     "release.unpacked",
     "release.renamed",
     "journal.written",
+    "install.journaled",
+    "install.kept",
     "install.file",
     "install.files-done",
     "install.state-written",

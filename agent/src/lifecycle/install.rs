@@ -132,15 +132,52 @@ impl InstallPlan {
     }
 
     /// Every path this install will write given what is `ours`: the journal records them.
-    /// A foreign file kept by RETAIN, and a directory that was there before, are not.
+    /// A foreign file kept by RETAIN, and a directory that was there before, are not; the
+    /// parents Install will create above a destination are.
     pub fn writes(&self, ours: &BTreeSet<PathBuf>) -> Result<BTreeSet<PathBuf>, InstallError> {
+        let root = self.root_dir()?;
+        let mut writes = BTreeSet::new();
+        let mut present = BTreeSet::new();
+        for c in &self.copies {
+            let writes_it = match c.source {
+                Source::Dir => ours.contains(&c.to) || what_is(&root, &c.to).is_none(),
+                _ => !(self.foreign(&root, c, ours) && c.behavior == FileExistsBehavior::Retain),
+            };
+            if !writes_it {
+                continue;
+            }
+            writes.insert(c.to.clone());
+            for parent in c.to.ancestors().skip(1) {
+                if parent == self.root
+                    || !parent.starts_with(&self.root)
+                    || writes.contains(parent)
+                    || present.contains(parent)
+                {
+                    break;
+                }
+                if what_is(&root, parent).is_some() {
+                    present.insert(parent.to_path_buf());
+                    break;
+                }
+                writes.insert(parent.to_path_buf());
+            }
+        }
+        Ok(writes)
+    }
+
+    /// The host's own files this install will replace: OVERWRITE over a file that exists
+    /// and is not `ours`. The journal records them apart from [`Self::writes`], so that a
+    /// crash before one is kept in `replaced/` never takes it for ours (see
+    /// [`interrupted`]).
+    pub fn replacing(&self, ours: &BTreeSet<PathBuf>) -> Result<BTreeSet<PathBuf>, InstallError> {
         let root = self.root_dir()?;
         Ok(self
             .copies
             .iter()
-            .filter(|c| match c.source {
-                Source::Dir => ours.contains(&c.to) || what_is(&root, &c.to).is_none(),
-                _ => !(self.foreign(&root, c, ours) && c.behavior == FileExistsBehavior::Retain),
+            .filter(|c| {
+                !matches!(c.source, Source::Dir)
+                    && c.behavior == FileExistsBehavior::Overwrite
+                    && self.foreign(&root, c, ours)
             })
             .map(|c| c.to.clone())
             .collect())
@@ -260,6 +297,37 @@ pub fn plan_nothing(root: &Path) -> InstallPlan {
     }
 }
 
+/// What an interrupted install may have written, from its journal: every path in
+/// `targets`, except the host's own files it was about to replace (`replacing`) that it had
+/// not kept in `replaced` yet. Those were never touched (a file is kept before it is
+/// replaced) and are still the host's: taking them for ours would delete them.
+pub fn interrupted(
+    targets: &BTreeSet<PathBuf>,
+    replacing: &BTreeSet<PathBuf>,
+    replaced: &Path,
+) -> Result<BTreeSet<PathBuf>, InstallError> {
+    let kept = match Dir::open_trusted(replaced) {
+        Ok(dir) => Some(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(replaced)(e)),
+    };
+    let mut ours = BTreeSet::new();
+    for path in targets {
+        if replacing.contains(path) {
+            let Some(kept) = &kept else { continue };
+            if kept
+                .stat(OsStr::new(&kept_name(path)))
+                .map_err(io(replaced))?
+                .is_none()
+            {
+                continue;
+            }
+        }
+        ours.insert(path.clone());
+    }
+    Ok(ours)
+}
+
 /// The name a replaced file of `path` is kept under in `replaced/`.
 fn kept_name(path: &Path) -> String {
     use sha2::Digest;
@@ -322,6 +390,7 @@ pub fn install(
             (source, _) => {
                 if foreign {
                     keep(&dir, name, &kept, &kept_name(&c.to)).map_err(io(&c.to))?;
+                    crate::faults::point("install.kept");
                 }
                 match source {
                     Source::File => {

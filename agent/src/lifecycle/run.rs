@@ -254,6 +254,13 @@ impl LocalHost {
                 .map_err(DeployError::host)?;
         }
         if !release.exists() {
+            // The unpacked files and directories reach the disk before the release's name
+            // says it is whole: one syncfs rather than an fsync per file (a model's
+            // revision has thousands of small files; a deployment is rare).
+            std::fs::File::open(&b.root)
+                .and_then(|f| nix::unistd::syncfs(&f).map_err(std::io::Error::from))
+                .with_context(|| format!("syncing release {}", b.id.short()))
+                .map_err(DeployError::host)?;
             std::fs::rename(&b.root, &release)
                 .and_then(|()| std::fs::File::open(dir.releases())?.sync_all())
                 .with_context(|| format!("storing release {}", b.id.short()))
@@ -314,6 +321,7 @@ impl LocalHost {
             from: state.active.clone(),
             to: new.id.clone(),
             targets: BTreeSet::new(),
+            replacing: BTreeSet::new(),
             phase: "Started".into(),
             port: state.port.or(req.port),
         };
@@ -407,15 +415,15 @@ impl LocalHost {
         journal: &mut Journal,
     ) -> Result<()> {
         let plan = install::plan(&release.dir, &release.spec, &self.install_root)?;
-        // Ours: what the installed revision wrote, and what an interrupted install may have.
-        let mut ours: BTreeSet<PathBuf> =
-            state.installed.union(&journal.targets).cloned().collect();
+        let ours = self.ours(dir, state, journal)?;
         plan.check_conflicts(&ours)?;
-        // Journal every file this install will write before writing any.
-        let writes = plan.writes(&ours)?;
-        journal.targets.extend(writes.iter().cloned());
+        // Journal every path this install will write before writing any, and apart, the
+        // host's own files among them: those stay the host's until kept.
+        let replacing = plan.replacing(&ours)?;
+        journal.targets.extend(plan.writes(&ours)?);
+        journal.replacing.extend(replacing);
         write_json(&dir.journal(), journal)?;
-        ours.extend(writes);
+        crate::faults::point("install.journaled");
         state.installed = install::install(&plan, &ours, &dir.replaced())?;
         crate::faults::point("install.files-done");
         write_json(&dir.state(), state)?;
@@ -423,6 +431,14 @@ impl LocalHost {
         install::apply_permissions(&release.spec, &self.install_root)?;
         crate::faults::point("install.permissions");
         Ok(())
+    }
+
+    /// What this host's deployments installed: the installed revision's paths, and what an
+    /// interrupted install may have written (never a host file it had not kept yet).
+    fn ours(&self, dir: &AppDir, state: &AppState, journal: &Journal) -> Result<BTreeSet<PathBuf>> {
+        let interrupted =
+            install::interrupted(&journal.targets, &journal.replacing, &dir.replaced())?;
+        Ok(state.installed.union(&interrupted).cloned().collect())
     }
 
     fn start_service(&self, dir: &AppDir, release: &Release, port: Option<u16>) -> Result<()> {
@@ -663,8 +679,7 @@ impl LocalHost {
                 )
             }
             None => {
-                let ours: BTreeSet<PathBuf> =
-                    state.installed.union(&journal.targets).cloned().collect();
+                let ours = self.ours(dir, &state, &journal)?;
                 let nothing = install::plan_nothing(&self.install_root);
                 install::install(&nothing, &ours, &dir.replaced())?;
                 state = AppState::default();

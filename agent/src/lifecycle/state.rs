@@ -88,6 +88,10 @@ pub struct Journal {
     /// Every file the new revision's Install may write (known before it writes any).
     #[serde(default)]
     pub targets: BTreeSet<PathBuf>,
+    /// Of `targets`, the host's own files that OVERWRITE replaces: ours only once kept in
+    /// `replaced/` (see [`super::install::interrupted`]).
+    #[serde(default)]
+    pub replacing: BTreeSet<PathBuf>,
     /// The event under way, for the record.
     pub phase: String,
     /// The port the service of the revision being left ran on, to restart it with.
