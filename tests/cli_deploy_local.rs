@@ -416,6 +416,61 @@ fn overwrite_then_rollback_restores_the_hosts_own_file_byte_for_byte() {
     assert_eq!(kept_count(), 0);
 }
 
+/// A deployment killed mid-Install, then the app's user plants a hard link to a file
+/// outside where the old revision's permissions apply: recovery refuses to change it (it
+/// would change the other file) and says so; `deploy recover --force` puts the host back on
+/// the old revision all the same, leaves the outside file alone, and says what it skipped.
+#[test]
+fn a_forced_recovery_is_not_blocked_by_a_hard_link_the_app_user_planted() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let host = Host::new();
+    let rule = "permissions:\n  - object: /srv/inference/model\n    mode: 644\n    type: [file]\n";
+    let v1 = host.revision("v1");
+    let v2 = host.revision("v2");
+    for v in [&v1, &v2] {
+        let spec = std::fs::read_to_string(v.join("appspec.yml")).unwrap();
+        std::fs::write(v.join("appspec.yml"), format!("{spec}{rule}")).unwrap();
+    }
+    let (o, v) = host.deploy(&v1);
+    assert!(o.status.success(), "{}{v}", stderr(&o));
+    let v1_id = v["revision"].as_str().unwrap().to_string();
+    let o = host.shoal(
+        &["deploy", "local", "--bundle", v2.to_str().unwrap()],
+        &[("SHOAL_FAULT_POINT", "install.files-done")],
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
+
+    let outside = host.tmp.path().join("outside-secret");
+    std::fs::write(&outside, "secret").unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::hard_link(&outside, host.root().join("srv/inference/model/planted")).unwrap();
+
+    let o = host.shoal(&["deploy", "recover"], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("hard links"), "{}", stderr(&o));
+    assert!(host.data().join("apps/inference/journal.json").exists());
+
+    let o = host.shoal(&["deploy", "recover", "--force", "--json"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("rolled back to {v1_id}"))
+            && message.contains("permissions were not all applied")
+            && message.contains("hard links"),
+        "{message}"
+    );
+    assert!(!host.data().join("apps/inference/journal.json").exists());
+    assert_eq!(host.active().as_deref(), Some(v1_id.as_str()));
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().mode() & 0o7777,
+        0o600,
+        "the file outside was changed through the hard link"
+    );
+}
+
 /// The crash points of `shoal::faults`, each as a test arms it: points in loops are hit at
 /// their third pass, in the middle of the loop.
 const CRASH_POINTS: &[&str] = &[

@@ -20,6 +20,13 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
+/// The most names [`Dir::entries`] reads from one directory.
+pub const MAX_ENTRIES: usize = 1 << 20;
+
+/// How long a `.shoal-tmp-*` must have been left unchanged before
+/// [`Dir::clean_temporaries`] takes it for the leftover of an interrupted write.
+pub const TEMPORARY_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// An open directory; `path` is kept for messages only and never used to reach it.
 #[derive(Debug)]
 pub struct Dir {
@@ -186,7 +193,9 @@ impl Dir {
             .map_err(errno)
     }
 
-    /// The names in this directory, sorted, with what each is.
+    /// The names in this directory, sorted, with what each is. A directory of more than
+    /// [`MAX_ENTRIES`] names (one the application's user filled, say) is refused rather
+    /// than read into memory.
     pub fn entries(&self) -> io::Result<Vec<(OsString, Kind)>> {
         let fd = self.open_beneath(Path::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
         let mut d = nix::dir::Dir::from_fd(fd).map_err(errno)?;
@@ -196,6 +205,15 @@ impl Dir {
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name == "." || name == ".." {
                 continue;
+            }
+            if names.len() == MAX_ENTRIES {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} holds more than {MAX_ENTRIES} entries: refused",
+                        self.path.display()
+                    ),
+                ));
             }
             names.push(name.to_os_string());
         }
@@ -227,6 +245,9 @@ impl Dir {
         )
         .map_err(errno)?;
         let mut file = File::from(fd);
+        // Held until the file is renamed or removed: `clean_temporaries` (of another
+        // application installing into the same directory) leaves a locked one alone.
+        file.lock()?;
         let written = (|| {
             io::copy(from, &mut file)?;
             if let Some((uid, gid)) = owner {
@@ -296,12 +317,33 @@ impl Dir {
     }
 
     /// Removes the leftovers of interrupted writes (`.shoal-tmp-*`) in this directory.
+    /// A temporary still being written (another application may install into the same
+    /// directory, under its own lock) is left alone: a file that is locked, or anything
+    /// changed in the last [`TEMPORARY_GRACE`].
     pub fn clean_temporaries(&self) -> io::Result<usize> {
         let mut removed = 0;
         for (name, kind) in self.entries()? {
-            if name.as_bytes().starts_with(b".shoal-tmp-")
-                && matches!(kind, Kind::File | Kind::Link)
-            {
+            if !name.as_bytes().starts_with(b".shoal-tmp-") {
+                continue;
+            }
+            let Some((_, st)) = self.stat(&name)? else {
+                continue;
+            };
+            let changed =
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(st.st_mtime.max(0) as u64);
+            if changed.elapsed().unwrap_or_default() < TEMPORARY_GRACE {
+                continue;
+            }
+            let abandoned = match kind {
+                Kind::Link => true,
+                Kind::File => match self.open_file(Path::new(&name)) {
+                    Ok(f) => f.try_lock().is_ok(),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                    Err(e) => return Err(e),
+                },
+                Kind::Dir | Kind::Other => false,
+            };
+            if abandoned {
                 self.remove_file(&name)?;
                 removed += 1;
             }
@@ -339,6 +381,48 @@ mod tests {
             std::fs::read_dir(outside.path()).unwrap().count() == 1,
             "nothing was made outside"
         );
+    }
+
+    #[test]
+    fn only_abandoned_temporaries_are_cleaned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open_trusted(tmp.path()).unwrap();
+        let long_ago = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+        let age = |name: &str| {
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &tmp.path().join(name),
+                &long_ago,
+                &long_ago,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap()
+        };
+        // Old and unlocked: the leftover of a killed write.
+        std::fs::write(tmp.path().join(".shoal-tmp-old"), "x").unwrap();
+        age(".shoal-tmp-old");
+        std::os::unix::fs::symlink("/etc/shadow", tmp.path().join(".shoal-tmp-link")).unwrap();
+        age(".shoal-tmp-link");
+        // Old but locked: another application's write still under way.
+        std::fs::write(tmp.path().join(".shoal-tmp-locked"), "x").unwrap();
+        age(".shoal-tmp-locked");
+        let held = File::open(tmp.path().join(".shoal-tmp-locked")).unwrap();
+        held.lock().unwrap();
+        // Fresh: just created, perhaps not locked yet.
+        std::fs::write(tmp.path().join(".shoal-tmp-fresh"), "x").unwrap();
+        // Not ours at all.
+        std::fs::write(tmp.path().join("data"), "x").unwrap();
+        age("data");
+
+        assert_eq!(dir.clean_temporaries().unwrap(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".shoal-tmp-fresh", ".shoal-tmp-locked", "data"]);
+        drop(held);
+        assert_eq!(dir.clean_temporaries().unwrap(), 1, "unlocked now");
     }
 
     #[test]

@@ -535,13 +535,14 @@ impl Rule<'_> {
 
     /// Sets mode and owner on an open file or directory.
     fn set(&self, fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<(), InstallError> {
-        if let Some(mode) = self.rule.mode {
-            nix::sys::stat::fchmod(fd, nix::sys::stat::Mode::from_bits_truncate(mode))
-                .map_err(|e| self.err(format!("chmod {}: {e}", path.display())))?;
-        }
+        // Owner first: a chown clears the setuid and setgid bits a mode may set.
         if self.uid.is_some() || self.gid.is_some() {
             nix::unistd::fchown(fd, self.uid, self.gid)
                 .map_err(|e| self.err(format!("chown {}: {e}", path.display())))?;
+        }
+        if let Some(mode) = self.rule.mode {
+            nix::sys::stat::fchmod(fd, nix::sys::stat::Mode::from_bits_truncate(mode))
+                .map_err(|e| self.err(format!("chmod {}: {e}", path.display())))?;
         }
         Ok(())
     }
@@ -951,10 +952,11 @@ mod tests {
         std::fs::remove_file(&app).unwrap();
         std::fs::rename(root.path().join("srv/app-real"), &app).unwrap();
         std::fs::create_dir(&storage).unwrap();
-        if std::fs::hard_link(outside.path().join("etc/shadow"), storage.join("shadow")).is_ok() {
-            let err = apply_permissions(&s, root.path()).unwrap_err().to_string();
-            assert!(err.contains("hard links"), "{err}");
-        }
+        // Both temporary directories are in the same place, so on one filesystem.
+        std::fs::hard_link(outside.path().join("etc/shadow"), storage.join("shadow"))
+            .expect("a hard link between two temporary directories");
+        let err = apply_permissions(&s, root.path()).unwrap_err().to_string();
+        assert!(err.contains("hard links"), "{err}");
         assert_eq!(
             fingerprint(outside.path()),
             before,
@@ -978,12 +980,19 @@ mod tests {
             ".shoal-tmp-0".to_string(),
             ".shoal-tmp-".to_string(),
         ] {
-            std::os::unix::fs::symlink(outside.path().join("etc/shadow"), srv.join(&name)).unwrap();
-            std::os::unix::fs::symlink(
-                outside.path().join("etc/shadow"),
-                srv.join("conf").join(&name),
-            )
-            .unwrap();
+            for at in [srv.join(&name), srv.join("conf").join(&name)] {
+                std::os::unix::fs::symlink(outside.path().join("etc/shadow"), &at).unwrap();
+                // Left by an interrupted write long ago, as far as the cleaner can tell.
+                let long_ago = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+                nix::sys::stat::utimensat(
+                    nix::fcntl::AT_FDCWD,
+                    &at,
+                    &long_ago,
+                    &long_ago,
+                    nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+                )
+                .unwrap();
+            }
         }
         let second = put(&plan(v2.path(), &s, root.path()).unwrap(), &first).unwrap();
         assert_eq!(std::fs::read_to_string(srv.join("b.txt")).unwrap(), "b2");

@@ -433,6 +433,33 @@ impl LocalHost {
         Ok(())
     }
 
+    /// [`Self::install`] for a forced recovery: permissions the application's user made
+    /// impossible to apply safely (a hard link, a tree too deep) do not keep the host off
+    /// the revision it came from; what went wrong is returned for the message.
+    fn install_forced(
+        &self,
+        dir: &AppDir,
+        release: &Release,
+        state: &mut AppState,
+        journal: &mut Journal,
+    ) -> Result<Option<String>> {
+        match self.install(dir, release, state, journal) {
+            Ok(()) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.downcast_ref(),
+                    Some(install::InstallError::Permission { .. })
+                ) =>
+            {
+                tracing::warn!(error = %format!("{e:#}"), "forced recovery: permissions not applied");
+                Ok(Some(format!(
+                    "; its permissions were not all applied: {e:#}"
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// What this host's deployments installed: the installed revision's paths, and what an
     /// interrupted install may have written (never a host file it had not kept yet).
     fn ours(&self, dir: &AppDir, state: &AppState, journal: &Journal) -> Result<BTreeSet<PathBuf>> {
@@ -655,10 +682,15 @@ impl LocalHost {
             Some(from) => {
                 let release = self.open_release(dir, &from)?;
                 check_intact(&release)?;
-                self.install(dir, &release, &mut state, &mut journal)?;
+                let mut unstarted = if force {
+                    self.install_forced(dir, &release, &mut state, &mut journal)?
+                        .unwrap_or_default()
+                } else {
+                    self.install(dir, &release, &mut state, &mut journal)?;
+                    String::new()
+                };
                 state.active = Some(from.clone());
                 write_json(&dir.state(), &state)?;
-                let mut unstarted = String::new();
                 if let Some(spec) = &release.spec.service
                     && let Err(e) = service::start(
                         dir,
@@ -671,7 +703,7 @@ impl LocalHost {
                     if !force {
                         return Err(e);
                     }
-                    unstarted = format!("; its service did not start: {e:#}");
+                    unstarted.push_str(&format!("; its service did not start: {e:#}"));
                 }
                 format!(
                     "interrupted during {}; rolled back to {from}{unstarted}",

@@ -79,7 +79,7 @@ pub struct ServiceRecord {
     pub cgroup: Option<std::path::PathBuf>,
 }
 
-/// Where this agent makes services' cgroups: beside its own cgroup in the cgroup v2
+/// Where this agent makes services' cgroups: children of its own cgroup in the cgroup v2
 /// hierarchy (`/proc/self/mountinfo`, `/proc/self/cgroup`), if there is one.
 fn cgroup_parent() -> Option<std::path::PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;

@@ -9,8 +9,8 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// The wire version this agent speaks.
-pub const VERSION: u16 = 1;
+/// The wire version this agent speaks. 2: host records carry an application's problem.
+pub const VERSION: u16 = 2;
 /// The largest frame accepted, in bytes.
 pub const MAX_FRAME: u32 = 1 << 20;
 
