@@ -31,8 +31,15 @@ use crate::mesh::node::MeshHandle;
 use crate::mesh::view::MemberState;
 
 /// How long a host waits for its application's lock, held by something else, before it
-/// gives up: the supervisor holds it for an instant; a `deploy local` may hold it longer.
-pub const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// gives up. The supervisor holds it for an instant, or through the stop of a leftover
+/// service (at most `service::TERM_GRACE + KILL_GRACE`, 15 s), so this waits longer than
+/// that; a `deploy local` or a recovery that starts a service may hold it longer still.
+pub const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+const _: () = assert!(
+    BUSY_WITHIN.as_secs()
+        > crate::lifecycle::service::TERM_GRACE.as_secs()
+            + crate::lifecycle::service::KILL_GRACE.as_secs()
+);
 
 /// How long a host keeps trying to fetch a revision from its holders.
 pub const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);

@@ -49,8 +49,8 @@ pub const MAX_LOG_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How long the group has after SIGTERM before SIGKILL, and after SIGKILL before the stop
 /// is reported as failed.
-const TERM_GRACE: Duration = Duration::from_secs(10);
-const KILL_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const TERM_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a service could not be started or stopped, where a caller must tell them apart.
 #[derive(Debug, thiserror::Error)]
@@ -439,10 +439,22 @@ impl Starting {
 
     /// Waits until the service is healthy (its record then stays), or stops it and says
     /// why not: it exited, or did not become healthy within its `start_timeout`.
-    pub fn wait(mut self) -> Result<ServiceRecord> {
+    pub fn wait(self) -> Result<ServiceRecord> {
+        self.wait_unless(|| false)
+            .map(|r| r.expect("never given up"))
+    }
+
+    /// [`Self::wait`], but gives up waiting (`Ok(None)`) as soon as `give_up` says so, an
+    /// agent shutting down, say: the service is left starting, recorded, for the next
+    /// agent to adopt or restart, and the caller is not held for up to `start_timeout`.
+    pub fn wait_unless(mut self, give_up: impl Fn() -> bool) -> Result<Option<ServiceRecord>> {
         let deadline = self.started + self.spec.start_timeout;
         let mut foreign = false;
         loop {
+            if give_up() {
+                std::mem::forget(self.child);
+                return Ok(None);
+            }
             if let Some(status) = self.child.try_wait()? {
                 let _ = stop_record(&self.record);
                 remove_if_ours(&self.dir, &self.record);
@@ -466,7 +478,7 @@ impl Starting {
             if healthy {
                 // The child is not waited for: it belongs to the host now, not to this process.
                 std::mem::forget(self.child);
-                return Ok(self.record);
+                return Ok(Some(self.record));
             }
             if Instant::now() >= deadline {
                 let _ = stop_record(&self.record);

@@ -209,8 +209,9 @@ async fn watch_app(
         let (h, a) = (host.clone(), app.clone());
         let result: Result<Pass> = if recovered {
             let mut w = std::mem::take(&mut watch);
+            let stopping = stop.clone();
             let (result, w) = tokio::task::spawn_blocking(move || {
-                let result = tick(&h, &a, &mut w);
+                let result = tick(&h, &a, &mut w, &|| *stopping.borrow());
                 (result, w)
             })
             .await
@@ -321,8 +322,14 @@ fn lock_within(dir: &AppDir, wait: Duration) -> Result<Option<nix::fcntl::Flock<
 }
 
 /// One pass over one application. The lock is held to decide and to spawn; the wait for
-/// the new service to become healthy runs without it.
-fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<Pass> {
+/// the new service to become healthy runs without it, and ends early when `stopping` says
+/// the agent is shutting down (the service is left starting, for the next agent).
+fn tick(
+    host: &LocalHost,
+    app: &str,
+    watch: &mut Watch,
+    stopping: &dyn Fn() -> bool,
+) -> Result<Pass> {
     let dir = AppDir::new(&host.data_dir, app);
     let Some(lock) = lock_within(&dir, LOCK_WAIT)? else {
         return Ok(Pass::Busy);
@@ -368,8 +375,11 @@ fn tick(host: &LocalHost, app: &str, watch: &mut Watch) -> Result<Pass> {
                 service::spawn(&dir, &release, &active, &spec, state.port.or(spec.port))?;
             drop(lock);
             let pid = starting.pid();
-            starting.wait()?;
-            tracing::info!(app, pid, "service started");
+            if starting.wait_unless(stopping)?.is_some() {
+                tracing::info!(app, pid, "service started");
+            } else {
+                tracing::info!(app, pid, "shutting down: the service is left starting");
+            }
             Ok(Pass::Fine)
         }
         Some(_) => Ok(Pass::Waiting),
@@ -423,9 +433,12 @@ mod tests {
         super::super::state::write_json(&dir.state(), &state).unwrap();
 
         let mut watch = Watch::default();
-        assert_eq!(tick(&host, "web", &mut watch).unwrap(), Pass::Waiting);
+        assert_eq!(
+            tick(&host, "web", &mut watch, &|| false).unwrap(),
+            Pass::Waiting
+        );
         let started = std::thread::scope(|s| {
-            let pass = s.spawn(|| tick(&host, "web", &mut watch));
+            let pass = s.spawn(|| tick(&host, "web", &mut watch, &|| false));
             let deadline = Instant::now() + Duration::from_secs(10);
             while service::current(&dir).unwrap().is_none() {
                 assert!(Instant::now() < deadline, "the service was never spawned");
@@ -446,6 +459,35 @@ mod tests {
         assert!(started.0, "the lock was held across the wait for health");
         assert!(started.1.is_err(), "the service never became healthy");
         assert!(service::current(&dir).unwrap().is_none());
+
+        // The agent shutting down mid-wait: the pass ends as soon as it is told, without
+        // waiting out the start timeout, and leaves the service starting, recorded.
+        let mut watch = Watch::default();
+        assert_eq!(
+            tick(&host, "web", &mut watch, &|| false).unwrap(),
+            Pass::Waiting
+        );
+        let stopping = std::sync::atomic::AtomicBool::new(false);
+        let pass = std::thread::scope(|s| {
+            let pass = s.spawn(|| {
+                tick(&host, "web", &mut watch, &|| {
+                    stopping.load(std::sync::atomic::Ordering::SeqCst)
+                })
+            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while service::current(&dir).unwrap().is_none() {
+                assert!(Instant::now() < deadline, "the service was never spawned");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+            pass.join().unwrap()
+        });
+        assert_eq!(pass.unwrap(), Pass::Fine);
+        let left = service::current(&dir)
+            .unwrap()
+            .expect("left starting, recorded");
+        assert!(left.is_running());
+        service::stop(&dir).unwrap();
     }
 
     #[test]
