@@ -40,6 +40,14 @@ pub enum InstallError {
         "{path} is, or passes through, a symbolic link (or a file where a directory belongs): refused, the agent never follows a link it did not make; replace it with a real directory"
     )]
     Link { path: PathBuf },
+    #[error(
+        "file_exists_behavior OVERWRITE: {path} is the host's own file of {size} bytes, more than the {limit} bytes the agent keeps to put back on rollback; move it away or remove it, then deploy again"
+    )]
+    TooLargeToKeep {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("appspec.yml line {line}: `{destination}` leaves the install root")]
     Destination { destination: String, line: u64 },
     #[error("{path}: {source}")]
@@ -103,6 +111,19 @@ fn split<'a>(root: &Path, path: &'a Path) -> Option<(PathBuf, &'a OsStr)> {
     Some((rel.parent()?.to_path_buf(), name))
 }
 
+/// The largest file of the host's own that OVERWRITE keeps (to put back on rollback): a
+/// bigger one is refused before anything is written, so the app's user cannot fill the
+/// agent's disk with a copy of a huge (or sparse) file planted at a destination.
+pub const MAX_KEPT_BYTES: u64 = 1 << 30;
+
+/// The size of the file at `path` (0 if it is not a file).
+fn size_of(root: &Dir, path: &Path) -> u64 {
+    split(root.path(), path)
+        .and_then(|(parent, name)| root.open_dir(&parent).ok()?.stat(name).ok().flatten())
+        .filter(|(k, _)| *k == Kind::File)
+        .map_or(0, |(_, st)| st.st_size.max(0) as u64)
+}
+
 /// What is at `path` now, read through handles; `None` if absent or unreachable.
 fn what_is(root: &Dir, path: &Path) -> Option<Kind> {
     let (parent, name) = split(root.path(), path)?;
@@ -124,8 +145,24 @@ impl InstallPlan {
             if matches!(c.source, Source::Dir) {
                 continue; // directories merge
             }
-            if self.foreign(&root, c, ours) && c.behavior == FileExistsBehavior::Disallow {
-                return Err(InstallError::Conflict { path: c.to.clone() });
+            if !self.foreign(&root, c, ours) {
+                continue;
+            }
+            match c.behavior {
+                FileExistsBehavior::Disallow => {
+                    return Err(InstallError::Conflict { path: c.to.clone() });
+                }
+                FileExistsBehavior::Overwrite => {
+                    let size = size_of(&root, &c.to);
+                    if size > MAX_KEPT_BYTES {
+                        return Err(InstallError::TooLargeToKeep {
+                            path: c.to.clone(),
+                            size,
+                            limit: MAX_KEPT_BYTES,
+                        });
+                    }
+                }
+                FileExistsBehavior::Retain => {}
             }
         }
         Ok(())
@@ -442,10 +479,17 @@ pub fn install(
 fn keep(dir: &Dir, name: &OsStr, replaced: &Dir, kept: &str) -> io::Result<()> {
     match dir.stat(name)? {
         Some((Kind::File, st)) => {
-            let mut f = dir.open_file(Path::new(name))?;
+            // Bounded again: the file may have grown since the conflicts were checked.
+            let f = dir.open_file(Path::new(name))?;
+            if f.metadata()?.len() > MAX_KEPT_BYTES {
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!("larger than the {MAX_KEPT_BYTES} bytes kept for a rollback"),
+                ));
+            }
             replaced.write_atomic(
                 OsStr::new(kept),
-                &mut f,
+                &mut io::Read::take(f, MAX_KEPT_BYTES),
                 st.st_mode & 0o7777,
                 Some((st.st_uid, st.st_gid)),
             )
@@ -925,6 +969,29 @@ mod tests {
             "the user's file, mode and owner are back"
         );
         assert_eq!(kept_left, 0, "nothing kept once restored");
+    }
+
+    #[test]
+    fn a_host_file_too_large_to_keep_is_refused_before_anything_is_written() {
+        let root = tempfile::tempdir().unwrap();
+        let srv = root.path().join("srv/app");
+        std::fs::create_dir_all(&srv).unwrap();
+        // Sparse: past the limit in size, nothing on disk.
+        let huge = std::fs::File::create(srv.join("model.bin")).unwrap();
+        huge.set_len(MAX_KEPT_BYTES + 1).unwrap();
+        let v1 = revision(&[("app/a.txt", "a"), ("app/model.bin", "theirs")]);
+        let s = spec("file_exists_behavior: OVERWRITE\n");
+        let err = put(&plan(v1.path(), &s, root.path()).unwrap(), &BTreeSet::new()).unwrap_err();
+        assert!(
+            matches!(&err, InstallError::TooLargeToKeep { path, .. } if path == &srv.join("model.bin")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("move it away"), "{err}");
+        assert!(!srv.join("a.txt").exists(), "nothing written");
+        assert_eq!(
+            std::fs::metadata(srv.join("model.bin")).unwrap().len(),
+            MAX_KEPT_BYTES + 1
+        );
     }
 
     #[test]
