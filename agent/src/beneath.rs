@@ -27,6 +27,48 @@ pub const MAX_ENTRIES: usize = 1 << 20;
 /// [`Dir::clean_temporaries`] takes it for the leftover of an interrupted write.
 pub const TEMPORARY_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Why a directory the agent keeps private state in is not safe to use.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateDirError {
+    /// A link, not a directory, or a directory someone else could write into.
+    #[error("{0}")]
+    Unsafe(String),
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+/// Checks, without following a link, that `path` is a directory this user owns and no one
+/// else may write into, so no one else can plant or swap the files the agent keeps there.
+pub fn check_private_dir(path: &Path) -> Result<(), PrivateDirError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY).bits())
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == Errno::ELOOP as i32 || code == Errno::ENOTDIR as i32 => {
+                PrivateDirError::Unsafe(
+                    "a symbolic link or not a directory; the agent does not follow it".into(),
+                )
+            }
+            _ => PrivateDirError::Io(e),
+        })?;
+    let meta = handle.metadata().map_err(PrivateDirError::Io)?;
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(PrivateDirError::Unsafe(format!(
+            "owned by uid {}, not this agent's",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(PrivateDirError::Unsafe(format!(
+            "others may write into it (mode {:o}); make it 0700",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(())
+}
+
 /// An open directory; `path` is kept for messages only and never used to reach it.
 #[derive(Debug)]
 pub struct Dir {
@@ -263,34 +305,30 @@ impl Dir {
             file.flush()?;
             file.sync_all()
         })();
-        if let Err(e) = written.and_then(|()| self.rename_in(&tmp, name)) {
-            let _ = nix::unistd::unlinkat(
-                self.fd.as_fd(),
-                tmp.as_os_str(),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
-            return Err(e);
-        }
-        Ok(())
+        self.put_in_place(&tmp, name, written)
     }
 
     /// Makes `name` a symbolic link to `target`, atomically, then fsyncs the directory.
     pub fn symlink_atomic(&self, name: &OsStr, target: &Path) -> io::Result<()> {
         let tmp = random_name(".shoal-tmp-");
         nix::unistd::symlinkat(target, self.fd.as_fd(), tmp.as_os_str()).map_err(errno)?;
-        if let Err(e) = self.rename_in(&tmp, name) {
+        self.put_in_place(&tmp, name, Ok(()))
+    }
+
+    /// Renames the temporary `tmp`, `written` whole, over `name` and fsyncs the directory;
+    /// removes `tmp` instead if it was not written whole or cannot be renamed.
+    fn put_in_place(&self, tmp: &OsStr, name: &OsStr, written: io::Result<()>) -> io::Result<()> {
+        let renamed = written.and_then(|()| {
+            nix::fcntl::renameat(self.fd.as_fd(), tmp, self.fd.as_fd(), name).map_err(errno)
+        });
+        if let Err(e) = renamed {
             let _ = nix::unistd::unlinkat(
                 self.fd.as_fd(),
-                tmp.as_os_str(),
+                tmp,
                 nix::unistd::UnlinkatFlags::NoRemoveDir,
             );
             return Err(e);
         }
-        Ok(())
-    }
-
-    fn rename_in(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
-        nix::fcntl::renameat(self.fd.as_fd(), from, self.fd.as_fd(), to).map_err(errno)?;
         self.sync()
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{DirBuilder, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -115,39 +115,13 @@ fn ensure_dir(dir: &Path) -> Result<(), BlobError> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io(dir)(e)),
     }
-    let unsafe_dir = |reason: String| BlobError::Unsafe {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    let handle = OpenOptions::new()
-        .read(true)
-        .custom_flags(no_follow() | nix::fcntl::OFlag::O_DIRECTORY.bits())
-        .open(dir)
-        .map_err(|e| match e.raw_os_error() {
-            Some(code)
-                if code == nix::errno::Errno::ELOOP as i32
-                    || code == nix::errno::Errno::ENOTDIR as i32 =>
-            {
-                unsafe_dir(
-                    "a symbolic link or not a directory; the store does not follow it".into(),
-                )
-            }
-            _ => io(dir)(e),
-        })?;
-    let meta = handle.metadata().map_err(io(dir))?;
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(unsafe_dir(format!(
-            "owned by uid {}, not this agent's",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(unsafe_dir(format!(
-            "others may write into it (mode {:o}); make it 0700",
-            meta.mode() & 0o777
-        )));
-    }
-    Ok(())
+    crate::beneath::check_private_dir(dir).map_err(|e| match e {
+        crate::beneath::PrivateDirError::Unsafe(reason) => BlobError::Unsafe {
+            path: dir.to_path_buf(),
+            reason,
+        },
+        crate::beneath::PrivateDirError::Io(e) => io(dir)(e),
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), BlobError> {

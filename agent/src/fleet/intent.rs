@@ -32,7 +32,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -855,45 +855,19 @@ fn unsafe_or_io(path: &Path, e: std::io::Error) -> IntentError {
 /// The store's directory, opened without following a link, is a directory owned by this
 /// user that no one else may write into (so no one else can plant or swap its files).
 fn check_dir(dir: &Path) -> Result<(), IntentError> {
-    let unsafe_dir = |reason: String| IntentErrorKind::StoreUnsafe {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    let handle = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(no_follow() | nix::fcntl::OFlag::O_DIRECTORY.bits())
-        .open(dir)
-        .map_err(|e| match e.raw_os_error() {
-            Some(code)
-                if code == nix::errno::Errno::ELOOP as i32
-                    || code == nix::errno::Errno::ENOTDIR as i32 =>
-            {
-                unsafe_dir("it is a symbolic link or not a directory".into())
-            }
-            _ => IntentErrorKind::StoreIo {
+    crate::beneath::check_private_dir(dir).map_err(|e| {
+        match e {
+            crate::beneath::PrivateDirError::Unsafe(reason) => IntentErrorKind::StoreUnsafe {
+                path: dir.to_path_buf(),
+                reason,
+            },
+            crate::beneath::PrivateDirError::Io(e) => IntentErrorKind::StoreIo {
                 path: dir.to_path_buf(),
                 reason: e.to_string(),
             },
-        })?;
-    let meta = handle.metadata().map_err(|e| IntentErrorKind::StoreIo {
-        path: dir.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(unsafe_dir(format!(
-            "it is owned by uid {}, not this agent's",
-            meta.uid()
-        ))
-        .into());
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(unsafe_dir(format!(
-            "others may write into it (mode {:o}); make it 0700",
-            meta.mode() & 0o777
-        ))
-        .into());
-    }
-    Ok(())
+        }
+        .into()
+    })
 }
 
 /// Reads the store file: nothing yet if there is none; refuses one that is a link, too

@@ -745,25 +745,9 @@ mod tests {
     #[test]
     fn the_whole_group_is_stopped_even_when_its_leader_died_first() {
         let tmp = tempfile::tempdir().unwrap();
-        let (dir, release) = app(tmp.path());
         // The leader starts a child that ignores SIGTERM, prints its pid, then exits.
         let script = "trap '' TERM; sh -c 'trap \"\" TERM; echo child $$; exec sleep 600' & sleep 1.5; exit 0";
-        let record = start(
-            &dir,
-            &release,
-            &rev(),
-            &spec("/bin/sh", &["-c", script]),
-            None,
-        )
-        .unwrap();
-        let child = || {
-            std::fs::read_to_string(dir.service_log())
-                .unwrap()
-                .lines()
-                .find_map(|l| l.strip_prefix("child ")?.trim().parse::<i32>().ok())
-        };
-        wait_for("the child's pid", || child().is_some());
-        let child = child().unwrap();
+        let (dir, record, child) = start_and_read_pid(tmp.path(), script, "child ");
         wait_for("the leader to die", || {
             reap(record.pid);
             !record.is_running()
@@ -775,6 +759,29 @@ mod tests {
             "the member ignoring SIGTERM survived the stop"
         );
         assert!(current(&dir).unwrap().is_none());
+    }
+
+    /// Starts `/bin/sh -c script` as a service, then waits for the pid it prints on a line
+    /// `{tag} PID` to its log.
+    fn start_and_read_pid(tmp: &Path, script: &str, tag: &str) -> (AppDir, ServiceRecord, i32) {
+        let (dir, release) = app(tmp);
+        let record = start(
+            &dir,
+            &release,
+            &rev(),
+            &spec("/bin/sh", &["-c", script]),
+            None,
+        )
+        .unwrap();
+        let printed = || {
+            std::fs::read_to_string(dir.service_log())
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix(tag)?.trim().parse::<i32>().ok())
+        };
+        wait_for(&format!("the {tag} pid"), || printed().is_some());
+        let pid = printed().unwrap();
+        (dir, record, pid)
     }
 
     /// A test-owned listener on a port the test bound itself: answers 200 to anything.
@@ -797,24 +804,8 @@ mod tests {
     #[test]
     fn a_process_that_leaves_the_group_is_stopped_where_cgroups_exist() {
         let tmp = tempfile::tempdir().unwrap();
-        let (dir, release) = app(tmp.path());
         let script = "setsid sh -c 'echo escaped $$; exec sleep 600' & exec sleep 600";
-        let record = start(
-            &dir,
-            &release,
-            &rev(),
-            &spec("/bin/sh", &["-c", script]),
-            None,
-        )
-        .unwrap();
-        let escaped = || {
-            std::fs::read_to_string(dir.service_log())
-                .unwrap()
-                .lines()
-                .find_map(|l| l.strip_prefix("escaped ")?.trim().parse::<i32>().ok())
-        };
-        wait_for("the escaped pid", || escaped().is_some());
-        let escaped = escaped().unwrap();
+        let (dir, record, escaped) = start_and_read_pid(tmp.path(), script, "escaped ");
         assert!(
             proc_stat(escaped).is_some_and(|p| p.pgrp != record.pid),
             "it left the group"
