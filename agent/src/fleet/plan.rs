@@ -269,6 +269,136 @@ impl fmt::Display for DeploymentConfig {
     }
 }
 
+/// The most a bake may last: a day.
+pub const MAX_BAKE_SECS: u64 = 24 * 3600;
+
+/// How the hosts are released in waves, on top of the [`DeploymentConfig`]'s batches: all
+/// at once (the default, CodeDeploy's in-place behaviour), a canary wave then the rest, or
+/// equal waves. Between two waves the deployment is `Baking` for the bake time: the hosts
+/// updated so far keep serving the new revision before any other host takes it. Within a
+/// wave, batches follow the configuration's minimum of healthy hosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Rollout {
+    /// One wave: every host, by the configuration's batches.
+    #[default]
+    Waveless,
+    /// `percent` of the hosts (rounded up, at least one) first, then a bake of
+    /// `bake_secs`, then the rest. A canary host that fails fails the deployment, whatever
+    /// the minimum of healthy hosts.
+    Canary { percent: Percent, bake_secs: u64 },
+    /// Waves of `percent` of the hosts (rounded up, at least one), with a bake of
+    /// `bake_secs` after each but the last.
+    Linear { percent: Percent, bake_secs: u64 },
+}
+
+impl Rollout {
+    /// `--canary P%:DURATION` or `--linear P%:DURATION` (not both), or neither. A duration
+    /// is seconds, or a number with `s`, `m` or `h`.
+    pub fn from_options(
+        canary: Option<&str>,
+        linear: Option<&str>,
+    ) -> Result<Rollout, ConfigError> {
+        match (canary, linear) {
+            (Some(_), Some(_)) => Err(ConfigErrorKind::CanaryAndLinear.into()),
+            (Some(text), None) => {
+                let (percent, bake_secs) = parse_wave(text)?;
+                Ok(Rollout::Canary { percent, bake_secs })
+            }
+            (None, Some(text)) => {
+                let (percent, bake_secs) = parse_wave(text)?;
+                Ok(Rollout::Linear { percent, bake_secs })
+            }
+            (None, None) => Ok(Rollout::Waveless),
+        }
+    }
+
+    /// How long each bake lasts; zero without waves.
+    pub fn bake(self) -> std::time::Duration {
+        match self {
+            Rollout::Waveless => std::time::Duration::ZERO,
+            Rollout::Canary { bake_secs, .. } | Rollout::Linear { bake_secs, .. } => {
+                std::time::Duration::from_secs(bake_secs)
+            }
+        }
+    }
+
+    /// Where each wave ends, as a count of hosts in deployment order, for `hosts` hosts:
+    /// the last is always `hosts`.
+    pub fn waves(self, hosts: usize) -> Vec<usize> {
+        let step = |percent: Percent| percent.of_rounded_up(hosts).clamp(1, hosts.max(1));
+        match self {
+            Rollout::Waveless => vec![hosts],
+            Rollout::Canary { percent, .. } => {
+                let canary = step(percent);
+                if canary >= hosts {
+                    vec![hosts]
+                } else {
+                    vec![canary, hosts]
+                }
+            }
+            Rollout::Linear { percent, .. } => {
+                let step = step(percent);
+                let mut ends: Vec<usize> =
+                    (1..).map(|k| k * step).take_while(|&e| e < hosts).collect();
+                ends.push(hosts);
+                ends
+            }
+        }
+    }
+}
+
+/// `P%:DURATION`: a percentage from 1 to 100 and a bake time of at most [`MAX_BAKE_SECS`].
+fn parse_wave(text: &str) -> Result<(Percent, u64), ConfigError> {
+    let bad = || ConfigErrorKind::BadWave { text: quote(text) };
+    let (percent, duration) = text.trim().split_once(':').ok_or_else(bad)?;
+    let percent: u64 = percent
+        .trim()
+        .strip_suffix('%')
+        .ok_or_else(bad)?
+        .trim()
+        .parse()
+        .map_err(|_| bad())?;
+    let percent = u8::try_from(percent)
+        .ok()
+        .filter(|&p| p > 0)
+        .and_then(Percent::new)
+        .ok_or(ConfigErrorKind::WavePercentOutOfRange { percent })?;
+    let duration = duration.trim();
+    let (number, unit) = match duration.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => duration.split_at(at),
+        None => (duration, "s"),
+    };
+    let scale = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(bad().into()),
+    };
+    let secs = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(bad)?;
+    if secs > MAX_BAKE_SECS {
+        return Err(ConfigErrorKind::BakeTooLong { secs }.into());
+    }
+    Ok((percent, secs))
+}
+
+impl fmt::Display for Rollout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rollout::Waveless => f.write_str("no waves"),
+            Rollout::Canary { percent, bake_secs } => {
+                write!(f, "canary {percent}, bake {bake_secs}s")
+            }
+            Rollout::Linear { percent, bake_secs } => {
+                write!(f, "linear {percent} per wave, bake {bake_secs}s")
+            }
+        }
+    }
+}
+
 /// The numbers a [`DeploymentConfig`] means for a given number of hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Rules {
@@ -363,6 +493,9 @@ pub enum FailReason {
         healthy: usize,
         minimum: usize,
     },
+    /// A host of the canary wave failed.
+    #[error("canary host {host} failed")]
+    CanaryFailed { host: String },
     /// Only `possible` hosts succeeded or still can, fewer than `required`.
     #[error("only {possible} host(s) succeeded or still can, fewer than the {required} required")]
     TooFewSucceeded { possible: usize, required: usize },
@@ -452,6 +585,21 @@ pub enum ConfigErrorKind {
     /// Both `--config` and `--min-healthy`.
     #[error("give either a configuration name or a minimum of healthy hosts, not both")]
     ConfigAndMinHealthy,
+    /// Both `--canary` and `--linear`.
+    #[error("give either --canary or --linear, not both")]
+    CanaryAndLinear,
+    /// Not `P%:DURATION`.
+    #[error(
+        "wave {text:?} is not P%:DURATION (a percentage, then seconds or a number with s, m \
+         or h: `25%:10m`)"
+    )]
+    BadWave { text: String },
+    /// A wave of 0% or more than 100%.
+    #[error("a wave of {percent}% is not between 1% and 100%")]
+    WavePercentOutOfRange { percent: u64 },
+    /// A bake longer than [`MAX_BAKE_SECS`].
+    #[error("a bake of {secs} s is longer than the {MAX_BAKE_SECS} s allowed")]
+    BakeTooLong { secs: u64 },
 }
 
 /// A host's state inside the planner.
@@ -488,6 +636,12 @@ pub struct Planner {
     succeeded: usize,
     failed: usize,
     status: Status,
+    rollout: Rollout,
+    /// Where each wave ends ([`Rollout::waves`]), and the wave under way.
+    waves: Vec<usize>,
+    wave: usize,
+    /// While baking after a wave: until when (Unix milliseconds, as the log recorded it).
+    baking: Option<u64>,
 }
 
 impl Planner {
@@ -546,7 +700,54 @@ impl Planner {
             succeeded: 0,
             failed: 0,
             status: Status::InProgress,
+            rollout: Rollout::Waveless,
+            waves: vec![total],
+            wave: 0,
+            baking: None,
         })
+    }
+
+    /// The same plan released in the waves of `rollout`, with bakes between them.
+    pub fn with_rollout(mut self, rollout: Rollout) -> Planner {
+        self.rollout = rollout;
+        self.waves = rollout.waves(self.hosts.len());
+        self
+    }
+
+    /// The bake to start now, if the wave under way has ended and another follows: the
+    /// caller records when it ends and calls [`Planner::baking`].
+    pub fn bake_due(&self) -> Option<std::time::Duration> {
+        (self.status == Status::InProgress
+            && self.in_flight == 0
+            && self.baking.is_none()
+            && self.started() == self.waves[self.wave]
+            && self.wave + 1 < self.waves.len())
+        .then(|| self.rollout.bake())
+    }
+
+    /// A bake until `until_ms` (Unix milliseconds) has begun: no batch starts before
+    /// [`Planner::bake_over`]. Ignored unless [`Planner::bake_due`].
+    pub fn baking(&mut self, until_ms: u64) {
+        if self.bake_due().is_some() {
+            self.baking = Some(until_ms);
+        }
+    }
+
+    /// Until when the deployment bakes, while it does.
+    pub fn baking_until(&self) -> Option<u64> {
+        self.baking.filter(|_| self.status == Status::InProgress)
+    }
+
+    /// The bake is over: the next wave's batches may start.
+    pub fn bake_over(&mut self) {
+        if self.baking.take().is_some() {
+            self.wave += 1;
+        }
+    }
+
+    /// Hosts started so far (in flight or reported).
+    fn started(&self) -> usize {
+        self.hosts.len() - self.pending.len()
     }
 
     /// The numbers the configuration means for this deployment.
@@ -565,8 +766,17 @@ impl Planner {
         // Hosts in flight come back healthy; every batch's hosts do too.
         let mut healthy = self.healthy_now + self.in_flight;
         let mut start = 0;
+        let started = self.started();
         while start < self.pending.len() {
-            let (len, taken_healthy) = self.batch_len(healthy, start);
+            // A batch never crosses the end of its wave.
+            let wave_end = self
+                .waves
+                .iter()
+                .find(|&&end| end > started + start)
+                .copied()
+                .unwrap_or(self.hosts.len());
+            let room = wave_end - (started + start);
+            let (len, taken_healthy) = self.batch_len(healthy, start, room);
             if len == 0 {
                 break;
             }
@@ -585,10 +795,19 @@ impl Planner {
     /// The hosts to start now, in order; `None` while a batch is in flight, and once the
     /// deployment has ended. Each returned host is InProgress until reported.
     pub fn next_batch(&mut self) -> Option<Vec<String>> {
-        if self.status != Status::InProgress || self.in_flight > 0 || self.pending.is_empty() {
+        if self.status != Status::InProgress
+            || self.in_flight > 0
+            || self.pending.is_empty()
+            || self.baking.is_some()
+        {
             return None;
         }
-        let (len, _) = self.batch_len(self.healthy_now, 0);
+        // The wave's hosts have all started: a bake comes first (`bake_due`).
+        let room = self.waves[self.wave].saturating_sub(self.started());
+        if room == 0 {
+            return None;
+        }
+        let (len, _) = self.batch_len(self.healthy_now, 0, room);
         if len == 0 {
             // Unreachable by the checks in `new` and `decide`; kept so a bug cannot stall.
             self.status = Status::Failed {
@@ -642,6 +861,15 @@ impl Planner {
             Outcome::Failed => {
                 host.state = State::Failed;
                 self.failed += 1;
+                if self.status == Status::InProgress
+                    && self.wave == 0
+                    && matches!(self.rollout, Rollout::Canary { .. })
+                    && self.waves.len() > 1
+                {
+                    self.status = Status::Failed {
+                        reason: FailReason::CanaryFailed { host: quote(name) },
+                    };
+                }
             }
         }
         if self.status == Status::InProgress {
@@ -700,13 +928,17 @@ impl Planner {
         self.hosts.is_empty()
     }
 
-    /// The length of the next batch from `pending[start..]` with `healthy` hosts healthy,
-    /// and how many of its hosts are healthy ones (which spend the budget).
-    fn batch_len(&self, healthy: usize, start: usize) -> (usize, usize) {
+    /// The length of the next batch from `pending[start..]` with `healthy` hosts healthy and
+    /// at most `room` hosts left in the wave, and how many of its hosts are healthy ones (which spend the budget).
+    fn batch_len(&self, healthy: usize, start: usize, room: usize) -> (usize, usize) {
         let mut budget = healthy.saturating_sub(self.rules.minimum);
         let mut len = 0;
         let mut taken_healthy = 0;
-        for &i in self.pending.range(start..).take(self.rules.max_batch) {
+        for &i in self
+            .pending
+            .range(start..)
+            .take(self.rules.max_batch.min(room))
+        {
             if self.hosts[i].healthy {
                 if budget == 0 {
                     break;
@@ -840,6 +1072,153 @@ mod tests {
             }
         }
         sizes
+    }
+
+    /// Runs a rolled-out `p` to the end, ending each bake at once; returns the batch sizes
+    /// with a 0 where a bake came.
+    fn run_waves(p: &mut Planner, fails: impl Fn(&str) -> bool) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        loop {
+            sizes.extend(run(p, &fails));
+            match p.bake_due() {
+                Some(_) => {
+                    p.baking(1_000);
+                    assert_eq!(p.next_batch(), None, "no batch while baking");
+                    assert_eq!(p.baking_until(), Some(1_000));
+                    p.bake_over();
+                    sizes.push(0);
+                }
+                None => return sizes,
+            }
+        }
+    }
+
+    fn canary(percent: u8, bake_secs: u64) -> Rollout {
+        Rollout::Canary {
+            percent: Percent::new(percent).unwrap(),
+            bake_secs,
+        }
+    }
+
+    fn linear(percent: u8, bake_secs: u64) -> Rollout {
+        Rollout::Linear {
+            percent: Percent::new(percent).unwrap(),
+            bake_secs,
+        }
+    }
+
+    #[test]
+    fn a_canary_wave_bakes_before_the_rest_follows_the_batches() {
+        let mut p = planner(DeploymentConfig::OneAtATime, 8).with_rollout(canary(25, 600));
+        assert_eq!(sizes(&p.batches_preview()), [1, 1, 1, 1, 1, 1, 1, 1]);
+        // The canary wave: 25% of 8, one at a time.
+        assert_eq!(run(&mut p, |_| false), [1, 1]);
+        assert_eq!(p.bake_due(), Some(std::time::Duration::from_secs(600)));
+        assert_eq!(*p.status(), Status::InProgress);
+        p.baking(5_000);
+        assert_eq!(p.next_batch(), None);
+        assert_eq!(p.bake_due(), None, "one bake per wave");
+        assert_eq!(p.counts(), counts(6, 0, 2, 0, 0));
+        p.bake_over();
+        assert_eq!(run(&mut p, |_| false), [1, 1, 1, 1, 1, 1]);
+        assert_eq!(p.bake_due(), None, "no bake after the last wave");
+        assert_eq!(*p.status(), Status::Succeeded);
+
+        // AllAtOnce: the canary in one batch, the rest in another.
+        let mut p = planner(DeploymentConfig::AllAtOnce, 8).with_rollout(canary(25, 60));
+        assert_eq!(sizes(&p.batches_preview()), [2, 6]);
+        assert_eq!(run_waves(&mut p, |_| false), [2, 0, 6]);
+        assert_eq!(*p.status(), Status::Succeeded);
+        // At least one host, even for 1% of 3; a canary of every host needs no bake.
+        let mut p = planner(DeploymentConfig::AllAtOnce, 3).with_rollout(canary(1, 60));
+        assert_eq!(run_waves(&mut p, |_| false), [1, 0, 2]);
+        let mut p = planner(DeploymentConfig::AllAtOnce, 3).with_rollout(canary(100, 60));
+        assert_eq!(run_waves(&mut p, |_| false), [3]);
+    }
+
+    #[test]
+    fn a_failed_canary_host_fails_the_deployment_whatever_the_minimum() {
+        let mut p = planner(DeploymentConfig::AllAtOnce, 8).with_rollout(canary(25, 60));
+        assert_eq!(run_waves(&mut p, |h| h == "h01"), [2]);
+        assert_eq!(
+            *p.status(),
+            Status::Failed {
+                reason: FailReason::CanaryFailed { host: "h01".into() }
+            }
+        );
+        assert_eq!(p.bake_due(), None);
+        assert_eq!(p.counts(), counts(0, 0, 1, 1, 6));
+        // After the canary, the configuration's rules again: AllAtOnce takes a failure.
+        let mut p = planner(DeploymentConfig::AllAtOnce, 8).with_rollout(canary(25, 60));
+        assert_eq!(run_waves(&mut p, |h| h == "h05"), [2, 0, 6]);
+        assert_eq!(*p.status(), Status::Succeeded);
+    }
+
+    #[test]
+    fn linear_waves_are_equal_shares_with_a_bake_between_each() {
+        let mut p = planner(DeploymentConfig::AllAtOnce, 10).with_rollout(linear(30, 60));
+        assert_eq!(sizes(&p.batches_preview()), [3, 3, 3, 1]);
+        assert_eq!(run_waves(&mut p, |_| false), [3, 0, 3, 0, 3, 0, 1]);
+        assert_eq!(*p.status(), Status::Succeeded);
+        // Inside a wave the minimum still holds: HalfAtATime on 10 is 5 at a time.
+        let mut p = planner(DeploymentConfig::HalfAtATime, 10).with_rollout(linear(70, 60));
+        assert_eq!(run_waves(&mut p, |_| false), [5, 2, 0, 3]);
+        // A failure in a wave counts against the minimum as without waves.
+        let mut p = planner(DeploymentConfig::OneAtATime, 4).with_rollout(linear(50, 60));
+        assert_eq!(run_waves(&mut p, |h| h == "h00"), [1]);
+        assert!(is_failed(&p));
+    }
+
+    #[test]
+    fn a_stop_while_baking_ends_the_bake_and_skips_the_rest() {
+        let mut p = planner(DeploymentConfig::AllAtOnce, 4).with_rollout(canary(25, 60));
+        assert_eq!(run(&mut p, |_| false), [1]);
+        p.baking(9_000);
+        p.stop();
+        assert_eq!(p.baking_until(), None);
+        assert_eq!(p.bake_due(), None);
+        p.bake_over();
+        assert_eq!(p.next_batch(), None);
+        assert_eq!(*p.status(), Status::Stopped);
+        assert_eq!(p.counts(), counts(0, 0, 1, 0, 3));
+    }
+
+    #[test]
+    fn waves_parse_from_the_command_line_with_errors_that_say_what_is_wrong() {
+        let ok = |c: Option<&str>, l: Option<&str>| Rollout::from_options(c, l).unwrap();
+        assert_eq!(ok(None, None), Rollout::Waveless);
+        assert_eq!(ok(Some("25%:10m"), None), canary(25, 600));
+        assert_eq!(ok(Some(" 10% : 90 "), None), canary(10, 90));
+        assert_eq!(ok(None, Some("20%:1h")), linear(20, 3600));
+        assert_eq!(ok(None, Some("100%:0s")), linear(100, 0));
+        let err = |c: Option<&str>, l: Option<&str>| Rollout::from_options(c, l).unwrap_err();
+        assert_eq!(
+            *err(Some("25%:1m"), Some("25%:1m")).kind(),
+            ConfigErrorKind::CanaryAndLinear
+        );
+        for bad in ["25%", "25:10m", "x%:1m", "25%:10d", "25%:m", "25%:-1"] {
+            assert!(
+                matches!(err(Some(bad), None).kind(), ConfigErrorKind::BadWave { .. }),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            *err(None, Some("0%:1m")).kind(),
+            ConfigErrorKind::WavePercentOutOfRange { percent: 0 }
+        );
+        assert_eq!(
+            *err(None, Some("101%:1m")).kind(),
+            ConfigErrorKind::WavePercentOutOfRange { percent: 101 }
+        );
+        assert_eq!(
+            *err(Some("5%:25h"), None).kind(),
+            ConfigErrorKind::BakeTooLong { secs: 90_000 }
+        );
+        assert!(
+            err(Some("5%:25h"), None)
+                .to_string()
+                .contains("longer than")
+        );
     }
 
     fn sizes(batches: &[Vec<String>]) -> Vec<usize> {
