@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::api::{self, Answer, Request};
 use crate::bundle::{self, Limits};
-use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Planner, Revision, Rules};
+use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Planner, Revision, Rollout, Rules};
 use crate::fleet::targets::{self, Targets};
 use crate::mesh::view::HostView;
 
@@ -45,6 +45,14 @@ pub struct CreateArgs {
     /// The hosts that must stay healthy, as a count (`N`) or a percentage (`P%`).
     #[arg(long, value_name = "N|P%")]
     pub min_healthy: Option<String>,
+    /// A canary: P% of the hosts (at least one) first, then Baking for DURATION (seconds,
+    /// or with s, m or h), then the rest by the batches. A failed canary host fails the
+    /// deployment.
+    #[arg(long, value_name = "P%:DURATION", conflicts_with = "linear")]
+    pub canary: Option<String>,
+    /// Linear: P% more of the hosts every DURATION (Baking in between).
+    #[arg(long, value_name = "P%:DURATION")]
+    pub linear: Option<String>,
     /// Print the targets and the batches, in order, and change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -60,6 +68,8 @@ pub struct DryRun {
     pub group: String,
     pub revision: String,
     pub config: String,
+    /// The waves and bake (`no waves`, `canary 25%, bake 600s`, ...).
+    pub rollout: String,
     pub targets: String,
     /// The plan's numbers: the minimum of healthy hosts, the successes required and the
     /// largest batch.
@@ -68,6 +78,8 @@ pub struct DryRun {
     pub hosts: Vec<PlannedHost>,
     /// The batches, in order (assuming every host succeeds).
     pub batches: Vec<Vec<String>>,
+    /// After which batches (counted from 1) the deployment bakes before the next wave.
+    pub bakes_after: Vec<usize>,
     /// Hosts whose tags match but that the mesh holds dead or left: not targeted.
     pub unreachable: Vec<String>,
 }
@@ -94,6 +106,8 @@ pub async fn run(
     let config =
         DeploymentConfig::from_options(args.config.as_deref(), args.min_healthy.as_deref())
             .context("--config / --min-healthy")?;
+    let rollout = Rollout::from_options(args.canary.as_deref(), args.linear.as_deref())
+        .context("--canary / --linear")?;
     let group = args.group.clone().unwrap_or_else(|| args.app.clone());
     if !args.dry_run {
         let revision = revision_of(&args.bundle)?;
@@ -105,6 +119,7 @@ pub async fn run(
             &group,
             args.targets.as_deref(),
             config,
+            rollout,
             &revision,
             args.wait,
             json,
@@ -125,7 +140,9 @@ pub async fn run(
     else {
         bail!("{peer} answered something other than the hosts");
     };
-    let plan = dry_run(&args.app, &group, &revision, config, &targets, &hosts)?;
+    let plan = dry_run(
+        &args.app, &group, &revision, config, rollout, &targets, &hosts,
+    )?;
     if json {
         super::print_json(&plan)?;
     } else {
@@ -163,6 +180,7 @@ pub fn dry_run(
     group: &str,
     revision: &str,
     config: DeploymentConfig,
+    rollout: Rollout,
     targets: &Targets,
     hosts: &[HostView],
 ) -> Result<DryRun> {
@@ -170,8 +188,20 @@ pub fn dry_run(
     let (infos, unreachable) = (chosen.hosts, chosen.unreachable);
     let names: Vec<&str> = infos.iter().map(|h| h.name.as_str()).collect();
     let planner = Planner::new(config, infos.clone(), revision)
-        .with_context(|| format!("cannot plan {config} over {} hosts", names.len()))?;
+        .with_context(|| format!("cannot plan {config} over {} hosts", names.len()))?
+        .with_rollout(rollout);
     let batches = planner.batches_preview();
+    let waves = rollout.waves(infos.len());
+    let bakes_after = batches
+        .iter()
+        .scan(0, |done, b| {
+            *done += b.len();
+            Some(*done)
+        })
+        .enumerate()
+        .filter(|&(_, done)| done < infos.len() && waves.contains(&done))
+        .map(|(i, _)| i + 1)
+        .collect();
     let order: Vec<String> = batches.concat();
     let info: BTreeMap<&str, &HostInfo> = infos.iter().map(|h| (h.name.as_str(), h)).collect();
     Ok(DryRun {
@@ -179,6 +209,7 @@ pub fn dry_run(
         group: group.to_string(),
         revision: revision.to_string(),
         config: config.to_string(),
+        rollout: rollout.to_string(),
         targets: targets.to_string(),
         rules: planner.rules(),
         hosts: order
@@ -196,6 +227,7 @@ pub fn dry_run(
             })
             .collect(),
         batches,
+        bakes_after,
         unreachable,
     })
 }
@@ -204,11 +236,12 @@ fn text(plan: &DryRun) -> String {
     let short = super::short;
     let printable = super::printable;
     let mut out = format!(
-        "dry run: {} revision {} to group {} ({}), targets {}\n{} hosts; at least {} stay healthy, {} must succeed, at most {} at a time\n",
+        "dry run: {} revision {} to group {} ({}, {}), targets {}\n{} hosts; at least {} stay healthy, {} must succeed, at most {} at a time\n",
         plan.app,
         short(&plan.revision),
         plan.group,
         plan.config,
+        plan.rollout,
         plan.targets,
         plan.hosts.len(),
         plan.rules.minimum,
@@ -231,6 +264,9 @@ fn text(plan: &DryRun) -> String {
             })
             .collect();
         out.push_str(&format!("batch {}: {}\n", i + 1, hosts.join(", ")));
+        if plan.bakes_after.contains(&(i + 1)) {
+            out.push_str("then Baking before the next wave\n");
+        }
     }
     if !plan.unreachable.is_empty() {
         out.push_str(&format!(
@@ -318,6 +354,7 @@ mod tests {
             "web",
             "new",
             DeploymentConfig::OneAtATime,
+            Rollout::Waveless,
             &targets,
             &hosts,
         )
@@ -334,6 +371,7 @@ mod tests {
             "web",
             "new",
             DeploymentConfig::HalfAtATime,
+            Rollout::Waveless,
             &targets,
             &hosts,
         )
@@ -355,6 +393,7 @@ mod tests {
             "web",
             "new",
             DeploymentConfig::AllAtOnce,
+            Rollout::Waveless,
             &targets,
             &hosts,
         )
@@ -373,6 +412,7 @@ mod tests {
             "web",
             "new",
             DeploymentConfig::AllAtOnce,
+            Rollout::Waveless,
             &targets,
             &hosts,
         )

@@ -111,6 +111,7 @@ pub async fn create(
     group: &str,
     targets: Option<&str>,
     config: DeploymentConfig,
+    rollout: crate::fleet::plan::Rollout,
     revision: &str,
     wait: bool,
     json: bool,
@@ -197,7 +198,8 @@ pub async fn create(
         config,
         &operator.name,
         now_unix(),
-    )?;
+    )?
+    .with_rollout(rollout)?;
     let signed = intent::sign(&intent, &operator)?;
     let view = match ask(
         peer,
@@ -367,6 +369,10 @@ fn print_view(view: &DeploymentView, json: bool) -> Result<()> {
     print!("status {}", view.status);
     if let Some(reason) = &view.reason {
         print!(": {reason}");
+    }
+    if let Some(until) = view.baking_until_ms {
+        let left = until.saturating_sub(now_unix() * 1000) / 1000;
+        print!(" ({}; about {left} s left)", view.rollout);
     }
     println!(
         "; coordinator {}",

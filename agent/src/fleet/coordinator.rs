@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use openraft::Raft;
 
 use super::log::{
-    Command, Deployment, Fence, HostReport, HostState, Response, TypeConfig, Verdict,
+    Command, Deployment, DeploymentState, Fence, HostReport, HostState, Response, TypeConfig,
+    Verdict,
 };
 use super::plan::{Planner, Status};
 use super::wire::{FleetRequest, HostAnswer, RunHost};
@@ -98,7 +99,7 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
         return Ok(());
     }
     let mut planner = match Planner::new(d.config, d.host_infos(), &d.revision) {
-        Ok(p) => p,
+        Ok(p) => p.with_rollout(d.rollout),
         Err(e) => {
             let verdict = Verdict::Failed {
                 reason: e.to_string(),
@@ -116,6 +117,39 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
                 .unwrap_or(true);
             if ended {
                 return Ok(());
+            }
+            if let Some(until_ms) = planner.baking_until() {
+                if !bake(&ctx, &id, until_ms).await {
+                    return Ok(()); // stopped while baking
+                }
+                planner.bake_over();
+                continue;
+            }
+            if let Some(duration) = planner.bake_due() {
+                let until_ms = now_ms() + duration.as_millis() as u64;
+                match commit(
+                    &ctx.raft,
+                    Command::Bake {
+                        deployment: id.clone(),
+                        until_ms,
+                    },
+                )
+                .await?
+                {
+                    Response::Applied { .. } | Response::Unchanged => {}
+                    Response::Refused(super::log::Refusal::DeploymentEnded { .. }) => {
+                        return Ok(());
+                    }
+                    other => {
+                        return Err(DriveError::Refused {
+                            what: "a bake",
+                            why: format!("{other:?}"),
+                        });
+                    }
+                }
+                tracing::info!(deployment = %id, until_ms, "wave done: baking");
+                planner.baking(until_ms);
+                continue;
             }
             match planner.next_batch() {
                 Some(batch) => open = batch,
@@ -229,6 +263,32 @@ async fn run_batch(
     Ok(results)
 }
 
+/// The time now, in Unix milliseconds (this agent's clock).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Waits out a bake until `until_ms`; false if the deployment ended (was stopped) first.
+async fn bake(ctx: &Ctx, id: &str, until_ms: u64) -> bool {
+    loop {
+        let ended = ctx
+            .reader
+            .read(|s| s.get(id).map(|d| d.status.is_ended()))
+            .unwrap_or(true);
+        if ended {
+            return false;
+        }
+        let left = until_ms.saturating_sub(now_ms());
+        if left == 0 {
+            return true;
+        }
+        // A stop is noticed within a quarter of a second.
+        tokio::time::sleep(Duration::from_millis(left.min(250))).await;
+    }
+}
+
 async fn finish(ctx: &Ctx, id: &str, verdict: Verdict) -> Result<(), DriveError> {
     tracing::info!(deployment = %id, ?verdict, "deployment ended");
     match commit(
@@ -259,7 +319,22 @@ pub fn replay(planner: &mut Planner, d: &Deployment) -> Vec<String> {
         planner.stop();
         return Vec::new();
     }
-    while let Some(batch) = planner.next_batch() {
+    let mut bakes = d.bakes.iter();
+    loop {
+        if planner.bake_due().is_some() {
+            // A bake the log recorded: over if a later entry started hosts again.
+            let Some(&until_ms) = bakes.next() else {
+                return Vec::new(); // not recorded yet: the driver starts it
+            };
+            planner.baking(until_ms);
+            if matches!(d.status, DeploymentState::Baking { .. }) && bakes.len() == 0 {
+                return Vec::new(); // under way: the driver waits it out
+            }
+            planner.bake_over();
+        }
+        let Some(batch) = planner.next_batch() else {
+            break;
+        };
         let mut open = Vec::new();
         for host in batch {
             match d.hosts.get(&host).map(|h| &h.state) {
@@ -433,4 +508,106 @@ fn bounded(events: Vec<EventRecord>) -> Vec<EventRecord> {
     }
     .bounded()
     .events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::log::{DeploymentsState, NewDeployment, PlannedHost};
+    use crate::fleet::plan::{DeploymentConfig, Health, Percent, Revision, Rollout};
+
+    fn fence(index: u64) -> Fence {
+        Fence { term: 1, index }
+    }
+
+    /// Deployment "d" of hosts h0..h3, a canary of 25% baking 60 s, after `commands`.
+    fn logged(commands: Vec<Command>) -> Deployment {
+        let mut state = DeploymentsState::default();
+        let new = NewDeployment {
+            id: "d".into(),
+            app: "app".into(),
+            group: "app".into(),
+            targets: "role=web".into(),
+            revision: "new".into(),
+            config: DeploymentConfig::AllAtOnce,
+            rollout: Rollout::Canary {
+                percent: Percent::new(25).unwrap(),
+                bake_secs: 60,
+            },
+            hosts: (0..4)
+                .map(|i| PlannedHost {
+                    name: format!("h{i}"),
+                    health: Health::Healthy,
+                    revision: Revision::Known("old".into()),
+                })
+                .collect(),
+            signed_intent: Vec::new(),
+            created_at_ms: 0,
+            origin: None,
+        };
+        state.apply(fence(1), Command::CreateDeployment(new));
+        for (i, c) in commands.into_iter().enumerate() {
+            let r = state.apply(fence(2 + i as u64), c);
+            assert!(matches!(r, Response::Applied { .. }), "{r:?}");
+        }
+        state.get("d").unwrap().clone()
+    }
+
+    fn planner(d: &Deployment) -> Planner {
+        Planner::new(d.config, d.host_infos(), &d.revision)
+            .unwrap()
+            .with_rollout(d.rollout)
+    }
+
+    fn start(hosts: &[&str]) -> Command {
+        Command::StartHosts {
+            deployment: "d".into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    fn done(host: &str) -> Command {
+        Command::HostResult {
+            deployment: "d".into(),
+            host: host.into(),
+            verdict: Verdict::Succeeded,
+            report: HostReport::default(),
+        }
+    }
+
+    fn bake(until_ms: u64) -> Command {
+        Command::Bake {
+            deployment: "d".into(),
+            until_ms,
+        }
+    }
+
+    #[test]
+    fn a_new_leader_resumes_a_rollout_at_its_bake() {
+        // The canary reported, no bake recorded yet: the driver must record one.
+        let d = logged(vec![start(&["h0"]), done("h0")]);
+        let mut p = planner(&d);
+        assert!(replay(&mut p, &d).is_empty());
+        assert!(p.bake_due().is_some());
+
+        // Baking: the driver waits out the recorded end, then the rest goes.
+        let d = logged(vec![start(&["h0"]), done("h0"), bake(5_000)]);
+        let mut p = planner(&d);
+        assert!(replay(&mut p, &d).is_empty());
+        assert_eq!(p.baking_until(), Some(5_000));
+        p.bake_over();
+        assert_eq!(p.next_batch().unwrap(), ["h1", "h2", "h3"]);
+
+        // Past the bake, the second wave under way: its hosts are the open batch.
+        let d = logged(vec![
+            start(&["h0"]),
+            done("h0"),
+            bake(5_000),
+            start(&["h1", "h2", "h3"]),
+            done("h2"),
+        ]);
+        let mut p = planner(&d);
+        assert_eq!(replay(&mut p, &d), ["h1", "h3"]);
+        assert_eq!(p.baking_until(), None);
+    }
 }

@@ -39,7 +39,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use super::log::{Fence, Verdict};
-use super::plan::DeploymentConfig;
+use super::plan::{DeploymentConfig, MAX_BAKE_SECS, Rollout};
 use super::targets::{Targets, quote};
 use crate::bundle::RevisionId;
 use crate::durable::write_whole;
@@ -104,6 +104,9 @@ pub struct Intent {
     pub revision: String,
     /// How many hosts may be updated at once.
     pub config: DeploymentConfig,
+    /// The waves the hosts are released in (absent in an intent of an older agent: none).
+    #[serde(default)]
+    pub rollout: Rollout,
     /// When the operator created the intent, in seconds since the Unix epoch.
     pub created_unix: u64,
     /// The operator's name: the common name of the certificate that signs the intent.
@@ -133,11 +136,19 @@ impl Intent {
             targets,
             revision: revision.0.clone(),
             config,
+            rollout: Rollout::Waveless,
             created_unix: now_unix,
             operator: operator.to_string(),
         };
         intent.check_fields()?;
         Ok(intent)
+    }
+
+    /// The same intent, releasing its hosts in the waves of `rollout`.
+    pub fn with_rollout(mut self, rollout: Rollout) -> Result<Intent, IntentError> {
+        self.rollout = rollout;
+        self.check_fields()?;
+        Ok(self)
     }
 
     /// The rules on each field that its type does not already hold (targets and config are
@@ -147,6 +158,17 @@ impl Intent {
         check_name("app", &self.app, MAX_NAME, false)?;
         check_name("group", &self.group, MAX_NAME, true)?;
         check_name("operator", &self.operator, MAX_OPERATOR, false)?;
+        if let Rollout::Canary { percent, bake_secs } | Rollout::Linear { percent, bake_secs } =
+            self.rollout
+            && (percent.get() == 0 || bake_secs > MAX_BAKE_SECS)
+        {
+            return Err(invalid(
+                "rollout",
+                format!(
+                    "waves of {percent} with a bake of {bake_secs} s: a wave is 1% to 100%, a bake at most {MAX_BAKE_SECS} s"
+                ),
+            ));
+        }
         if self.revision.len() != REVISION_HEX || !is_lower_hex(&self.revision) {
             return Err(invalid(
                 "revision",

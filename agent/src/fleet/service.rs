@@ -449,7 +449,9 @@ impl Fleet {
             Ok(c) => c,
             Err(e) => return OperatorAnswer::Refused(format!("--targets: {e}")),
         };
-        if let Err(e) = Planner::new(intent.config, chosen.hosts.clone(), &intent.revision) {
+        if let Err(e) = Planner::new(intent.config, chosen.hosts.clone(), &intent.revision)
+            .map(|p| p.with_rollout(intent.rollout))
+        {
             return OperatorAnswer::Refused(format!(
                 "cannot plan {} over {} hosts: {e}",
                 intent.config,
@@ -468,6 +470,7 @@ impl Fleet {
             targets: intent.targets.to_string(),
             revision: intent.revision.clone(),
             config: intent.config,
+            rollout: intent.rollout,
             hosts: chosen
                 .hosts
                 .iter()

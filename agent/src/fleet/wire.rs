@@ -156,6 +156,10 @@ pub struct DeploymentView {
     /// The agent driving it now (the log's leader).
     pub coordinator: Option<String>,
     pub config: String,
+    /// The waves and bake time (`no waves`, `canary 25%, bake 600s`, ...).
+    pub rollout: String,
+    /// While Baking: until when (Unix milliseconds, the coordinator's clock).
+    pub baking_until_ms: Option<u64>,
     pub targets: String,
     pub created_at_ms: u64,
     /// Every host, with the same record `deploy local` prints for its host.
@@ -208,6 +212,11 @@ impl DeploymentView {
             },
             coordinator,
             config: d.config.to_string(),
+            rollout: d.rollout.to_string(),
+            baking_until_ms: match d.status {
+                super::log::DeploymentState::Baking { until_ms } => Some(until_ms),
+                _ => None,
+            },
             targets: d.targets.clone(),
             created_at_ms: d.created_at_ms,
             hosts: d

@@ -25,7 +25,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Revision};
+use crate::fleet::plan::{DeploymentConfig, Health, HostInfo, Revision, Rollout};
 use crate::lifecycle::plan::EventRecord;
 use crate::lifecycle::status;
 
@@ -68,6 +68,8 @@ pub struct NewDeployment {
     /// The revision id being deployed.
     pub revision: String,
     pub config: DeploymentConfig,
+    /// The waves the hosts are released in, and the bake between them.
+    pub rollout: Rollout,
     /// The targeted hosts (at least one, names unique).
     pub hosts: Vec<PlannedHost>,
     /// The intent as the operator signed it, kept verbatim: every host checks it before it
@@ -119,6 +121,10 @@ pub enum Command {
         /// What the host said of its events (bounded by [`HostReport::bounded`]).
         report: HostReport,
     },
+    /// A wave ended and the next waits until `until_ms` (Unix milliseconds, the
+    /// coordinator's clock): the deployment is Baking. The next [`Command::StartHosts`]
+    /// ends the bake.
+    Bake { deployment: String, until_ms: u64 },
     /// The operator stopped it: no batch starts after this; hosts not started are Skipped.
     Stop { deployment: String },
     /// The coordinator's verdict on the deployment ([`crate::fleet::plan::Planner::status`]).
@@ -135,6 +141,7 @@ impl Command {
             Command::CreateDeployment(new) => &new.id,
             Command::StartHosts { deployment, .. }
             | Command::HostResult { deployment, .. }
+            | Command::Bake { deployment, .. }
             | Command::Stop { deployment }
             | Command::Finish { deployment, .. } => deployment,
         }
@@ -172,6 +179,8 @@ pub enum Refusal {
     HostNotStarted { host: String },
     #[error("host {host:?} already reported {recorded:?}")]
     HostFinished { host: String, recorded: HostState },
+    #[error("deployment {id:?} cannot bake now ({status:?}): only between two waves")]
+    NotBakeable { id: String, status: DeploymentState },
     #[error("deployment {id:?} has ended ({status:?})")]
     DeploymentEnded { id: String, status: DeploymentState },
     #[error("{count} host(s) have not reported, so deployment {id:?} cannot have succeeded")]
@@ -193,6 +202,10 @@ pub enum DeploymentState {
     /// Recorded; no host started yet.
     Created,
     InProgress,
+    /// Between two waves, until `until_ms` (Unix milliseconds).
+    Baking {
+        until_ms: u64,
+    },
     Succeeded,
     Failed {
         reason: String,
@@ -206,6 +219,7 @@ impl DeploymentState {
         match self {
             DeploymentState::Created => status::DeploymentStatus::Created,
             DeploymentState::InProgress => status::DeploymentStatus::InProgress,
+            DeploymentState::Baking { .. } => status::DeploymentStatus::Baking,
             DeploymentState::Succeeded => status::DeploymentStatus::Succeeded,
             DeploymentState::Failed { .. } => status::DeploymentStatus::Failed,
             DeploymentState::Stopped => status::DeploymentStatus::Stopped,
@@ -314,6 +328,7 @@ pub struct Group {
     pub app: String,
     pub targets: String,
     pub config: DeploymentConfig,
+    pub rollout: Rollout,
     /// The revision of the newest deployment that Succeeded.
     pub last_successful: Option<String>,
     /// Its deployments, oldest first.
@@ -329,6 +344,10 @@ pub struct Deployment {
     pub targets: String,
     pub revision: String,
     pub config: DeploymentConfig,
+    pub rollout: Rollout,
+    /// When each bake so far ends (Unix milliseconds), in order: what a new coordinator
+    /// replays.
+    pub bakes: Vec<u64>,
     pub signed_intent: Vec<u8>,
     pub created_at_ms: u64,
     /// See [`NewDeployment::origin`].
@@ -419,6 +438,10 @@ impl DeploymentsState {
                 verdict,
                 report,
             } => self.host_result(&deployment, &host, verdict, report),
+            Command::Bake {
+                deployment,
+                until_ms,
+            } => self.bake(&deployment, until_ms),
             Command::Stop { deployment } => self.stop(&deployment),
             Command::Finish {
                 deployment,
@@ -484,11 +507,13 @@ impl DeploymentsState {
                 app: new.app.clone(),
                 targets: String::new(),
                 config: new.config,
+                rollout: new.rollout,
                 last_successful: None,
                 deployments: Vec::new(),
             });
         group.targets = new.targets.clone();
         group.config = new.config;
+        group.rollout = new.rollout;
         group.deployments.push(new.id.clone());
         let deployment = Deployment {
             id: new.id.clone(),
@@ -497,6 +522,8 @@ impl DeploymentsState {
             targets: new.targets,
             revision: new.revision,
             config: new.config,
+            rollout: new.rollout,
+            bakes: Vec::new(),
             signed_intent: new.signed_intent,
             created_at_ms: new.created_at_ms,
             origin: new.origin,
@@ -583,12 +610,37 @@ impl DeploymentsState {
         }
     }
 
+    fn bake(&mut self, id: &str, until_ms: u64) -> Result<Change, Refusal> {
+        let deployment = self.deployment_mut(id)?;
+        match deployment.status {
+            DeploymentState::Baking { until_ms: now } if now == until_ms => Ok(Change::Unchanged),
+            DeploymentState::InProgress => {
+                let count = deployment.in_flight().count();
+                if count > 0 {
+                    return Err(Refusal::HostsUnfinished {
+                        id: id.to_owned(),
+                        count,
+                    });
+                }
+                deployment.status = DeploymentState::Baking { until_ms };
+                deployment.bakes.push(until_ms);
+                Ok(Change::Applied)
+            }
+            _ => Err(Refusal::NotBakeable {
+                id: id.to_owned(),
+                status: deployment.status.clone(),
+            }),
+        }
+    }
+
     fn stop(&mut self, id: &str) -> Result<Change, Refusal> {
         let deployment = self.deployment_mut(id)?;
         match deployment.status {
             DeploymentState::Stopped => Ok(Change::Unchanged),
             DeploymentState::Succeeded | DeploymentState::Failed { .. } => Err(ended(deployment)),
-            DeploymentState::Created | DeploymentState::InProgress => {
+            DeploymentState::Created
+            | DeploymentState::InProgress
+            | DeploymentState::Baking { .. } => {
                 deployment.status = DeploymentState::Stopped;
                 deployment.skip_pending();
                 Ok(Change::Applied)
@@ -659,6 +711,7 @@ fn same_creation(existing: &Deployment, new: &NewDeployment) -> bool {
         && existing.targets == new.targets
         && existing.revision == new.revision
         && existing.config == new.config
+        && existing.rollout == new.rollout
         && existing.signed_intent == new.signed_intent
         && existing.created_at_ms == new.created_at_ms
         && existing.origin == new.origin
@@ -695,6 +748,7 @@ mod tests {
             targets: "role=inference".to_owned(),
             revision: "new".to_owned(),
             config: DeploymentConfig::default(),
+            rollout: Rollout::default(),
             hosts: hosts.iter().map(|h| planned(h)).collect(),
             signed_intent: b"signed".to_vec(),
             created_at_ms: 1_700_000_000_000,
@@ -737,6 +791,58 @@ mod tests {
         );
         assert_eq!(r, Response::Applied { fence: fence(1) });
         state
+    }
+
+    #[test]
+    fn a_bake_comes_only_between_waves_and_the_next_batch_ends_it() {
+        let mut state = created();
+        let bake = |until_ms| Command::Bake {
+            deployment: "d1".into(),
+            until_ms,
+        };
+        // Not before any host started, nor while one runs.
+        assert!(matches!(
+            state.apply(fence(2), bake(10)),
+            Response::Refused(Refusal::NotBakeable { .. })
+        ));
+        state.apply(fence(3), start("d1", &["a"]));
+        assert!(matches!(
+            state.apply(fence(4), bake(10)),
+            Response::Refused(Refusal::HostsUnfinished { count: 1, .. })
+        ));
+        state.apply(fence(5), result("d1", "a", Verdict::Succeeded));
+        assert_eq!(
+            state.apply(fence(6), bake(10)),
+            Response::Applied { fence: fence(6) }
+        );
+        assert_eq!(
+            state.apply(fence(7), bake(10)),
+            Response::Unchanged,
+            "a retry"
+        );
+        let d = state.get("d1").unwrap();
+        assert_eq!(d.status, DeploymentState::Baking { until_ms: 10 });
+        assert_eq!(d.status.status(), status::DeploymentStatus::Baking);
+        assert!(!d.status.is_ended());
+        assert_eq!(d.bakes, [10]);
+        // The next wave's batch ends the bake; a stop while baking stops it.
+        state.apply(fence(8), start("d1", &["b"]));
+        assert_eq!(state.get("d1").unwrap().status, DeploymentState::InProgress);
+        state.apply(fence(9), result("d1", "b", Verdict::Succeeded));
+        state.apply(fence(10), bake(20));
+        assert_eq!(state.get("d1").unwrap().bakes, [10, 20]);
+        state.apply(
+            fence(11),
+            Command::Stop {
+                deployment: "d1".into(),
+            },
+        );
+        assert_eq!(state.get("d1").unwrap().status, DeploymentState::Stopped);
+        assert_eq!(host_state(&state, "d1", "c"), HostState::Skipped);
+        assert!(matches!(
+            state.apply(fence(12), bake(30)),
+            Response::Refused(Refusal::NotBakeable { .. })
+        ));
     }
 
     #[test]

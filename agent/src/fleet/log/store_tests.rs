@@ -65,6 +65,7 @@ fn create(id: &str, hosts: &[&str], intent_len: usize) -> Command {
         targets: "role=inference".to_owned(),
         revision: "rev-2".to_owned(),
         config: DeploymentConfig::default(),
+        rollout: Default::default(),
         hosts: hosts
             .iter()
             .map(|h| PlannedHost {
