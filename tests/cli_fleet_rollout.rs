@@ -1,0 +1,154 @@
+//! Progressive rollouts with real `shoal agent` processes on 127.84.x.y: a canary on a
+//! quarter of the hosts shows `Baking` with exactly those hosts on the new revision (as
+//! their own disks say), then completes; a stop while baking ends the deployment there,
+//! with the other hosts Skipped and still on the old revision.
+
+#[path = "support/fleet.rs"]
+mod fleet;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleet::{Ca, agents, create, hosts, installed, json, revision, shoal, status, tag, wait_for};
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// The hosts of a deployment view by status.
+fn by_status(view: &serde_json::Value) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for h in view["hosts"].as_array().unwrap() {
+        out.entry(h["status"].as_str().unwrap().to_string())
+            .or_default()
+            .push(h["name"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+#[test]
+fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 84, 1], 4);
+    for a in fleet.iter_mut() {
+        tag(a, &[("role", "web")]);
+        a.start();
+    }
+    wait_for("agent-1 to see all four alive", LONG, || {
+        hosts(fleet[0].addr, &ca.operator)
+            .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
+    });
+    let targets = ["--targets", "role=web", "--config", "AllAtOnce"];
+    let v1 = revision(tmp.path(), "v1");
+    let o = create(
+        &fleet[0],
+        &ca.operator,
+        &v1,
+        &[&targets[..], &["--wait"]].concat(),
+    );
+    assert_eq!(json(&o, "v1")["status"], "Succeeded");
+
+    // The dry run shows the waves: one host, a bake, the other three.
+    let v2 = revision(tmp.path(), "v2");
+    let canary = [&targets[..], &["--canary", "25%:8s"]].concat();
+    let plan = json(
+        &create(
+            &fleet[0],
+            &ca.operator,
+            &v2,
+            &[&canary[..], &["--dry-run"]].concat(),
+        ),
+        "the dry run",
+    );
+    let batches: Vec<Vec<String>> = serde_json::from_value(plan["batches"].clone()).unwrap();
+    assert_eq!(
+        batches.iter().map(Vec::len).collect::<Vec<_>>(),
+        [1, 3],
+        "{plan}"
+    );
+    assert_eq!(plan["bakes_after"], serde_json::json!([1]), "{plan}");
+    assert_eq!(plan["rollout"], "canary 25%, bake 8s", "{plan}");
+
+    let accepted = json(&create(&fleet[0], &ca.operator, &v2, &canary), "v2");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    // Baking, watched from another peer: exactly the canary is on v2, on its own disk too.
+    let mut baking = serde_json::Value::Null;
+    wait_for("the canary to bake", LONG, || {
+        status(&fleet[2], &ca.operator, &id).is_ok_and(|v| {
+            let is = v["status"] == "Baking";
+            if is {
+                baking = v;
+            }
+            is
+        })
+    });
+    let hosts_now = by_status(&baking);
+    assert_eq!(hosts_now["Succeeded"].len(), 1, "{baking}");
+    assert_eq!(hosts_now["Pending"].len(), 3, "{baking}");
+    assert!(baking["baking_until_ms"].as_u64().is_some(), "{baking}");
+    let on: Vec<Option<String>> = fleet.iter().map(installed).collect();
+    assert_eq!(
+        on.iter().filter(|r| r.as_deref() == Some("v2")).count(),
+        1,
+        "while baking, only the canary runs v2: {on:?}"
+    );
+    let canary_host = &hosts_now["Succeeded"][0];
+    let i: usize = canary_host.trim_start_matches("agent-").parse().unwrap();
+    assert_eq!(installed(&fleet[i - 1]).as_deref(), Some("v2"));
+
+    // Then the rest, as one batch after the bake.
+    let watched = shoal()
+        .args(["deploy", "status", &id, "--watch", "--json", "--peer"])
+        .arg(fleet[1].addr.to_string())
+        .arg("--identity")
+        .arg(&ca.operator)
+        .output()
+        .unwrap();
+    let done = json(&watched, "deploy status --watch");
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    for a in &fleet {
+        assert_eq!(installed(a).as_deref(), Some("v2"));
+    }
+    let mut by_batch: BTreeMap<u64, usize> = BTreeMap::new();
+    for h in done["hosts"].as_array().unwrap() {
+        *by_batch.entry(h["batch"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert_eq!(by_batch.into_values().collect::<Vec<_>>(), [1, 3], "{done}");
+
+    // A stop while baking: the deployment ends there, the rest are Skipped on v2.
+    let v3 = revision(tmp.path(), "v3");
+    let long_bake = [&targets[..], &["--canary", "25%:10m"]].concat();
+    wait_for("every host to gossip it is done deploying", LONG, || {
+        hosts(fleet[0].addr, &ca.operator).is_ok_and(|l| {
+            l.iter()
+                .all(|h| h["details"]["tiny"]["health"] != "deploying")
+        })
+    });
+    let accepted = json(&create(&fleet[0], &ca.operator, &v3, &long_bake), "v3");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    wait_for("the v3 canary to bake", LONG, || {
+        status(&fleet[3], &ca.operator, &id).is_ok_and(|v| v["status"] == "Baking")
+    });
+    let o = shoal()
+        .args(["deploy", "stop", &id, "--json", "--peer"])
+        .arg(fleet[2].addr.to_string())
+        .arg("--identity")
+        .arg(&ca.operator)
+        .output()
+        .unwrap();
+    assert_eq!(json(&o, "deploy stop")["status"], "Stopped");
+    let view = status(&fleet[1], &ca.operator, &id).unwrap();
+    let hosts_now = by_status(&view);
+    assert_eq!(hosts_now["Succeeded"].len(), 1, "{view}");
+    assert_eq!(hosts_now["Skipped"].len(), 3, "{view}");
+    let on: Vec<Option<String>> = fleet.iter().map(installed).collect();
+    assert_eq!(
+        on.iter().filter(|r| r.as_deref() == Some("v3")).count(),
+        1,
+        "{on:?}"
+    );
+    assert_eq!(
+        on.iter().filter(|r| r.as_deref() == Some("v2")).count(),
+        3,
+        "{on:?}"
+    );
+}
