@@ -96,7 +96,7 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
         if !in_flight.is_empty() {
             run_batch(&ctx, &d, in_flight).await?;
         }
-        return Ok(());
+        return roll_back(&ctx, &id).await;
     }
     let mut planner = match Planner::new(d.config, d.host_infos(), &d.revision) {
         Ok(p) => p.with_rollout(d.rollout),
@@ -162,7 +162,7 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
                         Status::Stopped | Status::InProgress => return Ok(()),
                     };
                     finish(&ctx, &id, verdict).await?;
-                    return Ok(());
+                    return roll_back(&ctx, &id).await;
                 }
             }
         }
@@ -216,6 +216,7 @@ async fn run_batch(
             intent: intent.clone(),
             fence,
             holders: holders.clone(),
+            rollback: d.rollback_of.is_some(),
         };
         let mesh = ctx.mesh.clone();
         let me = ctx.me.clone();
@@ -261,6 +262,101 @@ async fn run_batch(
         results.push((host, verdict));
     }
     Ok(results)
+}
+
+/// Creates the rollback of deployment `id` if it needs one ([`Deployment::needs_rollback`]):
+/// a deployment of the revision the operator consented to, to every host that took the
+/// failed one, linked both ways. Idempotent: a new leader that finds a failed deployment
+/// without its rollback creates it (the id is derived, so a retry is the same entry).
+async fn roll_back(ctx: &Ctx, id: &str) -> Result<(), DriveError> {
+    let Some(new) = ctx.reader.read(|s| {
+        let d = s.get(id)?;
+        if !d.needs_rollback() {
+            return None;
+        }
+        // The holders of the old revision: the uploader of the deployment that put it.
+        let origin = s
+            .iter()
+            .filter(|o| {
+                o.group == d.group
+                    && Some(&o.revision) == d.rollback_to.as_ref()
+                    && o.status == DeploymentState::Succeeded
+            })
+            .find_map(|o| o.origin.clone());
+        rollback_deployment(d, origin, now_ms())
+    }) else {
+        return Ok(());
+    };
+    tracing::warn!(deployment = %id, rollback = %new.id, revision = %new.revision, "rolling back");
+    match commit(&ctx.raft, Command::CreateDeployment(new)).await? {
+        Response::Applied { .. } | Response::Unchanged => Ok(()),
+        // Made meanwhile by another leader, or the original changed: nothing to do.
+        Response::Refused(
+            super::log::Refusal::NoRollback { .. } | super::log::Refusal::DeploymentExists { .. },
+        ) => Ok(()),
+        other => Err(DriveError::Refused {
+            what: "a rollback",
+            why: format!("{other:?}"),
+        }),
+    }
+}
+
+/// The rollback of `d` (which [`Deployment::needs_rollback`]): the hosts that took its
+/// revision (those that failed are unhealthy, so they go first), its config if that plans
+/// over them, else OneAtATime (which always does), one wave.
+pub fn rollback_deployment(
+    d: &Deployment,
+    origin: Option<String>,
+    now_ms: u64,
+) -> Option<super::log::NewDeployment> {
+    use super::plan::{DeploymentConfig, Health, Revision, Rollout};
+    let revision = d.rollback_to.clone()?;
+    let hosts: Vec<super::log::PlannedHost> = d
+        .hosts
+        .iter()
+        .filter(|(_, h)| h.started.is_some())
+        .map(|(name, h)| super::log::PlannedHost {
+            name: name.clone(),
+            health: if h.state == HostState::Succeeded {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            },
+            revision: if h.state == HostState::Succeeded {
+                Revision::Known(d.revision.clone())
+            } else {
+                Revision::Unknown
+            },
+        })
+        .collect();
+    let infos: Vec<super::plan::HostInfo> = hosts
+        .iter()
+        .map(|h| super::plan::HostInfo {
+            name: h.name.clone(),
+            health: h.health,
+            revision: h.revision.clone(),
+        })
+        .collect();
+    let config = if Planner::new(d.config, infos, &revision).is_ok() {
+        d.config
+    } else {
+        DeploymentConfig::OneAtATime
+    };
+    Some(super::log::NewDeployment {
+        id: super::intent::rollback_id(&d.id),
+        app: d.app.clone(),
+        group: d.group.clone(),
+        targets: d.targets.clone(),
+        revision,
+        config,
+        rollout: Rollout::Waveless,
+        rollback_to: None,
+        rollback_of: Some(d.id.clone()),
+        hosts,
+        signed_intent: d.signed_intent.clone(),
+        created_at_ms: now_ms,
+        origin,
+    })
 }
 
 /// The time now, in Unix milliseconds (this agent's clock).
@@ -534,6 +630,8 @@ mod tests {
                 percent: Percent::new(25).unwrap(),
                 bake_secs: 60,
             },
+            rollback_to: None,
+            rollback_of: None,
             hosts: (0..4)
                 .map(|i| PlannedHost {
                     name: format!("h{i}"),

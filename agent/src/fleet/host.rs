@@ -190,6 +190,11 @@ impl HostSide {
             verifier.honour(self.mesh.revoked().as_deref());
             intent::verify(&cmd.intent, &mut verifier, now).map_err(|e| e.to_string())?
         };
+        let intent = if cmd.rollback {
+            intent.rollback().map_err(|e| e.to_string())?
+        } else {
+            intent
+        };
         if intent.id != cmd.deployment {
             return Err(format!(
                 "the command is for deployment {} but carries intent {}",

@@ -107,6 +107,12 @@ pub struct Intent {
     /// The waves the hosts are released in (absent in an intent of an older agent: none).
     #[serde(default)]
     pub rollout: Rollout,
+    /// The revision to put back on the hosts that took this one if the deployment fails
+    /// (the group's last successful revision when the operator signed): the operator's
+    /// consent to that rollback, which a coordinator cannot forge. `None`: no automatic
+    /// rollback (`--no-rollback`, or a group with no success yet).
+    #[serde(default)]
+    pub rollback_to: Option<String>,
     /// When the operator created the intent, in seconds since the Unix epoch.
     pub created_unix: u64,
     /// The operator's name: the common name of the certificate that signs the intent.
@@ -137,6 +143,7 @@ impl Intent {
             revision: revision.0.clone(),
             config,
             rollout: Rollout::Waveless,
+            rollback_to: None,
             created_unix: now_unix,
             operator: operator.to_string(),
         };
@@ -149,6 +156,35 @@ impl Intent {
         self.rollout = rollout;
         self.check_fields()?;
         Ok(self)
+    }
+
+    /// The same intent, consenting to a rollback to `revision` if it fails.
+    pub fn with_rollback_to(mut self, revision: Option<String>) -> Result<Intent, IntentError> {
+        self.rollback_to = revision;
+        self.check_fields()?;
+        Ok(self)
+    }
+
+    /// The intent of this one's rollback: the same operator, app, group and targets, the
+    /// revision [`Intent::rollback_to`], one wave, and an id derived from this one's
+    /// ([`rollback_id`]), so hosts keep its replay record apart. Refused when the operator
+    /// did not consent to a rollback.
+    pub fn rollback(&self) -> Result<Intent, IntentError> {
+        let Some(revision) = self.rollback_to.clone() else {
+            return Err(invalid(
+                "rollback_to",
+                "the operator signed no revision to roll back to".into(),
+            ));
+        };
+        let rollback = Intent {
+            id: rollback_id(&self.id),
+            revision,
+            rollout: Rollout::Waveless,
+            rollback_to: None,
+            ..self.clone()
+        };
+        rollback.check_fields()?;
+        Ok(rollback)
     }
 
     /// The rules on each field that its type does not already hold (targets and config are
@@ -169,6 +205,14 @@ impl Intent {
                 ),
             ));
         }
+        if let Some(r) = &self.rollback_to
+            && (r.len() != REVISION_HEX || !is_lower_hex(r))
+        {
+            return Err(invalid(
+                "rollback_to",
+                format!("{} is not a revision id", quote(r)),
+            ));
+        }
         if self.revision.len() != REVISION_HEX || !is_lower_hex(&self.revision) {
             return Err(invalid(
                 "revision",
@@ -180,6 +224,14 @@ impl Intent {
         }
         Ok(())
     }
+}
+
+/// The id of the rollback of the deployment `id`: derived, so every coordinator gives the
+/// same one, and shaped as an intent id.
+pub fn rollback_id(id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("shoal rollback of {id}").as_bytes());
+    hex::encode(&digest[..ID_HEX / 2])
 }
 
 fn is_lower_hex(text: &str) -> bool {

@@ -471,6 +471,8 @@ impl Fleet {
             revision: intent.revision.clone(),
             config: intent.config,
             rollout: intent.rollout,
+            rollback_to: intent.rollback_to.clone(),
+            rollback_of: None,
             hosts: chosen
                 .hosts
                 .iter()
@@ -570,7 +572,9 @@ impl Fleet {
             }
             let open: Vec<String> = self.reader.read(|s| {
                 s.iter()
-                    .filter(|d| !d.status.is_ended() || d.in_flight().next().is_some())
+                    .filter(|d| {
+                        !d.status.is_ended() || d.in_flight().next().is_some() || d.needs_rollback()
+                    })
                     .map(|d| d.id.clone())
                     .collect()
             });

@@ -99,6 +99,10 @@ pub struct RunHost {
     /// Agents the coordinator knows to hold the revision (the uploader), besides those the
     /// host learns of by gossip.
     pub holders: Vec<String>,
+    /// The command is for the rollback of the intent: the host runs
+    /// [`Intent::rollback`](super::intent::Intent::rollback) of it (the revision the
+    /// operator signed to roll back to), under the rollback's own id.
+    pub rollback: bool,
 }
 
 /// Why a host will not act on a command. `passing` when asking again may succeed (the

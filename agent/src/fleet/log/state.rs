@@ -70,6 +70,11 @@ pub struct NewDeployment {
     pub config: DeploymentConfig,
     /// The waves the hosts are released in, and the bake between them.
     pub rollout: Rollout,
+    /// The revision the operator consented to roll back to if this fails.
+    pub rollback_to: Option<String>,
+    /// When this is a rollback: the deployment it rolls back (which must have ended and
+    /// have no rollback yet).
+    pub rollback_of: Option<String>,
     /// The targeted hosts (at least one, names unique).
     pub hosts: Vec<PlannedHost>,
     /// The intent as the operator signed it, kept verbatim: every host checks it before it
@@ -179,6 +184,15 @@ pub enum Refusal {
     HostNotStarted { host: String },
     #[error("host {host:?} already reported {recorded:?}")]
     HostFinished { host: String, recorded: HostState },
+    #[error(
+        "deployment {id:?} cannot be rolled back now ({status:?}, rolled back by \
+         {rolled_back_by:?})"
+    )]
+    NoRollback {
+        id: String,
+        status: DeploymentState,
+        rolled_back_by: Option<String>,
+    },
     #[error("deployment {id:?} cannot bake now ({status:?}): only between two waves")]
     NotBakeable { id: String, status: DeploymentState },
     #[error("deployment {id:?} has ended ({status:?})")]
@@ -345,6 +359,12 @@ pub struct Deployment {
     pub revision: String,
     pub config: DeploymentConfig,
     pub rollout: Rollout,
+    /// See [`NewDeployment::rollback_to`].
+    pub rollback_to: Option<String>,
+    /// See [`NewDeployment::rollback_of`].
+    pub rollback_of: Option<String>,
+    /// The deployment that rolls this one back, once created.
+    pub rolled_back_by: Option<String>,
     /// When each bake so far ends (Unix milliseconds), in order: what a new coordinator
     /// replays.
     pub bakes: Vec<u64>,
@@ -379,6 +399,21 @@ impl Deployment {
             HostState::InProgress { fence } => Some((name.as_str(), fence)),
             _ => None,
         })
+    }
+
+    /// Whether this deployment failed and must now be rolled back: the operator consented
+    /// (a revision to roll back to, not the one that failed), it is not itself a rollback,
+    /// no rollback exists yet, some host took the revision, and none is still running.
+    pub fn needs_rollback(&self) -> bool {
+        matches!(self.status, DeploymentState::Failed { .. })
+            && self
+                .rollback_to
+                .as_ref()
+                .is_some_and(|r| *r != self.revision)
+            && self.rollback_of.is_none()
+            && self.rolled_back_by.is_none()
+            && self.in_flight().next().is_none()
+            && self.hosts.values().any(|h| h.started.is_some())
     }
 
     fn skip_pending(&mut self) {
@@ -486,6 +521,18 @@ impl DeploymentsState {
         if new.hosts.is_empty() {
             return Err(Refusal::NoHosts { id: new.id });
         }
+        if let Some(of) = &new.rollback_of {
+            let Some(original) = self.deployments.get(of) else {
+                return Err(Refusal::UnknownDeployment { id: of.clone() });
+            };
+            if !original.status.is_ended() || original.rolled_back_by.is_some() {
+                return Err(Refusal::NoRollback {
+                    id: of.clone(),
+                    status: original.status.clone(),
+                    rolled_back_by: original.rolled_back_by.clone(),
+                });
+            }
+        }
         let mut hosts = BTreeMap::new();
         for planned in new.hosts {
             let record = DeploymentHost {
@@ -523,6 +570,9 @@ impl DeploymentsState {
             revision: new.revision,
             config: new.config,
             rollout: new.rollout,
+            rollback_to: new.rollback_to,
+            rollback_of: new.rollback_of.clone(),
+            rolled_back_by: None,
             bakes: Vec::new(),
             signed_intent: new.signed_intent,
             created_at_ms: new.created_at_ms,
@@ -531,6 +581,13 @@ impl DeploymentsState {
             status: DeploymentState::Created,
             hosts,
         };
+        if let Some(original) = new
+            .rollback_of
+            .as_ref()
+            .and_then(|of| self.deployments.get_mut(of))
+        {
+            original.rolled_back_by = Some(new.id.clone());
+        }
         self.deployments.insert(new.id, deployment);
         Ok(Change::Applied)
     }
@@ -712,6 +769,8 @@ fn same_creation(existing: &Deployment, new: &NewDeployment) -> bool {
         && existing.revision == new.revision
         && existing.config == new.config
         && existing.rollout == new.rollout
+        && existing.rollback_to == new.rollback_to
+        && existing.rollback_of == new.rollback_of
         && existing.signed_intent == new.signed_intent
         && existing.created_at_ms == new.created_at_ms
         && existing.origin == new.origin
@@ -749,6 +808,8 @@ mod tests {
             revision: "new".to_owned(),
             config: DeploymentConfig::default(),
             rollout: Rollout::default(),
+            rollback_to: None,
+            rollback_of: None,
             hosts: hosts.iter().map(|h| planned(h)).collect(),
             signed_intent: b"signed".to_vec(),
             created_at_ms: 1_700_000_000_000,

@@ -66,6 +66,8 @@ fn create(id: &str, hosts: &[&str], intent_len: usize) -> Command {
         revision: "rev-2".to_owned(),
         config: DeploymentConfig::default(),
         rollout: Default::default(),
+        rollback_to: None,
+        rollback_of: None,
         hosts: hosts
             .iter()
             .map(|h| PlannedHost {
