@@ -416,6 +416,39 @@ fn overwrite_then_rollback_restores_the_hosts_own_file_byte_for_byte() {
     assert_eq!(kept_count(), 0);
 }
 
+/// A crash in a rollback's Install after it put the host's file back, before the state
+/// says so: recovery puts it back again (the kept copy goes only once the state is
+/// written), never deletes it.
+#[test]
+fn a_crash_in_a_rollback_after_the_hosts_file_is_back_loses_nothing() {
+    let host = Host::new();
+    let (o, v1) = host.deploy(&host.revision("v1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let own = host.root().join("srv/inference/model/extra.bin");
+    std::fs::write(&own, "the host's own").unwrap();
+    let broken = host.revision("v3-broken");
+    std::fs::write(broken.join("model/extra.bin"), "v3-broken's").unwrap();
+    // The second Install is the rollback's: killed once its files are done.
+    let o = host.shoal(
+        &["deploy", "local", "--bundle", broken.to_str().unwrap()],
+        &[("SHOAL_FAULT_POINT", "install.files-done:2")],
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&own).unwrap(), "the host's own");
+    let o = host.shoal(&["deploy", "recover"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&own).unwrap(),
+        "the host's own",
+        "recovery deleted the host's file"
+    );
+    assert_eq!(host.active().as_deref(), v1["revision"].as_str());
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+    let kept = host.data().join("apps/inference/replaced");
+    assert_eq!(std::fs::read_dir(&kept).unwrap().count(), 0, "pruned");
+}
+
 /// A deployment killed mid-Install, then the app's user plants a hard link to a file
 /// outside where the old revision's permissions apply: recovery refuses to change it (it
 /// would change the other file) and says so; `deploy recover --force` puts the host back on

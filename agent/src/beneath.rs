@@ -21,7 +21,7 @@ use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
 /// The most names [`Dir::entries`] reads from one directory.
-pub const MAX_ENTRIES: usize = 1 << 20;
+pub const MAX_ENTRIES: usize = 1 << 18;
 
 /// How long a `.shoal-tmp-*` must have been left unchanged before
 /// [`Dir::clean_temporaries`] takes it for the leftover of an interrupted write.
@@ -376,8 +376,8 @@ impl Dir {
                 Kind::Link => true,
                 Kind::File => match self.open_file(Path::new(&name)) {
                     Ok(f) => f.try_lock().is_ok(),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-                    Err(e) => return Err(e),
+                    // Gone, or swapped for something else meanwhile: left alone.
+                    Err(_) => false,
                 },
                 Kind::Dir | Kind::Other => false,
             };

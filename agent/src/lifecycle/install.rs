@@ -41,7 +41,7 @@ pub enum InstallError {
     )]
     Link { path: PathBuf },
     #[error(
-        "file_exists_behavior OVERWRITE: {path} is the host's own file of {size} bytes, more than the {limit} bytes the agent keeps to put back on rollback; move it away or remove it, then deploy again"
+        "file_exists_behavior OVERWRITE: {path} is the host's own file of {size} bytes; with the host's other files this deployment replaces, more than the {limit} bytes the agent keeps to put back on rollback; move it away or remove it, then deploy again"
     )]
     TooLargeToKeep {
         path: PathBuf,
@@ -111,9 +111,10 @@ fn split<'a>(root: &Path, path: &'a Path) -> Option<(PathBuf, &'a OsStr)> {
     Some((rel.parent()?.to_path_buf(), name))
 }
 
-/// The largest file of the host's own that OVERWRITE keeps (to put back on rollback): a
-/// bigger one is refused before anything is written, so the app's user cannot fill the
-/// agent's disk with a copy of a huge (or sparse) file planted at a destination.
+/// The most bytes of the host's own files that one Install's OVERWRITE keeps (to put back
+/// on rollback), all files together: more is refused before anything is written, so the
+/// app's user cannot fill the agent's disk with copies of huge (or sparse) files planted at
+/// destinations.
 pub const MAX_KEPT_BYTES: u64 = 1 << 30;
 
 /// The size of the file at `path` (0 if it is not a file).
@@ -141,6 +142,7 @@ impl InstallPlan {
     /// is DISALLOW. Call before journaling, so a refused file never counts as ours.
     pub fn check_conflicts(&self, ours: &BTreeSet<PathBuf>) -> Result<(), InstallError> {
         let root = self.root_dir()?;
+        let mut keeping = 0u64;
         for c in &self.copies {
             if matches!(c.source, Source::Dir) {
                 continue; // directories merge
@@ -154,7 +156,8 @@ impl InstallPlan {
                 }
                 FileExistsBehavior::Overwrite => {
                     let size = size_of(&root, &c.to);
-                    if size > MAX_KEPT_BYTES {
+                    keeping = keeping.saturating_add(size);
+                    if keeping > MAX_KEPT_BYTES {
                         return Err(InstallError::TooLargeToKeep {
                             path: c.to.clone(),
                             size,
@@ -383,8 +386,7 @@ pub fn install(
     // 1. Conflicts, before any write.
     plan.check_conflicts(ours)?;
     let root = plan.root_dir()?;
-    std::fs::create_dir_all(replaced).map_err(io(replaced))?;
-    let kept = Dir::open_trusted(replaced).map_err(io(replaced))?;
+    let kept = open_kept(replaced)?;
     let rev = Dir::open_trusted(&plan.revision).map_err(io(&plan.revision))?;
     // 2. Copies, parents before children.
     let mut installed = BTreeSet::new();
@@ -474,6 +476,39 @@ pub fn install(
     Ok(installed)
 }
 
+/// The app's `replaced/` directory (made 0700: kept copies may be files the host protected
+/// by their directory), cleaned of temporaries a crash left there.
+fn open_kept(replaced: &Path) -> Result<Dir, InstallError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(replaced) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(replaced)(e)),
+    }
+    let kept = Dir::open_trusted(replaced).map_err(io(replaced))?;
+    kept.clean_temporaries().map_err(io(replaced))?;
+    Ok(kept)
+}
+
+/// Forgets the kept copies of paths no longer `installed`: called once the state that
+/// says so is on disk. Until then a copy put back stays kept, so a crash between putting
+/// it back and writing the state puts it back again rather than taking the host's file
+/// for ours and deleting it.
+pub fn prune_kept(replaced: &Path, installed: &BTreeSet<PathBuf>) -> Result<(), InstallError> {
+    if !replaced.exists() {
+        return Ok(());
+    }
+    let kept = open_kept(replaced)?;
+    let wanted: BTreeSet<String> = installed.iter().map(|p| kept_name(p)).collect();
+    for (name, kind) in kept.entries().map_err(io(replaced))? {
+        let keep = name.to_str().is_some_and(|n| wanted.contains(n));
+        if !keep && matches!(kind, Kind::File | Kind::Link) {
+            kept.remove_file(&name).map_err(io(replaced))?;
+        }
+    }
+    Ok(())
+}
+
 /// Keeps the host's own `name` (in `dir`), which OVERWRITE is about to replace, as `kept`
 /// in `replaced/`: its bytes, mode and owner, or its link.
 fn keep(dir: &Dir, name: &OsStr, replaced: &Dir, kept: &str) -> io::Result<()> {
@@ -481,15 +516,24 @@ fn keep(dir: &Dir, name: &OsStr, replaced: &Dir, kept: &str) -> io::Result<()> {
         Some((Kind::File, st)) => {
             // Bounded again: the file may have grown since the conflicts were checked.
             let f = dir.open_file(Path::new(name))?;
-            if f.metadata()?.len() > MAX_KEPT_BYTES {
-                return Err(io::Error::new(
+            let too_large = || {
+                io::Error::new(
                     io::ErrorKind::FileTooLarge,
                     format!("larger than the {MAX_KEPT_BYTES} bytes kept for a rollback"),
-                ));
+                )
+            };
+            if f.metadata()?.len() > MAX_KEPT_BYTES {
+                return Err(too_large());
             }
+            // A file that grows past the bound while it is copied fails the copy (a
+            // truncated copy would be put back on rollback).
+            let mut bounded = Bounded {
+                inner: f,
+                left: MAX_KEPT_BYTES,
+            };
             replaced.write_atomic(
                 OsStr::new(kept),
-                &mut io::Read::take(f, MAX_KEPT_BYTES),
+                &mut bounded,
                 st.st_mode & 0o7777,
                 Some((st.st_uid, st.st_gid)),
             )
@@ -499,8 +543,28 @@ fn keep(dir: &Dir, name: &OsStr, replaced: &Dir, kept: &str) -> io::Result<()> {
     }
 }
 
-/// Removes the installed `path`, or puts back what OVERWRITE replaced there. A directory
-/// goes only if empty. A parent that became a link is left alone: nothing is followed.
+/// A reader that fails, rather than stops, past `left` bytes.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: io::Read> io::Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("grew past the {MAX_KEPT_BYTES} bytes kept for a rollback while kept"),
+            )
+        })?;
+        Ok(n)
+    }
+}
+
+/// Removes the installed `path`, or puts back what OVERWRITE replaced there (the kept
+/// copy stays until [`prune_kept`]). A directory goes only if empty. A parent that became
+/// a link is left alone: nothing is followed.
 fn remove(root: &Dir, replaced: &Dir, path: &Path) -> Result<(), InstallError> {
     let Some((parent, name)) = split(root.path(), path) else {
         return Ok(());
@@ -533,12 +597,10 @@ fn remove(root: &Dir, replaced: &Dir, path: &Path) -> Result<(), InstallError> {
                 Some((st.st_uid, st.st_gid)),
             )
             .map_err(io(path))?;
-            replaced.remove_file(OsStr::new(&kept)).map_err(io(path))?;
         }
         Some((Kind::Link, _)) => {
             let target = replaced.read_link(OsStr::new(&kept)).map_err(io(path))?;
             dir.symlink_atomic(name, &target).map_err(io(path))?;
-            replaced.remove_file(OsStr::new(&kept)).map_err(io(path))?;
         }
         _ => dir.remove_file(name).map_err(io(path))?,
     }
@@ -729,7 +791,10 @@ mod tests {
         plan: &InstallPlan,
         ours: &BTreeSet<PathBuf>,
     ) -> Result<BTreeSet<PathBuf>, InstallError> {
-        install(plan, ours, &plan.root.join(".kept"))
+        let installed = install(plan, ours, &plan.root.join(".kept"))?;
+        // As a deployment does once its state is written.
+        prune_kept(&plan.root.join(".kept"), &installed)?;
+        Ok(installed)
     }
 
     fn revision(files: &[(&str, &str)]) -> tempfile::TempDir {

@@ -414,6 +414,20 @@ impl LocalHost {
         state: &mut AppState,
         journal: &mut Journal,
     ) -> Result<()> {
+        self.install_files(dir, release, state, journal)?;
+        install::apply_permissions(&release.spec, &self.install_root)?;
+        crate::faults::point("install.permissions");
+        Ok(())
+    }
+
+    /// Install's files, journaled first, and the state that names them; not permissions.
+    fn install_files(
+        &self,
+        dir: &AppDir,
+        release: &Release,
+        state: &mut AppState,
+        journal: &mut Journal,
+    ) -> Result<()> {
         let plan = install::plan(&release.dir, &release.spec, &self.install_root)?;
         let ours = self.ours(dir, state, journal)?;
         plan.check_conflicts(&ours)?;
@@ -427,15 +441,15 @@ impl LocalHost {
         state.installed = install::install(&plan, &ours, &dir.replaced())?;
         crate::faults::point("install.files-done");
         write_json(&dir.state(), state)?;
+        install::prune_kept(&dir.replaced(), &state.installed)?;
         crate::faults::point("install.state-written");
-        install::apply_permissions(&release.spec, &self.install_root)?;
-        crate::faults::point("install.permissions");
         Ok(())
     }
 
-    /// [`Self::install`] for a forced recovery: permissions the application's user made
-    /// impossible to apply safely (a hard link, a tree too deep) do not keep the host off
-    /// the revision it came from; what went wrong is returned for the message.
+    /// [`Self::install`] for a forced recovery: permissions that cannot be applied (the
+    /// application's user made them unsafe: a hard link, a link swapped in, a tree too deep
+    /// or too wide) do not keep the host off the revision it came from; what went wrong is
+    /// returned for the message. The files must install.
     fn install_forced(
         &self,
         dir: &AppDir,
@@ -443,20 +457,13 @@ impl LocalHost {
         state: &mut AppState,
         journal: &mut Journal,
     ) -> Result<Option<String>> {
-        match self.install(dir, release, state, journal) {
+        self.install_files(dir, release, state, journal)?;
+        match install::apply_permissions(&release.spec, &self.install_root) {
             Ok(()) => Ok(None),
-            Err(e)
-                if matches!(
-                    e.downcast_ref(),
-                    Some(install::InstallError::Permission { .. })
-                ) =>
-            {
-                tracing::warn!(error = %format!("{e:#}"), "forced recovery: permissions not applied");
-                Ok(Some(format!(
-                    "; its permissions were not all applied: {e:#}"
-                )))
+            Err(e) => {
+                tracing::warn!(error = %e, "forced recovery: permissions not applied");
+                Ok(Some(format!("; its permissions were not all applied: {e}")))
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -716,6 +723,7 @@ impl LocalHost {
                 install::install(&nothing, &ours, &dir.replaced())?;
                 state = AppState::default();
                 write_json(&dir.state(), &state)?;
+                install::prune_kept(&dir.replaced(), &state.installed)?;
                 format!(
                     "interrupted during {}; the first install was removed",
                     journal.phase
