@@ -92,11 +92,25 @@ async fn command(
     fence: Fence,
 ) -> HostAnswer {
     let id: Intent = serde_json::from_slice(&intent.body).unwrap();
+    command_as(insider, host, intent, &id.id, fence, false).await
+}
+
+/// The insider commands `host` with `intent` under deployment id `deployment`, as its
+/// rollback or not, and returns the host's last answer.
+async fn command_as(
+    insider: &MeshHandle,
+    host: &str,
+    intent: &SignedIntent,
+    deployment: &str,
+    fence: Fence,
+    rollback: bool,
+) -> HostAnswer {
     let cmd = RunHost {
-        deployment: id.id,
+        deployment: deployment.to_string(),
         intent: intent.clone(),
         fence,
         holders: Vec::new(),
+        rollback,
     };
     let (mut send, mut recv) = insider.open_bi(host, Protocol::Fleet).await.unwrap();
     write_frame(&mut send, &FleetRequest::RunHost(cmd))
@@ -242,6 +256,47 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     refused(
         &command(&insider, host, &forged, fence(1)).await,
         "signature does not match",
+    );
+    // A rollback the operator never consented to (no revision to roll back to), under the
+    // rollback's own id or the original's.
+    let plain = operator_intent(&operator, "role=inference", &r1);
+    let plain_id = serde_json::from_slice::<Intent>(&plain.body).unwrap().id;
+    refused(
+        &command_as(
+            &insider,
+            host,
+            &plain,
+            &intent::rollback_id(&plain_id),
+            fence(1),
+            true,
+        )
+        .await,
+        "signed no revision to roll back to",
+    );
+    // A consented rollback commanded under the original deployment's id: the ids differ,
+    // so the host's replay record of one can never stand for the other.
+    let consenting = intent::sign(
+        &Intent::new(
+            "tiny",
+            "tiny",
+            Targets::parse("role=inference").unwrap(),
+            &r2,
+            DeploymentConfig::AllAtOnce,
+            &operator.name,
+            now(),
+        )
+        .unwrap()
+        .with_rollback_to(Some(r1.0.clone()))
+        .unwrap(),
+        &operator,
+    )
+    .unwrap();
+    let consenting_id = serde_json::from_slice::<Intent>(&consenting.body)
+        .unwrap()
+        .id;
+    refused(
+        &command_as(&insider, host, &consenting, &consenting_id, fence(1), true).await,
+        "carries intent",
     );
     // Signed by an operator of this fleet whose certificate was revoked since.
     let mallory_dir = tmp.path().join("mallory");
