@@ -152,3 +152,99 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
         "{on:?}"
     );
 }
+
+/// A revision of `tiny` without hooks (it cannot fail by its tags).
+fn plain_revision(root: &std::path::Path, payload: &str) -> std::path::PathBuf {
+    let dir = revision(root, payload);
+    std::fs::write(
+        dir.join("appspec.yml"),
+        "version: 0.0\nos: linux\nfiles:\n  - source: payload.txt\n    destination: /srv/tiny\n",
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn a_failed_deployment_is_rolled_back_on_every_host_that_took_it_and_the_two_are_linked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 84, 2], 4);
+    for (i, a) in fleet.iter_mut().enumerate() {
+        let mut tags = vec![("role", "web")];
+        if i == 2 {
+            tags.push(("probe-fail", "ValidateService"));
+        }
+        tag(a, &tags);
+        a.start();
+    }
+    wait_for("agent-1 to see all four alive", LONG, || {
+        hosts(fleet[0].addr, &ca.operator)
+            .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
+    });
+    let v1 = plain_revision(tmp.path(), "v1");
+    let o = create(
+        &fleet[0],
+        &ca.operator,
+        &v1,
+        &["--targets", "role=web", "--config", "AllAtOnce", "--wait"],
+    );
+    let first = json(&o, "v1");
+    assert_eq!(first["status"], "Succeeded");
+    let v1_id = first["revision"].as_str().unwrap().to_string();
+
+    // v2's ValidateService fails on agent-3: one at a time with 3 of 4 to stay healthy,
+    // agent-1 and agent-2 take v2, agent-3 fails, agent-4 is never started.
+    let v2 = revision(tmp.path(), "v2");
+    let o = create(
+        &fleet[1],
+        &ca.operator,
+        &v2,
+        &["--targets", "role=web", "--min-healthy", "3", "--wait"],
+    );
+    assert!(!o.status.success());
+    let failed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(failed["status"], "Failed", "{failed}");
+    let id = failed["id"].as_str().unwrap().to_string();
+    let hosts_now = by_status(&failed);
+    assert_eq!(hosts_now["Succeeded"], ["agent-1", "agent-2"], "{failed}");
+    assert_eq!(hosts_now["Failed"], ["agent-3"], "{failed}");
+    assert_eq!(hosts_now["Skipped"], ["agent-4"], "{failed}");
+
+    // The rollback, found from another peer: linked both ways, v1 on the three hosts.
+    let mut view = serde_json::Value::Null;
+    wait_for("the rollback to succeed", LONG, || {
+        status(&fleet[3], &ca.operator, &id).is_ok_and(|v| {
+            let done = v["rollback"]["status"] == "Succeeded";
+            view = v;
+            done
+        })
+    });
+    assert_eq!(view["rollback"]["revision"], v1_id.as_str(), "{view}");
+    let rollback_id = view["rollback"]["id"].as_str().unwrap().to_string();
+    let rollback = status(&fleet[2], &ca.operator, &rollback_id).unwrap();
+    assert_eq!(rollback["rollback_of"], id.as_str(), "{rollback}");
+    assert_eq!(rollback["revision"], v1_id.as_str());
+    let mut targeted: Vec<String> = rollback["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap().to_string())
+        .collect();
+    targeted.sort();
+    assert_eq!(targeted, ["agent-1", "agent-2", "agent-3"], "{rollback}");
+    for a in &fleet {
+        assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
+    }
+    // The group's last success is still v1; the failed deployment did not change it.
+    let groups = json(
+        &shoal()
+            .args(["group", "list", "--json", "--peer"])
+            .arg(fleet[0].addr.to_string())
+            .arg("--identity")
+            .arg(&ca.operator)
+            .output()
+            .unwrap(),
+        "group list",
+    );
+    assert_eq!(groups[0]["last_successful"], v1_id.as_str(), "{groups}");
+}

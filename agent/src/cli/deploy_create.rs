@@ -53,6 +53,10 @@ pub struct CreateArgs {
     /// Linear: P% more of the hosts every DURATION (Baking in between).
     #[arg(long, value_name = "P%:DURATION")]
     pub linear: Option<String>,
+    /// Do not roll back by itself if it fails. By default the intent consents to putting
+    /// the group's last successful revision back on every host that took this one.
+    #[arg(long)]
+    pub no_rollback: bool,
     /// Print the targets and the batches, in order, and change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -120,6 +124,7 @@ pub async fn run(
             args.targets.as_deref(),
             config,
             rollout,
+            !args.no_rollback,
             &revision,
             args.wait,
             json,

@@ -112,6 +112,7 @@ pub async fn create(
     targets: Option<&str>,
     config: DeploymentConfig,
     rollout: crate::fleet::plan::Rollout,
+    rollback: bool,
     revision: &str,
     wait: bool,
     json: bool,
@@ -125,13 +126,23 @@ pub async fn create(
             operator.name
         );
     }
+    // The group's record: its targets if none are given, and the revision to consent to
+    // roll back to (its last success) unless --no-rollback.
+    let groups = if targets.is_none() || rollback {
+        match ask(peer, identity, OperatorRequest::Groups).await? {
+            OperatorAnswer::Groups(g) => g,
+            _ => bail!("{peer} answered something other than the groups"),
+        }
+    } else {
+        Vec::new()
+    };
+    let rollback_to = groups
+        .iter()
+        .find(|g| g.name == group && rollback)
+        .and_then(|g| g.last_successful.clone());
     let targets = match targets {
         Some(t) => Targets::parse(t).context("--targets")?,
         None => {
-            let groups = match ask(peer, identity, OperatorRequest::Groups).await? {
-                OperatorAnswer::Groups(g) => g,
-                _ => bail!("{peer} answered something other than the groups"),
-            };
             let Some(known) = groups.iter().find(|g| g.name == group) else {
                 bail!(
                     "the deployment group {group:?} has no targets on record yet: pass --targets k=v[,k=v]"
@@ -199,7 +210,8 @@ pub async fn create(
         &operator.name,
         now_unix(),
     )?
-    .with_rollout(rollout)?;
+    .with_rollout(rollout)?
+    .with_rollback_to(rollback_to)?;
     let signed = intent::sign(&intent, &operator)?;
     let view = match ask(
         peer,
@@ -378,6 +390,17 @@ fn print_view(view: &DeploymentView, json: bool) -> Result<()> {
         "; coordinator {}",
         view.coordinator.as_deref().unwrap_or("unknown")
     );
+    if let Some(of) = &view.rollback_of {
+        println!("the rollback of deployment {of}");
+    }
+    if let Some(rb) = &view.rollback {
+        println!(
+            "rolled back by deployment {} to revision {}: {}",
+            rb.id,
+            super::short(&rb.revision),
+            rb.status
+        );
+    }
     if let Some(warning) = &view.warning {
         println!("warning: {warning}");
     }

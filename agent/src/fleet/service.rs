@@ -343,8 +343,16 @@ impl Fleet {
     /// A deployment as the log has it, with the live events of hosts still running.
     fn view(&self, id: &str) -> Option<DeploymentView> {
         let mut view = self.reader.read(|s| {
-            s.get(id)
-                .map(|d| DeploymentView::of(d, Some(self.name.clone())))
+            let d = s.get(id)?;
+            let mut view = DeploymentView::of(d, Some(self.name.clone()));
+            view.rollback = d.rolled_back_by.as_ref().and_then(|r| s.get(r)).map(|r| {
+                super::wire::RollbackView {
+                    id: r.id.clone(),
+                    revision: r.revision.clone(),
+                    status: r.status.status(),
+                }
+            });
+            Some(view)
         })?;
         let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         for host in &mut view.hosts {

@@ -168,11 +168,21 @@ pub struct DeploymentView {
     pub created_at_ms: u64,
     /// Every host, with the same record `deploy local` prints for its host.
     pub hosts: Vec<HostRecord>,
-    /// A rollback of this deployment (automatic rollbacks are not built yet).
-    pub rollback: Option<String>,
+    /// The deployment that rolls this one back, once it exists, and how it goes.
+    pub rollback: Option<RollbackView>,
+    /// When this one is a rollback: the deployment it rolls back.
+    pub rollback_of: Option<String>,
     /// Set when the agent that answered cannot reach a majority of the log: what it shows
     /// may be out of date and nothing progresses.
     pub warning: Option<String>,
+}
+
+/// A deployment's rollback, as its view shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RollbackView {
+    pub id: String,
+    pub revision: String,
+    pub status: DeploymentStatus,
 }
 
 /// A line of `shoal deploy list`.
@@ -239,6 +249,7 @@ impl DeploymentView {
                 })
                 .collect(),
             rollback: None,
+            rollback_of: d.rollback_of.clone(),
             warning: None,
         }
     }

@@ -855,6 +855,72 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_deployment_with_consent_needs_one_rollback_linked_both_ways() {
+        let mut state = DeploymentsState::default();
+        let mut new = new_deployment("d1", &["a", "b"]);
+        new.rollback_to = Some("old".into());
+        state.apply(fence(1), Command::CreateDeployment(new));
+        assert!(!state.get("d1").unwrap().needs_rollback(), "not failed");
+        state.apply(fence(2), start("d1", &["a"]));
+        state.apply(fence(3), result("d1", "a", failed("boom")));
+        state.apply(
+            fence(4),
+            Command::Finish {
+                deployment: "d1".into(),
+                verdict: failed("a failed"),
+            },
+        );
+        assert!(state.get("d1").unwrap().needs_rollback());
+        let mut rollback = new_deployment("r1", &["a"]);
+        rollback.revision = "old".into();
+        rollback.rollback_of = Some("d1".into());
+        assert_eq!(
+            state.apply(fence(5), Command::CreateDeployment(rollback.clone())),
+            Response::Applied { fence: fence(5) }
+        );
+        let d1 = state.get("d1").unwrap();
+        assert_eq!(d1.rolled_back_by.as_deref(), Some("r1"));
+        assert!(!d1.needs_rollback(), "rolled back once");
+        assert_eq!(state.get("r1").unwrap().rollback_of.as_deref(), Some("d1"));
+        // A second rollback of it is refused; a retry of the same entry is unchanged.
+        assert_eq!(
+            state.apply(fence(6), Command::CreateDeployment(rollback)),
+            Response::Unchanged
+        );
+        state.apply(
+            fence(7),
+            Command::Finish {
+                deployment: "r1".into(),
+                verdict: failed("stopped short"),
+            },
+        );
+        assert!(
+            !state.get("r1").unwrap().needs_rollback(),
+            "a rollback is not rolled back"
+        );
+        let mut again = new_deployment("r2", &["a"]);
+        again.rollback_of = Some("d1".into());
+        assert!(matches!(
+            state.apply(fence(8), Command::CreateDeployment(again)),
+            Response::Refused(Refusal::NoRollback { .. })
+        ));
+        // Without consent, or if no host started, no rollback is due.
+        let mut state = DeploymentsState::default();
+        state.apply(
+            fence(1),
+            Command::CreateDeployment(new_deployment("d2", &["a"])),
+        );
+        state.apply(
+            fence(2),
+            Command::Finish {
+                deployment: "d2".into(),
+                verdict: failed("cannot plan"),
+            },
+        );
+        assert!(!state.get("d2").unwrap().needs_rollback());
+    }
+
+    #[test]
     fn a_bake_comes_only_between_waves_and_the_next_batch_ends_it() {
         let mut state = created();
         let bake = |until_ms| Command::Bake {
