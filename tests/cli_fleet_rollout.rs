@@ -151,6 +151,42 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
         3,
         "{on:?}"
     );
+
+    // A stop with --rollback while baking: the canary goes back to the group's last
+    // success (v2; the stopped v3 never succeeded), the rest were never touched.
+    let v4 = revision(tmp.path(), "v4");
+    let accepted = json(&create(&fleet[0], &ca.operator, &v4, &long_bake), "v4");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    wait_for("the v4 canary to bake", LONG, || {
+        status(&fleet[3], &ca.operator, &id).is_ok_and(|v| v["status"] == "Baking")
+    });
+    assert_eq!(
+        fleet
+            .iter()
+            .filter(|a| installed(a).as_deref() == Some("v4"))
+            .count(),
+        1
+    );
+    let o = shoal()
+        .args(["deploy", "stop", &id, "--rollback", "--json", "--peer"])
+        .arg(fleet[1].addr.to_string())
+        .arg("--identity")
+        .arg(&ca.operator)
+        .output()
+        .unwrap();
+    assert_eq!(json(&o, "deploy stop --rollback")["status"], "Stopped");
+    let mut view = serde_json::Value::Null;
+    wait_for("the stopped deployment's rollback to succeed", LONG, || {
+        status(&fleet[2], &ca.operator, &id).is_ok_and(|v| {
+            let done = v["rollback"]["status"] == "Succeeded";
+            view = v;
+            done
+        })
+    });
+    assert_eq!(view["rollback"]["revision"], done["revision"], "{view}");
+    for a in &fleet {
+        assert_eq!(installed(a).as_deref(), Some("v2"), "{}", a.name);
+    }
 }
 
 /// A revision of `tiny` without hooks (it cannot fail by its tags).

@@ -110,6 +110,7 @@ async fn commit_everywhere(agents: &[&Agent], deployment: &str) {
         .raft
         .client_write(Command::Stop {
             deployment: deployment.into(),
+            rollback: false,
         })
         .await
         .unwrap();

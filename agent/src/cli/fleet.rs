@@ -43,6 +43,10 @@ pub struct ListArgs {
 pub struct StopArgs {
     /// The deployment's id.
     pub id: String,
+    /// Then roll it back: once its hosts in flight have reported, put the revision its
+    /// intent consented to (the group's last success) back on every host that took it.
+    #[arg(long)]
+    pub rollback: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -497,7 +501,7 @@ pub async fn run_stop(
 ) -> Result<bool> {
     let identity_dir = need_identity(identity, "deploy stop")?;
     let operator = Identity::load(identity_dir)?;
-    let stop = intent::sign_stop(&args.id, &operator, now_unix())?;
+    let stop = intent::sign_stop(&args.id, args.rollback, &operator, now_unix())?;
     let view = match ask(peer, identity_dir, OperatorRequest::Stop { stop }).await? {
         OperatorAnswer::Deployment(view) => *view,
         _ => bail!("{peer} answered something other than the deployment"),
@@ -506,8 +510,14 @@ pub async fn run_stop(
         super::print_json(&view)?;
     } else {
         println!(
-            "deployment {} is {}: no new batch starts; hosts in flight finish",
-            view.id, view.status
+            "deployment {} is {}: no new batch starts; hosts in flight finish{}",
+            view.id,
+            view.status,
+            if args.rollback {
+                ", then it is rolled back (follow it with deploy status)"
+            } else {
+                ""
+            }
         );
     }
     Ok(true)

@@ -547,6 +547,10 @@ pub struct Stop {
     pub operator: String,
     /// When the operator made it, in seconds since the Unix epoch.
     pub created_unix: u64,
+    /// Roll the deployment back once its hosts in flight have reported (to the revision
+    /// its intent consented to).
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// A [`Stop`] as compact JSON with its operator's signature over [`STOP_CONTEXT`] + body.
@@ -560,6 +564,7 @@ pub struct SignedStop {
 /// Signs an order to stop `deployment` with an operator's identity; refuses an agent's.
 pub fn sign_stop(
     deployment: &str,
+    rollback: bool,
     identity: &Identity,
     now_unix: u64,
 ) -> Result<SignedStop, IntentError> {
@@ -569,6 +574,7 @@ pub fn sign_stop(
         deployment: deployment.to_owned(),
         operator: identity.name.clone(),
         created_unix: now_unix,
+        rollback,
     };
     let (body, signature) = encode_and_sign("stop order", MAX_STOP, STOP_CONTEXT, &stop, identity)?;
     Ok(SignedStop {

@@ -412,6 +412,7 @@ impl Fleet {
                     &self.raft,
                     Command::Stop {
                         deployment: stop.deployment.clone(),
+                        rollback: stop.rollback,
                     },
                 )
                 .await

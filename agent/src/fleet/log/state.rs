@@ -131,7 +131,8 @@ pub enum Command {
     /// ends the bake.
     Bake { deployment: String, until_ms: u64 },
     /// The operator stopped it: no batch starts after this; hosts not started are Skipped.
-    Stop { deployment: String },
+    /// With `rollback`, it is then rolled back like a failed one.
+    Stop { deployment: String, rollback: bool },
     /// The coordinator's verdict on the deployment ([`crate::fleet::plan::Planner::status`]).
     Finish {
         deployment: String,
@@ -147,7 +148,7 @@ impl Command {
             Command::StartHosts { deployment, .. }
             | Command::HostResult { deployment, .. }
             | Command::Bake { deployment, .. }
-            | Command::Stop { deployment }
+            | Command::Stop { deployment, .. }
             | Command::Finish { deployment, .. } => deployment,
         }
     }
@@ -185,8 +186,10 @@ pub enum Refusal {
     #[error("host {host:?} already reported {recorded:?}")]
     HostFinished { host: String, recorded: HostState },
     #[error(
-        "deployment {id:?} cannot be rolled back now ({status:?}, rolled back by \
-         {rolled_back_by:?})"
+        "deployment {id:?} cannot be rolled back ({status:?}, rolled back by \
+         {rolled_back_by:?}): a rollback is not rolled back, and one whose intent names no \
+         revision to roll back to (made with --no-rollback, or the first of its group) cannot \
+         be; deploy the revision you want instead"
     )]
     NoRollback {
         id: String,
@@ -365,6 +368,8 @@ pub struct Deployment {
     pub rollback_of: Option<String>,
     /// The deployment that rolls this one back, once created.
     pub rolled_back_by: Option<String>,
+    /// An operator stopped it and asked for its rollback.
+    pub rollback_requested: bool,
     /// When each bake so far ends (Unix milliseconds), in order: what a new coordinator
     /// replays.
     pub bakes: Vec<u64>,
@@ -405,7 +410,8 @@ impl Deployment {
     /// (a revision to roll back to, not the one that failed), it is not itself a rollback,
     /// no rollback exists yet, some host took the revision, and none is still running.
     pub fn needs_rollback(&self) -> bool {
-        matches!(self.status, DeploymentState::Failed { .. })
+        (matches!(self.status, DeploymentState::Failed { .. })
+            || (self.status == DeploymentState::Stopped && self.rollback_requested))
             && self
                 .rollback_to
                 .as_ref()
@@ -477,7 +483,10 @@ impl DeploymentsState {
                 deployment,
                 until_ms,
             } => self.bake(&deployment, until_ms),
-            Command::Stop { deployment } => self.stop(&deployment),
+            Command::Stop {
+                deployment,
+                rollback,
+            } => self.stop(&deployment, rollback),
             Command::Finish {
                 deployment,
                 verdict,
@@ -573,6 +582,7 @@ impl DeploymentsState {
             rollback_to: new.rollback_to,
             rollback_of: new.rollback_of.clone(),
             rolled_back_by: None,
+            rollback_requested: false,
             bakes: Vec::new(),
             signed_intent: new.signed_intent,
             created_at_ms: new.created_at_ms,
@@ -690,15 +700,27 @@ impl DeploymentsState {
         }
     }
 
-    fn stop(&mut self, id: &str) -> Result<Change, Refusal> {
+    fn stop(&mut self, id: &str, rollback: bool) -> Result<Change, Refusal> {
         let deployment = self.deployment_mut(id)?;
+        if rollback && (deployment.rollback_to.is_none() || deployment.rollback_of.is_some()) {
+            return Err(Refusal::NoRollback {
+                id: id.to_owned(),
+                status: deployment.status.clone(),
+                rolled_back_by: deployment.rolled_back_by.clone(),
+            });
+        }
         match deployment.status {
+            DeploymentState::Stopped if rollback && !deployment.rollback_requested => {
+                deployment.rollback_requested = true;
+                Ok(Change::Applied)
+            }
             DeploymentState::Stopped => Ok(Change::Unchanged),
             DeploymentState::Succeeded | DeploymentState::Failed { .. } => Err(ended(deployment)),
             DeploymentState::Created
             | DeploymentState::InProgress
             | DeploymentState::Baking { .. } => {
                 deployment.status = DeploymentState::Stopped;
+                deployment.rollback_requested = rollback;
                 deployment.skip_pending();
                 Ok(Change::Applied)
             }
@@ -904,6 +926,38 @@ mod tests {
             state.apply(fence(8), Command::CreateDeployment(again)),
             Response::Refused(Refusal::NoRollback { .. })
         ));
+        // A stop with rollback asks for one like a failure; without consent it is refused.
+        let mut state = DeploymentsState::default();
+        let mut new = new_deployment("d3", &["a", "b"]);
+        new.rollback_to = Some("old".into());
+        state.apply(fence(1), Command::CreateDeployment(new));
+        state.apply(fence(2), start("d3", &["a"]));
+        state.apply(
+            fence(3),
+            Command::Stop {
+                deployment: "d3".into(),
+                rollback: true,
+            },
+        );
+        assert!(!state.get("d3").unwrap().needs_rollback(), "a is in flight");
+        state.apply(fence(4), result("d3", "a", Verdict::Succeeded));
+        assert!(state.get("d3").unwrap().needs_rollback());
+        let mut plain = DeploymentsState::default();
+        plain.apply(
+            fence(1),
+            Command::CreateDeployment(new_deployment("d4", &["a"])),
+        );
+        assert!(matches!(
+            plain.apply(
+                fence(2),
+                Command::Stop {
+                    deployment: "d4".into(),
+                    rollback: true,
+                },
+            ),
+            Response::Refused(Refusal::NoRollback { .. })
+        ));
+        assert_eq!(plain.get("d4").unwrap().status, DeploymentState::Created);
         // Without consent, or if no host started, no rollback is due.
         let mut state = DeploymentsState::default();
         state.apply(
@@ -962,6 +1016,7 @@ mod tests {
             fence(11),
             Command::Stop {
                 deployment: "d1".into(),
+                rollback: false,
             },
         );
         assert_eq!(state.get("d1").unwrap().status, DeploymentState::Stopped);
@@ -1182,6 +1237,7 @@ mod tests {
         state.apply(fence(2), start("d1", &["a"]));
         let stop = Command::Stop {
             deployment: "d1".into(),
+            rollback: false,
         };
         assert_eq!(
             state.apply(fence(3), stop.clone()),
@@ -1234,7 +1290,8 @@ mod tests {
             state.apply(
                 fence(10),
                 Command::Stop {
-                    deployment: "d1".into()
+                    deployment: "d1".into(),
+                    rollback: false,
                 }
             ),
             Response::Refused(Refusal::DeploymentEnded { .. })
@@ -1271,6 +1328,7 @@ mod tests {
             start("d2", &["y"]),
             Command::Stop {
                 deployment: "d2".into(),
+                rollback: false,
             },
             result("d1", "b", failed("x")),
             result("d1", "b", failed("x")),

@@ -121,6 +121,7 @@ fn a_deployments_entries() -> Vec<Entry> {
             8,
             Command::Stop {
                 deployment: "d1".into(),
+                rollback: false,
             },
         ),
     ]
