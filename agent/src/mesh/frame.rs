@@ -206,14 +206,14 @@ mod tests {
         ));
 
         let (mut a, mut b) = tokio::io::duplex(4096);
-        a.write_all(&[0, 0, 0, 4, 1, 0x7f, 0xff, 0xff])
+        a.write_all(&[0, 0, 0, 4, VERSION as u8, 0x7f, 0xff, 0xff])
             .await
             .unwrap();
         let err = read_frame::<Msg>(&mut b).await.unwrap_err();
         assert!(matches!(err, FrameError::Malformed(_)), "{err}");
 
         let (mut a, mut b) = tokio::io::duplex(4096);
-        a.write_all(&[0, 0, 0, 10, 1]).await.unwrap();
+        a.write_all(&[0, 0, 0, 10, VERSION as u8]).await.unwrap();
         drop(a);
         assert!(
             read_frame::<Msg>(&mut b).await.is_err(),
