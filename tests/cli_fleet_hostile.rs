@@ -381,6 +381,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
             health: shoal_agent::mesh::hoststate::Health::None,
             held,
             problem: None,
+            restarts: 0,
         },
     );
     std::fs::rename(

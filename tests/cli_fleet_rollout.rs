@@ -284,3 +284,101 @@ fn a_failed_deployment_is_rolled_back_on_every_host_that_took_it_and_the_two_are
     );
     assert_eq!(groups[0]["last_successful"], v1_id.as_str(), "{groups}");
 }
+
+/// Kills, when dropped (the test passed or not), the services the agents under these data
+/// dirs started: they outlive their agents on purpose.
+struct Services(Vec<std::path::PathBuf>);
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for data in &self.0 {
+            let pid = std::fs::read(data.join("apps/tiny/service.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["pid"].as_i64());
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A revision of `tiny` whose service is `sh -c SCRIPT` (no hooks, no port).
+fn service_revision(root: &std::path::Path, payload: &str, script: &str) -> std::path::PathBuf {
+    let dir = revision(root, payload);
+    std::fs::write(
+        dir.join("appspec.yml"),
+        format!(
+            "version: 0.0\nos: linux\nfiles:\n  - source: payload.txt\n    destination: /srv/tiny\n\
+             shoal:\n  service:\n    command: /bin/sh\n    args: [\"-c\", {script:?}]\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn a_service_that_does_not_stay_up_trips_the_gate_while_baking_and_is_rolled_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 84, 3], 4);
+    let _services = Services(fleet.iter().map(|a| a.data_dir.clone()).collect());
+    for a in fleet.iter_mut() {
+        tag(a, &[("role", "web")]);
+        a.start();
+    }
+    wait_for("agent-1 to see all four alive", LONG, || {
+        hosts(fleet[0].addr, &ca.operator)
+            .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
+    });
+    let targets = ["--targets", "role=web", "--config", "AllAtOnce"];
+    let v1 = service_revision(tmp.path(), "v1", "exec sleep 600");
+    let first = json(
+        &create(
+            &fleet[0],
+            &ca.operator,
+            &v1,
+            &[&targets[..], &["--wait"]].concat(),
+        ),
+        "v1",
+    );
+    assert_eq!(first["status"], "Succeeded", "{first}");
+    let v1_id = first["revision"].as_str().unwrap().to_string();
+
+    // v2's service passes its start (up for a second) and ValidateService, then exits
+    // after two: its supervisor restarts it, the canary's gossip says so, the gate trips.
+    let v2 = service_revision(tmp.path(), "v2", "sleep 2; exit 1");
+    let canary = [&targets[..], &["--canary", "25%:10m"]].concat();
+    let accepted = json(&create(&fleet[0], &ca.operator, &v2, &canary), "v2");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    let mut view = serde_json::Value::Null;
+    wait_for("the gate to trip and the rollback to succeed", LONG, || {
+        status(&fleet[1], &ca.operator, &id).is_ok_and(|v| {
+            let done = v["rollback"]["status"] == "Succeeded";
+            view = v;
+            done
+        })
+    });
+    assert_eq!(view["status"], "Failed", "{view}");
+    let reason = view["reason"].as_str().unwrap();
+    // Seen stopped, or seen restarted: either is a service that does not stay up.
+    assert!(
+        reason.contains("health gate tripped while baking")
+            && (reason.contains("restarted") || reason.contains("not running")),
+        "{reason}"
+    );
+    let hosts_now = by_status(&view);
+    assert_eq!(
+        hosts_now["Succeeded"].len(),
+        1,
+        "only the canary took it: {view}"
+    );
+    assert_eq!(hosts_now["Skipped"].len(), 3, "{view}");
+    assert_eq!(view["rollback"]["revision"], v1_id.as_str());
+    for a in &fleet {
+        assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
+    }
+}

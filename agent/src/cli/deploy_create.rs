@@ -317,6 +317,7 @@ mod tests {
                             health,
                             held: Default::default(),
                             problem: None,
+                            restarts: 0,
                         },
                     )
                 })

@@ -116,6 +116,7 @@ mod tests {
             health: Health::Stopped,
             held: Default::default(),
             problem: problem.map(String::from),
+            restarts: 0,
         };
         let host = HostView {
             name: "edge-1".into(),

@@ -119,10 +119,18 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
                 return Ok(());
             }
             if let Some(until_ms) = planner.baking_until() {
-                if !bake(&ctx, &id, until_ms).await {
-                    return Ok(()); // stopped while baking
+                match bake(&ctx, &id, until_ms).await {
+                    Baked::Over => planner.bake_over(),
+                    Baked::Stopped => return Ok(()),
+                    Baked::Tripped(why) => {
+                        tracing::warn!(deployment = %id, "a health gate tripped while baking: {why}");
+                        let verdict = Verdict::Failed {
+                            reason: format!("a health gate tripped while baking: {why}"),
+                        };
+                        finish(&ctx, &id, verdict).await?;
+                        return roll_back(&ctx, &id).await;
+                    }
                 }
-                planner.bake_over();
                 continue;
             }
             if let Some(duration) = planner.bake_due() {
@@ -366,23 +374,95 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Waits out a bake until `until_ms`; false if the deployment ended (was stopped) first.
-async fn bake(ctx: &Ctx, id: &str, until_ms: u64) -> bool {
+/// How a bake ended.
+enum Baked {
+    /// Its time is up: the next wave may start.
+    Over,
+    /// The deployment ended meanwhile (an operator stopped it).
+    Stopped,
+    /// A host that took the revision failed its health gate: why.
+    Tripped(String),
+}
+
+/// Waits out a bake until `until_ms`, checking the health gate of every host that took
+/// the revision ([`gate`]) and watching for a stop, four times a second.
+async fn bake(ctx: &Ctx, id: &str, until_ms: u64) -> Baked {
+    let mut seen = std::collections::BTreeSet::new();
     loop {
-        let ended = ctx
-            .reader
-            .read(|s| s.get(id).map(|d| d.status.is_ended()))
-            .unwrap_or(true);
-        if ended {
-            return false;
+        let Some((app, revision, hosts)) = ctx.reader.read(|s| {
+            let d = s.get(id).filter(|d| !d.status.is_ended())?;
+            let took: Vec<String> = d
+                .hosts
+                .iter()
+                .filter(|(_, h)| h.state == HostState::Succeeded)
+                .map(|(name, _)| name.clone())
+                .collect();
+            Some((d.app.clone(), d.revision.clone(), took))
+        }) else {
+            return Baked::Stopped;
+        };
+        if let Ok(views) = ctx.mesh.hosts().await
+            && let Some(why) = gate(&views, &app, &revision, &hosts, &mut seen)
+        {
+            return Baked::Tripped(why);
         }
         let left = until_ms.saturating_sub(now_ms());
         if left == 0 {
-            return true;
+            return Baked::Over;
         }
-        // A stop is noticed within a quarter of a second.
         tokio::time::sleep(Duration::from_millis(left.min(250))).await;
     }
+}
+
+/// The health gate of a bake, over what the hosts that took `revision` of `app` gossip of
+/// themselves (each signs its own record, so a host can only trip the gate for itself):
+/// the host is down, its service stopped or was restarted by its supervisor, its
+/// supervisor has a problem with the app, or (once it was seen on the revision) it runs
+/// another one. A host whose gossip has not shown the revision yet is not judged: gossip
+/// may lag the log. `seen` keeps the hosts seen on the revision. Pure, for tests.
+pub fn gate(
+    views: &[crate::mesh::view::HostView],
+    app: &str,
+    revision: &str,
+    hosts: &[String],
+    seen: &mut std::collections::BTreeSet<String>,
+) -> Option<String> {
+    use crate::mesh::hoststate::Health;
+    use crate::mesh::view::MemberState;
+    for name in hosts {
+        let Some(view) = views.iter().find(|v| &v.name == name) else {
+            continue;
+        };
+        if view.state == MemberState::Dead {
+            return Some(format!("{name} is down"));
+        }
+        let Some(record) = view.details.get(app) else {
+            continue;
+        };
+        if record.revision.as_deref() != Some(revision) {
+            if seen.contains(name) {
+                return Some(format!(
+                    "{name} no longer runs the revision (it runs {})",
+                    record.revision.as_deref().unwrap_or("none")
+                ));
+            }
+            continue;
+        }
+        seen.insert(name.clone());
+        if record.restarts > 0 {
+            return Some(format!(
+                "{name}'s service was restarted {} time(s) since it took the revision",
+                record.restarts
+            ));
+        }
+        if record.health == Health::Stopped {
+            return Some(format!("{name}'s service is not running"));
+        }
+        if let Some(problem) = &record.problem {
+            return Some(format!("{name}: {problem}"));
+        }
+    }
+    None
 }
 
 async fn finish(ctx: &Ctx, id: &str, verdict: Verdict) -> Result<(), DriveError> {
@@ -678,6 +758,74 @@ mod tests {
             deployment: "d".into(),
             until_ms,
         }
+    }
+
+    fn view(
+        name: &str,
+        state: crate::mesh::view::MemberState,
+        revision: &str,
+        health: crate::mesh::hoststate::Health,
+        restarts: u32,
+        problem: Option<&str>,
+    ) -> crate::mesh::view::HostView {
+        let record = crate::mesh::hoststate::AppRecord {
+            revision: Some(revision.into()),
+            health,
+            held: Default::default(),
+            problem: problem.map(String::from),
+            restarts,
+        };
+        crate::mesh::view::HostView {
+            name: name.into(),
+            addr: "127.0.0.1:7400".parse().unwrap(),
+            state,
+            tags: Default::default(),
+            apps: [("app".to_string(), Some(revision.to_string()))].into(),
+            details: [("app".to_string(), record)].into(),
+            log: None,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn the_health_gate_judges_only_hosts_that_took_the_revision_by_their_own_word() {
+        use crate::mesh::hoststate::Health::{Running, Stopped};
+        use crate::mesh::view::MemberState::{Alive, Dead};
+        let took = vec!["a".to_string()];
+        let mut seen = Default::default();
+        let fine = [view("a", Alive, "new", Running, 0, None)];
+        assert_eq!(gate(&fine, "app", "new", &took, &mut seen), None);
+        // Gossip that lags (still the old revision) is not judged, until the host was
+        // seen on the new one.
+        let lagging = [view("a", Alive, "old", Running, 3, None)];
+        let mut fresh = Default::default();
+        assert_eq!(gate(&lagging, "app", "new", &took, &mut fresh), None);
+        assert!(
+            gate(&lagging, "app", "new", &took, &mut seen)
+                .unwrap()
+                .contains("no longer runs")
+        );
+        for (bad, words) in [
+            (
+                view("a", Alive, "new", Running, 1, None),
+                "restarted 1 time",
+            ),
+            (view("a", Alive, "new", Stopped, 0, None), "not running"),
+            (
+                view("a", Alive, "new", Running, 0, Some("monitor failed")),
+                "monitor failed",
+            ),
+            (view("a", Dead, "new", Running, 0, None), "is down"),
+        ] {
+            let why = gate(&[bad], "app", "new", &took, &mut Default::default()).unwrap();
+            assert!(why.contains(words), "{why}");
+        }
+        // Hosts that did not take the revision are not judged.
+        let other = [view("b", Dead, "new", Stopped, 9, None)];
+        assert_eq!(
+            gate(&other, "app", "new", &took, &mut Default::default()),
+            None
+        );
     }
 
     #[test]

@@ -77,6 +77,11 @@ pub struct ServiceRecord {
     /// The service's own cgroup (v2), when the host has one to give.
     #[serde(default)]
     pub cgroup: Option<std::path::PathBuf>,
+    /// How many times the supervisor started this revision's service again after it
+    /// exited (0 for the start a deployment made): gossiped, so a rollout's health gate sees
+    /// a service that does not stay up.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// Where this agent makes services' cgroups: children of its own cgroup in the cgroup v2
@@ -237,7 +242,7 @@ pub fn start(
     spec: &ServiceSpec,
     port: Option<u16>,
 ) -> Result<ServiceRecord> {
-    spawn(dir, release, revision, spec, port)?.wait()
+    spawn(dir, release, revision, spec, port, 0)?.wait()
 }
 
 /// A service spawned and recorded, not yet healthy: [`Starting::wait`] decides. The
@@ -339,6 +344,7 @@ pub fn spawn(
     revision: &RevisionId,
     spec: &ServiceSpec,
     port: Option<u16>,
+    restarts: u32,
 ) -> Result<Starting> {
     use std::os::unix::process::CommandExt;
     let program = if Path::new(&spec.command).is_absolute() {
@@ -420,6 +426,7 @@ pub fn spawn(
         start_ticks: start_ticks(pid).context("reading the service's start time")?,
         port,
         cgroup,
+        restarts,
     };
     write_json(&dir.service(), &record)?;
     Ok(Starting {
@@ -858,6 +865,7 @@ mod tests {
             start_ticks: start_ticks(nix::unistd::getpgrp().as_raw()).unwrap_or(0),
             port: Some(own_port),
             cgroup: None,
+            restarts: 0,
         };
         if me.owns_group() {
             assert_eq!(listener_is_ours(&me, own_port), Some(true));

@@ -369,10 +369,21 @@ fn tick(
         }
         Some(at) if now >= at => {
             watch.restart_at = None;
+            // The count goes on for the same revision (the gate of a rollout reads it).
+            let restarts = service::current(&dir)?
+                .filter(|r| r.revision == active)
+                .map_or(0, |r| r.restarts)
+                .saturating_add(1);
             // Whatever is left of the one before (a group whose leader died) goes first.
             service::stop(&dir)?;
-            let starting =
-                service::spawn(&dir, &release, &active, &spec, state.port.or(spec.port))?;
+            let starting = service::spawn(
+                &dir,
+                &release,
+                &active,
+                &spec,
+                state.port.or(spec.port),
+                restarts,
+            )?;
             drop(lock);
             let pid = starting.pid();
             if starting.wait_unless(stopping)?.is_some() {

@@ -86,6 +86,9 @@ pub struct AppRecord {
     /// that fails, a service that will not start), at most [`MAX_PROBLEM`] bytes.
     #[serde(default)]
     pub problem: Option<String>,
+    /// How many times the supervisor restarted the active revision's service.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// What one host says about itself.
@@ -1536,6 +1539,7 @@ mod tests {
                             health: Health::None,
                             held: BTreeSet::new(),
                             problem: None,
+                            restarts: 0,
                         },
                     );
                 },
@@ -1567,6 +1571,7 @@ mod tests {
                 health: Health::Running,
                 held,
                 problem: None,
+                restarts: 0,
             },
         );
         let long_name = record(&"h".repeat(MAX_HOST_NAME + 1), 4, 2);
@@ -1596,6 +1601,7 @@ mod tests {
                     .map(|h| format!("{h:r>MAX_REVISION_ID$}"))
                     .collect(),
                 problem: Some("p".repeat(MAX_PROBLEM)),
+                restarts: 0,
             };
             r.apps.insert(format!("{a:a>MAX_APP_NAME$}"), app);
             if encoded_len(&r) > MAX_RECORD_BYTES {

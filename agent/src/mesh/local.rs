@@ -40,6 +40,7 @@ pub fn apps_on_disk(data_dir: &Path) -> BTreeMap<String, AppRecord> {
                 health: Health::None,
                 held,
                 problem: None,
+                restarts: 0,
             };
             records.insert(app, record);
         }
@@ -90,15 +91,19 @@ fn cap_held(record: &mut AppRecord) {
 
 fn app_record(dir: &AppDir) -> AppRecord {
     let state: AppState = read_json(&dir.state()).ok().flatten().unwrap_or_default();
+    let service = service::current(dir).ok().flatten();
     let health = if dir.journal().exists() {
         Health::Deploying
     } else {
-        match service::current(dir) {
-            Ok(Some(s)) if s.is_running() => Health::Running,
-            Ok(Some(_)) => Health::Stopped,
-            _ => Health::None,
+        match &service {
+            Some(s) if s.is_running() => Health::Running,
+            Some(_) => Health::Stopped,
+            None => Health::None,
         }
     };
+    let restarts = service
+        .filter(|s| Some(&s.revision) == state.active.as_ref())
+        .map_or(0, |s| s.restarts);
     let name = dir.root.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let real_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
     // Releases the blobs service could pack and send: directories (not links) named by a
@@ -122,6 +127,7 @@ fn app_record(dir: &AppDir) -> AppRecord {
         health,
         held,
         problem: None,
+        restarts,
     }
 }
 
@@ -169,6 +175,7 @@ mod tests {
                 health: Health::None,
                 held: [rev(3)].into(),
                 problem: None,
+                restarts: 0,
             }
         );
     }
@@ -183,6 +190,7 @@ mod tests {
                     health: Health::Stopped,
                     held: BTreeSet::new(),
                     problem: None,
+                    restarts: 0,
                 },
             ),
             (
@@ -192,6 +200,7 @@ mod tests {
                     health: Health::Running,
                     held: BTreeSet::new(),
                     problem: Some("old".into()),
+                    restarts: 0,
                 },
             ),
         ]);
@@ -216,6 +225,7 @@ mod tests {
             health: Health::Running,
             held: (0..MAX_HELD + 10).map(rev).collect(),
             problem: None,
+            restarts: 0,
         };
         cap_held(&mut record);
         assert_eq!(record.held.len(), MAX_HELD);

@@ -148,6 +148,7 @@ mod tests {
                 health: Health::Running,
                 held: BTreeSet::from(["abc".to_string()]),
                 problem: None,
+                restarts: 0,
             },
         );
         HostRecord {
