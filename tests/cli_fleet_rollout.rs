@@ -382,3 +382,77 @@ fn a_service_that_does_not_stay_up_trips_the_gate_while_baking_and_is_rolled_bac
         assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
     }
 }
+
+#[test]
+fn a_monitor_hook_that_starts_failing_while_baking_fails_and_rolls_back_the_deployment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 84, 4], 4);
+    let _services = Services(fleet.iter().map(|a| a.data_dir.clone()).collect());
+    for a in fleet.iter_mut() {
+        tag(a, &[("role", "web")]);
+        a.start();
+    }
+    wait_for("agent-1 to see all four alive", LONG, || {
+        hosts(fleet[0].addr, &ca.operator)
+            .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
+    });
+    let targets = ["--targets", "role=web", "--config", "AllAtOnce"];
+    let v1 = service_revision(tmp.path(), "v1", "exec sleep 600");
+    let first = json(
+        &create(
+            &fleet[0],
+            &ca.operator,
+            &v1,
+            &[&targets[..], &["--wait"]].concat(),
+        ),
+        "v1",
+    );
+    assert_eq!(first["status"], "Succeeded", "{first}");
+
+    // v2 runs the probe as a monitor every second, one failure allowed.
+    let v2 = service_revision(tmp.path(), "v2", "exec sleep 600");
+    let spec = std::fs::read_to_string(v2.join("appspec.yml")).unwrap();
+    std::fs::write(
+        v2.join("appspec.yml"),
+        format!(
+            "{spec}  monitor:\n    - location: hooks/probe.wasm\n      interval: 1\n      failures_allowed: 1\n"
+        ),
+    )
+    .unwrap();
+    let canary = [&targets[..], &["--canary", "25%:10m"]].concat();
+    let accepted = json(&create(&fleet[0], &ca.operator, &v2, &canary), "v2");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    let mut baking = serde_json::Value::Null;
+    wait_for("the canary to bake", LONG, || {
+        status(&fleet[2], &ca.operator, &id).is_ok_and(|v| {
+            let is = v["status"] == "Baking";
+            baking = v;
+            is
+        })
+    });
+    // The canary's monitor starts failing: its work directory now holds probe-fail.
+    let canary_host = by_status(&baking)["Succeeded"][0].clone();
+    let agent = fleet.iter().find(|a| a.name == canary_host).unwrap();
+    std::fs::write(agent.data_dir.join("apps/tiny/work/probe-fail"), "").unwrap();
+
+    let mut view = serde_json::Value::Null;
+    wait_for("the gate to trip and the rollback to succeed", LONG, || {
+        status(&fleet[1], &ca.operator, &id).is_ok_and(|v| {
+            let done = v["rollback"]["status"] == "Succeeded";
+            view = v;
+            done
+        })
+    });
+    assert_eq!(view["status"], "Failed", "{view}");
+    let reason = view["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("health gate tripped while baking")
+            && reason.contains("monitor hooks/probe.wasm failed")
+            && reason.contains("finds /work/probe-fail"),
+        "{reason}"
+    );
+    for a in &fleet {
+        assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
+    }
+}

@@ -52,6 +52,24 @@ const WATCHED: &[&str] = &[
     "Cargo.lock",
 ];
 
+/// Says `rerun-if-changed` for `path` and, for a directory, everything below it (but no
+/// `target` directory).
+fn watch(path: &std::path::Path) {
+    println!("cargo:rerun-if-changed={}", path.display());
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if entry.file_name() != "target" {
+                    watch(&p);
+                }
+            } else {
+                println!("cargo:rerun-if-changed={}", p.display());
+            }
+        }
+    }
+}
+
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir
@@ -67,8 +85,10 @@ fn main() {
         .unwrap_or(&out_dir)
         .join("shoal-examples");
     println!("cargo:rerun-if-env-changed=SHOAL_GUESTS_PINNED");
+    // Every file, not just the directories: cargo compares a directory's own mtime, which
+    // an edit to a file below it does not change.
     for path in WATCHED {
-        println!("cargo:rerun-if-changed={}", root.join(path).display());
+        watch(&root.join(path));
     }
 
     let mut targets: Vec<&str> = GUESTS.iter().map(|g| g.3).collect();

@@ -13,8 +13,8 @@ mod model;
 mod raw;
 
 pub use model::{
-    AppSpec, FileExistsBehavior, FileMapping, HookSpec, ObjectType, Os, Permission, Problem,
-    ServiceSpec, Severity, health_path,
+    AppSpec, FileExistsBehavior, FileMapping, HookSpec, MAX_MONITORS, MonitorSpec, ObjectType, Os,
+    Permission, Problem, ServiceSpec, Severity, health_path,
 };
 
 use std::fmt;

@@ -75,6 +75,21 @@ pub struct HookSpec {
     pub line: u64,
 }
 
+/// A hook the agent runs every `interval` while the revision is active (`shoal.monitor`):
+/// a golden-prediction check, say. It runs as a ValidateService hook does (same sandbox,
+/// same event, the parameter `shoal.monitor` set to its run number), so one check can
+/// serve both. More than `failures_allowed` failures in a row is the application's
+/// problem, which the host gossips and a rollout's health gate acts on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MonitorSpec {
+    pub hook: HookSpec,
+    pub interval: Duration,
+    pub failures_allowed: u32,
+}
+
+/// The most monitors one AppSpec may declare.
+pub const MAX_MONITORS: usize = 8;
+
 /// The application process the agent supervises (`shoal.service`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceSpec {
@@ -140,6 +155,8 @@ pub struct AppSpec {
     /// In lifecycle order; events without hooks are absent.
     pub hooks: BTreeMap<LifecycleEvent, Vec<HookSpec>>,
     pub service: Option<ServiceSpec>,
+    /// `shoal.monitor`, in order.
+    pub monitors: Vec<MonitorSpec>,
     pub problems: Vec<Problem>,
 }
 
@@ -377,7 +394,66 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
         }
     }
 
-    let service = raw.shoal.and_then(|s| s.service).map(|s| {
+    let (raw_service, raw_monitors) = raw
+        .shoal
+        .map(|s| (s.service, s.monitor.unwrap_or_default()))
+        .unwrap_or_default();
+    if raw_monitors.len() > MAX_MONITORS {
+        c.error(
+            raw_monitors.get(MAX_MONITORS).map(|m| line_of(&m.location)),
+            "shoal.monitor",
+            format!("more than {MAX_MONITORS} monitors"),
+        );
+    }
+    let monitors = raw_monitors
+        .into_iter()
+        .take(MAX_MONITORS)
+        .enumerate()
+        .map(|(i, m)| {
+            let key = format!("shoal.monitor[{i}]");
+            let interval = m
+                .interval
+                .as_ref()
+                .map(|t| seconds(&mut c, t, &format!("{key}.interval"), 3600))
+                .unwrap_or(Duration::from_secs(30));
+            let failures_allowed =
+                m.failures_allowed
+                    .as_ref()
+                    .map_or(0, |t| match t.value.trim().parse::<u32>() {
+                        Ok(n) if n <= 100 => n,
+                        _ => {
+                            c.error(
+                                Some(line_of(t)),
+                                format!("{key}.failures_allowed"),
+                                format!("`{}` is not a count from 0 to 100", t.value),
+                            );
+                            0
+                        }
+                    });
+            let mut hook = hook(
+                &mut c,
+                &key,
+                RawHook {
+                    location: m.location,
+                    timeout: None,
+                    runas: None,
+                },
+            );
+            // A run never outlasts its interval (default: the interval, at most 300 s).
+            hook.timeout = m
+                .timeout
+                .as_ref()
+                .map(|t| seconds(&mut c, t, &format!("{key}.timeout"), 300))
+                .unwrap_or(interval.min(Duration::from_secs(300)))
+                .min(interval);
+            MonitorSpec {
+                hook,
+                interval,
+                failures_allowed,
+            }
+        })
+        .collect();
+    let service = raw_service.map(|s| {
         let line = line_of(&s.command);
         let port = s
             .port
@@ -450,6 +526,7 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
         permissions,
         hooks,
         service,
+        monitors,
         problems: c.problems,
     }
 }

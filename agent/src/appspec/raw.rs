@@ -55,6 +55,16 @@ pub struct RawHook {
 #[derive(Deserialize, Debug)]
 pub struct RawShoal {
     pub service: Option<RawService>,
+    pub monitor: Option<Vec<RawMonitor>>,
+}
+
+/// A `shoal.monitor` entry: a hook run again and again while the revision is active.
+#[derive(Deserialize, Debug)]
+pub struct RawMonitor {
+    pub location: Text,
+    pub interval: Option<Text>,
+    pub failures_allowed: Option<Text>,
+    pub timeout: Option<Text>,
 }
 
 #[derive(Deserialize, Debug)]

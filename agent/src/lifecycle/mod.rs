@@ -6,6 +6,7 @@
 //! deployments.
 
 pub mod install;
+pub mod monitor;
 pub mod plan;
 pub mod run;
 pub mod service;

@@ -220,7 +220,7 @@ impl LocalHost {
         b.appspec
             .deployable()
             .map_err(|errors| refused(anyhow!("its AppSpec has errors:\n{errors}")))?;
-        if b.appspec.hooks.values().any(|h| !h.is_empty()) {
+        if b.appspec.hooks.values().any(|h| !h.is_empty()) || !b.appspec.monitors.is_empty() {
             // The agent's fault, not the bundle's: said so.
             self.hooks
                 .ready()
@@ -234,6 +234,18 @@ impl LocalHost {
                     .with_context(|| format!("appspec.yml line {}: hook {}", h.line, h.location))
                     .map_err(refused)?;
             }
+        }
+        for m in &b.appspec.monitors {
+            self.hooks
+                .load_in_revision(&b.root, Path::new(&m.hook.location))
+                .await
+                .with_context(|| {
+                    format!(
+                        "appspec.yml line {}: monitor {}",
+                        m.hook.line, m.hook.location
+                    )
+                })
+                .map_err(refused)?;
         }
         if let Some(svc) = &b.appspec.service
             && !Path::new(&svc.command).is_absolute()
@@ -504,38 +516,17 @@ impl LocalHost {
                 .hooks
                 .load_in_revision(&release.dir, Path::new(&spec.location))
                 .await?;
-            let mut ctx = HookContext {
+            let (ctx, sandbox) = self.hook_setting(
+                dir,
+                &release.dir,
+                &release.id,
                 event,
-                deployment_id: deployment.to_string(),
-                application: req.app.clone(),
-                deployment_group: req.deployment_group.clone(),
-                revision: release.id.0.clone(),
-                host_name: self.host_name.clone(),
-                host_tags: self.tags.clone(),
-                params: BTreeMap::new(),
-            };
-            if let Some(port) = port {
-                ctx.params.insert("port".into(), port.to_string());
-            }
-            let sandbox = Sandbox {
-                dirs: vec![
-                    DirGrant {
-                        host: release.dir.clone(),
-                        guest: "/revision".into(),
-                        writable: false,
-                    },
-                    DirGrant {
-                        host: dir.work(),
-                        guest: "/work".into(),
-                        writable: true,
-                    },
-                ],
-                http_allow: port
-                    .map(|p| vec![format!("127.0.0.1:{p}").parse().expect("a valid address")])
-                    .unwrap_or_default(),
-                timeout: spec.timeout,
-                ..Sandbox::default()
-            };
+                deployment,
+                &req.app,
+                &req.deployment_group,
+                port,
+                spec.timeout,
+            );
             let outcome = self.hooks.run(&hook, &ctx, &sandbox).await;
             let log = logs.join(format!("{}-{}-{n}.log", release.id.short(), event));
             std::fs::write(&log, &outcome.log.text)?;
@@ -557,6 +548,94 @@ impl LocalHost {
             }
         }
         Ok(())
+    }
+
+    /// What a hook of `revision` (unpacked at `release`) is told and may reach: the
+    /// revision read-only at `/revision`, the app's work directory at `/work`, the
+    /// service's port on 127.0.0.1 (also as the parameter `port`).
+    #[allow(clippy::too_many_arguments)]
+    fn hook_setting(
+        &self,
+        dir: &AppDir,
+        release: &Path,
+        revision: &RevisionId,
+        event: LifecycleEvent,
+        deployment: &str,
+        app: &str,
+        group: &str,
+        port: Option<u16>,
+        timeout: std::time::Duration,
+    ) -> (HookContext, Sandbox) {
+        let mut ctx = HookContext {
+            event,
+            deployment_id: deployment.to_string(),
+            application: app.to_string(),
+            deployment_group: group.to_string(),
+            revision: revision.0.clone(),
+            host_name: self.host_name.clone(),
+            host_tags: self.tags.clone(),
+            params: BTreeMap::new(),
+        };
+        if let Some(port) = port {
+            ctx.params.insert("port".into(), port.to_string());
+        }
+        let sandbox = Sandbox {
+            dirs: vec![
+                DirGrant {
+                    host: release.to_path_buf(),
+                    guest: "/revision".into(),
+                    writable: false,
+                },
+                DirGrant {
+                    host: dir.work(),
+                    guest: "/work".into(),
+                    writable: true,
+                },
+            ],
+            http_allow: port
+                .map(|p| vec![format!("127.0.0.1:{p}").parse().expect("a valid address")])
+                .unwrap_or_default(),
+            timeout,
+            ..Sandbox::default()
+        };
+        (ctx, sandbox)
+    }
+
+    /// Runs monitor `n` of `app`'s active `revision` (its `run`-th run): a ValidateService
+    /// hook run again, with the parameter `shoal.monitor` set to `run`. Its log replaces
+    /// the previous run's in `apps/<app>/monitor-<n>.log`. Returns whether it succeeded and
+    /// its summary; an `Err` is a hook that could not be loaded.
+    pub async fn monitor(
+        &self,
+        app: &str,
+        revision: &RevisionId,
+        n: usize,
+        monitor: &crate::appspec::MonitorSpec,
+        port: Option<u16>,
+        run: u64,
+    ) -> Result<(bool, String)> {
+        let dir = self.app_dir(app)?;
+        let release = dir.release(revision);
+        let hook = self
+            .hooks
+            .load_in_revision(&release, Path::new(&monitor.hook.location))
+            .await?;
+        std::fs::create_dir_all(dir.work())?;
+        let (mut ctx, sandbox) = self.hook_setting(
+            &dir,
+            &release,
+            revision,
+            LifecycleEvent::ValidateService,
+            "monitor",
+            app,
+            app,
+            port,
+            monitor.hook.timeout,
+        );
+        ctx.params.insert("shoal.monitor".into(), run.to_string());
+        let outcome = self.hooks.run(&hook, &ctx, &sandbox).await;
+        std::fs::write(dir.root.join(format!("monitor-{n}.log")), &outcome.log.text)?;
+        Ok((outcome.succeeded(), outcome.summary()))
     }
 
     #[allow(clippy::too_many_arguments)]

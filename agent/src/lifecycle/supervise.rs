@@ -32,9 +32,21 @@ pub const LOCK_HELD_PROBLEM: Duration = Duration::from_secs(15 * 60);
 /// How often the agent logs its status line when nothing changed.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 
-/// What went wrong with each application the supervisor could not look after, by name:
-/// shared with what the host gossips.
-pub type Problems = Arc<Mutex<BTreeMap<String, String>>>;
+/// Who found an application's problem. The supervisor's is told first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    /// Its recovery or supervision failed.
+    Supervisor,
+    /// A `shoal.monitor` hook failed more often in a row than it allows.
+    Monitor,
+}
+
+/// What is wrong with each application, by name and by who found it: shared with what the
+/// host gossips.
+pub type Problems = Arc<Mutex<ProblemMap>>;
+
+/// The problems themselves: (application, who found it) → what.
+pub type ProblemMap = BTreeMap<(String, Source), String>;
 
 /// When to restart a service that keeps exiting: at once the first time, then after a delay
 /// that doubles with each exit within `window`, up to `max`. Pure, so it is tested directly.
@@ -99,7 +111,7 @@ enum Pass {
 pub async fn supervise(host: Arc<LocalHost>, problems: Problems, stop: watch::Receiver<bool>) {
     let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut stop_rx = stop.clone();
-    let mut last_status: Option<(Instant, BTreeMap<String, String>)> = None;
+    let mut last_status: Option<(Instant, ProblemMap)> = None;
     loop {
         let on_disk = apps(&host.data_dir);
         // An application whose directory is gone is no longer supervised, nor a problem.
@@ -107,7 +119,8 @@ pub async fn supervise(host: Arc<LocalHost>, problems: Problems, stop: watch::Re
             let keep = on_disk.contains(app);
             if !keep {
                 task.abort();
-                clear_problem(&problems, app);
+                clear_problem(&problems, app, Source::Supervisor);
+                clear_problem(&problems, app, Source::Monitor);
             }
             keep
         });
@@ -116,7 +129,12 @@ pub async fn supervise(host: Arc<LocalHost>, problems: Problems, stop: watch::Re
             if ended && !*stop.borrow() {
                 if tasks.contains_key(&app) {
                     // Only a panic ends an app's task before the stop: said, and restarted.
-                    set_problem(&problems, &app, "its supervisor task ended; restarted");
+                    set_problem(
+                        &problems,
+                        &app,
+                        Source::Supervisor,
+                        "its supervisor task ended; restarted",
+                    );
                 }
                 let task = watch_app(host.clone(), app.clone(), problems.clone(), stop.clone());
                 tasks.insert(app, tokio::spawn(task));
@@ -138,7 +156,7 @@ pub async fn supervise(host: Arc<LocalHost>, problems: Problems, stop: watch::Re
 fn status_line(
     problems: &Problems,
     apps: usize,
-    last: &mut Option<(Instant, BTreeMap<String, String>)>,
+    last: &mut Option<(Instant, ProblemMap)>,
 ) {
     let now_problems = problems.lock().expect("problems lock").clone();
     let due = match last {
@@ -156,7 +174,7 @@ fn status_line(
     } else {
         let list: Vec<String> = now_problems
             .iter()
-            .map(|(app, p)| format!("{app}: {p}"))
+            .map(|((app, _), p)| format!("{app}: {p}"))
             .collect();
         tracing::warn!(
             apps,
@@ -169,22 +187,23 @@ fn status_line(
     *last = Some((Instant::now(), now_problems));
 }
 
-fn set_problem(problems: &Problems, app: &str, problem: &str) {
+fn set_problem(problems: &Problems, app: &str, source: Source, problem: &str) {
     let mut map = problems.lock().expect("problems lock");
-    if map.get(app).map(String::as_str) != Some(problem) {
-        tracing::warn!(app, "problem: {problem}");
-        map.insert(app.to_string(), problem.to_string());
+    let key = (app.to_string(), source);
+    if map.get(&key).map(String::as_str) != Some(problem) {
+        tracing::warn!(app, ?source, "problem: {problem}");
+        map.insert(key, problem.to_string());
     }
 }
 
-fn clear_problem(problems: &Problems, app: &str) {
+fn clear_problem(problems: &Problems, app: &str, source: Source) {
     if problems
         .lock()
         .expect("problems lock")
-        .remove(app)
+        .remove(&(app.to_string(), source))
         .is_some()
     {
-        tracing::info!(app, "problem resolved");
+        tracing::info!(app, ?source, "problem resolved");
     }
 }
 
@@ -205,7 +224,11 @@ async fn watch_app(
         ..RestartPolicy::default()
     };
     let runtime = tokio::runtime::Handle::current();
+    let mut monitoring = Monitoring::default();
     while !*stop.borrow() {
+        if recovered {
+            monitoring.step(&host, &app, &problems).await;
+        }
         let (h, a) = (host.clone(), app.clone());
         let result: Result<Pass> = if recovered {
             let mut w = std::mem::take(&mut watch);
@@ -239,12 +262,17 @@ async fn watch_app(
         let delay = match result {
             Ok(pass) => {
                 match pass {
-                    Pass::Fine => clear_problem(&problems, &app),
+                    Pass::Fine => clear_problem(&problems, &app, Source::Supervisor),
                     Pass::Busy => {
                         let since = *watch.held_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= LOCK_HELD_PROBLEM {
                             let held = since.elapsed().as_secs();
-                            set_problem(&problems, &app, &format!("its lock is held for {held}s"));
+                            set_problem(
+                                &problems,
+                                &app,
+                                Source::Supervisor,
+                                &format!("its lock is held for {held}s"),
+                            );
                         }
                     }
                     Pass::Waiting => {}
@@ -264,13 +292,105 @@ async fn watch_app(
                 };
                 let mut problem = format!("{what}: {e:#}");
                 truncate(&mut problem, crate::mesh::hoststate::MAX_PROBLEM);
-                set_problem(&problems, &app, &problem);
+                set_problem(&problems, &app, Source::Supervisor, &problem);
                 errors.exited(Instant::now()).max(Duration::from_secs(1))
             }
         };
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.wait_for(|s| *s) => break,
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    if let Some((_, run)) = monitoring.running.take() {
+        run.abort();
+    }
+}
+
+/// The `shoal.monitor` hooks of an application's active revision, as its supervisor task
+/// runs them: one at a time, on a task of their own.
+#[derive(Default)]
+struct Monitoring {
+    schedule: Option<super::monitor::Schedule>,
+    /// The monitor running now, and its run.
+    running: Option<(usize, tokio::task::JoinHandle<(bool, String)>)>,
+}
+
+impl Monitoring {
+    /// Follows the active revision (a new one starts a new schedule), collects a finished
+    /// run, starts a due one, and reports the problem, if any. Skipped while a deployment
+    /// holds the application.
+    async fn step(&mut self, host: &Arc<LocalHost>, app: &str, problems: &Problems) {
+        let dir = AppDir::new(&host.data_dir, app);
+        if dir.journal().exists() {
+            return;
+        }
+        let active = read_json::<AppState>(&dir.state())
+            .ok()
+            .flatten()
+            .and_then(|s| s.active);
+        let current = self.schedule.as_ref().map(|s| s.revision().clone());
+        if active != current {
+            if let Some((_, run)) = self.running.take() {
+                run.abort();
+            }
+            clear_problem(problems, app, Source::Monitor);
+            self.schedule = active.and_then(|revision| {
+                let spec = crate::bundle::read_appspec(&dir.release(&revision)).ok()?;
+                let port = spec.service.as_ref().and_then(|s| s.port);
+                let state: AppState = read_json(&dir.state()).ok().flatten()?;
+                (!spec.monitors.is_empty()).then(|| {
+                    super::monitor::Schedule::new(
+                        revision,
+                        spec.monitors,
+                        state.port.or(port),
+                        Instant::now(),
+                    )
+                })
+            });
+        }
+        let Some(schedule) = &mut self.schedule else {
+            return;
+        };
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|(_, run)| run.is_finished())
+        {
+            let (i, run) = self.running.take().expect("checked");
+            // Finished: awaiting it does not wait.
+            let (ok, summary) = run
+                .await
+                .unwrap_or_else(|e| (false, format!("the monitor's task failed: {e}")));
+            if !ok {
+                tracing::warn!(app, monitor = i, "monitor failed: {summary}");
+            }
+            schedule.done(i, ok, &summary);
+            match schedule.problem() {
+                Some(mut problem) => {
+                    truncate(&mut problem, crate::mesh::hoststate::MAX_PROBLEM);
+                    set_problem(problems, app, Source::Monitor, &problem);
+                }
+                None => clear_problem(problems, app, Source::Monitor),
+            }
+        }
+        if self.running.is_none()
+            && let Some(i) = schedule.due(Instant::now())
+        {
+            let (spec, run) = schedule.start(i, Instant::now());
+            let (host, app, revision, port) = (
+                host.clone(),
+                app.to_string(),
+                schedule.revision().clone(),
+                schedule.port(),
+            );
+            self.running = Some((
+                i,
+                tokio::spawn(async move {
+                    host.monitor(&app, &revision, i, &spec, port, run)
+                        .await
+                        .unwrap_or_else(|e| (false, format!("{e:#}")))
+                }),
+            ));
         }
     }
 }

@@ -12,7 +12,7 @@ use super::hoststate::{AppRecord, Health, MAX_APPS, MAX_HELD, MAX_PROBLEM};
 use crate::blobs::{BundleStore, valid_app, valid_revision};
 use crate::lifecycle::service;
 use crate::lifecycle::state::{AppDir, AppState, read_json};
-use crate::lifecycle::supervise::apps;
+use crate::lifecycle::supervise::{Source, apps};
 
 /// Every application under `data_dir`, as a gossiped record: those the lifecycle has a
 /// directory for, then those of which the bundle store alone holds bundles (no revision,
@@ -56,10 +56,15 @@ pub fn apps_on_disk(data_dir: &Path) -> BTreeMap<String, AppRecord> {
 /// record is not told: the supervisor only watches applications on disk.
 pub fn add_problems(
     records: &mut BTreeMap<String, AppRecord>,
-    problems: &BTreeMap<String, String>,
+    problems: &BTreeMap<(String, Source), String>,
 ) {
     for (app, record) in records.iter_mut() {
-        record.problem = problems.get(app).map(|p| {
+        // The supervisor's first (`Source` orders it first), then a monitor's.
+        let mine = problems
+            .range((app.clone(), Source::Supervisor)..=(app.clone(), Source::Monitor))
+            .map(|(_, p)| p)
+            .next();
+        record.problem = mine.map(|p| {
             let mut end = p.len().min(MAX_PROBLEM);
             while !p.is_char_boundary(end) {
                 end -= 1;
@@ -205,8 +210,8 @@ mod tests {
             ),
         ]);
         let problems = BTreeMap::from([
-            ("a".to_string(), "é".repeat(MAX_PROBLEM)),
-            ("ghost".to_string(), "x".into()),
+            (("a".to_string(), Source::Monitor), "é".repeat(MAX_PROBLEM)),
+            (("ghost".to_string(), Source::Supervisor), "x".into()),
         ]);
         add_problems(&mut records, &problems);
         let a = records["a"].problem.as_deref().unwrap();

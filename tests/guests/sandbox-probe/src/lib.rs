@@ -5,6 +5,8 @@
 //! Without a `probe` parameter (as an AppSpec hook, which has none) it acts on the host's
 //! tags, so fleet tests can make one host differ: it fails at the event named by the tag
 //! `probe-fail` (`probe-fail = "ValidateService"`), and first sleeps `probe-sleep` seconds.
+//! It also fails, at any event, once the app's work directory holds a file `probe-fail`
+//! (`/work/probe-fail`): a test makes a monitor start failing that way.
 
 use std::hint::black_box;
 
@@ -100,6 +102,9 @@ fn by_tags(ctx: &Context) -> Result<String> {
         std::thread::sleep(std::time::Duration::from_secs(secs));
     }
     let event = ctx.event.to_string();
+    if std::path::Path::new("/work/probe-fail").exists() {
+        bail!("{} finds /work/probe-fail at {event}", ctx.host.name);
+    }
     if ctx.host.tags.get("probe-fail") == Some(&event) {
         bail!("{} is tagged to fail at {event}", ctx.host.name);
     }
