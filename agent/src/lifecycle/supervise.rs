@@ -153,11 +153,7 @@ pub async fn supervise(host: Arc<LocalHost>, problems: Problems, stop: watch::Re
 
 /// The agent's status line: at once when an application's problem changes, else every
 /// [`STATUS_EVERY`].
-fn status_line(
-    problems: &Problems,
-    apps: usize,
-    last: &mut Option<(Instant, ProblemMap)>,
-) {
+fn status_line(problems: &Problems, apps: usize, last: &mut Option<(Instant, ProblemMap)>) {
     let now_problems = problems.lock().expect("problems lock").clone();
     let due = match last {
         None => true,
