@@ -298,6 +298,39 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
         &command_as(&insider, host, &consenting, &consenting_id, fence(1), true).await,
         "carries intent",
     );
+    // A consented rollback to a revision this host never ran (the peer the operator asked
+    // could have named any): refused by the host itself.
+    let to_unknown = intent::sign(
+        &Intent::new(
+            "tiny",
+            "tiny",
+            Targets::parse("role=inference").unwrap(),
+            &r2,
+            DeploymentConfig::AllAtOnce,
+            &operator.name,
+            now(),
+        )
+        .unwrap()
+        .with_rollback_to(Some(r3.0.clone()))
+        .unwrap(),
+        &operator,
+    )
+    .unwrap();
+    let to_unknown_id = serde_json::from_slice::<Intent>(&to_unknown.body)
+        .unwrap()
+        .id;
+    refused(
+        &command_as(
+            &insider,
+            host,
+            &to_unknown,
+            &intent::rollback_id(&to_unknown_id),
+            fence(1),
+            true,
+        )
+        .await,
+        "ran successfully before",
+    );
     // Signed by an operator of this fleet whose certificate was revoked since.
     let mallory_dir = tmp.path().join("mallory");
     let o = shoal()

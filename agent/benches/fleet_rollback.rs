@@ -10,6 +10,7 @@
 //! - in the same run, the alternative: an operator's `deploy create --wait` of the good
 //!   revision to those same hosts (AllAtOnce), the time a hand-made rollback costs once
 //!   someone noticed; the ratio compares the two.
+//!
 //! Every host must end on the good revision (its install root is read).
 //!
 //! `cargo bench -p shoal-agent --bench fleet_rollback`; `SHOAL_BENCH_FLEETS` (default

@@ -243,6 +243,15 @@ pub async fn create(
                 view.config,
                 view.coordinator.as_deref().unwrap_or("?")
             );
+            match &view.rollback_to {
+                Some(r) => println!(
+                    "if it fails it rolls back to revision {} (the group's last success; --no-rollback to not)",
+                    super::short(r)
+                ),
+                None => println!(
+                    "if it fails nothing is rolled back (--no-rollback, or the group has no success yet)"
+                ),
+            }
             println!("follow it with: shoal deploy status {} --watch", view.id);
         }
         return Ok(true);

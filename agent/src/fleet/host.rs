@@ -202,6 +202,25 @@ impl HostSide {
                 intent.id
             ));
         }
+        if cmd.rollback {
+            // The consent names the group's last success as the agent the operator asked
+            // said it was: this host puts back only a revision it ran successfully itself,
+            // never one it first hears of in a rollback.
+            let dir = crate::lifecycle::state::AppDir::new(&self.host.data_dir, &intent.app);
+            let state: crate::lifecycle::state::AppState =
+                crate::lifecycle::state::read_json(&dir.state())
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+            let ran = |r: &crate::bundle::RevisionId| r.0 == intent.revision;
+            if !(state.history.iter().any(ran) || state.active.as_ref().is_some_and(ran)) {
+                return Err(format!(
+                    "a rollback puts back only a revision this host ran successfully before, \
+                     and {} is not one",
+                    intent.revision
+                ));
+            }
+        }
         let tags = self.tags.borrow().clone();
         intent::check_host(&intent, &self.name, &tags).map_err(|e| e.to_string())?;
         Ok(intent)

@@ -39,7 +39,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use super::log::{Fence, Verdict};
-use super::plan::{DeploymentConfig, MAX_BAKE_SECS, Rollout};
+use super::plan::{DeploymentConfig, MAX_BAKE_SECS, MAX_ROLLOUT_SECS, Rollout};
 use super::targets::{Targets, quote};
 use crate::bundle::RevisionId;
 use crate::durable::write_whole;
@@ -196,7 +196,9 @@ impl Intent {
         check_name("operator", &self.operator, MAX_OPERATOR, false)?;
         if let Rollout::Canary { percent, bake_secs } | Rollout::Linear { percent, bake_secs } =
             self.rollout
-            && (percent.get() == 0 || bake_secs > MAX_BAKE_SECS)
+            && (percent.get() == 0
+                || bake_secs > MAX_BAKE_SECS
+                || self.rollout.longest_bakes() > MAX_ROLLOUT_SECS)
         {
             return Err(invalid(
                 "rollout",

@@ -269,8 +269,13 @@ impl fmt::Display for DeploymentConfig {
     }
 }
 
-/// The most a bake may last: a day.
-pub const MAX_BAKE_SECS: u64 = 24 * 3600;
+/// The most all the bakes of one rollout may last together: 12 hours, so that the
+/// operator's intent (valid 24 hours, `intent::MAX_AGE_SECS`) still verifies on the hosts
+/// of the last wave and for a rollback.
+pub const MAX_ROLLOUT_SECS: u64 = 12 * 3600;
+
+/// The most one bake may last.
+pub const MAX_BAKE_SECS: u64 = MAX_ROLLOUT_SECS;
 
 /// How the hosts are released in waves, on top of the [`DeploymentConfig`]'s batches: all
 /// at once (the default, CodeDeploy's in-place behaviour), a canary wave then the rest, or
@@ -306,7 +311,12 @@ impl Rollout {
             }
             (None, Some(text)) => {
                 let (percent, bake_secs) = parse_wave(text)?;
-                Ok(Rollout::Linear { percent, bake_secs })
+                let rollout = Rollout::Linear { percent, bake_secs };
+                let secs = rollout.longest_bakes();
+                if secs > MAX_ROLLOUT_SECS {
+                    return Err(ConfigErrorKind::BakeTooLong { secs }.into());
+                }
+                Ok(rollout)
             }
             (None, None) => Ok(Rollout::Waveless),
         }
@@ -318,6 +328,19 @@ impl Rollout {
             Rollout::Waveless => std::time::Duration::ZERO,
             Rollout::Canary { bake_secs, .. } | Rollout::Linear { bake_secs, .. } => {
                 std::time::Duration::from_secs(bake_secs)
+            }
+        }
+    }
+
+    /// The most time all bakes may take together, for any number of hosts: linear waves of
+    /// P% are at most ⌈100 / P⌉, with a bake between each two.
+    pub fn longest_bakes(self) -> u64 {
+        match self {
+            Rollout::Waveless => 0,
+            Rollout::Canary { bake_secs, .. } => bake_secs,
+            Rollout::Linear { percent, bake_secs } => {
+                let waves = 100u64.div_ceil(u64::from(percent.get().max(1)));
+                waves.saturating_sub(1).saturating_mul(bake_secs)
             }
         }
     }
@@ -597,8 +620,11 @@ pub enum ConfigErrorKind {
     /// A wave of 0% or more than 100%.
     #[error("a wave of {percent}% is not between 1% and 100%")]
     WavePercentOutOfRange { percent: u64 },
-    /// A bake longer than [`MAX_BAKE_SECS`].
-    #[error("a bake of {secs} s is longer than the {MAX_BAKE_SECS} s allowed")]
+    /// Bakes longer than [`MAX_ROLLOUT_SECS`] in all.
+    #[error(
+        "bakes of {secs} s in all are longer than the {MAX_ROLLOUT_SECS} s a rollout may bake \
+         (the operator's intent must still be valid when it ends)"
+    )]
     BakeTooLong { secs: u64 },
 }
 

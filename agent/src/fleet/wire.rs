@@ -172,6 +172,9 @@ pub struct DeploymentView {
     pub rollback: Option<RollbackView>,
     /// When this one is a rollback: the deployment it rolls back.
     pub rollback_of: Option<String>,
+    /// The revision the operator consented to roll back to if it fails (none: no
+    /// automatic rollback).
+    pub rollback_to: Option<String>,
     /// Set when the agent that answered cannot reach a majority of the log: what it shows
     /// may be out of date and nothing progresses.
     pub warning: Option<String>,
@@ -206,6 +209,8 @@ pub struct GroupView {
     pub app: String,
     pub targets: String,
     pub config: String,
+    /// The waves of its last deployment (`no waves`, `canary 25%, bake 600s`, ...).
+    pub rollout: String,
     pub last_successful: Option<String>,
     pub deployments: usize,
     pub last_deployment: Option<String>,
@@ -250,6 +255,7 @@ impl DeploymentView {
                 .collect(),
             rollback: None,
             rollback_of: d.rollback_of.clone(),
+            rollback_to: d.rollback_to.clone(),
             warning: None,
         }
     }
@@ -292,6 +298,7 @@ impl GroupView {
             app: g.app.clone(),
             targets: g.targets.clone(),
             config: g.config.to_string(),
+            rollout: g.rollout.to_string(),
             last_successful: g.last_successful.clone(),
             deployments: g.deployments.len(),
             last_deployment: g.deployments.last().cloned(),

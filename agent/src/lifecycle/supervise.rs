@@ -313,11 +313,18 @@ struct Monitoring {
 
 impl Monitoring {
     /// Follows the active revision (a new one starts a new schedule), collects a finished
-    /// run, starts a due one, and reports the problem, if any. Skipped while a deployment
-    /// holds the application.
+    /// run, starts a due one, and reports the problem, if any. While a deployment holds the
+    /// application, nothing runs and the monitors' problem is cleared.
     async fn step(&mut self, host: &Arc<LocalHost>, app: &str, problems: &Problems) {
         let dir = AppDir::new(&host.data_dir, app);
         if dir.journal().exists() {
+            // A deployment holds the app: what the monitors said of the revision it replaces
+            // must not stand for the new one.
+            if let Some((_, run)) = self.running.take() {
+                run.abort();
+            }
+            self.schedule = None;
+            clear_problem(problems, app, Source::Monitor);
             return;
         }
         let active = read_json::<AppState>(&dir.state())

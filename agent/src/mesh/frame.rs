@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The wire version this agent speaks. 2: host records carry an application's problem.
-pub const VERSION: u16 = 2;
+/// 3: rollouts (bakes, rollbacks, restarts in host records).
+pub const VERSION: u16 = 3;
 /// The largest frame accepted, in bytes.
 pub const MAX_FRAME: u32 = 1 << 20;
 

@@ -126,10 +126,6 @@ pub enum Command {
         /// What the host said of its events (bounded by [`HostReport::bounded`]).
         report: HostReport,
     },
-    /// A wave ended and the next waits until `until_ms` (Unix milliseconds, the
-    /// coordinator's clock): the deployment is Baking. The next [`Command::StartHosts`]
-    /// ends the bake.
-    Bake { deployment: String, until_ms: u64 },
     /// The operator stopped it: no batch starts after this; hosts not started are Skipped.
     /// With `rollback`, it is then rolled back like a failed one.
     Stop { deployment: String, rollback: bool },
@@ -138,6 +134,10 @@ pub enum Command {
         deployment: String,
         verdict: Verdict,
     },
+    /// A wave ended and the next waits until `until_ms` (Unix milliseconds, the
+    /// coordinator's clock): the deployment is Baking. The next [`Command::StartHosts`]
+    /// ends the bake.
+    Bake { deployment: String, until_ms: u64 },
 }
 
 impl Command {
@@ -219,15 +219,15 @@ pub enum DeploymentState {
     /// Recorded; no host started yet.
     Created,
     InProgress,
-    /// Between two waves, until `until_ms` (Unix milliseconds).
-    Baking {
-        until_ms: u64,
-    },
     Succeeded,
     Failed {
         reason: String,
     },
     Stopped,
+    /// Between two waves, until `until_ms` (Unix milliseconds).
+    Baking {
+        until_ms: u64,
+    },
 }
 
 impl DeploymentState {
@@ -293,6 +293,10 @@ pub struct DeploymentHost {
     /// Its events and the last lines of its hook logs, once it reported.
     pub report: HostReport,
 }
+
+/// The latest a bake may end, after its deployment was created: the operator's intent must
+/// still verify on hosts (and for its rollback) when the rollout ends.
+pub const MAX_ROLLOUT_MS: u64 = crate::fleet::plan::MAX_ROLLOUT_SECS * 1000;
 
 /// The most events a host report keeps (CodeDeploy's in-place lifecycle has 9, a rollback
 /// as many again, the traffic events 6 more).
@@ -515,11 +519,14 @@ impl DeploymentsState {
                 });
             }
             // As CodeDeploy: one active deployment per deployment group; a stopped one is
-            // active while its hosts in flight have not reported.
+            // active while its hosts in flight have not reported, a failed one until its
+            // rollback is made (unless this is that rollback).
             if let Some(active) = group.deployments.iter().rev().find(|id| {
-                self.deployments
-                    .get(*id)
-                    .is_some_and(|d| !d.status.is_ended() || d.in_flight().next().is_some())
+                self.deployments.get(*id).is_some_and(|d| {
+                    !d.status.is_ended()
+                        || d.in_flight().next().is_some()
+                        || (d.needs_rollback() && new.rollback_of.as_ref() != Some(&d.id))
+                })
             }) {
                 return Err(Refusal::GroupBusy {
                     group: new.group,
@@ -534,7 +541,27 @@ impl DeploymentsState {
             let Some(original) = self.deployments.get(of) else {
                 return Err(Refusal::UnknownDeployment { id: of.clone() });
             };
-            if !original.status.is_ended() || original.rolled_back_by.is_some() {
+            // Only the rollback the operator consented to, of a deployment that needs it,
+            // to hosts that took it, under the same signed intent: not whatever a leader
+            // writes.
+            let latest = self
+                .groups
+                .get(&original.group)
+                .and_then(|g| g.deployments.last())
+                == Some(of);
+            let fits = original.needs_rollback()
+                && latest
+                && new.group == original.group
+                && new.app == original.app
+                && Some(&new.revision) == original.rollback_to.as_ref()
+                && new.signed_intent == original.signed_intent
+                && new.hosts.iter().all(|h| {
+                    original
+                        .hosts
+                        .get(&h.name)
+                        .is_some_and(|o| o.started.is_some())
+                });
+            if !fits {
                 return Err(Refusal::NoRollback {
                     id: of.clone(),
                     status: original.status.clone(),
@@ -567,9 +594,12 @@ impl DeploymentsState {
                 last_successful: None,
                 deployments: Vec::new(),
             });
-        group.targets = new.targets.clone();
-        group.config = new.config;
-        group.rollout = new.rollout;
+        if new.rollback_of.is_none() {
+            // A rollback keeps the group's settings: they are the operator's.
+            group.targets = new.targets.clone();
+            group.config = new.config;
+            group.rollout = new.rollout;
+        }
         group.deployments.push(new.id.clone());
         let deployment = Deployment {
             id: new.id.clone(),
@@ -681,6 +711,17 @@ impl DeploymentsState {
         let deployment = self.deployment_mut(id)?;
         match deployment.status {
             DeploymentState::Baking { until_ms: now } if now == until_ms => Ok(Change::Unchanged),
+            DeploymentState::InProgress
+                if deployment.rollout == Rollout::Waveless
+                    || deployment.bakes.len() + 1
+                        >= deployment.rollout.waves(deployment.hosts.len()).len()
+                    || until_ms > deployment.created_at_ms.saturating_add(MAX_ROLLOUT_MS) =>
+            {
+                Err(Refusal::NotBakeable {
+                    id: id.to_owned(),
+                    status: deployment.status.clone(),
+                })
+            }
             DeploymentState::InProgress => {
                 let count = deployment.in_flight().count();
                 if count > 0 {
@@ -701,8 +742,17 @@ impl DeploymentsState {
     }
 
     fn stop(&mut self, id: &str, rollback: bool) -> Result<Change, Refusal> {
+        let latest = self
+            .deployments
+            .get(id)
+            .and_then(|d| self.groups.get(&d.group))
+            .and_then(|g| g.deployments.last())
+            .is_some_and(|last| last == id);
         let deployment = self.deployment_mut(id)?;
-        if rollback && (deployment.rollback_to.is_none() || deployment.rollback_of.is_some()) {
+        // A rollback puts back the group's last success: never over a newer deployment.
+        if rollback
+            && (deployment.rollback_to.is_none() || deployment.rollback_of.is_some() || !latest)
+        {
             return Err(Refusal::NoRollback {
                 id: id.to_owned(),
                 status: deployment.status.clone(),
@@ -893,6 +943,29 @@ mod tests {
             },
         );
         assert!(state.get("d1").unwrap().needs_rollback());
+        // Until its rollback is made, the group takes no other deployment.
+        assert!(matches!(
+            state.apply(
+                fence(5),
+                Command::CreateDeployment(new_deployment("d9", &["a"]))
+            ),
+            Response::Refused(Refusal::GroupBusy { .. })
+        ));
+        // Not whatever a leader writes: another revision, or a host that never took it.
+        let mut wrong = new_deployment("r1", &["a"]);
+        wrong.revision = "elsewhere".into();
+        wrong.rollback_of = Some("d1".into());
+        assert!(matches!(
+            state.apply(fence(5), Command::CreateDeployment(wrong)),
+            Response::Refused(Refusal::NoRollback { .. })
+        ));
+        let mut wider = new_deployment("r1", &["a", "b"]);
+        wider.revision = "old".into();
+        wider.rollback_of = Some("d1".into());
+        assert!(matches!(
+            state.apply(fence(5), Command::CreateDeployment(wider)),
+            Response::Refused(Refusal::NoRollback { .. })
+        ));
         let mut rollback = new_deployment("r1", &["a"]);
         rollback.revision = "old".into();
         rollback.rollback_of = Some("d1".into());
@@ -976,7 +1049,28 @@ mod tests {
 
     #[test]
     fn a_bake_comes_only_between_waves_and_the_next_batch_ends_it() {
-        let mut state = created();
+        // Without waves, never.
+        let mut plain = created();
+        plain.apply(fence(2), start("d1", &["a"]));
+        plain.apply(fence(3), result("d1", "a", Verdict::Succeeded));
+        assert!(matches!(
+            plain.apply(
+                fence(4),
+                Command::Bake {
+                    deployment: "d1".into(),
+                    until_ms: 10
+                }
+            ),
+            Response::Refused(Refusal::NotBakeable { .. })
+        ));
+        // Linear waves of one host over three: two bakes at most.
+        let mut state = DeploymentsState::default();
+        let mut new = new_deployment("d1", &["a", "b", "c"]);
+        new.rollout = Rollout::Linear {
+            percent: crate::fleet::plan::Percent::new(1).unwrap(),
+            bake_secs: 60,
+        };
+        state.apply(fence(1), Command::CreateDeployment(new));
         let bake = |until_ms| Command::Bake {
             deployment: "d1".into(),
             until_ms,
@@ -1012,6 +1106,14 @@ mod tests {
         state.apply(fence(9), result("d1", "b", Verdict::Succeeded));
         state.apply(fence(10), bake(20));
         assert_eq!(state.get("d1").unwrap().bakes, [10, 20]);
+        // A third bake, or one past what the intent allows, is refused.
+        let mut more = state.clone();
+        more.apply(fence(11), start("d1", &["c"]));
+        more.apply(fence(12), result("d1", "c", Verdict::Succeeded));
+        assert!(matches!(
+            more.apply(fence(13), bake(30)),
+            Response::Refused(Refusal::NotBakeable { .. })
+        ));
         state.apply(
             fence(11),
             Command::Stop {

@@ -46,7 +46,7 @@ use super::{DeploymentsState, Entry, Fence, LogId, Node, NodeId, Response, Stora
 pub const FILE: &str = "log.redb";
 
 /// The layout and encoding version this code writes and reads.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
