@@ -72,6 +72,28 @@ fn operator_intent(operator: &Identity, targets: &str, revision: &RevisionId) ->
     intent::sign(&intent, operator).unwrap()
 }
 
+/// An operator's intent for `revision` on role=inference that consents to a rollback to
+/// `rollback_to`.
+fn consenting_intent(
+    operator: &Identity,
+    revision: &RevisionId,
+    rollback_to: &RevisionId,
+) -> SignedIntent {
+    let intent = Intent::new(
+        "tiny",
+        "tiny",
+        Targets::parse("role=inference").unwrap(),
+        revision,
+        DeploymentConfig::AllAtOnce,
+        &operator.name,
+        now(),
+    )
+    .unwrap()
+    .with_rollback_to(Some(rollback_to.0.clone()))
+    .unwrap();
+    intent::sign(&intent, operator).unwrap()
+}
+
 /// Signs `intent` with any identity, bypassing `intent::sign`'s refusal of agents.
 fn signed_by(identity: &Identity, intent: &Intent) -> SignedIntent {
     let body = serde_json::to_vec(intent).unwrap();
@@ -275,22 +297,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     );
     // A consented rollback commanded under the original deployment's id: the ids differ,
     // so the host's replay record of one can never stand for the other.
-    let consenting = intent::sign(
-        &Intent::new(
-            "tiny",
-            "tiny",
-            Targets::parse("role=inference").unwrap(),
-            &r2,
-            DeploymentConfig::AllAtOnce,
-            &operator.name,
-            now(),
-        )
-        .unwrap()
-        .with_rollback_to(Some(r1.0.clone()))
-        .unwrap(),
-        &operator,
-    )
-    .unwrap();
+    let consenting = consenting_intent(&operator, &r2, &r1);
     let consenting_id = serde_json::from_slice::<Intent>(&consenting.body)
         .unwrap()
         .id;
@@ -300,22 +307,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     );
     // A consented rollback to a revision this host never ran (the peer the operator asked
     // could have named any): refused by the host itself.
-    let to_unknown = intent::sign(
-        &Intent::new(
-            "tiny",
-            "tiny",
-            Targets::parse("role=inference").unwrap(),
-            &r2,
-            DeploymentConfig::AllAtOnce,
-            &operator.name,
-            now(),
-        )
-        .unwrap()
-        .with_rollback_to(Some(r3.0.clone()))
-        .unwrap(),
-        &operator,
-    )
-    .unwrap();
+    let to_unknown = consenting_intent(&operator, &r2, &r3);
     let to_unknown_id = serde_json::from_slice::<Intent>(&to_unknown.body)
         .unwrap()
         .id;

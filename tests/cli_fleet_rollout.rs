@@ -9,7 +9,9 @@ mod fleet;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleet::{Ca, agents, create, hosts, installed, json, revision, shoal, status, tag, wait_for};
+use fleet::{
+    Agent, Ca, agents, create, hosts, installed, json, revision, shoal, status, tag, wait_for,
+};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -24,28 +26,74 @@ fn by_status(view: &serde_json::Value) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-#[test]
-fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bake() {
+/// Four agents tagged `role=web` (and `extra` tags on the one at `extra_on`), started and
+/// all seen alive. Dropped: the services they started, then the agents, then the files.
+struct Four {
+    _services: Services,
+    agents: Vec<Agent>,
+    ca: Ca,
+    tmp: tempfile::TempDir,
+}
+
+fn four(prefix: [u8; 3], extra_on: usize, extra: &[(&str, &str)]) -> Four {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new(tmp.path(), "fleet");
-    let mut fleet = agents(tmp.path(), &ca, [127, 84, 1], 4);
-    for a in fleet.iter_mut() {
-        tag(a, &[("role", "web")]);
+    let mut agents = agents(tmp.path(), &ca, prefix, 4);
+    let services = Services(agents.iter().map(|a| a.data_dir.clone()).collect());
+    for (i, a) in agents.iter_mut().enumerate() {
+        let mut tags = vec![("role", "web")];
+        if i == extra_on {
+            tags.extend_from_slice(extra);
+        }
+        tag(a, &tags);
         a.start();
     }
     wait_for("agent-1 to see all four alive", LONG, || {
-        hosts(fleet[0].addr, &ca.operator)
+        hosts(agents[0].addr, &ca.operator)
             .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
     });
+    Four {
+        _services: services,
+        agents,
+        ca,
+        tmp,
+    }
+}
+
+impl Four {
+    /// Deploys `revision` to all four at once and waits: it must succeed. Its revision id.
+    fn first(&self, revision: &std::path::Path) -> String {
+        let o = create(
+            &self.agents[0],
+            &self.ca.operator,
+            revision,
+            &["--targets", "role=web", "--config", "AllAtOnce", "--wait"],
+        );
+        let view = json(&o, "the first deployment");
+        assert_eq!(view["status"], "Succeeded", "{view}");
+        view["revision"].as_str().unwrap().to_string()
+    }
+
+    /// Asks agent `peer` for deployment `id` until its rollback Succeeded; its last view.
+    fn rolled_back(&self, peer: usize, id: &str) -> serde_json::Value {
+        let mut view = serde_json::Value::Null;
+        wait_for("the rollback to succeed", LONG, || {
+            status(&self.agents[peer], &self.ca.operator, id).is_ok_and(|v| {
+                let done = v["rollback"]["status"] == "Succeeded";
+                view = v;
+                done
+            })
+        });
+        view
+    }
+}
+
+#[test]
+fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bake() {
+    let f = four([127, 84, 1], usize::MAX, &[]);
+    let (fleet, ca, tmp) = (&f.agents, &f.ca, &f.tmp);
     let targets = ["--targets", "role=web", "--config", "AllAtOnce"];
-    let v1 = revision(tmp.path(), "v1");
-    let o = create(
-        &fleet[0],
-        &ca.operator,
-        &v1,
-        &[&targets[..], &["--wait"]].concat(),
-    );
-    assert_eq!(json(&o, "v1")["status"], "Succeeded");
+    f.first(&revision(tmp.path(), "v1"));
 
     // The dry run shows the waves: one host, a bake, the other three.
     let v2 = revision(tmp.path(), "v2");
@@ -105,7 +153,7 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
         .unwrap();
     let done = json(&watched, "deploy status --watch");
     assert_eq!(done["status"], "Succeeded", "{done}");
-    for a in &fleet {
+    for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v2"));
     }
     let mut by_batch: BTreeMap<u64, usize> = BTreeMap::new();
@@ -175,16 +223,9 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
         .output()
         .unwrap();
     assert_eq!(json(&o, "deploy stop --rollback")["status"], "Stopped");
-    let mut view = serde_json::Value::Null;
-    wait_for("the stopped deployment's rollback to succeed", LONG, || {
-        status(&fleet[2], &ca.operator, &id).is_ok_and(|v| {
-            let done = v["rollback"]["status"] == "Succeeded";
-            view = v;
-            done
-        })
-    });
+    let view = f.rolled_back(2, &id);
     assert_eq!(view["rollback"]["revision"], done["revision"], "{view}");
-    for a in &fleet {
+    for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v2"), "{}", a.name);
     }
 }
@@ -202,31 +243,9 @@ fn plain_revision(root: &std::path::Path, payload: &str) -> std::path::PathBuf {
 
 #[test]
 fn a_failed_deployment_is_rolled_back_on_every_host_that_took_it_and_the_two_are_linked() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new(tmp.path(), "fleet");
-    let mut fleet = agents(tmp.path(), &ca, [127, 84, 2], 4);
-    for (i, a) in fleet.iter_mut().enumerate() {
-        let mut tags = vec![("role", "web")];
-        if i == 2 {
-            tags.push(("probe-fail", "ValidateService"));
-        }
-        tag(a, &tags);
-        a.start();
-    }
-    wait_for("agent-1 to see all four alive", LONG, || {
-        hosts(fleet[0].addr, &ca.operator)
-            .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
-    });
-    let v1 = plain_revision(tmp.path(), "v1");
-    let o = create(
-        &fleet[0],
-        &ca.operator,
-        &v1,
-        &["--targets", "role=web", "--config", "AllAtOnce", "--wait"],
-    );
-    let first = json(&o, "v1");
-    assert_eq!(first["status"], "Succeeded");
-    let v1_id = first["revision"].as_str().unwrap().to_string();
+    let f = four([127, 84, 2], 2, &[("probe-fail", "ValidateService")]);
+    let (fleet, ca, tmp) = (&f.agents, &f.ca, &f.tmp);
+    let v1_id = f.first(&plain_revision(tmp.path(), "v1"));
 
     // v2's ValidateService fails on agent-3: one at a time with 3 of 4 to stay healthy,
     // agent-1 and agent-2 take v2, agent-3 fails, agent-4 is never started.
@@ -247,14 +266,7 @@ fn a_failed_deployment_is_rolled_back_on_every_host_that_took_it_and_the_two_are
     assert_eq!(hosts_now["Skipped"], ["agent-4"], "{failed}");
 
     // The rollback, found from another peer: linked both ways, v1 on the three hosts.
-    let mut view = serde_json::Value::Null;
-    wait_for("the rollback to succeed", LONG, || {
-        status(&fleet[3], &ca.operator, &id).is_ok_and(|v| {
-            let done = v["rollback"]["status"] == "Succeeded";
-            view = v;
-            done
-        })
-    });
+    let view = f.rolled_back(3, &id);
     assert_eq!(view["rollback"]["revision"], v1_id.as_str(), "{view}");
     let rollback_id = view["rollback"]["id"].as_str().unwrap().to_string();
     let rollback = status(&fleet[2], &ca.operator, &rollback_id).unwrap();
@@ -268,7 +280,7 @@ fn a_failed_deployment_is_rolled_back_on_every_host_that_took_it_and_the_two_are
         .collect();
     targeted.sort();
     assert_eq!(targeted, ["agent-1", "agent-2", "agent-3"], "{rollback}");
-    for a in &fleet {
+    for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
     }
     // The group's last success is still v1; the failed deployment did not change it.
@@ -322,31 +334,10 @@ fn service_revision(root: &std::path::Path, payload: &str, script: &str) -> std:
 
 #[test]
 fn a_service_that_does_not_stay_up_trips_the_gate_while_baking_and_is_rolled_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new(tmp.path(), "fleet");
-    let mut fleet = agents(tmp.path(), &ca, [127, 84, 3], 4);
-    let _services = Services(fleet.iter().map(|a| a.data_dir.clone()).collect());
-    for a in fleet.iter_mut() {
-        tag(a, &[("role", "web")]);
-        a.start();
-    }
-    wait_for("agent-1 to see all four alive", LONG, || {
-        hosts(fleet[0].addr, &ca.operator)
-            .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
-    });
+    let f = four([127, 84, 3], usize::MAX, &[]);
+    let (fleet, ca, tmp) = (&f.agents, &f.ca, &f.tmp);
     let targets = ["--targets", "role=web", "--config", "AllAtOnce"];
-    let v1 = service_revision(tmp.path(), "v1", "exec sleep 600");
-    let first = json(
-        &create(
-            &fleet[0],
-            &ca.operator,
-            &v1,
-            &[&targets[..], &["--wait"]].concat(),
-        ),
-        "v1",
-    );
-    assert_eq!(first["status"], "Succeeded", "{first}");
-    let v1_id = first["revision"].as_str().unwrap().to_string();
+    let v1_id = f.first(&service_revision(tmp.path(), "v1", "exec sleep 600"));
 
     // v2's service passes its start (up for a second) and ValidateService, then exits
     // after two: its supervisor restarts it, the canary's gossip says so, the gate trips.
@@ -354,14 +345,7 @@ fn a_service_that_does_not_stay_up_trips_the_gate_while_baking_and_is_rolled_bac
     let canary = [&targets[..], &["--canary", "25%:10m"]].concat();
     let accepted = json(&create(&fleet[0], &ca.operator, &v2, &canary), "v2");
     let id = accepted["id"].as_str().unwrap().to_string();
-    let mut view = serde_json::Value::Null;
-    wait_for("the gate to trip and the rollback to succeed", LONG, || {
-        status(&fleet[1], &ca.operator, &id).is_ok_and(|v| {
-            let done = v["rollback"]["status"] == "Succeeded";
-            view = v;
-            done
-        })
-    });
+    let view = f.rolled_back(1, &id);
     assert_eq!(view["status"], "Failed", "{view}");
     let reason = view["reason"].as_str().unwrap();
     // Seen stopped, or seen restarted: either is a service that does not stay up.
@@ -378,37 +362,17 @@ fn a_service_that_does_not_stay_up_trips_the_gate_while_baking_and_is_rolled_bac
     );
     assert_eq!(hosts_now["Skipped"].len(), 3, "{view}");
     assert_eq!(view["rollback"]["revision"], v1_id.as_str());
-    for a in &fleet {
+    for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
     }
 }
 
 #[test]
 fn a_monitor_hook_that_starts_failing_while_baking_fails_and_rolls_back_the_deployment() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new(tmp.path(), "fleet");
-    let mut fleet = agents(tmp.path(), &ca, [127, 84, 4], 4);
-    let _services = Services(fleet.iter().map(|a| a.data_dir.clone()).collect());
-    for a in fleet.iter_mut() {
-        tag(a, &[("role", "web")]);
-        a.start();
-    }
-    wait_for("agent-1 to see all four alive", LONG, || {
-        hosts(fleet[0].addr, &ca.operator)
-            .is_ok_and(|l| l.len() == 4 && l.iter().all(|h| h["state"] == "alive"))
-    });
+    let f = four([127, 84, 4], usize::MAX, &[]);
+    let (fleet, ca, tmp) = (&f.agents, &f.ca, &f.tmp);
     let targets = ["--targets", "role=web", "--config", "AllAtOnce"];
-    let v1 = service_revision(tmp.path(), "v1", "exec sleep 600");
-    let first = json(
-        &create(
-            &fleet[0],
-            &ca.operator,
-            &v1,
-            &[&targets[..], &["--wait"]].concat(),
-        ),
-        "v1",
-    );
-    assert_eq!(first["status"], "Succeeded", "{first}");
+    f.first(&service_revision(tmp.path(), "v1", "exec sleep 600"));
 
     // v2 runs the probe as a monitor every second, one failure allowed.
     let v2 = service_revision(tmp.path(), "v2", "exec sleep 600");
@@ -436,14 +400,7 @@ fn a_monitor_hook_that_starts_failing_while_baking_fails_and_rolls_back_the_depl
     let agent = fleet.iter().find(|a| a.name == canary_host).unwrap();
     std::fs::write(agent.data_dir.join("apps/tiny/work/probe-fail"), "").unwrap();
 
-    let mut view = serde_json::Value::Null;
-    wait_for("the gate to trip and the rollback to succeed", LONG, || {
-        status(&fleet[1], &ca.operator, &id).is_ok_and(|v| {
-            let done = v["rollback"]["status"] == "Succeeded";
-            view = v;
-            done
-        })
-    });
+    let view = f.rolled_back(1, &id);
     assert_eq!(view["status"], "Failed", "{view}");
     let reason = view["reason"].as_str().unwrap();
     assert!(
@@ -452,7 +409,7 @@ fn a_monitor_hook_that_starts_failing_while_baking_fails_and_rolls_back_the_depl
             && reason.contains("finds /work/probe-fail"),
         "{reason}"
     );
-    for a in &fleet {
+    for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
     }
 }
