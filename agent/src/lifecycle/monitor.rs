@@ -1,23 +1,64 @@
-//! `shoal.monitor`: the AppSpec's monitor hooks, run every `interval` while their revision
-//! is active, from the application's supervisor task (`supervise.rs`).
+//! Checks of an active revision, run again and again from the application's supervisor
+//! task (`supervise.rs`): the AppSpec's `shoal.monitor` hooks, each every `interval`, and
+//! the service's health endpoint (`health_path`), every [`HEALTH_EVERY`].
 //!
-//! [`Schedule`] is the sans-IO part: which monitor is due, and how many times in a row each
-//! one failed. The supervisor runs the due hook (`LocalHost::monitor`, one at a time, on a
-//! task of its own so a slow hook never delays a service restart) and reports the
-//! application's problem ([`super::supervise::Source::Monitor`]) while some monitor has
-//! failed more often in a row than it allows. The host gossips that problem, and a
-//! rollout's health gate acts on it while baking.
+//! [`Schedule`] is the sans-IO part: which check is due, and how many times in a row each
+//! one failed. The supervisor runs the due check (a hook through `LocalHost::monitor`, the
+//! endpoint through `service::healthy`; one at a time, on a task of its own so a slow check
+//! never delays a service restart) and reports the application's problem
+//! ([`super::supervise::Source::Monitor`]) while some check has failed more often in a row
+//! than it allows. The host gossips that problem, and a rollout's health gate acts on it
+//! while baking.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::appspec::MonitorSpec;
 use crate::bundle::RevisionId;
 
-/// The monitors of one active revision, and how they went.
+/// How often the service's health endpoint is asked.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(5);
+/// Failures in a row of the health endpoint that are not yet a problem.
+pub const HEALTH_FAILURES_ALLOWED: u32 = 2;
+
+/// One check of an active revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// A `shoal.monitor` hook.
+    Hook(MonitorSpec),
+    /// `GET path` of the service on `127.0.0.1:port`, counted only if the service's own
+    /// processes hold the port (as at its start).
+    Health { port: u16, path: String },
+}
+
+impl Check {
+    fn interval(&self) -> Duration {
+        match self {
+            Check::Hook(m) => m.interval,
+            Check::Health { .. } => HEALTH_EVERY,
+        }
+    }
+
+    fn failures_allowed(&self) -> u32 {
+        match self {
+            Check::Hook(m) => m.failures_allowed,
+            Check::Health { .. } => HEALTH_FAILURES_ALLOWED,
+        }
+    }
+
+    /// What the problem calls it.
+    pub fn label(&self) -> String {
+        match self {
+            Check::Hook(m) => format!("monitor {}", m.hook.location),
+            Check::Health { port, path } => format!("health check GET {path} on port {port}"),
+        }
+    }
+}
+
+/// The checks of one active revision, and how they went.
 #[derive(Debug)]
 pub struct Schedule {
     revision: RevisionId,
-    monitors: Vec<MonitorSpec>,
+    checks: Vec<Check>,
     /// The port of the revision's service (hooks may reach it).
     port: Option<u16>,
     /// When each monitor runs next.
@@ -28,19 +69,19 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// The monitors of `revision`, each first due one interval after `now` (the deployment
+    /// The checks of `revision`, each first due one interval after `now` (the deployment
     /// that made it active has just validated it).
     pub fn new(
         revision: RevisionId,
-        monitors: Vec<MonitorSpec>,
+        checks: Vec<Check>,
         port: Option<u16>,
         now: Instant,
     ) -> Schedule {
         Schedule {
-            next: monitors.iter().map(|m| now + m.interval).collect(),
-            failures: vec![(0, String::new()); monitors.len()],
+            next: checks.iter().map(|c| now + c.interval()).collect(),
+            failures: vec![(0, String::new()); checks.len()],
             revision,
-            monitors,
+            checks,
             port,
             runs: 0,
         }
@@ -54,7 +95,7 @@ impl Schedule {
         self.port
     }
 
-    /// The monitor to run now, if one is due (the most overdue first).
+    /// The check to run now, if one is due (the most overdue first).
     pub fn due(&self, now: Instant) -> Option<usize> {
         self.next
             .iter()
@@ -64,15 +105,15 @@ impl Schedule {
             .map(|(i, _)| i)
     }
 
-    /// Monitor `i` starts at `now`: it is next due one interval later. Returns its spec and
-    /// the run's number (from 1, over all monitors).
-    pub fn start(&mut self, i: usize, now: Instant) -> (MonitorSpec, u64) {
-        self.next[i] = now + self.monitors[i].interval;
+    /// Check `i` starts at `now`: it is next due one interval later. Returns it and the
+    /// run's number (from 1, over all checks).
+    pub fn start(&mut self, i: usize, now: Instant) -> (Check, u64) {
+        self.next[i] = now + self.checks[i].interval();
         self.runs += 1;
-        (self.monitors[i].clone(), self.runs)
+        (self.checks[i].clone(), self.runs)
     }
 
-    /// How monitor `i`'s run went.
+    /// How check `i`'s run went.
     pub fn done(&mut self, i: usize, succeeded: bool, summary: &str) {
         let (count, last) = &mut self.failures[i];
         if succeeded {
@@ -83,18 +124,15 @@ impl Schedule {
         summary.clone_into(last);
     }
 
-    /// The problem to report: the first monitor that failed more often in a row than it
+    /// The problem to report: the first check that failed more often in a row than it
     /// allows, with its last summary.
     pub fn problem(&self) -> Option<String> {
-        self.monitors
+        self.checks
             .iter()
             .zip(&self.failures)
-            .find(|(m, (count, _))| *count > m.failures_allowed)
-            .map(|(m, (count, last))| {
-                format!(
-                    "monitor {} failed {count} time(s) in a row: {last}",
-                    m.hook.location
-                )
+            .find(|(c, (count, _))| *count > c.failures_allowed())
+            .map(|(c, (count, last))| {
+                format!("{} failed {count} time(s) in a row: {last}", c.label())
             })
     }
 }
@@ -104,8 +142,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn monitor(location: &str, secs: u64, failures_allowed: u32) -> MonitorSpec {
-        MonitorSpec {
+    fn monitor(location: &str, secs: u64, failures_allowed: u32) -> Check {
+        Check::Hook(MonitorSpec {
             hook: crate::appspec::HookSpec {
                 location: location.into(),
                 timeout: Duration::from_secs(secs),
@@ -114,7 +152,7 @@ mod tests {
             },
             interval: Duration::from_secs(secs),
             failures_allowed,
-        }
+        })
     }
 
     #[test]
@@ -129,8 +167,8 @@ mod tests {
         assert_eq!(s.due(t0), None, "not before one interval");
         let at = |secs| t0 + Duration::from_secs(secs);
         assert_eq!(s.due(at(10)), Some(0));
-        let (spec, run) = s.start(0, at(10));
-        assert_eq!((spec.hook.location.as_str(), run), ("fast.wasm", 1));
+        let (check, run) = s.start(0, at(10));
+        assert_eq!((check.label().as_str(), run), ("monitor fast.wasm", 1));
         s.done(0, false, "wrong prediction");
         assert_eq!(s.problem(), None, "one failure is allowed");
         assert_eq!(s.due(at(15)), None);
@@ -153,5 +191,26 @@ mod tests {
                 .starts_with("monitor slow.wasm failed 1")
         );
         assert_eq!(s.due(at(45)), Some(0));
+    }
+
+    #[test]
+    fn the_health_endpoint_is_a_problem_after_three_failures_in_a_row() {
+        let t0 = Instant::now();
+        let health = Check::Health {
+            port: 8080,
+            path: "/health".into(),
+        };
+        let mut s = Schedule::new(RevisionId("r".into()), vec![health], Some(8080), t0);
+        for k in 1..=3u32 {
+            let at = t0 + HEALTH_EVERY * k;
+            assert_eq!(s.due(at), Some(0));
+            s.start(0, at);
+            assert_eq!(s.problem(), None, "not before it failed");
+            s.done(0, false, "no answer");
+        }
+        assert_eq!(
+            s.problem().unwrap(),
+            "health check GET /health on port 8080 failed 3 time(s) in a row: no answer"
+        );
     }
 }

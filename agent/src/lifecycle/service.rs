@@ -560,6 +560,17 @@ fn listener_is_ours(record: &ServiceRecord, port: u16) -> Option<bool> {
 
 /// `GET path` of `127.0.0.1:port`: the host is fixed whatever `path` holds (which the
 /// AppSpec parser already checked to be a path).
+/// Whether the app's running service answers `GET path` on `127.0.0.1:port` with 2xx
+/// while its own processes hold the port (the check of its start, asked again).
+pub fn healthy(dir: &AppDir, port: u16, path: &str) -> bool {
+    match current(dir) {
+        Ok(Some(record)) if record.is_running() => {
+            listener_is_ours(&record, port) == Some(true) && http_ok(port, path)
+        }
+        _ => false,
+    }
+}
+
 fn http_ok(port: u16, path: &str) -> bool {
     if crate::appspec::health_path(path).is_err() {
         return false;

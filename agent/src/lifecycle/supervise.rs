@@ -338,17 +338,19 @@ impl Monitoring {
             }
             clear_problem(problems, app, Source::Monitor);
             self.schedule = active.and_then(|revision| {
+                use super::monitor::Check;
                 let spec = crate::bundle::read_appspec(&dir.release(&revision)).ok()?;
-                let port = spec.service.as_ref().and_then(|s| s.port);
                 let state: AppState = read_json(&dir.state()).ok().flatten()?;
-                (!spec.monitors.is_empty()).then(|| {
-                    super::monitor::Schedule::new(
-                        revision,
-                        spec.monitors,
-                        state.port.or(port),
-                        Instant::now(),
-                    )
-                })
+                let port = state.port.or(spec.service.as_ref().and_then(|s| s.port));
+                let mut checks: Vec<Check> = spec.monitors.into_iter().map(Check::Hook).collect();
+                if let (Some(port), Some(path)) = (
+                    port,
+                    spec.service.as_ref().and_then(|s| s.health_path.clone()),
+                ) {
+                    checks.push(Check::Health { port, path });
+                }
+                (!checks.is_empty())
+                    .then(|| super::monitor::Schedule::new(revision, checks, port, Instant::now()))
             });
         }
         let Some(schedule) = &mut self.schedule else {
@@ -379,21 +381,35 @@ impl Monitoring {
         if self.running.is_none()
             && let Some(i) = schedule.due(Instant::now())
         {
-            let (spec, run) = schedule.start(i, Instant::now());
+            let (check, run) = schedule.start(i, Instant::now());
             let (host, app, revision, port) = (
                 host.clone(),
                 app.to_string(),
                 schedule.revision().clone(),
                 schedule.port(),
             );
-            self.running = Some((
-                i,
-                tokio::spawn(async move {
+            let task = match check {
+                super::monitor::Check::Hook(spec) => tokio::spawn(async move {
                     host.monitor(&app, &revision, i, &spec, port, run)
                         .await
                         .unwrap_or_else(|e| (false, format!("{e:#}")))
                 }),
-            ));
+                super::monitor::Check::Health { port, path } => {
+                    tokio::task::spawn_blocking(move || {
+                        let ok = service::healthy(&dir, port, &path);
+                        (
+                            ok,
+                            if ok {
+                                "2xx"
+                            } else {
+                                "no 2xx answer from the service"
+                            }
+                            .into(),
+                        )
+                    })
+                }
+            };
+            self.running = Some((i, task));
         }
     }
 }
