@@ -200,6 +200,49 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
         "{on:?}"
     );
 
+    // --outdated-only: v2 again, to the one host that does not run it (the stopped
+    // canary on v3); with every host on v2, it is refused. The peer asked must hear that.
+    let v2_id = done["revision"].as_str().unwrap().to_string();
+    wait_for("agent-2 to hear three hosts run v2", LONG, || {
+        hosts(fleet[1].addr, &ca.operator).is_ok_and(|l| {
+            l.iter()
+                .filter(|h| h["apps"]["tiny"] == v2_id.as_str())
+                .count()
+                == 3
+        })
+    });
+    let o = create(
+        &fleet[1],
+        &ca.operator,
+        &v2,
+        &[
+            "--targets",
+            "role=web",
+            "--config",
+            "AllAtOnce",
+            "--outdated-only",
+            "--wait",
+        ],
+    );
+    let again = json(&o, "v2 to the outdated");
+    assert_eq!(again["status"], "Succeeded", "{again}");
+    assert_eq!(again["hosts"].as_array().unwrap().len(), 1, "{again}");
+    for a in fleet {
+        assert_eq!(installed(a).as_deref(), Some("v2"), "{}", a.name);
+    }
+    let o = create(
+        &fleet[1],
+        &ca.operator,
+        &v2,
+        &["--targets", "role=web", "--outdated-only"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("every targeted host already runs"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     // A stop with --rollback while baking: the canary goes back to the group's last
     // success (v2; the stopped v3 never succeeded), the rest were never touched.
     let v4 = revision(tmp.path(), "v4");

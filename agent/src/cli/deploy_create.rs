@@ -53,6 +53,10 @@ pub struct CreateArgs {
     /// Linear: P% more of the hosts every DURATION (Baking in between).
     #[arg(long, value_name = "P%:DURATION")]
     pub linear: Option<String>,
+    /// Only the targeted hosts that do not run the revision yet (CodeDeploy's "outdated
+    /// instances only"); refused if there is none.
+    #[arg(long)]
+    pub outdated_only: bool,
     /// Do not roll back by itself if it fails. By default the intent consents to putting
     /// the group's last successful revision back on every host that took this one.
     #[arg(long)]
@@ -125,6 +129,7 @@ pub async fn run(
             config,
             rollout,
             !args.no_rollback,
+            args.outdated_only,
             &revision,
             args.wait,
             json,
@@ -144,6 +149,14 @@ pub async fn run(
     let Answer::Hosts(hosts) = api::ask(addr, expect, identity, None, &Request::Hosts).await?
     else {
         bail!("{peer} answered something other than the hosts");
+    };
+    let hosts: Vec<HostView> = if args.outdated_only {
+        hosts
+            .into_iter()
+            .filter(|h| h.apps.get(&args.app).cloned().flatten().as_deref() != Some(&revision))
+            .collect()
+    } else {
+        hosts
     };
     let plan = dry_run(
         &args.app, &group, &revision, config, rollout, &targets, &hosts,

@@ -117,6 +117,7 @@ pub async fn create(
     config: DeploymentConfig,
     rollout: crate::fleet::plan::Rollout,
     rollback: bool,
+    outdated_only: bool,
     revision: &str,
     wait: bool,
     json: bool,
@@ -215,7 +216,8 @@ pub async fn create(
         now_unix(),
     )?
     .with_rollout(rollout)?
-    .with_rollback_to(rollback_to)?;
+    .with_rollback_to(rollback_to)?
+    .outdated_only(outdated_only);
     let signed = intent::sign(&intent, &operator)?;
     let view = match ask(
         peer,

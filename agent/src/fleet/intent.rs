@@ -113,6 +113,10 @@ pub struct Intent {
     /// rollback (`--no-rollback`, or a group with no success yet).
     #[serde(default)]
     pub rollback_to: Option<String>,
+    /// Only the targeted hosts that do not run the revision yet (CodeDeploy's "outdated
+    /// instances only").
+    #[serde(default)]
+    pub outdated_only: bool,
     /// When the operator created the intent, in seconds since the Unix epoch.
     pub created_unix: u64,
     /// The operator's name: the common name of the certificate that signs the intent.
@@ -144,6 +148,7 @@ impl Intent {
             config,
             rollout: Rollout::Waveless,
             rollback_to: None,
+            outdated_only: false,
             created_unix: now_unix,
             operator: operator.to_string(),
         };
@@ -156,6 +161,12 @@ impl Intent {
         self.rollout = rollout;
         self.check_fields()?;
         Ok(self)
+    }
+
+    /// The same intent, for only the targeted hosts that do not run the revision yet.
+    pub fn outdated_only(mut self, outdated_only: bool) -> Intent {
+        self.outdated_only = outdated_only;
+        self
     }
 
     /// The same intent, consenting to a rollback to `revision` if it fails.

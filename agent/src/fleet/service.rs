@@ -454,10 +454,21 @@ impl Fleet {
             Ok(h) => h,
             Err(e) => return OperatorAnswer::Refused(format!("the mesh is down here: {e}")),
         };
-        let chosen = match targets::choose(&intent.targets, &intent.app, &hosts) {
+        let mut chosen = match targets::choose(&intent.targets, &intent.app, &hosts) {
             Ok(c) => c,
             Err(e) => return OperatorAnswer::Refused(format!("--targets: {e}")),
         };
+        if intent.outdated_only {
+            // CodeDeploy's "outdated instances only": hosts already on it are left out.
+            let current = crate::fleet::plan::Revision::Known(intent.revision.clone());
+            chosen.hosts.retain(|h| h.revision != current);
+            if chosen.hosts.is_empty() {
+                return OperatorAnswer::Refused(format!(
+                    "--outdated-only: every targeted host already runs revision {}",
+                    intent.revision
+                ));
+            }
+        }
         if let Err(e) = Planner::new(intent.config, chosen.hosts.clone(), &intent.revision)
             .map(|p| p.with_rollout(intent.rollout))
         {
