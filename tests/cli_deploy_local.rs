@@ -416,6 +416,61 @@ fn overwrite_then_rollback_restores_the_hosts_own_file_byte_for_byte() {
     assert_eq!(kept_count(), 0);
 }
 
+/// A previous revision whose ApplicationStop hook fails blocks the next deployment, unless
+/// `--ignore-stop-failures`: then the failure is recorded and the deployment goes through.
+#[test]
+fn ignore_stop_failures_lets_a_deployment_past_a_failing_application_stop() {
+    let host = Host::new();
+    let v1 = host.revision("v1");
+    std::fs::copy(
+        shoal_examples::SANDBOX_PROBE.path,
+        v1.join("hooks/probe.wasm"),
+    )
+    .unwrap();
+    let spec = std::fs::read_to_string(v1.join("appspec.yml")).unwrap();
+    std::fs::write(
+        v1.join("appspec.yml"),
+        spec.replace(
+            "hooks:\n",
+            "hooks:\n  ApplicationStop:\n    - location: hooks/probe.wasm\n",
+        ),
+    )
+    .unwrap();
+    let (o, first) = host.deploy(&v1);
+    assert!(o.status.success(), "{}{first}", stderr(&o));
+    // The probe fails at any event once the app's work directory holds probe-fail.
+    std::fs::write(host.data().join("apps/inference/work/probe-fail"), "").unwrap();
+    let v2 = host.revision("v2");
+    let (o, failed) = host.deploy(&v2);
+    assert_eq!(o.status.code(), Some(1), "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("ApplicationStop"),
+        "{failed}"
+    );
+    assert_eq!(host.serving().as_deref(), Some("v1"));
+    let o = host.shoal(
+        &[
+            "deploy",
+            "local",
+            "--bundle",
+            v2.to_str().unwrap(),
+            "--ignore-stop-failures",
+            "--json",
+        ],
+        &[],
+    );
+    let done: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(o.status.success(), "{}{done}", stderr(&o));
+    assert_eq!(
+        done["hosts"][0]["events"][0],
+        serde_json::json!({"name": "ApplicationStop", "status": "Failed"})
+    );
+    assert_eq!(host.serving().as_deref(), Some("v2"));
+}
+
 /// A crash in a rollback's Install after it put the host's file back, before the state
 /// says so: recovery puts it back again (the kept copy goes only once the state is
 /// written), never deletes it.

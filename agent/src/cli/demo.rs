@@ -218,6 +218,7 @@ async fn deployments(
             bundle,
             deployment_group: "demo".into(),
             rollback: true,
+            ignore_stop_failures: false,
             port: Some(port),
             progress: None,
         };

@@ -57,6 +57,10 @@ pub struct LocalArgs {
     /// On failure, leave the host as it is instead of rolling back.
     #[arg(long)]
     pub no_rollback: bool,
+    /// A failing ApplicationStop hook of the previous revision is recorded, and the
+    /// deployment goes on (CodeDeploy's --ignore-application-stop-failures).
+    #[arg(long)]
+    pub ignore_stop_failures: bool,
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +118,7 @@ pub async fn run(
                 bundle: args.bundle.clone(),
                 deployment_group: "local".into(),
                 rollback: !args.no_rollback,
+                ignore_stop_failures: args.ignore_stop_failures,
                 port: args.port,
                 progress: None,
             };

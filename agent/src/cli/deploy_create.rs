@@ -57,6 +57,10 @@ pub struct CreateArgs {
     /// instances only"); refused if there is none.
     #[arg(long)]
     pub outdated_only: bool,
+    /// A failing ApplicationStop hook of the previous revision does not fail a host
+    /// (CodeDeploy's --ignore-application-stop-failures).
+    #[arg(long)]
+    pub ignore_stop_failures: bool,
     /// Do not roll back by itself if it fails. By default the intent consents to putting
     /// the group's last successful revision back on every host that took this one.
     #[arg(long)]
@@ -130,6 +134,7 @@ pub async fn run(
             rollout,
             !args.no_rollback,
             args.outdated_only,
+            args.ignore_stop_failures,
             &revision,
             args.wait,
             json,

@@ -118,6 +118,7 @@ pub async fn create(
     rollout: crate::fleet::plan::Rollout,
     rollback: bool,
     outdated_only: bool,
+    ignore_stop_failures: bool,
     revision: &str,
     wait: bool,
     json: bool,
@@ -217,7 +218,8 @@ pub async fn create(
     )?
     .with_rollout(rollout)?
     .with_rollback_to(rollback_to)?
-    .outdated_only(outdated_only);
+    .outdated_only(outdated_only)
+    .ignoring_stop_failures(ignore_stop_failures);
     let signed = intent::sign(&intent, &operator)?;
     let view = match ask(
         peer,

@@ -300,6 +300,7 @@ impl HostSide {
                 intent.group.clone()
             },
             rollback: true,
+            ignore_stop_failures: intent.ignore_stop_failures,
             port: None,
             progress: Some(progress),
         };

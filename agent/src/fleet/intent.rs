@@ -117,6 +117,10 @@ pub struct Intent {
     /// instances only").
     #[serde(default)]
     pub outdated_only: bool,
+    /// A failing ApplicationStop hook of the previous revision does not fail a host
+    /// (CodeDeploy's `--ignore-application-stop-failures`).
+    #[serde(default)]
+    pub ignore_stop_failures: bool,
     /// When the operator created the intent, in seconds since the Unix epoch.
     pub created_unix: u64,
     /// The operator's name: the common name of the certificate that signs the intent.
@@ -149,6 +153,7 @@ impl Intent {
             rollout: Rollout::Waveless,
             rollback_to: None,
             outdated_only: false,
+            ignore_stop_failures: false,
             created_unix: now_unix,
             operator: operator.to_string(),
         };
@@ -166,6 +171,12 @@ impl Intent {
     /// The same intent, for only the targeted hosts that do not run the revision yet.
     pub fn outdated_only(mut self, outdated_only: bool) -> Intent {
         self.outdated_only = outdated_only;
+        self
+    }
+
+    /// The same intent, letting hosts go on past a failing ApplicationStop hook.
+    pub fn ignoring_stop_failures(mut self, ignore: bool) -> Intent {
+        self.ignore_stop_failures = ignore;
         self
     }
 

@@ -88,6 +88,11 @@ pub struct Machine {
     pub rollback_events: Vec<EventRecord>,
     failure: Option<(LifecycleEvent, String)>,
     outcome: Option<Outcome>,
+    /// CodeDeploy's `--ignore-application-stop-failures`: a failing ApplicationStop hook of
+    /// the previous revision is recorded Failed, and the deployment goes on.
+    ignore_stop_failures: bool,
+    /// The previous revision's ApplicationStop hooks failed and that was ignored.
+    stop_hooks_failed: bool,
 }
 
 impl Machine {
@@ -193,7 +198,16 @@ impl Machine {
             rollback_events: Vec::new(),
             failure: None,
             outcome: None,
+            ignore_stop_failures: false,
+            stop_hooks_failed: false,
         }
+    }
+
+    /// The same machine, with a failing ApplicationStop hook of the previous revision
+    /// recorded Failed but not failing the deployment.
+    pub fn ignoring_stop_failures(mut self, ignore: bool) -> Self {
+        self.ignore_stop_failures = ignore;
+        self
     }
 
     fn steps(&self) -> &[Step] {
@@ -235,7 +249,7 @@ impl Machine {
         if self.outcome.is_some() {
             return;
         }
-        let Some((event, _)) = self.steps().get(self.at).copied() else {
+        let Some((event, action)) = self.steps().get(self.at).copied() else {
             // The commit.
             match result {
                 Ok(()) => self.outcome = Some(Outcome::Succeeded),
@@ -249,8 +263,31 @@ impl Machine {
                 // An event is done when its last step is.
                 let next_event = self.steps().get(self.at).map(|s| s.0);
                 if next_event != Some(event) {
-                    self.set_status(event, EventStatus::Succeeded);
+                    let ignored = self.stop_hooks_failed
+                        && !self.rolling_back
+                        && event == LifecycleEvent::ApplicationStop;
+                    let status = if ignored {
+                        EventStatus::Failed
+                    } else {
+                        EventStatus::Succeeded
+                    };
+                    self.set_status(event, status);
                 }
+            }
+            Err(_)
+                if self.ignore_stop_failures
+                    && !self.rolling_back
+                    && matches!(
+                        action,
+                        Action::RunHooks {
+                            event: LifecycleEvent::ApplicationStop,
+                            side: Side::Previous
+                        }
+                    ) =>
+            {
+                // Recorded, not fatal: the previous service is still stopped next.
+                self.stop_hooks_failed = true;
+                self.at += 1;
             }
             Err(reason) => {
                 self.set_status(event, EventStatus::Failed);
@@ -496,6 +533,32 @@ mod tests {
             "{:?}",
             m.rollback_events
         );
+    }
+
+    #[test]
+    fn ignored_stop_failures_are_recorded_and_the_deployment_goes_on() {
+        use EventStatus::*;
+        // Step 0 is the previous revision's ApplicationStop hooks.
+        let mut m = Machine::new(true, true).ignoring_stop_failures(true);
+        let taken = drive(&mut m, Some(0), None);
+        assert!(taken.contains(&Action::StopService {
+            side: Side::Previous
+        }));
+        assert!(taken.contains(&Action::Commit));
+        assert_eq!(m.outcome(), Some(&Outcome::Succeeded));
+        assert_eq!(statuses(&m.events)[0], (E::ApplicationStop, Failed));
+        assert!(
+            statuses(&m.events)[1..]
+                .iter()
+                .all(|(_, s)| *s == Succeeded)
+        );
+        // Stopping the service itself (step 1) is never ignored; nor without the flag.
+        let mut m = Machine::new(true, true).ignoring_stop_failures(true);
+        drive(&mut m, Some(1), None);
+        assert!(matches!(m.outcome(), Some(Outcome::Failed { .. })));
+        let mut m = Machine::new(true, true);
+        drive(&mut m, Some(0), None);
+        assert!(matches!(m.outcome(), Some(Outcome::Failed { .. })));
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct DeployRequest {
     pub bundle: PathBuf,
     pub deployment_group: String,
     pub rollback: bool,
+    /// A failing ApplicationStop hook of the previous revision does not fail the host.
+    pub ignore_stop_failures: bool,
     /// Overrides the service's port from the AppSpec.
     pub port: Option<u16>,
     /// Told every event's status each time one changes (the rollback's events after the
@@ -340,7 +342,8 @@ impl LocalHost {
         write_json(&dir.journal(), &journal)?;
         crate::faults::point("journal.written");
 
-        let mut machine = Machine::new(previous.is_some(), req.rollback);
+        let mut machine = Machine::new(previous.is_some(), req.rollback)
+            .ignoring_stop_failures(req.ignore_stop_failures);
         let mut hooks_run = Vec::new();
         let tell = |machine: &Machine| {
             if let Some(progress) = &req.progress {
@@ -938,6 +941,7 @@ mod tests {
             bundle: bundle.into(),
             deployment_group: "local".into(),
             rollback: true,
+            ignore_stop_failures: false,
             port: None,
             progress: None,
         }
