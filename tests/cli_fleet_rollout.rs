@@ -230,6 +230,14 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
     for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v2"), "{}", a.name);
     }
+    wait_for("agent-2 to hear all four run v2", LONG, || {
+        hosts(fleet[1].addr, &ca.operator).is_ok_and(|l| {
+            l.iter()
+                .filter(|h| h["apps"]["tiny"] == v2_id.as_str())
+                .count()
+                == 4
+        })
+    });
     let o = create(
         &fleet[1],
         &ca.operator,
