@@ -299,7 +299,20 @@ fn a_failed_deployment_is_rolled_back_on_every_host_that_took_it_and_the_two_are
     let v1_id = f.first(&plain_revision(tmp.path(), "v1"));
 
     // v2's ValidateService fails on agent-3: one at a time with 3 of 4 to stay healthy,
-    // agent-1 and agent-2 take v2, agent-3 fails, agent-4 is never started.
+    // agent-1 and agent-2 take v2, agent-3 fails, agent-4 is never started. The order is
+    // by name only once agent-2 hears every host healthy on v1 (gossip may lag).
+    wait_for(
+        "agent-2 to hear every host on v1, done deploying",
+        LONG,
+        || {
+            hosts(fleet[1].addr, &ca.operator).is_ok_and(|l| {
+                l.iter().all(|h| {
+                    h["apps"]["tiny"] == v1_id.as_str()
+                        && h["details"]["tiny"]["health"] != "deploying"
+                })
+            })
+        },
+    );
     let v2 = revision(tmp.path(), "v2");
     let o = create(
         &fleet[1],
