@@ -423,7 +423,11 @@ pub fn spawn(
     let record = ServiceRecord {
         revision: revision.clone(),
         pid,
-        start_ticks: start_ticks(pid).context("reading the service's start time")?,
+        // A zombie too: a service that exits at once is reported by `Starting::wait` with
+        // its output, not as a start time that could not be read.
+        start_ticks: proc_stat(pid)
+            .map(|p| p.start_ticks)
+            .context("reading the service's start time")?,
         port,
         cgroup,
         restarts,
