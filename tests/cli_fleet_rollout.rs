@@ -74,6 +74,32 @@ impl Four {
         view["revision"].as_str().unwrap().to_string()
     }
 
+    /// Asks agent `peer` for deployment `id` until it is Baking; that view.
+    fn baking(&self, peer: usize, id: &str) -> serde_json::Value {
+        let mut view = serde_json::Value::Null;
+        wait_for("the deployment to bake", LONG, || {
+            status(&self.agents[peer], &self.ca.operator, id).is_ok_and(|v| {
+                let is = v["status"] == "Baking";
+                view = v;
+                is
+            })
+        });
+        view
+    }
+
+    /// Waits until agent `peer` hears `count` hosts run `revision` of `tiny`.
+    fn hears_on(&self, peer: usize, revision: &str, count: usize) {
+        wait_for(
+            &format!("agent-{} to hear {count} hosts on {revision}", peer + 1),
+            LONG,
+            || {
+                hosts(self.agents[peer].addr, &self.ca.operator).is_ok_and(|l| {
+                    l.iter().filter(|h| h["apps"]["tiny"] == revision).count() == count
+                })
+            },
+        );
+    }
+
     /// Asks agent `peer` for deployment `id` until its rollback Succeeded; its last view.
     fn rolled_back(&self, peer: usize, id: &str) -> serde_json::Value {
         let mut view = serde_json::Value::Null;
@@ -119,16 +145,7 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
     let accepted = json(&create(&fleet[0], &ca.operator, &v2, &canary), "v2");
     let id = accepted["id"].as_str().unwrap().to_string();
     // Baking, watched from another peer: exactly the canary is on v2, on its own disk too.
-    let mut baking = serde_json::Value::Null;
-    wait_for("the canary to bake", LONG, || {
-        status(&fleet[2], &ca.operator, &id).is_ok_and(|v| {
-            let is = v["status"] == "Baking";
-            if is {
-                baking = v;
-            }
-            is
-        })
-    });
+    let baking = f.baking(2, &id);
     let hosts_now = by_status(&baking);
     assert_eq!(hosts_now["Succeeded"].len(), 1, "{baking}");
     assert_eq!(hosts_now["Pending"].len(), 3, "{baking}");
@@ -173,9 +190,7 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
     });
     let accepted = json(&create(&fleet[0], &ca.operator, &v3, &long_bake), "v3");
     let id = accepted["id"].as_str().unwrap().to_string();
-    wait_for("the v3 canary to bake", LONG, || {
-        status(&fleet[3], &ca.operator, &id).is_ok_and(|v| v["status"] == "Baking")
-    });
+    f.baking(3, &id);
     let o = shoal()
         .args(["deploy", "stop", &id, "--json", "--peer"])
         .arg(fleet[2].addr.to_string())
@@ -203,14 +218,7 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
     // --outdated-only: v2 again, to the one host that does not run it (the stopped
     // canary on v3); with every host on v2, it is refused. The peer asked must hear that.
     let v2_id = done["revision"].as_str().unwrap().to_string();
-    wait_for("agent-2 to hear three hosts run v2", LONG, || {
-        hosts(fleet[1].addr, &ca.operator).is_ok_and(|l| {
-            l.iter()
-                .filter(|h| h["apps"]["tiny"] == v2_id.as_str())
-                .count()
-                == 3
-        })
-    });
+    f.hears_on(1, &v2_id, 3);
     let o = create(
         &fleet[1],
         &ca.operator,
@@ -230,14 +238,7 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
     for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v2"), "{}", a.name);
     }
-    wait_for("agent-2 to hear all four run v2", LONG, || {
-        hosts(fleet[1].addr, &ca.operator).is_ok_and(|l| {
-            l.iter()
-                .filter(|h| h["apps"]["tiny"] == v2_id.as_str())
-                .count()
-                == 4
-        })
-    });
+    f.hears_on(1, &v2_id, 4);
     let o = create(
         &fleet[1],
         &ca.operator,
@@ -256,9 +257,7 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
     let v4 = revision(tmp.path(), "v4");
     let accepted = json(&create(&fleet[0], &ca.operator, &v4, &long_bake), "v4");
     let id = accepted["id"].as_str().unwrap().to_string();
-    wait_for("the v4 canary to bake", LONG, || {
-        status(&fleet[3], &ca.operator, &id).is_ok_and(|v| v["status"] == "Baking")
-    });
+    f.baking(3, &id);
     assert_eq!(
         fleet
             .iter()
@@ -451,14 +450,7 @@ fn a_monitor_hook_that_starts_failing_while_baking_fails_and_rolls_back_the_depl
     let canary = [&targets[..], &["--canary", "25%:10m"]].concat();
     let accepted = json(&create(&fleet[0], &ca.operator, &v2, &canary), "v2");
     let id = accepted["id"].as_str().unwrap().to_string();
-    let mut baking = serde_json::Value::Null;
-    wait_for("the canary to bake", LONG, || {
-        status(&fleet[2], &ca.operator, &id).is_ok_and(|v| {
-            let is = v["status"] == "Baking";
-            baking = v;
-            is
-        })
-    });
+    let baking = f.baking(2, &id);
     // The canary's monitor starts failing: its work directory now holds probe-fail.
     let canary_host = by_status(&baking)["Succeeded"][0].clone();
     let agent = fleet.iter().find(|a| a.name == canary_host).unwrap();

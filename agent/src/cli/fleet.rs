@@ -4,9 +4,10 @@
 //! log's leader; creations and stops are signed here with the operator's key, and every
 //! host checks that signature itself.
 
+use crate::fleet::now_unix;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
@@ -53,13 +54,6 @@ pub struct StopArgs {
 pub enum GroupCommand {
     /// Every deployment group: its application, targets, config and last successful revision.
     List,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn need_identity<'a>(identity: Option<&'a Path>, command: &str) -> Result<&'a Path> {

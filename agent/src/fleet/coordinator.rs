@@ -17,6 +17,7 @@
 //! hosts that are still running answer its command by joining the run under way
 //! (`fleet::host`), so no host runs twice and none is skipped.
 
+use super::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -365,13 +366,6 @@ pub fn rollback_deployment(
         created_at_ms: now_ms,
         origin,
     })
-}
-
-/// The time now, in Unix milliseconds (this agent's clock).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How a bake ended.

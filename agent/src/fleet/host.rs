@@ -12,9 +12,9 @@
 //! failover) waits for the same run: no host is deployed twice. One for an intent that
 //! ended here is answered with its outcome at once.
 
+use super::now_unix;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -68,13 +68,6 @@ pub struct HostSide {
     running: Mutex<HashMap<String, Running>>,
     /// Held while a command is admitted.
     admitting: tokio::sync::Mutex<()>,
-}
-
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl HostSide {

@@ -38,3 +38,15 @@ pub mod service;
 pub mod targets;
 pub mod voters;
 pub mod wire;
+
+/// The time now, in seconds since the Unix epoch (this agent's clock; 0 before 1970).
+pub fn now_unix() -> u64 {
+    now_ms() / 1000
+}
+
+/// The time now, in milliseconds since the Unix epoch (this agent's clock).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -21,11 +21,12 @@
 //! - **Bounded.** Operator requests forwarded at once, host commands served at once, and
 //!   deployments driven at once each have a semaphore; every stream a deadline.
 
+use super::now_unix;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use openraft::{Raft, ServerState};
@@ -87,13 +88,6 @@ pub struct Fleet {
     confirmed_term: std::sync::atomic::AtomicU64,
     /// Told when a deployment is created, to drive it at once.
     created: tokio::sync::Notify,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Whom to ask.
@@ -504,10 +498,7 @@ impl Fleet {
                 .collect(),
             signed_intent,
             origin: holder,
-            created_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            created_at_ms: super::now_ms(),
         });
         let size = postcard::experimental::serialized_size(&command).unwrap_or(usize::MAX);
         if size > MAX_COMMAND {
@@ -907,7 +898,7 @@ async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
                     // The operator's signature and this host's tags first, then the log.
                     // An intent that ended here is reported again without asking the log
                     // (nothing runs); anything else must be the log's.
-                    let checked = match host.check(&cmd, super::host::now_unix()) {
+                    let checked = match host.check(&cmd, super::now_unix()) {
                         Ok(_) if host.ended(&cmd.deployment) => Ok(()),
                         Ok(_) => fleet.confirm(&cmd).await,
                         Err(why) => Err(super::wire::Refusal::lasting(why)),
