@@ -306,9 +306,9 @@ fn bad_input_gets_a_clear_one_line_error() {
 }
 
 #[test]
-fn the_demo_goes_as_planned() {
+fn the_local_demo_goes_as_planned() {
     let cache = tempfile::tempdir().unwrap();
-    let o = shoal(cache.path(), &["demo", "--json"]);
+    let o = shoal(cache.path(), &["demo", "--local", "--json"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["as_planned"], true);

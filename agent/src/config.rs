@@ -44,6 +44,11 @@ pub struct AgentConfig {
     /// a number with a unit, `90s`, `30m`, `24h` or `7d`.
     #[serde(default = "default_forget_dead_after")]
     pub forget_dead_after: String,
+    /// Application → the port this host serves it on instead of its AppSpec's `port`:
+    /// for a host where that port is taken, or several agents on one machine (`shoal
+    /// demo`). The service gets it as `$PORT`, its hooks as the parameter `port`.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
 }
 
 fn default_forget_dead_after() -> String {
@@ -115,6 +120,9 @@ impl AgentConfig {
             anyhow::bail!("`name` is empty");
         }
         parse_duration(&config.forget_dead_after).context("`forget_dead_after`")?;
+        if let Some((app, _)) = config.ports.iter().find(|(_, p)| **p == 0) {
+            anyhow::bail!("`ports.{app}` is 0: give the port the service should listen on");
+        }
         Ok(config)
     }
 
@@ -175,7 +183,18 @@ mod tests {
         assert_eq!(c.keep_releases, 5);
         assert_eq!(c.tags["role"], "inference");
         assert_eq!(c.listen, "0.0.0.0:7400".parse().unwrap());
-        assert!(c.identity.is_none() && c.seeds.is_empty());
+        assert!(c.identity.is_none() && c.seeds.is_empty() && c.ports.is_empty());
+    }
+
+    #[test]
+    fn ports_override_the_appspec_per_application() {
+        let base = "name = \"a\"\ndata_dir = \"/d\"\n";
+        let c = AgentConfig::parse(&format!("{base}[ports]\ninference = 18081\n")).unwrap();
+        assert_eq!(c.ports["inference"], 18081);
+        let err = AgentConfig::parse(&format!("{base}[ports]\ninference = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("ports.inference"), "{err}");
+        let err = AgentConfig::parse(&format!("{base}[ports]\ninference = 70000\n")).unwrap_err();
+        assert!(err.to_string().contains("line 4"), "{err}");
     }
 
     #[test]

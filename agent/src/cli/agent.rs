@@ -111,15 +111,18 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 let dir = config.data_dir.join("executed");
                 tokio::task::spawn_blocking(move || Executed::open(&dir)).await??
             };
-            let side = Arc::new(HostSide::new(
-                config.name.clone(),
-                host.clone(),
-                handle.clone(),
-                bundles.clone(),
-                CertVerifier::new(ca.clone()),
-                executed,
-                tags_rx,
-            ));
+            let side = Arc::new(
+                HostSide::new(
+                    config.name.clone(),
+                    host.clone(),
+                    handle.clone(),
+                    bundles.clone(),
+                    CertVerifier::new(ca.clone()),
+                    executed,
+                    tags_rx,
+                )
+                .with_ports(config.ports.clone()),
+            );
             let fleet = Fleet::start(
                 &config.data_dir,
                 advertise,

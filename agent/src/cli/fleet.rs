@@ -85,7 +85,7 @@ pub async fn ask(peer: &str, identity: &Path, request: OperatorRequest) -> Resul
     }
 }
 
-async fn status(peer: &str, identity: &Path, id: &str) -> Result<DeploymentView> {
+pub async fn status(peer: &str, identity: &Path, id: &str) -> Result<DeploymentView> {
     match ask(
         peer,
         identity,
@@ -98,25 +98,25 @@ async fn status(peer: &str, identity: &Path, id: &str) -> Result<DeploymentView>
     }
 }
 
-/// `deploy create` for real: uploads the bundle to the agent at `peer`, signs the intent,
-/// asks for the deployment, and with `wait` follows it to its end.
-#[allow(clippy::too_many_arguments)]
-pub async fn create(
+/// Uploads the bundle to the agent at `peer`, signs the intent and asks for the
+/// deployment; the deployment as accepted.
+pub async fn submit(
     peer: &str,
     identity: &Path,
-    app: &str,
-    bundle: &Path,
-    group: &str,
-    targets: Option<&str>,
-    config: DeploymentConfig,
-    rollout: crate::fleet::plan::Rollout,
-    rollback: bool,
-    outdated_only: bool,
-    ignore_stop_failures: bool,
-    revision: &str,
-    wait: bool,
-    json: bool,
-) -> Result<bool> {
+    submission: &Submission<'_>,
+) -> Result<DeploymentView> {
+    let Submission {
+        app,
+        bundle,
+        group,
+        targets,
+        config,
+        rollout,
+        rollback,
+        outdated_only,
+        ignore_stop_failures,
+        revision,
+    } = *submission;
     let operator = Identity::load(identity)?;
     if operator.role != crate::identity::Role::Operator {
         bail!(
@@ -228,6 +228,37 @@ pub async fn create(
         OperatorAnswer::Deployment(view) => *view,
         _ => bail!("{peer} answered something other than the deployment"),
     };
+    Ok(view)
+}
+
+/// What `deploy create` asks for (besides where and as whom).
+pub struct Submission<'a> {
+    pub app: &'a str,
+    /// A bundle: a directory (packed here) or an archive.
+    pub bundle: &'a Path,
+    pub group: &'a str,
+    /// `k=v[,k=v]`; none: the group's targets on record.
+    pub targets: Option<&'a str>,
+    pub config: DeploymentConfig,
+    pub rollout: crate::fleet::plan::Rollout,
+    /// Consent to roll back to the group's last success if it fails.
+    pub rollback: bool,
+    pub outdated_only: bool,
+    pub ignore_stop_failures: bool,
+    /// The bundle's revision id, as checked before.
+    pub revision: &'a str,
+}
+
+/// `deploy create` for real: uploads the bundle to the agent at `peer`, signs the intent,
+/// asks for the deployment, and with `wait` follows it to its end.
+pub async fn create(
+    peer: &str,
+    identity: &Path,
+    submission: &Submission<'_>,
+    wait: bool,
+    json: bool,
+) -> Result<bool> {
+    let view = submit(peer, identity, submission).await?;
     if !wait {
         if json {
             super::print_json(&view)?;
@@ -299,14 +330,14 @@ async fn follow(peer: &str, identity: &Path, id: &str, json: bool) -> Result<boo
 }
 
 /// Per-host lines on a terminal (bars that update in place), nothing otherwise.
-struct Progress {
+pub struct Progress {
     multi: indicatif::MultiProgress,
     header: indicatif::ProgressBar,
     hosts: std::cell::RefCell<BTreeMap<String, indicatif::ProgressBar>>,
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub fn new() -> Progress {
         let multi = indicatif::MultiProgress::new();
         let header = multi.add(indicatif::ProgressBar::new(0));
         header.set_style(
@@ -320,7 +351,7 @@ impl Progress {
         }
     }
 
-    fn show(&self, view: &DeploymentView) {
+    pub fn show(&self, view: &DeploymentView) {
         let done = view
             .hosts
             .iter()
@@ -363,11 +394,11 @@ impl Progress {
         }
     }
 
-    fn note(&self, message: &str) {
+    pub fn note(&self, message: &str) {
         self.header.set_message(format!("waiting: {message}"));
     }
 
-    fn finish(&self) {
+    pub fn finish(&self) {
         for bar in self.hosts.borrow().values() {
             bar.finish_and_clear();
         }

@@ -64,6 +64,8 @@ pub struct HostSide {
     pub executed: Arc<Mutex<Executed>>,
     /// This host's tags, as its configuration says now.
     pub tags: watch::Receiver<BTreeMap<String, String>>,
+    /// Application → the port this host serves it on instead of its AppSpec's.
+    pub ports: BTreeMap<String, u16>,
     /// Intents running here, by id.
     running: Mutex<HashMap<String, Running>>,
     /// Held while a command is admitted.
@@ -88,9 +90,17 @@ impl HostSide {
             verifier: Mutex::new(verifier),
             executed: Arc::new(Mutex::new(executed)),
             tags,
+            ports: BTreeMap::new(),
             running: Mutex::new(HashMap::new()),
             admitting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Serves the applications named in `ports` on those ports instead of their
+    /// AppSpecs' (the config's `[ports]`).
+    pub fn with_ports(mut self, ports: BTreeMap<String, u16>) -> HostSide {
+        self.ports = ports;
+        self
     }
 
     /// Checks a command and starts (or joins) its run. `Err` is a refusal: nothing ran.
@@ -294,7 +304,7 @@ impl HostSide {
             },
             rollback: true,
             ignore_stop_failures: intent.ignore_stop_failures,
-            port: None,
+            port: self.ports.get(&intent.app).copied(),
             progress: Some(progress),
         };
         // On a thread of its own: a hook that blocks its thread (a WASI sleep does) must not

@@ -1,6 +1,5 @@
-//! `shoal demo`: a built-in tour that needs no configuration and no files; everything it
-//! uses is embedded in the binary and written to a temporary directory. Until the fleet
-//! exists it shows one host:
+//! `shoal demo --local`: the single-host tour. Everything it uses is embedded in the
+//! binary and written to a temporary directory; it shows one host:
 //!
 //! 1. deployments with `deploy local`'s machinery: the example inference app at v1, then
 //!    v2, then v3-broken, whose model answers wrong, fails ValidateService and is rolled
@@ -15,7 +14,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Args;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use shoal_examples::{Artifact, MODEL_CHECKSUM, PLAIN_COMMAND, PLAIN_COMMAND_P1, SANDBOX_PROBE};
@@ -24,9 +22,6 @@ use crate::hooks::{DirGrant, HookContext, HookRuntime, HookStatus, LifecycleEven
 use crate::lifecycle::run::DEFAULT_KEEP_RELEASES;
 use crate::lifecycle::state::AppDir;
 use crate::lifecycle::{DeployRequest, LocalHost, service};
-
-#[derive(Args, Debug)]
-pub struct DemoArgs {}
 
 /// What a step should end as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -159,7 +154,7 @@ struct DeployReport {
 }
 
 /// The model the example app on `port` answers with.
-fn serving(port: u16) -> Option<String> {
+pub(super) fn serving(port: u16) -> Option<String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .proxy(None)
         .timeout_global(Some(Duration::from_secs(2)))
@@ -212,7 +207,7 @@ async fn deployments(
     for (name, title, expect, expected_serving) in plan {
         let bundle = scratch.join("revisions").join(name);
         shoal_examples::write_revision(name, &bundle)?;
-        let progress = super::spinner(title);
+        let progress = crate::cli::spinner(title);
         let request = DeployRequest {
             app: "inference".into(),
             bundle,
@@ -255,9 +250,9 @@ async fn deployments(
     Ok(reports)
 }
 
-pub async fn run(_args: DemoArgs, json: bool) -> Result<bool> {
+pub async fn run(json: bool) -> Result<bool> {
     let scratch = tempfile::tempdir().context("creating the demo's scratch directory")?;
-    let runtime = std::sync::Arc::new(HookRuntime::new(&super::default_cache_dir())?);
+    let runtime = std::sync::Arc::new(HookRuntime::new(&crate::cli::default_cache_dir())?);
     if !json {
         println!("Part 1: deployments on one host (deploy local), the example inference app\n");
     }
@@ -272,7 +267,7 @@ pub async fn run(_args: DemoArgs, json: bool) -> Result<bool> {
     let mut reports = Vec::new();
     for (n, step) in STEPS.iter().enumerate() {
         (step.before)(&rev).with_context(|| format!("preparing step {}", n + 1))?;
-        let progress = super::spinner(step.title);
+        let progress = crate::cli::spinner(step.title);
         let hook = runtime
             .load(step.hook.bytes)
             .await
@@ -331,7 +326,7 @@ pub async fn run(_args: DemoArgs, json: bool) -> Result<bool> {
 
     let all = reports.iter().all(|r| r.as_expected) && deployed.iter().all(|d| d.as_expected);
     if json {
-        super::print_json(
+        crate::cli::print_json(
             &serde_json::json!({ "deployments": deployed, "steps": reports, "as_planned": all }),
         )?;
     } else if all {
