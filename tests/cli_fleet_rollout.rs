@@ -119,7 +119,7 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
     let f = four([127, 84, 1], usize::MAX, &[]);
     let (fleet, ca, tmp) = (&f.agents, &f.ca, &f.tmp);
     let targets = ["--targets", "role=web", "--config", "AllAtOnce"];
-    f.first(&revision(tmp.path(), "v1"));
+    let v1_id = f.first(&revision(tmp.path(), "v1"));
 
     // The dry run shows the waves: one host, a bake, the other three.
     let v2 = revision(tmp.path(), "v2");
@@ -277,6 +277,38 @@ fn a_canary_bakes_on_a_quarter_of_the_hosts_then_completes_and_a_stop_ends_a_bak
     assert_eq!(view["rollback"]["revision"], done["revision"], "{view}");
     for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v2"), "{}", a.name);
+    }
+
+    // A rollback by hand undoes the last deployment (that rollback, a success on v2): v1,
+    // the success before it, comes back everywhere, fetched from the hosts that keep it.
+    f.hears_on(1, &v2_id, 4);
+    let rollback = |extra: &[&str]| {
+        shoal()
+            .args(["deploy", "rollback", "--group", "tiny", "--json", "--peer"])
+            .arg(fleet[1].addr.to_string())
+            .arg("--identity")
+            .arg(&ca.operator)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let back = json(&rollback(&["--wait"]), "deploy rollback");
+    assert_eq!(back["status"], "Succeeded", "{back}");
+    assert_eq!(back["revision"], v1_id.as_str(), "{back}");
+    assert_eq!(back["config"], "AllAtOnce", "the group's config: {back}");
+    for a in fleet {
+        assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
+    }
+    // A revision the group never deployed successfully is refused, and so is too short a
+    // prefix.
+    for (to, why) in [
+        ("0123456789abcdef", "no successful deployment"),
+        ("01", "at least 8"),
+    ] {
+        let o = rollback(&["--to", to]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "--to {to}: {err}");
     }
 }
 

@@ -27,6 +27,9 @@ pub enum DeployCommand {
     List(super::fleet::ListArgs),
     /// Stop a fleet deployment: no new batch starts; hosts in flight finish.
     Stop(super::fleet::StopArgs),
+    /// Roll a deployment group back by hand: redeploy the revision it ran before its last
+    /// deployment, from the hosts that keep it.
+    Rollback(super::deploy_rollback::RollbackArgs),
 }
 
 #[derive(Args, Debug)]
@@ -111,6 +114,9 @@ pub async fn run(
         DeployCommand::Status(args) => super::fleet::run_status(args, peer, identity, json).await,
         DeployCommand::List(args) => super::fleet::run_list(args, peer, identity, json).await,
         DeployCommand::Stop(args) => super::fleet::run_stop(args, peer, identity, json).await,
+        DeployCommand::Rollback(args) => {
+            super::deploy_rollback::run(args, peer, identity, json).await
+        }
         DeployCommand::Local(args) => {
             let host = local_host(&args.host)?;
             let request = DeployRequest {

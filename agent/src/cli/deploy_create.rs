@@ -128,7 +128,7 @@ pub async fn run(
             identity,
             &super::fleet::Submission {
                 app: &args.app,
-                bundle: &args.bundle,
+                bundle: Some(&args.bundle),
                 group: &group,
                 targets: args.targets.as_deref(),
                 config,

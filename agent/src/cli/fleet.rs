@@ -152,7 +152,51 @@ pub async fn submit(
                 .with_context(|| format!("the targets on record for group {group:?}"))?
         }
     };
-    // The bundle goes to the agent first: the hosts fetch it from there and from each other.
+    // The bundle goes to the agent first: the hosts fetch it from there and from each
+    // other. Without one, from the hosts that hold the revision already.
+    let holder = match bundle {
+        Some(bundle) => Some(upload(peer, identity, app, bundle, revision).await?),
+        None => None,
+    };
+    let intent = Intent::new(
+        app,
+        group,
+        targets,
+        &RevisionId(revision.to_owned()),
+        config,
+        &operator.name,
+        now_unix(),
+    )?
+    .with_rollout(rollout)?
+    .with_rollback_to(rollback_to)?
+    .outdated_only(outdated_only)
+    .ignoring_stop_failures(ignore_stop_failures);
+    let signed = intent::sign(&intent, &operator)?;
+    let view = match ask(
+        peer,
+        identity,
+        OperatorRequest::Create {
+            intent: signed,
+            holder,
+        },
+    )
+    .await?
+    {
+        OperatorAnswer::Deployment(view) => *view,
+        _ => bail!("{peer} answered something other than the deployment"),
+    };
+    Ok(view)
+}
+
+/// Uploads `bundle` (a directory is packed first) to the agent at `peer`, which keeps it
+/// as revision `revision`; the name of the agent that holds it.
+async fn upload(
+    peer: &str,
+    identity: &Path,
+    app: &str,
+    bundle: &Path,
+    revision: &str,
+) -> Result<String> {
     let packed;
     let file = if bundle.is_dir() {
         packed = tempfile::tempdir().context("making a scratch directory")?;
@@ -187,7 +231,7 @@ pub async fn submit(
     )
     .await;
     uploading.finish_and_clear();
-    let holder = match uploaded? {
+    match uploaded? {
         Answer::Uploaded {
             revision: kept,
             holder,
@@ -197,45 +241,18 @@ pub async fn submit(
                     "{peer} kept the bundle as revision {kept}, not {revision}: it changed while uploading?"
                 );
             }
-            holder
+            Ok(holder)
         }
         _ => bail!("{peer} answered something other than an upload"),
-    };
-    let intent = Intent::new(
-        app,
-        group,
-        targets,
-        &RevisionId(revision.to_owned()),
-        config,
-        &operator.name,
-        now_unix(),
-    )?
-    .with_rollout(rollout)?
-    .with_rollback_to(rollback_to)?
-    .outdated_only(outdated_only)
-    .ignoring_stop_failures(ignore_stop_failures);
-    let signed = intent::sign(&intent, &operator)?;
-    let view = match ask(
-        peer,
-        identity,
-        OperatorRequest::Create {
-            intent: signed,
-            holder: Some(holder),
-        },
-    )
-    .await?
-    {
-        OperatorAnswer::Deployment(view) => *view,
-        _ => bail!("{peer} answered something other than the deployment"),
-    };
-    Ok(view)
+    }
 }
 
 /// What `deploy create` asks for (besides where and as whom).
 pub struct Submission<'a> {
     pub app: &'a str,
-    /// A bundle: a directory (packed here) or an archive.
-    pub bundle: &'a Path,
+    /// A bundle: a directory (packed here) or an archive. None: the hosts fetch the
+    /// revision from those that hold it already.
+    pub bundle: Option<&'a Path>,
     pub group: &'a str,
     /// `k=v[,k=v]`; none: the group's targets on record.
     pub targets: Option<&'a str>,

@@ -10,6 +10,7 @@ mod ca;
 mod demo;
 mod deploy;
 mod deploy_create;
+mod deploy_rollback;
 mod fleet;
 mod hook;
 mod hosts;

@@ -187,7 +187,7 @@ impl Fleet {
             &operator,
             &Submission {
                 app: APP,
-                bundle,
+                bundle: Some(bundle),
                 group: APP,
                 targets: Some("role=inference"),
                 config,
