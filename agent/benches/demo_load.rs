@@ -12,6 +12,9 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
+/// One phase in one round: requests, failed requests, failures by kind.
+type Round = (u64, u64, BTreeMap<String, u64>);
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -20,9 +23,8 @@ fn main() {
         .ok()
         .map(|v| v.parse().expect("SHOAL_BENCH_ROUNDS is a number"))
         .unwrap_or(3);
-    // phase → (requests, failed, failure kinds) per round
     let mut phases: Vec<String> = Vec::new();
-    let mut seen: BTreeMap<String, Vec<(u64, u64, BTreeMap<String, u64>)>> = BTreeMap::new();
+    let mut seen: BTreeMap<String, Vec<Round>> = BTreeMap::new();
     let mut planned = 0;
     for round in 0..rounds {
         let o = Command::new(env!("CARGO_BIN_EXE_shoal"))
