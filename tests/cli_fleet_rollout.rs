@@ -36,15 +36,24 @@ struct Four {
 }
 
 fn four(prefix: [u8; 3], extra_on: usize, extra: &[(&str, &str)]) -> Four {
+    four_with(prefix, |i| {
+        if i == extra_on {
+            extra.to_vec()
+        } else {
+            Vec::new()
+        }
+    })
+}
+
+/// Four agents tagged `role=web` and `tags_of(i)` each.
+fn four_with<'a>(prefix: [u8; 3], tags_of: impl Fn(usize) -> Vec<(&'a str, &'a str)>) -> Four {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new(tmp.path(), "fleet");
     let mut agents = agents(tmp.path(), &ca, prefix, 4);
     let services = Services(agents.iter().map(|a| a.data_dir.clone()).collect());
     for (i, a) in agents.iter_mut().enumerate() {
         let mut tags = vec![("role", "web")];
-        if i == extra_on {
-            tags.extend_from_slice(extra);
-        }
+        tags.extend(tags_of(i));
         tag(a, &tags);
         a.start();
     }
@@ -500,4 +509,95 @@ fn a_monitor_hook_that_starts_failing_while_baking_fails_and_rolls_back_the_depl
     for a in fleet {
         assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
     }
+}
+
+#[test]
+fn zone_by_zone_never_has_two_zones_in_flight_and_holds_the_minimum_in_each() {
+    // Zone a is agent-3 and agent-4, zone b agent-1 and agent-2: zones go by their names,
+    // not the hosts'.
+    let f = four_with([127, 84, 5], |i| {
+        vec![("az", if i < 2 { "b" } else { "a" })]
+    });
+    let (fleet, ca, tmp) = (&f.agents, &f.ca, &f.tmp);
+    let v1_id = f.first(&plain_revision(tmp.path(), "v1"));
+    f.hears_on(0, &v1_id, 4);
+    let zoned = [
+        "--targets",
+        "role=web",
+        "--config",
+        "HalfAtATime",
+        "--zones",
+        "az",
+        "--zone-bake",
+        "3s",
+    ];
+    let v2 = plain_revision(tmp.path(), "v2");
+    // HalfAtATime would take two of four at a time; each zone of two keeps one healthy.
+    let plan = json(
+        &create(
+            &fleet[0],
+            &ca.operator,
+            &v2,
+            &[&zoned[..], &["--dry-run"]].concat(),
+        ),
+        "the dry run",
+    );
+    assert_eq!(plan["zones"], serde_json::json!(["a", "b"]), "{plan}");
+    assert_eq!(
+        plan["batches"],
+        serde_json::json!([["agent-3"], ["agent-4"], ["agent-1"], ["agent-2"]]),
+        "{plan}"
+    );
+    assert_eq!(plan["bakes_after"], serde_json::json!([2]), "{plan}");
+
+    let accepted = json(&create(&fleet[0], &ca.operator, &v2, &zoned), "v2 by zone");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    // Baking between the zones: zone a on v2, zone b untouched.
+    let baking = f.baking(1, &id);
+    let hosts_now = by_status(&baking);
+    assert_eq!(hosts_now["Succeeded"], ["agent-3", "agent-4"], "{baking}");
+    assert_eq!(hosts_now["Pending"], ["agent-1", "agent-2"], "{baking}");
+    for (a, on) in fleet.iter().zip(["v1", "v1", "v2", "v2"]) {
+        assert_eq!(installed(a).as_deref(), Some(on), "{}", a.name);
+    }
+    let done = json(
+        &shoal()
+            .args(["deploy", "status", &id, "--watch", "--json", "--peer"])
+            .arg(fleet[2].addr.to_string())
+            .arg("--identity")
+            .arg(&ca.operator)
+            .output()
+            .unwrap(),
+        "deploy status --watch",
+    );
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    // One host per batch, and every batch of zone a before every batch of zone b: batches
+    // run one after the other, so two zones were never in flight together.
+    let batch_of = |name: &str| -> u64 {
+        done["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .and_then(|h| h["batch"].as_u64())
+            .unwrap()
+    };
+    let batches: Vec<u64> = ["agent-3", "agent-4", "agent-1", "agent-2"]
+        .iter()
+        .map(|n| batch_of(n))
+        .collect();
+    assert!(
+        batches.windows(2).all(|w| w[0] < w[1]),
+        "{batches:?}: {done}"
+    );
+    for a in fleet {
+        assert_eq!(installed(a).as_deref(), Some("v2"), "{}", a.name);
+    }
+
+    // A target without the zone tag is refused before anything starts.
+    let untagged = ["--targets", "role=web", "--zones", "rack"];
+    let o = create(&fleet[0], &ca.operator, &v2, &untagged);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("has no zone"), "{err}");
 }

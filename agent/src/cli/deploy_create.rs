@@ -51,8 +51,19 @@ pub struct CreateArgs {
     #[arg(long, value_name = "P%:DURATION", conflicts_with = "linear")]
     pub canary: Option<String>,
     /// Linear: P% more of the hosts every DURATION (Baking in between).
-    #[arg(long, value_name = "P%:DURATION")]
+    #[arg(long, value_name = "P%:DURATION", conflicts_with = "zones")]
     pub linear: Option<String>,
+    /// Zone by zone: one zone (a value of the hosts' tag TAG) at a time, in the order of
+    /// the zones' names, the minimum of healthy hosts held in each zone too. Every targeted
+    /// host must carry the tag.
+    #[arg(long, value_name = "TAG", conflicts_with = "canary")]
+    pub zones: Option<String>,
+    /// Zone by zone: Baking for DURATION after each zone but the last (default none).
+    #[arg(long, value_name = "DURATION", requires = "zones")]
+    pub zone_bake: Option<String>,
+    /// Zone by zone: Baking for DURATION after the first zone (default: --zone-bake).
+    #[arg(long, value_name = "DURATION", requires = "zones")]
+    pub first_zone_bake: Option<String>,
     /// Only the targeted hosts that do not run the revision yet (CodeDeploy's "outdated
     /// instances only"); refused if there is none.
     #[arg(long)]
@@ -82,6 +93,9 @@ pub struct DryRun {
     pub config: String,
     /// The waves and bake (`no waves`, `canary 25%, bake 600s`, ...).
     pub rollout: String,
+    /// Zone by zone: the tag whose values are the zones, and the zones in order.
+    pub zone_tag: Option<String>,
+    pub zones: Vec<String>,
     pub targets: String,
     /// The plan's numbers: the minimum of healthy hosts, the successes required and the
     /// largest batch.
@@ -100,6 +114,8 @@ pub struct DryRun {
 pub struct PlannedHost {
     pub name: String,
     pub healthy: bool,
+    /// Its zone, zone by zone.
+    pub zone: Option<String>,
     /// The revision it runs now, if any.
     pub revision: Option<String>,
 }
@@ -118,8 +134,13 @@ pub async fn run(
     let config =
         DeploymentConfig::from_options(args.config.as_deref(), args.min_healthy.as_deref())
             .context("--config / --min-healthy")?;
-    let rollout = Rollout::from_options(args.canary.as_deref(), args.linear.as_deref())
-        .context("--canary / --linear")?;
+    let rollout = match &args.zones {
+        Some(_) => Rollout::zones(args.zone_bake.as_deref(), args.first_zone_bake.as_deref())
+            .context("--zone-bake / --first-zone-bake")?,
+        None => Rollout::from_options(args.canary.as_deref(), args.linear.as_deref())
+            .context("--canary / --linear")?,
+    };
+    let zone_tag = args.zones.as_deref();
     let group = args.group.clone().unwrap_or_else(|| args.app.clone());
     if !args.dry_run {
         let revision = revision_of(&args.bundle)?;
@@ -133,6 +154,7 @@ pub async fn run(
                 targets: args.targets.as_deref(),
                 config,
                 rollout,
+                zone_tag,
                 rollback: !args.no_rollback,
                 outdated_only: args.outdated_only,
                 ignore_stop_failures: args.ignore_stop_failures,
@@ -166,7 +188,7 @@ pub async fn run(
         hosts
     };
     let plan = dry_run(
-        &args.app, &group, &revision, config, rollout, &targets, &hosts,
+        &args.app, &group, &revision, config, rollout, zone_tag, &targets, &hosts,
     )?;
     if json {
         super::print_json(&plan)?;
@@ -200,23 +222,25 @@ fn revision_of(path: &Path) -> Result<String> {
 }
 
 /// The plan for `hosts` (as an agent lists them). Sans-IO, so tests can call it.
+#[allow(clippy::too_many_arguments)]
 pub fn dry_run(
     app: &str,
     group: &str,
     revision: &str,
     config: DeploymentConfig,
     rollout: Rollout,
+    zone_tag: Option<&str>,
     targets: &Targets,
     hosts: &[HostView],
 ) -> Result<DryRun> {
-    let chosen = targets::choose(targets, app, hosts)?;
+    let chosen = targets::choose(targets, app, zone_tag, hosts)?;
     let (infos, unreachable) = (chosen.hosts, chosen.unreachable);
     let names: Vec<&str> = infos.iter().map(|h| h.name.as_str()).collect();
     let planner = Planner::new(config, infos.clone(), revision)
-        .with_context(|| format!("cannot plan {config} over {} hosts", names.len()))?
-        .with_rollout(rollout);
+        .and_then(|p| p.with_rollout(rollout))
+        .with_context(|| format!("cannot plan {config} over {} hosts", names.len()))?;
     let batches = planner.batches_preview();
-    let waves = rollout.waves(infos.len());
+    let waves = planner.wave_ends();
     let bakes_after = batches
         .iter()
         .scan(0, |done, b| {
@@ -235,6 +259,8 @@ pub fn dry_run(
         revision: revision.to_string(),
         config: config.to_string(),
         rollout: rollout.to_string(),
+        zone_tag: zone_tag.map(String::from),
+        zones: planner.zones(),
         targets: targets.to_string(),
         rules: planner.rules(),
         hosts: order
@@ -244,6 +270,7 @@ pub fn dry_run(
                 PlannedHost {
                     name: n.clone(),
                     healthy: h.health == Health::Healthy,
+                    zone: h.zone.clone(),
                     revision: match &h.revision {
                         Revision::Known(r) => Some(r.clone()),
                         Revision::Unknown => None,
@@ -267,7 +294,10 @@ fn text(plan: &DryRun) -> String {
         plan.group,
         plan.config,
         plan.rollout,
-        plan.targets,
+        match &plan.zone_tag {
+            Some(tag) => format!("{}, zones by tag {}", plan.targets, printable(tag)),
+            None => plan.targets.clone(),
+        },
         plan.hosts.len(),
         plan.rules.minimum,
         plan.rules.required,
@@ -288,7 +318,12 @@ fn text(plan: &DryRun) -> String {
                 format!("{} ({rev}{health})", printable(n))
             })
             .collect();
-        out.push_str(&format!("batch {}: {}\n", i + 1, hosts.join(", ")));
+        let zone = batch
+            .first()
+            .and_then(|n| state[n.as_str()].zone.as_deref())
+            .map(|z| format!(" (zone {})", printable(z)))
+            .unwrap_or_default();
+        out.push_str(&format!("batch {}{zone}: {}\n", i + 1, hosts.join(", ")));
         if plan.bakes_after.contains(&(i + 1)) {
             out.push_str("then Baking before the next wave\n");
         }
@@ -381,6 +416,7 @@ mod tests {
             "new",
             DeploymentConfig::OneAtATime,
             Rollout::Waveless,
+            None,
             &targets,
             &hosts,
         )
@@ -398,6 +434,7 @@ mod tests {
             "new",
             DeploymentConfig::HalfAtATime,
             Rollout::Waveless,
+            None,
             &targets,
             &hosts,
         )
@@ -420,6 +457,7 @@ mod tests {
             "new",
             DeploymentConfig::AllAtOnce,
             Rollout::Waveless,
+            None,
             &targets,
             &hosts,
         )
@@ -439,6 +477,7 @@ mod tests {
             "new",
             DeploymentConfig::AllAtOnce,
             Rollout::Waveless,
+            None,
             &targets,
             &hosts,
         )

@@ -197,6 +197,7 @@ pub async fn run(
             targets: Some(&group.targets),
             config,
             rollout: Rollout::Waveless,
+            zone_tag: None,
             // A rollback that fails is not rolled back in turn.
             rollback: false,
             outdated_only: !args.all_hosts,

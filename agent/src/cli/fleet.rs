@@ -112,6 +112,7 @@ pub async fn submit(
         targets,
         config,
         rollout,
+        zone_tag,
         rollback,
         outdated_only,
         ignore_stop_failures,
@@ -167,7 +168,7 @@ pub async fn submit(
         &operator.name,
         now_unix(),
     )?
-    .with_rollout(rollout)?
+    .with_rollout(rollout, zone_tag)?
     .with_rollback_to(rollback_to)?
     .outdated_only(outdated_only)
     .ignoring_stop_failures(ignore_stop_failures);
@@ -258,6 +259,8 @@ pub struct Submission<'a> {
     pub targets: Option<&'a str>,
     pub config: DeploymentConfig,
     pub rollout: crate::fleet::plan::Rollout,
+    /// Zone by zone: the tag whose values are the zones.
+    pub zone_tag: Option<&'a str>,
     /// Consent to roll back to the group's last success if it fails.
     pub rollback: bool,
     pub outdated_only: bool,

@@ -99,8 +99,10 @@ pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
         }
         return roll_back(&ctx, &id).await;
     }
-    let mut planner = match Planner::new(d.config, d.host_infos(), &d.revision) {
-        Ok(p) => p.with_rollout(d.rollout),
+    let mut planner = match Planner::new(d.config, d.host_infos(), &d.revision)
+        .and_then(|p| p.with_rollout(d.rollout))
+    {
+        Ok(p) => p,
         Err(e) => {
             let verdict = Verdict::Failed {
                 reason: e.to_string(),
@@ -336,6 +338,7 @@ pub fn rollback_deployment(
             } else {
                 Revision::Unknown
             },
+            zone: h.zone.clone(),
         })
         .collect();
     let infos: Vec<super::plan::HostInfo> = hosts
@@ -344,6 +347,7 @@ pub fn rollback_deployment(
             name: h.name.clone(),
             health: h.health,
             revision: h.revision.clone(),
+            zone: h.zone.clone(),
         })
         .collect();
     let config = if Planner::new(d.config, infos, &revision).is_ok() {
@@ -711,6 +715,7 @@ mod tests {
                     name: format!("h{i}"),
                     health: Health::Healthy,
                     revision: Revision::Known("old".into()),
+                    zone: None,
                 })
                 .collect(),
             signed_intent: Vec::new(),
@@ -729,6 +734,7 @@ mod tests {
         Planner::new(d.config, d.host_infos(), &d.revision)
             .unwrap()
             .with_rollout(d.rollout)
+            .unwrap()
     }
 
     fn start(hosts: &[&str]) -> Command {

@@ -78,6 +78,8 @@ pub const MAX_EXECUTED: usize = 10_000;
 pub const MAX_NAME: usize = 64;
 /// The longest operator name, in bytes (the fleet CA's limit on names).
 pub const MAX_OPERATOR: usize = 63;
+/// The longest zone tag key: as long as a host tag key may be (64 bytes).
+pub const MAX_ZONE_TAG: usize = 64;
 
 /// Hex digits in an intent id (128 random bits).
 const ID_HEX: usize = 32;
@@ -107,6 +109,10 @@ pub struct Intent {
     /// The waves the hosts are released in (absent in an intent of an older agent: none).
     #[serde(default)]
     pub rollout: Rollout,
+    /// Zone by zone: the tag whose values are the zones (`--zones TAG`). Set exactly when
+    /// the rollout is [`Rollout::Zones`].
+    #[serde(default)]
+    pub zone_tag: Option<String>,
     /// The revision to put back on the hosts that took this one if the deployment fails
     /// (the group's last successful revision when the operator signed): the operator's
     /// consent to that rollback, which a coordinator cannot forge. `None`: no automatic
@@ -151,6 +157,7 @@ impl Intent {
             revision: revision.0.clone(),
             config,
             rollout: Rollout::Waveless,
+            zone_tag: None,
             rollback_to: None,
             outdated_only: false,
             ignore_stop_failures: false,
@@ -161,9 +168,15 @@ impl Intent {
         Ok(intent)
     }
 
-    /// The same intent, releasing its hosts in the waves of `rollout`.
-    pub fn with_rollout(mut self, rollout: Rollout) -> Result<Intent, IntentError> {
+    /// The same intent, releasing its hosts in the waves of `rollout`; zone by zone, the
+    /// zones are the values of the hosts' tag `zone_tag`.
+    pub fn with_rollout(
+        mut self,
+        rollout: Rollout,
+        zone_tag: Option<&str>,
+    ) -> Result<Intent, IntentError> {
         self.rollout = rollout;
+        self.zone_tag = zone_tag.map(String::from);
         self.check_fields()?;
         Ok(self)
     }
@@ -202,6 +215,7 @@ impl Intent {
             id: rollback_id(&self.id),
             revision,
             rollout: Rollout::Waveless,
+            zone_tag: None,
             rollback_to: None,
             ..self.clone()
         };
@@ -228,6 +242,48 @@ impl Intent {
                     "waves of {percent} with a bake of {bake_secs} s: a wave is 1% to 100%, a bake at most {MAX_BAKE_SECS} s"
                 ),
             ));
+        }
+        if let Rollout::Zones {
+            first_bake_secs,
+            bake_secs,
+        } = self.rollout
+            && first_bake_secs.max(bake_secs) > MAX_BAKE_SECS
+        {
+            return Err(invalid(
+                "rollout",
+                format!(
+                    "zone bakes of {first_bake_secs} s and {bake_secs} s: a bake is at most {MAX_BAKE_SECS} s"
+                ),
+            ));
+        }
+        match (
+            &self.zone_tag,
+            matches!(self.rollout, Rollout::Zones { .. }),
+        ) {
+            (None, false) => {}
+            (Some(tag), true) => {
+                if tag.is_empty() || tag.len() > MAX_ZONE_TAG || tag.chars().any(char::is_control) {
+                    return Err(invalid(
+                        "zone_tag",
+                        format!(
+                            "{} is not a tag key (1 to {MAX_ZONE_TAG} bytes, no control characters)",
+                            quote(tag)
+                        ),
+                    ));
+                }
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "zone_tag",
+                    "zone by zone, the intent must name the zone tag".into(),
+                ));
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    "zone_tag",
+                    "a zone tag without a rollout zone by zone".into(),
+                ));
+            }
         }
         if let Some(r) = &self.rollback_to
             && (r.len() != REVISION_HEX || !is_lower_hex(r))
@@ -1370,6 +1426,40 @@ mod tests {
         assert_eq!(verifier.cached(), 1, "the chain is checked once");
         // Another host, another verifier: same answer.
         assert_eq!(verify(&signed, &mut fleet.verifier(), t).unwrap(), intent);
+    }
+
+    #[test]
+    fn a_zone_tag_comes_with_a_rollout_zone_by_zone_and_only_with_it() {
+        let zones = Rollout::zones(Some("60s"), None).unwrap();
+        let ok = intent_by("alice", 1)
+            .with_rollout(zones, Some("az"))
+            .unwrap();
+        assert_eq!(ok.zone_tag.as_deref(), Some("az"));
+        // Its rollback goes in one wave, and names no zone tag.
+        let back = ok
+            .clone()
+            .with_rollback_to(Some(REV.into()))
+            .unwrap()
+            .rollback()
+            .unwrap();
+        assert_eq!((back.rollout, back.zone_tag), (Rollout::Waveless, None));
+        for (rollout, tag) in [
+            (zones, None),
+            (Rollout::Waveless, Some("az")),
+            (zones, Some("")),
+            (zones, Some("a\u{7}z")),
+        ] {
+            let kind = refusal(intent_by("alice", 1).with_rollout(rollout, tag));
+            assert!(
+                matches!(&kind, IntentErrorKind::InvalidField { field, .. } if *field == "zone_tag"),
+                "{rollout} {tag:?}: {kind:?}"
+            );
+        }
+        // What a host reads: the same rules, whoever wrote the intent.
+        let mut forged = ok.clone();
+        forged.zone_tag = None;
+        let body = serde_json::to_vec(&forged).unwrap();
+        assert!(serde_json::from_slice::<Intent>(&body).is_ok_and(|i| i.check_fields().is_err()));
     }
 
     #[test]

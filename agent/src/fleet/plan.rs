@@ -294,6 +294,15 @@ pub enum Rollout {
     /// Waves of `percent` of the hosts (rounded up, at least one), with a bake of
     /// `bake_secs` after each but the last.
     Linear { percent: Percent, bake_secs: u64 },
+    /// One wave per zone (a value of the zone tag the intent names; zones in the order of
+    /// their names), as CodeDeploy's zonal configuration: a bake of `first_bake_secs`
+    /// after the first zone and of `bake_secs` after each other but the last. The
+    /// configuration's minimum of healthy hosts holds in each zone too, counted on the
+    /// zone's hosts.
+    Zones {
+        first_bake_secs: u64,
+        bake_secs: u64,
+    },
 }
 
 impl Rollout {
@@ -322,22 +331,46 @@ impl Rollout {
         }
     }
 
-    /// How long each bake lasts; zero without waves.
-    pub fn bake(self) -> std::time::Duration {
-        match self {
-            Rollout::Waveless => std::time::Duration::ZERO,
-            Rollout::Canary { bake_secs, .. } | Rollout::Linear { bake_secs, .. } => {
-                std::time::Duration::from_secs(bake_secs)
-            }
-        }
+    /// `--zones TAG [--zone-bake DURATION] [--first-zone-bake DURATION]`: zone by zone,
+    /// with no bake unless told, and after the first zone the zone bake unless told.
+    pub fn zones(
+        zone_bake: Option<&str>,
+        first_zone_bake: Option<&str>,
+    ) -> Result<Rollout, ConfigError> {
+        let bake_secs = zone_bake.map(parse_bake).transpose()?.unwrap_or(0);
+        let first_bake_secs = first_zone_bake
+            .map(parse_bake)
+            .transpose()?
+            .unwrap_or(bake_secs);
+        Ok(Rollout::Zones {
+            first_bake_secs,
+            bake_secs,
+        })
+    }
+
+    /// How long the bake after wave `wave` (0 for the first) lasts; zero without waves.
+    pub fn bake_after(self, wave: usize) -> std::time::Duration {
+        std::time::Duration::from_secs(match self {
+            Rollout::Waveless => 0,
+            Rollout::Canary { bake_secs, .. } | Rollout::Linear { bake_secs, .. } => bake_secs,
+            Rollout::Zones {
+                first_bake_secs, ..
+            } if wave == 0 => first_bake_secs,
+            Rollout::Zones { bake_secs, .. } => bake_secs,
+        })
     }
 
     /// The most time all bakes may take together, for any number of hosts: linear waves of
-    /// P% are at most ⌈100 / P⌉, with a bake between each two.
+    /// P% are at most ⌈100 / P⌉, with a bake between each two. Zones depend on how many
+    /// there are: here the least (two zones), and [`Planner::with_rollout`] checks the
+    /// rest.
     pub fn longest_bakes(self) -> u64 {
         match self {
             Rollout::Waveless => 0,
             Rollout::Canary { bake_secs, .. } => bake_secs,
+            Rollout::Zones {
+                first_bake_secs, ..
+            } => first_bake_secs,
             Rollout::Linear { percent, bake_secs } => {
                 let waves = 100u64.div_ceil(u64::from(percent.get().max(1)));
                 waves.saturating_sub(1).saturating_mul(bake_secs)
@@ -346,11 +379,12 @@ impl Rollout {
     }
 
     /// Where each wave ends, as a count of hosts in deployment order, for `hosts` hosts:
-    /// the last is always `hosts`.
+    /// the last is always `hosts`. Zones are cut by [`Planner::with_rollout`], which knows
+    /// them: here they are one wave.
     pub fn waves(self, hosts: usize) -> Vec<usize> {
         let step = |percent: Percent| percent.of_rounded_up(hosts).clamp(1, hosts.max(1));
         match self {
-            Rollout::Waveless => vec![hosts],
+            Rollout::Waveless | Rollout::Zones { .. } => vec![hosts],
             Rollout::Canary { percent, .. } => {
                 let canary = step(percent);
                 if canary >= hosts {
@@ -386,7 +420,17 @@ fn parse_wave(text: &str) -> Result<(Percent, u64), ConfigError> {
         .filter(|&p| p > 0)
         .and_then(Percent::new)
         .ok_or(ConfigErrorKind::WavePercentOutOfRange { percent })?;
-    let duration = duration.trim();
+    let secs = parse_bake(duration).map_err(|e| match e.kind {
+        ConfigErrorKind::BadBake { .. } => bad().into(),
+        _ => e,
+    })?;
+    Ok((percent, secs))
+}
+
+/// A bake time: seconds, or a number with `s`, `m` or `h`, at most [`MAX_BAKE_SECS`].
+fn parse_bake(text: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigErrorKind::BadBake { text: quote(text) };
+    let duration = text.trim();
     let (number, unit) = match duration.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((at, _)) => duration.split_at(at),
         None => (duration, "s"),
@@ -405,7 +449,7 @@ fn parse_wave(text: &str) -> Result<(Percent, u64), ConfigError> {
     if secs > MAX_BAKE_SECS {
         return Err(ConfigErrorKind::BakeTooLong { secs }.into());
     }
-    Ok((percent, secs))
+    Ok(secs)
 }
 
 impl fmt::Display for Rollout {
@@ -418,6 +462,13 @@ impl fmt::Display for Rollout {
             Rollout::Linear { percent, bake_secs } => {
                 write!(f, "linear {percent} per wave, bake {bake_secs}s")
             }
+            Rollout::Zones {
+                first_bake_secs,
+                bake_secs,
+            } => write!(
+                f,
+                "zone by zone, bake {bake_secs}s (after the first zone {first_bake_secs}s)"
+            ),
         }
     }
 }
@@ -462,6 +513,8 @@ pub struct HostInfo {
     pub health: Health,
     /// What it runs now.
     pub revision: Revision,
+    /// Its zone (the value of the zone tag) for a rollout zone by zone.
+    pub zone: Option<String>,
 }
 
 /// How one host's deployment ended, as reported to [`Planner::host_done`].
@@ -516,6 +569,18 @@ pub enum FailReason {
         healthy: usize,
         minimum: usize,
     },
+    /// Zone by zone: failures in `zone` leave at most `healthy` of its hosts healthy, and
+    /// a host of it still to update could only go offline below the zone's minimum.
+    #[error(
+        "{failed} host(s) of zone {zone} failed: at most {healthy} of its hosts can be \
+         healthy, and updating the rest would leave fewer than its minimum of {minimum}"
+    )]
+    ZoneMinimumHealthy {
+        zone: String,
+        failed: usize,
+        healthy: usize,
+        minimum: usize,
+    },
     /// A host of the canary wave failed.
     #[error("canary host {host} failed")]
     CanaryFailed { host: String },
@@ -543,6 +608,25 @@ pub enum PlanError {
     /// The same host twice.
     #[error("host {name:?} is listed twice")]
     DuplicateHost { name: String },
+    /// Zone by zone, and a host has no zone.
+    #[error("host {host:?} has no zone: zone by zone, every host must carry the zone tag")]
+    NoZone { host: String },
+    /// In a zone, the minimum leaves no healthy host to update.
+    #[error(
+        "zone {zone:?}: a minimum of {minimum} healthy hosts out of its {hosts} leaves no \
+         healthy host to update"
+    )]
+    ZoneMinimumCannotHold {
+        zone: String,
+        minimum: usize,
+        hosts: usize,
+    },
+    /// The bakes between these zones are longer than a rollout may bake.
+    #[error(
+        "the bakes between {zones} zones last {secs} s in all, longer than the \
+         {MAX_ROLLOUT_SECS} s a rollout may bake"
+    )]
+    BakesTooLong { zones: usize, secs: u64 },
     /// The minimum leaves no healthy host to update, even if every host succeeded.
     #[error(
         "a minimum of {minimum} healthy hosts out of {hosts} leaves no healthy host to \
@@ -617,6 +701,12 @@ pub enum ConfigErrorKind {
          or h: `25%:10m`)"
     )]
     BadWave { text: String },
+    /// Not a duration.
+    #[error("bake time {text:?} is not seconds or a number with s, m or h (`90s`, `10m`)")]
+    BadBake { text: String },
+    /// `--zones` with `--canary` or `--linear`.
+    #[error("give one of --canary, --linear or --zones")]
+    ZonesAndWaves,
     /// A wave of 0% or more than 100%.
     #[error("a wave of {percent}% is not between 1% and 100%")]
     WavePercentOutOfRange { percent: u64 },
@@ -642,11 +732,13 @@ struct Host {
     name: String,
     healthy: bool,
     state: State,
+    zone: Option<String>,
 }
 
 /// One deployment's batches, sans-IO. See the module documentation for the rules.
 #[derive(Debug)]
 pub struct Planner {
+    config: DeploymentConfig,
     rules: Rules,
     /// Every host, in deployment order.
     hosts: Vec<Host>,
@@ -666,6 +758,11 @@ pub struct Planner {
     /// Where each wave ends ([`Rollout::waves`]), and the wave under way.
     waves: Vec<usize>,
     wave: usize,
+    /// Per wave: the healthy hosts it must keep (a zone's minimum; 0 for other waves),
+    /// its hosts healthy now, and its zone's name (zone by zone).
+    wave_minimum: Vec<usize>,
+    wave_healthy: Vec<usize>,
+    wave_zone: Vec<String>,
     /// While baking after a wave: until when (Unix milliseconds, as the log recorded it).
     baking: Option<u64>,
 }
@@ -713,9 +810,11 @@ impl Planner {
                 healthy: h.health == Health::Healthy,
                 name: h.name,
                 state: State::Pending,
+                zone: h.zone,
             })
             .collect();
         Ok(Planner {
+            config,
             rules,
             pending: (0..total).collect(),
             pending_healthy: healthy,
@@ -729,15 +828,106 @@ impl Planner {
             rollout: Rollout::Waveless,
             waves: vec![total],
             wave: 0,
+            wave_minimum: vec![0],
+            wave_healthy: vec![healthy],
+            wave_zone: vec![String::new()],
             baking: None,
         })
     }
 
-    /// The same plan released in the waves of `rollout`, with bakes between them.
-    pub fn with_rollout(mut self, rollout: Rollout) -> Planner {
+    /// The same plan released in the waves of `rollout`, with bakes between them; call it
+    /// before any batch starts. Zone by zone, the hosts are reordered zone after zone
+    /// (keeping the deployment order within each), and refused if a host has no zone, if a
+    /// zone's minimum leaves none of its healthy hosts to update, or if the bakes between
+    /// the zones last longer than [`MAX_ROLLOUT_SECS`].
+    pub fn with_rollout(mut self, rollout: Rollout) -> Result<Planner, PlanError> {
+        debug_assert_eq!(self.started(), 0, "a rollout is chosen before any batch");
         self.rollout = rollout;
         self.waves = rollout.waves(self.hosts.len());
-        self
+        self.wave_minimum = vec![0; self.waves.len()];
+        self.wave_zone = vec![String::new(); self.waves.len()];
+        if let Rollout::Zones {
+            first_bake_secs,
+            bake_secs,
+        } = rollout
+        {
+            if let Some(h) = self.hosts.iter().find(|h| h.zone.is_none()) {
+                return Err(PlanError::NoZone {
+                    host: quote(&h.name),
+                });
+            }
+            // Stable: the deployment order holds within a zone.
+            self.hosts.sort_by(|a, b| a.zone.cmp(&b.zone));
+            self.index = self
+                .hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (h.name.clone(), i))
+                .collect();
+            self.pending = (0..self.hosts.len()).collect();
+            self.waves.clear();
+            self.wave_zone.clear();
+            self.wave_minimum.clear();
+            let mut start = 0;
+            while start < self.hosts.len() {
+                let zone = self.hosts[start].zone.clone().unwrap_or_default();
+                let len = self.hosts[start..]
+                    .iter()
+                    .take_while(|h| h.zone.as_deref() == Some(zone.as_str()))
+                    .count();
+                let minimum = self.config.rules(len).minimum;
+                let healthy = self.hosts[start..start + len].iter().any(|h| h.healthy);
+                if healthy && minimum >= len {
+                    return Err(PlanError::ZoneMinimumCannotHold {
+                        zone: quote(&zone),
+                        minimum,
+                        hosts: len,
+                    });
+                }
+                start += len;
+                self.waves.push(start);
+                self.wave_zone.push(zone);
+                self.wave_minimum.push(minimum);
+            }
+            let zones = self.waves.len();
+            let secs = if zones < 2 {
+                0
+            } else {
+                first_bake_secs.saturating_add(bake_secs.saturating_mul(zones as u64 - 2))
+            };
+            if secs > MAX_ROLLOUT_SECS {
+                return Err(PlanError::BakesTooLong { zones, secs });
+            }
+        }
+        let mut start = 0;
+        self.wave_healthy = self
+            .waves
+            .iter()
+            .map(|&end| {
+                let healthy = self.hosts[start..end].iter().filter(|h| h.healthy).count();
+                start = end;
+                healthy
+            })
+            .collect();
+        Ok(self)
+    }
+
+    /// Where each wave ends, as a count of hosts in deployment order.
+    pub fn wave_ends(&self) -> &[usize] {
+        &self.waves
+    }
+
+    /// Zone by zone: the zone of each wave, in order (empty otherwise).
+    pub fn zones(&self) -> Vec<String> {
+        match self.rollout {
+            Rollout::Zones { .. } => self.wave_zone.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The wave host `i` (a place in `hosts`) belongs to.
+    fn wave_of(&self, i: usize) -> usize {
+        self.waves.partition_point(|&end| end <= i)
     }
 
     /// The bake to start now, if the wave under way has ended and another follows: the
@@ -748,7 +938,7 @@ impl Planner {
             && self.baking.is_none()
             && self.started() == self.waves[self.wave]
             && self.wave + 1 < self.waves.len())
-        .then(|| self.rollout.bake())
+        .then(|| self.rollout.bake_after(self.wave))
     }
 
     /// A bake until `until_ms` (Unix milliseconds) has begun: no batch starts before
@@ -791,21 +981,23 @@ impl Planner {
         }
         // Hosts in flight come back healthy; every batch's hosts do too.
         let mut healthy = self.healthy_now + self.in_flight;
+        let mut wave_healthy = self.wave_healthy.clone();
+        if self.in_flight > 0 {
+            wave_healthy[self.wave] += self.in_flight;
+        }
         let mut start = 0;
         let started = self.started();
         while start < self.pending.len() {
             // A batch never crosses the end of its wave.
-            let wave_end = self
-                .waves
-                .iter()
-                .find(|&&end| end > started + start)
-                .copied()
-                .unwrap_or(self.hosts.len());
+            let wave = self.wave_of(started + start);
+            let wave_end = self.waves.get(wave).copied().unwrap_or(self.hosts.len());
             let room = wave_end - (started + start);
-            let (len, taken_healthy) = self.batch_len(healthy, start, room);
+            let wave_budget = wave_healthy[wave].saturating_sub(self.wave_minimum[wave]);
+            let (len, taken_healthy) = self.batch_len(healthy, wave_budget, start, room);
             if len == 0 {
                 break;
             }
+            wave_healthy[wave] += len - taken_healthy;
             let batch = self
                 .pending
                 .range(start..start + len)
@@ -833,7 +1025,8 @@ impl Planner {
         if room == 0 {
             return None;
         }
-        let (len, _) = self.batch_len(self.healthy_now, 0, room);
+        let wave_budget = self.wave_healthy[self.wave].saturating_sub(self.wave_minimum[self.wave]);
+        let (len, _) = self.batch_len(self.healthy_now, wave_budget, 0, room);
         if len == 0 {
             // Unreachable by the checks in `new` and `decide`; kept so a bug cannot stall.
             self.status = Status::Failed {
@@ -852,6 +1045,7 @@ impl Planner {
             if host.healthy {
                 self.healthy_now -= 1;
                 self.pending_healthy -= 1;
+                self.wave_healthy[self.wave] -= 1;
             }
             batch.push(host.name.clone());
         }
@@ -883,6 +1077,8 @@ impl Planner {
                 host.state = State::Succeeded;
                 self.succeeded += 1;
                 self.healthy_now += 1;
+                let wave = self.wave_of(i);
+                self.wave_healthy[wave] += 1;
             }
             Outcome::Failed => {
                 host.state = State::Failed;
@@ -901,7 +1097,34 @@ impl Planner {
         if self.status == Status::InProgress {
             self.decide();
         }
+        if self.status == Status::InProgress && outcome == Outcome::Failed {
+            self.decide_zone(self.wave_of(i));
+        }
         Ok(())
+    }
+
+    /// Zone by zone, after a failure in wave `wave`: whether its zone can still keep its
+    /// minimum while its healthy hosts still to update go offline.
+    fn decide_zone(&mut self, wave: usize) {
+        if !matches!(self.rollout, Rollout::Zones { .. }) {
+            return;
+        }
+        let start = wave.checked_sub(1).map_or(0, |w| self.waves[w]);
+        let hosts = &self.hosts[start..self.waves[wave]];
+        let failed = hosts.iter().filter(|h| h.state == State::Failed).count();
+        let pending_healthy = hosts.iter().any(|h| h.healthy && h.state == State::Pending);
+        let possible = hosts.len() - failed;
+        let minimum = self.wave_minimum[wave];
+        if pending_healthy && possible <= minimum {
+            self.status = Status::Failed {
+                reason: FailReason::ZoneMinimumHealthy {
+                    zone: quote(&self.wave_zone[wave]),
+                    failed,
+                    healthy: possible,
+                    minimum,
+                },
+            };
+        }
     }
 
     /// Stops the deployment: no batch starts after this; hosts in flight still report.
@@ -954,10 +1177,18 @@ impl Planner {
         self.hosts.is_empty()
     }
 
-    /// The length of the next batch from `pending[start..]` with `healthy` hosts healthy and
-    /// at most `room` hosts left in the wave, and how many of its hosts are healthy ones (which spend the budget).
-    fn batch_len(&self, healthy: usize, start: usize, room: usize) -> (usize, usize) {
-        let mut budget = healthy.saturating_sub(self.rules.minimum);
+    /// The length of the next batch from `pending[start..]` with `healthy` hosts healthy,
+    /// at most `wave_budget` healthy hosts the wave may take offline (its zone's minimum)
+    /// and at most `room` hosts left in the wave, and how many of its hosts are healthy
+    /// ones (which spend the budget).
+    fn batch_len(
+        &self,
+        healthy: usize,
+        wave_budget: usize,
+        start: usize,
+        room: usize,
+    ) -> (usize, usize) {
+        let mut budget = healthy.saturating_sub(self.rules.minimum).min(wave_budget);
         let mut len = 0;
         let mut taken_healthy = 0;
         for &i in self
@@ -1050,6 +1281,7 @@ mod tests {
                 name,
                 health: Health::Healthy,
                 revision: Revision::Known("rev-old".into()),
+                zone: None,
             })
             .collect()
     }
@@ -1135,7 +1367,9 @@ mod tests {
 
     #[test]
     fn a_canary_wave_bakes_before_the_rest_follows_the_batches() {
-        let mut p = planner(DeploymentConfig::OneAtATime, 8).with_rollout(canary(25, 600));
+        let mut p = planner(DeploymentConfig::OneAtATime, 8)
+            .with_rollout(canary(25, 600))
+            .unwrap();
         assert_eq!(sizes(&p.batches_preview()), [1, 1, 1, 1, 1, 1, 1, 1]);
         // The canary wave: 25% of 8, one at a time.
         assert_eq!(run(&mut p, |_| false), [1, 1]);
@@ -1151,20 +1385,28 @@ mod tests {
         assert_eq!(*p.status(), Status::Succeeded);
 
         // AllAtOnce: the canary in one batch, the rest in another.
-        let mut p = planner(DeploymentConfig::AllAtOnce, 8).with_rollout(canary(25, 60));
+        let mut p = planner(DeploymentConfig::AllAtOnce, 8)
+            .with_rollout(canary(25, 60))
+            .unwrap();
         assert_eq!(sizes(&p.batches_preview()), [2, 6]);
         assert_eq!(run_waves(&mut p, |_| false), [2, 0, 6]);
         assert_eq!(*p.status(), Status::Succeeded);
         // At least one host, even for 1% of 3; a canary of every host needs no bake.
-        let mut p = planner(DeploymentConfig::AllAtOnce, 3).with_rollout(canary(1, 60));
+        let mut p = planner(DeploymentConfig::AllAtOnce, 3)
+            .with_rollout(canary(1, 60))
+            .unwrap();
         assert_eq!(run_waves(&mut p, |_| false), [1, 0, 2]);
-        let mut p = planner(DeploymentConfig::AllAtOnce, 3).with_rollout(canary(100, 60));
+        let mut p = planner(DeploymentConfig::AllAtOnce, 3)
+            .with_rollout(canary(100, 60))
+            .unwrap();
         assert_eq!(run_waves(&mut p, |_| false), [3]);
     }
 
     #[test]
     fn a_failed_canary_host_fails_the_deployment_whatever_the_minimum() {
-        let mut p = planner(DeploymentConfig::AllAtOnce, 8).with_rollout(canary(25, 60));
+        let mut p = planner(DeploymentConfig::AllAtOnce, 8)
+            .with_rollout(canary(25, 60))
+            .unwrap();
         assert_eq!(run_waves(&mut p, |h| h == "h01"), [2]);
         assert_eq!(
             *p.status(),
@@ -1175,29 +1417,181 @@ mod tests {
         assert_eq!(p.bake_due(), None);
         assert_eq!(p.counts(), counts(0, 0, 1, 1, 6));
         // After the canary, the configuration's rules again: AllAtOnce takes a failure.
-        let mut p = planner(DeploymentConfig::AllAtOnce, 8).with_rollout(canary(25, 60));
+        let mut p = planner(DeploymentConfig::AllAtOnce, 8)
+            .with_rollout(canary(25, 60))
+            .unwrap();
         assert_eq!(run_waves(&mut p, |h| h == "h05"), [2, 0, 6]);
         assert_eq!(*p.status(), Status::Succeeded);
     }
 
     #[test]
     fn linear_waves_are_equal_shares_with_a_bake_between_each() {
-        let mut p = planner(DeploymentConfig::AllAtOnce, 10).with_rollout(linear(30, 60));
+        let mut p = planner(DeploymentConfig::AllAtOnce, 10)
+            .with_rollout(linear(30, 60))
+            .unwrap();
         assert_eq!(sizes(&p.batches_preview()), [3, 3, 3, 1]);
         assert_eq!(run_waves(&mut p, |_| false), [3, 0, 3, 0, 3, 0, 1]);
         assert_eq!(*p.status(), Status::Succeeded);
         // Inside a wave the minimum still holds: HalfAtATime on 10 is 5 at a time.
-        let mut p = planner(DeploymentConfig::HalfAtATime, 10).with_rollout(linear(70, 60));
+        let mut p = planner(DeploymentConfig::HalfAtATime, 10)
+            .with_rollout(linear(70, 60))
+            .unwrap();
         assert_eq!(run_waves(&mut p, |_| false), [5, 2, 0, 3]);
         // A failure in a wave counts against the minimum as without waves.
-        let mut p = planner(DeploymentConfig::OneAtATime, 4).with_rollout(linear(50, 60));
+        let mut p = planner(DeploymentConfig::OneAtATime, 4)
+            .with_rollout(linear(50, 60))
+            .unwrap();
         assert_eq!(run_waves(&mut p, |h| h == "h00"), [1]);
         assert!(is_failed(&p));
     }
 
+    /// Hosts `<zone><n>` in the zones given as (zone, hosts), in that order.
+    fn zoned(zones: &[(&str, usize)]) -> Vec<HostInfo> {
+        zones
+            .iter()
+            .flat_map(|&(zone, n)| {
+                (0..n).map(move |i| HostInfo {
+                    name: format!("{zone}{i}"),
+                    health: Health::Healthy,
+                    revision: Revision::Known("rev-old".into()),
+                    zone: Some(zone.to_string()),
+                })
+            })
+            .collect()
+    }
+
+    fn zones(first: u64, then: u64) -> Rollout {
+        Rollout::Zones {
+            first_bake_secs: first,
+            bake_secs: then,
+        }
+    }
+
+    fn zone_planner(config: DeploymentConfig, hosts: &[(&str, usize)]) -> Planner {
+        Planner::new(config, zoned(hosts), TARGET)
+            .unwrap()
+            .with_rollout(zones(120, 60))
+            .unwrap()
+    }
+
+    #[test]
+    fn zone_by_zone_one_zone_at_a_time_in_the_order_of_their_names() {
+        let mut p = zone_planner(DeploymentConfig::AllAtOnce, &[("b", 3), ("a", 2), ("c", 1)]);
+        assert_eq!(p.zones(), ["a", "b", "c"]);
+        let preview = p.batches_preview();
+        assert_eq!(
+            preview,
+            [vec!["a0", "a1"], vec!["b0", "b1", "b2"], vec!["c0"]]
+        );
+        // Every batch within one zone, and a bake between zones: the first one longer.
+        assert_eq!(run(&mut p, |_| false), [2]);
+        assert_eq!(p.bake_due(), Some(std::time::Duration::from_secs(120)));
+        p.baking(1);
+        p.bake_over();
+        assert_eq!(p.next_batch().unwrap(), ["b0", "b1", "b2"]);
+        for h in ["b0", "b1", "b2"] {
+            report(&mut p, h, Outcome::Succeeded);
+        }
+        assert_eq!(p.bake_due(), Some(std::time::Duration::from_secs(60)));
+        p.baking(2);
+        p.bake_over();
+        assert_eq!(run(&mut p, |_| false), [1]);
+        assert_eq!(p.bake_due(), None, "no bake after the last zone");
+        assert_eq!(*p.status(), Status::Succeeded);
+    }
+
+    #[test]
+    fn the_minimum_holds_in_each_zone_too() {
+        // HalfAtATime on 4 hosts alone would take 2 at a time; each zone of 2 keeps 1.
+        let mut p = zone_planner(DeploymentConfig::HalfAtATime, &[("a", 2), ("b", 2)]);
+        assert_eq!(sizes(&p.batches_preview()), [1, 1, 1, 1]);
+        assert_eq!(run_waves(&mut p, |_| false), [1, 1, 0, 1, 1]);
+        assert_eq!(*p.status(), Status::Succeeded);
+        // Half of 6 may fail overall, but zone a (minimum 2 of 4) cannot lose two.
+        let half = DeploymentConfig::from_options(None, Some("50%")).unwrap();
+        let mut p = zone_planner(half, &[("a", 4), ("b", 2)]);
+        assert_eq!(run_waves(&mut p, |h| h == "a0" || h == "a1"), [2]);
+        assert_eq!(
+            *p.status(),
+            Status::Failed {
+                reason: FailReason::ZoneMinimumHealthy {
+                    zone: "a".into(),
+                    failed: 2,
+                    healthy: 2,
+                    minimum: 2,
+                }
+            }
+        );
+        assert_eq!(p.counts(), counts(0, 0, 0, 2, 4));
+        // One failure in zone a leaves it at its minimum with hosts to go: it goes on.
+        let mut p = zone_planner(half, &[("a", 4), ("b", 2)]);
+        assert_eq!(run_waves(&mut p, |h| h == "a0"), [2, 1, 1, 0, 1, 1]);
+        assert_eq!(*p.status(), Status::Succeeded);
+    }
+
+    #[test]
+    fn zones_that_cannot_be_planned_are_refused_with_the_reason() {
+        let mut hosts = zoned(&[("a", 2)]);
+        hosts.push(HostInfo {
+            zone: None,
+            ..fleet(1).remove(0)
+        });
+        let refused = |config, hosts, rollout| {
+            Planner::new(config, hosts, TARGET)
+                .unwrap()
+                .with_rollout(rollout)
+                .unwrap_err()
+        };
+        assert_eq!(
+            refused(DeploymentConfig::AllAtOnce, hosts, zones(0, 0)),
+            PlanError::NoZone { host: "h00".into() }
+        );
+        // Two healthy hosts must stay in a zone of two: none could be updated.
+        assert_eq!(
+            refused(count(2), zoned(&[("a", 2), ("b", 4)]), zones(0, 0)),
+            PlanError::ZoneMinimumCannotHold {
+                zone: "a".into(),
+                minimum: 2,
+                hosts: 2
+            }
+        );
+        // Three zones: a first bake of 12 h and one of 1 h is past the bound.
+        assert_eq!(
+            refused(
+                DeploymentConfig::AllAtOnce,
+                zoned(&[("a", 1), ("b", 1), ("c", 1)]),
+                zones(12 * 3600, 3600)
+            ),
+            PlanError::BakesTooLong {
+                zones: 3,
+                secs: 13 * 3600
+            }
+        );
+    }
+
+    #[test]
+    fn zone_bakes_parse_with_defaults() {
+        assert_eq!(Rollout::zones(None, None).unwrap(), zones(0, 0));
+        assert_eq!(Rollout::zones(Some("1m"), None).unwrap(), zones(60, 60));
+        assert_eq!(
+            Rollout::zones(Some("1m"), Some("2h")).unwrap(),
+            zones(7200, 60)
+        );
+        assert!(matches!(
+            Rollout::zones(Some("soon"), None).unwrap_err().kind(),
+            ConfigErrorKind::BadBake { .. }
+        ));
+        assert!(matches!(
+            Rollout::zones(None, Some("13h")).unwrap_err().kind(),
+            ConfigErrorKind::BakeTooLong { .. }
+        ));
+    }
+
     #[test]
     fn a_stop_while_baking_ends_the_bake_and_skips_the_rest() {
-        let mut p = planner(DeploymentConfig::AllAtOnce, 4).with_rollout(canary(25, 60));
+        let mut p = planner(DeploymentConfig::AllAtOnce, 4)
+            .with_rollout(canary(25, 60))
+            .unwrap();
         assert_eq!(run(&mut p, |_| false), [1]);
         p.baking(9_000);
         p.stop();
@@ -1507,6 +1901,7 @@ mod tests {
             name: "h01".into(),
             health: Health::Unhealthy,
             revision: Revision::Unknown,
+            zone: None,
         });
         assert_eq!(
             Planner::new(DeploymentConfig::AllAtOnce, hosts, TARGET).err(),
@@ -1741,6 +2136,7 @@ mod tests {
             name: name.into(),
             health,
             revision: revision.map_or(Revision::Unknown, |r| Revision::Known(r.into())),
+            zone: None,
         };
         use Health::*;
         let hosts = vec![
@@ -1781,6 +2177,7 @@ mod tests {
                 name: format!("sick{i}"),
                 health: Health::Unhealthy,
                 revision: Revision::Known("rev-old".into()),
+                zone: None,
             });
         }
         // Ten hosts, seven healthy, minimum eight: below the minimum from the start.
@@ -1820,6 +2217,7 @@ mod tests {
                 name: format!("h{i}"),
                 health: Health::Unhealthy,
                 revision: Revision::Unknown,
+                zone: None,
             })
             .collect();
         // Minimum 4 of 4: nothing healthy to protect, all four must succeed.

@@ -448,7 +448,12 @@ impl Fleet {
             Ok(h) => h,
             Err(e) => return OperatorAnswer::Refused(format!("the mesh is down here: {e}")),
         };
-        let mut chosen = match targets::choose(&intent.targets, &intent.app, &hosts) {
+        let mut chosen = match targets::choose(
+            &intent.targets,
+            &intent.app,
+            intent.zone_tag.as_deref(),
+            &hosts,
+        ) {
             Ok(c) => c,
             Err(e) => return OperatorAnswer::Refused(format!("--targets: {e}")),
         };
@@ -464,7 +469,7 @@ impl Fleet {
             }
         }
         if let Err(e) = Planner::new(intent.config, chosen.hosts.clone(), &intent.revision)
-            .map(|p| p.with_rollout(intent.rollout))
+            .and_then(|p| p.with_rollout(intent.rollout))
         {
             return OperatorAnswer::Refused(format!(
                 "cannot plan {} over {} hosts: {e}",
@@ -494,6 +499,7 @@ impl Fleet {
                     name: h.name.clone(),
                     health: h.health,
                     revision: h.revision.clone(),
+                    zone: h.zone.clone(),
                 })
                 .collect(),
             signed_intent,

@@ -249,6 +249,7 @@ pub struct Chosen {
 pub fn choose(
     targets: &Targets,
     app: &str,
+    zone_tag: Option<&str>,
     hosts: &[crate::mesh::view::HostView],
 ) -> Result<Chosen, TargetsError> {
     use crate::mesh::view::MemberState;
@@ -273,12 +274,16 @@ pub fn choose(
     let by_name: BTreeMap<&str, &crate::mesh::view::HostView> =
         reachable.iter().map(|h| (h.name.as_str(), *h)).collect();
     Ok(Chosen {
-        hosts: names.iter().map(|n| host_info(by_name[n], app)).collect(),
+        hosts: names
+            .iter()
+            .map(|n| host_info(by_name[n], app, zone_tag))
+            .collect(),
         unreachable: unreachable.iter().map(|h| h.name.clone()).collect(),
     })
 }
 
-fn host_info(h: &crate::mesh::view::HostView, app: &str) -> HostInfo {
+/// `h` as the planner sees it; its zone is the value of its tag `zone_tag`, if given.
+fn host_info(h: &crate::mesh::view::HostView, app: &str, zone_tag: Option<&str>) -> HostInfo {
     use crate::mesh::hoststate;
     let detail = h.details.get(app);
     let health = match detail.map(|d| d.health) {
@@ -293,6 +298,7 @@ fn host_info(h: &crate::mesh::view::HostView, app: &str) -> HostInfo {
         name: h.name.clone(),
         health,
         revision,
+        zone: zone_tag.and_then(|t| h.tags.get(t).cloned()),
     }
 }
 

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The wire version this agent speaks. 2: host records carry an application's problem.
-/// 3: rollouts (bakes, rollbacks, restarts in host records).
-pub const VERSION: u16 = 3;
+/// 3: rollouts (bakes, rollbacks, restarts in host records). 4: zones (a planned host's
+/// zone in the deployment log).
+pub const VERSION: u16 = 4;
 /// The largest frame accepted, in bytes.
 pub const MAX_FRAME: u32 = 1 << 20;
 

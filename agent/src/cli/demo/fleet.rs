@@ -192,6 +192,7 @@ impl Fleet {
                 targets: Some("role=inference"),
                 config,
                 rollout,
+                zone_tag: None,
                 rollback: true,
                 outdated_only: false,
                 ignore_stop_failures: false,

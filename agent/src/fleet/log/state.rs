@@ -52,6 +52,8 @@ pub struct PlannedHost {
     pub health: Health,
     /// What it ran when the deployment was created.
     pub revision: Revision,
+    /// Its zone, for a rollout zone by zone.
+    pub zone: Option<String>,
 }
 
 /// A deployment as it enters the log: the operator's signed intent and what the
@@ -286,6 +288,7 @@ impl HostState {
 pub struct DeploymentHost {
     pub health: Health,
     pub revision: Revision,
+    pub zone: Option<String>,
     pub state: HostState,
     /// The fence of the entry that first started it: hosts started by the same entry were
     /// one batch.
@@ -390,6 +393,19 @@ pub struct Deployment {
 
 impl Deployment {
     /// The hosts as the planner takes them, to rebuild its plan on a new leader.
+    /// How many waves its rollout releases its hosts in: zone by zone, one per zone.
+    pub fn waves(&self) -> usize {
+        match self.rollout {
+            Rollout::Zones { .. } => self
+                .hosts
+                .values()
+                .map(|h| h.zone.as_deref())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            rollout => rollout.waves(self.hosts.len()).len(),
+        }
+    }
+
     pub fn host_infos(&self) -> Vec<HostInfo> {
         self.hosts
             .iter()
@@ -397,6 +413,7 @@ impl Deployment {
                 name: name.clone(),
                 health: h.health,
                 revision: h.revision.clone(),
+                zone: h.zone.clone(),
             })
             .collect()
     }
@@ -574,6 +591,7 @@ impl DeploymentsState {
             let record = DeploymentHost {
                 health: planned.health,
                 revision: planned.revision,
+                zone: planned.zone,
                 state: HostState::Pending,
                 started: None,
                 report: HostReport::default(),
@@ -713,8 +731,7 @@ impl DeploymentsState {
             DeploymentState::Baking { until_ms: now } if now == until_ms => Ok(Change::Unchanged),
             DeploymentState::InProgress
                 if deployment.rollout == Rollout::Waveless
-                    || deployment.bakes.len() + 1
-                        >= deployment.rollout.waves(deployment.hosts.len()).len()
+                    || deployment.bakes.len() + 1 >= deployment.waves()
                     || until_ms > deployment.created_at_ms.saturating_add(MAX_ROLLOUT_MS) =>
             {
                 Err(Refusal::NotBakeable {
@@ -868,6 +885,7 @@ mod tests {
             name: name.to_owned(),
             health: Health::Healthy,
             revision: Revision::Known("old".to_owned()),
+            zone: None,
         }
     }
 
@@ -1045,6 +1063,39 @@ mod tests {
             },
         );
         assert!(!state.get("d2").unwrap().needs_rollback());
+    }
+
+    #[test]
+    fn zone_by_zone_a_bake_comes_between_zones_only() {
+        // Three hosts in two zones: one bake, not a second.
+        let mut state = DeploymentsState::default();
+        let mut new = new_deployment("d1", &["a", "b", "c"]);
+        new.rollout = Rollout::Zones {
+            first_bake_secs: 60,
+            bake_secs: 60,
+        };
+        for (h, zone) in new.hosts.iter_mut().zip(["z1", "z1", "z2"]) {
+            h.zone = Some(zone.into());
+        }
+        state.apply(fence(1), Command::CreateDeployment(new));
+        assert_eq!(state.get("d1").unwrap().waves(), 2);
+        let bake = |until_ms| Command::Bake {
+            deployment: "d1".into(),
+            until_ms,
+        };
+        state.apply(fence(2), start("d1", &["a", "b"]));
+        state.apply(fence(3), result("d1", "a", Verdict::Succeeded));
+        state.apply(fence(4), result("d1", "b", Verdict::Succeeded));
+        assert_eq!(
+            state.apply(fence(5), bake(10)),
+            Response::Applied { fence: fence(5) }
+        );
+        state.apply(fence(6), start("d1", &["c"]));
+        state.apply(fence(7), result("d1", "c", Verdict::Succeeded));
+        assert!(matches!(
+            state.apply(fence(8), bake(20)),
+            Response::Refused(Refusal::NotBakeable { .. })
+        ));
     }
 
     #[test]

@@ -74,6 +74,7 @@ fn create(id: &str, hosts: &[&str], intent_len: usize) -> Command {
                 name: h.to_string(),
                 health: Health::Healthy,
                 revision: Revision::Known("rev-1".to_owned()),
+                zone: None,
             })
             .collect(),
         signed_intent: vec![7; intent_len],
@@ -295,7 +296,10 @@ fn a_log_of_another_format_is_refused() {
         txn.commit().unwrap();
     }
     let err = open(&path).err().expect("refused");
-    assert!(format!("{err:#}").contains("format 2"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains(&format!("format {FORMAT}")),
+        "{err:#}"
+    );
 }
 
 #[test]
