@@ -606,3 +606,113 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     );
     let _ = stop.send(true);
 }
+
+/// Asks `host`'s logs protocol directly, as the insider; the parts until End or Error.
+async fn ask_logs(
+    insider: &MeshHandle,
+    host: &str,
+    request: &shoal_agent::logs::HostLogsRequest,
+) -> Vec<shoal_agent::logs::HostLogsPart> {
+    use shoal_agent::logs::HostLogsPart;
+    let (mut send, mut recv) = insider.open_bi(host, Protocol::Logs).await.unwrap();
+    write_frame(&mut send, request).await.unwrap();
+    send.finish().unwrap();
+    let mut parts = Vec::new();
+    loop {
+        let part: HostLogsPart = tokio::time::timeout(LONG, read_frame(&mut recv))
+            .await
+            .unwrap()
+            .unwrap();
+        let last = !matches!(part, HostLogsPart::Chunk(_));
+        parts.push(part);
+        if last {
+            return parts;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_served_only_by_checked_names_and_never_through_a_link() {
+    use shoal_agent::logs::{HostLogsPart, HostLogsRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 83, 2], 1);
+    // A hook log, a link planted beside it toward a file only root reads, and a link in
+    // place of a deployment's directory.
+    let logs = fleet[0].data_dir.join("apps/tiny/deployments/0123abcd");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join("aaaa-Install-0.log"), "installed\n").unwrap();
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "root's secret").unwrap();
+    std::os::unix::fs::symlink(&secret, logs.join("aaaa-ValidateService-0.log")).unwrap();
+    std::os::unix::fs::symlink(
+        tmp.path(),
+        fleet[0].data_dir.join("apps/tiny/deployments/up"),
+    )
+    .unwrap();
+    fleet[0].start();
+
+    let insider_dir = tmp.path().join("insider");
+    ca.issue("insider", &insider_dir.join("identity"));
+    let addr = SocketAddr::from(([127, 83, 2, 200], 7400));
+    let mesh = Mesh::bind(
+        NodeConfig {
+            name: "insider".into(),
+            listen: addr,
+            advertise: addr,
+            identity: Identity::load(&insider_dir.join("identity")).unwrap(),
+            seeds: vec![fleet[0].addr],
+            data_dir: insider_dir.join("data"),
+            forget_dead_after: Duration::from_secs(3600),
+        },
+        LocalState::default(),
+    )
+    .unwrap();
+    let insider = mesh.handle();
+    let (_local, local_rx) = watch::channel(LocalState::default());
+    let (stop, mut stopped) = watch::channel(false);
+    tokio::spawn(mesh.run(local_rx, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let (peer, op) = (fleet[0].addr, ca.operator.clone());
+    tokio::task::spawn_blocking(move || {
+        wait_for("the insider to be seen", LONG, || {
+            hosts(peer, &op).is_ok_and(|l| l.len() == 2 && l.iter().all(|h| h["state"] == "alive"))
+        })
+    })
+    .await
+    .unwrap();
+
+    let ask = |app: &str, deployment: &str| HostLogsRequest {
+        app: app.into(),
+        deployment: deployment.into(),
+        event: None,
+        from: Vec::new(),
+    };
+    // The log comes; the link beside it does not.
+    let parts = ask_logs(&insider, "agent-1", &ask("tiny", "0123abcd")).await;
+    let chunks: Vec<_> = parts
+        .iter()
+        .filter_map(|p| match p {
+            HostLogsPart::Chunk(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(chunks.len(), 1, "{parts:?}");
+    assert_eq!(chunks[0].file, "aaaa-Install-0.log");
+    assert_eq!(chunks[0].bytes, b"installed\n");
+    assert!(matches!(parts.last(), Some(HostLogsPart::End)));
+    // Names that climb out, and a linked directory, are refused with the reason.
+    for (app, deployment, why) in [
+        ("../..", "0123abcd", "application name"),
+        ("tiny", "../../..", "deployment id"),
+        ("tiny", "up", "reading the logs"),
+    ] {
+        let parts = ask_logs(&insider, "agent-1", &ask(app, deployment)).await;
+        match parts.as_slice() {
+            [HostLogsPart::Error(e)] => assert!(e.contains(why), "{app} {deployment}: {e}"),
+            other => panic!("{app} {deployment}: not refused: {other:?}"),
+        }
+    }
+    let _ = stop.send(true);
+}

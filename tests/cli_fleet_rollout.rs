@@ -601,3 +601,99 @@ fn zone_by_zone_never_has_two_zones_in_flight_and_holds_the_minimum_in_each() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("has no zone"), "{err}");
 }
+
+/// `shoal logs` asked of `peer` for deployment `id`, with `extra` options.
+fn logs(f: &Four, peer: usize, id: &str, extra: &[&str]) -> std::process::Output {
+    shoal()
+        .args(["logs", id, "--peer"])
+        .arg(f.agents[peer].addr.to_string())
+        .arg("--identity")
+        .arg(&f.ca.operator)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn logs_come_whole_from_the_host_that_wrote_them_through_any_peer() {
+    // agent-3's ValidateService hook prints 1.5 MiB: more than a frame, more than the
+    // old cap of a kept log.
+    const SPAM: usize = 3 << 19;
+    let f = four([127, 84, 6], 2, &[("probe-spam", "1572864")]);
+    let (fleet, ca, tmp) = (&f.agents, &f.ca, &f.tmp);
+    let v1 = revision(tmp.path(), "v1");
+    // Followed from agent-2 while it runs: the command ends when the deployment does.
+    let accepted = json(
+        &create(
+            &fleet[0],
+            &ca.operator,
+            &v1,
+            &["--targets", "role=web", "--config", "AllAtOnce"],
+        ),
+        "v1",
+    );
+    let id = accepted["id"].as_str().unwrap().to_string();
+    let followed = json(&logs(&f, 1, &id, &["--follow", "--json"]), "logs --follow");
+    let view = status(&fleet[1], &ca.operator, &id).unwrap();
+    assert_eq!(
+        view["status"], "Succeeded",
+        "logs --follow ended before the deployment: {view}"
+    );
+    let files = followed["files"].as_array().unwrap();
+    let mut hosts: Vec<&str> = files
+        .iter()
+        .filter(|f| f["event"] == "ValidateService")
+        .map(|f| f["host"].as_str().unwrap())
+        .collect();
+    hosts.sort();
+    assert_eq!(
+        hosts,
+        ["agent-1", "agent-2", "agent-3", "agent-4"],
+        "{followed}"
+    );
+    assert_eq!(followed["gaps"], serde_json::json!([]));
+
+    // One host's one event, asked of agent-4 (neither the writer nor the coordinator):
+    // the whole log, every numbered line in order, in plain text.
+    let o = logs(
+        &f,
+        3,
+        &id,
+        &["--host", "agent-3", "--event", "ValidateService"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    assert!(
+        header.starts_with("==> agent-3 ValidateService (") && header.ends_with(") <=="),
+        "{header}"
+    );
+    let numbered: Vec<&str> = lines
+        .clone()
+        .filter(|l| l.len() > 9 && l.as_bytes()[8] == b' ')
+        .collect();
+    assert!(text.len() > SPAM, "{} bytes: {text}", text.len());
+    for (n, line) in numbered.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("{n:08} ")),
+            "line {n} is {line:?}"
+        );
+    }
+    assert_eq!(numbered.len(), SPAM.div_ceil(75), "every line, none cut");
+    assert!(lines.any(|l| l.contains("END OF SPAM")));
+
+    // What is not there is said so.
+    let o = logs(&f, 0, &id, &["--host", "agent-9"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("agent-9 is not a host of deployment"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = logs(&f, 0, "0123456789abcdef0123456789abcdef", &[]);
+    assert!(!o.status.success());
+    let o = logs(&f, 0, &id, &["--event", "Deploy"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--event"));
+}

@@ -14,4 +14,5 @@ pub mod fleet;
 pub mod hooks;
 pub mod identity;
 pub mod lifecycle;
+pub mod logs;
 pub mod mesh;

@@ -33,6 +33,8 @@ pub enum Request {
     /// A bundle of `len` bytes for `app` follows this frame on the stream, raw: this agent
     /// keeps it and serves it to the hosts that deploy it.
     Upload { app: String, len: u64 },
+    /// The hook logs of a fleet deployment, from whichever hosts ran it, streamed.
+    Logs(crate::logs::relay::LogsQuery),
 }
 
 /// What an agent answers: one or more parts, then `End` (or one `Error`).
@@ -48,6 +50,16 @@ pub enum Response {
         revision: String,
         holder: String,
     },
+    /// A piece of `host`'s hook log; more follow.
+    Log {
+        host: String,
+        chunk: crate::logs::LogChunk,
+    },
+    /// `host`'s logs could not be had, and why; the other hosts' follow.
+    LogGap {
+        host: String,
+        reason: String,
+    },
     /// The answer is complete.
     End,
     Error(String),
@@ -59,7 +71,12 @@ pub enum Answer {
     Hosts(Vec<HostView>),
     Published(u64),
     Fleet(crate::fleet::wire::OperatorAnswer),
-    Uploaded { revision: String, holder: String },
+    Uploaded {
+        revision: String,
+        holder: String,
+    },
+    /// Every part went to the caller's sink as it came.
+    Streamed,
 }
 
 /// What the API serves besides the mesh: fleet deployments and the bundles uploaded.
@@ -67,6 +84,8 @@ pub enum Answer {
 pub struct Services {
     pub fleet: std::sync::Arc<crate::fleet::service::Fleet>,
     pub bundles: std::sync::Arc<crate::blobs::BundleStore>,
+    /// The agent's data directory: this host's own hook logs.
+    pub data_dir: std::path::PathBuf,
 }
 
 /// How long an agent has to complete the handshake.
@@ -139,6 +158,28 @@ async fn answer(
     mut recv: quinn::RecvStream,
 ) {
     let request = tokio::time::timeout(STREAM_DEADLINE, read_frame::<Request>(&mut recv)).await;
+    // Logs stream as they come, under bounds of their own.
+    if let Ok(Ok(Request::Logs(query))) = &request
+        && role == Role::Operator
+    {
+        let relayed = crate::logs::relay::relay(
+            &mesh,
+            &services.fleet,
+            &services.data_dir,
+            query.clone(),
+            &mut send,
+        )
+        .await;
+        if let Err(why) = relayed {
+            let _ = tokio::time::timeout(
+                STREAM_DEADLINE,
+                write_frame(&mut send, &Response::Error(why)),
+            )
+            .await;
+        }
+        let _ = send.finish();
+        return;
+    }
     let parts = match request {
         Ok(Ok(_)) if role != Role::Operator => vec![Response::Error(format!(
             "refused: `{name}` presented an agent certificate; this request needs an operator identity (`shoal ca issue --operator`)"
@@ -159,6 +200,7 @@ async fn answer(
             Response::Fleet(services.fleet.operator(request, false).await),
             Response::End,
         ],
+        Ok(Ok(Request::Logs(_))) => unreachable!("answered above"),
         Ok(Ok(Request::Upload { app, len })) => {
             match services.bundles.receive(&app, len, &mut recv, None).await {
                 Ok(revision) => vec![
@@ -222,6 +264,47 @@ pub async fn ask_with(
     body: Option<&Path>,
     within: Duration,
 ) -> Result<Answer> {
+    ask_inner(peer, expect, identity, revoked, request, body, within, None).await
+}
+
+/// A part of a streamed answer, for the caller as it arrives.
+pub type Sink<'a> = &'a mut (dyn FnMut(Response) -> Result<()> + Send);
+
+/// [`ask`] for an answer that streams (logs): each of its parts goes to `sink` as it
+/// arrives, for as long as `within` allows; an `Err` from the sink ends the exchange.
+pub async fn ask_streaming(
+    peer: SocketAddr,
+    expect: Option<&str>,
+    identity: &Path,
+    request: &Request,
+    within: Duration,
+    sink: Sink<'_>,
+) -> Result<()> {
+    ask_inner(
+        peer,
+        expect,
+        identity,
+        None,
+        request,
+        None,
+        within,
+        Some(sink),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ask_inner(
+    peer: SocketAddr,
+    expect: Option<&str>,
+    identity: &Path,
+    revoked: Option<&RevocationList>,
+    request: &Request,
+    body: Option<&Path>,
+    within: Duration,
+    sink: Option<Sink<'_>>,
+) -> Result<Answer> {
     let id = Identity::load(identity)?;
     let bind: SocketAddr = if peer.is_ipv4() {
         "0.0.0.0:0".parse()?
@@ -250,7 +333,7 @@ pub async fn ask_with(
                     None => e,
                 }
             })?;
-        exchange(&conn, peer, expect, request, body)
+        exchange(&conn, peer, expect, request, body, sink)
             .await
             .map_err(
                 |e| match conn.close_reason().as_ref().and_then(transport::refusal) {
@@ -273,6 +356,7 @@ async fn exchange(
     expect: Option<&str>,
     request: &Request,
     body: Option<&Path>,
+    mut sink: Option<Sink<'_>>,
 ) -> Result<Answer> {
     {
         let (name, role) = transport::peer_identity(conn)?;
@@ -309,16 +393,34 @@ async fn exchange(
         let mut hosts = Vec::new();
         let mut published = None;
         let mut other = None;
-        for _ in 0..MAX_PARTS {
+        let mut parts = 0;
+        loop {
             let response: Response = read_frame(&mut recv)
                 .await
                 .with_context(|| format!("reading the answer of {peer}"))?;
+            // A streamed answer is bounded by its time, not its parts.
+            if matches!(response, Response::Log { .. } | Response::LogGap { .. }) {
+                match sink.as_mut() {
+                    Some(sink) => sink(response)?,
+                    None => bail!("{peer} streamed an answer to a question that has none"),
+                }
+                continue;
+            }
+            parts += 1;
+            if parts > MAX_PARTS {
+                bail!("{peer} sent more than {MAX_PARTS} parts of one answer");
+            }
             match response {
+                Response::Log { .. } | Response::LogGap { .. } => unreachable!("streamed above"),
                 Response::Hosts(part) => hosts.extend(part),
                 Response::Published(number) => published = Some(number),
                 Response::Fleet(answer) => other = Some(Answer::Fleet(answer)),
                 Response::Uploaded { revision, holder } => {
                     other = Some(Answer::Uploaded { revision, holder })
+                }
+                Response::End if sink.is_some() => {
+                    conn.close(0u32.into(), b"done");
+                    return Ok(Answer::Streamed);
                 }
                 Response::End => {
                     conn.close(0u32.into(), b"done");
@@ -331,7 +433,6 @@ async fn exchange(
                 Response::Error(e) => bail!("{peer}: {e}"),
             }
         }
-        bail!("{peer} sent more than {MAX_PARTS} parts of one answer")
     }
 }
 

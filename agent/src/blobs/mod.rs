@@ -160,7 +160,7 @@ where
 
 /// A peer's text, cut to [`MAX_PEER_TEXT`] bytes and with control characters escaped, for
 /// logs and errors.
-fn peer_text(s: &str) -> String {
+pub(crate) fn peer_text(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
         if out.len() >= MAX_PEER_TEXT {

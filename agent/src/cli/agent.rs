@@ -107,6 +107,10 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 config.data_dir.clone(),
                 handle.serve(Protocol::Blobs),
             ));
+            tokio::spawn(crate::logs::server::serve(
+                config.data_dir.clone(),
+                handle.serve(Protocol::Logs),
+            ));
             let executed = {
                 let dir = config.data_dir.join("executed");
                 tokio::task::spawn_blocking(move || Executed::open(&dir)).await??
@@ -135,7 +139,11 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
             tokio::spawn(crate::api::serve(
                 handle.clone(),
                 handle.serve(Protocol::Api),
-                crate::api::Services { fleet, bundles },
+                crate::api::Services {
+                    fleet,
+                    bundles,
+                    data_dir: config.data_dir.clone(),
+                },
             ));
             tokio::spawn(crate::mesh::revocation::serve(
                 handle.clone(),

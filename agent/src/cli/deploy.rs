@@ -120,6 +120,7 @@ pub async fn run(
         DeployCommand::Local(args) => {
             let host = local_host(&args.host)?;
             let request = DeployRequest {
+                id: None,
                 app: args.app.clone(),
                 bundle: args.bundle.clone(),
                 deployment_group: "local".into(),

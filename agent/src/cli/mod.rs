@@ -14,6 +14,7 @@ mod deploy_rollback;
 mod fleet;
 mod hook;
 mod hosts;
+mod logs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +64,8 @@ pub enum Command {
     Group(fleet::GroupCommand),
     /// List every member of the mesh: name, address, state, tags, applications.
     Hosts,
+    /// A fleet deployment's whole hook logs, from whichever hosts ran them.
+    Logs(logs::LogsArgs),
     /// Run the built-in demonstration and exit 0 when it went as planned.
     Demo(demo::DemoArgs),
 }
@@ -109,6 +112,9 @@ pub fn main() -> ExitCode {
                 fleet::run_group(cmd, &cli.peer, cli.identity.as_deref(), cli.json).await
             }
             Command::Hosts => hosts::run(&cli.peer, cli.identity.as_deref(), cli.json).await,
+            Command::Logs(args) => {
+                logs::run(args, &cli.peer, cli.identity.as_deref(), cli.json).await
+            }
             Command::Demo(args) => demo::run(args, cli.json).await,
         }
     });

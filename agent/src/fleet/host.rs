@@ -295,6 +295,8 @@ impl HostSide {
             })
         };
         let request = DeployRequest {
+            // Its hook logs are found by the intent's id (`shoal logs`).
+            id: Some(intent.id.clone()),
             app: intent.app.clone(),
             bundle: fetched.path.clone(),
             deployment_group: if intent.group.is_empty() {

@@ -35,9 +35,17 @@ pub struct LocalHost {
     pub hooks: Arc<HookRuntime>,
 }
 
+/// The output of one lifecycle hook kept whole in its log (beyond it, its first and last
+/// halves): what `shoal logs` can return of it.
+pub const HOOK_LOG_LIMIT: usize = 16 << 20;
+
 /// What to deploy, and how.
 #[derive(Clone, Debug)]
 pub struct DeployRequest {
+    /// The deployment's id on this host, which names its record and its hook logs'
+    /// directory (`deployments/<id>/`): a fleet deployment's intent id, so that its logs
+    /// can be found by it. None: a fresh one. At most 64 ASCII letters, digits and `-`.
+    pub id: Option<String>,
     pub app: String,
     pub bundle: PathBuf,
     pub deployment_group: String,
@@ -329,7 +337,18 @@ impl LocalHost {
             Some(id) => Some(self.open_release(&dir, id)?),
             None => None,
         };
-        let id = new_deployment_id();
+        let id = match &req.id {
+            Some(id) => {
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    bail!("deployment id {id:?} is not 1 to 64 ASCII letters, digits and `-`");
+                }
+                id.clone()
+            }
+            None => new_deployment_id(),
+        };
         let mut journal = Journal {
             deployment_id: id.clone(),
             from: state.active.clone(),
@@ -599,6 +618,7 @@ impl LocalHost {
                 .map(|p| vec![format!("127.0.0.1:{p}").parse().expect("a valid address")])
                 .unwrap_or_default(),
             timeout,
+            output_limit: HOOK_LOG_LIMIT,
             ..Sandbox::default()
         };
         (ctx, sandbox)
@@ -937,6 +957,7 @@ mod tests {
 
     fn request(app: &str, bundle: &Path) -> DeployRequest {
         DeployRequest {
+            id: None,
             app: app.into(),
             bundle: bundle.into(),
             deployment_group: "local".into(),

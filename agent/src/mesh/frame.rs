@@ -51,6 +51,8 @@ pub enum Protocol {
     /// Fleet deployments between agents (`fleet::wire`): operators' requests forwarded
     /// to the log's leader, the coordinator's commands to hosts and their results.
     Fleet = 6,
+    /// Hook logs between agents (`logs`): a request and the log's chunks.
+    Logs = 7,
 }
 
 impl Protocol {
@@ -62,6 +64,7 @@ impl Protocol {
             4 => Protocol::Blobs,
             5 => Protocol::Revocations,
             6 => Protocol::Fleet,
+            7 => Protocol::Logs,
             _ => return None,
         })
     }

@@ -209,6 +209,7 @@ async fn deployments(
         shoal_examples::write_revision(name, &bundle)?;
         let progress = crate::cli::spinner(title);
         let request = DeployRequest {
+            id: None,
             app: "inference".into(),
             bundle,
             deployment_group: "demo".into(),

@@ -6,7 +6,9 @@
 //! tags, so fleet tests can make one host differ: it fails at the event named by the tag
 //! `probe-fail` (`probe-fail = "ValidateService"`), and first sleeps `probe-sleep` seconds.
 //! It also fails, at any event, once the app's work directory holds a file `probe-fail`
-//! (`/work/probe-fail`): a test makes a monitor start failing that way.
+//! (`/work/probe-fail`): a test makes a monitor start failing that way. With the tag
+//! `probe-spam` (a number of bytes) it first prints that many bytes of numbered lines, so a
+//! test can check a large hook log comes back whole.
 
 use std::hint::black_box;
 
@@ -75,17 +77,7 @@ pub fn run(ctx: &Context) -> Result<String> {
         }
         "spam" => {
             let bytes: usize = ctx.require_param("bytes")?.parse().context("bytes")?;
-            let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+\n";
-            let mut written = 0;
-            let mut n = 0u64;
-            while written < bytes {
-                let l = format!("{n:08} {line}");
-                print!("{l}");
-                written += l.len();
-                n += 1;
-            }
-            println!("END OF SPAM");
-            Ok(format!("printed {written} bytes"))
+            Ok(format!("printed {} bytes", spam(bytes)))
         }
         "env" => {
             let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
@@ -95,8 +87,26 @@ pub fn run(ctx: &Context) -> Result<String> {
     }
 }
 
+/// Prints numbered lines until `bytes` are printed, then `END OF SPAM`; what it printed.
+fn spam(bytes: usize) -> usize {
+    let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+\n";
+    let mut written = 0;
+    let mut n = 0u64;
+    while written < bytes {
+        let l = format!("{n:08} {line}");
+        print!("{l}");
+        written += l.len();
+        n += 1;
+    }
+    println!("END OF SPAM");
+    written
+}
+
 /// The behaviour the host's tags ask for (see the crate's documentation).
 fn by_tags(ctx: &Context) -> Result<String> {
+    if let Some(bytes) = ctx.host.tags.get("probe-spam") {
+        spam(bytes.parse().context("the tag probe-spam")?);
+    }
     if let Some(secs) = ctx.host.tags.get("probe-sleep") {
         let secs: u64 = secs.parse().context("the tag probe-sleep")?;
         std::thread::sleep(std::time::Duration::from_secs(secs));
