@@ -557,3 +557,198 @@ fn a_minority_coordinator_makes_no_progress_and_the_majority_finishes() {
     drop(fleet);
     drop(ns);
 }
+
+/// One request a webhook receiver took: its headers (lower-cased names) and body.
+#[derive(Clone, Debug)]
+struct Delivery {
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// A webhook receiver on 127.0.0.1 that answers 200 to everything and keeps what came.
+struct Receiver {
+    port: u16,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = got.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut headers = BTreeMap::new();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let len: usize = headers
+                    .get("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; len.min(1 << 20)];
+                if reader.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                keep.lock().unwrap().push(Delivery { headers, body });
+                let mut s = stream;
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        Receiver { port, got }
+    }
+
+    /// The deliveries of deployment `id`, by their event.
+    fn of(&self, id: &str) -> Vec<(String, Delivery)> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|d| {
+                let v: serde_json::Value = serde_json::from_slice(&d.body).ok()?;
+                (v["deployment"] == id)
+                    .then(|| (v["event"].as_str().unwrap().to_string(), d.clone()))
+            })
+            .collect()
+    }
+}
+
+/// HMAC-SHA256, written out from RFC 2104 on `sha2`, to check the agent's signatures
+/// with code that is not the agent's.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    let outer = Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize();
+    format!("sha256={}", hex::encode(outer))
+}
+
+#[test]
+fn webhooks_get_each_event_once_signed_also_when_the_coordinator_is_killed_between_two() {
+    const SECRET: &str = "a-webhook-secret-of-the-test";
+    let receiver = Receiver::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut fleet = agents(tmp.path(), &ca, [127, 81, 3], 3);
+    for a in fleet.iter_mut() {
+        tag(a, &[("role", "web")]);
+        // Every agent may come to coordinate: each names the same webhook.
+        let mut config = std::fs::read_to_string(&a.config).unwrap();
+        config.push_str(&format!(
+            "\n[[webhooks]]\nurl = \"http://127.0.0.1:{}/hooks/shoal\"\nsecret = \"{SECRET}\"\n",
+            receiver.port
+        ));
+        std::fs::write(&a.config, config).unwrap();
+        a.start();
+    }
+    wait_for("three agents alive", LONG, || {
+        settled(&fleet[2], &ca.operator, 3, 0)
+    });
+    let targets = ["--targets", "role=web", "--config", "AllAtOnce"];
+    let v1 = revision(tmp.path(), "v1");
+    let first = json(
+        &create(
+            &fleet[0],
+            &ca.operator,
+            &v1,
+            &[&targets[..], &["--wait"]].concat(),
+        ),
+        "v1",
+    );
+    let d1 = first["id"].as_str().unwrap().to_string();
+    wait_for("v1's start and success delivered", LONG, || {
+        receiver.of(&d1).len() >= 2
+    });
+    wait_for("the log to have three voters", LONG, || {
+        settled(&fleet[2], &ca.operator, 3, 3)
+    });
+
+    // v2: a canary of one host, then a bake; the coordinator is killed while it bakes,
+    // after `start` was delivered and recorded, before `success`. Uploaded to agent-2, so
+    // that the revision outlives the coordinator (agent-1, which founded the log).
+    let v2 = revision(tmp.path(), "v2");
+    let accepted = json(
+        &create(
+            &fleet[1],
+            &ca.operator,
+            &v2,
+            &[&targets[..], &["--canary", "10%:6s"]].concat(),
+        ),
+        "v2",
+    );
+    let d2 = accepted["id"].as_str().unwrap().to_string();
+    let mut coordinator = String::new();
+    wait_for("v2 to bake with its start recorded", LONG, || {
+        status(&fleet[1], &ca.operator, &d2).is_ok_and(|v| {
+            coordinator = v["coordinator"].as_str().unwrap_or("").to_string();
+            v["status"] == "Baking" && v["notified"] == serde_json::json!(["start"])
+        })
+    });
+    let killed = fleet.iter().position(|a| a.name == coordinator).unwrap();
+    fleet[killed].kill();
+    let peer = (killed + 1) % 3;
+    let mut done = serde_json::Value::Null;
+    wait_for(
+        "v2 to succeed under a new coordinator",
+        Duration::from_secs(120),
+        || {
+            let r = status_within(&fleet[peer], &ca.operator, &d2, ASK_WITHIN);
+            r.is_ok_and(|v| {
+                let ok = v["status"] == "Succeeded"
+                    && v["notified"] == serde_json::json!(["start", "success"]);
+                done = v;
+                ok
+            })
+        },
+    );
+    assert_ne!(done["coordinator"], coordinator.as_str(), "{done}");
+
+    // Each event once, in order, signed with the secret over the exact body.
+    for (id, events) in [(&d1, ["start", "success"]), (&d2, ["start", "success"])] {
+        let got = receiver.of(id);
+        let names: Vec<&str> = got.iter().map(|(e, _)| e.as_str()).collect();
+        assert_eq!(names, events, "deployment {id}");
+        for (event, d) in &got {
+            assert_eq!(d.headers["x-shoal-event"], *event);
+            assert_eq!(d.headers["x-shoal-delivery"], format!("{id}/{event}"));
+            assert_eq!(d.headers["content-type"], "application/json");
+            assert_eq!(
+                d.headers["x-shoal-signature"],
+                hmac_sha256(SECRET.as_bytes(), &d.body),
+                "{event} of {id}"
+            );
+            let body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+            assert_eq!(body["app"], "tiny");
+        }
+    }
+    let total = receiver.got.lock().unwrap().len();
+    assert_eq!(total, 4, "nothing else was sent");
+}

@@ -49,6 +49,78 @@ pub struct AgentConfig {
     /// demo`). The service gets it as `$PORT`, its hooks as the parameter `port`.
     #[serde(default)]
     pub ports: BTreeMap<String, u16>,
+    /// Where this agent, when it coordinates, sends deployment notifications
+    /// (`[[webhooks]]`, CodeDeploy's triggers; `fleet::notify`).
+    #[serde(default)]
+    pub webhooks: Vec<Webhook>,
+}
+
+/// The most webhooks one agent sends to.
+pub const MAX_WEBHOOKS: usize = 16;
+
+/// One webhook: `url` (http), the `events` it wants (all when empty) and the secret its
+/// deliveries are signed with (`secret`, or `secret_file` holding it).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    #[serde(default)]
+    pub events: Vec<String>,
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// The HMAC key: the secret, or the file's contents (trimmed), once loaded.
+    #[serde(skip)]
+    pub key: Vec<u8>,
+}
+
+impl Webhook {
+    /// Whether it wants to be told of `kind`.
+    pub fn wants(&self, kind: crate::fleet::notify::NoticeKind) -> bool {
+        self.events.is_empty() || self.events.iter().any(|e| e == kind.name())
+    }
+
+    /// Checks what the file says, and reads the secret file (relative to `base`).
+    fn resolve(&mut self, n: usize, base: &Path) -> Result<()> {
+        let what = || format!("webhook {} ({})", n + 1, self.url);
+        let url = url::Url::parse(&self.url).with_context(what)?;
+        if url.scheme() != "http" || url.host().is_none() {
+            anyhow::bail!("{}: only http://HOST[:PORT]/PATH URLs are sent to", what());
+        }
+        if let Some(bad) = self
+            .events
+            .iter()
+            .find(|e| crate::fleet::notify::NoticeKind::parse(e).is_none())
+        {
+            anyhow::bail!(
+                "{}: unknown event {bad:?}; the events are {}",
+                what(),
+                crate::fleet::notify::NoticeKind::ALL
+                    .map(|k| k.name())
+                    .join(", ")
+            );
+        }
+        self.key = match (&self.secret, &self.secret_file) {
+            (Some(secret), None) => secret.as_bytes().to_vec(),
+            (None, Some(file)) => {
+                let file = base.join(file);
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("{}: reading {}", what(), file.display()))?
+                    .trim()
+                    .as_bytes()
+                    .to_vec()
+            }
+            _ => anyhow::bail!(
+                "{}: give exactly one of `secret` and `secret_file` (deliveries are signed)",
+                what()
+            ),
+        };
+        if self.key.len() < 16 {
+            anyhow::bail!("{}: the secret is shorter than 16 bytes", what());
+        }
+        Ok(())
+    }
 }
 
 fn default_forget_dead_after() -> String {
@@ -102,6 +174,10 @@ impl AgentConfig {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut config = Self::parse(&text).with_context(|| format!("{}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new(""));
+        for (n, hook) in config.webhooks.iter_mut().enumerate() {
+            hook.resolve(n, base)
+                .with_context(|| format!("{}", path.display()))?;
+        }
         for p in [&mut config.data_dir, &mut config.install_root]
             .into_iter()
             .chain(config.identity.as_mut())
@@ -122,6 +198,12 @@ impl AgentConfig {
         parse_duration(&config.forget_dead_after).context("`forget_dead_after`")?;
         if let Some((app, _)) = config.ports.iter().find(|(_, p)| **p == 0) {
             anyhow::bail!("`ports.{app}` is 0: give the port the service should listen on");
+        }
+        if config.webhooks.len() > MAX_WEBHOOKS {
+            anyhow::bail!(
+                "{} webhooks, more than {MAX_WEBHOOKS}",
+                config.webhooks.len()
+            );
         }
         Ok(config)
     }

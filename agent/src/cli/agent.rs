@@ -134,6 +134,7 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 side,
                 ca,
                 log_tx,
+                config.webhooks.clone(),
             )
             .await?;
             tokio::spawn(crate::api::serve(

@@ -33,6 +33,7 @@ pub mod coordinator;
 pub mod host;
 pub mod intent;
 pub mod log;
+pub mod notify;
 pub mod plan;
 pub mod service;
 pub mod targets;

@@ -88,6 +88,8 @@ pub struct Fleet {
     confirmed_term: std::sync::atomic::AtomicU64,
     /// Told when a deployment is created, to drive it at once.
     created: tokio::sync::Notify,
+    /// Where to send notifications while this agent coordinates.
+    webhooks: Arc<Vec<crate::config::Webhook>>,
 }
 
 /// Whom to ask.
@@ -112,6 +114,7 @@ impl Fleet {
         host: Arc<HostSide>,
         ca: rustls_pki_types::CertificateDer<'static>,
         log_record: watch::Sender<Option<LogRecord>>,
+        webhooks: Vec<crate::config::Webhook>,
     ) -> Result<Arc<Fleet>> {
         let dir = data_dir.join("raft");
         let (log_store, sm) = tokio::task::spawn_blocking(move || log::open(&dir))
@@ -145,6 +148,7 @@ impl Fleet {
             progress: Default::default(),
             confirmed_term: std::sync::atomic::AtomicU64::new(0),
             created: tokio::sync::Notify::new(),
+            webhooks: Arc::new(webhooks),
         });
         tokio::spawn(log::network::serve(
             raft.clone(),
@@ -550,6 +554,8 @@ impl Fleet {
         // up), one at a time: the loop keeps driving, and noticing a lost lead, meanwhile.
         let voters = Arc::new(tokio::sync::Mutex::new(Voters::default()));
         let mut upkeep: Option<JoinHandle<()>> = None;
+        // Notifications, while leading and if any webhook is configured.
+        let mut notifier: Option<JoinHandle<()>> = None;
         let mut next_voters = Instant::now();
         let me = node_id(&self.name);
         loop {
@@ -581,11 +587,21 @@ impl Fleet {
                 for (_, task) in driving.drain() {
                     task.abort();
                 }
+                if let Some(task) = notifier.take() {
+                    task.abort();
+                }
                 continue;
             }
             // Wait until this leader has applied what its predecessors committed.
             if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
                 continue;
+            }
+            if !self.webhooks.is_empty() && notifier.as_ref().is_none_or(|t| t.is_finished()) {
+                notifier = Some(tokio::spawn(super::notify::run(
+                    self.raft.clone(),
+                    self.reader.clone(),
+                    self.webhooks.clone(),
+                )));
             }
             let open: Vec<String> = self.reader.read(|s| {
                 s.iter()
@@ -630,6 +646,9 @@ impl Fleet {
             }
         }
         if let Some(task) = upkeep {
+            task.abort();
+        }
+        if let Some(task) = notifier {
             task.abort();
         }
         for (_, task) in driving.drain() {

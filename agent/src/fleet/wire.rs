@@ -175,6 +175,9 @@ pub struct DeploymentView {
     /// The revision the operator consented to roll back to if it fails (none: no
     /// automatic rollback).
     pub rollback_to: Option<String>,
+    /// The notifications delivered to the coordinator's webhooks (or given up on), by
+    /// key: `start`, `host-failure:NAME`, `success`, `failure`, `stop`, `rollback`.
+    pub notified: Vec<String>,
     /// Set when the agent that answered cannot reach a majority of the log: what it shows
     /// may be out of date and nothing progresses.
     pub warning: Option<String>,
@@ -256,6 +259,7 @@ impl DeploymentView {
             rollback: None,
             rollback_of: d.rollback_of.clone(),
             rollback_to: d.rollback_to.clone(),
+            notified: d.notified.iter().cloned().collect(),
             warning: None,
         }
     }

@@ -20,7 +20,7 @@
 //! Refusals are answers ([`Response::Refused`]), never panics: a command that does not fit
 //! the state changes nothing, and the entry stays in the log like any other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -140,7 +140,20 @@ pub enum Command {
     /// coordinator's clock): the deployment is Baking. The next [`Command::StartHosts`]
     /// ends the bake.
     Bake { deployment: String, until_ms: u64 },
+    /// The coordinator delivered these notifications of the deployment to its webhooks
+    /// (or gave up on them): no coordinator sends them again
+    /// ([`crate::fleet::notify`]).
+    Notified {
+        deployment: String,
+        keys: Vec<String>,
+    },
 }
+
+/// The most notifications one deployment records: one per host failure (only the first
+/// this many are sent), and a few of its own.
+pub const MAX_NOTICES: usize = 4096;
+/// The longest notification key.
+pub const MAX_NOTICE_KEY: usize = 160;
 
 impl Command {
     /// The deployment the command is about.
@@ -150,6 +163,7 @@ impl Command {
             Command::StartHosts { deployment, .. }
             | Command::HostResult { deployment, .. }
             | Command::Bake { deployment, .. }
+            | Command::Notified { deployment, .. }
             | Command::Stop { deployment, .. }
             | Command::Finish { deployment, .. } => deployment,
         }
@@ -175,6 +189,8 @@ pub enum Response {
 pub enum Refusal {
     #[error("no deployment {id:?} in the log")]
     UnknownDeployment { id: String },
+    #[error("deployment {id:?}: notifications past the bound, or an empty or overlong key")]
+    TooManyNotices { id: String },
     #[error("deployment {id:?} already exists with other contents")]
     DeploymentExists { id: String },
     #[error("deployment {id:?} has no hosts")]
@@ -380,6 +396,8 @@ pub struct Deployment {
     /// When each bake so far ends (Unix milliseconds), in order: what a new coordinator
     /// replays.
     pub bakes: Vec<u64>,
+    /// The notifications delivered to webhooks (or given up on), by key.
+    pub notified: BTreeSet<String>,
     pub signed_intent: Vec<u8>,
     pub created_at_ms: u64,
     /// See [`NewDeployment::origin`].
@@ -512,6 +530,7 @@ impl DeploymentsState {
                 deployment,
                 verdict,
             } => self.finish(&deployment, verdict),
+            Command::Notified { deployment, keys } => self.notified(&deployment, keys),
         };
         match outcome {
             Ok(Change::Applied) => Response::Applied { fence: at },
@@ -632,6 +651,7 @@ impl DeploymentsState {
             rolled_back_by: None,
             rollback_requested: false,
             bakes: Vec::new(),
+            notified: BTreeSet::new(),
             signed_intent: new.signed_intent,
             created_at_ms: new.created_at_ms,
             origin: new.origin,
@@ -723,6 +743,24 @@ impl DeploymentsState {
                 recorded: recorded.clone(),
             }),
         }
+    }
+
+    fn notified(&mut self, id: &str, keys: Vec<String>) -> Result<Change, Refusal> {
+        let deployment = self.deployment_mut(id)?;
+        let new: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !deployment.notified.contains(k))
+            .collect();
+        if new.is_empty() {
+            return Ok(Change::Unchanged);
+        }
+        if new.iter().any(|k| k.is_empty() || k.len() > MAX_NOTICE_KEY)
+            || deployment.notified.len() + new.len() > MAX_NOTICES
+        {
+            return Err(Refusal::TooManyNotices { id: id.to_owned() });
+        }
+        deployment.notified.extend(new);
+        Ok(Change::Applied)
     }
 
     fn bake(&mut self, id: &str, until_ms: u64) -> Result<Change, Refusal> {
