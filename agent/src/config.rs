@@ -269,6 +269,53 @@ mod tests {
     }
 
     #[test]
+    fn webhooks_are_checked_and_their_secret_read_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(dir.path().join("hook.secret"), "from-a-file-0123456789\n").unwrap();
+        let load = |hooks: &str| {
+            std::fs::write(&file, format!("name = \"a\"\ndata_dir = \"d\"\n{hooks}")).unwrap();
+            AgentConfig::load(&file)
+        };
+        let c = load(
+            "[[webhooks]]\nurl = \"http://127.0.0.1:9000/h\"\nsecret = \"0123456789abcdef\"\n\
+             [[webhooks]]\nurl = \"http://ops.internal/shoal\"\nevents = [\"failure\", \"rollback\"]\n\
+             secret_file = \"hook.secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.webhooks[0].key, b"0123456789abcdef");
+        assert_eq!(c.webhooks[1].key, b"from-a-file-0123456789");
+        use crate::fleet::notify::NoticeKind;
+        assert!(c.webhooks[0].wants(NoticeKind::Start));
+        assert!(
+            c.webhooks[1].wants(NoticeKind::Rollback) && !c.webhooks[1].wants(NoticeKind::Start)
+        );
+        for (bad, why) in [
+            (
+                "url = \"https://x/h\"\nsecret = \"0123456789abcdef\"",
+                "only http://",
+            ),
+            (
+                "url = \"not a url\"\nsecret = \"0123456789abcdef\"",
+                "webhook 1",
+            ),
+            (
+                "url = \"http://x/h\"\nevents = [\"deploy\"]\nsecret = \"0123456789abcdef\"",
+                "unknown event",
+            ),
+            ("url = \"http://x/h\"", "exactly one of `secret`"),
+            (
+                "url = \"http://x/h\"\nsecret = \"short\"",
+                "shorter than 16",
+            ),
+            ("url = \"http://x/h\"\nsecret_file = \"missing\"", "reading"),
+        ] {
+            let err = format!("{:#}", load(&format!("[[webhooks]]\n{bad}\n")).unwrap_err());
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn ports_override_the_appspec_per_application() {
         let base = "name = \"a\"\ndata_dir = \"/d\"\n";
         let c = AgentConfig::parse(&format!("{base}[ports]\ninference = 18081\n")).unwrap();
