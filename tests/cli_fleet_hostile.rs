@@ -106,6 +106,28 @@ fn signed_by(identity: &Identity, intent: &Intent) -> SignedIntent {
     }
 }
 
+/// The insider: a real agent certificate of this fleet (issued under `dir`), its own mesh
+/// node at `ip`:7400 seeded with `seed`, bound and not yet run.
+fn insider_mesh(ca: &Ca, dir: &Path, ip: [u8; 4], seed: SocketAddr) -> Mesh {
+    ca.issue("insider", &dir.join("identity"));
+    let identity = Identity::load(&dir.join("identity")).unwrap();
+    assert_eq!(identity.role, Role::Agent);
+    let addr = SocketAddr::from((ip, 7400));
+    Mesh::bind(
+        NodeConfig {
+            name: "insider".into(),
+            listen: addr,
+            advertise: addr,
+            identity,
+            seeds: vec![seed],
+            data_dir: dir.join("data"),
+            forget_dead_after: Duration::from_secs(3600),
+        },
+        LocalState::default(),
+    )
+    .unwrap()
+}
+
 /// The insider commands `host` and returns the host's last answer.
 async fn command(
     insider: &MeshHandle,
@@ -184,23 +206,8 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
 
     // The insider: a real agent certificate of this fleet, its own mesh and bundle store.
     let insider_dir = tmp.path().join("insider");
-    ca.issue("insider", &insider_dir.join("identity"));
+    let mesh = insider_mesh(&ca, &insider_dir, [127, 83, 1, 200], fleet[0].addr);
     let insider_identity = Identity::load(&insider_dir.join("identity")).unwrap();
-    assert_eq!(insider_identity.role, Role::Agent);
-    let addr = SocketAddr::from(([127, 83, 1, 200], 7400));
-    let mesh = Mesh::bind(
-        NodeConfig {
-            name: "insider".into(),
-            listen: addr,
-            advertise: addr,
-            identity: Identity::load(&insider_dir.join("identity")).unwrap(),
-            seeds: vec![fleet[0].addr],
-            data_dir: insider_dir.join("data"),
-            forget_dead_after: Duration::from_secs(3600),
-        },
-        LocalState::default(),
-    )
-    .unwrap();
     let insider = mesh.handle();
     let store = Arc::new(BundleStore::new(&insider_dir.join("data")));
     tokio::spawn(blobs::serve(
@@ -653,21 +660,7 @@ async fn logs_are_served_only_by_checked_names_and_never_through_a_link() {
     fleet[0].start();
 
     let insider_dir = tmp.path().join("insider");
-    ca.issue("insider", &insider_dir.join("identity"));
-    let addr = SocketAddr::from(([127, 83, 2, 200], 7400));
-    let mesh = Mesh::bind(
-        NodeConfig {
-            name: "insider".into(),
-            listen: addr,
-            advertise: addr,
-            identity: Identity::load(&insider_dir.join("identity")).unwrap(),
-            seeds: vec![fleet[0].addr],
-            data_dir: insider_dir.join("data"),
-            forget_dead_after: Duration::from_secs(3600),
-        },
-        LocalState::default(),
-    )
-    .unwrap();
+    let mesh = insider_mesh(&ca, &insider_dir, [127, 83, 2, 200], fleet[0].addr);
     let insider = mesh.handle();
     let (_local, local_rx) = watch::channel(LocalState::default());
     let (stop, mut stopped) = watch::channel(false);
