@@ -182,7 +182,12 @@ fn the_fleet_demo_rolls_out_rolls_back_and_its_numbers_add_up() {
     let pids = started(&dir);
     assert_eq!(pids.len(), 10, "five agents and five services: {pids:?}");
     assert!(pids.iter().all(|p| running(*p)), "{pids:?}");
-    let o = shoal().args(["demo", "--stop"]).arg(&dir).output().unwrap();
+    // Given as a relative path, as a user types it.
+    let o = shoal()
+        .current_dir(tmp.path())
+        .args(["demo", "--stop", "fleet"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_for(
         "every process of the demo to end",

@@ -96,6 +96,9 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 pub const PART_BYTES: usize = 256 * 1024;
 /// Requests answered at once by one agent.
 const MAX_ANSWERING: usize = 16;
+/// `shoal logs` streams relayed at once (they may last hours with `--follow`, so they do
+/// not hold the places of other requests).
+const MAX_LOG_STREAMS: usize = 4;
 /// The most parts an operator accepts in one answer (1 GiB at most, in parts under the
 /// frame limit).
 const MAX_PARTS: usize = 1024;
@@ -125,6 +128,7 @@ pub fn parts(views: Vec<HostView>) -> Vec<Vec<HostView>> {
 /// shuts down.
 pub async fn serve(mesh: MeshHandle, mut streams: Streams, services: Services) {
     let answering = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING));
+    let streaming = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LOG_STREAMS));
     while let Some(inbound) = streams.next().await {
         let InboundStream::Bi(send, recv) = inbound.stream else {
             continue;
@@ -134,8 +138,8 @@ pub async fn serve(mesh: MeshHandle, mut streams: Streams, services: Services) {
         };
         let mesh = mesh.clone();
         let services = services.clone();
+        let streaming = streaming.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             answer(
                 mesh,
                 services,
@@ -143,6 +147,7 @@ pub async fn serve(mesh: MeshHandle, mut streams: Streams, services: Services) {
                 inbound.peer.role,
                 send,
                 recv,
+                (permit, streaming),
             )
             .await;
         });
@@ -156,20 +161,37 @@ async fn answer(
     role: Role,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    (permit, streaming): (
+        tokio::sync::OwnedSemaphorePermit,
+        std::sync::Arc<tokio::sync::Semaphore>,
+    ),
 ) {
     let request = tokio::time::timeout(STREAM_DEADLINE, read_frame::<Request>(&mut recv)).await;
-    // Logs stream as they come, under bounds of their own.
+    // Logs stream as they come, under bounds of their own: a place among the log streams
+    // instead of one among the answers, and they end when the operator goes away.
     if let Ok(Ok(Request::Logs(query))) = &request
         && role == Role::Operator
     {
-        let relayed = crate::logs::relay::relay(
-            &mesh,
-            &services.fleet,
-            &services.data_dir,
-            query.clone(),
-            &mut send,
-        )
-        .await;
+        drop(permit);
+        let Ok(_stream) = streaming.try_acquire_owned() else {
+            let busy = Response::Error(format!(
+                "busy: {MAX_LOG_STREAMS} log streams are being relayed; ask again later"
+            ));
+            let _ = tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, &busy)).await;
+            let _ = send.finish();
+            return;
+        };
+        let gone = send.stopped();
+        let relayed = tokio::select! {
+            relayed = crate::logs::relay::relay(
+                &mesh,
+                &services.fleet,
+                &services.data_dir,
+                query.clone(),
+                &mut send,
+            ) => relayed,
+            _ = gone => Err("the operator went away".to_string()),
+        };
         if let Err(why) = relayed {
             let _ = tokio::time::timeout(
                 STREAM_DEADLINE,
@@ -180,6 +202,7 @@ async fn answer(
         let _ = send.finish();
         return;
     }
+    let _permit = permit;
     let parts = match request {
         Ok(Ok(_)) if role != Role::Operator => vec![Response::Error(format!(
             "refused: `{name}` presented an agent certificate; this request needs an operator identity (`shoal ca issue --operator`)"

@@ -56,7 +56,6 @@ pub fn target(list: &[DeploymentSummary], to: Option<&str>) -> Result<String> {
             .filter(|d| d.revision.starts_with(to))
             .map(|d| d.revision.as_str())
             .collect();
-        matches.dedup();
         matches.sort_unstable();
         matches.dedup();
         return match matches[..] {

@@ -46,16 +46,21 @@ pub async fn run(args: LogsArgs, peer: &str, identity: Option<&Path>, json: bool
             "`shoal logs` needs an operator identity: pass --identity DIR or set SHOAL_IDENTITY"
         )
     })?;
-    if let Some(event) = &args.event {
-        event
-            .parse::<LifecycleEvent>()
-            .map_err(|e| anyhow!("--event {event:?}: {e}"))?;
-    }
+    // Hosts compare the event's own spelling: send that, whatever case was typed.
+    let event = match &args.event {
+        Some(event) => Some(
+            event
+                .parse::<LifecycleEvent>()
+                .map_err(|e| anyhow!("--event {event:?}: {e}"))?
+                .to_string(),
+        ),
+        None => None,
+    };
     let addr = super::hosts::resolve(peer)?;
     let query = LogsQuery {
         deployment: args.id.clone(),
         host: args.host.clone(),
-        event: args.event.clone(),
+        event,
         follow: args.follow,
     };
     let within = if args.follow {

@@ -9,9 +9,14 @@
 //! (`start`, `host-failure:NAME`, `success`, ...). Once every webhook that wants a notice
 //! has taken it (or the retries gave up), the coordinator commits
 //! [`Command::Notified`](super::log::Command::Notified) with its key, and no coordinator
-//! sends it again. A coordinator that dies between a delivery and that commit leaves the
-//! notice due, and the next one sends it again: the only duplicate possible, with the same
-//! `X-Shoal-Delivery` id, by which a receiver drops it.
+//! sends it again. Repeats remain possible in one case: a coordinator that changes (or
+//! fails to record) after a webhook took a notice and before it is recorded. Then the next
+//! coordinator sends that notice again, to every webhook that wants it. Each repeat carries
+//! the same `X-Shoal-Delivery` id, by which a receiver drops it.
+//!
+//! Order is kept per deployment across all webhooks: a webhook that does not answer holds
+//! back the deployment's later notices, to every webhook, until its retries give up (10
+//! minutes), and deliveries go one at a time.
 //!
 //! [`due`] and [`Backoff`] are sans-IO; [`run`] is the thin driver.
 
@@ -124,8 +129,19 @@ pub fn due(d: &Deployment, now_ms: u64) -> Vec<Notice> {
             reason: None,
         });
     }
-    all.retain(|n| !d.notified.contains(&n.key));
-    all.truncate(super::log::state::MAX_NOTICES.saturating_sub(d.notified.len()));
+    // Past the bound, host failures are dropped, never the deployment's own notices.
+    let room = super::log::state::MAX_NOTICES.saturating_sub(d.notified.len() + 4);
+    let mut failures = 0;
+    all.retain(|n| {
+        if d.notified.contains(&n.key) {
+            return false;
+        }
+        if n.kind == NoticeKind::HostFailure {
+            failures += 1;
+            return failures <= room;
+        }
+        true
+    });
     all
 }
 
@@ -244,8 +260,9 @@ fn deliver(hook: &Webhook, body: &[u8], delivery: &str, event: NoticeKind) -> Re
     }
 }
 
-/// Delivers what is due, as long as this agent leads: `leading` says when it stops (the
-/// caller aborts the task too). One delivery at a time, on a blocking thread.
+/// Delivers what is due, for as long as this agent leads (the caller aborts the task when
+/// it stops leading; a failed record ends it). One delivery at a time, on a blocking
+/// thread.
 pub async fn run(raft: openraft::Raft<TypeConfig>, reader: StateReader, hooks: Arc<Vec<Webhook>>) {
     // (deployment, key) -> the hooks that still want it, each with its back-off.
     let mut pending: BTreeMap<(String, String), BTreeMap<usize, Backoff>> = BTreeMap::new();

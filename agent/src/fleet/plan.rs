@@ -621,6 +621,14 @@ pub enum PlanError {
         minimum: usize,
         hosts: usize,
     },
+    /// Zone by zone, the fleet's minimum leaves no healthy host of this zone to update
+    /// (unhealthy hosts of later zones are not updated first, so they make no room).
+    #[error(
+        "zone {zone:?} could not start: the fleet's minimum of {minimum} healthy hosts leaves \
+         none of its healthy hosts to update (zone by zone, unhealthy hosts of later zones \
+         are not updated first); lower the minimum, or deploy to the unhealthy hosts first"
+    )]
+    ZoneStalls { zone: String, minimum: usize },
     /// The bakes between these zones are longer than a rollout may bake.
     #[error(
         "the bakes between {zones} zones last {secs} s in all, longer than the \
@@ -704,9 +712,6 @@ pub enum ConfigErrorKind {
     /// Not a duration.
     #[error("bake time {text:?} is not seconds or a number with s, m or h (`90s`, `10m`)")]
     BadBake { text: String },
-    /// `--zones` with `--canary` or `--linear`.
-    #[error("give one of --canary, --linear or --zones")]
-    ZonesAndWaves,
     /// A wave of 0% or more than 100%.
     #[error("a wave of {percent}% is not between 1% and 100%")]
     WavePercentOutOfRange { percent: u64 },
@@ -909,6 +914,19 @@ impl Planner {
                 healthy
             })
             .collect();
+        // Zone by zone, an unhealthy host of a later zone is not updated first, so it does
+        // not make room under the fleet's minimum: a plan that could not reach every host
+        // even if all succeeded is refused, naming the zone it would stall in.
+        if matches!(rollout, Rollout::Zones { .. }) {
+            let planned: usize = self.batches_preview().iter().map(Vec::len).sum();
+            if planned < self.hosts.len() {
+                let wave = self.wave_of(planned);
+                return Err(PlanError::ZoneStalls {
+                    zone: quote(&self.wave_zone[wave]),
+                    minimum: self.rules.minimum,
+                });
+            }
+        }
         Ok(self)
     }
 
@@ -1553,6 +1571,17 @@ mod tests {
                 zone: "a".into(),
                 minimum: 2,
                 hosts: 2
+            }
+        );
+        // OneAtATime over four hosts keeps three healthy: zone a's two healthy hosts could
+        // go only if zone b's unhealthy host were updated first, which zone by zone is not.
+        let mut hosts = zoned(&[("a", 2), ("b", 2)]);
+        hosts[2].health = Health::Unhealthy;
+        assert_eq!(
+            refused(DeploymentConfig::OneAtATime, hosts, zones(0, 0)),
+            PlanError::ZoneStalls {
+                zone: "a".into(),
+                minimum: 3
             }
         );
         // Three zones: a first bake of 12 h and one of 1 h is past the bound.

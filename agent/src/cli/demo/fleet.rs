@@ -611,6 +611,8 @@ fn next_steps(fleet: &Fleet) -> String {
 /// `shoal demo --stop DIR`: stops the agents a kept demo left running in DIR, then their
 /// services. An agent is signalled only if its process still runs this demo's config.
 pub fn stop(dir: &Path, json: bool) -> Result<bool> {
+    // The agents run with the absolute path of their config, as `--keep` made it.
+    let dir = &std::path::absolute(dir)?;
     let mut stopped = Vec::new();
     for i in 0..AGENTS {
         let home = Fleet::agent_dir(dir, i);
@@ -627,6 +629,11 @@ pub fn stop(dir: &Path, json: bool) -> Result<bool> {
         let ours = cmdline
             .split(|b| *b == 0)
             .any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)) == config);
+        if !ours && Path::new(&format!("/proc/{pid}")).exists() && !cmdline.is_empty() {
+            // Another process has that pid now, or the agent runs another config: leave it,
+            // and its record, alone.
+            continue;
+        }
         if ours {
             let target = nix::unistd::Pid::from_raw(pid);
             let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);

@@ -410,7 +410,6 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// The hosts as the planner takes them, to rebuild its plan on a new leader.
     /// How many waves its rollout releases its hosts in: zone by zone, one per zone.
     pub fn waves(&self) -> usize {
         match self.rollout {
@@ -424,6 +423,7 @@ impl Deployment {
         }
     }
 
+    /// The hosts as the planner takes them, to rebuild its plan on a new leader.
     pub fn host_infos(&self) -> Vec<HostInfo> {
         self.hosts
             .iter()
