@@ -84,9 +84,8 @@ pub struct Notice {
 /// added to the config later, say) are not.
 pub const NOTIFY_WITHIN_MS: u64 = 24 * 3600 * 1000;
 
-/// The notifications of `d` not yet recorded as delivered, in the order they happened as
-/// far as the log tells: its start, its hosts' failures, its end, its rollback. The same
-/// on every agent for the same log.
+/// The notifications of `d` not yet recorded as delivered: its start, its hosts' failures
+/// (by host name), its end, its rollback. The same on every agent for the same log.
 pub fn due(d: &Deployment, now_ms: u64) -> Vec<Notice> {
     if d.created_at_ms.saturating_add(NOTIFY_WITHIN_MS) < now_ms {
         return Vec::new();

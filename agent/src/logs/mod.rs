@@ -74,6 +74,8 @@ pub enum LogsError {
     TooManyOffsets(usize),
     #[error("the deployment has more than {MAX_FILES} log files here")]
     TooManyFiles,
+    #[error("the logs are longer than {MAX_ANSWER_BYTES} bytes: the rest is not sent")]
+    TooLarge,
     #[error("reading the logs: {0}")]
     Io(#[from] std::io::Error),
     /// The one reading them went away.
@@ -160,7 +162,7 @@ pub fn read(
         loop {
             let want = buf.len().min(usize::try_from(budget).unwrap_or(usize::MAX));
             if want == 0 {
-                return Ok(());
+                return Err(LogsError::TooLarge);
             }
             let n = file.read(&mut buf[..want])?;
             if n == 0 {

@@ -66,6 +66,8 @@ async fn passes(
     send: &mut quinn::SendStream,
 ) -> Result<(), String> {
     let mut offsets: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    // Each host's failure is told once, not on every pass of a follow.
+    let mut told: std::collections::BTreeSet<(String, String)> = Default::default();
     loop {
         let view = match fleet
             .operator(
@@ -95,7 +97,9 @@ async fn passes(
             } else {
                 remote(mesh, &host, request, from, send).await
             };
-            if let Err(gap) = got {
+            if let Err(gap) = got
+                && told.insert((host.clone(), gap.clone()))
+            {
                 say(send, &Response::LogGap { host, reason: gap }).await?;
             }
         }
