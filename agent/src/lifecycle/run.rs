@@ -531,8 +531,10 @@ impl LocalHost {
             .port
             .or(release.spec.service.as_ref().and_then(|s| s.port));
         std::fs::create_dir_all(dir.work())?;
-        let logs = dir.deployments().join(deployment);
-        std::fs::create_dir_all(&logs)?;
+        // Through directory handles: the paths are predictable (a fleet deployment's id is
+        // its intent's), so nothing planted there is followed.
+        let (logs, _) = crate::beneath::Dir::open_trusted(&dir.root)?
+            .create_dirs(&Path::new("deployments").join(deployment))?;
         for (n, spec) in release.spec.hooks_for(event).iter().enumerate() {
             let hook = self
                 .hooks
@@ -550,8 +552,14 @@ impl LocalHost {
                 spec.timeout,
             );
             let outcome = self.hooks.run(&hook, &ctx, &sandbox).await;
-            let log = logs.join(format!("{}-{}-{n}.log", release.id.short(), event));
-            std::fs::write(&log, &outcome.log.text)?;
+            let name = format!("{}-{}-{n}.log", release.id.short(), event);
+            logs.write_atomic(
+                std::ffi::OsStr::new(&name),
+                &mut outcome.log.text.as_bytes(),
+                0o644,
+                None,
+            )?;
+            let log = logs.path().join(&name);
             let summary = outcome.summary();
             results.push(HookResult {
                 event,
@@ -657,7 +665,12 @@ impl LocalHost {
         );
         ctx.params.insert("shoal.monitor".into(), run.to_string());
         let outcome = self.hooks.run(&hook, &ctx, &sandbox).await;
-        std::fs::write(dir.root.join(format!("monitor-{n}.log")), &outcome.log.text)?;
+        crate::beneath::Dir::open_trusted(&dir.root)?.write_atomic(
+            std::ffi::OsStr::new(&format!("monitor-{n}.log")),
+            &mut outcome.log.text.as_bytes(),
+            0o644,
+            None,
+        )?;
         Ok((outcome.succeeded(), outcome.summary()))
     }
 
@@ -966,6 +979,58 @@ mod tests {
             port: None,
             progress: None,
         }
+    }
+
+    #[tokio::test]
+    async fn hook_logs_never_go_through_a_planted_link_and_an_id_is_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = host(tmp.path());
+        let bundle = tmp.path().join("rev");
+        std::fs::create_dir_all(bundle.join("hooks")).unwrap();
+        std::fs::write(
+            bundle.join("appspec.yml"),
+            "version: 0.0\nos: linux\nhooks:\n  ValidateService:\n    - location: hooks/probe.wasm\n",
+        )
+        .unwrap();
+        std::fs::write(
+            bundle.join("hooks/probe.wasm"),
+            shoal_examples::SANDBOX_PROBE.bytes,
+        )
+        .unwrap();
+        // The id is known in advance (a fleet intent's): a link waits at its log directory.
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        let deployments = tmp.path().join("data/apps/web/deployments");
+        std::fs::create_dir_all(&deployments).unwrap();
+        std::os::unix::fs::symlink(&outside, deployments.join("0123abcd")).unwrap();
+        let planted = DeployRequest {
+            id: Some("0123abcd".into()),
+            ..request("web", &bundle)
+        };
+        let result = h.deploy(&planted).await;
+        assert!(
+            result.as_ref().map_or(true, |r| !r.succeeded()),
+            "a deployment whose logs could not be kept succeeded: {result:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "written through the link"
+        );
+        // The same revision under a fresh id deploys, its log where it belongs.
+        let fresh = DeployRequest {
+            id: Some("4567ef".into()),
+            ..request("web", &bundle)
+        };
+        let record = h.deploy(&fresh).await.unwrap();
+        assert!(record.succeeded(), "{}", record.message);
+        assert!(record.hooks[0].log.starts_with(deployments.join("4567ef")));
+        assert!(record.hooks[0].log.is_file());
+        let bad = DeployRequest {
+            id: Some("../x".into()),
+            ..request("web", &bundle)
+        };
+        assert!(h.deploy(&bad).await.is_err());
     }
 
     #[tokio::test]
