@@ -234,14 +234,24 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the driver looks for notices due.
 const TICK: Duration = Duration::from_millis(250);
 
-/// POSTs `body` to `hook`; `Err` says why it was not taken (anything but a 2xx).
-fn deliver(hook: &Webhook, body: &[u8], delivery: &str, event: NoticeKind) -> Result<(), String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// The HTTP client every delivery of one notifier shares (its connection pool too).
+fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .proxy(None)
         .http_status_as_error(false)
         .timeout_global(Some(DELIVERY_TIMEOUT))
         .build()
-        .into();
+        .into()
+}
+
+/// POSTs `body` to `hook`; `Err` says why it was not taken (anything but a 2xx).
+fn deliver(
+    agent: &ureq::Agent,
+    hook: &Webhook,
+    body: &[u8],
+    delivery: &str,
+    event: NoticeKind,
+) -> Result<(), String> {
     let response = agent
         .post(&hook.url)
         .header("content-type", "application/json")
@@ -265,6 +275,7 @@ fn deliver(hook: &Webhook, body: &[u8], delivery: &str, event: NoticeKind) -> Re
 pub async fn run(raft: openraft::Raft<TypeConfig>, reader: StateReader, hooks: Arc<Vec<Webhook>>) {
     // (deployment, key) -> the hooks that still want it, each with its back-off.
     let mut pending: BTreeMap<(String, String), BTreeMap<usize, Backoff>> = BTreeMap::new();
+    let agent = client();
     loop {
         tokio::time::sleep(TICK).await;
         let now_ms = super::now_ms();
@@ -293,20 +304,22 @@ pub async fn run(raft: openraft::Raft<TypeConfig>, reader: StateReader, hooks: A
                         .map(|(i, _)| (i, Backoff::new(Instant::now())))
                         .collect()
                 });
-                let body = serde_json::to_vec(&Payload::of(&d, &notice)).unwrap_or_default();
-                let delivery = format!("{}/{}", d.id, notice.key);
+                let payload = Payload::of(&d, &notice);
+                let body = serde_json::to_vec(&payload).unwrap_or_default();
+                let delivery = payload.delivery;
                 let mut done = Vec::new();
                 for (&i, backoff) in wanting.iter_mut() {
                     if !backoff.due(Instant::now()) {
                         continue;
                     }
-                    let hook = hooks[i].clone();
+                    let (agent, hook) = (agent.clone(), hooks[i].clone());
                     let (body, id) = (body.clone(), delivery.clone());
                     let kind = notice.kind;
-                    let sent =
-                        tokio::task::spawn_blocking(move || deliver(&hook, &body, &id, kind))
-                            .await
-                            .unwrap_or_else(|e| Err(e.to_string()));
+                    let sent = tokio::task::spawn_blocking(move || {
+                        deliver(&agent, &hook, &body, &id, kind)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
                     match sent {
                         Ok(()) => done.push(i),
                         Err(why) => {
