@@ -155,7 +155,13 @@ async fn command_as(
         fence,
         holders: Vec::new(),
         rollback,
+        catch_up: None,
     };
+    send_command(insider, host, cmd).await
+}
+
+/// The insider sends `cmd` to `host` and returns the host's last answer.
+async fn send_command(insider: &MeshHandle, host: &str, cmd: RunHost) -> HostAnswer {
     let (mut send, mut recv) = insider.open_bi(host, Protocol::Fleet).await.unwrap();
     write_frame(&mut send, &FleetRequest::RunHost(cmd))
         .await
@@ -397,6 +403,53 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     refused(
         &command(&insider, host, &genuine, fence(10)).await,
         "did not confirm this command",
+    );
+    // A genuine intent two days old: expired as itself, and as a catch-up (which runs past
+    // the age limit) not without the log's voters saying the log made that catch-up.
+    let old = Intent::new(
+        "tiny",
+        "tiny",
+        Targets::parse("role=inference").unwrap(),
+        &r1,
+        DeploymentConfig::AllAtOnce,
+        &operator.name,
+        now() - 2 * 24 * 3600,
+    )
+    .unwrap();
+    let old_signed = intent::sign(&old, &operator).unwrap();
+    refused(
+        &command(&insider, host, &old_signed, fence(10)).await,
+        &format!("more than {} s", intent::MAX_AGE_SECS),
+    );
+    let as_catch_up = |deployment: &str, rollback: bool| RunHost {
+        deployment: deployment.to_string(),
+        intent: old_signed.clone(),
+        fence: fence(10),
+        holders: Vec::new(),
+        rollback,
+        catch_up: Some(0),
+    };
+    refused(
+        &send_command(
+            &insider,
+            host,
+            as_catch_up(&intent::catch_up_id(&old.id, 0), false),
+        )
+        .await,
+        "did not confirm this command",
+    );
+    refused(
+        &send_command(&insider, host, as_catch_up(&old.id, false)).await,
+        "carries intent",
+    );
+    refused(
+        &send_command(
+            &insider,
+            host,
+            as_catch_up(&intent::catch_up_id(&old.id, 0), true),
+        )
+        .await,
+        "not both",
     );
     assert_eq!(records(&fleet[0].data_dir), 0, "nothing ran so far");
 

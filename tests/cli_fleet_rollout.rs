@@ -697,3 +697,151 @@ fn logs_come_whole_from_the_host_that_wrote_them_through_any_peer() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--event"));
 }
+
+/// `shoal deploy list --group tiny --json` asked of `peer`, newest first.
+fn group_history(peer: &Agent, operator: &std::path::Path) -> Vec<serde_json::Value> {
+    let o = shoal()
+        .args(["deploy", "list", "--group", "tiny", "--json", "--peer"])
+        .arg(peer.addr.to_string())
+        .arg("--identity")
+        .arg(operator)
+        .output()
+        .unwrap();
+    json(&o, "deploy list")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until `agent`'s own disk has `payload` installed, and the group's history shows
+/// a catch-up of deployment `of` that Succeeded on `agent` alone; that catch-up's id.
+fn caught_up(f: &Four, agent: usize, payload: &str, of: &str) -> String {
+    let a = &f.agents[agent];
+    wait_for(
+        &format!("{} to install {payload} by itself", a.name),
+        LONG,
+        || installed(a).as_deref() == Some(payload),
+    );
+    let mut id = String::new();
+    wait_for("the catch-up to succeed", LONG, || {
+        group_history(&f.agents[0], &f.ca.operator)
+            .iter()
+            .find(|d| d["catch_up_of"] == of)
+            .is_some_and(|d| {
+                id = d["id"].as_str().unwrap_or_default().to_string();
+                d["status"] == "Succeeded"
+            })
+    });
+    let view = status(&f.agents[1], &f.ca.operator, &id).unwrap();
+    assert_eq!(view["catch_up_of"], of, "{view}");
+    assert_eq!(by_status(&view)["Succeeded"], std::slice::from_ref(&a.name), "{view}");
+    id
+}
+
+#[test]
+fn a_host_started_after_a_success_or_down_during_one_reaches_the_last_good_revision_by_itself() {
+    // Three agents up, the fourth not started yet.
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut agents = agents(tmp.path(), &ca, [127, 84, 7], 4);
+    let services = Services(agents.iter().map(|a| a.data_dir.clone()).collect());
+    for a in agents.iter_mut() {
+        tag(a, &[("role", "web")]);
+    }
+    for a in agents.iter_mut().take(3) {
+        a.start();
+    }
+    wait_for("agent-1 to see three alive", LONG, || {
+        hosts(agents[0].addr, &ca.operator)
+            .is_ok_and(|l| l.len() == 3 && l.iter().all(|h| h["state"] == "alive"))
+    });
+    let mut f = Four {
+        _services: services,
+        agents,
+        ca,
+        tmp,
+    };
+
+    // v1 to the three; then agent-4 starts, matching the group's targets: it gets v1 by
+    // itself, in a deployment of the group's history.
+    let v1 = create(
+        &f.agents[0],
+        &f.ca.operator,
+        &plain_revision(f.tmp.path(), "v1"),
+        &["--targets", "role=web", "--config", "AllAtOnce", "--wait"],
+    );
+    let v1 = json(&v1, "v1");
+    assert_eq!(v1["status"], "Succeeded", "{v1}");
+    assert_eq!(v1["hosts"].as_array().unwrap().len(), 3, "{v1}");
+    let v1_id = v1["id"].as_str().unwrap().to_string();
+    assert_eq!(installed(&f.agents[3]), None);
+    f.agents[3].start();
+    let first = caught_up(&f, 3, "v1", &v1_id);
+    f.hears_on(0, v1["revision"].as_str().unwrap(), 4);
+
+    // agent-3 goes down; v2 goes to the other three; agent-3 comes back and catches up.
+    assert!(f.agents[2].terminate().success());
+    wait_for("agent-1 to see agent-3 gone", LONG, || {
+        hosts(f.agents[0].addr, &f.ca.operator).is_ok_and(|l| {
+            l.iter()
+                .any(|h| h["name"] == "agent-3" && h["state"] != "alive" && h["state"] != "suspect")
+        })
+    });
+    let v2 = create(
+        &f.agents[1],
+        &f.ca.operator,
+        &plain_revision(f.tmp.path(), "v2"),
+        &["--targets", "role=web", "--config", "AllAtOnce", "--wait"],
+    );
+    let v2 = json(&v2, "v2");
+    assert_eq!(v2["status"], "Succeeded", "{v2}");
+    let mut took: Vec<String> = v2["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap().to_string())
+        .collect();
+    took.sort();
+    assert_eq!(took, ["agent-1", "agent-2", "agent-4"], "{v2}");
+    assert_eq!(installed(&f.agents[2]).as_deref(), Some("v1"));
+    let v2_id = v2["id"].as_str().unwrap().to_string();
+    f.agents[2].start();
+    let second = caught_up(&f, 2, "v2", &v2_id);
+    f.hears_on(3, v2["revision"].as_str().unwrap(), 4);
+
+    // The group's history, newest first: each catch-up after what it caught up with, and
+    // nothing else (no host was caught up twice, none that already ran the revision).
+    let history: Vec<(String, String)> = group_history(&f.agents[2], &f.ca.operator)
+        .iter()
+        .map(|d| {
+            (
+                d["id"].as_str().unwrap().to_string(),
+                d["catch_up_of"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (second, v2_id.clone()),
+            (v2_id, "-".into()),
+            (first, v1_id.clone()),
+            (v1_id, "-".into()),
+        ]
+    );
+    // Its last success is v2 and a rollback by hand undoes v2, not a catch-up.
+    let o = shoal()
+        .args([
+            "deploy", "rollback", "--group", "tiny", "--json", "--wait", "--peer",
+        ])
+        .arg(f.agents[0].addr.to_string())
+        .arg("--identity")
+        .arg(&f.ca.operator)
+        .output()
+        .unwrap();
+    let back = json(&o, "deploy rollback");
+    assert_eq!(back["revision"], v1["revision"], "{back}");
+    for a in &f.agents {
+        assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
+    }
+}

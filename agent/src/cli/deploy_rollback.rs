@@ -70,7 +70,9 @@ pub fn target(list: &[DeploymentSummary], to: Option<&str>) -> Result<String> {
             )),
         };
     }
-    let Some(newest) = list.first() else {
+    // A catch-up repeats a success on hosts that joined late: what is undone is the
+    // operator's last deployment.
+    let Some(newest) = list.iter().find(|d| d.catch_up_of.is_none()) else {
         bail!("the group has no deployment yet: there is nothing to roll back");
     };
     if !matches!(
@@ -224,10 +226,23 @@ mod tests {
             succeeded: 0,
             failed: 0,
             created_at_ms: 0,
+            catch_up_of: None,
         }
     }
 
     use DeploymentStatus::*;
+
+    #[test]
+    fn a_catch_up_is_not_what_a_rollback_undoes() {
+        let mut caught_up = d("c1", "rev-good-000", Failed);
+        caught_up.catch_up_of = Some("d2".into());
+        let list = [
+            caught_up,
+            d("d2", "rev-good-000", Succeeded),
+            d("d1", "rev-old-0000", Succeeded),
+        ];
+        assert_eq!(target(&list, None).unwrap(), "rev-old-0000");
+    }
 
     #[test]
     fn after_a_failure_the_last_success_comes_back() {

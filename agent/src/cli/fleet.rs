@@ -455,6 +455,12 @@ fn print_view(view: &DeploymentView, json: bool) -> Result<()> {
     if let Some(of) = &view.rollback_of {
         println!("the rollback of deployment {of}");
     }
+    if let Some(of) = &view.catch_up_of {
+        println!(
+            "a catch-up of deployment {of}: its revision, to hosts that joined the group after \
+             it succeeded or missed it"
+        );
+    }
     if let Some(rb) = &view.rollback {
         println!(
             "rolled back by deployment {} to revision {}: {}",
@@ -536,7 +542,7 @@ pub async fn run_list(
     }
     for d in &list {
         println!(
-            "{}  {:<10} {:<16} {:<16} {}  {}/{} succeeded, {} failed",
+            "{}  {:<10} {:<16} {:<16} {}  {}/{} succeeded, {} failed{}",
             d.id,
             d.status.to_string(),
             super::printable(&d.app),
@@ -544,7 +550,11 @@ pub async fn run_list(
             super::short(&d.revision),
             d.succeeded,
             d.hosts,
-            d.failed
+            d.failed,
+            d.catch_up_of
+                .as_ref()
+                .map(|of| format!(" (catch-up of {of})"))
+                .unwrap_or_default()
         );
     }
     Ok(true)

@@ -228,6 +228,7 @@ async fn run_batch(
             fence,
             holders: holders.clone(),
             rollback: d.rollback_of.is_some(),
+            catch_up: d.catch_up.as_ref().map(|c| c.number),
         };
         let mesh = ctx.mesh.clone();
         let me = ctx.me.clone();
@@ -369,6 +370,7 @@ pub fn rollback_deployment(
         signed_intent: d.signed_intent.clone(),
         created_at_ms: now_ms,
         origin,
+        catch_up: None,
     })
 }
 
@@ -721,6 +723,7 @@ mod tests {
             signed_intent: Vec::new(),
             created_at_ms: 0,
             origin: None,
+            catch_up: None,
         };
         state.apply(fence(1), Command::CreateDeployment(new));
         for (i, c) in commands.into_iter().enumerate() {

@@ -187,16 +187,26 @@ impl HostSide {
     /// What a host checks of a command before anything else: the operator's signature
     /// (fleet CA, role, age), that the command names the intent it carries, and that this
     /// host is among the signed targets by its own tags. Returns the intent.
+    ///
+    /// A catch-up's intent may be older than an intent may be: the caller runs it only once
+    /// the log's voters confirm that the log made that catch-up.
     pub fn check(&self, cmd: &RunHost, now: u64) -> Result<Intent, String> {
         let intent = {
             let mut verifier = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
             verifier.honour(self.mesh.revoked().as_deref());
-            intent::verify(&cmd.intent, &mut verifier, now).map_err(|e| e.to_string())?
+            match cmd.catch_up {
+                Some(_) => intent::verify_any_age(&cmd.intent, &mut verifier, now),
+                None => intent::verify(&cmd.intent, &mut verifier, now),
+            }
+            .map_err(|e| e.to_string())?
         };
-        let intent = if cmd.rollback {
-            intent.rollback().map_err(|e| e.to_string())?
-        } else {
-            intent
+        let intent = match (cmd.rollback, cmd.catch_up) {
+            (true, Some(_)) => {
+                return Err("a command is a rollback or a catch-up, not both".into());
+            }
+            (true, None) => intent.rollback().map_err(|e| e.to_string())?,
+            (false, Some(number)) => intent.catch_up(number, now).map_err(|e| e.to_string())?,
+            (false, None) => intent,
         };
         if intent.id != cmd.deployment {
             return Err(format!(

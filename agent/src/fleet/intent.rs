@@ -223,6 +223,29 @@ impl Intent {
         Ok(rollback)
     }
 
+    /// The intent of the `number`-th catch-up of this one (a host that joined the group
+    /// after this deployment succeeded, or missed it while down, gets its revision): the
+    /// same operator, app, group, targets and revision, one wave, no rollback, and an id
+    /// derived from this one's ([`catch_up_id`]), so hosts keep its replay record apart.
+    ///
+    /// Its creation time is `admitted_unix`, the time the host admits it: the original may
+    /// be long expired (a catch-up comes whenever a host joins), and a host accepts a
+    /// catch-up only when the log's voters confirm that the log made it
+    /// ([`verify_any_age`]); from then on its replay record lives as a fresh intent's does.
+    pub fn catch_up(&self, number: u32, admitted_unix: u64) -> Result<Intent, IntentError> {
+        let catch_up = Intent {
+            id: catch_up_id(&self.id, number),
+            rollout: Rollout::Waveless,
+            zone_tag: None,
+            rollback_to: None,
+            outdated_only: false,
+            created_unix: admitted_unix,
+            ..self.clone()
+        };
+        catch_up.check_fields()?;
+        Ok(catch_up)
+    }
+
     /// The rules on each field that its type does not already hold (targets and config are
     /// checked as they deserialize).
     fn check_fields(&self) -> Result<(), IntentError> {
@@ -311,6 +334,14 @@ impl Intent {
 pub fn rollback_id(id: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(format!("shoal rollback of {id}").as_bytes());
+    hex::encode(&digest[..ID_HEX / 2])
+}
+
+/// The id of the `number`-th catch-up of the deployment `id` ([`Intent::catch_up`]):
+/// derived, so every coordinator gives the same one, and shaped as an intent id.
+pub fn catch_up_id(id: &str, number: u32) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("shoal catch-up {number} of {id}").as_bytes());
     hex::encode(&digest[..ID_HEX / 2])
 }
 
@@ -477,6 +508,20 @@ pub fn verify(
     verifier: &mut CertVerifier,
     now_unix: u64,
 ) -> Result<Intent, IntentError> {
+    let intent = verify_any_age(signed, verifier, now_unix)?;
+    check_age(&intent, now_unix)?;
+    Ok(intent)
+}
+
+/// [`verify`] without the age limit ([`MAX_AGE_SECS`]); still refused from the future.
+/// Only for a catch-up ([`Intent::catch_up`]), which a host runs only once a majority of
+/// the log's voters confirmed that the log made it: the voters vouch for it, not its age.
+/// The operator's certificate must still be valid and unrevoked now.
+pub fn verify_any_age(
+    signed: &SignedIntent,
+    verifier: &mut CertVerifier,
+    now_unix: u64,
+) -> Result<Intent, IntentError> {
     check_envelope(
         ("intent", signed.body.len(), MAX_BODY),
         &signed.cert,
@@ -502,7 +547,7 @@ pub fn verify(
         }
         .into());
     }
-    check_time(&intent, now_unix)?;
+    check_not_future(intent.created_unix, now_unix)?;
     Ok(intent)
 }
 
@@ -551,15 +596,21 @@ fn check_operator_signature(
     }
 }
 
-fn check_time(intent: &Intent, now_unix: u64) -> Result<(), IntentError> {
-    if intent.created_unix > now_unix.saturating_add(MAX_CLOCK_SKEW_SECS) {
+/// Refuses a creation time more than [`MAX_CLOCK_SKEW_SECS`] after `now_unix`.
+fn check_not_future(created_unix: u64, now_unix: u64) -> Result<(), IntentError> {
+    if created_unix > now_unix.saturating_add(MAX_CLOCK_SKEW_SECS) {
         return Err(IntentErrorKind::FromTheFuture {
-            created_unix: intent.created_unix,
+            created_unix,
             now_unix,
             max_skew_secs: MAX_CLOCK_SKEW_SECS,
         }
         .into());
     }
+    Ok(())
+}
+
+/// Refuses an intent older than [`MAX_AGE_SECS`] at `now_unix`.
+fn check_age(intent: &Intent, now_unix: u64) -> Result<(), IntentError> {
     if intent.created_unix < now_unix.saturating_sub(MAX_AGE_SECS) {
         return Err(expired(intent, now_unix));
     }
@@ -850,14 +901,7 @@ impl Executed {
         now_unix: u64,
     ) -> Result<Admission, IntentError> {
         check_id(&intent.id)?;
-        if intent.created_unix > now_unix.saturating_add(MAX_CLOCK_SKEW_SECS) {
-            return Err(IntentErrorKind::FromTheFuture {
-                created_unix: intent.created_unix,
-                now_unix,
-                max_skew_secs: MAX_CLOCK_SKEW_SECS,
-            }
-            .into());
-        }
+        check_not_future(intent.created_unix, now_unix)?;
         self.horizon = self.horizon.max(now_unix.saturating_sub(MAX_AGE_SECS));
         if intent.created_unix < self.horizon {
             return Err(expired(intent, now_unix));
@@ -1817,6 +1861,90 @@ mod tests {
             refusal(verify(&huge, &mut fleet.verifier(), t)),
             IntentErrorKind::TooBig { what: "intent", .. }
         ));
+    }
+
+    #[test]
+    fn a_catch_up_outlives_its_original_s_age_and_keeps_a_replay_record_of_its_own() {
+        let fleet = Fleet::new();
+        let alice = fleet.identity("alice");
+        let t = now();
+        let original = intent_by("alice", t)
+            .with_rollout(Rollout::zones(Some("60s"), None).unwrap(), Some("az"))
+            .unwrap()
+            .with_rollback_to(Some(REV.into()))
+            .unwrap()
+            .outdated_only(true);
+        let signed = sign(&original, &alice).unwrap();
+        let week_later = t + 7 * 24 * 3600;
+        // Too old as itself; its signature still checks without the age limit.
+        assert!(matches!(
+            refusal(verify(&signed, &mut fleet.verifier(), week_later)),
+            IntentErrorKind::Expired { .. }
+        ));
+        let read = verify_any_age(&signed, &mut fleet.verifier(), week_later).unwrap();
+        assert_eq!(read, original);
+        // Still refused from the future, and when forged.
+        let ahead = sign(&intent_by("alice", t + MAX_CLOCK_SKEW_SECS + 10), &alice).unwrap();
+        assert!(matches!(
+            refusal(verify_any_age(&ahead, &mut fleet.verifier(), t)),
+            IntentErrorKind::FromTheFuture { .. }
+        ));
+        let mut forged = signed.clone();
+        forged.body = String::from_utf8(forged.body)
+            .unwrap()
+            .replace(&format!("\"created_unix\":{t}"), "\"created_unix\":1")
+            .into_bytes();
+        assert!(matches!(
+            refusal(verify_any_age(&forged, &mut fleet.verifier(), week_later)),
+            IntentErrorKind::BadSignature
+        ));
+
+        // The catch-up: the same revision and targets, one wave, no rollback, all hosts,
+        // an id of its own per number, created when the host admits it.
+        let first = read.catch_up(0, week_later).unwrap();
+        let second = read.catch_up(1, week_later).unwrap();
+        assert_eq!(first.id, catch_up_id(&original.id, 0));
+        assert_ne!(first.id, second.id);
+        assert_ne!(first.id, original.id);
+        assert_ne!(first.id, rollback_id(&original.id));
+        assert_eq!(
+            (&first.revision, &first.targets, &first.app, &first.group),
+            (
+                &original.revision,
+                &original.targets,
+                &original.app,
+                &original.group
+            )
+        );
+        assert_eq!(
+            (
+                first.rollout,
+                first.zone_tag.as_deref(),
+                first.rollback_to.as_deref(),
+                first.outdated_only,
+                first.created_unix
+            ),
+            (Rollout::Waveless, None, None, false, week_later)
+        );
+        // A host's replay store admits it once, as a fresh intent.
+        let dir = tempfile::tempdir().unwrap();
+        let mut executed = Executed::open(dir.path()).unwrap();
+        let fence = Fence { term: 1, index: 5 };
+        assert_eq!(
+            executed.admit(&first, fence, week_later).unwrap(),
+            Admission::Run
+        );
+        assert!(matches!(
+            executed
+                .admit(&first, fence, week_later)
+                .unwrap_err()
+                .kind(),
+            IntentErrorKind::Replayed { .. }
+        ));
+        assert_eq!(
+            executed.admit(&second, fence, week_later).unwrap(),
+            Admission::Run
+        );
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //!   role, fleet CA, revision, age) and admits once, before it installs anything; its replay
 //!   store, [`intent::Executed`], is the one part here that touches the disk.
 //!
+//! - [`catch_up`]: which hosts joined a group late, or missed its last success, and the
+//!   catch-up deployment that brings them to it.
+//!
 //! - [`voters`]: which agents hold the deployment log (1, 3 or 5, replaced when dead for a
 //!   while), decided by its leader.
 //!
@@ -29,6 +32,7 @@
 //!   revision from peers, runs the lifecycle, once.
 //! - [`wire`]: what they say to each other and to operators.
 
+pub mod catch_up;
 pub mod coordinator;
 pub mod host;
 pub mod intent;

@@ -160,6 +160,8 @@ pub struct Payload<'a> {
     pub reason: Option<&'a str>,
     pub rollback: Option<&'a str>,
     pub rollback_of: Option<&'a str>,
+    /// When it is a catch-up of hosts that joined late: the deployment it catches up with.
+    pub catch_up_of: Option<&'a str>,
     pub created_at_ms: u64,
 }
 
@@ -177,6 +179,7 @@ impl<'a> Payload<'a> {
             reason: notice.reason.as_deref(),
             rollback: d.rolled_back_by.as_deref(),
             rollback_of: d.rollback_of.as_deref(),
+            catch_up_of: d.catch_up.as_ref().map(|c| c.of.as_str()),
             created_at_ms: d.created_at_ms,
         }
     }
@@ -404,6 +407,7 @@ mod tests {
                 signed_intent: Vec::new(),
                 created_at_ms: now_ms,
                 origin: None,
+                catch_up: None,
             }),
         );
         state

@@ -87,7 +87,7 @@ pub struct Fleet {
     /// The term in which a majority last confirmed this agent's lead ([`Self::leads`]).
     confirmed_term: std::sync::atomic::AtomicU64,
     /// Told when a deployment is created, to drive it at once.
-    created: tokio::sync::Notify,
+    created: Arc<tokio::sync::Notify>,
     /// Where to send notifications while this agent coordinates.
     webhooks: Arc<Vec<crate::config::Webhook>>,
 }
@@ -147,7 +147,7 @@ impl Fleet {
             founding: tokio::sync::Mutex::new(()),
             progress: Default::default(),
             confirmed_term: std::sync::atomic::AtomicU64::new(0),
-            created: tokio::sync::Notify::new(),
+            created: Arc::new(tokio::sync::Notify::new()),
             webhooks: Arc::new(webhooks),
         });
         tokio::spawn(log::network::serve(
@@ -508,6 +508,7 @@ impl Fleet {
                 .collect(),
             signed_intent,
             origin: holder,
+            catch_up: None,
             created_at_ms: super::now_ms(),
         });
         let size = postcard::experimental::serialized_size(&command).unwrap_or(usize::MAX);
@@ -556,6 +557,8 @@ impl Fleet {
         let mut upkeep: Option<JoinHandle<()>> = None;
         // Notifications, while leading and if any webhook is configured.
         let mut notifier: Option<JoinHandle<()>> = None;
+        // Catch-ups of late joiners, while leading.
+        let mut catching_up: Option<JoinHandle<()>> = None;
         let mut next_voters = Instant::now();
         let me = node_id(&self.name);
         loop {
@@ -587,7 +590,7 @@ impl Fleet {
                 for (_, task) in driving.drain() {
                     task.abort();
                 }
-                if let Some(task) = notifier.take() {
+                for task in [notifier.take(), catching_up.take()].into_iter().flatten() {
                     task.abort();
                 }
                 continue;
@@ -601,6 +604,14 @@ impl Fleet {
                     self.raft.clone(),
                     self.reader.clone(),
                     self.webhooks.clone(),
+                )));
+            }
+            if catching_up.as_ref().is_none_or(|t| t.is_finished()) {
+                catching_up = Some(tokio::spawn(super::catch_up::run(
+                    self.raft.clone(),
+                    self.reader.clone(),
+                    self.mesh.clone(),
+                    self.created.clone(),
                 )));
             }
             let open: Vec<String> = self.reader.read(|s| {
@@ -648,7 +659,7 @@ impl Fleet {
         if let Some(task) = upkeep {
             task.abort();
         }
-        if let Some(task) = notifier {
+        for task in [notifier, catching_up].into_iter().flatten() {
             task.abort();
         }
         for (_, task) in driving.drain() {
@@ -721,6 +732,7 @@ impl Fleet {
         host: &str,
         fence: Fence,
         intent: &[u8; 32],
+        catch_up: bool,
     ) -> super::wire::Confirmation {
         use super::wire::Confirmation;
         if self
@@ -732,9 +744,11 @@ impl Fleet {
         }
         self.reader.read(|s| {
             let holds = s.get(deployment).is_some_and(|d| {
-                d.hosts
-                    .get(host)
-                    .is_some_and(|h| h.state == log::HostState::InProgress { fence })
+                // A catch-up's intent runs past its age: only one the log made as such.
+                d.catch_up.is_some() == catch_up
+                    && d.hosts
+                        .get(host)
+                        .is_some_and(|h| h.state == log::HostState::InProgress { fence })
                     && {
                         use sha2::Digest;
                         let digest: [u8; 32] = sha2::Sha256::digest(&d.signed_intent).into();
@@ -788,8 +802,9 @@ impl Fleet {
                 let (voter, mesh) = (voter.clone(), self.mesh.clone());
                 let (deployment, host, fence) =
                     (cmd.deployment.clone(), self.name.clone(), cmd.fence);
+                let catch_up = cmd.catch_up.is_some();
                 if voter == self.name {
-                    let answer = self.confirmation(&deployment, &host, fence, &digest);
+                    let answer = self.confirmation(&deployment, &host, fence, &digest, catch_up);
                     asked.spawn(async move { answer });
                     continue;
                 }
@@ -803,6 +818,7 @@ impl Fleet {
                                 host,
                                 fence,
                                 intent: digest,
+                                catch_up,
                             },
                         )
                         .await?;
@@ -911,8 +927,9 @@ async fn serve(fleet: Arc<Fleet>, mut streams: Streams) {
                     host,
                     fence,
                     intent,
+                    catch_up,
                 } => {
-                    let answer = fleet.confirmation(&deployment, &host, fence, &intent);
+                    let answer = fleet.confirmation(&deployment, &host, fence, &intent, catch_up);
                     let _ = tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, &answer))
                         .await;
                     let _ = send.finish();

@@ -59,12 +59,15 @@ pub enum FleetRequest {
     RunHost(RunHost),
     /// A host asks a voter whether the log's applied state has it started in this
     /// deployment under this fence, for this very intent (`intent`: the SHA-256 of the
-    /// signed intent as the command carries it). Answered with a [`Confirmation`] frame.
+    /// signed intent as the command carries it), and whether that deployment is a catch-up
+    /// (the host is about to run an intent past its age on the log's word). Answered with a
+    /// [`Confirmation`] frame.
     Confirm {
         deployment: String,
         host: String,
         fence: Fence,
         intent: [u8; 32],
+        catch_up: bool,
     },
 }
 
@@ -103,6 +106,10 @@ pub struct RunHost {
     /// [`Intent::rollback`](super::intent::Intent::rollback) of it (the revision the
     /// operator signed to roll back to), under the rollback's own id.
     pub rollback: bool,
+    /// The command is for this catch-up of the intent: the host runs
+    /// [`Intent::catch_up`](super::intent::Intent::catch_up) of it, under the catch-up's
+    /// own id, and only once the log's voters confirm that the log made that catch-up.
+    pub catch_up: Option<u32>,
 }
 
 /// Why a host will not act on a command. `passing` when asking again may succeed (the
@@ -172,6 +179,9 @@ pub struct DeploymentView {
     pub rollback: Option<RollbackView>,
     /// When this one is a rollback: the deployment it rolls back.
     pub rollback_of: Option<String>,
+    /// When this one is a catch-up: the deployment whose revision it brings to hosts that
+    /// joined its group late, or missed it.
+    pub catch_up_of: Option<String>,
     /// The revision the operator consented to roll back to if it fails (none: no
     /// automatic rollback).
     pub rollback_to: Option<String>,
@@ -203,6 +213,10 @@ pub struct DeploymentSummary {
     pub succeeded: usize,
     pub failed: usize,
     pub created_at_ms: u64,
+    /// When it is a catch-up: the deployment whose revision it brought to hosts that
+    /// joined late or missed it.
+    #[serde(default)]
+    pub catch_up_of: Option<String>,
 }
 
 /// A line of `shoal group list`.
@@ -258,6 +272,7 @@ impl DeploymentView {
                 .collect(),
             rollback: None,
             rollback_of: d.rollback_of.clone(),
+            catch_up_of: d.catch_up.as_ref().map(|c| c.of.clone()),
             rollback_to: d.rollback_to.clone(),
             notified: d.notified.iter().cloned().collect(),
             warning: None,
@@ -291,6 +306,7 @@ impl DeploymentSummary {
             succeeded: count(HostStatus::Succeeded),
             failed: count(HostStatus::Failed),
             created_at_ms: d.created_at_ms,
+            catch_up_of: d.catch_up.as_ref().map(|c| c.of.clone()),
         }
     }
 }

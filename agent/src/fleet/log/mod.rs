@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use state::{
-    Command, Deployment, DeploymentHost, DeploymentState, DeploymentsState, Fence, Group,
-    HostReport, HostState, NewDeployment, PlannedHost, Refusal, Response, Verdict,
+    CatchUpOf, Command, Deployment, DeploymentHost, DeploymentState, DeploymentsState, Fence,
+    Group, HostReport, HostState, NewDeployment, PlannedHost, Refusal, Response, Verdict,
 };
 pub use store::{LogStore, StateMachineStore, StateReader, open};
 

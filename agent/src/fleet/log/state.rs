@@ -87,6 +87,18 @@ pub struct NewDeployment {
     /// The agent the operator uploaded the bundle to: a holder of the revision that any
     /// coordinator, after a failover too, names to the hosts.
     pub origin: Option<String>,
+    /// When this is a catch-up: the deployment whose revision it brings to hosts that
+    /// joined its group after it succeeded, or missed it ([`DeploymentsState::catch_up_source`]).
+    pub catch_up: Option<CatchUpOf>,
+}
+
+/// What a catch-up deployment catches up with: the deployment `of` (the group's last
+/// success, whose signed intent it carries), and how many catch-ups of it came before
+/// (what its id is derived from, [`crate::fleet::intent::catch_up_id`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatchUpOf {
+    pub of: String,
+    pub number: u32,
 }
 
 /// How a host's deployment, or a whole deployment, ended.
@@ -214,6 +226,12 @@ pub enum Refusal {
         status: DeploymentState,
         rolled_back_by: Option<String>,
     },
+    #[error(
+        "a catch-up of deployment {of:?} does not fit: only the group's last success (its \
+         newest deployment succeeded), with its revision, targets and signed intent, in one \
+         wave, under the next catch-up number's id"
+    )]
+    NoCatchUp { of: String },
     #[error("deployment {id:?} cannot bake now ({status:?}): only between two waves")]
     NotBakeable { id: String, status: DeploymentState },
     #[error("deployment {id:?} has ended ({status:?})")]
@@ -402,6 +420,8 @@ pub struct Deployment {
     pub created_at_ms: u64,
     /// See [`NewDeployment::origin`].
     pub origin: Option<String>,
+    /// See [`NewDeployment::catch_up`].
+    pub catch_up: Option<CatchUpOf>,
     /// The position of the entry that created it.
     pub created_at: Fence,
     pub status: DeploymentState,
@@ -502,6 +522,57 @@ impl DeploymentsState {
         self.deployments.len()
     }
 
+    /// The deployment of `group` that keeps it from taking a new one, if any. As
+    /// CodeDeploy: one active deployment per deployment group; a stopped one is active
+    /// while its hosts in flight have not reported, a failed one until its rollback is made
+    /// (unless `rollback_of` names it: the new one is that rollback).
+    pub fn active_in<'a>(&'a self, group: &'a Group, rollback_of: Option<&str>) -> Option<&'a str> {
+        group
+            .deployments
+            .iter()
+            .rev()
+            .find(|id| {
+                self.deployments.get(*id).is_some_and(|d| {
+                    !d.status.is_ended()
+                        || d.in_flight().next().is_some()
+                        || (d.needs_rollback() && rollback_of != Some(d.id.as_str()))
+                })
+            })
+            .map(String::as_str)
+    }
+
+    /// What a host that joins `group` late, or missed its deployments, is brought to: the
+    /// newest deployment that succeeded as the operator signed it (not a rollback, not a
+    /// catch-up) with the revision of the group's newest deployment, and only when that
+    /// newest deployment (catch-ups aside) succeeded. After a failure without rollback, or
+    /// a stop, the hosts are as the operator left them: nothing is caught up.
+    pub fn catch_up_source(&self, group: &str) -> Option<&Deployment> {
+        let group = self.groups.get(group)?;
+        let mut newest_first = group
+            .deployments
+            .iter()
+            .rev()
+            .filter_map(|id| self.deployments.get(id))
+            .filter(|d| d.catch_up.is_none());
+        let latest = newest_first.next()?;
+        if latest.status != DeploymentState::Succeeded {
+            return None;
+        }
+        std::iter::once(latest).chain(newest_first).find(|d| {
+            d.status == DeploymentState::Succeeded
+                && d.rollback_of.is_none()
+                && d.revision == latest.revision
+        })
+    }
+
+    /// How many catch-ups of deployment `of` the log holds.
+    pub fn catch_ups_of(&self, of: &str) -> u32 {
+        self.deployments
+            .values()
+            .filter(|d| d.catch_up.as_ref().is_some_and(|c| c.of == of))
+            .count() as u32
+    }
+
     pub fn is_empty(&self) -> bool {
         self.deployments.is_empty()
     }
@@ -554,19 +625,10 @@ impl DeploymentsState {
                     app: group.app.clone(),
                 });
             }
-            // As CodeDeploy: one active deployment per deployment group; a stopped one is
-            // active while its hosts in flight have not reported, a failed one until its
-            // rollback is made (unless this is that rollback).
-            if let Some(active) = group.deployments.iter().rev().find(|id| {
-                self.deployments.get(*id).is_some_and(|d| {
-                    !d.status.is_ended()
-                        || d.in_flight().next().is_some()
-                        || (d.needs_rollback() && new.rollback_of.as_ref() != Some(&d.id))
-                })
-            }) {
+            if let Some(active) = self.active_in(group, new.rollback_of.as_deref()) {
                 return Err(Refusal::GroupBusy {
                     group: new.group,
-                    deployment: active.clone(),
+                    deployment: active.to_owned(),
                 });
             }
         }
@@ -605,6 +667,28 @@ impl DeploymentsState {
                 });
             }
         }
+        if let Some(catch_up) = &new.catch_up {
+            // Only what an honest leader makes: the group's last success, verbatim, to
+            // hosts the catch-up's own id keeps apart from every earlier one. The voters
+            // confirm a catch-up to a host only because this rule holds.
+            let fits = new.rollback_of.is_none()
+                && self.catch_up_source(&new.group).is_some_and(|source| {
+                    source.id == catch_up.of
+                        && source.app == new.app
+                        && source.revision == new.revision
+                        && source.targets == new.targets
+                        && source.signed_intent == new.signed_intent
+                })
+                && new.rollout == Rollout::Waveless
+                && new.rollback_to.is_none()
+                && catch_up.number == self.catch_ups_of(&catch_up.of)
+                && new.id == crate::fleet::intent::catch_up_id(&catch_up.of, catch_up.number);
+            if !fits {
+                return Err(Refusal::NoCatchUp {
+                    of: catch_up.of.clone(),
+                });
+            }
+        }
         let mut hosts = BTreeMap::new();
         for planned in new.hosts {
             let record = DeploymentHost {
@@ -631,8 +715,8 @@ impl DeploymentsState {
                 last_successful: None,
                 deployments: Vec::new(),
             });
-        if new.rollback_of.is_none() {
-            // A rollback keeps the group's settings: they are the operator's.
+        if new.rollback_of.is_none() && new.catch_up.is_none() {
+            // A rollback or a catch-up keeps the group's settings: they are the operator's.
             group.targets = new.targets.clone();
             group.config = new.config;
             group.rollout = new.rollout;
@@ -655,6 +739,7 @@ impl DeploymentsState {
             signed_intent: new.signed_intent,
             created_at_ms: new.created_at_ms,
             origin: new.origin,
+            catch_up: new.catch_up,
             created_at: at,
             status: DeploymentState::Created,
             hosts,
@@ -901,6 +986,7 @@ fn same_creation(existing: &Deployment, new: &NewDeployment) -> bool {
         && existing.signed_intent == new.signed_intent
         && existing.created_at_ms == new.created_at_ms
         && existing.origin == new.origin
+        && existing.catch_up == new.catch_up
         && existing.hosts.len() == new.hosts.len()
         && new.hosts.iter().all(|p| {
             existing
@@ -942,6 +1028,7 @@ mod tests {
             signed_intent: b"signed".to_vec(),
             created_at_ms: 1_700_000_000_000,
             origin: None,
+            catch_up: None,
         }
     }
 
@@ -980,6 +1067,150 @@ mod tests {
         );
         assert_eq!(r, Response::Applied { fence: fence(1) });
         state
+    }
+
+    /// Runs `id` (created already) to `verdict` on `hosts`, each host ending the same.
+    fn run_to(state: &mut DeploymentsState, at: u64, id: &str, hosts: &[&str], verdict: Verdict) {
+        assert!(matches!(
+            state.apply(fence(at), start(id, hosts)),
+            Response::Applied { .. }
+        ));
+        for h in hosts {
+            state.apply(fence(at), result(id, h, verdict.clone()));
+        }
+        assert!(matches!(
+            state.apply(
+                fence(at),
+                Command::Finish {
+                    deployment: id.into(),
+                    verdict,
+                },
+            ),
+            Response::Applied { .. }
+        ));
+    }
+
+    fn catch_up(of: &str, number: u32, hosts: &[&str]) -> NewDeployment {
+        NewDeployment {
+            catch_up: Some(CatchUpOf {
+                of: of.into(),
+                number,
+            }),
+            ..new_deployment(&crate::fleet::intent::catch_up_id(of, number), hosts)
+        }
+    }
+
+    #[test]
+    fn a_catch_up_brings_only_the_group_s_last_success_as_the_operator_signed_it() {
+        let mut state = DeploymentsState::default();
+        assert_eq!(state.catch_up_source("inference"), None, "no group yet");
+        state.apply(
+            fence(1),
+            Command::CreateDeployment(new_deployment("d1", &["a", "b"])),
+        );
+        assert_eq!(state.catch_up_source("inference"), None, "running");
+        run_to(&mut state, 2, "d1", &["a", "b"], Verdict::Succeeded);
+        assert_eq!(state.catch_up_source("inference").unwrap().id, "d1");
+
+        // Not whatever a leader writes: each of these is refused, and changes nothing.
+        let refused = |state: &mut DeploymentsState, new: NewDeployment| {
+            let before = state.clone();
+            assert_eq!(
+                state.apply(fence(3), Command::CreateDeployment(new)),
+                Response::Refused(Refusal::NoCatchUp { of: "d1".into() })
+            );
+            assert_eq!(*state, before);
+        };
+        refused(&mut state, catch_up("d1", 1, &["c"])); // not the next number
+        let mut other_id = catch_up("d1", 0, &["c"]);
+        other_id.id = "made-up".into();
+        refused(&mut state, other_id);
+        let mut other_revision = catch_up("d1", 0, &["c"]);
+        other_revision.revision = "elsewhere".into();
+        refused(&mut state, other_revision);
+        let mut other_intent = catch_up("d1", 0, &["c"]);
+        other_intent.signed_intent = b"an old intent".to_vec();
+        refused(&mut state, other_intent);
+        let mut other_targets = catch_up("d1", 0, &["c"]);
+        other_targets.targets = "role=db".into();
+        refused(&mut state, other_targets);
+        let mut with_waves = catch_up("d1", 0, &["c"]);
+        with_waves.rollout = Rollout::Canary {
+            percent: crate::fleet::plan::Percent::new(10).unwrap(),
+            bake_secs: 60,
+        };
+        refused(&mut state, with_waves);
+        let mut rolling_back = catch_up("d1", 0, &["c"]);
+        rolling_back.rollback_to = Some("old".into());
+        refused(&mut state, rolling_back);
+        let mut of_another = catch_up("nope", 0, &["c"]);
+        of_another.catch_up = Some(CatchUpOf {
+            of: "nope".into(),
+            number: 0,
+        });
+        assert!(matches!(
+            state.apply(fence(3), Command::CreateDeployment(of_another)),
+            Response::Refused(Refusal::NoCatchUp { .. })
+        ));
+
+        // The one that fits: in the group's history, the group's settings unchanged, and
+        // the group busy while it runs.
+        let first = catch_up("d1", 0, &["c"]);
+        assert_eq!(
+            state.apply(fence(4), Command::CreateDeployment(first.clone())),
+            Response::Applied { fence: fence(4) }
+        );
+        let group = state.group("inference").unwrap();
+        assert_eq!(group.deployments, ["d1".to_string(), first.id.clone()]);
+        assert_eq!(group.targets, "role=inference");
+        assert!(matches!(
+            state.apply(
+                fence(5),
+                Command::CreateDeployment(new_deployment("d2", &["a"]))
+            ),
+            Response::Refused(Refusal::GroupBusy { .. })
+        ));
+        assert_eq!(state.catch_up_source("inference").unwrap().id, "d1");
+        // It failed: no rollback, and the next catch-up of d1 has the next number.
+        run_to(&mut state, 6, &first.id, &["c"], failed("boom"));
+        assert!(!state.get(&first.id).unwrap().needs_rollback());
+        assert_eq!(state.catch_ups_of("d1"), 1);
+        assert_eq!(state.catch_up_source("inference").unwrap().id, "d1");
+        let second = catch_up("d1", 1, &["c", "e"]);
+        assert!(matches!(
+            state.apply(fence(7), Command::CreateDeployment(second.clone())),
+            Response::Applied { .. }
+        ));
+        run_to(&mut state, 8, &second.id, &["c", "e"], Verdict::Succeeded);
+
+        // After a failure without consent to roll back, hosts stay as the operator left
+        // them: nothing to catch up with.
+        state.apply(
+            fence(9),
+            Command::CreateDeployment(new_deployment("d2", &["a"])),
+        );
+        run_to(&mut state, 10, "d2", &["a"], failed("boom"));
+        assert_eq!(state.catch_up_source("inference"), None);
+        // After a failure rolled back to d1's revision: d1 again (its intent installs that
+        // revision; the rollback's puts it back only where it ran).
+        let mut d3 = new_deployment("d3", &["a"]);
+        d3.revision = "newer".into();
+        d3.rollback_to = Some("new".into());
+        state.apply(fence(11), Command::CreateDeployment(d3));
+        run_to(&mut state, 12, "d3", &["a"], failed("boom"));
+        assert_eq!(
+            state.catch_up_source("inference"),
+            None,
+            "not rolled back yet"
+        );
+        let mut rollback = new_deployment("r3", &["a"]);
+        rollback.rollback_of = Some("d3".into());
+        assert!(matches!(
+            state.apply(fence(13), Command::CreateDeployment(rollback)),
+            Response::Applied { .. }
+        ));
+        run_to(&mut state, 14, "r3", &["a"], Verdict::Succeeded);
+        assert_eq!(state.catch_up_source("inference").unwrap().id, "d1");
     }
 
     #[test]

@@ -45,8 +45,9 @@ use super::{DeploymentsState, Entry, Fence, LogId, Node, NodeId, Response, Stora
 /// The file under the caller's directory.
 pub const FILE: &str = "log.redb";
 
-/// The layout and encoding version this code writes and reads (3: a planned host's zone).
-const FORMAT: u32 = 3;
+/// The layout and encoding version this code writes and reads (3: a planned host's zone;
+/// 4: catch-up deployments).
+const FORMAT: u32 = 4;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");

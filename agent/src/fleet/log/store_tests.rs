@@ -80,6 +80,7 @@ fn create(id: &str, hosts: &[&str], intent_len: usize) -> Command {
         signed_intent: vec![7; intent_len],
         created_at_ms: 1,
         origin: None,
+        catch_up: None,
     })
 }
 
