@@ -47,6 +47,16 @@ fn four(prefix: [u8; 3], extra_on: usize, extra: &[(&str, &str)]) -> Four {
 
 /// Four agents tagged `role=web` and `tags_of(i)` each.
 fn four_with<'a>(prefix: [u8; 3], tags_of: impl Fn(usize) -> Vec<(&'a str, &'a str)>) -> Four {
+    four_armed(prefix, tags_of, None)
+}
+
+/// Four agents tagged `role=web` and `tags_of(i)` each, each with the crash point
+/// `fault` armed, if given.
+fn four_armed<'a>(
+    prefix: [u8; 3],
+    tags_of: impl Fn(usize) -> Vec<(&'a str, &'a str)>,
+    fault: Option<&str>,
+) -> Four {
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new(tmp.path(), "fleet");
     let mut agents = agents(tmp.path(), &ca, prefix, 4);
@@ -55,6 +65,9 @@ fn four_with<'a>(prefix: [u8; 3], tags_of: impl Fn(usize) -> Vec<(&'a str, &'a s
         let mut tags = vec![("role", "web")];
         tags.extend(tags_of(i));
         tag(a, &tags);
+        if let Some(point) = fault {
+            a.env = vec![("SHOAL_FAULT_POINT".into(), point.into())];
+        }
         a.start();
     }
     wait_for("agent-1 to see all four alive", LONG, || {
@@ -734,7 +747,11 @@ fn caught_up(f: &Four, agent: usize, payload: &str, of: &str) -> String {
     });
     let view = status(&f.agents[1], &f.ca.operator, &id).unwrap();
     assert_eq!(view["catch_up_of"], of, "{view}");
-    assert_eq!(by_status(&view)["Succeeded"], std::slice::from_ref(&a.name), "{view}");
+    assert_eq!(
+        by_status(&view)["Succeeded"],
+        std::slice::from_ref(&a.name),
+        "{view}"
+    );
     id
 }
 
@@ -841,6 +858,93 @@ fn a_host_started_after_a_success_or_down_during_one_reaches_the_last_good_revis
         .unwrap();
     let back = json(&o, "deploy rollback");
     assert_eq!(back["revision"], v1["revision"], "{back}");
+    for a in &f.agents {
+        assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
+    }
+}
+
+#[test]
+fn a_coordinator_killed_between_a_failure_and_its_rollback_is_replaced_and_the_rollback_made() {
+    // Every agent dies, as kill -9 would, right after it commits a Failed verdict as
+    // coordinator: before the rollback exists.
+    let mut f = four_armed(
+        [127, 84, 8],
+        |i| {
+            if i == 2 {
+                vec![("probe-fail", "ValidateService")]
+            } else {
+                Vec::new()
+            }
+        },
+        Some("coordinator.failed-finished"),
+    );
+    let v1_id = f.first(&plain_revision(f.tmp.path(), "v1"));
+    wait_for(
+        "three voters, and agent-2 to hear every host on v1, done deploying",
+        LONG,
+        || {
+            hosts(f.agents[1].addr, &f.ca.operator).is_ok_and(|l| {
+                l.iter().filter(|h| h["log"]["voter"] == true).count() == 3
+                    && l.iter().all(|h| {
+                        h["apps"]["tiny"] == v1_id.as_str()
+                            && h["details"]["tiny"]["health"] != "deploying"
+                    })
+            })
+        },
+    );
+    // As in the rollback test: agent-1 and agent-2 take v2, agent-3 fails, agent-4 is
+    // never started, and the deployment fails.
+    let accepted = json(
+        &create(
+            &f.agents[1],
+            &f.ca.operator,
+            &revision(f.tmp.path(), "v2"),
+            &["--targets", "role=web", "--min-healthy", "3"],
+        ),
+        "v2",
+    );
+    let id = accepted["id"].as_str().unwrap().to_string();
+    let mut dead = None;
+    wait_for("the coordinator to die at its crash point", LONG, || {
+        dead = f.agents.iter_mut().position(|a| {
+            a.child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().unwrap().is_some())
+        });
+        dead.is_some()
+    });
+    let dead = dead.unwrap();
+    assert!(
+        f.agents[dead].log_text().contains("crash point armed"),
+        "{}",
+        f.agents[dead].log_text()
+    );
+    let peer = (dead + 1) % 4;
+    let failed = status(&f.agents[peer], &f.ca.operator, &id).unwrap();
+    assert_eq!(failed["status"], "Failed", "{failed}");
+
+    // It comes back, unarmed, to take its part in the rollback; the next coordinator
+    // makes the rollback from the log and runs it on every host that took v2.
+    f.agents[dead].kill();
+    f.agents[dead].env.clear();
+    f.agents[dead].start();
+    let view = f.rolled_back(peer, &id);
+    assert_eq!(view["rollback"]["revision"], v1_id.as_str(), "{view}");
+    let rollback = status(
+        &f.agents[peer],
+        &f.ca.operator,
+        view["rollback"]["id"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rollback["rollback_of"], id.as_str(), "{rollback}");
+    let mut took: Vec<&str> = rollback["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    took.sort();
+    assert_eq!(took, ["agent-1", "agent-2", "agent-3"], "{rollback}");
     for a in &f.agents {
         assert_eq!(installed(a).as_deref(), Some("v1"), "{}", a.name);
     }

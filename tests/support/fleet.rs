@@ -64,6 +64,8 @@ pub struct Agent {
     pub netns: Option<String>,
     pub data_dir: PathBuf,
     pub install_root: PathBuf,
+    /// Environment variables of its next start (a crash point to arm, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -97,6 +99,7 @@ impl Agent {
             netns: None,
             data_dir,
             install_root,
+            env: Vec::new(),
         }
     }
 
@@ -113,6 +116,7 @@ impl Agent {
             .arg(&self.config)
             .env("SHOAL_LOG", &self.log_filter)
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -467,6 +467,7 @@ pub fn gate(
 
 async fn finish(ctx: &Ctx, id: &str, verdict: Verdict) -> Result<(), DriveError> {
     tracing::info!(deployment = %id, ?verdict, "deployment ended");
+    let failed = matches!(verdict, Verdict::Failed { .. });
     match commit(
         &ctx.raft,
         Command::Finish {
@@ -476,7 +477,13 @@ async fn finish(ctx: &Ctx, id: &str, verdict: Verdict) -> Result<(), DriveError>
     )
     .await?
     {
-        Response::Applied { .. } | Response::Unchanged => Ok(()),
+        Response::Applied { .. } => {
+            if failed {
+                crate::faults::point("coordinator.failed-finished");
+            }
+            Ok(())
+        }
+        Response::Unchanged => Ok(()),
         // Stopped meanwhile: the stop stands.
         Response::Refused(super::log::Refusal::DeploymentEnded { .. }) => Ok(()),
         other => Err(DriveError::Refused {
