@@ -53,6 +53,11 @@ pub struct AgentConfig {
     /// (`[[webhooks]]`, CodeDeploy's triggers; `fleet::notify`).
     #[serde(default)]
     pub webhooks: Vec<Webhook>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9464`; none
+    /// when absent. Plain HTTP with no authentication: keep it on loopback or a private
+    /// network.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The most webhooks one agent sends to.

@@ -12,6 +12,7 @@ pub mod durable;
 pub mod faults;
 pub mod fleet;
 pub mod hooks;
+pub mod http;
 pub mod identity;
 pub mod lifecycle;
 pub mod logs;

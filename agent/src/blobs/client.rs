@@ -105,6 +105,11 @@ pub async fn fetch(
             Ok(bytes) => match store.path(app, revision) {
                 Some(path) => {
                     tracing::debug!(app, revision, %holder, bytes, "fetched a bundle");
+                    crate::http::metrics::Metrics::count_direction(
+                        &crate::http::metrics::metrics().bundle_bytes,
+                        "received",
+                        bytes,
+                    );
                     return Ok(Fetched {
                         path,
                         from: holder.clone(),

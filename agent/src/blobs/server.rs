@@ -107,6 +107,11 @@ impl Holder {
         match outcome {
             Outcome::Sent(bytes) => {
                 tracing::debug!(peer = %peer.name, bytes, "sent a bundle");
+                crate::http::metrics::Metrics::count_direction(
+                    &crate::http::metrics::metrics().bundle_bytes,
+                    "sent",
+                    bytes,
+                );
             }
             Outcome::Answered(answer) => {
                 tracing::debug!(peer = %peer.name, ?answer, "answered a bundle request");

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -60,6 +60,16 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
     };
     let problems = crate::lifecycle::supervise::Problems::default();
     let mut hup = Some(hup);
+    // Bound now, so a taken address fails the start with a clear error.
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics = \"{addr}\": cannot listen there"))?,
+        ),
+        None => None,
+    };
+    let mut metrics_sources = crate::http::server::Sources::default();
 
     let mesh = match &config.identity {
         Some(dir) => {
@@ -127,7 +137,7 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 )
                 .with_ports(config.ports.clone()),
             );
-            let fleet = Fleet::start(
+            let fleet: Arc<Fleet> = Fleet::start(
                 &config.data_dir,
                 advertise,
                 handle.clone(),
@@ -141,7 +151,7 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 handle.clone(),
                 handle.serve(Protocol::Api),
                 crate::api::Services {
-                    fleet,
+                    fleet: fleet.clone(),
                     bundles,
                     data_dir: config.data_dir.clone(),
                 },
@@ -150,6 +160,10 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 handle.clone(),
                 handle.serve(Protocol::Revocations),
             ));
+            metrics_sources = crate::http::server::Sources {
+                mesh: Some(handle.clone()),
+                fleet: Some(fleet),
+            };
             let stop = until_stopped(stopped.clone());
             Some(tokio::spawn(mesh.run(local_rx, stop)))
         }
@@ -158,6 +172,14 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
             None
         }
     };
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
+        tokio::spawn(crate::http::server::serve(
+            listener,
+            metrics_sources,
+            stopped.clone(),
+        ));
+    }
     tracing::info!(name = %config.name, data_dir = %config.data_dir.display(), "agent started");
 
     if let Some(mut hup) = hup {

@@ -80,18 +80,36 @@ pub fn main() -> ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for a terminal only: a log file or a journal gets plain text.
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    match std::env::var("SHOAL_LOG_FORMAT").as_deref() {
+        // One JSON object per line, for a log pipeline: the event's fields, and the fields
+        // of the spans it happened in (deployment, app, event, host) under `spans`.
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        other => {
+            if let Ok(other) = other
+                && !other.is_empty()
+                && other != "text"
+            {
+                eprintln!("SHOAL_LOG_FORMAT={other:?} is neither `json` nor `text`: text it is");
+            }
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                // Colours for a terminal only: a log file or a journal gets plain text.
+                .with_ansi(
+                    std::io::IsTerminal::is_terminal(&std::io::stderr())
+                        && std::env::var_os("NO_COLOR").is_none(),
+                )
+                .init()
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -86,6 +86,12 @@ pub async fn commit(raft: &Raft<TypeConfig>, command: Command) -> Result<Respons
 
 /// Drives deployment `id` until it ends or this agent stops leading.
 pub async fn drive(ctx: Ctx, id: String) -> Result<(), DriveError> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("coordinate", deployment = %id);
+    drive_in_span(ctx, id).instrument(span).await
+}
+
+async fn drive_in_span(ctx: Ctx, id: String) -> Result<(), DriveError> {
     let Some(d) = ctx.reader.read(|s| s.get(&id).cloned()) else {
         return Ok(());
     };

@@ -160,7 +160,12 @@ impl HostSide {
                     .insert(id.clone(), rx.clone());
                 let this = self.clone();
                 tokio::spawn(async move {
-                    let (verdict, report) = this.run(&intent, &cmd.holders, &tx).await;
+                    let span =
+                        tracing::info_span!("host_run", deployment = %intent.id, app = %intent.app);
+                    let (verdict, report) = {
+                        use tracing::Instrument;
+                        this.run(&intent, &cmd.holders, &tx).instrument(span).await
+                    };
                     let executed = this.executed.clone();
                     let (id, kept) = (intent.id.clone(), verdict.clone());
                     let finished = tokio::task::spawn_blocking(move || {

@@ -92,6 +92,14 @@ pub struct Fleet {
     webhooks: Arc<Vec<crate::config::Webhook>>,
 }
 
+/// The log as `/metrics` shows it ([`Fleet::metrics`]).
+pub struct LogMetrics {
+    pub deployments: Vec<(String, i64)>,
+    pub term: u64,
+    pub leader: bool,
+    pub voter: bool,
+}
+
 /// Whom to ask.
 enum Leader {
     Me,
@@ -269,6 +277,41 @@ impl Fleet {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// What `/metrics` shows of the log: its deployments by status (every status), the
+    /// current term, and whether this agent leads it and votes in it.
+    pub fn metrics(&self) -> LogMetrics {
+        use crate::lifecycle::status::DeploymentStatus as S;
+        let m = self.raft.metrics().borrow().clone();
+        let me = node_id(&self.name);
+        let statuses = self.reader.read(|s| {
+            let mut by: BTreeMap<String, i64> = [
+                S::Created,
+                S::InProgress,
+                S::Baking,
+                S::Succeeded,
+                S::Failed,
+                S::Stopped,
+            ]
+            .into_iter()
+            .map(|s| (s.to_string(), 0))
+            .collect();
+            for d in s.iter() {
+                *by.entry(d.status.status().to_string()).or_default() += 1;
+            }
+            by.into_iter().collect()
+        });
+        LogMetrics {
+            deployments: statuses,
+            term: m.current_term,
+            leader: m.current_leader == Some(me),
+            voter: m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == me),
         }
     }
 

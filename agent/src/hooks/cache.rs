@@ -81,6 +81,17 @@ pub enum CacheStatus {
     Memory,
 }
 
+impl CacheStatus {
+    /// Its name, as `--json` and `/metrics` show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Compiled => "compiled",
+            CacheStatus::Disk => "disk",
+            CacheStatus::Memory => "memory",
+        }
+    }
+}
+
 /// Why the cache refused its directory or one of its files.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CacheRefusal {

@@ -297,6 +297,21 @@ impl LocalHost {
     /// [`DeployErrorKind`] says which. A failure at a lifecycle event is not an `Err`: it is
     /// in the record, with the rollback.
     pub async fn deploy(&self, req: &DeployRequest) -> Result<DeploymentRecord, DeployError> {
+        use tracing::Instrument;
+        // Its logs carry the app and, once known, the deployment's id.
+        let span = tracing::info_span!(
+            "deploy",
+            app = %req.app,
+            deployment = tracing::field::Empty,
+            host = %self.host_name
+        );
+        if let Some(id) = &req.id {
+            span.record("deployment", id.as_str());
+        }
+        self.deploy_in_span(req).instrument(span).await
+    }
+
+    async fn deploy_in_span(&self, req: &DeployRequest) -> Result<DeploymentRecord, DeployError> {
         let dir = self.app_dir(&req.app).map_err(|_| {
             DeployError::from(DeployErrorKind::InvalidApp {
                 app: req.app.clone(),
@@ -347,7 +362,11 @@ impl LocalHost {
                 }
                 id.clone()
             }
-            None => new_deployment_id(),
+            None => {
+                let id = new_deployment_id();
+                tracing::Span::current().record("deployment", id.as_str());
+                id
+            }
         };
         let mut journal = Journal {
             deployment_id: id.clone(),
@@ -435,6 +454,7 @@ impl LocalHost {
         );
         write_json(&dir.deployments().join(format!("{id}.json")), &record)?;
         crate::faults::point("record.written");
+        tracing::info!(status = %record.status, revision = %new.id.short(), "deployment ended here");
         remove(&dir.journal())?;
         crate::faults::point("journal.removed");
         self.prune_releases(&dir, &state);
@@ -551,7 +571,21 @@ impl LocalHost {
                 port,
                 spec.timeout,
             );
-            let outcome = self.hooks.run(&hook, &ctx, &sandbox).await;
+            let metrics = crate::http::metrics::metrics();
+            metrics.hook_loaded(hook.cache.as_str());
+            let began = std::time::Instant::now();
+            let outcome = {
+                use tracing::Instrument;
+                self.hooks
+                    .run(&hook, &ctx, &sandbox)
+                    .instrument(tracing::info_span!("hook", %event, location = %spec.location))
+                    .await
+            };
+            metrics.hook_ran(
+                &event.to_string(),
+                outcome.succeeded(),
+                began.elapsed().as_secs_f64(),
+            );
             let name = format!("{}-{}-{n}.log", release.id.short(), event);
             logs.write_atomic(
                 std::ffi::OsStr::new(&name),
@@ -686,6 +720,16 @@ impl LocalHost {
         started_at: u64,
     ) -> DeploymentRecord {
         let outcome = machine.outcome().cloned().unwrap_or(Outcome::Succeeded);
+        crate::http::metrics::metrics()
+            .host_deployments
+            .get_or_create(&crate::http::metrics::Outcome {
+                outcome: match outcome {
+                    Outcome::Succeeded => "succeeded",
+                    Outcome::Failed { .. } => "failed",
+                }
+                .to_owned(),
+            })
+            .inc();
         let (status, message) = match &outcome {
             Outcome::Succeeded => (
                 DeploymentStatus::Succeeded,

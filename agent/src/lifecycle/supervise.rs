@@ -525,6 +525,12 @@ fn tick(
             )?;
             drop(lock);
             let pid = starting.pid();
+            crate::http::metrics::metrics()
+                .service_restarts
+                .get_or_create(&crate::http::metrics::App {
+                    app: app.to_owned(),
+                })
+                .inc();
             if starting.wait_unless(stopping)?.is_some() {
                 tracing::info!(app, pid, "service started");
             } else {

@@ -176,6 +176,26 @@ pub struct Drops {
 }
 
 impl Drops {
+    /// Every counter by a short name (`swim_queue_full`, ...): what `/metrics` shows.
+    pub fn counts(&self) -> [(&'static str, u64); 13] {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("swim_queue_full", g(&self.swim_queue_full)),
+            ("gossip_queue_full", g(&self.gossip_queue_full)),
+            ("service_queue_full", g(&self.service_queue_full)),
+            ("sends_waiting_for_dial", g(&self.sends_waiting_for_dial)),
+            ("writers_busy", g(&self.writers_busy)),
+            ("readers_busy", g(&self.readers_busy)),
+            ("bad_streams", g(&self.bad_streams)),
+            ("bad_datagrams", g(&self.bad_datagrams)),
+            ("handshakes_refused", g(&self.handshakes_refused)),
+            ("handshakes_failed", g(&self.handshakes_failed)),
+            ("unknown_protocol", g(&self.unknown_protocol)),
+            ("datagrams_over_rate", g(&self.datagrams_over_rate)),
+            ("operators_over_cap", g(&self.operators_over_cap)),
+        ]
+    }
+
     fn snapshot(&self) -> [(&'static str, u64); 13] {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
@@ -628,6 +648,11 @@ impl Mesh {
                 biased;
                 _ = &mut stop => break,
                 Some((from, remote, data)) = swim_rx.recv() => {
+                    crate::http::metrics::Metrics::count_direction(
+                        &crate::http::metrics::metrics().swim_packets,
+                        "received",
+                        1,
+                    );
                     if let Err(e) = core.handle_datagram(Instant::now(), &from, remote, &data) {
                         count(&handle.drops.bad_datagrams);
                         tracing::debug!(peer = %from, "dropped a membership packet: {e}");
@@ -667,6 +692,9 @@ impl Mesh {
                 }
             }
             driver.flush(&mut core);
+            crate::http::metrics::metrics()
+                .mesh_connections
+                .set(driver.pool.open() as i64);
         }
 
         // Leave: the record that says so and SWIM's leave, then a moment for both to go out.
@@ -978,8 +1006,13 @@ impl Driver {
     /// if `dial` (periodic gossip is not worth a handshake).
     fn send_datagram(&mut self, now: Instant, to: SocketAddr, data: Bytes, dial: bool) {
         if let Some(conn) = self.pool.live(now, to) {
-            if let Err(e) = conn.send_datagram(data) {
-                tracing::debug!(peer = %to, "datagram not sent: {e}");
+            match conn.send_datagram(data) {
+                Ok(()) => crate::http::metrics::Metrics::count_direction(
+                    &crate::http::metrics::metrics().swim_packets,
+                    "sent",
+                    1,
+                ),
+                Err(e) => tracing::debug!(peer = %to, "datagram not sent: {e}"),
             }
             return;
         }
