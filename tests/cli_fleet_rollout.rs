@@ -920,8 +920,9 @@ fn a_coordinator_killed_between_a_failure_and_its_rollback_is_replaced_and_the_r
         f.agents[dead].log_text()
     );
     let peer = (dead + 1) % 4;
-    let failed = status(&f.agents[peer], &f.ca.operator, &id).unwrap();
-    assert_eq!(failed["status"], "Failed", "{failed}");
+    wait_for("a peer to say the deployment Failed", LONG, || {
+        status(&f.agents[peer], &f.ca.operator, &id).is_ok_and(|v| v["status"] == "Failed")
+    });
 
     // It comes back, unarmed, to take its part in the rollback; the next coordinator
     // makes the rollback from the log and runs it on every host that took v2.

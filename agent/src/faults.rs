@@ -4,8 +4,8 @@
 //! `SHOAL_FAULT_POINT=NAME` kills the process with SIGKILL the first time it reaches the
 //! point `NAME`; `NAME:N` the N-th time (points inside loops, such as one per installed
 //! file). Unset (as in production), a point costs one check of a value read once. Every
-//! point is listed in [`POINTS`], so a test can walk them all and fail on one that is never
-//! reached.
+//! point of a deployment on a host is listed in [`POINTS`], so a test can walk them all and
+//! fail on one that is never reached; the coordinator's are in [`COORDINATOR_POINTS`].
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +58,8 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
-/// The crash point `name` (one of [`POINTS`]): dies here if a test armed it.
+/// The crash point `name` (one of [`POINTS`] or [`COORDINATOR_POINTS`]): dies here if a
+/// test armed it.
 pub fn point(name: &'static str) {
     debug_assert!(
         POINTS.contains(&name) || COORDINATOR_POINTS.contains(&name),

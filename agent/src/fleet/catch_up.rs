@@ -8,10 +8,11 @@
 //! creates a catch-up deployment for it (and whoever else is due in the group): the last
 //! success's revision and the operator's own signed intent, in one wave, to those hosts.
 //! The log's state machine accepts it only as the group's current last success
-//! ([`DeploymentsState::catch_up_source`]); a host runs it past the intent's age only when
-//! a majority of the voters confirm that the log made it a catch-up
-//! ([`crate::fleet::host`]). It shows in the group's history like any deployment, and it
-//! is driven, stopped and reported like one.
+//! ([`DeploymentsState::catch_up_source`]), and a host in at most two catch-ups of one
+//! success. A host runs it past the intent's age only when a majority of the voters confirm
+//! that the log made it a catch-up, and most of the other hosts it targets run that
+//! revision by their own records ([`crate::fleet::host::fleet_runs`]). It shows in the
+//! group's history like any deployment, and it is driven, stopped and reported like one.
 //!
 //! [`due`] and [`deployment`] are pure; [`run`] is the leader's thin loop around them.
 
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 use super::intent::catch_up_id;
 use super::log::{
     CatchUpOf, Command, DeploymentsState, HostState, NewDeployment, PlannedHost, Response,
-    StateReader, TypeConfig,
+    StateReader, TypeConfig, state::MAX_CATCH_UPS_PER_HOST,
 };
 use super::plan::{DeploymentConfig, HostInfo, Rollout};
 use super::targets::{self, Targets};
@@ -71,22 +72,27 @@ pub fn due(state: &DeploymentsState, hosts: &[HostView]) -> Vec<Due> {
             continue;
         };
         // What the log knows of each host and this revision: it took it (in the source or
-        // a catch-up of it), or it failed a catch-up of it.
-        let (mut took_it, mut failed_before) = (BTreeSet::new(), BTreeSet::new());
-        for d in state
-            .iter()
-            .filter(|d| d.id == source.id || d.catch_up.as_ref().is_some_and(|c| c.of == source.id))
-        {
-            for (name, h) in &d.hosts {
-                match h.state {
-                    HostState::Succeeded => {
-                        took_it.insert(name.as_str());
-                    }
-                    HostState::Failed { .. } if d.id != source.id => {
-                        failed_before.insert(name.as_str());
-                    }
-                    _ => {}
-                }
+        // a catch-up of it); and the hosts of the app's deployments that have not ended.
+        let mut took_it = BTreeSet::new();
+        let mut busy = BTreeSet::new();
+        for d in state.iter() {
+            if d.id == source.id || d.catch_up.as_ref().is_some_and(|c| c.of == source.id) {
+                took_it.extend(
+                    d.hosts
+                        .iter()
+                        .filter(|(_, h)| h.state == HostState::Succeeded)
+                        .map(|(name, _)| name.as_str()),
+                );
+            }
+            if d.app == source.app && !d.status.is_ended() {
+                busy.extend(
+                    d.hosts
+                        .iter()
+                        .filter(|(_, h)| {
+                            matches!(h.state, HostState::Pending | HostState::InProgress { .. })
+                        })
+                        .map(|(name, _)| name.as_str()),
+                );
             }
         }
         let candidates: Vec<&HostView> = hosts
@@ -106,7 +112,8 @@ pub fn due(state: &DeploymentsState, hosts: &[HostView]) -> Vec<Due> {
                     && h.details
                         .get(&source.app)
                         .is_none_or(|d| d.health != Reported::Deploying)
-                    && !failed_before.contains(h.name.as_str())
+                    && !busy.contains(h.name.as_str())
+                    && state.catch_ups_of_host(&source.id, &h.name) < MAX_CATCH_UPS_PER_HOST
             })
             .collect();
         for h in &candidates {
@@ -139,7 +146,9 @@ pub fn due(state: &DeploymentsState, hosts: &[HostView]) -> Vec<Due> {
 
 /// The catch-up deployment of `due` (its hosts narrowed to `hosts`), as the log's state
 /// machine accepts it: the next catch-up number of the source, its revision, targets and
-/// signed intent, AllAtOnce in one wave, no rollback. `None` if the source is gone.
+/// signed intent, in one wave, no rollback. Its batches are the source's config when that
+/// plans over these hosts (hosts that run an older revision keep serving meanwhile), else
+/// OneAtATime, which always does. `None` if the source is gone.
 pub fn deployment(
     state: &DeploymentsState,
     due: &Due,
@@ -154,7 +163,13 @@ pub fn deployment(
         group: source.group.clone(),
         targets: source.targets.clone(),
         revision: source.revision.clone(),
-        config: DeploymentConfig::AllAtOnce,
+        config: if super::plan::Planner::new(source.config, hosts.to_vec(), &source.revision)
+            .is_ok()
+        {
+            source.config
+        } else {
+            DeploymentConfig::OneAtATime
+        },
         rollout: Rollout::Waveless,
         rollback_to: None,
         rollback_of: None,
@@ -220,6 +235,11 @@ pub async fn run(
             let Some(new) = reader.read(|s| deployment(s, &d, &settled, super::now_ms())) else {
                 continue;
             };
+            let size = postcard::experimental::serialized_size(&new).unwrap_or(usize::MAX);
+            if size > super::service::MAX_COMMAND {
+                tracing::warn!(group = %d.group, size, "a catch-up does not fit one log entry");
+                continue;
+            }
             let (id, names): (String, Vec<String>) = (
                 new.id.clone(),
                 settled.iter().map(|h| h.name.clone()).collect(),
@@ -439,13 +459,34 @@ mod tests {
                 },
             },
         );
-        // A host that failed a catch-up of this success is not tried again with it; one
-        // that took it and now runs nothing was replaced, and is.
+        // A host that failed a catch-up gets one more (it may have been away); one that
+        // took it and now runs nothing was replaced, and is due too.
         fleet[1] = host("b", "web", None);
+        let found = due(&state, &fleet);
+        assert_eq!(names(&found[0]), ["b", "missed", "new"]);
+        let retry = deployment(&state, &found[0], &found[0].hosts[1..2], 10).unwrap();
+        assert_eq!(retry.id, catch_up_id("d1", 1));
+        run(
+            &mut state,
+            &mut i,
+            retry,
+            Verdict::Failed {
+                reason: "boom".into(),
+            },
+        );
+        // Two catch-ups of it are a host's most: then an operator deploys.
         let found = due(&state, &fleet);
         assert_eq!(names(&found[0]), ["b", "new"]);
         let next = deployment(&state, &found[0], &found[0].hosts, 10).unwrap();
-        assert_eq!(next.id, catch_up_id("d1", 1));
+        assert_eq!(next.id, catch_up_id("d1", 2));
+        // Its batches are the source's (AllAtOnce here).
+        assert_eq!(next.config, DeploymentConfig::AllAtOnce);
+        // A host another deployment of the app has not finished with is left to it.
+        let mut other = new("o1", "other", "role=db", &["new"]);
+        other.revision = "v9".into();
+        apply(&mut state, &mut i, Command::CreateDeployment(other));
+        let found = due(&state, &fleet);
+        assert_eq!(names(&found[0]), ["b"]);
     }
 
     #[test]

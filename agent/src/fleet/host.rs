@@ -41,6 +41,42 @@ const _: () = assert!(
             + crate::lifecycle::service::KILL_GRACE.as_secs()
 );
 
+/// Whether the fleet vouches for a catch-up to `intent`'s revision, as `me` hears it (each
+/// host's record is signed by that host): among the other alive hosts the intent targets
+/// that run some revision of its app, more than half run this one. A leader that lies to
+/// the log could otherwise bring an old success back, long after its intent expired, over
+/// a fleet that has moved on. With no such host at all (a group that starts from nothing),
+/// the log's word stands.
+pub fn fleet_runs(
+    intent: &Intent,
+    me: &str,
+    hosts: &[crate::mesh::view::HostView],
+) -> Result<(), String> {
+    let running: Vec<bool> = hosts
+        .iter()
+        .filter(|h| {
+            h.name != me
+                && h.state == MemberState::Alive
+                && h.version > 0
+                && intent.targets.matches(&h.tags)
+        })
+        .filter_map(|h| h.apps.get(&intent.app).cloned().flatten())
+        .map(|r| r == intent.revision)
+        .collect();
+    let on = running.iter().filter(|on| **on).count();
+    if running.is_empty() || on * 2 > running.len() {
+        Ok(())
+    } else {
+        Err(format!(
+            "a catch-up brings only the revision most of the group's hosts run, and {on} of \
+             the {} targeted hosts that run {} run {}",
+            running.len(),
+            intent.app,
+            intent.revision
+        ))
+    }
+}
+
 /// How long a host keeps trying to fetch a revision from its holders.
 pub const FETCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -111,6 +147,15 @@ impl HostSide {
     ) -> Result<Result<(Verdict, HostReport), Running>, Refusal> {
         let now = now_unix();
         let intent = self.check(&cmd, now).map_err(Refusal::lasting)?;
+        if cmd.catch_up.is_some() {
+            // Not on the log's word alone: the fleet must run it too.
+            let hosts = self
+                .mesh
+                .hosts()
+                .await
+                .map_err(|e| Refusal::passing(e.to_string()))?;
+            fleet_runs(&intent, &self.name, &hosts).map_err(Refusal::passing)?;
+        }
         // One command at a time from here to the run's registration: two coordinators'
         // commands for one intent (a failover) must not both start it.
         let _admitting = self.admitting.lock().await;
@@ -472,5 +517,79 @@ impl HostSide {
             holders.remove(origin);
         }
         (holders.into_iter().collect(), origins)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::view::HostView;
+
+    const NEW: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const OLD: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn host(name: &str, role: &str, runs: Option<&str>) -> HostView {
+        HostView {
+            name: name.into(),
+            addr: "127.0.0.1:7400".parse().unwrap(),
+            state: MemberState::Alive,
+            tags: [("role".to_string(), role.to_string())].into(),
+            apps: runs
+                .map(|r| [("app".to_string(), Some(r.to_string()))].into())
+                .unwrap_or_default(),
+            details: BTreeMap::new(),
+            log: None,
+            version: 1,
+        }
+    }
+
+    fn intent(revision: &str) -> Intent {
+        Intent::new(
+            "app",
+            "app",
+            crate::fleet::targets::Targets::parse("role=web").unwrap(),
+            &crate::bundle::RevisionId(revision.into()),
+            crate::fleet::plan::DeploymentConfig::AllAtOnce,
+            "alice",
+            1,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_catch_up_needs_most_of_the_targeted_hosts_that_run_the_app_to_run_its_revision() {
+        let fleet = [
+            host("a", "web", Some(NEW)),
+            host("b", "web", Some(NEW)),
+            host("c", "web", Some(OLD)),
+            host("new", "web", None),
+            // Not targeted: what they run does not count.
+            host("d1", "db", Some(OLD)),
+            host("d2", "db", Some(OLD)),
+        ];
+        assert_eq!(fleet_runs(&intent(NEW), "new", &fleet), Ok(()));
+        // An old success brought back by a lying leader: the fleet moved on.
+        let refused = fleet_runs(&intent(OLD), "new", &fleet).unwrap_err();
+        assert!(refused.contains("1 of the 3 targeted hosts"), "{refused}");
+        // Half is not most.
+        let even = [host("a", "web", Some(NEW)), host("b", "web", Some(OLD))];
+        assert!(fleet_runs(&intent(NEW), "new", &even).is_err());
+        // Its own record does not vote; dead hosts and hosts not heard from do not either.
+        let mut dead = host("x", "web", Some(OLD));
+        dead.state = MemberState::Dead;
+        let mut quiet = host("y", "web", Some(OLD));
+        quiet.version = 0;
+        let alone = [
+            host("new", "web", Some(OLD)),
+            dead,
+            quiet,
+            host("a", "web", Some(NEW)),
+        ];
+        assert_eq!(fleet_runs(&intent(NEW), "new", &alone), Ok(()));
+        // A group that starts from nothing: the log's word stands.
+        assert_eq!(
+            fleet_runs(&intent(OLD), "new", &[host("z", "web", None)]),
+            Ok(())
+        );
     }
 }

@@ -786,18 +786,7 @@ impl Fleet {
             return Confirmation::Unknown;
         }
         self.reader.read(|s| {
-            let holds = s.get(deployment).is_some_and(|d| {
-                // A catch-up's intent runs past its age: only one the log made as such.
-                d.catch_up.is_some() == catch_up
-                    && d.hosts
-                        .get(host)
-                        .is_some_and(|h| h.state == log::HostState::InProgress { fence })
-                    && {
-                        use sha2::Digest;
-                        let digest: [u8; 32] = sha2::Sha256::digest(&d.signed_intent).into();
-                        digest == *intent
-                    }
-            });
+            let holds = s.confirms(deployment, host, fence, intent, catch_up);
             if holds {
                 Confirmation::Holds
             } else {

@@ -92,6 +92,10 @@ pub struct NewDeployment {
     pub catch_up: Option<CatchUpOf>,
 }
 
+/// The most catch-ups of one deployment that one host may be in: a host that keeps
+/// losing its revision (or says it does) cannot keep its group busy, nor grow the log.
+pub const MAX_CATCH_UPS_PER_HOST: usize = 2;
+
 /// What a catch-up deployment catches up with: the deployment `of` (the group's last
 /// success, whose signed intent it carries), and how many catch-ups of it came before
 /// (what its id is derived from, [`crate::fleet::intent::catch_up_id`]).
@@ -229,7 +233,8 @@ pub enum Refusal {
     #[error(
         "a catch-up of deployment {of:?} does not fit: only the group's last success (its \
          newest deployment succeeded), with its revision, targets and signed intent, in one \
-         wave, under the next catch-up number's id"
+         wave, under the next catch-up number's id, to hosts in fewer than \
+         {MAX_CATCH_UPS_PER_HOST} catch-ups of it"
     )]
     NoCatchUp { of: String },
     #[error("deployment {id:?} cannot bake now ({status:?}): only between two waves")]
@@ -554,6 +559,15 @@ impl DeploymentsState {
             .rev()
             .filter_map(|id| self.deployments.get(id))
             .filter(|d| d.catch_up.is_none());
+        // An operator stopped the newest catch-up: none until the next deployment.
+        if group
+            .deployments
+            .last()
+            .and_then(|id| self.deployments.get(id))
+            .is_some_and(|d| d.catch_up.is_some() && d.status == DeploymentState::Stopped)
+        {
+            return None;
+        }
         let latest = newest_first.next()?;
         if latest.status != DeploymentState::Succeeded {
             return None;
@@ -563,6 +577,38 @@ impl DeploymentsState {
                 && d.rollback_of.is_none()
                 && d.revision == latest.revision
         })
+    }
+
+    /// Whether this state has `host` of `deployment` started under `fence`, for the intent
+    /// whose SHA-256 is `intent`, and the deployment a catch-up exactly when `catch_up`
+    /// says so (a catch-up's intent runs past its age: only one the log made as such).
+    /// What a voter answers a host that asks before it acts.
+    pub fn confirms(
+        &self,
+        deployment: &str,
+        host: &str,
+        fence: Fence,
+        intent: &[u8; 32],
+        catch_up: bool,
+    ) -> bool {
+        use sha2::Digest;
+        self.get(deployment).is_some_and(|d| {
+            d.catch_up.is_some() == catch_up
+                && d.hosts
+                    .get(host)
+                    .is_some_and(|h| h.state == HostState::InProgress { fence })
+                && <[u8; 32]>::from(sha2::Sha256::digest(&d.signed_intent)) == *intent
+        })
+    }
+
+    /// How many catch-ups of deployment `of` name `host`.
+    pub fn catch_ups_of_host(&self, of: &str, host: &str) -> usize {
+        self.deployments
+            .values()
+            .filter(|d| {
+                d.catch_up.as_ref().is_some_and(|c| c.of == of) && d.hosts.contains_key(host)
+            })
+            .count()
     }
 
     /// How many catch-ups of deployment `of` the log holds.
@@ -682,7 +728,10 @@ impl DeploymentsState {
                 && new.rollout == Rollout::Waveless
                 && new.rollback_to.is_none()
                 && catch_up.number == self.catch_ups_of(&catch_up.of)
-                && new.id == crate::fleet::intent::catch_up_id(&catch_up.of, catch_up.number);
+                && new.id == crate::fleet::intent::catch_up_id(&catch_up.of, catch_up.number)
+                && new.hosts.iter().all(|h| {
+                    self.catch_ups_of_host(&catch_up.of, &h.name) < MAX_CATCH_UPS_PER_HOST
+                });
             if !fits {
                 return Err(Refusal::NoCatchUp {
                     of: catch_up.of.clone(),
@@ -1181,7 +1230,43 @@ mod tests {
             state.apply(fence(7), Command::CreateDeployment(second.clone())),
             Response::Applied { .. }
         ));
+        // What a voter confirms: the host started under that fence, that intent, and a
+        // catch-up only as one; a plain deployment is not confirmed as a catch-up either.
+        assert!(matches!(
+            state.apply(fence(8), start(&second.id, &["c"])),
+            Response::Applied { .. }
+        ));
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(b"signed").into()
+        };
+        assert!(state.confirms(&second.id, "c", fence(8), &digest, true));
+        assert!(!state.confirms(&second.id, "c", fence(8), &digest, false));
+        assert!(!state.confirms(&second.id, "c", fence(7), &digest, true));
+        assert!(!state.confirms(&second.id, "e", fence(8), &digest, true));
+        assert!(!state.confirms(&second.id, "c", fence(8), &[0; 32], true));
+        assert!(!state.confirms("d1", "a", fence(2), &digest, true));
         run_to(&mut state, 8, &second.id, &["c", "e"], Verdict::Succeeded);
+        // A host in two catch-ups of d1 already is in no third.
+        assert_eq!(state.catch_ups_of_host("d1", "c"), 2);
+        refused(&mut state, catch_up("d1", 2, &["c"]));
+        // An operator stops a catch-up: none after it until the group's next deployment.
+        let third = catch_up("d1", 2, &["f"]);
+        assert!(matches!(
+            state.apply(fence(9), Command::CreateDeployment(third.clone())),
+            Response::Applied { .. }
+        ));
+        assert!(matches!(
+            state.apply(
+                fence(9),
+                Command::Stop {
+                    deployment: third.id.clone(),
+                    rollback: false
+                }
+            ),
+            Response::Applied { .. }
+        ));
+        assert_eq!(state.catch_up_source("inference"), None);
 
         // After a failure without consent to roll back, hosts stay as the operator left
         // them: nothing to catch up with.
