@@ -122,6 +122,24 @@ pub async fn run(
             "`shoal deploy rollback` needs an operator identity: pass --identity DIR or set SHOAL_IDENTITY"
         )
     })?;
+    let view = request(&args, peer, identity, |line| {
+        if !json {
+            println!("{line}");
+        }
+    })
+    .await?;
+    super::fleet::after_submit(peer, identity, view, args.wait, json).await
+}
+
+/// Works out the rollback `args` ask for and submits it: the deployment as accepted.
+/// `say` is told what is rolled back, to what, before it is submitted. Also what the
+/// dashboard's rollback button does (`http::ui`).
+pub async fn request(
+    args: &RollbackArgs,
+    peer: &str,
+    identity: &Path,
+    say: impl FnOnce(String),
+) -> Result<crate::fleet::wire::DeploymentView> {
     let groups: Vec<GroupView> = match ask(peer, identity, OperatorRequest::Groups).await? {
         OperatorAnswer::Groups(g) => g,
         _ => bail!("{peer} answered something other than the groups"),
@@ -179,16 +197,14 @@ pub async fn run(
             group.name
         );
     }
-    if !json {
-        println!(
-            "rolling group {} back to revision {} ({}, to {})",
-            group.name,
-            super::short(&revision),
-            config,
-            group.targets
-        );
-    }
-    super::fleet::create(
+    say(format!(
+        "rolling group {} back to revision {} ({}, to {})",
+        group.name,
+        super::short(&revision),
+        config,
+        group.targets
+    ));
+    super::fleet::submit(
         peer,
         identity,
         &Submission {
@@ -205,8 +221,6 @@ pub async fn run(
             ignore_stop_failures: false,
             revision: &revision,
         },
-        args.wait,
-        json,
     )
     .await
 }

@@ -279,6 +279,18 @@ pub async fn create(
     json: bool,
 ) -> Result<bool> {
     let view = submit(peer, identity, submission).await?;
+    after_submit(peer, identity, view, wait, json).await
+}
+
+/// What `deploy create` and `deploy rollback` print of a deployment just accepted, or, with
+/// `wait`, how it follows it to its end.
+pub async fn after_submit(
+    peer: &str,
+    identity: &Path,
+    view: DeploymentView,
+    wait: bool,
+    json: bool,
+) -> Result<bool> {
     if !wait {
         if json {
             super::print_json(&view)?;

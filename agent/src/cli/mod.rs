@@ -15,6 +15,7 @@ mod fleet;
 mod hook;
 mod hosts;
 mod logs;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +69,8 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Run the built-in demonstration and exit 0 when it went as planned.
     Demo(demo::DemoArgs),
+    /// The fleet dashboard in your browser, served here, through the agent at --peer.
+    Ui(ui::UiArgs),
 }
 
 /// Parses the command line, runs the command, and turns its result into an exit status.
@@ -134,6 +137,7 @@ pub fn main() -> ExitCode {
                 logs::run(args, &cli.peer, cli.identity.as_deref(), cli.json).await
             }
             Command::Demo(args) => demo::run(args, cli.json).await,
+            Command::Ui(args) => ui::run(args, &cli.peer, cli.identity.as_deref(), cli.json).await,
         }
     });
     match result {

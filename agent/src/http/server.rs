@@ -102,8 +102,9 @@ async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()>
     .map_err(|_| std::io::Error::other("the response was not taken in time"))?
 }
 
-/// Reads up to the end of the request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+/// Reads up to the end of the request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes. What
+/// follows the head in the same reads comes back with it.
+pub(crate) async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     loop {
