@@ -370,7 +370,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new() -> Progress {
-        let multi = indicatif::MultiProgress::new();
+        let multi = indicatif::MultiProgress::with_draw_target(super::progress_target());
         let header = multi.add(indicatif::ProgressBar::new(0));
         header.set_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} hosts")

@@ -76,6 +76,12 @@ pub enum Command {
 /// Parses the command line, runs the command, and turns its result into an exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    PROGRESS.store(
+        !cli.json
+            && std::io::IsTerminal::is_terminal(&std::io::stdout())
+            && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // The agent reports what it does (openraft only its errors: its warnings are about
     // messages of a past term, routine in a Raft); commands only warn.
     let default_level = if matches!(cli.command, Command::Agent(_)) {
@@ -190,9 +196,25 @@ fn default_cache_dir() -> PathBuf {
     base.join("shoal").join("hooks")
 }
 
-/// A spinner on stderr while something slow happens; invisible when stderr is not a terminal.
+/// Whether progress may be drawn: not with `--json`, and only when both stdout and stderr
+/// are terminals (a script that reads the output sees no progress lines). Set once by
+/// [`main`].
+static PROGRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Where progress goes: stderr, or nowhere (see [`PROGRESS`]).
+fn progress_target() -> indicatif::ProgressDrawTarget {
+    if PROGRESS.load(std::sync::atomic::Ordering::Relaxed) {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        indicatif::ProgressDrawTarget::hidden()
+    }
+}
+
+/// A spinner on stderr while something slow happens; invisible with `--json` and when
+/// stdout or stderr is not a terminal.
 fn spinner(message: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new_spinner();
+    let bar = indicatif::ProgressBar::with_draw_target(None, progress_target())
+        .with_style(indicatif::ProgressStyle::default_spinner());
     bar.set_message(message.to_string());
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
     bar
