@@ -14,6 +14,7 @@ mod deploy_rollback;
 mod fleet;
 mod hook;
 mod hosts;
+mod init;
 mod logs;
 mod ui;
 
@@ -51,6 +52,8 @@ pub enum Command {
     Ca(ca::CaCommand),
     /// Run the agent in the foreground.
     Agent(agent::AgentArgs),
+    /// Make this host ready for the agent: its config, identity and directories.
+    Init(init::InitArgs),
     /// Work with lifecycle hooks.
     #[command(subcommand)]
     Hook(hook::HookCommand),
@@ -129,6 +132,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Agent(args) => agent::run(args).await,
+            Command::Init(args) => init::run(args, cli.json),
             Command::Ca(cmd) => ca::run(cmd, &cli.peer, cli.identity.as_deref(), cli.json).await,
             Command::Hook(cmd) => hook::run(cmd, cli.json).await,
             Command::Bundle(cmd) => bundle::run(cmd, cli.json),

@@ -76,7 +76,7 @@ fn time_now() -> time::OffsetDateTime {
 }
 
 /// A name is a host or operator name: letters, digits, `-`, `_`, `.`, at most 63 bytes.
-fn check_name(name: &str) -> Result<()> {
+pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
