@@ -1,8 +1,8 @@
 //! What an operator's Prometheus and log pipeline see, with real agents on 127.87.1.x:
 //! `/metrics` parsed by a real Prometheus text parser moves by exactly what one fleet
 //! deployment did (a hook run, a deployment and the bundle's bytes on each host), the log
-//! says who leads, and `SHOAL_LOG_FORMAT=json` gives one JSON object per line carrying the
-//! deployment's spans.
+//! says who leads, the mesh's traffic is counted, and `SHOAL_LOG_FORMAT=json` gives one
+//! JSON object per line carrying the deployment's spans.
 
 #[path = "support/fleet.rs"]
 mod fleet;
@@ -135,6 +135,16 @@ fn metrics_move_by_exactly_one_deployment_and_json_logs_carry_its_spans() {
             "agent-{}",
             i + 1
         );
+        // Two members talk: membership packets and gossip both ways.
+        for key in [
+            "shoal_swim_packets_total{direction=received}",
+            "shoal_swim_packets_total{direction=sent}",
+            "shoal_gossip_messages_total{direction=received}",
+            "shoal_gossip_messages_total{direction=sent}",
+        ] {
+            assert!(at(a, key) > 0.0, "agent-{}: {key}", i + 1);
+        }
+        assert!(at(a, "shoal_mesh_connections{}") >= 1.0, "agent-{}", i + 1);
     }
     let received = at(&after[1], "shoal_bundle_bytes_total{direction=received}")
         - at(&before[1], "shoal_bundle_bytes_total{direction=received}");

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub service_restarts: Family<App, Counter>,
     /// Membership (SWIM) packets, `received` or `sent`.
     pub swim_packets: Family<Direction, Counter>,
+    /// Host-state gossip messages (records, digests), `received` or `sent`.
+    pub gossip_messages: Family<Direction, Counter>,
     /// Bundle bytes between agents, `received` or `sent`.
     pub bundle_bytes: Family<Direction, Counter>,
     /// Mesh connections open now.
@@ -128,6 +130,7 @@ impl Metrics {
             host_deployments: Family::default(),
             service_restarts: Family::default(),
             swim_packets: Family::default(),
+            gossip_messages: Family::default(),
             bundle_bytes: Family::default(),
             mesh_connections: Gauge::default(),
             members: Family::default(),
@@ -158,6 +161,11 @@ impl Metrics {
             "swim_packets",
             "Membership (SWIM) packets, received or sent",
             m.swim_packets.clone(),
+        );
+        registry.register(
+            "gossip_messages",
+            "Host-state gossip messages (records, digests), received or sent",
+            m.gossip_messages.clone(),
         );
         registry.register_with_unit(
             "bundle",

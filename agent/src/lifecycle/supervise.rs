@@ -390,9 +390,17 @@ impl Monitoring {
             );
             let task = match check {
                 super::monitor::Check::Hook(spec) => tokio::spawn(async move {
-                    host.monitor(&app, &revision, i, &spec, port, run)
+                    let began = std::time::Instant::now();
+                    let (ok, why) = host
+                        .monitor(&app, &revision, i, &spec, port, run)
                         .await
-                        .unwrap_or_else(|e| (false, format!("{e:#}")))
+                        .unwrap_or_else(|e| (false, format!("{e:#}")));
+                    crate::http::metrics::metrics().hook_ran(
+                        "monitor",
+                        ok,
+                        began.elapsed().as_secs_f64(),
+                    );
+                    (ok, why)
                 }),
                 super::monitor::Check::Health { port, path } => {
                     tokio::task::spawn_blocking(move || {

@@ -660,7 +660,14 @@ impl Mesh {
                 }
                 Some(command) = commands.recv() => driver.command(&mut core, command),
                 _ = tokio::time::sleep_until(deadline) => core.handle_timeout(Instant::now()),
-                Some((from, msg)) = gossip_rx.recv() => core.handle_gossip(Instant::now(), from, msg),
+                Some((from, msg)) = gossip_rx.recv() => {
+                    crate::http::metrics::Metrics::count_direction(
+                        &crate::http::metrics::metrics().gossip_messages,
+                        "received",
+                        1,
+                    );
+                    core.handle_gossip(Instant::now(), from, msg)
+                }
                 changed = local.changed(), if local_open => match changed {
                     Ok(()) => {
                         let state = local.borrow_and_update().clone();
@@ -1023,7 +1030,14 @@ impl Driver {
 
     fn send_gossip(&mut self, now: Instant, to: SocketAddr, msg: GossipMsg) {
         match encode_frame(&msg) {
-            Ok(frame) => self.send_frame(now, to, Protocol::Gossip, Arc::from(frame)),
+            Ok(frame) => {
+                crate::http::metrics::Metrics::count_direction(
+                    &crate::http::metrics::metrics().gossip_messages,
+                    "sent",
+                    1,
+                );
+                self.send_frame(now, to, Protocol::Gossip, Arc::from(frame))
+            }
             Err(e) => {
                 count(&self.inbound.drops.bad_streams);
                 tracing::warn!(peer = %to, "a gossip message was not sent: {e}");
