@@ -129,6 +129,14 @@ fn metrics_move_by_exactly_one_deployment_and_json_logs_carry_its_spans() {
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         assert_eq!(at(a, hook) - at(b, hook), 1.0, "agent-{}: {a:?}", i + 1);
         assert_eq!(at(a, deployed) - at(b, deployed), 1.0, "agent-{}", i + 1);
+        // Its one hook, loaded once on each (compiled, or found compiled already).
+        let loads = |m: &BTreeMap<String, f64>| -> f64 {
+            m.iter()
+                .filter(|(k, _)| k.starts_with("shoal_hook_loads_total{"))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        assert_eq!(loads(a) - loads(b), 1.0, "agent-{}: {a:?}", i + 1);
         assert_eq!(
             at(a, "shoal_mesh_members{state=alive}"),
             2.0,

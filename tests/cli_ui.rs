@@ -2,9 +2,12 @@
 //! real agents on 127.88.1.x: the hosts of the fleet appear, a deployment started from the
 //! CLI shows its progress live to Succeeded, the Stop button (after its confirmation)
 //! stops a baking deployment, and a screenshot is saved as a test artefact
-//! (`dashboard.png` in the test's temporary target directory). Chromium and ChromeDriver
-//! come from the distribution's packages, installed here when missing (as root, with
-//! apt-get); where they cannot be, the test says so and skips.
+//! (`dashboard.png` in the test's temporary target directory), a tag with markup in it is
+//! shown as text, and the Roll back button rolls the group back. Without the key in the
+//! link `shoal ui` prints, nothing is served. Chromium and ChromeDriver come from the
+//! distribution's packages, installed here when missing (as root, with apt-get); where they
+//! cannot be, the test says so and skips, unless `SHOAL_REQUIRE_BROWSER` is set (as
+//! `.ci/run` sets it), where it fails.
 
 #[path = "support/fleet.rs"]
 mod fleet;
@@ -231,6 +234,10 @@ fn free_port() -> u16 {
 #[test]
 fn the_dashboard_shows_the_fleet_and_a_deployment_live_and_its_stop_button_stops_one() {
     let Some((chromium, driver)) = browser() else {
+        assert!(
+            std::env::var_os("SHOAL_REQUIRE_BROWSER").is_none(),
+            "SHOAL_REQUIRE_BROWSER is set, and Chromium and ChromeDriver could not be installed"
+        );
         eprintln!(
             "SKIPPED: /usr/bin/chromium and /usr/bin/chromedriver are not installed and could \
              not be (apt-get install chromium chromium-driver)"
@@ -240,6 +247,15 @@ fn the_dashboard_shows_the_fleet_and_a_deployment_live_and_its_stop_button_stops
     let tmp = tempfile::tempdir().unwrap();
     let ca = Ca::new(tmp.path(), "fleet");
     let mut fleet = agents(tmp.path(), &ca, [127, 88, 1], 2);
+    // Markup where a page might put it: a tag value, which the page must show as text.
+    fleet::tag(
+        &fleet[1],
+        &[
+            ("role", "inference"),
+            ("host", "agent-2"),
+            ("note", "<img src=x onerror=document.title=1>"),
+        ],
+    );
     for a in fleet.iter_mut() {
         a.start();
     }
@@ -247,29 +263,58 @@ fn the_dashboard_shows_the_fleet_and_a_deployment_live_and_its_stop_button_stops
         hosts(fleet[0].addr, &ca.operator)
             .is_ok_and(|l| l.len() == 2 && l.iter().all(|h| h["state"] == "alive"))
     });
-    let _ui = Killed(
+    // Not on an address others can reach.
+    let o = shoal()
+        .args(["ui", "--listen", "0.0.0.0:7481", "--peer"])
+        .arg(fleet[0].addr.to_string())
+        .arg("--identity")
+        .arg(&ca.operator)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("loopback address only"));
+    let mut ui = Killed(
         shoal()
-            .args(["ui", "--listen", UI, "--peer"])
+            .args(["ui", "--json", "--listen", UI, "--peer"])
             .arg(fleet[0].addr.to_string())
             .arg("--identity")
             .arg(&ca.operator)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
+    // The document it prints first: where it is, key included (its last line is `}`).
+    let mut printed = String::new();
+    let mut out = std::io::BufReader::new(ui.0.stdout.take().unwrap());
+    while !printed.ends_with("}\n") {
+        let n = std::io::BufRead::read_line(&mut out, &mut printed).unwrap();
+        assert!(n > 0, "shoal ui ended: {printed}");
+    }
+    let url = serde_json::from_str::<serde_json::Value>(&printed).unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key = url.split_once("?key=").unwrap().1.to_string();
     let host = format!("Host: {UI}\r\n");
+    let cookie = format!("Cookie: shoal_ui_key={key}\r\n");
     wait_for("the dashboard to answer", LONG, || {
-        raw(&format!("GET / HTTP/1.1\r\n{host}\r\n")).is_ok_and(|(s, _)| s.ends_with("200 OK"))
+        raw(&format!("GET / HTTP/1.1\r\n{host}{cookie}\r\n"))
+            .is_ok_and(|(s, _)| s.ends_with("200 OK"))
     });
-    // As another site would try: no token, or another host name (DNS rebinding).
-    let (s, _) = raw(&format!(
-        "POST /api/deployments/x/stop HTTP/1.1\r\n{host}\r\n"
-    ))
-    .unwrap();
-    assert!(s.ends_with("403 Forbidden"), "{s}");
-    let (s, _) = raw("GET /api/hosts HTTP/1.1\r\nHost: evil.example:7480\r\n\r\n").unwrap();
-    assert!(s.ends_with("403 Forbidden"), "{s}");
+    // Another user of the machine (no key), another site (no token), or a DNS rebinding
+    // (another host name): refused.
+    for request in [
+        format!("GET /api/hosts HTTP/1.1\r\n{host}\r\n"),
+        format!("GET / HTTP/1.1\r\n{host}\r\n"),
+        format!("POST /api/deployments/x/stop HTTP/1.1\r\n{host}{cookie}\r\n"),
+        format!("GET /api/hosts HTTP/1.1\r\nHost: evil.example:7480\r\n{cookie}\r\n"),
+    ] {
+        let (s, _) = raw(&request).unwrap();
+        assert!(s.ends_with("403 Forbidden"), "{s}: {request}");
+    }
+    let (s, body) = raw(&format!("GET /api/hosts HTTP/1.1\r\n{host}{cookie}\r\n")).unwrap();
+    assert!(s.ends_with("200 OK") && body.contains("agent-2"), "{s}");
 
     let port = free_port();
     let _driver = Killed(
@@ -284,7 +329,7 @@ fn the_dashboard_shows_the_fleet_and_a_deployment_live_and_its_stop_button_stops
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     let browser = Browser::start(port, chromium, &tmp.path().join("chromium-profile"));
-    browser.go(&format!("http://{UI}/"));
+    browser.go(&url);
     wait_for("the page to list both hosts, alive", LONG, || {
         let summary = browser.text("#summary");
         let hosts = browser.text("#hosts");
@@ -292,6 +337,12 @@ fn the_dashboard_shows_the_fleet_and_a_deployment_live_and_its_stop_button_stops
             && hosts.contains("agent-1")
             && hosts.contains("agent-2")
     });
+    // The markup is text, and ran nowhere.
+    assert!(browser.text("#hosts").contains("note=<img src=x onerror="));
+    assert_eq!(
+        browser.script("return [document.querySelectorAll('#hosts img').length, document.title]"),
+        serde_json::json!([0, "Shoal fleet"])
+    );
 
     // A deployment from the CLI, with a canary and a bake: the page follows it live.
     let accepted = json(
@@ -321,11 +372,17 @@ fn the_dashboard_shows_the_fleet_and_a_deployment_live_and_its_stop_button_stops
         seen.iter().any(|s| s == "Baking" || s == "InProgress"),
         "no progress seen before the end: {seen:?}"
     );
+    let hosts_now = browser.text("#d-hosts");
     assert!(
-        browser
-            .text("#d-hosts")
-            .contains("ValidateService Succeeded")
+        hosts_now.contains("ValidateService Succeeded"),
+        "{hosts_now}"
     );
+    // Each host's own row and log tail.
+    assert!(
+        hosts_now.contains("agent-1") && hosts_now.contains("agent-2"),
+        "{hosts_now}"
+    );
+    assert!(hosts_now.contains("ValidateService passed"), "{hosts_now}");
     let png = browser.screenshot();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let artefact = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
@@ -360,4 +417,28 @@ fn the_dashboard_shows_the_fleet_and_a_deployment_live_and_its_stop_button_stops
     wait_for("the page to say Stopped", LONG, || {
         browser.text("#d-status") == "Stopped"
     });
+
+    // The group's Roll back button, after its confirmation: the last success (v1) goes back
+    // to the canary that took v2.
+    browser.click("[data-group=\"tiny\"] button");
+    let asked = browser.accept_alert();
+    assert!(asked.contains("Roll group tiny back"), "{asked}");
+    let mut rollback = String::new();
+    wait_for("the rollback to succeed", LONG, || {
+        let o = shoal()
+            .args(["deploy", "list", "--json", "--peer"])
+            .arg(fleet[0].addr.to_string())
+            .arg("--identity")
+            .arg(&ca.operator)
+            .output()
+            .unwrap();
+        let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        list.as_array().is_some_and(|l| {
+            l.len() == 3 && {
+                rollback = l[0]["id"].as_str().unwrap_or("").to_string();
+                l[0]["status"] == "Succeeded" && l[0]["revision"] == l[2]["revision"]
+            }
+        })
+    });
+    assert_ne!(rollback, id);
 }

@@ -133,7 +133,7 @@ pub async fn run(
 
 /// Works out the rollback `args` ask for and submits it: the deployment as accepted.
 /// `say` is told what is rolled back, to what, before it is submitted. Also what the
-/// dashboard's rollback button does (`http::ui`).
+/// dashboard's rollback button does (`cli::ui`).
 pub async fn request(
     args: &RollbackArgs,
     peer: &str,

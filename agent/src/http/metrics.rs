@@ -169,7 +169,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "bundle",
-            "Bundle bytes between agents, received or sent",
+            "Bytes of bundles transferred whole between agents, received or sent",
             Unit::Bytes,
             m.bundle_bytes.clone(),
         );

@@ -69,7 +69,11 @@ async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()>
         .map_err(|_| std::io::Error::other("no request head in time"))??;
     let (status, body, kind) = match route(&head) {
         Route::Metrics => {
-            let snapshot = snapshot(sources).await;
+            // A stalled mesh or log must not hold the scrape: without them, their values
+            // are left out rather than guessed.
+            let snapshot = tokio::time::timeout(READ_WITHIN, snapshot(sources))
+                .await
+                .unwrap_or_default();
             let text = tokio::task::spawn_blocking(move || metrics().encode(&snapshot))
                 .await
                 .map_err(std::io::Error::other)?;
@@ -114,12 +118,12 @@ pub(crate) async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>
                 "closed before the request head ended",
             ));
         }
+        if head.len() + n > MAX_HEAD {
+            return Err(std::io::Error::other("request head too large"));
+        }
         head.extend_from_slice(&buf[..n]);
         if head.windows(4).any(|w| w == b"\r\n\r\n") {
             return Ok(head);
-        }
-        if head.len() > MAX_HEAD {
-            return Err(std::io::Error::other("request head too large"));
         }
     }
 }
@@ -151,21 +155,22 @@ async fn snapshot(sources: &Sources) -> Snapshot {
     let mut snapshot = Snapshot::default();
     if let Some(mesh) = &sources.mesh {
         use crate::mesh::view::MemberState;
-        let hosts = mesh.hosts().await.unwrap_or_default();
-        snapshot.members = [
-            MemberState::Alive,
-            MemberState::Suspect,
-            MemberState::Dead,
-            MemberState::Left,
-        ]
-        .into_iter()
-        .map(|s| {
-            (
-                s.as_str(),
-                hosts.iter().filter(|h| h.state == s).count() as i64,
-            )
-        })
-        .collect();
+        if let Ok(hosts) = mesh.hosts().await {
+            snapshot.members = [
+                MemberState::Alive,
+                MemberState::Suspect,
+                MemberState::Dead,
+                MemberState::Left,
+            ]
+            .into_iter()
+            .map(|s| {
+                (
+                    s.as_str(),
+                    hosts.iter().filter(|h| h.state == s).count() as i64,
+                )
+            })
+            .collect();
+        }
         snapshot.dropped = mesh.drops().counts().to_vec();
     }
     if let Some(fleet) = &sources.fleet {

@@ -4,7 +4,8 @@
 
 const TOKEN = document.querySelector('meta[name="shoal-token"]').content;
 const PAGE = 100; // rows per page: a fleet of thousands stays quick to render
-const state = { hosts: [], groups: [], deployments: [], open: null, pages: { hosts: 0, deployments: 0 } };
+const state = { hosts: [], groups: [], deployments: [], open: null, view: null, pages: { hosts: 0, deployments: 0, groups: 0, openHosts: 0 } };
+const path = (id) => encodeURIComponent(id);
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -66,13 +67,15 @@ function renderHosts() {
 }
 
 function renderGroups() {
-  document.getElementById("groups").replaceChildren(...state.groups.map((g) =>
+  pager("groups-pager", state.groups.length, "groups", renderGroups);
+  const start = state.pages.groups * PAGE;
+  document.getElementById("groups").replaceChildren(...state.groups.slice(start, start + PAGE).map((g) =>
     el("tr", { "data-group": g.name },
       el("td", {}, g.name), el("td", {}, g.app), el("td", {}, g.targets), el("td", {}, g.config),
       el("td", {}, short(g.last_successful)), el("td", {}, g.deployments),
       el("td", {}, el("button", {
         class: "danger",
-        onclick: () => act(`Roll group ${g.name} back (it undoes its last deployment)?`, `/api/groups/${encodeURIComponent(g.name)}/roll-back`),
+        onclick: () => act(`Roll group ${g.name} back (it undoes its last deployment)?`, `/api/groups/${path(g.name)}/roll-back`),
       }, "Roll back")))));
 }
 
@@ -92,6 +95,7 @@ function renderDeployments() {
 }
 
 function renderOpen(v) {
+  state.view = v;
   const box = document.getElementById("deployment");
   if (!v) { box.hidden = true; return; }
   box.hidden = false;
@@ -107,11 +111,13 @@ function renderOpen(v) {
   actions.replaceChildren();
   if (active(v.status)) {
     actions.append(
-      el("button", { id: "d-stop", class: "danger", onclick: () => act(`Stop deployment ${v.id}?`, `/api/deployments/${v.id}/stop`) }, "Stop"),
+      el("button", { id: "d-stop", class: "danger", onclick: () => act(`Stop deployment ${v.id}?`, `/api/deployments/${path(v.id)}/stop`) }, "Stop"),
       " ",
-      el("button", { id: "d-stop-rollback", class: "danger", onclick: () => act(`Stop deployment ${v.id} and roll it back?`, `/api/deployments/${v.id}/stop-and-roll-back`) }, "Stop and roll back"));
+      el("button", { id: "d-stop-rollback", class: "danger", onclick: () => act(`Stop deployment ${v.id} and roll it back?`, `/api/deployments/${path(v.id)}/stop-and-roll-back`) }, "Stop and roll back"));
   }
-  document.getElementById("d-hosts").replaceChildren(...v.hosts.map((h) =>
+  pager("d-hosts-pager", v.hosts.length, "openHosts", () => renderOpen(state.view));
+  const start = state.pages.openHosts * PAGE;
+  document.getElementById("d-hosts").replaceChildren(...v.hosts.slice(start, start + PAGE).map((h) =>
     el("tr", {},
       el("td", {}, h.name),
       el("td", { class: `status ${h.status}` }, h.status, h.reason ? `: ${h.reason}` : ""),
@@ -121,8 +127,9 @@ function renderOpen(v) {
 }
 
 async function open(id) {
+  if (state.open !== id) state.pages.openHosts = 0;
   state.open = id;
-  try { renderOpen(await get(`/api/deployments/${encodeURIComponent(id)}`)); showError(null); } catch (e) { showError(e); }
+  try { renderOpen(await get(`/api/deployments/${path(id)}`)); showError(null); } catch (e) { showError(e); }
 }
 
 async function act(question, path) {
@@ -138,12 +145,14 @@ async function refresh() {
     const running = deployments.filter((d) => active(d.status)).length;
     document.getElementById("summary").textContent = `${alive} of ${hosts.length} hosts alive · ${groups.length} groups · ${running} deployments running`;
     renderHosts(); renderGroups(); renderDeployments();
-    if (state.open) renderOpen(await get(`/api/deployments/${encodeURIComponent(state.open)}`));
+    if (state.open) renderOpen(await get(`/api/deployments/${path(state.open)}`));
     showError(null);
   } catch (e) { showError(e); }
 }
 
 document.getElementById("host-filter").addEventListener("input", () => { state.pages.hosts = 0; renderHosts(); });
 document.getElementById("d-close").addEventListener("click", () => { state.open = null; renderOpen(null); });
-refresh();
-setInterval(refresh, 1000);
+// One poll at a time: the next starts a second after the last one ended, so a slow agent
+// is never asked twice at once.
+async function poll() { await refresh(); setTimeout(poll, 1000); }
+poll();

@@ -8,12 +8,20 @@
 //! here, as `deploy stop` signs it), and roll a group back (as `deploy rollback` does).
 //!
 //! The listener is the operator's credentials in a browser, so it defends itself against
-//! other pages the browser has open:
+//! other users of the machine and other pages the browser has open:
+//! - it listens on a loopback address only;
+//! - nothing is served without the key: a random value made at start and printed in the
+//!   dashboard's URL (`/?key=...`), which the first visit trades for an `HttpOnly`,
+//!   `SameSite=Strict` cookie. Another user of the machine, who can reach the port but not
+//!   read the operator's terminal, gets nothing;
 //! - the `Host` header must name the listen address (a DNS-rebinding page names its own);
-//! - every change is a POST carrying `X-Shoal-Token`, a random value made at start and
-//!   written only into the page itself (another origin cannot read it), with an `Origin`,
-//!   when the browser sends one, of the dashboard itself;
+//! - every change is a POST carrying the key in `X-Shoal-Token` too (written only into the
+//!   page itself, which another origin cannot read), with an `Origin`, when the browser
+//!   sends one, of the dashboard itself;
 //! - the page forbids framing and loads scripts from itself only.
+//!
+//! It asks the agent at most [`MAX_ASKS`] things at once, and the page polls only after
+//! its previous poll ended, so the dashboard stays within the agent's handshake limits.
 //!
 //! Bounded like the agent's servers: at most [`MAX_CONNECTIONS`] requests at once, a head
 //! of at most `http::server::MAX_HEAD` bytes read in 5 s, no request body.
@@ -38,6 +46,10 @@ const STYLE: &str = include_str!("style.css");
 
 /// Requests served at once.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Requests to the agent at once (each is a connection of its own).
+pub const MAX_ASKS: usize = 2;
+/// The cookie the key is kept in.
+const COOKIE: &str = "shoal_ui_key";
 /// The longest a request to the agent may take.
 const ASK_WITHIN: Duration = Duration::from_secs(30);
 
@@ -55,6 +67,24 @@ struct Ui {
     identity: PathBuf,
     token: String,
     hosts: Vec<String>,
+    asks: Semaphore,
+    /// Actions are told as JSON lines.
+    json: bool,
+}
+
+impl Ui {
+    /// Tells the operator who runs the dashboard what it did (stdout: the audit trail).
+    fn tell(&self, action: &str, what: &str) {
+        let at = crate::fleet::now_unix();
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({ "at": at, "action": action, "what": what })
+            );
+        } else {
+            println!("{at}: {what}, from the dashboard");
+        }
+    }
 }
 
 pub async fn run(args: UiArgs, peer: &str, identity: Option<&Path>, json: bool) -> Result<bool> {
@@ -73,6 +103,13 @@ pub async fn run(args: UiArgs, peer: &str, identity: Option<&Path>, json: bool) 
             identity.display()
         );
     }
+    if !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {}: the dashboard acts with your operator identity, so it listens on a \
+             loopback address only (reach it from elsewhere through an SSH tunnel)",
+            args.listen
+        );
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot listen there", args.listen))?;
@@ -89,12 +126,17 @@ pub async fn run(args: UiArgs, peer: &str, identity: Option<&Path>, json: bool) 
         identity,
         token: hex::encode(token),
         hosts,
+        asks: Semaphore::new(MAX_ASKS),
+        json,
     });
-    let url = format!("http://{addr}/");
+    let url = format!("http://{addr}/?key={}", ui.token);
     if json {
         super::print_json(&serde_json::json!({ "url": url, "peer": peer }))?;
     } else {
-        println!("the fleet dashboard is at {url} (asking {peer}); Ctrl-C stops it");
+        println!(
+            "the fleet dashboard is at {url} (asking {peer}); the key in the link is the only \
+             way in: keep it to yourself. Ctrl-C stops it"
+        );
     }
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -127,9 +169,13 @@ pub async fn run(args: UiArgs, peer: &str, identity: Option<&Path>, json: bool) 
 struct Head {
     method: String,
     path: String,
+    /// `key=` of the query string.
+    key: Option<String>,
     host: Option<String>,
     origin: Option<String>,
     token: Option<String>,
+    /// The dashboard's cookie.
+    cookie: Option<String>,
 }
 
 /// Parses a request head. Pure, for tests.
@@ -138,13 +184,19 @@ fn parse(head: &[u8]) -> Option<Head> {
     let mut lines = text.split("\r\n");
     let mut first = lines.next()?.split(' ');
     let (method, target) = (first.next()?.to_owned(), first.next()?);
-    let path = target.split('?').next()?.to_owned();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let key = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("key="))
+        .map(String::from);
     let mut head = Head {
         method,
-        path,
+        path: path.to_owned(),
+        key,
         host: None,
         origin: None,
         token: None,
+        cookie: None,
     };
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -155,6 +207,13 @@ fn parse(head: &[u8]) -> Option<Head> {
             "host" => head.host = value,
             "origin" => head.origin = value,
             "x-shoal-token" => head.token = value,
+            "cookie" => {
+                head.cookie = value.as_deref().and_then(|v| {
+                    v.split(';')
+                        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
+                        .map(String::from)
+                })
+            }
             _ => {}
         }
     }
@@ -164,6 +223,8 @@ fn parse(head: &[u8]) -> Option<Head> {
 /// What a request is, once checked.
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
+    /// The key in the link: set the cookie and go to the page.
+    Enter,
     Asset(&'static str),
     Hosts,
     Groups,
@@ -184,6 +245,15 @@ fn route(head: &Head, hosts: &[String], token: &str) -> Route {
         return Route::Refuse(
             "403 Forbidden",
             "this dashboard answers only to its own address",
+        );
+    }
+    if head.method == "GET" && head.key.as_deref() == Some(token) {
+        return Route::Enter;
+    }
+    if head.cookie.as_deref() != Some(token) {
+        return Route::Refuse(
+            "403 Forbidden",
+            "open the dashboard with the link `shoal ui` printed: it holds its key",
         );
     }
     let segments: Vec<&str> = head.path.trim_start_matches('/').split('/').collect();
@@ -229,6 +299,8 @@ fn route(head: &Head, hosts: &[String], token: &str) -> Route {
 /// Ids and group names: letters, digits, `-`, `_`, `.`, at most 64 bytes.
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
+        && s != "."
+        && s != ".."
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -242,7 +314,15 @@ async fn serve(mut stream: TcpStream, ui: &Ui) -> Result<()> {
     .await
     .context("no request head in time")??;
     let head = parse(&head).context("a malformed request head")?;
+    let mut extra = String::new();
     let (status, kind, body) = match route(&head, &ui.hosts, &ui.token) {
+        Route::Enter => {
+            extra = format!(
+                "Set-Cookie: {COOKIE}={}; HttpOnly; SameSite=Strict; Path=/\r\nLocation: /\r\n",
+                ui.token
+            );
+            ("303 See Other", "text/plain", Vec::new())
+        }
         Route::Asset("index.html") => (
             "200 OK",
             "text/html; charset=utf-8",
@@ -266,7 +346,7 @@ async fn serve(mut stream: TcpStream, ui: &Ui) -> Result<()> {
         },
     };
     let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
+        "HTTP/1.1 {status}\r\n{extra}Content-Type: {kind}\r\nContent-Length: {}\r\n\
          Cache-Control: no-store\r\nX-Frame-Options: DENY\r\nX-Content-Type-Options: nosniff\r\n\
          Content-Security-Policy: default-src 'self'; frame-ancestors 'none'\r\n\
          Connection: close\r\n\r\n",
@@ -285,6 +365,7 @@ async fn serve(mut stream: TcpStream, ui: &Ui) -> Result<()> {
 
 /// Asks the agent what `route` wants; its JSON.
 async fn act(route: Route, ui: &Ui) -> Result<Vec<u8>> {
+    let _ask = ui.asks.acquire().await?;
     let (peer, identity) = (ui.peer.as_str(), ui.identity.as_path());
     let fleet = |request| super::fleet::ask(peer, identity, request);
     let json = match route {
@@ -320,7 +401,13 @@ async fn act(route: Route, ui: &Ui) -> Result<Vec<u8>> {
                 &operator,
                 crate::fleet::now_unix(),
             )?;
-            tracing::info!(deployment = %id, rollback, "stopped from the dashboard");
+            ui.tell(
+                "stop",
+                &format!(
+                    "stopping deployment {id}{}",
+                    if rollback { " and rolling it back" } else { "" }
+                ),
+            );
             match fleet(OperatorRequest::Stop { stop }).await? {
                 OperatorAnswer::Deployment(view) => serde_json::to_vec(&view)?,
                 _ => anyhow::bail!("{peer} answered something other than the deployment"),
@@ -336,12 +423,14 @@ async fn act(route: Route, ui: &Ui) -> Result<Vec<u8>> {
                 wait: false,
             };
             let view = super::deploy_rollback::request(&args, peer, identity, |line| {
-                tracing::info!("from the dashboard: {line}")
+                ui.tell("rollback", &line)
             })
             .await?;
             serde_json::to_vec(&view)?
         }
-        Route::Asset(_) | Route::Refuse(..) => unreachable!("answered without the agent"),
+        Route::Enter | Route::Asset(_) | Route::Refuse(..) => {
+            unreachable!("answered without the agent")
+        }
     };
     Ok(json)
 }
@@ -358,56 +447,77 @@ mod tests {
     fn only_its_own_page_may_change_anything_and_only_at_its_own_address() {
         let hosts = vec!["127.0.0.1:7480".to_string(), "localhost:7480".to_string()];
         let r = |text: &str| route(&head(text), &hosts, "t0k3n");
+        let refused = |text: &str| matches!(r(text), Route::Refuse("403 Forbidden", _));
+        const HOST: &str = "Host: 127.0.0.1:7480\r\n";
+        const KEY: &str = "Host: 127.0.0.1:7480\r\nCookie: a=b; shoal_ui_key=t0k3n\r\n";
+        // The link's key sets the cookie; without the cookie nothing is served.
         assert_eq!(
-            r("GET / HTTP/1.1\r\nHost: 127.0.0.1:7480\r\n\r\n"),
+            r(&format!("GET /?key=t0k3n HTTP/1.1\r\n{HOST}\r\n")),
+            Route::Enter
+        );
+        assert!(refused(&format!("GET /?key=guess HTTP/1.1\r\n{HOST}\r\n")));
+        assert!(refused(&format!("GET / HTTP/1.1\r\n{HOST}\r\n")));
+        assert!(refused(&format!(
+            "GET /api/hosts HTTP/1.1\r\n{HOST}Cookie: shoal_ui_key=guess\r\n\r\n"
+        )));
+        assert_eq!(
+            r(&format!("GET / HTTP/1.1\r\n{KEY}\r\n")),
             Route::Asset("index.html")
         );
         assert_eq!(
-            r("GET /api/deployments/abc HTTP/1.1\r\nHost: localhost:7480\r\n\r\n"),
+            r(
+                "GET /api/deployments/abc HTTP/1.1\r\nHost: localhost:7480\r\nCookie: shoal_ui_key=t0k3n\r\n\r\n"
+            ),
             Route::Deployment("abc".into())
         );
-        // DNS rebinding: the page of evil.example, resolved to 127.0.0.1.
-        assert!(matches!(
-            r("GET /api/hosts HTTP/1.1\r\nHost: evil.example:7480\r\n\r\n"),
-            Route::Refuse("403 Forbidden", _)
+        // DNS rebinding: the page of evil.example, resolved to 127.0.0.1, even with the key.
+        assert!(refused(
+            "GET /api/hosts HTTP/1.1\r\nHost: evil.example:7480\r\nCookie: shoal_ui_key=t0k3n\r\n\r\n"
         ));
-        assert!(matches!(
-            r("GET /api/hosts HTTP/1.1\r\n\r\n"),
-            Route::Refuse("403 Forbidden", _)
+        assert!(refused(
+            "GET /?key=t0k3n HTTP/1.1\r\nHost: evil.example:7480\r\n\r\n"
         ));
+        assert!(refused("GET /api/hosts HTTP/1.1\r\n\r\n"));
         // A change without the token, with another's, or from another origin.
         for text in [
-            "POST /api/deployments/abc/stop HTTP/1.1\r\nHost: 127.0.0.1:7480\r\n\r\n",
-            "POST /api/deployments/abc/stop HTTP/1.1\r\nHost: 127.0.0.1:7480\r\nX-Shoal-Token: guess\r\n\r\n",
-            "POST /api/deployments/abc/stop HTTP/1.1\r\nHost: 127.0.0.1:7480\r\nX-Shoal-Token: t0k3n\r\nOrigin: http://evil.example\r\n\r\n",
+            format!("POST /api/deployments/abc/stop HTTP/1.1\r\n{KEY}\r\n"),
+            format!("POST /api/deployments/abc/stop HTTP/1.1\r\n{KEY}X-Shoal-Token: guess\r\n\r\n"),
+            format!(
+                "POST /api/deployments/abc/stop HTTP/1.1\r\n{KEY}X-Shoal-Token: t0k3n\r\nOrigin: http://evil.example\r\n\r\n"
+            ),
+            format!(
+                "POST /api/deployments/abc/stop HTTP/1.1\r\n{HOST}X-Shoal-Token: t0k3n\r\n\r\n"
+            ),
         ] {
-            assert!(
-                matches!(r(text), Route::Refuse("403 Forbidden", _)),
-                "{text}"
-            );
+            assert!(refused(&text), "{text}");
         }
         assert_eq!(
-            r(
-                "POST /api/deployments/abc/stop-and-roll-back HTTP/1.1\r\nHost: 127.0.0.1:7480\r\nX-Shoal-Token: t0k3n\r\nOrigin: http://127.0.0.1:7480\r\n\r\n"
-            ),
+            r(&format!(
+                "POST /api/deployments/abc/stop-and-roll-back HTTP/1.1\r\n{KEY}X-Shoal-Token: t0k3n\r\nOrigin: http://127.0.0.1:7480\r\n\r\n"
+            )),
             Route::Stop {
                 id: "abc".into(),
                 rollback: true
             }
         );
         assert_eq!(
-            r(
-                "POST /api/groups/web/roll-back HTTP/1.1\r\nHost: 127.0.0.1:7480\r\nx-shoal-token: t0k3n\r\n\r\n"
-            ),
+            r(&format!(
+                "POST /api/groups/web/roll-back HTTP/1.1\r\n{KEY}x-shoal-token: t0k3n\r\n\r\n"
+            )),
             Route::Rollback("web".into())
         );
         // Names are checked; anything else is not found, or not allowed.
+        for text in [
+            format!("GET /api/deployments/..%2f HTTP/1.1\r\n{KEY}\r\n"),
+            format!("GET /api/deployments/.. HTTP/1.1\r\n{KEY}\r\n"),
+        ] {
+            assert!(
+                matches!(r(&text), Route::Refuse("404 Not Found", _)),
+                "{text}"
+            );
+        }
         assert!(matches!(
-            r("GET /api/deployments/..%2f HTTP/1.1\r\nHost: 127.0.0.1:7480\r\n\r\n"),
-            Route::Refuse("404 Not Found", _)
-        ));
-        assert!(matches!(
-            r("DELETE / HTTP/1.1\r\nHost: 127.0.0.1:7480\r\n\r\n"),
+            r(&format!("DELETE / HTTP/1.1\r\n{KEY}\r\n")),
             Route::Refuse("405 Method Not Allowed", _)
         ));
     }
