@@ -44,6 +44,10 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$binary" ] || die "say which binary to install: --binary PATH (target/release/shoal, say)"
+case $binary in
+    */*) ;;
+    *) binary=./$binary ;; # a bare name is a file here, never one found on PATH
+esac
 [ -f "$binary" ] || die "--binary $binary: no such file"
 [ -x "$binary" ] || die "--binary $binary: not executable"
 [ -f "$unit" ] || die "--unit $unit: no such file"
@@ -54,13 +58,9 @@ done
 
 # Paths under the root, with no doubled slash when the root is /: the prefix is the root
 # without its trailing slashes, empty for /.
-prefix=$root
-while :; do
-    case $prefix in
-        */) prefix=${prefix%/} ;;
-        *) break ;;
-    esac
-done
+# The root's real path, so `/.` or a link to / counts as the live system.
+prefix=$(cd -P -- "$root" && pwd) || die "--root $root: cannot enter it"
+[ "$prefix" = / ] && prefix=
 
 # Copies $1 to $2 with mode $3: to a temporary name beside it, then renamed over it, so a
 # running agent's binary is replaced, never written into.
@@ -73,6 +73,17 @@ place() {
     echo "installed $2"
 }
 
+# Under another root, nothing may lead out of it: a directory on the way that is a
+# symbolic link (an image with etc/shoal -> /etc, say) is refused before anything is
+# written, so the real system is never touched.
+if [ "$prefix" != "" ]; then
+    for p in usr usr/local usr/local/bin usr/local/bin/shoal etc etc/systemd \
+        etc/systemd/system etc/systemd/system/shoal-agent.service etc/shoal var var/lib \
+        var/lib/shoal; do
+        [ -L "$prefix/$p" ] && die "$prefix/$p is a symbolic link: refusing to write through it"
+    done
+fi
+
 mkdir -p -- "$prefix/usr/local/bin" "$prefix/etc/systemd/system"
 place "$binary" "$prefix/usr/local/bin/shoal" 0755
 place "$unit" "$prefix/etc/systemd/system/shoal-agent.service" 0644
@@ -82,6 +93,9 @@ for dir in "$prefix/etc/shoal" "$prefix/var/lib/shoal"; do
     chmod 0700 "$dir"
     echo "made $dir (0700)"
 done
+
+# Written to disk before this says it is done: cloud-init runs it once.
+sync
 
 if [ "$prefix" = "" ]; then
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

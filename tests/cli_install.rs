@@ -155,6 +155,28 @@ fn init_writes_a_host_that_loads_and_refuses_what_is_wrong() {
     // --identity: one `shoal ca issue` wrote, checked and copied.
     let edge2 = tmp.path().join("edge-2-identity");
     ca.issue("edge-2", &edge2);
+
+    // A config directory others may write to: the root agent would trust what they put
+    // there. Refused, and no identity written into it.
+    let open = tmp.path().join("open");
+    std::fs::create_dir_all(open.join("etc")).unwrap();
+    std::fs::set_permissions(open.join("etc"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut args = os(&[
+        "--name",
+        "edge-2",
+        "--advertise",
+        "127.86.2.2",
+        "--identity",
+    ]);
+    args.push(edge2.as_os_str());
+    let o = init(&open, &args);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("others may write to it"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!open.join("etc/identity").exists() && !open.join("etc/agent.toml").exists());
     let h2 = tmp.path().join("h2");
     let mut args = os(&[
         "--name",
@@ -437,6 +459,29 @@ fn install_sh_installs_into_a_scratch_root_again_and_again() {
         assert!(stderr(&o).contains(why), "{args:?}: {}", stderr(&o));
     }
     assert_eq!(listing(&root), before);
+
+    // An image whose etc/shoal leads out of the root (to another directory here, standing
+    // for the host's /etc): refused before anything is written, there or in the root.
+    let image = tmp.path().join("image");
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(image.join("etc")).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(&outside, image.join("etc/shoal")).unwrap();
+    let o = install(&[
+        "--root".as_ref(),
+        image.as_os_str(),
+        "--binary".as_ref(),
+        binary.as_os_str(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is a symbolic link"), "{}", stderr(&o));
+    assert!(!image.join("usr").exists(), "nothing written in the image");
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().permissions().mode() & 0o777,
+        0o755,
+        "the directory outside is untouched"
+    );
 }
 
 #[test]
@@ -460,6 +505,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         "PrivateTmp=",
         "PrivateDevices=",
         "MemoryDenyWriteExecute=",
+        "CapabilityBoundingSet=",
     ] {
         assert!(
             !lines.iter().any(|l| l.starts_with(never)),
@@ -473,6 +519,10 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         .status()
         .is_err()
     {
+        assert!(
+            std::env::var_os("SHOAL_CI").is_none(),
+            "SHOAL_CI is set, and systemd-analyze is not installed"
+        );
         eprintln!(
             "SKIPPED: systemd-analyze is not installed (Debian's `systemd` package has it; \
              .ci/run installs it), so the unit was not verified"

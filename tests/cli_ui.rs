@@ -6,7 +6,7 @@
 //! shown as text, and the Roll back button rolls the group back. Without the key in the
 //! link `shoal ui` prints, nothing is served. Chromium and ChromeDriver come from the
 //! distribution's packages, installed here when missing (as root, with apt-get); where they
-//! cannot be, the test says so and skips, unless `SHOAL_REQUIRE_BROWSER` is set (as
+//! cannot be, the test says so and skips, unless `SHOAL_CI` is set (as
 //! `.ci/run` sets it), where it fails.
 
 #[path = "support/fleet.rs"]
@@ -235,8 +235,8 @@ fn free_port() -> u16 {
 fn the_dashboard_shows_the_fleet_and_a_deployment_live_and_its_stop_button_stops_one() {
     let Some((chromium, driver)) = browser() else {
         assert!(
-            std::env::var_os("SHOAL_REQUIRE_BROWSER").is_none(),
-            "SHOAL_REQUIRE_BROWSER is set, and Chromium and ChromeDriver could not be installed"
+            std::env::var_os("SHOAL_CI").is_none(),
+            "SHOAL_CI is set, and Chromium and ChromeDriver could not be installed"
         );
         eprintln!(
             "SKIPPED: /usr/bin/chromium and /usr/bin/chromedriver are not installed and could \

@@ -249,11 +249,22 @@ impl Plan {
     /// directory, the install root if missing, then the configuration.
     fn write(&self) -> Result<()> {
         make_dir(&self.config_dir, 0o700)?;
+        // The root agent trusts what is here: nobody else may be able to change it.
+        check_private(&self.config_dir)?;
         let in_place = matches!(&self.source, Source::Copy(d) if same_dir(d, &self.identity_dir));
         if in_place {
-            // Already where it belongs (put there by cloud-init, say): only the modes.
+            // Already where it belongs (put there by cloud-init, say): only the modes, on
+            // the real files (a link is refused, never followed).
+            check_private(&self.identity_dir)?;
+            let key = self.identity_dir.join("key.pem");
+            if std::fs::symlink_metadata(&key).is_ok_and(|m| m.file_type().is_symlink()) {
+                bail!(
+                    "{} is a symbolic link: put the key itself there",
+                    key.display()
+                );
+            }
             set_mode(&self.identity_dir, 0o700)?;
-            set_mode(&self.identity_dir.join("key.pem"), 0o600)?;
+            set_mode(&key, 0o600)?;
         } else {
             let staging = Staging::new(&self.config_dir)?;
             match &self.source {
@@ -265,6 +276,17 @@ impl Plan {
                 set_mode(&staging.0.join(f), 0o644)?;
             }
             check_agent_identity(&staging.0, &self.name)?;
+            // On disk before it takes the identity's place: a power cut never leaves an
+            // identity with an empty file.
+            for f in ["ca.pem", "cert.pem", "key.pem"] {
+                let path = staging.0.join(f);
+                std::fs::File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("syncing {}", path.display()))?;
+            }
+            std::fs::File::open(&staging.0)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing {}", staging.0.display()))?;
             staging.replace(&self.identity_dir, self.force)?;
         }
         make_dir(&self.data_dir, 0o700)?;
@@ -542,6 +564,26 @@ fn make_dir(dir: &Path, mode: u32) -> Result<()> {
         .mode(mode)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Refuses a directory that is a link, is not this user's, or others may write to (as
+/// sshd's StrictModes does): the config and identity the root agent trusts live there.
+fn check_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if meta.file_type().is_symlink() || !meta.is_dir() {
+        bail!("{} is not a directory (a link is refused)", dir.display());
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} belongs to another user or others may write to it (mode {:o}): the agent \
+             trusts what is there, so make it yours and 0700 (or 0755)",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
