@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use super::intent::catch_up_id;
 use super::log::{
-    CatchUpOf, Command, DeploymentsState, HostState, NewDeployment, PlannedHost, Response,
-    StateReader, TypeConfig, state::MAX_CATCH_UPS_PER_HOST,
+    CatchUpOf, Command, Deployment, DeploymentsState, HostState, NewDeployment, PlannedHost,
+    Response, StateReader, TypeConfig, state::MAX_CATCH_UPS_PER_HOST,
 };
 use super::plan::{DeploymentConfig, HostInfo, Rollout};
 use super::targets::{self, Targets};
@@ -53,16 +53,16 @@ pub struct Due {
 /// arrived, the source's targets match its tags, it does not run the source's revision and
 /// is not deploying that application now. A host that took the revision (the log says so)
 /// is due only if it runs no revision at all (it was replaced): one that says it runs
-/// another is taken for a record that lags, or an operator's own choice. A host that failed
-/// in the source itself gets one catch-up (it may have been down).
+/// another is taken for a record that lags, or an operator's own choice.
 ///
-/// Left out: a group with an active deployment (it catches up after), a host that already
-/// failed a catch-up of this source (retrying the same revision would fail the same way:
-/// an operator deploys), and a host that the catch-ups of two groups of one application
-/// both want (which one is not ours to choose).
+/// Left out: a group with an active deployment (it catches up after), a host another
+/// deployment of the application has Pending or InProgress, a host in
+/// [`MAX_CATCH_UPS_PER_HOST`] catch-ups of this source already (one retry after a failure,
+/// then an operator deploys), and a host that the catch-ups of two groups of one
+/// application both want (which one is not ours to choose).
 pub fn due(state: &DeploymentsState, hosts: &[HostView]) -> Vec<Due> {
     // Group → (source, its candidate hosts), and how many groups want each (app, host).
-    let mut wanted: BTreeMap<&str, (&str, Vec<&HostView>)> = BTreeMap::new();
+    let mut wanted: BTreeMap<&str, (&Deployment, Targets, Vec<&HostView>)> = BTreeMap::new();
     let mut claims: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for group in state.groups() {
         let Some(source) = state.catch_up_source(&group.name) else {
@@ -120,24 +120,23 @@ pub fn due(state: &DeploymentsState, hosts: &[HostView]) -> Vec<Due> {
             *claims.entry((&source.app, &h.name)).or_default() += 1;
         }
         if state.active_in(group, None).is_none() && !candidates.is_empty() {
-            wanted.insert(&group.name, (&source.id, candidates));
+            wanted.insert(&group.name, (source, targets, candidates));
         }
     }
     wanted
         .into_iter()
-        .filter_map(|(group, (source, candidates))| {
-            let app = state.get(source).map(|d| d.app.as_str())?;
+        .filter_map(|(group, (source, targets, candidates))| {
+            let app = source.app.as_str();
             let mine: Vec<HostView> = candidates
                 .into_iter()
                 .filter(|h| claims.get(&(app, h.name.as_str())) == Some(&1))
                 .take(MAX_HOSTS)
                 .cloned()
                 .collect();
-            let targets = Targets::parse(&state.get(source)?.targets).ok()?;
             let chosen = targets::choose(&targets, app, None, &mine).ok()?;
             Some(Due {
                 group: group.to_owned(),
-                source: source.to_owned(),
+                source: source.id.clone(),
                 hosts: chosen.hosts,
             })
         })

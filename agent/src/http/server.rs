@@ -94,12 +94,27 @@ async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()>
             "text/plain",
         ),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    respond(&mut stream, status, kind, "", body.as_bytes()).await
+}
+
+/// Writes one whole response (`headers`: extra lines, each ending `\r\n`) and closes the
+/// connection, within [`WRITE_WITHIN`]. Used by every HTTP server here (`shoal ui` too).
+pub(crate) async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    kind: &str,
+    headers: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Type: {kind}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
         body.len()
-    );
+    )
+    .into_bytes();
+    response.extend_from_slice(body);
     tokio::time::timeout(WRITE_WITHIN, async {
-        stream.write_all(response.as_bytes()).await?;
+        stream.write_all(&response).await?;
         stream.shutdown().await
     })
     .await
@@ -171,7 +186,12 @@ async fn snapshot(sources: &Sources) -> Snapshot {
             })
             .collect();
         }
-        snapshot.dropped = mesh.drops().counts().to_vec();
+        snapshot.dropped = mesh
+            .drops()
+            .counts()
+            .iter()
+            .map(|(kind, _, n)| (*kind, *n))
+            .collect();
     }
     if let Some(fleet) = &sources.fleet {
         let log = fleet.metrics();

@@ -176,48 +176,73 @@ pub struct Drops {
 }
 
 impl Drops {
-    /// Every counter by a short name (`swim_queue_full`, ...): what `/metrics` shows.
-    pub fn counts(&self) -> [(&'static str, u64); 13] {
+    /// Every counter once: its short name (what `/metrics` shows as `kind`), what the log
+    /// calls it, and its count.
+    pub fn counts(&self) -> [(&'static str, &'static str, u64); 13] {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
-            ("swim_queue_full", g(&self.swim_queue_full)),
-            ("gossip_queue_full", g(&self.gossip_queue_full)),
-            ("service_queue_full", g(&self.service_queue_full)),
-            ("sends_waiting_for_dial", g(&self.sends_waiting_for_dial)),
-            ("writers_busy", g(&self.writers_busy)),
-            ("readers_busy", g(&self.readers_busy)),
-            ("bad_streams", g(&self.bad_streams)),
-            ("bad_datagrams", g(&self.bad_datagrams)),
-            ("handshakes_refused", g(&self.handshakes_refused)),
-            ("handshakes_failed", g(&self.handshakes_failed)),
-            ("unknown_protocol", g(&self.unknown_protocol)),
-            ("datagrams_over_rate", g(&self.datagrams_over_rate)),
-            ("operators_over_cap", g(&self.operators_over_cap)),
-        ]
-    }
-
-    fn snapshot(&self) -> [(&'static str, u64); 13] {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        [
-            ("membership packets (queue full)", g(&self.swim_queue_full)),
-            ("gossip messages (queue full)", g(&self.gossip_queue_full)),
-            ("service streams (queue full)", g(&self.service_queue_full)),
-            ("sends waiting for a dial", g(&self.sends_waiting_for_dial)),
-            ("gossip sends (writers busy)", g(&self.writers_busy)),
-            ("incoming streams (readers busy)", g(&self.readers_busy)),
-            ("malformed or late streams", g(&self.bad_streams)),
-            ("refused membership packets", g(&self.bad_datagrams)),
             (
+                "swim_queue_full",
+                "membership packets (queue full)",
+                g(&self.swim_queue_full),
+            ),
+            (
+                "gossip_queue_full",
+                "gossip messages (queue full)",
+                g(&self.gossip_queue_full),
+            ),
+            (
+                "service_queue_full",
+                "service streams (queue full)",
+                g(&self.service_queue_full),
+            ),
+            (
+                "sends_waiting_for_dial",
+                "sends waiting for a dial",
+                g(&self.sends_waiting_for_dial),
+            ),
+            (
+                "writers_busy",
+                "gossip sends (writers busy)",
+                g(&self.writers_busy),
+            ),
+            (
+                "readers_busy",
+                "incoming streams (readers busy)",
+                g(&self.readers_busy),
+            ),
+            (
+                "bad_streams",
+                "malformed or late streams",
+                g(&self.bad_streams),
+            ),
+            (
+                "bad_datagrams",
+                "refused membership packets",
+                g(&self.bad_datagrams),
+            ),
+            (
+                "handshakes_refused",
                 "handshakes refused (too many at once)",
                 g(&self.handshakes_refused),
             ),
-            ("handshakes failed", g(&self.handshakes_failed)),
-            ("streams of an unknown protocol", g(&self.unknown_protocol)),
             (
+                "handshakes_failed",
+                "handshakes failed",
+                g(&self.handshakes_failed),
+            ),
+            (
+                "unknown_protocol",
+                "streams of an unknown protocol",
+                g(&self.unknown_protocol),
+            ),
+            (
+                "datagrams_over_rate",
                 "membership packets over a peer's rate",
                 g(&self.datagrams_over_rate),
             ),
             (
+                "operators_over_cap",
                 "operator connections over the cap",
                 g(&self.operators_over_cap),
             ),
@@ -721,7 +746,11 @@ impl Mesh {
 /// Every counter of dropped or refused work: the driver's and the cores'.
 fn dropped(drops: &Drops, core: &Core) -> Vec<(&'static str, u64)> {
     let t = core.table().stats();
-    let mut all = drops.snapshot().to_vec();
+    let mut all: Vec<(&'static str, u64)> = drops
+        .counts()
+        .iter()
+        .map(|(_, what, n)| (*what, *n))
+        .collect();
     all.extend([
         ("host records with a forged signature", t.refused_forged),
         ("host records with an absurd version", t.refused_absurd),

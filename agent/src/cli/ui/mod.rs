@@ -33,7 +33,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -345,21 +344,12 @@ async fn serve(mut stream: TcpStream, ui: &Ui) -> Result<()> {
             ),
         },
     };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\n{extra}Content-Type: {kind}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nX-Frame-Options: DENY\r\nX-Content-Type-Options: nosniff\r\n\
-         Content-Security-Policy: default-src 'self'; frame-ancestors 'none'\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    response.extend_from_slice(&body);
-    tokio::time::timeout(Duration::from_secs(30), async {
-        stream.write_all(&response).await?;
-        stream.shutdown().await
-    })
-    .await
-    .context("the response was not taken in time")??;
+    let headers = format!(
+        "{extra}Cache-Control: no-store\r\nX-Frame-Options: DENY\r\n\
+         X-Content-Type-Options: nosniff\r\n\
+         Content-Security-Policy: default-src 'self'; frame-ancestors 'none'\r\n"
+    );
+    crate::http::server::respond(&mut stream, status, kind, &headers, &body).await?;
     Ok(())
 }
 
