@@ -19,11 +19,14 @@ fn started(dir: &Path) -> Vec<i32> {
         if let Ok(p) = std::fs::read_to_string(home.join("agent.pid")) {
             pids.push(p.trim().parse().unwrap());
         }
-        let service = std::fs::read(home.join("data/apps/inference/service.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["pid"].as_i64());
-        pids.extend(service.map(|p| p as i32));
+        // The service, the previous revision's kept warm, and the switch.
+        for file in ["service.json", "standby.json", "switch.json"] {
+            let pid = std::fs::read(home.join("data/apps/inference").join(file))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["pid"].as_i64());
+            pids.extend(pid.map(|p| p as i32));
+        }
     }
     pids
 }

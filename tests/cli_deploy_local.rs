@@ -38,10 +38,16 @@ impl Host {
         self.tmp.path().join("root")
     }
 
+    /// Example revision `name`, deployed in place: its `switch` is taken out, so these
+    /// tests keep to the in-place lifecycle (tests/cli_switch.rs has the switched one).
     fn revision(&self, name: &str) -> PathBuf {
         let dir = self.tmp.path().join("revisions").join(name);
         if !dir.exists() {
             shoal_examples::write_revision(name, &dir).unwrap();
+            let spec = std::fs::read_to_string(dir.join("appspec.yml")).unwrap();
+            let in_place = spec.split("    switch:").next().unwrap().to_string();
+            assert_ne!(in_place, spec, "the example declares a switch");
+            std::fs::write(dir.join("appspec.yml"), in_place).unwrap();
         }
         dir
     }

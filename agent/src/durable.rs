@@ -22,10 +22,14 @@ pub fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path)
         .map_err(|e| anyhow::anyhow!("writing {}: {}", path.display(), e.error))?;
+    sync_dir(dir)
+}
+
+/// Fsyncs a directory, so the renames done in it survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))?;
-    Ok(())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 #[cfg(test)]

@@ -28,6 +28,16 @@ pub const POINTS: &[&str] = &[
     "record.written",
 ];
 
+/// Crash points of a switched deployment (`lifecycle/switched.rs`), in the order it
+/// reaches them: new connections held, routed to the new service, the service records
+/// half swapped, the old service drained.
+pub const SWITCH_POINTS: &[&str] = &[
+    "switch.blocked",
+    "switch.allowed",
+    "switch.swap-half",
+    "switch.drained",
+];
+
 /// Crash points of the fleet's coordinator: a failover test makes the leader die there.
 pub const COORDINATOR_POINTS: &[&str] = &[
     // The verdict Failed is committed; the rollback is not created yet.
@@ -58,11 +68,13 @@ fn armed() -> Option<&'static Armed> {
         .as_ref()
 }
 
-/// The crash point `name` (one of [`POINTS`] or [`COORDINATOR_POINTS`]): dies here if a
-/// test armed it.
+/// The crash point `name` (one of [`POINTS`], [`SWITCH_POINTS`] or [`COORDINATOR_POINTS`]):
+/// dies here if a test armed it.
 pub fn point(name: &'static str) {
     debug_assert!(
-        POINTS.contains(&name) || COORDINATOR_POINTS.contains(&name),
+        POINTS.contains(&name)
+            || SWITCH_POINTS.contains(&name)
+            || COORDINATOR_POINTS.contains(&name),
         "crash point {name} is not listed"
     );
     let Some(armed) = armed() else { return };

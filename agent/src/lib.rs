@@ -17,3 +17,4 @@ pub mod identity;
 pub mod lifecycle;
 pub mod logs;
 pub mod mesh;
+pub mod switch;

@@ -14,7 +14,7 @@ mod raw;
 
 pub use model::{
     AppSpec, FileExistsBehavior, FileMapping, HookSpec, MAX_MONITORS, MonitorSpec, ObjectType, Os,
-    Permission, Problem, ServiceSpec, Severity, health_path,
+    Permission, Problem, ServiceSpec, Severity, SwitchSpec, health_path,
 };
 
 use std::fmt;
@@ -180,6 +180,64 @@ shoal:
     }
 
     #[test]
+    fn a_switch_is_read_with_its_defaults_and_its_problems_named() {
+        let service = |extra: &str| {
+            parse(&format!(
+                "version: 0.0\nos: linux\nshoal:\n  service:\n    command: bin/app\n{extra}"
+            ))
+            .unwrap()
+        };
+        let spec = service("    port: 8080\n    switch: {}\n");
+        assert!(spec.problems.is_empty(), "{:?}", spec.problems);
+        let switch = spec.service.unwrap().switch.unwrap();
+        assert_eq!(switch.address.to_string(), "0.0.0.0");
+        assert_eq!(switch.drain_timeout.as_secs(), 30);
+        assert!(switch.keep_previous.is_zero());
+        let spec = service(
+            "    port: 8080\n    switch:\n      address: ::1\n      drain_timeout: 5\n      keep_previous: 600\n",
+        );
+        let switch = spec.service.unwrap().switch.unwrap();
+        assert_eq!(switch.address.to_string(), "::1");
+        assert_eq!(switch.drain_timeout.as_secs(), 5);
+        assert_eq!(switch.keep_previous.as_secs(), 600);
+
+        let shown = |spec: AppSpec| -> Vec<String> {
+            spec.problems.iter().map(|p| p.to_string()).collect()
+        };
+        let problems = shown(service("    switch: {}\n"));
+        assert!(
+            problems[0].contains(
+                "line 5: error: shoal.service.switch: a switched service needs `shoal.service.port`"
+            ),
+            "{problems:?}"
+        );
+        let problems = shown(service(
+            "    port: 80\n    switch:\n      address: example.com\n      keep_previous: 4000\n",
+        ));
+        assert!(
+            problems[0].contains(
+                "line 8: error: shoal.service.switch.address: `example.com` is not an IP address"
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("line 9: error: shoal.service.switch.keep_previous: 4000 seconds"),
+            "{problems:?}"
+        );
+        // The agent does BlockTraffic and AllowTraffic; their Before and After are hooks'.
+        let spec = parse(
+            "version: 0.0\nos: linux\nhooks:\n  BeforeBlockTraffic:\n    - location: a.wasm\n  BlockTraffic:\n    - location: b.wasm\n",
+        )
+        .unwrap();
+        let problems = shown(spec);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("error: hooks.BlockTraffic"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn problems_name_key_and_line() {
         let spec = parse(
             "version: 1.0\nos: linux\nhook:\n  X: 1\nhooks:\n  Install:\n    - location: i.wasm\n  BeforeInstall:\n    - location: scripts/a.sh\n      timeout: 7200\n",
@@ -192,7 +250,9 @@ shoal:
             "{shown:#?}"
         );
         assert!(
-            has("hooks.Install: the agent itself runs DownloadBundle and Install"),
+            has(
+                "hooks.Install: the agent itself runs DownloadBundle, Install, BlockTraffic and AllowTraffic"
+            ),
             "{shown:#?}"
         );
         assert!(

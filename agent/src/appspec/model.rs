@@ -105,7 +105,23 @@ pub struct ServiceSpec {
     pub start_timeout: Duration,
     /// The user the service runs as (its uid, gid and groups); root when not given.
     pub user: Option<String>,
+    /// Zero-downtime switching (`shoal.service.switch`): a proxy holds `port` and the
+    /// service listens on an internal `$PORT` of its own.
+    pub switch: Option<SwitchSpec>,
     pub line: u64,
+}
+
+/// `shoal.service.switch`: how the public port is held and traffic moved between revisions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SwitchSpec {
+    /// The address the public port is bound on (default `0.0.0.0`).
+    pub address: std::net::IpAddr,
+    /// How long connections open on the old revision have to finish after the switch
+    /// before its service is stopped (default 30 s, at most 3600).
+    pub drain_timeout: Duration,
+    /// How long the previous revision's process is kept running after the switch (and its
+    /// drain), so that a rollback switches back without a restart (default 0, at most 3600).
+    pub keep_previous: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -367,10 +383,13 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
                 .map(|h| line_of(&h.location).saturating_sub(1))
                 .unwrap_or(hooks_line);
             let event = match name.parse::<LifecycleEvent>() {
-                Ok(LifecycleEvent::DownloadBundle | LifecycleEvent::Install)
-                    if !entries.is_empty() =>
-                {
-                    c.error(Some(line), format!("hooks.{name}"), "the agent itself runs DownloadBundle and Install; hooks cannot be attached to them");
+                Ok(
+                    LifecycleEvent::DownloadBundle
+                    | LifecycleEvent::Install
+                    | LifecycleEvent::BlockTraffic
+                    | LifecycleEvent::AllowTraffic,
+                ) if !entries.is_empty() => {
+                    c.error(Some(line), format!("hooks.{name}"), "the agent itself runs DownloadBundle, Install, BlockTraffic and AllowTraffic; hooks cannot be attached to them");
                     continue;
                 }
                 Ok(e) => e,
@@ -503,6 +522,50 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
                 None
             }
         });
+        let switch = s.switch.map(|w| {
+            if port.is_none() {
+                c.error(
+                    Some(line),
+                    "shoal.service.switch",
+                    "a switched service needs `shoal.service.port`: the public port the switch holds",
+                );
+            }
+            let address = w
+                .address
+                .and_then(|a| match a.value.trim().parse() {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        c.error(
+                            Some(line_of(&a)),
+                            "shoal.service.switch.address",
+                            format!("`{}` is not an IP address", a.value),
+                        );
+                        None
+                    }
+                })
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            let drain_timeout = w
+                .drain_timeout
+                .as_ref()
+                .map(|t| seconds(&mut c, t, "shoal.service.switch.drain_timeout", 3600))
+                .unwrap_or(Duration::from_secs(30));
+            let keep_previous = w
+                .keep_previous
+                .as_ref()
+                .map(|t| {
+                    if t.value.trim() == "0" {
+                        Duration::ZERO
+                    } else {
+                        seconds(&mut c, t, "shoal.service.switch.keep_previous", 3600)
+                    }
+                })
+                .unwrap_or(Duration::ZERO);
+            SwitchSpec {
+                address,
+                drain_timeout,
+                keep_previous,
+            }
+        });
         ServiceSpec {
             command: s.command.value.trim().to_string(),
             args: s.args,
@@ -511,6 +574,7 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
             health_path,
             start_timeout,
             user,
+            switch,
             line,
         }
     });

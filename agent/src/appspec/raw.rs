@@ -78,6 +78,15 @@ pub struct RawService {
     pub health_path: Option<Text>,
     pub start_timeout: Option<Text>,
     pub user: Option<Text>,
+    pub switch: Option<RawSwitch>,
+}
+
+/// `shoal.service.switch`: the public port held by a proxy while revisions change.
+#[derive(Deserialize, Debug)]
+pub struct RawSwitch {
+    pub address: Option<Text>,
+    pub drain_timeout: Option<Text>,
+    pub keep_previous: Option<Text>,
 }
 
 /// A list of scalars that may also be written as one scalar, or left empty.

@@ -74,6 +74,19 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// The fleet dashboard in your browser, served here, through the agent at --peer.
     Ui(ui::UiArgs),
+    /// A switched service's proxy (started by the agent, not by hand; decision 0022).
+    #[command(hide = true)]
+    SwitchProxy(SwitchProxyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SwitchProxyArgs {
+    /// The application's directory (its control socket is made there).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The public address to hold.
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
 }
 
 /// Parses the command line, runs the command, and turns its result into an exit status.
@@ -87,7 +100,7 @@ pub fn main() -> ExitCode {
     );
     // The agent reports what it does (openraft only its errors: its warnings are about
     // messages of a past term, routine in a Raft); commands only warn.
-    let default_level = if matches!(cli.command, Command::Agent(_)) {
+    let default_level = if matches!(cli.command, Command::Agent(_) | Command::SwitchProxy(_)) {
         "info,openraft=error"
     } else {
         "warn"
@@ -122,6 +135,13 @@ pub fn main() -> ExitCode {
                 .init()
         }
     }
+    if let Command::SwitchProxy(args) = &cli.command {
+        // Its own runtime, one thread, made after it has dropped its privileges.
+        return match crate::switch::proxy::main(&args.dir, args.listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -148,6 +168,7 @@ pub fn main() -> ExitCode {
             }
             Command::Demo(args) => demo::run(args, cli.json).await,
             Command::Ui(args) => ui::run(args, &cli.peer, cli.identity.as_deref(), cli.json).await,
+            Command::SwitchProxy(_) => unreachable!("served above"),
         }
     });
     match result {

@@ -13,5 +13,6 @@ pub mod service;
 pub mod state;
 pub mod status;
 pub mod supervise;
+pub mod switched;
 
 pub use run::{DeployRequest, DeploymentRecord, LocalHost};

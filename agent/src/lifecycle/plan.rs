@@ -10,6 +10,19 @@
 //! rollback is on), the host is rolled back: the new service stopped, the previous
 //! revision's files installed again, its service started, and its ApplicationStart and
 //! ValidateService hooks run again.
+//!
+//! A **switched** service ([`Machine::switched`], `shoal.service.switch`) keeps its public
+//! port on a proxy while revisions change, so the old service stops last, not first:
+//! DownloadBundle, BeforeInstall, Install, AfterInstall, ApplicationStart (the new service
+//! started beside the old one, on a port of its own), ValidateService, then CodeDeploy's
+//! traffic events around the switch: BeforeBlockTraffic (the previous revision's hooks),
+//! BlockTraffic (the proxy holds new connections), AfterBlockTraffic (previous),
+//! BeforeAllowTraffic (new), AllowTraffic (new connections go to the new service),
+//! AfterAllowTraffic (new); and only then ApplicationStop (the previous revision's hooks,
+//! then its service drained and stopped, or kept warm). Its rollback is a switch back: the
+//! previous service (still running, or started again), its ApplicationStart and
+//! ValidateService hooks, AllowTraffic back to it, the new service drained and stopped,
+//! and the previous revision's files installed again.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +54,12 @@ pub enum Action {
         side: Side,
     },
     StartService {
+        side: Side,
+    },
+    /// Switched services only: the proxy stops handing out new connections (they wait).
+    BlockTraffic,
+    /// Switched services only: new connections (and held ones) go to `side`'s service.
+    AllowTraffic {
         side: Side,
     },
     /// Record the new revision as the host's active and last successful one.
@@ -93,9 +112,104 @@ pub struct Machine {
     ignore_stop_failures: bool,
     /// The previous revision's ApplicationStop hooks failed and that was ignored.
     stop_hooks_failed: bool,
+    switched: bool,
 }
 
+/// The events of a switched deployment, in the order they happen.
+const SWITCHED_ORDER: [LifecycleEvent; 13] = {
+    use LifecycleEvent as E;
+    [
+        E::DownloadBundle,
+        E::BeforeInstall,
+        E::Install,
+        E::AfterInstall,
+        E::ApplicationStart,
+        E::ValidateService,
+        E::BeforeBlockTraffic,
+        E::BlockTraffic,
+        E::AfterBlockTraffic,
+        E::BeforeAllowTraffic,
+        E::AllowTraffic,
+        E::AfterAllowTraffic,
+        E::ApplicationStop,
+    ]
+};
+
 impl Machine {
+    /// A deployment of a switched service (`shoal.service.switch`; see the module doc).
+    /// Without a previous revision there is nothing to block or stop: those events are
+    /// Skipped.
+    pub fn switched(has_previous: bool, rollback_enabled: bool) -> Self {
+        use LifecycleEvent as E;
+        let hooks = |event, side| (event, Action::RunHooks { event, side });
+        let (new, prev) = (Side::New, Side::Previous);
+        let mut forward = vec![
+            (E::DownloadBundle, Action::Unpack),
+            hooks(E::BeforeInstall, new),
+            (E::Install, Action::Install { side: new }),
+            hooks(E::AfterInstall, new),
+            (E::ApplicationStart, Action::StartService { side: new }),
+            hooks(E::ApplicationStart, new),
+            hooks(E::ValidateService, new),
+        ];
+        if has_previous {
+            forward.extend([
+                hooks(E::BeforeBlockTraffic, prev),
+                (E::BlockTraffic, Action::BlockTraffic),
+                hooks(E::AfterBlockTraffic, prev),
+            ]);
+        }
+        forward.extend([
+            hooks(E::BeforeAllowTraffic, new),
+            (E::AllowTraffic, Action::AllowTraffic { side: new }),
+            hooks(E::AfterAllowTraffic, new),
+        ]);
+        if has_previous {
+            forward.extend([
+                hooks(E::ApplicationStop, prev),
+                (E::ApplicationStop, Action::StopService { side: prev }),
+            ]);
+        }
+        let rollback_steps = vec![
+            (E::ApplicationStart, Action::StartService { side: prev }),
+            hooks(E::ApplicationStart, prev),
+            hooks(E::ValidateService, prev),
+            (E::AllowTraffic, Action::AllowTraffic { side: prev }),
+            (E::ApplicationStop, Action::StopService { side: new }),
+            (E::Install, Action::Install { side: prev }),
+        ];
+        let events = SWITCHED_ORDER
+            .iter()
+            .map(|&name| EventRecord {
+                name,
+                status: if forward.iter().any(|s| s.0 == name) {
+                    EventStatus::Pending
+                } else {
+                    EventStatus::Skipped
+                },
+            })
+            .collect();
+        Machine {
+            forward,
+            rollback_steps,
+            at: 0,
+            rolling_back: false,
+            rollback_enabled: rollback_enabled && has_previous,
+            events,
+            rollback_events: Vec::new(),
+            failure: None,
+            outcome: None,
+            ignore_stop_failures: false,
+            stop_hooks_failed: false,
+            switched: true,
+        }
+    }
+
+    /// Whether this is a switched deployment ([`Machine::switched`]).
+    pub fn is_switched(&self) -> bool {
+        self.switched
+    }
+
     /// `has_previous`: the host has a last successful revision of this application.
     pub fn new(has_previous: bool, rollback_enabled: bool) -> Self {
         use LifecycleEvent as E;
@@ -200,6 +314,7 @@ impl Machine {
             outcome: None,
             ignore_stop_failures: false,
             stop_hooks_failed: false,
+            switched: false,
         }
     }
 
@@ -623,5 +738,149 @@ mod tests {
         let mut m = Machine::new(false, true);
         drive(&mut m, Some(7), None);
         assert!(matches!(m.outcome(), Some(Outcome::Failed { .. })));
+    }
+
+    fn hooks(event: LifecycleEvent, side: Side) -> Action {
+        Action::RunHooks { event, side }
+    }
+
+    #[test]
+    fn a_switched_deployment_moves_traffic_before_the_old_service_stops() {
+        use Side::*;
+        let mut m = Machine::switched(true, true);
+        let taken = drive(&mut m, None, None);
+        assert_eq!(
+            taken,
+            vec![
+                Action::Unpack,
+                hooks(E::BeforeInstall, New),
+                Action::Install { side: New },
+                hooks(E::AfterInstall, New),
+                Action::StartService { side: New },
+                hooks(E::ApplicationStart, New),
+                hooks(E::ValidateService, New),
+                hooks(E::BeforeBlockTraffic, Previous),
+                Action::BlockTraffic,
+                hooks(E::AfterBlockTraffic, Previous),
+                hooks(E::BeforeAllowTraffic, New),
+                Action::AllowTraffic { side: New },
+                hooks(E::AfterAllowTraffic, New),
+                hooks(E::ApplicationStop, Previous),
+                Action::StopService { side: Previous },
+                Action::Commit,
+            ]
+        );
+        assert_eq!(m.outcome(), Some(&Outcome::Succeeded));
+        assert!(m.events.iter().all(|r| r.status == EventStatus::Succeeded));
+        let order: Vec<_> = m.events.iter().map(|r| r.name).collect();
+        assert_eq!(order, SWITCHED_ORDER.to_vec());
+    }
+
+    #[test]
+    fn a_first_switched_deployment_has_nothing_to_block_or_stop() {
+        use Side::*;
+        let mut m = Machine::switched(false, true);
+        let taken = drive(&mut m, None, None);
+        assert!(!taken.contains(&Action::BlockTraffic));
+        assert!(taken.contains(&Action::AllowTraffic { side: New }));
+        assert!(
+            !taken
+                .iter()
+                .any(|a| matches!(a, Action::RunHooks { side: Previous, .. }))
+        );
+        use EventStatus::*;
+        let skipped: Vec<_> = m
+            .events
+            .iter()
+            .filter(|r| r.status == Skipped)
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(
+            skipped,
+            vec![
+                E::BeforeBlockTraffic,
+                E::BlockTraffic,
+                E::AfterBlockTraffic,
+                E::ApplicationStop
+            ]
+        );
+        // A first deployment has nothing to go back to.
+        let mut m = Machine::switched(false, true);
+        drive(&mut m, Some(6), None);
+        assert!(matches!(
+            m.outcome(),
+            Some(Outcome::Failed {
+                rolled_back: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_switched_rollback_switches_back_before_the_new_service_stops() {
+        use Side::*;
+        let rollback = [
+            Action::StartService { side: Previous },
+            hooks(E::ApplicationStart, Previous),
+            hooks(E::ValidateService, Previous),
+            Action::AllowTraffic { side: Previous },
+            Action::StopService { side: New },
+            Action::Install { side: Previous },
+        ];
+        // Failing ValidateService (before the switch) and AfterAllowTraffic (after it): the
+        // same way back, since switching back is idempotent.
+        for (fail_at, event) in [(6, E::ValidateService), (12, E::AfterAllowTraffic)] {
+            let mut m = Machine::switched(true, true);
+            let taken = drive(&mut m, Some(fail_at), None);
+            assert_eq!(taken[fail_at + 1..], rollback[..], "failing at {event}");
+            match m.outcome() {
+                Some(Outcome::Failed {
+                    event: e,
+                    rolled_back: true,
+                    rollback_error: None,
+                    ..
+                }) => assert_eq!(*e, event),
+                other => panic!("{other:?}"),
+            }
+            let rolled: Vec<_> = m.rollback_events.iter().map(|r| r.name).collect();
+            assert_eq!(
+                rolled,
+                vec![
+                    E::ApplicationStart,
+                    E::ValidateService,
+                    E::AllowTraffic,
+                    E::ApplicationStop,
+                    E::Install
+                ]
+            );
+            // What was not reached is Skipped.
+            assert!(
+                m.events
+                    .iter()
+                    .skip_while(|r| r.name != event)
+                    .skip(1)
+                    .all(|r| r.status == EventStatus::Skipped)
+            );
+        }
+        // A failed switch back is reported as the rollback's error.
+        let mut m = Machine::switched(true, true);
+        drive(&mut m, Some(6), Some(3));
+        assert!(matches!(
+            m.outcome(),
+            Some(Outcome::Failed {
+                rolled_back: false,
+                rollback_error: Some(_),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn an_ignored_application_stop_failure_after_a_switch_still_commits() {
+        let mut m = Machine::switched(true, true).ignoring_stop_failures(true);
+        // Step 13 is the previous revision's ApplicationStop hooks.
+        let taken = drive(&mut m, Some(13), None);
+        assert_eq!(taken.last(), Some(&Action::Commit));
+        assert_eq!(m.outcome(), Some(&Outcome::Succeeded));
     }
 }

@@ -17,6 +17,7 @@ use super::plan::{Action, EventRecord, Machine, Outcome, Side};
 use super::service;
 use super::state::{AppDir, AppState, Journal, read_json, remove, write_json};
 use super::status::{DeploymentStatus, HostStatus};
+use super::switched;
 use crate::appspec::AppSpec;
 use crate::bundle::{self, Limits, RevisionId};
 use crate::hooks::{DirGrant, HookContext, HookRuntime, LifecycleEvent, Sandbox};
@@ -380,8 +381,19 @@ impl LocalHost {
         write_json(&dir.journal(), &journal)?;
         crate::faults::point("journal.written");
 
-        let mut machine = Machine::new(previous.is_some(), req.rollback)
-            .ignoring_stop_failures(req.ignore_stop_failures);
+        // Switched when the new revision declares a switch and the previous one (if any)
+        // ran behind it too; otherwise in place (a move to or from a switch stops first).
+        let new_switch = switched::declared(new.spec.service.as_ref()).cloned();
+        let switched_mode = new_switch.is_some()
+            && previous
+                .as_ref()
+                .is_none_or(|p| switched::declared(p.spec.service.as_ref()).is_some());
+        let machine = if switched_mode {
+            Machine::switched(previous.is_some(), req.rollback)
+        } else {
+            Machine::new(previous.is_some(), req.rollback)
+        };
+        let mut machine = machine.ignoring_stop_failures(req.ignore_stop_failures);
         let mut hooks_run = Vec::new();
         let tell = |machine: &Machine| {
             if let Some(progress) = &req.progress {
@@ -407,9 +419,43 @@ impl LocalHost {
                     self.run_hooks(&dir, &id, req, release, event, &mut hooks_run)
                         .await
                 }
-                Action::StopService { .. } => service::stop(&dir).inspect(|()| {
-                    crate::faults::point("service.stopped");
-                }),
+                Action::StopService { side } => match &new_switch {
+                    // Traffic has left it: drained, then kept warm (the previous
+                    // revision) or stopped.
+                    Some(switch) if switched_mode => switched::retire(
+                        &dir,
+                        switch.drain_timeout,
+                        if side == Side::Previous {
+                            switch.keep_previous
+                        } else {
+                            std::time::Duration::ZERO
+                        },
+                    ),
+                    _ => switched::stop_all(&dir).inspect(|()| {
+                        crate::faults::point("service.stopped");
+                    }),
+                },
+                Action::BlockTraffic => switched::block(&dir),
+                Action::AllowTraffic { side } => {
+                    let release = side_release(side).expect("a side the machine names exists");
+                    let port = match side {
+                        Side::New => req.port,
+                        Side::Previous => journal.port,
+                    };
+                    let service = release.spec.service.as_ref();
+                    match (
+                        switched::declared(service),
+                        port.or(service.and_then(|s| s.port)),
+                    ) {
+                        (Some(switch), Some(port)) => {
+                            switched::allow(&dir, &release.id, switch, port)
+                        }
+                        _ => Err(anyhow!(
+                            "revision {} declares no switched service",
+                            release.id.short()
+                        )),
+                    }
+                }
                 Action::Install { side } => {
                     let release = side_release(side).expect("a side the machine names exists");
                     journal.phase = format!("Install {}", release.id.short());
@@ -424,9 +470,20 @@ impl LocalHost {
                         Side::New => req.port,
                         Side::Previous => journal.port,
                     };
-                    self.start_service(&dir, release, port).inspect(|()| {
-                        crate::faults::point("service.started");
-                    })
+                    match release.spec.service.as_ref() {
+                        Some(spec) if switched_mode => match side {
+                            Side::New => {
+                                switched::start_beside(&dir, &release.dir, &release.id, spec)
+                            }
+                            Side::Previous => {
+                                switched::ensure_running(&dir, &release.dir, &release.id, spec)
+                            }
+                        }
+                        .map(drop),
+                        _ => self.start_service(&dir, release, port).inspect(|()| {
+                            crate::faults::point("service.started");
+                        }),
+                    }
                 }
                 Action::Commit => {
                     state.active = Some(new.id.clone());
@@ -529,13 +586,21 @@ impl LocalHost {
         Ok(state.installed.union(&interrupted).cloned().collect())
     }
 
+    /// Starts a release's service in place, the previous one stopped first. A switched one
+    /// listens on a port of its own, and its proxy (started if need be) routes to it.
     fn start_service(&self, dir: &AppDir, release: &Release, port: Option<u16>) -> Result<()> {
         let Some(spec) = &release.spec.service else {
             return Ok(());
         };
         service::stop(dir)?;
-        service::start(dir, &release.dir, &release.id, spec, port.or(spec.port))?;
-        Ok(())
+        match (switched::declared(Some(spec)), port.or(spec.port)) {
+            (Some(switch), Some(public)) => {
+                let own = service::free_port()?;
+                service::start(dir, &release.dir, &release.id, spec, Some(own))?;
+                switched::allow(dir, &release.id, switch, public)
+            }
+            (_, port) => service::start(dir, &release.dir, &release.id, spec, port).map(drop),
+        }
     }
 
     async fn run_hooks(
@@ -547,9 +612,16 @@ impl LocalHost {
         event: LifecycleEvent,
         results: &mut Vec<HookResult>,
     ) -> Result<()> {
-        let port = req
+        let public = req
             .port
             .or(release.spec.service.as_ref().and_then(|s| s.port));
+        // A switched revision's hooks reach its own service, wherever traffic goes now.
+        let port = match switched::declared(release.spec.service.as_ref()) {
+            Some(_) => service::running_of(dir, &release.id)?
+                .and_then(|(_, r)| r.port)
+                .or(public),
+            None => public,
+        };
         std::fs::create_dir_all(dir.work())?;
         // Through directory handles: the paths are predictable (a fleet deployment's id is
         // its intent's), so nothing planted there is followed.
@@ -843,10 +915,23 @@ impl LocalHost {
         };
         tracing::warn!(app, deployment = %journal.deployment_id, phase = %journal.phase, "recovering an interrupted deployment");
         let mut state: AppState = read_json(&dir.state())?.unwrap_or_default();
-        service::stop(dir)?;
-        let message = match journal.from.clone() {
-            Some(from) => {
-                let release = self.open_release(dir, &from)?;
+        service::settle_swap(dir)?;
+        let from = match &journal.from {
+            Some(from) => Some(self.open_release(dir, from)?),
+            None => None,
+        };
+        // A switched revision to go back to is switched back to (its service may well still
+        // serve); anything else is stopped whole first, as an in-place deployment does.
+        let from_switch = from
+            .as_ref()
+            .and_then(|r| switched::declared(r.spec.service.as_ref()))
+            .cloned();
+        if from_switch.is_none() {
+            switched::stop_all(dir)?;
+        }
+        let message = match from {
+            Some(release) => {
+                let from = release.id.clone();
                 check_intact(&release)?;
                 let mut unstarted = if force {
                     self.install_forced(dir, &release, &mut state, &mut journal)?
@@ -857,14 +942,23 @@ impl LocalHost {
                 };
                 state.active = Some(from.clone());
                 write_json(&dir.state(), &state)?;
+                let back = |spec: &crate::appspec::ServiceSpec| -> Result<()> {
+                    let public = journal.port.or(state.port).or(spec.port);
+                    match (&from_switch, public) {
+                        (Some(switch), Some(public)) => {
+                            if crate::switch::running(dir)?.is_none() {
+                                // No proxy: whatever serves holds the public port itself.
+                                service::stop(dir)?;
+                            }
+                            switched::ensure_running(dir, &release.dir, &release.id, spec)?;
+                            switched::allow(dir, &release.id, switch, public)?;
+                            switched::retire(dir, switch.drain_timeout, std::time::Duration::ZERO)
+                        }
+                        _ => service::start(dir, &release.dir, &release.id, spec, public).map(drop),
+                    }
+                };
                 if let Some(spec) = &release.spec.service
-                    && let Err(e) = service::start(
-                        dir,
-                        &release.dir,
-                        &release.id,
-                        spec,
-                        journal.port.or(state.port).or(spec.port),
-                    )
+                    && let Err(e) = back(spec)
                 {
                     if !force {
                         return Err(e);

@@ -82,6 +82,29 @@ pub struct ServiceRecord {
     /// a service that does not stay up.
     #[serde(default)]
     pub restarts: u32,
+    /// A switched service's previous revision kept running after the switch: until when
+    /// (milliseconds since the epoch) it is kept for a switch back. Standby only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_until_ms: Option<u64>,
+}
+
+/// Which of an application's service records: the one the supervisor keeps running
+/// (`service.json`), or a switched service's other process (`standby.json`): the new
+/// revision's while it is started and validated, the previous one's while it drains or
+/// is kept warm after the switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Serving,
+    Standby,
+}
+
+impl Slot {
+    fn path(self, dir: &AppDir) -> std::path::PathBuf {
+        match self {
+            Slot::Serving => dir.service(),
+            Slot::Standby => dir.standby(),
+        }
+    }
 }
 
 /// Where this agent makes services' cgroups: children of its own cgroup in the cgroup v2
@@ -234,6 +257,78 @@ pub fn current(dir: &AppDir) -> Result<Option<ServiceRecord>> {
     read_json(&dir.service())
 }
 
+/// The service recorded in `slot`, if any.
+pub fn current_in(dir: &AppDir, slot: Slot) -> Result<Option<ServiceRecord>> {
+    read_json(&slot.path(dir))
+}
+
+/// The running service of `revision`, in whichever slot it is.
+pub fn running_of(dir: &AppDir, revision: &RevisionId) -> Result<Option<(Slot, ServiceRecord)>> {
+    for slot in [Slot::Serving, Slot::Standby] {
+        if let Some(r) = current_in(dir, slot)?
+            && &r.revision == revision
+            && r.is_running()
+        {
+            return Ok(Some((slot, r)));
+        }
+    }
+    Ok(None)
+}
+
+/// Makes the standby service the serving one and the serving one the standby, by three
+/// renames through `swapping.json`; [`settle_swap`] finishes one a crash interrupted.
+pub fn swap(dir: &AppDir) -> Result<()> {
+    let rename = |from: &Path, to: &Path| -> Result<()> {
+        match std::fs::rename(from, to) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("renaming {}", from.display())),
+        }
+    };
+    rename(&dir.service(), &dir.swapping())?;
+    crate::faults::point("switch.swap-half");
+    rename(&dir.standby(), &dir.service())?;
+    rename(&dir.swapping(), &dir.standby())?;
+    crate::durable::sync_dir(&dir.root)
+}
+
+/// Finishes a [`swap`] that a crash interrupted (under the application's lock): the
+/// records end in their new places, none lost.
+pub fn settle_swap(dir: &AppDir) -> Result<()> {
+    if !dir.swapping().exists() {
+        return Ok(());
+    }
+    if !dir.service().exists() && dir.standby().exists() {
+        std::fs::rename(dir.standby(), dir.service())?;
+    }
+    std::fs::rename(dir.swapping(), dir.standby())?;
+    crate::durable::sync_dir(&dir.root)
+}
+
+/// Stops the service recorded in `slot`, if it is still the one we started, and forgets it.
+pub fn stop_in(dir: &AppDir, slot: Slot) -> Result<()> {
+    if let Some(record) = current_in(dir, slot)? {
+        stop_record(&record)?;
+    }
+    remove(&slot.path(dir))
+}
+
+/// Records how long the standby service is kept warm.
+pub fn keep_warm(dir: &AppDir, until_ms: u64) -> Result<()> {
+    if let Some(mut record) = current_in(dir, Slot::Standby)? {
+        record.warm_until_ms = Some(until_ms);
+        write_json(&dir.standby(), &record)?;
+    }
+    Ok(())
+}
+
+/// A TCP port of 127.0.0.1 that was free a moment ago, for a switched service's `$PORT`.
+/// Its start is checked to hold it (the listener must be the service's own).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
 /// Starts `spec` from the release at `release`, waits until it is healthy, and records it.
 pub fn start(
     dir: &AppDir,
@@ -248,6 +343,7 @@ pub fn start(
 /// A service spawned and recorded, not yet healthy: [`Starting::wait`] decides. The
 /// supervisor spawns under the application's lock and waits without it.
 pub struct Starting {
+    slot: Slot,
     dir: AppDir,
     child: Child,
     record: ServiceRecord,
@@ -346,6 +442,19 @@ pub fn spawn(
     port: Option<u16>,
     restarts: u32,
 ) -> Result<Starting> {
+    spawn_in(Slot::Serving, dir, release, revision, spec, port, restarts)
+}
+
+/// [`spawn`], recorded in `slot`.
+pub fn spawn_in(
+    slot: Slot,
+    dir: &AppDir,
+    release: &Path,
+    revision: &RevisionId,
+    spec: &ServiceSpec,
+    port: Option<u16>,
+    restarts: u32,
+) -> Result<Starting> {
     use std::os::unix::process::CommandExt;
     let program = if Path::new(&spec.command).is_absolute() {
         spec.command.clone().into()
@@ -431,9 +540,11 @@ pub fn spawn(
         port,
         cgroup,
         restarts,
+        warm_until_ms: None,
     };
-    write_json(&dir.service(), &record)?;
+    write_json(&slot.path(dir), &record)?;
     Ok(Starting {
+        slot,
         dir: dir.clone(),
         child,
         record,
@@ -468,7 +579,7 @@ impl Starting {
             }
             if let Some(status) = self.child.try_wait()? {
                 let _ = stop_record(&self.record);
-                remove_if_ours(&self.dir, &self.record);
+                remove_if_ours(&self.dir, self.slot, &self.record);
                 bail!(
                     "the service exited with {status} while starting; its output: {}",
                     log_tail(&self.dir, self.log_start)
@@ -493,7 +604,7 @@ impl Starting {
             }
             if Instant::now() >= deadline {
                 let _ = stop_record(&self.record);
-                remove_if_ours(&self.dir, &self.record);
+                remove_if_ours(&self.dir, self.slot, &self.record);
                 let why = anyhow!(
                     "the service did not become healthy within {}s; its output: {}",
                     self.spec.start_timeout.as_secs(),
@@ -509,10 +620,10 @@ impl Starting {
     }
 }
 
-/// Removes `service.json` if it still names `record` (a deployment may have replaced it).
-fn remove_if_ours(dir: &AppDir, record: &ServiceRecord) {
-    if current(dir).ok().flatten().as_ref() == Some(record) {
-        let _ = remove(&dir.service());
+/// Removes `slot`'s record if it still names `record` (a deployment may have replaced it).
+fn remove_if_ours(dir: &AppDir, slot: Slot, record: &ServiceRecord) {
+    if current_in(dir, slot).ok().flatten().as_ref() == Some(record) {
+        let _ = remove(&slot.path(dir));
     }
 }
 
@@ -567,7 +678,12 @@ fn listener_is_ours(record: &ServiceRecord, port: u16) -> Option<bool> {
 /// Whether the app's running service answers `GET path` on `127.0.0.1:port` with 2xx
 /// while its own processes hold the port (the check of its start, asked again).
 pub fn healthy(dir: &AppDir, port: u16, path: &str) -> bool {
-    match current(dir) {
+    healthy_in(dir, Slot::Serving, port, path)
+}
+
+/// [`healthy`] for the service recorded in `slot`.
+pub fn healthy_in(dir: &AppDir, slot: Slot, port: u16, path: &str) -> bool {
+    match current_in(dir, slot) {
         Ok(Some(record)) if record.is_running() => {
             listener_is_ours(&record, port) == Some(true) && http_ok(port, path)
         }
@@ -740,6 +856,7 @@ mod tests {
             health_path: None,
             start_timeout: Duration::from_secs(5),
             user: None,
+            switch: None,
             line: 1,
         }
     }
@@ -881,6 +998,7 @@ mod tests {
             port: Some(own_port),
             cgroup: None,
             restarts: 0,
+            warm_until_ms: None,
         };
         if me.owns_group() {
             assert_eq!(listener_is_ours(&me, own_port), Some(true));

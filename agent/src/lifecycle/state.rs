@@ -39,6 +39,15 @@ impl AppDir {
     pub fn service(&self) -> PathBuf {
         self.root.join("service.json")
     }
+    /// A switched service's other process: the new revision's before the switch, the
+    /// previous one's (draining, or kept warm) after it (`service::Slot`).
+    pub fn standby(&self) -> PathBuf {
+        self.root.join("standby.json")
+    }
+    /// Where `service.json` waits while the two records change places (`service::swap`).
+    pub fn swapping(&self) -> PathBuf {
+        self.root.join("swapping.json")
+    }
     pub fn service_log(&self) -> PathBuf {
         self.root.join("service.log")
     }

@@ -341,7 +341,11 @@ impl Monitoring {
                 use super::monitor::Check;
                 let spec = crate::bundle::read_appspec(&dir.release(&revision)).ok()?;
                 let state: AppState = read_json(&dir.state()).ok().flatten()?;
-                let port = state.port.or(spec.service.as_ref().and_then(|s| s.port));
+                let port = match super::switched::declared(spec.service.as_ref()) {
+                    // A switched service is checked on its own port, not through the proxy.
+                    Some(_) => service::current(&dir).ok().flatten().and_then(|r| r.port),
+                    None => state.port.or(spec.service.as_ref().and_then(|s| s.port)),
+                };
                 let mut checks: Vec<Check> = spec.monitors.into_iter().map(Check::Hook).collect();
                 if let (Some(port), Some(path)) = (
                     port,
@@ -481,6 +485,7 @@ fn tick(
     let Some(lock) = lock_within(&dir, LOCK_WAIT)? else {
         return Ok(Pass::Busy);
     };
+    service::settle_swap(&dir)?;
     let state: AppState = read_json(&dir.state())?.unwrap_or_default();
     let Some(active) = state.active else {
         return Ok(Pass::Fine);
@@ -494,11 +499,16 @@ fn tick(
         return Ok(Pass::Fine);
     };
     service::rotate_log(&dir, service::MAX_LOG_BYTES)?;
+    let switch = super::switched::declared(Some(&spec));
+    let public = state.port.or(spec.port);
 
     if let Some(record) = service::current(&dir)?
         && record.revision == active
         && record.is_running()
     {
+        if let (Some(switch), Some(public)) = (switch, public) {
+            super::switched::upkeep(&dir, &record, switch, public)?;
+        }
         if !watch.adopted_logged {
             tracing::info!(app, pid = record.pid, revision = %active.short(), "service running");
             watch.adopted_logged = true;
@@ -517,20 +527,20 @@ fn tick(
         Some(at) if now >= at => {
             watch.restart_at = None;
             // The count goes on for the same revision (the gate of a rollout reads it).
-            let restarts = service::current(&dir)?
-                .filter(|r| r.revision == active)
-                .map_or(0, |r| r.restarts)
-                .saturating_add(1);
+            let before = service::current(&dir)?.filter(|r| r.revision == active);
+            let restarts = before.as_ref().map_or(0, |r| r.restarts).saturating_add(1);
+            // A switched service starts again on its own port, where the proxy routes (a
+            // new one when it had none); the next pass checks the route.
+            let port = match switch {
+                Some(_) => match before.and_then(|r| r.port) {
+                    Some(port) => Some(port),
+                    None => Some(service::free_port()?),
+                },
+                None => public,
+            };
             // Whatever is left of the one before (a group whose leader died) goes first.
             service::stop(&dir)?;
-            let starting = service::spawn(
-                &dir,
-                &release,
-                &active,
-                &spec,
-                state.port.or(spec.port),
-                restarts,
-            )?;
+            let starting = service::spawn(&dir, &release, &active, &spec, port, restarts)?;
             drop(lock);
             let pid = starting.pid();
             crate::http::metrics::metrics()

@@ -249,7 +249,7 @@ impl Drop for Fleet {
         }
         stop_agents(&mut self.agents);
         for i in 0..AGENTS {
-            let _ = crate::lifecycle::service::stop(&AppDir::new(
+            let _ = crate::lifecycle::switched::stop_all(&AppDir::new(
                 &Self::agent_dir(&self.dir, i).join("data"),
                 APP,
             ));
@@ -644,8 +644,8 @@ pub fn stop(dir: &Path, json: bool) -> Result<bool> {
             let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
             stopped.push(format!("agent-{}", i + 1));
         }
-        crate::lifecycle::service::stop(&AppDir::new(&home.join("data"), APP))
-            .with_context(|| format!("stopping agent-{}'s service", i + 1))?;
+        crate::lifecycle::switched::stop_all(&AppDir::new(&home.join("data"), APP))
+            .with_context(|| format!("stopping agent-{}'s service and switch", i + 1))?;
         let _ = std::fs::remove_file(home.join("agent.pid"));
     }
     if json {

@@ -21,7 +21,7 @@ use shoal_examples::{Artifact, MODEL_CHECKSUM, PLAIN_COMMAND, PLAIN_COMMAND_P1, 
 use crate::hooks::{DirGrant, HookContext, HookRuntime, HookStatus, LifecycleEvent, Sandbox};
 use crate::lifecycle::run::DEFAULT_KEEP_RELEASES;
 use crate::lifecycle::state::AppDir;
-use crate::lifecycle::{DeployRequest, LocalHost, service};
+use crate::lifecycle::{DeployRequest, LocalHost};
 
 /// What a step should end as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -247,7 +247,7 @@ async fn deployments(
             as_expected,
         });
     }
-    service::stop(&AppDir::new(&host.data_dir, "inference"))?;
+    crate::lifecycle::switched::stop_all(&AppDir::new(&host.data_dir, "inference"))?;
     Ok(reports)
 }
 

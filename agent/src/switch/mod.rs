@@ -1,0 +1,387 @@
+//! The traffic switch of a switched service (`shoal.service.switch`, decision 0022): one
+//! small proxy process per application holds the public port while revisions change, and
+//! forwards each new TCP connection to the serving revision's own port on 127.0.0.1.
+//!
+//! - [`proxy`] is the process (`shoal switch-proxy`): the listener, the control socket,
+//!   the forwarding. It outlives the agent: the agent starts it in a session of its own
+//!   and records it in `apps/<app>/switch.json` (pid and start time, as services are), so
+//!   the next agent adopts it and never signals a recycled pid.
+//! - This module is the agent's side: [`ensure`] (adopt or start), [`running`] (adopt
+//!   only) and [`Proxy`], whose calls are control requests over `apps/<app>/switch.sock`:
+//!   one JSON line each way, bounded in size and time.
+//!
+//! A route applies to connections accepted after it: open ones keep their backend, and
+//! [`Status::open`] counts them per backend, which is what [`Proxy::drain`] waits on.
+
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::state::{AppDir, read_json, remove, write_json};
+
+/// How long a hold lasts at most: past it the proxy hands out connections to its backend
+/// (the old revision, still running) again by itself, so neither slow hooks between
+/// BlockTraffic and AllowTraffic nor an agent that dies there keep a client waiting longer
+/// than this.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(3);
+/// How long a control request may take, connect to answer.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a started proxy has to answer its first `status`.
+const START_WITHIN: Duration = Duration::from_secs(5);
+/// A control line's largest size, either way.
+pub(crate) const MAX_LINE: usize = 1024;
+
+/// Why the switch could not be used, where a caller must tell the cases apart.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    /// The public address could not be bound (another process holds it, say).
+    #[error("the switch could not bind {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+    /// The proxy process did not answer on its control socket.
+    #[error("the switch (pid {pid}) does not answer on {}: {reason}", socket.display())]
+    NotAnswering {
+        pid: i32,
+        socket: PathBuf,
+        reason: String,
+    },
+    /// The proxy answered, and refused the request.
+    #[error("the switch refused `{op}`: {reason}")]
+    Refused { op: String, reason: String },
+}
+
+/// The proxy of one application, as recorded in `switch.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SwitchRecord {
+    pub pid: i32,
+    /// The process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+    pub start_ticks: u64,
+    pub listen: SocketAddr,
+}
+
+/// What the proxy says of itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Status {
+    /// Where new connections go, if anywhere yet.
+    pub backend: Option<u16>,
+    /// New connections are held: not accepted, waiting in the listen backlog.
+    pub held: bool,
+    /// Open (proxied) connections per backend port.
+    pub open: BTreeMap<u16, u32>,
+    /// Connections accepted since the proxy started, and those that reached no backend.
+    pub accepted: u64,
+    pub failed: u64,
+}
+
+/// A control request.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub(crate) enum Request {
+    Route { port: u16 },
+    Hold { for_ms: u64 },
+    Status,
+    Stop,
+}
+
+/// A control answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Answer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn record_path(dir: &AppDir) -> PathBuf {
+    dir.root.join("switch.json")
+}
+
+/// The control socket of the app's proxy.
+pub fn socket_path(dir: &AppDir) -> PathBuf {
+    dir.root.join("switch.sock")
+}
+
+fn log_path(dir: &AppDir) -> PathBuf {
+    dir.root.join("switch.log")
+}
+
+/// A process's start time, if it runs (a zombie does not).
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if matches!(*fields.first()?, "Z" | "X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// The agent's handle on a running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    record: SwitchRecord,
+    socket: PathBuf,
+    dir: AppDir,
+}
+
+/// The proxy recorded for this app, if it is still the process that was started (pid and
+/// start time) and answers on its control socket.
+pub fn running(dir: &AppDir) -> Result<Option<Proxy>> {
+    let Some(record) = read_json::<SwitchRecord>(&record_path(dir))? else {
+        return Ok(None);
+    };
+    if start_ticks(record.pid) != Some(record.start_ticks) {
+        return Ok(None);
+    }
+    let proxy = Proxy {
+        record,
+        socket: socket_path(dir),
+        dir: dir.clone(),
+    };
+    match proxy.status() {
+        Ok(_) => Ok(Some(proxy)),
+        Err(e) => {
+            tracing::warn!("the recorded switch does not answer: {e:#}");
+            Ok(None)
+        }
+    }
+}
+
+/// The app's proxy on `listen`: the running one, or a new one started (and recorded) once
+/// it answers. A proxy on another address is stopped first; one that runs and does not
+/// answer is killed, so that its address is free.
+pub fn ensure(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
+    if let Some(proxy) = running(dir)? {
+        if proxy.record.listen == listen {
+            return Ok(proxy);
+        }
+        tracing::info!(from = %proxy.record.listen, to = %listen, "the switch moves to another address");
+        proxy.stop()?;
+    } else if let Some(record) = read_json::<SwitchRecord>(&record_path(dir))?
+        && start_ticks(record.pid) == Some(record.start_ticks)
+    {
+        kill_and_wait(&record);
+    }
+    start(dir, listen)
+}
+
+fn kill_and_wait(record: &SwitchRecord) {
+    use nix::sys::signal::{Signal, kill};
+    let pid = nix::unistd::Pid::from_raw(record.pid);
+    for (signal, grace) in [
+        (Signal::SIGTERM, Duration::from_secs(12)),
+        (Signal::SIGKILL, Duration::from_secs(5)),
+    ] {
+        let _ = kill(pid, signal);
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            crate::lifecycle::service::reap(record.pid);
+            if start_ticks(record.pid) != Some(record.start_ticks) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(&dir.root)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(log_path(dir))
+        .with_context(|| format!("opening {}", log_path(dir).display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().context("finding the agent's own binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("switch-proxy")
+        .arg("--dir")
+        .arg(&dir.root)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .env_clear()
+        .env("SHOAL_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the switch")?;
+    let pid = child.id() as i32;
+    let socket = socket_path(dir);
+    let deadline = Instant::now() + START_WITHIN;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let tail = log_tail(dir, log_start);
+            let reason = tail
+                .lines()
+                .rev()
+                .find_map(|l| l.split_once("binding ").map(|(_, r)| r.to_string()))
+                .unwrap_or_else(|| format!("it exited with {status}: {tail}"));
+            return Err(SwitchError::Bind {
+                addr: listen,
+                reason,
+            }
+            .into());
+        }
+        if let Some(ticks) = start_ticks(pid) {
+            let proxy = Proxy {
+                record: SwitchRecord {
+                    pid,
+                    start_ticks: ticks,
+                    listen,
+                },
+                socket: socket.clone(),
+                dir: dir.clone(),
+            };
+            if proxy.status().is_ok() {
+                write_json(&record_path(dir), &proxy.record)?;
+                // It belongs to the host now, not to this process.
+                std::mem::forget(child);
+                tracing::info!(pid, %listen, "switch started");
+                return Ok(proxy);
+            }
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SwitchError::NotAnswering {
+                pid,
+                socket,
+                reason: format!(
+                    "no answer within {}s; its log: {}",
+                    START_WITHIN.as_secs(),
+                    log_tail(dir, log_start)
+                ),
+            }
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_tail(dir: &AppDir, from: u64) -> String {
+    use std::io::Seek;
+    let Ok(mut file) = std::fs::File::open(log_path(dir)) else {
+        return "(none)".into();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = from.max(len.saturating_sub(600)).min(len);
+    let mut tail = Vec::new();
+    let _ = file
+        .seek(std::io::SeekFrom::Start(from))
+        .and_then(|_| file.take(600).read_to_end(&mut tail));
+    let tail = String::from_utf8_lossy(&tail).trim().to_string();
+    if tail.is_empty() {
+        "(none)".into()
+    } else {
+        tail
+    }
+}
+
+impl Proxy {
+    pub fn record(&self) -> &SwitchRecord {
+        &self.record
+    }
+
+    fn ask(&self, request: &Request) -> Result<Status> {
+        let op = serde_json::to_value(request)
+            .ok()
+            .and_then(|v| v["op"].as_str().map(String::from))
+            .unwrap_or_default();
+        let not_answering = |reason: String| SwitchError::NotAnswering {
+            pid: self.record.pid,
+            socket: self.socket.clone(),
+            reason,
+        };
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|e| not_answering(e.to_string()))?;
+        stream
+            .set_read_timeout(Some(CONTROL_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(CONTROL_TIMEOUT)))
+            .map_err(|e| not_answering(e.to_string()))?;
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        stream
+            .write_all(&line)
+            .map_err(|e| not_answering(e.to_string()))?;
+        let mut answer = String::new();
+        BufReader::new(stream.take(MAX_LINE as u64 * 4))
+            .read_line(&mut answer)
+            .map_err(|e| not_answering(e.to_string()))?;
+        let answer: Answer = serde_json::from_str(&answer)
+            .map_err(|e| not_answering(format!("an answer that is not one: {e}")))?;
+        match answer {
+            Answer {
+                ok: true,
+                status: Some(status),
+                ..
+            } => Ok(status),
+            Answer { error, .. } => Err(SwitchError::Refused {
+                op,
+                reason: error.unwrap_or_else(|| "no reason given".into()),
+            }
+            .into()),
+        }
+    }
+
+    /// New connections (and held ones) go to 127.0.0.1:`port` from now on.
+    pub fn route(&self, port: u16) -> Result<Status> {
+        self.ask(&Request::Route { port })
+    }
+
+    /// New connections wait (in the listen backlog, not refused) until the next route, or
+    /// [`HOLD_LIMIT`]. Open ones go on.
+    pub fn hold(&self) -> Result<Status> {
+        self.ask(&Request::Hold {
+            for_ms: HOLD_LIMIT.as_millis() as u64,
+        })
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        self.ask(&Request::Status)
+    }
+
+    /// Waits until no connection is open to `port`, or `timeout`: how many still are.
+    pub fn drain(&self, port: u16, timeout: Duration) -> Result<u32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let open = self.status()?.open.get(&port).copied().unwrap_or(0);
+            if open == 0 || Instant::now() >= deadline {
+                return Ok(open);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Stops the proxy (asked, then signalled if it does not go), confirmed gone, and
+    /// forgets it.
+    pub fn stop(self) -> Result<()> {
+        let _ = self.ask(&Request::Stop);
+        kill_and_wait(&self.record);
+        if start_ticks(self.record.pid) == Some(self.record.start_ticks) {
+            anyhow::bail!("the switch (pid {}) survived SIGKILL", self.record.pid);
+        }
+        remove(&record_path(&self.dir))?;
+        let _ = std::fs::remove_file(&self.socket);
+        tracing::info!(pid = self.record.pid, "switch stopped");
+        Ok(())
+    }
+}

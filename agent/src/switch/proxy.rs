@@ -1,0 +1,573 @@
+//! The switch's process, `shoal switch-proxy --dir APP_DIR --listen ADDR` (started by the
+//! agent, never by hand): it binds the public address and its control socket, drops to
+//! nobody (uid and gid 65534, no new privileges) when it runs as root, and then only
+//! forwards: each accepted connection goes to 127.0.0.1:PORT of the route in force when it
+//! was accepted, both ways (`copy_bidirectional`), until either side closes.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] connections at once (at the cap it stops accepting
+//! and the kernel's backlog absorbs), a backend connect within [`CONNECT_TIMEOUT`] (else the
+//! client's connection is closed and counted `failed`), control requests one line of at
+//! most `MAX_LINE` bytes read within [`CONTROL_READ`], [`MAX_CONTROL`] at once. A hold ends
+//! at the next route or when its time is up. On `stop` or SIGTERM it stops accepting, gives
+//! open connections [`STOP_GRACE`], and exits.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+use super::{Answer, MAX_LINE, Request, Status};
+
+pub const MAX_CONNECTIONS: usize = 4096;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONTROL_READ: Duration = Duration::from_secs(2);
+pub const MAX_CONTROL: usize = 4;
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Where new connections go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Route {
+    backend: Option<u16>,
+    /// Held until then: nothing is accepted.
+    held_until: Option<Instant>,
+}
+
+impl Route {
+    fn held(&self, now: Instant) -> bool {
+        self.held_until.is_some_and(|t| now < t)
+    }
+}
+
+/// What the accept loop, the forwarders and the control share.
+struct Shared {
+    route: watch::Sender<Route>,
+    open: Mutex<BTreeMap<u16, u32>>,
+    accepted: AtomicU64,
+    failed: AtomicU64,
+    stop: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn status(&self) -> Status {
+        let route = *self.route.borrow();
+        Status {
+            backend: route.backend,
+            held: route.held(Instant::now()),
+            open: self.open.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            accepted: self.accepted.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    fn opened(&self, port: u16) {
+        *self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(port)
+            .or_default() += 1;
+    }
+
+    fn closed(&self, port: u16) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&port) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&port);
+            }
+        }
+    }
+}
+
+/// The subcommand: binds, drops privileges, serves until stopped. Exits 2 with
+/// `binding ADDR: ...` on stderr when the address cannot be bound.
+pub fn main(dir: &Path, listen: SocketAddr) -> Result<()> {
+    let listener = match bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("switch-proxy: binding {listen}: {e}");
+            std::process::exit(2);
+        }
+    };
+    let socket = super::socket_path(&crate::lifecycle::state::AppDir {
+        root: dir.to_path_buf(),
+    });
+    match std::fs::symlink_metadata(&socket) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(&socket)?
+        }
+        Ok(_) => anyhow::bail!("{} exists and is not a socket", socket.display()),
+        Err(_) => {}
+    }
+    let control = std::os::unix::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    control.set_nonblocking(true)?;
+    drop_privileges()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = TcpListener::from_std(listener)?;
+        let control = UnixListener::from_std(control)?;
+        eprintln!(
+            "switch-proxy: serving {listen} (pid {})",
+            std::process::id()
+        );
+        serve(listener, control).await
+    })
+}
+
+/// The public listener: SO_REUSEADDR, a backlog of 1024, non-blocking.
+fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&listen.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// As root: no supplementary groups, gid and uid 65534, and no way back (`no_new_privs`).
+/// The sockets bound before stay usable.
+fn drop_privileges() -> Result<()> {
+    use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+    if !Uid::effective().is_root() {
+        return Ok(());
+    }
+    setgroups(&[]).context("dropping supplementary groups")?;
+    setgid(Gid::from_raw(65534)).context("setgid(65534)")?;
+    setuid(Uid::from_raw(65534)).context("setuid(65534)")?;
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    let r = unsafe { nix::libc::prctl(nix::libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    if r != 0 {
+        anyhow::bail!(
+            "prctl(PR_SET_NO_NEW_PRIVS): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Forwards `listener`'s connections and answers `control` until a `stop` (or SIGTERM),
+/// then gives open connections [`STOP_GRACE`].
+pub async fn serve(listener: TcpListener, control: UnixListener) -> Result<()> {
+    let (route, _) = watch::channel(Route::default());
+    let (stop, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        route,
+        open: Mutex::new(BTreeMap::new()),
+        accepted: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        stop,
+    });
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let control_task = tokio::spawn(answer_control(control, shared.clone()));
+    let signal_shared = shared.clone();
+    let signal_task = tokio::spawn(async move {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+            signal_shared.stop.send_replace(true);
+        }
+    });
+    accept_loop(&listener, &shared, &connections).await;
+    drop(listener);
+    control_task.abort();
+    signal_task.abort();
+    // Open connections finish, within the grace.
+    let _ =
+        tokio::time::timeout(STOP_GRACE, connections.acquire_many(MAX_CONNECTIONS as u32)).await;
+    eprintln!("switch-proxy: stopped");
+    Ok(())
+}
+
+async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: &Arc<Semaphore>) {
+    let mut route_rx = shared.route.subscribe();
+    let mut stop_rx = shared.stop.subscribe();
+    loop {
+        if *stop_rx.borrow() {
+            return;
+        }
+        // Accept only while routed and not held.
+        let route = *route_rx.borrow_and_update();
+        let now = Instant::now();
+        let Some(port) = route.backend.filter(|_| !route.held(now)) else {
+            let until = route
+                .held_until
+                .filter(|_| route.backend.is_some())
+                .map(|t| t.max(now));
+            tokio::select! {
+                _ = route_rx.changed() => {}
+                _ = stop_rx.changed() => {}
+                _ = async {
+                    match until {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            continue;
+        };
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => p.expect("never closed"),
+            _ = stop_rx.changed() => continue,
+        };
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => {
+                    shared.accepted.fetch_add(1, Ordering::Relaxed);
+                    // A hold or a route may have come as this connection was accepted:
+                    // it goes where the route in force says, once no hold is.
+                    let port = match routable(&mut shared.route.subscribe()).await {
+                        Some(p) => p,
+                        None => port,
+                    };
+                    shared.opened(port);
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        forward(client, port, &shared).await;
+                        shared.closed(port);
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors, say: not the listener's end.
+                    eprintln!("switch-proxy: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            // A route or a hold changes what the next connection gets: look again.
+            _ = route_rx.changed() => {}
+            _ = stop_rx.changed() => {}
+        }
+    }
+}
+
+/// The backend of the route in force once it is not held (at once when it is not).
+async fn routable(rx: &mut watch::Receiver<Route>) -> Option<u16> {
+    loop {
+        let route = *rx.borrow_and_update();
+        let now = Instant::now();
+        match route.held_until {
+            Some(t) if now < t && route.backend.is_some() => {
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    _ = tokio::time::sleep_until(t) => {}
+                }
+            }
+            _ => return route.backend,
+        }
+    }
+}
+
+async fn forward(mut client: TcpStream, port: u16, shared: &Shared) {
+    let _ = client.set_nodelay(true);
+    let backend = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))),
+    )
+    .await;
+    let mut backend = match backend {
+        Ok(Ok(b)) => b,
+        _ => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let _ = backend.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+}
+
+async fn answer_control(control: UnixListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONTROL));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((stream, _)) = control.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = answer_one(stream, &shared).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn answer_one(stream: tokio::net::UnixStream, shared: &Shared) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        CONTROL_READ,
+        tokio::io::BufReader::new(read.take(MAX_LINE as u64 + 1)).read_line(&mut line),
+    )
+    .await;
+    let answer = match read {
+        Err(_) => refuse(format!(
+            "no request line within {}s",
+            CONTROL_READ.as_secs()
+        )),
+        Ok(Err(e)) => refuse(format!("reading the request: {e}")),
+        Ok(Ok(_)) if line.len() > MAX_LINE || !line.ends_with('\n') => {
+            refuse(format!("a request is one line of at most {MAX_LINE} bytes"))
+        }
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Err(e) => refuse(format!("not a request: {e}")),
+            Ok(request) => apply(request, shared),
+        },
+    };
+    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+fn refuse(error: String) -> Answer {
+    Answer {
+        ok: false,
+        status: None,
+        error: Some(error),
+    }
+}
+
+fn apply(request: Request, shared: &Shared) -> Answer {
+    match request {
+        Request::Route { port: 0 } => return refuse("port 0 is no backend".into()),
+        Request::Route { port } => {
+            shared.route.send_replace(Route {
+                backend: Some(port),
+                held_until: None,
+            });
+            eprintln!("switch-proxy: new connections go to 127.0.0.1:{port}");
+        }
+        Request::Hold { for_ms } => {
+            let for_ms = for_ms.min(super::HOLD_LIMIT.as_millis() as u64);
+            shared.route.send_modify(|r| {
+                r.held_until = Some(Instant::now() + Duration::from_millis(for_ms))
+            });
+        }
+        Request::Status => {}
+        Request::Stop => {
+            shared.stop.send_replace(true);
+        }
+    }
+    Answer {
+        ok: true,
+        status: Some(shared.status()),
+        error: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::state::AppDir;
+    use std::io::{Read, Write};
+
+    /// A backend that answers every connection with its `name` once it has read a line,
+    /// then closes.
+    fn backend(name: &'static str) -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let mut buf = [0u8; 64];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(name.as_bytes());
+                });
+            }
+        });
+        port
+    }
+
+    /// A proxy serving in a thread of its own, and the agent's handle on it.
+    struct Running {
+        public: SocketAddr,
+        proxy: super::super::Proxy,
+        _tmp: tempfile::TempDir,
+    }
+
+    fn running() -> Running {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = AppDir {
+            root: tmp.path().to_path_buf(),
+        };
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let public = listener.local_addr().unwrap();
+        let socket = super::super::socket_path(&dir);
+        let control = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        control.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    serve(
+                        TcpListener::from_std(listener).unwrap(),
+                        UnixListener::from_std(control).unwrap(),
+                    )
+                    .await
+                })
+        });
+        let proxy = super::super::Proxy {
+            record: super::super::SwitchRecord {
+                pid: std::process::id() as i32,
+                start_ticks: 0,
+                listen: public,
+            },
+            socket,
+            dir,
+        };
+        Running {
+            public,
+            proxy,
+            _tmp: tmp,
+        }
+    }
+
+    /// Connects, sends a line, reads the answer to the end.
+    fn ask(public: SocketAddr) -> String {
+        let mut s = std::net::TcpStream::connect(public).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"hi\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited too long for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn routes_hold_and_switch_with_open_connections_kept_where_they_were() {
+        let r = running();
+        let (a, b) = (backend("A"), backend("B"));
+        r.proxy.route(a).unwrap();
+        assert_eq!(ask(r.public), "A");
+
+        // A connection open on A stays on A after the switch to B, and is counted there.
+        let mut open = std::net::TcpStream::connect(r.public).unwrap();
+        wait_until("the open connection counted on A", || {
+            r.proxy.status().unwrap().open.get(&a) == Some(&1)
+        });
+        // Held: a connection made now is answered only after the route, and by B.
+        let held = r.proxy.hold().unwrap();
+        assert!(held.held, "{held:?}");
+        let public = r.public;
+        let waiting = std::thread::spawn(move || ask(public));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!waiting.is_finished(), "a held connection was served");
+        let status = r.proxy.route(b).unwrap();
+        assert_eq!(status.backend, Some(b));
+        assert!(!status.held);
+        assert_eq!(waiting.join().unwrap(), "B");
+        assert_eq!(ask(r.public), "B");
+
+        open.write_all(b"x\n").unwrap();
+        let mut out = String::new();
+        open.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "A", "an open connection moved");
+        drop(open);
+        assert_eq!(r.proxy.drain(a, Duration::from_secs(20)).unwrap(), 0);
+        let status = r.proxy.status().unwrap();
+        assert!(status.open.is_empty(), "{status:?}");
+        assert_eq!(status.accepted, 4);
+        assert_eq!(status.failed, 0);
+    }
+
+    #[test]
+    fn a_hold_ends_by_itself_and_a_drain_gives_up_at_its_timeout() {
+        let r = running();
+        let a = backend("A");
+        r.proxy.route(a).unwrap();
+        r.proxy.ask(&Request::Hold { for_ms: 300 }).unwrap();
+        let began = std::time::Instant::now();
+        assert_eq!(ask(r.public), "A");
+        assert!(
+            began.elapsed() >= Duration::from_millis(250),
+            "the hold did not hold"
+        );
+        // A connection that stays open is still counted when the drain gives up.
+        let _open = std::net::TcpStream::connect(r.public).unwrap();
+        wait_until("the connection counted", || {
+            r.proxy.status().unwrap().open.get(&a) == Some(&1)
+        });
+        assert_eq!(r.proxy.drain(a, Duration::from_millis(100)).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_dead_backend_is_counted_and_bad_control_requests_change_nothing() {
+        let r = running();
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        r.proxy.route(dead).unwrap();
+        assert_eq!(ask(r.public), "", "a connection to no backend is closed");
+        wait_until("the failure counted", || {
+            r.proxy.status().unwrap().failed == 1
+        });
+
+        for garbage in [
+            "not json\n".to_string(),
+            format!("{}\n", "x".repeat(MAX_LINE * 2)),
+            "{\"op\":\"route\",\"port\":0}\n".to_string(),
+        ] {
+            let mut s = std::os::unix::net::UnixStream::connect(&r.proxy.socket).unwrap();
+            let _ = s.write_all(garbage.as_bytes());
+            let mut answer = Vec::new();
+            // The answer to an oversized line may be lost to the reset of the bytes left
+            // unread: what came, if anything, is a refusal.
+            let _ = s.read_to_end(&mut answer);
+            if !answer.is_empty() || garbage.len() <= MAX_LINE {
+                let answer: Answer = serde_json::from_slice(&answer).unwrap();
+                assert!(!answer.ok && answer.error.is_some(), "{answer:?}");
+            }
+        }
+        // Silence is refused too, after its time.
+        let mut s = std::os::unix::net::UnixStream::connect(&r.proxy.socket).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.contains("no request line"), "{answer}");
+        // Still serving, still routed where it was.
+        let a = backend("A");
+        assert_eq!(r.proxy.status().unwrap().backend, Some(dead));
+        r.proxy.route(a).unwrap();
+        assert_eq!(ask(r.public), "A");
+    }
+
+    #[test]
+    fn stop_ends_serving() {
+        let r = running();
+        let a = backend("A");
+        r.proxy.route(a).unwrap();
+        r.proxy.ask(&Request::Stop).unwrap();
+        wait_until("the listener closed", || {
+            std::net::TcpStream::connect(r.public).is_err()
+        });
+    }
+}

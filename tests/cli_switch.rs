@@ -1,0 +1,312 @@
+//! Zero-downtime switching with real `shoal agent` processes on 127.91.x.y, the example
+//! inference app behind each host's switch (`shoal.service.switch`), and a load client
+//! that sends requests to the three public ports all the time and counts every one:
+//! - v1 -> v2 -> v3-broken (it fails after the switch and is switched back): not one
+//!   request fails, and every answer comes from a revision that was active then;
+//!   the switch back reuses v2's process (same pid, no restart); the traffic events'
+//!   hooks ran in the documented order, as their own log on the host says.
+//! - the same while agents are killed with -9 in the middle of a switch and restarted:
+//!   each comes back on the revision it came from, switched back without a failure.
+//! - `deploy local` killed at every crash point of a switch, then recovered, under load.
+
+#[path = "support/fleet.rs"]
+mod fleet;
+#[path = "support/load.rs"]
+mod load;
+#[path = "support/switch.rs"]
+mod switch;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleet::wait_for;
+use load::{Load, Sample};
+use switch::{APP, LONG, switched_revision, three};
+
+/// Every request of `samples`: none failed, and each phase's answers came only from the
+/// models `allowed[phase]`.
+fn check(samples: &[Sample], allowed: &[&[&str]]) {
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.answer.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, the first: {:?}",
+        failed.len(),
+        samples.len(),
+        &failed[..failed.len().min(5)]
+    );
+    for (phase, models) in allowed.iter().enumerate() {
+        let seen: BTreeSet<&str> = samples
+            .iter()
+            .filter(|s| s.phase == phase)
+            .map(|s| s.answer.as_deref().unwrap())
+            .collect();
+        assert!(!seen.is_empty(), "phase {phase} saw no request at all");
+        let foreign: Vec<&&str> = seen.iter().filter(|m| !models.contains(m)).collect();
+        assert!(
+            foreign.is_empty(),
+            "phase {phase} was answered by {foreign:?}, not only by {models:?}"
+        );
+    }
+}
+
+#[test]
+fn three_hosts_serve_every_request_through_v1_v2_and_a_switch_back_from_v3_broken() {
+    let f = three([127, 91, 1], [None, None, None]);
+    let revs: Vec<PathBuf> = ["v1", "v2", "v3-broken"]
+        .iter()
+        .map(|n| switched_revision(f.tmp.path(), n))
+        .collect();
+    let id = f.create(&revs[0], "AllAtOnce");
+    let view = f.ended(&id);
+    assert_eq!(view["status"], "Succeeded", "{view}");
+    assert_eq!(f.serving(), ["v1", "v1", "v1"]);
+
+    let load = Load::start(&f.public(), Duration::from_millis(5), 1_000_000);
+    let enough = |what: &str, n: usize| {
+        let target = load.count() + n;
+        wait_for(what, LONG, || load.count() >= target);
+    };
+    enough("requests on v1", 60);
+
+    // v1 -> v2, one host at a time.
+    load.phase(1);
+    let lines_before: Vec<usize> = (0..3).map(|i| f.recorded(i, 0).len()).collect();
+    let v2 = f.create(&revs[1], "OneAtATime");
+    assert_eq!(f.ended(&v2)["status"], "Succeeded");
+    load.phase(2);
+    enough("requests on v2", 60);
+    // The documented order, as the hooks themselves recorded it.
+    for (i, before) in lines_before.iter().enumerate() {
+        assert_eq!(
+            f.recorded(i, *before),
+            [
+                "BeforeInstall",
+                "AfterInstall",
+                "ApplicationStart",
+                "ValidateService",
+                "BeforeBlockTraffic",
+                "AfterBlockTraffic",
+                "BeforeAllowTraffic",
+                "AfterAllowTraffic",
+                "ApplicationStop"
+            ],
+            "host {i}"
+        );
+        // v1 is kept warm beside v2, for a switch back.
+        let standby = f.service_json(i, "standby.json").expect("v1 kept warm");
+        assert!(standby["warm_until_ms"].as_u64().is_some(), "{standby}");
+    }
+    let v2_pids: Vec<serde_json::Value> = (0..3)
+        .map(|i| f.service_json(i, "service.json").unwrap()["pid"].clone())
+        .collect();
+
+    // v3-broken fails its golden check after the switch, on the first host: switched back
+    // to v2's process, never restarted; the deployment fails there.
+    load.phase(3);
+    let v3 = f.create(&revs[2], "OneAtATime");
+    let view = f.ended(&v3);
+    assert_eq!(view["status"], "Failed", "{view}");
+    load.phase(4);
+    enough("requests after v3-broken", 90);
+    let samples = load.finish();
+    check(
+        &samples,
+        &[
+            &["v1"],
+            &["v1", "v2"],
+            &["v2"],
+            &["v2", "v3-broken"],
+            &["v2"],
+        ],
+    );
+    let hosts_on_v3: usize = samples
+        .iter()
+        .filter(|s| s.answer.as_deref() == Ok("v3-broken"))
+        .map(|s| s.target)
+        .collect::<BTreeSet<_>>()
+        .len();
+    assert!(hosts_on_v3 <= 1, "v3-broken served on {hosts_on_v3} hosts");
+    assert_eq!(f.serving(), ["v2", "v2", "v2"]);
+    // The host that tried v3-broken switched back to v2's process, kept warm, and the
+    // fleet's rollback kept it: every host serves from the very process it had before.
+    for (i, pid) in v2_pids.iter().enumerate() {
+        let served = f.service_json(i, "service.json").unwrap();
+        assert_eq!(&served["pid"], pid, "host {i}: {served}");
+        assert_eq!(served["restarts"], 0, "host {i}: {served}");
+    }
+    println!(
+        "{} requests, none failed; p50 {} us, p99 {} us",
+        samples.len(),
+        load::quantile(&samples.iter().collect::<Vec<_>>(), 0.5),
+        load::quantile(&samples.iter().collect::<Vec<_>>(), 0.99)
+    );
+}
+
+#[test]
+fn agents_killed_in_the_middle_of_a_switch_drop_no_request() {
+    // agent-2 dies just after its proxy routed to v2 (the records not yet swapped),
+    // agent-3 halfway through swapping them: both on their second switch (v1 was the first).
+    let mut f = three(
+        [127, 91, 2],
+        [None, Some("switch.allowed:2"), Some("switch.swap-half:2")],
+    );
+    let revs: Vec<PathBuf> = ["v1", "v2"]
+        .iter()
+        .map(|n| switched_revision(f.tmp.path(), n))
+        .collect();
+    let id = f.create(&revs[0], "AllAtOnce");
+    let view = f.ended(&id);
+    assert_eq!(view["status"], "Succeeded", "{view}");
+    let load = Load::start(&f.public(), Duration::from_millis(5), 1_000_000);
+    wait_for("requests on v1", LONG, || load.count() >= 60);
+
+    load.phase(1);
+    // All at once, so that both reach their crash point whatever the other's fate.
+    let v2 = f.create(&revs[1], "AllAtOnce");
+    for i in [1, 2] {
+        let agent = &mut f.agents[i];
+        wait_for(
+            &format!("agent-{} to die at its crash point", i + 1),
+            LONG,
+            || agent.child.as_mut().unwrap().try_wait().unwrap().is_some(),
+        );
+        agent.child = None;
+        agent.env.clear();
+        agent.start();
+    }
+    let view = f.ended(&v2);
+    load.phase(2);
+    let target = load.count() + 90;
+    wait_for("requests after the deployment", LONG, || {
+        load.count() >= target
+    });
+    let samples = load.finish();
+    check(&samples, &[&["v1"], &["v1", "v2"], &["v1", "v2"]]);
+    // Each host serves one revision, the one it reports, through its own switch.
+    let serving = f.serving();
+    for (i, model) in serving.iter().enumerate() {
+        let state = f.service_json(i, "state.json").unwrap();
+        let record = f.service_json(i, "service.json").unwrap();
+        assert_eq!(record["revision"], state["active"], "host {i}");
+        assert!(model == "v1" || model == "v2", "host {i}: {model}");
+        assert!(
+            !f.agents[i]
+                .data_dir
+                .join("apps")
+                .join(APP)
+                .join("swapping.json")
+                .exists(),
+            "host {i}: a swap left half done"
+        );
+    }
+    // agent-1 took v2; the two killed were switched back to v1 by their recovery, and
+    // their hosts report the deployment failed there (an intent runs once).
+    assert_eq!(serving, ["v2", "v1", "v1"], "{view}");
+    let failed: Vec<&str> = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["status"] == "Failed")
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["agent-2", "agent-3"], "{view}");
+    println!(
+        "{} requests, none failed; the deployment: {}",
+        samples.len(),
+        view["status"]
+    );
+}
+
+/// `shoal deploy local` of `bundle` for the app into `data`/`root`, public port `port`.
+fn deploy_local(
+    data: &std::path::Path,
+    root: &std::path::Path,
+    port: u16,
+    bundle: &std::path::Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    fleet::shoal()
+        .args(["deploy", "local", "--json", "--app", APP, "--port"])
+        .arg(port.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--install-root")
+        .arg(root)
+        .arg("--bundle")
+        .arg(bundle)
+        .envs(env.iter().copied())
+        .env_remove("SHOAL_LOG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_request() {
+    use std::os::unix::process::ExitStatusExt;
+    for point in shoal_agent::faults::SWITCH_POINTS {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, root) = (tmp.path().join("data"), tmp.path().join("root"));
+        let _services = switch::Services(vec![data.clone()]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let public = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let v1 = switched_revision(tmp.path(), "v1");
+        let v2 = switched_revision(tmp.path(), "v2");
+        let o = deploy_local(&data, &root, port, &v1, &[]);
+        assert!(
+            o.status.success(),
+            "{point}: v1: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+
+        let load = Load::start(&[public], Duration::from_millis(2), 1_000_000);
+        let more = |n: usize| {
+            let target = load.count() + n;
+            wait_for("requests", LONG, || load.count() >= target);
+        };
+        more(20);
+        let o = deploy_local(&data, &root, port, &v2, &[("SHOAL_FAULT_POINT", point)]);
+        assert_eq!(
+            o.status.signal(),
+            Some(9),
+            "{point}: never reached: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        more(20);
+        let o = fleet::shoal()
+            .args(["deploy", "recover", "--json", "--app", APP, "--data-dir"])
+            .arg(&data)
+            .arg("--install-root")
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{point}: recover: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let app = data.join("apps").join(APP);
+        assert!(!app.join("swapping.json").exists(), "{point}");
+        assert!(
+            !app.join("standby.json").exists(),
+            "{point}: v2's service is left"
+        );
+        assert_eq!(load::predict(public).as_deref(), Ok("v1"), "{point}");
+        more(20);
+        // And the next deployment goes through.
+        let o = deploy_local(&data, &root, port, &v2, &[]);
+        assert!(
+            o.status.success(),
+            "{point}: v2: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        more(20);
+        let samples = load.finish();
+        check(&samples, &[&["v1", "v2"]]);
+        assert_eq!(load::predict(public).as_deref(), Ok("v2"), "{point}");
+    }
+}

@@ -1,0 +1,231 @@
+//! Three agents with the example inference app behind each host's switch, for the switch
+//! tests and the switch benchmark: their config (a public port each), the revisions
+//! (switched or in place, with a `record` hook at every event), the deployments, what each
+//! host serves and recorded, and the clean-up of what outlives the agents.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::fleet::{Agent, Ca, agents, hosts, json, shoal, status, wait_for};
+use crate::load;
+
+pub const APP: &str = "inference";
+pub const LONG: Duration = Duration::from_secs(180);
+
+/// The hooks of the test's revisions: `record` (the plain WASI command, which appends its
+/// event to `/work/deployments.log`) at every event a switched deployment runs, and the
+/// golden-prediction check after traffic is allowed (so v3-broken fails after the switch).
+pub fn appspec(switch: Option<u32>) -> String {
+    let record = "    - location: hooks/record.wasm\n      timeout: 60\n";
+    let mut hooks = String::new();
+    for event in [
+        "BeforeInstall",
+        "AfterInstall",
+        "ApplicationStart",
+        "ValidateService",
+        "BeforeBlockTraffic",
+        "AfterBlockTraffic",
+        "BeforeAllowTraffic",
+        "AfterAllowTraffic",
+        "ApplicationStop",
+    ] {
+        hooks.push_str(&format!("  {event}:\n{record}"));
+        if event == "AfterAllowTraffic" {
+            hooks.push_str("    - location: hooks/validate_inference.wasm\n      timeout: 60\n");
+        }
+    }
+    format!(
+        "version: 0.0\nos: linux\nfiles:\n  - source: /\n    destination: /srv/inference\n\
+         file_exists_behavior: OVERWRITE\nhooks:\n{hooks}shoal:\n  service:\n\
+         \x20   command: bin/inference-app\n    args: [--model, model/model.json]\n\
+         \x20   port: 8080\n    health_path: /health\n{}",
+        switch
+            .map(|keep| format!(
+                "    switch:\n      drain_timeout: 10\n      keep_previous: {keep}\n"
+            ))
+            .unwrap_or_default()
+    )
+}
+
+/// Example revision `name`, switched (keeping the previous process for 120 s), with the
+/// test's hooks.
+pub fn switched_revision(root: &Path, name: &str) -> PathBuf {
+    example_revision(root, name, Some(120))
+}
+
+/// Example revision `name`, switched (keeping the previous process for `switch` seconds)
+/// or in place (`None`), with the test's hooks.
+pub fn example_revision(root: &Path, name: &str, switch: Option<u32>) -> PathBuf {
+    let dir = root.join(format!(
+        "rev-{name}-{}",
+        if switch.is_some() {
+            "switched"
+        } else {
+            "in-place"
+        }
+    ));
+    shoal_examples::write_revision(name, &dir).unwrap();
+    std::fs::copy(
+        shoal_examples::PLAIN_COMMAND.path,
+        dir.join("hooks/record.wasm"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("appspec.yml"), appspec(switch)).unwrap();
+    dir
+}
+
+/// Three agents tagged `role=inference`, each with its own public port for the app.
+/// Dropped: the proxies and services they started, then the agents, then the files.
+pub struct Three {
+    pub _services: Services,
+    pub agents: Vec<Agent>,
+    pub ports: Vec<u16>,
+    pub ca: Ca,
+    pub tmp: tempfile::TempDir,
+}
+
+pub fn three(prefix: [u8; 3], faults: [Option<&str>; 3]) -> Three {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "fleet");
+    let mut agents = agents(tmp.path(), &ca, prefix, 3);
+    let services = Services(agents.iter().map(|a| a.data_dir.clone()).collect());
+    let listeners: Vec<_> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    drop(listeners);
+    for (i, a) in agents.iter_mut().enumerate() {
+        let text = std::fs::read_to_string(&a.config).unwrap();
+        let head = text.split("[tags]").next().unwrap();
+        std::fs::write(
+            &a.config,
+            format!(
+                "{head}[ports]\n{APP} = {}\n[tags]\nrole = \"{APP}\"\n",
+                ports[i]
+            ),
+        )
+        .unwrap();
+        if let Some(point) = faults[i] {
+            a.env = vec![("SHOAL_FAULT_POINT".into(), point.into())];
+        }
+        a.start();
+    }
+    wait_for("agent-1 to see all three alive", LONG, || {
+        hosts(agents[0].addr, &ca.operator)
+            .is_ok_and(|l| l.len() == 3 && l.iter().all(|h| h["state"] == "alive"))
+    });
+    Three {
+        _services: services,
+        agents,
+        ports,
+        ca,
+        tmp,
+    }
+}
+
+impl Three {
+    pub fn public(&self) -> Vec<SocketAddr> {
+        self.ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect()
+    }
+
+    /// `deploy create` of `bundle` for the app, one host at a time, not waiting: its id.
+    pub fn create(&self, bundle: &Path, config: &str) -> String {
+        let o = shoal()
+            .args(["deploy", "create", "--app", APP, "--json", "--peer"])
+            .arg(self.agents[0].addr.to_string())
+            .arg("--identity")
+            .arg(&self.ca.operator)
+            .arg("--bundle")
+            .arg(bundle)
+            .args(["--targets", "role=inference", "--config", config])
+            .output()
+            .unwrap();
+        json(&o, "deploy create")["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Waits until deployment `id` has ended (and its automatic rollback, if any): its view.
+    pub fn ended(&self, id: &str) -> serde_json::Value {
+        let mut view = serde_json::Value::Null;
+        wait_for(&format!("deployment {id} to end"), LONG, || {
+            match status(&self.agents[0], &self.ca.operator, id) {
+                Ok(v) => {
+                    let done = matches!(
+                        v["status"].as_str(),
+                        Some("Succeeded" | "Failed" | "Stopped")
+                    );
+                    let rollback_done = v["rollback"].is_null()
+                        || matches!(
+                            v["rollback"]["status"].as_str(),
+                            Some("Succeeded" | "Failed" | "Stopped")
+                        );
+                    view = v;
+                    done && rollback_done
+                }
+                Err(_) => false,
+            }
+        });
+        view
+    }
+
+    /// The models the three public ports answer with now.
+    pub fn serving(&self) -> Vec<String> {
+        self.public()
+            .iter()
+            .map(|a| load::predict(*a).unwrap_or_else(|e| format!("failed: {e}")))
+            .collect()
+    }
+
+    pub fn service_json(&self, i: usize, file: &str) -> Option<serde_json::Value> {
+        let path = self.agents[i].data_dir.join("apps").join(APP).join(file);
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    /// The events the `record` hook saw on host `i`, in order, since line `from`.
+    pub fn recorded(&self, i: usize, from: usize) -> Vec<String> {
+        let path = self.agents[i]
+            .data_dir
+            .join("apps")
+            .join(APP)
+            .join("work/deployments.log");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .skip(from)
+            .map(|l| l.split(' ').next().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// Kills, when dropped, the proxies and services the agents under these data dirs
+/// started: they outlive their agents on purpose.
+pub struct Services(pub Vec<PathBuf>);
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for data in &self.0 {
+            for file in ["switch.json", "service.json", "standby.json"] {
+                let pid = std::fs::read(data.join("apps").join(APP).join(file))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["pid"].as_i64());
+                if let Some(pid) = pid {
+                    let pid = nix::unistd::Pid::from_raw(pid as i32);
+                    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
