@@ -138,8 +138,9 @@ fn the_fleet_demo_rolls_out_rolls_back_and_its_numbers_add_up() {
         "{}",
         phases[1]
     );
-    for steady in [&phases[0], &phases[2], &phases[4]] {
-        assert_eq!(count(steady, "failed"), 0, "{steady}");
+    // Switched revisions: not one request failed, rollouts included.
+    for p in phases {
+        assert_eq!(count(p, "failed"), 0, "{p}");
     }
 
     // The kept fleet agrees: every host on v2, and its service answers with v2.
@@ -183,7 +184,12 @@ fn the_fleet_demo_rolls_out_rolls_back_and_its_numbers_add_up() {
 
     // --stop stops every agent and service the demo started.
     let pids = started(&dir);
-    assert_eq!(pids.len(), 10, "five agents and five services: {pids:?}");
+    // Five agents, five services, five switches; and the previous revision's services
+    // still kept warm after v2, on the hosts v3-broken's canary did not take.
+    assert!(
+        (15..=20).contains(&pids.len()),
+        "five agents, services and switches, and at most five kept warm: {pids:?}"
+    );
     assert!(pids.iter().all(|p| running(*p)), "{pids:?}");
     // Given as a relative path, as a user types it.
     let o = shoal()
