@@ -127,6 +127,24 @@ fn three_hosts_serve_every_request_through_v1_v2_and_a_switch_back_from_v3_broke
         .collect::<BTreeSet<_>>()
         .len();
     assert!(hosts_on_v3 <= 1, "v3-broken served on {hosts_on_v3} hosts");
+    // One request in flight per host, each on a new connection: once a host answered from
+    // the new revision, every later request there did too (v1 -> v2 once; v2 -> v3-broken
+    // -> v2 at most), so no answer came from a revision switched away from.
+    for (phase, changes) in [(1, 1), (3, 2)] {
+        for host in 0..3 {
+            let mut mine: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.phase == phase && s.target == host)
+                .collect();
+            mine.sort_by_key(|s| s.started);
+            let models: Vec<&str> = mine.iter().map(|s| s.answer.as_deref().unwrap()).collect();
+            let changed = models.windows(2).filter(|w| w[0] != w[1]).count();
+            assert!(
+                changed <= changes,
+                "host {host} changed revision {changed} times in phase {phase}"
+            );
+        }
+    }
     assert_eq!(f.serving(), ["v2", "v2", "v2"]);
     // The host that tried v3-broken switched back to v2's process, kept warm, and the
     // fleet's rollback kept it: every host serves from the very process it had before.
@@ -309,4 +327,49 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
         check(&samples, &[&["v1", "v2"]]);
         assert_eq!(load::predict(public).as_deref(), Ok("v2"), "{point}");
     }
+}
+
+#[test]
+fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go() {
+    use switch::example_revision;
+    let f = three([127, 91, 3], [None, None, None]);
+    // The previous revision is kept warm for 2 s only.
+    let v1 = example_revision(f.tmp.path(), "v1", Some(2));
+    let v2 = example_revision(f.tmp.path(), "v2", Some(2));
+    for rev in [&v1, &v2] {
+        let id = f.create(rev, "AllAtOnce");
+        let view = f.ended(&id);
+        assert_eq!(view["status"], "Succeeded", "{view}");
+    }
+    let app = f.agents[0].data_dir.join("apps").join(APP);
+    // v1 kept warm, then stopped by the supervisor once its time is up.
+    wait_for("v1's warm process to be let go", LONG, || {
+        !app.join("standby.json").exists()
+    });
+    let public = f.public()[0];
+    let kill = |file: &str| {
+        let pid = f.service_json(0, file).unwrap()["pid"].as_i64().unwrap() as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        pid
+    };
+    // The switch dies: the supervisor starts another, routed to the serving service.
+    let old = kill("switch.json");
+    wait_for("another switch", LONG, || {
+        f.service_json(0, "switch.json")
+            .is_some_and(|r| r["pid"].as_i64() != Some(old as i64))
+            && load::predict(public).as_deref() == Ok("v2")
+    });
+    // The service dies: started again on its own port, where the switch still routes.
+    let port = f.service_json(0, "service.json").unwrap()["port"].clone();
+    let old = kill("service.json");
+    wait_for("the service started again", LONG, || {
+        f.service_json(0, "service.json")
+            .is_some_and(|r| r["pid"].as_i64() != Some(old as i64) && r["restarts"] == 1)
+            && load::predict(public).as_deref() == Ok("v2")
+    });
+    assert_eq!(f.service_json(0, "service.json").unwrap()["port"], port);
 }

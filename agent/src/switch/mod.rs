@@ -139,6 +139,8 @@ pub fn running(dir: &AppDir) -> Result<Option<Proxy>> {
         return Ok(None);
     };
     if start_ticks(record.pid) != Some(record.start_ticks) {
+        // A proxy this process started and that died is its zombie until collected.
+        crate::lifecycle::service::reap(record.pid);
         return Ok(None);
     }
     let proxy = Proxy {
