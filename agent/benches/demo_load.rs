@@ -4,7 +4,7 @@
 //! canary and v3-broken fails on its canary and is rolled back. Per phase: requests and
 //! failed requests (min / median / max over the rounds) and the failures' kinds, as the
 //! load generator counted them. The steady phases are the baseline (no deployment runs);
-//! the rollouts' failures are the in-place restarts the zero-downtime switch will remove.
+//! the rollouts' failures were the in-place restarts (none since the examples are switched).
 //!
 //! `cargo bench -p shoal-agent --bench demo_load`; results as markdown for
 //! docs/benchmarks.md.
