@@ -218,17 +218,25 @@ fn agents_killed_in_the_middle_of_a_switch_drop_no_request() {
             "host {i}: a swap left half done"
         );
     }
-    // agent-1 took v2; the two killed were switched back to v1 by their recovery, and
-    // their hosts report the deployment failed there (an intent runs once).
-    assert_eq!(serving, ["v2", "v1", "v1"], "{view}");
-    let failed: Vec<&str> = view["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["status"] == "Failed")
-        .map(|h| h["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(failed, ["agent-2", "agent-3"], "{view}");
+    // agent-1 took v2. A killed host was switched back to v1 by its recovery; then it
+    // either refused the command again (an intent runs once: the host Failed, on v1) or,
+    // when the command came again before its recovery was recorded, ran it whole (the
+    // host Succeeded, on v2). Either way it serves what the deployment says of it.
+    assert_eq!(serving[0], "v2", "{view}");
+    for (i, model) in serving.iter().enumerate() {
+        let host = view["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == format!("agent-{}", i + 1))
+            .unwrap();
+        let expected = if host["status"] == "Succeeded" {
+            "v2"
+        } else {
+            "v1"
+        };
+        assert_eq!(model, expected, "host {i}: {host}");
+    }
     println!(
         "{} requests, none failed; the deployment: {}",
         samples.len(),
