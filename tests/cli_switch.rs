@@ -13,6 +13,8 @@
 mod fleet;
 #[path = "support/load.rs"]
 mod load;
+#[path = "support/ports.rs"]
+mod ports;
 #[path = "support/switch.rs"]
 mod switch;
 
@@ -274,11 +276,8 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
         let tmp = tempfile::tempdir().unwrap();
         let (data, root) = (tmp.path().join("data"), tmp.path().join("root"));
         let _services = switch::Services(vec![data.clone()]);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let lease = ports::lease();
+        let port = lease.port();
         let public = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let v1 = switched_revision(tmp.path(), "v1");
         let v2 = switched_revision(tmp.path(), "v2");

@@ -19,6 +19,8 @@
 mod fleet;
 #[path = "../../tests/support/load.rs"]
 mod load;
+#[path = "../../tests/support/ports.rs"]
+mod ports;
 #[path = "../../tests/support/switch.rs"]
 mod switch;
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::fleet::{Agent, Ca, agents, hosts, json, shoal, status, wait_for};
 use crate::load;
+use crate::ports::{PortLease, lease};
 
 pub const APP: &str = "inference";
 pub const LONG: Duration = Duration::from_secs(180);
@@ -81,6 +82,9 @@ pub fn example_revision(root: &Path, name: &str, switch: Option<u32>) -> PathBuf
 /// Dropped: the proxies and services they started, then the agents, then the files.
 pub struct Three {
     pub _services: Services,
+    /// The public ports, below the ephemeral range: a switched service's own port is an
+    /// ephemeral one, so it can never take another host's public port.
+    pub _ports: Vec<PortLease>,
     pub agents: Vec<Agent>,
     pub ports: Vec<u16>,
     pub ca: Ca,
@@ -92,14 +96,8 @@ pub fn three(prefix: [u8; 3], faults: [Option<&str>; 3]) -> Three {
     let ca = Ca::new(tmp.path(), "fleet");
     let mut agents = agents(tmp.path(), &ca, prefix, 3);
     let services = Services(agents.iter().map(|a| a.data_dir.clone()).collect());
-    let listeners: Vec<_> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
-    drop(listeners);
+    let leases: Vec<PortLease> = (0..3).map(|_| lease()).collect();
+    let ports: Vec<u16> = leases.iter().map(PortLease::port).collect();
     for (i, a) in agents.iter_mut().enumerate() {
         let text = std::fs::read_to_string(&a.config).unwrap();
         let head = text.split("[tags]").next().unwrap();
@@ -122,6 +120,7 @@ pub fn three(prefix: [u8; 3], faults: [Option<&str>; 3]) -> Three {
     });
     Three {
         _services: services,
+        _ports: leases,
         agents,
         ports,
         ca,

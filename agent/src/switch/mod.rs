@@ -42,9 +42,14 @@ pub(crate) const MAX_LINE: usize = 1024;
 /// Why the switch could not be used, where a caller must tell the cases apart.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
-    /// The public address could not be bound (another process holds it, say).
-    #[error("the switch could not bind {addr}: {reason}")]
+    /// The public address could not be bound (another process holds it, say). `reason` is
+    /// the proxy's own word for it (`Address already in use (os error 98)`).
+    #[error("the switch cannot listen: binding {addr}: {reason}")]
     Bind { addr: SocketAddr, reason: String },
+    /// The proxy process exited before it answered, for another reason than its address
+    /// (its control socket, its privileges): `log` is the tail of `switch.log`.
+    #[error("the switch exited at its start ({status}): {log}")]
+    Exited { status: String, log: String },
     /// The proxy process did not answer on its control socket.
     #[error("the switch (pid {pid}) does not answer on {}: {reason}", socket.display())]
     NotAnswering {
@@ -84,10 +89,20 @@ pub struct Status {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub(crate) enum Request {
-    Route { port: u16 },
-    Hold { for_ms: u64 },
+    Route {
+        port: u16,
+    },
+    /// Held for `for_ms` at most ([`HOLD_LIMIT`] when not given, and never longer).
+    Hold {
+        #[serde(default = "hold_limit_ms")]
+        for_ms: u64,
+    },
     Status,
     Stop,
+}
+
+fn hold_limit_ms() -> u64 {
+    HOLD_LIMIT.as_millis() as u64
 }
 
 /// A control answer.
@@ -178,15 +193,22 @@ pub fn ensure(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
 fn kill_and_wait(record: &SwitchRecord) {
     use nix::sys::signal::{Signal, kill};
     let pid = nix::unistd::Pid::from_raw(record.pid);
+    let gone = || {
+        crate::lifecycle::service::reap(record.pid);
+        start_ticks(record.pid) != Some(record.start_ticks)
+    };
     for (signal, grace) in [
-        (Signal::SIGTERM, Duration::from_secs(12)),
+        (Signal::SIGTERM, proxy::STOP_GRACE + Duration::from_secs(2)),
         (Signal::SIGKILL, Duration::from_secs(5)),
     ] {
+        // Checked before each signal: a pid that is no longer the proxy is never signalled.
+        if gone() {
+            return;
+        }
         let _ = kill(pid, signal);
         let until = Instant::now() + grace;
         while Instant::now() < until {
-            crate::lifecycle::service::reap(record.pid);
-            if start_ticks(record.pid) != Some(record.start_ticks) {
+            if gone() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -231,17 +253,7 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
     let deadline = Instant::now() + START_WITHIN;
     loop {
         if let Some(status) = child.try_wait()? {
-            let tail = log_tail(dir, log_start);
-            let reason = tail
-                .lines()
-                .rev()
-                .find_map(|l| l.split_once("binding ").map(|(_, r)| r.to_string()))
-                .unwrap_or_else(|| format!("it exited with {status}: {tail}"));
-            return Err(SwitchError::Bind {
-                addr: listen,
-                reason,
-            }
-            .into());
+            return Err(exited(listen, &status.to_string(), &log_tail(dir, log_start)).into());
         }
         if let Some(ticks) = start_ticks(pid) {
             let proxy = Proxy {
@@ -276,6 +288,26 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
             .into());
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Why a proxy that exited at its start did: its address when it said `binding ADDR: ...`
+/// (what `proxy::main` writes before it exits 2), else whatever its log says.
+fn exited(listen: SocketAddr, status: &str, tail: &str) -> SwitchError {
+    let said = format!("binding {listen}: ");
+    match tail
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(said.as_str()).map(|(_, r)| r.trim()))
+    {
+        Some(reason) => SwitchError::Bind {
+            addr: listen,
+            reason: reason.to_string(),
+        },
+        None => SwitchError::Exited {
+            status: status.to_string(),
+            log: tail.to_string(),
+        },
     }
 }
 

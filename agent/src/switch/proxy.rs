@@ -118,11 +118,17 @@ pub fn main(dir: &Path, listen: SocketAddr) -> Result<()> {
     runtime.block_on(async {
         let listener = TcpListener::from_std(listener)?;
         let control = UnixListener::from_std(control)?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("handling SIGTERM")?;
         eprintln!(
             "switch-proxy: serving {listen} (pid {})",
             std::process::id()
         );
-        serve(listener, control).await
+        serve(listener, control, async move {
+            term.recv().await;
+            eprintln!("switch-proxy: SIGTERM");
+        })
+        .await
     })
 }
 
@@ -158,9 +164,14 @@ fn drop_privileges() -> Result<()> {
     Ok(())
 }
 
-/// Forwards `listener`'s connections and answers `control` until a `stop` (or SIGTERM),
-/// then gives open connections [`STOP_GRACE`].
-pub async fn serve(listener: TcpListener, control: UnixListener) -> Result<()> {
+/// Forwards `listener`'s connections and answers `control` until a `stop` request or
+/// `shutdown` completes (the subcommand's is SIGTERM), then closes the listener and gives
+/// open connections [`STOP_GRACE`].
+pub async fn serve(
+    listener: TcpListener,
+    control: UnixListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let (route, _) = watch::channel(Route::default());
     let (stop, _) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -174,12 +185,8 @@ pub async fn serve(listener: TcpListener, control: UnixListener) -> Result<()> {
     let control_task = tokio::spawn(answer_control(control, shared.clone()));
     let signal_shared = shared.clone();
     let signal_task = tokio::spawn(async move {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            term.recv().await;
-            signal_shared.stop.send_replace(true);
-        }
+        shutdown.await;
+        signal_shared.stop.send_replace(true);
     });
     accept_loop(&listener, &shared, &connections).await;
     drop(listener);
@@ -373,7 +380,7 @@ fn apply(request: Request, shared: &Shared) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::state::AppDir;
+    use crate::lifecycle::state::{AppDir, write_json};
     use std::io::{Read, Write};
 
     /// A backend that answers every connection with its `name` once it has read a line,
@@ -394,11 +401,23 @@ mod tests {
         port
     }
 
-    /// A proxy serving in a thread of its own, and the agent's handle on it.
+    /// A proxy serving in a thread of its own, and the agent's handle on it. Dropped, it
+    /// is shut down and its thread joined.
     struct Running {
         public: SocketAddr,
         proxy: super::super::Proxy,
+        shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<Result<()>>>,
         _tmp: tempfile::TempDir,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            drop(self.shutdown.take());
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
     }
 
     fn running() -> Running {
@@ -411,7 +430,8 @@ mod tests {
         let socket = super::super::socket_path(&dir);
         let control = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         control.set_nonblocking(true).unwrap();
-        std::thread::spawn(move || {
+        let (shutdown, shut) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -420,6 +440,9 @@ mod tests {
                     serve(
                         TcpListener::from_std(listener).unwrap(),
                         UnixListener::from_std(control).unwrap(),
+                        async move {
+                            let _ = shut.await;
+                        },
                     )
                     .await
                 })
@@ -436,6 +459,8 @@ mod tests {
         Running {
             public,
             proxy,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
             _tmp: tmp,
         }
     }
@@ -561,13 +586,106 @@ mod tests {
     }
 
     #[test]
-    fn stop_ends_serving() {
+    fn a_bare_hold_is_the_longest_and_a_route_ends_it() {
         let r = running();
         let a = backend("A");
         r.proxy.route(a).unwrap();
-        r.proxy.ask(&Request::Stop).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(&r.proxy.socket).unwrap();
+        s.write_all(b"{\"op\":\"hold\"}\n").unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).unwrap();
+        let answer: Answer = serde_json::from_slice(&answer).unwrap();
+        assert!(answer.ok && answer.status.is_some_and(|s| s.held));
+        let status = r.proxy.route(a).unwrap();
+        assert!(!status.held, "{status:?}");
+        assert_eq!(ask(r.public), "A");
+    }
+
+    #[test]
+    fn stop_closes_the_listener_lets_open_connections_finish_and_forgets_the_proxy() {
+        let r = running();
+        let a = backend("A");
+        r.proxy.route(a).unwrap();
+        write_json(&super::super::record_path(&r.proxy.dir), &r.proxy.record).unwrap();
+        let mut open = std::net::TcpStream::connect(r.public).unwrap();
+        open.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        wait_until("the open connection counted", || {
+            r.proxy.status().unwrap().open.get(&a) == Some(&1)
+        });
+        // The agent's call; its record's start time is no process's, so it signals nothing.
+        let handle = super::super::Proxy {
+            record: r.proxy.record.clone(),
+            socket: r.proxy.socket.clone(),
+            dir: r.proxy.dir.clone(),
+        };
+        handle.stop().unwrap();
+        assert!(!r.proxy.dir.root.join("switch.json").exists());
+        assert!(!r.proxy.socket.exists());
         wait_until("the listener closed", || {
             std::net::TcpStream::connect(r.public).is_err()
         });
+        let thread = r.thread.as_ref().unwrap();
+        assert!(
+            !thread.is_finished(),
+            "it did not wait for the open connection"
+        );
+        // The open connection still reaches its backend, and then the proxy is done.
+        open.write_all(b"x\n").unwrap();
+        let mut out = String::new();
+        open.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "A");
+        drop(open);
+        wait_until("the proxy done", || thread.is_finished());
+    }
+
+    #[test]
+    fn running_adopts_only_the_recorded_process_that_answers() {
+        let r = running();
+        let dir = r.proxy.dir.clone();
+        assert!(super::super::running(&dir).unwrap().is_none(), "no record");
+        let me = std::process::id() as i32;
+        let mut record = super::super::SwitchRecord {
+            pid: me,
+            start_ticks: super::super::start_ticks(me).unwrap(),
+            listen: r.public,
+        };
+        write_json(&super::super::record_path(&dir), &record).unwrap();
+        let adopted = super::super::running(&dir).unwrap().expect("adopted");
+        assert_eq!(adopted.record(), &record);
+        // Another start time: another process under a recycled pid.
+        record.start_ticks += 1;
+        write_json(&super::super::record_path(&dir), &record).unwrap();
+        assert!(super::super::running(&dir).unwrap().is_none());
+        // The right process, and no answer on the socket.
+        record.start_ticks -= 1;
+        write_json(&super::super::record_path(&dir), &record).unwrap();
+        r.proxy.ask(&Request::Stop).unwrap();
+        wait_until("the control socket closed", || {
+            std::os::unix::net::UnixStream::connect(&r.proxy.socket).is_err()
+        });
+        assert!(super::super::running(&dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_proxy_that_exits_at_its_start_is_told_apart_by_its_log() {
+        let listen: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let log = "switch-proxy: binding 0.0.0.0:8080: Address already in use (os error 98)\n";
+        let e = super::super::exited(listen, "exit status: 2", log);
+        assert!(
+            matches!(&e, super::super::SwitchError::Bind { addr, reason }
+                if *addr == listen && reason == "Address already in use (os error 98)"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "the switch cannot listen: binding 0.0.0.0:8080: Address already in use (os error 98)"
+        );
+        let log = "error: binding /d/switch.sock: Permission denied (os error 13)\n";
+        let e = super::super::exited(listen, "exit status: 1", log);
+        assert!(
+            matches!(&e, super::super::SwitchError::Exited { log: l, .. } if l == log),
+            "{e:?}"
+        );
     }
 }

@@ -293,16 +293,32 @@ fn free_addresses() -> Result<Vec<SocketAddr>> {
     bail!("found no free block of five loopback addresses (127.x.y.1-5, UDP port 7400)")
 }
 
-/// `n` TCP ports on 127.0.0.1 that were free a moment ago.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()
-        .context("finding free ports for the services")?;
-    Ok(held
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<std::io::Result<_>>()?)
+/// `n` TCP ports free a moment ago on every address, below the ephemeral range: the
+/// switched services' own ports are ephemeral ones, so none can take a public port before
+/// its switch binds it.
+pub(super) fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(12_000);
+    let span = u32::from(ephemeral - 10_000);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    let mut ports = Vec::new();
+    for step in 0..span {
+        let port = 10_000 + (seed.wrapping_add(step) % span) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            ports.push(port);
+            if ports.len() == n {
+                return Ok(ports);
+            }
+        }
+    }
+    bail!("finding free ports for the services: fewer than {n} free between 10000 and {ephemeral}")
 }
 
 /// One deployment, as the summary shows it.

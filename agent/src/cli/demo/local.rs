@@ -177,9 +177,7 @@ async fn deployments(
     hooks: std::sync::Arc<HookRuntime>,
     json: bool,
 ) -> Result<Vec<DeployReport>> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = super::fleet::free_ports(1)?[0];
     let host = LocalHost {
         data_dir: scratch.join("data"),
         install_root: scratch.join("root"),
