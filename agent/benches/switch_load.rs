@@ -50,8 +50,7 @@ fn main() {
             example_revision(f.tmp.path(), "v1", keep),
             example_revision(f.tmp.path(), "v2", keep),
         ];
-        let first = f.create(&revs[0], "AllAtOnce");
-        assert_eq!(f.ended(&first)["status"], "Succeeded");
+        f.succeeds(&revs[0], "AllAtOnce");
         if keep.is_some() {
             direct_row = through_and_direct(&f, 3000);
         }

@@ -16,23 +16,27 @@ use crate::ports::{PortLease, lease};
 pub const APP: &str = "inference";
 pub const LONG: Duration = Duration::from_secs(180);
 
+/// The events a switched deployment over a previous revision runs hooks at, in the order
+/// docs/appspec.md gives (BlockTraffic and AllowTraffic are the agent's own).
+pub const HOOKED: [&str; 9] = [
+    "BeforeInstall",
+    "AfterInstall",
+    "ApplicationStart",
+    "ValidateService",
+    "BeforeBlockTraffic",
+    "AfterBlockTraffic",
+    "BeforeAllowTraffic",
+    "AfterAllowTraffic",
+    "ApplicationStop",
+];
+
 /// The hooks of the test's revisions: `record` (the plain WASI command, which appends its
 /// event to `/work/deployments.log`) at every event a switched deployment runs, and the
 /// golden-prediction check after traffic is allowed (so v3-broken fails after the switch).
 pub fn appspec(switch: Option<u32>) -> String {
     let record = "    - location: hooks/record.wasm\n      timeout: 60\n";
     let mut hooks = String::new();
-    for event in [
-        "BeforeInstall",
-        "AfterInstall",
-        "ApplicationStart",
-        "ValidateService",
-        "BeforeBlockTraffic",
-        "AfterBlockTraffic",
-        "BeforeAllowTraffic",
-        "AfterAllowTraffic",
-        "ApplicationStop",
-    ] {
+    for event in HOOKED {
         hooks.push_str(&format!("  {event}:\n{record}"));
         if event == "AfterAllowTraffic" {
             hooks.push_str("    - location: hooks/validate_inference.wasm\n      timeout: 60\n");
@@ -152,6 +156,12 @@ impl Three {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    /// Deploys `bundle` with `config` and waits: it must succeed.
+    pub fn succeeds(&self, bundle: &Path, config: &str) {
+        let view = self.ended(&self.create(bundle, config));
+        assert_eq!(view["status"], "Succeeded", "{view}");
     }
 
     /// Waits until deployment `id` has ended (and its automatic rollback, if any): its view.

@@ -112,7 +112,6 @@ pub struct Machine {
     ignore_stop_failures: bool,
     /// The previous revision's ApplicationStop hooks failed and that was ignored.
     stop_hooks_failed: bool,
-    switched: bool,
 }
 
 /// The events of a switched deployment, in the order they happen.
@@ -189,25 +188,33 @@ impl Machine {
                 },
             })
             .collect();
+        Machine::from_steps(
+            forward,
+            rollback_steps,
+            events,
+            rollback_enabled && has_previous,
+        )
+    }
+
+    fn from_steps(
+        forward: Vec<Step>,
+        rollback_steps: Vec<Step>,
+        events: Vec<EventRecord>,
+        rollback_enabled: bool,
+    ) -> Self {
         Machine {
             forward,
             rollback_steps,
             at: 0,
             rolling_back: false,
-            rollback_enabled: rollback_enabled && has_previous,
+            rollback_enabled,
             events,
             rollback_events: Vec::new(),
             failure: None,
             outcome: None,
             ignore_stop_failures: false,
             stop_hooks_failed: false,
-            switched: true,
         }
-    }
-
-    /// Whether this is a switched deployment ([`Machine::switched`]).
-    pub fn is_switched(&self) -> bool {
-        self.switched
     }
 
     /// `has_previous`: the host has a last successful revision of this application.
@@ -302,20 +309,12 @@ impl Machine {
                 &[E::ApplicationStop]
             },
         );
-        Machine {
+        Machine::from_steps(
             forward,
             rollback_steps,
-            at: 0,
-            rolling_back: false,
-            rollback_enabled: rollback_enabled && has_previous,
             events,
-            rollback_events: Vec::new(),
-            failure: None,
-            outcome: None,
-            ignore_stop_failures: false,
-            stop_hooks_failed: false,
-            switched: false,
-        }
+            rollback_enabled && has_previous,
+        )
     }
 
     /// The same machine, with a failing ApplicationStop hook of the previous revision

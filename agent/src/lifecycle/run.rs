@@ -409,6 +409,11 @@ impl LocalHost {
                 Side::New => Some(&new),
                 Side::Previous => previous.as_ref(),
             };
+            // The service port a side was given (the agent's `[ports]`), if any.
+            let side_port = |side: Side, journal: &Journal| match side {
+                Side::New => req.port,
+                Side::Previous => journal.port,
+            };
             let result: Result<()> = match action {
                 Action::Finished => break,
                 Action::Unpack => Ok(()), // done and verified in preflight
@@ -438,10 +443,7 @@ impl LocalHost {
                 Action::BlockTraffic => switched::block(&dir),
                 Action::AllowTraffic { side } => {
                     let release = side_release(side).expect("a side the machine names exists");
-                    let port = match side {
-                        Side::New => req.port,
-                        Side::Previous => journal.port,
-                    };
+                    let port = side_port(side, &journal);
                     let service = release.spec.service.as_ref();
                     match (
                         switched::declared(service),
@@ -466,10 +468,7 @@ impl LocalHost {
                 }
                 Action::StartService { side } => {
                     let release = side_release(side).expect("a side the machine names exists");
-                    let port = match side {
-                        Side::New => req.port,
-                        Side::Previous => journal.port,
-                    };
+                    let port = side_port(side, &journal);
                     match release.spec.service.as_ref() {
                         Some(spec) if switched_mode => match side {
                             Side::New => {

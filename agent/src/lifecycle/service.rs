@@ -712,10 +712,16 @@ fn http_ok(port: u16, path: &str) -> bool {
 }
 
 fn log_tail(dir: &AppDir, from: u64) -> String {
+    tail_of(&dir.service_log(), from)
+}
+
+/// The last 600 bytes of the log at `path` written from offset `from` on, its lines joined
+/// by ` | ` (`(none)` when there are none); the log is opened without following a link.
+pub(crate) fn tail_of(path: &Path, from: u64) -> String {
     let Ok(mut file) = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(dir.service_log())
+        .open(path)
     else {
         return "(none)".into();
     };

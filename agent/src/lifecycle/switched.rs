@@ -174,7 +174,7 @@ pub fn upkeep(
 ) -> Result<()> {
     if let Some(port) = serving.port {
         let proxy = crate::switch::ensure(dir, listen(switch, public_port))?;
-        if proxy.status()?.backend != Some(port) {
+        if proxy.seen().backend != Some(port) {
             tracing::warn!(
                 port,
                 "the switch did not route to the serving service: routed"

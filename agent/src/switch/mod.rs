@@ -145,6 +145,8 @@ pub struct Proxy {
     record: SwitchRecord,
     socket: PathBuf,
     dir: AppDir,
+    /// What it answered when it was adopted or started.
+    seen: Status,
 }
 
 /// The proxy recorded for this app, if it is still the process that was started (pid and
@@ -158,13 +160,17 @@ pub fn running(dir: &AppDir) -> Result<Option<Proxy>> {
         crate::lifecycle::service::reap(record.pid);
         return Ok(None);
     }
-    let proxy = Proxy {
+    let mut proxy = Proxy {
         record,
         socket: socket_path(dir),
         dir: dir.clone(),
+        seen: Status::default(),
     };
     match proxy.status() {
-        Ok(_) => Ok(Some(proxy)),
+        Ok(status) => {
+            proxy.seen = status;
+            Ok(Some(proxy))
+        }
         Err(e) => {
             tracing::warn!("the recorded switch does not answer: {e:#}");
             Ok(None)
@@ -256,7 +262,7 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
             return Err(exited(listen, &status.to_string(), &log_tail(dir, log_start)).into());
         }
         if let Some(ticks) = start_ticks(pid) {
-            let proxy = Proxy {
+            let mut proxy = Proxy {
                 record: SwitchRecord {
                     pid,
                     start_ticks: ticks,
@@ -264,8 +270,10 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
                 },
                 socket: socket.clone(),
                 dir: dir.clone(),
+                seen: Status::default(),
             };
-            if proxy.status().is_ok() {
+            if let Ok(status) = proxy.status() {
+                proxy.seen = status;
                 write_json(&record_path(dir), &proxy.record)?;
                 // It belongs to the host now, not to this process.
                 std::mem::forget(child);
@@ -295,9 +303,11 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
 /// (what `proxy::main` writes before it exits 2), else whatever its log says.
 fn exited(listen: SocketAddr, status: &str, tail: &str) -> SwitchError {
     let said = format!("binding {listen}: ");
+    // `log_tail` joins the log's lines with ` | `.
     match tail
         .lines()
         .rev()
+        .flat_map(|l| l.rsplit(" | "))
         .find_map(|l| l.split_once(said.as_str()).map(|(_, r)| r.trim()))
     {
         Some(reason) => SwitchError::Bind {
@@ -312,27 +322,18 @@ fn exited(listen: SocketAddr, status: &str, tail: &str) -> SwitchError {
 }
 
 fn log_tail(dir: &AppDir, from: u64) -> String {
-    use std::io::Seek;
-    let Ok(mut file) = std::fs::File::open(log_path(dir)) else {
-        return "(none)".into();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let from = from.max(len.saturating_sub(600)).min(len);
-    let mut tail = Vec::new();
-    let _ = file
-        .seek(std::io::SeekFrom::Start(from))
-        .and_then(|_| file.take(600).read_to_end(&mut tail));
-    let tail = String::from_utf8_lossy(&tail).trim().to_string();
-    if tail.is_empty() {
-        "(none)".into()
-    } else {
-        tail
-    }
+    crate::lifecycle::service::tail_of(&log_path(dir), from)
 }
 
 impl Proxy {
     pub fn record(&self) -> &SwitchRecord {
         &self.record
+    }
+
+    /// What the proxy answered when it was adopted or started ([`running`], [`ensure`]),
+    /// so that a caller that only looks need not ask again.
+    pub fn seen(&self) -> &Status {
+        &self.seen
     }
 
     fn ask(&self, request: &Request) -> Result<Status> {

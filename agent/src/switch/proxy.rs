@@ -455,6 +455,7 @@ mod tests {
             },
             socket,
             dir,
+            seen: Status::default(),
         };
         Running {
             public,
@@ -618,6 +619,7 @@ mod tests {
             record: r.proxy.record.clone(),
             socket: r.proxy.socket.clone(),
             dir: r.proxy.dir.clone(),
+            seen: Status::default(),
         };
         handle.stop().unwrap();
         assert!(!r.proxy.dir.root.join("switch.json").exists());
