@@ -36,6 +36,9 @@ pub const HOLD_LIMIT: Duration = Duration::from_secs(3);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a started proxy has to answer its first `status`.
 const START_WITHIN: Duration = Duration::from_secs(5);
+/// How long a recorded proxy that runs may fail to answer before it is given up on (and
+/// [`ensure`] kills it): a proxy busy for a moment is not a dead one.
+const ADOPT_PATIENCE: Duration = Duration::from_secs(2);
 /// A control line's largest size, either way.
 pub(crate) const MAX_LINE: usize = 1024;
 
@@ -80,9 +83,12 @@ pub struct Status {
     pub held: bool,
     /// Open (proxied) connections per backend port.
     pub open: BTreeMap<u16, u32>,
-    /// Connections accepted since the proxy started, and those that reached no backend.
+    /// Connections accepted since the proxy started, those that reached no backend, and
+    /// those closed at once for their source's cap (`proxy::MAX_PER_SOURCE`).
     pub accepted: u64,
     pub failed: u64,
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// A control request.
@@ -92,6 +98,8 @@ pub(crate) enum Request {
     Route {
         port: u16,
     },
+    /// No backend: new connections wait in the listen backlog until the next route.
+    Unroute,
     /// Held for `for_ms` at most ([`HOLD_LIMIT`] when not given, and never longer).
     Hold {
         #[serde(default = "hold_limit_ms")]
@@ -150,7 +158,7 @@ pub struct Proxy {
 }
 
 /// The proxy recorded for this app, if it is still the process that was started (pid and
-/// start time) and answers on its control socket.
+/// start time) and answers on its control socket (asked again for [`ADOPT_PATIENCE`]).
 pub fn running(dir: &AppDir) -> Result<Option<Proxy>> {
     let Some(record) = read_json::<SwitchRecord>(&record_path(dir))? else {
         return Ok(None);
@@ -166,14 +174,21 @@ pub fn running(dir: &AppDir) -> Result<Option<Proxy>> {
         dir: dir.clone(),
         seen: Status::default(),
     };
-    match proxy.status() {
-        Ok(status) => {
-            proxy.seen = status;
-            Ok(Some(proxy))
-        }
-        Err(e) => {
-            tracing::warn!("the recorded switch does not answer: {e:#}");
-            Ok(None)
+    let since = Instant::now();
+    loop {
+        match proxy.status() {
+            Ok(status) => {
+                proxy.seen = status;
+                return Ok(Some(proxy));
+            }
+            Err(e) if since.elapsed() >= ADOPT_PATIENCE => {
+                tracing::warn!(
+                    "the recorded switch does not answer for {}s: {e:#}",
+                    ADOPT_PATIENCE.as_secs()
+                );
+                return Ok(None);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
 }
@@ -255,35 +270,50 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
     }
     let mut child = cmd.spawn().context("starting the switch")?;
     let pid = child.id() as i32;
-    let socket = socket_path(dir);
+    // Recorded at once (the start time is the fork's, which exec keeps): an agent killed
+    // from here on leaves a proxy the next one finds, and stops or adopts, rather than one
+    // that holds the port unknown.
+    let give_up = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = remove(&record_path(dir));
+    };
+    let Some(ticks) = start_ticks(pid) else {
+        give_up(&mut child);
+        let status = child.try_wait().ok().flatten();
+        let status = status.map_or_else(|| "gone".to_string(), |s| s.to_string());
+        return Err(exited(listen, &status, &log_tail(dir, log_start)).into());
+    };
+    let mut proxy = Proxy {
+        record: SwitchRecord {
+            pid,
+            start_ticks: ticks,
+            listen,
+        },
+        socket: socket_path(dir),
+        dir: dir.clone(),
+        seen: Status::default(),
+    };
+    if let Err(e) = write_json(&record_path(dir), &proxy.record) {
+        give_up(&mut child);
+        return Err(e.context("recording the switch"));
+    }
     let deadline = Instant::now() + START_WITHIN;
     loop {
         if let Some(status) = child.try_wait()? {
+            let _ = remove(&record_path(dir));
             return Err(exited(listen, &status.to_string(), &log_tail(dir, log_start)).into());
         }
-        if let Some(ticks) = start_ticks(pid) {
-            let mut proxy = Proxy {
-                record: SwitchRecord {
-                    pid,
-                    start_ticks: ticks,
-                    listen,
-                },
-                socket: socket.clone(),
-                dir: dir.clone(),
-                seen: Status::default(),
-            };
-            if let Ok(status) = proxy.status() {
-                proxy.seen = status;
-                write_json(&record_path(dir), &proxy.record)?;
-                // It belongs to the host now, not to this process.
-                std::mem::forget(child);
-                tracing::info!(pid, %listen, "switch started");
-                return Ok(proxy);
-            }
+        if let Ok(status) = proxy.status() {
+            proxy.seen = status;
+            // It belongs to the host now, not to this process.
+            std::mem::forget(child);
+            tracing::info!(pid, %listen, "switch started");
+            return Ok(proxy);
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            give_up(&mut child);
+            let socket = proxy.socket.clone();
             return Err(SwitchError::NotAnswering {
                 pid,
                 socket,
@@ -388,6 +418,12 @@ impl Proxy {
         self.ask(&Request::Hold {
             for_ms: HOLD_LIMIT.as_millis() as u64,
         })
+    }
+
+    /// New connections wait (in the listen backlog) until the next [`Self::route`]: the
+    /// serving process died, and its port is nobody's until it is back.
+    pub fn unroute(&self) -> Result<Status> {
+        self.ask(&Request::Unroute)
     }
 
     pub fn status(&self) -> Result<Status> {

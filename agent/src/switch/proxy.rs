@@ -5,21 +5,29 @@
 //! was accepted, both ways (`copy_bidirectional`), until either side closes.
 //!
 //! Bounded: at most [`MAX_CONNECTIONS`] connections at once (at the cap it stops accepting
-//! and the kernel's backlog absorbs), a backend connect within [`CONNECT_TIMEOUT`] (else the
-//! client's connection is closed and counted `failed`), control requests one line of at
-//! most `MAX_LINE` bytes read within [`CONTROL_READ`], [`MAX_CONTROL`] at once. A hold ends
-//! at the next route or when its time is up. On `stop` or SIGTERM it stops accepting, gives
-//! open connections [`STOP_GRACE`], and exits.
+//! and the kernel's backlog absorbs; its descriptor limit is raised to fit them), at most
+//! [`MAX_PER_SOURCE`] from one client address (more are closed at once and counted
+//! `refused`), a connection with no byte either way for [`IDLE_TIMEOUT`] is closed, a
+//! backend connect within [`CONNECT_TIMEOUT`] (else the client's connection is closed and
+//! counted `failed`), control requests one line of at most `MAX_LINE` bytes read within
+//! [`CONTROL_READ`], [`MAX_CONTROL`] at once. Accept errors (out of descriptors, say) back
+//! off and are logged at most once a second. A hold ends at the next route or when its time
+//! is up; `unroute` leaves new connections waiting in the backlog until the next route (the
+//! agent's answer to a serving process that died: its port is nobody's until it is back).
+//! On `stop` or SIGTERM it stops accepting, gives open connections [`STOP_GRACE`], and
+//! exits.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -27,6 +35,27 @@ use tokio::time::Instant;
 use super::{Answer, MAX_LINE, Request, Status};
 
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections from one client address at once: a quarter of the whole, so that one
+/// client cannot take every slot.
+pub const MAX_PER_SOURCE: u32 = 1024;
+/// A proxied connection with no byte either way for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The bounds a test may make smaller; the process serves with [`Limits::default`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub per_source: u32,
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_source: MAX_PER_SOURCE,
+            idle: IDLE_TIMEOUT,
+        }
+    }
+}
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONTROL_READ: Duration = Duration::from_secs(2);
 pub const MAX_CONTROL: usize = 4;
@@ -50,9 +79,13 @@ impl Route {
 struct Shared {
     route: watch::Sender<Route>,
     open: Mutex<BTreeMap<u16, u32>>,
+    /// Open connections per client address, for [`MAX_PER_SOURCE`].
+    sources: Mutex<HashMap<IpAddr, u32>>,
     accepted: AtomicU64,
     failed: AtomicU64,
+    refused: AtomicU64,
     stop: watch::Sender<bool>,
+    limits: Limits,
 }
 
 impl Shared {
@@ -64,6 +97,28 @@ impl Shared {
             open: self.open.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             accepted: self.accepted.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a connection from `source`, unless it has [`MAX_PER_SOURCE`] open already.
+    fn admit(&self, source: IpAddr) -> bool {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let n = sources.entry(source).or_default();
+        if *n >= self.limits.per_source {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn left(&self, source: IpAddr) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = sources.get_mut(&source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sources.remove(&source);
+            }
         }
     }
 
@@ -111,6 +166,7 @@ pub fn main(dir: &Path, listen: SocketAddr) -> Result<()> {
         .with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     control.set_nonblocking(true)?;
+    raise_descriptor_limit();
     drop_privileges()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -124,7 +180,7 @@ pub fn main(dir: &Path, listen: SocketAddr) -> Result<()> {
             "switch-proxy: serving {listen} (pid {})",
             std::process::id()
         );
-        serve(listener, control, async move {
+        serve(listener, control, Limits::default(), async move {
             term.recv().await;
             eprintln!("switch-proxy: SIGTERM");
         })
@@ -141,6 +197,28 @@ fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket.listen(1024)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// Two descriptors per connection and some to spare: the soft limit is raised to that (or
+/// to the hard limit), and as root the hard limit too. The usual soft limit of 1024 would
+/// otherwise cap the proxy near 500 connections, far below [`MAX_CONNECTIONS`].
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let want = 2 * MAX_CONNECTIONS as u64 + 64;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= want {
+        return;
+    }
+    let hard = if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        want
+    } else {
+        hard
+    };
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard) {
+        eprintln!("switch-proxy: raising the descriptor limit from {soft}: {e}");
+    }
 }
 
 /// As root: no supplementary groups, gid and uid 65534, and no way back (`no_new_privs`).
@@ -170,6 +248,7 @@ fn drop_privileges() -> Result<()> {
 pub async fn serve(
     listener: TcpListener,
     control: UnixListener,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (route, _) = watch::channel(Route::default());
@@ -177,9 +256,12 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         route,
         open: Mutex::new(BTreeMap::new()),
+        sources: Mutex::new(HashMap::new()),
         accepted: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
         stop,
+        limits,
     });
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let control_task = tokio::spawn(answer_control(control, shared.clone()));
@@ -202,6 +284,7 @@ pub async fn serve(
 async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: &Arc<Semaphore>) {
     let mut route_rx = shared.route.subscribe();
     let mut stop_rx = shared.stop.subscribe();
+    let mut errors = AcceptErrors::default();
     loop {
         if *stop_rx.borrow() {
             return;
@@ -232,8 +315,15 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: 
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((client, _)) => {
+                Ok((client, from)) => {
+                    errors.ok();
                     shared.accepted.fetch_add(1, Ordering::Relaxed);
+                    let source = from.ip();
+                    if !shared.admit(source) {
+                        shared.refused.fetch_add(1, Ordering::Relaxed);
+                        drop(client);
+                        continue;
+                    }
                     // A hold or a route may have come as this connection was accepted:
                     // it goes where the route in force says, once no hold is.
                     let port = match routable(&mut shared.route.subscribe()).await {
@@ -245,19 +335,53 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: 
                     tokio::spawn(async move {
                         forward(client, port, &shared).await;
                         shared.closed(port);
+                        shared.left(source);
                         drop(permit);
                     });
                 }
-                Err(e) => {
-                    // Out of descriptors, say: not the listener's end.
-                    eprintln!("switch-proxy: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                // Out of descriptors, say: not the listener's end. It passes when
+                // connections close.
+                Err(e) => errors.failed(&e).await,
             },
             // A route or a hold changes what the next connection gets: look again.
             _ = route_rx.changed() => {}
             _ = stop_rx.changed() => {}
         }
+    }
+}
+
+/// Accept errors in a row: each waits twice as long as the one before (10 ms to 1 s), and
+/// the log gets at most one line a second, with how many it did not get.
+#[derive(Default)]
+struct AcceptErrors {
+    in_a_row: u32,
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl AcceptErrors {
+    fn ok(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    async fn failed(&mut self, e: &std::io::Error) {
+        let now = Instant::now();
+        if self
+            .logged_at
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            eprintln!(
+                "switch-proxy: accept: {e} ({} more since the last line)",
+                self.unlogged
+            );
+            self.logged_at = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        let wait = Duration::from_millis(10 << self.in_a_row.min(7)).min(Duration::from_secs(1));
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -278,14 +402,14 @@ async fn routable(rx: &mut watch::Receiver<Route>) -> Option<u16> {
     }
 }
 
-async fn forward(mut client: TcpStream, port: u16, shared: &Shared) {
+async fn forward(client: TcpStream, port: u16, shared: &Shared) {
     let _ = client.set_nodelay(true);
     let backend = tokio::time::timeout(
         CONNECT_TIMEOUT,
         TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))),
     )
     .await;
-    let mut backend = match backend {
+    let backend = match backend {
         Ok(Ok(b)) => b,
         _ => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
@@ -293,7 +417,78 @@ async fn forward(mut client: TcpStream, port: u16, shared: &Shared) {
         }
     };
     let _ = backend.set_nodelay(true);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+    let activity = Arc::new(AtomicU64::new(0));
+    let began = Instant::now();
+    let mut client = Tracked {
+        inner: client,
+        activity: activity.clone(),
+        began,
+    };
+    let mut backend = Tracked {
+        inner: backend,
+        activity: activity.clone(),
+        began,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut backend);
+    tokio::pin!(copy);
+    loop {
+        let last = began + Duration::from_millis(activity.load(Ordering::Relaxed));
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = tokio::time::sleep_until(last + shared.limits.idle) => {
+                let now = began + Duration::from_millis(activity.load(Ordering::Relaxed));
+                if now == last {
+                    // Idle both ways: closed (both streams dropped on return).
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A stream that notes when it last read a byte (milliseconds after `began`), for the
+/// idle timeout.
+struct Tracked {
+    inner: TcpStream,
+    activity: Arc<AtomicU64>,
+    began: Instant,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let ms = self.began.elapsed().as_millis() as u64;
+            self.activity.store(ms, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 async fn answer_control(control: UnixListener, shared: Arc<Shared>) {
@@ -302,8 +497,14 @@ async fn answer_control(control: UnixListener, shared: Arc<Shared>) {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Ok((stream, _)) = control.accept().await else {
-            continue;
+        let stream = match control.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: waited out, not spun on.
+                eprintln!("switch-proxy: control accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -358,6 +559,10 @@ fn apply(request: Request, shared: &Shared) -> Answer {
                 held_until: None,
             });
             eprintln!("switch-proxy: new connections go to 127.0.0.1:{port}");
+        }
+        Request::Unroute => {
+            shared.route.send_replace(Route::default());
+            eprintln!("switch-proxy: new connections wait: no backend");
         }
         Request::Hold { for_ms } => {
             let for_ms = for_ms.min(super::HOLD_LIMIT.as_millis() as u64);
@@ -421,6 +626,10 @@ mod tests {
     }
 
     fn running() -> Running {
+        running_with(Limits::default())
+    }
+
+    fn running_with(limits: Limits) -> Running {
         let tmp = tempfile::tempdir().unwrap();
         let dir = AppDir {
             root: tmp.path().to_path_buf(),
@@ -440,6 +649,7 @@ mod tests {
                     serve(
                         TcpListener::from_std(listener).unwrap(),
                         UnixListener::from_std(control).unwrap(),
+                        limits,
                         async move {
                             let _ = shut.await;
                         },
@@ -584,6 +794,68 @@ mod tests {
         assert_eq!(r.proxy.status().unwrap().backend, Some(dead));
         r.proxy.route(a).unwrap();
         assert_eq!(ask(r.public), "A");
+    }
+
+    #[test]
+    fn one_source_gets_its_share_and_an_idle_connection_is_closed() {
+        let r = running_with(Limits {
+            per_source: 2,
+            idle: Duration::from_millis(500),
+        });
+        let a = backend("A");
+        r.proxy.route(a).unwrap();
+        // Two idle connections from 127.0.0.1 take its share: a third is closed at once,
+        // counted as refused, while another address is served.
+        let first = std::net::TcpStream::connect(r.public).unwrap();
+        let second = std::net::TcpStream::connect(r.public).unwrap();
+        wait_until("two connections counted", || {
+            r.proxy.status().unwrap().open.get(&a) == Some(&2)
+        });
+        assert_eq!(
+            ask(r.public),
+            "",
+            "a third connection from one source was served"
+        );
+        assert_eq!(r.proxy.status().unwrap().refused, 1);
+        // Another source: a connection from another local address.
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+            .unwrap();
+        s.connect(&r.public.into()).unwrap();
+        let mut s: std::net::TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"hi\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert_eq!(out, "A", "another source was refused");
+        // Idle both ways past the timeout: both closed, and their slots free again.
+        for mut idle in [first, second] {
+            idle.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut buf = Vec::new();
+            let n = idle.read_to_end(&mut buf).unwrap();
+            assert_eq!(n, 0, "an idle connection got bytes");
+        }
+        wait_until("the idle connections closed", || {
+            r.proxy.status().unwrap().open.is_empty()
+        });
+        assert_eq!(ask(r.public), "A");
+    }
+
+    #[test]
+    fn unrouted_connections_wait_for_the_next_route() {
+        let r = running();
+        let (a, b) = (backend("A"), backend("B"));
+        r.proxy.route(a).unwrap();
+        let status = r.proxy.unroute().unwrap();
+        assert_eq!(status.backend, None);
+        let public = r.public;
+        let waiting = std::thread::spawn(move || ask(public));
+        // Longer than any hold: an unrouted proxy hands out nothing by itself.
+        std::thread::sleep(super::super::HOLD_LIMIT + Duration::from_millis(300));
+        assert!(!waiting.is_finished(), "an unrouted connection was served");
+        r.proxy.route(b).unwrap();
+        assert_eq!(waiting.join().unwrap(), "B");
     }
 
     #[test]
