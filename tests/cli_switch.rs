@@ -8,6 +8,8 @@
 //! - the same while agents are killed with -9 in the middle of a switch and restarted:
 //!   each comes back on the revision it came from, switched back without a failure.
 //! - `deploy local` killed at every crash point of a switch, then recovered, under load.
+//! - the supervisor starts a dead switch or service again; a service's port taken by
+//!   another process while it is down gets no traffic, and the service another port.
 
 #[path = "support/fleet.rs"]
 mod fleet;
@@ -349,6 +351,21 @@ fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go(
             .is_some_and(|r| r["pid"].as_i64() != Some(old as i64))
             && load::predict(public).as_deref() == Ok("v2")
     });
+    // The switch's descriptor limit fits its connection cap (two descriptors each).
+    let pid = f.service_json(0, "switch.json").unwrap()["pid"]
+        .as_i64()
+        .unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        soft >= 2 * shoal_agent::switch::proxy::MAX_CONNECTIONS as u64,
+        "the switch may open {soft} descriptors"
+    );
     // The service dies: started again on its own port, where the switch still routes.
     let port = f.service_json(0, "service.json").unwrap()["port"].clone();
     let old = kill("service.json");
@@ -358,4 +375,43 @@ fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go(
             && load::predict(public).as_deref() == Ok("v2")
     });
     assert_eq!(f.service_json(0, "service.json").unwrap()["port"], port);
+
+    // The service dies and another process takes its port at once (the app's user, say):
+    // new connections wait at the switch, never go to that process once the supervisor
+    // has seen the death, and the service starts again on another port.
+    let port = f.service_json(0, "service.json").unwrap()["port"]
+        .as_u64()
+        .unwrap() as u16;
+    let old = kill("service.json");
+    // Its socket is closed once the killed process is gone: a few milliseconds.
+    let mut thief = None;
+    wait_for("the dead service's port to be free", LONG, || {
+        thief = std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+        thief.is_some()
+    });
+    let thief = thief.unwrap();
+    thief.set_nonblocking(true).unwrap();
+    let stolen = || {
+        let mut n = 0;
+        while thief.accept().is_ok() {
+            n += 1;
+        }
+        n
+    };
+    wait_for("the service started again on another port", LONG, || {
+        f.service_json(0, "service.json").is_some_and(|r| {
+            r["pid"].as_i64() != Some(old as i64) && r["port"].as_u64() != Some(port.into())
+        }) && load::predict(public).as_deref() == Ok("v2")
+    });
+    // Whatever reached the thief did before the supervisor's pass saw the death (a
+    // quarter of a second at most); from now on nothing does.
+    stolen();
+    for _ in 0..50 {
+        assert_eq!(load::predict(public).as_deref(), Ok("v2"));
+    }
+    assert_eq!(
+        stolen(),
+        0,
+        "the switch sent connections to another process's port"
+    );
 }

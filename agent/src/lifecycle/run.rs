@@ -449,9 +449,12 @@ impl LocalHost {
                         switched::declared(service),
                         port.or(service.and_then(|s| s.port)),
                     ) {
-                        (Some(switch), Some(port)) => {
-                            switched::allow(&dir, &release.id, switch, port)
-                        }
+                        (Some(_), Some(port)) => switched::allow(
+                            &dir,
+                            &release.id,
+                            service.expect("a switch is a service's"),
+                            port,
+                        ),
                         _ => Err(anyhow!(
                             "revision {} declares no switched service",
                             release.id.short()
@@ -593,10 +596,10 @@ impl LocalHost {
         };
         service::stop(dir)?;
         match (switched::declared(Some(spec)), port.or(spec.port)) {
-            (Some(switch), Some(public)) => {
+            (Some(_), Some(public)) => {
                 let own = service::free_port()?;
                 service::start(dir, &release.dir, &release.id, spec, Some(own))?;
-                switched::allow(dir, &release.id, switch, public)
+                switched::allow(dir, &release.id, spec, public)
             }
             (_, port) => service::start(dir, &release.dir, &release.id, spec, port).map(drop),
         }
@@ -950,7 +953,7 @@ impl LocalHost {
                                 service::stop(dir)?;
                             }
                             switched::ensure_running(dir, &release.dir, &release.id, spec)?;
-                            switched::allow(dir, &release.id, switch, public)?;
+                            switched::allow(dir, &release.id, spec, public)?;
                             switched::retire(dir, switch.drain_timeout, std::time::Duration::ZERO)
                         }
                         _ => service::start(dir, &release.dir, &release.id, spec, public).map(drop),

@@ -233,6 +233,26 @@ impl ServiceRecord {
         members.into_iter().collect()
     }
 
+    /// The descriptors of the service's tree that are sockets, as their links read
+    /// (`socket:[INODE]`).
+    fn sockets(&self) -> HashSet<String> {
+        let mut sockets = HashSet::new();
+        for pid in self.tree() {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                if let Ok(target) = std::fs::read_link(fd.path()) {
+                    let target = target.to_string_lossy();
+                    if target.starts_with("socket:[") {
+                        sockets.insert(target.into_owned());
+                    }
+                }
+            }
+        }
+        sockets
+    }
+
     /// The service's tree: its group and every descendant of it (a child that made a group
     /// of its own included).
     fn tree(&self) -> BTreeSet<i32> {
@@ -627,9 +647,42 @@ fn remove_if_ours(dir: &AppDir, slot: Slot, record: &ServiceRecord) {
     }
 }
 
+/// A TCP socket listening on a port: its inode and its local address.
+struct Listener {
+    inode: u64,
+    addr: std::net::IpAddr,
+}
+
+/// An address as `/proc/net/tcp{,6}` writes it: 32-bit words in hex, each in host order.
+fn proc_addr(hex: &str) -> Option<std::net::IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        Some(
+            u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16)
+                .ok()?
+                .to_ne_bytes(),
+        )
+    };
+    match hex.len() {
+        8 => Some(std::net::Ipv4Addr::from(word(0)?).into()),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(std::net::Ipv6Addr::from(bytes).into())
+        }
+        _ => None,
+    }
+}
+
 /// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6).
 fn listening_inodes(port: u16) -> HashSet<u64> {
-    let mut inodes = HashSet::new();
+    listeners(port).into_iter().map(|l| l.inode).collect()
+}
+
+/// The TCP sockets listening on `port` (IPv4 and IPv6).
+fn listeners(port: u16) -> Vec<Listener> {
+    let mut found = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
@@ -640,18 +693,50 @@ fn listening_inodes(port: u16) -> HashSet<u64> {
             let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
                 continue;
             };
-            let local_port = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            let Some((addr, local_port)) = local.rsplit_once(':') else {
+                continue;
+            };
             if *state == "0A"
-                && local_port == Some(port)
-                && let Ok(inode) = inode.parse()
+                && u16::from_str_radix(local_port, 16).ok() == Some(port)
+                && let (Ok(inode), Some(addr)) = (inode.parse(), proc_addr(addr))
             {
-                inodes.insert(inode);
+                found.push(Listener { inode, addr });
             }
         }
     }
-    inodes
+    found
+}
+
+/// Who listens on a port the proxy would route to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// Nothing listens.
+    Nobody,
+    /// Only the service's own processes do. `wide` is an address other than loopback
+    /// they listen on too (`0.0.0.0`, say), where clients reach the service past the
+    /// switch.
+    Service { wide: Option<std::net::IpAddr> },
+    /// Another process does (as well): traffic must not go there.
+    Foreign,
+}
+
+/// Who listens on `port`: [`Holder::Service`] only when every listener on it is a socket
+/// of the service's own tree.
+pub fn holder(record: &ServiceRecord, port: u16) -> Holder {
+    let found = listeners(port);
+    if found.is_empty() {
+        return Holder::Nobody;
+    }
+    let ours = record.sockets();
+    if found
+        .iter()
+        .any(|l| !ours.contains(&format!("socket:[{}]", l.inode)))
+    {
+        return Holder::Foreign;
+    }
+    Holder::Service {
+        wide: found.iter().map(|l| l.addr).find(|a| !a.is_loopback()),
+    }
 }
 
 /// Whether the socket listening on `port` belongs to the service's tree: `None` when
@@ -661,20 +746,14 @@ fn listener_is_ours(record: &ServiceRecord, port: u16) -> Option<bool> {
     if inodes.is_empty() {
         return None;
     }
-    let wanted: HashSet<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    let ours = record.tree().into_iter().any(|pid| {
-        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-            fds.flatten().any(|fd| {
-                std::fs::read_link(fd.path())
-                    .is_ok_and(|target| wanted.contains(target.to_string_lossy().as_ref()))
-            })
-        })
-    });
-    Some(ours)
+    let ours = record.sockets();
+    Some(
+        inodes
+            .iter()
+            .any(|i| ours.contains(&format!("socket:[{i}]"))),
+    )
 }
 
-/// `GET path` of `127.0.0.1:port`: the host is fixed whatever `path` holds (which the
-/// AppSpec parser already checked to be a path).
 /// Whether the app's running service answers `GET path` on `127.0.0.1:port` with 2xx
 /// while its own processes hold the port (the check of its start, asked again).
 pub fn healthy(dir: &AppDir, port: u16, path: &str) -> bool {
@@ -691,7 +770,9 @@ pub fn healthy_in(dir: &AppDir, slot: Slot, port: u16, path: &str) -> bool {
     }
 }
 
-fn http_ok(port: u16, path: &str) -> bool {
+/// Whether `GET path` of `127.0.0.1:port` answers 2xx within a second: the host is fixed
+/// whatever `path` holds (which the AppSpec parser already checked to be a path).
+pub fn http_ok(port: u16, path: &str) -> bool {
     if crate::appspec::health_path(path).is_err() {
         return false;
     }
@@ -1008,7 +1089,42 @@ mod tests {
         };
         if me.owns_group() {
             assert_eq!(listener_is_ours(&me, own_port), Some(true));
+            // The switch's check: the service's alone, on loopback.
+            assert_eq!(holder(&me, own_port), Holder::Service { wide: None });
+            // Another process listening too is foreign (the stale listener is this
+            // process's, so a record of another tree sees it as foreign).
+            let other = ServiceRecord {
+                pid: i32::MAX - 1,
+                start_ticks: 1,
+                ..me.clone()
+            };
+            assert_eq!(holder(&other, port), Holder::Foreign);
+            // Past loopback: still the service's, and said so.
+            let wide = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+            let wide_port = wide.local_addr().unwrap().port();
+            assert_eq!(
+                holder(&me, wide_port),
+                Holder::Service {
+                    wide: Some("0.0.0.0".parse().unwrap())
+                }
+            );
         }
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let free_port = free.local_addr().unwrap().port();
+        drop(free);
+        assert_eq!(holder(&me, free_port), Holder::Nobody);
+    }
+
+    #[test]
+    fn proc_net_addresses_are_read_in_host_order() {
+        assert_eq!(proc_addr("0100007F"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(proc_addr("00000000"), Some("0.0.0.0".parse().unwrap()));
+        assert_eq!(
+            proc_addr("00000000000000000000000001000000"),
+            Some("::1".parse().unwrap())
+        );
+        assert_eq!(proc_addr("0100007"), None);
+        assert_eq!(proc_addr("zz00007F"), None);
     }
 
     #[test]

@@ -506,8 +506,8 @@ fn tick(
         && record.revision == active
         && record.is_running()
     {
-        if let (Some(switch), Some(public)) = (switch, public) {
-            super::switched::upkeep(&dir, &record, switch, public)?;
+        if let (Some(_), Some(public)) = (switch, public) {
+            super::switched::upkeep(&dir, &record, &spec, public)?;
         }
         if !watch.adopted_logged {
             tracing::info!(app, pid = record.pid, revision = %active.short(), "service running");
@@ -516,6 +516,9 @@ fn tick(
         return Ok(Pass::Fine);
     }
     watch.adopted_logged = false;
+    if switch.is_some() {
+        super::switched::serving_down(&dir)?;
+    }
     let now = Instant::now();
     match watch.restart_at {
         None => {
@@ -529,12 +532,15 @@ fn tick(
             // The count goes on for the same revision (the gate of a rollout reads it).
             let before = service::current(&dir)?.filter(|r| r.revision == active);
             let restarts = before.as_ref().map_or(0, |r| r.restarts).saturating_add(1);
-            // A switched service starts again on its own port, where the proxy routes (a
-            // new one when it had none); the next pass checks the route.
+            // A switched service starts again on its own port (a new one when it had none,
+            // or when another process took it meanwhile); the next passes route to it once
+            // it is healthy.
             let port = match switch {
-                Some(_) => match before.and_then(|r| r.port) {
-                    Some(port) => Some(port),
-                    None => Some(service::free_port()?),
+                Some(_) => match before.as_ref().and_then(|r| Some((r, r.port?))) {
+                    Some((r, port)) if service::holder(r, port) == service::Holder::Nobody => {
+                        Some(port)
+                    }
+                    _ => Some(service::free_port()?),
                 },
                 None => public,
             };

@@ -10,11 +10,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 
-use super::service::{self, ServiceRecord, Slot};
+use super::service::{self, Holder, ServiceError, ServiceRecord, Slot};
 use super::state::AppDir;
 use crate::appspec::{ServiceSpec, SwitchSpec};
 use crate::bundle::RevisionId;
@@ -102,18 +102,23 @@ pub fn block(dir: &AppDir) -> Result<()> {
 }
 
 /// AllowTraffic: new connections (and held ones) go to `revision`'s running service, the
-/// proxy started first if it does not run; that service becomes the serving one.
+/// proxy started first if it does not run; that service becomes the serving one. Traffic
+/// goes there only once the service's own processes alone listen on its port (see
+/// [`routable`]).
 pub fn allow(
     dir: &AppDir,
     revision: &RevisionId,
-    switch: &SwitchSpec,
+    spec: &ServiceSpec,
     public_port: u16,
 ) -> Result<()> {
+    let switch = declared(Some(spec))
+        .ok_or_else(|| anyhow!("revision {} declares no switch", revision.short()))?;
     let (slot, record) = service::running_of(dir, revision)?
         .ok_or_else(|| anyhow!("the service of {} is not running", revision.short()))?;
     let port = record
         .port
         .ok_or_else(|| anyhow!("the service of {} has no port", revision.short()))?;
+    routable(&record, port, spec)?;
     let proxy = crate::switch::ensure(dir, listen(switch, public_port))?;
     proxy
         .route(port)
@@ -121,6 +126,50 @@ pub fn allow(
     crate::faults::point("switch.allowed");
     if slot == Slot::Standby {
         service::swap(dir)?;
+    }
+    Ok(())
+}
+
+/// Whether traffic may go to `record`'s `port`: the service's own processes, and no other,
+/// listen on it (waited for up to its `start_timeout`: without a health path, "started"
+/// is only "still up after a second"), and it answers its health path if it has one. A
+/// listener on an address past loopback is allowed and warned of: clients can reach the
+/// service there without the switch.
+fn routable(record: &ServiceRecord, port: u16, spec: &ServiceSpec) -> Result<()> {
+    let rev = record.revision.short();
+    let deadline = Instant::now() + spec.start_timeout;
+    loop {
+        match service::holder(record, port) {
+            Holder::Foreign => {
+                return Err(anyhow::Error::new(ServiceError::ForeignListener { port })
+                    .context(format!("traffic not switched to the service of {rev}")));
+            }
+            Holder::Service { wide } => {
+                if let Some(addr) = wide {
+                    tracing::warn!(
+                        revision = %rev,
+                        port,
+                        %addr,
+                        "the switched service listens on {addr}:{port}, where clients reach it past the switch: listen on 127.0.0.1:$PORT"
+                    );
+                }
+                break;
+            }
+            Holder::Nobody if Instant::now() >= deadline => bail!(
+                "nothing listens on 127.0.0.1:{port}, the port of the service of {rev}, \
+                 after {}s: traffic not switched",
+                spec.start_timeout.as_secs()
+            ),
+            Holder::Nobody => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    if let Some(path) = &spec.health_path
+        && !service::http_ok(port, path)
+    {
+        bail!(
+            "the service of {rev} fails its health check (GET {path} on 127.0.0.1:{port}): \
+             traffic not switched"
+        );
     }
     Ok(())
 }
@@ -152,6 +201,21 @@ pub fn retire(dir: &AppDir, drain_timeout: Duration, keep: Duration) -> Result<(
     }
 }
 
+/// The supervisor's pass over a switched service whose serving process does not run: new
+/// connections wait at the proxy until it is back and [`upkeep`] routes to it again, so
+/// that no other process that takes its port in the meantime gets them.
+pub fn serving_down(dir: &AppDir) -> Result<()> {
+    if let Some(proxy) = crate::switch::running(dir)?
+        && proxy.seen().backend.is_some()
+    {
+        tracing::warn!(
+            "the serving service is down: new connections wait at the switch until it is back"
+        );
+        proxy.unroute()?;
+    }
+    Ok(())
+}
+
 /// Stops everything of a switched service: both processes and the proxy (an in-place
 /// deployment's ApplicationStop, a first install undone).
 pub fn stop_all(dir: &AppDir) -> Result<()> {
@@ -164,22 +228,40 @@ pub fn stop_all(dir: &AppDir) -> Result<()> {
 }
 
 /// The supervisor's pass over a switched service whose serving process runs: the proxy
-/// runs and routes to it (started again if it died), and a standby past its warm time (or
-/// left by a crash, or dead) is stopped.
+/// runs (started again if it died) and routes to it once the port is the service's alone
+/// and healthy (a restarted service, a restarted proxy), and a standby past its warm time
+/// (or left by a crash, or dead) is stopped.
 pub fn upkeep(
     dir: &AppDir,
     serving: &ServiceRecord,
-    switch: &SwitchSpec,
+    spec: &ServiceSpec,
     public_port: u16,
 ) -> Result<()> {
+    let Some(switch) = declared(Some(spec)) else {
+        return Ok(());
+    };
     if let Some(port) = serving.port {
         let proxy = crate::switch::ensure(dir, listen(switch, public_port))?;
         if proxy.seen().backend != Some(port) {
-            tracing::warn!(
-                port,
-                "the switch did not route to the serving service: routed"
-            );
-            proxy.route(port)?;
+            let holder = service::holder(serving, port);
+            let healthy = || {
+                spec.health_path
+                    .as_deref()
+                    .is_none_or(|path| service::http_ok(port, path))
+            };
+            if matches!(holder, Holder::Service { .. }) && healthy() {
+                tracing::warn!(
+                    port,
+                    "the switch did not route to the serving service: routed"
+                );
+                proxy.route(port)?;
+            } else {
+                tracing::debug!(
+                    port,
+                    ?holder,
+                    "the serving service is not ready to route to"
+                );
+            }
         }
     }
     if let Some(standby) = service::current_in(dir, Slot::Standby)?
