@@ -430,15 +430,20 @@ impl Proxy {
         self.ask(&Request::Status)
     }
 
-    /// Waits until no connection is open to `port`, or `timeout`: how many still are.
+    /// Waits until no connection is open to `port`, or `timeout`: how many still are. A
+    /// request the proxy fails to answer is asked again until the timeout; the error is
+    /// returned only when the last one failed too.
     pub fn drain(&self, port: u16, timeout: Duration) -> Result<u32> {
         let deadline = Instant::now() + timeout;
         loop {
-            let open = self.status()?.open.get(&port).copied().unwrap_or(0);
-            if open == 0 || Instant::now() >= deadline {
-                return Ok(open);
+            let open = self
+                .status()
+                .map(|s| s.open.get(&port).copied().unwrap_or(0));
+            match open {
+                Ok(0) => return Ok(0),
+                last if Instant::now() >= deadline => return last,
+                _ => std::thread::sleep(Duration::from_millis(25)),
             }
-            std::thread::sleep(Duration::from_millis(25));
         }
     }
 
