@@ -398,15 +398,25 @@ fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go(
         }
         n
     };
+    // The supervisor's next pass unroutes the switch: a request made from then on waits
+    // there (not at the thief) and is answered by v2 once the service is back.
+    let dir = shoal_agent::lifecycle::state::AppDir::new(&f.agents[0].data_dir, APP);
+    wait_for("the switch unrouted", LONG, || {
+        shoal_agent::switch::running(&dir)
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.seen().backend.is_none())
+    });
+    // Whatever reached the thief did before that pass (a quarter of a second at most).
+    stolen();
+    let waiting = std::thread::spawn(move || load::predict_within(public, LONG));
     wait_for("the service started again on another port", LONG, || {
         f.service_json(0, "service.json").is_some_and(|r| {
             r["pid"].as_i64() != Some(old as i64) && r["port"].as_u64() != Some(port.into())
         }) && load::predict(public).as_deref() == Ok("v2")
     });
-    // Whatever reached the thief did before the supervisor's pass saw the death (a
-    // quarter of a second at most); from now on nothing does.
-    stolen();
-    for _ in 0..50 {
+    assert_eq!(waiting.join().unwrap().as_deref(), Ok("v2"));
+    for _ in 0..20 {
         assert_eq!(load::predict(public).as_deref(), Ok("v2"));
     }
     assert_eq!(

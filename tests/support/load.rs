@@ -120,14 +120,19 @@ impl Drop for Load {
 
 /// One prediction over a new connection: the model that answered, or the failure.
 pub fn predict(addr: SocketAddr) -> Result<String, String> {
+    predict_within(addr, TIMEOUT)
+}
+
+/// [`predict`], with `timeout` for the connect and for each read and write.
+pub fn predict_within(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
     let body = r#"{"input": [1.0, 2.0, 3.0]}"#;
     let mut stream =
-        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     stream
-        .set_read_timeout(Some(TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     stream
-        .set_write_timeout(Some(TIMEOUT))
+        .set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     write!(

@@ -193,10 +193,12 @@ shoal:
         assert_eq!(switch.address.to_string(), "0.0.0.0");
         assert_eq!(switch.drain_timeout.as_secs(), 30);
         assert!(switch.keep_previous.is_zero());
+        assert!(!switch.proxy_protocol);
         let spec = service(
-            "    port: 8080\n    switch:\n      address: ::1\n      drain_timeout: 5\n      keep_previous: 600\n",
+            "    port: 8080\n    switch:\n      address: ::1\n      drain_timeout: 5\n      keep_previous: 600\n      proxy_protocol: true\n",
         );
         let switch = spec.service.unwrap().switch.unwrap();
+        assert!(switch.proxy_protocol);
         assert_eq!(switch.address.to_string(), "::1");
         assert_eq!(switch.drain_timeout.as_secs(), 5);
         assert_eq!(switch.keep_previous.as_secs(), 600);
@@ -212,8 +214,14 @@ shoal:
             "{problems:?}"
         );
         let problems = shown(service(
-            "    port: 80\n    switch:\n      address: example.com\n      keep_previous: 4000\n",
+            "    port: 80\n    switch:\n      address: example.com\n      keep_previous: 4000\n      proxy_protocol: v2\n",
         ));
+        assert!(
+            problems[2].contains(
+                "line 10: error: shoal.service.switch.proxy_protocol: `v2` is not `true` or `false`"
+            ),
+            "{problems:?}"
+        );
         assert!(
             problems[0].contains(
                 "line 8: error: shoal.service.switch.address: `example.com` is not an IP address"

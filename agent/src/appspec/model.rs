@@ -122,6 +122,9 @@ pub struct SwitchSpec {
     /// How long the previous revision's process is kept running after the switch (and its
     /// drain), so that a rollback switches back without a restart (default 0, at most 3600).
     pub keep_previous: Duration,
+    /// Each connection to the service starts with a PROXY protocol v2 header that gives
+    /// the client's address (default false): for applications that read it.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -560,10 +563,23 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
                     }
                 })
                 .unwrap_or(Duration::ZERO);
+            let proxy_protocol = match w.proxy_protocol.as_ref().map(|t| (t, t.value.trim())) {
+                None | Some((_, "false")) => false,
+                Some((_, "true")) => true,
+                Some((t, other)) => {
+                    c.error(
+                        Some(line_of(t)),
+                        "shoal.service.switch.proxy_protocol",
+                        format!("`{other}` is not `true` or `false`"),
+                    );
+                    false
+                }
+            };
             SwitchSpec {
                 address,
                 drain_timeout,
                 keep_previous,
+                proxy_protocol,
             }
         });
         ServiceSpec {

@@ -87,6 +87,7 @@ pub struct RawSwitch {
     pub address: Option<Text>,
     pub drain_timeout: Option<Text>,
     pub keep_previous: Option<Text>,
+    pub proxy_protocol: Option<Text>,
 }
 
 /// A list of scalars that may also be written as one scalar, or left empty.

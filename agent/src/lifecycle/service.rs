@@ -720,22 +720,31 @@ pub enum Holder {
     Foreign,
 }
 
-/// Who listens on `port`: [`Holder::Service`] only when every listener on it is a socket
-/// of the service's own tree.
+/// Who gets the proxy's connections to 127.0.0.1:`port`: the listeners on 127.0.0.1,
+/// 0.0.0.0 or `::` (one on `::1` or 127.0.0.2 never does). [`Holder::Service`] only when
+/// every one of them is a socket of the service's own tree; `wide` is then any address
+/// of the service's, past loopback, that it listens on.
 pub fn holder(record: &ServiceRecord, port: u16) -> Holder {
     let found = listeners(port);
-    if found.is_empty() {
+    let receives = |a: std::net::IpAddr| {
+        let a = a.to_canonical();
+        a == std::net::Ipv4Addr::LOCALHOST || a.is_unspecified()
+    };
+    let receiving: Vec<&Listener> = found.iter().filter(|l| receives(l.addr)).collect();
+    if receiving.is_empty() {
         return Holder::Nobody;
     }
     let ours = record.sockets();
-    if found
-        .iter()
-        .any(|l| !ours.contains(&format!("socket:[{}]", l.inode)))
-    {
+    let is_ours = |l: &Listener| ours.contains(&format!("socket:[{}]", l.inode));
+    if receiving.iter().any(|l| !is_ours(l)) {
         return Holder::Foreign;
     }
     Holder::Service {
-        wide: found.iter().map(|l| l.addr).find(|a| !a.is_loopback()),
+        wide: found
+            .iter()
+            .filter(|l| is_ours(l))
+            .map(|l| l.addr)
+            .find(|a| !a.to_canonical().is_loopback()),
     }
 }
 

@@ -517,7 +517,7 @@ fn tick(
     }
     watch.adopted_logged = false;
     if switch.is_some() {
-        super::switched::serving_down(&dir)?;
+        super::switched::serving_down(&dir);
     }
     let now = Instant::now();
     match watch.restart_at {

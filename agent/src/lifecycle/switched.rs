@@ -121,7 +121,7 @@ pub fn allow(
     routable(&record, port, spec)?;
     let proxy = crate::switch::ensure(dir, listen(switch, public_port))?;
     proxy
-        .route(port)
+        .route(port, switch.proxy_protocol)
         .with_context(|| format!("switching traffic to 127.0.0.1:{port}"))?;
     crate::faults::point("switch.allowed");
     if slot == Slot::Standby {
@@ -132,9 +132,9 @@ pub fn allow(
 
 /// Whether traffic may go to `record`'s `port`: the service's own processes, and no other,
 /// listen on it (waited for up to its `start_timeout`: without a health path, "started"
-/// is only "still up after a second"), and it answers its health path if it has one. A
-/// listener on an address past loopback is allowed and warned of: clients can reach the
-/// service there without the switch.
+/// is only "still up after a second"), and it answers its health path if it has one (asked
+/// again until the same deadline). A listener on an address past loopback is allowed and
+/// warned of: clients can reach the service there without the switch.
 fn routable(record: &ServiceRecord, port: u16, spec: &ServiceSpec) -> Result<()> {
     let rev = record.revision.short();
     let deadline = Instant::now() + spec.start_timeout;
@@ -163,13 +163,16 @@ fn routable(record: &ServiceRecord, port: u16, spec: &ServiceSpec) -> Result<()>
             Holder::Nobody => std::thread::sleep(Duration::from_millis(50)),
         }
     }
-    if let Some(path) = &spec.health_path
-        && !service::http_ok(port, path)
-    {
-        bail!(
-            "the service of {rev} fails its health check (GET {path} on 127.0.0.1:{port}): \
-             traffic not switched"
-        );
+    if let Some(path) = &spec.health_path {
+        while !service::http_ok(port, path) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "the service of {rev} fails its health check (GET {path} on \
+                     127.0.0.1:{port}): traffic not switched"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     Ok(())
 }
@@ -210,16 +213,27 @@ pub fn retire(dir: &AppDir, drain_timeout: Duration, keep: Duration) -> Result<(
 /// The supervisor's pass over a switched service whose serving process does not run: new
 /// connections wait at the proxy until it is back and [`upkeep`] routes to it again, so
 /// that no other process that takes its port in the meantime gets them.
-pub fn serving_down(dir: &AppDir) -> Result<()> {
-    if let Some(proxy) = crate::switch::running(dir)?
-        && proxy.seen().backend.is_some()
-    {
-        tracing::warn!(
-            "the serving service is down: new connections wait at the switch until it is back"
-        );
-        proxy.unroute()?;
+/// Never an error: the restart must not wait on the switch. A proxy that refuses
+/// `unroute` (one started by an older agent) is stopped; the next pass starts one that
+/// speaks the current requests once the service is back.
+pub fn serving_down(dir: &AppDir) {
+    let proxy = match crate::switch::running(dir) {
+        Ok(Some(proxy)) if proxy.seen().backend.is_some() => proxy,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!("the serving service is down, and the switch cannot be read: {e:#}");
+            return;
+        }
+    };
+    tracing::warn!(
+        "the serving service is down: new connections wait at the switch until it is back"
+    );
+    if let Err(e) = proxy.unroute() {
+        tracing::warn!("the switch did not unroute ({e:#}): it is stopped");
+        if let Err(e) = proxy.stop() {
+            tracing::warn!("stopping the switch: {e:#}");
+        }
     }
-    Ok(())
 }
 
 /// Stops everything of a switched service: both processes and the proxy (an in-place
@@ -248,25 +262,37 @@ pub fn upkeep(
     };
     if let Some(port) = serving.port {
         let proxy = crate::switch::ensure(dir, listen(switch, public_port))?;
-        if proxy.seen().backend != Some(port) {
+        let seen = proxy.seen();
+        if seen.backend != Some(port) || seen.proxy_protocol != switch.proxy_protocol {
             let holder = service::holder(serving, port);
             let healthy = || {
                 spec.health_path
                     .as_deref()
                     .is_none_or(|path| service::http_ok(port, path))
             };
-            if matches!(holder, Holder::Service { .. }) && healthy() {
-                tracing::warn!(
-                    port,
-                    "the switch did not route to the serving service: routed"
-                );
-                proxy.route(port)?;
-            } else {
-                tracing::debug!(
+            match holder {
+                Holder::Service { .. } if healthy() => {
+                    tracing::warn!(
+                        port,
+                        "the switch did not route to the serving service: routed"
+                    );
+                    proxy.route(port, switch.proxy_protocol)?;
+                }
+                Holder::Foreign => {
+                    // Its port is shared with another process: it starts again on
+                    // another (the supervisor's restart path picks a free one).
+                    tracing::warn!(
+                        port,
+                        "another process listens on the serving service's port: the service is stopped, to start again on another port"
+                    );
+                    service::stop(dir)?;
+                    return Ok(());
+                }
+                holder => tracing::debug!(
                     port,
                     ?holder,
                     "the serving service is not ready to route to"
-                );
+                ),
             }
         }
     }

@@ -79,6 +79,9 @@ pub struct SwitchRecord {
 pub struct Status {
     /// Where new connections go, if anywhere yet.
     pub backend: Option<u16>,
+    /// Whether they get a PROXY protocol v2 header first.
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// New connections are held: not accepted, waiting in the listen backlog.
     pub held: bool,
     /// Open (proxied) connections per backend port.
@@ -97,6 +100,8 @@ pub struct Status {
 pub(crate) enum Request {
     Route {
         port: u16,
+        #[serde(default)]
+        proxy_protocol: bool,
     },
     /// No backend: new connections wait in the listen backlog until the next route.
     Unroute,
@@ -407,9 +412,13 @@ impl Proxy {
         }
     }
 
-    /// New connections (and held ones) go to 127.0.0.1:`port` from now on.
-    pub fn route(&self, port: u16) -> Result<Status> {
-        self.ask(&Request::Route { port })
+    /// New connections (and held ones) go to 127.0.0.1:`port` from now on, each after a
+    /// PROXY protocol v2 header when `proxy_protocol`.
+    pub fn route(&self, port: u16, proxy_protocol: bool) -> Result<Status> {
+        self.ask(&Request::Route {
+            port,
+            proxy_protocol,
+        })
     }
 
     /// New connections wait (in the listen backlog, not refused) until the next route, or
@@ -442,6 +451,10 @@ impl Proxy {
             match open {
                 Ok(0) => return Ok(0),
                 last if Instant::now() >= deadline => return last,
+                // Gone: nothing is open through it any more.
+                Err(e) if start_ticks(self.record.pid) != Some(self.record.start_ticks) => {
+                    return Err(e);
+                }
                 _ => std::thread::sleep(Duration::from_millis(25)),
             }
         }

@@ -64,9 +64,17 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Where new connections go.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Route {
-    backend: Option<u16>,
+    backend: Option<Backend>,
     /// Held until then: nothing is accepted.
     held_until: Option<Instant>,
+}
+
+/// Where a connection goes: 127.0.0.1:`port`, after a PROXY protocol v2 header that gives
+/// the client's address when `proxy_protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Backend {
+    port: u16,
+    proxy_protocol: bool,
 }
 
 impl Route {
@@ -92,7 +100,8 @@ impl Shared {
     fn status(&self) -> Status {
         let route = *self.route.borrow();
         Status {
-            backend: route.backend,
+            backend: route.backend.map(|b| b.port),
+            proxy_protocol: route.backend.is_some_and(|b| b.proxy_protocol),
             held: route.held(Instant::now()),
             open: self.open.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             accepted: self.accepted.load(Ordering::Relaxed),
@@ -292,7 +301,7 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: 
         // Accept only while routed and not held.
         let route = *route_rx.borrow_and_update();
         let now = Instant::now();
-        let Some(port) = route.backend.filter(|_| !route.held(now)) else {
+        if route.backend.is_none() || route.held(now) {
             let until = route
                 .held_until
                 .filter(|_| route.backend.is_some())
@@ -308,7 +317,7 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: 
                 } => {}
             }
             continue;
-        };
+        }
         let permit = tokio::select! {
             p = connections.clone().acquire_owned() => p.expect("never closed"),
             _ = stop_rx.changed() => continue,
@@ -318,7 +327,7 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: 
                 Ok((client, from)) => {
                     errors.ok();
                     shared.accepted.fetch_add(1, Ordering::Relaxed);
-                    let source = from.ip();
+                    let source = source_key(from.ip());
                     if !shared.admit(source) {
                         shared.refused.fetch_add(1, Ordering::Relaxed);
                         drop(client);
@@ -326,15 +335,22 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: 
                     }
                     // A hold or a route may have come as this connection was accepted:
                     // it goes where the route in force says, once no hold is.
-                    let port = match routable(&mut shared.route.subscribe()).await {
-                        Some(p) => p,
-                        None => port,
+                    // Unrouted meanwhile: it waits for the next route, never goes to the
+                    // port just left (a dead service's, maybe taken by another process).
+                    let mut route_now = shared.route.subscribe();
+                    let backend = tokio::select! {
+                        b = routable(&mut route_now) => b,
+                        _ = stop_rx.changed() => None,
                     };
-                    shared.opened(port);
+                    let Some(backend) = backend else {
+                        shared.left(source);
+                        continue;
+                    };
+                    shared.opened(backend.port);
                     let shared = shared.clone();
                     tokio::spawn(async move {
-                        forward(client, port, &shared).await;
-                        shared.closed(port);
+                        forward(client, backend, &shared).await;
+                        shared.closed(backend.port);
                         shared.left(source);
                         drop(permit);
                     });
@@ -347,6 +363,18 @@ async fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, connections: 
             _ = route_rx.changed() => {}
             _ = stop_rx.changed() => {}
         }
+    }
+}
+
+/// What [`MAX_PER_SOURCE`] counts by: an IPv4 address (mapped ones as such), or an IPv6
+/// /64, which one client usually holds whole.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -385,31 +413,48 @@ impl AcceptErrors {
     }
 }
 
-/// The backend of the route in force once it is not held (at once when it is not).
-async fn routable(rx: &mut watch::Receiver<Route>) -> Option<u16> {
+/// The backend of the route in force once it is not held (at once when it is not), or
+/// once there is one again (unrouted: until the next route). `None` only when the route
+/// can no longer change.
+async fn routable(rx: &mut watch::Receiver<Route>) -> Option<Backend> {
     loop {
         let route = *rx.borrow_and_update();
-        let now = Instant::now();
-        match route.held_until {
-            Some(t) if now < t && route.backend.is_some() => {
-                tokio::select! {
-                    _ = rx.changed() => {}
-                    _ = tokio::time::sleep_until(t) => {}
+        let until = match (route.backend, route.held_until) {
+            (Some(_), Some(t)) if Instant::now() < t => Some(t),
+            (Some(backend), _) => return Some(backend),
+            (None, _) => None,
+        };
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return None },
+            _ = async {
+                match until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
                 }
-            }
-            _ => return route.backend,
+            } => {}
         }
     }
 }
 
-async fn forward(client: TcpStream, port: u16, shared: &Shared) {
+async fn forward(client: TcpStream, to: Backend, shared: &Shared) {
     let _ = client.set_nodelay(true);
-    let backend = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))),
-    )
+    let header = match (to.proxy_protocol, client.peer_addr(), client.local_addr()) {
+        (false, ..) => None,
+        (true, Ok(from), Ok(at)) => Some(proxy_header(from, at)),
+        (true, ..) => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let mut backend = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], to.port))).await?;
+        if let Some(header) = &header {
+            backend.write_all(header).await?;
+        }
+        std::io::Result::Ok(backend)
+    })
     .await;
-    let backend = match backend {
+    let backend = match connected {
         Ok(Ok(b)) => b,
         _ => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
@@ -444,6 +489,37 @@ async fn forward(client: TcpStream, port: u16, shared: &Shared) {
             }
         }
     }
+}
+
+/// The PROXY protocol v2 header of a TCP connection from `from` to `at` (the public
+/// address it reached): the 12-byte signature, version 2 and the PROXY command, the
+/// family, the length of the addresses, then source and destination addresses and ports.
+/// IPv4 when both are IPv4 (or mapped to IPv6), else IPv6.
+fn proxy_header(from: SocketAddr, at: SocketAddr) -> Vec<u8> {
+    const SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    let mut header = SIGNATURE.to_vec();
+    header.push(0x21);
+    match (from.ip().to_canonical(), at.ip().to_canonical()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            header.push(0x11);
+            header.extend_from_slice(&12u16.to_be_bytes());
+            header.extend_from_slice(&src.octets());
+            header.extend_from_slice(&dst.octets());
+        }
+        (src, dst) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            header.push(0x21);
+            header.extend_from_slice(&36u16.to_be_bytes());
+            header.extend_from_slice(&v6(src).octets());
+            header.extend_from_slice(&v6(dst).octets());
+        }
+    }
+    header.extend_from_slice(&from.port().to_be_bytes());
+    header.extend_from_slice(&at.port().to_be_bytes());
+    header
 }
 
 /// A stream that notes when it last read a byte (milliseconds after `began`), for the
@@ -552,13 +628,24 @@ fn refuse(error: String) -> Answer {
 
 fn apply(request: Request, shared: &Shared) -> Answer {
     match request {
-        Request::Route { port: 0 } => return refuse("port 0 is no backend".into()),
-        Request::Route { port } => {
+        Request::Route { port: 0, .. } => return refuse("port 0 is no backend".into()),
+        Request::Route {
+            port,
+            proxy_protocol,
+        } => {
             shared.route.send_replace(Route {
-                backend: Some(port),
+                backend: Some(Backend {
+                    port,
+                    proxy_protocol,
+                }),
                 held_until: None,
             });
-            eprintln!("switch-proxy: new connections go to 127.0.0.1:{port}");
+            let with = if proxy_protocol {
+                " with a PROXY protocol header"
+            } else {
+                ""
+            };
+            eprintln!("switch-proxy: new connections go to 127.0.0.1:{port}{with}");
         }
         Request::Unroute => {
             shared.route.send_replace(Route::default());
@@ -701,7 +788,7 @@ mod tests {
     fn routes_hold_and_switch_with_open_connections_kept_where_they_were() {
         let r = running();
         let (a, b) = (backend("A"), backend("B"));
-        r.proxy.route(a).unwrap();
+        r.proxy.route(a, false).unwrap();
         assert_eq!(ask(r.public), "A");
 
         // A connection open on A stays on A after the switch to B, and is counted there.
@@ -716,7 +803,7 @@ mod tests {
         let waiting = std::thread::spawn(move || ask(public));
         std::thread::sleep(Duration::from_millis(200));
         assert!(!waiting.is_finished(), "a held connection was served");
-        let status = r.proxy.route(b).unwrap();
+        let status = r.proxy.route(b, false).unwrap();
         assert_eq!(status.backend, Some(b));
         assert!(!status.held);
         assert_eq!(waiting.join().unwrap(), "B");
@@ -738,7 +825,7 @@ mod tests {
     fn a_hold_ends_by_itself_and_a_drain_gives_up_at_its_timeout() {
         let r = running();
         let a = backend("A");
-        r.proxy.route(a).unwrap();
+        r.proxy.route(a, false).unwrap();
         r.proxy.ask(&Request::Hold { for_ms: 300 }).unwrap();
         let began = std::time::Instant::now();
         assert_eq!(ask(r.public), "A");
@@ -762,7 +849,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        r.proxy.route(dead).unwrap();
+        r.proxy.route(dead, false).unwrap();
         assert_eq!(ask(r.public), "", "a connection to no backend is closed");
         wait_until("the failure counted", || {
             r.proxy.status().unwrap().failed == 1
@@ -792,18 +879,18 @@ mod tests {
         // Still serving, still routed where it was.
         let a = backend("A");
         assert_eq!(r.proxy.status().unwrap().backend, Some(dead));
-        r.proxy.route(a).unwrap();
+        r.proxy.route(a, false).unwrap();
         assert_eq!(ask(r.public), "A");
     }
 
     #[test]
-    fn one_source_gets_its_share_and_an_idle_connection_is_closed() {
+    fn one_source_gets_its_share_and_its_slots_come_back() {
         let r = running_with(Limits {
             per_source: 2,
-            idle: Duration::from_millis(500),
+            ..Limits::default()
         });
         let a = backend("A");
-        r.proxy.route(a).unwrap();
+        r.proxy.route(a, false).unwrap();
         // Two idle connections from 127.0.0.1 take its share: a third is closed at once,
         // counted as refused, while another address is served.
         let first = std::net::TcpStream::connect(r.public).unwrap();
@@ -828,17 +915,132 @@ mod tests {
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         assert_eq!(out, "A", "another source was refused");
-        // Idle both ways past the timeout: both closed, and their slots free again.
-        for mut idle in [first, second] {
-            idle.set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
-            let mut buf = Vec::new();
-            let n = idle.read_to_end(&mut buf).unwrap();
-            assert_eq!(n, 0, "an idle connection got bytes");
-        }
-        wait_until("the idle connections closed", || {
+        // Closed, they give their slots back.
+        drop((first, second, s));
+        wait_until("the connections closed", || {
             r.proxy.status().unwrap().open.is_empty()
         });
+        assert_eq!(ask(r.public), "A");
+        // IPv6 clients are counted by /64; mapped IPv4 ones as IPv4.
+        assert_eq!(
+            source_key("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            source_key("2001:db8:1:2:bbbb::9".parse().unwrap())
+        );
+        assert_ne!(
+            source_key("2001:db8:1:2::1".parse().unwrap()),
+            source_key("2001:db8:1:3::1".parse().unwrap())
+        );
+        assert_eq!(
+            source_key("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_connection_idle_both_ways_is_closed_and_a_busy_one_is_not() {
+        let idle = Duration::from_secs(2);
+        let r = running_with(Limits {
+            idle,
+            ..Limits::default()
+        });
+        // An echo backend: a busy connection keeps getting bytes back.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let mut buf = [0u8; 64];
+                    while let Ok(n @ 1..) = s.read(&mut buf) {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        r.proxy.route(port, false).unwrap();
+        let mut quiet = std::net::TcpStream::connect(r.public).unwrap();
+        let mut busy = std::net::TcpStream::connect(r.public).unwrap();
+        busy.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        // The busy one talks (a byte every 100 ms) for twice the idle timeout.
+        let began = std::time::Instant::now();
+        while began.elapsed() < idle * 2 {
+            busy.write_all(b"x").unwrap();
+            let mut one = [0u8; 1];
+            busy.read_exact(&mut one).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The quiet one is closed by then (or soon: a read that times out fails).
+        quiet
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(
+            quiet.read_to_end(&mut rest).unwrap(),
+            0,
+            "bytes on an idle connection"
+        );
+        busy.write_all(b"y").unwrap();
+        let mut one = [0u8; 1];
+        busy.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"y", "the busy connection was closed");
+    }
+
+    #[test]
+    fn a_proxy_protocol_route_tells_the_backend_who_the_client_is() {
+        let r = running();
+        // A backend that answers with the first 28 bytes it reads: an IPv4 header.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut header = [0u8; 28];
+                if s.read_exact(&mut header).is_ok() {
+                    let _ = s.write_all(&header);
+                }
+            }
+        });
+        let status = r.proxy.route(port, true).unwrap();
+        assert!(status.proxy_protocol, "{status:?}");
+        let mut s = std::net::TcpStream::connect(r.public).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let client = s.local_addr().unwrap();
+        let mut header = [0u8; 28];
+        s.read_exact(&mut header).unwrap();
+        assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(header[12], 0x21, "version 2, PROXY");
+        assert_eq!(header[13], 0x11, "TCP over IPv4");
+        assert_eq!(u16::from_be_bytes([header[14], header[15]]), 12);
+        assert_eq!(header[16..20], [127, 0, 0, 1]);
+        assert_eq!(header[20..24], [127, 0, 0, 1]);
+        assert_eq!(u16::from_be_bytes([header[24], header[25]]), client.port());
+        assert_eq!(
+            u16::from_be_bytes([header[26], header[27]]),
+            r.public.port()
+        );
+        // IPv6 (and a mapped client) as the v2 header spells them.
+        let v6 = proxy_header(
+            "[::1]:4000".parse().unwrap(),
+            "[::ffff:10.0.0.1]:80".parse().unwrap(),
+        );
+        assert_eq!((v6[13], v6.len()), (0x21, 16 + 36));
+        assert_eq!(v6[16..32], std::net::Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(
+            v6[32..48],
+            std::net::Ipv4Addr::new(10, 0, 0, 1)
+                .to_ipv6_mapped()
+                .octets()
+        );
+        let v4 = proxy_header(
+            "[::ffff:10.0.0.2]:4000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        assert_eq!((v4[13], v4.len()), (0x11, 16 + 12));
+        // A route without it: none.
+        let plain = backend("A");
+        assert!(!r.proxy.route(plain, false).unwrap().proxy_protocol);
         assert_eq!(ask(r.public), "A");
     }
 
@@ -846,7 +1048,7 @@ mod tests {
     fn unrouted_connections_wait_for_the_next_route() {
         let r = running();
         let (a, b) = (backend("A"), backend("B"));
-        r.proxy.route(a).unwrap();
+        r.proxy.route(a, false).unwrap();
         let status = r.proxy.unroute().unwrap();
         assert_eq!(status.backend, None);
         let public = r.public;
@@ -854,7 +1056,7 @@ mod tests {
         // Longer than any hold: an unrouted proxy hands out nothing by itself.
         std::thread::sleep(super::super::HOLD_LIMIT + Duration::from_millis(300));
         assert!(!waiting.is_finished(), "an unrouted connection was served");
-        r.proxy.route(b).unwrap();
+        r.proxy.route(b, false).unwrap();
         assert_eq!(waiting.join().unwrap(), "B");
     }
 
@@ -862,14 +1064,14 @@ mod tests {
     fn a_bare_hold_is_the_longest_and_a_route_ends_it() {
         let r = running();
         let a = backend("A");
-        r.proxy.route(a).unwrap();
+        r.proxy.route(a, false).unwrap();
         let mut s = std::os::unix::net::UnixStream::connect(&r.proxy.socket).unwrap();
         s.write_all(b"{\"op\":\"hold\"}\n").unwrap();
         let mut answer = Vec::new();
         s.read_to_end(&mut answer).unwrap();
         let answer: Answer = serde_json::from_slice(&answer).unwrap();
         assert!(answer.ok && answer.status.is_some_and(|s| s.held));
-        let status = r.proxy.route(a).unwrap();
+        let status = r.proxy.route(a, false).unwrap();
         assert!(!status.held, "{status:?}");
         assert_eq!(ask(r.public), "A");
     }
@@ -878,7 +1080,7 @@ mod tests {
     fn stop_closes_the_listener_lets_open_connections_finish_and_forgets_the_proxy() {
         let r = running();
         let a = backend("A");
-        r.proxy.route(a).unwrap();
+        r.proxy.route(a, false).unwrap();
         write_json(&super::super::record_path(&r.proxy.dir), &r.proxy.record).unwrap();
         let mut open = std::net::TcpStream::connect(r.public).unwrap();
         open.set_read_timeout(Some(Duration::from_secs(20)))
