@@ -107,3 +107,90 @@ fn create_refuses_bad_input_with_one_line() {
     assert!(err.contains("must end in .tar, .tar.gz"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn check_and_create_report_chunks_and_what_an_earlier_revision_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v1, v2) = (tmp.path().join("v1"), tmp.path().join("v2"));
+    revision(&v1, "hooks/check.wasm");
+    // A 4 MiB model of bytes that do not repeat; v2 inserts 64 KiB in its middle.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let model: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(v1.join("model.bin"), &model).unwrap();
+    revision(&v2, "hooks/check.wasm");
+    let mut changed = model[..2 << 20].to_vec();
+    changed.extend(std::iter::repeat_n(7u8, 64 << 10));
+    changed.extend_from_slice(&model[2 << 20..]);
+    std::fs::write(v2.join("model.bin"), &changed).unwrap();
+
+    let out = shoal(&[
+        "bundle",
+        "check",
+        "--json",
+        v2.to_str().unwrap(),
+        "--against",
+        v1.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let chunks = &v["chunks"];
+    let bytes = chunks["bytes"].as_u64().unwrap();
+    assert!(bytes >= (4 << 20) + (64 << 10), "{chunks}");
+    assert!(chunks["count"].as_u64().unwrap() > 10, "{chunks}");
+    let against = &chunks["against"];
+    let fetch = against["fetch_bytes"].as_u64().unwrap();
+    assert_eq!(against["reused_bytes"].as_u64().unwrap() + fetch, bytes);
+    // The insertion costs about itself and a chunk on either side, not the rest.
+    assert!((64 << 10..512 << 10).contains(&fetch), "{against}");
+
+    let archive = tmp.path().join("v2.tar.zst");
+    let out = shoal(&[
+        "bundle",
+        "create",
+        v2.to_str().unwrap(),
+        "-o",
+        archive.to_str().unwrap(),
+        "--against",
+        v1.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its stdout stays the revision id alone; the report is for people, on stderr.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        v["id"].as_str().unwrap()
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("distinct") && text.contains("held already"),
+        "{text}"
+    );
+    // An earlier revision that is not a bundle is named.
+    let out = shoal(&[
+        "bundle",
+        "check",
+        v2.to_str().unwrap(),
+        "--against",
+        tmp.path().join("nowhere").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("earlier bundle"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -6,6 +6,7 @@ pub mod appspec;
 pub mod beneath;
 pub mod blobs;
 pub mod bundle;
+pub mod chunks;
 pub mod cli;
 pub mod config;
 pub mod durable;

@@ -32,13 +32,67 @@ impl fmt::Display for RevisionId {
     }
 }
 
+/// One entry of a revision's tree, as its canonical listing names it; a file carries
+/// what `file` (given to [`walk`]) made of its content besides its length and hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry<F> {
+    Dir,
+    Link {
+        target: String,
+    },
+    File {
+        exec: bool,
+        len: u64,
+        sha256: String,
+        content: F,
+    },
+}
+
+/// The canonical record of the entry at `name`: what the revision id hashes.
+pub fn record<F>(name: &str, entry: &Entry<F>) -> Vec<u8> {
+    match entry {
+        Entry::Dir => format!("d\0{name}\0").into_bytes(),
+        Entry::Link { target } => format!("l\0{name}\0{target}\0").into_bytes(),
+        Entry::File {
+            exec, len, sha256, ..
+        } => {
+            let exec = if *exec { "x" } else { "-" };
+            format!("f\0{name}\0{exec}\0{len}\0{sha256}\0").into_bytes()
+        }
+    }
+}
+
+/// The revision id of a listing sorted by path ([`walk`]'s order).
+pub fn listing_id<'a, F: 'a>(
+    entries: impl IntoIterator<Item = &'a (String, Entry<F>)>,
+) -> RevisionId {
+    let mut listing = Sha256::new();
+    for (name, entry) in entries {
+        listing.update(record(name, entry));
+    }
+    RevisionId(hex::encode(listing.finalize()))
+}
+
 /// The id of the revision whose root is `root`. Refuses what a bundle may not hold.
 pub fn tree_id(root: &Path) -> Result<RevisionId, BundleError> {
-    let mut listing = Sha256::new();
+    let entries = walk(root, |path| {
+        let (len, sha256) = hash_file(path)?;
+        Ok((len, sha256, ()))
+    })?;
+    Ok(listing_id(&entries))
+}
+
+/// The entries of the tree at `root`, sorted by path (bytewise), never through a link;
+/// each regular file read once by `file`, which gives its length, its SHA-256 and
+/// whatever else the caller makes of it. Refuses what a bundle may not hold.
+pub fn walk<F>(
+    root: &Path,
+    mut file: impl FnMut(&Path) -> std::io::Result<(u64, String, F)>,
+) -> Result<Vec<(String, Entry<F>)>, BundleError> {
     let walk = walkdir::WalkDir::new(root)
         .follow_links(false)
         .sort_by(|a, b| a.file_name().cmp(b.file_name()));
-    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut records: Vec<(String, Entry<F>)> = Vec::new();
     for entry in walk.min_depth(1) {
         let entry = entry.map_err(|e| BundleError::Io {
             entry: e
@@ -61,19 +115,21 @@ pub fn tree_id(root: &Path) -> Result<RevisionId, BundleError> {
         };
         let kind = entry.file_type();
         let record = if kind.is_dir() {
-            format!("d\0{name}\0").into_bytes()
+            Entry::Dir
         } else if kind.is_symlink() {
             let target = std::fs::read_link(entry.path()).map_err(io)?;
-            format!("l\0{name}\0{}\0", target.display()).into_bytes()
+            Entry::Link {
+                target: target.display().to_string(),
+            }
         } else if kind.is_file() {
             let meta = entry.metadata().map_err(|e| io(e.into()))?;
-            let exec = if meta.permissions().mode() & 0o111 != 0 {
-                "x"
-            } else {
-                "-"
-            };
-            let (len, sum) = hash_file(entry.path()).map_err(io)?;
-            format!("f\0{name}\0{exec}\0{len}\0{sum}\0").into_bytes()
+            let (len, sha256, content) = file(entry.path()).map_err(io)?;
+            Entry::File {
+                exec: meta.permissions().mode() & 0o111 != 0,
+                len,
+                sha256,
+                content,
+            }
         } else {
             return Err(BundleError::Unsafe {
                 entry: name,
@@ -84,18 +140,19 @@ pub fn tree_id(root: &Path) -> Result<RevisionId, BundleError> {
     }
     // walkdir sorts siblings; sort whole paths so the order is the same however it walks.
     records.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    for (_, record) in &records {
-        listing.update(record);
-    }
-    Ok(RevisionId(hex::encode(listing.finalize())))
+    Ok(records)
+}
+
+/// Opens a file the walk saw, never through a link: a file is what is read.
+pub fn open_seen(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
 }
 
 fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
-    // Never through a link: the walk saw a file, and a file is what is read.
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)?;
+    let mut file = open_seen(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut len = 0u64;

@@ -12,7 +12,7 @@
 //! link of an unpacked revision resolves inside it without passing through another link,
 //! following links within a revision cannot leave it.
 
-mod id;
+pub mod id;
 mod pack;
 mod unpack;
 

@@ -1,7 +1,9 @@
 //! `shoal bundle create` packs a revision and prints its id; `shoal bundle check` unpacks one
-//! under the deployment rules and reports its AppSpec's problems without deploying.
+//! under the deployment rules and reports its AppSpec's problems without deploying. Both
+//! report the revision's content-defined chunks (decision 0023) and, with `--against`, how
+//! much of it an earlier revision holds already: what a host that has it would not move.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -24,18 +26,104 @@ pub struct CreateArgs {
     /// The archive to write.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// An earlier revision (directory or archive): report how much of this one it holds.
+    #[arg(long, value_name = "BUNDLE")]
+    pub against: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
     /// The bundle: a directory or an archive.
     pub bundle: PathBuf,
+    /// An earlier revision (directory or archive): report how much of this one it holds.
+    #[arg(long, value_name = "BUNDLE")]
+    pub against: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
 struct Created<'a> {
     id: &'a str,
     path: &'a std::path::Path,
+    chunks: &'a Chunks,
+}
+
+/// A revision's chunks, and what an earlier revision holds of them.
+#[derive(Serialize)]
+struct Chunks {
+    /// Chunks in file order, distinct ones, and the bytes of the distinct ones.
+    count: usize,
+    distinct: usize,
+    bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    against: Option<Against>,
+}
+
+#[derive(Serialize)]
+struct Against {
+    revision: String,
+    /// Bytes of this revision's chunks the earlier one holds, and those it lacks.
+    reused_bytes: u64,
+    fetch_bytes: u64,
+    fetch_chunks: u64,
+}
+
+/// The chunk report of the revision unpacked at `root`, against the bundle `against`.
+fn chunks(root: &Path, against: Option<&Path>) -> Result<Chunks> {
+    let manifest = crate::chunks::Manifest::of_tree(root)
+        .with_context(|| format!("cutting {} into chunks", root.display()))?;
+    let delta = manifest.delta(|_| false);
+    let against = match against {
+        None => None,
+        Some(path) => {
+            let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+            let earlier = bundle::open(path, &scratch.path().join("revision"), &Limits::default())
+                .with_context(|| format!("reading the earlier bundle {}", path.display()))?;
+            let held = crate::chunks::Manifest::of_tree(&scratch.path().join("revision"))
+                .with_context(|| format!("cutting {} into chunks", path.display()))?;
+            let d = manifest.delta_from(&held);
+            Some(Against {
+                revision: earlier.id.0,
+                reused_bytes: d.reused_bytes,
+                fetch_bytes: d.fetch_bytes,
+                fetch_chunks: d.fetch_chunks,
+            })
+        }
+    };
+    Ok(Chunks {
+        count: manifest.chunks().count(),
+        distinct: delta.chunks as usize,
+        bytes: delta.bytes,
+        against,
+    })
+}
+
+/// The chunk report for people, on `out` (stdout for `check`; stderr for `create`, whose
+/// stdout is the revision id alone, for scripts).
+fn print_chunks(c: &Chunks, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    writeln!(
+        out,
+        "{} chunk(s), {} distinct, {:.1} MiB",
+        c.count,
+        c.distinct,
+        mib(c.bytes)
+    )?;
+    if let Some(a) = &c.against {
+        let share = if c.bytes == 0 {
+            100.0
+        } else {
+            a.reused_bytes as f64 * 100.0 / c.bytes as f64
+        };
+        writeln!(
+            out,
+            "against {}: {:.1} MiB ({share:.0} %) held already, {:.1} MiB in {} chunk(s) to move",
+            &a.revision[..a.revision.len().min(12)],
+            mib(a.reused_bytes),
+            mib(a.fetch_bytes),
+            a.fetch_chunks
+        )?;
+    }
+    Ok(())
 }
 
 pub fn run(cmd: BundleCommand, json: bool) -> Result<bool> {
@@ -45,13 +133,19 @@ pub fn run(cmd: BundleCommand, json: bool) -> Result<bool> {
             let id = bundle::create(&args.dir, &args.output);
             progress.finish_and_clear();
             let id = id.with_context(|| format!("packing {}", args.dir.display()))?;
+            let progress = super::spinner("cutting the revision into chunks");
+            let report = chunks(&args.dir, args.against.as_deref());
+            progress.finish_and_clear();
+            let report = report?;
             if json {
                 super::print_json(&Created {
                     id: &id.0,
                     path: &args.output,
+                    chunks: &report,
                 })?;
             } else {
                 println!("{id}");
+                print_chunks(&report, &mut std::io::stderr())?;
             }
             Ok(true)
         }
@@ -67,11 +161,16 @@ pub fn run(cmd: BundleCommand, json: bool) -> Result<bool> {
             let b =
                 opened.with_context(|| format!("reading the bundle {}", args.bundle.display()))?;
             let deployable = b.appspec.deployable().is_ok();
+            let progress = super::spinner("cutting the revision into chunks");
+            let report = chunks(&scratch.path().join("revision"), args.against.as_deref());
+            progress.finish_and_clear();
+            let report = report?;
             if json {
                 super::print_json(&serde_json::json!({
                     "id": b.id,
                     "deployable": deployable,
                     "appspec": b.appspec,
+                    "chunks": report,
                 }))?;
             } else {
                 println!("revision {}", b.id);
@@ -84,6 +183,7 @@ pub fn run(cmd: BundleCommand, json: bool) -> Result<bool> {
                     b.appspec.files.len(),
                     b.appspec.permissions.len()
                 );
+                print_chunks(&report, &mut std::io::stdout())?;
             }
             if !deployable {
                 let n = b.appspec.errors().count();

@@ -1,0 +1,201 @@
+//! The chunk store: `data_dir/chunks/<first two hex digits>/<sha256 hex>`, one file per
+//! chunk, shared by every revision of every application (a chunk two revisions hold is
+//! stored once).
+//!
+//! A chunk is visible only once whole and verified: [`ChunkStore::put`] checks the bytes
+//! against the name, writes them under an unpredictable temporary name, fsyncs and renames
+//! into place (`beneath::Dir::write_atomic`), so a crash leaves either no chunk or the
+//! whole one, and a leftover temporary that [`ChunkStore::collect`] removes. Reads are
+//! checked again ([`ChunkStore::get`]): a chunk the disk changed is removed and reported,
+//! never used. Every step goes through directory handles that never follow a link.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::MAX_CHUNK;
+use super::manifest::ChunkId;
+use crate::beneath::{Dir, Kind};
+
+/// Why a chunk could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The bytes are not the chunk they were said to be (a peer that lies, a disk that
+    /// changed them). Nothing was stored; a stored copy found so is removed.
+    #[error("chunk {id} does not match its name (its bytes hash to {got})")]
+    Corrupt { id: ChunkId, got: ChunkId },
+    /// Larger than any chunk may be.
+    #[error("chunk {id} is {len} bytes, more than the largest chunk ({MAX_CHUNK})")]
+    TooLarge { id: ChunkId, len: u64 },
+    #[error("the chunk store at {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a collection removed, and what is left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub removed: u64,
+    pub freed_bytes: u64,
+    pub kept: u64,
+    pub kept_bytes: u64,
+}
+
+/// The store under a data dir.
+#[derive(Clone, Debug)]
+pub struct ChunkStore {
+    root: PathBuf,
+}
+
+impl ChunkStore {
+    /// The store at `data_dir/chunks`, made (0700) if missing.
+    pub fn open(data_dir: &Path) -> Result<ChunkStore, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let root = data_dir.join("chunks");
+        match std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(StoreError::Io { path: root, source }),
+        }
+        Ok(ChunkStore { root })
+    }
+
+    fn io(&self, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: self.root.clone(),
+            source,
+        }
+    }
+
+    fn top(&self) -> Result<Dir, StoreError> {
+        Dir::open_trusted(&self.root).map_err(|e| self.io(e))
+    }
+
+    fn shard_name(id: &ChunkId) -> String {
+        id.hex()[..2].to_string()
+    }
+
+    /// Stores `bytes` as chunk `id` after checking they are it: `true` if it was new.
+    pub fn put(&self, id: &ChunkId, bytes: &[u8]) -> Result<bool, StoreError> {
+        if bytes.len() as u64 > u64::from(MAX_CHUNK) {
+            return Err(StoreError::TooLarge {
+                id: *id,
+                len: bytes.len() as u64,
+            });
+        }
+        let got = ChunkId::of(bytes);
+        if &got != id {
+            return Err(StoreError::Corrupt { id: *id, got });
+        }
+        if self.has(id) {
+            return Ok(false);
+        }
+        let (shard, _) = self
+            .top()?
+            .create_dirs(Path::new(&Self::shard_name(id)))
+            .map_err(|e| self.io(e))?;
+        shard
+            .write_atomic(OsStr::new(&id.hex()), &mut &bytes[..], 0o600, None)
+            .map_err(|e| self.io(e))?;
+        Ok(true)
+    }
+
+    /// Whether chunk `id` is stored (as a regular file).
+    pub fn has(&self, id: &ChunkId) -> bool {
+        let Ok(top) = self.top() else { return false };
+        let Ok(shard) = top.open_dir(Path::new(&Self::shard_name(id))) else {
+            return false;
+        };
+        matches!(shard.stat(OsStr::new(&id.hex())), Ok(Some((Kind::File, _))))
+    }
+
+    /// Chunk `id`'s bytes, checked against its name; `None` if it is not stored. One that
+    /// does not match is removed and reported as [`StoreError::Corrupt`].
+    pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        let rel = Path::new(&Self::shard_name(id)).join(id.hex());
+        let file = match self.top()?.open_file(&rel) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(e)),
+        };
+        let mut bytes = Vec::new();
+        file.take(u64::from(MAX_CHUNK) + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.io(e))?;
+        let got = ChunkId::of(&bytes);
+        if &got != id || bytes.len() as u64 > u64::from(MAX_CHUNK) {
+            tracing::warn!(chunk = %id, "a stored chunk does not match its name: removed");
+            if let Ok(shard) = self.top()?.open_dir(Path::new(&Self::shard_name(id))) {
+                let _ = shard.remove_file(OsStr::new(&id.hex()));
+            }
+            return Err(StoreError::Corrupt { id: *id, got });
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Removes every chunk not in `keep` (the chunks of the releases kept), and the
+    /// leftovers of interrupted writes: what was removed and what is left.
+    pub fn collect(&self, keep: &HashSet<ChunkId>) -> Result<Collected, StoreError> {
+        let mut c = Collected::default();
+        let top = self.top()?;
+        for (shard_name, shard) in self.shards(&top)? {
+            shard.clean_temporaries().map_err(|e| self.io(e))?;
+            for (name, kind) in shard.entries().map_err(|e| self.io(e))? {
+                let Some(id) = name.to_str().and_then(ChunkId::from_hex) else {
+                    continue;
+                };
+                let size = match shard.stat(&name).map_err(|e| self.io(e))? {
+                    Some((Kind::File, st)) => st.st_size as u64,
+                    _ => 0,
+                };
+                if kind == Kind::File && keep.contains(&id) {
+                    c.kept += 1;
+                    c.kept_bytes += size;
+                } else {
+                    shard.remove_file(&name).map_err(|e| self.io(e))?;
+                    c.removed += 1;
+                    c.freed_bytes += size;
+                }
+            }
+            let _ = top.remove_empty_dir(&shard_name);
+        }
+        Ok(c)
+    }
+
+    /// The shard directories below `top`, opened, with their names.
+    fn shards(&self, top: &Dir) -> Result<Vec<(std::ffi::OsString, Dir)>, StoreError> {
+        let mut shards = Vec::new();
+        for (name, kind) in top.entries().map_err(|e| self.io(e))? {
+            if kind == Kind::Dir {
+                let shard = top.open_dir(Path::new(&name)).map_err(|e| self.io(e))?;
+                shards.push((name, shard));
+            }
+        }
+        Ok(shards)
+    }
+
+    /// How many chunks are stored, and their bytes.
+    pub fn usage(&self) -> Result<(u64, u64), StoreError> {
+        let mut all = HashSet::new();
+        let top = self.top()?;
+        let mut bytes = 0;
+        for (_, shard) in self.shards(&top)? {
+            for (name, _) in shard.entries().map_err(|e| self.io(e))? {
+                if let (Some(id), Ok(Some((Kind::File, st)))) =
+                    (name.to_str().and_then(ChunkId::from_hex), shard.stat(&name))
+                {
+                    all.insert(id);
+                    bytes += st.st_size as u64;
+                }
+            }
+        }
+        Ok((all.len() as u64, bytes))
+    }
+}
