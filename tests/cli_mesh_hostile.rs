@@ -254,6 +254,15 @@ fn a_stranger_opening_two_thousand_handshakes_changes_nothing() {
         settled
     });
 
+    // The same question without a flood, in this run: what "answers promptly" means on
+    // this machine now (a CLI process, an mTLS handshake, one request).
+    let mut calm = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        hosts(target, &ca.operator).expect("the member answers");
+        calm = calm.max(t.elapsed());
+    }
+
     let flood = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
@@ -300,7 +309,8 @@ fn a_stranger_opening_two_thousand_handshakes_changes_nothing() {
         })
     });
 
-    // Throughout: `shoal hosts` answers within a second, every member stays alive.
+    // Throughout: `shoal hosts` answers, about as fast as without the flood, and every
+    // member stays alive.
     let mut slowest = Duration::ZERO;
     let mut asked = 0;
     while !flood.is_finished() {
@@ -316,12 +326,15 @@ fn a_stranger_opening_two_thousand_handshakes_changes_nothing() {
     let (took, connected) = flood.join().unwrap();
     eprintln!(
         "{HANDSHAKES} stranger handshakes took {took:?}; {connected} were admitted; \
-         `shoal hosts` asked {asked} times, slowest {slowest:?}"
+         `shoal hosts` asked {asked} times, slowest {slowest:?} (without the flood {calm:?})"
     );
     assert_eq!(connected, 0, "no stranger was admitted");
+    // A starved member would take its handshake timeouts (seconds) or never answer; a
+    // loaded 2-core box makes one answer a few times slower than the calm ones.
+    let bound = (calm * 4).max(Duration::from_secs(2));
     assert!(
-        slowest < Duration::from_secs(1),
-        "hosts answered within {slowest:?}"
+        slowest < bound,
+        "hosts answered within {slowest:?}, over {bound:?} (without the flood {calm:?})"
     );
     assert_eq!(deaths(&fleet), 0, "no member was declared dead");
     assert!(
