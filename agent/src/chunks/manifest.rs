@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 
 use super::store::{ChunkStore, StoreError};
 use super::{AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
+
+/// The longest path or link target a manifest may name (Linux's PATH_MAX).
+const MAX_NAME: u64 = 4096;
 use crate::bundle::id::{Entry, listing_id, open_seen, walk};
 use crate::bundle::{BundleError, RevisionId, tree_id};
 
@@ -94,6 +97,14 @@ pub enum ManifestError {
     /// A link whose target leaves the tree (absolute, or through `..`).
     #[error("{path}: the link's target {target} leaves the revision")]
     Link { path: String, target: String },
+    /// Larger than a bundle may expand to (`bundle::Limits`, the unpacking rules'):
+    /// entries, bytes, or one name.
+    #[error("the manifest has {found} {what}, more than the {max} a revision may have")]
+    TooLarge {
+        what: &'static str,
+        found: u64,
+        max: u64,
+    },
 }
 
 /// How much of a revision is to fetch, given what is held.
@@ -171,8 +182,23 @@ impl Manifest {
                 found,
             });
         }
+        let limits = crate::bundle::Limits::default();
+        let too_large = |what, found: u64, max: u64| {
+            (found > max).then_some(ManifestError::TooLarge { what, found, max })
+        };
+        if let Some(e) = too_large("entries", self.entries.len() as u64, limits.max_entries) {
+            return Err(e);
+        }
+        let mut total = 0u64;
         let mut before: Option<&str> = None;
         for (path, entry) in &self.entries {
+            let name_len = match entry {
+                Entry::Link { target } => path.len().max(target.len()),
+                _ => path.len(),
+            };
+            if let Some(e) = too_large("bytes in one name", name_len as u64, MAX_NAME) {
+                return Err(e);
+            }
             let bad_path = || ManifestError::Path { path: path.clone() };
             if before.is_some_and(|b| b.as_bytes() >= path.as_bytes())
                 || crate::beneath::relative(Path::new(path))
@@ -209,6 +235,10 @@ impl Manifest {
                             chunks: sum,
                             len: *len,
                         });
+                    }
+                    total = total.saturating_add(*len);
+                    if let Some(e) = too_large("bytes of content", total, limits.max_bytes) {
+                        return Err(e);
                     }
                 }
             }

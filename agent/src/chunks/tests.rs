@@ -70,6 +70,44 @@ fn a_manifest_is_its_revision_and_refuses_to_be_another() {
         short.verify(&id),
         Err(ManifestError::Lengths { .. })
     ));
+    // Larger than a revision may be: a file of more bytes than a bundle may expand to,
+    // or a name longer than a path can be, each with an id made to match.
+    let mut huge = m.clone();
+    let big = crate::bundle::Limits::default().max_bytes + 1;
+    let chunks = vec![
+        super::ChunkRef {
+            id: super::ChunkId([0; 32]),
+            len: super::MAX_CHUNK,
+        };
+        (big / u64::from(super::MAX_CHUNK) + 1) as usize
+    ];
+    let len = chunks.iter().map(|c| u64::from(c.len)).sum();
+    huge.entries.push((
+        "zz".into(),
+        Entry::File {
+            exec: false,
+            len,
+            sha256: "0".repeat(64),
+            content: chunks,
+        },
+    ));
+    huge.revision = listing_id(&huge.entries);
+    let e = huge.verify(&huge.revision).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ManifestError::TooLarge {
+                what: "bytes of content",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut long = m.clone();
+    long.entries.push(("z".repeat(5000), Entry::Dir));
+    long.revision = listing_id(&long.entries);
+    let e = long.verify(&long.revision).unwrap_err();
+    assert!(matches!(e, ManifestError::TooLarge { .. }), "{e}");
     // A path out of the tree, or a link that leaves it, with an id made to match.
     for (path, entry, bad) in [
         ("../escape", Entry::Dir, "path"),
