@@ -200,6 +200,21 @@ impl Manifest {
                 return Err(e);
             }
             let bad_path = || ManifestError::Path { path: path.clone() };
+            // One reading of each record: no NUL (the records' separator) in a name or a
+            // target, no empty path, a hash that is a hash.
+            let unambiguous = match entry {
+                Entry::Link { target } => !target.contains('\0'),
+                Entry::File { sha256, .. } => {
+                    sha256.len() == 64
+                        && sha256
+                            .bytes()
+                            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                }
+                Entry::Dir => true,
+            };
+            if path.is_empty() || path.contains('\0') || !unambiguous {
+                return Err(bad_path());
+            }
             if before.is_some_and(|b| b.as_bytes() >= path.as_bytes())
                 || crate::beneath::relative(Path::new(path))
                     .is_none_or(|p| p.as_os_str() != OsStr::new(path))
@@ -290,10 +305,17 @@ impl Manifest {
 
     /// Writes the revision into `dest` (a new, empty directory the agent made) from the
     /// chunks in `store`, through directory handles that never follow a link, then checks
-    /// the whole tree against the revision id. The manifest is verified first.
-    pub fn assemble(&self, store: &ChunkStore, dest: &Path) -> Result<(), AssembleError> {
+    /// the whole tree against `expected`, the id asked for. The manifest is verified
+    /// against it first. The chunk lists are not covered by the id: a file whose chunks
+    /// are not its content is found by that last check (the tree is then not to be used).
+    pub fn assemble(
+        &self,
+        expected: &RevisionId,
+        store: &ChunkStore,
+        dest: &Path,
+    ) -> Result<(), AssembleError> {
         use crate::beneath::Dir;
-        self.verify(&self.revision)?;
+        self.verify(expected)?;
         let io = |path: &str| {
             let path = path.to_string();
             move |source| AssembleError::Io { path, source }
