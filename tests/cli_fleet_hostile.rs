@@ -467,6 +467,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
             held,
             problem: None,
             restarts: 0,
+            fetching: None,
         },
     );
     std::fs::rename(

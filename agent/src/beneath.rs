@@ -278,6 +278,24 @@ impl Dir {
         mode: u32,
         owner: Option<(u32, u32)>,
     ) -> io::Result<()> {
+        self.write_new(name, from, mode, owner, true)
+    }
+
+    /// [`Dir::write_atomic`] without its fsyncs: the file still appears only whole to
+    /// every process (the rename is atomic; a kill leaves a temporary), but a power loss
+    /// may leave it short. For content checked each time it is read (the chunk store).
+    pub fn write_atomic_unsynced(&self, name: &OsStr, from: &mut dyn Read) -> io::Result<()> {
+        self.write_new(name, from, 0o600, None, false)
+    }
+
+    fn write_new(
+        &self,
+        name: &OsStr,
+        from: &mut dyn Read,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+        durable: bool,
+    ) -> io::Result<()> {
         let tmp = random_name(".shoal-tmp-");
         let fd = nix::fcntl::openat(
             self.fd.as_fd(),
@@ -303,21 +321,27 @@ impl Dir {
             nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(mode & 0o7777))
                 .map_err(errno)?;
             file.flush()?;
-            file.sync_all()
+            if durable { file.sync_all() } else { Ok(()) }
         })();
-        self.put_in_place(&tmp, name, written)
+        self.put_in_place(&tmp, name, written, durable)
     }
 
     /// Makes `name` a symbolic link to `target`, atomically, then fsyncs the directory.
     pub fn symlink_atomic(&self, name: &OsStr, target: &Path) -> io::Result<()> {
         let tmp = random_name(".shoal-tmp-");
         nix::unistd::symlinkat(target, self.fd.as_fd(), tmp.as_os_str()).map_err(errno)?;
-        self.put_in_place(&tmp, name, Ok(()))
+        self.put_in_place(&tmp, name, Ok(()), true)
     }
 
     /// Renames the temporary `tmp`, `written` whole, over `name` and fsyncs the directory;
     /// removes `tmp` instead if it was not written whole or cannot be renamed.
-    fn put_in_place(&self, tmp: &OsStr, name: &OsStr, written: io::Result<()>) -> io::Result<()> {
+    fn put_in_place(
+        &self,
+        tmp: &OsStr,
+        name: &OsStr,
+        written: io::Result<()>,
+        durable: bool,
+    ) -> io::Result<()> {
         let renamed = written.and_then(|()| {
             nix::fcntl::renameat(self.fd.as_fd(), tmp, self.fd.as_fd(), name).map_err(errno)
         });
@@ -329,7 +353,7 @@ impl Dir {
             );
             return Err(e);
         }
-        self.sync()
+        if durable { self.sync() } else { Ok(()) }
     }
 
     /// Removes the file or link `name` (absent is fine), then fsyncs the directory.

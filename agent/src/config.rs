@@ -58,6 +58,72 @@ pub struct AgentConfig {
     /// network.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+    /// How revisions move between agents (`[transfer]`; `blobs::chunked`).
+    #[serde(default)]
+    pub transfer: Transfer,
+}
+
+/// How this agent fetches and serves revisions (`[transfer]`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Transfer {
+    /// Fetch chunks from every peer that holds or fetches the revision (`true`), or from
+    /// the uploader only (`false`: for comparison, or a fleet whose hosts must not talk
+    /// bulk to each other).
+    #[serde(default = "yes")]
+    pub from_peers: bool,
+    /// Chunk requests this agent answers at once; more are answered "busy".
+    #[serde(default = "default_max_uploads")]
+    pub max_uploads: usize,
+    /// Bytes per second this agent sends of chunks, all peers together, as `50MiB` or
+    /// `800KiB`; unlimited when absent.
+    #[serde(default)]
+    pub upload_rate: Option<String>,
+    /// Bytes per second this agent receives of chunks; unlimited when absent.
+    #[serde(default)]
+    pub download_rate: Option<String>,
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        Transfer {
+            from_peers: true,
+            max_uploads: default_max_uploads(),
+            upload_rate: None,
+            download_rate: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_uploads() -> usize {
+    8
+}
+
+/// `50MiB`, `800KiB`, `1GiB`, `4096` (bytes): a size as the configuration writes it.
+pub fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || anyhow::anyhow!("`{text}` is not a size like 4096, 800KiB, 50MiB or 1GiB");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let unit: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    let size = n.checked_mul(unit).ok_or_else(bad)?;
+    if size == 0 {
+        anyhow::bail!("`{text}`: a size of zero would stop every transfer");
+    }
+    Ok(size)
 }
 
 /// The most webhooks one agent sends to.
@@ -209,6 +275,20 @@ impl AgentConfig {
                 "{} webhooks, more than {MAX_WEBHOOKS}",
                 config.webhooks.len()
             );
+        }
+        if !(1..=1024).contains(&config.transfer.max_uploads) {
+            anyhow::bail!(
+                "`transfer.max_uploads` is {}: give 1 to 1024 chunk requests at once",
+                config.transfer.max_uploads
+            );
+        }
+        for (key, rate) in [
+            ("upload_rate", &config.transfer.upload_rate),
+            ("download_rate", &config.transfer.download_rate),
+        ] {
+            if let Some(rate) = rate {
+                parse_size(rate).with_context(|| format!("`transfer.{key}` (bytes per second)"))?;
+            }
         }
         Ok(config)
     }

@@ -83,3 +83,15 @@ pub fn point(name: &'static str) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// For the swarm's hostile-peer test: with `SHOAL_FAULT_CORRUPT_CHUNKS=1` this agent
+/// flips a byte of every chunk it sends, as a peer that lies would. Unset (as in
+/// production), one check of a value read once.
+pub fn corrupt_chunk(bytes: &mut [u8]) {
+    static CORRUPT: OnceLock<bool> = OnceLock::new();
+    let on = *CORRUPT
+        .get_or_init(|| std::env::var("SHOAL_FAULT_CORRUPT_CHUNKS").is_ok_and(|v| v == "1"));
+    if on && let Some(b) = bytes.first_mut() {
+        *b ^= 0xff;
+    }
+}

@@ -21,6 +21,10 @@ pub struct Fetched {
     pub from: String,
     /// Bytes received (0 when the store held it already).
     pub bytes: u64,
+    /// Bytes of the revision this host held already (chunks of earlier revisions).
+    pub reused: u64,
+    /// Bytes received from each peer (a swarm fetch's sources).
+    pub sources: std::collections::BTreeMap<String, u64>,
 }
 
 /// A fetch failed; [`FetchErrorKind`] says why.
@@ -48,13 +52,16 @@ pub enum FetchErrorKind {
         attempts: Vec<(String, String)>,
         retry: bool,
     },
+    /// Fetching it as chunks failed.
+    #[error("{0}")]
+    Chunks(super::chunked::ChunkedErrorKind),
     /// This host's own store failed (while receiving from `holder`); another holder would
     /// not do better.
     #[error("receiving from `{holder}`: {error}")]
     Store { holder: String, error: BlobError },
 }
 
-fn attempts_text(attempts: &[(String, String)]) -> String {
+pub(super) fn attempts_text(attempts: &[(String, String)]) -> String {
     attempts
         .iter()
         .map(|(holder, why)| format!("`{holder}`: {why}"))
@@ -87,6 +94,8 @@ pub async fn fetch(
             path,
             from: String::new(),
             bytes: 0,
+            reused: 0,
+            sources: Default::default(),
         });
     }
     let mut order: Vec<&String> = holders.iter().filter(|h| !h.is_empty()).collect();
@@ -114,6 +123,8 @@ pub async fn fetch(
                         path,
                         from: holder.clone(),
                         bytes,
+                        reused: 0,
+                        sources: [(holder.clone(), bytes)].into(),
                     });
                 }
                 None => {
@@ -210,6 +221,11 @@ async fn fetch_from(
                 });
             }
             BlobAnswer::Error(why) => return Err(failed(format!("refused: {}", peer_text(&why)))),
+            other => {
+                return Err(Attempt::Bad(format!(
+                    "an answer to another request: {other:?}"
+                )));
+            }
         }
     };
     match store.receive(app, len, &mut recv, Some(revision)).await {

@@ -38,15 +38,19 @@
 //! A holder cannot make a fetcher keep anything but the revision it asked for: the id is
 //! computed from the unpacked content, by the fetcher.
 
+pub mod chunked;
 mod client;
+pub mod rate;
 mod server;
 mod store;
+pub mod swarm;
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+pub use chunked::{Fetching, Swarmer};
 pub use client::{FetchError, FetchErrorKind, Fetched, fetch};
 pub use server::serve;
 pub use store::{BlobError, BundleStore, valid_app, valid_revision};
@@ -90,6 +94,17 @@ pub fn transfer_deadline(len: u64) -> Duration {
 pub enum BlobRequest {
     /// The whole bundle of revision `revision` (64 hex digits) of application `app`.
     Fetch { app: String, revision: String },
+    /// The revision's manifest (`chunks::Manifest`): answered `Sending { len }` and its
+    /// encoding (at most [`MAX_MANIFEST`](crate::chunks::store::MAX_MANIFEST) bytes), or
+    /// `Missing`.
+    Manifest { revision: String },
+    /// Which chunks of the revision the holder has: answered [`BlobAnswer::Have`] or
+    /// `Missing`.
+    Have { revision: String },
+    /// These chunks (at most [`MAX_BATCH`]), answered in order: each [`BlobAnswer::Chunk`]
+    /// and its bytes, or [`BlobAnswer::NoChunk`]; `Busy` at once when the holder uploads
+    /// all it may.
+    Chunks { ids: Vec<crate::chunks::ChunkId> },
 }
 
 /// A holder's answer frames.
@@ -105,6 +120,33 @@ pub enum BlobAnswer {
     Busy,
     /// Refused or failed, and why.
     Error(String),
+    /// The chunks held of a revision, a bit per chunk of the manifest's
+    /// `sorted_distinct` order (least significant bit first); `None` for all of them.
+    Have(Option<Vec<u8>>),
+    /// Exactly `len` raw bytes of the next chunk asked for follow.
+    Chunk { len: u32 },
+    /// The next chunk asked for is not held.
+    NoChunk,
+}
+
+/// Chunks one [`BlobRequest::Chunks`] may ask for.
+pub const MAX_BATCH: usize = 64;
+
+/// Packs one bit per chunk, least significant first.
+pub fn pack_bits(bits: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; bits.len().div_ceil(8)];
+    for (i, b) in bits.iter().enumerate() {
+        if *b {
+            out[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+/// [`pack_bits`]' inverse for `n` chunks; `None` when the bytes are not `n` bits' worth.
+pub fn unpack_bits(bytes: &[u8], n: usize) -> Option<Vec<bool>> {
+    (bytes.len() == n.div_ceil(8))
+        .then(|| (0..n).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect())
 }
 
 /// Why copying a known number of bytes stopped.

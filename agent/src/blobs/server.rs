@@ -7,11 +7,14 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::rate::Rate;
 use super::{
-    BlobAnswer, BlobRequest, BundleStore, CopyError, KEEPALIVE, MAX_BUNDLE, MAX_SENDING,
-    PACK_DEADLINE, copy_exact, peer_text, transfer_deadline, valid_app, valid_revision,
+    BlobAnswer, BlobRequest, BundleStore, CopyError, Fetching, KEEPALIVE, MAX_BATCH, MAX_BUNDLE,
+    MAX_SENDING, PACK_DEADLINE, copy_exact, peer_text, transfer_deadline, valid_app,
+    valid_revision,
 };
 use crate::bundle::RevisionId;
+use crate::chunks::{ChunkId, ChunkStore};
 use crate::identity::Role;
 use crate::lifecycle::state::AppDir;
 use crate::mesh::frame::{read_frame, write_frame};
@@ -25,17 +28,36 @@ struct Holder {
     data_dir: PathBuf,
     sending: Arc<Semaphore>,
     packing: PackLocks,
+    chunks: ChunkStore,
+    fetching: Arc<Fetching>,
+    /// Chunk requests answered at once.
+    uploads: Arc<Semaphore>,
+    upload_rate: Arc<Rate>,
 }
 
 /// Answers other agents' requests for bundles until the mesh shuts down: from `store`,
-/// or from the release directories under `data_dir` (packed into `store` on demand). See
-/// the module documentation for the protocol and its bounds.
-pub async fn serve(store: Arc<BundleStore>, data_dir: PathBuf, mut streams: Streams) {
+/// or from the release directories under `data_dir` (packed into `store` on demand), and
+/// for manifests and chunks, from `chunks` (and what `fetching` says of fetches under
+/// way), at most `max_uploads` chunk requests at once. See the module documentation for
+/// the protocol and its bounds.
+pub async fn serve(
+    store: Arc<BundleStore>,
+    data_dir: PathBuf,
+    chunks: ChunkStore,
+    fetching: Arc<Fetching>,
+    max_uploads: usize,
+    upload_rate: Arc<Rate>,
+    mut streams: Streams,
+) {
     let holder = Arc::new(Holder {
         store,
         data_dir,
         sending: Arc::new(Semaphore::new(MAX_SENDING)),
         packing: Mutex::new(HashMap::new()),
+        chunks,
+        fetching,
+        uploads: Arc::new(Semaphore::new(max_uploads.max(1))),
+        upload_rate,
     });
     while let Some(inbound) = streams.next().await {
         let (send, recv) = match inbound.stream {
@@ -99,6 +121,11 @@ impl Holder {
             Ok(Ok(BlobRequest::Fetch { app, revision })) => {
                 self.send_bundle(&app, &revision, &mut send).await
             }
+            Ok(Ok(BlobRequest::Manifest { revision })) => {
+                self.send_manifest(&revision, &mut send).await
+            }
+            Ok(Ok(BlobRequest::Have { revision })) => Outcome::Answered(self.have(&revision)),
+            Ok(Ok(BlobRequest::Chunks { ids })) => self.send_chunks(&ids, &mut send).await,
             Ok(Err(e)) => Outcome::Answered(BlobAnswer::Error(format!("malformed request: {e}"))),
             Err(_) => Outcome::Answered(BlobAnswer::Error(format!(
                 "the request did not arrive whole within {STREAM_DEADLINE:?}"
@@ -123,6 +150,116 @@ impl Holder {
                 let _ = send.reset(1u32.into());
             }
         }
+    }
+
+    /// What `Have` is answered: the bits of a fetch under way, all for a revision whose
+    /// manifest is kept complete, or `Missing`.
+    fn have(&self, revision: &str) -> BlobAnswer {
+        if valid_revision(revision).is_err() {
+            return BlobAnswer::Error("not a revision id".into());
+        }
+        if let Some(bits) = self.fetching.have(revision) {
+            return BlobAnswer::Have(Some(bits));
+        }
+        match self
+            .chunks
+            .manifest_bytes(&RevisionId(revision.to_string()))
+        {
+            Ok(Some(_)) => BlobAnswer::Have(None),
+            Ok(None) => BlobAnswer::Missing,
+            Err(e) => {
+                tracing::warn!("reading a manifest to answer a peer: {e}");
+                BlobAnswer::Missing
+            }
+        }
+    }
+
+    async fn send_manifest(&self, revision: &str, send: &mut quinn::SendStream) -> Outcome {
+        if valid_revision(revision).is_err() {
+            return Outcome::Answered(BlobAnswer::Error("not a revision id".into()));
+        }
+        let bytes = match self.fetching.manifest(revision) {
+            Some(bytes) => bytes,
+            None => match self
+                .chunks
+                .manifest_bytes(&RevisionId(revision.to_string()))
+            {
+                Ok(Some(bytes)) => Arc::new(bytes),
+                Ok(None) => return Outcome::Answered(BlobAnswer::Missing),
+                Err(e) => {
+                    tracing::warn!("reading a manifest to send it: {e}");
+                    return Outcome::Answered(BlobAnswer::Missing);
+                }
+            },
+        };
+        let len = bytes.len() as u64;
+        if let Err(why) = say(send, &BlobAnswer::Sending { len }).await {
+            return Outcome::Broken(why);
+        }
+        let deadline = transfer_deadline(len);
+        match tokio::time::timeout(deadline, send.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Outcome::Broken(format!("the fetcher went away: {e}")),
+            Err(_) => return Outcome::Broken(format!("not sent within {deadline:?}")),
+        }
+        let _ = send.finish();
+        Outcome::Sent(0)
+    }
+
+    /// Sends the chunks asked for, in order, each checked against its name as it is read;
+    /// `Busy` at once when the uploads allowed are all under way.
+    async fn send_chunks(&self, ids: &[ChunkId], send: &mut quinn::SendStream) -> Outcome {
+        if ids.is_empty() || ids.len() > MAX_BATCH {
+            return Outcome::Answered(BlobAnswer::Error(format!(
+                "{} chunks asked for; 1 to {MAX_BATCH} a request",
+                ids.len()
+            )));
+        }
+        let Ok(_permit) = self.uploads.clone().try_acquire_owned() else {
+            return Outcome::Answered(BlobAnswer::Busy);
+        };
+        let mut sent = 0u64;
+        for id in ids {
+            let (chunks, id) = (self.chunks.clone(), *id);
+            let read = tokio::task::spawn_blocking(move || chunks.get(&id)).await;
+            let bytes = match read {
+                Ok(Ok(Some(bytes))) => bytes,
+                Ok(Ok(None)) => {
+                    if let Err(why) = say(send, &BlobAnswer::NoChunk).await {
+                        return Outcome::Broken(why);
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("reading a chunk to send it: {e}");
+                    if let Err(why) = say(send, &BlobAnswer::NoChunk).await {
+                        return Outcome::Broken(why);
+                    }
+                    continue;
+                }
+                Err(e) => return Outcome::Broken(e.to_string()),
+            };
+            let mut bytes = bytes;
+            crate::faults::corrupt_chunk(&mut bytes);
+            let len = bytes.len() as u32;
+            self.upload_rate.take(u64::from(len)).await;
+            if let Err(why) = say(send, &BlobAnswer::Chunk { len }).await {
+                return Outcome::Broken(why);
+            }
+            match tokio::time::timeout(STREAM_DEADLINE, send.write_all(&bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Outcome::Broken(format!("the fetcher went away: {e}")),
+                Err(_) => {
+                    return Outcome::Broken(format!(
+                        "a chunk not taken within {STREAM_DEADLINE:?}"
+                    ));
+                }
+            }
+            sent += u64::from(len);
+            self.store.count_served(u64::from(len));
+        }
+        let _ = send.finish();
+        Outcome::Sent(sent)
     }
 
     async fn send_bundle(

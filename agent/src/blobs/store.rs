@@ -246,6 +246,16 @@ impl BundleStore {
         Ok(dest)
     }
 
+    /// A new private scratch directory in the store (removed when dropped; what a kill
+    /// leaves is removed by [`BundleStore::remove_leftovers`]).
+    pub fn scratch_dir(&self, prefix: &str) -> Result<tempfile::TempDir, BlobError> {
+        let scratch = self.scratch()?;
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&scratch)
+            .map_err(io(&scratch))
+    }
+
     /// The stored bundle of `revision` of `app`, if there is one (a file, not a link).
     pub fn path(&self, app: &str, revision: &str) -> Option<PathBuf> {
         valid_app(app).ok()?;
@@ -370,6 +380,27 @@ fn keep_if_valid(
         &Limits::default(),
     );
     let staging_path = staging.path().to_path_buf();
+    // The content as chunks too, so that peers can fetch it from here as a swarm. A
+    // failure leaves the bundle usable (peers then fetch it whole).
+    if let (Ok(opened), Some(data_dir)) = (&opened, scratch.parent().and_then(Path::parent)) {
+        let kept = crate::chunks::ChunkStore::open(data_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|chunks| {
+                let manifest =
+                    crate::chunks::Manifest::store_tree(&staging.path().join("revision"), &chunks)
+                        .map_err(|e| e.to_string())?;
+                if manifest.revision != opened.id {
+                    return Err(format!(
+                        "its chunks make revision {}, not {}",
+                        manifest.revision.0, opened.id.0
+                    ));
+                }
+                chunks.put_manifest(&manifest).map_err(|e| e.to_string())
+            });
+        if let Err(e) = kept {
+            tracing::warn!(revision = %opened.id.0, "the revision is not kept as chunks: {e}");
+        }
+    }
     if let Err(e) = staging.close() {
         tracing::warn!(
             "could not remove the scratch directory {}: {e}",

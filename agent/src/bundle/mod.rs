@@ -14,7 +14,7 @@
 
 pub mod id;
 mod pack;
-mod unpack;
+pub(crate) mod unpack;
 
 use std::fs::File;
 use std::io::Read;

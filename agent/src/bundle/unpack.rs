@@ -136,7 +136,7 @@ fn relative_path(name: &str) -> Result<Option<PathBuf>, String> {
 
 /// Where a link at `link` pointing at `target` leads, resolved against the links extracted
 /// (`is_link`), and the paths it passes through on the way; or why it is refused.
-fn resolve_link(
+pub(crate) fn resolve_link(
     is_link: &dyn Fn(&Path) -> bool,
     link: &Path,
     target: &str,

@@ -84,8 +84,12 @@ pub enum ManifestError {
     /// A file's chunks do not add up to its length.
     #[error("{path}: its chunks add up to {chunks} bytes, but the file has {len}")]
     Lengths { path: String, chunks: u64, len: u64 },
-    /// A chunk larger than any FastCDC cuts, or empty.
-    #[error("{path}: chunk {index} is {len} bytes, outside 1..={MAX_CHUNK}")]
+    /// A chunk larger than any FastCDC cuts, empty, or smaller than it cuts any chunk but
+    /// a file's last.
+    #[error(
+        "{path}: chunk {index} is {len} bytes, outside {MIN_CHUNK}..={MAX_CHUNK} (only a \
+         file's last chunk may be smaller)"
+    )]
     ChunkSize {
         path: String,
         index: usize,
@@ -94,9 +98,19 @@ pub enum ManifestError {
     /// Entries out of order, repeated, or with a path that leaves the tree.
     #[error("{path}: not a path in order below the revision's root")]
     Path { path: String },
-    /// A link whose target leaves the tree (absolute, or through `..`).
-    #[error("{path}: the link's target {target} leaves the revision")]
-    Link { path: String, target: String },
+    /// A chunk named with two different lengths.
+    #[error("{path}: chunk {id} is given two different lengths in the manifest")]
+    TwoLengths { path: String, id: ChunkId },
+    /// A link the unpacking rules refuse (leaving the tree, through another link).
+    #[error("{path}: the link to {target}: {why}")]
+    Link {
+        path: String,
+        target: String,
+        why: String,
+    },
+    /// Its bytes are not a manifest's encoding.
+    #[error("not a manifest's encoding: {0}")]
+    Encoding(String),
     /// Larger than a bundle may expand to (`bundle::Limits`, the unpacking rules'):
     /// entries, bytes, or one name.
     #[error("the manifest has {found} {what}, more than the {max} a revision may have")]
@@ -127,6 +141,18 @@ pub enum AssembleError {
     Manifest(#[from] ManifestError),
     #[error("chunk {id} of {path} is not in the store")]
     Missing { path: String, id: ChunkId },
+    /// A stored chunk's length is not the one the manifest gives it.
+    #[error("chunk {id} of {path} is {found} bytes, not {expected} as the manifest says")]
+    ChunkLength {
+        path: String,
+        id: ChunkId,
+        expected: u32,
+        found: u64,
+    },
+    /// The file's chunks are not its content (its SHA-256 differs): a manifest whose chunk
+    /// lists lie. Nothing was put in its place.
+    #[error("{path}: its chunks do not make the file the revision names")]
+    Content { path: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("writing {path}: {source}")]
@@ -191,6 +217,13 @@ impl Manifest {
         }
         let mut total = 0u64;
         let mut before: Option<&str> = None;
+        let links: HashSet<&Path> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::Link { .. }))
+            .map(|(p, _)| Path::new(p.as_str()))
+            .collect();
+        let mut lengths: HashMap<ChunkId, u32> = HashMap::new();
         for (path, entry) in &self.entries {
             let name_len = match entry {
                 Entry::Link { target } => path.len().max(target.len()),
@@ -225,24 +258,46 @@ impl Manifest {
             match entry {
                 Entry::Dir => {}
                 Entry::Link { target } => {
-                    if !link_stays_inside(path, target) {
+                    // The unpacking rules': inside, and through no other link.
+                    let is_link = |p: &Path| links.contains(p);
+                    if let Err(why) =
+                        crate::bundle::unpack::resolve_link(&is_link, Path::new(path), target)
+                    {
                         return Err(ManifestError::Link {
                             path: path.clone(),
                             target: target.clone(),
+                            why,
                         });
                     }
                 }
                 Entry::File { len, content, .. } => {
                     let mut sum = 0u64;
                     for (index, chunk) in content.iter().enumerate() {
-                        if chunk.len == 0 || chunk.len > MAX_CHUNK {
+                        // FastCDC cuts nothing smaller than MIN_CHUNK but a file's last.
+                        let last = index + 1 == content.len();
+                        if chunk.len == 0
+                            || chunk.len > MAX_CHUNK
+                            || (!last && chunk.len < MIN_CHUNK)
+                        {
                             return Err(ManifestError::ChunkSize {
                                 path: path.clone(),
                                 index,
                                 len: chunk.len,
                             });
                         }
-                        sum += u64::from(chunk.len);
+                        if *lengths.entry(chunk.id).or_insert(chunk.len) != chunk.len {
+                            return Err(ManifestError::TwoLengths {
+                                path: path.clone(),
+                                id: chunk.id,
+                            });
+                        }
+                        sum = sum.checked_add(u64::from(chunk.len)).ok_or(
+                            ManifestError::Lengths {
+                                path: path.clone(),
+                                chunks: u64::MAX,
+                                len: *len,
+                            },
+                        )?;
                     }
                     if sum != *len {
                         return Err(ManifestError::Lengths {
@@ -297,6 +352,30 @@ impl Manifest {
         self.delta(|id| held.contains(id))
     }
 
+    /// A manifest from its encoding (at most
+    /// [`MAX_MANIFEST`](super::store::MAX_MANIFEST) bytes), verified against `expected`.
+    pub fn decode(bytes: &[u8], expected: &RevisionId) -> Result<Manifest, ManifestError> {
+        let max = super::store::MAX_MANIFEST;
+        if bytes.len() as u64 > max {
+            return Err(ManifestError::TooLarge {
+                what: "bytes of encoding",
+                found: bytes.len() as u64,
+                max,
+            });
+        }
+        let manifest: Manifest =
+            postcard::from_bytes(bytes).map_err(|e| ManifestError::Encoding(e.to_string()))?;
+        manifest.verify(expected)?;
+        Ok(manifest)
+    }
+
+    /// The distinct chunks, sorted by id: the order `Have` answers follow.
+    pub fn sorted_distinct(&self) -> Vec<(ChunkId, u32)> {
+        let mut all: Vec<(ChunkId, u32)> = self.distinct().into_iter().collect();
+        all.sort_unstable();
+        all
+    }
+
     /// The manifest's own name: the SHA-256 of its encoding.
     pub fn id(&self) -> String {
         let bytes = postcard::to_stdvec(self).expect("a manifest encodes");
@@ -340,12 +419,19 @@ impl Manifest {
                     dir.symlink_atomic(name, Path::new(target))
                         .map_err(io(path))?;
                 }
-                Entry::File { exec, content, .. } => {
+                Entry::File {
+                    exec,
+                    content,
+                    sha256,
+                    ..
+                } => {
                     let mut reader = ChunkReader {
                         store,
                         path,
                         chunks: content.iter(),
                         current: std::io::Cursor::new(Vec::new()),
+                        whole: Sha256::new(),
+                        sha256,
                         failed: None,
                     };
                     let mode = if *exec { 0o755 } else { 0o644 };
@@ -368,32 +454,16 @@ impl Manifest {
     }
 }
 
-/// Whether a link at `path` pointing at `target` resolves inside the tree.
-fn link_stays_inside(path: &str, target: &str) -> bool {
-    if target.is_empty() || target.starts_with('/') {
-        return false;
-    }
-    let mut depth = Path::new(path).components().count() as i64 - 1;
-    for c in Path::new(target).components() {
-        match c {
-            std::path::Component::ParentDir => depth -= 1,
-            std::path::Component::Normal(_) => depth += 1,
-            std::path::Component::CurDir => {}
-            _ => return false,
-        }
-        if depth < 0 {
-            return false;
-        }
-    }
-    true
-}
-
 /// A file's bytes from its chunks, each read (and verified) from the store in turn.
 struct ChunkReader<'a, I: Iterator<Item = &'a ChunkRef>> {
     store: &'a ChunkStore,
     path: &'a str,
     chunks: I,
     current: std::io::Cursor<Vec<u8>>,
+    /// The file's bytes so far, to be its `sha256` at the end (the chunk lists are not
+    /// covered by the revision id: a wrong one must fail before the file is put in place).
+    whole: Sha256,
+    sha256: &'a str,
     /// Why the read stopped, told apart from an I/O error of the write.
     failed: Option<AssembleError>,
 }
@@ -406,11 +476,27 @@ impl<'a, I: Iterator<Item = &'a ChunkRef>> std::io::Read for ChunkReader<'a, I> 
                 return Ok(n);
             }
             let Some(chunk) = self.chunks.next() else {
+                let got = hex::encode(std::mem::take(&mut self.whole).finalize());
+                if got != self.sha256 {
+                    self.failed = Some(AssembleError::Content {
+                        path: self.path.to_string(),
+                    });
+                    return Err(std::io::Error::other("the file's content is not its own"));
+                }
                 return Ok(0);
             };
             let bytes = match self.store.get(&chunk.id) {
                 Ok(Some(bytes)) if bytes.len() == chunk.len as usize => bytes,
-                Ok(_) => {
+                Ok(Some(bytes)) => {
+                    self.failed = Some(AssembleError::ChunkLength {
+                        path: self.path.to_string(),
+                        id: chunk.id,
+                        expected: chunk.len,
+                        found: bytes.len() as u64,
+                    });
+                    return Err(std::io::Error::other("a chunk has another length"));
+                }
+                Ok(None) => {
                     self.failed = Some(AssembleError::Missing {
                         path: self.path.to_string(),
                         id: chunk.id,
@@ -423,6 +509,7 @@ impl<'a, I: Iterator<Item = &'a ChunkRef>> std::io::Read for ChunkReader<'a, I> 
                     return Err(std::io::Error::other(message));
                 }
             };
+            self.whole.update(&bytes);
             self.current = std::io::Cursor::new(bytes);
         }
     }

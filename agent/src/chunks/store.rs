@@ -15,8 +15,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::MAX_CHUNK;
-use super::manifest::ChunkId;
+use super::manifest::{ChunkId, Manifest};
 use crate::beneath::{Dir, Kind};
+use crate::bundle::RevisionId;
+
+/// Where manifests are kept, beside the shards.
+const MANIFESTS: &str = "manifests";
+/// The largest encoded manifest kept, sent or read (a 16 GiB revision of 32 KiB chunks
+/// needs about 24 MiB).
+pub const MAX_MANIFEST: u64 = 64 << 20;
 
 /// Why a chunk could not be stored or read.
 #[derive(Debug, thiserror::Error)]
@@ -102,9 +109,67 @@ impl ChunkStore {
             .create_dirs(Path::new(&Self::shard_name(id)))
             .map_err(|e| self.io(e))?;
         shard
-            .write_atomic(OsStr::new(&id.hex()), &mut &bytes[..], 0o600, None)
+            .write_atomic_unsynced(OsStr::new(&id.hex()), &mut &bytes[..])
             .map_err(|e| self.io(e))?;
         Ok(true)
+    }
+
+    /// Keeps `manifest` as the manifest of a revision whose chunks are all stored
+    /// (`chunks/manifests/<revision>`): what makes this host answer `Have` with "all".
+    /// Call it only once every chunk is in.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(manifest).expect("a manifest encodes");
+        let (dir, _) = self
+            .top()?
+            .create_dirs(Path::new(MANIFESTS))
+            .map_err(|e| self.io(e))?;
+        dir.write_atomic(
+            OsStr::new(&manifest.revision.0),
+            &mut &bytes[..],
+            0o600,
+            None,
+        )
+        .map_err(|e| self.io(e))
+    }
+
+    /// The stored manifest of `revision`, its encoding as stored (at most
+    /// [`MAX_MANIFEST`] bytes); `None` if there is none. Not verified: the reader does.
+    pub fn manifest_bytes(&self, revision: &RevisionId) -> Result<Option<Vec<u8>>, StoreError> {
+        if crate::blobs::valid_revision(&revision.0).is_err() {
+            return Ok(None);
+        }
+        let rel = Path::new(MANIFESTS).join(&revision.0);
+        let file = match self.top()?.open_file(&rel) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(e)),
+        };
+        let mut bytes = Vec::new();
+        file.take(MAX_MANIFEST + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.io(e))?;
+        if bytes.len() as u64 > MAX_MANIFEST {
+            return Ok(None);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// The stored manifest of `revision`, decoded and verified against it; `None` if there
+    /// is none or it is not that revision's (it is then removed).
+    pub fn manifest(&self, revision: &RevisionId) -> Result<Option<Manifest>, StoreError> {
+        let Some(bytes) = self.manifest_bytes(revision)? else {
+            return Ok(None);
+        };
+        match Manifest::decode(&bytes, revision) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => {
+                tracing::warn!(revision = %revision.0, "a stored manifest is not usable, removed: {e}");
+                if let Ok(dir) = self.top()?.open_dir(Path::new(MANIFESTS)) {
+                    let _ = dir.remove_file(OsStr::new(&revision.0));
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Whether chunk `id` is stored (as a regular file).
@@ -169,11 +234,17 @@ impl ChunkStore {
         Ok(c)
     }
 
-    /// The shard directories below `top`, opened, with their names.
+    /// The shard directories below `top` (two lowercase hex digits: nothing else, such as
+    /// the manifests' directory, is taken for one), opened, with their names.
     fn shards(&self, top: &Dir) -> Result<Vec<(std::ffi::OsString, Dir)>, StoreError> {
         let mut shards = Vec::new();
         for (name, kind) in top.entries().map_err(|e| self.io(e))? {
-            if kind == Kind::Dir {
+            let shard_like = name.len() == 2
+                && name
+                    .as_encoded_bytes()
+                    .iter()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if kind == Kind::Dir && shard_like {
                 let shard = top.open_dir(Path::new(&name)).map_err(|e| self.io(e))?;
                 shards.push((name, shard));
             }

@@ -90,6 +90,7 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 apps: apps_on_disk(&config.data_dir),
                 log: None,
             };
+            let fetching = Arc::new(blobs::Fetching::default());
             let (local_tx, local_rx) = watch::channel(initial.clone());
             let (log_tx, log_rx) = watch::channel(None);
             let (tags_tx, tags_rx) = watch::channel(config.tags.clone());
@@ -99,6 +100,7 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                     config: config.clone(),
                     problems: problems.clone(),
                     hup: hup.take().expect("one mesh"),
+                    fetching: fetching.clone(),
                 },
                 local_tx,
                 log_rx,
@@ -112,11 +114,30 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
             if let Err(e) = bundles.remove_leftovers() {
                 tracing::warn!("bundle store: {e}");
             }
+            let chunks = crate::chunks::ChunkStore::open(&config.data_dir)?;
+            let rate = |r: &Option<String>| -> anyhow::Result<Arc<blobs::rate::Rate>> {
+                let r = r.as_deref().map(crate::config::parse_size).transpose()?;
+                Ok(Arc::new(blobs::rate::Rate::new(r)))
+            };
             tokio::spawn(blobs::serve(
                 bundles.clone(),
                 config.data_dir.clone(),
+                chunks.clone(),
+                fetching.clone(),
+                config.transfer.max_uploads,
+                rate(&config.transfer.upload_rate)?,
                 handle.serve(Protocol::Blobs),
             ));
+            let swarmer = blobs::Swarmer {
+                name: config.name.clone(),
+                mesh: handle.clone(),
+                bundles: bundles.clone(),
+                chunks,
+                fetching: fetching.clone(),
+                config: blobs::swarm::Config::default(),
+                from_peers: config.transfer.from_peers,
+                download_rate: rate(&config.transfer.download_rate)?,
+            };
             tokio::spawn(crate::logs::server::serve(
                 config.data_dir.clone(),
                 handle.serve(Protocol::Logs),
@@ -135,7 +156,8 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                     executed,
                     tags_rx,
                 )
-                .with_ports(config.ports.clone()),
+                .with_ports(config.ports.clone())
+                .with_swarm(swarmer),
             );
             let fleet: Arc<Fleet> = Fleet::start(
                 &config.data_dir,
@@ -216,6 +238,8 @@ struct Reporting {
     config: AgentConfig,
     problems: crate::lifecycle::supervise::Problems,
     hup: tokio::signal::unix::Signal,
+    /// Revisions being fetched as chunks, told in gossip.
+    fetching: Arc<blobs::Fetching>,
 }
 
 /// Tells the mesh what this host runs (polling the lifecycle's state on disk, with the
@@ -227,6 +251,7 @@ async fn report_local(
         mut config,
         problems,
         mut hup,
+        fetching,
     }: Reporting,
     tx: watch::Sender<LocalState>,
     log: watch::Receiver<Option<LogRecord>>,
@@ -258,6 +283,7 @@ async fn report_local(
         });
         let mut apps = apps_on_disk(&config.data_dir);
         add_problems(&mut apps, &problems.lock().expect("problems lock"));
+        crate::mesh::local::add_fetching(&mut apps, &fetching.apps());
         let state = LocalState {
             tags: config.tags.clone(),
             apps,

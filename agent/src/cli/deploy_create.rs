@@ -373,6 +373,7 @@ mod tests {
                             held: Default::default(),
                             problem: None,
                             restarts: 0,
+                            fetching: None,
                         },
                     )
                 })

@@ -117,6 +117,7 @@ mod tests {
             held: Default::default(),
             problem: problem.map(String::from),
             restarts: 0,
+            fetching: None,
         };
         let host = HostView {
             name: "edge-1".into(),

@@ -282,6 +282,7 @@ mod tests {
                     held: BTreeSet::new(),
                     problem: None,
                     restarts: 0,
+                    fetching: None,
                 },
             );
         }

@@ -567,6 +567,7 @@ async fn command_self(
             HostReport {
                 events: Vec::new(),
                 tail: vec![why.reason],
+                transfer: None,
             },
         ),
         Ok(Ok(done)) => done,
@@ -609,6 +610,7 @@ async fn command_host(
                     HostReport {
                         events: Vec::new(),
                         tail: vec![why.reason],
+                        transfer: None,
                     },
                 );
             }
@@ -693,7 +695,7 @@ async fn try_command(
 fn bounded(events: Vec<EventRecord>) -> Vec<EventRecord> {
     HostReport {
         events,
-        tail: Vec::new(),
+        ..HostReport::default()
     }
     .bounded()
     .events
@@ -790,6 +792,7 @@ mod tests {
             held: Default::default(),
             problem: problem.map(String::from),
             restarts,
+            fetching: None,
         };
         crate::mesh::view::HostView {
             name: name.into(),

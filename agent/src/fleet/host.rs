@@ -102,6 +102,8 @@ pub struct HostSide {
     pub tags: watch::Receiver<BTreeMap<String, String>>,
     /// Application → the port this host serves it on instead of its AppSpec's.
     pub ports: BTreeMap<String, u16>,
+    /// Fetches revisions as chunks from the swarm; whole bundles from one holder without.
+    pub swarm: Option<blobs::Swarmer>,
     /// Intents running here, by id.
     running: Mutex<HashMap<String, Running>>,
     /// Held while a command is admitted.
@@ -127,6 +129,7 @@ impl HostSide {
             executed: Arc::new(Mutex::new(executed)),
             tags,
             ports: BTreeMap::new(),
+            swarm: None,
             running: Mutex::new(HashMap::new()),
             admitting: tokio::sync::Mutex::new(()),
         }
@@ -136,6 +139,12 @@ impl HostSide {
     /// AppSpecs' (the config's `[ports]`).
     pub fn with_ports(mut self, ports: BTreeMap<String, u16>) -> HostSide {
         self.ports = ports;
+        self
+    }
+
+    /// Fetches revisions as chunks through `swarm` (whole bundles when no peer has chunks).
+    pub fn with_swarm(mut self, swarm: blobs::Swarmer) -> HostSide {
+        self.swarm = Some(swarm);
         self
     }
 
@@ -327,6 +336,8 @@ impl HostSide {
                 path: release,
                 from: self.name.clone(),
                 bytes: 0,
+                reused: 0,
+                sources: BTreeMap::new(),
             })
         } else {
             self.fetch(intent, hinted).await
@@ -341,10 +352,26 @@ impl HostSide {
                 return failed(report, format!("DownloadBundle: {e}"));
             }
         };
-        report.tail.push(format!(
-            "DownloadBundle: {} bytes from {}",
-            fetched.bytes, fetched.from
-        ));
+        report
+            .tail
+            .push(if fetched.sources.len() > 1 || fetched.reused > 0 {
+                format!(
+                    "DownloadBundle: {} bytes from {} peers, {} bytes held already",
+                    fetched.bytes,
+                    fetched.sources.len(),
+                    fetched.reused
+                )
+            } else {
+                format!(
+                    "DownloadBundle: {} bytes from {}",
+                    fetched.bytes, fetched.from
+                )
+            });
+        report.transfer = Some(crate::fleet::log::state::TransferReport {
+            fetched_bytes: fetched.bytes,
+            reused_bytes: fetched.reused,
+            sources: fetched.sources.len() as u32,
+        });
         let (progress, mut events) = tokio::sync::mpsc::unbounded_channel::<Vec<EventRecord>>();
         let relay = {
             let state = state.clone();
@@ -450,6 +477,28 @@ impl HostSide {
         hinted: &[String],
     ) -> Result<blobs::Fetched, blobs::FetchError> {
         let deadline = tokio::time::Instant::now() + FETCH_WITHIN;
+        if let Some(swarm) = &self.swarm {
+            match swarm
+                .fetch(&intent.app, &intent.revision, hinted, FETCH_WITHIN)
+                .await
+            {
+                Ok(fetched) => return Ok(fetched),
+                // Peers that keep whole bundles only: fetch one whole, below.
+                Err(blobs::chunked::ChunkedErrorKind::NoManifest(why)) => {
+                    tracing::info!(
+                        revision = %intent.revision,
+                        "no peer has the revision as chunks, fetching its bundle whole: {why:?}"
+                    );
+                }
+                Err(e) => {
+                    return Err(blobs::FetchError {
+                        app: intent.app.clone(),
+                        revision: intent.revision.clone(),
+                        kind: blobs::FetchErrorKind::Chunks(e),
+                    });
+                }
+            }
+        }
         loop {
             // Peers that fetched the revision first, the uploader after: the agent an
             // operator uploaded to serves the first hosts, not every host.

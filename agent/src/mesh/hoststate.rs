@@ -89,6 +89,10 @@ pub struct AppRecord {
     /// How many times the supervisor restarted the active revision's service.
     #[serde(default)]
     pub restarts: u32,
+    /// The revision this host is fetching as chunks (`blobs::chunked`), if any: peers ask
+    /// it which chunks it has and fetch those from it meanwhile.
+    #[serde(default)]
+    pub fetching: Option<String>,
 }
 
 /// What one host says about itself.
@@ -389,7 +393,7 @@ pub fn check_caps(record: &HostRecord) -> Result<(), RecordError> {
         if let Some(p) = &app.problem {
             too_large(host, Cap::Problem, p.len())?;
         }
-        for r in &app.held {
+        for r in app.held.iter().chain(&app.fetching) {
             too_large(host, Cap::RevisionId, r.len())?;
         }
     }
@@ -1540,6 +1544,7 @@ mod tests {
                             held: BTreeSet::new(),
                             problem: None,
                             restarts: 0,
+                            fetching: None,
                         },
                     );
                 },
@@ -1572,6 +1577,7 @@ mod tests {
                 held,
                 problem: None,
                 restarts: 0,
+                fetching: None,
             },
         );
         let long_name = record(&"h".repeat(MAX_HOST_NAME + 1), 4, 2);
@@ -1602,6 +1608,7 @@ mod tests {
                     .collect(),
                 problem: Some("p".repeat(MAX_PROBLEM)),
                 restarts: 0,
+                fetching: Some("f".repeat(MAX_REVISION_ID)),
             };
             r.apps.insert(format!("{a:a>MAX_APP_NAME$}"), app);
             if encoded_len(&r) > MAX_RECORD_BYTES {

@@ -41,6 +41,7 @@ pub fn apps_on_disk(data_dir: &Path) -> BTreeMap<String, AppRecord> {
                 held,
                 problem: None,
                 restarts: 0,
+                fetching: None,
             };
             records.insert(app, record);
         }
@@ -49,6 +50,28 @@ pub fn apps_on_disk(data_dir: &Path) -> BTreeMap<String, AppRecord> {
         cap_held(record);
     }
     records
+}
+
+/// Adds the revisions being fetched as chunks (application → revision) to the records,
+/// making a record for an application that has none yet (within [`MAX_APPS`]).
+pub fn add_fetching(
+    records: &mut BTreeMap<String, AppRecord>,
+    fetching: &BTreeMap<String, String>,
+) {
+    for (app, revision) in fetching {
+        if !records.contains_key(app) && records.len() >= MAX_APPS {
+            continue;
+        }
+        let record = records.entry(app.clone()).or_insert_with(|| AppRecord {
+            revision: None,
+            health: Health::None,
+            held: BTreeSet::new(),
+            problem: None,
+            restarts: 0,
+            fetching: None,
+        });
+        record.fetching = Some(revision.clone());
+    }
 }
 
 /// Adds what the supervisor says is wrong with each application (`supervise::Problems`)
@@ -133,6 +156,7 @@ fn app_record(dir: &AppDir) -> AppRecord {
         held,
         problem: None,
         restarts,
+        fetching: None,
     }
 }
 
@@ -181,6 +205,7 @@ mod tests {
                 held: [rev(3)].into(),
                 problem: None,
                 restarts: 0,
+                fetching: None,
             }
         );
     }
@@ -196,6 +221,7 @@ mod tests {
                     held: BTreeSet::new(),
                     problem: None,
                     restarts: 0,
+                    fetching: None,
                 },
             ),
             (
@@ -206,6 +232,7 @@ mod tests {
                     held: BTreeSet::new(),
                     problem: Some("old".into()),
                     restarts: 0,
+                    fetching: None,
                 },
             ),
         ]);
@@ -231,6 +258,7 @@ mod tests {
             held: (0..MAX_HELD + 10).map(rev).collect(),
             problem: None,
             restarts: 0,
+            fetching: None,
         };
         cap_held(&mut record);
         assert_eq!(record.held.len(), MAX_HELD);

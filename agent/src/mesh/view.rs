@@ -149,6 +149,7 @@ mod tests {
                 held: BTreeSet::from(["abc".to_string()]),
                 problem: None,
                 restarts: 0,
+                fetching: None,
             },
         );
         HostRecord {

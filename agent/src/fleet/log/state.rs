@@ -356,6 +356,18 @@ pub struct HostReport {
     pub events: Vec<EventRecord>,
     /// The last lines of the hook logs (a failed hook's reason last).
     pub tail: Vec<String>,
+    /// What fetching the revision moved, when it was fetched.
+    #[serde(default)]
+    pub transfer: Option<TransferReport>,
+}
+
+/// Bytes a host fetched for a revision, and bytes it held already (earlier revisions'
+/// chunks), from how many peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferReport {
+    pub fetched_bytes: u64,
+    pub reused_bytes: u64,
+    pub sources: u32,
 }
 
 impl HostReport {

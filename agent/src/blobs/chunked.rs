@@ -1,0 +1,596 @@
+//! The swarm transfer's driver (issue 13, decision 0024): fetches a revision as chunks from
+//! many peers at once, the decisions taken by the sans-IO [`Swarm`], and turns the chunks
+//! into the bundle the lifecycle installs.
+//!
+//! 1. **The manifest** comes from the chunk store if a complete one is there, else from a
+//!    peer (holders and fetchers before the origin), verified against the revision id
+//!    before anything else is done with it. No peer having one (agents that only keep
+//!    whole bundles) is [`ChunkedErrorKind::NoManifest`]: the caller fetches the whole
+//!    bundle instead.
+//! 2. **The chunks** missing from the store are asked of the peers gossip names as holding
+//!    or fetching the revision, and of the origin, as the [`Swarm`] decides; each chunk is
+//!    checked against its name ([`ChunkStore::put`]) before it is stored, so a restarted
+//!    fetch asks only for what is missing (resumption is the store's content). While it
+//!    fetches, this agent says so in gossip ([`Fetching`]) and serves what it has.
+//! 3. **The bundle.** The tree is assembled from the chunks (each file checked against its
+//!    SHA-256 before it is put in place, the whole tree against the revision id), packed
+//!    into the bundle store, and the manifest kept as complete.
+//!
+//! Everything is bounded: one stream per request, [`super::MAX_BATCH`] chunks a request,
+//! a deadline per request and per fetch, the manifest's size before it is read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::rate::Rate;
+use super::swarm::{Action, Config, Got, Role, Swarm};
+use super::{BlobAnswer, BlobRequest, BundleStore, Fetched, pack_bits, peer_text, unpack_bits};
+use crate::bundle::RevisionId;
+use crate::chunks::store::MAX_MANIFEST;
+use crate::chunks::{AssembleError, ChunkId, ChunkStore, Manifest, StoreError};
+use crate::mesh::frame::{Protocol, read_frame, write_frame};
+use crate::mesh::node::{MeshHandle, STREAM_DEADLINE};
+use crate::mesh::view::MemberState;
+
+/// How often the sources are read again from gossip.
+const SOURCES_EVERY: Duration = Duration::from_secs(1);
+
+/// What this agent is fetching as chunks: gossiped (`AppRecord::fetching`) and used to
+/// answer `Have` and `Manifest` while the fetch goes on.
+#[derive(Debug, Default)]
+pub struct Fetching {
+    inner: Mutex<HashMap<String, Progress>>,
+}
+
+#[derive(Debug)]
+struct Progress {
+    app: String,
+    manifest: Arc<Vec<u8>>,
+    held: Vec<bool>,
+}
+
+impl Fetching {
+    /// Which chunks of `revision` this agent holds while it fetches it, packed.
+    pub fn have(&self, revision: &str) -> Option<Vec<u8>> {
+        let inner = self.inner.lock().expect("fetching lock");
+        inner.get(revision).map(|p| pack_bits(&p.held))
+    }
+
+    /// The manifest of `revision` while it is being fetched, encoded.
+    pub fn manifest(&self, revision: &str) -> Option<Arc<Vec<u8>>> {
+        let inner = self.inner.lock().expect("fetching lock");
+        inner.get(revision).map(|p| p.manifest.clone())
+    }
+
+    /// Application → the revision being fetched for it.
+    pub fn apps(&self) -> BTreeMap<String, String> {
+        let inner = self.inner.lock().expect("fetching lock");
+        inner
+            .iter()
+            .map(|(rev, p)| (p.app.clone(), rev.clone()))
+            .collect()
+    }
+
+    fn start(&self, app: &str, revision: &str, manifest: Arc<Vec<u8>>, held: Vec<bool>) {
+        let progress = Progress {
+            app: app.to_string(),
+            manifest,
+            held,
+        };
+        let mut inner = self.inner.lock().expect("fetching lock");
+        inner.insert(revision.to_string(), progress);
+    }
+
+    fn mark(&self, revision: &str, index: usize) {
+        let mut inner = self.inner.lock().expect("fetching lock");
+        if let Some(p) = inner.get_mut(revision)
+            && let Some(bit) = p.held.get_mut(index)
+        {
+            *bit = true;
+        }
+    }
+
+    fn end(&self, revision: &str) {
+        self.inner.lock().expect("fetching lock").remove(revision);
+    }
+}
+
+/// Removes the fetch from [`Fetching`] however it ends.
+struct Announced<'a> {
+    fetching: &'a Fetching,
+    revision: String,
+}
+
+impl Drop for Announced<'_> {
+    fn drop(&mut self) {
+        self.fetching.end(&self.revision);
+    }
+}
+
+/// Why a chunked fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkedErrorKind {
+    /// No peer has a manifest of the revision (they keep whole bundles only): fetch the
+    /// bundle instead.
+    #[error("no peer has its manifest: {}", super::client::attempts_text(.0))]
+    NoManifest(Vec<(String, String)>),
+    /// This host's chunk store failed.
+    #[error("the chunk store: {0}")]
+    Store(#[from] StoreError),
+    /// The chunks did not make the revision (assembling or packing it failed).
+    #[error("assembling the revision: {0}")]
+    Assemble(#[from] AssembleError),
+    /// Packing the assembled tree into the bundle store failed.
+    #[error("keeping the revision's bundle: {0}")]
+    Bundle(#[from] super::BlobError),
+    /// Chunks were still missing at the deadline; the peers avoided, and why.
+    #[error(
+        "{missing} bytes still missing after {after:?} (from {sources} sources){}",
+        dropped_text(.dropped)
+    )]
+    Deadline {
+        missing: u64,
+        after: Duration,
+        sources: usize,
+        dropped: Vec<(String, String)>,
+    },
+}
+
+fn dropped_text(dropped: &[(String, String)]) -> String {
+    if dropped.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = dropped
+        .iter()
+        .map(|(p, why)| format!("`{p}`: {why}"))
+        .collect();
+    format!("; avoided: {}", list.join("; "))
+}
+
+/// The swarm's part of an agent: see the module documentation.
+#[derive(Clone)]
+pub struct Swarmer {
+    pub name: String,
+    pub mesh: MeshHandle,
+    pub bundles: Arc<BundleStore>,
+    pub chunks: ChunkStore,
+    pub fetching: Arc<Fetching>,
+    pub config: Config,
+    /// Ask peers (`true`), or the origins only (`transfer.from_peers`).
+    pub from_peers: bool,
+    pub download_rate: Arc<Rate>,
+}
+
+/// What one request brought back to the driver.
+enum Event {
+    Have {
+        peer: String,
+        result: Result<Held, String>,
+    },
+    Chunk {
+        batch: u64,
+        index: usize,
+        got: Got,
+    },
+    BatchEnd {
+        batch: u64,
+        result: Result<(), String>,
+    },
+}
+
+impl Swarmer {
+    /// Fetches `revision` of `app` as chunks, from the peers gossip names and from
+    /// `origins` (asked last), until `within` has passed. Returns the stored bundle.
+    pub async fn fetch(
+        &self,
+        app: &str,
+        revision: &str,
+        origins: &[String],
+        within: Duration,
+    ) -> Result<Fetched, ChunkedErrorKind> {
+        let started = Instant::now();
+        let deadline = started + within;
+        let id = RevisionId(revision.to_string());
+        let (mut holders, mut fetchers) = self.sources(app, revision).await;
+        let origins: Vec<String> = origins
+            .iter()
+            .filter(|o| **o != self.name)
+            .cloned()
+            .collect();
+        let (manifest, encoded) = match self.chunks.manifest(&id)? {
+            Some(m) => {
+                let bytes = postcard::to_stdvec(&m).expect("a manifest encodes");
+                (m, bytes)
+            }
+            None => {
+                let mut order: Vec<String> = holders.iter().chain(&fetchers).cloned().collect();
+                order.shuffle(&mut rand::rng());
+                order.extend(origins.iter().cloned());
+                self.manifest_from(&order, &id).await?
+            }
+        };
+        let chunks = manifest.sorted_distinct();
+        let index: HashMap<ChunkId, usize> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| (*c, i))
+            .collect();
+        let mut swarm = Swarm::new(
+            &self.name,
+            chunks.clone(),
+            |c| self.chunks.has(c),
+            self.config.clone(),
+        );
+        let reused = chunks
+            .iter()
+            .zip(swarm.held())
+            .filter(|(_, h)| **h)
+            .map(|((_, len), _)| u64::from(*len))
+            .sum::<u64>();
+        self.fetching
+            .start(app, revision, Arc::new(encoded), swarm.held().to_vec());
+        let _announced = Announced {
+            fetching: &self.fetching,
+            revision: revision.to_string(),
+        };
+        let now = std::time::Instant::now();
+        for o in &origins {
+            swarm.add_peer(now, o, Role::Origin);
+        }
+        let mut refresh = tokio::time::interval(SOURCES_EVERY);
+        refresh.tick().await;
+        let (tx, mut rx) = mpsc::channel::<Event>(1024);
+        let mut tasks = JoinSet::new();
+        loop {
+            let now = std::time::Instant::now();
+            for h in &holders {
+                swarm.add_peer(now, h, Role::Holder);
+            }
+            for f in &fetchers {
+                swarm.add_peer(now, f, Role::Fetcher);
+            }
+            swarm.set_fetchers(&fetchers);
+            holders.clear();
+            fetchers.clear();
+            if swarm.is_done() {
+                break;
+            }
+            while let Some(action) = swarm.poll_action(now) {
+                self.start(&mut tasks, tx.clone(), action, revision, &chunks, &index);
+            }
+            let wake = swarm
+                .poll_timeout()
+                .map(Instant::from_std)
+                .unwrap_or(deadline)
+                .min(deadline);
+            tokio::select! {
+                event = rx.recv() => {
+                    let Some(event) = event else { continue };
+                    let now = std::time::Instant::now();
+                    match event {
+                        Event::Have { peer, result } => match result {
+                            Ok(Held::All) => swarm.handle_have(now, &peer, Some(vec![true; chunks.len()])),
+                            // Bits of another length: the swarm drops the peer.
+                            Ok(Held::Some(bits)) => swarm.handle_have(
+                                now,
+                                &peer,
+                                Some(unpack_bits(&bits, chunks.len()).unwrap_or_default()),
+                            ),
+                            Ok(Held::None) => swarm.handle_have(now, &peer, None),
+                            Err(why) => swarm.handle_have_failed(now, &peer, &why),
+                        },
+                        Event::Chunk { batch, index, got } => {
+                            if got == Got::Stored {
+                                self.fetching.mark(revision, index);
+                            }
+                            swarm.handle_chunk(now, batch, &chunks[index].0, got);
+                        }
+                        Event::BatchEnd { batch, result } => swarm.handle_batch_end(now, batch, result),
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    let now = std::time::Instant::now();
+                    swarm.handle_timeout(now);
+                    if Instant::now() >= deadline {
+                        let (_, missing) = swarm.progress();
+                        return Err(ChunkedErrorKind::Deadline {
+                            missing,
+                            after: started.elapsed(),
+                            sources: origins.len() + swarm.bytes_from().len(),
+                            dropped: swarm.dropped(),
+                        });
+                    }
+                }
+                _ = refresh.tick() => {
+                    (holders, fetchers) = self.sources(app, revision).await;
+                }
+            }
+        }
+        tasks.abort_all();
+        let (fetched, _) = swarm.progress();
+        let from = swarm.bytes_from();
+        tracing::info!(
+            app,
+            revision,
+            fetched,
+            reused,
+            ?from,
+            "fetched a revision as chunks"
+        );
+        crate::http::metrics::Metrics::count_direction(
+            &crate::http::metrics::metrics().bundle_bytes,
+            "received",
+            fetched,
+        );
+        let path = self.keep(app, &id, manifest).await?;
+        Ok(Fetched {
+            path,
+            from: from
+                .iter()
+                .max_by_key(|(_, b)| **b)
+                .map(|(p, _)| p.clone())
+                .unwrap_or_default(),
+            bytes: fetched,
+            reused,
+            sources: from,
+        })
+    }
+
+    /// The agents gossip says hold `revision` of `app` (whole), and those fetching it.
+    async fn sources(&self, app: &str, revision: &str) -> (Vec<String>, Vec<String>) {
+        let (mut holders, mut fetchers) = (Vec::new(), Vec::new());
+        if !self.from_peers {
+            return (holders, fetchers);
+        }
+        if let Ok(hosts) = self.mesh.hosts().await {
+            for h in hosts {
+                if h.name == self.name
+                    || !matches!(h.state, MemberState::Alive | MemberState::Suspect)
+                {
+                    continue;
+                }
+                let Some(record) = h.details.get(app) else {
+                    continue;
+                };
+                if record.held.contains(revision) {
+                    holders.push(h.name);
+                } else if record.fetching.as_deref() == Some(revision) {
+                    fetchers.push(h.name);
+                }
+            }
+        }
+        (holders, fetchers)
+    }
+
+    /// The revision's manifest from the first of `peers` that has one that verifies.
+    async fn manifest_from(
+        &self,
+        peers: &[String],
+        id: &RevisionId,
+    ) -> Result<(Manifest, Vec<u8>), ChunkedErrorKind> {
+        let mut attempts = Vec::new();
+        for peer in peers {
+            match self.manifest_of(peer, id).await {
+                Ok(found) => return Ok(found),
+                Err(why) => {
+                    tracing::debug!(%peer, revision = %id.0, "no manifest from this peer: {why}");
+                    attempts.push((peer.clone(), why));
+                }
+            }
+        }
+        Err(ChunkedErrorKind::NoManifest(attempts))
+    }
+
+    async fn manifest_of(
+        &self,
+        peer: &str,
+        id: &RevisionId,
+    ) -> Result<(Manifest, Vec<u8>), String> {
+        let request = BlobRequest::Manifest {
+            revision: id.0.clone(),
+        };
+        let (_send, mut recv) = ask(&self.mesh, peer, &request).await?;
+        let len = match answer(&mut recv).await? {
+            BlobAnswer::Sending { len } if len <= MAX_MANIFEST => len,
+            BlobAnswer::Sending { len } => {
+                return Err(format!("a manifest of {len} bytes, over {MAX_MANIFEST}"));
+            }
+            other => return Err(unexpected(other)),
+        };
+        let mut bytes = vec![0u8; len as usize];
+        tokio::time::timeout(super::transfer_deadline(len), recv.read_exact(&mut bytes))
+            .await
+            .map_err(|_| "the manifest did not arrive in time".to_string())?
+            .map_err(|e| format!("reading the manifest: {e}"))?;
+        let manifest = Manifest::decode(&bytes, id).map_err(|e| {
+            tracing::warn!(%peer, "a peer sent a manifest that is not the revision's: {e}");
+            format!("its manifest is not the revision's: {e}")
+        })?;
+        Ok((manifest, bytes))
+    }
+
+    /// Starts the request `action` names; its events come back on `tx`.
+    fn start(
+        &self,
+        tasks: &mut JoinSet<()>,
+        tx: mpsc::Sender<Event>,
+        action: Action,
+        revision: &str,
+        chunks: &[(ChunkId, u32)],
+        index: &HashMap<ChunkId, usize>,
+    ) {
+        let mesh = self.mesh.clone();
+        match action {
+            Action::AskHave { peer } => {
+                let request = BlobRequest::Have {
+                    revision: revision.to_string(),
+                };
+                tasks.spawn(async move {
+                    let result = have(&mesh, &peer, &request).await;
+                    let _ = tx.send(Event::Have { peer, result }).await;
+                });
+            }
+            Action::Fetch {
+                batch,
+                peer,
+                chunks: asked,
+            } => {
+                let store = self.chunks.clone();
+                let rate = self.download_rate.clone();
+                let indices: Vec<usize> = asked.iter().map(|(c, _)| index[c]).collect();
+                debug_assert!(indices.iter().all(|&i| i < chunks.len()));
+                tasks.spawn(async move {
+                    let result =
+                        fetch_batch(&mesh, &store, &rate, &peer, batch, &asked, &indices, &tx)
+                            .await;
+                    let _ = tx.send(Event::BatchEnd { batch, result }).await;
+                });
+            }
+        }
+    }
+
+    /// Assembles the revision from the store into a scratch directory, packs it into the
+    /// bundle store and keeps the manifest as complete.
+    async fn keep(
+        &self,
+        app: &str,
+        id: &RevisionId,
+        manifest: Manifest,
+    ) -> Result<std::path::PathBuf, ChunkedErrorKind> {
+        let (bundles, chunks, app, id) = (
+            self.bundles.clone(),
+            self.chunks.clone(),
+            app.to_string(),
+            id.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let work = bundles.scratch_dir("assemble-")?;
+            let tree = work.path().join("tree");
+            std::fs::create_dir(&tree).map_err(|e| AssembleError::Io {
+                path: ".".into(),
+                source: e,
+            })?;
+            manifest.assemble(&id, &chunks, &tree)?;
+            let path = bundles.pack_release(&app, &id.0, &tree)?;
+            chunks.put_manifest(&manifest)?;
+            Ok(path)
+        })
+        .await
+        .map_err(|e| {
+            ChunkedErrorKind::Store(StoreError::Io {
+                path: "chunks".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })?
+    }
+}
+
+/// A peer's answer to `Have`.
+enum Held {
+    All,
+    /// Packed bits, one per chunk.
+    Some(Vec<u8>),
+    None,
+}
+
+fn unexpected(answer: BlobAnswer) -> String {
+    match answer {
+        BlobAnswer::Missing => "does not hold it".into(),
+        BlobAnswer::Busy => "busy".into(),
+        BlobAnswer::Error(why) => format!("refused: {}", peer_text(&why)),
+        other => format!("an unexpected answer: {other:?}"),
+    }
+}
+
+/// Opens a stream to `peer` and sends `request`.
+async fn ask(
+    mesh: &MeshHandle,
+    peer: &str,
+    request: &BlobRequest,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let open = tokio::time::timeout(2 * STREAM_DEADLINE, mesh.open_bi(peer, Protocol::Blobs));
+    let (mut send, recv) = open
+        .await
+        .map_err(|_| format!("no stream within {:?}", 2 * STREAM_DEADLINE))?
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, request))
+        .await
+        .map_err(|_| format!("the request not taken within {STREAM_DEADLINE:?}"))?
+        .map_err(|e| format!("sending the request: {e}"))?;
+    let _ = send.finish();
+    Ok((send, recv))
+}
+
+/// Reads one answer frame within the stream deadline.
+async fn answer(recv: &mut quinn::RecvStream) -> Result<BlobAnswer, String> {
+    tokio::time::timeout(STREAM_DEADLINE, read_frame::<BlobAnswer>(recv))
+        .await
+        .map_err(|_| format!("no answer within {STREAM_DEADLINE:?}"))?
+        .map_err(|e| format!("reading the answer: {e}"))
+}
+
+/// Asks `peer` which chunks it holds.
+async fn have(mesh: &MeshHandle, peer: &str, request: &BlobRequest) -> Result<Held, String> {
+    let (_send, mut recv) = ask(mesh, peer, request).await?;
+    match answer(&mut recv).await? {
+        BlobAnswer::Have(None) => Ok(Held::All),
+        BlobAnswer::Have(Some(bits)) => Ok(Held::Some(bits)),
+        BlobAnswer::Missing => Ok(Held::None),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Asks `peer` for the chunks `asked` (the `indices`-th of the revision), checks each
+/// against its name and stores it, telling the driver of each.
+async fn fetch_batch(
+    mesh: &MeshHandle,
+    store: &ChunkStore,
+    rate: &Rate,
+    peer: &str,
+    batch: u64,
+    asked: &[(ChunkId, u32)],
+    indices: &[usize],
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), String> {
+    let request = BlobRequest::Chunks {
+        ids: asked.iter().map(|(c, _)| *c).collect(),
+    };
+    let (_send, mut recv) = ask(mesh, peer, &request).await?;
+    for ((id, len), &index) in asked.iter().zip(indices) {
+        let got = match answer(&mut recv).await? {
+            BlobAnswer::Chunk { len: sent } if sent == *len => {
+                rate.take(u64::from(sent)).await;
+                let mut bytes = vec![0u8; sent as usize];
+                tokio::time::timeout(STREAM_DEADLINE, recv.read_exact(&mut bytes))
+                    .await
+                    .map_err(|_| format!("chunk {id} did not arrive within {STREAM_DEADLINE:?}"))?
+                    .map_err(|e| format!("reading chunk {id}: {e}"))?;
+                let (store, id) = (store.clone(), *id);
+                let put = tokio::task::spawn_blocking(move || store.put(&id, &bytes))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match put {
+                    Ok(_) => Got::Stored,
+                    Err(StoreError::Corrupt { .. } | StoreError::TooLarge { .. }) => Got::Corrupt,
+                    Err(e) => return Err(format!("storing chunk {id}: {e}")),
+                }
+            }
+            // A chunk of another length than its name's is not that chunk.
+            BlobAnswer::Chunk { .. } => Got::Corrupt,
+            BlobAnswer::NoChunk => Got::Missing,
+            other => return Err(unexpected(other)),
+        };
+        let corrupt = got == Got::Corrupt;
+        let _ = tx.send(Event::Chunk { batch, index, got }).await;
+        if corrupt {
+            return Err("it sent a chunk that is not the one asked for".into());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,593 @@
+//! The swarm's decisions, sans I/O: which chunk of a revision to ask which peer for, when
+//! to ask a peer again what it holds, and what to make of each answer. The driver
+//! (`blobs::chunked`) does the asking and feeds the answers back, in quinn-proto's manner:
+//! `handle_*(now, ..)` in, [`Swarm::poll_action`] and [`Swarm::poll_timeout`] out.
+//!
+//! - **Sources.** A peer is a *holder* (it holds the whole revision), a *fetcher* (it is
+//!   fetching it too: what it holds is asked with `Have` every [`Config::have_every`]), or
+//!   an *origin* (the uploader the coordinator named). Origins are asked only for chunks no
+//!   other peer holds, and with a shorter pipeline, so that the uploader is one source among
+//!   others and not the server of everyone.
+//! - **Rarest first.** Among the chunks a peer can give, those the fewest peers hold come
+//!   first. Ties are broken by a rotation that differs per fetcher (the fetchers' sorted
+//!   names give each an index; a chunk's first byte picks its turn), so fetchers that start
+//!   together take different parts from the origin and then trade them.
+//! - **Pipelining.** Each peer has up to [`Config::pipeline`] batches of up to
+//!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]).
+//! - **Re-asking.** A batch past its deadline is given up (its chunks go back to be asked
+//!   elsewhere) and counts against the peer: after [`Config::strikes`] the peer is dropped.
+//!   When nothing is left to ask for the first time, chunks in flight are asked once more of
+//!   another peer (the end game), so one slow peer does not hold up the end.
+//! - **Avoiding liars.** A peer that sends a chunk whose bytes do not match its name is
+//!   dropped at once, its answers in flight ignored: the chunks come from others.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::chunks::ChunkId;
+use crate::mesh::timers::TimerQueue;
+
+/// The swarm's tuning.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Chunks per request.
+    pub batch: usize,
+    /// Requests in flight per peer.
+    pub pipeline: usize,
+    /// Requests in flight per origin.
+    pub origin_pipeline: usize,
+    /// How often a fetcher is asked what it holds.
+    pub have_every: Duration,
+    /// How long a batch may take: this, plus its bytes at [`Config::min_rate`].
+    pub batch_base: Duration,
+    /// The slowest rate a batch's deadline allows, in bytes per second.
+    pub min_rate: u64,
+    /// Deadlines missed (or requests failed) before a peer is dropped.
+    pub strikes: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            batch: 16,
+            pipeline: 4,
+            origin_pipeline: 2,
+            have_every: Duration::from_millis(250),
+            batch_base: Duration::from_secs(5),
+            min_rate: 256 * 1024,
+            strikes: 3,
+        }
+    }
+}
+
+/// What a peer is to this fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Holds the whole revision.
+    Holder,
+    /// Fetching it too: holds what its last `Have` said.
+    Fetcher,
+    /// The uploader: holds it all, asked last.
+    Origin,
+}
+
+/// What the driver is to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Ask `peer` which chunks of the revision it holds; answer with
+    /// [`Swarm::handle_have`] or [`Swarm::handle_have_failed`].
+    AskHave { peer: String },
+    /// Ask `peer` for these chunks; answer each with [`Swarm::handle_chunk`], then
+    /// [`Swarm::handle_batch_end`].
+    Fetch {
+        batch: u64,
+        peer: String,
+        chunks: Vec<(ChunkId, u32)>,
+    },
+}
+
+/// What became of one chunk asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Got {
+    /// Its bytes matched its name and are stored.
+    Stored,
+    /// The peer said it does not hold it.
+    Missing,
+    /// Its bytes did not match its name: the peer is dropped.
+    Corrupt,
+}
+
+/// What a peer holds, as far as known.
+#[derive(Clone, Debug)]
+enum Holds {
+    All,
+    Some(Vec<bool>),
+    Unknown,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    role: Role,
+    holds: Holds,
+    in_flight: usize,
+    strikes: u32,
+    /// Why it was dropped, if it was.
+    dropped: Option<String>,
+    asking_have: bool,
+    have_due: bool,
+    /// Bytes of chunks it gave that were stored.
+    bytes: u64,
+}
+
+struct Batch {
+    peer: String,
+    chunks: Vec<usize>,
+    /// Chunks of the batch not answered yet.
+    open: usize,
+}
+
+enum Timer {
+    Batch(u64),
+    Have(String),
+}
+
+/// One revision's fetch: see the module documentation.
+pub struct Swarm {
+    config: Config,
+    me: String,
+    chunks: Vec<(ChunkId, u32)>,
+    index: HashMap<ChunkId, usize>,
+    held: Vec<bool>,
+    missing: usize,
+    /// Requests in flight per chunk.
+    asked: Vec<u8>,
+    peers: BTreeMap<String, PeerState>,
+    batches: HashMap<u64, Batch>,
+    next_batch: u64,
+    timers: TimerQueue<Timer>,
+    /// This fetcher's index among the fetchers known, and their number.
+    turn: (usize, usize),
+    fetched_bytes: u64,
+}
+
+impl Swarm {
+    /// A fetch by `me` of the distinct `chunks` (sorted, each once), of which `held` says
+    /// which are stored already.
+    pub fn new(
+        me: &str,
+        chunks: Vec<(ChunkId, u32)>,
+        held: impl Fn(&ChunkId) -> bool,
+        config: Config,
+    ) -> Swarm {
+        let held: Vec<bool> = chunks.iter().map(|(id, _)| held(id)).collect();
+        let missing = held.iter().filter(|h| !**h).count();
+        Swarm {
+            config,
+            me: me.to_string(),
+            index: chunks
+                .iter()
+                .enumerate()
+                .map(|(i, (id, _))| (*id, i))
+                .collect(),
+            asked: vec![0; chunks.len()],
+            chunks,
+            held,
+            missing,
+            peers: BTreeMap::new(),
+            batches: HashMap::new(),
+            next_batch: 0,
+            timers: TimerQueue::default(),
+            turn: (0, 1),
+            fetched_bytes: 0,
+        }
+    }
+
+    /// Adds a source, or updates its role (a fetcher that finished becomes a holder). A
+    /// dropped peer stays dropped.
+    pub fn add_peer(&mut self, now: Instant, peer: &str, role: Role) {
+        if peer == self.me {
+            return;
+        }
+        let state = self
+            .peers
+            .entry(peer.to_string())
+            .or_insert_with(|| PeerState {
+                role,
+                holds: Holds::Unknown,
+                in_flight: 0,
+                strikes: 0,
+                dropped: None,
+                asking_have: false,
+                have_due: true,
+                bytes: 0,
+            });
+        if state.role != Role::Origin {
+            state.role = role;
+        }
+        if matches!(role, Role::Holder | Role::Origin) {
+            state.holds = Holds::All;
+        }
+        let _ = now;
+    }
+
+    /// The fetchers of this revision known (from gossip), this one among them: they give
+    /// each fetcher its turn (see the module documentation).
+    pub fn set_fetchers(&mut self, fetchers: &[String]) {
+        let mut all: Vec<&str> = fetchers.iter().map(String::as_str).collect();
+        all.push(&self.me);
+        all.sort_unstable();
+        all.dedup();
+        let me = all.iter().position(|f| *f == self.me).unwrap_or(0);
+        self.turn = (me, all.len());
+    }
+
+    /// `peer` answered `Have`: `bits[i]` for the i-th chunk, or `None` when it holds none of
+    /// the revision (or no longer fetches it).
+    pub fn handle_have(&mut self, now: Instant, peer: &str, bits: Option<Vec<bool>>) {
+        let every = self.config.have_every;
+        let n = self.chunks.len();
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        state.asking_have = false;
+        if state.dropped.is_some() {
+            return;
+        }
+        match bits {
+            Some(bits) if bits.len() == n => {
+                if bits.iter().all(|b| *b) {
+                    state.holds = Holds::All;
+                    return;
+                }
+                state.holds = Holds::Some(bits);
+            }
+            Some(_) => {
+                state.dropped = Some("its list of chunks held is not this revision's".into());
+                return;
+            }
+            None => state.holds = Holds::Some(vec![false; n]),
+        }
+        self.timers.push(now + every, Timer::Have(peer.to_string()));
+    }
+
+    /// Asking `peer` what it holds failed.
+    pub fn handle_have_failed(&mut self, now: Instant, peer: &str, why: &str) {
+        let every = self.config.have_every;
+        if self.strike(peer, why) {
+            if let Some(state) = self.peers.get_mut(peer) {
+                state.asking_have = false;
+                // Taken as holding nothing until it answers, so the origin is not held
+                // back waiting for it.
+                if matches!(state.holds, Holds::Unknown) {
+                    state.holds = Holds::Some(vec![false; self.chunks.len()]);
+                }
+            }
+            self.timers.push(now + every, Timer::Have(peer.to_string()));
+        }
+    }
+
+    /// One chunk of batch `batch` was answered.
+    pub fn handle_chunk(&mut self, _now: Instant, batch: u64, id: &ChunkId, got: Got) {
+        let Some(&i) = self.index.get(id) else {
+            return;
+        };
+        let Some(b) = self.batches.get_mut(&batch) else {
+            // A batch given up (late, or from a dropped peer): what it stored still counts.
+            if got == Got::Stored && !self.held[i] {
+                self.held[i] = true;
+                self.missing -= 1;
+                self.fetched_bytes += u64::from(self.chunks[i].1);
+            }
+            return;
+        };
+        if !b.chunks.contains(&i) {
+            return;
+        }
+        b.open = b.open.saturating_sub(1);
+        let peer = b.peer.clone();
+        match got {
+            Got::Stored => {
+                if !self.held[i] {
+                    self.held[i] = true;
+                    self.missing -= 1;
+                    let len = u64::from(self.chunks[i].1);
+                    self.fetched_bytes += len;
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.bytes += len;
+                    }
+                }
+            }
+            Got::Missing => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    match &mut state.holds {
+                        Holds::Some(bits) => bits[i] = false,
+                        Holds::All | Holds::Unknown => {
+                            // A holder that lacks a chunk of what it holds: count it.
+                            state.holds = Holds::Unknown;
+                            state.have_due = true;
+                        }
+                    }
+                }
+            }
+            Got::Corrupt => {
+                self.drop_peer(&peer, "it sent a chunk whose bytes do not match its name");
+            }
+        }
+    }
+
+    /// Batch `batch` ended: `Ok` when every chunk was answered, or why it broke off. Chunks
+    /// it did not give go back to be asked again.
+    pub fn handle_batch_end(&mut self, _now: Instant, batch: u64, result: Result<(), String>) {
+        let Some(b) = self.batches.remove(&batch) else {
+            return;
+        };
+        for &i in &b.chunks {
+            self.asked[i] = self.asked[i].saturating_sub(1);
+        }
+        if let Some(state) = self.peers.get_mut(&b.peer) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+        if let Err(why) = result {
+            self.strike(&b.peer, &why);
+        } else if b.open > 0 {
+            self.strike(&b.peer, "it ended a batch without answering every chunk");
+        }
+    }
+
+    /// Deals with what is due at `now`: batches past their deadline are given up (a strike
+    /// for their peer), fetchers are due a new `Have`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some((_, timer)) = self.timers.pop_due(now) {
+            match timer {
+                Timer::Batch(batch) => {
+                    if self.batches.contains_key(&batch) {
+                        self.handle_batch_end(
+                            now,
+                            batch,
+                            Err("a request missed its deadline".into()),
+                        );
+                    }
+                }
+                Timer::Have(peer) => {
+                    if let Some(state) = self.peers.get_mut(&peer)
+                        && state.role == Role::Fetcher
+                    {
+                        state.have_due = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// When [`Swarm::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    /// The next thing to ask, if any.
+    pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
+        if self.missing == 0 {
+            return None;
+        }
+        // `Have` first: what peers hold decides what to ask them for.
+        let due = self.peers.iter().find(|(_, s)| {
+            s.dropped.is_none() && !s.asking_have && s.have_due && !matches!(s.holds, Holds::All)
+        });
+        if let Some((peer, _)) = due {
+            let peer = peer.clone();
+            let state = self.peers.get_mut(&peer).expect("found above");
+            state.asking_have = true;
+            state.have_due = false;
+            return Some(Action::AskHave { peer });
+        }
+        // The origin waits until what every other peer holds is known: what they hold
+        // is not asked of it.
+        let unknown = self
+            .peers
+            .values()
+            .any(|s| s.dropped.is_none() && matches!(s.holds, Holds::Unknown));
+        // The least busy peer with room, non-origins before origins.
+        let mut order: Vec<(&String, &PeerState)> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| {
+                s.dropped.is_none()
+                    && !matches!(s.holds, Holds::Unknown)
+                    && !(unknown && s.role == Role::Origin)
+                    && s.in_flight
+                        < if s.role == Role::Origin {
+                            self.config.origin_pipeline
+                        } else {
+                            self.config.pipeline
+                        }
+            })
+            .collect();
+        order.sort_by_key(|(_, s)| (s.role == Role::Origin, s.in_flight));
+        let order: Vec<String> = order.into_iter().map(|(p, _)| p.clone()).collect();
+        for peer in order {
+            let picked = self.pick(&peer, false);
+            let picked = if picked.is_empty() {
+                self.pick(&peer, true)
+            } else {
+                picked
+            };
+            if picked.is_empty() {
+                continue;
+            }
+            return Some(self.start_batch(now, peer, picked));
+        }
+        None
+    }
+
+    /// Whether every chunk is stored.
+    pub fn is_done(&self) -> bool {
+        self.missing == 0
+    }
+
+    /// Whether nothing is in flight and no peer is left to ask: every source is dropped,
+    /// or none was added. New peers may still come.
+    pub fn is_stuck(&self) -> bool {
+        self.missing > 0
+            && self.batches.is_empty()
+            && self.peers.values().all(|s| s.dropped.is_some())
+    }
+
+    /// Bytes stored by this fetch, and bytes still missing.
+    pub fn progress(&self) -> (u64, u64) {
+        let missing = self
+            .chunks
+            .iter()
+            .zip(&self.held)
+            .filter(|(_, h)| !**h)
+            .map(|((_, len), _)| u64::from(*len))
+            .sum();
+        (self.fetched_bytes, missing)
+    }
+
+    /// Whether the i-th chunk is stored (for answering `Have` while fetching).
+    pub fn held(&self) -> &[bool] {
+        &self.held
+    }
+
+    /// Peers dropped, and why.
+    pub fn dropped(&self) -> Vec<(String, String)> {
+        self.peers
+            .iter()
+            .filter_map(|(p, s)| s.dropped.clone().map(|why| (p.clone(), why)))
+            .collect()
+    }
+
+    /// Bytes each peer gave.
+    pub fn bytes_from(&self) -> BTreeMap<String, u64> {
+        self.peers
+            .iter()
+            .filter(|(_, s)| s.bytes > 0)
+            .map(|(p, s)| (p.clone(), s.bytes))
+            .collect()
+    }
+
+    /// Up to a batch of chunks to ask `peer` for: missing, held by it, not asked of anyone
+    /// yet (or, in the end game, asked once of someone else), rarest first.
+    fn pick(&self, peer: &str, end_game: bool) -> Vec<usize> {
+        let state = &self.peers[peer];
+        let holds = |s: &PeerState, i: usize| match &s.holds {
+            Holds::All => true,
+            Holds::Some(bits) => bits[i],
+            Holds::Unknown => false,
+        };
+        let in_this_peer: Vec<usize> = self
+            .batches
+            .values()
+            .filter(|b| b.peer == peer)
+            .flat_map(|b| b.chunks.iter().copied())
+            .collect();
+        let (me, fetchers) = self.turn;
+        let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
+        for i in 0..self.chunks.len() {
+            if self.held[i] || !holds(state, i) {
+                continue;
+            }
+            let fresh = self.asked[i] == 0;
+            if !(fresh || (end_game && self.asked[i] == 1 && !in_this_peer.contains(&i))) {
+                continue;
+            }
+            let others: Vec<&PeerState> = self
+                .peers
+                .iter()
+                .filter(|(p, s)| p.as_str() != peer && s.dropped.is_none() && holds(s, i))
+                .map(|(_, s)| s)
+                .collect();
+            // An origin gives only what no other peer holds.
+            if state.role == Role::Origin && others.iter().any(|s| s.role != Role::Origin) {
+                continue;
+            }
+            let rarity = others.len() + 1;
+            let rotation =
+                (usize::from(self.chunks[i].0.0[0]) % fetchers + fetchers - me) % fetchers;
+            candidates.push((rarity, rotation, i));
+        }
+        candidates.sort_unstable();
+        candidates
+            .into_iter()
+            .take(self.config.batch)
+            .map(|(_, _, i)| i)
+            .collect()
+    }
+
+    fn start_batch(&mut self, now: Instant, peer: String, picked: Vec<usize>) -> Action {
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        let bytes: u64 = picked.iter().map(|&i| u64::from(self.chunks[i].1)).sum();
+        let deadline = self.config.batch_base
+            + Duration::from_secs_f64(bytes as f64 / self.config.min_rate.max(1) as f64);
+        for &i in &picked {
+            self.asked[i] = self.asked[i].saturating_add(1);
+        }
+        self.peers.get_mut(&peer).expect("a known peer").in_flight += 1;
+        self.timers.push(now + deadline, Timer::Batch(batch));
+        let chunks = picked.iter().map(|&i| self.chunks[i]).collect();
+        self.batches.insert(
+            batch,
+            Batch {
+                peer: peer.clone(),
+                open: picked.len(),
+                chunks: picked,
+            },
+        );
+        Action::Fetch {
+            batch,
+            peer,
+            chunks,
+        }
+    }
+
+    /// Counts a failure against `peer`, dropping it after [`Config::strikes`]; whether it
+    /// is still in.
+    fn strike(&mut self, peer: &str, why: &str) -> bool {
+        let limit = self.config.strikes;
+        let Some(state) = self.peers.get_mut(peer) else {
+            return false;
+        };
+        if state.dropped.is_some() {
+            return false;
+        }
+        state.strikes += 1;
+        tracing::debug!(%peer, strikes = state.strikes, "a chunk source failed: {why}");
+        if state.strikes >= limit {
+            self.drop_peer(peer, &format!("{limit} failures, the last: {why}"));
+            return false;
+        }
+        true
+    }
+
+    /// Drops `peer`: its batches are given up, their chunks go back.
+    fn drop_peer(&mut self, peer: &str, why: &str) {
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if state.dropped.is_some() {
+            return;
+        }
+        tracing::warn!(%peer, "a chunk source is avoided from now on: {why}");
+        state.dropped = Some(why.to_string());
+        let theirs: Vec<u64> = self
+            .batches
+            .iter()
+            .filter(|(_, b)| b.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for batch in theirs {
+            if let Some(b) = self.batches.remove(&batch) {
+                for &i in &b.chunks {
+                    self.asked[i] = self.asked[i].saturating_sub(1);
+                }
+            }
+        }
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.in_flight = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

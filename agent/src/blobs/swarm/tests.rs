@@ -1,0 +1,307 @@
+//! The swarm's decisions, driven by hand: no network, no clock but the one passed in.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+fn chunks(n: u8) -> Vec<(ChunkId, u32)> {
+    let mut all: Vec<(ChunkId, u32)> = (0..n)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[0] = i;
+            id[1] = 0xab;
+            (ChunkId(id), 1000 + u32::from(i))
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+fn small() -> Config {
+    Config {
+        batch: 2,
+        pipeline: 2,
+        origin_pipeline: 1,
+        ..Config::default()
+    }
+}
+
+/// Takes every action the swarm has now.
+fn drain(s: &mut Swarm, now: Instant) -> Vec<Action> {
+    let mut out = Vec::new();
+    while let Some(a) = s.poll_action(now) {
+        out.push(a);
+    }
+    out
+}
+
+fn fetches(actions: &[Action]) -> Vec<(u64, String, Vec<ChunkId>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Fetch {
+                batch,
+                peer,
+                chunks,
+            } => Some((*batch, peer.clone(), chunks.iter().map(|c| c.0).collect())),
+            Action::AskHave { .. } => None,
+        })
+        .collect()
+}
+
+/// Answers a batch whole: every chunk stored.
+fn give(s: &mut Swarm, now: Instant, batch: u64, ids: &[ChunkId]) {
+    for id in ids {
+        s.handle_chunk(now, batch, id, Got::Stored);
+    }
+    s.handle_batch_end(now, batch, Ok(()));
+}
+
+#[test]
+fn holders_are_asked_before_the_origin_and_every_chunk_once() {
+    let now = Instant::now();
+    let all = chunks(8);
+    let mut s = Swarm::new("me", all.clone(), |_| false, small());
+    s.add_peer(now, "origin", Role::Origin);
+    s.add_peer(now, "h1", Role::Holder);
+    s.add_peer(now, "h2", Role::Holder);
+    let first = fetches(&drain(&mut s, now));
+    // Two holders, two batches each, two chunks a batch: all 8 chunks, none from the origin.
+    assert_eq!(first.len(), 4, "{first:?}");
+    assert!(first.iter().all(|(_, p, _)| p != "origin"), "{first:?}");
+    let asked: HashSet<ChunkId> = first.iter().flat_map(|(_, _, c)| c.clone()).collect();
+    assert_eq!(asked.len(), 8, "each chunk asked once");
+    for (batch, _, ids) in &first {
+        give(&mut s, now, *batch, ids);
+    }
+    assert!(s.is_done());
+    assert_eq!(s.progress(), (all.iter().map(|c| u64::from(c.1)).sum(), 0));
+    assert!(s.poll_action(now).is_none());
+}
+
+#[test]
+fn chunks_already_stored_are_not_asked_for() {
+    let now = Instant::now();
+    let all = chunks(6);
+    let stored: HashSet<ChunkId> = all[..4].iter().map(|c| c.0).collect();
+    let mut s = Swarm::new("me", all.clone(), |id| stored.contains(id), small());
+    s.add_peer(now, "h1", Role::Holder);
+    let asked: Vec<ChunkId> = fetches(&drain(&mut s, now))
+        .into_iter()
+        .flat_map(|(_, _, c)| c)
+        .collect();
+    assert_eq!(asked, vec![all[4].0, all[5].0]);
+}
+
+#[test]
+fn the_origin_gives_only_what_no_other_peer_holds() {
+    let now = Instant::now();
+    let all = chunks(4);
+    let mut s = Swarm::new("me", all.clone(), |_| false, small());
+    s.add_peer(now, "origin", Role::Origin);
+    s.add_peer(now, "f1", Role::Fetcher);
+    let ask = drain(&mut s, now);
+    assert!(
+        ask.contains(&Action::AskHave { peer: "f1".into() }),
+        "a fetcher is asked what it holds first: {ask:?}"
+    );
+    // f1 holds chunks 0 and 1.
+    s.handle_have(now, "f1", Some(vec![true, true, false, false]));
+    let asked = fetches(&ask)
+        .into_iter()
+        .chain(fetches(&drain(&mut s, now)))
+        .collect::<Vec<_>>();
+    for (_, peer, ids) in &asked {
+        for id in ids {
+            let i = all.iter().position(|c| c.0 == *id).unwrap();
+            if peer == "origin" {
+                assert!(i >= 2, "the origin was asked for chunk {i}, which f1 holds");
+            } else {
+                assert!(i < 2, "f1 was asked for chunk {i}, which it lacks");
+            }
+        }
+    }
+    assert!(asked.iter().any(|(_, p, _)| p == "origin"));
+    assert!(asked.iter().any(|(_, p, _)| p == "f1"));
+}
+
+#[test]
+fn fetchers_that_start_together_take_different_parts_from_the_origin() {
+    let now = Instant::now();
+    let all: Vec<(ChunkId, u32)> = (0..=255u8)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[0] = i;
+            (ChunkId(id), 100)
+        })
+        .collect();
+    let first_batch = |me: &str| {
+        let mut s = Swarm::new(
+            me,
+            all.clone(),
+            |_| false,
+            Config {
+                batch: 8,
+                ..small()
+            },
+        );
+        s.set_fetchers(&["a".into(), "b".into(), "c".into()]);
+        s.add_peer(now, "origin", Role::Origin);
+        let f = fetches(&drain(&mut s, now));
+        assert_eq!(f.len(), 1, "one request to the origin at a time");
+        f[0].2.iter().copied().collect::<HashSet<_>>()
+    };
+    let (a, b, c) = (first_batch("a"), first_batch("b"), first_batch("c"));
+    assert!(a.is_disjoint(&b) && b.is_disjoint(&c) && a.is_disjoint(&c));
+}
+
+#[test]
+fn a_peer_that_sends_a_corrupt_chunk_is_dropped_and_its_chunks_asked_elsewhere() {
+    let now = Instant::now();
+    let all = chunks(4);
+    let mut s = Swarm::new(
+        "me",
+        all.clone(),
+        |_| false,
+        Config {
+            pipeline: 1,
+            ..small()
+        },
+    );
+    s.add_peer(now, "liar", Role::Holder);
+    s.add_peer(now, "honest", Role::Holder);
+    let first = fetches(&drain(&mut s, now));
+    let (liar_batch, _, liar_ids) = first.iter().find(|(_, p, _)| p == "liar").unwrap().clone();
+    let (honest_batch, _, honest_ids) = first
+        .iter()
+        .find(|(_, p, _)| p == "honest")
+        .unwrap()
+        .clone();
+    s.handle_chunk(now, liar_batch, &liar_ids[0], Got::Corrupt);
+    assert_eq!(s.dropped().len(), 1);
+    assert_eq!(s.dropped()[0].0, "liar");
+    // Its batch is over; the honest peer's ends, and the liar's chunks go to it.
+    give(&mut s, now, honest_batch, &honest_ids);
+    let next = fetches(&drain(&mut s, now));
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].1, "honest");
+    assert_eq!(next[0].2, liar_ids);
+    // Whatever the liar says later is not taken for its batch.
+    s.handle_batch_end(now, liar_batch, Ok(()));
+    give(&mut s, now, next[0].0, &next[0].2);
+    assert!(s.is_done());
+    assert_eq!(s.bytes_from().keys().collect::<Vec<_>>(), vec!["honest"]);
+}
+
+#[test]
+fn a_late_batch_is_asked_again_elsewhere_and_a_peer_late_three_times_is_dropped() {
+    let t0 = Instant::now();
+    let all = chunks(2);
+    let config = Config {
+        batch: 2,
+        pipeline: 1,
+        ..small()
+    };
+    let mut s = Swarm::new("me", all.clone(), |_| false, config);
+    s.add_peer(t0, "slow", Role::Holder);
+    let first = fetches(&drain(&mut s, t0));
+    assert_eq!(first.len(), 1);
+    let due = s.poll_timeout().expect("a deadline for the batch");
+    assert!(due > t0 + Duration::from_secs(5));
+    let mut now = due;
+    for round in 1..=3 {
+        s.handle_timeout(now);
+        if round < 3 {
+            assert!(s.dropped().is_empty(), "round {round}");
+            let again = fetches(&drain(&mut s, now));
+            assert_eq!(again.len(), 1, "re-asked after a miss");
+            now = s.poll_timeout().unwrap();
+        }
+    }
+    assert_eq!(s.dropped().len(), 1, "three misses drop the peer");
+    assert!(s.is_stuck());
+    // A new holder appears: the chunks are asked of it.
+    s.add_peer(now, "fast", Role::Holder);
+    let next = fetches(&drain(&mut s, now));
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].1, "fast");
+    assert!(!s.is_stuck());
+}
+
+#[test]
+fn in_the_end_game_chunks_in_flight_are_asked_of_an_idle_peer_too() {
+    let now = Instant::now();
+    let all = chunks(2);
+    let config = Config {
+        batch: 2,
+        pipeline: 1,
+        ..small()
+    };
+    let mut s = Swarm::new("me", all.clone(), |_| false, config);
+    s.add_peer(now, "slow", Role::Holder);
+    let first = fetches(&drain(&mut s, now));
+    assert_eq!(first.len(), 1);
+    s.add_peer(now, "fast", Role::Holder);
+    let second = fetches(&drain(&mut s, now));
+    assert_eq!(second.len(), 1, "the idle peer gets the same chunks");
+    assert_eq!(second[0].1, "fast");
+    assert_eq!(second[0].2, first[0].2);
+    give(&mut s, now, second[0].0, &second[0].2);
+    assert!(s.is_done());
+    // The slow answer comes after: nothing changes, nothing more is asked.
+    give(&mut s, now, first[0].0, &first[0].2);
+    assert!(s.is_done());
+    assert!(s.poll_action(now).is_none());
+}
+
+#[test]
+fn a_holder_missing_a_chunk_is_asked_what_it_holds() {
+    let now = Instant::now();
+    let all = chunks(2);
+    let mut s = Swarm::new("me", all.clone(), |_| false, small());
+    s.add_peer(now, "h", Role::Fetcher);
+    assert_eq!(
+        drain(&mut s, now),
+        vec![Action::AskHave { peer: "h".into() }]
+    );
+    s.handle_have(now, "h", Some(vec![true, true]));
+    let f = fetches(&drain(&mut s, now));
+    assert_eq!(f.len(), 1);
+    s.handle_chunk(now, f[0].0, &f[0].2[0], Got::Missing);
+    s.handle_chunk(now, f[0].0, &f[0].2[1], Got::Stored);
+    s.handle_batch_end(now, f[0].0, Ok(()));
+    assert_eq!(
+        drain(&mut s, now),
+        vec![Action::AskHave { peer: "h".into() }],
+        "asked again what it holds, not for the chunk blindly"
+    );
+    // A `Have` of another revision's length drops it.
+    s.handle_have(now, "h", Some(vec![true; 5]));
+    assert_eq!(s.dropped().len(), 1);
+}
+
+#[test]
+fn fetchers_are_asked_again_what_they_hold() {
+    let t0 = Instant::now();
+    let all = chunks(2);
+    let mut s = Swarm::new("me", all, |_| false, small());
+    s.add_peer(t0, "f", Role::Fetcher);
+    assert_eq!(
+        drain(&mut s, t0),
+        vec![Action::AskHave { peer: "f".into() }]
+    );
+    s.handle_have(t0, "f", None);
+    assert!(drain(&mut s, t0).is_empty(), "it holds nothing yet");
+    let due = s.poll_timeout().unwrap();
+    assert_eq!(due, t0 + Config::default().have_every);
+    s.handle_timeout(due);
+    assert_eq!(
+        drain(&mut s, due),
+        vec![Action::AskHave { peer: "f".into() }]
+    );
+    // It finished: a holder now.
+    s.add_peer(due, "f", Role::Holder);
+    s.handle_have(due, "f", Some(vec![true, true]));
+    assert_eq!(fetches(&drain(&mut s, due)).len(), 1);
+}
