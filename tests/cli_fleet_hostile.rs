@@ -154,6 +154,7 @@ async fn command_as(
         intent: intent.clone(),
         fence,
         holders: Vec::new(),
+        batch: Vec::new(),
         rollback,
         catch_up: None,
     };
@@ -217,8 +218,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     let insider = mesh.handle();
     let store = Arc::new(BundleStore::new(&insider_dir.join("data")));
     tokio::spawn(blobs::serve(
-        store.clone(),
-        insider_dir.join("data"),
+        blobs::Serving::new(store.clone(), &insider_dir.join("data")).unwrap(),
         insider.serve(Protocol::Blobs),
     ));
     let (local, local_rx) = watch::channel(LocalState::default());
@@ -426,6 +426,7 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
         intent: old_signed.clone(),
         fence: fence(10),
         holders: Vec::new(),
+        batch: Vec::new(),
         rollback,
         catch_up: Some(0),
     };

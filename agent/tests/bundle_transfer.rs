@@ -55,8 +55,7 @@ async fn start(dir: &Path, ca_dir: &Path, name: &str, addr: SocketAddr, seed: So
     let handle = mesh.handle();
     let store = Arc::new(BundleStore::new(&data));
     tokio::spawn(blobs::serve(
-        store.clone(),
-        data.clone(),
+        blobs::Serving::new(store.clone(), &data).unwrap(),
         handle.serve(Protocol::Blobs),
     ));
     let (stop, mut stopped) = watch::channel(false);

@@ -185,19 +185,26 @@ enum Event {
 }
 
 impl Swarmer {
-    /// Fetches `revision` of `app` as chunks, from the peers gossip names and from
+    /// Fetches `revision` of `app` as chunks, from the peers gossip names, from `batch`
+    /// (hosts fetching it at the same time: asked what they hold from the start) and from
     /// `origins` (asked last), until `within` has passed. Returns the stored bundle.
     pub async fn fetch(
         &self,
         app: &str,
         revision: &str,
         origins: &[String],
+        batch: &[String],
         within: Duration,
     ) -> Result<Fetched, ChunkedErrorKind> {
         let started = Instant::now();
         let deadline = started + within;
         let id = RevisionId(revision.to_string());
         let (mut holders, mut fetchers) = self.sources(app, revision).await;
+        let batch: Vec<String> = if self.from_peers {
+            batch.iter().filter(|b| **b != self.name).cloned().collect()
+        } else {
+            Vec::new()
+        };
         let origins: Vec<String> = origins
             .iter()
             .filter(|o| **o != self.name)
@@ -243,6 +250,10 @@ impl Swarmer {
         for o in &origins {
             swarm.add_peer(now, o, Role::Origin);
         }
+        for b in &batch {
+            swarm.add_peer(now, b, Role::Fetcher);
+        }
+        let mut turns: Vec<String> = batch.clone();
         let mut refresh = tokio::time::interval(SOURCES_EVERY);
         refresh.tick().await;
         let (tx, mut rx) = mpsc::channel::<Event>(1024);
@@ -254,8 +265,11 @@ impl Swarmer {
             }
             for f in &fetchers {
                 swarm.add_peer(now, f, Role::Fetcher);
+                if !turns.contains(f) {
+                    turns.push(f.clone());
+                }
             }
-            swarm.set_fetchers(&fetchers);
+            swarm.set_fetchers(&turns);
             holders.clear();
             fetchers.clear();
             if swarm.is_done() {
@@ -443,12 +457,11 @@ impl Swarmer {
             } => {
                 let store = self.chunks.clone();
                 let rate = self.download_rate.clone();
-                let indices: Vec<usize> = asked.iter().map(|(c, _)| index[c]).collect();
-                debug_assert!(indices.iter().all(|&i| i < chunks.len()));
+                let asked: Vec<(usize, ChunkId, u32)> =
+                    asked.iter().map(|(c, len)| (index[c], *c, *len)).collect();
+                debug_assert!(asked.iter().all(|(i, _, _)| *i < chunks.len()));
                 tasks.spawn(async move {
-                    let result =
-                        fetch_batch(&mesh, &store, &rate, &peer, batch, &asked, &indices, &tx)
-                            .await;
+                    let result = fetch_batch(&mesh, &store, &rate, &peer, batch, &asked, &tx).await;
                     let _ = tx.send(Event::BatchEnd { batch, result }).await;
                 });
             }
@@ -554,15 +567,14 @@ async fn fetch_batch(
     rate: &Rate,
     peer: &str,
     batch: u64,
-    asked: &[(ChunkId, u32)],
-    indices: &[usize],
+    asked: &[(usize, ChunkId, u32)],
     tx: &mpsc::Sender<Event>,
 ) -> Result<(), String> {
     let request = BlobRequest::Chunks {
-        ids: asked.iter().map(|(c, _)| *c).collect(),
+        ids: asked.iter().map(|(_, c, _)| *c).collect(),
     };
     let (_send, mut recv) = ask(mesh, peer, &request).await?;
-    for ((id, len), &index) in asked.iter().zip(indices) {
+    for &(index, ref id, ref len) in asked {
         let got = match answer(&mut recv).await? {
             BlobAnswer::Chunk { len: sent } if sent == *len => {
                 rate.take(u64::from(sent)).await;

@@ -52,7 +52,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use chunked::{Fetching, Swarmer};
 pub use client::{FetchError, FetchErrorKind, Fetched, fetch};
-pub use server::serve;
+pub use server::{Serving, serve};
 pub use store::{BlobError, BundleStore, valid_app, valid_revision};
 
 /// The largest bundle a store takes in or a holder sends, in bytes (16 GiB: model weights

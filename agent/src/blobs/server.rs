@@ -14,7 +14,7 @@ use super::{
     valid_revision,
 };
 use crate::bundle::RevisionId;
-use crate::chunks::{ChunkId, ChunkStore};
+use crate::chunks::{ChunkId, ChunkStore, StoreError};
 use crate::identity::Role;
 use crate::lifecycle::state::AppDir;
 use crate::mesh::frame::{read_frame, write_frame};
@@ -35,29 +35,48 @@ struct Holder {
     upload_rate: Arc<Rate>,
 }
 
-/// Answers other agents' requests for bundles until the mesh shuts down: from `store`,
-/// or from the release directories under `data_dir` (packed into `store` on demand), and
-/// for manifests and chunks, from `chunks` (and what `fetching` says of fetches under
-/// way), at most `max_uploads` chunk requests at once. See the module documentation for
-/// the protocol and its bounds.
-pub async fn serve(
-    store: Arc<BundleStore>,
-    data_dir: PathBuf,
-    chunks: ChunkStore,
-    fetching: Arc<Fetching>,
-    max_uploads: usize,
-    upload_rate: Arc<Rate>,
-    mut streams: Streams,
-) {
+/// What a holder serves from, and its bounds.
+pub struct Serving {
+    /// Whole bundles, and where the lifecycle's release directories are (`data_dir`).
+    pub bundles: Arc<BundleStore>,
+    pub data_dir: PathBuf,
+    /// Manifests and chunks, and the fetches under way (served while they go on).
+    pub chunks: ChunkStore,
+    pub fetching: Arc<Fetching>,
+    /// Chunk requests answered at once (`transfer.max_uploads`).
+    pub max_uploads: usize,
+    /// Bytes per second of chunks sent (`transfer.upload_rate`).
+    pub upload_rate: Arc<Rate>,
+}
+
+impl Serving {
+    /// Serving from the stores under `data_dir`, with the default bounds and no rate.
+    pub fn new(bundles: Arc<BundleStore>, data_dir: &Path) -> Result<Serving, StoreError> {
+        Ok(Serving {
+            bundles,
+            data_dir: data_dir.to_path_buf(),
+            chunks: ChunkStore::open(data_dir)?,
+            fetching: Arc::default(),
+            max_uploads: crate::config::Transfer::default().max_uploads,
+            upload_rate: Arc::new(Rate::new(None)),
+        })
+    }
+}
+
+/// Answers other agents' requests until the mesh shuts down: bundles from the bundle
+/// store or the release directories (packed on demand), manifests and chunks from the
+/// chunk store and the fetches under way. See the module documentation for the protocol
+/// and its bounds.
+pub async fn serve(serving: Serving, mut streams: Streams) {
     let holder = Arc::new(Holder {
-        store,
-        data_dir,
+        store: serving.bundles,
+        data_dir: serving.data_dir,
         sending: Arc::new(Semaphore::new(MAX_SENDING)),
         packing: Mutex::new(HashMap::new()),
-        chunks,
-        fetching,
-        uploads: Arc::new(Semaphore::new(max_uploads.max(1))),
-        upload_rate,
+        chunks: serving.chunks,
+        fetching: serving.fetching,
+        uploads: Arc::new(Semaphore::new(serving.max_uploads.max(1))),
+        upload_rate: serving.upload_rate,
     });
     while let Some(inbound) = streams.next().await {
         let (send, recv) = match inbound.stream {
@@ -257,9 +276,16 @@ impl Holder {
             }
             sent += u64::from(len);
             self.store.count_served(u64::from(len));
+            // Counted as each goes: a fetcher may break off after any chunk.
+            crate::http::metrics::Metrics::count_direction(
+                &crate::http::metrics::metrics().bundle_bytes,
+                "sent",
+                u64::from(len),
+            );
         }
         let _ = send.finish();
-        Outcome::Sent(sent)
+        tracing::debug!(chunks = ids.len(), bytes = sent, "sent chunks");
+        Outcome::Sent(0)
     }
 
     async fn send_bundle(

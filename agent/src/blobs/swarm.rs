@@ -147,6 +147,9 @@ pub struct Swarm {
     timers: TimerQueue<Timer>,
     /// This fetcher's index among the fetchers known, and their number.
     turn: (usize, usize),
+    /// Orders this fetcher's chunks among equals: fetchers that do not know of each other
+    /// yet still start at different chunks.
+    salt: u64,
     fetched_bytes: u64,
 }
 
@@ -178,6 +181,12 @@ impl Swarm {
             next_batch: 0,
             timers: TimerQueue::default(),
             turn: (0, 1),
+            salt: {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                me.hash(&mut h);
+                h.finish()
+            },
             fetched_bytes: 0,
         }
     }
@@ -188,6 +197,7 @@ impl Swarm {
         if peer == self.me {
             return;
         }
+        let _ = now;
         let state = self
             .peers
             .entry(peer.to_string())
@@ -207,7 +217,6 @@ impl Swarm {
         if matches!(role, Role::Holder | Role::Origin) {
             state.holds = Holds::All;
         }
-        let _ = now;
     }
 
     /// The fetchers of this revision known (from gossip), this one among them: they give
@@ -482,7 +491,7 @@ impl Swarm {
             .flat_map(|b| b.chunks.iter().copied())
             .collect();
         let (me, fetchers) = self.turn;
-        let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
+        let mut candidates: Vec<(usize, usize, u64, usize)> = Vec::new();
         for i in 0..self.chunks.len() {
             if self.held[i] || !holds(state, i) {
                 continue;
@@ -504,13 +513,15 @@ impl Swarm {
             let rarity = others.len() + 1;
             let rotation =
                 (usize::from(self.chunks[i].0.0[0]) % fetchers + fetchers - me) % fetchers;
-            candidates.push((rarity, rotation, i));
+            let id = &self.chunks[i].0.0;
+            let mixed = u64::from_le_bytes(id[8..16].try_into().expect("8 bytes")) ^ self.salt;
+            candidates.push((rarity, rotation, mixed, i));
         }
         candidates.sort_unstable();
         candidates
             .into_iter()
             .take(self.config.batch)
-            .map(|(_, _, i)| i)
+            .map(|(_, _, _, i)| i)
             .collect()
     }
 

@@ -120,12 +120,14 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 Ok(Arc::new(blobs::rate::Rate::new(r)))
             };
             tokio::spawn(blobs::serve(
-                bundles.clone(),
-                config.data_dir.clone(),
-                chunks.clone(),
-                fetching.clone(),
-                config.transfer.max_uploads,
-                rate(&config.transfer.upload_rate)?,
+                blobs::Serving {
+                    bundles: bundles.clone(),
+                    data_dir: config.data_dir.clone(),
+                    chunks: chunks.clone(),
+                    fetching: fetching.clone(),
+                    max_uploads: config.transfer.max_uploads,
+                    upload_rate: rate(&config.transfer.upload_rate)?,
+                },
                 handle.serve(Protocol::Blobs),
             ));
             let swarmer = blobs::Swarmer {

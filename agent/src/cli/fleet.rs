@@ -499,6 +499,16 @@ fn print_view(view: &DeploymentView, json: bool) -> Result<()> {
         if let Some(reason) = &h.reason {
             println!("      {}", super::printable(reason));
         }
+        if let Some(t) = &h.transfer {
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            println!(
+                "      fetched {:.1} MiB from {} peer{}, {:.1} MiB held already",
+                mib(t.fetched_bytes),
+                t.sources,
+                if t.sources == 1 { "" } else { "s" },
+                mib(t.reused_bytes)
+            );
+        }
         if h.status == HostStatus::Failed {
             for line in &h.log_tail {
                 println!("      | {}", super::printable(line));

@@ -28,6 +28,8 @@ use super::log::{
     Command, Deployment, DeploymentState, Fence, HostReport, HostState, Response, TypeConfig,
     Verdict,
 };
+use rand::seq::SliceRandom;
+
 use super::plan::{Planner, Status};
 use super::wire::{FleetRequest, HostAnswer, RunHost};
 use crate::lifecycle::plan::EventRecord;
@@ -227,12 +229,18 @@ async fn run_batch(
     // Dropped with the driver (this agent stopped leading): the commands stop, the
     // hosts' runs do not.
     let mut runs = tokio::task::JoinSet::new();
+    let names: Vec<String> = batch.iter().map(|(h, _)| h.clone()).collect();
     for (host, fence) in batch {
+        // The host's batch peers: a sample when the batch is large.
+        let mut peers: Vec<String> = names.iter().filter(|n| **n != host).cloned().collect();
+        peers.shuffle(&mut rand::rng());
+        peers.truncate(super::wire::MAX_BATCH_PEERS);
         let cmd = RunHost {
             deployment: id.clone(),
             intent: intent.clone(),
             fence,
             holders: holders.clone(),
+            batch: peers,
             rollback: d.rollback_of.is_some(),
             catch_up: d.catch_up.as_ref().map(|c| c.number),
         };

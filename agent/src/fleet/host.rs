@@ -218,7 +218,15 @@ impl HostSide {
                         tracing::info_span!("host_run", deployment = %intent.id, app = %intent.app);
                     let (verdict, report) = {
                         use tracing::Instrument;
-                        this.run(&intent, &cmd.holders, &tx).instrument(span).await
+                        let batch: Vec<String> = cmd
+                            .batch
+                            .iter()
+                            .take(super::wire::MAX_BATCH_PEERS)
+                            .cloned()
+                            .collect();
+                        this.run(&intent, &cmd.holders, &batch, &tx)
+                            .instrument(span)
+                            .await
                     };
                     let executed = this.executed.clone();
                     let (id, kept) = (intent.id.clone(), verdict.clone());
@@ -312,6 +320,7 @@ impl HostSide {
         &self,
         intent: &Intent,
         hinted: &[String],
+        batch: &[String],
         state: &watch::Sender<RunState>,
     ) -> (Verdict, HostReport) {
         let mut report = HostReport::default();
@@ -340,7 +349,7 @@ impl HostSide {
                 sources: BTreeMap::new(),
             })
         } else {
-            self.fetch(intent, hinted).await
+            self.fetch(intent, hinted, batch).await
         };
         let fetched = match fetched {
             Ok(f) => f,
@@ -475,11 +484,12 @@ impl HostSide {
         &self,
         intent: &Intent,
         hinted: &[String],
+        batch: &[String],
     ) -> Result<blobs::Fetched, blobs::FetchError> {
         let deadline = tokio::time::Instant::now() + FETCH_WITHIN;
         if let Some(swarm) = &self.swarm {
             match swarm
-                .fetch(&intent.app, &intent.revision, hinted, FETCH_WITHIN)
+                .fetch(&intent.app, &intent.revision, hinted, batch, FETCH_WITHIN)
                 .await
             {
                 Ok(fetched) => return Ok(fetched),

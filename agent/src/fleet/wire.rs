@@ -102,6 +102,11 @@ pub struct RunHost {
     /// Agents the coordinator knows to hold the revision (the uploader), besides those the
     /// host learns of by gossip.
     pub holders: Vec<String>,
+    /// The other hosts of the batch: they fetch the revision at the same time, so the host
+    /// asks them for chunks from the start rather than once gossip says they fetch (at
+    /// most [`MAX_BATCH_PEERS`] are used).
+    #[serde(default)]
+    pub batch: Vec<String>,
     /// The command is for the rollback of the intent: the host runs
     /// [`Intent::rollback`](super::intent::Intent::rollback) of it (the revision the
     /// operator signed to roll back to), under the rollback's own id.
@@ -111,6 +116,9 @@ pub struct RunHost {
     /// own id, and only once the log's voters confirm that the log made that catch-up.
     pub catch_up: Option<u32>,
 }
+
+/// Batch peers a host takes from [`RunHost::batch`].
+pub const MAX_BATCH_PEERS: usize = 32;
 
 /// Why a host will not act on a command. `passing` when asking again may succeed (the
 /// voters have not confirmed yet, the host's replay store is busy or full); a coordinator
@@ -268,6 +276,7 @@ impl DeploymentView {
                     batch: h.started.map(|f| f.index),
                     events: h.report.events.clone(),
                     log_tail: h.report.tail.clone(),
+                    transfer: h.report.transfer,
                 })
                 .collect(),
             rollback: None,

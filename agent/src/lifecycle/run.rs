@@ -86,6 +86,9 @@ pub struct HostRecord {
     pub events: Vec<EventRecord>,
     /// The last lines of its hook logs (a fleet deployment's; `hooks` has them locally).
     pub log_tail: Vec<String>,
+    /// What fetching the revision moved to it (a fleet deployment's): bytes fetched, bytes
+    /// it held already, and from how many peers.
+    pub transfer: Option<crate::fleet::log::state::TransferReport>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -855,6 +858,7 @@ impl LocalHost {
                 batch: None,
                 events: machine.events.clone(),
                 log_tail: Vec::new(),
+                transfer: None,
             }],
             message,
             rollback,
@@ -999,6 +1003,7 @@ impl LocalHost {
                 batch: None,
                 events: Vec::new(),
                 log_tail: Vec::new(),
+                transfer: None,
             }],
             rollback: None,
             hooks: Vec::new(),
