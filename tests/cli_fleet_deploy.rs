@@ -384,8 +384,8 @@ fn a_failing_host_fails_the_deployment_and_a_stop_halts_between_batches() {
         }
     }
     // A bundle of 1 MiB of noise, uploaded to agent-6, one host at a time (a second each,
-    // the probe's sleep, time enough for gossip to say who holds it): the uploader serves
-    // the first host; the others fetch from hosts that have it.
+    // the probe's sleep, time enough for gossip to say who holds it): the uploader is asked
+    // only for chunks no other host holds, so it sends the revision about once in all.
     let noise = revision(tmp.path(), "noise");
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let bytes: Vec<u8> = (0..1u32 << 20)
@@ -424,27 +424,63 @@ fn a_failing_host_fails_the_deployment_and_a_stop_halts_between_batches() {
     );
     let view = json(&o, "the noise deployment");
     assert_eq!(view["status"], "Succeeded", "{view}");
-    let sent_by = |a: &Agent| {
-        std::fs::read_to_string(&a.log)
-            .unwrap()
+    // Each host says, in its log, how many bytes of chunks it fetched from which peer:
+    // `from={"agent-6": 1049000, ...}`.
+    let revision_id = view["revision"].as_str().unwrap().to_string();
+    let from_of = |a: &Agent| -> BTreeMap<String, u64> {
+        let log = std::fs::read_to_string(&a.log).unwrap();
+        let Some(line) = log
             .lines()
-            .filter(|l| l.contains("sent a bundle") && l.contains(&format!("bytes={size}")))
-            .count()
+            .find(|l| l.contains("fetched a revision as chunks") && l.contains(&revision_id))
+        else {
+            return BTreeMap::new();
+        };
+        let map = line
+            .split("from={")
+            .nth(1)
+            .unwrap_or("")
+            .split('}')
+            .next()
+            .unwrap_or("");
+        map.split(", ")
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once(": ")?;
+                Some((k.trim_matches('"').to_string(), v.parse().ok()?))
+            })
+            .collect()
     };
-    let served: Vec<(String, usize)> = fleet.iter().map(|a| (a.name.clone(), sent_by(a))).collect();
-    let total: usize = served.iter().map(|(_, n)| n).sum();
-    assert_eq!(
-        total, 4,
-        "each of the four hosts fetched it once: {served:?}"
-    );
-    let uploader = served[5].1 as u64 * size;
+    let targets = ["agent-1", "agent-3", "agent-4", "agent-5"];
+    let fetched: Vec<(String, BTreeMap<String, u64>)> = fleet
+        .iter()
+        .filter(|a| targets.contains(&a.name.as_str()))
+        .map(|a| (a.name.clone(), from_of(a)))
+        .collect();
     assert!(
-        uploader <= size,
-        "the uploader sent {uploader} bytes for four hosts of {size}: {served:?}"
+        fetched.iter().all(|(_, from)| !from.is_empty()),
+        "each of the four hosts fetched it: {fetched:?}"
     );
+    let revision_bytes = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["transfer"]["fetched_bytes"].as_u64())
+        .max()
+        .unwrap();
+    assert!(revision_bytes >= 1 << 20, "{revision_bytes}");
+    let uploader: u64 = fetched
+        .iter()
+        .filter_map(|(_, from)| from.get("agent-6"))
+        .sum();
     assert!(
-        served.iter().filter(|(_, n)| *n > 0).count() > 1,
-        "more than one peer served the revision: {served:?}"
+        uploader <= revision_bytes,
+        "the uploader sent {uploader} bytes for four hosts of a revision of {revision_bytes}: \
+         {fetched:?}"
+    );
+    let peers: std::collections::BTreeSet<&String> =
+        fetched.iter().flat_map(|(_, from)| from.keys()).collect();
+    assert!(
+        peers.len() > 1,
+        "more than one peer served the revision: {fetched:?}"
     );
 
     // An agent's identity cannot stop a deployment: the CLI refuses to sign with it.

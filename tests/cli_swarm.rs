@@ -348,3 +348,51 @@ fn a_fetching_agent_killed_and_restarted_fetches_only_what_it_had_not_stored() {
         "fetched {fetched} after the restart, with {before} of {MODEL} stored"
     );
 }
+
+#[test]
+fn the_chunk_store_returns_to_its_bound_as_old_releases_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "bound");
+    let mut fleet = agents(tmp.path(), &ca, [127, 93, 4], 2);
+    tag(&fleet[0], &[("role", "web")]);
+    tag(&fleet[1], &[("role", "uploader")]);
+    // One release kept besides the active one, and room for one and a half revisions.
+    let limit: u64 = 6 << 20;
+    for a in fleet.iter_mut() {
+        let text = std::fs::read_to_string(&a.config).unwrap();
+        std::fs::write(&a.config, format!("keep_releases = 1\n{text}")).unwrap();
+        configure(a, "[transfer]\nstore_limit = \"6MiB\"\n");
+        a.start();
+    }
+    all_alive(&fleet, &ca);
+    let mut sizes = Vec::new();
+    for (n, seed) in [31u64, 37, 41].iter().enumerate() {
+        let bundle = model_revision(tmp.path(), &format!("v{}", n + 1), &noise(4 << 20, *seed));
+        deploy(&fleet[1], &ca, &bundle, "web");
+        // Collected once the host's run is over (after it reported): wait for the bound.
+        let (host, uploader) = (fleet[0].data_dir.clone(), fleet[1].data_dir.clone());
+        wait_for("both stores within their bound", LONG, || {
+            stored_chunk_bytes(&host) <= limit && stored_chunk_bytes(&uploader) <= limit
+        });
+        sizes.push((stored_chunk_bytes(&host), stored_chunk_bytes(&uploader)));
+    }
+    eprintln!("chunk store bytes (host, uploader) after each deployment: {sizes:?}");
+    // The active revision's chunks are always there: at least its model.
+    let (host, _) = sizes[2];
+    assert!(
+        host >= 4 << 20,
+        "the active revision's chunks were kept: {host}"
+    );
+    // Bundles: the kept releases' and the newest two.
+    let bundles = |a: &Agent| {
+        std::fs::read_dir(a.data_dir.join("bundles/tiny"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert!(
+        bundles(&fleet[1]) <= 2,
+        "the uploader keeps its two newest bundles"
+    );
+    assert!(bundles(&fleet[0]) <= 2);
+    assert_eq!(installed(&fleet[0]).as_deref(), Some("v3"));
+}

@@ -82,6 +82,11 @@ pub struct Transfer {
     /// Bytes per second this agent receives of chunks; unlimited when absent.
     #[serde(default)]
     pub download_rate: Option<String>,
+    /// The most bytes the chunk store keeps once a deployment is over, as `20GiB`: the
+    /// active revisions' chunks always, then other kept revisions', newest first, while
+    /// they fit. Unbounded when absent (kept releases and bundles bound it).
+    #[serde(default)]
+    pub store_limit: Option<String>,
 }
 
 impl Default for Transfer {
@@ -91,6 +96,7 @@ impl Default for Transfer {
             max_uploads: default_max_uploads(),
             upload_rate: None,
             download_rate: None,
+            store_limit: None,
         }
     }
 }
@@ -282,12 +288,13 @@ impl AgentConfig {
                 config.transfer.max_uploads
             );
         }
-        for (key, rate) in [
+        for (key, size) in [
             ("upload_rate", &config.transfer.upload_rate),
             ("download_rate", &config.transfer.download_rate),
+            ("store_limit", &config.transfer.store_limit),
         ] {
-            if let Some(rate) = rate {
-                parse_size(rate).with_context(|| format!("`transfer.{key}` (bytes per second)"))?;
+            if let Some(size) = size {
+                parse_size(size).with_context(|| format!("`transfer.{key}`"))?;
             }
         }
         Ok(config)

@@ -86,6 +86,9 @@ pub struct Services {
     pub bundles: std::sync::Arc<crate::blobs::BundleStore>,
     /// The agent's data directory: this host's own hook logs.
     pub data_dir: std::path::PathBuf,
+    /// Collects the stores after an upload (an uploader that deploys nothing still keeps
+    /// within its bounds).
+    pub swarm: Option<crate::blobs::Swarmer>,
 }
 
 /// How long an agent has to complete the handshake.
@@ -226,13 +229,22 @@ async fn answer(
         Ok(Ok(Request::Logs(_))) => unreachable!("answered above"),
         Ok(Ok(Request::Upload { app, len })) => {
             match services.bundles.receive(&app, len, &mut recv, None).await {
-                Ok(revision) => vec![
-                    Response::Uploaded {
-                        revision: revision.0,
-                        holder: services.fleet.name.clone(),
-                    },
-                    Response::End,
-                ],
+                Ok(revision) => {
+                    if let Some(swarm) = services.swarm.clone() {
+                        tokio::spawn(async move {
+                            if let Err(e) = swarm.collect().await {
+                                tracing::warn!("collecting the stores after an upload: {e}");
+                            }
+                        });
+                    }
+                    vec![
+                        Response::Uploaded {
+                            revision: revision.0,
+                            holder: services.fleet.name.clone(),
+                        },
+                        Response::End,
+                    ]
+                }
                 Err(e) => vec![Response::Error(format!("bundle refused: {e}"))],
             }
         }

@@ -68,6 +68,15 @@ impl Fetching {
         inner.get(revision).map(|p| p.manifest.clone())
     }
 
+    /// The manifests of the fetches under way, by revision.
+    fn manifests(&self) -> Vec<(String, Arc<Vec<u8>>)> {
+        let inner = self.inner.lock().expect("fetching lock");
+        inner
+            .iter()
+            .map(|(rev, p)| (rev.clone(), p.manifest.clone()))
+            .collect()
+    }
+
     /// Application → the revision being fetched for it.
     pub fn apps(&self) -> BTreeMap<String, String> {
         let inner = self.inner.lock().expect("fetching lock");
@@ -165,6 +174,20 @@ pub struct Swarmer {
     /// Ask peers (`true`), or the origins only (`transfer.from_peers`).
     pub from_peers: bool,
     pub download_rate: Arc<Rate>,
+    /// The agent's data directory (releases, stores), and how many releases the lifecycle
+    /// keeps besides the active one: what [`Swarmer::collect`] keeps.
+    pub data_dir: std::path::PathBuf,
+    pub keep_releases: usize,
+    /// The chunk store's bound in bytes (`transfer.store_limit`).
+    pub store_limit: Option<u64>,
+}
+
+/// What a collection removed.
+#[derive(Debug, Default)]
+pub struct Collection {
+    pub bundles: usize,
+    pub manifests: usize,
+    pub chunks: crate::chunks::Collected,
 }
 
 /// What one request brought back to the driver.
@@ -228,24 +251,40 @@ impl Swarmer {
             .enumerate()
             .map(|(i, (c, _))| (*c, i))
             .collect();
+        // Known before anything is read from the store: a collection from here on keeps
+        // this revision's chunks.
+        self.fetching
+            .start(app, revision, Arc::new(encoded), vec![false; chunks.len()]);
+        let _announced = Announced {
+            fetching: &self.fetching,
+            revision: revision.to_string(),
+        };
+        let stored = {
+            let (store, ids) = (
+                self.chunks.clone(),
+                chunks.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+            );
+            tokio::task::spawn_blocking(move || store.has_all(&ids))
+                .await
+                .unwrap_or_default()
+        };
         let mut swarm = Swarm::new(
             &self.name,
             chunks.clone(),
-            |c| self.chunks.has(c),
+            |c| stored.get(index[c]).copied().unwrap_or(false),
             self.config.clone(),
         );
+        for (i, held) in swarm.held().iter().enumerate() {
+            if *held {
+                self.fetching.mark(revision, i);
+            }
+        }
         let reused = chunks
             .iter()
             .zip(swarm.held())
             .filter(|(_, h)| **h)
             .map(|((_, len), _)| u64::from(*len))
             .sum::<u64>();
-        self.fetching
-            .start(app, revision, Arc::new(encoded), swarm.held().to_vec());
-        let _announced = Announced {
-            fetching: &self.fetching,
-            revision: revision.to_string(),
-        };
         let now = std::time::Instant::now();
         for o in &origins {
             swarm.add_peer(now, o, Role::Origin);
@@ -354,6 +393,85 @@ impl Swarmer {
             reused,
             sources: from,
         })
+    }
+
+    /// Removes what no kept revision needs (see `blobs::collect`): bundles beyond those of
+    /// kept releases and the newest `keep_releases + 1`, then manifests and chunks of
+    /// revisions no longer held or beyond the store's bound.
+    pub async fn collect(&self) -> Result<Collection, ChunkedErrorKind> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.collect_now())
+            .await
+            .map_err(|e| {
+                ChunkedErrorKind::Store(StoreError::Io {
+                    path: "chunks".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })?
+    }
+
+    fn collect_now(&self) -> Result<Collection, ChunkedErrorKind> {
+        use crate::lifecycle::state::AppDir;
+        use std::collections::BTreeSet;
+        let mut done = Collection::default();
+        for app in self.bundles.apps() {
+            let record = crate::mesh::local::app_record(&AppDir::new(&self.data_dir, &app));
+            let mut keep: BTreeSet<String> = record.held;
+            keep.extend(record.revision);
+            done.bundles += self
+                .bundles
+                .prune(&app, &keep, self.keep_releases + 1)?
+                .len();
+        }
+        let records = crate::mesh::local::apps_on_disk(&self.data_dir);
+        let active: BTreeSet<String> = records
+            .values()
+            .filter_map(|r| r.revision.clone())
+            .collect();
+        let held: BTreeSet<String> = records
+            .values()
+            .flat_map(|r| r.held.iter().cloned())
+            .collect();
+        let mut manifests = 0;
+        done.chunks = self.chunks.collect(|| {
+            // Under the store's gate: the fetches known now are every fetch that has put
+            // a chunk.
+            let mut candidates = Vec::new();
+            for (revision, mtime) in self.chunks.manifests()? {
+                let Some(manifest) = self.chunks.manifest(&revision)? else {
+                    continue;
+                };
+                candidates.push(super::collect::Candidate {
+                    pinned: active.contains(&revision.0),
+                    held: held.contains(&revision.0),
+                    newness: mtime,
+                    chunks: manifest.sorted_distinct(),
+                    revision: revision.0,
+                });
+            }
+            for (revision, encoded) in self.fetching.manifests() {
+                if let Ok(m) = Manifest::decode(&encoded, &RevisionId(revision.clone())) {
+                    candidates.push(super::collect::Candidate {
+                        revision,
+                        pinned: true,
+                        held: true,
+                        newness: u64::MAX,
+                        chunks: m.sorted_distinct(),
+                    });
+                }
+            }
+            let plan = super::collect::plan(&candidates, self.store_limit);
+            for c in &candidates {
+                if !plan.revisions.contains(&c.revision) {
+                    self.chunks
+                        .remove_manifest(&RevisionId(c.revision.clone()))?;
+                    manifests += 1;
+                }
+            }
+            Ok((plan.chunks, plan.known))
+        })?;
+        done.manifests = manifests;
+        Ok(done)
     }
 
     /// The agents gossip says hold `revision` of `app` (whole), and those fetching it.

@@ -40,6 +40,7 @@
 
 pub mod chunked;
 mod client;
+pub mod collect;
 pub mod rate;
 mod server;
 mod store;

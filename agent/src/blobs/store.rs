@@ -291,6 +291,46 @@ impl BundleStore {
             .collect()
     }
 
+    /// Keeps of `app`'s bundles those of the revisions in `keep` and the newest `newest`
+    /// of all (by modification time); removes the rest. Returns the revisions removed.
+    pub fn prune(
+        &self,
+        app: &str,
+        keep: &BTreeSet<String>,
+        newest: usize,
+    ) -> Result<Vec<String>, BlobError> {
+        let dir = self.root.join(app);
+        if valid_app(app).is_err() || !real_dir(&self.root) || !real_dir(&dir) {
+            return Ok(Vec::new());
+        }
+        let mut all: Vec<(std::time::SystemTime, String)> = Vec::new();
+        for revision in self.held(app) {
+            let path = self.file(app, &revision);
+            let mtime = std::fs::symlink_metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            all.push((mtime, revision));
+        }
+        all.sort_by(|a, b| b.cmp(a));
+        let mut removed = Vec::new();
+        for (_, revision) in all.into_iter().skip(newest) {
+            if keep.contains(&revision) {
+                continue;
+            }
+            // `held` listed regular files only; unlinking a name does not follow a link.
+            let path = self.file(app, &revision);
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(revision),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        if !removed.is_empty() {
+            sync_dir(&dir)?;
+        }
+        Ok(removed)
+    }
+
     /// The applications with a directory in the store, sorted (some may hold nothing).
     pub fn apps(&self) -> Vec<String> {
         if !real_dir(&self.root) {

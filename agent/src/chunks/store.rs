@@ -19,6 +19,10 @@ use super::manifest::{ChunkId, Manifest};
 use crate::beneath::{Dir, Kind};
 use crate::bundle::RevisionId;
 
+/// How long a chunk that no manifest names is kept: what an interrupted fetch stored,
+/// for it to resume from.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Where manifests are kept, beside the shards.
 const MANIFESTS: &str = "manifests";
 /// The largest encoded manifest kept, sent or read (a 16 GiB revision of 32 KiB chunks
@@ -55,6 +59,9 @@ pub struct Collected {
 #[derive(Clone, Debug)]
 pub struct ChunkStore {
     root: PathBuf,
+    /// Puts share it, a collection takes it alone: a chunk put while a collection decides
+    /// what to keep is not removed by it (see [`ChunkStore::collect`]).
+    gate: std::sync::Arc<std::sync::RwLock<()>>,
 }
 
 impl ChunkStore {
@@ -71,7 +78,10 @@ impl ChunkStore {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(source) => return Err(StoreError::Io { path: root, source }),
         }
-        Ok(ChunkStore { root })
+        Ok(ChunkStore {
+            root,
+            gate: Default::default(),
+        })
     }
 
     fn io(&self, source: std::io::Error) -> StoreError {
@@ -101,6 +111,7 @@ impl ChunkStore {
         if &got != id {
             return Err(StoreError::Corrupt { id: *id, got });
         }
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         if self.has(id) {
             return Ok(false);
         }
@@ -172,6 +183,50 @@ impl ChunkStore {
         }
     }
 
+    /// The revisions whose manifests are stored, with each file's modification time
+    /// (seconds since the epoch; newer manifests are kept first when space is short).
+    pub fn manifests(&self) -> Result<Vec<(RevisionId, u64)>, StoreError> {
+        let dir = match self.top()?.open_dir(Path::new(MANIFESTS)) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io(e)),
+        };
+        let mut out = Vec::new();
+        for (name, kind) in dir.entries().map_err(|e| self.io(e))? {
+            let Some(name) = name.to_str() else { continue };
+            if kind != Kind::File || crate::blobs::valid_revision(name).is_err() {
+                continue;
+            }
+            let mtime = match dir.stat(OsStr::new(name)).map_err(|e| self.io(e))? {
+                Some((_, st)) => st.st_mtime.max(0) as u64,
+                None => continue,
+            };
+            out.push((RevisionId(name.to_string()), mtime));
+        }
+        Ok(out)
+    }
+
+    /// Removes the stored manifest of `revision` (it is then no longer served as chunks).
+    pub fn remove_manifest(&self, revision: &RevisionId) -> Result<(), StoreError> {
+        if crate::blobs::valid_revision(&revision.0).is_err() {
+            return Ok(());
+        }
+        match self.top()?.open_dir(Path::new(MANIFESTS)) {
+            Ok(dir) => dir
+                .remove_file(OsStr::new(&revision.0))
+                .map_err(|e| self.io(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// Which of `ids` are stored, read after any collection under way has ended (so a
+    /// fetch known to it before this call sees what it kept).
+    pub fn has_all(&self, ids: &[ChunkId]) -> Vec<bool> {
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        ids.iter().map(|id| self.has(id)).collect()
+    }
+
     /// Whether chunk `id` is stored (as a regular file).
     pub fn has(&self, id: &ChunkId) -> bool {
         let Ok(top) = self.top() else { return false };
@@ -205,9 +260,24 @@ impl ChunkStore {
         Ok(Some(bytes))
     }
 
-    /// Removes every chunk not in `keep` (the chunks of the releases kept), and the
-    /// leftovers of interrupted writes: what was removed and what is left.
-    pub fn collect(&self, keep: &HashSet<ChunkId>) -> Result<Collected, StoreError> {
+    /// Removes every chunk not in the set `keep` gives (the chunks of the revisions kept),
+    /// and the leftovers of interrupted writes: what was removed and what is left. `keep`
+    /// is called once no put is under way, and no put starts until the collection ends: a
+    /// fetch that makes itself known before its first put is always in what `keep` sees.
+    ///
+    /// `keep` also gives the chunks that are known (named by some manifest): one known and
+    /// not kept goes now; one no manifest names (what an interrupted fetch stored) stays
+    /// until it is [`ORPHAN_GRACE`] old, for that fetch to resume from.
+    pub fn collect(
+        &self,
+        keep: impl FnOnce() -> Result<(HashSet<ChunkId>, HashSet<ChunkId>), StoreError>,
+    ) -> Result<Collected, StoreError> {
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let (keep, known) = &keep()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
         let mut c = Collected::default();
         let top = self.top()?;
         for (shard_name, shard) in self.shards(&top)? {
@@ -216,11 +286,12 @@ impl ChunkStore {
                 let Some(id) = name.to_str().and_then(ChunkId::from_hex) else {
                     continue;
                 };
-                let size = match shard.stat(&name).map_err(|e| self.io(e))? {
-                    Some((Kind::File, st)) => st.st_size as u64,
-                    _ => 0,
+                let (size, mtime) = match shard.stat(&name).map_err(|e| self.io(e))? {
+                    Some((Kind::File, st)) => (st.st_size as u64, st.st_mtime),
+                    _ => (0, 0),
                 };
-                if kind == Kind::File && keep.contains(&id) {
+                let young = now.saturating_sub(mtime) < ORPHAN_GRACE.as_secs() as i64;
+                if kind == Kind::File && (keep.contains(&id) || (!known.contains(&id) && young)) {
                     c.kept += 1;
                     c.kept_bytes += size;
                 } else {

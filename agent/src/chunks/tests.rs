@@ -252,7 +252,13 @@ fn collection_keeps_only_what_the_kept_releases_name() {
     let mb = Manifest::store_tree(&b, &store).unwrap();
     let before = store.usage().unwrap();
     let keep: HashSet<_> = mb.distinct().into_keys().collect();
-    let c = store.collect(&keep).unwrap();
+    // Every chunk here is named by a manifest: what is not kept goes now.
+    let known: HashSet<_> = ma
+        .distinct()
+        .into_keys()
+        .chain(mb.distinct().into_keys())
+        .collect();
+    let c = store.collect(|| Ok((keep.clone(), known))).unwrap();
     assert_eq!(c.kept, keep.len() as u64);
     assert_eq!(store.usage().unwrap(), (c.kept, c.kept_bytes));
     assert_eq!(before.1, c.kept_bytes + c.freed_bytes);
@@ -262,6 +268,19 @@ fn collection_keeps_only_what_the_kept_releases_name() {
     std::fs::create_dir(&dest).unwrap();
     mb.assemble(&mb.revision, &store, &dest).unwrap();
     assert!(ma.distinct().keys().any(|id| !store.has(id)));
+    // A chunk no manifest names (an interrupted fetch's) stays, young as it is, for the
+    // fetch to resume from; once a manifest names it and does not keep it, it goes.
+    let orphan = b"stored by a fetch that was killed".to_vec();
+    let orphan_id = super::ChunkId::of(&orphan);
+    store.put(&orphan_id, &orphan).unwrap();
+    store
+        .collect(|| Ok((keep.clone(), HashSet::new())))
+        .unwrap();
+    assert!(store.has(&orphan_id));
+    store
+        .collect(|| Ok((keep.clone(), [orphan_id].into())))
+        .unwrap();
+    assert!(!store.has(&orphan_id));
 }
 
 #[test]

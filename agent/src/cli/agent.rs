@@ -139,7 +139,24 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                 config: blobs::swarm::Config::default(),
                 from_peers: config.transfer.from_peers,
                 download_rate: rate(&config.transfer.download_rate)?,
+                data_dir: config.data_dir.clone(),
+                keep_releases: config.keep_releases,
+                store_limit: config
+                    .transfer
+                    .store_limit
+                    .as_deref()
+                    .map(crate::config::parse_size)
+                    .transpose()?,
             };
+            // What an earlier life left beyond the bounds (a limit lowered, say).
+            {
+                let swarmer = swarmer.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = swarmer.collect().await {
+                        tracing::warn!("collecting the stores at start: {e}");
+                    }
+                });
+            }
             tokio::spawn(crate::logs::server::serve(
                 config.data_dir.clone(),
                 handle.serve(Protocol::Logs),
@@ -159,7 +176,7 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                     tags_rx,
                 )
                 .with_ports(config.ports.clone())
-                .with_swarm(swarmer),
+                .with_swarm(swarmer.clone()),
             );
             let fleet: Arc<Fleet> = Fleet::start(
                 &config.data_dir,
@@ -178,6 +195,7 @@ pub async fn run(args: AgentArgs) -> Result<bool> {
                     fleet: fleet.clone(),
                     bundles,
                     data_dir: config.data_dir.clone(),
+                    swarm: Some(swarmer),
                 },
             ));
             tokio::spawn(crate::mesh::revocation::serve(

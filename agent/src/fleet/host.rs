@@ -228,6 +228,18 @@ impl HostSide {
                             .instrument(span)
                             .await
                     };
+                    if let Some(swarm) = &this.swarm {
+                        match swarm.collect().await {
+                            Ok(c) => tracing::debug!(
+                                bundles = c.bundles,
+                                manifests = c.manifests,
+                                chunks = c.chunks.removed,
+                                freed = c.chunks.freed_bytes,
+                                "stores collected"
+                            ),
+                            Err(e) => tracing::warn!("collecting the stores: {e}"),
+                        }
+                    }
                     let executed = this.executed.clone();
                     let (id, kept) = (intent.id.clone(), verdict.clone());
                     let finished = tokio::task::spawn_blocking(move || {

@@ -117,7 +117,7 @@ fn cap_held(record: &mut AppRecord) {
     record.held = kept;
 }
 
-fn app_record(dir: &AppDir) -> AppRecord {
+pub(crate) fn app_record(dir: &AppDir) -> AppRecord {
     let state: AppState = read_json(&dir.state()).ok().flatten().unwrap_or_default();
     let service = service::current(dir).ok().flatten();
     let health = if dir.journal().exists() {
