@@ -8,10 +8,16 @@
 //! - a peer that serves corrupted chunks is detected and avoided, and the revision still
 //!   arrives from the others;
 //! - a fetching agent killed with -9 and restarted resumes: it fetches only what it had
-//!   not stored.
+//!   not stored;
+//! - the chunk store returns to its bound (`transfer.store_limit`) as old releases go;
+//! - on shaped links (each host in its own network namespace, 40 Mbit/s up and down by
+//!   `tc`), six hosts get an 8 MiB revision through the swarm much sooner than from the
+//!   uploader alone, measured in the same run (the benchmark's small version).
 
 #[path = "support/fleet.rs"]
 mod fleet;
+#[path = "support/shaped.rs"]
+mod shaped;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -395,4 +401,45 @@ fn the_chunk_store_returns_to_its_bound_as_old_releases_go() {
     );
     assert!(bundles(&fleet[0]) <= 2);
     assert_eq!(installed(&fleet[0]).as_deref(), Some("v3"));
+}
+
+#[test]
+fn on_shaped_links_six_hosts_get_a_revision_sooner_as_a_swarm_than_from_the_uploader() {
+    let prefix = format!("shoal-sw{}", std::process::id() % 100_000);
+    let net = match shaped::ShapedNet::create(&prefix, 194, 7, 40) {
+        Ok(net) => net,
+        Err(why) => {
+            assert!(
+                std::env::var_os("SHOAL_CI").is_none(),
+                "SHOAL_CI is set, and shaped links cannot be made: {why}"
+            );
+            eprintln!("SKIPPED the shaped-link swarm test: {why}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = 8 << 20;
+    let report = shaped::swarm_against_origin(tmp.path(), &net, bytes, 40);
+    eprintln!("{report:#?}");
+    let (swarm, origin) = (&report.swarm, &report.origin_only);
+    assert!(
+        swarm.uploader_sent < 2 * bytes as u64,
+        "the uploader sent {} bytes through the swarm, for a revision of {bytes}",
+        swarm.uploader_sent
+    );
+    assert!(
+        origin.uploader_sent >= 6 * bytes as u64,
+        "from the uploader alone, it sent every host the revision: {}",
+        origin.uploader_sent
+    );
+    // From the uploader alone the six hosts share its 40 Mbit/s: at least 6 S/B. The swarm
+    // is measured in the same run, on the same links.
+    assert!(
+        swarm.last < 0.6 * origin.last,
+        "the swarm took {:.1} s to the last host, the uploader alone {:.1} s (S/B {:.1} s)",
+        swarm.last,
+        origin.last,
+        report.limit
+    );
+    drop(net);
 }

@@ -34,8 +34,13 @@ pub struct Config {
     pub batch: usize,
     /// Requests in flight per peer.
     pub pipeline: usize,
-    /// Requests in flight per origin.
+    /// Requests in flight per origin, and chunks per request to it (small: what is in
+    /// flight from the origin is not yet anyone's to share).
     pub origin_pipeline: usize,
+    pub origin_batch: usize,
+    /// How long without a chunk stored before the origin is asked for chunks outside this
+    /// fetcher's turn (another fetcher's part that is slow to come).
+    pub patience: Duration,
     /// How often a fetcher is asked what it holds.
     pub have_every: Duration,
     /// How long a batch may take: this, plus its bytes at [`Config::min_rate`].
@@ -52,6 +57,8 @@ impl Default for Config {
             batch: 16,
             pipeline: 4,
             origin_pipeline: 2,
+            origin_batch: 4,
+            patience: Duration::from_secs(1),
             have_every: Duration::from_millis(250),
             batch_base: Duration::from_secs(5),
             min_rate: 256 * 1024,
@@ -151,6 +158,8 @@ pub struct Swarm {
     /// yet still start at different chunks.
     salt: u64,
     fetched_bytes: u64,
+    /// When a chunk was last stored (or the fetch began).
+    progress_at: Option<Instant>,
 }
 
 impl Swarm {
@@ -188,6 +197,7 @@ impl Swarm {
                 h.finish()
             },
             fetched_bytes: 0,
+            progress_at: None,
         }
     }
 
@@ -276,10 +286,13 @@ impl Swarm {
     }
 
     /// One chunk of batch `batch` was answered.
-    pub fn handle_chunk(&mut self, _now: Instant, batch: u64, id: &ChunkId, got: Got) {
+    pub fn handle_chunk(&mut self, now: Instant, batch: u64, id: &ChunkId, got: Got) {
         let Some(&i) = self.index.get(id) else {
             return;
         };
+        if got == Got::Stored {
+            self.progress_at = Some(now);
+        }
         let Some(b) = self.batches.get_mut(&batch) else {
             // A batch given up (late, or from a dropped peer): what it stored still counts.
             if got == Got::Stored && !self.held[i] {
@@ -413,13 +426,16 @@ impl Swarm {
             .collect();
         order.sort_by_key(|(_, s)| (s.role == Role::Origin, s.in_flight));
         let order: Vec<String> = order.into_iter().map(|(p, _)| p.clone()).collect();
+        // Nothing stored for a while: the origin may be asked for any chunk, and in the
+        // end game too.
+        let since = *self.progress_at.get_or_insert(now);
+        let patient = now.saturating_duration_since(since) < self.config.patience;
         for peer in order {
-            let picked = self.pick(&peer, false);
-            let picked = if picked.is_empty() {
-                self.pick(&peer, true)
-            } else {
-                picked
-            };
+            let origin = self.peers[&peer].role == Role::Origin;
+            let mut picked = self.pick(&peer, false, patient);
+            if picked.is_empty() && !(origin && patient) {
+                picked = self.pick(&peer, true, patient);
+            }
             if picked.is_empty() {
                 continue;
             }
@@ -476,8 +492,10 @@ impl Swarm {
     }
 
     /// Up to a batch of chunks to ask `peer` for: missing, held by it, not asked of anyone
-    /// yet (or, in the end game, asked once of someone else), rarest first.
-    fn pick(&self, peer: &str, end_game: bool) -> Vec<usize> {
+    /// yet (or, in the end game, asked once of someone else), rarest first. Of an origin,
+    /// only chunks no other peer holds, and while `patient` only those of this fetcher's
+    /// turn.
+    fn pick(&self, peer: &str, end_game: bool, patient: bool) -> Vec<usize> {
         let state = &self.peers[peer];
         let holds = |s: &PeerState, i: usize| match &s.holds {
             Holds::All => true,
@@ -513,14 +531,22 @@ impl Swarm {
             let rarity = others.len() + 1;
             let rotation =
                 (usize::from(self.chunks[i].0.0[0]) % fetchers + fetchers - me) % fetchers;
+            if state.role == Role::Origin && patient && rotation != 0 {
+                continue;
+            }
             let id = &self.chunks[i].0.0;
             let mixed = u64::from_le_bytes(id[8..16].try_into().expect("8 bytes")) ^ self.salt;
             candidates.push((rarity, rotation, mixed, i));
         }
         candidates.sort_unstable();
+        let batch = if state.role == Role::Origin {
+            self.config.origin_batch
+        } else {
+            self.config.batch
+        };
         candidates
             .into_iter()
-            .take(self.config.batch)
+            .take(batch)
             .map(|(_, _, _, i)| i)
             .collect()
     }

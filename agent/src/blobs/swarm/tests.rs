@@ -305,3 +305,44 @@ fn fetchers_are_asked_again_what_they_hold() {
     s.handle_have(due, "f", Some(vec![true, true]));
     assert_eq!(fetches(&drain(&mut s, due)).len(), 1);
 }
+
+#[test]
+fn the_origin_gives_only_this_fetchers_turn_until_patience_runs_out() {
+    let t0 = Instant::now();
+    let all: Vec<(ChunkId, u32)> = (0..8u8)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[0] = i;
+            (ChunkId(id), 100)
+        })
+        .collect();
+    let config = Config {
+        origin_batch: 8,
+        origin_pipeline: 1,
+        ..small()
+    };
+    let mut s = Swarm::new("a", all.clone(), |_| false, config.clone());
+    // Two fetchers: "a" has the chunks whose first byte is even.
+    s.set_fetchers(&["b".into()]);
+    s.add_peer(t0, "origin", Role::Origin);
+    let first = fetches(&drain(&mut s, t0));
+    assert_eq!(first.len(), 1);
+    assert!(
+        first[0].2.iter().all(|id| id.0[0] % 2 == 0),
+        "only this fetcher's turn: {:?}",
+        first[0].2
+    );
+    give(&mut s, t0, first[0].0, &first[0].2);
+    // The other turn's chunks are not asked of the origin while "b" may still bring them.
+    let soon = t0 + config.patience / 2;
+    assert!(fetches(&drain(&mut s, soon)).is_empty());
+    // Nothing stored for longer than the patience: the origin is asked for them too.
+    let late = t0 + config.patience * 2;
+    let rest = fetches(&drain(&mut s, late));
+    assert_eq!(rest.len(), 1);
+    assert!(
+        rest[0].2.iter().all(|id| id.0[0] % 2 == 1),
+        "{:?}",
+        rest[0].2
+    );
+}
