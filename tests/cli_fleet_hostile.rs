@@ -455,8 +455,9 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     assert_eq!(records(&fleet[0].data_dir), 0, "nothing ran so far");
 
     // A real deployment of v1 to agent-1, uploaded to agent-2, while the insider gossips
-    // that it holds v1 and serves v2's bytes under that id: the host refuses those bytes
-    // (wrong revision), fetches from the uploader and installs v1, once.
+    // that it holds v1 and serves another revision's manifest (and bundle) under that id:
+    // the host refuses it (wrong revision), gets the manifest from the uploader, and the
+    // chunks (each checked against its name), and installs v1, once.
     let mut apps = std::collections::BTreeMap::new();
     let mut held = std::collections::BTreeSet::new();
     held.insert(r1.0.clone());
@@ -481,6 +482,8 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
         stored.join(format!("{}.bundle", r1.0)),
     )
     .unwrap();
+    let manifests = insider_dir.join("data/chunks/manifests");
+    std::fs::copy(manifests.join(&r2.0), manifests.join(&r1.0)).unwrap();
     local
         .send(LocalState {
             apps,
@@ -562,8 +565,9 @@ async fn a_rogue_coordinator_cannot_make_a_host_run_what_no_operator_signed() {
     );
     let log = std::fs::read_to_string(&fleet[0].log).unwrap();
     assert!(
-        log.contains("a holder served something else") && log.contains("insider"),
-        "the insider's bytes were refused, and said so: {log}"
+        log.contains("a peer sent a manifest that is not the revision's")
+            && log.contains("insider"),
+        "the insider's manifest was refused, and said so: {log}"
     );
 
     // The deployment's own intent, replayed with the fence the log gave it: reported

@@ -138,9 +138,13 @@ pub enum ChunkedErrorKind {
     /// Packing the assembled tree into the bundle store failed.
     #[error("keeping the revision's bundle: {0}")]
     Bundle(#[from] super::BlobError),
-    /// Chunks were still missing at the deadline; the peers avoided, and why.
+    /// This host's chunk store failed while a chunk was being stored.
+    #[error("storing a chunk: {0}")]
+    Local(String),
+    /// No chunk was stored for the fetch's patience (none came from any source); what is
+    /// missing, and the peers avoided, and why.
     #[error(
-        "{missing} bytes still missing after {after:?} (from {sources} sources){}",
+        "{missing} bytes still missing, none stored for {after:?} (from {sources} sources){}",
         dropped_text(.dropped)
     )]
     Deadline {
@@ -205,12 +209,16 @@ enum Event {
         batch: u64,
         result: Result<(), String>,
     },
+    /// This host's store failed: the fetch ends.
+    Local(String),
 }
 
 impl Swarmer {
     /// Fetches `revision` of `app` as chunks, from the peers gossip names, from `batch`
     /// (hosts fetching it at the same time: asked what they hold from the start) and from
-    /// `origins` (asked last), until `within` has passed. Returns the stored bundle.
+    /// `origins` (asked last), until no chunk has been stored for `within` (a large
+    /// revision on a slow link takes as long as it needs while it moves). Returns the
+    /// stored bundle.
     pub async fn fetch(
         &self,
         app: &str,
@@ -220,7 +228,7 @@ impl Swarmer {
         within: Duration,
     ) -> Result<Fetched, ChunkedErrorKind> {
         let started = Instant::now();
-        let deadline = started + within;
+        let mut deadline = started + within;
         let id = RevisionId(revision.to_string());
         let (mut holders, mut fetchers) = self.sources(app, revision).await;
         let batch: Vec<String> = if self.from_peers {
@@ -239,7 +247,13 @@ impl Swarmer {
                 (m, bytes)
             }
             None => {
-                let mut order: Vec<String> = holders.iter().chain(&fetchers).cloned().collect();
+                // The origin last, here too.
+                let mut order: Vec<String> = holders
+                    .iter()
+                    .chain(&fetchers)
+                    .filter(|p| !origins.contains(p))
+                    .cloned()
+                    .collect();
                 order.shuffle(&mut rand::rng());
                 order.extend(origins.iter().cloned());
                 self.manifest_from(&order, &id).await?
@@ -341,10 +355,12 @@ impl Swarmer {
                         Event::Chunk { batch, index, got } => {
                             if got == Got::Stored {
                                 self.fetching.mark(revision, index);
+                                deadline = Instant::now() + within;
                             }
                             swarm.handle_chunk(now, batch, &chunks[index].0, got);
                         }
                         Event::BatchEnd { batch, result } => swarm.handle_batch_end(now, batch, result),
+                        Event::Local(why) => return Err(ChunkedErrorKind::Local(why)),
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
@@ -354,7 +370,7 @@ impl Swarmer {
                         let (_, missing) = swarm.progress();
                         return Err(ChunkedErrorKind::Deadline {
                             missing,
-                            after: started.elapsed(),
+                            after: within,
                             sources: origins.len() + swarm.bytes_from().len(),
                             dropped: swarm.dropped(),
                         });
@@ -535,8 +551,11 @@ impl Swarmer {
             }
             other => return Err(unexpected(other)),
         };
-        let mut bytes = vec![0u8; len as usize];
-        tokio::time::timeout(super::transfer_deadline(len), recv.read_exact(&mut bytes))
+        // Grown as the bytes come (the length is only the peer's word).
+        let mut bytes = Vec::new();
+        let mut limited = tokio::io::AsyncReadExt::take(&mut recv, len);
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut limited, &mut bytes);
+        tokio::time::timeout(super::transfer_deadline(len), read)
             .await
             .map_err(|_| "the manifest did not arrive in time".to_string())?
             .map_err(|e| format!("reading the manifest: {e}"))?;
@@ -708,7 +727,11 @@ async fn fetch_batch(
                 match put {
                     Ok(_) => Got::Stored,
                     Err(StoreError::Corrupt { .. } | StoreError::TooLarge { .. }) => Got::Corrupt,
-                    Err(e) => return Err(format!("storing chunk {id}: {e}")),
+                    Err(e) => {
+                        let why = format!("chunk {id}: {e}");
+                        let _ = tx.send(Event::Local(why.clone())).await;
+                        return Err(why);
+                    }
                 }
             }
             // A chunk of another length than its name's is not that chunk.

@@ -291,13 +291,27 @@ impl ChunkStore {
                     _ => (0, 0),
                 };
                 let young = now.saturating_sub(mtime) < ORPHAN_GRACE.as_secs() as i64;
+                if kind == Kind::Dir {
+                    // Not the store's (it makes none there): left alone, and said.
+                    tracing::warn!(
+                        "the chunk store has a directory named like a chunk, left alone: {}/{}",
+                        shard_name.to_string_lossy(),
+                        name.to_string_lossy()
+                    );
+                    continue;
+                }
                 if kind == Kind::File && (keep.contains(&id) || (!known.contains(&id) && young)) {
                     c.kept += 1;
                     c.kept_bytes += size;
-                } else {
-                    shard.remove_file(&name).map_err(|e| self.io(e))?;
-                    c.removed += 1;
-                    c.freed_bytes += size;
+                    continue;
+                }
+                // One that cannot be removed does not stop the others'.
+                match shard.remove_file(&name) {
+                    Ok(()) => {
+                        c.removed += 1;
+                        c.freed_bytes += size;
+                    }
+                    Err(e) => tracing::warn!("removing chunk {}: {e}", name.to_string_lossy()),
                 }
             }
             let _ = top.remove_empty_dir(&shard_name);

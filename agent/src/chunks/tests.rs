@@ -141,6 +141,9 @@ fn a_manifest_is_its_revision_and_refuses_to_be_another() {
     ] {
         let mut evil = m.clone();
         evil.entries.push((path.to_string(), entry));
+        // In the listing's order: what is refused is the path or the link, not the order.
+        evil.entries
+            .sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         evil.revision = listing_id(&evil.entries);
         let e = evil.verify(&evil.revision).unwrap_err();
         match bad {
@@ -148,6 +151,69 @@ fn a_manifest_is_its_revision_and_refuses_to_be_another() {
             _ => assert!(matches!(e, ManifestError::Link { .. }), "{e}"),
         }
     }
+    // A chain of links: `d -> .` stays inside, but `esc -> d/d/../..` goes through `d`,
+    // which text alone would count as inside.
+    let mut chain = m.clone();
+    for (path, target) in [("d", "."), ("esc", "d/d/../..")] {
+        chain.entries.push((
+            path.into(),
+            Entry::Link {
+                target: target.into(),
+            },
+        ));
+    }
+    chain
+        .entries
+        .sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    chain.revision = listing_id(&chain.entries);
+    let e = chain.verify(&chain.revision).unwrap_err();
+    assert!(
+        matches!(&e, ManifestError::Link { path, .. } if path == "esc"),
+        "{e}"
+    );
+    // A chunk smaller than FastCDC cuts any but a file's last, and one chunk given two
+    // lengths: the listing (and so the id) is unchanged, the chunk lists are not.
+    let with_weights = |f: &dyn Fn(&mut Vec<super::ChunkRef>)| {
+        let mut changed = m.clone();
+        for (p, e) in changed.entries.iter_mut() {
+            if let (true, Entry::File { content, .. }) = (p == "model/weights.bin", e) {
+                f(content);
+            }
+        }
+        changed.verify(&id).unwrap_err()
+    };
+    let e = with_weights(&|c| {
+        let moved = c[0].len - 100;
+        c[0].len = 100;
+        c[1].len += moved;
+    });
+    assert!(
+        matches!(e, ManifestError::ChunkSize { index: 0, .. }),
+        "{e}"
+    );
+    let e = with_weights(&|c| {
+        let (first, second) = (c[0], c[1]);
+        if first.len != second.len {
+            c[1].id = first.id;
+        } else {
+            c[1].id = first.id;
+            c[1].len -= 1;
+            c[2].len += 1;
+        }
+    });
+    assert!(matches!(e, ManifestError::TwoLengths { .. }), "{e}");
+}
+
+const PINNED_ID: &str = "8c99f50eac844de5317d00345c91b39ca979d531ea037b0ef8697994b9d90070";
+
+#[test]
+fn a_known_tree_keeps_its_revision_id() {
+    // The id of `tree(.., 1)`, pinned: the listing the manifest shares with the revision
+    // id must never change, or every revision already deployed would get another id.
+    let tmp = tempfile::tempdir().unwrap();
+    tree(tmp.path(), 1);
+    assert_eq!(tree_id(tmp.path()).unwrap().0, PINNED_ID);
+    assert_eq!(Manifest::of_tree(tmp.path()).unwrap().revision.0, PINNED_ID);
 }
 
 #[test]

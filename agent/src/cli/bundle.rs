@@ -56,6 +56,9 @@ struct Chunks {
     bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     against: Option<Against>,
+    /// The revision the chunks make (checked against the packed id).
+    #[serde(skip)]
+    revision: bundle::RevisionId,
 }
 
 #[derive(Serialize)]
@@ -94,6 +97,7 @@ fn chunks(root: &Path, against: Option<&Path>) -> Result<Chunks> {
         distinct: delta.chunks as usize,
         bytes: delta.bytes,
         against,
+        revision: manifest.revision,
     })
 }
 
@@ -129,14 +133,25 @@ fn print_chunks(c: &Chunks, out: &mut dyn std::io::Write) -> std::io::Result<()>
 pub fn run(cmd: BundleCommand, json: bool) -> Result<bool> {
     match cmd {
         BundleCommand::Create(args) => {
-            let progress = super::spinner(&format!("packing {}", args.dir.display()));
-            let id = bundle::create(&args.dir, &args.output);
-            progress.finish_and_clear();
-            let id = id.with_context(|| format!("packing {}", args.dir.display()))?;
+            // The chunks first: a bad `--against` is refused before anything is written.
             let progress = super::spinner("cutting the revision into chunks");
             let report = chunks(&args.dir, args.against.as_deref());
             progress.finish_and_clear();
             let report = report?;
+            let progress = super::spinner(&format!("packing {}", args.dir.display()));
+            let id = bundle::create(&args.dir, &args.output);
+            progress.finish_and_clear();
+            let id = id.with_context(|| format!("packing {}", args.dir.display()))?;
+            if id != report.revision {
+                let _ = std::fs::remove_file(&args.output);
+                anyhow::bail!(
+                    "{} changed while it was read (its chunks make revision {}, the archive \
+                     {}): nothing was written; pack it again once it is still",
+                    args.dir.display(),
+                    report.revision,
+                    id
+                );
+            }
             if json {
                 super::print_json(&Created {
                     id: &id.0,
