@@ -227,7 +227,9 @@ fn six_hosts_fetch_a_revision_as_a_swarm_and_then_only_what_changed() {
         );
         assert!(
             fetched as f64 <= 0.15 * MODEL as f64,
-            "{host} fetched {fetched} bytes of a model of {MODEL} changed by a tenth"
+            "{host} fetched {fetched} bytes of a model of {MODEL} changed by a tenth; its \
+             log:\n{}",
+            fleet.iter().find(|a| a.name == host).unwrap().log_text()
         );
         assert!(reused as f64 >= 0.8 * MODEL as f64, "{host}: {reused}");
     }

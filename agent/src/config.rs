@@ -89,6 +89,38 @@ pub struct Transfer {
     pub store_limit: Option<String>,
 }
 
+impl Transfer {
+    /// Chunk requests answered at once: `max_uploads`, fewer under a low `upload_rate`,
+    /// so that each request still gets a chunk out every second (a fetcher gives a peer 5 s
+    /// per answer).
+    pub fn uploads_at_once(&self) -> usize {
+        let rate = self.upload_rate.as_deref().and_then(|r| parse_size(r).ok());
+        match rate {
+            Some(rate) => {
+                let fits = (rate / u64::from(crate::chunks::MAX_CHUNK)).max(1) as usize;
+                self.max_uploads.min(fits)
+            }
+            None => self.max_uploads,
+        }
+    }
+
+    /// The swarm's tuning for this agent: under a `download_rate`, no more batches in
+    /// flight than the rate moves in 4 s, so no batch misses its deadline waiting on this
+    /// host's own limit.
+    pub fn swarm_config(&self) -> crate::blobs::swarm::Config {
+        let mut config = crate::blobs::swarm::Config::default();
+        if let Some(rate) = self
+            .download_rate
+            .as_deref()
+            .and_then(|r| parse_size(r).ok())
+        {
+            let batch = config.batch as u64 * u64::from(crate::chunks::AVG_CHUNK);
+            config.max_in_flight = ((rate * 4 / batch).max(1) as usize).min(config.max_in_flight);
+        }
+        config
+    }
+}
+
 impl Default for Transfer {
     fn default() -> Self {
         Transfer {
@@ -294,7 +326,14 @@ impl AgentConfig {
             ("store_limit", &config.transfer.store_limit),
         ] {
             if let Some(size) = size {
-                parse_size(size).with_context(|| format!("`transfer.{key}`"))?;
+                let bytes = parse_size(size).with_context(|| format!("`transfer.{key}`"))?;
+                let least = u64::from(crate::chunks::MAX_CHUNK);
+                if key != "store_limit" && bytes < least {
+                    anyhow::bail!(
+                        "`transfer.{key}` is {bytes} bytes per second, less than one chunk's \
+                         most ({least}): give at least 128KiB"
+                    );
+                }
             }
         }
         Ok(config)

@@ -183,8 +183,12 @@ pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u3
     }
     let mut runs = Vec::new();
     for (mode, from_peers) in [("swarm", true), ("origin-only", false)] {
+        // All stopped before any starts again: a restarted agent must not get the other
+        // run's deployment log back from one still running.
         for a in fleet.iter_mut() {
             a.kill();
+        }
+        for a in fleet.iter_mut() {
             // Empty stores: nothing of the other run is held.
             let _ = std::fs::remove_dir_all(&a.data_dir);
             let _ = std::fs::remove_dir_all(&a.install_root);

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::rate::Rate;
-use super::swarm::{Action, Config, Got, Role, Swarm};
+use super::swarm::{Action, Config, Ended, Got, Role, Swarm};
 use super::{BlobAnswer, BlobRequest, BundleStore, Fetched, pack_bits, peer_text, unpack_bits};
 use crate::bundle::RevisionId;
 use crate::chunks::store::MAX_MANIFEST;
@@ -37,6 +37,21 @@ use crate::chunks::{AssembleError, ChunkId, ChunkStore, Manifest, StoreError};
 use crate::mesh::frame::{Protocol, read_frame, write_frame};
 use crate::mesh::node::{MeshHandle, STREAM_DEADLINE};
 use crate::mesh::view::MemberState;
+
+/// Rounds of asking busy peers for the manifest again (250 ms apart).
+const MANIFEST_ROUNDS: usize = 40;
+
+/// Why a peer gave no manifest.
+enum Refused {
+    Busy,
+    Other(String),
+}
+
+impl From<String> for Refused {
+    fn from(why: String) -> Refused {
+        Refused::Other(why)
+    }
+}
 
 /// How often the sources are read again from gossip.
 const SOURCES_EVERY: Duration = Duration::from_secs(1);
@@ -52,14 +67,17 @@ pub struct Fetching {
 struct Progress {
     app: String,
     manifest: Arc<Vec<u8>>,
-    held: Vec<bool>,
+    /// One bit per chunk, packed as `Have` sends them.
+    held: Vec<u8>,
+    /// Fetches of this revision under way (two applications may share one).
+    fetches: usize,
 }
 
 impl Fetching {
     /// Which chunks of `revision` this agent holds while it fetches it, packed.
     pub fn have(&self, revision: &str) -> Option<Vec<u8>> {
         let inner = self.inner.lock().expect("fetching lock");
-        inner.get(revision).map(|p| pack_bits(&p.held))
+        inner.get(revision).map(|p| p.held.clone())
     }
 
     /// The manifest of `revision` while it is being fetched, encoded.
@@ -86,27 +104,36 @@ impl Fetching {
             .collect()
     }
 
-    fn start(&self, app: &str, revision: &str, manifest: Arc<Vec<u8>>, held: Vec<bool>) {
-        let progress = Progress {
-            app: app.to_string(),
-            manifest,
-            held,
-        };
+    fn start(&self, app: &str, revision: &str, manifest: Arc<Vec<u8>>, chunks: usize) {
         let mut inner = self.inner.lock().expect("fetching lock");
-        inner.insert(revision.to_string(), progress);
+        inner
+            .entry(revision.to_string())
+            .or_insert_with(|| Progress {
+                app: app.to_string(),
+                manifest,
+                held: pack_bits(&vec![false; chunks]),
+                fetches: 0,
+            })
+            .fetches += 1;
     }
 
     fn mark(&self, revision: &str, index: usize) {
         let mut inner = self.inner.lock().expect("fetching lock");
         if let Some(p) = inner.get_mut(revision)
-            && let Some(bit) = p.held.get_mut(index)
+            && let Some(byte) = p.held.get_mut(index / 8)
         {
-            *bit = true;
+            *byte |= 1 << (index % 8);
         }
     }
 
     fn end(&self, revision: &str) {
-        self.inner.lock().expect("fetching lock").remove(revision);
+        let mut inner = self.inner.lock().expect("fetching lock");
+        if let Some(p) = inner.get_mut(revision) {
+            p.fetches = p.fetches.saturating_sub(1);
+            if p.fetches == 0 {
+                inner.remove(revision);
+            }
+        }
     }
 }
 
@@ -140,7 +167,10 @@ pub enum ChunkedErrorKind {
     Bundle(#[from] super::BlobError),
     /// This host's chunk store failed while a chunk was being stored.
     #[error("storing a chunk: {0}")]
-    Local(String),
+    Local(StoreError),
+    /// Every source was dropped (liars, failures) and none is left to ask.
+    #[error("no source left to ask{}", dropped_text(.dropped))]
+    Stuck { dropped: Vec<(String, String)> },
     /// No chunk was stored for the fetch's patience (none came from any source); what is
     /// missing, and the peers avoided, and why.
     #[error(
@@ -153,6 +183,18 @@ pub enum ChunkedErrorKind {
         sources: usize,
         dropped: Vec<(String, String)>,
     },
+}
+
+impl ChunkedErrorKind {
+    /// Whether this host's own stores failed (its disk): fetching the bundle whole would
+    /// not do better.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ChunkedErrorKind::Store(_) | ChunkedErrorKind::Local(_) => true,
+            ChunkedErrorKind::Bundle(e) => e.is_local(),
+            _ => false,
+        }
+    }
 }
 
 fn dropped_text(dropped: &[(String, String)]) -> String {
@@ -207,10 +249,10 @@ enum Event {
     },
     BatchEnd {
         batch: u64,
-        result: Result<(), String>,
+        ended: Ended,
     },
     /// This host's store failed: the fetch ends.
-    Local(String),
+    Local(StoreError),
 }
 
 impl Swarmer {
@@ -268,16 +310,13 @@ impl Swarmer {
         // Known before anything is read from the store: a collection from here on keeps
         // this revision's chunks.
         self.fetching
-            .start(app, revision, Arc::new(encoded), vec![false; chunks.len()]);
+            .start(app, revision, Arc::new(encoded), chunks.len());
         let _announced = Announced {
             fetching: &self.fetching,
             revision: revision.to_string(),
         };
         let stored = {
-            let (store, ids) = (
-                self.chunks.clone(),
-                chunks.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
-            );
+            let (store, ids) = (self.chunks.clone(), chunks.clone());
             tokio::task::spawn_blocking(move || store.has_all(&ids))
                 .await
                 .unwrap_or_default()
@@ -307,6 +346,7 @@ impl Swarmer {
             swarm.add_peer(now, b, Role::Fetcher);
         }
         let mut turns: Vec<String> = batch.clone();
+        let mut stuck = 0;
         let mut refresh = tokio::time::interval(SOURCES_EVERY);
         refresh.tick().await;
         let (tx, mut rx) = mpsc::channel::<Event>(1024);
@@ -359,7 +399,7 @@ impl Swarmer {
                             }
                             swarm.handle_chunk(now, batch, &chunks[index].0, got);
                         }
-                        Event::BatchEnd { batch, result } => swarm.handle_batch_end(now, batch, result),
+                        Event::BatchEnd { batch, ended } => swarm.handle_batch_end(now, batch, ended),
                         Event::Local(why) => return Err(ChunkedErrorKind::Local(why)),
                     }
                 }
@@ -368,15 +408,27 @@ impl Swarmer {
                     swarm.handle_timeout(now);
                     if Instant::now() >= deadline {
                         let (_, missing) = swarm.progress();
+                        let mut sources: std::collections::BTreeSet<String> =
+                            swarm.bytes_from().into_keys().collect();
+                        sources.extend(origins.iter().cloned());
                         return Err(ChunkedErrorKind::Deadline {
                             missing,
                             after: within,
-                            sources: origins.len() + swarm.bytes_from().len(),
+                            sources: sources.len(),
                             dropped: swarm.dropped(),
                         });
                     }
                 }
+                // Finished requests are reaped as they end.
+                Some(_) = tasks.join_next() => {}
                 _ = refresh.tick() => {
+                    // No source left for three rounds of gossip: no use waiting longer.
+                    stuck = if swarm.is_stuck() { stuck + 1 } else { 0 };
+                    if stuck >= 3 {
+                        return Err(ChunkedErrorKind::Stuck {
+                            dropped: swarm.dropped(),
+                        });
+                    }
                     (holders, fetchers) = self.sources(app, revision).await;
                 }
             }
@@ -454,8 +506,14 @@ impl Swarmer {
             // a chunk.
             let mut candidates = Vec::new();
             for (revision, mtime) in self.chunks.manifests()? {
-                let Some(manifest) = self.chunks.manifest(&revision)? else {
-                    continue;
+                // One that cannot be read does not stop the collection of the others.
+                let manifest = match self.chunks.manifest(&revision) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(revision = %revision.0, "a manifest left out of the collection: {e}");
+                        continue;
+                    }
                 };
                 candidates.push(super::collect::Candidate {
                     pinned: active.contains(&revision.0),
@@ -522,15 +580,30 @@ impl Swarmer {
         peers: &[String],
         id: &RevisionId,
     ) -> Result<(Manifest, Vec<u8>), ChunkedErrorKind> {
+        // Peers that were busy are asked again, a little later, for a while.
+        let mut ask: Vec<String> = peers.to_vec();
         let mut attempts = Vec::new();
-        for peer in peers {
-            match self.manifest_of(peer, id).await {
-                Ok(found) => return Ok(found),
-                Err(why) => {
-                    tracing::debug!(%peer, revision = %id.0, "no manifest from this peer: {why}");
-                    attempts.push((peer.clone(), why));
+        for round in 0..MANIFEST_ROUNDS {
+            let mut busy = Vec::new();
+            for peer in ask {
+                match self.manifest_of(&peer, id).await {
+                    Ok(found) => return Ok(found),
+                    Err(Refused::Busy) => busy.push(peer),
+                    Err(Refused::Other(why)) => {
+                        tracing::debug!(%peer, revision = %id.0, "no manifest from this peer: {why}");
+                        attempts.push((peer, why));
+                    }
                 }
             }
+            if busy.is_empty() {
+                break;
+            }
+            if round + 1 == MANIFEST_ROUNDS {
+                attempts.extend(busy.into_iter().map(|p| (p, "busy".to_string())));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            ask = busy;
         }
         Err(ChunkedErrorKind::NoManifest(attempts))
     }
@@ -539,7 +612,7 @@ impl Swarmer {
         &self,
         peer: &str,
         id: &RevisionId,
-    ) -> Result<(Manifest, Vec<u8>), String> {
+    ) -> Result<(Manifest, Vec<u8>), Refused> {
         let request = BlobRequest::Manifest {
             revision: id.0.clone(),
         };
@@ -547,9 +620,12 @@ impl Swarmer {
         let len = match answer(&mut recv).await? {
             BlobAnswer::Sending { len } if len <= MAX_MANIFEST => len,
             BlobAnswer::Sending { len } => {
-                return Err(format!("a manifest of {len} bytes, over {MAX_MANIFEST}"));
+                return Err(Refused::Other(format!(
+                    "a manifest of {len} bytes, over {MAX_MANIFEST}"
+                )));
             }
-            other => return Err(unexpected(other)),
+            BlobAnswer::Busy => return Err(Refused::Busy),
+            other => return Err(Refused::Other(unexpected(other))),
         };
         // Grown as the bytes come (the length is only the peer's word).
         let mut bytes = Vec::new();
@@ -599,7 +675,12 @@ impl Swarmer {
                 debug_assert!(asked.iter().all(|(i, _, _)| *i < chunks.len()));
                 tasks.spawn(async move {
                     let result = fetch_batch(&mesh, &store, &rate, &peer, batch, &asked, &tx).await;
-                    let _ = tx.send(Event::BatchEnd { batch, result }).await;
+                    let ended = match result {
+                        Ok(()) => Ended::Done,
+                        Err(Failure::Busy) => Ended::Busy,
+                        Err(Failure::Other(why)) => Ended::Failed(why),
+                    };
+                    let _ = tx.send(Event::BatchEnd { batch, ended }).await;
                 });
             }
         }
@@ -698,6 +779,19 @@ async fn have(mesh: &MeshHandle, peer: &str, request: &BlobRequest) -> Result<He
 
 /// Asks `peer` for the chunks `asked` (the `indices`-th of the revision), checks each
 /// against its name and stores it, telling the driver of each.
+/// Why a batch broke off.
+enum Failure {
+    /// The peer is answering all it may.
+    Busy,
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Failure {
+        Failure::Other(why)
+    }
+}
+
 async fn fetch_batch(
     mesh: &MeshHandle,
     store: &ChunkStore,
@@ -706,7 +800,7 @@ async fn fetch_batch(
     batch: u64,
     asked: &[(usize, ChunkId, u32)],
     tx: &mpsc::Sender<Event>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let request = BlobRequest::Chunks {
         ids: asked.iter().map(|(_, c, _)| *c).collect(),
     };
@@ -728,21 +822,23 @@ async fn fetch_batch(
                     Ok(_) => Got::Stored,
                     Err(StoreError::Corrupt { .. } | StoreError::TooLarge { .. }) => Got::Corrupt,
                     Err(e) => {
-                        let why = format!("chunk {id}: {e}");
-                        let _ = tx.send(Event::Local(why.clone())).await;
-                        return Err(why);
+                        let _ = tx.send(Event::Local(e)).await;
+                        return Err(Failure::Other(format!("storing chunk {id} failed here")));
                     }
                 }
             }
             // A chunk of another length than its name's is not that chunk.
             BlobAnswer::Chunk { .. } => Got::Corrupt,
             BlobAnswer::NoChunk => Got::Missing,
-            other => return Err(unexpected(other)),
+            BlobAnswer::Busy => return Err(Failure::Busy),
+            other => return Err(Failure::Other(unexpected(other))),
         };
         let corrupt = got == Got::Corrupt;
         let _ = tx.send(Event::Chunk { batch, index, got }).await;
         if corrupt {
-            return Err("it sent a chunk that is not the one asked for".into());
+            return Err(Failure::Other(
+                "it sent a chunk that is not the one asked for".into(),
+            ));
         }
     }
     Ok(())

@@ -143,7 +143,7 @@ impl Holder {
             Ok(Ok(BlobRequest::Manifest { revision })) => {
                 self.send_manifest(&revision, &mut send).await
             }
-            Ok(Ok(BlobRequest::Have { revision })) => Outcome::Answered(self.have(&revision)),
+            Ok(Ok(BlobRequest::Have { revision })) => Outcome::Answered(self.have(&revision).await),
             Ok(Ok(BlobRequest::Chunks { ids })) => self.send_chunks(&ids, &mut send).await,
             Ok(Err(e)) => Outcome::Answered(BlobAnswer::Error(format!("malformed request: {e}"))),
             Err(_) => Outcome::Answered(BlobAnswer::Error(format!(
@@ -172,44 +172,45 @@ impl Holder {
     }
 
     /// What `Have` is answered: the bits of a fetch under way, all for a revision whose
-    /// manifest is kept complete, or `Missing`.
-    fn have(&self, revision: &str) -> BlobAnswer {
+    /// manifest is kept complete (a look at the file, off the runtime's threads), or
+    /// `Missing`.
+    async fn have(&self, revision: &str) -> BlobAnswer {
         if valid_revision(revision).is_err() {
             return BlobAnswer::Error("not a revision id".into());
         }
         if let Some(bits) = self.fetching.have(revision) {
             return BlobAnswer::Have(Some(bits));
         }
-        match self
-            .chunks
-            .manifest_bytes(&RevisionId(revision.to_string()))
-        {
-            Ok(Some(_)) => BlobAnswer::Have(None),
-            Ok(None) => BlobAnswer::Missing,
-            Err(e) => {
-                tracing::warn!("reading a manifest to answer a peer: {e}");
-                BlobAnswer::Missing
-            }
+        let (chunks, revision) = (self.chunks.clone(), RevisionId(revision.to_string()));
+        match tokio::task::spawn_blocking(move || chunks.has_manifest(&revision)).await {
+            Ok(true) => BlobAnswer::Have(None),
+            _ => BlobAnswer::Missing,
         }
     }
 
+    /// Sends a manifest, as one of the [`MAX_SENDING`] sends at once (`Busy` beyond: it
+    /// may be 64 MiB), read off the runtime's threads.
     async fn send_manifest(&self, revision: &str, send: &mut quinn::SendStream) -> Outcome {
         if valid_revision(revision).is_err() {
             return Outcome::Answered(BlobAnswer::Error("not a revision id".into()));
         }
+        let Ok(_permit) = self.sending.clone().try_acquire_owned() else {
+            return Outcome::Answered(BlobAnswer::Busy);
+        };
         let bytes = match self.fetching.manifest(revision) {
             Some(bytes) => bytes,
-            None => match self
-                .chunks
-                .manifest_bytes(&RevisionId(revision.to_string()))
-            {
-                Ok(Some(bytes)) => Arc::new(bytes),
-                Ok(None) => return Outcome::Answered(BlobAnswer::Missing),
-                Err(e) => {
-                    tracing::warn!("reading a manifest to send it: {e}");
-                    return Outcome::Answered(BlobAnswer::Missing);
+            None => {
+                let (chunks, rev) = (self.chunks.clone(), RevisionId(revision.to_string()));
+                match tokio::task::spawn_blocking(move || chunks.manifest_bytes(&rev)).await {
+                    Ok(Ok(Some(bytes))) => Arc::new(bytes),
+                    Ok(Ok(None)) => return Outcome::Answered(BlobAnswer::Missing),
+                    Ok(Err(e)) => {
+                        tracing::warn!("reading a manifest to send it: {e}");
+                        return Outcome::Answered(BlobAnswer::Missing);
+                    }
+                    Err(e) => return Outcome::Broken(e.to_string()),
                 }
-            },
+            }
         };
         let len = bytes.len() as u64;
         if let Err(why) = say(send, &BlobAnswer::Sending { len }).await {

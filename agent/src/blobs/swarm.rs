@@ -15,9 +15,15 @@
 //! - **Pipelining.** Each peer has up to [`Config::pipeline`] batches of up to
 //!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]).
 //! - **Re-asking.** A batch past its deadline is given up (its chunks go back to be asked
-//!   elsewhere) and counts against the peer: after [`Config::strikes`] the peer is dropped.
-//!   When nothing is left to ask for the first time, chunks in flight are asked once more of
-//!   another peer (the end game), so one slow peer does not hold up the end.
+//!   elsewhere) and counts against the peer: after [`Config::strikes`] failures in a row
+//!   the peer is dropped. When nothing is left to ask for the first time, chunks in flight
+//!   are asked once more of another peer (the end game), so one slow peer does not hold up
+//!   the end.
+//! - **Answers that are not failures.** A busy peer rests for [`Config::busy_rest`]; a
+//!   peer taken to hold everything that lacks a chunk is not asked for it again (whatever
+//!   gossip says next), and the origin gives it.
+//! - **Bounds.** At most [`Config::max_peers`] sources besides the origin, at most
+//!   [`Config::max_in_flight`] batches in flight in all.
 //! - **Avoiding liars.** A peer that sends a chunk whose bytes do not match its name is
 //!   dropped at once, its answers in flight ignored: the chunks come from others.
 
@@ -47,8 +53,17 @@ pub struct Config {
     pub batch_base: Duration,
     /// The slowest rate a batch's deadline allows, in bytes per second.
     pub min_rate: u64,
-    /// Deadlines missed (or requests failed) before a peer is dropped.
+    /// Deadlines missed (or requests failed) in a row before a peer is dropped.
     pub strikes: u32,
+    /// Batches in flight from all peers together (the driver lowers it to what a
+    /// download rate moves in a few seconds, so that no batch misses its deadline waiting
+    /// on this host's own limit).
+    pub max_in_flight: usize,
+    /// Peers kept as sources (the origin aside): enough to spread the load, few enough
+    /// that asking each what it holds stays cheap in a large fleet.
+    pub max_peers: usize,
+    /// How long a peer that answered busy is left alone.
+    pub busy_rest: Duration,
 }
 
 impl Default for Config {
@@ -63,6 +78,9 @@ impl Default for Config {
             batch_base: Duration::from_secs(5),
             min_rate: 256 * 1024,
             strikes: 3,
+            max_in_flight: 64,
+            max_peers: 40,
+            busy_rest: Duration::from_millis(250),
         }
     }
 }
@@ -104,6 +122,17 @@ pub enum Got {
     Corrupt,
 }
 
+/// How a batch ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every chunk was answered.
+    Done,
+    /// The peer was answering all it may: left alone for a moment, not held against it.
+    Busy,
+    /// The request failed (the stream, a deadline, a refusal), and why.
+    Failed(String),
+}
+
 /// What a peer holds, as far as known.
 #[derive(Clone, Debug)]
 enum Holds {
@@ -124,6 +153,21 @@ struct PeerState {
     have_due: bool,
     /// Bytes of chunks it gave that were stored.
     bytes: u64,
+    /// Chunks it said it lacks although it was taken to hold them all: not asked of it
+    /// again during this fetch (whatever gossip says).
+    lacks: std::collections::HashSet<usize>,
+    /// Left alone until then (it answered busy).
+    resting_until: Option<Instant>,
+}
+
+impl PeerState {
+    fn holds(&self, i: usize) -> bool {
+        match &self.holds {
+            Holds::All => !self.lacks.contains(&i),
+            Holds::Some(bits) => bits[i],
+            Holds::Unknown => false,
+        }
+    }
 }
 
 struct Batch {
@@ -136,6 +180,8 @@ struct Batch {
 enum Timer {
     Batch(u64),
     Have(String),
+    /// A peer's rest after a busy answer is over.
+    Rest,
 }
 
 /// One revision's fetch: see the module documentation.
@@ -160,6 +206,9 @@ pub struct Swarm {
     fetched_bytes: u64,
     /// When a chunk was last stored (or the fetch began).
     progress_at: Option<Instant>,
+    /// Batches given up (late, or their peer dropped) whose answers may still come, and
+    /// from whom: a corrupt chunk among them still drops its sender.
+    given_up: HashMap<u64, String>,
 }
 
 impl Swarm {
@@ -198,6 +247,7 @@ impl Swarm {
             },
             fetched_bytes: 0,
             progress_at: None,
+            given_up: HashMap::new(),
         }
     }
 
@@ -208,23 +258,38 @@ impl Swarm {
             return;
         }
         let _ = now;
+        let others = self
+            .peers
+            .values()
+            .filter(|s| s.role != Role::Origin)
+            .count();
+        if !self.peers.contains_key(peer) && role != Role::Origin && others >= self.config.max_peers
+        {
+            return;
+        }
         let state = self
             .peers
             .entry(peer.to_string())
             .or_insert_with(|| PeerState {
                 role,
-                holds: Holds::Unknown,
+                holds: if role == Role::Fetcher {
+                    Holds::Unknown
+                } else {
+                    Holds::All
+                },
                 in_flight: 0,
                 strikes: 0,
                 dropped: None,
                 asking_have: false,
-                have_due: true,
+                have_due: role == Role::Fetcher,
                 bytes: 0,
+                lacks: Default::default(),
+                resting_until: None,
             });
-        if state.role != Role::Origin {
-            state.role = role;
-        }
-        if matches!(role, Role::Holder | Role::Origin) {
+        // Only a fetcher that finished becomes a holder: what a peer was found to lack
+        // stays known, whatever gossip says on its next round.
+        if state.role == Role::Fetcher && role == Role::Holder {
+            state.role = Role::Holder;
             state.holds = Holds::All;
         }
     }
@@ -266,7 +331,9 @@ impl Swarm {
             }
             None => state.holds = Holds::Some(vec![false; n]),
         }
-        self.timers.push(now + every, Timer::Have(peer.to_string()));
+        if state.role == Role::Fetcher {
+            self.timers.push(now + every, Timer::Have(peer.to_string()));
+        }
     }
 
     /// Asking `peer` what it holds failed.
@@ -294,11 +361,17 @@ impl Swarm {
             self.progress_at = Some(now);
         }
         let Some(b) = self.batches.get_mut(&batch) else {
-            // A batch given up (late, or from a dropped peer): what it stored still counts.
+            // A batch given up (late, or from a dropped peer): what it stored still counts,
+            // and a lie still drops its sender.
             if got == Got::Stored && !self.held[i] {
                 self.held[i] = true;
                 self.missing -= 1;
                 self.fetched_bytes += u64::from(self.chunks[i].1);
+            }
+            if got == Got::Corrupt
+                && let Some(peer) = self.given_up.get(&batch).cloned()
+            {
+                self.drop_peer(&peer, "it sent a chunk whose bytes do not match its name");
             }
             return;
         };
@@ -323,10 +396,11 @@ impl Swarm {
                 if let Some(state) = self.peers.get_mut(&peer) {
                     match &mut state.holds {
                         Holds::Some(bits) => bits[i] = false,
+                        // A holder without a chunk of what it holds (its manifest dropped,
+                        // an older agent, a short chunk found on read): not asked for it
+                        // again; others, or the origin, are.
                         Holds::All | Holds::Unknown => {
-                            // A holder that lacks a chunk of what it holds: count it.
-                            state.holds = Holds::Unknown;
-                            state.have_due = true;
+                            state.lacks.insert(i);
                         }
                     }
                 }
@@ -339,8 +413,10 @@ impl Swarm {
 
     /// Batch `batch` ended: `Ok` when every chunk was answered, or why it broke off. Chunks
     /// it did not give go back to be asked again.
-    pub fn handle_batch_end(&mut self, _now: Instant, batch: u64, result: Result<(), String>) {
+    pub fn handle_batch_end(&mut self, now: Instant, batch: u64, ended: Ended) {
         let Some(b) = self.batches.remove(&batch) else {
+            // The driver's word that a given-up batch's request is over.
+            self.given_up.remove(&batch);
             return;
         };
         for &i in &b.chunks {
@@ -349,10 +425,39 @@ impl Swarm {
         if let Some(state) = self.peers.get_mut(&b.peer) {
             state.in_flight = state.in_flight.saturating_sub(1);
         }
-        if let Err(why) = result {
-            self.strike(&b.peer, &why);
-        } else if b.open > 0 {
-            self.strike(&b.peer, "it ended a batch without answering every chunk");
+        match ended {
+            Ended::Done if b.open == 0 => {
+                // Strikes count failures in a row.
+                if let Some(state) = self.peers.get_mut(&b.peer) {
+                    state.strikes = 0;
+                }
+            }
+            Ended::Done => {
+                self.strike(&b.peer, "it ended a batch without answering every chunk");
+            }
+            Ended::Busy => {
+                let until = now + self.config.busy_rest;
+                if let Some(state) = self.peers.get_mut(&b.peer) {
+                    state.resting_until = Some(until);
+                }
+                self.timers.push(until, Timer::Rest);
+            }
+            Ended::Failed(why) => {
+                self.strike(&b.peer, &why);
+            }
+        }
+    }
+
+    /// Gives up batch `batch` (late): its chunks go back, its peer gets a strike, and its
+    /// answers, if they still come, are taken for what they are.
+    fn give_up(&mut self, now: Instant, batch: u64) {
+        if let Some(b) = self.batches.get(&batch) {
+            self.given_up.insert(batch, b.peer.clone());
+            self.handle_batch_end(
+                now,
+                batch,
+                Ended::Failed("a request missed its deadline".into()),
+            );
         }
     }
 
@@ -361,15 +466,8 @@ impl Swarm {
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some((_, timer)) = self.timers.pop_due(now) {
             match timer {
-                Timer::Batch(batch) => {
-                    if self.batches.contains_key(&batch) {
-                        self.handle_batch_end(
-                            now,
-                            batch,
-                            Err("a request missed its deadline".into()),
-                        );
-                    }
-                }
+                Timer::Batch(batch) => self.give_up(now, batch),
+                Timer::Rest => {}
                 Timer::Have(peer) => {
                     if let Some(state) = self.peers.get_mut(&peer)
                         && state.role == Role::Fetcher
@@ -383,7 +481,15 @@ impl Swarm {
 
     /// When [`Swarm::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next_deadline()
+        // The end of the patience is a moment to decide again too.
+        let patience = self
+            .progress_at
+            .filter(|_| self.missing > 0)
+            .map(|at| at + self.config.patience);
+        match (self.timers.next_deadline(), patience) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next thing to ask, if any.
@@ -404,6 +510,13 @@ impl Swarm {
         }
         // The origin waits until what every other peer holds is known: what they hold
         // is not asked of it.
+        // Nothing stored for a while: the origin may be asked for any chunk, in the end
+        // game too, and without waiting for peers that have not said what they hold.
+        let since = *self.progress_at.get_or_insert(now);
+        let patient = now.saturating_duration_since(since) < self.config.patience;
+        if self.batches.len() >= self.config.max_in_flight {
+            return None;
+        }
         let unknown = self
             .peers
             .values()
@@ -415,7 +528,8 @@ impl Swarm {
             .filter(|(_, s)| {
                 s.dropped.is_none()
                     && !matches!(s.holds, Holds::Unknown)
-                    && !(unknown && s.role == Role::Origin)
+                    && !(unknown && patient && s.role == Role::Origin)
+                    && s.resting_until.is_none_or(|t| t <= now)
                     && s.in_flight
                         < if s.role == Role::Origin {
                             self.config.origin_pipeline
@@ -426,10 +540,6 @@ impl Swarm {
             .collect();
         order.sort_by_key(|(_, s)| (s.role == Role::Origin, s.in_flight));
         let order: Vec<String> = order.into_iter().map(|(p, _)| p.clone()).collect();
-        // Nothing stored for a while: the origin may be asked for any chunk, and in the
-        // end game too.
-        let since = *self.progress_at.get_or_insert(now);
-        let patient = now.saturating_duration_since(since) < self.config.patience;
         for peer in order {
             let origin = self.peers[&peer].role == Role::Origin;
             let mut picked = self.pick(&peer, false, patient);
@@ -497,44 +607,48 @@ impl Swarm {
     /// turn.
     fn pick(&self, peer: &str, end_game: bool, patient: bool) -> Vec<usize> {
         let state = &self.peers[peer];
-        let holds = |s: &PeerState, i: usize| match &s.holds {
-            Holds::All => true,
-            Holds::Some(bits) => bits[i],
-            Holds::Unknown => false,
-        };
-        let in_this_peer: Vec<usize> = self
+        let in_this_peer: std::collections::HashSet<usize> = self
             .batches
             .values()
             .filter(|b| b.peer == peer)
             .flat_map(|b| b.chunks.iter().copied())
             .collect();
+        let others: Vec<&PeerState> = self
+            .peers
+            .iter()
+            .filter(|(p, s)| p.as_str() != peer && s.dropped.is_none())
+            .map(|(_, s)| s)
+            .collect();
         let (me, fetchers) = self.turn;
-        let mut candidates: Vec<(usize, usize, u64, usize)> = Vec::new();
+        let mut candidates: Vec<(usize, u64, u64, usize)> = Vec::new();
         for i in 0..self.chunks.len() {
-            if self.held[i] || !holds(state, i) {
+            if self.held[i] || !state.holds(i) {
                 continue;
             }
             let fresh = self.asked[i] == 0;
             if !(fresh || (end_game && self.asked[i] == 1 && !in_this_peer.contains(&i))) {
                 continue;
             }
-            let others: Vec<&PeerState> = self
-                .peers
-                .iter()
-                .filter(|(p, s)| p.as_str() != peer && s.dropped.is_none() && holds(s, i))
-                .map(|(_, s)| s)
-                .collect();
-            // An origin gives only what no other peer holds.
-            if state.role == Role::Origin && others.iter().any(|s| s.role != Role::Origin) {
-                continue;
-            }
-            let rarity = others.len() + 1;
-            let rotation =
-                (usize::from(self.chunks[i].0.0[0]) % fetchers + fetchers - me) % fetchers;
+            let id = &self.chunks[i].0.0;
+            let rotation = (u64::from_le_bytes(id[..8].try_into().expect("8 bytes"))
+                % fetchers as u64
+                + fetchers as u64
+                - me as u64)
+                % fetchers as u64;
             if state.role == Role::Origin && patient && rotation != 0 {
                 continue;
             }
-            let id = &self.chunks[i].0.0;
+            let (mut rarity, mut elsewhere) = (1, false);
+            for s in &others {
+                if s.holds(i) {
+                    rarity += 1;
+                    elsewhere |= s.role != Role::Origin;
+                }
+            }
+            // An origin gives only what no other peer holds.
+            if state.role == Role::Origin && elsewhere {
+                continue;
+            }
             let mixed = u64::from_le_bytes(id[8..16].try_into().expect("8 bytes")) ^ self.salt;
             candidates.push((rarity, rotation, mixed, i));
         }

@@ -112,7 +112,9 @@ impl ChunkStore {
             return Err(StoreError::Corrupt { id: *id, got });
         }
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        if self.has(id) {
+        // One of the right size is this chunk (a short one, what a power cut may leave of
+        // an unsynced write, is written again).
+        if self.stored_len(id) == Some(bytes.len() as u64) {
             return Ok(false);
         }
         let (shard, _) = self
@@ -127,9 +129,12 @@ impl ChunkStore {
 
     /// Keeps `manifest` as the manifest of a revision whose chunks are all stored
     /// (`chunks/manifests/<revision>`): what makes this host answer `Have` with "all".
-    /// Call it only once every chunk is in.
+    /// Call it only once every chunk is in: the chunks (written without fsync) are made
+    /// durable first, so a power cut never leaves a complete manifest over short chunks.
     pub fn put_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
         let bytes = postcard::to_stdvec(manifest).expect("a manifest encodes");
+        nix::unistd::syncfs(self.top()?.fd())
+            .map_err(|e| self.io(std::io::Error::from_raw_os_error(e as i32)))?;
         let (dir, _) = self
             .top()?
             .create_dirs(Path::new(MANIFESTS))
@@ -222,9 +227,33 @@ impl ChunkStore {
 
     /// Which of `ids` are stored, read after any collection under way has ended (so a
     /// fetch known to it before this call sees what it kept).
-    pub fn has_all(&self, ids: &[ChunkId]) -> Vec<bool> {
+    /// A chunk counts only at its length (`ids` with their lengths): a short one is
+    /// fetched again.
+    pub fn has_all(&self, ids: &[(ChunkId, u32)]) -> Vec<bool> {
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        ids.iter().map(|id| self.has(id)).collect()
+        ids.iter()
+            .map(|(id, len)| self.stored_len(id) == Some(u64::from(*len)))
+            .collect()
+    }
+
+    /// Whether a complete manifest of `revision` is kept (without reading it).
+    pub fn has_manifest(&self, revision: &RevisionId) -> bool {
+        crate::blobs::valid_revision(&revision.0).is_ok()
+            && self.top().is_ok_and(|top| {
+                top.open_dir(Path::new(MANIFESTS)).is_ok_and(|dir| {
+                    matches!(dir.stat(OsStr::new(&revision.0)), Ok(Some((Kind::File, _))))
+                })
+            })
+    }
+
+    /// The length of stored chunk `id`, if it is stored (as a regular file).
+    fn stored_len(&self, id: &ChunkId) -> Option<u64> {
+        let top = self.top().ok()?;
+        let shard = top.open_dir(Path::new(&Self::shard_name(id))).ok()?;
+        match shard.stat(OsStr::new(&id.hex())) {
+            Ok(Some((Kind::File, st))) => Some(st.st_size as u64),
+            _ => None,
+        }
     }
 
     /// Whether chunk `id` is stored (as a regular file).

@@ -505,11 +505,18 @@ impl HostSide {
                 .await
             {
                 Ok(fetched) => return Ok(fetched),
-                // Peers that keep whole bundles only: fetch one whole, below.
-                Err(blobs::chunked::ChunkedErrorKind::NoManifest(why)) => {
+                // Peers that keep whole bundles only, or a swarm that failed: the bundle
+                // whole, below, from whoever holds it (the uploader does).
+                Err(e @ blobs::chunked::ChunkedErrorKind::NoManifest(_)) => {
                     tracing::info!(
                         revision = %intent.revision,
-                        "no peer has the revision as chunks, fetching its bundle whole: {why:?}"
+                        "fetching the bundle whole: {e}"
+                    );
+                }
+                Err(e) if !e.is_local() => {
+                    tracing::warn!(
+                        revision = %intent.revision,
+                        "the revision did not come as chunks, fetching its bundle whole: {e}"
                     );
                 }
                 Err(e) => {

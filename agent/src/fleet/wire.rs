@@ -104,8 +104,7 @@ pub struct RunHost {
     pub holders: Vec<String>,
     /// The other hosts of the batch: they fetch the revision at the same time, so the host
     /// asks them for chunks from the start rather than once gossip says they fetch (at
-    /// most [`MAX_BATCH_PEERS`] are used).
-    #[serde(default)]
+    /// most [`MAX_BATCH_PEERS`] are used). (Wire version 6.)
     pub batch: Vec<String>,
     /// The command is for the rollback of the intent: the host runs
     /// [`Intent::rollback`](super::intent::Intent::rollback) of it (the revision the

@@ -12,7 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// The wire version this agent speaks. 2: host records carry an application's problem.
 /// 3: rollouts (bakes, rollbacks, restarts in host records). 4: zones (a planned host's
 /// zone in the deployment log). 5: catch-ups (a host command and its confirmation say so).
-pub const VERSION: u16 = 5;
+/// 6: the swarm (a host command names its batch, a host record what it fetches, a host
+/// report what the fetch moved, and the chunk requests of the blobs protocol).
+pub const VERSION: u16 = 6;
 /// The largest frame accepted, in bytes.
 pub const MAX_FRAME: u32 = 1 << 20;
 

@@ -90,8 +90,7 @@ pub struct AppRecord {
     #[serde(default)]
     pub restarts: u32,
     /// The revision this host is fetching as chunks (`blobs::chunked`), if any: peers ask
-    /// it which chunks it has and fetch those from it meanwhile.
-    #[serde(default)]
+    /// it which chunks it has and fetch those from it meanwhile. (Wire version 6.)
     pub fetching: Option<String>,
 }
 

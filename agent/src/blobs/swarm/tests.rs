@@ -55,7 +55,7 @@ fn give(s: &mut Swarm, now: Instant, batch: u64, ids: &[ChunkId]) {
     for id in ids {
         s.handle_chunk(now, batch, id, Got::Stored);
     }
-    s.handle_batch_end(now, batch, Ok(()));
+    s.handle_batch_end(now, batch, Ended::Done);
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn a_peer_that_sends_a_corrupt_chunk_is_dropped_and_its_chunks_asked_elsewhere()
     assert_eq!(next[0].1, "honest");
     assert_eq!(next[0].2, liar_ids);
     // Whatever the liar says later is not taken for its batch.
-    s.handle_batch_end(now, liar_batch, Ok(()));
+    s.handle_batch_end(now, liar_batch, Ended::Done);
     give(&mut s, now, next[0].0, &next[0].2);
     assert!(s.is_done());
     assert_eq!(s.bytes_from().keys().collect::<Vec<_>>(), vec!["honest"]);
@@ -207,16 +207,17 @@ fn a_late_batch_is_asked_again_elsewhere_and_a_peer_late_three_times_is_dropped(
     s.add_peer(t0, "slow", Role::Holder);
     let first = fetches(&drain(&mut s, t0));
     assert_eq!(first.len(), 1);
-    let due = s.poll_timeout().expect("a deadline for the batch");
-    assert!(due > t0 + Duration::from_secs(5));
-    let mut now = due;
+    // The batch's deadline: 5 s and its bytes at the slowest rate allowed.
+    let late = Config::default().batch_base + Duration::from_millis(100);
+    assert!(s.poll_timeout().is_some());
+    let mut now = t0 + late;
     for round in 1..=3 {
         s.handle_timeout(now);
         if round < 3 {
             assert!(s.dropped().is_empty(), "round {round}");
             let again = fetches(&drain(&mut s, now));
             assert_eq!(again.len(), 1, "re-asked after a miss");
-            now = s.poll_timeout().unwrap();
+            now += late;
         }
     }
     assert_eq!(s.dropped().len(), 1, "three misses drop the peer");
@@ -256,28 +257,77 @@ fn in_the_end_game_chunks_in_flight_are_asked_of_an_idle_peer_too() {
 }
 
 #[test]
-fn a_holder_missing_a_chunk_is_asked_what_it_holds() {
+fn a_holder_that_lacks_chunks_is_not_asked_for_them_again_and_the_origin_gives_them() {
     let now = Instant::now();
-    let all = chunks(2);
-    let mut s = Swarm::new("me", all.clone(), |_| false, small());
-    s.add_peer(now, "h", Role::Fetcher);
-    assert_eq!(
-        drain(&mut s, now),
-        vec![Action::AskHave { peer: "h".into() }]
+    let all = chunks(4);
+    let mut s = Swarm::new(
+        "me",
+        all.clone(),
+        |_| false,
+        Config {
+            batch: 4,
+            origin_batch: 4,
+            ..small()
+        },
     );
-    s.handle_have(now, "h", Some(vec![true, true]));
+    s.add_peer(now, "origin", Role::Origin);
+    s.add_peer(now, "h", Role::Holder);
     let f = fetches(&drain(&mut s, now));
-    assert_eq!(f.len(), 1);
-    s.handle_chunk(now, f[0].0, &f[0].2[0], Got::Missing);
-    s.handle_chunk(now, f[0].0, &f[0].2[1], Got::Stored);
-    s.handle_batch_end(now, f[0].0, Ok(()));
-    assert_eq!(
-        drain(&mut s, now),
-        vec![Action::AskHave { peer: "h".into() }],
-        "asked again what it holds, not for the chunk blindly"
-    );
-    // A `Have` of another revision's length drops it.
-    s.handle_have(now, "h", Some(vec![true; 5]));
+    assert_eq!(f.len(), 1, "the holder first, the origin waits: {f:?}");
+    assert_eq!(f[0].1, "h");
+    // It has none of them after all (an older agent, its manifest dropped).
+    for id in &f[0].2 {
+        s.handle_chunk(now, f[0].0, id, Got::Missing);
+    }
+    s.handle_batch_end(now, f[0].0, Ended::Done);
+    // Gossip says again that it holds the revision: it is not believed over its answers.
+    s.add_peer(now, "h", Role::Holder);
+    let next = fetches(&drain(&mut s, now));
+    assert!(next.iter().all(|(_, p, _)| p == "origin"), "{next:?}");
+    let mut pending = next;
+    let mut later = now;
+    while !s.is_done() {
+        assert!(!pending.is_empty(), "stalled");
+        for (batch, peer, ids) in pending.drain(..) {
+            assert_eq!(peer, "origin");
+            give(&mut s, later, batch, &ids);
+        }
+        later += Duration::from_millis(10);
+        pending = fetches(&drain(&mut s, later));
+        assert!(
+            later < now + Duration::from_secs(5),
+            "the fetch did not end"
+        );
+    }
+    assert!(s.dropped().is_empty(), "lacking chunks is not lying");
+}
+
+#[test]
+fn a_busy_peer_is_left_alone_a_moment_and_not_held_against_it() {
+    let t0 = Instant::now();
+    let all = chunks(2);
+    let config = Config {
+        batch: 2,
+        pipeline: 1,
+        ..small()
+    };
+    let mut s = Swarm::new("me", all, |_| false, config.clone());
+    s.add_peer(t0, "h", Role::Holder);
+    for round in 0..5 {
+        let now = t0 + config.busy_rest * (round * 2);
+        let f = fetches(&drain(&mut s, now));
+        assert_eq!(f.len(), 1, "round {round}");
+        s.handle_batch_end(now, f[0].0, Ended::Busy);
+        assert!(
+            fetches(&drain(&mut s, now)).is_empty(),
+            "resting after a busy answer"
+        );
+    }
+    assert!(s.dropped().is_empty(), "busy five times, still a source");
+    // A holder that answers `Missing` to `Have` holds nothing; a `Have` of another
+    // revision's length drops a fetcher.
+    s.add_peer(t0, "f", Role::Fetcher);
+    s.handle_have(t0, "f", Some(vec![true; 5]));
     assert_eq!(s.dropped().len(), 1);
 }
 

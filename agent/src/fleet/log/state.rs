@@ -356,8 +356,7 @@ pub struct HostReport {
     pub events: Vec<EventRecord>,
     /// The last lines of the hook logs (a failed hook's reason last).
     pub tail: Vec<String>,
-    /// What fetching the revision moved, when it was fetched.
-    #[serde(default)]
+    /// What fetching the revision moved, when it was fetched. (Log format 5.)
     pub transfer: Option<TransferReport>,
 }
 

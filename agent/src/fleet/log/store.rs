@@ -46,8 +46,8 @@ use super::{DeploymentsState, Entry, Fence, LogId, Node, NodeId, Response, Stora
 pub const FILE: &str = "log.redb";
 
 /// The layout and encoding version this code writes and reads (3: a planned host's zone;
-/// 4: catch-up deployments).
-const FORMAT: u32 = 4;
+/// 4: catch-up deployments; 5: a host report says what fetching the revision moved).
+const FORMAT: u32 = 5;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
