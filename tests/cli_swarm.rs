@@ -26,23 +26,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleet::{Agent, Ca, agents, create, hosts, installed, json, revision, status, tag, wait_for};
+use shaped::noise;
 
 const LONG: Duration = Duration::from_secs(120);
 const MODEL: usize = 24 << 20;
-
-/// Deterministic bytes that do not compress and share nothing by chance.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// `old` with a tenth of its bytes changed in 16 places, half of them insertions (which
 /// shift every later byte) and half overwrites.

@@ -468,14 +468,7 @@ impl Swarmer {
     /// revisions no longer held or beyond the store's bound.
     pub async fn collect(&self) -> Result<Collection, ChunkedErrorKind> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.collect_now())
-            .await
-            .map_err(|e| {
-                ChunkedErrorKind::Store(StoreError::Io {
-                    path: "chunks".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })?
+        blocking(move || this.collect_now()).await
     }
 
     fn collect_now(&self) -> Result<Collection, ChunkedErrorKind> {
@@ -700,7 +693,7 @@ impl Swarmer {
             app.to_string(),
             id.clone(),
         );
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             let work = bundles.scratch_dir("assemble-")?;
             let tree = work.path().join("tree");
             std::fs::create_dir(&tree).map_err(|e| AssembleError::Io {
@@ -713,13 +706,19 @@ impl Swarmer {
             Ok(path)
         })
         .await
-        .map_err(|e| {
-            ChunkedErrorKind::Store(StoreError::Io {
-                path: "chunks".into(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })?
     }
+}
+
+/// Runs `work` on a blocking thread; a panic there is the chunk store's failure.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ChunkedErrorKind> + Send + 'static,
+) -> Result<T, ChunkedErrorKind> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        ChunkedErrorKind::Store(StoreError::Io {
+            path: "chunks".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })?
 }
 
 /// A peer's answer to `Have`.
