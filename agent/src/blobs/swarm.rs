@@ -10,7 +10,7 @@
 //!   others and not the server of everyone.
 //! - **Rarest first.** Among the chunks a peer can give, those the fewest peers hold come
 //!   first. Ties are broken by a rotation that differs per fetcher (the fetchers' sorted
-//!   names give each an index; a chunk's first byte picks its turn), so fetchers that start
+//!   names give each an index; a chunk's first 8 bytes pick its turn), so fetchers that start
 //!   together take different parts from the origin and then trade them.
 //! - **Pipelining.** Each peer has up to [`Config::pipeline`] batches of up to
 //!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]).

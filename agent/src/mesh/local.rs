@@ -35,21 +35,32 @@ pub fn apps_on_disk(data_dir: &Path) -> BTreeMap<String, AppRecord> {
         }
         let held = store.held(&app);
         if !held.is_empty() {
-            let record = AppRecord {
-                revision: None,
-                health: Health::None,
-                held,
-                problem: None,
-                restarts: 0,
-                fetching: None,
-            };
-            records.insert(app, record);
+            records.insert(
+                app,
+                AppRecord {
+                    held,
+                    ..not_deployed()
+                },
+            );
         }
     }
     for record in records.values_mut() {
         cap_held(record);
     }
     records
+}
+
+/// The record of an application this host has not deployed (its bundles kept, or a
+/// fetch under way): no revision, no health, nothing held.
+fn not_deployed() -> AppRecord {
+    AppRecord {
+        revision: None,
+        health: Health::None,
+        held: BTreeSet::new(),
+        problem: None,
+        restarts: 0,
+        fetching: None,
+    }
 }
 
 /// Adds the revisions being fetched as chunks (application → revision) to the records,
@@ -62,14 +73,7 @@ pub fn add_fetching(
         if !records.contains_key(app) && records.len() >= MAX_APPS {
             continue;
         }
-        let record = records.entry(app.clone()).or_insert_with(|| AppRecord {
-            revision: None,
-            health: Health::None,
-            held: BTreeSet::new(),
-            problem: None,
-            restarts: 0,
-            fetching: None,
-        });
+        let record = records.entry(app.clone()).or_insert_with(not_deployed);
         record.fetching = Some(revision.clone());
     }
 }
