@@ -63,6 +63,8 @@ fn three_hosts_serve_every_request_through_v1_v2_and_a_switch_back_from_v3_broke
         .collect();
     f.succeeds(&revs[0], "AllAtOnce");
     assert_eq!(f.serving(), ["v1", "v1", "v1"]);
+    let kernel = f.kernel_rules_follow(true);
+    let accepted_before: u64 = f.proxy_accepted().iter().sum();
 
     let load = Load::start(&f.public(), Duration::from_millis(5), 1_000_000);
     let enough = |what: &str, n: usize| {
@@ -77,6 +79,18 @@ fn three_hosts_serve_every_request_through_v1_v2_and_a_switch_back_from_v3_broke
     f.succeeds(&revs[1], "OneAtATime");
     load.phase(2);
     enough("requests on v2", 60);
+    if kernel {
+        // The kernel rule moved with the switch, and carried the load: the proxies took
+        // only what came while traffic was held (BlockTraffic to AllowTraffic).
+        f.kernel_rules_follow(true);
+        let accepted = f.proxy_accepted().iter().sum::<u64>() - accepted_before;
+        let sent = load.count() as u64;
+        assert!(
+            accepted * 4 < sent,
+            "the proxies accepted {accepted} of {sent} connections"
+        );
+        println!("the proxies accepted {accepted} of {sent} connections, the kernel rule the rest");
+    }
     // The documented order, as the hooks themselves recorded it.
     for (i, before) in lines_before.iter().enumerate() {
         assert_eq!(f.recorded(i, *before), switch::HOOKED, "host {i}");
@@ -133,6 +147,10 @@ fn three_hosts_serve_every_request_through_v1_v2_and_a_switch_back_from_v3_broke
         }
     }
     assert_eq!(f.serving(), ["v2", "v2", "v2"]);
+    if kernel {
+        // Switched back: the rule follows v2's process again.
+        f.kernel_rules_follow(true);
+    }
     // The host that tried v3-broken switched back to v2's process, kept warm, and the
     // fleet's rollback kept it: every host serves from the very process it had before.
     for (i, pid) in v2_pids.iter().enumerate() {
@@ -152,13 +170,15 @@ fn three_hosts_serve_every_request_through_v1_v2_and_a_switch_back_from_v3_broke
 fn agents_killed_in_the_middle_of_a_switch_drop_no_request() {
     // agent-2 dies just after its proxy routed to v2 (the records not yet swapped),
     // agent-3 halfway through swapping them: both on their second switch (v1 was the first).
+    // These revisions say `forward: proxy`: the proxy carries every connection, with no
+    // kernel rule (the other tests here have one).
     let mut f = three(
         [127, 91, 2],
         [None, Some("switch.allowed:2"), Some("switch.swap-half:2")],
     );
     let revs: Vec<PathBuf> = ["v1", "v2"]
         .iter()
-        .map(|n| switched_revision(f.tmp.path(), n))
+        .map(|n| switch::proxied_revision(f.tmp.path(), n))
         .collect();
     f.succeeds(&revs[0], "AllAtOnce");
     let load = Load::start(&f.public(), Duration::from_millis(5), 1_000_000);
@@ -186,6 +206,7 @@ fn agents_killed_in_the_middle_of_a_switch_drop_no_request() {
     });
     let samples = load.finish();
     check(&samples, &[&["v1"], &["v1", "v2"], &["v1", "v2"]]);
+    f.kernel_rules_follow(false);
     // Each host serves one revision, the one it reports, through its own switch.
     let serving = f.serving();
     for (i, model) in serving.iter().enumerate() {
@@ -304,6 +325,15 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
             "{point}: v2's service is left"
         );
         assert_eq!(load::predict(public).as_deref(), Ok("v1"), "{point}");
+        // The kernel rule is where the recovery switched back to: v1's own port.
+        let serving = |app: &std::path::Path| -> Option<u16> {
+            let record = std::fs::read(app.join("service.json")).unwrap();
+            let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+            record["port"].as_u64().map(|p| p as u16)
+        };
+        if let Ok(rule) = switch::kernel_rule(&data) {
+            assert_eq!(rule, serving(&app), "{point}: the kernel rule");
+        }
         more(20);
         // And the next deployment goes through.
         let o = deploy_local(&data, &root, port, &v2, &[]);
@@ -316,6 +346,9 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
         let samples = load.finish();
         check(&samples, &[&["v1", "v2"]]);
         assert_eq!(load::predict(public).as_deref(), Ok("v2"), "{point}");
+        if let Ok(rule) = switch::kernel_rule(&data) {
+            assert_eq!(rule, serving(&app), "{point}: the kernel rule");
+        }
     }
 }
 
@@ -344,11 +377,20 @@ fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go(
         .unwrap();
         pid
     };
-    // The switch dies: the supervisor starts another, routed to the serving service.
+    // The switch dies: the supervisor starts another, routed to the serving service (the
+    // kernel rule answers meanwhile, so the answer alone does not say it is routed).
+    let dir = shoal_agent::lifecycle::state::AppDir::new(&f.agents[0].data_dir, APP);
+    let serving_port = f.service_json(0, "service.json").unwrap()["port"]
+        .as_u64()
+        .map(|p| p as u16);
     let old = kill("switch.json");
     wait_for("another switch", LONG, || {
         f.service_json(0, "switch.json")
             .is_some_and(|r| r["pid"].as_i64() != Some(old as i64))
+            && shoal_agent::switch::running(&dir)
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.seen().backend == serving_port)
             && load::predict(public).as_deref() == Ok("v2")
     });
     // The switch's descriptor limit fits its connection cap (two descriptors each).
@@ -400,7 +442,6 @@ fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go(
     };
     // The supervisor's next pass unroutes the switch: a request made from then on waits
     // there (not at the thief) and is answered by v2 once the service is back.
-    let dir = shoal_agent::lifecycle::state::AppDir::new(&f.agents[0].data_dir, APP);
     wait_for("the switch unrouted", LONG, || {
         shoal_agent::switch::running(&dir)
             .ok()

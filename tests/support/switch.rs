@@ -64,13 +64,31 @@ pub fn switched_revision(root: &Path, name: &str) -> PathBuf {
 /// Example revision `name`, switched (keeping the previous process for `switch` seconds)
 /// or in place (`None`), with the test's hooks.
 pub fn example_revision(root: &Path, name: &str, switch: Option<u32>) -> PathBuf {
+    revision_with(root, name, switch, None)
+}
+
+/// Example revision `name`, switched with every connection through the proxy
+/// (`forward: proxy`), keeping the previous process for 120 s.
+pub fn proxied_revision(root: &Path, name: &str) -> PathBuf {
+    revision_with(root, name, Some(120), Some("proxy"))
+}
+
+/// Example revision `name` with the test's hooks: switched (keeping the previous process
+/// for `switch` seconds, with `forward` when given) or in place (`None`).
+pub fn revision_with(
+    root: &Path,
+    name: &str,
+    switch: Option<u32>,
+    forward: Option<&str>,
+) -> PathBuf {
     let dir = root.join(format!(
-        "rev-{name}-{}",
+        "rev-{name}-{}{}",
         if switch.is_some() {
             "switched"
         } else {
             "in-place"
-        }
+        },
+        forward.map(|f| format!("-{f}")).unwrap_or_default()
     ));
     shoal_examples::write_revision(name, &dir).unwrap();
     std::fs::copy(
@@ -78,8 +96,48 @@ pub fn example_revision(root: &Path, name: &str, switch: Option<u32>) -> PathBuf
         dir.join("hooks/record.wasm"),
     )
     .unwrap();
-    std::fs::write(dir.join("appspec.yml"), appspec(switch)).unwrap();
+    let mut spec = appspec(switch);
+    if let Some(forward) = forward {
+        spec.push_str(&format!("      forward: {forward}\n"));
+    }
+    std::fs::write(dir.join("appspec.yml"), spec).unwrap();
     dir
+}
+
+/// Where the kernel rule of the app under `data` sends new connections made on this host
+/// (`nft list table`), `None` when there is no rule; `Err` when `nft` is not installed
+/// (`SHOAL_CI=1`, where `.ci/run` installs it, makes that a failure).
+pub fn kernel_rule(data: &Path) -> Result<Option<u16>, String> {
+    let Some(nft) = ["/usr/sbin/nft", "/sbin/nft"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+    else {
+        assert!(
+            std::env::var_os("SHOAL_CI").is_none(),
+            "nft is missing, and .ci/run installs it"
+        );
+        return Err("nft is not installed: the kernel rule is not checked".into());
+    };
+    let table = table(data);
+    let out = std::process::Command::new(nft)
+        .args(["list", "table", "ip", &table])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.split("dnat to 127.0.0.1:").nth(1).map(|rest| {
+        rest.split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("a rule that names no port: {text}"))
+    }))
+}
+
+fn table(data: &Path) -> String {
+    shoal_agent::switch::kernel::table_name(&shoal_agent::lifecycle::state::AppDir::new(data, APP))
 }
 
 /// Three agents tagged `role=inference`, each with its own public port for the app.
@@ -196,6 +254,43 @@ impl Three {
             .collect()
     }
 
+    /// Asserts that each host's kernel rule sends new connections to its serving
+    /// service's own port (`forward: kernel`), or that there is none (`forward: proxy`).
+    /// Returns false, having said why, where nft is not installed.
+    pub fn kernel_rules_follow(&self, kernel: bool) -> bool {
+        for (i, agent) in self.agents.iter().enumerate() {
+            let port = self.service_json(i, "service.json").unwrap()["port"]
+                .as_u64()
+                .map(|p| p as u16);
+            match kernel_rule(&agent.data_dir) {
+                Ok(rule) => {
+                    let want = if kernel { port } else { None };
+                    assert_eq!(rule, want, "host {i}: the kernel rule");
+                }
+                Err(skip) => {
+                    println!("{skip}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The connections each host's proxy accepted since it started.
+    pub fn proxy_accepted(&self) -> Vec<u64> {
+        self.agents
+            .iter()
+            .map(|a| {
+                let dir = shoal_agent::lifecycle::state::AppDir::new(&a.data_dir, APP);
+                shoal_agent::switch::running(&dir)
+                    .unwrap()
+                    .expect("the proxy runs")
+                    .seen()
+                    .accepted
+            })
+            .collect()
+    }
+
     pub fn service_json(&self, i: usize, file: &str) -> Option<serde_json::Value> {
         let path = self.agents[i].data_dir.join("apps").join(APP).join(file);
         serde_json::from_slice(&std::fs::read(path).ok()?).ok()
@@ -218,7 +313,7 @@ impl Three {
 }
 
 /// Kills, when dropped, the proxies and services the agents under these data dirs
-/// started: they outlive their agents on purpose.
+/// started, and removes their kernel rules: they outlive their agents on purpose.
 pub struct Services(pub Vec<PathBuf>);
 
 impl Drop for Services {
@@ -233,6 +328,16 @@ impl Drop for Services {
                     let pid = nix::unistd::Pid::from_raw(pid as i32);
                     let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+            let table = table(data);
+            for nft in ["/usr/sbin/nft", "/sbin/nft"] {
+                if Path::new(nft).is_file() {
+                    let _ = std::process::Command::new(nft)
+                        .args(["delete", "table", "ip", &table])
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                    break;
                 }
             }
         }

@@ -13,8 +13,8 @@ mod model;
 mod raw;
 
 pub use model::{
-    AppSpec, FileExistsBehavior, FileMapping, HookSpec, MAX_MONITORS, MonitorSpec, ObjectType, Os,
-    Permission, Problem, ServiceSpec, Severity, SwitchSpec, health_path,
+    AppSpec, FileExistsBehavior, FileMapping, Forward, HookSpec, MAX_MONITORS, MonitorSpec,
+    ObjectType, Os, Permission, Problem, ServiceSpec, Severity, SwitchSpec, health_path,
 };
 
 use std::fmt;
@@ -194,11 +194,13 @@ shoal:
         assert_eq!(switch.drain_timeout.as_secs(), 30);
         assert!(switch.keep_previous.is_zero());
         assert!(!switch.proxy_protocol);
+        assert_eq!(switch.forward, Forward::Kernel);
         let spec = service(
-            "    port: 8080\n    switch:\n      address: ::1\n      drain_timeout: 5\n      keep_previous: 600\n      proxy_protocol: true\n",
+            "    port: 8080\n    switch:\n      address: ::1\n      drain_timeout: 5\n      keep_previous: 600\n      proxy_protocol: true\n      forward: proxy\n",
         );
         let switch = spec.service.unwrap().switch.unwrap();
         assert!(switch.proxy_protocol);
+        assert_eq!(switch.forward, Forward::Proxy);
         assert_eq!(switch.address.to_string(), "::1");
         assert_eq!(switch.drain_timeout.as_secs(), 5);
         assert_eq!(switch.keep_previous.as_secs(), 600);
@@ -214,8 +216,14 @@ shoal:
             "{problems:?}"
         );
         let problems = shown(service(
-            "    port: 80\n    switch:\n      address: example.com\n      keep_previous: 4000\n      proxy_protocol: v2\n",
+            "    port: 80\n    switch:\n      address: example.com\n      keep_previous: 4000\n      proxy_protocol: v2\n      forward: ebpf\n",
         ));
+        assert!(
+            problems[3].contains(
+                "line 11: error: shoal.service.switch.forward: `ebpf` is not `kernel` or `proxy`"
+            ),
+            "{problems:?}"
+        );
         assert!(
             problems[2].contains(
                 "line 10: error: shoal.service.switch.proxy_protocol: `v2` is not `true` or `false`"

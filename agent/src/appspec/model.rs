@@ -125,6 +125,22 @@ pub struct SwitchSpec {
     /// Each connection to the service starts with a PROXY protocol v2 header that gives
     /// the client's address (default false): for applications that read it.
     pub proxy_protocol: bool,
+    /// How new connections made on this host reach the serving revision (default
+    /// [`Forward::Kernel`]).
+    pub forward: Forward,
+}
+
+/// `shoal.service.switch.forward`: who carries a connection to the serving revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// A kernel rule (nftables DNAT) sends new connections to the serving revision's port,
+    /// with no process in between, where the host allows it (`crate::switch::kernel`);
+    /// the proxy carries the rest. The default.
+    #[default]
+    Kernel,
+    /// The proxy carries every connection.
+    Proxy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -575,11 +591,24 @@ pub(super) fn interpret(raw: RawAppSpec, ignored: Vec<String>) -> AppSpec {
                     false
                 }
             };
+            let forward = match w.forward.as_ref().map(|t| (t, t.value.trim())) {
+                None | Some((_, "kernel")) => Forward::Kernel,
+                Some((_, "proxy")) => Forward::Proxy,
+                Some((t, other)) => {
+                    c.error(
+                        Some(line_of(t)),
+                        "shoal.service.switch.forward",
+                        format!("`{other}` is not `kernel` or `proxy`"),
+                    );
+                    Forward::Kernel
+                }
+            };
             SwitchSpec {
                 address,
                 drain_timeout,
                 keep_previous,
                 proxy_protocol,
+                forward,
             }
         });
         ServiceSpec {

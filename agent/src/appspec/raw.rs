@@ -88,6 +88,7 @@ pub struct RawSwitch {
     pub drain_timeout: Option<Text>,
     pub keep_previous: Option<Text>,
     pub proxy_protocol: Option<Text>,
+    pub forward: Option<Text>,
 }
 
 /// A list of scalars that may also be written as one scalar, or left empty.

@@ -121,7 +121,7 @@ pub fn allow(
     routable(&record, port, spec)?;
     let proxy = crate::switch::ensure(dir, listen(switch, public_port))?;
     proxy
-        .route(port, switch.proxy_protocol)
+        .route(port, switch)
         .with_context(|| format!("switching traffic to 127.0.0.1:{port}"))?;
     crate::faults::point("switch.allowed");
     if slot == Slot::Standby {
@@ -249,8 +249,9 @@ pub fn stop_all(dir: &AppDir) -> Result<()> {
 
 /// The supervisor's pass over a switched service whose serving process runs: the proxy
 /// runs (started again if it died) and routes to it once the port is the service's alone
-/// and healthy (a restarted service, a restarted proxy), and a standby past its warm time
-/// (or left by a crash, or dead) is stopped.
+/// and healthy (a restarted service, a restarted proxy), the kernel rule goes where the
+/// proxy routes, and a standby past its warm time (or left by a crash, or dead) is
+/// stopped.
 pub fn upkeep(
     dir: &AppDir,
     serving: &ServiceRecord,
@@ -276,7 +277,12 @@ pub fn upkeep(
                         port,
                         "the switch did not route to the serving service: routed"
                     );
-                    proxy.route(port, switch.proxy_protocol)?;
+                    proxy.route(port, switch)?;
+                }
+                // Died since this pass began: its listener may not be closed yet, and is
+                // not another's. The next pass starts it again.
+                Holder::Foreign if !serving.is_running() => {
+                    tracing::debug!(port, "the serving service died during the pass");
                 }
                 Holder::Foreign => {
                     // Its port is shared with another process: it starts again on
@@ -294,6 +300,10 @@ pub fn upkeep(
                     "the serving service is not ready to route to"
                 ),
             }
+        } else {
+            // Routed already: the kernel rule follows (this agent's first pass, a hold
+            // that ran out while no agent was there to end it).
+            proxy.follow(switch, seen)?;
         }
     }
     if let Some(standby) = service::current_in(dir, Slot::Standby)?

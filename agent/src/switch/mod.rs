@@ -10,9 +10,15 @@
 //!   only) and [`Proxy`], whose calls are control requests over `apps/<app>/switch.sock`:
 //!   one JSON line each way, bounded in size and time.
 //!
-//! A route applies to connections accepted after it: open ones keep their backend, and
-//! [`Status::open`] counts them per backend, which is what [`Proxy::drain`] waits on.
+//! - [`kernel`] is the fast path (decision 0025): a DNAT rule that sends connections made
+//!   on this host straight to the serving revision, kept where the proxy routes by
+//!   [`Proxy::route`], [`Proxy::hold`], [`Proxy::unroute`] and [`Proxy::stop`].
+//!
+//! A route applies to connections accepted after it: open ones keep their backend.
+//! [`Proxy::drain`] waits until neither the proxy ([`Status::open`]) nor the kernel (the
+//! connections on the old port, however they came) counts one open to the old revision.
 
+pub mod kernel;
 pub mod proxy;
 
 use std::collections::BTreeMap;
@@ -160,6 +166,7 @@ pub struct Proxy {
     dir: AppDir,
     /// What it answered when it was adopted or started.
     seen: Status,
+    kernel: kernel::Kernel,
 }
 
 /// The proxy recorded for this app, if it is still the process that was started (pid and
@@ -178,6 +185,7 @@ pub fn running(dir: &AppDir) -> Result<Option<Proxy>> {
         socket: socket_path(dir),
         dir: dir.clone(),
         seen: Status::default(),
+        kernel: kernel::Kernel::of(dir),
     };
     let since = Instant::now();
     loop {
@@ -298,6 +306,7 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
         socket: socket_path(dir),
         dir: dir.clone(),
         seen: Status::default(),
+        kernel: kernel::Kernel::of(dir),
     };
     if let Err(e) = write_json(&record_path(dir), &proxy.record) {
         give_up(&mut child);
@@ -413,25 +422,41 @@ impl Proxy {
     }
 
     /// New connections (and held ones) go to 127.0.0.1:`port` from now on, each after a
-    /// PROXY protocol v2 header when `proxy_protocol`.
-    pub fn route(&self, port: u16, proxy_protocol: bool) -> Result<Status> {
-        self.ask(&Request::Route {
+    /// PROXY protocol v2 header when `switch` asks for one; then the kernel rule sends
+    /// those made on this host there too, where `switch` allows it ([`kernel`]).
+    pub fn route(&self, port: u16, switch: &crate::appspec::SwitchSpec) -> Result<Status> {
+        let status = self.ask(&Request::Route {
             port,
-            proxy_protocol,
-        })
+            proxy_protocol: switch.proxy_protocol,
+        })?;
+        self.follow(switch, &status)?;
+        Ok(status)
+    }
+
+    /// Keeps the kernel rule where the proxy sends new connections, as `status` says (the
+    /// supervisor's pass, after an agent restart or a hold that ran out).
+    pub fn follow(&self, switch: &crate::appspec::SwitchSpec, status: &Status) -> Result<()> {
+        let backend = status.backend.filter(|_| !status.held);
+        self.kernel
+            .follow(switch, self.record.listen, backend)
+            .context("moving the switch's kernel rule")
     }
 
     /// New connections wait (in the listen backlog, not refused) until the next route, or
-    /// [`HOLD_LIMIT`]. Open ones go on.
+    /// [`HOLD_LIMIT`]. Open ones go on. The kernel rule goes first, so that new
+    /// connections reach the proxy to wait there.
     pub fn hold(&self) -> Result<Status> {
+        self.kernel.clear()?;
         self.ask(&Request::Hold {
             for_ms: HOLD_LIMIT.as_millis() as u64,
         })
     }
 
     /// New connections wait (in the listen backlog) until the next [`Self::route`]: the
-    /// serving process died, and its port is nobody's until it is back.
+    /// serving process died, and its port is nobody's until it is back. The kernel rule
+    /// goes first.
     pub fn unroute(&self) -> Result<Status> {
+        self.kernel.clear()?;
         self.ask(&Request::Unroute)
     }
 
@@ -439,15 +464,30 @@ impl Proxy {
         self.ask(&Request::Status)
     }
 
-    /// Waits until no connection is open to `port`, or `timeout`: how many still are. A
-    /// request the proxy fails to answer is asked again until the timeout; the error is
-    /// returned only when the last one failed too.
+    /// Waits until no connection is open to `port`, or `timeout`: how many still are, by
+    /// the proxy's count or the kernel's (connections that came by the kernel rule, or
+    /// to the port directly), whichever is more. A request the proxy fails to answer is
+    /// asked again until the timeout; the error is returned only when the last one failed
+    /// too.
     pub fn drain(&self, port: u16, timeout: Duration) -> Result<u32> {
         let deadline = Instant::now() + timeout;
+        let mut unreadable = false;
         loop {
+            let in_kernel = match kernel::open_on(port) {
+                Ok(n) => n,
+                Err(e) => {
+                    if !unreadable {
+                        tracing::warn!(
+                            "the kernel's connection count cannot be read ({e}): the drain waits on the proxy's alone"
+                        );
+                        unreadable = true;
+                    }
+                    0
+                }
+            };
             let open = self
                 .status()
-                .map(|s| s.open.get(&port).copied().unwrap_or(0));
+                .map(|s| s.open.get(&port).copied().unwrap_or(0).max(in_kernel));
             match open {
                 Ok(0) => return Ok(0),
                 last if Instant::now() >= deadline => return last,
@@ -463,6 +503,7 @@ impl Proxy {
     /// Stops the proxy (asked, then signalled if it does not go), confirmed gone, and
     /// forgets it.
     pub fn stop(self) -> Result<()> {
+        self.kernel.remove()?;
         let _ = self.ask(&Request::Stop);
         kill_and_wait(&self.record);
         if start_ticks(self.record.pid) == Some(self.record.start_ticks) {

@@ -675,6 +675,18 @@ mod tests {
     use crate::lifecycle::state::{AppDir, write_json};
     use std::io::{Read, Write};
 
+    /// A switch whose every connection goes through the proxy: these tests are the
+    /// proxy's (the kernel rule's own are in `kernel.rs` and the switch tests).
+    fn via_proxy(proxy_protocol: bool) -> crate::appspec::SwitchSpec {
+        crate::appspec::SwitchSpec {
+            address: std::net::Ipv4Addr::LOCALHOST.into(),
+            drain_timeout: Duration::from_secs(30),
+            keep_previous: Duration::ZERO,
+            proxy_protocol,
+            forward: crate::appspec::Forward::Proxy,
+        }
+    }
+
     /// A backend that answers every connection with its `name` once it has read a line,
     /// then closes.
     fn backend(name: &'static str) -> u16 {
@@ -750,6 +762,7 @@ mod tests {
                 start_ticks: 0,
                 listen: public,
             },
+            kernel: super::super::kernel::Kernel::of(&dir),
             socket,
             dir,
             seen: Status::default(),
@@ -788,7 +801,7 @@ mod tests {
     fn routes_hold_and_switch_with_open_connections_kept_where_they_were() {
         let r = running();
         let (a, b) = (backend("A"), backend("B"));
-        r.proxy.route(a, false).unwrap();
+        r.proxy.route(a, &via_proxy(false)).unwrap();
         assert_eq!(ask(r.public), "A");
 
         // A connection open on A stays on A after the switch to B, and is counted there.
@@ -803,7 +816,7 @@ mod tests {
         let waiting = std::thread::spawn(move || ask(public));
         std::thread::sleep(Duration::from_millis(200));
         assert!(!waiting.is_finished(), "a held connection was served");
-        let status = r.proxy.route(b, false).unwrap();
+        let status = r.proxy.route(b, &via_proxy(false)).unwrap();
         assert_eq!(status.backend, Some(b));
         assert!(!status.held);
         assert_eq!(waiting.join().unwrap(), "B");
@@ -825,7 +838,7 @@ mod tests {
     fn a_hold_ends_by_itself_and_a_drain_gives_up_at_its_timeout() {
         let r = running();
         let a = backend("A");
-        r.proxy.route(a, false).unwrap();
+        r.proxy.route(a, &via_proxy(false)).unwrap();
         r.proxy.ask(&Request::Hold { for_ms: 300 }).unwrap();
         let began = std::time::Instant::now();
         assert_eq!(ask(r.public), "A");
@@ -849,7 +862,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        r.proxy.route(dead, false).unwrap();
+        r.proxy.route(dead, &via_proxy(false)).unwrap();
         assert_eq!(ask(r.public), "", "a connection to no backend is closed");
         wait_until("the failure counted", || {
             r.proxy.status().unwrap().failed == 1
@@ -879,7 +892,7 @@ mod tests {
         // Still serving, still routed where it was.
         let a = backend("A");
         assert_eq!(r.proxy.status().unwrap().backend, Some(dead));
-        r.proxy.route(a, false).unwrap();
+        r.proxy.route(a, &via_proxy(false)).unwrap();
         assert_eq!(ask(r.public), "A");
     }
 
@@ -890,7 +903,7 @@ mod tests {
             ..Limits::default()
         });
         let a = backend("A");
-        r.proxy.route(a, false).unwrap();
+        r.proxy.route(a, &via_proxy(false)).unwrap();
         // Two idle connections from 127.0.0.1 take its share: a third is closed at once,
         // counted as refused, while another address is served.
         let first = std::net::TcpStream::connect(r.public).unwrap();
@@ -959,7 +972,7 @@ mod tests {
                 });
             }
         });
-        r.proxy.route(port, false).unwrap();
+        r.proxy.route(port, &via_proxy(false)).unwrap();
         let mut quiet = std::net::TcpStream::connect(r.public).unwrap();
         let mut busy = std::net::TcpStream::connect(r.public).unwrap();
         busy.set_read_timeout(Some(Duration::from_secs(20)))
@@ -1002,7 +1015,7 @@ mod tests {
                 }
             }
         });
-        let status = r.proxy.route(port, true).unwrap();
+        let status = r.proxy.route(port, &via_proxy(true)).unwrap();
         assert!(status.proxy_protocol, "{status:?}");
         let mut s = std::net::TcpStream::connect(r.public).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -1040,7 +1053,12 @@ mod tests {
         assert_eq!((v4[13], v4.len()), (0x11, 16 + 12));
         // A route without it: none.
         let plain = backend("A");
-        assert!(!r.proxy.route(plain, false).unwrap().proxy_protocol);
+        assert!(
+            !r.proxy
+                .route(plain, &via_proxy(false))
+                .unwrap()
+                .proxy_protocol
+        );
         assert_eq!(ask(r.public), "A");
     }
 
@@ -1048,7 +1066,7 @@ mod tests {
     fn unrouted_connections_wait_for_the_next_route() {
         let r = running();
         let (a, b) = (backend("A"), backend("B"));
-        r.proxy.route(a, false).unwrap();
+        r.proxy.route(a, &via_proxy(false)).unwrap();
         let status = r.proxy.unroute().unwrap();
         assert_eq!(status.backend, None);
         let public = r.public;
@@ -1056,7 +1074,7 @@ mod tests {
         // Longer than any hold: an unrouted proxy hands out nothing by itself.
         std::thread::sleep(super::super::HOLD_LIMIT + Duration::from_millis(300));
         assert!(!waiting.is_finished(), "an unrouted connection was served");
-        r.proxy.route(b, false).unwrap();
+        r.proxy.route(b, &via_proxy(false)).unwrap();
         assert_eq!(waiting.join().unwrap(), "B");
     }
 
@@ -1064,14 +1082,14 @@ mod tests {
     fn a_bare_hold_is_the_longest_and_a_route_ends_it() {
         let r = running();
         let a = backend("A");
-        r.proxy.route(a, false).unwrap();
+        r.proxy.route(a, &via_proxy(false)).unwrap();
         let mut s = std::os::unix::net::UnixStream::connect(&r.proxy.socket).unwrap();
         s.write_all(b"{\"op\":\"hold\"}\n").unwrap();
         let mut answer = Vec::new();
         s.read_to_end(&mut answer).unwrap();
         let answer: Answer = serde_json::from_slice(&answer).unwrap();
         assert!(answer.ok && answer.status.is_some_and(|s| s.held));
-        let status = r.proxy.route(a, false).unwrap();
+        let status = r.proxy.route(a, &via_proxy(false)).unwrap();
         assert!(!status.held, "{status:?}");
         assert_eq!(ask(r.public), "A");
     }
@@ -1080,7 +1098,7 @@ mod tests {
     fn stop_closes_the_listener_lets_open_connections_finish_and_forgets_the_proxy() {
         let r = running();
         let a = backend("A");
-        r.proxy.route(a, false).unwrap();
+        r.proxy.route(a, &via_proxy(false)).unwrap();
         write_json(&super::super::record_path(&r.proxy.dir), &r.proxy.record).unwrap();
         let mut open = std::net::TcpStream::connect(r.public).unwrap();
         open.set_read_timeout(Some(Duration::from_secs(20)))
@@ -1094,6 +1112,7 @@ mod tests {
             socket: r.proxy.socket.clone(),
             dir: r.proxy.dir.clone(),
             seen: Status::default(),
+            kernel: super::super::kernel::Kernel::of(&r.proxy.dir),
         };
         handle.stop().unwrap();
         assert!(!r.proxy.dir.root.join("switch.json").exists());

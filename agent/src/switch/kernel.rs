@@ -1,0 +1,571 @@
+//! The kernel's part of the switch (decision 0025): a DNAT rule per application that sends
+//! each new connection made on this host to the public port straight to the serving
+//! revision's port, with no process in the data path, and the kernel's count of the
+//! connections open on a port (what a drain waits on).
+//!
+//! - **The rule.** One nftables table per application, `ip shoal_<12 hex>` (named from the
+//!   application's directory, so two agents on one machine never share one), with a `nat`
+//!   chain on the `output` hook: `<public address> tcp dport <public port> dnat to
+//!   127.0.0.1:<serving port>`. Changing it is one `nft -f -` transaction (flush the chain,
+//!   add the rule), so a connection sees the old rule or the new one. Conntrack keeps every
+//!   open connection on the port it was given, which is what a drain needs; the rule lives
+//!   in the kernel, so traffic flows while the agent (or the proxy) is down.
+//! - **Who it serves.** Connections made on the host (a local load balancer, sidecars,
+//!   clients on 127.0.0.1). A remote client's packets reach the `prerouting` hook, where
+//!   DNAT to 127.0.0.1 needs `route_localnet`, a host-wide change the agent does not make:
+//!   they keep going through the proxy, which still holds the public port.
+//! - **When it is not used** ([`Unusable`]): no `nft` binary, an IPv6 public address (no
+//!   DNAT from IPv6 to 127.0.0.1), a revision that wants the PROXY protocol header (only
+//!   the proxy writes it), `forward: proxy`. The proxy then carries every connection, as
+//!   before this module.
+//!
+//! The proxy (`super::Proxy`) calls [`Kernel::follow`] after each answer that moves
+//! traffic, [`Kernel::clear`] before each that holds it, and [`Kernel::remove`] before it
+//! stops, so the rule is only ever where the proxy would send a connection itself.
+//!
+//! A rule is cleared by emptying its chain, never by deleting the chain: in a network
+//! namespace with no NAT chain left, the kernel unregisters its NAT hooks, and the
+//! connections a rule sent on lose their translation mid-flight (their next packets reach
+//! the public port as they are, and hang or are reset). `tests/cli_switch.rs` caught that.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::appspec::{Forward, SwitchSpec};
+use crate::lifecycle::state::AppDir;
+
+/// Where the agent looks for `nft`: fixed paths, never `$PATH` (the agent runs as root).
+const NFT: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
+/// How long one `nft` run may take before it is killed.
+const NFT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much of `nft`'s error output is kept for the error.
+const MAX_STDERR: usize = 2048;
+
+/// Why the kernel rule could not be set or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// `nft` ran and refused the change: `stderr` is its own word for it.
+    #[error("nft refused the switch's rule in table {table}: {stderr}")]
+    Refused { table: String, stderr: String },
+    /// `nft` could not be run, or did not finish within its time.
+    #[error("running nft for table {table}: {reason}")]
+    Run { table: String, reason: String },
+}
+
+/// Why the kernel path is not used for an application: the proxy carries its connections.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unusable {
+    #[error("the service asks for `forward: proxy`")]
+    Asked,
+    #[error("the service wants the PROXY protocol header, which only the proxy writes")]
+    ProxyProtocol,
+    #[error("the public address {0} is IPv6: no DNAT to 127.0.0.1 from it")]
+    Ipv6(IpAddr),
+    #[error("no nft binary in {NFT:?}: install nftables for the kernel path")]
+    NoNft,
+}
+
+/// The rule the kernel holds for one application, as this process last set it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// No table: connections reach the proxy.
+    Cleared,
+    /// New connections to `listen` go to 127.0.0.1:`backend`.
+    To { listen: SocketAddr, backend: u16 },
+}
+
+/// What this process last set per table. Empty after a start, so the first call for each
+/// table always runs `nft`: whatever a previous agent left is replaced.
+static APPLIED: Mutex<Option<HashMap<String, Applied>>> = Mutex::new(None);
+
+fn last(table: &str) -> Option<Applied> {
+    let guard = APPLIED.lock().unwrap_or_else(|e| e.into_inner());
+    guard.as_ref().and_then(|m| m.get(table).copied())
+}
+
+fn remember(table: &str, applied: Option<Applied>) {
+    let mut guard = APPLIED.lock().unwrap_or_else(|e| e.into_inner());
+    let map = guard.get_or_insert_with(HashMap::new);
+    match applied {
+        Some(a) => map.insert(table.to_string(), a),
+        None => map.remove(table),
+    };
+}
+
+fn nft() -> Option<&'static Path> {
+    NFT.iter().map(Path::new).find(|p| p.is_file())
+}
+
+/// The nftables table of the application in `dir`: `shoal_` and 12 hex digits of the
+/// SHA-256 of its directory's path.
+pub fn table_name(dir: &AppDir) -> String {
+    let digest = Sha256::digest(dir.root.as_os_str().as_encoded_bytes());
+    format!("shoal_{}", &hex::encode(digest)[..12])
+}
+
+/// Whether the kernel path can carry `switch`'s connections on this host.
+pub fn usable(switch: &SwitchSpec) -> Result<(), Unusable> {
+    if switch.forward == Forward::Proxy {
+        return Err(Unusable::Asked);
+    }
+    if switch.proxy_protocol {
+        return Err(Unusable::ProxyProtocol);
+    }
+    if switch.address.is_ipv6() {
+        return Err(Unusable::Ipv6(switch.address));
+    }
+    nft().map(|_| ()).ok_or(Unusable::NoNft)
+}
+
+/// The transaction that makes `table` send new connections to `listen` on to
+/// 127.0.0.1:`backend`. The table's comment names the application's directory (only
+/// characters that need no quoting, at most 100).
+fn route_script(table: &str, comment: &str, listen: SocketAddr, backend: u16) -> String {
+    let matched = match listen.ip() {
+        // Any address of this host's, as the proxy's wildcard bind receives.
+        ip if ip.is_unspecified() => "fib daddr type local".to_string(),
+        ip => format!("ip daddr {ip}"),
+    };
+    format!(
+        "table ip {table} {{\n  comment \"{comment}\"\n  chain output {{\n    \
+         type nat hook output priority -100; policy accept;\n  }}\n}}\n\
+         flush chain ip {table} output\n\
+         add rule ip {table} output {matched} tcp dport {port} dnat to 127.0.0.1:{backend}\n",
+        port = listen.port(),
+    )
+}
+
+/// The transaction that empties `table`'s chain and keeps the chain: the chain is what
+/// keeps the kernel's NAT hooks registered, and with them the translation of every
+/// connection a rule already sent on (without any NAT chain left in the network
+/// namespace, those connections' packets would reach the public port untranslated, and
+/// die there).
+fn clear_script(table: &str) -> String {
+    format!("flush chain ip {table} output\n")
+}
+
+/// The transaction that removes `table`, whether or not it exists (it is declared first).
+fn remove_script(table: &str) -> String {
+    format!("table ip {table} {{}}\ndelete table ip {table}\n")
+}
+
+fn comment_of(dir: &AppDir) -> String {
+    let path: String = dir
+        .root
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "/_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let tail = path.len().saturating_sub(90);
+    format!("shoal switch {}", &path[tail..])
+}
+
+/// The kernel rule of one application.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    table: String,
+    comment: String,
+}
+
+impl Kernel {
+    pub fn of(dir: &AppDir) -> Self {
+        Kernel {
+            table: table_name(dir),
+            comment: comment_of(dir),
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Makes the rule match where the proxy now sends new connections: `backend` (when
+    /// traffic is neither held nor unrouted) for a switch the kernel path can carry,
+    /// else no rule. A rule that cannot be set is removed, so that the proxy carries the
+    /// connections; an error only when even that fails, since a rule left behind would
+    /// send them where the proxy no longer does.
+    pub fn follow(
+        &self,
+        switch: &SwitchSpec,
+        listen: SocketAddr,
+        backend: Option<u16>,
+    ) -> Result<(), KernelError> {
+        let Some(backend) = backend else {
+            return self.clear();
+        };
+        if let Err(why) = usable(switch) {
+            if last(&self.table) != Some(Applied::Cleared) {
+                tracing::info!(table = %self.table, "new connections go through the switch's proxy: {why}");
+            }
+            return self.clear();
+        }
+        let want = Applied::To { listen, backend };
+        if last(&self.table) == Some(want) {
+            return Ok(());
+        }
+        match self.run(&route_script(&self.table, &self.comment, listen, backend)) {
+            Ok(()) => {
+                remember(&self.table, Some(want));
+                tracing::info!(table = %self.table, %listen, backend, "new connections go to 127.0.0.1:{backend} by a kernel rule");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "the switch's kernel rule could not be set ({e}): the proxy carries the connections"
+                );
+                remember(&self.table, None);
+                self.clear()
+            }
+        }
+    }
+
+    /// Removes the rule (if any), keeping its chain: new connections reach the proxy,
+    /// and those the rule sent on keep their translation.
+    pub fn clear(&self) -> Result<(), KernelError> {
+        match last(&self.table) {
+            Some(Applied::Cleared) => return Ok(()),
+            // Not set by this process: maybe by an earlier one, maybe never.
+            None if nft().is_none() || !self.exists()? => {
+                remember(&self.table, Some(Applied::Cleared));
+                return Ok(());
+            }
+            _ => {}
+        }
+        let result = self.run(&clear_script(&self.table));
+        remember(&self.table, result.is_ok().then_some(Applied::Cleared));
+        result
+    }
+
+    /// Removes the table (the switch stops): connections the rule sent on lose their
+    /// translation only if no other NAT chain is left on the host, and the service they
+    /// reach is being stopped with the switch anyway.
+    pub fn remove(&self) -> Result<(), KernelError> {
+        if nft().is_none() {
+            remember(&self.table, Some(Applied::Cleared));
+            return Ok(());
+        }
+        let result = self.run(&remove_script(&self.table));
+        remember(&self.table, result.is_ok().then_some(Applied::Cleared));
+        result
+    }
+
+    /// Whether the table exists (`nft list table` succeeds).
+    fn exists(&self) -> Result<bool, KernelError> {
+        match self.run(&format!("list table ip {}\n", self.table)) {
+            Ok(()) => Ok(true),
+            Err(KernelError::Refused { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn run(&self, script: &str) -> Result<(), KernelError> {
+        let run_error = |reason: String| KernelError::Run {
+            table: self.table.clone(),
+            reason,
+        };
+        let nft = nft().ok_or_else(|| run_error(Unusable::NoNft.to_string()))?;
+        let mut child = Command::new(nft)
+            .args(["-f", "-"])
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| run_error(e.to_string()))?;
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| stdin.write_all(script.as_bytes()));
+        let deadline = Instant::now() + NFT_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(run_error(format!(
+                        "no answer within {}s",
+                        NFT_TIMEOUT.as_secs()
+                    )));
+                }
+                Err(e) => return Err(run_error(e.to_string())),
+            }
+        };
+        if let Some(Err(e)) = written {
+            return Err(run_error(format!("writing its input: {e}")));
+        }
+        if status.success() {
+            return Ok(());
+        }
+        let mut stderr = Vec::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            use std::io::Read;
+            let _ = pipe
+                .by_ref()
+                .take(MAX_STDERR as u64)
+                .read_to_end(&mut stderr);
+        }
+        let stderr = String::from_utf8_lossy(&stderr);
+        Err(KernelError::Refused {
+            table: self.table.clone(),
+            stderr: stderr.split_whitespace().collect::<Vec<_>>().join(" "),
+        })
+    }
+}
+
+/// How many TCP connections are open on local `port` (established, being set up, or
+/// closed by the client with the answer still owed), over IPv4 and IPv6, as the kernel's
+/// socket diagnostics count them: the connections a service on that port still serves,
+/// whoever made them (the proxy, a kernel rule, a hook).
+pub fn open_on(port: u16) -> std::io::Result<u32> {
+    Ok(diag::count(libc_af::INET, port)? + diag::count(libc_af::INET6, port)?)
+}
+
+mod libc_af {
+    pub const INET: u8 = nix::libc::AF_INET as u8;
+    pub const INET6: u8 = nix::libc::AF_INET6 as u8;
+}
+
+/// One `SOCK_DIAG_BY_FAMILY` dump over netlink: the kernel filters by state, so the
+/// thousands of TIME_WAIT sockets a busy port leaves are never read.
+mod diag {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use nix::libc;
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    /// TCP_ESTABLISHED (1), TCP_SYN_RECV (3), TCP_CLOSE_WAIT (8).
+    const STATES: u32 = (1 << 1) | (1 << 3) | (1 << 8);
+    /// At most this many bytes of answers are read: far past any real dump of the states
+    /// above, and a bound all the same.
+    const MAX_BYTES: usize = 64 << 20;
+
+    pub fn count(family: u8, port: u16) -> io::Result<u32> {
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new, valid descriptor no one else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let timeout = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt with a timeval of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+        let mut request = Vec::with_capacity(72);
+        request.extend_from_slice(&72u32.to_ne_bytes());
+        request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        request.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+        request.extend_from_slice(&1u32.to_ne_bytes());
+        request.extend_from_slice(&0u32.to_ne_bytes());
+        // inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed sockid.
+        request.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+        request.extend_from_slice(&STATES.to_ne_bytes());
+        request.resize(72, 0);
+        // SAFETY: the buffer is valid for its length; the kernel is the destination
+        // (a zeroed sockaddr_nl).
+        let sent = unsafe {
+            let mut to: libc::sockaddr_nl = std::mem::zeroed();
+            to.nl_family = libc::AF_NETLINK as u16;
+            libc::sendto(
+                fd.as_raw_fd(),
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                (&to as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 64 << 10];
+        let mut count = 0u32;
+        let mut read = 0usize;
+        loop {
+            // SAFETY: buf is valid for its length.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            read += n;
+            if n == 0 || read > MAX_BYTES {
+                return Err(io::Error::other("the socket dump did not end"));
+            }
+            let mut at = 0usize;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
+                if len < 16 || at + len > n {
+                    return Err(io::Error::other("a socket dump message out of bounds"));
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(count),
+                    NLMSG_ERROR => {
+                        let errno = buf
+                            .get(at + 16..at + 20)
+                            .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+                            .unwrap_or(0);
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    SOCK_DIAG_BY_FAMILY => {
+                        // inet_diag_msg: family, state, timer, retrans, then the sockid,
+                        // whose first field is the local port, big-endian.
+                        if let Some(sport) = buf.get(at + 20..at + 22)
+                            && u16::from_be_bytes([sport[0], sport[1]]) == port
+                        {
+                            count += 1;
+                        }
+                    }
+                    _ => {}
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn switch() -> SwitchSpec {
+        SwitchSpec {
+            address: IpAddr::from([0, 0, 0, 0]),
+            drain_timeout: Duration::from_secs(30),
+            keep_previous: Duration::ZERO,
+            proxy_protocol: false,
+            forward: Forward::Kernel,
+        }
+    }
+
+    #[test]
+    fn the_rule_matches_the_public_address_and_port_and_names_the_serving_port() {
+        let any = route_script("shoal_x", "c", "0.0.0.0:8080".parse().unwrap(), 41000);
+        assert!(
+            any.contains(
+                "add rule ip shoal_x output fib daddr type local tcp dport 8080 dnat to 127.0.0.1:41000\n"
+            ),
+            "{any}"
+        );
+        assert!(
+            any.starts_with("table ip shoal_x {\n  comment \"c\""),
+            "{any}"
+        );
+        assert!(any.contains("flush chain ip shoal_x output\n"), "{any}");
+        let one = route_script("shoal_x", "c", "10.1.2.3:80".parse().unwrap(), 41001);
+        assert!(
+            one.contains("output ip daddr 10.1.2.3 tcp dport 80 dnat to 127.0.0.1:41001\n"),
+            "{one}"
+        );
+        assert_eq!(clear_script("shoal_x"), "flush chain ip shoal_x output\n");
+        assert_eq!(
+            remove_script("shoal_x"),
+            "table ip shoal_x {}\ndelete table ip shoal_x\n"
+        );
+    }
+
+    #[test]
+    fn tables_are_per_application_directory_and_comments_need_no_quoting() {
+        let a = AppDir::new(Path::new("/var/lib/shoal"), "inference");
+        let b = AppDir::new(Path::new("/var/lib/shoal-2"), "inference");
+        assert_ne!(table_name(&a), table_name(&b));
+        assert_eq!(table_name(&a), table_name(&a.clone()));
+        assert_eq!(table_name(&a).len(), "shoal_".len() + 12);
+        let odd = AppDir::new(Path::new("/tmp/a \"b\";{c}"), "app");
+        let comment = comment_of(&odd);
+        assert_eq!(comment, "shoal switch /tmp/a__b___c_/apps/app");
+        let long = AppDir::new(&Path::new("/").join("d".repeat(300)), "app");
+        assert!(comment_of(&long).len() <= 110);
+    }
+
+    #[test]
+    fn the_kernel_path_is_refused_where_it_cannot_carry_the_connections() {
+        let mut s = switch();
+        s.forward = Forward::Proxy;
+        assert_eq!(usable(&s), Err(Unusable::Asked));
+        let mut s = switch();
+        s.proxy_protocol = true;
+        assert_eq!(usable(&s), Err(Unusable::ProxyProtocol));
+        let mut s = switch();
+        s.address = "::".parse().unwrap();
+        assert!(matches!(usable(&s), Err(Unusable::Ipv6(_))));
+        match usable(&switch()) {
+            Ok(()) => assert!(nft().is_some()),
+            Err(e) => assert_eq!(e, Unusable::NoNft),
+        }
+    }
+
+    #[test]
+    fn the_socket_count_sees_an_open_connection_and_not_a_closed_one() {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(
+            open_on(port).unwrap(),
+            0,
+            "a listener alone is no connection"
+        );
+        let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (served, _) = listener.accept().unwrap();
+        // The server's side has the port as its local one; the client's does not.
+        assert_eq!(open_on(port).unwrap(), 1);
+        let second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert_eq!(
+            open_on(port).unwrap(),
+            2,
+            "one accepted, one in the backlog"
+        );
+        drop(second);
+        drop(client);
+        // The client closed: the server's side owes its close (CLOSE_WAIT), still open.
+        assert!(open_on(port).unwrap() >= 1);
+        drop(served);
+        drop(listener);
+        // The last ACK crosses loopback at once; waited for all the same.
+        let until = Instant::now() + Duration::from_secs(5);
+        while open_on(port).unwrap() != 0 {
+            assert!(
+                Instant::now() < until,
+                "connections still counted after they closed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
