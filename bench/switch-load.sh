@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Zero-downtime switching under load (release build): rolling updates of the example
-# inference app on three agents, switched and in place, with at least
+# inference app on three agents, switched (kernel rule, proxy only) and in place, with at least
 # SHOAL_BENCH_REQUESTS (default 20000) requests during the updates; and the latency
 # through the switch against straight to the service. See docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The kernel rule mode needs nft (Debian's nftables); without it that mode measures the
+# proxy, and says so.
+if ! [ -x /usr/sbin/nft ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq --no-install-recommends nftables || echo "nftables not installed"
+fi
 exec cargo bench -p shoal-agent --bench switch_load "$@"

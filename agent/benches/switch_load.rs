@@ -3,10 +3,11 @@
 //! the golden check after AllowTraffic), and the load client of the switch tests sending
 //! `POST /predict` to the three public ports, one new connection per request, no pause.
 //!
-//! For each mode, switched (`shoal.service.switch`) and in place:
+//! For each mode, switched with the kernel rule (`shoal.service.switch`, the default
+//! `forward: kernel`), switched through the proxy alone (`forward: proxy`) and in place:
 //! - the latency through the switch against straight to the service, in the same run:
 //!   requests alternate between the public port and the serving revision's own port
-//!   (`service.json`), on every host, with no deployment running (switched mode only);
+//!   (`service.json`), on every host, with no deployment running (switched modes only);
 //! - rolling updates (OneAtATime, v1 -> v2 -> v1 ...) under load until at least
 //!   `SHOAL_BENCH_REQUESTS` (default 20000) requests were sent while one ran: requests,
 //!   failed requests, p50/p99 latency during the updates, and the time without service
@@ -29,7 +30,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use load::{Load, Sample, quantile};
-use switch::{Three, example_revision, three};
+use switch::{Three, revision_with, three};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -43,16 +44,25 @@ fn main() {
         "| mode | updates | requests during updates | failed | p50 / p99 during updates (µs) | time without service per host (ms) |"
     );
     println!("|---|---|---|---|---|---|");
-    let mut direct_row = String::new();
-    for (n, keep) in [Some(60), None].into_iter().enumerate() {
+    let mut direct_rows = Vec::new();
+    let modes = [
+        ("switched, kernel rule", Some(60), None),
+        ("switched, proxy only", Some(60), Some("proxy")),
+        ("in place", None, None),
+    ];
+    for (n, (mode, keep, forward)) in modes.into_iter().enumerate() {
         let f = three([127, 92, n as u8 + 1], [None, None, None]);
         let revs = [
-            example_revision(f.tmp.path(), "v1", keep),
-            example_revision(f.tmp.path(), "v2", keep),
+            revision_with(f.tmp.path(), "v1", keep, forward),
+            revision_with(f.tmp.path(), "v2", keep, forward),
         ];
         f.succeeds(&revs[0], "AllAtOnce");
         if keep.is_some() {
-            direct_row = through_and_direct(&f, 3000);
+            let kernel = forward.is_none();
+            if !f.kernel_rules_follow(kernel) && kernel {
+                println!("(no nft here: the kernel rule mode measures the proxy)");
+            }
+            direct_rows.push(format!("{mode}:\n\n{}", through_and_direct(&f, 3000)));
         }
         let load = Load::start(&f.public(), Duration::ZERO, usize::MAX);
         let mut updates = 0;
@@ -78,12 +88,7 @@ fn main() {
             .map(|host| format!("{}", without_service(&samples, host).as_millis()))
             .collect();
         println!(
-            "| {} | {updates} | {} | {failed}{} | {} / {} | {} |",
-            if keep.is_some() {
-                "switched"
-            } else {
-                "in place"
-            },
+            "| {mode} | {updates} | {} | {failed}{} | {} / {} | {} |",
             during.len(),
             if kinds.is_empty() {
                 String::new()
@@ -95,7 +100,9 @@ fn main() {
             dark.join(" · ")
         );
     }
-    println!("\n{direct_row}");
+    for rows in direct_rows {
+        println!("\n{rows}");
+    }
 }
 
 /// Requests alternating between each host's public port and its serving service's own
