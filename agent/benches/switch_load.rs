@@ -14,7 +14,8 @@
 //!   (per host, from a failed request to the next answered one, summed).
 //!
 //! `cargo bench -p shoal-agent --bench switch_load`; results as markdown for
-//! docs/benchmarks.md.
+//! docs/benchmarks.md. `SHOAL_BENCH_ROUNDS` (default 3000) sets the latency rounds per
+//! host; `SHOAL_BENCH_LATENCY_ONLY=1` measures only the latency.
 
 #[path = "../../tests/support/fleet.rs"]
 mod fleet;
@@ -36,10 +37,16 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let target: usize = std::env::var("SHOAL_BENCH_REQUESTS")
-        .ok()
-        .map(|v| v.parse().expect("SHOAL_BENCH_REQUESTS is a number"))
-        .unwrap_or(20_000);
+    let number = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} is a number")))
+            .unwrap_or(default)
+    };
+    let target = number("SHOAL_BENCH_REQUESTS", 20_000);
+    let rounds = number("SHOAL_BENCH_ROUNDS", 3000);
+    // Only the latency through the switch against direct (no updates, no in-place mode).
+    let latency_only = std::env::var_os("SHOAL_BENCH_LATENCY_ONLY").is_some();
     println!(
         "| mode | updates | requests during updates | failed | p50 / p99 during updates (µs) | time without service per host (ms) |"
     );
@@ -51,6 +58,9 @@ fn main() {
         ("in place", None, None),
     ];
     for (n, (mode, keep, forward)) in modes.into_iter().enumerate() {
+        if latency_only && keep.is_none() {
+            continue;
+        }
         let f = three([127, 92, n as u8 + 1], [None, None, None]);
         let revs = [
             revision_with(f.tmp.path(), "v1", keep, forward),
@@ -62,7 +72,10 @@ fn main() {
             if !f.kernel_rules_follow(kernel) && kernel {
                 println!("(no nft here: the kernel rule mode measures the proxy)");
             }
-            direct_rows.push(format!("{mode}:\n\n{}", through_and_direct(&f, 3000)));
+            direct_rows.push(format!("{mode}:\n\n{}", through_and_direct(&f, rounds)));
+        }
+        if latency_only {
+            continue;
         }
         let load = Load::start(&f.public(), Duration::ZERO, usize::MAX);
         let mut updates = 0;

@@ -128,6 +128,8 @@ pub fn usable(switch: &SwitchSpec) -> Result<(), Unusable> {
 /// 127.0.0.1:`backend`. The table's comment names the application's directory (only
 /// characters that need no quoting, at most 100).
 fn route_script(table: &str, comment: &str, listen: SocketAddr, backend: u16) -> String {
+    // The port first: it is the cheap test, and it alone rules out the host's other
+    // connections (the rule is read for the first packet of each).
     let matched = match listen.ip() {
         // Any address of this host's, as the proxy's wildcard bind receives.
         ip if ip.is_unspecified() => "fib daddr type local".to_string(),
@@ -137,7 +139,7 @@ fn route_script(table: &str, comment: &str, listen: SocketAddr, backend: u16) ->
         "table ip {table} {{\n  comment \"{comment}\"\n  chain output {{\n    \
          type nat hook output priority -100; policy accept;\n  }}\n}}\n\
          flush chain ip {table} output\n\
-         add rule ip {table} output {matched} tcp dport {port} dnat to 127.0.0.1:{backend}\n",
+         add rule ip {table} output tcp dport {port} {matched} dnat to 127.0.0.1:{backend}\n",
         port = listen.port(),
     )
 }
@@ -480,7 +482,7 @@ mod tests {
         let any = route_script("shoal_x", "c", "0.0.0.0:8080".parse().unwrap(), 41000);
         assert!(
             any.contains(
-                "add rule ip shoal_x output fib daddr type local tcp dport 8080 dnat to 127.0.0.1:41000\n"
+                "add rule ip shoal_x output tcp dport 8080 fib daddr type local dnat to 127.0.0.1:41000\n"
             ),
             "{any}"
         );
@@ -491,7 +493,7 @@ mod tests {
         assert!(any.contains("flush chain ip shoal_x output\n"), "{any}");
         let one = route_script("shoal_x", "c", "10.1.2.3:80".parse().unwrap(), 41001);
         assert!(
-            one.contains("output ip daddr 10.1.2.3 tcp dport 80 dnat to 127.0.0.1:41001\n"),
+            one.contains("output tcp dport 80 ip daddr 10.1.2.3 dnat to 127.0.0.1:41001\n"),
             "{one}"
         );
         assert_eq!(clear_script("shoal_x"), "flush chain ip shoal_x output\n");

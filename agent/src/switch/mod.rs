@@ -294,8 +294,7 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
     let Some(ticks) = start_ticks(pid) else {
         give_up(&mut child);
         let status = child.try_wait().ok().flatten();
-        let status = status.map_or_else(|| "gone".to_string(), |s| s.to_string());
-        return Err(exited(listen, &status, &log_tail(dir, log_start)).into());
+        return Err(exited(listen, status, &log_tail(dir, log_start)).into());
     };
     let mut proxy = Proxy {
         record: SwitchRecord {
@@ -316,7 +315,7 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
     loop {
         if let Some(status) = child.try_wait()? {
             let _ = remove(&record_path(dir));
-            return Err(exited(listen, &status.to_string(), &log_tail(dir, log_start)).into());
+            return Err(exited(listen, Some(status), &log_tail(dir, log_start)).into());
         }
         if let Ok(status) = proxy.status() {
             proxy.seen = status;
@@ -343,25 +342,27 @@ fn start(dir: &AppDir, listen: SocketAddr) -> Result<Proxy> {
     }
 }
 
-/// Why a proxy that exited at its start did: its address when it said `binding ADDR: ...`
-/// (what `proxy::main` writes before it exits 2), else whatever its log says.
-fn exited(listen: SocketAddr, status: &str, tail: &str) -> SwitchError {
-    let said = format!("binding {listen}: ");
-    // `log_tail` joins the log's lines with ` | `.
-    match tail
-        .lines()
-        .rev()
-        .flat_map(|l| l.rsplit(" | "))
-        .find_map(|l| l.split_once(said.as_str()).map(|(_, r)| r.trim()))
-    {
-        Some(reason) => SwitchError::Bind {
+/// Why a proxy that exited at its start did: its exit code says whether it was its address
+/// ([`proxy::EXIT_BIND`]); the log says why (`binding ADDR: REASON`, what `proxy::main`
+/// writes then, else the log's tail as it is).
+fn exited(listen: SocketAddr, status: Option<std::process::ExitStatus>, tail: &str) -> SwitchError {
+    if status.and_then(|s| s.code()) == Some(proxy::EXIT_BIND) {
+        let said = format!("binding {listen}: ");
+        // `log_tail` joins the log's lines with ` | `.
+        let reason = tail
+            .lines()
+            .rev()
+            .flat_map(|l| l.rsplit(" | "))
+            .find_map(|l| l.split_once(said.as_str()).map(|(_, r)| r.trim()))
+            .unwrap_or(tail.trim());
+        return SwitchError::Bind {
             addr: listen,
             reason: reason.to_string(),
-        },
-        None => SwitchError::Exited {
-            status: status.to_string(),
-            log: tail.to_string(),
-        },
+        };
+    }
+    SwitchError::Exited {
+        status: status.map_or_else(|| "gone".to_string(), |s| s.to_string()),
+        log: tail.to_string(),
     }
 }
 

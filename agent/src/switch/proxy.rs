@@ -151,14 +151,18 @@ impl Shared {
     }
 }
 
-/// The subcommand: binds, drops privileges, serves until stopped. Exits 2 with
-/// `binding ADDR: ...` on stderr when the address cannot be bound.
+/// The proxy's exit code when it cannot bind its public address (any other failure exits
+/// 1): the agent tells the cases apart by it.
+pub const EXIT_BIND: i32 = 2;
+
+/// The subcommand: binds, drops privileges, serves until stopped. Exits [`EXIT_BIND`]
+/// with `binding ADDR: ...` on stderr when the address cannot be bound.
 pub fn main(dir: &Path, listen: SocketAddr) -> Result<()> {
     let listener = match bind(listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("switch-proxy: binding {listen}: {e}");
-            std::process::exit(2);
+            std::process::exit(EXIT_BIND);
         }
     };
     let socket = super::socket_path(&crate::lifecycle::state::AppDir {
@@ -1163,10 +1167,13 @@ mod tests {
     }
 
     #[test]
-    fn a_proxy_that_exits_at_its_start_is_told_apart_by_its_log() {
+    fn a_proxy_that_exits_at_its_start_is_told_apart_by_its_exit_code() {
+        use std::os::unix::process::ExitStatusExt;
+        // wait(2)'s status word: the exit code in the second byte.
+        let code = |c: i32| Some(std::process::ExitStatus::from_raw(c << 8));
         let listen: SocketAddr = "0.0.0.0:8080".parse().unwrap();
         let log = "switch-proxy: binding 0.0.0.0:8080: Address already in use (os error 98)\n";
-        let e = super::super::exited(listen, "exit status: 2", log);
+        let e = super::super::exited(listen, code(EXIT_BIND), log);
         assert!(
             matches!(&e, super::super::SwitchError::Bind { addr, reason }
                 if *addr == listen && reason == "Address already in use (os error 98)"),
@@ -1176,10 +1183,27 @@ mod tests {
             e.to_string(),
             "the switch cannot listen: binding 0.0.0.0:8080: Address already in use (os error 98)"
         );
+        // The words alone decide nothing: the same line with another exit code is not a
+        // bind failure, and a bind failure with other words still is one.
+        let e = super::super::exited(listen, code(1), log);
+        assert!(
+            matches!(&e, super::super::SwitchError::Exited { log: l, status } if l == log && status == "exit status: 1"),
+            "{e:?}"
+        );
+        let e = super::super::exited(listen, code(EXIT_BIND), "killed by the OOM\n");
+        assert!(
+            matches!(&e, super::super::SwitchError::Bind { reason, .. } if reason == "killed by the OOM"),
+            "{e:?}"
+        );
         let log = "error: binding /d/switch.sock: Permission denied (os error 13)\n";
-        let e = super::super::exited(listen, "exit status: 1", log);
+        let e = super::super::exited(listen, code(1), log);
         assert!(
             matches!(&e, super::super::SwitchError::Exited { log: l, .. } if l == log),
+            "{e:?}"
+        );
+        let e = super::super::exited(listen, None, log);
+        assert!(
+            matches!(&e, super::super::SwitchError::Exited { status, .. } if status == "gone"),
             "{e:?}"
         );
     }
