@@ -108,10 +108,7 @@ pub fn revision_with(
 /// (`nft list table`), `None` when there is no rule; `Err` when `nft` is not installed
 /// (`SHOAL_CI=1`, where `.ci/run` installs it, makes that a failure).
 pub fn kernel_rule(data: &Path) -> Result<Option<u16>, String> {
-    let Some(nft) = ["/usr/sbin/nft", "/sbin/nft"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-    else {
+    let Some(nft) = shoal_agent::switch::kernel::nft_path() else {
         assert!(
             std::env::var_os("SHOAL_CI").is_none(),
             "nft is missing, and .ci/run installs it"
@@ -141,7 +138,8 @@ fn table(data: &Path) -> String {
 }
 
 /// Three agents tagged `role=inference`, each with its own public port for the app.
-/// Dropped: the proxies and services they started, then the agents, then the files.
+/// Dropped: the agents first (so that none starts a proxy or sets a rule again), then the
+/// proxies, services and kernel rules they left, then the files.
 pub struct Three {
     pub _services: Services,
     /// The public ports, below the ephemeral range: a switched service's own port is an
@@ -187,6 +185,14 @@ pub fn three(prefix: [u8; 3], faults: [Option<&str>; 3]) -> Three {
         ports,
         ca,
         tmp,
+    }
+}
+
+impl Drop for Three {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            agent.kill();
+        }
     }
 }
 
@@ -330,15 +336,11 @@ impl Drop for Services {
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 }
             }
-            let table = table(data);
-            for nft in ["/usr/sbin/nft", "/sbin/nft"] {
-                if Path::new(nft).is_file() {
-                    let _ = std::process::Command::new(nft)
-                        .args(["delete", "table", "ip", &table])
-                        .stderr(std::process::Stdio::null())
-                        .status();
-                    break;
-                }
+            if let Some(nft) = shoal_agent::switch::kernel::nft_path() {
+                let _ = std::process::Command::new(nft)
+                    .args(["delete", "table", "ip", &table(data)])
+                    .stderr(std::process::Stdio::null())
+                    .status();
             }
         }
     }

@@ -18,6 +18,7 @@ use super::service::{self, Holder, ServiceError, ServiceRecord, Slot};
 use super::state::AppDir;
 use crate::appspec::{ServiceSpec, SwitchSpec};
 use crate::bundle::RevisionId;
+use crate::switch::kernel::Kernel;
 
 /// The switch of a service spec, if it declares one.
 pub fn declared(spec: Option<&ServiceSpec>) -> Option<&SwitchSpec> {
@@ -184,11 +185,14 @@ pub fn retire(dir: &AppDir, drain_timeout: Duration, keep: Duration) -> Result<(
         return Ok(());
     };
     if record.is_running()
-        && let (Some(port), Some(proxy)) = (record.port, crate::switch::running(dir)?)
+        && let Some(port) = record.port
     {
-        // A switch that stops answering while it drains does not fail the deployment:
-        // traffic has moved already; the old service gets the rest of its time.
-        match proxy.drain(port, drain_timeout) {
+        // Connections the kernel rule sent do not depend on the proxy: the drain counts
+        // them whether or not one runs. A switch that stops answering while it drains
+        // does not fail the deployment: traffic has moved already; the old service gets
+        // the rest of its time.
+        let proxy = crate::switch::running(dir)?;
+        match crate::switch::drain(proxy.as_ref(), port, drain_timeout) {
             Ok(0) => {}
             Ok(left) => tracing::warn!(
                 revision = %record.revision.short(),
@@ -198,7 +202,7 @@ pub fn retire(dir: &AppDir, drain_timeout: Duration, keep: Duration) -> Result<(
             ),
             Err(e) => tracing::warn!(
                 revision = %record.revision.short(),
-                "the switch did not answer at the end of the drain ({e:#}): the old service is let go"
+                "the open connections could not be counted at the end of the drain ({e:#}): the old service is let go"
             ),
         }
     }
@@ -217,6 +221,14 @@ pub fn retire(dir: &AppDir, drain_timeout: Duration, keep: Duration) -> Result<(
 /// `unroute` (one started by an older agent) is stopped; the next pass starts one that
 /// speaks the current requests once the service is back.
 pub fn serving_down(dir: &AppDir) {
+    // The kernel rule first, whatever the proxy's state (dead, or restarted with no
+    // route): it must not send connections to the dead service's port, which another
+    // process may take.
+    if let Err(e) = Kernel::of(dir).keep_cleared() {
+        tracing::warn!(
+            "the serving service is down, and the switch's kernel rule could not be cleared: {e:#}"
+        );
+    }
     let proxy = match crate::switch::running(dir) {
         Ok(Some(proxy)) if proxy.seen().backend.is_some() => proxy,
         Ok(_) => return,
@@ -238,12 +250,15 @@ pub fn serving_down(dir: &AppDir) {
 
 /// Stops everything of a switched service: both processes and the proxy (an in-place
 /// deployment's ApplicationStop, a first install undone).
+/// The kernel rule is cleared first (no new connection goes to a service about to stop,
+/// whether or not the proxy can be reached) and its table removed last.
 pub fn stop_all(dir: &AppDir) -> Result<()> {
+    let kernel = Kernel::of(dir);
+    kernel.clear()?;
     service::stop(dir)?;
     service::stop_in(dir, Slot::Standby)?;
-    if let Some(proxy) = crate::switch::running(dir)? {
-        proxy.stop()?;
-    }
+    crate::switch::stop_recorded(dir)?;
+    kernel.remove()?;
     Ok(())
 }
 
@@ -263,7 +278,10 @@ pub fn upkeep(
     };
     if let Some(port) = serving.port {
         let proxy = crate::switch::ensure(dir, listen(switch, public_port))?;
-        let seen = proxy.seen();
+        let seen = proxy.seen().clone();
+        // Where the proxy sends new connections once this pass is done, for the kernel
+        // rule to follow (it never leads: a proxy started again has no route yet).
+        let mut routed = seen.clone();
         if seen.backend != Some(port) || seen.proxy_protocol != switch.proxy_protocol {
             let holder = service::holder(serving, port);
             let healthy = || {
@@ -277,7 +295,7 @@ pub fn upkeep(
                         port,
                         "the switch did not route to the serving service: routed"
                     );
-                    proxy.route(port, switch)?;
+                    routed = proxy.route(port, switch)?;
                 }
                 // Died since this pass began: its listener may not be closed yet, and is
                 // not another's. The next pass starts it again.
@@ -285,12 +303,14 @@ pub fn upkeep(
                     tracing::debug!(port, "the serving service died during the pass");
                 }
                 Holder::Foreign => {
-                    // Its port is shared with another process: it starts again on
-                    // another (the supervisor's restart path picks a free one).
+                    // Its port is shared with another process: nothing goes there any
+                    // more (the kernel rule and the proxy), and the service starts again
+                    // on another port (the supervisor's restart path picks a free one).
                     tracing::warn!(
                         port,
                         "another process listens on the serving service's port: the service is stopped, to start again on another port"
                     );
+                    proxy.unroute()?;
                     service::stop(dir)?;
                     return Ok(());
                 }
@@ -300,10 +320,13 @@ pub fn upkeep(
                     "the serving service is not ready to route to"
                 ),
             }
-        } else {
-            // Routed already: the kernel rule follows (this agent's first pass, a hold
-            // that ran out while no agent was there to end it).
-            proxy.follow(switch, seen)?;
+        }
+        // This agent's first pass, a hold that ran out while no agent was there to end
+        // it, a proxy started again: the rule goes where the proxy routes, or goes. A
+        // failure does not end the pass (the standby below is still let go); `follow`
+        // warns of it, and the proxy carries the connections meanwhile.
+        if let Err(e) = proxy.follow(switch, &routed) {
+            tracing::warn!("{e:#}");
         }
     }
     if let Some(standby) = service::current_in(dir, Slot::Standby)?

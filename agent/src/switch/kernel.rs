@@ -72,31 +72,62 @@ pub enum Unusable {
     NoNft,
 }
 
-/// The rule the kernel holds for one application, as this process last set it.
+/// The rule of one application's table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Applied {
-    /// No table: connections reach the proxy.
+enum Rule {
+    /// An empty chain (or no table): connections reach the proxy.
     Cleared,
     /// New connections to `listen` go to 127.0.0.1:`backend`.
     To { listen: SocketAddr, backend: u16 },
 }
 
-/// What this process last set per table. Empty after a start, so the first call for each
-/// table always runs `nft`: whatever a previous agent left is replaced.
-static APPLIED: Mutex<Option<HashMap<String, Applied>>> = Mutex::new(None);
+/// What this process knows of one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// `rule` was set at `at`.
+    Set { rule: Rule, at: Instant },
+    /// Setting `want` failed at `at` (the chain was cleared instead).
+    Failed { want: Rule, at: Instant },
+}
 
-fn last(table: &str) -> Option<Applied> {
-    let guard = APPLIED.lock().unwrap_or_else(|e| e.into_inner());
+/// How long a rule this process set is trusted before it is set again (a firewall
+/// reload, or an operator, may have changed the table meanwhile).
+const REASSERT: Duration = Duration::from_secs(60);
+/// How long after a failed `nft` the same rule is not tried again (and not warned of).
+const RETRY: Duration = Duration::from_secs(60);
+
+/// Whether `follow` must run `nft` to have `want`: the pure decision, unit-tested.
+fn must_set(known: Option<Known>, want: Rule, now: Instant) -> bool {
+    match known {
+        Some(Known::Set { rule, at }) => rule != want || now.duration_since(at) >= REASSERT,
+        Some(Known::Failed { want: failed, at }) => {
+            failed != want || now.duration_since(at) >= RETRY
+        }
+        None => true,
+    }
+}
+
+/// What this process last did per table. Empty after a start, so the first call for each
+/// table runs `nft`: whatever a previous agent left is replaced.
+static KNOWN: Mutex<Option<HashMap<String, Known>>> = Mutex::new(None);
+
+fn known(table: &str) -> Option<Known> {
+    let guard = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
     guard.as_ref().and_then(|m| m.get(table).copied())
 }
 
-fn remember(table: &str, applied: Option<Applied>) {
-    let mut guard = APPLIED.lock().unwrap_or_else(|e| e.into_inner());
+fn remember(table: &str, known: Option<Known>) {
+    let mut guard = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
     let map = guard.get_or_insert_with(HashMap::new);
-    match applied {
-        Some(a) => map.insert(table.to_string(), a),
+    match known {
+        Some(k) => map.insert(table.to_string(), k),
         None => map.remove(table),
     };
+}
+
+/// The `nft` binary the agent runs, if installed (tests use the same).
+pub fn nft_path() -> Option<&'static Path> {
+    nft()
 }
 
 fn nft() -> Option<&'static Path> {
@@ -104,9 +135,11 @@ fn nft() -> Option<&'static Path> {
 }
 
 /// The nftables table of the application in `dir`: `shoal_` and 12 hex digits of the
-/// SHA-256 of its directory's path.
+/// SHA-256 of its directory's canonical path (so a data directory spelled two ways, or
+/// reached through a link, names one table).
 pub fn table_name(dir: &AppDir) -> String {
-    let digest = Sha256::digest(dir.root.as_os_str().as_encoded_bytes());
+    let path = std::fs::canonicalize(&dir.root).unwrap_or_else(|_| dir.root.clone());
+    let digest = Sha256::digest(path.as_os_str().as_encoded_bytes());
     format!("shoal_{}", &hex::encode(digest)[..12])
 }
 
@@ -125,9 +158,8 @@ pub fn usable(switch: &SwitchSpec) -> Result<(), Unusable> {
 }
 
 /// The transaction that makes `table` send new connections to `listen` on to
-/// 127.0.0.1:`backend`. The table's comment names the application's directory (only
-/// characters that need no quoting, at most 100).
-fn route_script(table: &str, comment: &str, listen: SocketAddr, backend: u16) -> String {
+/// 127.0.0.1:`backend` (only syntax that nftables 0.9 reads: no table comments).
+fn route_script(table: &str, listen: SocketAddr, backend: u16) -> String {
     // The port first: it is the cheap test, and it alone rules out the host's other
     // connections (the rule is read for the first packet of each).
     let matched = match listen.ip() {
@@ -136,7 +168,7 @@ fn route_script(table: &str, comment: &str, listen: SocketAddr, backend: u16) ->
         ip => format!("ip daddr {ip}"),
     };
     format!(
-        "table ip {table} {{\n  comment \"{comment}\"\n  chain output {{\n    \
+        "table ip {table} {{\n  chain output {{\n    \
          type nat hook output priority -100; policy accept;\n  }}\n}}\n\
          flush chain ip {table} output\n\
          add rule ip {table} output tcp dport {port} {matched} dnat to 127.0.0.1:{backend}\n",
@@ -144,13 +176,13 @@ fn route_script(table: &str, comment: &str, listen: SocketAddr, backend: u16) ->
     )
 }
 
-/// The transaction that empties `table`'s chain and keeps the chain: the chain is what
-/// keeps the kernel's NAT hooks registered, and with them the translation of every
-/// connection a rule already sent on (without any NAT chain left in the network
-/// namespace, those connections' packets would reach the public port untranslated, and
-/// die there).
+/// The transaction that empties `table` and keeps its chain: the chain is what keeps the
+/// kernel's NAT hooks registered, and with them the translation of every connection a
+/// rule already sent on (without any NAT chain left in the network namespace, those
+/// connections' packets would reach the public port untranslated, and die there). The
+/// table is declared first, so this holds whether or not it exists.
 fn clear_script(table: &str) -> String {
-    format!("flush chain ip {table} output\n")
+    format!("table ip {table} {{}}\nflush table ip {table}\n")
 }
 
 /// The transaction that removes `table`, whether or not it exists (it is declared first).
@@ -158,35 +190,16 @@ fn remove_script(table: &str) -> String {
     format!("table ip {table} {{}}\ndelete table ip {table}\n")
 }
 
-fn comment_of(dir: &AppDir) -> String {
-    let path: String = dir
-        .root
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "/_.-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let tail = path.len().saturating_sub(90);
-    format!("shoal switch {}", &path[tail..])
-}
-
 /// The kernel rule of one application.
 #[derive(Debug, Clone)]
 pub struct Kernel {
     table: String,
-    comment: String,
 }
 
 impl Kernel {
     pub fn of(dir: &AppDir) -> Self {
         Kernel {
             table: table_name(dir),
-            comment: comment_of(dir),
         }
     }
 
@@ -196,81 +209,107 @@ impl Kernel {
 
     /// Makes the rule match where the proxy now sends new connections: `backend` (when
     /// traffic is neither held nor unrouted) for a switch the kernel path can carry,
-    /// else no rule. A rule that cannot be set is removed, so that the proxy carries the
-    /// connections; an error only when even that fails, since a rule left behind would
-    /// send them where the proxy no longer does.
+    /// else no rule. `nft` runs only when that differs from what this process set, or
+    /// [`REASSERT`] after it set it; a rule that failed is tried again after [`RETRY`],
+    /// and warned of once. A rule that cannot be set is cleared, so that the proxy
+    /// carries the connections; an error only when even that fails, since a rule left
+    /// behind would send them where the proxy no longer does.
     pub fn follow(
         &self,
         switch: &SwitchSpec,
         listen: SocketAddr,
         backend: Option<u16>,
     ) -> Result<(), KernelError> {
-        let Some(backend) = backend else {
-            return self.clear();
-        };
-        if let Err(why) = usable(switch) {
-            if last(&self.table) != Some(Applied::Cleared) {
-                tracing::info!(table = %self.table, "new connections go through the switch's proxy: {why}");
+        let want = match (backend, usable(switch)) {
+            (Some(backend), Ok(())) => Rule::To { listen, backend },
+            (Some(_), Err(why)) => {
+                if known(&self.table).is_none() {
+                    tracing::info!(table = %self.table, "new connections go through the switch's proxy: {why}");
+                }
+                Rule::Cleared
             }
-            return self.clear();
-        }
-        let want = Applied::To { listen, backend };
-        if last(&self.table) == Some(want) {
+            (None, _) => Rule::Cleared,
+        };
+        let before = known(&self.table);
+        if !must_set(before, want, Instant::now()) {
             return Ok(());
         }
-        match self.run(&route_script(&self.table, &self.comment, listen, backend)) {
+        let Rule::To { backend, .. } = want else {
+            return self.clear();
+        };
+        match self.run(&route_script(&self.table, listen, backend)) {
             Ok(()) => {
-                remember(&self.table, Some(want));
-                tracing::info!(table = %self.table, %listen, backend, "new connections go to 127.0.0.1:{backend} by a kernel rule");
+                remember(
+                    &self.table,
+                    Some(Known::Set {
+                        rule: want,
+                        at: Instant::now(),
+                    }),
+                );
+                if before.is_none_or(|k| !matches!(k, Known::Set { rule, .. } if rule == want)) {
+                    tracing::info!(table = %self.table, %listen, backend, "new connections go to 127.0.0.1:{backend} by a kernel rule");
+                }
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(
-                    "the switch's kernel rule could not be set ({e}): the proxy carries the connections"
+                if before.is_none_or(|k| !matches!(k, Known::Failed { want: w, .. } if w == want)) {
+                    tracing::warn!(
+                        "the switch's kernel rule could not be set ({e}): the proxy carries the connections; tried again every {}s",
+                        RETRY.as_secs()
+                    );
+                }
+                self.clear()?;
+                remember(
+                    &self.table,
+                    Some(Known::Failed {
+                        want,
+                        at: Instant::now(),
+                    }),
                 );
-                remember(&self.table, None);
-                self.clear()
+                Ok(())
             }
         }
     }
 
-    /// Removes the rule (if any), keeping its chain: new connections reach the proxy,
-    /// and those the rule sent on keep their translation.
+    /// Empties the table (declared if it was not there), keeping its chain: new
+    /// connections reach the proxy, and those the rule sent on keep their translation.
+    /// Always runs `nft` when it is installed: this is the step that keeps traffic off a
+    /// port, whatever this process believes the table holds.
     pub fn clear(&self) -> Result<(), KernelError> {
-        match last(&self.table) {
-            Some(Applied::Cleared) => return Ok(()),
-            // Not set by this process: maybe by an earlier one, maybe never.
-            None if nft().is_none() || !self.exists()? => {
-                remember(&self.table, Some(Applied::Cleared));
-                return Ok(());
-            }
-            _ => {}
+        if nft().is_none() {
+            // Nothing can have set a rule without it.
+            return Ok(());
         }
         let result = self.run(&clear_script(&self.table));
-        remember(&self.table, result.is_ok().then_some(Applied::Cleared));
+        remember(
+            &self.table,
+            result.is_ok().then(|| Known::Set {
+                rule: Rule::Cleared,
+                at: Instant::now(),
+            }),
+        );
         result
     }
 
-    /// Removes the table (the switch stops): connections the rule sent on lose their
-    /// translation only if no other NAT chain is left on the host, and the service they
-    /// reach is being stopped with the switch anyway.
+    /// [`Self::clear`], unless this process cleared the table less than [`REASSERT`] ago:
+    /// for a step asked again on every pass (a serving service that stays down).
+    pub fn keep_cleared(&self) -> Result<(), KernelError> {
+        if must_set(known(&self.table), Rule::Cleared, Instant::now()) {
+            self.clear()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Removes the table (the switch stops, its services stopped first): connections the
+    /// rule sent on lose their translation if no other NAT chain is left on the host.
     pub fn remove(&self) -> Result<(), KernelError> {
         if nft().is_none() {
-            remember(&self.table, Some(Applied::Cleared));
             return Ok(());
         }
         let result = self.run(&remove_script(&self.table));
-        remember(&self.table, result.is_ok().then_some(Applied::Cleared));
+        remember(&self.table, None);
         result
-    }
-
-    /// Whether the table exists (`nft list table` succeeds).
-    fn exists(&self) -> Result<bool, KernelError> {
-        match self.run(&format!("list table ip {}\n", self.table)) {
-            Ok(()) => Ok(true),
-            Err(KernelError::Refused { .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 
     fn run(&self, script: &str) -> Result<(), KernelError> {
@@ -309,11 +348,12 @@ impl Kernel {
                 Err(e) => return Err(run_error(e.to_string())),
             }
         };
-        if let Some(Err(e)) = written {
-            return Err(run_error(format!("writing its input: {e}")));
-        }
         if status.success() {
-            return Ok(());
+            // An input it did not read whole is no success.
+            return match written {
+                Some(Err(e)) => Err(run_error(format!("writing its input: {e}"))),
+                _ => Ok(()),
+            };
         }
         let mut stderr = Vec::new();
         if let Some(mut pipe) = child.stderr.take() {
@@ -336,7 +376,21 @@ impl Kernel {
 /// socket diagnostics count them: the connections a service on that port still serves,
 /// whoever made them (the proxy, a kernel rule, a hook).
 pub fn open_on(port: u16) -> std::io::Result<u32> {
-    Ok(diag::count(libc_af::INET, port)? + diag::count(libc_af::INET6, port)?)
+    let v4 = diag::count(libc_af::INET, port)?;
+    let v6 = match diag::count(libc_af::INET6, port) {
+        Ok(n) => n,
+        // No IPv6 in this kernel: nothing open over it.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(nix::libc::ENOENT | nix::libc::EAFNOSUPPORT)
+            ) =>
+        {
+            0
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(v4 + v6)
 }
 
 mod libc_af {
@@ -380,14 +434,18 @@ mod diag {
             tv_usec: 0,
         };
         // SAFETY: setsockopt with a timeval of the right size.
-        unsafe {
+        let set = unsafe {
             libc::setsockopt(
                 fd.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&timeout as *const libc::timeval).cast(),
                 size_of::<libc::timeval>() as libc::socklen_t,
-            );
+            )
+        };
+        if set != 0 {
+            // Without it a dump that never ends would block the drain for good.
+            return Err(io::Error::last_os_error());
         }
         let mut request = Vec::with_capacity(72);
         request.extend_from_slice(&72u32.to_ne_bytes());
@@ -395,9 +453,11 @@ mod diag {
         request.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
         request.extend_from_slice(&1u32.to_ne_bytes());
         request.extend_from_slice(&0u32.to_ne_bytes());
-        // inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed sockid.
+        // inet_diag_req_v2: family, protocol, ext, pad, states, then the sockid, whose
+        // first field, the local port (big-endian), the kernel filters the dump on.
         request.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
         request.extend_from_slice(&STATES.to_ne_bytes());
+        request.extend_from_slice(&port.to_be_bytes());
         request.resize(72, 0);
         // SAFETY: the buffer is valid for its length; the kernel is the destination
         // (a zeroed sockaddr_nl).
@@ -427,8 +487,16 @@ mod diag {
             }
             let n = n as usize;
             read += n;
-            if n == 0 || read > MAX_BYTES {
-                return Err(io::Error::other("the socket dump did not end"));
+            if n == 0 {
+                return Err(io::Error::other(
+                    "the socket dump ended with no end message",
+                ));
+            }
+            if read > MAX_BYTES {
+                return Err(io::Error::other(format!(
+                    "the socket dump passed {} MiB",
+                    MAX_BYTES >> 20
+                )));
             }
             let mut at = 0usize;
             while at + 16 <= n {
@@ -444,6 +512,10 @@ mod diag {
                             .get(at + 16..at + 20)
                             .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
                             .unwrap_or(0);
+                        // An error message with errno 0 is an acknowledgement: done.
+                        if errno == 0 {
+                            return Ok(count);
+                        }
                         return Err(io::Error::from_raw_os_error(-errno));
                     }
                     SOCK_DIAG_BY_FAMILY => {
@@ -479,7 +551,7 @@ mod tests {
 
     #[test]
     fn the_rule_matches_the_public_address_and_port_and_names_the_serving_port() {
-        let any = route_script("shoal_x", "c", "0.0.0.0:8080".parse().unwrap(), 41000);
+        let any = route_script("shoal_x", "0.0.0.0:8080".parse().unwrap(), 41000);
         assert!(
             any.contains(
                 "add rule ip shoal_x output tcp dport 8080 fib daddr type local dnat to 127.0.0.1:41000\n"
@@ -487,16 +559,19 @@ mod tests {
             "{any}"
         );
         assert!(
-            any.starts_with("table ip shoal_x {\n  comment \"c\""),
+            any.starts_with("table ip shoal_x {\n  chain output {"),
             "{any}"
         );
         assert!(any.contains("flush chain ip shoal_x output\n"), "{any}");
-        let one = route_script("shoal_x", "c", "10.1.2.3:80".parse().unwrap(), 41001);
+        let one = route_script("shoal_x", "10.1.2.3:80".parse().unwrap(), 41001);
         assert!(
             one.contains("output tcp dport 80 ip daddr 10.1.2.3 dnat to 127.0.0.1:41001\n"),
             "{one}"
         );
-        assert_eq!(clear_script("shoal_x"), "flush chain ip shoal_x output\n");
+        assert_eq!(
+            clear_script("shoal_x"),
+            "table ip shoal_x {}\nflush table ip shoal_x\n"
+        );
         assert_eq!(
             remove_script("shoal_x"),
             "table ip shoal_x {}\ndelete table ip shoal_x\n"
@@ -504,17 +579,54 @@ mod tests {
     }
 
     #[test]
-    fn tables_are_per_application_directory_and_comments_need_no_quoting() {
+    fn tables_are_per_application_directory_however_it_is_spelled() {
         let a = AppDir::new(Path::new("/var/lib/shoal"), "inference");
         let b = AppDir::new(Path::new("/var/lib/shoal-2"), "inference");
         assert_ne!(table_name(&a), table_name(&b));
-        assert_eq!(table_name(&a), table_name(&a.clone()));
         assert_eq!(table_name(&a).len(), "shoal_".len() + 12);
-        let odd = AppDir::new(Path::new("/tmp/a \"b\";{c}"), "app");
-        let comment = comment_of(&odd);
-        assert_eq!(comment, "shoal switch /tmp/a__b___c_/apps/app");
-        let long = AppDir::new(&Path::new("/").join("d".repeat(300)), "app");
-        assert!(comment_of(&long).len() <= 110);
+        assert!(table_name(&a)[6..].chars().all(|c| c.is_ascii_hexdigit()));
+        // One directory reached by two spellings (a link, a `..`) names one table.
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("data");
+        std::fs::create_dir_all(real.join("apps/app")).unwrap();
+        std::os::unix::fs::symlink(&real, tmp.path().join("link")).unwrap();
+        let named = |p: &Path| table_name(&AppDir::new(p, "app"));
+        assert_eq!(named(&real), named(&tmp.path().join("link")));
+        assert_eq!(named(&real), named(&tmp.path().join("link/../data")));
+    }
+
+    #[test]
+    fn nft_runs_only_when_the_rule_changes_is_old_or_failed_long_enough_ago() {
+        let t0 = Instant::now();
+        let to = |backend| Rule::To {
+            listen: "0.0.0.0:80".parse().unwrap(),
+            backend,
+        };
+        let set = |rule, at| Some(Known::Set { rule, at });
+        let failed = |want, at| Some(Known::Failed { want, at });
+        // Nothing known (a new agent): always set, whatever a previous one left.
+        assert!(must_set(None, to(1), t0));
+        assert!(must_set(None, Rule::Cleared, t0));
+        // Set already: not again, until REASSERT.
+        assert!(!must_set(
+            set(to(1), t0),
+            to(1),
+            t0 + Duration::from_secs(1)
+        ));
+        assert!(must_set(set(to(1), t0), to(1), t0 + REASSERT));
+        assert!(!must_set(set(Rule::Cleared, t0), Rule::Cleared, t0));
+        // Another target: at once.
+        assert!(must_set(set(to(1), t0), to(2), t0));
+        assert!(must_set(set(to(1), t0), Rule::Cleared, t0));
+        // Failed: not again (nor warned of) until RETRY, unless the target changed.
+        assert!(!must_set(
+            failed(to(1), t0),
+            to(1),
+            t0 + Duration::from_secs(59)
+        ));
+        assert!(must_set(failed(to(1), t0), to(1), t0 + RETRY));
+        assert!(must_set(failed(to(1), t0), to(2), t0));
+        assert!(must_set(failed(to(1), t0), Rule::Cleared, t0));
     }
 
     #[test]

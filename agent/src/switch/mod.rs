@@ -45,6 +45,8 @@ const START_WITHIN: Duration = Duration::from_secs(5);
 /// How long a recorded proxy that runs may fail to answer before it is given up on (and
 /// [`ensure`] kills it): a proxy busy for a moment is not a dead one.
 const ADOPT_PATIENCE: Duration = Duration::from_secs(2);
+/// How often a drain asks how many connections are still open.
+const DRAIN_POLL: Duration = Duration::from_millis(25);
 /// A control line's largest size, either way.
 pub(crate) const MAX_LINE: usize = 1024;
 
@@ -465,46 +467,13 @@ impl Proxy {
         self.ask(&Request::Status)
     }
 
-    /// Waits until no connection is open to `port`, or `timeout`: how many still are, by
-    /// the proxy's count or the kernel's (connections that came by the kernel rule, or
-    /// to the port directly), whichever is more. A request the proxy fails to answer is
-    /// asked again until the timeout; the error is returned only when the last one failed
-    /// too.
-    pub fn drain(&self, port: u16, timeout: Duration) -> Result<u32> {
-        let deadline = Instant::now() + timeout;
-        let mut unreadable = false;
-        loop {
-            let in_kernel = match kernel::open_on(port) {
-                Ok(n) => n,
-                Err(e) => {
-                    if !unreadable {
-                        tracing::warn!(
-                            "the kernel's connection count cannot be read ({e}): the drain waits on the proxy's alone"
-                        );
-                        unreadable = true;
-                    }
-                    0
-                }
-            };
-            let open = self
-                .status()
-                .map(|s| s.open.get(&port).copied().unwrap_or(0).max(in_kernel));
-            match open {
-                Ok(0) => return Ok(0),
-                last if Instant::now() >= deadline => return last,
-                // Gone: nothing is open through it any more.
-                Err(e) if start_ticks(self.record.pid) != Some(self.record.start_ticks) => {
-                    return Err(e);
-                }
-                _ => std::thread::sleep(Duration::from_millis(25)),
-            }
-        }
-    }
-
     /// Stops the proxy (asked, then signalled if it does not go), confirmed gone, and
     /// forgets it.
     pub fn stop(self) -> Result<()> {
-        self.kernel.remove()?;
+        // Cleared, not removed: removing what may be the host's last NAT chain would take
+        // their translation from connections the rule sent on (the serving service may
+        // well go on, a move to another address). `switched::stop_all` removes it.
+        self.kernel.clear()?;
         let _ = self.ask(&Request::Stop);
         kill_and_wait(&self.record);
         if start_ticks(self.record.pid) == Some(self.record.start_ticks) {
@@ -514,5 +483,50 @@ impl Proxy {
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!(pid = self.record.pid, "switch stopped");
         Ok(())
+    }
+}
+
+/// Stops the app's proxy if one is recorded, whether it answers or not: the one that
+/// answers is asked (`Proxy::stop`), one that runs and does not answer is killed, and a
+/// record of one that is gone is forgotten. Nothing recorded, nothing done.
+pub fn stop_recorded(dir: &AppDir) -> Result<()> {
+    if let Some(proxy) = running(dir)? {
+        return proxy.stop();
+    }
+    if let Some(record) = read_json::<SwitchRecord>(&record_path(dir))? {
+        kill_and_wait(&record);
+        if start_ticks(record.pid) == Some(record.start_ticks) {
+            anyhow::bail!("the switch (pid {}) survived SIGKILL", record.pid);
+        }
+        remove(&record_path(dir))?;
+        let _ = std::fs::remove_file(socket_path(dir));
+    }
+    Ok(())
+}
+
+/// Waits until no connection is open to `port`, or `timeout`: how many still are. Both
+/// counts are asked: the proxy's, when one runs (`proxy`), and the kernel's (connections
+/// the kernel rule sent, or made to the port directly), whichever is more. A count that
+/// cannot be read keeps the drain waiting; the error is returned only when the last read
+/// at the timeout failed too. A proxy that is gone counts nothing.
+pub fn drain(proxy: Option<&Proxy>, port: u16, timeout: Duration) -> Result<u32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let in_kernel = kernel::open_on(port)
+            .with_context(|| format!("counting the connections open on port {port}"));
+        let in_proxy = match proxy {
+            None => Ok(0),
+            Some(p) => match p.status() {
+                Ok(status) => Ok(status.open.get(&port).copied().unwrap_or(0)),
+                Err(_) if start_ticks(p.record.pid) != Some(p.record.start_ticks) => Ok(0),
+                Err(e) => Err(e),
+            },
+        };
+        let open = in_kernel.and_then(|k| in_proxy.map(|p| k.max(p)));
+        match open {
+            Ok(0) => return Ok(0),
+            last if Instant::now() >= deadline => return last,
+            _ => std::thread::sleep(DRAIN_POLL),
+        }
     }
 }

@@ -152,8 +152,8 @@ impl Shared {
 }
 
 /// The proxy's exit code when it cannot bind its public address (any other failure exits
-/// 1): the agent tells the cases apart by it.
-pub const EXIT_BIND: i32 = 2;
+/// 1, and clap's usage errors 2): the agent tells the cases apart by it.
+pub const EXIT_BIND: i32 = 3;
 
 /// The subcommand: binds, drops privileges, serves until stopped. Exits [`EXIT_BIND`]
 /// with `binding ADDR: ...` on stderr when the address cannot be bound.
@@ -831,7 +831,10 @@ mod tests {
         open.read_to_string(&mut out).unwrap();
         assert_eq!(out, "A", "an open connection moved");
         drop(open);
-        assert_eq!(r.proxy.drain(a, Duration::from_secs(20)).unwrap(), 0);
+        assert_eq!(
+            super::super::drain(Some(&r.proxy), a, Duration::from_secs(20)).unwrap(),
+            0
+        );
         let status = r.proxy.status().unwrap();
         assert!(status.open.is_empty(), "{status:?}");
         assert_eq!(status.accepted, 4);
@@ -855,7 +858,10 @@ mod tests {
         wait_until("the connection counted", || {
             r.proxy.status().unwrap().open.get(&a) == Some(&1)
         });
-        assert_eq!(r.proxy.drain(a, Duration::from_millis(100)).unwrap(), 1);
+        assert_eq!(
+            super::super::drain(Some(&r.proxy), a, Duration::from_millis(100)).unwrap(),
+            1
+        );
     }
 
     #[test]
@@ -1183,8 +1189,14 @@ mod tests {
             e.to_string(),
             "the switch cannot listen: binding 0.0.0.0:8080: Address already in use (os error 98)"
         );
-        // The words alone decide nothing: the same line with another exit code is not a
-        // bind failure, and a bind failure with other words still is one.
+        // The words alone decide nothing: the same line with another exit code (clap's
+        // usage error is 2) is not a bind failure, and a bind failure with other words
+        // still is one.
+        let e = super::super::exited(listen, code(2), log);
+        assert!(
+            matches!(&e, super::super::SwitchError::Exited { .. }),
+            "{e:?}"
+        );
         let e = super::super::exited(listen, code(1), log);
         assert!(
             matches!(&e, super::super::SwitchError::Exited { log: l, status } if l == log && status == "exit status: 1"),
