@@ -504,11 +504,13 @@ fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go(
     );
 }
 
-/// In place → switched → in place on one host, under load: each move runs in place (the
-/// old service stops first), so the port may refuse connections for a moment; what is
-/// checked is where it ends. Switched, the proxy holds the port and the kernel rule points
-/// at the service's own port; back in place, the proxy and the rule are gone and the
-/// service holds the public port itself. Every answer came from one of the revisions.
+/// In place → switched → switched with `forward: proxy` → in place on one host, under
+/// load: a move to or from in place runs in place (the old service stops first), so the
+/// port may refuse connections for a moment; what is checked is where it ends. Switched,
+/// the proxy holds the port and the kernel rule points at the service's own port; with
+/// `forward: proxy` there is no rule and the proxy carries the requests; back in place
+/// (the proxy killed first), the proxy and the rule are gone and the service holds the
+/// public port itself. Every answer came from one of the revisions.
 #[test]
 fn moving_between_in_place_and_switched_leaves_no_proxy_or_rule_behind() {
     let tmp = tempfile::tempdir().unwrap();
@@ -545,6 +547,33 @@ fn moving_between_in_place_and_switched_leaves_no_proxy_or_rule_behind() {
     if let Ok(rule) = switch::kernel_rule(&data) {
         assert_eq!(rule, own, "the kernel rule of the switched revision");
     }
+
+    // A switched revision that says `forward: proxy`: the rule goes, the proxy carries
+    // every connection.
+    deploy(&switch::proxied_revision(tmp.path(), "v1"), "v1");
+    if let Ok(rule) = switch::kernel_rule(&data) {
+        assert_eq!(
+            rule, None,
+            "a kernel rule is left for a `forward: proxy` revision"
+        );
+    }
+    let before =
+        shoal_agent::switch::running(&shoal_agent::lifecycle::state::AppDir::new(&data, APP))
+            .unwrap()
+            .unwrap()
+            .seen()
+            .accepted;
+    assert_eq!(load::predict(public).as_deref(), Ok("v1"));
+    let after =
+        shoal_agent::switch::running(&shoal_agent::lifecycle::state::AppDir::new(&data, APP))
+            .unwrap()
+            .unwrap()
+            .seen()
+            .accepted;
+    assert!(
+        after > before,
+        "the proxy did not carry a request ({before} -> {after})"
+    );
 
     // The proxy dies before the move back: its kernel rule must go all the same.
     let pid = serde_json::from_slice::<serde_json::Value>(

@@ -28,11 +28,13 @@ pub const POINTS: &[&str] = &[
     "record.written",
 ];
 
-/// Crash points of a switched deployment (`lifecycle/switched.rs`), in the order it
-/// reaches them: new connections held, routed to the new service, the service records
-/// half swapped, the old service drained.
+/// Crash points of a switched deployment (`lifecycle/switched.rs`, `switch/mod.rs`), in
+/// the order it reaches them: new connections held, the proxy routed to the new service
+/// with the kernel rule not yet moved, both routed, the service records half swapped, the
+/// old service drained.
 pub const SWITCH_POINTS: &[&str] = &[
     "switch.blocked",
+    "switch.proxy-routed",
     "switch.allowed",
     "switch.swap-half",
     "switch.drained",

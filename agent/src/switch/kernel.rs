@@ -47,6 +47,9 @@ const NFT: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
 const NFT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of `nft`'s error output is kept for the error.
 const MAX_STDERR: usize = 2048;
+/// How much of `nft`'s output is read (the list of tables): past what fits its pipe, it
+/// would block and be killed at [`NFT_TIMEOUT`] anyway.
+const MAX_STDOUT: usize = 64 << 10;
 
 /// Why the kernel rule could not be set or removed.
 #[derive(Debug, thiserror::Error)]
@@ -271,13 +274,21 @@ impl Kernel {
         }
     }
 
-    /// Empties the table (declared if it was not there), keeping its chain: new
-    /// connections reach the proxy, and those the rule sent on keep their translation.
-    /// Always runs `nft` when it is installed: this is the step that keeps traffic off a
-    /// port, whatever this process believes the table holds.
+    /// Empties the table, keeping its chain: new connections reach the proxy, and those
+    /// the rule sent on keep their translation. Always asks `nft` (is there a table, then
+    /// empty it) when it is installed: this is the step that keeps traffic off a port,
+    /// whatever this process believes the table holds; a table that is not there is not
+    /// made.
     pub fn clear(&self) -> Result<(), KernelError> {
-        if nft().is_none() {
-            // Nothing can have set a rule without it.
+        // Nothing can have set a rule without `nft`, or without the table.
+        if nft().is_none() || !self.exists()? {
+            remember(
+                &self.table,
+                Some(Known::Set {
+                    rule: Rule::Cleared,
+                    at: Instant::now(),
+                }),
+            );
             return Ok(());
         }
         let result = self.run(&clear_script(&self.table));
@@ -312,20 +323,47 @@ impl Kernel {
         result
     }
 
+    /// Whether the table exists (`nft list tables` names it): a clear does not make a
+    /// table for an application that never had one.
+    fn exists(&self) -> Result<bool, KernelError> {
+        let listed = match self.nft(&["list", "tables"], None) {
+            Ok(listed) => listed,
+            // Refused the listing (no CAP_NET_ADMIN, no nf_tables): no rule can have been
+            // set here either.
+            Err(KernelError::Refused { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let line = format!("table ip {}", self.table);
+        Ok(String::from_utf8_lossy(&listed)
+            .lines()
+            .any(|l| l.trim() == line))
+    }
+
     fn run(&self, script: &str) -> Result<(), KernelError> {
+        self.nft(&["-f", "-"], Some(script)).map(drop)
+    }
+
+    /// Runs `nft ARGS` (with `script` on its input): its output, at most
+    /// [`MAX_STDOUT`] bytes of it.
+    fn nft(&self, args: &[&str], script: Option<&str>) -> Result<Vec<u8>, KernelError> {
         let run_error = |reason: String| KernelError::Run {
             table: self.table.clone(),
             reason,
         };
         let nft = nft().ok_or_else(|| run_error(Unusable::NoNft.to_string()))?;
         let mut child = Command::new(nft)
-            .args(["-f", "-"])
+            .args(args)
             .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdin(if script.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| run_error(e.to_string()))?;
+        let script = script.unwrap_or_default();
         let written = child
             .stdin
             .take()
@@ -348,16 +386,20 @@ impl Kernel {
                 Err(e) => return Err(run_error(e.to_string())),
             }
         };
+        use std::io::Read;
         if status.success() {
             // An input it did not read whole is no success.
-            return match written {
-                Some(Err(e)) => Err(run_error(format!("writing its input: {e}"))),
-                _ => Ok(()),
-            };
+            if let Some(Err(e)) = written {
+                return Err(run_error(format!("writing its input: {e}")));
+            }
+            let mut stdout = Vec::new();
+            if let Some(pipe) = child.stdout.take() {
+                let _ = pipe.take(MAX_STDOUT as u64).read_to_end(&mut stdout);
+            }
+            return Ok(stdout);
         }
         let mut stderr = Vec::new();
         if let Some(mut pipe) = child.stderr.take() {
-            use std::io::Read;
             let _ = pipe
                 .by_ref()
                 .take(MAX_STDERR as u64)
@@ -644,6 +686,59 @@ mod tests {
             Ok(()) => assert!(nft().is_some()),
             Err(e) => assert_eq!(e, Unusable::NoNft),
         }
+    }
+
+    #[test]
+    fn a_rule_is_set_moved_cleared_keeping_its_chain_and_removed_with_the_real_nft() {
+        if nft().is_none() {
+            assert!(
+                std::env::var_os("SHOAL_CI").is_none(),
+                "nft is missing, and .ci/run installs it"
+            );
+            println!("nft is not installed: the real rule is not checked");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = AppDir::new(tmp.path(), "app");
+        std::fs::create_dir_all(&dir.root).unwrap();
+        let kernel = Kernel::of(&dir);
+        // Removed even when an assertion fails: the table is the host's.
+        struct Removed(Kernel);
+        impl Drop for Removed {
+            fn drop(&mut self) {
+                let _ = self.0.remove();
+            }
+        }
+        let _removed = Removed(kernel.clone());
+        let listed = || {
+            let out = kernel.nft(&["list", "table", "ip", kernel.table()], None);
+            out.ok().map(|o| String::from_utf8_lossy(&o).into_owned())
+        };
+        // A clear makes no table for an application that never had one.
+        kernel.clear().unwrap();
+        assert!(!kernel.exists().unwrap(), "a clear made a table");
+        let listen: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        kernel.follow(&switch(), listen, Some(40001)).unwrap();
+        let table = listed().expect("the table");
+        assert!(table.contains("dnat to 127.0.0.1:40001"), "{table}");
+        kernel.follow(&switch(), listen, Some(40002)).unwrap();
+        let table = listed().unwrap();
+        assert!(table.contains("dnat to 127.0.0.1:40002"), "{table}");
+        assert!(!table.contains("40001"), "{table}");
+        // Cleared: no rule, the chain kept.
+        kernel.clear().unwrap();
+        let table = listed().unwrap();
+        assert!(!table.contains("dnat"), "{table}");
+        assert!(table.contains("chain output"), "{table}");
+        // `forward: proxy` follows as a clear.
+        kernel.follow(&switch(), listen, Some(40003)).unwrap();
+        let mut proxied = switch();
+        proxied.forward = Forward::Proxy;
+        kernel.follow(&proxied, listen, Some(40003)).unwrap();
+        assert!(!listed().unwrap().contains("dnat"));
+        kernel.remove().unwrap();
+        assert!(listed().is_none(), "the table is left");
+        assert!(!kernel.exists().unwrap());
     }
 
     #[test]

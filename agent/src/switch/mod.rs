@@ -432,6 +432,7 @@ impl Proxy {
             port,
             proxy_protocol: switch.proxy_protocol,
         })?;
+        crate::faults::point("switch.proxy-routed");
         self.follow(switch, &status)?;
         Ok(status)
     }
