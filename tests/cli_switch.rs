@@ -249,6 +249,34 @@ fn agents_killed_in_the_middle_of_a_switch_drop_no_request() {
     );
 }
 
+/// One host for `deploy local`: its directories, a public port of its own, and the
+/// clean-up of what outlives its deployments (dropped before the files).
+struct OneHost {
+    _services: switch::Services,
+    _lease: ports::PortLease,
+    data: PathBuf,
+    root: PathBuf,
+    port: u16,
+    public: std::net::SocketAddr,
+    tmp: tempfile::TempDir,
+}
+
+fn one_host() -> OneHost {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, root) = (tmp.path().join("data"), tmp.path().join("root"));
+    let lease = ports::lease();
+    let port = lease.port();
+    OneHost {
+        _services: switch::Services(vec![data.clone()]),
+        _lease: lease,
+        data,
+        root,
+        port,
+        public: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        tmp,
+    }
+}
+
 /// `shoal deploy local` of `bundle` for the app into `data`/`root`, public port `port`.
 fn deploy_local(
     data: &std::path::Path,
@@ -294,15 +322,11 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
         .iter()
         .chain(shoal_agent::faults::SWITCH_POINTS);
     for point in points {
-        let tmp = tempfile::tempdir().unwrap();
-        let (data, root) = (tmp.path().join("data"), tmp.path().join("root"));
-        let _services = switch::Services(vec![data.clone()]);
-        let lease = ports::lease();
-        let port = lease.port();
-        let public = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let h = one_host();
+        let (tmp, data, root, port, public) = (&h.tmp, &h.data, &h.root, h.port, h.public);
         let v1 = switched_revision(tmp.path(), "v1");
         let v2 = switched_revision(tmp.path(), "v2");
-        let o = deploy_local(&data, &root, port, &v1, &[]);
+        let o = deploy_local(data, root, port, &v1, &[]);
         assert!(
             o.status.success(),
             "{point}: v1: {}",
@@ -319,7 +343,7 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
             wait_for("requests", LONG, || load.count() >= target);
         };
         more(20);
-        let o = deploy_local(&data, &root, port, &v2, &[("SHOAL_FAULT_POINT", point)]);
+        let o = deploy_local(data, root, port, &v2, &[("SHOAL_FAULT_POINT", point)]);
         assert_eq!(
             o.status.signal(),
             Some(9),
@@ -329,9 +353,9 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
         more(20);
         let o = fleet::shoal()
             .args(["deploy", "recover", "--json", "--app", APP, "--data-dir"])
-            .arg(&data)
+            .arg(data)
             .arg("--install-root")
-            .arg(&root)
+            .arg(root)
             .output()
             .unwrap();
         assert!(
@@ -361,12 +385,12 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
             let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
             record["port"].as_u64().map(|p| p as u16)
         };
-        if let Ok(rule) = switch::kernel_rule(&data) {
+        if let Ok(rule) = switch::kernel_rule(data) {
             assert_eq!(rule, serving(&app), "{point}: the kernel rule");
         }
         more(20);
         // And the next deployment goes through.
-        let o = deploy_local(&data, &root, port, &v2, &[]);
+        let o = deploy_local(data, root, port, &v2, &[]);
         assert!(
             o.status.success(),
             "{point}: v2: {}",
@@ -376,7 +400,7 @@ fn a_deployment_killed_at_every_switch_point_is_recovered_without_a_failed_reque
         let samples = load.finish();
         check(&samples, &[&["v1", "v2"]]);
         assert_eq!(load::predict(public).as_deref(), Ok("v2"), "{point}");
-        if let Ok(rule) = switch::kernel_rule(&data) {
+        if let Ok(rule) = switch::kernel_rule(data) {
             assert_eq!(rule, serving(&app), "{point}: the kernel rule");
         }
     }
@@ -513,17 +537,13 @@ fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go(
 /// public port itself. Every answer came from one of the revisions.
 #[test]
 fn moving_between_in_place_and_switched_leaves_no_proxy_or_rule_behind() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (data, root) = (tmp.path().join("data"), tmp.path().join("root"));
-    let _services = switch::Services(vec![data.clone()]);
-    let lease = ports::lease();
-    let port = lease.port();
-    let public = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let h = one_host();
+    let (tmp, data, root, port, public) = (&h.tmp, &h.data, &h.root, h.port, h.public);
     let app = data.join("apps").join(APP);
     let in_place = switch::example_revision(tmp.path(), "v1", None);
     let switched = switched_revision(tmp.path(), "v2");
     let deploy = |bundle: &std::path::Path, model: &str| {
-        let o = deploy_local(&data, &root, port, bundle, &[]);
+        let o = deploy_local(data, root, port, bundle, &[]);
         assert!(
             o.status.success(),
             "{model}: {}",
@@ -544,32 +564,30 @@ fn moving_between_in_place_and_switched_leaves_no_proxy_or_rule_behind() {
         serde_json::from_slice(&std::fs::read(app.join("service.json")).unwrap()).unwrap();
     let own = serving["port"].as_u64().map(|p| p as u16);
     assert!(own.is_some_and(|p| p != port), "{serving}");
-    if let Ok(rule) = switch::kernel_rule(&data) {
+    if let Ok(rule) = switch::kernel_rule(data) {
         assert_eq!(rule, own, "the kernel rule of the switched revision");
     }
 
     // A switched revision that says `forward: proxy`: the rule goes, the proxy carries
     // every connection.
     deploy(&switch::proxied_revision(tmp.path(), "v1"), "v1");
-    if let Ok(rule) = switch::kernel_rule(&data) {
+    if let Ok(rule) = switch::kernel_rule(data) {
         assert_eq!(
             rule, None,
             "a kernel rule is left for a `forward: proxy` revision"
         );
     }
-    let before =
-        shoal_agent::switch::running(&shoal_agent::lifecycle::state::AppDir::new(&data, APP))
+    let accepted = || {
+        let dir = shoal_agent::lifecycle::state::AppDir::new(data, APP);
+        shoal_agent::switch::running(&dir)
             .unwrap()
-            .unwrap()
+            .expect("the proxy runs")
             .seen()
-            .accepted;
+            .accepted
+    };
+    let before = accepted();
     assert_eq!(load::predict(public).as_deref(), Ok("v1"));
-    let after =
-        shoal_agent::switch::running(&shoal_agent::lifecycle::state::AppDir::new(&data, APP))
-            .unwrap()
-            .unwrap()
-            .seen()
-            .accepted;
+    let after = accepted();
     assert!(
         after > before,
         "the proxy did not carry a request ({before} -> {after})"
@@ -592,7 +610,7 @@ fn moving_between_in_place_and_switched_leaves_no_proxy_or_rule_behind() {
         !app.join("switch.json").exists(),
         "the proxy is left after the move back in place"
     );
-    if let Ok(rule) = switch::kernel_rule(&data) {
+    if let Ok(rule) = switch::kernel_rule(data) {
         assert_eq!(
             rule, None,
             "a kernel rule is left after the move back in place"
