@@ -133,6 +133,18 @@ pub fn kernel_rule(data: &Path) -> Result<Option<u16>, String> {
     }))
 }
 
+/// Whether the app under `data` has a kernel rule table at all (`nft list table`);
+/// `Err` as for [`kernel_rule`].
+pub fn kernel_table_exists(data: &Path) -> Result<bool, String> {
+    kernel_rule(data)?;
+    let nft = shoal_agent::switch::kernel::nft_path().unwrap();
+    let listed = std::process::Command::new(nft)
+        .args(["list", "table", "ip", &table(data)])
+        .output()
+        .unwrap();
+    Ok(listed.status.success())
+}
+
 fn table(data: &Path) -> String {
     shoal_agent::switch::kernel::table_name(&shoal_agent::lifecycle::state::AppDir::new(data, APP))
 }

@@ -954,6 +954,9 @@ impl LocalHost {
                         (Some(switch), Some(public)) => {
                             if crate::switch::running(dir)?.is_none() {
                                 // No proxy: whatever serves holds the public port itself.
+                                // The kernel rule goes first: it must not point at the
+                                // port of a service being stopped.
+                                crate::switch::kernel::Kernel::of(dir).clear()?;
                                 service::stop(dir)?;
                             }
                             switched::ensure_running(dir, &release.dir, &release.id, spec)?;

@@ -93,6 +93,11 @@ pub fn ensure_running(
 /// BlockTraffic: the proxy stops handing out new connections; they wait in its listen
 /// backlog until [`allow`]. Nothing to do when no proxy runs (nothing is served yet).
 pub fn block(dir: &AppDir) -> Result<()> {
+    // The kernel rule first, whether or not a proxy answers: a proxy started from here on
+    // would have no route, and the rule must not lead it.
+    Kernel::of(dir)
+        .clear()
+        .context("clearing the switch's kernel rule")?;
     if let Some(proxy) = crate::switch::running(dir)? {
         proxy
             .hold()
@@ -295,7 +300,12 @@ pub fn upkeep(
                         port,
                         "the switch did not route to the serving service: routed"
                     );
-                    routed = proxy.route(port, switch)?;
+                    match proxy.route(port, switch) {
+                        Ok(status) => routed = status,
+                        // The proxy routed and its kernel rule could not even be cleared;
+                        // `follow` below tries again. The pass goes on.
+                        Err(e) => tracing::warn!("routing the switch: {e:#}"),
+                    }
                 }
                 // Died since this pass began: its listener may not be closed yet, and is
                 // not another's. The next pass starts it again.
@@ -310,7 +320,12 @@ pub fn upkeep(
                         port,
                         "another process listens on the serving service's port: the service is stopped, to start again on another port"
                     );
-                    proxy.unroute()?;
+                    if let Err(e) = proxy.unroute() {
+                        // A proxy that refuses `unroute` (an older agent's) is stopped, as
+                        // in `serving_down`: its `stop` clears the rule first.
+                        tracing::warn!("the switch did not unroute ({e:#}): it is stopped");
+                        crate::switch::stop_recorded(dir)?;
+                    }
                     service::stop(dir)?;
                     return Ok(());
                 }

@@ -20,8 +20,10 @@
 //!   before this module.
 //!
 //! The proxy (`super::Proxy`) calls [`Kernel::follow`] after each answer that moves
-//! traffic, [`Kernel::clear`] before each that holds it, and [`Kernel::remove`] before it
-//! stops, so the rule is only ever where the proxy would send a connection itself.
+//! traffic and [`Kernel::clear`] before each that holds or stops it; the supervisor's
+//! pass follows the proxy on every pass and clears while the serving service is down;
+//! `lifecycle::switched::stop_all` clears first and calls [`Kernel::remove`] last. So the
+//! rule is only ever where the proxy sends a connection itself, or did a moment ago.
 //!
 //! A rule is cleared by emptying its chain, never by deleting the chain: in a network
 //! namespace with no NAT chain left, the kernel unregisters its NAT hooks, and the
@@ -280,8 +282,7 @@ impl Kernel {
     /// whatever this process believes the table holds; a table that is not there is not
     /// made.
     pub fn clear(&self) -> Result<(), KernelError> {
-        // Nothing can have set a rule without `nft`, or without the table.
-        if nft().is_none() || !self.exists()? {
+        let cleared = || {
             remember(
                 &self.table,
                 Some(Known::Set {
@@ -289,9 +290,22 @@ impl Kernel {
                     at: Instant::now(),
                 }),
             );
-            return Ok(());
+            Ok(())
+        };
+        // Nothing can have set a rule without `nft`, or without the table.
+        let listed = if nft().is_none() {
+            return cleared();
+        } else {
+            self.exists()?
+        };
+        if listed == Some(false) {
+            return cleared();
         }
         let result = self.run(&clear_script(&self.table));
+        if listed.is_none() && matches!(result, Err(KernelError::Refused { .. })) {
+            // Refused to list and to change: nothing can have been set from here.
+            return cleared();
+        }
         remember(
             &self.table,
             result.is_ok().then(|| Known::Set {
@@ -314,29 +328,40 @@ impl Kernel {
 
     /// Removes the table (the switch stops, its services stopped first): connections the
     /// rule sent on lose their translation if no other NAT chain is left on the host.
+    /// An application that never had a table runs no delete (an in-place one, say, on a
+    /// host where `nft` may not be run).
     pub fn remove(&self) -> Result<(), KernelError> {
-        if nft().is_none() {
+        remember(&self.table, None);
+        let listed = match nft() {
+            None => return Ok(()),
+            Some(_) => self.exists()?,
+        };
+        if listed == Some(false) {
             return Ok(());
         }
-        let result = self.run(&remove_script(&self.table));
-        remember(&self.table, None);
-        result
+        match self.run(&remove_script(&self.table)) {
+            // Refused to list and to change: nothing can have been set from here.
+            Err(KernelError::Refused { .. }) if listed.is_none() => Ok(()),
+            result => result,
+        }
     }
 
-    /// Whether the table exists (`nft list tables` names it): a clear does not make a
-    /// table for an application that never had one.
-    fn exists(&self) -> Result<bool, KernelError> {
+    /// Whether the table exists (`nft list tables` names it), so that a clear does not
+    /// make a table for an application that never had one; `None` when `nft` refused the
+    /// listing (no CAP_NET_ADMIN, a ruleset it cannot read): the callers then try their
+    /// change all the same.
+    fn exists(&self) -> Result<Option<bool>, KernelError> {
         let listed = match self.nft(&["list", "tables"], None) {
             Ok(listed) => listed,
-            // Refused the listing (no CAP_NET_ADMIN, no nf_tables): no rule can have been
-            // set here either.
-            Err(KernelError::Refused { .. }) => return Ok(false),
+            Err(KernelError::Refused { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
         let line = format!("table ip {}", self.table);
-        Ok(String::from_utf8_lossy(&listed)
-            .lines()
-            .any(|l| l.trim() == line))
+        Ok(Some(
+            String::from_utf8_lossy(&listed)
+                .lines()
+                .any(|l| l.trim() == line),
+        ))
     }
 
     fn run(&self, script: &str) -> Result<(), KernelError> {
@@ -690,12 +715,12 @@ mod tests {
 
     #[test]
     fn a_rule_is_set_moved_cleared_keeping_its_chain_and_removed_with_the_real_nft() {
-        if nft().is_none() {
+        if nft().is_none() || !nix::unistd::geteuid().is_root() {
             assert!(
                 std::env::var_os("SHOAL_CI").is_none(),
-                "nft is missing, and .ci/run installs it"
+                "nft is missing or may not be run (not root), and CI has both"
             );
-            println!("nft is not installed: the real rule is not checked");
+            println!("nft is not installed or this is not root: the real rule is not checked");
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -716,7 +741,11 @@ mod tests {
         };
         // A clear makes no table for an application that never had one.
         kernel.clear().unwrap();
-        assert!(!kernel.exists().unwrap(), "a clear made a table");
+        assert_eq!(
+            kernel.exists().unwrap(),
+            Some(false),
+            "a clear made a table"
+        );
         let listen: SocketAddr = "127.0.0.1:1".parse().unwrap();
         kernel.follow(&switch(), listen, Some(40001)).unwrap();
         let table = listed().expect("the table");
@@ -738,7 +767,7 @@ mod tests {
         assert!(!listed().unwrap().contains("dnat"));
         kernel.remove().unwrap();
         assert!(listed().is_none(), "the table is left");
-        assert!(!kernel.exists().unwrap());
+        assert_eq!(kernel.exists().unwrap(), Some(false));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //!   [`Proxy::route`], [`Proxy::hold`], [`Proxy::unroute`] and [`Proxy::stop`].
 //!
 //! A route applies to connections accepted after it: open ones keep their backend.
-//! [`Proxy::drain`] waits until neither the proxy ([`Status::open`]) nor the kernel (the
+//! [`drain`] waits until neither the proxy ([`Status::open`]) nor the kernel (the
 //! connections on the old port, however they came) counts one open to the old revision.
 
 pub mod kernel;
