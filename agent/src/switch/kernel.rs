@@ -132,10 +132,6 @@ fn remember(table: &str, known: Option<Known>) {
 
 /// The `nft` binary the agent runs, if installed (tests use the same).
 pub fn nft_path() -> Option<&'static Path> {
-    nft()
-}
-
-fn nft() -> Option<&'static Path> {
     NFT.iter().map(Path::new).find(|p| p.is_file())
 }
 
@@ -159,7 +155,7 @@ pub fn usable(switch: &SwitchSpec) -> Result<(), Unusable> {
     if switch.address.is_ipv6() {
         return Err(Unusable::Ipv6(switch.address));
     }
-    nft().map(|_| ()).ok_or(Unusable::NoNft)
+    nft_path().map(|_| ()).ok_or(Unusable::NoNft)
 }
 
 /// The transaction that makes `table` send new connections to `listen` on to
@@ -293,7 +289,7 @@ impl Kernel {
             Ok(())
         };
         // Nothing can have set a rule without `nft`, or without the table.
-        let listed = if nft().is_none() {
+        let listed = if nft_path().is_none() {
             return cleared();
         } else {
             self.exists()?
@@ -332,7 +328,7 @@ impl Kernel {
     /// host where `nft` may not be run).
     pub fn remove(&self) -> Result<(), KernelError> {
         remember(&self.table, None);
-        let listed = match nft() {
+        let listed = match nft_path() {
             None => return Ok(()),
             Some(_) => self.exists()?,
         };
@@ -375,7 +371,7 @@ impl Kernel {
             table: self.table.clone(),
             reason,
         };
-        let nft = nft().ok_or_else(|| run_error(Unusable::NoNft.to_string()))?;
+        let nft = nft_path().ok_or_else(|| run_error(Unusable::NoNft.to_string()))?;
         let mut child = Command::new(nft)
             .args(args)
             .env_clear()
@@ -443,8 +439,8 @@ impl Kernel {
 /// socket diagnostics count them: the connections a service on that port still serves,
 /// whoever made them (the proxy, a kernel rule, a hook).
 pub fn open_on(port: u16) -> std::io::Result<u32> {
-    let v4 = diag::count(libc_af::INET, port)?;
-    let v6 = match diag::count(libc_af::INET6, port) {
+    let v4 = diag::count(nix::libc::AF_INET as u8, port)?;
+    let v6 = match diag::count(nix::libc::AF_INET6 as u8, port) {
         Ok(n) => n,
         // No IPv6 in this kernel: nothing open over it.
         Err(e)
@@ -458,11 +454,6 @@ pub fn open_on(port: u16) -> std::io::Result<u32> {
         Err(e) => return Err(e),
     };
     Ok(v4 + v6)
-}
-
-mod libc_af {
-    pub const INET: u8 = nix::libc::AF_INET as u8;
-    pub const INET6: u8 = nix::libc::AF_INET6 as u8;
 }
 
 /// One `SOCK_DIAG_BY_FAMILY` dump over netlink: the kernel filters by state, so the
@@ -708,14 +699,14 @@ mod tests {
         s.address = "::".parse().unwrap();
         assert!(matches!(usable(&s), Err(Unusable::Ipv6(_))));
         match usable(&switch()) {
-            Ok(()) => assert!(nft().is_some()),
+            Ok(()) => assert!(nft_path().is_some()),
             Err(e) => assert_eq!(e, Unusable::NoNft),
         }
     }
 
     #[test]
     fn a_rule_is_set_moved_cleared_keeping_its_chain_and_removed_with_the_real_nft() {
-        if nft().is_none() || !nix::unistd::geteuid().is_root() {
+        if nft_path().is_none() || !nix::unistd::geteuid().is_root() {
             assert!(
                 std::env::var_os("SHOAL_CI").is_none(),
                 "nft is missing or may not be run (not root), and CI has both"
