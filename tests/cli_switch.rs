@@ -622,7 +622,7 @@ fn moving_between_in_place_and_switched_leaves_no_proxy_or_rule_behind() {
         !app.join("switch.json").exists(),
         "the proxy is left after the move back in place"
     );
-    if let Ok(exists) = switch::kernel_table_exists(data) {
+    if let Ok(exists) = switch::kernel_program_attached(data) {
         assert!(
             !exists,
             "the kernel rule's table is left after the move back in place"

@@ -70,7 +70,7 @@ fn main() {
         if keep.is_some() {
             let kernel = forward.is_none();
             if !f.kernel_rules_follow(kernel) && kernel {
-                println!("(no nft here: the kernel rule mode measures the proxy)");
+                println!("(no connect redirect here: the kernel rule mode measures the proxy)");
             }
             direct_rows.push(format!("{mode}:\n\n{}", through_and_direct(&f, rounds)));
         }

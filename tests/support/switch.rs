@@ -104,49 +104,49 @@ pub fn revision_with(
     dir
 }
 
-/// Where the kernel rule of the app under `data` sends new connections made on this host
-/// (`nft list table`), `None` when there is no rule; `Err` when `nft` is not installed
-/// (`SHOAL_CI=1`, where `.ci/run` installs it, makes that a failure).
+/// Where a new connection made on this host to the public port of the app under `data`
+/// lands, when its connect redirect (the kernel rule) is attached: `None` when none is.
+/// `Err` where the programs cannot be listed (not root, no cgroup v2; `SHOAL_CI=1`,
+/// where both hold, makes that a failure).
 pub fn kernel_rule(data: &Path) -> Result<Option<u16>, String> {
-    let Some(nft) = shoal_agent::switch::kernel::nft_path() else {
-        assert!(
-            std::env::var_os("SHOAL_CI").is_none(),
-            "nft is missing, and .ci/run installs it"
-        );
-        return Err("nft is not installed: the kernel rule is not checked".into());
-    };
-    let table = table(data);
-    let out = std::process::Command::new(nft)
-        .args(["list", "table", "ip", &table])
-        .output()
-        .unwrap();
-    if !out.status.success() {
+    if !kernel_program_attached(data)? {
         return Ok(None);
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.split("dnat to 127.0.0.1:").nth(1).map(|rest| {
-        rest.split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap_or_else(|_| panic!("a rule that names no port: {text}"))
-    }))
+    let record = std::fs::read(data.join("apps").join(APP).join("switch.json"))
+        .expect("a connect redirect is attached with no proxy recorded");
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    let listen: std::net::SocketAddr = record["listen"].as_str().unwrap().parse().unwrap();
+    let to = if listen.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    };
+    let peer = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))
+        .and_then(|c| c.peer_addr())
+        .unwrap_or_else(|e| panic!("connecting to {to} with the redirect attached: {e}"));
+    Ok(Some(peer.port()))
 }
 
-/// Whether the app under `data` has a kernel rule table at all (`nft list table`);
-/// `Err` as for [`kernel_rule`].
-pub fn kernel_table_exists(data: &Path) -> Result<bool, String> {
-    kernel_rule(data)?;
-    let nft = shoal_agent::switch::kernel::nft_path().unwrap();
-    let listed = std::process::Command::new(nft)
-        .args(["list", "table", "ip", &table(data)])
-        .output()
-        .unwrap();
-    Ok(listed.status.success())
+/// Whether the app under `data` has a connect redirect attached (`Err` as for
+/// [`kernel_rule`]).
+pub fn kernel_program_attached(data: &Path) -> Result<bool, String> {
+    match kernel(data).attached() {
+        Ok(ids) => {
+            assert!(ids.len() <= 1, "two connect programs for one app: {ids:?}");
+            Ok(!ids.is_empty())
+        }
+        Err(e) => {
+            assert!(
+                std::env::var_os("SHOAL_CI").is_none(),
+                "the connect redirect cannot be listed ({e}), and CI can"
+            );
+            Err(format!("the connect redirect is not checked: {e}"))
+        }
+    }
 }
 
-fn table(data: &Path) -> String {
-    shoal_agent::switch::kernel::table_name(&shoal_agent::lifecycle::state::AppDir::new(data, APP))
+fn kernel(data: &Path) -> shoal_agent::switch::kernel::Kernel {
+    shoal_agent::switch::kernel::Kernel::of(&shoal_agent::lifecycle::state::AppDir::new(data, APP))
 }
 
 /// Three agents tagged `role=inference`, each with its own public port for the app.
@@ -274,7 +274,7 @@ impl Three {
 
     /// Asserts that each host's kernel rule sends new connections to its serving
     /// service's own port (`forward: kernel`), or that there is none (`forward: proxy`).
-    /// Returns false, having said why, where nft is not installed.
+    /// Returns false, having said why, where the redirect cannot be listed.
     pub fn kernel_rules_follow(&self, kernel: bool) -> bool {
         for (i, agent) in self.agents.iter().enumerate() {
             let port = self.service_json(i, "service.json").unwrap()["port"]
@@ -348,12 +348,7 @@ impl Drop for Services {
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 }
             }
-            if let Some(nft) = shoal_agent::switch::kernel::nft_path() {
-                let _ = std::process::Command::new(nft)
-                    .args(["delete", "table", "ip", &table(data)])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
+            let _ = kernel(data).clear();
         }
     }
 }

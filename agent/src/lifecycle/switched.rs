@@ -229,7 +229,7 @@ pub fn serving_down(dir: &AppDir) {
     // The kernel rule first, whatever the proxy's state (dead, or restarted with no
     // route): it must not send connections to the dead service's port, which another
     // process may take.
-    if let Err(e) = Kernel::of(dir).keep_cleared() {
+    if let Err(e) = Kernel::of(dir).clear() {
         tracing::warn!(
             "the serving service is down, and the switch's kernel rule could not be cleared: {e:#}"
         );
@@ -255,15 +255,13 @@ pub fn serving_down(dir: &AppDir) {
 
 /// Stops everything of a switched service: both processes and the proxy (an in-place
 /// deployment's ApplicationStop, a first install undone).
-/// The kernel rule is cleared first (no new connection goes to a service about to stop,
-/// whether or not the proxy can be reached) and its table removed last.
+/// The kernel's redirect is cleared first: no new connection goes to a service about to
+/// stop, whether or not the proxy can be reached.
 pub fn stop_all(dir: &AppDir) -> Result<()> {
-    let kernel = Kernel::of(dir);
-    kernel.clear()?;
+    Kernel::of(dir).clear()?;
     service::stop(dir)?;
     service::stop_in(dir, Slot::Standby)?;
     crate::switch::stop_recorded(dir)?;
-    kernel.remove()?;
     Ok(())
 }
 

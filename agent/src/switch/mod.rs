@@ -10,14 +10,16 @@
 //!   only) and [`Proxy`], whose calls are control requests over `apps/<app>/switch.sock`:
 //!   one JSON line each way, bounded in size and time.
 //!
-//! - [`kernel`] is the fast path (decision 0025): a DNAT rule that sends connections made
-//!   on this host straight to the serving revision, kept where the proxy routes by
-//!   [`Proxy::route`], [`Proxy::hold`], [`Proxy::unroute`] and [`Proxy::stop`].
+//! - [`kernel`] is the fast path (decision 0026): a connect-time redirect (the eBPF
+//!   program of [`bpf`]) that sends connections made on this host straight to the serving
+//!   revision, kept where the proxy routes by [`Proxy::route`], [`Proxy::hold`],
+//!   [`Proxy::unroute`] and [`Proxy::stop`].
 //!
 //! A route applies to connections accepted after it: open ones keep their backend.
 //! [`drain`] waits until neither the proxy ([`Status::open`]) nor the kernel (the
 //! connections on the old port, however they came) counts one open to the old revision.
 
+pub mod bpf;
 pub mod kernel;
 pub mod proxy;
 
