@@ -5,9 +5,6 @@
 # through the switch against straight to the service. See docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The kernel rule mode needs nft (Debian's nftables); without it that mode measures the
-# proxy, and says so.
-if ! [ -x /usr/sbin/nft ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -qq --no-install-recommends nftables || echo "nftables not installed"
-fi
+# The kernel rule mode needs root, cgroup v2 and a kernel of 5.14 or later (decision 0026);
+# without them that mode measures the proxy, and says so.
 exec cargo bench -p shoal-agent --bench switch_load "$@"

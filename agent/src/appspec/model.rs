@@ -134,8 +134,9 @@ pub struct SwitchSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Forward {
-    /// A kernel rule (nftables DNAT) sends new connections to the serving revision's port,
-    /// with no process in between, where the host allows it (`crate::switch::kernel`);
+    /// A kernel rule (an eBPF program on `connect()`) sends the host's own new connections
+    /// to the serving revision's port, with no process in between, where the host allows
+    /// it (`crate::switch::kernel`);
     /// the proxy carries the rest. The default.
     #[default]
     Kernel,
