@@ -54,6 +54,10 @@ impl Drop for Leftovers {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // Their redirects outlive them on purpose: detached here.
+        for home in agent_homes(&self.0) {
+            let _ = redirect(&home).clear();
+        }
     }
 }
 
@@ -203,4 +207,25 @@ fn the_fleet_demo_rolls_out_rolls_back_and_its_numbers_add_up() {
         Duration::from_secs(30),
         || pids.iter().all(|p| !running(*p)),
     );
+    // And no connect redirect of theirs is left attached (where it can be listed).
+    for home in agent_homes(&dir) {
+        if let Ok(ids) = redirect(&home).attached() {
+            assert_eq!(
+                ids,
+                Vec::<u32>::new(),
+                "{}: a redirect is left",
+                home.display()
+            );
+        }
+    }
+}
+
+fn agent_homes(dir: &Path) -> Vec<std::path::PathBuf> {
+    (1..=5).map(|i| dir.join(format!("agent-{i}"))).collect()
+}
+
+/// The kernel's connect redirect of the example app of the agent in `home`.
+fn redirect(home: &Path) -> shoal_agent::switch::kernel::Kernel {
+    let dir = shoal_agent::lifecycle::state::AppDir::new(&home.join("data"), "inference");
+    shoal_agent::switch::kernel::Kernel::of(&dir)
 }

@@ -534,7 +534,7 @@ fn the_supervisor_restarts_a_dead_switch_or_service_and_lets_a_warm_revision_go(
 /// ends. Switched, the proxy holds the port and the kernel rule points at the service's
 /// own port; with `forward: proxy` there is no rule and the proxy carries the requests;
 /// back in place (the proxy killed first, with the rule set), the proxy and the rule's
-/// table are gone and the service holds the public port itself. Every answer came from
+/// program are gone and the service holds the public port itself. Every answer came from
 /// one of the revisions.
 #[test]
 fn moving_between_in_place_and_switched_leaves_no_proxy_or_rule_behind() {
@@ -625,7 +625,7 @@ fn moving_between_in_place_and_switched_leaves_no_proxy_or_rule_behind() {
     if let Ok(exists) = switch::kernel_program_attached(data) {
         assert!(
             !exists,
-            "the kernel rule's table is left after the move back in place"
+            "the kernel rule's program is left after the move back in place"
         );
     }
     let serving: serde_json::Value =

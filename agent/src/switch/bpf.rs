@@ -3,18 +3,24 @@
 //! serving revision's port before the first packet exists, and the few `bpf(2)` calls
 //! that load, attach, find and detach it.
 //!
-//! The program is about thirty instructions, built by [`program`] from the switch's public
-//! address, the serving port, the host's own IPv4 addresses and the network namespace's
-//! cookie; the kernel's verifier checks it at [`load`]. It lets every other connection
-//! through untouched. It redirects one only when all of these hold:
+//! The program is about forty instructions, built by [`program`] from the switch's public
+//! address, the serving port, the host's own IPv4 addresses, the network namespace's
+//! cookie and an expiry time; the kernel's verifier checks it at [`load`]. It lets every
+//! other connection through untouched. It redirects one only when all of these hold:
 //! - the destination port is the public port, and the socket is TCP;
+//! - the program has not expired: the agent replaces it well before (a program left by an
+//!   agent that is gone redirects nothing after [`TTL`], and any agent detaches it);
 //! - the connecting socket is in the agent's network namespace (a container on the same
 //!   cgroup tree with its own listener on that port is not this host's service);
 //! - the destination is an address of this host (for a proxy bound to `0.0.0.0`:
 //!   127.0.0.0/8 or one of [`Redirect::locals`]; for a proxy bound to one address, that
 //!   address);
 //! - the kernel's own socket lookup for that destination finds a listener bound where the
-//!   proxy binds (`bpf_sk_lookup_tcp`): the connection would have reached the proxy.
+//!   proxy binds (`bpf_sk_lookup_tcp`): the connection would have reached a listener at
+//!   the proxy's address and port (the proxy's, while the switch runs).
+//!
+//! The byte order of the fields is that of little-endian hosts (x86-64, aarch64), the only
+//! ones this is built for.
 //!
 //! Programs are attached to the root of the cgroup v2 tree with `BPF_F_ALLOW_MULTI`, so they
 //! apply to every process of the host and outlive the agent (traffic keeps its fast path
@@ -33,12 +39,23 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use nix::libc;
+
+#[cfg(target_endian = "big")]
+compile_error!("switch/bpf.rs writes the program's constants in little-endian order");
 
 /// The most host addresses a program tests by itself; past them, connections to the other
 /// addresses go through the proxy (still served, one hop more).
 pub const MAX_LOCALS: usize = 64;
+/// How long a program redirects after it was made: the agent replaces its own every
+/// [`TTL`]` / 2`, so only a program whose agent is gone (killed, its data directory moved
+/// or wiped) outlives it; such a program is inert, and detached by any agent that sees it.
+pub const TTL: Duration = Duration::from_secs(120);
+/// The name every switch program's starts with.
+pub const PREFIX: &str = "shoal_";
 /// How much of the verifier's log is kept when it refuses a program.
 const LOG_SIZE: usize = 64 << 10;
 
@@ -56,6 +73,7 @@ const BPF_F_REPLACE: u32 = 1 << 2;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 // Helpers the program calls.
+const HELPER_KTIME_GET_NS: i32 = 5;
 const HELPER_SK_LOOKUP_TCP: i32 = 84;
 const HELPER_SK_RELEASE: i32 = 86;
 const HELPER_GET_NETNS_COOKIE: i32 = 122;
@@ -63,7 +81,7 @@ const HELPER_GET_NETNS_COOKIE: i32 = 122;
 // Offsets in `struct bpf_sock_addr` (the program's context) and `struct bpf_sock`.
 const CTX_USER_IP4: i16 = 4;
 const CTX_USER_PORT: i16 = 24;
-const CTX_TYPE: i16 = 32;
+const CTX_PROTOCOL: i16 = 36;
 const SOCK_SRC_IP4: i16 = 24;
 
 /// One eBPF instruction, as the kernel reads it.
@@ -104,8 +122,8 @@ pub struct Redirect {
     pub netns: u64,
 }
 
-/// A network-order address or port as the context holds it, read as a little- or
-/// big-endian `u32` alike (`u32::from_ne_bytes` of the wire bytes).
+/// A network-order address as the context holds it: its wire bytes read as a
+/// (little-endian) `u32`.
 fn wire_ip(ip: Ipv4Addr) -> i32 {
     u32::from_ne_bytes(ip.octets()) as i32
 }
@@ -160,11 +178,21 @@ impl Asm {
         self.op(0x18, dst, 0, 0, imm as u32 as i32);
         self.op(0, 0, 0, 0, (imm >> 32) as u32 as i32);
     }
-    fn jne_imm(&mut self, dst: u8, imm: i32, to: i16) {
-        self.op(0x55, dst, 0, to, imm);
+    /// A 32-bit compare (`BPF_JMP32`): a 64-bit one would sign-extend `imm`, and an
+    /// address or port with its top bit set would never match the zero-extended field.
+    fn jne32_imm(&mut self, dst: u8, imm: i32, to: i16) {
+        self.op(0x56, dst, 0, to, imm);
     }
-    fn jeq_imm(&mut self, dst: u8, imm: i32, to: i16) {
-        self.op(0x15, dst, 0, to, imm);
+    fn jeq32_imm(&mut self, dst: u8, imm: i32, to: i16) {
+        self.op(0x16, dst, 0, to, imm);
+    }
+    /// A 64-bit compare with 0: how the verifier learns that a pointer is not null.
+    fn jeq_null(&mut self, dst: u8, to: i16) {
+        self.op(0x15, dst, 0, to, 0);
+    }
+    /// Unsigned `dst > src`, 64 bits.
+    fn jgt(&mut self, dst: u8, src: u8, to: i16) {
+        self.op(0x2d, dst, src, to, 0);
     }
     fn jne(&mut self, dst: u8, src: u8, to: i16) {
         self.op(0x5d, dst, src, to, 0);
@@ -184,23 +212,31 @@ impl Asm {
     /// Points every jump marked `mark` at instruction `target`.
     fn resolve(&mut self, mark: i16, target: usize) {
         for (i, insn) in self.0.iter_mut().enumerate() {
-            let jump = insn.code & 0x07 == 0x05 && insn.code != 0x85 && insn.code != 0x95;
-            if jump && insn.off == mark {
+            if is_jump(insn) && insn.off == mark {
                 insn.off = (target as isize - i as isize - 1) as i16;
             }
         }
     }
 }
 
-/// The program for `r` (see the module's documentation for what it tests).
-pub fn program(r: &Redirect) -> Vec<Insn> {
+/// Whether `insn` jumps (`BPF_JMP` or `BPF_JMP32`, not a call or an exit).
+fn is_jump(insn: &Insn) -> bool {
+    matches!(insn.code & 0x07, 0x05 | 0x06) && insn.code != 0x85 && insn.code != 0x95
+}
+
+/// The program for `r`, inert once `CLOCK_MONOTONIC` passes `expires_ns` (see the
+/// module's documentation for what it tests).
+pub fn program(r: &Redirect, expires_ns: u64) -> Vec<Insn> {
     let mut a = Asm(Vec::with_capacity(48 + r.locals.len()));
     // r6: the context, kept across calls.
     a.mov(6, 1);
     a.load32(2, 6, CTX_USER_PORT);
-    a.jne_imm(2, wire_port(r.listen.port()), TO_ALLOW);
-    a.load32(2, 6, CTX_TYPE);
-    a.jne_imm(2, libc::SOCK_STREAM, TO_ALLOW);
+    a.jne32_imm(2, wire_port(r.listen.port()), TO_ALLOW);
+    a.load32(2, 6, CTX_PROTOCOL);
+    a.jne32_imm(2, libc::IPPROTO_TCP, TO_ALLOW);
+    a.call(HELPER_KTIME_GET_NS);
+    a.load_imm64(2, expires_ns);
+    a.jgt(0, 2, TO_ALLOW);
     a.mov(1, 6);
     a.call(HELPER_GET_NETNS_COOKIE);
     a.load_imm64(2, r.netns);
@@ -211,9 +247,9 @@ pub fn program(r: &Redirect) -> Vec<Insn> {
         // Any address of this host: 127.0.0.0/8 (its first wire byte), or one of `locals`.
         a.mov(2, 8);
         a.and_imm(2, 0xff);
-        a.jeq_imm(2, 127, TO_LOOKUP);
+        a.jeq32_imm(2, 127, TO_LOOKUP);
         for ip in r.locals.iter().take(MAX_LOCALS) {
-            a.jeq_imm(8, wire_ip(*ip), TO_LOOKUP);
+            a.jeq32_imm(8, wire_ip(*ip), TO_LOOKUP);
         }
         a.ja(TO_ALLOW);
     }
@@ -230,12 +266,12 @@ pub fn program(r: &Redirect) -> Vec<Insn> {
     a.mov_imm(4, -1); // BPF_F_CURRENT_NETNS
     a.mov_imm(5, 0);
     a.call(HELPER_SK_LOOKUP_TCP);
-    a.jeq_imm(0, 0, TO_ALLOW);
+    a.jeq_null(0, TO_ALLOW);
     // r7: the address that listener is bound to; the reference is given back at once.
     a.load32(7, 0, SOCK_SRC_IP4);
     a.mov(1, 0);
     a.call(HELPER_SK_RELEASE);
-    a.jne_imm(7, wire_ip(*r.listen.ip()), TO_ALLOW);
+    a.jne32_imm(7, wire_ip(*r.listen.ip()), TO_ALLOW);
     // Redirected: 127.0.0.1 and the serving port.
     a.mov_imm(2, wire_ip(Ipv4Addr::LOCALHOST));
     a.store32(6, CTX_USER_IP4, 2);
@@ -258,6 +294,9 @@ pub enum BpfError {
     /// No cgroup v2 hierarchy is mounted (`/proc/self/mountinfo` names none).
     #[error("no cgroup v2 hierarchy is mounted: the connect-time redirect needs one")]
     NoCgroup2,
+    /// The kernel would not list the cgroup's connect programs.
+    #[error("listing the cgroup's connect programs: {0}")]
+    Query(#[source] io::Error),
     /// A `bpf(2)` call (or what it needed) failed.
     #[error("{step}: {source}")]
     Call {
@@ -268,16 +307,18 @@ pub enum BpfError {
 }
 
 impl BpfError {
-    /// Whether the call was refused for lack of privilege (not root, no CAP_BPF) or
-    /// because the kernel has no BPF: nothing can have been attached from here.
-    pub fn refused(&self) -> bool {
+    /// Whether this says that nothing can have been attached from here: no cgroup v2
+    /// tree, or a listing refused for lack of privilege or by a kernel without (cgroup)
+    /// BPF. A refusal after the listing (to open a program it named) says nothing of the
+    /// kind.
+    pub fn nothing_attached(&self) -> bool {
         match self {
-            BpfError::Call { source, .. } => matches!(
-                source.raw_os_error(),
-                Some(libc::EPERM | libc::EACCES | libc::ENOSYS)
-            ),
             BpfError::NoCgroup2 => true,
-            BpfError::Verifier { .. } => false,
+            BpfError::Query(source) => matches!(
+                source.raw_os_error(),
+                Some(libc::EPERM | libc::EACCES | libc::ENOSYS | libc::EINVAL)
+            ),
+            BpfError::Call { .. } | BpfError::Verifier { .. } => false,
         }
     }
 }
@@ -386,18 +427,35 @@ pub fn load(name: &str, insns: &[Insn]) -> Result<OwnedFd, BpfError> {
     }
 }
 
-/// The mount point of the cgroup v2 hierarchy, from `/proc/self/mountinfo`.
+/// The mount point of the cgroup v2 hierarchy's root, from `/proc/self/mountinfo`, read
+/// once per process.
 pub fn cgroup2_mount() -> Result<PathBuf, BpfError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(call("reading /proc/self/mountinfo"))?;
-    info.lines()
-        .find_map(|line| {
+    static MOUNT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    MOUNT
+        .get_or_init(|| {
+            let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+            cgroup2_root_in(&info)
+        })
+        .clone()
+        .ok_or(BpfError::NoCgroup2)
+}
+
+/// The mount point of a cgroup2 mount of the tree's root (`/`) in `mountinfo`; a mount of
+/// a subtree only when there is no other.
+fn cgroup2_root_in(mountinfo: &str) -> Option<PathBuf> {
+    let mounts: Vec<(&str, PathBuf)> = mountinfo
+        .lines()
+        .filter_map(|line| {
             let (fields, rest) = line.split_once(" - ")?;
             (rest.split(' ').next()? == "cgroup2").then_some(())?;
-            let mount = fields.split(' ').nth(4)?;
-            Some(PathBuf::from(unescape(mount)))
+            let mut fields = fields.split(' ');
+            let root = fields.nth(3)?;
+            let mount = fields.next()?;
+            Some((root, PathBuf::from(unescape(mount))))
         })
-        .ok_or(BpfError::NoCgroup2)
+        .collect();
+    let root = mounts.iter().find(|(root, _)| *root == "/");
+    root.or(mounts.first()).map(|(_, m)| m.clone())
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -457,17 +515,21 @@ pub fn netns_cookie() -> Result<u64, BpfError> {
 pub struct Attached {
     pub id: u32,
     pub fd: OwnedFd,
+    pub name: String,
+    /// When it was loaded, on `CLOCK_BOOTTIME`.
+    pub loaded: Duration,
 }
 
-/// The `cgroup/connect4` programs attached to `cgroup` whose name is `name`.
-pub fn attached(cgroup: BorrowedFd<'_>, name: &str) -> Result<Vec<Attached>, BpfError> {
+/// The `cgroup/connect4` programs attached to `cgroup` whose name starts with `prefix`.
+pub fn attached(cgroup: BorrowedFd<'_>, prefix: &str) -> Result<Vec<Attached>, BpfError> {
+    // The kernel attaches at most 64 programs of a type to a cgroup.
     let mut ids = vec![0u32; 256];
     let mut attr = Attr::new()
         .u32(0, cgroup.as_raw_fd() as u32)
         .u32(4, BPF_CGROUP_INET4_CONNECT)
         .u64(16, ids.as_mut_ptr() as u64)
         .u32(24, ids.len() as u32);
-    sys_bpf(BPF_PROG_QUERY, &mut attr).map_err(call("listing the cgroup's connect programs"))?;
+    sys_bpf(BPF_PROG_QUERY, &mut attr).map_err(BpfError::Query)?;
     let count = (attr.read_u32(24) as usize).min(ids.len());
     let mut found = Vec::new();
     for &id in &ids[..count] {
@@ -484,11 +546,17 @@ pub fn attached(cgroup: BorrowedFd<'_>, name: &str) -> Result<Vec<Attached>, Bpf
             .u32(4, info.len() as u32)
             .u64(8, info.as_mut_ptr() as u64);
         sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(call("reading a program's name"))?;
-        let theirs = CStr::from_bytes_until_nul(&info[64..80])
+        let name = CStr::from_bytes_until_nul(&info[64..80])
             .map(|c| c.to_bytes())
             .unwrap_or(&info[64..80]);
-        if theirs == name.as_bytes() {
-            found.push(Attached { id, fd });
+        if name.starts_with(prefix.as_bytes()) {
+            let loaded = u64::from_ne_bytes(info[40..48].try_into().unwrap());
+            found.push(Attached {
+                id,
+                fd,
+                name: String::from_utf8_lossy(name).into_owned(),
+                loaded: Duration::from_nanos(loaded),
+            });
         }
     }
     Ok(found)
@@ -540,6 +608,14 @@ pub fn prog_id(prog: BorrowedFd<'_>) -> Result<u32, BpfError> {
     Ok(u32::from_ne_bytes(info[4..8].try_into().unwrap()))
 }
 
+/// Now on `clock` (`CLOCK_MONOTONIC` is the programs' `bpf_ktime_get_ns`,
+/// `CLOCK_BOOTTIME` their load time).
+pub fn now(clock: nix::time::ClockId) -> Duration {
+    nix::time::clock_gettime(clock)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
 /// This host's IPv4 addresses outside 127.0.0.0/8, sorted, at most [`MAX_LOCALS`].
 pub fn local_addresses() -> io::Result<Vec<Ipv4Addr>> {
     let mut found: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
@@ -569,11 +645,10 @@ mod tests {
     #[test]
     fn every_jump_lands_inside_the_program_and_it_ends_by_letting_the_connection_through() {
         for listen in ["0.0.0.0:8080", "10.0.0.5:80"] {
-            let p = program(&redirect(listen));
+            let p = program(&redirect(listen), 1);
             let n = p.len() as isize;
             for (i, insn) in p.iter().enumerate() {
-                let jump = insn.code & 0x07 == 0x05 && insn.code != 0x85 && insn.code != 0x95;
-                if jump {
+                if is_jump(insn) {
                     let to = i as isize + 1 + insn.off as isize;
                     assert!(
                         (0..n).contains(&to),
@@ -591,7 +666,7 @@ mod tests {
 
     #[test]
     fn the_program_tests_the_port_namespace_and_addresses_it_was_made_for() {
-        let any = program(&redirect("0.0.0.0:8080"));
+        let any = program(&redirect("0.0.0.0:8080"), 0xaaaa_bbbb_cccc_dddd);
         let imms: Vec<i32> = any.iter().map(|i| i.imm).collect();
         // The port in wire order, as the context holds it: 8080 = 0x1f90.
         assert!(imms.contains(&(u32::from_ne_bytes([0x1f, 0x90, 0, 0]) as i32)));
@@ -602,8 +677,16 @@ mod tests {
         assert!(imms.contains(&(u32::from_ne_bytes([10, 0, 0, 5]) as i32)));
         assert!(imms.contains(&(u32::from_ne_bytes([192, 168, 1, 9]) as i32)));
         assert!(imms.contains(&0x5566_7788) && imms.contains(&0x1122_3344));
+        assert!(imms.contains(&(0xcccc_ddddu32 as i32)) && imms.contains(&(0xaaaa_bbbbu32 as i32)));
+        // Addresses are compared on 32 bits: 192.168.1.9's wire value has its top bit set,
+        // and a 64-bit compare would sign-extend it.
+        let local = any
+            .iter()
+            .find(|i| i.imm == u32::from_ne_bytes([192, 168, 1, 9]) as i32)
+            .unwrap();
+        assert_eq!(local.code, 0x16, "a JMP32 compare");
         // Bound to one address: that address is the test, the host's others are not.
-        let one = program(&redirect("10.0.0.5:80"));
+        let one = program(&redirect("10.0.0.5:80"), 1);
         let imms: Vec<i32> = one.iter().map(|i| i.imm).collect();
         assert!(!imms.contains(&(u32::from_ne_bytes([192, 168, 1, 9]) as i32)));
         assert!(imms.contains(&(u32::from_ne_bytes([10, 0, 0, 5]) as i32)));
@@ -611,7 +694,7 @@ mod tests {
         // The locals are bounded.
         let mut many = redirect("0.0.0.0:1");
         many.locals = (0..200).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
-        assert_eq!(program(&many).len(), any.len() - 2 + MAX_LOCALS);
+        assert_eq!(program(&many, 1).len(), any.len() - 2 + MAX_LOCALS);
     }
 
     #[test]
@@ -619,5 +702,27 @@ mod tests {
         assert_eq!(unescape(r"/sys/fs/cgroup\040v2"), "/sys/fs/cgroup v2");
         assert_eq!(unescape("/sys/fs/cgroup"), "/sys/fs/cgroup");
         assert_eq!(unescape(r"/a\\b"), r"/a\\b");
+    }
+
+    #[test]
+    fn the_cgroup2_mount_of_the_trees_root_is_preferred() {
+        let info = "\
+30 25 0:26 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 25 0:27 /sub /mnt/sub rw - cgroup2 cgroup2 rw
+41 25 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_root_in(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let only_sub = "40 25 0:27 /sub /mnt/my\\040tree rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_root_in(only_sub),
+            Some(PathBuf::from("/mnt/my tree"))
+        );
+        assert_eq!(
+            cgroup2_root_in("30 25 0:26 / /x rw - cgroup cgroup rw\n"),
+            None
+        );
     }
 }

@@ -72,8 +72,12 @@ enum Rule {
 /// What this process knows of one application's program.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Known {
-    /// `rule` was set: program `id` is attached (`None` for no program).
-    Set { rule: Rule, id: Option<u32> },
+    /// `rule` was set at `at`: program `id` is attached (`None` for no program).
+    Set {
+        rule: Rule,
+        id: Option<u32>,
+        at: Instant,
+    },
     /// Redirecting `listen` to `backend` failed at `at` (the programs were detached
     /// instead).
     Failed {
@@ -87,13 +91,25 @@ enum Known {
 /// warned of).
 const RETRY: Duration = Duration::from_secs(60);
 
+/// How long a program this process attached is kept before it is replaced by a fresh one:
+/// half of its life ([`bpf::TTL`]), so that one left by a dead agent is the only kind
+/// that expires.
+const REFRESH: Duration = Duration::from_secs(bpf::TTL.as_secs() / 2);
+/// How long past its expiry a switch program (any application's) is detached by whoever
+/// sees it: it redirects nothing any more, and the kernel attaches at most 64 per cgroup.
+const SWEEP_AFTER: Duration = Duration::from_secs(30);
+
 /// Whether `follow` must change what is attached to have `want`, given the ids of the
 /// programs of this application attached now: the pure decision, unit-tested. Anything
 /// attached that this process did not attach itself (a previous agent's, a second copy)
-/// is replaced.
+/// is replaced, and its own program after [`REFRESH`].
 fn must_set(known: Option<&Known>, want: &Rule, attached: &[u32], now: Instant) -> bool {
     match known {
-        Some(Known::Set { rule, id }) => rule != want || attached != id.as_slice(),
+        Some(Known::Set { rule, id, at }) => {
+            rule != want
+                || attached != id.as_slice()
+                || (*want != Rule::Cleared && now.duration_since(*at) >= REFRESH)
+        }
         Some(Known::Failed {
             listen,
             backend,
@@ -242,41 +258,38 @@ impl Kernel {
     }
 
     /// Attaches `want`'s program in place of this application's (or detaches them all,
-    /// for [`Rule::Cleared`]), unless that is what is attached already.
+    /// for [`Rule::Cleared`]), unless that is what is attached already. Detaches, on the
+    /// way, any switch program (any application's) expired [`SWEEP_AFTER`] ago.
     fn set(&self, before: Option<&Known>, want: Rule) -> Result<(), KernelError> {
+        let nothing = || {
+            remember(
+                &self.name,
+                Known::Set {
+                    rule: Rule::Cleared,
+                    id: None,
+                    at: Instant::now(),
+                },
+            );
+            Ok(())
+        };
         let cgroup = match bpf::cgroup_root() {
             Ok(fd) => fd,
             // Nothing can have been attached without a cgroup v2 tree.
-            Err(e) if want == Rule::Cleared && e.refused() => {
-                remember(
-                    &self.name,
-                    Known::Set {
-                        rule: want,
-                        id: None,
-                    },
-                );
-                return Ok(());
-            }
+            Err(e) if want == Rule::Cleared && e.nothing_attached() => return nothing(),
             Err(e) => return Err(self.error(e)),
         };
         // A program replaced by another caller between the listing and the attach: listed
         // again, once.
         for attempt in 0..2 {
-            let attached = match bpf::attached(cgroup.as_fd(), &self.name) {
+            let all = match bpf::attached(cgroup.as_fd(), bpf::PREFIX) {
                 Ok(found) => found,
                 // Refused to list: nothing can have been attached from here either.
-                Err(e) if want == Rule::Cleared && e.refused() => {
-                    remember(
-                        &self.name,
-                        Known::Set {
-                            rule: want,
-                            id: None,
-                        },
-                    );
-                    return Ok(());
-                }
+                Err(e) if want == Rule::Cleared && e.nothing_attached() => return nothing(),
                 Err(e) => return Err(self.error(e)),
             };
+            let (attached, others): (Vec<_>, Vec<_>) =
+                all.into_iter().partition(|a| a.name == self.name);
+            self.sweep(&cgroup, &others);
             let ids: Vec<u32> = attached.iter().map(|a| a.id).collect();
             if !must_set(before, &want, &ids, Instant::now()) {
                 return Ok(());
@@ -293,7 +306,14 @@ impl Kernel {
                             tracing::info!(program = %self.name, listen = %r.listen, backend = r.backend, id, "new connections made on this host go to 127.0.0.1:{} at connect()", r.backend);
                         }
                     }
-                    remember(&self.name, Known::Set { rule: want, id });
+                    remember(
+                        &self.name,
+                        Known::Set {
+                            rule: want,
+                            id,
+                            at: Instant::now(),
+                        },
+                    );
                     return Ok(());
                 }
                 Err(BpfError::Call { source, .. })
@@ -307,6 +327,27 @@ impl Kernel {
         }))
     }
 
+    /// Detaches the switch programs among `others` (other applications') that expired
+    /// [`SWEEP_AFTER`] ago: their agents are gone. A failure is only logged.
+    fn sweep(&self, cgroup: &OwnedFd, others: &[bpf::Attached]) {
+        let now = bpf::now(nix::time::ClockId::CLOCK_BOOTTIME);
+        for old in others
+            .iter()
+            .filter(|a| a.loaded + bpf::TTL + SWEEP_AFTER < now)
+        {
+            match bpf::detach(cgroup.as_fd(), old.fd.as_fd()) {
+                Ok(()) => tracing::info!(
+                    program = %old.name,
+                    id = old.id,
+                    "detached an expired switch program (its agent is gone)"
+                ),
+                Err(e) => {
+                    tracing::warn!(program = %old.name, "detaching an expired switch program: {e}")
+                }
+            }
+        }
+    }
+
     /// Loads and attaches `r`'s program in place of the first of `attached` and detaches
     /// the others: the new program's id.
     fn attach(
@@ -315,7 +356,8 @@ impl Kernel {
         attached: &[bpf::Attached],
         r: &Redirect,
     ) -> Result<Option<u32>, BpfError> {
-        let prog = bpf::load(&self.name, &bpf::program(r))?;
+        let expires = bpf::now(nix::time::ClockId::CLOCK_MONOTONIC) + bpf::TTL;
+        let prog = bpf::load(&self.name, &bpf::program(r, expires.as_nanos() as u64))?;
         let id = bpf::prog_id(prog.as_fd())?;
         let replaced = attached.first();
         bpf::attach(cgroup.as_fd(), prog.as_fd(), replaced.map(|a| a.fd.as_fd()))?;
@@ -347,7 +389,11 @@ impl Kernel {
     pub fn attached(&self) -> Result<Vec<u32>, KernelError> {
         let cgroup = bpf::cgroup_root().map_err(|e| self.error(e))?;
         let found = bpf::attached(cgroup.as_fd(), &self.name).map_err(|e| self.error(e))?;
-        Ok(found.iter().map(|a| a.id).collect())
+        Ok(found
+            .iter()
+            .filter(|a| a.name == self.name)
+            .map(|a| a.id)
+            .collect())
     }
 }
 
@@ -554,7 +600,7 @@ mod tests {
                 netns: 7,
             })
         };
-        let set = |rule, id| Some(Known::Set { rule, id });
+        let set = |rule, id| Some(Known::Set { rule, id, at: t0 });
         let failed = |backend, at| {
             Some(Known::Failed {
                 listen: "0.0.0.0:80".parse().unwrap(),
@@ -568,8 +614,23 @@ mod tests {
         assert!(must_set(None, &to(1), &[5], t0));
         assert!(!must_set(None, &Rule::Cleared, &[], t0));
         assert!(must_set(None, &Rule::Cleared, &[5], t0));
-        // Set already and still attached alone: not again.
+        // Set already and still attached alone: not again, until REFRESH (a cleared one
+        // has nothing to refresh).
         assert!(!must_set(set(to(1), Some(5)).as_ref(), &to(1), &[5], t0));
+        let later = t0 + REFRESH - Duration::from_secs(1);
+        assert!(!must_set(set(to(1), Some(5)).as_ref(), &to(1), &[5], later));
+        assert!(must_set(
+            set(to(1), Some(5)).as_ref(),
+            &to(1),
+            &[5],
+            t0 + REFRESH
+        ));
+        assert!(!must_set(
+            set(Rule::Cleared, None).as_ref(),
+            &Rule::Cleared,
+            &[],
+            t0 + REFRESH
+        ));
         assert!(!must_set(
             set(Rule::Cleared, None).as_ref(),
             &Rule::Cleared,
@@ -657,11 +718,18 @@ mod tests {
         let _cleared = Cleared(kernel.clone());
         let inside = std::thread::spawn(move || {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let up = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .unwrap();
-            assert!(up.success());
+            // `lo`, with an address outside 127/8 whose last byte has its top bit set (a
+            // 64-bit compare of its wire value would never match).
+            for args in [
+                &["link", "set", "lo", "up"][..],
+                &["addr", "add", "10.9.9.200/32", "dev", "lo"],
+            ] {
+                let ip = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .unwrap();
+                assert!(ip.success(), "ip {args:?}");
+            }
             let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
             let proxy = TcpListener::bind(listen).unwrap();
             let backend = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -680,6 +748,9 @@ mod tests {
             // Any loopback address of the host's is this host's.
             let other_lo: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
             assert_eq!(lands(other_lo).unwrap(), b1);
+            // So is the host's other address.
+            let host: SocketAddr = format!("10.9.9.200:{port}").parse().unwrap();
+            assert_eq!(lands(host).unwrap(), b1);
             // Another port is not touched.
             assert_eq!(lands(b2_addr).unwrap(), b2_addr);
             // An address that is not this host's is not redirected: here it has no route.
@@ -691,12 +762,20 @@ mod tests {
             // Moved: new connections go to the new port, an open one stays where it was.
             let open = std::net::TcpStream::connect(public).unwrap();
             // The connections made before this one wait in the backlog too.
+            backend.set_nonblocking(true).unwrap();
+            let until = Instant::now() + Duration::from_secs(10);
             let mut served = loop {
-                let (served, from) = backend.accept().unwrap();
-                if from == open.local_addr().unwrap() {
-                    break served;
+                match backend.accept() {
+                    Ok((served, from)) if from == open.local_addr().unwrap() => break served,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(Instant::now() < until, "the open connection never arrived");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("{e}"),
                 }
             };
+            served.set_nonblocking(false).unwrap();
             kernel
                 .follow(&switch(), listen, Some(b2_addr.port()))
                 .unwrap();
@@ -723,7 +802,41 @@ mod tests {
                 .unwrap();
             assert_eq!(kernel.attached().unwrap(), Vec::<u32>::new());
             assert_eq!(lands(public).unwrap(), public);
-            kernel.follow(&switch(), listen, Some(b1.port())).unwrap();
+            // A proxy bound to one address: connections to it are redirected, those to
+            // the host's other addresses are not (nothing listens there).
+            drop(proxy);
+            let one = host;
+            let proxy = TcpListener::bind(one).unwrap();
+            let mut bound = switch();
+            bound.address = one.ip();
+            kernel.follow(&bound, one, Some(b1.port())).unwrap();
+            assert_eq!(lands(one).unwrap(), b1);
+            assert!(
+                lands(public).is_err(),
+                "127.0.0.1 redirected to a proxy bound elsewhere"
+            );
+            // An expired program redirects nothing.
+            kernel.clear().unwrap();
+            let expired = bpf::Redirect {
+                listen: match one {
+                    SocketAddr::V4(v4) => v4,
+                    SocketAddr::V6(_) => unreachable!(),
+                },
+                backend: b1.port(),
+                locals: vec![],
+                netns: bpf::netns_cookie().unwrap(),
+            };
+            let cgroup = bpf::cgroup_root().unwrap();
+            let live = bpf::now(nix::time::ClockId::CLOCK_MONOTONIC) + Duration::from_secs(60);
+            for (expires, lands_on) in [(Duration::ZERO, one), (live, b1)] {
+                let prog = bpf::program(&expired, expires.as_nanos() as u64);
+                let prog = bpf::load(kernel.name(), &prog).unwrap();
+                bpf::attach(cgroup.as_fd(), prog.as_fd(), None).unwrap();
+                let landed = lands(one);
+                bpf::detach(cgroup.as_fd(), prog.as_fd()).unwrap();
+                assert_eq!(landed.unwrap(), lands_on, "expiring at {expires:?}");
+            }
+            kernel.follow(&bound, one, Some(b1.port())).unwrap();
             drop(proxy);
             kernel
         });

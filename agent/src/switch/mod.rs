@@ -473,9 +473,7 @@ impl Proxy {
     /// Stops the proxy (asked, then signalled if it does not go), confirmed gone, and
     /// forgets it.
     pub fn stop(self) -> Result<()> {
-        // Cleared, not removed: removing what may be the host's last NAT chain would take
-        // their translation from connections the rule sent on (the serving service may
-        // well go on, a move to another address). `switched::stop_all` removes it.
+        // First: no new connection may be sent past a proxy that is going.
         self.kernel.clear()?;
         let _ = self.ask(&Request::Stop);
         kill_and_wait(&self.record);
