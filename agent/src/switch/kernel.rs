@@ -759,6 +759,17 @@ mod tests {
             // Followed again unchanged: the same program, not a new one.
             kernel.follow(&switch(), listen, Some(b1.port())).unwrap();
             assert_eq!(kernel.attached().unwrap(), first);
+            // Detached behind the agent's back (an operator, another tool): the next
+            // follow attaches a new one.
+            let cgroup = bpf::cgroup_root().unwrap();
+            for a in bpf::attached(cgroup.as_fd(), kernel.name()).unwrap() {
+                bpf::detach(cgroup.as_fd(), a.fd.as_fd()).unwrap();
+            }
+            assert_eq!(lands(public).unwrap(), public, "still redirected once detached");
+            kernel.follow(&switch(), listen, Some(b1.port())).unwrap();
+            let first = kernel.attached().unwrap();
+            assert_eq!(first.len(), 1, "not attached again");
+            assert_eq!(lands(public).unwrap(), b1);
             // Moved: new connections go to the new port, an open one stays where it was.
             let open = std::net::TcpStream::connect(public).unwrap();
             // The connections made before this one wait in the backlog too.
@@ -826,7 +837,6 @@ mod tests {
                 locals: vec![],
                 netns: bpf::netns_cookie().unwrap(),
             };
-            let cgroup = bpf::cgroup_root().unwrap();
             let live = bpf::now(nix::time::ClockId::CLOCK_MONOTONIC) + Duration::from_secs(60);
             for (expires, lands_on) in [(Duration::ZERO, one), (live, b1)] {
                 let prog = bpf::program(&expired, expires.as_nanos() as u64);
