@@ -209,13 +209,12 @@ fn the_fleet_demo_rolls_out_rolls_back_and_its_numbers_add_up() {
     );
     // And no connect redirect of theirs is left attached (where it can be listed).
     for home in agent_homes(&dir) {
-        if let Ok(ids) = redirect(&home).attached() {
-            assert_eq!(
-                ids,
-                Vec::<u32>::new(),
-                "{}: a redirect is left",
-                home.display()
-            );
+        match redirect(&home).attached() {
+            Ok(ids) => assert!(ids.is_empty(), "{}: a redirect is left", home.display()),
+            Err(e) => assert!(
+                std::env::var_os("SHOAL_CI").is_none(),
+                "the redirects cannot be listed ({e}), and CI can"
+            ),
         }
     }
 }

@@ -260,6 +260,16 @@ async fn watch_app(
                 match pass {
                     Pass::Fine => clear_problem(&problems, &app, Source::Supervisor),
                     Pass::Busy => {
+                        // A deployment holds the application: its switch's redirect is
+                        // kept from expiring all the same (a long drain or hook).
+                        let dir = AppDir::new(&host.data_dir, &app);
+                        let refreshed = tokio::task::spawn_blocking(move || {
+                            crate::switch::kernel::Kernel::of(&dir).refresh()
+                        })
+                        .await;
+                        if let Ok(Err(e)) = refreshed {
+                            tracing::warn!(app, "refreshing the switch's connect redirect: {e}");
+                        }
                         let since = *watch.held_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= LOCK_HELD_PROBLEM {
                             let held = since.elapsed().as_secs();

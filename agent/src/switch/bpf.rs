@@ -8,8 +8,9 @@
 //! cookie and an expiry time; the kernel's verifier checks it at [`load`]. It lets every
 //! other connection through untouched. It redirects one only when all of these hold:
 //! - the destination port is the public port, and the socket is TCP;
-//! - the program has not expired: the agent replaces it well before (a program left by an
-//!   agent that is gone redirects nothing after [`TTL`], and any agent detaches it);
+//! - the program has not expired (`bpf_ktime_get_boot_ns`): its agent replaces it every
+//!   [`TTL`]` / 2`, so a program left by an agent that is gone redirects nothing after
+//!   [`TTL`], and any agent detaches it;
 //! - the connecting socket is in the agent's network namespace (a container on the same
 //!   cgroup tree with its own listener on that port is not this host's service);
 //! - the destination is an address of this host (for a proxy bound to `0.0.0.0`:
@@ -37,7 +38,7 @@ use std::ffi::CStr;
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -51,8 +52,10 @@ compile_error!("switch/bpf.rs writes the program's constants in little-endian or
 /// addresses go through the proxy (still served, one hop more).
 pub const MAX_LOCALS: usize = 64;
 /// How long a program redirects after it was made: the agent replaces its own every
-/// [`TTL`]` / 2`, so only a program whose agent is gone (killed, its data directory moved
-/// or wiped) outlives it; such a program is inert, and detached by any agent that sees it.
+/// [`TTL`]` / 2` (from the supervisor's pass, or while a deployment holds the
+/// application), so a program whose agent is gone (killed, its data directory moved or
+/// wiped) is the one that outlives it; such a program is inert, and detached by any agent
+/// that sees it.
 pub const TTL: Duration = Duration::from_secs(120);
 /// The name every switch program's starts with.
 pub const PREFIX: &str = "shoal_";
@@ -73,7 +76,7 @@ const BPF_F_REPLACE: u32 = 1 << 2;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 // Helpers the program calls.
-const HELPER_KTIME_GET_NS: i32 = 5;
+const HELPER_KTIME_GET_BOOT_NS: i32 = 125;
 const HELPER_SK_LOOKUP_TCP: i32 = 84;
 const HELPER_SK_RELEASE: i32 = 86;
 const HELPER_GET_NETNS_COOKIE: i32 = 122;
@@ -224,7 +227,7 @@ fn is_jump(insn: &Insn) -> bool {
     matches!(insn.code & 0x07, 0x05 | 0x06) && insn.code != 0x85 && insn.code != 0x95
 }
 
-/// The program for `r`, inert once `CLOCK_MONOTONIC` passes `expires_ns` (see the
+/// The program for `r`, inert once `CLOCK_BOOTTIME` passes `expires_ns` (see the
 /// module's documentation for what it tests).
 pub fn program(r: &Redirect, expires_ns: u64) -> Vec<Insn> {
     let mut a = Asm(Vec::with_capacity(48 + r.locals.len()));
@@ -234,7 +237,7 @@ pub fn program(r: &Redirect, expires_ns: u64) -> Vec<Insn> {
     a.jne32_imm(2, wire_port(r.listen.port()), TO_ALLOW);
     a.load32(2, 6, CTX_PROTOCOL);
     a.jne32_imm(2, libc::IPPROTO_TCP, TO_ALLOW);
-    a.call(HELPER_KTIME_GET_NS);
+    a.call(HELPER_KTIME_GET_BOOT_NS);
     a.load_imm64(2, expires_ns);
     a.jgt(0, 2, TO_ALLOW);
     a.mov(1, 6);
@@ -487,9 +490,14 @@ pub fn cgroup_root() -> Result<OwnedFd, BpfError> {
 
 /// The cookie of this thread's network namespace.
 pub fn netns_cookie() -> Result<u64, BpfError> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
-        .map_err(call("opening a socket for the network namespace's cookie"))?;
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(call("opening a socket for the network namespace's cookie")(
+            io::Error::last_os_error(),
+        ));
+    }
+    let sock = fd_of(fd as libc::c_long);
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` and `len` are valid for the kernel to write.
@@ -520,8 +528,11 @@ pub struct Attached {
     pub loaded: Duration,
 }
 
-/// The `cgroup/connect4` programs attached to `cgroup` whose name starts with `prefix`.
-pub fn attached(cgroup: BorrowedFd<'_>, prefix: &str) -> Result<Vec<Attached>, BpfError> {
+/// The `cgroup/connect4` programs attached to `cgroup` whose name `matches`.
+pub fn attached(
+    cgroup: BorrowedFd<'_>,
+    matches: impl Fn(&str) -> bool,
+) -> Result<Vec<Attached>, BpfError> {
     // The kernel attaches at most 64 programs of a type to a cgroup.
     let mut ids = vec![0u32; 256];
     let mut attr = Attr::new()
@@ -540,22 +551,13 @@ pub fn attached(cgroup: BorrowedFd<'_>, prefix: &str) -> Result<Vec<Attached>, B
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(call("opening an attached connect program")(e)),
         };
-        let mut info = [0u8; 96];
-        let mut attr = Attr::new()
-            .u32(0, fd.as_raw_fd() as u32)
-            .u32(4, info.len() as u32)
-            .u64(8, info.as_mut_ptr() as u64);
-        sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(call("reading a program's name"))?;
-        let name = CStr::from_bytes_until_nul(&info[64..80])
-            .map(|c| c.to_bytes())
-            .unwrap_or(&info[64..80]);
-        if name.starts_with(prefix.as_bytes()) {
-            let loaded = u64::from_ne_bytes(info[40..48].try_into().unwrap());
+        let info = prog_info(fd.as_fd())?;
+        if matches(&info.name) {
             found.push(Attached {
                 id,
                 fd,
-                name: String::from_utf8_lossy(name).into_owned(),
-                loaded: Duration::from_nanos(loaded),
+                name: info.name,
+                loaded: info.loaded,
             });
         }
     }
@@ -597,23 +599,46 @@ pub fn detach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<(), BpfErr
     }
 }
 
-/// The id the kernel gave the program `prog`.
-pub fn prog_id(prog: BorrowedFd<'_>) -> Result<u32, BpfError> {
+/// What the kernel says of a program (`struct bpf_prog_info`).
+pub struct ProgInfo {
+    pub id: u32,
+    pub name: String,
+    /// When it was loaded, on `CLOCK_BOOTTIME`.
+    pub loaded: Duration,
+}
+
+/// The kernel's id, name and load time of the program `prog`.
+pub fn prog_info(prog: BorrowedFd<'_>) -> Result<ProgInfo, BpfError> {
     let mut info = [0u8; 96];
     let mut attr = Attr::new()
         .u32(0, prog.as_raw_fd() as u32)
         .u32(4, info.len() as u32)
         .u64(8, info.as_mut_ptr() as u64);
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(call("reading a program's id"))?;
-    Ok(u32::from_ne_bytes(info[4..8].try_into().unwrap()))
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(call("reading a program's name"))?;
+    let name = CStr::from_bytes_until_nul(&info[64..80])
+        .map(|c| c.to_bytes())
+        .unwrap_or(&info[64..80]);
+    Ok(ProgInfo {
+        id: u32::from_ne_bytes(info[4..8].try_into().unwrap()),
+        name: String::from_utf8_lossy(name).into_owned(),
+        loaded: Duration::from_nanos(u64::from_ne_bytes(info[40..48].try_into().unwrap())),
+    })
 }
 
-/// Now on `clock` (`CLOCK_MONOTONIC` is the programs' `bpf_ktime_get_ns`,
-/// `CLOCK_BOOTTIME` their load time).
-pub fn now(clock: nix::time::ClockId) -> Duration {
-    nix::time::clock_gettime(clock)
+/// Now on `CLOCK_BOOTTIME`: the clock of the programs' expiry (`bpf_ktime_get_boot_ns`)
+/// and of their load time, which runs on through a suspend.
+pub fn boot_now() -> Result<Duration, BpfError> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(Duration::from)
-        .unwrap_or_default()
+        .map_err(|e| call("reading CLOCK_BOOTTIME")(e.into()))
+}
+
+/// Whether `name` is a switch program's: [`PREFIX`] and 9 hex digits, as
+/// `kernel::program_name` makes them.
+pub fn is_switch_program(name: &str) -> bool {
+    name.len() == PREFIX.len() + 9
+        && name.starts_with(PREFIX)
+        && name[PREFIX.len()..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// This host's IPv4 addresses outside 127.0.0.0/8, sorted, at most [`MAX_LOCALS`].

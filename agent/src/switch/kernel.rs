@@ -11,7 +11,10 @@
 //!   from the application's directory (two agents on one machine never share one),
 //!   attached at the root of the cgroup v2 tree; a change replaces it in one step, so a
 //!   connection sees the old target or the new one. Open connections are never touched (a
-//!   drain needs exactly that), and the program stays attached while the agent is down.
+//!   drain needs exactly that). The program stays attached while the agent is down, and
+//!   redirects until it expires ([`bpf::TTL`]); the agent replaces its own every
+//!   [`REFRESH`] (from the supervisor's pass, or its busy pass while a deployment holds
+//!   the application, [`Kernel::refresh`]), and detaches any dead agent's.
 //! - **Who it serves.** Connections made on the host, in the agent's network namespace (a
 //!   local load balancer, sidecars, clients on 127.0.0.1). A remote client's connection
 //!   has no `connect()` here: it goes through the proxy, which still holds the public port.
@@ -32,7 +35,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -69,31 +72,44 @@ enum Rule {
     To(Redirect),
 }
 
-/// What this process knows of one application's program.
+/// What this process knows of one application's program. Times are on `CLOCK_BOOTTIME`
+/// ([`bpf::boot_now`]), the programs' own clock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Known {
     /// `rule` was set at `at`: program `id` is attached (`None` for no program).
     Set {
         rule: Rule,
         id: Option<u32>,
-        at: Instant,
+        at: Duration,
     },
     /// Redirecting `listen` to `backend` failed at `at` (the programs were detached
     /// instead).
     Failed {
         listen: SocketAddrV4,
         backend: u16,
-        at: Instant,
+        at: Duration,
     },
+}
+
+impl Known {
+    /// When redirecting `listen` to `backend` last failed, if that is what failed.
+    fn failed_at(&self, listen: SocketAddrV4, backend: u16) -> Option<Duration> {
+        match *self {
+            Known::Failed {
+                listen: l,
+                backend: b,
+                at,
+            } if l == listen && b == backend => Some(at),
+            _ => None,
+        }
+    }
 }
 
 /// How long after a failed load or attach the same redirect is not tried again (and not
 /// warned of).
 const RETRY: Duration = Duration::from_secs(60);
-
 /// How long a program this process attached is kept before it is replaced by a fresh one:
-/// half of its life ([`bpf::TTL`]), so that one left by a dead agent is the only kind
-/// that expires.
+/// half of its life ([`bpf::TTL`]).
 const REFRESH: Duration = Duration::from_secs(bpf::TTL.as_secs() / 2);
 /// How long past its expiry a switch program (any application's) is detached by whoever
 /// sees it: it redirects nothing any more, and the kernel attaches at most 64 per cgroup.
@@ -103,28 +119,36 @@ const SWEEP_AFTER: Duration = Duration::from_secs(30);
 /// programs of this application attached now: the pure decision, unit-tested. Anything
 /// attached that this process did not attach itself (a previous agent's, a second copy)
 /// is replaced, and its own program after [`REFRESH`].
-fn must_set(known: Option<&Known>, want: &Rule, attached: &[u32], now: Instant) -> bool {
+fn must_set(known: Option<&Known>, want: &Rule, attached: &[u32], now: Duration) -> bool {
     match known {
         Some(Known::Set { rule, id, at }) => {
             rule != want
                 || attached != id.as_slice()
-                || (*want != Rule::Cleared && now.duration_since(*at) >= REFRESH)
+                || (*want != Rule::Cleared && now.saturating_sub(*at) >= REFRESH)
         }
-        Some(Known::Failed {
-            listen,
-            backend,
-            at,
-        }) => {
-            let same = matches!(want, Rule::To(r) if r.listen == *listen && r.backend == *backend);
-            !same || now.duration_since(*at) >= RETRY || !attached.is_empty()
+        Some(failed @ Known::Failed { .. }) => {
+            let at = match want {
+                Rule::To(r) => failed.failed_at(r.listen, r.backend),
+                Rule::Cleared => None,
+            };
+            at.is_none_or(|at| now.saturating_sub(at) >= RETRY) || !attached.is_empty()
         }
         None => want != &Rule::Cleared || !attached.is_empty(),
     }
 }
 
+/// Whether a switch program loaded at `loaded` is [`SWEEP_AFTER`] past its expiry at
+/// `now` (both on `CLOCK_BOOTTIME`).
+fn swept(loaded: Duration, now: Duration) -> bool {
+    loaded + bpf::TTL + SWEEP_AFTER < now
+}
+
 /// What this process last did per program. Empty after a start, so the first call for
 /// each application replaces whatever a previous agent left.
 static KNOWN: Mutex<Option<HashMap<String, Known>>> = Mutex::new(None);
+/// Held through each change of what is attached, so that a refresh (from the supervisor,
+/// while a deployment holds the application) and a deployment's own step never interleave.
+static SETTING: Mutex<()> = Mutex::new(());
 
 fn known(name: &str) -> Option<Known> {
     let guard = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
@@ -190,8 +214,9 @@ impl Kernel {
     /// (when traffic is neither held nor unrouted) for a switch the kernel path can carry,
     /// else none. The kernel is asked what is attached on every call (a few system calls);
     /// a program is loaded only when the target, the host's addresses or the attached
-    /// program changed. A redirect that failed is tried again after [`RETRY`], and warned
-    /// of once. A redirect that cannot be set is cleared, so that the proxy carries the
+    /// program changed, or to replace this process's own after [`REFRESH`] (before it
+    /// expires). A redirect that failed is tried again after [`RETRY`], and warned of
+    /// once. A redirect that cannot be set is cleared, so that the proxy carries the
     /// connections; an error only when even that fails, since a program left behind would
     /// send them where the proxy no longer does.
     pub fn follow(
@@ -211,13 +236,12 @@ impl Kernel {
             }
             (None, _, _) => return self.clear(),
         };
-        let before = known(&self.name);
         let result = self
             .redirect(listen, backend)
-            .and_then(|want| self.set(before.as_ref(), want));
+            .and_then(|want| self.set(want));
         let Err(e) = result else { return Ok(()) };
-        let again = matches!(before, Some(Known::Failed { listen: l, backend: b, .. }) if l == listen && b == backend);
-        if !again {
+        let again = known(&self.name).and_then(|k| k.failed_at(listen, backend));
+        if again.is_none() {
             tracing::warn!(
                 "the switch's connect redirect could not be set ({e}): the proxy carries the connections; tried again every {}s",
                 RETRY.as_secs()
@@ -225,15 +249,30 @@ impl Kernel {
         }
         // Whatever the failure, nothing of this application's may send elsewhere.
         self.clear()?;
+        let at = bpf::boot_now().map_err(|e| self.error(e))?;
         remember(
             &self.name,
             Known::Failed {
                 listen,
                 backend,
-                at: Instant::now(),
+                at,
             },
         );
         Ok(())
+    }
+
+    /// Replaces this application's program with a fresh one when it is due
+    /// ([`REFRESH`]), the target unchanged: for the supervisor to call while a deployment
+    /// holds the application (and keeps it from `follow`), so that a long drain or hook
+    /// does not let the program expire.
+    pub fn refresh(&self) -> Result<(), KernelError> {
+        match known(&self.name) {
+            Some(Known::Set {
+                rule: rule @ Rule::To(_),
+                ..
+            }) => self.set(rule),
+            _ => Ok(()),
+        }
     }
 
     /// What a redirect to `backend` needs now: the namespace and the host's addresses.
@@ -259,15 +298,19 @@ impl Kernel {
 
     /// Attaches `want`'s program in place of this application's (or detaches them all,
     /// for [`Rule::Cleared`]), unless that is what is attached already. Detaches, on the
-    /// way, any switch program (any application's) expired [`SWEEP_AFTER`] ago.
-    fn set(&self, before: Option<&Known>, want: Rule) -> Result<(), KernelError> {
+    /// way, any switch program (any application's) [`SWEEP_AFTER`] past its expiry.
+    fn set(&self, want: Rule) -> Result<(), KernelError> {
+        let _setting = SETTING.lock().unwrap_or_else(|e| e.into_inner());
+        let before = known(&self.name);
+        let now = bpf::boot_now().map_err(|e| self.error(e))?;
         let nothing = || {
+            let rule = Rule::Cleared;
             remember(
                 &self.name,
                 Known::Set {
-                    rule: Rule::Cleared,
+                    rule,
                     id: None,
-                    at: Instant::now(),
+                    at: now,
                 },
             );
             Ok(())
@@ -278,10 +321,12 @@ impl Kernel {
             Err(e) if want == Rule::Cleared && e.nothing_attached() => return nothing(),
             Err(e) => return Err(self.error(e)),
         };
-        // A program replaced by another caller between the listing and the attach: listed
-        // again, once.
-        for attempt in 0..2 {
-            let all = match bpf::attached(cgroup.as_fd(), bpf::PREFIX) {
+        // A program replaced by another process between the listing and the attach:
+        // listed again, once.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let all = match bpf::attached(cgroup.as_fd(), bpf::is_switch_program) {
                 Ok(found) => found,
                 // Refused to list: nothing can have been attached from here either.
                 Err(e) if want == Rule::Cleared && e.nothing_attached() => return nothing(),
@@ -289,19 +334,19 @@ impl Kernel {
             };
             let (attached, others): (Vec<_>, Vec<_>) =
                 all.into_iter().partition(|a| a.name == self.name);
-            self.sweep(&cgroup, &others);
+            self.sweep(&cgroup, &others, now);
             let ids: Vec<u32> = attached.iter().map(|a| a.id).collect();
-            if !must_set(before, &want, &ids, Instant::now()) {
+            if !must_set(before.as_ref(), &want, &ids, now) {
                 return Ok(());
             }
             let result = match &want {
                 Rule::Cleared => self.detach_all(&cgroup, &attached, None),
-                Rule::To(r) => self.attach(&cgroup, &attached, r),
+                Rule::To(r) => self.attach(&cgroup, &attached, r, now),
             };
             match result {
                 Ok(id) => {
                     if let (Rule::To(r), Some(id)) = (&want, id) {
-                        let moved = !matches!(before, Some(Known::Set { rule: Rule::To(was), .. }) if was.backend == r.backend && was.listen == r.listen);
+                        let moved = !matches!(&before, Some(Known::Set { rule: Rule::To(was), .. }) if was.backend == r.backend && was.listen == r.listen);
                         if moved {
                             tracing::info!(program = %self.name, listen = %r.listen, backend = r.backend, id, "new connections made on this host go to 127.0.0.1:{} at connect()", r.backend);
                         }
@@ -311,30 +356,22 @@ impl Kernel {
                         Known::Set {
                             rule: want,
                             id,
-                            at: Instant::now(),
+                            at: now,
                         },
                     );
                     return Ok(());
                 }
                 Err(BpfError::Call { source, .. })
-                    if attempt == 0 && source.raw_os_error() == Some(nix::libc::ENOENT) => {}
+                    if attempts < 2 && source.raw_os_error() == Some(nix::libc::ENOENT) => {}
                 Err(e) => return Err(self.error(e)),
             }
         }
-        Err(self.error(BpfError::Call {
-            step: "attaching the switch's connect program",
-            source: std::io::Error::other("its programs changed twice while being replaced"),
-        }))
     }
 
-    /// Detaches the switch programs among `others` (other applications') that expired
-    /// [`SWEEP_AFTER`] ago: their agents are gone. A failure is only logged.
-    fn sweep(&self, cgroup: &OwnedFd, others: &[bpf::Attached]) {
-        let now = bpf::now(nix::time::ClockId::CLOCK_BOOTTIME);
-        for old in others
-            .iter()
-            .filter(|a| a.loaded + bpf::TTL + SWEEP_AFTER < now)
-        {
+    /// Detaches the switch programs among `others` (other applications') that are
+    /// [`SWEEP_AFTER`] past their expiry: their agents are gone. A failure is only logged.
+    fn sweep(&self, cgroup: &OwnedFd, others: &[bpf::Attached], now: Duration) {
+        for old in others.iter().filter(|a| swept(a.loaded, now)) {
             match bpf::detach(cgroup.as_fd(), old.fd.as_fd()) {
                 Ok(()) => tracing::info!(
                     program = %old.name,
@@ -348,17 +385,18 @@ impl Kernel {
         }
     }
 
-    /// Loads and attaches `r`'s program in place of the first of `attached` and detaches
-    /// the others: the new program's id.
+    /// Loads and attaches `r`'s program (expiring [`bpf::TTL`] after `now`) in place of
+    /// the first of `attached`, and detaches the others: the new program's id.
     fn attach(
         &self,
         cgroup: &OwnedFd,
         attached: &[bpf::Attached],
         r: &Redirect,
+        now: Duration,
     ) -> Result<Option<u32>, BpfError> {
-        let expires = bpf::now(nix::time::ClockId::CLOCK_MONOTONIC) + bpf::TTL;
-        let prog = bpf::load(&self.name, &bpf::program(r, expires.as_nanos() as u64))?;
-        let id = bpf::prog_id(prog.as_fd())?;
+        let expires = (now + bpf::TTL).as_nanos() as u64;
+        let prog = bpf::load(&self.name, &bpf::program(r, expires))?;
+        let id = bpf::prog_info(prog.as_fd())?.id;
         let replaced = attached.first();
         bpf::attach(cgroup.as_fd(), prog.as_fd(), replaced.map(|a| a.fd.as_fd()))?;
         self.detach_all(cgroup, attached, replaced.map(|a| a.id))?;
@@ -381,19 +419,16 @@ impl Kernel {
     /// already made are not touched. Always asks the kernel what is attached: this is the
     /// step that keeps traffic off a port, whatever this process believes.
     pub fn clear(&self) -> Result<(), KernelError> {
-        self.set(known(&self.name).as_ref(), Rule::Cleared)
+        self.set(Rule::Cleared)
     }
 
     /// The ids of this application's attached programs (`Err` where they cannot be
     /// listed: no cgroup v2, not root).
     pub fn attached(&self) -> Result<Vec<u32>, KernelError> {
         let cgroup = bpf::cgroup_root().map_err(|e| self.error(e))?;
-        let found = bpf::attached(cgroup.as_fd(), &self.name).map_err(|e| self.error(e))?;
-        Ok(found
-            .iter()
-            .filter(|a| a.name == self.name)
-            .map(|a| a.id)
-            .collect())
+        let found =
+            bpf::attached(cgroup.as_fd(), |name| name == self.name).map_err(|e| self.error(e))?;
+        Ok(found.iter().map(|a| a.id).collect())
     }
 }
 
@@ -560,6 +595,7 @@ mod diag {
 mod tests {
     use super::*;
     use std::path::Path;
+    use std::time::Instant;
 
     fn switch() -> SwitchSpec {
         SwitchSpec {
@@ -591,7 +627,7 @@ mod tests {
 
     #[test]
     fn a_program_is_loaded_only_when_the_target_or_what_is_attached_changed_or_failed_long_ago() {
-        let t0 = Instant::now();
+        let t0 = Duration::from_secs(1000);
         let to = |backend| {
             Rule::To(Redirect {
                 listen: "0.0.0.0:80".parse().unwrap(),
@@ -668,6 +704,30 @@ mod tests {
         assert!(must_set(failed(1, t0).as_ref(), &to(2), &[], later));
         assert!(must_set(failed(1, t0).as_ref(), &to(1), &[9], later));
         assert!(must_set(failed(1, t0).as_ref(), &Rule::Cleared, &[], later));
+    }
+
+    #[test]
+    fn only_a_switch_program_long_past_its_expiry_is_swept() {
+        let loaded = Duration::from_secs(5000);
+        assert!(!swept(loaded, loaded));
+        // Expired, not yet swept: its own agent may be between two passes.
+        assert!(!swept(loaded, loaded + bpf::TTL + SWEEP_AFTER));
+        assert!(swept(
+            loaded,
+            loaded + bpf::TTL + SWEEP_AFTER + Duration::from_secs(1)
+        ));
+        assert!(bpf::is_switch_program("shoal_0123abcde"));
+        assert!(!bpf::is_switch_program("shoal_0123abcd"));
+        assert!(!bpf::is_switch_program("shoal_0123abcdx"));
+        assert!(!bpf::is_switch_program("cilium_sock4"));
+        assert_eq!(
+            program_name(&AppDir::new(Path::new("/x"), "a")).len(),
+            "shoal_0123abcde".len()
+        );
+        assert!(bpf::is_switch_program(&program_name(&AppDir::new(
+            Path::new("/x"),
+            "a"
+        ))));
     }
 
     #[test]
@@ -762,10 +822,14 @@ mod tests {
             // Detached behind the agent's back (an operator, another tool): the next
             // follow attaches a new one.
             let cgroup = bpf::cgroup_root().unwrap();
-            for a in bpf::attached(cgroup.as_fd(), kernel.name()).unwrap() {
+            for a in bpf::attached(cgroup.as_fd(), |n| n == kernel.name()).unwrap() {
                 bpf::detach(cgroup.as_fd(), a.fd.as_fd()).unwrap();
             }
-            assert_eq!(lands(public).unwrap(), public, "still redirected once detached");
+            assert_eq!(
+                lands(public).unwrap(),
+                public,
+                "still redirected once detached"
+            );
             kernel.follow(&switch(), listen, Some(b1.port())).unwrap();
             let first = kernel.attached().unwrap();
             assert_eq!(first.len(), 1, "not attached again");
@@ -837,7 +901,7 @@ mod tests {
                 locals: vec![],
                 netns: bpf::netns_cookie().unwrap(),
             };
-            let live = bpf::now(nix::time::ClockId::CLOCK_MONOTONIC) + Duration::from_secs(60);
+            let live = bpf::boot_now().unwrap() + Duration::from_secs(60);
             for (expires, lands_on) in [(Duration::ZERO, one), (live, b1)] {
                 let prog = bpf::program(&expired, expires.as_nanos() as u64);
                 let prog = bpf::load(kernel.name(), &prog).unwrap();
@@ -846,8 +910,10 @@ mod tests {
                 bpf::detach(cgroup.as_fd(), prog.as_fd()).unwrap();
                 assert_eq!(landed.unwrap(), lands_on, "expiring at {expires:?}");
             }
-            kernel.follow(&bound, one, Some(b1.port())).unwrap();
+            // Left attached for the wildcard: outside, only the namespace test stops it
+            // (a listener on 0.0.0.0 at that port is there too).
             drop(proxy);
+            kernel.follow(&switch(), listen, Some(b1.port())).unwrap();
             kernel
         });
         let kernel = inside.join().unwrap();
