@@ -266,11 +266,14 @@ impl Kernel {
     /// holds the application (and keeps it from `follow`), so that a long drain or hook
     /// does not let the program expire.
     pub fn refresh(&self) -> Result<(), KernelError> {
+        // Read under the lock: a deployment's step that moves the target meanwhile must
+        // not be undone by a refresh of the target before it.
+        let _setting = SETTING.lock().unwrap_or_else(|e| e.into_inner());
         match known(&self.name) {
             Some(Known::Set {
                 rule: rule @ Rule::To(_),
                 ..
-            }) => self.set(rule),
+            }) => self.set_locked(rule),
             _ => Ok(()),
         }
     }
@@ -301,6 +304,11 @@ impl Kernel {
     /// way, any switch program (any application's) [`SWEEP_AFTER`] past its expiry.
     fn set(&self, want: Rule) -> Result<(), KernelError> {
         let _setting = SETTING.lock().unwrap_or_else(|e| e.into_inner());
+        self.set_locked(want)
+    }
+
+    /// [`Self::set`], with [`SETTING`] held by the caller.
+    fn set_locked(&self, want: Rule) -> Result<(), KernelError> {
         let before = known(&self.name);
         let now = bpf::boot_now().map_err(|e| self.error(e))?;
         let nothing = || {
@@ -857,6 +865,14 @@ mod tests {
             let second = kernel.attached().unwrap();
             assert_eq!(second.len(), 1);
             assert_ne!(second, first);
+            assert_eq!(lands(public).unwrap(), b2_addr);
+            // A refresh before it is due changes nothing, and keeps the latest target.
+            kernel.refresh().unwrap();
+            assert_eq!(
+                kernel.attached().unwrap(),
+                second,
+                "refreshed before it was due"
+            );
             assert_eq!(lands(public).unwrap(), b2_addr);
             use std::io::{Read, Write};
             (&open).write_all(b"x").unwrap();
