@@ -11,7 +11,10 @@
 //! - **Rarest first.** Among the chunks a peer can give, those the fewest peers hold come
 //!   first. Ties are broken by a rotation that differs per fetcher (the fetchers' sorted
 //!   names give each an index; a chunk's first 8 bytes pick its turn), so fetchers that start
-//!   together take different parts from the origin and then trade them.
+//!   together take different parts from the origin and then trade them. A fetcher whose
+//!   own part is all asked helps the next one with its part, from the origin, starting at
+//!   the other end of it: the origin's link stays busy to the end, and the two overlap
+//!   only where they meet.
 //! - **Pipelining.** Each peer has up to [`Config::pipeline`] batches of up to
 //!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]).
 //! - **Re-asking.** A batch past its deadline is given up (its chunks go back to be asked
@@ -44,8 +47,9 @@ pub struct Config {
     /// flight from the origin is not yet anyone's to share).
     pub origin_pipeline: usize,
     pub origin_batch: usize,
-    /// How long without a chunk stored before the origin is asked for chunks outside this
-    /// fetcher's turn (another fetcher's part that is slow to come).
+    /// How long without a chunk stored before the origin is asked for any chunk outside
+    /// this fetcher's turn and the next one's (another fetcher's part that is slow to
+    /// come).
     pub patience: Duration,
     /// How often a fetcher is asked what it holds.
     pub have_every: Duration,
@@ -604,7 +608,7 @@ impl Swarm {
     /// Up to a batch of chunks to ask `peer` for: missing, held by it, not asked of anyone
     /// yet (or, in the end game, asked once of someone else), rarest first. Of an origin,
     /// only chunks no other peer holds, and while `patient` only those of this fetcher's
-    /// turn.
+    /// turn, then (its turn all asked) those of the next fetcher's, from the other end.
     fn pick(&self, peer: &str, end_game: bool, patient: bool) -> Vec<usize> {
         let state = &self.peers[peer];
         let in_this_peer: std::collections::HashSet<usize> = self
@@ -635,7 +639,10 @@ impl Swarm {
                 + fetchers as u64
                 - me as u64)
                 % fetchers as u64;
-            if state.role == Role::Origin && patient && rotation != 0 {
+            // Of an origin, while patient: this fetcher's turn, and once that is all asked,
+            // the next fetcher's (which it may be slow to bring, its link shared with the
+            // swarm's traffic).
+            if state.role == Role::Origin && patient && rotation > 1 {
                 continue;
             }
             let (mut rarity, mut elsewhere) = (1, false);
@@ -649,8 +656,19 @@ impl Swarm {
             if state.role == Role::Origin && elsewhere {
                 continue;
             }
-            let mixed = u64::from_le_bytes(id[8..16].try_into().expect("8 bytes")) ^ self.salt;
+            let raw = u64::from_le_bytes(id[8..16].try_into().expect("8 bytes"));
+            let mixed = match (state.role, rotation) {
+                // From the origin, a turn's owner takes its chunks from the front and a
+                // helper from the back, so that the two ask for one chunk only where they
+                // meet.
+                (Role::Origin, 0) => raw,
+                (Role::Origin, _) => !raw,
+                _ => raw ^ self.salt,
+            };
             candidates.push((rarity, rotation, mixed, i));
+        }
+        if state.role == Role::Origin && patient && candidates.iter().any(|c| c.1 == 0) {
+            candidates.retain(|c| c.1 == 0);
         }
         candidates.sort_unstable();
         let batch = if state.role == Role::Origin {

@@ -357,42 +357,70 @@ fn fetchers_are_asked_again_what_they_hold() {
 }
 
 #[test]
-fn the_origin_gives_only_this_fetchers_turn_until_patience_runs_out() {
+fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_then_any() {
     let t0 = Instant::now();
-    let all: Vec<(ChunkId, u32)> = (0..8u8)
+    let all: Vec<(ChunkId, u32)> = (0..48u8)
         .map(|i| {
             let mut id = [0u8; 32];
             id[0] = i;
+            id[8] = i;
             (ChunkId(id), 100)
         })
         .collect();
     let config = Config {
-        origin_batch: 8,
+        origin_batch: 4,
         origin_pipeline: 1,
         ..small()
     };
-    let mut s = Swarm::new("a", all.clone(), |_| false, config.clone());
-    // Two fetchers: "a" has the chunks whose first byte is even.
-    s.set_fetchers(&["b".into()]);
-    s.add_peer(t0, "origin", Role::Origin);
-    let first = fetches(&drain(&mut s, t0));
-    assert_eq!(first.len(), 1);
+    let fetchers: Vec<String> = vec!["a".into(), "b".into(), "c".into()];
+    let swarm = |me: &str| {
+        let mut s = Swarm::new(me, all.clone(), |_| false, config.clone());
+        s.set_fetchers(&fetchers);
+        s.add_peer(t0, "origin", Role::Origin);
+        s
+    };
+    // Three fetchers: "a" has the chunks whose first byte is 0 mod 3, "b" 1 mod 3, "c" 2.
+    let part = |id: &ChunkId| id.0[0] % 3;
+    let mut a = swarm("a");
+    // One request at a time; each answered whole at once, so "a" stays patient.
+    let next = |s: &mut Swarm, now: Instant| -> Option<Vec<ChunkId>> {
+        let f = fetches(&drain(s, now));
+        assert!(f.len() <= 1, "one request to the origin at a time");
+        let (batch, _, ids) = f.into_iter().next()?;
+        give(s, now, batch, &ids);
+        Some(ids)
+    };
+    let mut parts = Vec::new();
+    while let Some(ids) = next(&mut a, t0) {
+        let p: HashSet<u8> = ids.iter().map(part).collect();
+        assert_eq!(p.len(), 1, "a batch of one part: {ids:?}");
+        parts.push((*p.iter().next().unwrap(), ids));
+    }
+    // Its own part first, then the next fetcher's ("b"), from its other end; while
+    // patient, never the third's ("c"'s).
+    let order: Vec<u8> = parts.iter().map(|(p, _)| *p).collect();
+    assert_eq!(order, vec![0, 0, 0, 0, 1, 1, 1, 1], "{parts:?}");
+    let first_help = &parts[4].1;
+    let last_of_b = all
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| part(id) == 1)
+        .max_by_key(|id| id.0[8])
+        .unwrap();
     assert!(
-        first[0].2.iter().all(|id| id.0[0] % 2 == 0),
-        "only this fetcher's turn: {:?}",
-        first[0].2
+        first_help.contains(&last_of_b),
+        "not from the other end: {first_help:?}"
     );
-    give(&mut s, t0, first[0].0, &first[0].2);
-    // The other turn's chunks are not asked of the origin while "b" may still bring them.
-    let soon = t0 + config.patience / 2;
-    assert!(fetches(&drain(&mut s, soon)).is_empty());
-    // Nothing stored for longer than the patience: the origin is asked for them too.
+    // "b" takes its part from the front: the two first batches are apart.
+    let mut b = swarm("b");
+    let first_of_b = fetches(&drain(&mut b, t0))[0].2.clone();
+    assert!(first_of_b.iter().all(|id| part(id) == 1));
+    assert!(
+        first_help.iter().all(|id| !first_of_b.contains(id)),
+        "a helper took b's first chunks: {first_help:?} and {first_of_b:?}"
+    );
+    // Nothing stored for longer than the patience: the origin is asked for the rest.
     let late = t0 + config.patience * 2;
-    let rest = fetches(&drain(&mut s, late));
-    assert_eq!(rest.len(), 1);
-    assert!(
-        rest[0].2.iter().all(|id| id.0[0] % 2 == 1),
-        "{:?}",
-        rest[0].2
-    );
+    let rest = next(&mut a, late).expect("the third's part, at last");
+    assert!(rest.iter().all(|id| part(id) == 2), "{rest:?}");
 }
