@@ -11,10 +11,11 @@
 //! - **Rarest first.** Among the chunks a peer can give, those the fewest peers hold come
 //!   first. Ties are broken by a rotation that differs per fetcher (the fetchers' sorted
 //!   names give each an index; a chunk's first 8 bytes pick its turn), so fetchers that start
-//!   together take different parts from the origin and then trade them. A fetcher whose
-//!   own part is all asked helps the next one with its part, from the origin, starting at
-//!   the other end of it: the origin's link stays busy to the end, and the two overlap
-//!   only where they meet.
+//!   together take different parts from the origin and then trade them. While patient, a
+//!   fetcher whose own part is all asked helps the next one with its part, from the
+//!   origin, starting at the other end of it, so that the origin's link stays busy: the
+//!   two overlap where they meet (and by what the owner stored and has not yet said, its
+//!   `Have` being asked every [`Config::have_every`]).
 //! - **Pipelining.** Each peer has up to [`Config::pipeline`] batches of up to
 //!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]).
 //! - **Re-asking.** A batch past its deadline is given up (its chunks go back to be asked
@@ -660,8 +661,10 @@ impl Swarm {
             let mixed = match (state.role, rotation) {
                 // From the origin, a turn's owner takes its chunks from the front and a
                 // helper from the back, so that the two ask for one chunk only where they
-                // meet.
-                (Role::Origin, 0) => raw,
+                // meet. A fetcher that knows of no other keeps its salt: fetchers that do not
+                // know of each other yet still start at different chunks.
+                (Role::Origin, 0) if self.turn.1 > 1 => raw,
+                (Role::Origin, 0) => raw ^ self.salt,
                 (Role::Origin, _) => !raw,
                 _ => raw ^ self.salt,
             };

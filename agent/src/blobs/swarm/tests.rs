@@ -359,7 +359,8 @@ fn fetchers_are_asked_again_what_they_hold() {
 #[test]
 fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_then_any() {
     let t0 = Instant::now();
-    let all: Vec<(ChunkId, u32)> = (0..48u8)
+    // 17 chunks in each fetcher's part: batches of 4 leave one alone at the end of it.
+    let all: Vec<(ChunkId, u32)> = (0..51u8)
         .map(|i| {
             let mut id = [0u8; 32];
             id[0] = i;
@@ -381,8 +382,7 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     };
     // Three fetchers: "a" has the chunks whose first byte is 0 mod 3, "b" 1 mod 3, "c" 2.
     let part = |id: &ChunkId| id.0[0] % 3;
-    let mut a = swarm("a");
-    // One request at a time; each answered whole at once, so "a" stays patient.
+    // One request at a time; each answered whole at once, so the fetcher stays patient.
     let next = |s: &mut Swarm, now: Instant| -> Option<Vec<ChunkId>> {
         let f = fetches(&drain(s, now));
         assert!(f.len() <= 1, "one request to the origin at a time");
@@ -390,37 +390,76 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
         give(s, now, batch, &ids);
         Some(ids)
     };
-    let mut parts = Vec::new();
-    while let Some(ids) = next(&mut a, t0) {
-        let p: HashSet<u8> = ids.iter().map(part).collect();
-        assert_eq!(p.len(), 1, "a batch of one part: {ids:?}");
-        parts.push((*p.iter().next().unwrap(), ids));
-    }
+    let asked = |s: &mut Swarm| {
+        let mut parts = Vec::new();
+        while let Some(ids) = next(s, t0) {
+            let p: HashSet<u8> = ids.iter().map(part).collect();
+            assert_eq!(p.len(), 1, "a batch of one part: {ids:?}");
+            parts.push((*p.iter().next().unwrap(), ids));
+        }
+        parts
+    };
+    let mut a = swarm("a");
+    let parts = asked(&mut a);
     // Its own part first, then the next fetcher's ("b"), from its other end; while
     // patient, never the third's ("c"'s).
     let order: Vec<u8> = parts.iter().map(|(p, _)| *p).collect();
-    assert_eq!(order, vec![0, 0, 0, 0, 1, 1, 1, 1], "{parts:?}");
-    let first_help = &parts[4].1;
-    let last_of_b = all
+    assert_eq!(order, [[0; 5], [1; 5]].concat(), "{parts:?}");
+    let of_b: Vec<ChunkId> = all
         .iter()
         .map(|(id, _)| *id)
         .filter(|id| part(id) == 1)
-        .max_by_key(|id| id.0[8])
-        .unwrap();
+        .collect();
+    let first_help = &parts[5].1;
     assert!(
-        first_help.contains(&last_of_b),
+        first_help.contains(of_b.last().unwrap()),
         "not from the other end: {first_help:?}"
     );
+    assert!(fetches(&drain(&mut a, t0 + config.patience / 2)).is_empty());
     // "b" takes its part from the front: the two first batches are apart.
     let mut b = swarm("b");
     let first_of_b = fetches(&drain(&mut b, t0))[0].2.clone();
-    assert!(first_of_b.iter().all(|id| part(id) == 1));
+    assert!(first_of_b.contains(&of_b[0]), "{first_of_b:?}");
     assert!(
         first_help.iter().all(|id| !first_of_b.contains(id)),
         "a helper took b's first chunks: {first_help:?} and {first_of_b:?}"
     );
+    // The last fetcher helps the first: the turns are a ring.
+    let order: Vec<u8> = asked(&mut swarm("c")).iter().map(|(p, _)| *p).collect();
+    assert_eq!(order, [[2; 5], [0; 5]].concat());
     // Nothing stored for longer than the patience: the origin is asked for the rest.
     let late = t0 + config.patience * 2;
     let rest = next(&mut a, late).expect("the third's part, at last");
     assert!(rest.iter().all(|id| part(id) == 2), "{rest:?}");
+}
+
+#[test]
+fn fetchers_that_know_of_no_other_still_start_at_different_chunks_of_the_origin() {
+    let now = Instant::now();
+    let all: Vec<(ChunkId, u32)> = (0..=255u8)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[0] = i;
+            id[8] = i.wrapping_mul(37);
+            id[9] = i;
+            (ChunkId(id), 100)
+        })
+        .collect();
+    let first_batch = |me: &str| {
+        let mut s = Swarm::new(
+            me,
+            all.clone(),
+            |_| false,
+            Config {
+                origin_batch: 8,
+                ..small()
+            },
+        );
+        s.add_peer(now, "origin", Role::Origin);
+        let f = fetches(&drain(&mut s, now));
+        f[0].2.iter().copied().collect::<HashSet<_>>()
+    };
+    let (a, b) = (first_batch("host-a"), first_batch("host-b"));
+    assert_eq!(a.len(), 8);
+    assert!(a.is_disjoint(&b), "{a:?} {b:?}");
 }
