@@ -682,13 +682,15 @@ fn docs_install_md_step_by_step_makes_a_three_host_fleet() {
             .join("\n----\n")
     };
 
-    // 5. Check the fleet: every host alive, from any agent.
+    // 5. Check the fleet: every host alive, from any agent, and its tags known (they come
+    // with its host state, which may arrive after membership says it is alive).
     let peer = addr(2).parse().unwrap();
     let mut last = Err(String::new());
     let all_alive = |list: &Result<Vec<serde_json::Value>, String>| {
         list.as_ref().is_ok_and(|l| {
             l.len() == 3
                 && (1..=3).all(|n| state_of(l, &format!("web-{n}")).as_deref() == Some("alive"))
+                && l.iter().all(|h| h["tags"]["role"] == "web")
         })
     };
     let limit = Duration::from_secs(60);

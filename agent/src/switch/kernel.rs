@@ -348,7 +348,7 @@ impl Kernel {
                 return Ok(());
             }
             let result = match &want {
-                Rule::Cleared => self.detach_all(&cgroup, &attached, None),
+                Rule::Cleared => self.detach_all(&cgroup, &attached, None).map(|()| None),
                 Rule::To(r) => self.attach(&cgroup, &attached, r, now),
             };
             match result {
@@ -416,11 +416,11 @@ impl Kernel {
         cgroup: &OwnedFd,
         attached: &[bpf::Attached],
         except: Option<u32>,
-    ) -> Result<Option<u32>, BpfError> {
+    ) -> Result<(), BpfError> {
         for a in attached.iter().filter(|a| Some(a.id) != except) {
             bpf::detach(cgroup.as_fd(), a.fd.as_fd())?;
         }
-        Ok(None)
+        Ok(())
     }
 
     /// Detaches this application's programs: new connections reach the proxy; those

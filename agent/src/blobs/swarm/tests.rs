@@ -133,27 +133,40 @@ fn fetchers_that_start_together_take_different_parts_from_the_origin() {
         .map(|i| {
             let mut id = [0u8; 32];
             id[0] = i;
+            id[8] = i.wrapping_mul(37);
+            id[9] = i;
             (ChunkId(id), 100)
         })
         .collect();
-    let first_batch = |me: &str| {
+    let first_batch = |me: &str, fetchers: &[String]| {
         let mut s = Swarm::new(
             me,
             all.clone(),
             |_| false,
             Config {
                 batch: 8,
+                origin_batch: 8,
                 ..small()
             },
         );
-        s.set_fetchers(&["a".into(), "b".into(), "c".into()]);
+        s.set_fetchers(fetchers);
         s.add_peer(now, "origin", Role::Origin);
         let f = fetches(&drain(&mut s, now));
         assert_eq!(f.len(), 1, "one request to the origin at a time");
         f[0].2.iter().copied().collect::<HashSet<_>>()
     };
-    let (a, b, c) = (first_batch("a"), first_batch("b"), first_batch("c"));
+    // By their turns.
+    let together = ["a".to_string(), "b".into(), "c".into()];
+    let (a, b, c) = (
+        first_batch("a", &together),
+        first_batch("b", &together),
+        first_batch("c", &together),
+    );
     assert!(a.is_disjoint(&b) && b.is_disjoint(&c) && a.is_disjoint(&c));
+    // Knowing of no other fetcher yet: by their salts.
+    let (a, b) = (first_batch("host-a", &[]), first_batch("host-b", &[]));
+    assert_eq!(a.len(), 8);
+    assert!(a.is_disjoint(&b), "{a:?} {b:?}");
 }
 
 #[test]
@@ -431,35 +444,4 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     let late = t0 + config.patience * 2;
     let rest = next(&mut a, late).expect("the third's part, at last");
     assert!(rest.iter().all(|id| part(id) == 2), "{rest:?}");
-}
-
-#[test]
-fn fetchers_that_know_of_no_other_still_start_at_different_chunks_of_the_origin() {
-    let now = Instant::now();
-    let all: Vec<(ChunkId, u32)> = (0..=255u8)
-        .map(|i| {
-            let mut id = [0u8; 32];
-            id[0] = i;
-            id[8] = i.wrapping_mul(37);
-            id[9] = i;
-            (ChunkId(id), 100)
-        })
-        .collect();
-    let first_batch = |me: &str| {
-        let mut s = Swarm::new(
-            me,
-            all.clone(),
-            |_| false,
-            Config {
-                origin_batch: 8,
-                ..small()
-            },
-        );
-        s.add_peer(now, "origin", Role::Origin);
-        let f = fetches(&drain(&mut s, now));
-        f[0].2.iter().copied().collect::<HashSet<_>>()
-    };
-    let (a, b) = (first_batch("host-a"), first_batch("host-b"));
-    assert_eq!(a.len(), 8);
-    assert!(a.is_disjoint(&b), "{a:?} {b:?}");
 }
