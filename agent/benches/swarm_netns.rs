@@ -64,6 +64,14 @@ fn main() {
         "\nswarm / uploader only, time to the last host: {:.2}",
         r.swarm.last / r.origin_only.last
     );
+    for (mode, run) in [("swarm", &r.swarm), ("uploader only", &r.origin_only)] {
+        println!("\n{mode}, each link's rate by second (Mbit/s, every packet counted):\n");
+        println!("| s | uploader sends | hosts receive, mean | lowest | hosts done |");
+        println!("|---|---|---|---|---|");
+        for (at, up, mean, low, done) in shaped::timeline(run) {
+            println!("| {at:.1} | {up:.1} | {mean:.1} | {low:.1} | {done} |");
+        }
+    }
     println!("\nper host (s): swarm {:?}", r.swarm.per_host);
     println!("per host (s): uploader only {:?}", r.origin_only.per_host);
 }

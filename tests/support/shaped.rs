@@ -117,13 +117,79 @@ impl Drop for ShapedNet {
     }
 }
 
-/// One mode's run: seconds from the deployment's creation to each host's fetch done, and
-/// the bytes of chunks the uploader sent.
+/// One mode's run: seconds from the deployment's creation to each host's fetch done, the
+/// bytes of chunks the uploader sent, and what every link carried over time.
 #[derive(Debug, Clone)]
 pub struct Run {
     pub per_host: Vec<(String, f64)>,
     pub last: f64,
     pub uploader_sent: u64,
+    pub links: Vec<Sample>,
+}
+
+/// What every link had carried by `at` seconds after the deployment's creation: per host
+/// (the uploader last), bytes it sent and bytes it received, counted on the hub's end of
+/// its link (every packet: QUIC's headers and acknowledgements, and gossip, too).
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at: f64,
+    pub links: Vec<(u64, u64)>,
+}
+
+impl ShapedNet {
+    /// Every host's link's bytes (sent, received) so far, or `None` if `ip` did not say.
+    pub fn link_bytes(&self) -> Option<Vec<(u64, u64)>> {
+        let o = Command::new("ip")
+            .args(["-n", &self.hub(), "-s", "-j", "link", "show"])
+            .output()
+            .ok()?;
+        let list: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let mut out = vec![(0, 0); self.hosts];
+        for link in list.as_array()? {
+            let Some(i) = link["ifname"]
+                .as_str()
+                .and_then(|n| n.strip_prefix('h'))
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|i| *i < self.hosts)
+            else {
+                continue;
+            };
+            // The hub's end: what it receives is what the host sent.
+            let stats = &link["stats64"];
+            out[i] = (
+                stats["rx"]["bytes"].as_u64()?,
+                stats["tx"]["bytes"].as_u64()?,
+            );
+        }
+        Some(out)
+    }
+}
+
+/// Per second from the first sample: the uploader's sending rate and the hosts' receiving
+/// rates (mean and lowest), in Mbit/s, and how many hosts were done by then.
+pub fn timeline(run: &Run) -> Vec<(f64, f64, f64, f64, usize)> {
+    let mut rows = Vec::new();
+    let mut prev: Option<&Sample> = None;
+    for s in &run.links {
+        let Some(p) = prev else {
+            prev = Some(s);
+            continue;
+        };
+        if s.at - p.at < 0.999 {
+            continue;
+        }
+        let secs = s.at - p.at;
+        let mbit = |a: u64, b: u64| (b.saturating_sub(a)) as f64 * 8.0 / secs / 1e6;
+        let n = s.links.len() - 1;
+        let up = mbit(p.links[n].0, s.links[n].0);
+        let down: Vec<f64> = (0..n).map(|i| mbit(p.links[i].1, s.links[i].1)).collect();
+        let mean = down.iter().sum::<f64>() / n as f64;
+        let low = down.iter().copied().fold(f64::INFINITY, f64::min);
+        let done = run.per_host.iter().filter(|(_, t)| *t <= s.at).count();
+        rows.push((s.at, up, mean, low, done));
+        prev = Some(s);
+    }
+    rows
 }
 
 /// The experiment's result.
@@ -230,10 +296,17 @@ pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u3
             now.saturating_sub(created_ms) as f64 / 1000.0
         };
         let mut done: Vec<Option<f64>> = vec![None; hosts];
+        let mut links: Vec<Sample> = Vec::new();
         wait_for(
             &format!("every host to fetch the revision ({mode})"),
             Duration::from_secs(1800),
             || {
+                let at = since_created();
+                if links.last().is_none_or(|l| at - l.at >= 0.5)
+                    && let Some(bytes) = net.link_bytes()
+                {
+                    links.push(Sample { at, links: bytes });
+                }
                 for (i, a) in fleet[..hosts].iter().enumerate() {
                     if done[i].is_none() && a.log_text().contains("fetched a revision as chunks") {
                         done[i] = Some(since_created());
@@ -249,10 +322,17 @@ pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u3
             .collect();
         let last = per_host.iter().map(|(_, t)| *t).fold(0.0, f64::max);
         let uploader_sent = sent(viewer, metrics(viewer));
+        if let Some(bytes) = net.link_bytes() {
+            links.push(Sample {
+                at: since_created(),
+                links: bytes,
+            });
+        }
         runs.push(Run {
             per_host,
             last,
             uploader_sent,
+            links,
         });
     }
     let origin_only = runs.pop().unwrap();

@@ -13,16 +13,22 @@
 //!   names give each an index; a chunk's first 8 bytes pick its turn), so fetchers that start
 //!   together take different parts from the origin and then trade them. While patient, a
 //!   fetcher whose own part is all asked helps the next one with its part, from the
-//!   origin, starting at the other end of it, so that the origin's link stays busy: the
-//!   two overlap where they meet (and by what the owner stored and has not yet said, its
-//!   `Have` being asked every [`Config::have_every`]).
+//!   origin, starting at the other end of it, so that the origin's link stays busy. It
+//!   leaves the part's first `2 × origin_batch × origin_pipeline` chunks not yet held to
+//!   their owner (what the owner may have asked and not yet said it holds, its `Have`
+//!   being asked every [`Config::have_every`]), so that the two seldom ask the origin for
+//!   one chunk.
 //! - **Pipelining.** Each peer has up to [`Config::pipeline`] batches of up to
-//!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]).
+//!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]). What is
+//!   asked of peers and not yet come is bounded by this fetch's recent rate: the bytes it
+//!   stored in the last [`Config::in_flight_time`], at least
+//!   [`Config::min_in_flight_bytes`]. The origin's few requests are not held back by it.
 //! - **Re-asking.** A batch past its deadline is given up (its chunks go back to be asked
 //!   elsewhere) and counts against the peer: after [`Config::strikes`] failures in a row
-//!   the peer is dropped. When nothing is left to ask for the first time, chunks in flight
-//!   are asked once more of another peer (the end game), so one slow peer does not hold up
-//!   the end.
+//!   the peer is dropped. Once every missing chunk is asked of someone (the end game), a
+//!   peer with nothing in flight is asked for chunks in flight elsewhere, so one slow peer
+//!   does not hold up the end. Not before: a chunk asked twice crosses this host's link
+//!   twice.
 //! - **Answers that are not failures.** A busy peer rests for [`Config::busy_rest`]; a
 //!   peer taken to hold everything that lacks a chunk is not asked for it again (whatever
 //!   gossip says next), and the origin gives it.
@@ -69,6 +75,14 @@ pub struct Config {
     pub max_peers: usize,
     /// How long a peer that answered busy is left alone.
     pub busy_rest: Duration,
+    /// Bytes asked of peers (the origin aside) and not yet come: at most what this fetch
+    /// stored in the last [`Config::in_flight_time`], and at least this.
+    pub min_in_flight_bytes: u64,
+    /// How much of this fetch's recent rate may be asked ahead (see
+    /// [`Config::min_in_flight_bytes`]): enough to cover the time a request takes, little
+    /// enough that the end game re-asks little and that what is asked reflects who holds
+    /// what now.
+    pub in_flight_time: Duration,
 }
 
 impl Default for Config {
@@ -86,6 +100,8 @@ impl Default for Config {
             max_in_flight: 64,
             max_peers: 40,
             busy_rest: Duration::from_millis(250),
+            min_in_flight_bytes: 2 << 20,
+            in_flight_time: Duration::from_secs(2),
         }
     }
 }
@@ -178,8 +194,9 @@ impl PeerState {
 struct Batch {
     peer: String,
     chunks: Vec<usize>,
-    /// Chunks of the batch not answered yet.
+    /// Chunks of the batch not answered yet, and their bytes.
     open: usize,
+    open_bytes: u64,
 }
 
 enum Timer {
@@ -214,6 +231,8 @@ pub struct Swarm {
     /// Batches given up (late, or their peer dropped) whose answers may still come, and
     /// from whom: a corrupt chunk among them still drops its sender.
     given_up: HashMap<u64, String>,
+    /// Bytes stored lately, and when: this fetch's recent rate.
+    recent: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl Swarm {
@@ -253,6 +272,7 @@ impl Swarm {
             fetched_bytes: 0,
             progress_at: None,
             given_up: HashMap::new(),
+            recent: Default::default(),
         }
     }
 
@@ -372,6 +392,7 @@ impl Swarm {
                 self.held[i] = true;
                 self.missing -= 1;
                 self.fetched_bytes += u64::from(self.chunks[i].1);
+                self.recent.push_back((now, u64::from(self.chunks[i].1)));
             }
             if got == Got::Corrupt
                 && let Some(peer) = self.given_up.get(&batch).cloned()
@@ -384,6 +405,7 @@ impl Swarm {
             return;
         }
         b.open = b.open.saturating_sub(1);
+        b.open_bytes = b.open_bytes.saturating_sub(u64::from(self.chunks[i].1));
         let peer = b.peer.clone();
         match got {
             Got::Stored => {
@@ -392,6 +414,7 @@ impl Swarm {
                     self.missing -= 1;
                     let len = u64::from(self.chunks[i].1);
                     self.fetched_bytes += len;
+                    self.recent.push_back((now, len));
                     if let Some(state) = self.peers.get_mut(&peer) {
                         state.bytes += len;
                     }
@@ -545,10 +568,28 @@ impl Swarm {
             .collect();
         order.sort_by_key(|(_, s)| (s.role == Role::Origin, s.in_flight));
         let order: Vec<String> = order.into_iter().map(|(p, _)| p.clone()).collect();
+        // The end game: every chunk missing is asked of someone.
+        let end_game = self
+            .held
+            .iter()
+            .zip(&self.asked)
+            .all(|(held, asked)| *held || *asked > 0);
+        let room = self.asked_of_peers() < self.in_flight_allowed(now);
         for peer in order {
-            let origin = self.peers[&peer].role == Role::Origin;
+            let (origin, idle) = {
+                let state = &self.peers[&peer];
+                (state.role == Role::Origin, state.in_flight == 0)
+            };
+            // Of peers, what the recent rate covers; the origin's few requests are not held
+            // back by theirs (what only it holds must come first).
+            if !origin && !room {
+                continue;
+            }
             let mut picked = self.pick(&peer, false, patient);
-            if picked.is_empty() && !(origin && patient) {
+            // A chunk in flight is asked again only in the end game, and only of a peer with
+            // nothing else in flight: what is asked twice is bytes that one host's link
+            // carries twice.
+            if picked.is_empty() && end_game && idle && !(origin && patient) {
                 picked = self.pick(&peer, true, patient);
             }
             if picked.is_empty() {
@@ -557,6 +598,36 @@ impl Swarm {
             return Some(self.start_batch(now, peer, picked));
         }
         None
+    }
+
+    /// Bytes asked of peers other than the origin and not yet come.
+    fn asked_of_peers(&self) -> u64 {
+        self.batches
+            .values()
+            .filter(|b| {
+                self.peers
+                    .get(&b.peer)
+                    .is_some_and(|s| s.role != Role::Origin)
+            })
+            .map(|b| b.open_bytes)
+            .sum()
+    }
+
+    /// How many bytes may be asked of peers at once: what this fetch stored in the last
+    /// [`Config::in_flight_time`], at least [`Config::min_in_flight_bytes`]. It grows with
+    /// the rate it allows (a request's time to come is less than that time), and keeps
+    /// what is asked ahead to about that time's worth.
+    fn in_flight_allowed(&mut self, now: Instant) -> u64 {
+        let window = self.config.in_flight_time;
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > window)
+        {
+            self.recent.pop_front();
+        }
+        let lately: u64 = self.recent.iter().map(|(_, len)| len).sum();
+        lately.max(self.config.min_in_flight_bytes)
     }
 
     /// Whether every chunk is stored.
@@ -673,6 +744,24 @@ impl Swarm {
         if state.role == Role::Origin && patient && candidates.iter().any(|c| c.1 == 0) {
             candidates.retain(|c| c.1 == 0);
         }
+        // A helper leaves the front of the next fetcher's part to its owner: the chunks
+        // it may have asked already and not yet said it holds.
+        if state.role == Role::Origin && patient {
+            let margin = (2 * self.config.origin_batch * self.config.origin_pipeline).max(1);
+            let mut helped: Vec<u64> = candidates
+                .iter()
+                .filter(|c| c.1 == 1)
+                .map(|c| c.2)
+                .collect();
+            if helped.len() <= margin {
+                candidates.retain(|c| c.1 != 1);
+            } else {
+                // The part's front has the highest `!raw`.
+                helped.sort_unstable_by(|a, b| b.cmp(a));
+                let edge = helped[margin - 1];
+                candidates.retain(|c| c.1 != 1 || c.2 < edge);
+            }
+        }
         candidates.sort_unstable();
         let batch = if state.role == Role::Origin {
             self.config.origin_batch
@@ -704,6 +793,7 @@ impl Swarm {
                 peer: peer.clone(),
                 open: picked.len(),
                 chunks: picked,
+                open_bytes: bytes,
             },
         );
         Action::Fetch {

@@ -414,10 +414,11 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     };
     let mut a = swarm("a");
     let parts = asked(&mut a);
-    // Its own part first, then the next fetcher's ("b"), from its other end; while
-    // patient, never the third's ("c"'s).
+    // Its own part first, then the next fetcher's ("b"), from its other end, but not the
+    // first 8 (twice the origin's pipeline: what "b" may have asked and not yet said it
+    // holds); while patient, never the third's ("c"'s).
     let order: Vec<u8> = parts.iter().map(|(p, _)| *p).collect();
-    assert_eq!(order, [[0; 5], [1; 5]].concat(), "{parts:?}");
+    assert_eq!(order, [&[0; 5][..], &[1; 3]].concat(), "{parts:?}");
     let of_b: Vec<ChunkId> = all
         .iter()
         .map(|(id, _)| *id)
@@ -427,6 +428,12 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     assert!(
         first_help.contains(of_b.last().unwrap()),
         "not from the other end: {first_help:?}"
+    );
+    let helped: HashSet<ChunkId> = parts[5..].iter().flat_map(|(_, ids)| ids.clone()).collect();
+    assert_eq!(
+        helped,
+        of_b[8..].iter().copied().collect(),
+        "the helper left b's front to b"
     );
     assert!(fetches(&drain(&mut a, t0 + config.patience / 2)).is_empty());
     // "b" takes its part from the front: the two first batches are apart.
@@ -439,9 +446,99 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     );
     // The last fetcher helps the first: the turns are a ring.
     let order: Vec<u8> = asked(&mut swarm("c")).iter().map(|(p, _)| *p).collect();
-    assert_eq!(order, [[2; 5], [0; 5]].concat());
-    // Nothing stored for longer than the patience: the origin is asked for the rest.
-    let late = t0 + config.patience * 2;
-    let rest = next(&mut a, late).expect("the third's part, at last");
-    assert!(rest.iter().all(|id| part(id) == 2), "{rest:?}");
+    assert_eq!(order, [&[2; 5][..], &[0; 3]].concat());
+    // Nothing stored for longer than the patience: the origin is asked for the rest, the
+    // front of the next part first, then the third's.
+    let mut late = t0;
+    let mut rest = Vec::new();
+    while !a.is_done() {
+        late += config.patience * 2;
+        rest.push(next(&mut a, late).expect("the rest, at last"));
+    }
+    let rest: Vec<u8> = rest.iter().map(|ids| part(&ids[0])).collect();
+    assert_eq!(rest, [&[1; 2][..], &[2; 5]].concat());
+}
+
+#[test]
+fn a_chunk_in_flight_is_asked_again_only_in_the_end_game_and_only_of_an_idle_peer() {
+    let now = Instant::now();
+    let all = chunks(4);
+    let mut s = Swarm::new("me", all.clone(), |_| false, small());
+    s.add_peer(now, "f1", Role::Fetcher);
+    s.add_peer(now, "f2", Role::Fetcher);
+    assert_eq!(drain(&mut s, now).len(), 2, "both asked what they hold");
+    s.handle_have(now, "f1", Some(vec![true, true, false, false]));
+    s.handle_have(now, "f2", Some(vec![true, true, false, false]));
+    let first = fetches(&drain(&mut s, now));
+    // Chunks 2 and 3 are not asked of anyone yet: f2 is not asked for what f1 brings.
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].2, vec![all[0].0, all[1].0]);
+    let other = if first[0].1 == "f1" { "f2" } else { "f1" };
+    s.handle_have(now, other, Some(vec![true; 4]));
+    let second = fetches(&drain(&mut s, now));
+    // Every chunk is asked now (the end game), but both peers are busy.
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(second[0].1, other);
+    assert_eq!(second[0].2, vec![all[2].0, all[3].0]);
+    give(&mut s, now, second[0].0, &second[0].2);
+    // Idle again: it is asked for what the other still has in flight.
+    let third = fetches(&drain(&mut s, now));
+    assert_eq!(third.len(), 1, "{third:?}");
+    assert_eq!((third[0].1.as_str(), &third[0].2), (other, &first[0].2));
+    assert!(drain(&mut s, now).is_empty());
+}
+
+#[test]
+fn what_is_asked_of_peers_follows_the_recent_rate_and_does_not_hold_back_the_origin() {
+    let t0 = Instant::now();
+    let all = chunks(20);
+    let config = Config {
+        batch: 1,
+        pipeline: 16,
+        origin_batch: 4,
+        min_in_flight_bytes: 2500,
+        in_flight_time: Duration::from_secs(1),
+        ..small()
+    };
+    let mut s = Swarm::new("me", all.clone(), |_| false, config);
+    s.add_peer(t0, "origin", Role::Origin);
+    s.add_peer(t0, "f1", Role::Fetcher);
+    drain(&mut s, t0);
+    // f1 holds the first 12 chunks; only the origin holds the other 8.
+    s.handle_have(t0, "f1", Some((0..20).map(|i| i < 12).collect()));
+    let count = |f: &[(u64, String, Vec<ChunkId>)], peer: &str| {
+        f.iter().filter(|(_, p, _)| p == peer).count()
+    };
+    let first = fetches(&drain(&mut s, t0));
+    // About 1,000 bytes a chunk: 2,500 bytes allow three requests of one chunk of f1.
+    assert_eq!(count(&first, "f1"), 3, "{first:?}");
+    assert_eq!(
+        count(&first, "origin"),
+        1,
+        "the origin's request is not held back"
+    );
+    // Seven chunks stored within the second: 7,057 bytes may be asked now, so eight
+    // requests (the last goes over).
+    let t1 = t0 + Duration::from_millis(100);
+    for (batch, _, ids) in &first {
+        give(&mut s, t1, *batch, ids);
+    }
+    let second = fetches(&drain(&mut s, t1));
+    assert_eq!(count(&second, "f1"), 8, "{second:?}");
+    // Over a second later, only what came since counts: the least again, 2,500 bytes.
+    let t2 = t1 + Duration::from_millis(1500);
+    give(&mut s, t2, second[0].0, &second[0].2);
+    let in_flight: Vec<_> = second[1..].iter().filter(|(_, p, _)| p == "f1").collect();
+    assert_eq!(in_flight.len(), 7);
+    assert!(
+        count(&fetches(&drain(&mut s, t2)), "f1") == 0,
+        "7 requests still out"
+    );
+    for (batch, _, ids) in &in_flight[..5] {
+        give(&mut s, t2, *batch, ids);
+    }
+    // Six chunks stored just now: about 6,000 bytes; two requests out, the last chunk
+    // f1 holds is asked.
+    let third = fetches(&drain(&mut s, t2));
+    assert_eq!(count(&third, "f1"), 1, "the last f1 holds: {third:?}");
 }
