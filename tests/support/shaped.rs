@@ -308,9 +308,23 @@ pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u3
                     links.push(Sample { at, links: bytes });
                 }
                 for (i, a) in fleet[..hosts].iter().enumerate() {
-                    if done[i].is_none() && a.log_text().contains("fetched a revision as chunks") {
+                    if done[i].is_some() {
+                        continue;
+                    }
+                    let log = a.log_text();
+                    if log.contains("fetched a revision as chunks") {
                         done[i] = Some(since_created());
                     }
+                    // Said at once, not waited out: the swarm is what is measured.
+                    assert!(
+                        !log.contains("did not come as chunks"),
+                        "{} fell back to the whole bundle ({mode}):\n{}",
+                        a.name,
+                        log.lines()
+                            .filter(|l| l.contains("WARN"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    );
                 }
                 done.iter().all(Option::is_some)
             },

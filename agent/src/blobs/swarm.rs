@@ -23,7 +23,9 @@
 //!   asked of peers and not yet come is bounded by this fetch's recent rate: the bytes it
 //!   stored in the last [`Config::in_flight_time`], at least
 //!   [`Config::min_in_flight_bytes`]. The origin's few requests are not held back by it.
-//! - **Re-asking.** A batch past its deadline is given up (its chunks go back to be asked
+//! - **Re-asking.** A batch past its deadline (counted from its start, and again from each
+//!   chunk it brings: a peer that many share is slow, not late, while its chunks come) is
+//!   given up (its chunks go back to be asked
 //!   elsewhere) and counts against the peer: after [`Config::strikes`] failures in a row
 //!   the peer is dropped. Once every missing chunk is asked of someone (the end game), a
 //!   peer with nothing in flight is asked for chunks in flight elsewhere, so one slow peer
@@ -60,7 +62,9 @@ pub struct Config {
     pub patience: Duration,
     /// How often a fetcher is asked what it holds.
     pub have_every: Duration,
-    /// How long a batch may take: this, plus its bytes at [`Config::min_rate`].
+    /// How long a batch may take: this, plus its bytes at [`Config::min_rate`], counted
+    /// again from each chunk that comes for the bytes left (a slow peer is not late while
+    /// it moves).
     pub batch_base: Duration,
     /// The slowest rate a batch's deadline allows, in bytes per second.
     pub min_rate: u64,
@@ -197,6 +201,8 @@ struct Batch {
     /// Chunks of the batch not answered yet, and their bytes.
     open: usize,
     open_bytes: u64,
+    /// When it is given up: see [`Swarm::due`].
+    deadline: Instant,
 }
 
 enum Timer {
@@ -406,6 +412,11 @@ impl Swarm {
         }
         b.open = b.open.saturating_sub(1);
         b.open_bytes = b.open_bytes.saturating_sub(u64::from(self.chunks[i].1));
+        // A batch that moves is not late: its rest is due from now.
+        if b.open > 0 {
+            b.deadline = now + Self::due(&self.config, b.open_bytes);
+            self.timers.push(b.deadline, Timer::Batch(batch));
+        }
         let peer = b.peer.clone();
         match got {
             Got::Stored => {
@@ -494,7 +505,12 @@ impl Swarm {
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some((_, timer)) = self.timers.pop_due(now) {
             match timer {
-                Timer::Batch(batch) => self.give_up(now, batch),
+                // Only its latest deadline counts (each chunk answered sets a new one).
+                Timer::Batch(batch) => {
+                    if self.batches.get(&batch).is_some_and(|b| b.deadline <= now) {
+                        self.give_up(now, batch);
+                    }
+                }
                 Timer::Rest => {}
                 Timer::Have(peer) => {
                     if let Some(state) = self.peers.get_mut(&peer)
@@ -779,13 +795,12 @@ impl Swarm {
         let batch = self.next_batch;
         self.next_batch += 1;
         let bytes: u64 = picked.iter().map(|&i| u64::from(self.chunks[i].1)).sum();
-        let deadline = self.config.batch_base
-            + Duration::from_secs_f64(bytes as f64 / self.config.min_rate.max(1) as f64);
+        let deadline = now + Self::due(&self.config, bytes);
         for &i in &picked {
             self.asked[i] = self.asked[i].saturating_add(1);
         }
         self.peers.get_mut(&peer).expect("a known peer").in_flight += 1;
-        self.timers.push(now + deadline, Timer::Batch(batch));
+        self.timers.push(deadline, Timer::Batch(batch));
         let chunks = picked.iter().map(|&i| self.chunks[i]).collect();
         self.batches.insert(
             batch,
@@ -794,6 +809,7 @@ impl Swarm {
                 open: picked.len(),
                 chunks: picked,
                 open_bytes: bytes,
+                deadline,
             },
         );
         Action::Fetch {
@@ -801,6 +817,13 @@ impl Swarm {
             peer,
             chunks,
         }
+    }
+
+    /// How long a batch may take to bring `bytes`, from its start or its last chunk:
+    /// [`Config::batch_base`] and the bytes at [`Config::min_rate`]. A peer shared by many
+    /// (the origin at the start) is slow but not late while its chunks keep coming.
+    fn due(config: &Config, bytes: u64) -> Duration {
+        config.batch_base + Duration::from_secs_f64(bytes as f64 / config.min_rate.max(1) as f64)
     }
 
     /// Counts a failure against `peer`, dropping it after [`Config::strikes`]; whether it

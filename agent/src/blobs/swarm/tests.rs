@@ -542,3 +542,47 @@ fn what_is_asked_of_peers_follows_the_recent_rate_and_does_not_hold_back_the_ori
     let third = fetches(&drain(&mut s, t2));
     assert_eq!(count(&third, "f1"), 1, "the last f1 holds: {third:?}");
 }
+
+#[test]
+fn a_batch_whose_chunks_keep_coming_is_slow_not_late() {
+    let t0 = Instant::now();
+    let all = chunks(4);
+    let config = Config {
+        batch: 4,
+        pipeline: 1,
+        ..small()
+    };
+    let due = |bytes: u64| {
+        config.batch_base + Duration::from_secs_f64(bytes as f64 / config.min_rate as f64)
+    };
+    let mut s = Swarm::new("me", all.clone(), |_| false, config.clone());
+    s.add_peer(t0, "origin", Role::Origin);
+    let first = fetches(&drain(&mut s, t0));
+    assert_eq!(first.len(), 1);
+    let batch = first[0].0;
+    let whole: u64 = all.iter().map(|c| u64::from(c.1)).sum();
+    // A chunk just before each deadline: well past the first, never late.
+    let mut now = t0;
+    let mut left = whole;
+    for (id, len) in &all[..3] {
+        now += due(left) - Duration::from_millis(10);
+        s.handle_timeout(now);
+        s.handle_chunk(now, batch, id, Got::Stored);
+        left -= u64::from(*len);
+    }
+    assert!(now > t0 + due(whole));
+    s.handle_timeout(now);
+    assert!(s.dropped().is_empty());
+    assert!(
+        fetches(&drain(&mut s, now)).is_empty(),
+        "the batch is still on its way"
+    );
+    // Then nothing: given up at the deadline counted from its last chunk, and re-asked.
+    let late = now + due(left);
+    s.handle_timeout(late - Duration::from_millis(1));
+    assert!(fetches(&drain(&mut s, late - Duration::from_millis(1))).is_empty());
+    s.handle_timeout(late);
+    let again = fetches(&drain(&mut s, late));
+    assert_eq!(again.len(), 1, "the last chunk asked again");
+    assert_eq!(again[0].2, vec![all[3].0]);
+}
