@@ -165,8 +165,9 @@ impl ShapedNet {
     }
 }
 
-/// Per second from the first sample: the uploader's sending rate and the hosts' receiving
-/// rates (mean and lowest), in Mbit/s, and how many hosts were done by then.
+/// Per second from the first sample: the uploader's sending rate and the receiving rates
+/// of the hosts not yet done (mean and lowest), in Mbit/s, and how many hosts were done by
+/// then.
 pub fn timeline(run: &Run) -> Vec<(f64, f64, f64, f64, usize)> {
     let mut rows = Vec::new();
     let mut prev: Option<&Sample> = None;
@@ -182,9 +183,16 @@ pub fn timeline(run: &Run) -> Vec<(f64, f64, f64, f64, usize)> {
         let mbit = |a: u64, b: u64| (b.saturating_sub(a)) as f64 * 8.0 / secs / 1e6;
         let n = s.links.len() - 1;
         let up = mbit(p.links[n].0, s.links[n].0);
-        let down: Vec<f64> = (0..n).map(|i| mbit(p.links[i].1, s.links[i].1)).collect();
-        let mean = down.iter().sum::<f64>() / n as f64;
-        let low = down.iter().copied().fold(f64::INFINITY, f64::min);
+        let down: Vec<f64> = (0..n)
+            .filter(|i| run.per_host[*i].1 > p.at)
+            .map(|i| mbit(p.links[i].1, s.links[i].1))
+            .collect();
+        let mean = down.iter().sum::<f64>() / down.len().max(1) as f64;
+        let low = if down.is_empty() {
+            0.0
+        } else {
+            down.iter().copied().fold(f64::INFINITY, f64::min)
+        };
         let done = run.per_host.iter().filter(|(_, t)| *t <= s.at).count();
         rows.push((s.at, up, mean, low, done));
         prev = Some(s);

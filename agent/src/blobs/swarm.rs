@@ -19,15 +19,19 @@
 //!   being asked every [`Config::have_every`]), so that the two seldom ask the origin for
 //!   one chunk.
 //! - **Pipelining.** Each peer has up to [`Config::pipeline`] batches of up to
-//!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]). What is
-//!   asked of peers and not yet come is bounded by this fetch's recent rate: the bytes it
-//!   stored in the last [`Config::in_flight_time`], at least
-//!   [`Config::min_in_flight_bytes`]. The origin's few requests are not held back by it.
+//!   [`Config::batch`] chunks in flight (origins [`Config::origin_pipeline`]). A batch is
+//!   asked of a peer only while what is asked of peers and not yet come is below this
+//!   fetch's recent rate: the bytes it stored in the last [`Config::in_flight_time`], or
+//!   [`Config::min_in_flight_bytes`]. Neither the origin's few requests nor the end game's
+//!   are held back by it.
 //! - **Re-asking.** A batch past its deadline (counted from its start, and again from each
-//!   chunk it brings: a peer that many share is slow, not late, while its chunks come) is
-//!   given up (its chunks go back to be asked
+//!   chunk it brings: a peer that many share is slow, not late, while its chunks come; but
+//!   never past [`Config::stretch`] times the first) is given up (its chunks go back to be
+//!   asked
 //!   elsewhere) and counts against the peer: after [`Config::strikes`] failures in a row
-//!   the peer is dropped. Once every missing chunk is asked of someone (the end game), a
+//!   the peer is dropped, but for an origin, which is left alone for
+//!   [`Config::origin_rest`] instead (it may be the only source, slow because every
+//!   host asks it at once; a fetch it cannot serve ends by the driver's deadline). Once every missing chunk is asked of someone (the end game), a
 //!   peer with nothing in flight is asked for chunks in flight elsewhere, so one slow peer
 //!   does not hold up the end. Not before: a chunk asked twice crosses this host's link
 //!   twice.
@@ -64,10 +68,14 @@ pub struct Config {
     pub have_every: Duration,
     /// How long a batch may take: this, plus its bytes at [`Config::min_rate`], counted
     /// again from each chunk that comes for the bytes left (a slow peer is not late while
-    /// it moves).
+    /// it moves), but never more than [`Config::stretch`] times its first deadline.
     pub batch_base: Duration,
-    /// The slowest rate a batch's deadline allows, in bytes per second.
+    /// The rate a batch's deadline reckons with, in bytes per second: the bytes still to
+    /// come, at this rate, on top of [`Config::batch_base`].
     pub min_rate: u64,
+    /// How many times its first deadline a batch may take in all, however its chunks
+    /// trickle in: a peer that sends a chunk now and then does not keep them from others.
+    pub stretch: u32,
     /// Deadlines missed (or requests failed) in a row before a peer is dropped.
     pub strikes: u32,
     /// Batches in flight from all peers together (the driver lowers it to what a
@@ -79,8 +87,12 @@ pub struct Config {
     pub max_peers: usize,
     /// How long a peer that answered busy is left alone.
     pub busy_rest: Duration,
-    /// Bytes asked of peers (the origin aside) and not yet come: at most what this fetch
-    /// stored in the last [`Config::in_flight_time`], and at least this.
+    /// How long the origin is left alone after [`Config::strikes`] failures in a row (and
+    /// after each one more): it is not dropped.
+    pub origin_rest: Duration,
+    /// Bytes asked of peers (the origin aside) and not yet come: a batch is asked only
+    /// while they are fewer than what this fetch stored in the last
+    /// [`Config::in_flight_time`], or than this (at least 1).
     pub min_in_flight_bytes: u64,
     /// How much of this fetch's recent rate may be asked ahead (see
     /// [`Config::min_in_flight_bytes`]): enough to cover the time a request takes, little
@@ -100,10 +112,12 @@ impl Default for Config {
             have_every: Duration::from_millis(250),
             batch_base: Duration::from_secs(5),
             min_rate: 256 * 1024,
+            stretch: 3,
             strikes: 3,
             max_in_flight: 64,
             max_peers: 40,
             busy_rest: Duration::from_millis(250),
+            origin_rest: Duration::from_secs(1),
             min_in_flight_bytes: 2 << 20,
             in_flight_time: Duration::from_secs(2),
         }
@@ -201,8 +215,9 @@ struct Batch {
     /// Chunks of the batch not answered yet, and their bytes.
     open: usize,
     open_bytes: u64,
-    /// When it is given up: see [`Swarm::due`].
+    /// When it is given up: see [`Swarm::due`]; and the latest that may ever be.
     deadline: Instant,
+    latest: Instant,
 }
 
 enum Timer {
@@ -237,8 +252,9 @@ pub struct Swarm {
     /// Batches given up (late, or their peer dropped) whose answers may still come, and
     /// from whom: a corrupt chunk among them still drops its sender.
     given_up: HashMap<u64, String>,
-    /// Bytes stored lately, and when: this fetch's recent rate.
+    /// Bytes stored lately, and when, and their sum: this fetch's recent rate.
     recent: std::collections::VecDeque<(Instant, u64)>,
+    recent_bytes: u64,
 }
 
 impl Swarm {
@@ -279,6 +295,7 @@ impl Swarm {
             progress_at: None,
             given_up: HashMap::new(),
             recent: Default::default(),
+            recent_bytes: 0,
         }
     }
 
@@ -370,7 +387,7 @@ impl Swarm {
     /// Asking `peer` what it holds failed.
     pub fn handle_have_failed(&mut self, now: Instant, peer: &str, why: &str) {
         let every = self.config.have_every;
-        if self.strike(peer, why) {
+        if self.strike(now, peer, why) {
             if let Some(state) = self.peers.get_mut(peer) {
                 state.asking_have = false;
                 // Taken as holding nothing until it answers, so the origin is not held
@@ -394,11 +411,8 @@ impl Swarm {
         let Some(b) = self.batches.get_mut(&batch) else {
             // A batch given up (late, or from a dropped peer): what it stored still counts,
             // and a lie still drops its sender.
-            if got == Got::Stored && !self.held[i] {
-                self.held[i] = true;
-                self.missing -= 1;
-                self.fetched_bytes += u64::from(self.chunks[i].1);
-                self.recent.push_back((now, u64::from(self.chunks[i].1)));
+            if got == Got::Stored {
+                self.mark_stored(now, i);
             }
             if got == Got::Corrupt
                 && let Some(peer) = self.given_up.get(&batch).cloned()
@@ -412,23 +426,21 @@ impl Swarm {
         }
         b.open = b.open.saturating_sub(1);
         b.open_bytes = b.open_bytes.saturating_sub(u64::from(self.chunks[i].1));
-        // A batch that moves is not late: its rest is due from now.
+        // A batch that moves is not late: its rest is due from now (its timer, when it
+        // fires, finds the new deadline).
         if b.open > 0 {
-            b.deadline = now + Self::due(&self.config, b.open_bytes);
-            self.timers.push(b.deadline, Timer::Batch(batch));
+            b.deadline = b
+                .deadline
+                .max(now + Self::due(&self.config, b.open_bytes))
+                .min(b.latest);
         }
         let peer = b.peer.clone();
         match got {
             Got::Stored => {
-                if !self.held[i] {
-                    self.held[i] = true;
-                    self.missing -= 1;
-                    let len = u64::from(self.chunks[i].1);
-                    self.fetched_bytes += len;
-                    self.recent.push_back((now, len));
-                    if let Some(state) = self.peers.get_mut(&peer) {
-                        state.bytes += len;
-                    }
+                if let Some(len) = self.mark_stored(now, i)
+                    && let Some(state) = self.peers.get_mut(&peer)
+                {
+                    state.bytes += len;
                 }
             }
             Got::Missing => {
@@ -472,7 +484,11 @@ impl Swarm {
                 }
             }
             Ended::Done => {
-                self.strike(&b.peer, "it ended a batch without answering every chunk");
+                self.strike(
+                    now,
+                    &b.peer,
+                    "it ended a batch without answering every chunk",
+                );
             }
             Ended::Busy => {
                 let until = now + self.config.busy_rest;
@@ -482,7 +498,7 @@ impl Swarm {
                 self.timers.push(until, Timer::Rest);
             }
             Ended::Failed(why) => {
-                self.strike(&b.peer, &why);
+                self.strike(now, &b.peer, &why);
             }
         }
     }
@@ -505,12 +521,12 @@ impl Swarm {
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some((_, timer)) = self.timers.pop_due(now) {
             match timer {
-                // Only its latest deadline counts (each chunk answered sets a new one).
-                Timer::Batch(batch) => {
-                    if self.batches.get(&batch).is_some_and(|b| b.deadline <= now) {
-                        self.give_up(now, batch);
-                    }
-                }
+                // Its deadline may have moved since (its chunks came): wait for that one.
+                Timer::Batch(batch) => match self.batches.get(&batch) {
+                    Some(b) if b.deadline <= now => self.give_up(now, batch),
+                    Some(b) => self.timers.push(b.deadline, Timer::Batch(batch)),
+                    None => {}
+                },
                 Timer::Rest => {}
                 Timer::Have(peer) => {
                     if let Some(state) = self.peers.get_mut(&peer)
@@ -597,8 +613,9 @@ impl Swarm {
                 (state.role == Role::Origin, state.in_flight == 0)
             };
             // Of peers, what the recent rate covers; the origin's few requests are not held
-            // back by theirs (what only it holds must come first).
-            if !origin && !room {
+            // back by theirs (what only it holds must come first), nor is the end game's
+            // one request of an idle peer (what is in flight may be stuck at a slow one).
+            if !origin && !room && !(end_game && idle) {
                 continue;
             }
             let mut picked = self.pick(&peer, false, patient);
@@ -634,16 +651,36 @@ impl Swarm {
     /// the rate it allows (a request's time to come is less than that time), and keeps
     /// what is asked ahead to about that time's worth.
     fn in_flight_allowed(&mut self, now: Instant) -> u64 {
+        self.forget_before(now);
+        self.recent_bytes
+            .max(self.config.min_in_flight_bytes)
+            .max(1)
+    }
+
+    /// Forgets what was stored more than [`Config::in_flight_time`] before `now`.
+    fn forget_before(&mut self, now: Instant) {
         let window = self.config.in_flight_time;
-        while self
-            .recent
-            .front()
-            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > window)
+        while let Some(&(at, len)) = self.recent.front()
+            && now.saturating_duration_since(at) > window
         {
             self.recent.pop_front();
+            self.recent_bytes -= len;
         }
-        let lately: u64 = self.recent.iter().map(|(_, len)| len).sum();
-        lately.max(self.config.min_in_flight_bytes)
+    }
+
+    /// The i-th chunk is stored: its length, unless it was already.
+    fn mark_stored(&mut self, now: Instant, i: usize) -> Option<u64> {
+        if self.held[i] {
+            return None;
+        }
+        self.held[i] = true;
+        self.missing -= 1;
+        let len = u64::from(self.chunks[i].1);
+        self.fetched_bytes += len;
+        self.forget_before(now);
+        self.recent.push_back((now, len));
+        self.recent_bytes += len;
+        Some(len)
     }
 
     /// Whether every chunk is stored.
@@ -696,7 +733,8 @@ impl Swarm {
     /// Up to a batch of chunks to ask `peer` for: missing, held by it, not asked of anyone
     /// yet (or, in the end game, asked once of someone else), rarest first. Of an origin,
     /// only chunks no other peer holds, and while `patient` only those of this fetcher's
-    /// turn, then (its turn all asked) those of the next fetcher's, from the other end.
+    /// turn, then (its turn all asked) those of the next fetcher's, from the other end,
+    /// leaving the first `2 × origin_batch × origin_pipeline` of them to their owner.
     fn pick(&self, peer: &str, end_game: bool, patient: bool) -> Vec<usize> {
         let state = &self.peers[peer];
         let in_this_peer: std::collections::HashSet<usize> = self
@@ -796,6 +834,7 @@ impl Swarm {
         self.next_batch += 1;
         let bytes: u64 = picked.iter().map(|&i| u64::from(self.chunks[i].1)).sum();
         let deadline = now + Self::due(&self.config, bytes);
+        let latest = now + Self::due(&self.config, bytes) * self.config.stretch.max(1);
         for &i in &picked {
             self.asked[i] = self.asked[i].saturating_add(1);
         }
@@ -810,6 +849,7 @@ impl Swarm {
                 chunks: picked,
                 open_bytes: bytes,
                 deadline,
+                latest,
             },
         );
         Action::Fetch {
@@ -821,15 +861,21 @@ impl Swarm {
 
     /// How long a batch may take to bring `bytes`, from its start or its last chunk:
     /// [`Config::batch_base`] and the bytes at [`Config::min_rate`]. A peer shared by many
-    /// (the origin at the start) is slow but not late while its chunks keep coming.
-    fn due(config: &Config, bytes: u64) -> Duration {
+    /// (the origin at the start) is slow but not late while its chunks keep coming, up to
+    /// [`Config::stretch`] times the first deadline.
+    pub(crate) fn due(config: &Config, bytes: u64) -> Duration {
         config.batch_base + Duration::from_secs_f64(bytes as f64 / config.min_rate.max(1) as f64)
     }
 
     /// Counts a failure against `peer`, dropping it after [`Config::strikes`]; whether it
     /// is still in.
-    fn strike(&mut self, peer: &str, why: &str) -> bool {
+    /// An origin is not dropped (what only it holds comes from nowhere else, and many
+    /// hosts asking it at once make it slow): it is left alone for
+    /// [`Config::origin_rest`] instead; a fetch it cannot serve ends by the driver's own
+    /// deadline.
+    fn strike(&mut self, now: Instant, peer: &str, why: &str) -> bool {
         let limit = self.config.strikes;
+        let rest = self.config.origin_rest;
         let Some(state) = self.peers.get_mut(peer) else {
             return false;
         };
@@ -838,6 +884,11 @@ impl Swarm {
         }
         state.strikes += 1;
         tracing::debug!(%peer, strikes = state.strikes, "a chunk source failed: {why}");
+        if state.strikes >= limit && state.role == Role::Origin {
+            state.resting_until = Some(now + rest);
+            self.timers.push(now + rest, Timer::Rest);
+            return true;
+        }
         if state.strikes >= limit {
             self.drop_peer(peer, &format!("{limit} failures, the last: {why}"));
             return false;

@@ -415,8 +415,8 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     let mut a = swarm("a");
     let parts = asked(&mut a);
     // Its own part first, then the next fetcher's ("b"), from its other end, but not the
-    // first 8 (twice the origin's pipeline: what "b" may have asked and not yet said it
-    // holds); while patient, never the third's ("c"'s).
+    // first 8 (2 × origin_batch × origin_pipeline: what "b" may have asked and not yet
+    // said it holds); while patient, never the third's ("c"'s).
     let order: Vec<u8> = parts.iter().map(|(p, _)| *p).collect();
     assert_eq!(order, [&[0; 5][..], &[1; 3]].concat(), "{parts:?}");
     let of_b: Vec<ChunkId> = all
@@ -544,32 +544,33 @@ fn what_is_asked_of_peers_follows_the_recent_rate_and_does_not_hold_back_the_ori
 }
 
 #[test]
-fn a_batch_whose_chunks_keep_coming_is_slow_not_late() {
+fn a_batch_whose_chunks_keep_coming_is_slow_not_late_up_to_a_point() {
     let t0 = Instant::now();
     let all = chunks(4);
     let config = Config {
         batch: 4,
         pipeline: 1,
+        stretch: 3,
         ..small()
     };
-    let due = |bytes: u64| {
-        config.batch_base + Duration::from_secs_f64(bytes as f64 / config.min_rate as f64)
-    };
+    let due = |bytes: u64| Swarm::due(&config, bytes);
     let mut s = Swarm::new("me", all.clone(), |_| false, config.clone());
     s.add_peer(t0, "origin", Role::Origin);
     let first = fetches(&drain(&mut s, t0));
     assert_eq!(first.len(), 1);
     let batch = first[0].0;
     let whole: u64 = all.iter().map(|c| u64::from(c.1)).sum();
-    // A chunk just before each deadline: well past the first, never late.
+    // A chunk just before each deadline: past the first deadline, and not late.
     let mut now = t0;
     let mut left = whole;
-    for (id, len) in &all[..3] {
-        now += due(left) - Duration::from_millis(10);
-        s.handle_timeout(now);
-        s.handle_chunk(now, batch, id, Got::Stored);
-        left -= u64::from(*len);
-    }
+    let mut step = |s: &mut Swarm, now: &mut Instant, i: usize| {
+        *now += due(left) - Duration::from_millis(10);
+        s.handle_timeout(*now);
+        s.handle_chunk(*now, batch, &all[i].0, Got::Stored);
+        left -= u64::from(all[i].1);
+    };
+    step(&mut s, &mut now, 0);
+    step(&mut s, &mut now, 1);
     assert!(now > t0 + due(whole));
     s.handle_timeout(now);
     assert!(s.dropped().is_empty());
@@ -577,12 +578,46 @@ fn a_batch_whose_chunks_keep_coming_is_slow_not_late() {
         fetches(&drain(&mut s, now)).is_empty(),
         "the batch is still on its way"
     );
-    // Then nothing: given up at the deadline counted from its last chunk, and re-asked.
-    let late = now + due(left);
-    s.handle_timeout(late - Duration::from_millis(1));
-    assert!(fetches(&drain(&mut s, late - Duration::from_millis(1))).is_empty());
-    s.handle_timeout(late);
-    let again = fetches(&drain(&mut s, late));
+    // A third chunk in time too; but a batch takes three times its first deadline at most,
+    // however its chunks trickle in.
+    step(&mut s, &mut now, 2);
+    let latest = t0 + due(whole) * 3;
+    assert!(now < latest && now + due(u64::from(all[3].1)) > latest);
+    let before = latest - Duration::from_millis(1);
+    s.handle_timeout(before);
+    assert!(fetches(&drain(&mut s, before)).is_empty());
+    s.handle_timeout(latest);
+    let again = fetches(&drain(&mut s, latest));
     assert_eq!(again.len(), 1, "the last chunk asked again");
     assert_eq!(again[0].2, vec![all[3].0]);
+}
+
+#[test]
+fn an_origin_late_three_times_is_left_alone_a_moment_not_dropped() {
+    let t0 = Instant::now();
+    let all = chunks(2);
+    let config = Config {
+        origin_batch: 2,
+        ..small()
+    };
+    let mut s = Swarm::new("me", all.clone(), |_| false, config.clone());
+    s.add_peer(t0, "origin", Role::Origin);
+    let mut now = t0;
+    for round in 1..=3 {
+        let asked = fetches(&drain(&mut s, now));
+        assert_eq!(asked.len(), 1, "round {round}: asked again after a miss");
+        now += Swarm::due(&config, 2001) + Duration::from_millis(1);
+        s.handle_timeout(now);
+    }
+    assert!(s.dropped().is_empty(), "the origin is not dropped");
+    assert!(!s.is_stuck());
+    // Left alone a moment, then asked again.
+    assert!(fetches(&drain(&mut s, now)).is_empty());
+    let later = now + config.origin_rest;
+    assert!(s.poll_timeout().is_some_and(|t| t <= later));
+    s.handle_timeout(later);
+    let again = fetches(&drain(&mut s, later));
+    assert_eq!(again.len(), 1);
+    give(&mut s, later, again[0].0, &again[0].2);
+    assert!(s.is_done());
 }
