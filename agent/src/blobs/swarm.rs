@@ -615,7 +615,8 @@ impl Swarm {
             // Of peers, what the recent rate covers; the origin's few requests are not held
             // back by theirs (what only it holds must come first), nor is the end game's
             // one request of an idle peer (what is in flight may be stuck at a slow one).
-            if !origin && !room && !(end_game && idle) {
+            let held_back = !(origin || room || (end_game && idle));
+            if held_back {
                 continue;
             }
             let mut picked = self.pick(&peer, false, patient);
