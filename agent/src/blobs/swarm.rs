@@ -27,14 +27,13 @@
 //! - **Re-asking.** A batch past its deadline (counted from its start, and again from each
 //!   chunk it brings: a peer that many share is slow, not late, while its chunks come; but
 //!   never past [`Config::stretch`] times the first) is given up (its chunks go back to be
-//!   asked
-//!   elsewhere) and counts against the peer: after [`Config::strikes`] failures in a row
-//!   the peer is dropped, but for an origin, which is left alone for
-//!   [`Config::origin_rest`] instead (it may be the only source, slow because every
-//!   host asks it at once; a fetch it cannot serve ends by the driver's deadline). Once every missing chunk is asked of someone (the end game), a
-//!   peer with nothing in flight is asked for chunks in flight elsewhere, so one slow peer
-//!   does not hold up the end. Not before: a chunk asked twice crosses this host's link
-//!   twice.
+//!   asked elsewhere) and counts against the peer: after [`Config::strikes`] failures in a
+//!   row the peer is dropped, but for an origin, which is left alone for
+//!   [`Config::origin_rest`] instead (it may be the only source, slow because every host
+//!   asks it at once; a fetch it cannot serve ends by the driver's deadline). Once every
+//!   missing chunk is asked of someone (the end game), a peer with nothing in flight is
+//!   asked for chunks in flight elsewhere, so one slow peer does not hold up the end. Not
+//!   before: a chunk asked twice crosses this host's link twice.
 //! - **Answers that are not failures.** A busy peer rests for [`Config::busy_rest`]; a
 //!   peer taken to hold everything that lacks a chunk is not asked for it again (whatever
 //!   gossip says next), and the origin gives it.
@@ -834,8 +833,8 @@ impl Swarm {
         let batch = self.next_batch;
         self.next_batch += 1;
         let bytes: u64 = picked.iter().map(|&i| u64::from(self.chunks[i].1)).sum();
-        let deadline = now + Self::due(&self.config, bytes);
-        let latest = now + Self::due(&self.config, bytes) * self.config.stretch.max(1);
+        let due = Self::due(&self.config, bytes);
+        let (deadline, latest) = (now + due, now + due * self.config.stretch.max(1));
         for &i in &picked {
             self.asked[i] = self.asked[i].saturating_add(1);
         }
@@ -869,8 +868,7 @@ impl Swarm {
     }
 
     /// Counts a failure against `peer`, dropping it after [`Config::strikes`]; whether it
-    /// is still in.
-    /// An origin is not dropped (what only it holds comes from nowhere else, and many
+    /// is still in. An origin is not dropped (what only it holds comes from nowhere else, and many
     /// hosts asking it at once make it slow): it is left alone for
     /// [`Config::origin_rest`] instead; a fetch it cannot serve ends by the driver's own
     /// deadline.
