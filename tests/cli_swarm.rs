@@ -409,7 +409,20 @@ fn on_shaped_links_six_hosts_get_a_revision_sooner_as_a_swarm_than_from_the_uplo
     let tmp = tempfile::tempdir().unwrap();
     let bytes = 8 << 20;
     let report = shaped::swarm_against_origin(tmp.path(), &net, bytes, 40);
-    eprintln!("{report:#?}");
+    // The links' samples are summed up by second: the whole report would be hundreds of
+    // lines of raw counters.
+    for (mode, run) in [
+        ("swarm", &report.swarm),
+        ("uploader only", &report.origin_only),
+    ] {
+        eprintln!(
+            "{mode}: last host {:.1} s (S/B {:.1} s), uploader sent {} bytes, per host {:?}",
+            run.last, report.limit, run.uploader_sent, run.per_host
+        );
+        for second in shaped::timeline(run) {
+            eprintln!("  {second:?}");
+        }
+    }
     let (swarm, origin) = (&report.swarm, &report.origin_only);
     assert!(
         swarm.uploader_sent < 2 * bytes as u64,

@@ -130,25 +130,33 @@ impl Browser {
         self.script(&script).as_str().unwrap_or("").to_string()
     }
 
+    /// Clicks the element `css` finds. The page redraws as news comes: an element found
+    /// just before a redraw is stale by the click, so it is found again (a few times).
     fn click(&self, css: &str) {
-        let found = call(
-            &self.agent,
-            "POST",
-            &self.url("/element"),
-            Some(serde_json::json!({ "using": "css selector", "value": css })),
-        );
-        let element = found
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(|v| v.as_str())
-            .unwrap_or_else(|| panic!("no element {css}: {found}"))
-            .to_string();
-        call(
-            &self.agent,
-            "POST",
-            &self.url(&format!("/element/{element}/click")),
-            Some(serde_json::json!({})),
-        );
+        for attempt in 1.. {
+            let found = call(
+                &self.agent,
+                "POST",
+                &self.url("/element"),
+                Some(serde_json::json!({ "using": "css selector", "value": css })),
+            );
+            let element = found
+                .as_object()
+                .and_then(|o| o.values().next())
+                .and_then(|v| v.as_str())
+                .unwrap_or_else(|| panic!("no element {css}: {found}"))
+                .to_string();
+            match try_call(
+                &self.agent,
+                "POST",
+                &self.url(&format!("/element/{element}/click")),
+                Some(serde_json::json!({})),
+            ) {
+                Ok(_) => return,
+                Err(why) if attempt < 5 && why.contains("stale element reference") => {}
+                Err(why) => panic!("{why}"),
+            }
+        }
     }
 
     fn accept_alert(&self) -> String {
@@ -184,6 +192,16 @@ fn call(
     url: &str,
     body: Option<serde_json::Value>,
 ) -> serde_json::Value {
+    try_call(agent, method, url, body).unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// One WebDriver call; its `value`, or the WebDriver's error.
+fn try_call(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, String> {
     let response = match (method, body) {
         ("POST", Some(b)) => agent
             .post(url)
@@ -195,8 +213,10 @@ fn call(
     let status = response.status();
     let text = response.into_body().read_to_string().unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert!(status.is_success(), "{method} {url}: {status} {v}");
-    v["value"].clone()
+    if !status.is_success() {
+        return Err(format!("{method} {url}: {status} {v}"));
+    }
+    Ok(v["value"].clone())
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {

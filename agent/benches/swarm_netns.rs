@@ -68,8 +68,11 @@ fn main() {
         println!("\n{mode}, each link's rate by second (Mbit/s, every packet counted):\n");
         println!("| s | uploader sends | hosts receive, mean | lowest | hosts done |");
         println!("|---|---|---|---|---|");
-        for (at, up, mean, low, done) in shaped::timeline(run) {
-            println!("| {at:.1} | {up:.1} | {mean:.1} | {low:.1} | {done} |");
+        for r in shaped::timeline(run) {
+            println!(
+                "| {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                r.at, r.up, r.mean, r.low, r.done
+            );
         }
     }
     println!("\nper host (s): swarm {:?}", r.swarm.per_host);

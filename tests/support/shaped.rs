@@ -165,10 +165,24 @@ impl ShapedNet {
     }
 }
 
+/// One second of a run's links, in Mbit/s: see [`timeline`].
+#[derive(Debug, Clone, Copy)]
+pub struct Second {
+    /// Seconds after the deployment's creation, at its end.
+    pub at: f64,
+    /// What the uploader sent.
+    pub up: f64,
+    /// What the hosts not yet done received: their mean, and the lowest.
+    pub mean: f64,
+    pub low: f64,
+    /// Hosts done by then.
+    pub done: usize,
+}
+
 /// Per second from the first sample: the uploader's sending rate and the receiving rates
 /// of the hosts not yet done (mean and lowest), in Mbit/s, and how many hosts were done by
 /// then.
-pub fn timeline(run: &Run) -> Vec<(f64, f64, f64, f64, usize)> {
+pub fn timeline(run: &Run) -> Vec<Second> {
     let mut rows = Vec::new();
     let mut prev: Option<&Sample> = None;
     for s in &run.links {
@@ -194,7 +208,13 @@ pub fn timeline(run: &Run) -> Vec<(f64, f64, f64, f64, usize)> {
             down.iter().copied().fold(f64::INFINITY, f64::min)
         };
         let done = run.per_host.iter().filter(|(_, t)| *t <= s.at).count();
-        rows.push((s.at, up, mean, low, done));
+        rows.push(Second {
+            at: s.at,
+            up,
+            mean,
+            low,
+            done,
+        });
         prev = Some(s);
     }
     rows
