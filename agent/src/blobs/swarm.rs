@@ -38,7 +38,8 @@
 //!   peer the mesh does not count alive rests for [`Config::away_rest`] (on full links
 //!   the membership's probes come late and healthy members are declared down for a
 //!   moment: a peer dropped for it would be lost to the fetch for good), and is dropped
-//!   only once away for [`Config::away_for`]; a peer taken to
+//!   only once away for [`Config::away_for`]; meanwhile what only it holds is the
+//!   origin's to give (a killed holder does not hold the fetch up); a peer taken to
 //!   hold everything that lacks a chunk is not asked for it again (whatever gossip says
 //!   next), and the origin gives it.
 //! - **Closing what is given up.** A batch given up (late, or its peer dropped) is
@@ -854,7 +855,9 @@ impl Swarm {
         let others: Vec<&PeerState> = self
             .peers
             .iter()
-            .filter(|(p, s)| p.as_str() != peer && s.dropped.is_none())
+            // A peer away (the mesh does not count it alive) holds nothing that can come
+            // now: what only it holds is the origin's to give.
+            .filter(|(p, s)| p.as_str() != peer && s.dropped.is_none() && s.away_since.is_none())
             .map(|(_, s)| s)
             .collect();
         let (me, fetchers) = self.turn;

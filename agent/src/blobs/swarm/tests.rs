@@ -442,6 +442,30 @@ fn a_peer_the_mesh_counts_away_rests_and_is_dropped_only_when_away_for_long() {
 }
 
 #[test]
+fn what_only_a_peer_away_holds_is_asked_of_the_origin_at_once() {
+    let now = Instant::now();
+    let all = chunks(4);
+    let config = Config {
+        batch: 4,
+        pipeline: 1,
+        ..small()
+    };
+    let mut s = Swarm::new("me", all.clone(), |_| false, config);
+    s.add_peer(now, "origin", Role::Origin);
+    s.add_peer(now, "h", Role::Holder);
+    let first = fetches(&drain(&mut s, now));
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].1, "h", "the holder first, the origin not at all");
+    // The holder is away (killed, say, and not yet declared dead for 15 s): the origin
+    // gives its chunks now, not once the holder is dropped.
+    s.handle_batch_end(now, first[0].0, Ended::Away("not an alive member".into()));
+    assert!(s.dropped().is_empty());
+    let next = fetches(&drain(&mut s, now));
+    assert!(!next.is_empty());
+    assert!(next.iter().all(|(_, p, _)| p == "origin"), "{next:?}");
+}
+
+#[test]
 fn the_end_of_the_patience_is_due_once_not_again_and_again() {
     let t0 = Instant::now();
     let all = chunks(2);
