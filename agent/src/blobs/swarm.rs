@@ -38,8 +38,8 @@
 //!   peer the mesh does not count alive rests for [`Config::away_rest`] (on full links
 //!   the membership's probes come late and healthy members are declared down for a
 //!   moment: a peer dropped for it would be lost to the fetch for good), and is dropped
-//!   only once away for [`Config::away_for`]; meanwhile what only it holds is the
-//!   origin's to give (a killed holder does not hold the fetch up); a peer taken to
+//!   only once away for [`Config::away_for`]; away since its rest began, what only it
+//!   holds is the origin's to give (a killed holder does not hold the fetch up); a peer taken to
 //!   hold everything that lacks a chunk is not asked for it again (whatever gossip says
 //!   next), and the origin gives it.
 //! - **Closing what is given up.** A batch given up (late, or its peer dropped) is
@@ -463,7 +463,10 @@ impl Swarm {
     /// `peer` was found away: it rests for [`Config::away_rest`], or, away for longer
     /// than [`Config::away_for`], is dropped. Whether it is still in.
     fn away(&mut self, now: Instant, peer: &str) -> bool {
-        let (rest, limit) = (self.config.away_rest, self.config.away_for);
+        let (rest, limit) = (
+            self.config.away_rest.max(Duration::from_millis(1)),
+            self.config.away_for,
+        );
         let Some(state) = self.peers.get_mut(peer) else {
             return false;
         };
@@ -526,6 +529,10 @@ impl Swarm {
                 .min(b.latest);
         }
         let peer = b.peer.clone();
+        // It answered: not away.
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.away_since = None;
+        }
         match got {
             Got::Stored => {
                 if let Some(len) = self.mark_stored(now, i)
@@ -582,7 +589,13 @@ impl Swarm {
                     "it ended a batch without answering every chunk",
                 );
             }
-            Ended::Busy => self.rest(now, &b.peer, self.config.busy_rest),
+            Ended::Busy => {
+                // It answered: not away.
+                if let Some(state) = self.peers.get_mut(&b.peer) {
+                    state.away_since = None;
+                }
+                self.rest(now, &b.peer, self.config.busy_rest);
+            }
             Ended::Away(why) => {
                 tracing::debug!(peer = %b.peer, "a chunk source is away a moment: {why}");
                 self.away(now, &b.peer);
@@ -720,12 +733,12 @@ impl Swarm {
             if held_back {
                 continue;
             }
-            let mut picked = self.pick(&peer, false, patient);
+            let mut picked = self.pick(now, &peer, false, patient);
             // A chunk in flight is asked again only in the end game, and only of a peer with
             // nothing else in flight: what is asked twice is bytes that one host's link
             // carries twice.
             if picked.is_empty() && end_game && idle && !(origin && patient) {
-                picked = self.pick(&peer, true, patient);
+                picked = self.pick(now, &peer, true, patient);
             }
             if picked.is_empty() {
                 continue;
@@ -844,7 +857,7 @@ impl Swarm {
     /// only chunks no other peer holds, and while `patient` only those of this fetcher's
     /// turn, then (its turn all asked) those of the next fetcher's, from the other end,
     /// leaving the first `2 × origin_batch × origin_pipeline` of them to their owner.
-    fn pick(&self, peer: &str, end_game: bool, patient: bool) -> Vec<usize> {
+    fn pick(&self, now: Instant, peer: &str, end_game: bool, patient: bool) -> Vec<usize> {
         let state = &self.peers[peer];
         let in_this_peer: std::collections::HashSet<usize> = self
             .batches
@@ -855,9 +868,16 @@ impl Swarm {
         let others: Vec<&PeerState> = self
             .peers
             .iter()
-            // A peer away (the mesh does not count it alive) holds nothing that can come
-            // now: what only it holds is the origin's to give.
-            .filter(|(p, s)| p.as_str() != peer && s.dropped.is_none() && s.away_since.is_none())
+            // A peer away (the mesh does not count it alive) since its rest began holds
+            // nothing that can come now: what only it holds is the origin's to give. Not
+            // after one `Away`: a flap of the membership does not move its chunks to the
+            // origin.
+            .filter(|(p, s)| {
+                p.as_str() != peer
+                    && s.dropped.is_none()
+                    && s.away_since
+                        .is_none_or(|t| now.saturating_duration_since(t) < self.config.away_rest)
+            })
             .map(|(_, s)| s)
             .collect();
         let (me, fetchers) = self.turn;

@@ -448,6 +448,7 @@ fn what_only_a_peer_away_holds_is_asked_of_the_origin_at_once() {
     let config = Config {
         batch: 4,
         pipeline: 1,
+        patience: Duration::from_secs(10),
         ..small()
     };
     let mut s = Swarm::new("me", all.clone(), |_| false, config);
@@ -456,13 +457,49 @@ fn what_only_a_peer_away_holds_is_asked_of_the_origin_at_once() {
     let first = fetches(&drain(&mut s, now));
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0].1, "h", "the holder first, the origin not at all");
-    // The holder is away (killed, say, and not yet declared dead for 15 s): the origin
-    // gives its chunks now, not once the holder is dropped.
+    // The holder is away once (a flap of the membership): its chunks stay its own.
+    let rest = Config::default().away_rest;
     s.handle_batch_end(now, first[0].0, Ended::Away("not an alive member".into()));
+    assert!(
+        fetches(&drain(&mut s, now)).is_empty(),
+        "one `Away` is a flap"
+    );
+    // Still away after its rest (killed, say, and not dropped before 15 s): the origin
+    // gives its chunks now, not once the holder is dropped.
+    let later = now + rest;
+    let again = fetches(&drain(&mut s, later));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].1, "h");
+    s.handle_batch_end(later, again[0].0, Ended::Away("not an alive member".into()));
     assert!(s.dropped().is_empty());
-    let next = fetches(&drain(&mut s, now));
+    let next = fetches(&drain(&mut s, later));
     assert!(!next.is_empty());
     assert!(next.iter().all(|(_, p, _)| p == "origin"), "{next:?}");
+}
+
+#[test]
+fn a_peer_that_answers_busy_is_no_longer_away() {
+    let t0 = Instant::now();
+    let all = chunks(2);
+    let config = Config {
+        batch: 2,
+        pipeline: 1,
+        ..small()
+    };
+    let mut s = Swarm::new("me", all, |_| false, config.clone());
+    s.add_peer(t0, "h", Role::Holder);
+    let f = fetches(&drain(&mut s, t0));
+    s.handle_batch_end(t0, f[0].0, Ended::Away("not an alive member".into()));
+    // Back, and busy: its absence is over, so an `Away` 15 s after the first does not
+    // drop it.
+    let back = t0 + config.away_rest;
+    let f = fetches(&drain(&mut s, back));
+    s.handle_batch_end(back, f[0].0, Ended::Busy);
+    let late = t0 + config.away_for + config.away_rest;
+    let f = fetches(&drain(&mut s, late));
+    assert_eq!(f.len(), 1);
+    s.handle_batch_end(late, f[0].0, Ended::Away("not an alive member".into()));
+    assert!(s.dropped().is_empty(), "{:?}", s.dropped());
 }
 
 #[test]
