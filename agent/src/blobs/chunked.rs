@@ -817,9 +817,7 @@ async fn have(mesh: &MeshHandle, peer: &str, request: &BlobRequest) -> Result<He
     }
 }
 
-/// Asks `peer` for the chunks `asked` (the `indices`-th of the revision), checks each
-/// against its name and stores it, telling the driver of each.
-/// Why a batch broke off.
+/// Why a batch (or a `Have`) broke off.
 enum Failure {
     /// The peer is answering all it may.
     Busy,
@@ -868,7 +866,9 @@ async fn unless_cancelled<T>(
     }
 }
 
-/// Only the network is cut short by a cancel: a chunk read whole is stored and reported.
+/// Asks `peer` for the chunks `asked` (each with its index in the revision), checks each
+/// against its name and stores it, telling the driver of each. A cancel cuts short only
+/// the network: a chunk read whole is stored and reported.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_batch(
     mesh: &MeshHandle,
