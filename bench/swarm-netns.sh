@@ -2,9 +2,7 @@
 # The swarm against the physical limit S/B and against every host fetching from the
 # uploader, on links shaped by tc, each agent in its own network namespace (release build;
 # needs root, iproute2 and curl, installed here if missing). Defaults: 16 hosts, 256 MiB,
-# 100 Mbit/s; set SHOAL_BENCH_HOSTS, SHOAL_BENCH_MIB, SHOAL_BENCH_MBIT to change them,
-# SHOAL_BENCH_SWARM_ONLY=1 to leave out the uploader-only run, SHOAL_BENCH_TRACE=dir to keep
-# the agents' logs for bench/swarm-trace.py.
+# 100 Mbit/s; set SHOAL_BENCH_HOSTS, SHOAL_BENCH_MIB, SHOAL_BENCH_MBIT to change them.
 # The namespaces are deleted at the end. See docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

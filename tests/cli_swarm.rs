@@ -408,11 +408,13 @@ fn on_shaped_links_six_hosts_get_a_revision_sooner_as_a_swarm_than_from_the_uplo
     };
     let tmp = tempfile::tempdir().unwrap();
     let bytes = 8 << 20;
-    let report = shaped::swarm_against_origin(tmp.path(), &net, bytes, 40, true);
-    let origin = report.origin_only.as_ref().expect("asked for");
+    let report = shaped::swarm_against_origin(tmp.path(), &net, bytes, 40);
     // The links' samples are summed up by second: the whole report would be hundreds of
     // lines of raw counters.
-    for (mode, run) in [("swarm", &report.swarm), ("uploader only", origin)] {
+    for (mode, run) in [
+        ("swarm", &report.swarm),
+        ("uploader only", &report.origin_only),
+    ] {
         eprintln!(
             "{mode}: last host {:.1} s (S/B {:.1} s), uploader sent {} bytes, per host {:?}",
             run.last, report.limit, run.uploader_sent, run.per_host
@@ -421,7 +423,7 @@ fn on_shaped_links_six_hosts_get_a_revision_sooner_as_a_swarm_than_from_the_uplo
             eprintln!("  {second:?}");
         }
     }
-    let swarm = &report.swarm;
+    let (swarm, origin) = (&report.swarm, &report.origin_only);
     assert!(
         swarm.uploader_sent < 2 * bytes as u64,
         "the uploader sent {} bytes through the swarm, for a revision of {bytes}",

@@ -7,12 +7,6 @@
 //! deployment's creation to its fetch done, the last host's against S/B, and the bytes
 //! the uploader sent, as markdown for docs/benchmarks.md.
 //!
-//! Also per mode: what each host's link received in all, and the bytes of chunks that came
-//! to it twice, against S. `SHOAL_BENCH_SWARM_ONLY=1` leaves out the uploader-only run
-//! (most of the time at 16 hosts), for trying the swarm's tuning. `SHOAL_BENCH_TRACE=dir`
-//! keeps every agent's log in `dir`, with a debug event per chunk that came (from whom,
-//! how long after it was asked): `python3 bench/swarm-trace.py dir` sums them up.
-//!
 //! `bench/swarm-netns.sh` (it builds and runs this); the namespaces are deleted at the
 //! end, whatever happens.
 
@@ -43,8 +37,7 @@ fn main() {
         }
     };
     let tmp = tempfile::tempdir().unwrap();
-    let origin_only = std::env::var("SHOAL_BENCH_SWARM_ONLY").as_deref() != Ok("1");
-    let r = shaped::swarm_against_origin(tmp.path(), &net, mib << 20, mbit, origin_only);
+    let r = shaped::swarm_against_origin(tmp.path(), &net, mib << 20, mbit);
     drop(net);
     let mb = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
@@ -52,42 +45,26 @@ fn main() {
          S/B = {:.1} s\n",
         r.limit
     );
-    println!(
-        "| mode | last host | × S/B | first host | median host | uploader sent | × S \
-         | a host's link received, mean | × S | chunks received twice, mean | × S |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let runs: Vec<(&str, &shaped::Run)> = std::iter::once(("swarm", &r.swarm))
-        .chain(r.origin_only.as_ref().map(|o| ("uploader only", o)))
-        .collect();
-    let s = r.bytes as f64;
-    for (mode, run) in &runs {
+    println!("| mode | last host | × S/B | first host | median host | uploader sent | × S |");
+    println!("|---|---|---|---|---|---|---|");
+    for (mode, run) in [("swarm", &r.swarm), ("uploader only", &r.origin_only)] {
         let mut times: Vec<f64> = run.per_host.iter().map(|(_, t)| *t).collect();
         times.sort_by(f64::total_cmp);
-        let mean = |v: Vec<u64>| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
-        let (received, twice) = (mean(run.received()), mean(run.twice.clone()));
         println!(
-            "| {mode} | {:.1} s | {:.2} | {:.1} s | {:.1} s | {:.0} MiB | {:.2} \
-             | {:.1} MiB | {:.3} | {:.2} MiB | {:.3} |",
+            "| {mode} | {:.1} s | {:.2} | {:.1} s | {:.1} s | {:.0} MiB | {:.2} |",
             run.last,
             run.last / r.limit,
             times[0],
             times[times.len() / 2],
             mb(run.uploader_sent),
-            run.uploader_sent as f64 / s,
-            received / (1 << 20) as f64,
-            received / s,
-            twice / (1 << 20) as f64,
-            twice / s,
+            run.uploader_sent as f64 / r.bytes as f64
         );
     }
-    if let Some(origin) = &r.origin_only {
-        println!(
-            "\nswarm / uploader only, time to the last host: {:.2}",
-            r.swarm.last / origin.last
-        );
-    }
-    for (mode, run) in &runs {
+    println!(
+        "\nswarm / uploader only, time to the last host: {:.2}",
+        r.swarm.last / r.origin_only.last
+    );
+    for (mode, run) in [("swarm", &r.swarm), ("uploader only", &r.origin_only)] {
         println!("\n{mode}, each link's rate by second (Mbit/s, every packet counted):\n");
         println!("| s | uploader sends | hosts receive, mean | lowest | hosts done |");
         println!("|---|---|---|---|---|");
@@ -98,7 +75,6 @@ fn main() {
             );
         }
     }
-    for (mode, run) in &runs {
-        println!("\nper host (s): {mode} {:?}", run.per_host);
-    }
+    println!("\nper host (s): swarm {:?}", r.swarm.per_host);
+    println!("per host (s): uploader only {:?}", r.origin_only.per_host);
 }

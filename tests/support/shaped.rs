@@ -125,21 +125,6 @@ pub struct Run {
     pub last: f64,
     pub uploader_sent: u64,
     pub links: Vec<Sample>,
-    /// Per host, bytes of chunks that came twice (asked of two peers, both answered), as
-    /// its log's "fetched a revision as chunks" says.
-    pub twice: Vec<u64>,
-}
-
-impl Run {
-    /// Per host, every byte its link received during the run (QUIC's and gossip's too).
-    pub fn received(&self) -> Vec<u64> {
-        match (self.links.first(), self.links.last()) {
-            (Some(a), Some(b)) => (0..self.per_host.len())
-                .map(|i| b.links[i].1.saturating_sub(a.links[i].1))
-                .collect(),
-            _ => vec![0; self.per_host.len()],
-        }
-    }
 }
 
 /// What every link had carried by `at` seconds after the deployment's creation: per host
@@ -244,8 +229,7 @@ pub struct Report {
     /// S/B: the revision's bytes at one host's download rate, in seconds.
     pub limit: f64,
     pub swarm: Run,
-    /// `None` when only the swarm was asked for.
-    pub origin_only: Option<Run>,
+    pub origin_only: Run,
 }
 
 /// Deterministic bytes that do not compress.
@@ -263,15 +247,8 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// `hosts` targets and one uploader on `net`, a revision of `bytes` of noise through the
-/// swarm, then (if `origin_only`) another through the uploader alone; see the module
-/// documentation.
-pub fn swarm_against_origin(
-    root: &Path,
-    net: &ShapedNet,
-    bytes: usize,
-    mbit: u32,
-    origin_only: bool,
-) -> Report {
+/// swarm, then another through the uploader alone; see the module documentation.
+pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u32) -> Report {
     let hosts = net.hosts - 1;
     let ca = Ca::new(root, "shaped");
     let seed = net.addr(hosts);
@@ -284,9 +261,6 @@ pub fn swarm_against_origin(
             };
             let mut a = Agent::new(root, &ca, &name, net.addr(i), &[seed]);
             a.netns = Some(net.ns(i));
-            if std::env::var_os("SHOAL_BENCH_TRACE").is_some() {
-                a.log_filter = "info,shoal_agent::blobs::chunked=debug".into();
-            }
             tag(&a, &[("role", if i == hosts { "uploader" } else { "web" })]);
             a
         })
@@ -302,12 +276,7 @@ pub fn swarm_against_origin(
         .unwrap();
     }
     let mut runs = Vec::new();
-    let modes: &[(&str, bool)] = if origin_only {
-        &[("swarm", true), ("origin-only", false)]
-    } else {
-        &[("swarm", true)]
-    };
-    for &(mode, from_peers) in modes {
+    for (mode, from_peers) in [("swarm", true), ("origin-only", false)] {
         // All stopped before any starts again: a restarted agent must not get the other
         // run's deployment log back from one still running.
         for a in fleet.iter_mut() {
@@ -395,27 +364,6 @@ pub fn swarm_against_origin(
             .collect();
         let last = per_host.iter().map(|(_, t)| *t).fold(0.0, f64::max);
         let uploader_sent = sent(viewer, metrics(viewer));
-        if let Some(dir) = std::env::var_os("SHOAL_BENCH_TRACE") {
-            let dir = std::path::PathBuf::from(dir);
-            let _ = std::fs::create_dir_all(&dir);
-            for a in &fleet {
-                let _ = std::fs::copy(&a.log, dir.join(format!("{}-{mode}.log", a.name)));
-            }
-        }
-        let twice = fleet[..hosts]
-            .iter()
-            .map(|a| {
-                let log = a.log_text();
-                log.lines()
-                    .find(|l| l.contains("fetched a revision as chunks"))
-                    .and_then(|l| l.split_once(" twice=").map(|(_, v)| v))
-                    .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| {
-                        panic!("{}'s log does not say how many bytes came twice", a.name)
-                    })
-            })
-            .collect();
         if let Some(bytes) = net.link_bytes() {
             links.push(Sample {
                 at: since_created(),
@@ -427,10 +375,9 @@ pub fn swarm_against_origin(
             last,
             uploader_sent,
             links,
-            twice,
         });
     }
-    let origin_only = if origin_only { runs.pop() } else { None };
+    let origin_only = runs.pop().unwrap();
     let swarm = runs.pop().unwrap();
     Report {
         hosts,

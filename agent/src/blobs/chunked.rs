@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -35,7 +35,7 @@ use crate::bundle::RevisionId;
 use crate::chunks::store::MAX_MANIFEST;
 use crate::chunks::{AssembleError, ChunkId, ChunkStore, Manifest, StoreError};
 use crate::mesh::frame::{Protocol, read_frame, write_frame};
-use crate::mesh::node::{MeshError, MeshHandle, STREAM_DEADLINE};
+use crate::mesh::node::{MeshHandle, STREAM_DEADLINE};
 use crate::mesh::view::MemberState;
 
 /// Rounds of asking busy peers for the manifest again (250 ms apart).
@@ -240,7 +240,7 @@ pub struct Collection {
 enum Event {
     Have {
         peer: String,
-        result: Result<Held, Failure>,
+        result: Result<Held, String>,
     },
     Chunk {
         batch: u64,
@@ -351,8 +351,6 @@ impl Swarmer {
         refresh.tick().await;
         let (tx, mut rx) = mpsc::channel::<Event>(1024);
         let mut tasks = JoinSet::new();
-        // Each batch's request, to close when the swarm gives it up.
-        let mut open: HashMap<u64, oneshot::Sender<()>> = HashMap::new();
         loop {
             let now = std::time::Instant::now();
             for h in &holders {
@@ -371,21 +369,7 @@ impl Swarmer {
                 break;
             }
             while let Some(action) = swarm.poll_action(now) {
-                if let Action::Cancel { batch } = action {
-                    if let Some(cancel) = open.remove(&batch) {
-                        let _ = cancel.send(());
-                    }
-                    continue;
-                }
-                self.start(
-                    &mut tasks,
-                    &mut open,
-                    tx.clone(),
-                    action,
-                    revision,
-                    &chunks,
-                    &index,
-                );
+                self.start(&mut tasks, tx.clone(), action, revision, &chunks, &index);
             }
             let wake = swarm
                 .poll_timeout()
@@ -406,8 +390,7 @@ impl Swarmer {
                                 Some(unpack_bits(&bits, chunks.len()).unwrap_or_default()),
                             ),
                             Ok(Held::None) => swarm.handle_have(now, &peer, None),
-                            Err(Failure::Away(_)) => swarm.handle_have_away(now, &peer),
-                            Err(other) => swarm.handle_have_failed(now, &peer, &other.why()),
+                            Err(why) => swarm.handle_have_failed(now, &peer, &why),
                         },
                         Event::Chunk { batch, index, got } => {
                             if got == Got::Stored {
@@ -416,10 +399,7 @@ impl Swarmer {
                             }
                             swarm.handle_chunk(now, batch, &chunks[index].0, got);
                         }
-                        Event::BatchEnd { batch, ended } => {
-                            open.remove(&batch);
-                            swarm.handle_batch_end(now, batch, ended);
-                        }
+                        Event::BatchEnd { batch, ended } => swarm.handle_batch_end(now, batch, ended),
                         Event::Local(why) => return Err(ChunkedErrorKind::Local(why)),
                     }
                 }
@@ -461,7 +441,6 @@ impl Swarmer {
             revision,
             fetched,
             reused,
-            twice = swarm.received_twice(),
             ?from,
             "fetched a revision as chunks"
         );
@@ -657,11 +636,9 @@ impl Swarmer {
     }
 
     /// Starts the request `action` names; its events come back on `tx`.
-    #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
         tasks: &mut JoinSet<()>,
-        open: &mut HashMap<u64, oneshot::Sender<()>>,
         tx: mpsc::Sender<Event>,
         action: Action,
         revision: &str,
@@ -689,31 +666,16 @@ impl Swarmer {
                 let asked: Vec<(usize, ChunkId, u32)> =
                     asked.iter().map(|(c, len)| (index[c], *c, *len)).collect();
                 debug_assert!(asked.iter().all(|(i, _, _)| *i < chunks.len()));
-                let (cancel, mut cancelled) = oneshot::channel();
-                open.insert(batch, cancel);
                 tasks.spawn(async move {
-                    let result = fetch_batch(
-                        &mesh,
-                        &store,
-                        &rate,
-                        &peer,
-                        batch,
-                        &asked,
-                        &tx,
-                        &mut cancelled,
-                    )
-                    .await;
+                    let result = fetch_batch(&mesh, &store, &rate, &peer, batch, &asked, &tx).await;
                     let ended = match result {
                         Ok(()) => Ended::Done,
                         Err(Failure::Busy) => Ended::Busy,
-                        Err(Failure::Away(why)) => Ended::Away(why),
-                        Err(other) => Ended::Failed(other.why()),
+                        Err(Failure::Other(why)) => Ended::Failed(why),
                     };
                     let _ = tx.send(Event::BatchEnd { batch, ended }).await;
                 });
             }
-            // Closed by the caller, which holds what closes it.
-            Action::Cancel { .. } => {}
         }
     }
 
@@ -781,15 +743,12 @@ async fn ask(
     mesh: &MeshHandle,
     peer: &str,
     request: &BlobRequest,
-) -> Result<(quinn::SendStream, quinn::RecvStream), Failure> {
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
     let open = tokio::time::timeout(2 * STREAM_DEADLINE, mesh.open_bi(peer, Protocol::Blobs));
     let (mut send, recv) = open
         .await
         .map_err(|_| format!("no stream within {:?}", 2 * STREAM_DEADLINE))?
-        .map_err(|e| match e {
-            MeshError::UnknownPeer(_) => Failure::Away(e.to_string()),
-            e => Failure::Other(e.to_string()),
-        })?;
+        .map_err(|e| e.to_string())?;
     tokio::time::timeout(STREAM_DEADLINE, write_frame(&mut send, request))
         .await
         .map_err(|_| format!("the request not taken within {STREAM_DEADLINE:?}"))?
@@ -807,44 +766,23 @@ async fn answer(recv: &mut quinn::RecvStream) -> Result<BlobAnswer, String> {
 }
 
 /// Asks `peer` which chunks it holds.
-async fn have(mesh: &MeshHandle, peer: &str, request: &BlobRequest) -> Result<Held, Failure> {
+async fn have(mesh: &MeshHandle, peer: &str, request: &BlobRequest) -> Result<Held, String> {
     let (_send, mut recv) = ask(mesh, peer, request).await?;
     match answer(&mut recv).await? {
         BlobAnswer::Have(None) => Ok(Held::All),
         BlobAnswer::Have(Some(bits)) => Ok(Held::Some(bits)),
         BlobAnswer::Missing => Ok(Held::None),
-        other => Err(Failure::Other(unexpected(other))),
+        other => Err(unexpected(other)),
     }
 }
 
-/// Why a batch (or a `Have`) broke off.
+/// Asks `peer` for the chunks `asked` (the `indices`-th of the revision), checks each
+/// against its name and stores it, telling the driver of each.
+/// Why a batch broke off.
 enum Failure {
     /// The peer is answering all it may.
     Busy,
-    /// The mesh does not count the peer alive now (membership flaps on loaded links).
-    Away(String),
-    /// The swarm gave the batch up ([`Action::Cancel`]): its streams were dropped.
-    Cancelled,
     Other(String),
-}
-
-impl Failure {
-    fn why(self) -> String {
-        match self {
-            Failure::Busy => "busy".into(),
-            Failure::Cancelled => "given up, and closed".into(),
-            Failure::Away(why) | Failure::Other(why) => why,
-        }
-    }
-}
-
-impl From<Failure> for Refused {
-    fn from(failure: Failure) -> Refused {
-        match failure {
-            Failure::Busy => Refused::Busy,
-            other => Refused::Other(other.why()),
-        }
-    }
 }
 
 impl From<String> for Failure {
@@ -853,23 +791,6 @@ impl From<String> for Failure {
     }
 }
 
-/// `work`, unless the swarm gives its batch up first ([`Action::Cancel`]): then
-/// [`Failure::Cancelled`], and the streams `work` holds are dropped with it (the peer is
-/// told to stop sending).
-async fn unless_cancelled<T>(
-    cancelled: &mut oneshot::Receiver<()>,
-    work: impl Future<Output = Result<T, Failure>>,
-) -> Result<T, Failure> {
-    tokio::select! {
-        result = work => result,
-        Ok(()) = cancelled => Err(Failure::Cancelled),
-    }
-}
-
-/// Asks `peer` for the chunks `asked` (each with its index in the revision), checks each
-/// against its name and stores it, telling the driver of each. A cancel cuts short only
-/// the network: a chunk read whole is stored and reported.
-#[allow(clippy::too_many_arguments)]
 async fn fetch_batch(
     mesh: &MeshHandle,
     store: &ChunkStore,
@@ -878,29 +799,20 @@ async fn fetch_batch(
     batch: u64,
     asked: &[(usize, ChunkId, u32)],
     tx: &mpsc::Sender<Event>,
-    cancelled: &mut oneshot::Receiver<()>,
 ) -> Result<(), Failure> {
     let request = BlobRequest::Chunks {
         ids: asked.iter().map(|(_, c, _)| *c).collect(),
     };
-    let started = Instant::now();
-    let (_send, mut recv) = unless_cancelled(cancelled, ask(mesh, peer, &request)).await?;
+    let (_send, mut recv) = ask(mesh, peer, &request).await?;
     for &(index, ref id, ref len) in asked {
-        let said = unless_cancelled(cancelled, async { Ok(answer(&mut recv).await?) }).await?;
-        let got = match said {
+        let got = match answer(&mut recv).await? {
             BlobAnswer::Chunk { len: sent } if sent == *len => {
+                rate.take(u64::from(sent)).await;
                 let mut bytes = vec![0u8; sent as usize];
-                unless_cancelled(cancelled, async {
-                    rate.take(u64::from(sent)).await;
-                    tokio::time::timeout(STREAM_DEADLINE, recv.read_exact(&mut bytes))
-                        .await
-                        .map_err(|_| {
-                            format!("chunk {id} did not arrive within {STREAM_DEADLINE:?}")
-                        })?
-                        .map_err(|e| format!("reading chunk {id}: {e}"))?;
-                    Ok(())
-                })
-                .await?;
+                tokio::time::timeout(STREAM_DEADLINE, recv.read_exact(&mut bytes))
+                    .await
+                    .map_err(|_| format!("chunk {id} did not arrive within {STREAM_DEADLINE:?}"))?
+                    .map_err(|e| format!("reading chunk {id}: {e}"))?;
                 let (store, id) = (store.clone(), *id);
                 let put = tokio::task::spawn_blocking(move || store.put(&id, &bytes))
                     .await
@@ -921,14 +833,6 @@ async fn fetch_batch(
             other => return Err(Failure::Other(unexpected(other))),
         };
         let corrupt = got == Got::Corrupt;
-        tracing::debug!(
-            chunk = index,
-            %peer,
-            batch,
-            waited_ms = started.elapsed().as_millis() as u64,
-            ?got,
-            "a chunk came"
-        );
         let _ = tx.send(Event::Chunk { batch, index, got }).await;
         if corrupt {
             return Err(Failure::Other(

@@ -35,16 +35,8 @@
 //!   asked for chunks in flight elsewhere, so one slow peer does not hold up the end. Not
 //!   before: a chunk asked twice crosses this host's link twice.
 //! - **Answers that are not failures.** A busy peer rests for [`Config::busy_rest`]; a
-//!   peer the mesh does not count alive rests for [`Config::away_rest`] (on full links
-//!   the membership's probes come late and healthy members are declared down for a
-//!   moment: a peer dropped for it would be lost to the fetch for good), and is dropped
-//!   only once away for [`Config::away_for`]; away since its rest began, what only it
-//!   holds is the origin's to give (a killed holder does not hold the fetch up); a peer taken to
-//!   hold everything that lacks a chunk is not asked for it again (whatever gossip says
-//!   next), and the origin gives it.
-//! - **Closing what is given up.** A batch given up (late, or its peer dropped) is
-//!   closed ([`Action::Cancel`]): what it would still bring is asked elsewhere, and would
-//!   cross this host's link twice.
+//!   peer taken to hold everything that lacks a chunk is not asked for it again (whatever
+//!   gossip says next), and the origin gives it.
 //! - **Bounds.** At most [`Config::max_peers`] sources besides the origin, at most
 //!   [`Config::max_in_flight`] batches in flight in all.
 //! - **Avoiding liars.** A peer that sends a chunk whose bytes do not match its name is
@@ -97,13 +89,6 @@ pub struct Config {
     /// How long the origin is left alone after [`Config::strikes`] failures in a row (and
     /// after each one more): it is not dropped.
     pub origin_rest: Duration,
-    /// How long a peer the mesh does not count alive is left alone before it is asked
-    /// again ([`Ended::Away`]).
-    pub away_rest: Duration,
-    /// How long a peer may stay away (every request finding it not alive) before it is
-    /// dropped: longer than the mesh takes to count a healthy member alive again, short
-    /// enough that a fetch whose sources are all gone ends as stuck.
-    pub away_for: Duration,
     /// Bytes asked of peers (the origin aside) and not yet come: a batch is asked only
     /// while they are fewer than what this fetch stored in the last
     /// [`Config::in_flight_time`], or than this (at least 1).
@@ -132,8 +117,6 @@ impl Default for Config {
             max_peers: 40,
             busy_rest: Duration::from_millis(250),
             origin_rest: Duration::from_secs(1),
-            away_rest: Duration::from_secs(1),
-            away_for: Duration::from_secs(15),
             min_in_flight_bytes: 2 << 20,
             in_flight_time: Duration::from_secs(2),
         }
@@ -164,11 +147,6 @@ pub enum Action {
         peer: String,
         chunks: Vec<(ChunkId, u32)>,
     },
-    /// Stop asking for batch `batch`: it was given up (late, or its peer dropped) and its
-    /// chunks are asked elsewhere, so what it would still bring would cross this host's
-    /// link twice. Close its request; its end is still answered with
-    /// [`Swarm::handle_batch_end`], after any chunk it brought before.
-    Cancel { batch: u64 },
 }
 
 /// What became of one chunk asked for.
@@ -189,11 +167,6 @@ pub enum Ended {
     Done,
     /// The peer was answering all it may: left alone for a moment, not held against it.
     Busy,
-    /// The mesh does not count the peer alive now, and why: left alone for
-    /// [`Config::away_rest`], not held against it (membership flaps when links are full,
-    /// and a peer dropped for it would be lost to the fetch for good), unless it has been
-    /// away for [`Config::away_for`]: then it is dropped.
-    Away(String),
     /// The request failed (the stream, a deadline, a refusal), and why.
     Failed(String),
 }
@@ -221,10 +194,8 @@ struct PeerState {
     /// Chunks it said it lacks although it was taken to hold them all: not asked of it
     /// again during this fetch (whatever gossip says).
     lacks: std::collections::HashSet<usize>,
-    /// Left alone until then (it answered busy, or was away).
+    /// Left alone until then (it answered busy).
     resting_until: Option<Instant>,
-    /// Since when every request found it away ([`Ended::Away`]), if the last did.
-    away_since: Option<Instant>,
 }
 
 impl PeerState {
@@ -275,19 +246,11 @@ pub struct Swarm {
     /// yet still start at different chunks.
     salt: u64,
     fetched_bytes: u64,
-    /// Bytes of chunks that came again after they were stored (asked twice): what this
-    /// host's link carried for nothing.
-    twice_bytes: u64,
     /// When a chunk was last stored (or the fetch began).
     progress_at: Option<Instant>,
-    /// Whether the patience after `progress_at` has passed (and was handled): no longer
-    /// a moment to wake for.
-    impatient: bool,
     /// Batches given up (late, or their peer dropped) whose answers may still come, and
     /// from whom: a corrupt chunk among them still drops its sender.
     given_up: HashMap<u64, String>,
-    /// Batches given up whose requests are to be closed ([`Action::Cancel`]).
-    cancels: Vec<u64>,
     /// Bytes stored lately, and when, and their sum: this fetch's recent rate.
     recent: std::collections::VecDeque<(Instant, u64)>,
     recent_bytes: u64,
@@ -328,11 +291,8 @@ impl Swarm {
                 h.finish()
             },
             fetched_bytes: 0,
-            twice_bytes: 0,
             progress_at: None,
-            impatient: false,
             given_up: HashMap::new(),
-            cancels: Vec::new(),
             recent: Default::default(),
             recent_bytes: 0,
         }
@@ -372,7 +332,6 @@ impl Swarm {
                 bytes: 0,
                 lacks: Default::default(),
                 resting_until: None,
-                away_since: None,
             });
         // Only a fetcher that finished becomes a holder: what a peer was found to lack
         // stays known, whatever gossip says on its next round.
@@ -405,7 +364,6 @@ impl Swarm {
         if state.dropped.is_some() {
             return;
         }
-        state.away_since = None;
         match bits {
             Some(bits) if bits.len() == n => {
                 if bits.iter().all(|b| *b) {
@@ -415,7 +373,7 @@ impl Swarm {
                 state.holds = Holds::Some(bits);
             }
             Some(_) => {
-                self.drop_peer(peer, "its list of chunks held is not this revision's");
+                state.dropped = Some("its list of chunks held is not this revision's".into());
                 return;
             }
             None => state.holds = Holds::Some(vec![false; n]),
@@ -441,58 +399,6 @@ impl Swarm {
         }
     }
 
-    /// Asking `peer` what it holds found it away ([`Ended::Away`]): asked again after
-    /// [`Config::away_rest`], not held against it (but dropped once away for
-    /// [`Config::away_for`]).
-    pub fn handle_have_away(&mut self, now: Instant, peer: &str) {
-        let rest = self.config.away_rest;
-        let n = self.chunks.len();
-        let Some(state) = self.peers.get_mut(peer) else {
-            return;
-        };
-        state.asking_have = false;
-        // Taken as holding nothing until it answers, as after a failure.
-        if matches!(state.holds, Holds::Unknown) {
-            state.holds = Holds::Some(vec![false; n]);
-        }
-        if self.away(now, peer) {
-            self.timers.push(now + rest, Timer::Have(peer.to_string()));
-        }
-    }
-
-    /// `peer` was found away: it rests for [`Config::away_rest`], or, away for longer
-    /// than [`Config::away_for`], is dropped. Whether it is still in.
-    fn away(&mut self, now: Instant, peer: &str) -> bool {
-        let (rest, limit) = (
-            self.config.away_rest.max(Duration::from_millis(1)),
-            self.config.away_for,
-        );
-        let Some(state) = self.peers.get_mut(peer) else {
-            return false;
-        };
-        if state.dropped.is_some() {
-            return false;
-        }
-        let since = *state.away_since.get_or_insert(now);
-        if now.saturating_duration_since(since) >= limit {
-            self.drop_peer(
-                peer,
-                &format!("the mesh has not counted it alive for {limit:?}"),
-            );
-            return false;
-        }
-        self.rest(now, peer, rest);
-        true
-    }
-
-    /// Leaves `peer` alone until `now + rest`.
-    fn rest(&mut self, now: Instant, peer: &str, rest: Duration) {
-        if let Some(state) = self.peers.get_mut(peer) {
-            state.resting_until = Some(now + rest);
-            self.timers.push(now + rest, Timer::Rest);
-        }
-    }
-
     /// One chunk of batch `batch` was answered.
     pub fn handle_chunk(&mut self, now: Instant, batch: u64, id: &ChunkId, got: Got) {
         let Some(&i) = self.index.get(id) else {
@@ -500,7 +406,6 @@ impl Swarm {
         };
         if got == Got::Stored {
             self.progress_at = Some(now);
-            self.impatient = false;
         }
         let Some(b) = self.batches.get_mut(&batch) else {
             // A batch given up (late, or from a dropped peer): what it stored still counts,
@@ -529,10 +434,6 @@ impl Swarm {
                 .min(b.latest);
         }
         let peer = b.peer.clone();
-        // It answered: not away.
-        if let Some(state) = self.peers.get_mut(&peer) {
-            state.away_since = None;
-        }
         match got {
             Got::Stored => {
                 if let Some(len) = self.mark_stored(now, i)
@@ -579,7 +480,6 @@ impl Swarm {
                 // Strikes count failures in a row.
                 if let Some(state) = self.peers.get_mut(&b.peer) {
                     state.strikes = 0;
-                    state.away_since = None;
                 }
             }
             Ended::Done => {
@@ -590,15 +490,11 @@ impl Swarm {
                 );
             }
             Ended::Busy => {
-                // It answered: not away.
+                let until = now + self.config.busy_rest;
                 if let Some(state) = self.peers.get_mut(&b.peer) {
-                    state.away_since = None;
+                    state.resting_until = Some(until);
                 }
-                self.rest(now, &b.peer, self.config.busy_rest);
-            }
-            Ended::Away(why) => {
-                tracing::debug!(peer = %b.peer, "a chunk source is away a moment: {why}");
-                self.away(now, &b.peer);
+                self.timers.push(until, Timer::Rest);
             }
             Ended::Failed(why) => {
                 self.strike(now, &b.peer, &why);
@@ -611,7 +507,6 @@ impl Swarm {
     fn give_up(&mut self, now: Instant, batch: u64) {
         if let Some(b) = self.batches.get(&batch) {
             self.given_up.insert(batch, b.peer.clone());
-            self.cancels.push(batch);
             self.handle_batch_end(
                 now,
                 batch,
@@ -623,13 +518,6 @@ impl Swarm {
     /// Deals with what is due at `now`: batches past their deadline are given up (a strike
     /// for their peer), fetchers are due a new `Have`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        // The end of the patience, once passed, is not due again until a chunk comes.
-        if self
-            .progress_at
-            .is_some_and(|at| now >= at + self.config.patience)
-        {
-            self.impatient = true;
-        }
         while let Some((_, timer)) = self.timers.pop_due(now) {
             match timer {
                 // Its deadline may have moved since (its chunks came): wait for that one.
@@ -655,7 +543,7 @@ impl Swarm {
         // The end of the patience is a moment to decide again too.
         let patience = self
             .progress_at
-            .filter(|_| self.missing > 0 && !self.impatient)
+            .filter(|_| self.missing > 0)
             .map(|at| at + self.config.patience);
         match (self.timers.next_deadline(), patience) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -667,9 +555,6 @@ impl Swarm {
     pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
         if self.missing == 0 {
             return None;
-        }
-        if let Some(batch) = self.cancels.pop() {
-            return Some(Action::Cancel { batch });
         }
         // `Have` first: what peers hold decides what to ask them for.
         let due = self.peers.iter().find(|(_, s)| {
@@ -733,12 +618,12 @@ impl Swarm {
             if held_back {
                 continue;
             }
-            let mut picked = self.pick(now, &peer, false, patient);
+            let mut picked = self.pick(&peer, false, patient);
             // A chunk in flight is asked again only in the end game, and only of a peer with
             // nothing else in flight: what is asked twice is bytes that one host's link
             // carries twice.
             if picked.is_empty() && end_game && idle && !(origin && patient) {
-                picked = self.pick(now, &peer, true, patient);
+                picked = self.pick(&peer, true, patient);
             }
             if picked.is_empty() {
                 continue;
@@ -786,7 +671,6 @@ impl Swarm {
     /// The i-th chunk is stored: its length, unless it was already.
     fn mark_stored(&mut self, now: Instant, i: usize) -> Option<u64> {
         if self.held[i] {
-            self.twice_bytes += u64::from(self.chunks[i].1);
             return None;
         }
         self.held[i] = true;
@@ -824,12 +708,6 @@ impl Swarm {
         (self.fetched_bytes, missing)
     }
 
-    /// Bytes of chunks that came after they were already stored: asked of two peers, both
-    /// answered.
-    pub fn received_twice(&self) -> u64 {
-        self.twice_bytes
-    }
-
     /// Whether the i-th chunk is stored (for answering `Have` while fetching).
     pub fn held(&self) -> &[bool] {
         &self.held
@@ -857,7 +735,7 @@ impl Swarm {
     /// only chunks no other peer holds, and while `patient` only those of this fetcher's
     /// turn, then (its turn all asked) those of the next fetcher's, from the other end,
     /// leaving the first `2 × origin_batch × origin_pipeline` of them to their owner.
-    fn pick(&self, now: Instant, peer: &str, end_game: bool, patient: bool) -> Vec<usize> {
+    fn pick(&self, peer: &str, end_game: bool, patient: bool) -> Vec<usize> {
         let state = &self.peers[peer];
         let in_this_peer: std::collections::HashSet<usize> = self
             .batches
@@ -868,16 +746,7 @@ impl Swarm {
         let others: Vec<&PeerState> = self
             .peers
             .iter()
-            // A peer away (the mesh does not count it alive) since its rest began holds
-            // nothing that can come now: what only it holds is the origin's to give. Not
-            // after one `Away`: a flap of the membership does not move its chunks to the
-            // origin.
-            .filter(|(p, s)| {
-                p.as_str() != peer
-                    && s.dropped.is_none()
-                    && s.away_since
-                        .is_none_or(|t| now.saturating_duration_since(t) < self.config.away_rest)
-            })
+            .filter(|(p, s)| p.as_str() != peer && s.dropped.is_none())
             .map(|(_, s)| s)
             .collect();
         let (me, fetchers) = self.turn;
@@ -1015,7 +884,8 @@ impl Swarm {
         state.strikes += 1;
         tracing::debug!(%peer, strikes = state.strikes, "a chunk source failed: {why}");
         if state.strikes >= limit && state.role == Role::Origin {
-            self.rest(now, peer, rest);
+            state.resting_until = Some(now + rest);
+            self.timers.push(now + rest, Timer::Rest);
             return true;
         }
         if state.strikes >= limit {
@@ -1042,7 +912,6 @@ impl Swarm {
             .map(|(id, _)| *id)
             .collect();
         for batch in theirs {
-            self.cancels.push(batch);
             if let Some(b) = self.batches.remove(&batch) {
                 for &i in &b.chunks {
                     self.asked[i] = self.asked[i].saturating_sub(1);
