@@ -416,14 +416,23 @@ fn on_shaped_links_six_hosts_get_a_revision_sooner_as_a_swarm_than_from_the_uplo
         ("uploader only", &report.origin_only),
     ] {
         eprintln!(
-            "{mode}: last host {:.1} s (S/B {:.1} s), uploader sent {} bytes, per host {:?}",
-            run.last, report.limit, run.uploader_sent, run.per_host
+            "{mode}: last host {:.1} s (S/B {:.1} s), uploader sent {} bytes, per host {:?}, \
+             members falsely declared dead {}",
+            run.last, report.limit, run.uploader_sent, run.per_host, run.false_deaths
         );
         for second in shaped::timeline(run) {
             eprintln!("  {second:?}");
         }
     }
     let (swarm, origin) = (&report.swarm, &report.origin_only);
+    // Full links delay the membership's probes by up to the queues' 100 ms each way; every
+    // agent stayed up, so none may be declared dead for it (a deployment would lose it).
+    for (mode, run) in [("swarm", swarm), ("uploader only", origin)] {
+        assert_eq!(
+            run.false_deaths, 0,
+            "{mode}: agents that stayed up were declared dead while the revision moved"
+        );
+    }
     assert!(
         swarm.uploader_sent < 2 * bytes as u64,
         "the uploader sent {} bytes through the swarm, for a revision of {bytes}",

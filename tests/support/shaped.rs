@@ -125,6 +125,10 @@ pub struct Run {
     pub last: f64,
     pub uploader_sent: u64,
     pub links: Vec<Sample>,
+    /// Over every agent, the members it saw declared dead and its own rejoins
+    /// (`shoal_mesh_member_changes_total`): every agent was up all along, so each is a
+    /// failure detection fooled by the load.
+    pub false_deaths: u64,
 }
 
 /// What every link had carried by `at` seconds after the deployment's creation: per host
@@ -363,7 +367,25 @@ pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u3
             .map(|(a, t)| (a.name.clone(), t.unwrap()))
             .collect();
         let last = per_host.iter().map(|(_, t)| *t).fold(0.0, f64::max);
-        let uploader_sent = sent(viewer, metrics(viewer));
+        let uploader_sent = metric(
+            viewer,
+            metrics(viewer),
+            "shoal_bundle_bytes_total{direction=\"sent\"}",
+        );
+        let false_deaths = fleet
+            .iter()
+            .map(|a| {
+                metric(
+                    a,
+                    metrics(a),
+                    "shoal_mesh_member_changes_total{kind=\"dead\"}",
+                ) + metric(
+                    a,
+                    metrics(a),
+                    "shoal_mesh_member_changes_total{kind=\"rejoined\"}",
+                )
+            })
+            .sum();
         if let Some(bytes) = net.link_bytes() {
             links.push(Sample {
                 at: since_created(),
@@ -375,6 +397,7 @@ pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u3
             last,
             uploader_sent,
             links,
+            false_deaths,
         });
     }
     let origin_only = runs.pop().unwrap();
@@ -396,8 +419,9 @@ fn revision_with(root: &Path, name: &str, model: &[u8]) -> PathBuf {
     dir
 }
 
-/// `shoal_bundle_bytes_total{direction="sent"}` of `agent`, read from inside its namespace.
-fn sent(agent: &Agent, metrics: SocketAddr) -> u64 {
+/// The value of the metric `name` (with its labels) of `agent`, read from inside its
+/// namespace; 0 if not counted yet.
+fn metric(agent: &Agent, metrics: SocketAddr, name: &str) -> u64 {
     let o = Command::new("ip")
         .args([
             "netns",
@@ -411,7 +435,7 @@ fn sent(agent: &Agent, metrics: SocketAddr) -> u64 {
         .unwrap();
     String::from_utf8_lossy(&o.stdout)
         .lines()
-        .find(|l| l.starts_with("shoal_bundle_bytes_total{direction=\"sent\"}"))
+        .find(|l| l.split_once(' ').is_some_and(|(n, _)| n == name))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0) as u64

@@ -4,7 +4,8 @@
 //! Two kinds of numbers:
 //! - **Counted where they happen**, through [`metrics()`], the one process-wide set: hook
 //!   runs and their durations, hook loads by cache level, deployments on this host by
-//!   outcome, service restarts, membership packets, bundle bytes, open mesh connections.
+//!   outcome, service restarts, membership packets, members declared dead and rejoins,
+//!   bundle bytes, open mesh connections.
 //!   Counting is an atomic add; nothing is kept per deployment or per peer, so the label
 //!   sets are small and bounded (events, outcomes, directions, and the host's own apps).
 //! - **Read at scrape time** ([`Snapshot`], filled by the server from the mesh and the
@@ -79,6 +80,11 @@ pub struct Metrics {
     pub bundle_bytes: Family<Direction, Counter>,
     /// Mesh connections open now.
     pub mesh_connections: Gauge,
+    /// Changes of membership this agent saw, by kind: `dead` (a member declared down
+    /// without leaving), `rejoined` (this agent had been declared down). On a healthy mesh
+    /// both stay at 0; a rising `dead` with every host up means the failure detection is
+    /// fooled (see `mesh/core.rs`, `Health` and the links' round trip).
+    pub member_changes: Family<Kind, Counter>,
     // Read at scrape time.
     members: Family<State, Gauge>,
     deployments: Family<Status, Gauge>,
@@ -133,6 +139,7 @@ impl Metrics {
             gossip_messages: Family::default(),
             bundle_bytes: Family::default(),
             mesh_connections: Gauge::default(),
+            member_changes: Family::default(),
             members: Family::default(),
             deployments: Family::default(),
             raft_term: Gauge::default(),
@@ -177,6 +184,11 @@ impl Metrics {
             "mesh_connections",
             "Mesh connections open now",
             m.mesh_connections.clone(),
+        );
+        registry.register(
+            "mesh_member_changes",
+            "Members declared dead (not left), and times this agent was declared down and rejoined",
+            m.member_changes.clone(),
         );
         registry.register(
             "mesh_members",
@@ -224,6 +236,15 @@ impl Metrics {
     /// Counts a hook load from `kind` (`memory`, `disk`, `compiled`).
     pub fn hook_loaded(&self, kind: &str) {
         self.hook_loads
+            .get_or_create(&Kind {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a change of membership of `kind` (`dead`, `rejoined`).
+    pub fn member_changed(&self, kind: &str) {
+        self.member_changes
             .get_or_create(&Kind {
                 kind: kind.to_owned(),
             })

@@ -24,6 +24,8 @@ use crate::mesh::node::LocalState;
 pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(1);
 /// How often an agent with no live member announces itself to its seeds again.
 pub const REJOIN_EVERY: Duration = Duration::from_secs(2);
+/// How often the driver hands in the connections' round trips ([`Core::handle_rtts`]).
+pub const RTTS_EVERY: Duration = Duration::from_millis(500);
 /// How often the members' addresses are remembered and dissemination refitted.
 pub const REMEMBER_EVERY: Duration = Duration::from_secs(10);
 
@@ -242,6 +244,22 @@ impl Core {
             let out = self.membership.expel(&name);
             self.apply(now, out);
             self.table.forget(&name);
+        }
+    }
+
+    /// The round trip measured on each open connection (QUIC's smoothed RTT), every
+    /// [`RTTS_EVERY`]: the failure detection waits longer on slow or loaded links (see
+    /// [`Membership::set_rtts`]).
+    pub fn handle_rtts(&mut self, rtts: impl IntoIterator<Item = (SocketAddr, Duration)>) {
+        let before = self.membership.stretch(None);
+        self.membership.set_rtts(rtts);
+        let after = self.membership.stretch(None);
+        if after != before {
+            tracing::info!(
+                stretch = after,
+                "the links' round trip changed: the failure detection waits {after} times \
+                 as long as on a fast link"
+            );
         }
     }
 
