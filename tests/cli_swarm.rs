@@ -417,8 +417,8 @@ fn on_shaped_links_six_hosts_get_a_revision_sooner_as_a_swarm_than_from_the_uplo
     ] {
         eprintln!(
             "{mode}: last host {:.1} s (S/B {:.1} s), uploader sent {} bytes, per host {:?}, \
-             members falsely declared dead {}",
-            run.last, report.limit, run.uploader_sent, run.per_host, run.false_deaths
+             false deaths seen, summed over agents {}",
+            run.last, report.limit, run.uploader_sent, run.per_host, run.false_deaths_seen
         );
         for second in shaped::timeline(run) {
             eprintln!("  {second:?}");
@@ -429,7 +429,7 @@ fn on_shaped_links_six_hosts_get_a_revision_sooner_as_a_swarm_than_from_the_uplo
     // agent stayed up, so none may be declared dead for it (a deployment would lose it).
     for (mode, run) in [("swarm", swarm), ("uploader only", origin)] {
         assert_eq!(
-            run.false_deaths, 0,
+            run.false_deaths_seen, 0,
             "{mode}: agents that stayed up were declared dead while the revision moved"
         );
     }

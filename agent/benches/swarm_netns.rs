@@ -47,7 +47,7 @@ fn main() {
     );
     println!(
         "| mode | last host | × S/B | first host | median host | uploader sent | × S | \
-         members falsely declared dead |"
+         false deaths seen, summed over agents |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (mode, run) in [("swarm", &r.swarm), ("uploader only", &r.origin_only)] {
@@ -61,7 +61,7 @@ fn main() {
             times[times.len() / 2],
             mb(run.uploader_sent),
             run.uploader_sent as f64 / r.bytes as f64,
-            run.false_deaths
+            run.false_deaths_seen
         );
     }
     println!(

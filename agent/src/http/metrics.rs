@@ -59,6 +59,26 @@ pub struct Outcome {
     pub outcome: String,
 }
 
+/// A change of membership worth counting ([`Metrics::member_changes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// A member declared down without leaving.
+    Dead,
+    /// This agent had been declared down, and rejoined.
+    Rejoined,
+}
+
+impl MemberChange {
+    const ALL: [MemberChange; 2] = [MemberChange::Dead, MemberChange::Rejoined];
+
+    fn label(self) -> &'static str {
+        match self {
+            MemberChange::Dead => "dead",
+            MemberChange::Rejoined => "rejoined",
+        }
+    }
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric of the agent. Get it with [`metrics()`].
@@ -220,6 +240,12 @@ impl Metrics {
             "Work the mesh dropped or refused, by kind",
             m.dropped.clone(),
         );
+        // Shown at 0 from the start: a scrape tells "none" from "not counted".
+        for change in MemberChange::ALL {
+            let _zero = m.member_changes.get_or_create(&Kind {
+                kind: change.label().to_owned(),
+            });
+        }
         Metrics { registry, ..m }
     }
 
@@ -242,11 +268,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a change of membership of `kind` (`dead`, `rejoined`).
-    pub fn member_changed(&self, kind: &str) {
+    /// Counts a change of membership.
+    pub fn member_changed(&self, change: MemberChange) {
         self.member_changes
             .get_or_create(&Kind {
-                kind: kind.to_owned(),
+                kind: change.label().to_owned(),
             })
             .inc();
     }

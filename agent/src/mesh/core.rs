@@ -254,12 +254,16 @@ impl Core {
         let before = self.membership.stretch(None);
         self.membership.set_rtts(rtts);
         let after = self.membership.stretch(None);
-        if after != before {
+        // Said when the links turn slow or fast again; the steps between at debug (a round
+        // trip near a step would log it twice a second).
+        if (before == 1) != (after == 1) {
             tracing::info!(
                 stretch = after,
                 "the links' round trip changed: the failure detection waits {after} times \
                  as long as on a fast link"
             );
+        } else if after != before {
+            tracing::debug!(stretch = after, "the links' round trip changed");
         }
     }
 

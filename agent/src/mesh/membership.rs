@@ -254,6 +254,9 @@ pub struct MembershipStats {
     pub members_forgotten: u64,
     /// Errors foca reported on packets that passed the checks (logged, not refused).
     pub protocol_errors: u64,
+    /// Errors foca reported on its own timers (an incomplete probe cycle: the next probe
+    /// came before the indirect probes of the last one). Logged.
+    pub timer_errors: u64,
 }
 
 /// A malformed, foreign or lying packet; the membership is unchanged.
@@ -399,8 +402,8 @@ fn uncount(counts: &mut HashMap<String, usize>, key: &str) {
 /// - packets fit a QUIC datagram.
 pub fn config(cluster_size: u32, forget_down_after: Duration) -> Config {
     let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
-    c.probe_period = Duration::from_millis(300);
-    c.probe_rtt = Duration::from_millis(100);
+    c.probe_period = PROBE_PERIOD;
+    c.probe_rtt = PROBE_RTT;
     c.suspect_to_down_after = SUSPICION;
     c.max_transmissions = c
         .max_transmissions
@@ -435,6 +438,10 @@ pub fn startup_config(cluster_size: u32, forget_down_after: Duration) -> Config 
 
 /// How long a suspect has to refute, on links within [`RTT_BUDGET`] and an agent on time.
 pub const SUSPICION: Duration = Duration::from_millis(1000);
+/// How often a member is probed, and how long its direct answer is waited for before
+/// others are asked to probe it, on links within [`RTT_BUDGET`].
+pub const PROBE_PERIOD: Duration = Duration::from_millis(300);
+pub const PROBE_RTT: Duration = Duration::from_millis(100);
 
 /// The largest membership packet, chosen to fit a QUIC datagram on a 1200-byte path.
 pub const MAX_PACKET: usize = 1150;
@@ -689,32 +696,42 @@ impl Membership {
     /// timing is made for a round trip within [`RTT_BUDGET`]; a slower link (a full
     /// uplink while a large revision moves, a link across the world) would fail probes of
     /// members that are fine, and suspicion would outrun refutation. So the timing
-    /// stretches by the round trip over the budget (at most [`MAX_STRETCH`] times):
-    /// - the probe cycle (the wait for a direct answer before indirect probes, and the
-    ///   period) by the larger of the median round trip and the probed member's;
+    /// stretches by the round trip over the budget, at most [`MAX_STRETCH`] times, by the
+    /// median round trip (the links in general) and the member's own:
+    /// - the wait for a probed member's direct answer, by the larger of the two;
+    /// - the rest of the probe period (indirect probes through others), by the median;
     /// - a suspect's time to refute, and this agent's own check of a reported death, by
-    ///   the larger of the median and the member's own.
+    ///   the larger of the two.
     ///
-    /// One member slowing its own answers stretches only the detection of itself; the
-    /// median moves only when most links are slow. Addresses that are not members are
-    /// ignored; a member with no connection counts as fast.
+    /// A member that slows its own answers (say, by holding back its acknowledgements)
+    /// delays the probe cycle by at most 900 ms each time it is probed, and otherwise
+    /// stretches only the detection of itself. The median is the lower one over every
+    /// active member, a member with no open connection counting as fast: it moves only
+    /// when more than half of the members' links are slow. Addresses that are not members
+    /// are ignored. QUIC's estimate is smoothed (an eighth of each sample), so the stretch
+    /// lags a sudden load by a few round trips, and lingers on a connection idle since its
+    /// load (until it closes, 30 s idle).
     pub fn set_rtts(&mut self, rtts: impl IntoIterator<Item = (SocketAddr, Duration)>) {
         let index = &self.index.by_addr;
         self.rtts = rtts
             .into_iter()
-            .filter(|(addr, _)| index.contains_key(addr))
+            .filter(|(addr, _)| index.get(addr).is_some_and(|(_, active)| *active))
             .collect();
-        let mut all: Vec<Duration> = self.rtts.values().copied().collect();
+        let mut all: Vec<Duration> = index
+            .iter()
+            .filter(|(_, (_, active))| *active)
+            .map(|(addr, _)| self.rtts.get(addr).copied().unwrap_or_default())
+            .collect();
         self.rtt_median = if all.is_empty() {
             Duration::ZERO
         } else {
-            let mid = all.len() / 2;
-            *all.select_nth_unstable(mid).1
+            let lower = (all.len() - 1) / 2;
+            *all.select_nth_unstable(lower).1
         };
     }
 
-    /// How many times the failure detection's timing stretches for the links' round trip,
-    /// about `member` (or about any member): see [`Self::set_rtts`].
+    /// How many times the failure detection's timing stretches for the links' round trip:
+    /// by the median, and about `member` by its own too (see [`Self::set_rtts`]).
     pub fn stretch(&self, member: Option<SocketAddr>) -> u32 {
         let own = member
             .and_then(|a| self.rtts.get(&a).copied())
@@ -728,8 +745,10 @@ impl Membership {
 
     /// Stretches foca's probe and suspicion timers in `out` by the links' round trip (see
     /// [`Self::set_rtts`]); foca refuses new probe timings once running, so they are
-    /// stretched here, as they are scheduled. The next probe waits as long as the
-    /// current one's direct answer, so indirect probes keep their share of the period.
+    /// stretched here, as they are scheduled. The next probe comes after the current
+    /// one's stretched wait for a direct answer plus the period's rest stretched by the
+    /// median, so indirect probes always fire before it (foca counts an incomplete probe
+    /// cycle otherwise).
     fn stretch_timers(&self, out: &mut [Output]) {
         let probed = out.iter().find_map(|o| match o {
             Output::Schedule {
@@ -738,6 +757,7 @@ impl Membership {
             } => Some(probed_id.addr),
             _ => None,
         });
+        let general = self.stretch(None);
         for o in out {
             let Output::Schedule {
                 timer: Timer(TimerKind::Swim(t)),
@@ -747,7 +767,10 @@ impl Membership {
                 continue;
             };
             match t {
-                foca::Timer::ProbeRandomMember(_) => *after *= self.stretch(probed),
+                foca::Timer::ProbeRandomMember(_) => {
+                    let wait = PROBE_RTT * self.stretch(probed);
+                    *after = wait + after.saturating_sub(PROBE_RTT) * general;
+                }
                 foca::Timer::SendIndirectProbe { probed_id, .. } => {
                     *after *= self.stretch(Some(probed_id.addr))
                 }
@@ -988,6 +1011,7 @@ impl Membership {
                     ..Collect::default()
                 };
                 if let Err(e) = self.foca.handle_timer(t, &mut c) {
+                    self.stats.timer_errors += 1;
                     tracing::debug!("membership timer: {e}");
                 }
                 self.absorb(c)
@@ -1704,6 +1728,13 @@ mod tests {
         );
         let (mut mesh, deaths) = deaths_on_slow_links(true);
         assert_eq!(deaths, 0, "members that are fine were declared down");
+        for node in &mesh.nodes {
+            assert_eq!(
+                node.stats().timer_errors,
+                0,
+                "a probe cycle broken by the stretch"
+            );
+        }
         assert_eq!(mesh.nodes[0].stretch(None), 8);
         // A member that really stops is still declared down by every other, within the
         // stretched probe cycle and suspicion (8 × 300 ms, 8 × 1 s, and gossip's way).
@@ -1732,20 +1763,49 @@ mod tests {
         assert_eq!(m.stretch(Some(peers[1].addr)), 1);
         assert_eq!(m.stretch(Some(peers[0].addr)), MAX_STRETCH, "capped");
         assert_eq!(m.stretch(Some(id("stranger", 9999).addr)), 1);
-        // Most links slow: every detection waits longer, by the median.
-        m.set_rtts(peers.iter().map(|p| (p.addr, ms(120))));
-        assert_eq!(m.stretch(None), 3);
-        // A suspicion of p1 is given the stretched time to be refuted.
-        let mut out = vec![Output::Schedule {
-            timer: Timer(TimerKind::Swim(foca::Timer::ChangeSuspectToDown {
-                member_id: peers[0].clone(),
-                incarnation: 0,
-                token: 0,
-            })),
-            after: SUSPICION,
-        }];
+        // Probing p1 waits longer for its direct answer only: the period's rest, for the
+        // indirect probes, is as on fast links. Its suspicion has the longest time.
+        let swim = |t: foca::Timer<MemberId>, after: Duration| Output::Schedule {
+            timer: Timer(TimerKind::Swim(t)),
+            after,
+        };
+        let after = |o: &Output| match o {
+            Output::Schedule { after, .. } => *after,
+            other => panic!("{other:?}"),
+        };
+        let mut out = vec![
+            swim(foca::Timer::ProbeRandomMember(0), PROBE_PERIOD),
+            swim(
+                foca::Timer::SendIndirectProbe {
+                    probed_id: peers[0].clone(),
+                    token: 0,
+                },
+                PROBE_RTT,
+            ),
+            swim(
+                foca::Timer::ChangeSuspectToDown {
+                    member_id: peers[0].clone(),
+                    incarnation: 0,
+                    token: 0,
+                },
+                SUSPICION,
+            ),
+        ];
         m.stretch_timers(&mut out);
-        assert!(matches!(&out[0], Output::Schedule { after, .. } if *after == SUSPICION * 3));
+        assert_eq!(after(&out[0]), ms(1000) + ms(200));
+        assert_eq!(after(&out[1]), ms(1000));
+        assert_eq!(after(&out[2]), SUSPICION * MAX_STRETCH);
+        // Two of four slow (or one insider among two open connections): not the median.
+        m.set_rtts(peers[..2].iter().map(|p| (p.addr, ms(400))));
+        assert_eq!(m.stretch(None), 1);
+        assert_eq!(m.stretch(Some(peers[2].addr)), 1);
+        // Most links slow: every detection waits longer, by the median.
+        m.set_rtts(peers[..3].iter().map(|p| (p.addr, ms(120))));
+        assert_eq!(m.stretch(None), 3);
+        assert_eq!(m.stretch(Some(peers[3].addr)), 3);
+        let mut out = vec![swim(foca::Timer::ProbeRandomMember(0), PROBE_PERIOD)];
+        m.stretch_timers(&mut out);
+        assert_eq!(after(&out[0]), PROBE_PERIOD * 3);
     }
 
     #[test]

@@ -868,11 +868,13 @@ impl Driver {
                         tracing::info!(member = %id.name, addr = %id.addr, "member left");
                     } else {
                         tracing::warn!(member = %id.name, addr = %id.addr, "member is dead");
-                        crate::http::metrics::metrics().member_changed("dead");
+                        crate::http::metrics::metrics()
+                            .member_changed(crate::http::metrics::MemberChange::Dead);
                     }
                 }
                 Event::Rejoined(id) => {
-                    crate::http::metrics::metrics().member_changed("rejoined");
+                    crate::http::metrics::metrics()
+                        .member_changed(crate::http::metrics::MemberChange::Rejoined);
                     tracing::warn!(
                         bump = id.bump,
                         "the mesh had declared this agent down; rejoined"
