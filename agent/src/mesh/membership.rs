@@ -698,14 +698,16 @@ impl Membership {
     /// members that are fine, and suspicion would outrun refutation. So the timing
     /// stretches by the round trip over the budget, at most [`MAX_STRETCH`] times, by the
     /// median round trip (the links in general) and the member's own:
-    /// - the wait for a probed member's direct answer, by the larger of the two;
-    /// - the rest of the probe period (indirect probes through others), by the median;
+    /// - the probe cycle (the wait for a direct answer, then indirect probes through
+    ///   others, which cross the same links) by the larger of the two for the member
+    ///   probed;
     /// - a suspect's time to refute, and this agent's own check of a reported death, by
     ///   the larger of the two.
     ///
     /// A member that slows its own answers (say, by holding back its acknowledgements)
-    /// delays the probe cycle by at most 900 ms each time it is probed, and otherwise
-    /// stretches only the detection of itself. The median is the lower one over every
+    /// delays this agent's probes of the others by at most 2.7 s each time it is probed
+    /// (once per round of every member), and otherwise stretches only the detection of
+    /// itself. The median is the lower one over every
     /// active member, a member with no open connection counting as fast: it moves only
     /// when more than half of the members' links are slow. Addresses that are not members
     /// are ignored. QUIC's estimate is smoothed (an eighth of each sample), so the stretch
@@ -745,10 +747,10 @@ impl Membership {
 
     /// Stretches foca's probe and suspicion timers in `out` by the links' round trip (see
     /// [`Self::set_rtts`]); foca refuses new probe timings once running, so they are
-    /// stretched here, as they are scheduled. The next probe comes after the current
-    /// one's stretched wait for a direct answer plus the period's rest stretched by the
-    /// median, so indirect probes always fire before it (foca counts an incomplete probe
-    /// cycle otherwise).
+    /// stretched here, as they are scheduled. The next probe is stretched as the current
+    /// one's wait for a direct answer, so indirect probes (which cross the same slow
+    /// links) keep their share of the period, and always fire before it (foca counts an
+    /// incomplete probe cycle otherwise).
     fn stretch_timers(&self, out: &mut [Output]) {
         let probed = out.iter().find_map(|o| match o {
             Output::Schedule {
@@ -757,7 +759,6 @@ impl Membership {
             } => Some(probed_id.addr),
             _ => None,
         });
-        let general = self.stretch(None);
         for o in out {
             let Output::Schedule {
                 timer: Timer(TimerKind::Swim(t)),
@@ -767,10 +768,7 @@ impl Membership {
                 continue;
             };
             match t {
-                foca::Timer::ProbeRandomMember(_) => {
-                    let wait = PROBE_RTT * self.stretch(probed);
-                    *after = wait + after.saturating_sub(PROBE_RTT) * general;
-                }
+                foca::Timer::ProbeRandomMember(_) => *after *= self.stretch(probed),
                 foca::Timer::SendIndirectProbe { probed_id, .. } => {
                     *after *= self.stretch(Some(probed_id.addr))
                 }
@@ -1763,8 +1761,8 @@ mod tests {
         assert_eq!(m.stretch(Some(peers[1].addr)), 1);
         assert_eq!(m.stretch(Some(peers[0].addr)), MAX_STRETCH, "capped");
         assert_eq!(m.stretch(Some(id("stranger", 9999).addr)), 1);
-        // Probing p1 waits longer for its direct answer only: the period's rest, for the
-        // indirect probes, is as on fast links. Its suspicion has the longest time.
+        // Probing p1 waits longer, for its direct answer and its indirect probes: the
+        // cycle is stretched whole. Its suspicion has the longest time.
         let swim = |t: foca::Timer<MemberId>, after: Duration| Output::Schedule {
             timer: Timer(TimerKind::Swim(t)),
             after,
@@ -1792,7 +1790,7 @@ mod tests {
             ),
         ];
         m.stretch_timers(&mut out);
-        assert_eq!(after(&out[0]), ms(1000) + ms(200));
+        assert_eq!(after(&out[0]), PROBE_PERIOD * MAX_STRETCH);
         assert_eq!(after(&out[1]), ms(1000));
         assert_eq!(after(&out[2]), SUSPICION * MAX_STRETCH);
         // Two of four slow (or one insider among two open connections): not the median.
