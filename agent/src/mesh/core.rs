@@ -97,6 +97,8 @@ pub struct Core {
     wall_ms_at_start: u64,
     started: Instant,
     health: Health,
+    /// The links' round trip stretches the failure detection (said once per change).
+    slow_links: bool,
 }
 
 /// This agent's own health, after Lifeguard's "local health multiplier" (memberlist): an
@@ -161,6 +163,7 @@ impl Core {
                 level: 0,
                 calm_since: now,
             },
+            slow_links: false,
         };
         core.timers
             .push(now + ANTI_ENTROPY_EVERY, Timer::AntiEntropy);
@@ -254,13 +257,23 @@ impl Core {
         let before = self.membership.stretch(None);
         self.membership.set_rtts(rtts);
         let after = self.membership.stretch(None);
-        // Said when the links turn slow or fast again; the steps between at debug (a round
-        // trip near a step would log it twice a second).
-        if (before == 1) != (after == 1) {
+        let median = self.membership.median_rtt();
+        // Said when the links turn slow, and when they are fast again with room to spare:
+        // a round trip near 50 ms would otherwise log it twice a second. The steps
+        // between, at debug.
+        if !self.slow_links && after >= 2 {
+            self.slow_links = true;
             tracing::info!(
                 stretch = after,
+                median_rtt_ms = median.as_millis() as u64,
                 "the links' round trip changed: the failure detection waits {after} times \
                  as long as on a fast link"
+            );
+        } else if self.slow_links && median < membership::RTT_BUDGET * 4 / 5 {
+            self.slow_links = false;
+            tracing::info!(
+                median_rtt_ms = median.as_millis() as u64,
+                "the links' round trip changed: the failure detection is as on a fast link"
             );
         } else if after != before {
             tracing::debug!(stretch = after, "the links' round trip changed");

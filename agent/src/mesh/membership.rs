@@ -437,11 +437,12 @@ pub fn startup_config(cluster_size: u32, forget_down_after: Duration) -> Config 
 }
 
 /// How long a suspect has to refute, on links within [`RTT_BUDGET`] and an agent on time.
-pub const SUSPICION: Duration = Duration::from_millis(1000);
-/// How often a member is probed, and how long its direct answer is waited for before
-/// others are asked to probe it, on links within [`RTT_BUDGET`].
-pub const PROBE_PERIOD: Duration = Duration::from_millis(300);
-pub const PROBE_RTT: Duration = Duration::from_millis(100);
+const SUSPICION: Duration = Duration::from_millis(1000);
+/// How often a member is probed, on links within [`RTT_BUDGET`].
+const PROBE_PERIOD: Duration = Duration::from_millis(300);
+/// How long a probed member's direct answer is waited for before others are asked to
+/// probe it, on links within [`RTT_BUDGET`].
+const PROBE_RTT: Duration = Duration::from_millis(100);
 
 /// The largest membership packet, chosen to fit a QUIC datagram on a 1200-byte path.
 pub const MAX_PACKET: usize = 1150;
@@ -707,16 +708,18 @@ impl Membership {
     /// A member that slows its own answers (say, by holding back its acknowledgements)
     /// delays this agent's probes of the others by at most 2.7 s each time it is probed
     /// (once per round of every member), and otherwise stretches only the detection of
-    /// itself. The median is the lower one over every
-    /// active member, a member with no open connection counting as fast: it moves only
-    /// when more than half of the members' links are slow. Addresses that are not members
-    /// are ignored. QUIC's estimate is smoothed (an eighth of each sample), so the stretch
-    /// lags a sudden load by a few round trips, and lingers on a connection idle since its
-    /// load (until it closes, 30 s idle).
+    /// itself. The median is the lower one over every active member, a member with no
+    /// open connection counting as fast: it moves only when more than half of the
+    /// members' links are slow. Addresses are taken in their canonical form (a dual-stack
+    /// socket reports IPv4 peers IPv6-mapped); those that are not members are ignored.
+    /// QUIC's estimate is smoothed (an eighth of each sample), so the stretch lags a
+    /// sudden load by a few round trips, and lingers on a connection idle since its load
+    /// (until it closes, 30 s idle).
     pub fn set_rtts(&mut self, rtts: impl IntoIterator<Item = (SocketAddr, Duration)>) {
         let index = &self.index.by_addr;
         self.rtts = rtts
             .into_iter()
+            .map(|(addr, rtt)| (SocketAddr::new(addr.ip().to_canonical(), addr.port()), rtt))
             .filter(|(addr, _)| index.get(addr).is_some_and(|(_, active)| *active))
             .collect();
         let mut all: Vec<Duration> = index
@@ -730,6 +733,11 @@ impl Membership {
             let lower = (all.len() - 1) / 2;
             *all.select_nth_unstable(lower).1
         };
+    }
+
+    /// The lower median of the members' round trips (see [`Self::set_rtts`]).
+    pub fn median_rtt(&self) -> Duration {
+        self.rtt_median
     }
 
     /// How many times the failure detection's timing stretches for the links' round trip:
@@ -1793,10 +1801,20 @@ mod tests {
         assert_eq!(after(&out[0]), PROBE_PERIOD * MAX_STRETCH);
         assert_eq!(after(&out[1]), ms(1000));
         assert_eq!(after(&out[2]), SUSPICION * MAX_STRETCH);
-        // Two of four slow (or one insider among two open connections): not the median.
+        // Two of four slow: not the median (nor one insider among two open connections,
+        // the others counting as fast).
         m.set_rtts(peers[..2].iter().map(|p| (p.addr, ms(400))));
         assert_eq!(m.stretch(None), 1);
         assert_eq!(m.stretch(Some(peers[2].addr)), 1);
+        m.set_rtts([(peers[0].addr, ms(400)), (peers[1].addr, ms(1))]);
+        assert_eq!(m.stretch(None), 1);
+        // As a dual-stack socket reports an IPv4 peer: the same member.
+        let mapped = |a: SocketAddr| match a.ip() {
+            std::net::IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), a.port()),
+            std::net::IpAddr::V6(_) => a,
+        };
+        m.set_rtts([(mapped(peers[0].addr), ms(400))]);
+        assert_eq!(m.stretch(Some(peers[0].addr)), 8);
         // Most links slow: every detection waits longer, by the median.
         m.set_rtts(peers[..3].iter().map(|p| (p.addr, ms(120))));
         assert_eq!(m.stretch(None), 3);
