@@ -1752,7 +1752,7 @@ mod tests {
     }
 
     #[test]
-    fn one_slow_member_stretches_only_the_detection_of_itself() {
+    fn a_slow_member_stretches_the_detection_of_itself_and_not_the_median() {
         let mut mesh = Mesh::new(&["a", "p1", "p2", "p3", "p4"], FORGET_DOWN_AFTER);
         let peers: Vec<MemberId> = mesh.nodes[1..].iter().map(|n| n.id().clone()).collect();
         let m = &mut mesh.nodes[0];
