@@ -491,38 +491,6 @@ fn a_peer_whose_list_is_not_this_revisions_is_dropped_and_what_it_was_asked_goes
 }
 
 #[test]
-fn the_patience_ends_once_and_then_wakes_nothing_until_a_chunk_comes() {
-    let t0 = Instant::now();
-    let config = small();
-    let all = chunks(4);
-    let mut s = Swarm::new("me", all.clone(), |_| false, config.clone());
-    s.add_peer(t0, "origin", Role::Origin);
-    s.add_peer(t0, "f", Role::Fetcher);
-    // f never says what it holds: the origin waits out the patience.
-    assert!(fetches(&drain(&mut s, t0)).is_empty());
-    let end = t0 + config.patience;
-    assert_eq!(s.poll_timeout(), Some(end));
-    s.handle_timeout(end);
-    let asked = fetches(&drain(&mut s, end));
-    assert_eq!(
-        asked.len(),
-        1,
-        "the origin, once patience is over: {asked:?}"
-    );
-    // Nothing comes: the next wake is the batch's deadline, not the past end of the
-    // patience (which would wake the driver again at once, for ever).
-    let next = s.poll_timeout().expect("the batch's deadline");
-    assert!(next > end, "a wake in the past: {next:?}");
-    s.handle_timeout(next - Duration::from_millis(1));
-    assert_eq!(s.poll_timeout(), Some(next));
-    // A chunk stored: the patience runs again from it.
-    let (batch, _, ids) = &asked[0];
-    let at = end + Duration::from_millis(10);
-    s.handle_chunk(at, *batch, &ids[0], Got::Stored);
-    assert_eq!(s.poll_timeout(), Some(at + config.patience));
-}
-
-#[test]
 fn a_chunk_in_flight_is_asked_again_only_in_the_end_game_and_only_of_an_idle_peer() {
     let now = Instant::now();
     let (mut s, all) = two_fetchers(now);
