@@ -373,8 +373,7 @@ impl Swarm {
                 state.holds = Holds::Some(bits);
             }
             Some(_) => {
-                // Through `drop_peer`: what it was asked for goes back at once.
-                self.drop_peer(peer, "its list of chunks held is not this revision's");
+                state.dropped = Some("its list of chunks held is not this revision's".into());
                 return;
             }
             None => state.holds = Holds::Some(vec![false; n]),
@@ -869,8 +868,8 @@ impl Swarm {
     }
 
     /// Counts a failure against `peer`, dropping it after [`Config::strikes`]; whether it
-    /// is still in. An origin is not dropped (what only it holds comes from nowhere else,
-    /// and many hosts asking it at once make it slow): it is left alone for
+    /// is still in. An origin is not dropped (what only it holds comes from nowhere else, and many
+    /// hosts asking it at once make it slow): it is left alone for
     /// [`Config::origin_rest`] instead; a fetch it cannot serve ends by the driver's own
     /// deadline.
     fn strike(&mut self, now: Instant, peer: &str, why: &str) -> bool {
