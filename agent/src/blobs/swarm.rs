@@ -868,8 +868,8 @@ impl Swarm {
     }
 
     /// Counts a failure against `peer`, dropping it after [`Config::strikes`]; whether it
-    /// is still in. An origin is not dropped (what only it holds comes from nowhere else, and many
-    /// hosts asking it at once make it slow): it is left alone for
+    /// is still in. An origin is not dropped (what only it holds comes from nowhere else,
+    /// and many hosts asking it at once make it slow): it is left alone for
     /// [`Config::origin_rest`] instead; a fetch it cannot serve ends by the driver's own
     /// deadline.
     fn strike(&mut self, now: Instant, peer: &str, why: &str) -> bool {

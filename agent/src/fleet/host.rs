@@ -488,10 +488,10 @@ impl HostSide {
     }
 
     /// Fetches the revision from its holders. Holders that are busy serving others, that
-    /// do not hold it yet or that cannot be reached are asked again after a pause, the list of holders read
-    /// again from gossip each time (hosts that fetched it serve it too), for at most
-    /// [`FETCH_WITHIN`]; holders that all served something other than the revision, an
-    /// invalid request or this host's own store failing end it at once.
+    /// do not hold it yet or that cannot be reached are asked again after a pause, the
+    /// list of holders read again from gossip each time (hosts that fetched it serve it
+    /// too), for at most [`FETCH_WITHIN`]; holders that all served something other than
+    /// the revision, an invalid request or this host's own store failing end it at once.
     async fn fetch(
         &self,
         intent: &Intent,
