@@ -416,14 +416,28 @@ fn on_shaped_links_six_hosts_get_a_revision_sooner_as_a_swarm_than_from_the_uplo
         ("uploader only", &report.origin_only),
     ] {
         eprintln!(
-            "{mode}: last host {:.1} s (S/B {:.1} s), uploader sent {} bytes, per host {:?}",
-            run.last, report.limit, run.uploader_sent, run.per_host
+            "{mode}: last host {:.1} s (S/B {:.1} s), uploader sent {} bytes, per host {:?}, \
+             false deaths seen, summed over agents {}",
+            run.last, report.limit, run.uploader_sent, run.per_host, run.false_deaths_seen
         );
         for second in shaped::timeline(run) {
             eprintln!("  {second:?}");
         }
     }
     let (swarm, origin) = (&report.swarm, &report.origin_only);
+    // Full links delay the membership's probes by up to the queues' 100 ms each way; every
+    // agent stayed up, so none may be declared dead for it (a deployment would lose it).
+    // One is let through: the first seconds of the load, before QUIC's smoothed round
+    // trip catches up (the bench at 16 hosts still sees one): seen by all 6 others, with
+    // the victim's rejoin, it counts 7.
+    for (mode, run) in [("swarm", swarm), ("uploader only", origin)] {
+        assert!(
+            run.false_deaths_seen <= 7,
+            "{mode}: agents that stayed up were declared dead while the revision moved \
+             ({} deaths seen and rejoins, summed over agents)",
+            run.false_deaths_seen
+        );
+    }
     assert!(
         swarm.uploader_sent < 2 * bytes as u64,
         "the uploader sent {} bytes through the swarm, for a revision of {bytes}",

@@ -153,8 +153,8 @@ impl Browser {
                 Some(serde_json::json!({})),
             ) {
                 Ok(_) => return,
-                Err(why) if attempt < 5 && why.contains("stale element reference") => {}
-                Err(why) => panic!("{why}"),
+                Err(e) if attempt < 5 && e.code == "stale element reference" => {}
+                Err(e) => panic!("{}", e.message),
             }
         }
     }
@@ -192,7 +192,14 @@ fn call(
     url: &str,
     body: Option<serde_json::Value>,
 ) -> serde_json::Value {
-    try_call(agent, method, url, body).unwrap_or_else(|why| panic!("{why}"))
+    try_call(agent, method, url, body).unwrap_or_else(|e| panic!("{}", e.message))
+}
+
+/// A WebDriver error: its W3C error code (`value.error`, such as "stale element
+/// reference"), and the whole call and answer for a message.
+struct WebDriverError {
+    code: String,
+    message: String,
 }
 
 /// One WebDriver call; its `value`, or the WebDriver's error.
@@ -201,7 +208,7 @@ fn try_call(
     method: &str,
     url: &str,
     body: Option<serde_json::Value>,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, WebDriverError> {
     let response = match (method, body) {
         ("POST", Some(b)) => agent
             .post(url)
@@ -214,7 +221,10 @@ fn try_call(
     let text = response.into_body().read_to_string().unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     if !status.is_success() {
-        return Err(format!("{method} {url}: {status} {v}"));
+        return Err(WebDriverError {
+            code: v["value"]["error"].as_str().unwrap_or_default().to_string(),
+            message: format!("{method} {url}: {status} {v}"),
+        });
     }
     Ok(v["value"].clone())
 }

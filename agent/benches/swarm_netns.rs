@@ -45,19 +45,23 @@ fn main() {
          S/B = {:.1} s\n",
         r.limit
     );
-    println!("| mode | last host | × S/B | first host | median host | uploader sent | × S |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| mode | last host | × S/B | first host | median host | uploader sent | × S | \
+         false deaths seen, summed over agents |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (mode, run) in [("swarm", &r.swarm), ("uploader only", &r.origin_only)] {
         let mut times: Vec<f64> = run.per_host.iter().map(|(_, t)| *t).collect();
         times.sort_by(f64::total_cmp);
         println!(
-            "| {mode} | {:.1} s | {:.2} | {:.1} s | {:.1} s | {:.0} MiB | {:.2} |",
+            "| {mode} | {:.1} s | {:.2} | {:.1} s | {:.1} s | {:.0} MiB | {:.2} | {} |",
             run.last,
             run.last / r.limit,
             times[0],
             times[times.len() / 2],
             mb(run.uploader_sent),
-            run.uploader_sent as f64 / r.bytes as f64
+            run.uploader_sent as f64 / r.bytes as f64,
+            run.false_deaths_seen
         );
     }
     println!(

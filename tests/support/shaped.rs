@@ -125,6 +125,11 @@ pub struct Run {
     pub last: f64,
     pub uploader_sent: u64,
     pub links: Vec<Sample>,
+    /// Summed over every agent, the deaths it saw and its own rejoins
+    /// (`shoal_mesh_member_changes_total`): every agent was up all along, so each is a
+    /// failure detection fooled by the load. One false death seen by all 16 others of a
+    /// 17-agent mesh, and the victim's rejoin, count 17.
+    pub false_deaths_seen: u64,
 }
 
 /// What every link had carried by `at` seconds after the deployment's creation: per host
@@ -363,7 +368,25 @@ pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u3
             .map(|(a, t)| (a.name.clone(), t.unwrap()))
             .collect();
         let last = per_host.iter().map(|(_, t)| *t).fold(0.0, f64::max);
-        let uploader_sent = sent(viewer, metrics(viewer));
+        let uploader_sent = metric(
+            viewer,
+            metrics(viewer),
+            "shoal_bundle_bytes_total{direction=\"sent\"}",
+        )
+        .unwrap_or(0);
+        let false_deaths_seen = fleet
+            .iter()
+            .map(|a| {
+                ["dead", "rejoined"]
+                    .iter()
+                    .map(|kind| {
+                        let name = format!("shoal_mesh_member_changes_total{{kind=\"{kind}\"}}");
+                        metric(a, metrics(a), &name)
+                            .unwrap_or_else(|| panic!("{} does not show {name}", a.name))
+                    })
+                    .sum::<u64>()
+            })
+            .sum();
         if let Some(bytes) = net.link_bytes() {
             links.push(Sample {
                 at: since_created(),
@@ -375,6 +398,7 @@ pub fn swarm_against_origin(root: &Path, net: &ShapedNet, bytes: usize, mbit: u3
             last,
             uploader_sent,
             links,
+            false_deaths_seen,
         });
     }
     let origin_only = runs.pop().unwrap();
@@ -396,8 +420,9 @@ fn revision_with(root: &Path, name: &str, model: &[u8]) -> PathBuf {
     dir
 }
 
-/// `shoal_bundle_bytes_total{direction="sent"}` of `agent`, read from inside its namespace.
-fn sent(agent: &Agent, metrics: SocketAddr) -> u64 {
+/// The value of the metric `name` (with its labels) of `agent`, read from inside its
+/// namespace; `None` if the agent does not show it. A scrape that fails is a panic.
+fn metric(agent: &Agent, metrics: SocketAddr, name: &str) -> Option<u64> {
     let o = Command::new("ip")
         .args([
             "netns",
@@ -409,10 +434,16 @@ fn sent(agent: &Agent, metrics: SocketAddr) -> u64 {
         .arg(format!("http://{metrics}/metrics"))
         .output()
         .unwrap();
+    assert!(
+        o.status.success(),
+        "scraping {}'s metrics: {}",
+        agent.name,
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout)
         .lines()
-        .find(|l| l.starts_with("shoal_bundle_bytes_total{direction=\"sent\"}"))
+        .find(|l| l.split_once(' ').is_some_and(|(n, _)| n == name))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+        .map(|v| v as u64)
 }

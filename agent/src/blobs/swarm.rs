@@ -373,7 +373,8 @@ impl Swarm {
                 state.holds = Holds::Some(bits);
             }
             Some(_) => {
-                state.dropped = Some("its list of chunks held is not this revision's".into());
+                // Through `drop_peer`: what it was asked for goes back at once.
+                self.drop_peer(peer, "its list of chunks held is not this revision's");
                 return;
             }
             None => state.holds = Holds::Some(vec![false; n]),

@@ -4,7 +4,8 @@
 //! Two kinds of numbers:
 //! - **Counted where they happen**, through [`metrics()`], the one process-wide set: hook
 //!   runs and their durations, hook loads by cache level, deployments on this host by
-//!   outcome, service restarts, membership packets, bundle bytes, open mesh connections.
+//!   outcome, service restarts, membership packets, members declared dead and rejoins,
+//!   bundle bytes, open mesh connections.
 //!   Counting is an atomic add; nothing is kept per deployment or per peer, so the label
 //!   sets are small and bounded (events, outcomes, directions, and the host's own apps).
 //! - **Read at scrape time** ([`Snapshot`], filled by the server from the mesh and the
@@ -58,6 +59,26 @@ pub struct Outcome {
     pub outcome: String,
 }
 
+/// A change of membership worth counting ([`Metrics::member_changes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// A member declared down without leaving.
+    Dead,
+    /// This agent had been declared down, and rejoined.
+    Rejoined,
+}
+
+impl MemberChange {
+    const ALL: [MemberChange; 2] = [MemberChange::Dead, MemberChange::Rejoined];
+
+    fn label(self) -> &'static str {
+        match self {
+            MemberChange::Dead => "dead",
+            MemberChange::Rejoined => "rejoined",
+        }
+    }
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric of the agent. Get it with [`metrics()`].
@@ -79,6 +100,11 @@ pub struct Metrics {
     pub bundle_bytes: Family<Direction, Counter>,
     /// Mesh connections open now.
     pub mesh_connections: Gauge,
+    /// Changes of membership this agent saw, by kind: `dead` (a member declared down
+    /// without leaving), `rejoined` (this agent had been declared down). On a healthy mesh
+    /// both stay at 0; a rising `dead` with every host up means the failure detection is
+    /// fooled (see `mesh/core.rs`, `Health` and the links' round trip).
+    pub member_changes: Family<Kind, Counter>,
     // Read at scrape time.
     members: Family<State, Gauge>,
     deployments: Family<Status, Gauge>,
@@ -133,6 +159,7 @@ impl Metrics {
             gossip_messages: Family::default(),
             bundle_bytes: Family::default(),
             mesh_connections: Gauge::default(),
+            member_changes: Family::default(),
             members: Family::default(),
             deployments: Family::default(),
             raft_term: Gauge::default(),
@@ -179,6 +206,11 @@ impl Metrics {
             m.mesh_connections.clone(),
         );
         registry.register(
+            "mesh_member_changes",
+            "Members declared dead (not left), and times this agent was declared down and rejoined",
+            m.member_changes.clone(),
+        );
+        registry.register(
             "mesh_members",
             "Members of the mesh by state, as this agent sees them",
             m.members.clone(),
@@ -208,6 +240,12 @@ impl Metrics {
             "Work the mesh dropped or refused, by kind",
             m.dropped.clone(),
         );
+        // Shown at 0 from the start: a scrape tells "none" from "not counted".
+        for change in MemberChange::ALL {
+            let _zero = m.member_changes.get_or_create(&Kind {
+                kind: change.label().to_owned(),
+            });
+        }
         Metrics { registry, ..m }
     }
 
@@ -226,6 +264,15 @@ impl Metrics {
         self.hook_loads
             .get_or_create(&Kind {
                 kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a change of membership.
+    pub fn member_changed(&self, change: MemberChange) {
+        self.member_changes
+            .get_or_create(&Kind {
+                kind: change.label().to_owned(),
             })
             .inc();
     }

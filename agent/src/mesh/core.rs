@@ -24,6 +24,8 @@ use crate::mesh::node::LocalState;
 pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(1);
 /// How often an agent with no live member announces itself to its seeds again.
 pub const REJOIN_EVERY: Duration = Duration::from_secs(2);
+/// How often the driver hands in the connections' round trips ([`Core::handle_rtts`]).
+pub const RTTS_EVERY: Duration = Duration::from_millis(500);
 /// How often the members' addresses are remembered and dissemination refitted.
 pub const REMEMBER_EVERY: Duration = Duration::from_secs(10);
 
@@ -95,6 +97,8 @@ pub struct Core {
     wall_ms_at_start: u64,
     started: Instant,
     health: Health,
+    /// The links' round trip stretches the failure detection (said once per change).
+    slow_links: bool,
 }
 
 /// This agent's own health, after Lifeguard's "local health multiplier" (memberlist): an
@@ -159,6 +163,7 @@ impl Core {
                 level: 0,
                 calm_since: now,
             },
+            slow_links: false,
         };
         core.timers
             .push(now + ANTI_ENTROPY_EVERY, Timer::AntiEntropy);
@@ -242,6 +247,36 @@ impl Core {
             let out = self.membership.expel(&name);
             self.apply(now, out);
             self.table.forget(&name);
+        }
+    }
+
+    /// The round trip measured on each open connection (QUIC's smoothed RTT), every
+    /// [`RTTS_EVERY`]: the failure detection waits longer on slow or loaded links (see
+    /// [`Membership::set_rtts`]).
+    pub fn handle_rtts(&mut self, rtts: impl IntoIterator<Item = (SocketAddr, Duration)>) {
+        let before = self.membership.stretch(None);
+        self.membership.set_rtts(rtts);
+        let after = self.membership.stretch(None);
+        let median = self.membership.median_rtt();
+        // Said when the links turn slow, and when they are fast again with room to spare:
+        // a round trip near 50 ms would otherwise log it twice a second. The steps
+        // between, at debug.
+        if !self.slow_links && after >= 2 {
+            self.slow_links = true;
+            tracing::info!(
+                stretch = after,
+                median_rtt_ms = median.as_millis() as u64,
+                "the links' round trip changed: the failure detection waits {after} times \
+                 as long as on a fast link"
+            );
+        } else if self.slow_links && median < membership::RTT_BUDGET * 4 / 5 {
+            self.slow_links = false;
+            tracing::info!(
+                median_rtt_ms = median.as_millis() as u64,
+                "the links' round trip changed: the failure detection is as on a fast link"
+            );
+        } else if after != before {
+            tracing::debug!(stretch = after, "the links' round trip changed");
         }
     }
 

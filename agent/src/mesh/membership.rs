@@ -202,6 +202,13 @@ pub const MAX_INCARNATION_STEP: u16 = 16;
 /// The most an overloaded agent stretches its timeouts: `1 + MAX_OVERLOAD` times (see
 /// [`Membership::set_overload`]).
 pub const MAX_OVERLOAD: u8 = 4;
+/// The round trip the probe timing is made for: half of `probe_rtt` (see [`config`]), so an
+/// answer on a link this slow still comes in time.
+pub const RTT_BUDGET: Duration = Duration::from_millis(50);
+/// The most the links' round trip stretches the failure detection (see
+/// [`Membership::set_rtts`]): probes then wait up to 1 s for an answer, and a suspect has
+/// up to 10 s to refute.
+pub const MAX_STRETCH: u32 = 10;
 const GRACE_VERIFY_RETRY: Duration = Duration::from_millis(500);
 const GRACE_VERIFY_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -247,6 +254,9 @@ pub struct MembershipStats {
     pub members_forgotten: u64,
     /// Errors foca reported on packets that passed the checks (logged, not refused).
     pub protocol_errors: u64,
+    /// Errors foca reported on its own timers (an incomplete probe cycle: the next probe
+    /// came before the indirect probes of the last one). Logged.
+    pub timer_errors: u64,
 }
 
 /// A malformed, foreign or lying packet; the membership is unchanged.
@@ -375,7 +385,8 @@ fn uncount(counts: &mut HashMap<String, usize>, key: &str) {
 /// How the mesh behaves. Tuned for a LAN of agents:
 /// - failure detection: a probe every 300 ms (an answer expected within 100 ms, else
 ///   indirect probes through others), and a suspect declared down after 1 s (over three
-///   probe periods to refute a false suspicion);
+///   probe periods to refute a false suspicion); all stretched on slower links (see
+///   [`Membership::set_rtts`]);
 /// - dissemination: every update is piggybacked twice as often as foca's default, since a
 ///   member that misses all its copies otherwise learns of it only by chance;
 /// - fast news: pending updates (a suspicion, a death) are also gossiped to 3 members every
@@ -391,9 +402,9 @@ fn uncount(counts: &mut HashMap<String, usize>, key: &str) {
 /// - packets fit a QUIC datagram.
 pub fn config(cluster_size: u32, forget_down_after: Duration) -> Config {
     let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
-    c.probe_period = Duration::from_millis(300);
-    c.probe_rtt = Duration::from_millis(100);
-    c.suspect_to_down_after = Duration::from_millis(1000);
+    c.probe_period = PROBE_PERIOD;
+    c.probe_rtt = PROBE_RTT;
+    c.suspect_to_down_after = SUSPICION;
     c.max_transmissions = c
         .max_transmissions
         .saturating_mul(NonZeroU8::new(2).expect("non-zero"));
@@ -424,6 +435,14 @@ pub fn startup_config(cluster_size: u32, forget_down_after: Duration) -> Config 
     c.suspect_to_down_after = Duration::from_secs(10);
     c
 }
+
+/// How long a suspect has to refute, on links within [`RTT_BUDGET`] and an agent on time.
+const SUSPICION: Duration = Duration::from_millis(1000);
+/// How often a member is probed, on links within [`RTT_BUDGET`].
+const PROBE_PERIOD: Duration = Duration::from_millis(300);
+/// How long a probed member's direct answer is waited for before others are asked to
+/// probe it, on links within [`RTT_BUDGET`].
+const PROBE_RTT: Duration = Duration::from_millis(100);
 
 /// The largest membership packet, chosen to fit a QUIC datagram on a 1200-byte path.
 pub const MAX_PACKET: usize = 1150;
@@ -518,6 +537,9 @@ struct Verification {
 /// One agent's view of the mesh.
 pub struct Membership {
     foca: Foca<MemberId, PostcardCodec, StdRng, NoCustomBroadcast>,
+    /// The measured round trip to each member (see [`Self::set_rtts`]), and its median.
+    rtts: HashMap<SocketAddr, Duration>,
+    rtt_median: Duration,
     /// The cluster size the current configuration was made for (see [`Self::fit_size`]).
     sized_for: u32,
     forget_down_after: Duration,
@@ -567,6 +589,8 @@ impl Membership {
         let suspicion = config.suspect_to_down_after;
         Membership {
             foca: Foca::new(id, config, StdRng::seed_from_u64(seed), PostcardCodec),
+            rtts: HashMap::new(),
+            rtt_median: Duration::ZERO,
             sized_for: 0,
             forget_down_after,
             index: Index::default(),
@@ -666,6 +690,104 @@ impl Membership {
     /// How long a suspect has to refute before it is declared down, as configured now.
     pub fn suspicion(&self) -> Duration {
         self.suspicion
+    }
+
+    /// Takes the round trip measured to each member: QUIC's smoothed RTT of its connection,
+    /// which counts the time packets wait in the queues of loaded links. foca's probe
+    /// timing is made for a round trip within [`RTT_BUDGET`]; a slower link (a full
+    /// uplink while a large revision moves, a link across the world) would fail probes of
+    /// members that are fine, and suspicion would outrun refutation. So the timing
+    /// stretches by the round trip over the budget, at most [`MAX_STRETCH`] times, by the
+    /// median round trip (the links in general) and the member's own:
+    /// - the probe cycle (the wait for a direct answer, then indirect probes through
+    ///   others, which cross the same links) by the larger of the two for the member
+    ///   probed;
+    /// - a suspect's time to refute, and this agent's own check of a reported death, by
+    ///   the larger of the two.
+    ///
+    /// A member that slows its own answers (say, by holding back its acknowledgements)
+    /// delays this agent's probes of the others by at most 2.7 s each time it is probed
+    /// (once per round of every member), and otherwise stretches only the detection of
+    /// itself. The median is the lower one over every active member, a member with no
+    /// open connection counting as fast: it moves only when more than half of the
+    /// members' links are slow. Addresses are taken in their canonical form (a dual-stack
+    /// socket reports IPv4 peers IPv6-mapped); those that are not members are ignored.
+    /// QUIC's estimate is smoothed (an eighth of each sample), so the stretch lags a
+    /// sudden load by a few round trips, and lingers on a connection idle since its load
+    /// (until it closes, 30 s idle).
+    pub fn set_rtts(&mut self, rtts: impl IntoIterator<Item = (SocketAddr, Duration)>) {
+        let index = &self.index.by_addr;
+        self.rtts = rtts
+            .into_iter()
+            .map(|(addr, rtt)| (SocketAddr::new(addr.ip().to_canonical(), addr.port()), rtt))
+            .filter(|(addr, _)| index.get(addr).is_some_and(|(_, active)| *active))
+            .collect();
+        let mut all: Vec<Duration> = index
+            .iter()
+            .filter(|(_, (_, active))| *active)
+            .map(|(addr, _)| self.rtts.get(addr).copied().unwrap_or_default())
+            .collect();
+        self.rtt_median = if all.is_empty() {
+            Duration::ZERO
+        } else {
+            let lower = (all.len() - 1) / 2;
+            *all.select_nth_unstable(lower).1
+        };
+    }
+
+    /// The lower median of the members' round trips (see [`Self::set_rtts`]).
+    pub fn median_rtt(&self) -> Duration {
+        self.rtt_median
+    }
+
+    /// How many times the failure detection's timing stretches for the links' round trip:
+    /// by the median, and about `member` by its own too (see [`Self::set_rtts`]).
+    pub fn stretch(&self, member: Option<SocketAddr>) -> u32 {
+        let own = member
+            .and_then(|a| self.rtts.get(&a).copied())
+            .unwrap_or_default();
+        let rtt = self.rtt_median.max(own);
+        let times = rtt.as_nanos().div_ceil(RTT_BUDGET.as_nanos());
+        u32::try_from(times)
+            .unwrap_or(u32::MAX)
+            .clamp(1, MAX_STRETCH)
+    }
+
+    /// Stretches foca's probe and suspicion timers in `out` by the links' round trip (see
+    /// [`Self::set_rtts`]); foca refuses new probe timings once running, so they are
+    /// stretched here, as they are scheduled. The next probe is stretched as the current
+    /// one's wait for a direct answer, so indirect probes (which cross the same slow
+    /// links) keep their share of the period, and always fire before it (foca counts an
+    /// incomplete probe cycle otherwise).
+    fn stretch_timers(&self, out: &mut [Output]) {
+        let probed = out.iter().find_map(|o| match o {
+            Output::Schedule {
+                timer: Timer(TimerKind::Swim(foca::Timer::SendIndirectProbe { probed_id, .. })),
+                ..
+            } => Some(probed_id.addr),
+            _ => None,
+        });
+        for o in out {
+            let Output::Schedule {
+                timer: Timer(TimerKind::Swim(t)),
+                after,
+            } = o
+            else {
+                continue;
+            };
+            match t {
+                foca::Timer::ProbeRandomMember(_) => *after *= self.stretch(probed),
+                foca::Timer::SendIndirectProbe { probed_id, .. } => {
+                    *after *= self.stretch(Some(probed_id.addr))
+                }
+                // The longest any reason asks for: this agent's overload or the start-up
+                // grace (already in `after`), or the links.
+                foca::Timer::ChangeSuspectToDown { member_id, .. } => {
+                    *after = (*after).max(SUSPICION * self.stretch(Some(member_id.addr)))
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Turns the start-up grace on or off (see [`STARTUP_GRACE`]).
@@ -895,6 +1017,7 @@ impl Membership {
                     ..Collect::default()
                 };
                 if let Err(e) = self.foca.handle_timer(t, &mut c) {
+                    self.stats.timer_errors += 1;
                     tracing::debug!("membership timer: {e}");
                 }
                 self.absorb(c)
@@ -1185,7 +1308,7 @@ impl Membership {
         } else {
             (VERIFY_RETRY, VERIFY_DEADLINE)
         };
-        let stretch = 1 + u32::from(self.overload);
+        let stretch = (1 + u32::from(self.overload)).max(self.stretch(Some(id.addr)));
         let (retry, limit) = (retry * stretch, limit * stretch);
         for (after, deadline) in [(retry, false), (limit, true)] {
             out.push(Output::Schedule {
@@ -1338,6 +1461,7 @@ impl Membership {
             tracing::warn!("the membership index fell out of step with foca; rebuilt");
             self.rebuild_index(&mut gone);
         }
+        self.stretch_timers(&mut out);
         out.extend(gone.into_iter().map(Output::Forgotten));
         // Down and never heard from first-hand: most likely invented; forgotten soon.
         out.extend(never_heard.into_iter().map(|id| Output::Schedule {
@@ -1422,6 +1546,12 @@ mod tests {
         seen: Vec<(usize, Output)>,
         /// Every address sent to, per node.
         sent_to: Vec<(usize, SocketAddr)>,
+        /// How long a packet takes, in ms (5 unless a test says otherwise).
+        latency: u64,
+        /// One packet in this many is lost (none if 0): the queue of a full link
+        /// overflowing. Which ones is deterministic.
+        lose_every: u64,
+        sent: u64,
     }
 
     impl Mesh {
@@ -1445,6 +1575,9 @@ mod tests {
                 muted: HashSet::new(),
                 seen: Vec::new(),
                 sent_to: Vec::new(),
+                latency: 5,
+                lose_every: 0,
+                sent: 0,
             };
             for i in 1..names.len() {
                 let out = mesh.nodes[i].join(id(names[0], 7000).addr);
@@ -1469,7 +1602,16 @@ mod tests {
                         self.sent_to.push((node, to.addr));
                         let from = self.nodes[node].id().clone();
                         if let Some(j) = self.nodes.iter().position(|n| n.id().addr == to.addr) {
-                            self.at(self.now + 5, j, Ev::Data(from.name, from.addr, data));
+                            self.sent += 1;
+                            let lost = self.lose_every > 0
+                                && self
+                                    .sent
+                                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                                    .is_multiple_of(self.lose_every);
+                            if !lost {
+                                let at = self.now + self.latency;
+                                self.at(at, j, Ev::Data(from.name, from.addr, data));
+                            }
                         }
                     }
                     Output::Schedule { timer, after } => {
@@ -1552,6 +1694,134 @@ mod tests {
         }
         assert!(data.len() <= MAX_PACKET);
         data
+    }
+
+    /// Four members on loaded links: a round trip of 400 ms (four times the probes' wait)
+    /// and one packet in ten lost, the round trip told to each member or not; the deaths
+    /// they saw in a minute.
+    fn deaths_on_slow_links(told: bool) -> (Mesh, usize) {
+        let names = ["a", "b", "c", "d"];
+        let mut mesh = Mesh::new(&names, FORGET_DOWN_AFTER);
+        mesh.latency = 200;
+        mesh.lose_every = 10;
+        let addrs: Vec<SocketAddr> = mesh.nodes.iter().map(|n| n.id().addr).collect();
+        if told {
+            for node in &mut mesh.nodes {
+                let own = node.id().addr;
+                node.set_rtts(
+                    addrs
+                        .iter()
+                        .filter(|a| **a != own)
+                        .map(|a| (*a, Duration::from_millis(400))),
+                );
+            }
+        }
+        mesh.run(60_000);
+        let deaths = (0..names.len())
+            .map(|n| names.iter().map(|m| mesh.downs(n, m)).sum::<usize>())
+            .sum();
+        (mesh, deaths)
+    }
+
+    #[test]
+    fn on_slow_links_members_that_are_fine_are_not_declared_down() {
+        // Without the round trip, probes time out and suspicions outrun refutations: the
+        // check that this setting does fool the fixed timing.
+        let (_, fooled) = deaths_on_slow_links(false);
+        assert!(
+            fooled > 0,
+            "no false death without the round trip: the test shows nothing"
+        );
+        let (mut mesh, deaths) = deaths_on_slow_links(true);
+        assert_eq!(deaths, 0, "members that are fine were declared down");
+        for node in &mesh.nodes {
+            assert_eq!(
+                node.stats().timer_errors,
+                0,
+                "a probe cycle broken by the stretch"
+            );
+        }
+        assert_eq!(mesh.nodes[0].stretch(None), 8);
+        // A member that really stops is still declared down by every other, within the
+        // stretched probe cycle and suspicion (8 × 300 ms, 8 × 1 s, and gossip's way).
+        mesh.muted.insert(3);
+        mesh.run(20_000);
+        for n in 0..3 {
+            assert_eq!(mesh.downs(n, "d"), 1, "member {n} saw d die");
+        }
+    }
+
+    #[test]
+    fn a_slow_member_stretches_the_detection_of_itself_and_not_the_median() {
+        let mut mesh = Mesh::new(&["a", "p1", "p2", "p3", "p4"], FORGET_DOWN_AFTER);
+        let peers: Vec<MemberId> = mesh.nodes[1..].iter().map(|n| n.id().clone()).collect();
+        let m = &mut mesh.nodes[0];
+        let ms = Duration::from_millis;
+        // p1 answers in 5 s (or says so by holding back its acknowledgements); the others
+        // in 1 ms; an address that is no member is ignored.
+        m.set_rtts(
+            peers
+                .iter()
+                .map(|p| (p.addr, ms(if p.name == "p1" { 5000 } else { 1 })))
+                .chain([(id("stranger", 9999).addr, ms(5000))]),
+        );
+        assert_eq!(m.stretch(None), 1);
+        assert_eq!(m.stretch(Some(peers[1].addr)), 1);
+        assert_eq!(m.stretch(Some(peers[0].addr)), MAX_STRETCH, "capped");
+        assert_eq!(m.stretch(Some(id("stranger", 9999).addr)), 1);
+        // Probing p1 waits longer, for its direct answer and its indirect probes: the
+        // cycle is stretched whole. Its suspicion has the longest time.
+        let swim = |t: foca::Timer<MemberId>, after: Duration| Output::Schedule {
+            timer: Timer(TimerKind::Swim(t)),
+            after,
+        };
+        let after = |o: &Output| match o {
+            Output::Schedule { after, .. } => *after,
+            other => panic!("{other:?}"),
+        };
+        let mut out = vec![
+            swim(foca::Timer::ProbeRandomMember(0), PROBE_PERIOD),
+            swim(
+                foca::Timer::SendIndirectProbe {
+                    probed_id: peers[0].clone(),
+                    token: 0,
+                },
+                PROBE_RTT,
+            ),
+            swim(
+                foca::Timer::ChangeSuspectToDown {
+                    member_id: peers[0].clone(),
+                    incarnation: 0,
+                    token: 0,
+                },
+                SUSPICION,
+            ),
+        ];
+        m.stretch_timers(&mut out);
+        assert_eq!(after(&out[0]), PROBE_PERIOD * MAX_STRETCH);
+        assert_eq!(after(&out[1]), ms(1000));
+        assert_eq!(after(&out[2]), SUSPICION * MAX_STRETCH);
+        // Two of four slow: not the median (nor one insider among two open connections,
+        // the others counting as fast).
+        m.set_rtts(peers[..2].iter().map(|p| (p.addr, ms(400))));
+        assert_eq!(m.stretch(None), 1);
+        assert_eq!(m.stretch(Some(peers[2].addr)), 1);
+        m.set_rtts([(peers[0].addr, ms(400)), (peers[1].addr, ms(1))]);
+        assert_eq!(m.stretch(None), 1);
+        // As a dual-stack socket reports an IPv4 peer: the same member.
+        let mapped = |a: SocketAddr| match a.ip() {
+            std::net::IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), a.port()),
+            std::net::IpAddr::V6(_) => a,
+        };
+        m.set_rtts([(mapped(peers[0].addr), ms(400))]);
+        assert_eq!(m.stretch(Some(peers[0].addr)), 8);
+        // Most links slow: every detection waits longer, by the median.
+        m.set_rtts(peers[..3].iter().map(|p| (p.addr, ms(120))));
+        assert_eq!(m.stretch(None), 3);
+        assert_eq!(m.stretch(Some(peers[3].addr)), 3);
+        let mut out = vec![swim(foca::Timer::ProbeRandomMember(0), PROBE_PERIOD)];
+        m.stretch_timers(&mut out);
+        assert_eq!(after(&out[0]), PROBE_PERIOD * 3);
     }
 
     #[test]

@@ -663,6 +663,8 @@ impl Mesh {
         let mut report = tokio::time::interval(REPORT_EVERY);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported = dropped(&handle.drops, &core);
+        let mut rtts = tokio::time::interval(super::core::RTTS_EVERY);
+        rtts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut local_open = true;
         loop {
             let deadline = core
@@ -700,6 +702,7 @@ impl Mesh {
                     }
                     Err(_) => local_open = false,
                 },
+                _ = rtts.tick() => core.handle_rtts(driver.pool.rtts()),
                 _ = report.tick() => {
                     tracing::debug!(
                         open_connections = driver.pool.open(),
@@ -865,9 +868,13 @@ impl Driver {
                         tracing::info!(member = %id.name, addr = %id.addr, "member left");
                     } else {
                         tracing::warn!(member = %id.name, addr = %id.addr, "member is dead");
+                        crate::http::metrics::metrics()
+                            .member_changed(crate::http::metrics::MemberChange::Dead);
                     }
                 }
                 Event::Rejoined(id) => {
+                    crate::http::metrics::metrics()
+                        .member_changed(crate::http::metrics::MemberChange::Rejoined);
                     tracing::warn!(
                         bump = id.bump,
                         "the mesh had declared this agent down; rejoined"

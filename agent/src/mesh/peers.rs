@@ -289,6 +289,14 @@ impl Pool {
             .collect()
     }
 
+    /// The smoothed round trip of each open connection, by peer address.
+    pub fn rtts(&self) -> impl Iterator<Item = (SocketAddr, Duration)> + '_ {
+        self.slots.iter().filter_map(|(addr, s)| match s {
+            Slot::Connected(l) if l.conn.close_reason().is_none() => Some((*addr, l.conn.rtt())),
+            _ => None,
+        })
+    }
+
     /// Open connections.
     pub fn open(&self) -> usize {
         self.slots

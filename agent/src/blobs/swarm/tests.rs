@@ -459,14 +459,41 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     assert_eq!(rest, [&[1; 2][..], &[2; 5]].concat());
 }
 
-#[test]
-fn a_chunk_in_flight_is_asked_again_only_in_the_end_game_and_only_of_an_idle_peer() {
-    let now = Instant::now();
+/// A fetch of 4 chunks with two fetchers, "f1" and "f2", both asked what they hold.
+fn two_fetchers(now: Instant) -> (Swarm, Vec<(ChunkId, u32)>) {
     let all = chunks(4);
     let mut s = Swarm::new("me", all.clone(), |_| false, small());
     s.add_peer(now, "f1", Role::Fetcher);
     s.add_peer(now, "f2", Role::Fetcher);
     assert_eq!(drain(&mut s, now).len(), 2, "both asked what they hold");
+    (s, all)
+}
+
+#[test]
+fn a_peer_whose_list_is_not_this_revisions_is_dropped_and_what_it_was_asked_goes_back() {
+    let now = Instant::now();
+    let (mut s, all) = two_fetchers(now);
+    s.handle_have(now, "f1", Some(vec![true, true, false, false]));
+    let first = fetches(&drain(&mut s, now));
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].1, "f1");
+    // Its next list has 7 chunks: not this revision's.
+    s.handle_have(now, "f1", Some(vec![true; 7]));
+    assert_eq!(s.dropped()[0].0, "f1");
+    // f2 holds everything: it is asked for every chunk, f1's two among them, at once.
+    s.handle_have(now, "f2", Some(vec![true; 4]));
+    let asked: HashSet<ChunkId> = fetches(&drain(&mut s, now))
+        .into_iter()
+        .inspect(|(_, peer, _)| assert_eq!(peer, "f2"))
+        .flat_map(|(_, _, ids)| ids)
+        .collect();
+    assert_eq!(asked, all.iter().map(|(id, _)| *id).collect());
+}
+
+#[test]
+fn a_chunk_in_flight_is_asked_again_only_in_the_end_game_and_only_of_an_idle_peer() {
+    let now = Instant::now();
+    let (mut s, all) = two_fetchers(now);
     s.handle_have(now, "f1", Some(vec![true, true, false, false]));
     s.handle_have(now, "f2", Some(vec![true, true, false, false]));
     let first = fetches(&drain(&mut s, now));
