@@ -659,7 +659,8 @@ fn webhooks_get_each_event_once_signed_also_when_the_coordinator_is_killed_betwe
     let ca = Ca::new(tmp.path(), "fleet");
     let mut fleet = agents(tmp.path(), &ca, [127, 81, 3], 3);
     for a in fleet.iter_mut() {
-        tag(a, &[("role", "web")]);
+        let name = a.name.clone();
+        tag(a, &[("role", "web"), ("host", &name)]);
         // Every agent may come to coordinate: each names the same webhook.
         let mut config = std::fs::read_to_string(&a.config).unwrap();
         config.push_str(&format!(
@@ -693,14 +694,26 @@ fn webhooks_get_each_event_once_signed_also_when_the_coordinator_is_killed_betwe
 
     // v2: a canary of one host, then a bake; the coordinator is killed while it bakes,
     // after `start` was delivered and recorded, before `success`. Uploaded to agent-2, so
-    // that the revision outlives the coordinator (agent-1, which founded the log).
+    // that the revision outlives the coordinator (agent-1, which founded the log). The
+    // coordinator is not a target: a canary host that dies while it bakes trips the
+    // deployment's health gate (rightly: it fails and rolls back), and whether the mesh
+    // declared it dead before the bake's end would be a race.
+    let leader = status(&fleet[1], &ca.operator, &d1).unwrap()["coordinator"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let others: Vec<String> = fleet
+        .iter()
+        .map(|a| a.name.clone())
+        .filter(|n| *n != leader)
+        .collect();
     let v2 = revision(tmp.path(), "v2");
     let accepted = json(
         &create(
             &fleet[1],
             &ca.operator,
             &v2,
-            &[&targets[..], &["--canary", "10%:6s"]].concat(),
+            &["--targets", &by_host(&others), "--canary", "50%:6s"],
         ),
         "v2",
     );
