@@ -224,6 +224,9 @@ enum Timer {
     Have(String),
     /// A peer's rest after a busy answer is over.
     Rest,
+    /// The patience may be over (nothing stored since `progress_at`): a moment to decide
+    /// again. One at most is queued ([`Swarm::patience_armed`]).
+    Patience,
 }
 
 /// One revision's fetch: see the module documentation.
@@ -248,6 +251,8 @@ pub struct Swarm {
     fetched_bytes: u64,
     /// When a chunk was last stored (or the fetch began).
     progress_at: Option<Instant>,
+    /// A [`Timer::Patience`] is queued.
+    patience_armed: bool,
     /// Batches given up (late, or their peer dropped) whose answers may still come, and
     /// from whom: a corrupt chunk among them still drops its sender.
     given_up: HashMap<u64, String>,
@@ -292,6 +297,7 @@ impl Swarm {
             },
             fetched_bytes: 0,
             progress_at: None,
+            patience_armed: false,
             given_up: HashMap::new(),
             recent: Default::default(),
             recent_bytes: 0,
@@ -407,6 +413,7 @@ impl Swarm {
         };
         if got == Got::Stored {
             self.progress_at = Some(now);
+            self.arm_patience(now);
         }
         let Some(b) = self.batches.get_mut(&batch) else {
             // A batch given up (late, or from a dropped peer): what it stored still counts,
@@ -528,6 +535,12 @@ impl Swarm {
                     None => {}
                 },
                 Timer::Rest => {}
+                // Progress since may have moved its end: wait for that one. Once over, the
+                // patience wakes nothing until the next chunk is stored.
+                Timer::Patience => {
+                    self.patience_armed = false;
+                    self.arm_patience(now);
+                }
                 Timer::Have(peer) => {
                     if let Some(state) = self.peers.get_mut(&peer)
                         && state.role == Role::Fetcher
@@ -541,14 +554,19 @@ impl Swarm {
 
     /// When [`Swarm::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        // The end of the patience is a moment to decide again too.
-        let patience = self
-            .progress_at
-            .filter(|_| self.missing > 0)
-            .map(|at| at + self.config.patience);
-        match (self.timers.next_deadline(), patience) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        self.timers.next_deadline()
+    }
+
+    /// Queues the end of the patience, a moment to decide again (the origin may be asked
+    /// for anything then), unless one is queued already or it is over by `now`.
+    fn arm_patience(&mut self, now: Instant) {
+        if let Some(at) = self.progress_at
+            && !self.patience_armed
+            && self.missing > 0
+            && at + self.config.patience > now
+        {
+            self.patience_armed = true;
+            self.timers.push(at + self.config.patience, Timer::Patience);
         }
     }
 
@@ -573,6 +591,7 @@ impl Swarm {
         // Nothing stored for a while: the origin may be asked for any chunk, in the end
         // game too, and without waiting for peers that have not said what they hold.
         let since = *self.progress_at.get_or_insert(now);
+        self.arm_patience(now);
         let patient = now.saturating_duration_since(since) < self.config.patience;
         if self.batches.len() >= self.config.max_in_flight {
             return None;

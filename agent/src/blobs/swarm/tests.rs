@@ -459,6 +459,38 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     assert_eq!(rest, [&[1; 2][..], &[2; 5]].concat());
 }
 
+#[test]
+fn the_patience_ends_once_and_then_wakes_nothing_until_a_chunk_comes() {
+    let t0 = Instant::now();
+    let config = small();
+    let all = chunks(4);
+    let mut s = Swarm::new("me", all.clone(), |_| false, config.clone());
+    s.add_peer(t0, "origin", Role::Origin);
+    s.add_peer(t0, "f", Role::Fetcher);
+    // f never says what it holds: the origin waits out the patience.
+    assert!(fetches(&drain(&mut s, t0)).is_empty());
+    let end = t0 + config.patience;
+    assert_eq!(s.poll_timeout(), Some(end));
+    s.handle_timeout(end);
+    let asked = fetches(&drain(&mut s, end));
+    assert_eq!(
+        asked.len(),
+        1,
+        "the origin, once patience is over: {asked:?}"
+    );
+    // Nothing comes: the next wake is the batch's deadline, not the past end of the
+    // patience (which would wake the driver again at once, for ever).
+    let next = s.poll_timeout().expect("the batch's deadline");
+    assert!(next > end, "a wake in the past: {next:?}");
+    s.handle_timeout(next - Duration::from_millis(1));
+    assert_eq!(s.poll_timeout(), Some(next));
+    // A chunk stored: the patience runs again from it.
+    let (batch, _, ids) = &asked[0];
+    let at = end + Duration::from_millis(10);
+    s.handle_chunk(at, *batch, &ids[0], Got::Stored);
+    assert_eq!(s.poll_timeout(), Some(at + config.patience));
+}
+
 /// A fetch of 4 chunks with two fetchers, "f1" and "f2", both asked what they hold.
 fn two_fetchers(now: Instant) -> (Swarm, Vec<(ChunkId, u32)>) {
     let all = chunks(4);
