@@ -7,7 +7,7 @@
 //! message to the core that owns it, and decides what follows a member coming up, going
 //! down or this agent rejoining. `node.rs` is the thin tokio layer that does the IO.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,19 @@ pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(1);
 pub const REJOIN_EVERY: Duration = Duration::from_secs(2);
 /// How often the driver hands in the connections' round trips ([`Core::handle_rtts`]).
 pub const RTTS_EVERY: Duration = Duration::from_millis(500);
+/// How long a connection's round trip counts after the last packet that came in on it
+/// ([`Core::handle_rtts`]): a member that died while its link was loaded keeps its last
+/// (long) round trip until the connection closes, and would be given up that much later.
+pub const RTT_FRESH: Duration = Duration::from_secs(2);
+
+/// One open connection's state as the driver samples it for [`Core::handle_rtts`].
+#[derive(Clone, Copy, Debug)]
+pub struct LinkSample {
+    /// QUIC's smoothed round trip.
+    pub rtt: Duration,
+    /// Datagrams received on the connection so far.
+    pub received: u64,
+}
 /// How often the members' addresses are remembered and dissemination refitted.
 pub const REMEMBER_EVERY: Duration = Duration::from_secs(10);
 
@@ -99,6 +112,9 @@ pub struct Core {
     health: Health,
     /// The links' round trip stretches the failure detection (said once per change).
     slow_links: bool,
+    /// Per open connection, the datagrams received when last sampled and when that count
+    /// last moved (see [`Self::handle_rtts`]).
+    heard: HashMap<SocketAddr, (u64, Instant)>,
 }
 
 /// This agent's own health, after Lifeguard's "local health multiplier" (memberlist): an
@@ -164,6 +180,7 @@ impl Core {
                 calm_since: now,
             },
             slow_links: false,
+            heard: HashMap::new(),
         };
         core.timers
             .push(now + ANTI_ENTROPY_EVERY, Timer::AntiEntropy);
@@ -252,10 +269,31 @@ impl Core {
 
     /// The round trip measured on each open connection (QUIC's smoothed RTT), every
     /// [`RTTS_EVERY`]: the failure detection waits longer on slow or loaded links (see
-    /// [`Membership::set_rtts`]).
-    pub fn handle_rtts(&mut self, rtts: impl IntoIterator<Item = (SocketAddr, Duration)>) {
+    /// [`Membership::set_rtts`]). A connection's round trip counts only while packets come
+    /// in on it (within [`RTT_FRESH`]): QUIC keeps the last estimate of a peer that went
+    /// silent, and a member killed while its link was loaded must not be given up as
+    /// slowly as that link was. A loaded link is never silent, and the round trip of an
+    /// idle one says nothing of the queues it would meet.
+    pub fn handle_rtts(
+        &mut self,
+        now: Instant,
+        links: impl IntoIterator<Item = (SocketAddr, LinkSample)>,
+    ) {
+        let mut heard = HashMap::new();
+        let mut fresh = Vec::new();
+        for (addr, link) in links {
+            let since = match self.heard.get(&addr) {
+                Some(&(received, since)) if received == link.received => since,
+                _ => now,
+            };
+            heard.insert(addr, (link.received, since));
+            if now.saturating_duration_since(since) <= RTT_FRESH {
+                fresh.push((addr, link.rtt));
+            }
+        }
+        self.heard = heard;
         let before = self.membership.stretch(None);
-        self.membership.set_rtts(rtts);
+        self.membership.set_rtts(fresh);
         let after = self.membership.stretch(None);
         let median = self.membership.median_rtt();
         // Said when the links turn slow, and when they are fast again with room to spare:
@@ -591,6 +629,35 @@ mod tests {
             }
         }
         events
+    }
+
+    #[test]
+    fn a_round_trip_counts_only_while_packets_come_in_on_its_connection() {
+        let mut now = Instant::now();
+        let mut cores = vec![core(1, vec![], now), core(2, vec![addr(1)], now)];
+        let until = now + Duration::from_secs(2);
+        run(&mut cores, &mut now, until);
+        let c = &mut cores[0];
+        let stretch = |c: &Core| c.membership().stretch(Some(addr(2)));
+        let link = |received| LinkSample {
+            rtt: Duration::from_millis(400),
+            received,
+        };
+        c.handle_rtts(now, [(addr(2), link(10))]);
+        assert_eq!(stretch(c), 8, "a loaded link that answers");
+        // Silent since: its last estimate counts a while, then no more (as if killed).
+        c.handle_rtts(now + RTT_FRESH, [(addr(2), link(10))]);
+        assert_eq!(stretch(c), 8);
+        c.handle_rtts(now + RTT_FRESH + RTTS_EVERY, [(addr(2), link(10))]);
+        assert_eq!(stretch(c), 1, "a silent link's old round trip");
+        // Packets again: it counts again.
+        let later = now + RTT_FRESH * 2;
+        c.handle_rtts(later, [(addr(2), link(11))]);
+        assert_eq!(stretch(c), 8);
+        // A connection closed and opened again starts afresh, whatever its count.
+        c.handle_rtts(later + RTTS_EVERY, []);
+        c.handle_rtts(later + RTT_FRESH * 2, [(addr(2), link(11))]);
+        assert_eq!(stretch(c), 8);
     }
 
     #[test]

@@ -702,7 +702,7 @@ impl Mesh {
                     }
                     Err(_) => local_open = false,
                 },
-                _ = rtts.tick() => core.handle_rtts(driver.pool.rtts()),
+                _ = rtts.tick() => core.handle_rtts(Instant::now(), driver.pool.rtts()),
                 _ = report.tick() => {
                     tracing::debug!(
                         open_connections = driver.pool.open(),

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use super::core::LinkSample;
+
 /// The most connections an agent keeps open.
 pub const MAX_CONNECTIONS: usize = 256;
 /// Two connections to one peer established this close together are simultaneous dials.
@@ -289,10 +291,17 @@ impl Pool {
             .collect()
     }
 
-    /// The smoothed round trip of each open connection, by peer address.
-    pub fn rtts(&self) -> impl Iterator<Item = (SocketAddr, Duration)> + '_ {
+    /// The smoothed round trip of each open connection, and how many datagrams came in on
+    /// it, by peer address.
+    pub fn rtts(&self) -> impl Iterator<Item = (SocketAddr, LinkSample)> + '_ {
         self.slots.iter().filter_map(|(addr, s)| match s {
-            Slot::Connected(l) if l.conn.close_reason().is_none() => Some((*addr, l.conn.rtt())),
+            Slot::Connected(l) if l.conn.close_reason().is_none() => Some((
+                *addr,
+                LinkSample {
+                    rtt: l.conn.rtt(),
+                    received: l.conn.stats().udp_rx.datagrams,
+                },
+            )),
             _ => None,
         })
     }
