@@ -693,24 +693,28 @@ fn webhooks_get_each_event_once_signed_also_when_the_coordinator_is_killed_betwe
     });
 
     // v2: a canary of one host, then a bake; the coordinator is killed while it bakes,
-    // after `start` was delivered and recorded, before `success`. Uploaded to agent-2, so
-    // that the revision outlives the coordinator (agent-1, which founded the log). The
-    // coordinator is not a target: a canary host that dies while it bakes trips the
-    // deployment's health gate (rightly: it fails and rolls back), and whether the mesh
-    // declared it dead before the bake's end would be a race.
-    let leader = status(&fleet[1], &ca.operator, &d1).unwrap()["coordinator"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    // after `start` was delivered and recorded, before `success`. The coordinator (the
+    // log's leader, agent-1 unless an election came between) is not a target: a canary
+    // host that dies while it bakes trips the deployment's health gate (rightly: it fails
+    // and rolls back), and whether the mesh declared it dead before the bake's end would
+    // be a race. Uploaded to a target, so that the revision outlives the coordinator.
+    let mut leader = String::new();
+    wait_for("the log's leader to be known", LONG, || {
+        status(&fleet[1], &ca.operator, &d1).is_ok_and(|v| {
+            leader = v["coordinator"].as_str().unwrap_or("").to_string();
+            !leader.is_empty()
+        })
+    });
     let others: Vec<String> = fleet
         .iter()
         .map(|a| a.name.clone())
         .filter(|n| *n != leader)
         .collect();
+    let via = fleet.iter().position(|a| a.name == others[0]).unwrap();
     let v2 = revision(tmp.path(), "v2");
     let accepted = json(
         &create(
-            &fleet[1],
+            &fleet[via],
             &ca.operator,
             &v2,
             &["--targets", &by_host(&others), "--canary", "50%:6s"],
@@ -720,11 +724,16 @@ fn webhooks_get_each_event_once_signed_also_when_the_coordinator_is_killed_betwe
     let d2 = accepted["id"].as_str().unwrap().to_string();
     let mut coordinator = String::new();
     wait_for("v2 to bake with its start recorded", LONG, || {
-        status(&fleet[1], &ca.operator, &d2).is_ok_and(|v| {
+        status(&fleet[via], &ca.operator, &d2).is_ok_and(|v| {
             coordinator = v["coordinator"].as_str().unwrap_or("").to_string();
             v["status"] == "Baking" && v["notified"] == serde_json::json!(["start"])
         })
     });
+    assert!(
+        !others.contains(&coordinator),
+        "an election made {coordinator}, a target of v2, its coordinator: killing it \
+         would test the health gate, not the hand-over"
+    );
     let killed = fleet.iter().position(|a| a.name == coordinator).unwrap();
     fleet[killed].kill();
     let peer = (killed + 1) % 3;
@@ -735,6 +744,10 @@ fn webhooks_get_each_event_once_signed_also_when_the_coordinator_is_killed_betwe
         || {
             let r = status_within(&fleet[peer], &ca.operator, &d2, ASK_WITHIN);
             r.is_ok_and(|v| {
+                assert!(
+                    !["Failed", "Stopped"].contains(&v["status"].as_str().unwrap_or("")),
+                    "v2 ended without success: {v}"
+                );
                 let ok = v["status"] == "Succeeded"
                     && v["notified"] == serde_json::json!(["start", "success"]);
                 done = v;

@@ -26,18 +26,37 @@ pub const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(1);
 pub const REJOIN_EVERY: Duration = Duration::from_secs(2);
 /// How often the driver hands in the connections' round trips ([`Core::handle_rtts`]).
 pub const RTTS_EVERY: Duration = Duration::from_millis(500);
-/// How long a connection's round trip counts after the last packet that came in on it
-/// ([`Core::handle_rtts`]): a member that died while its link was loaded keeps its last
-/// (long) round trip until the connection closes, and would be given up that much later.
-pub const RTT_FRESH: Duration = Duration::from_secs(2);
+/// How long a connection's round trip still counts once this agent has sent on it and no
+/// acknowledgement came back ([`Core::handle_rtts`]): QUIC keeps the last estimate of a
+/// peer that went silent, and a member killed while its link was loaded must not be given
+/// up as slowly as that link was. Three times the longest round trip that stretches
+/// ([`membership::MAX_STRETCH`] × [`membership::RTT_BUDGET`]), and shorter than the probe
+/// cycle at the larger stretches, so that a member killed under load is suspected with its
+/// round trip no longer counted.
+pub const RTT_FRESH: Duration = Duration::from_millis(1500);
 
-/// One open connection's state as the driver samples it for [`Core::handle_rtts`].
+/// One open connection as the driver samples it for [`Core::handle_rtts`] (quinn's
+/// connection statistics).
 #[derive(Clone, Copy, Debug)]
 pub struct LinkSample {
+    /// The connection's `stable_id`: a connection replaced starts afresh.
+    pub conn: usize,
     /// QUIC's smoothed round trip.
     pub rtt: Duration,
-    /// Datagrams received on the connection so far.
-    pub received: u64,
+    /// ACK frames received so far (counted once decrypted: a stranger cannot move it).
+    pub acked: u64,
+    /// Frames sent so far that the peer must acknowledge (stream, datagram, ping).
+    pub asked: u64,
+}
+
+/// What [`Core::handle_rtts`] keeps of one connection between two samples.
+#[derive(Clone, Copy, Debug)]
+struct Heard {
+    conn: usize,
+    acked: u64,
+    asked: u64,
+    /// Since when this agent has sent on it with no acknowledgement back.
+    unanswered_since: Option<Instant>,
 }
 /// How often the members' addresses are remembered and dissemination refitted.
 pub const REMEMBER_EVERY: Duration = Duration::from_secs(10);
@@ -112,9 +131,8 @@ pub struct Core {
     health: Health,
     /// The links' round trip stretches the failure detection (said once per change).
     slow_links: bool,
-    /// Per open connection, the datagrams received when last sampled and when that count
-    /// last moved (see [`Self::handle_rtts`]).
-    heard: HashMap<SocketAddr, (u64, Instant)>,
+    /// Per open connection, what its last sample said (see [`Self::handle_rtts`]).
+    heard: HashMap<SocketAddr, Heard>,
 }
 
 /// This agent's own health, after Lifeguard's "local health multiplier" (memberlist): an
@@ -269,11 +287,11 @@ impl Core {
 
     /// The round trip measured on each open connection (QUIC's smoothed RTT), every
     /// [`RTTS_EVERY`]: the failure detection waits longer on slow or loaded links (see
-    /// [`Membership::set_rtts`]). A connection's round trip counts only while packets come
-    /// in on it (within [`RTT_FRESH`]): QUIC keeps the last estimate of a peer that went
-    /// silent, and a member killed while its link was loaded must not be given up as
-    /// slowly as that link was. A loaded link is never silent, and the round trip of an
-    /// idle one says nothing of the queues it would meet.
+    /// [`Membership::set_rtts`]). A connection's round trip stops counting once this agent
+    /// has sent on it and no acknowledgement came back for [`RTT_FRESH`]: QUIC keeps the
+    /// last estimate of a peer that went silent, such as a member killed while its link
+    /// was loaded. A loaded link that answers is acknowledged all the time; an idle one
+    /// keeps its estimate (nothing says it changed).
     pub fn handle_rtts(
         &mut self,
         now: Instant,
@@ -282,12 +300,23 @@ impl Core {
         let mut heard = HashMap::new();
         let mut fresh = Vec::new();
         for (addr, link) in links {
-            let since = match self.heard.get(&addr) {
-                Some(&(received, since)) if received == link.received => since,
-                _ => now,
+            let before = self.heard.get(&addr).filter(|h| h.conn == link.conn);
+            let unanswered_since = match before {
+                None => None,
+                Some(h) if h.acked != link.acked => None,
+                Some(h) if h.asked != link.asked => h.unanswered_since.or(Some(now)),
+                Some(h) => h.unanswered_since,
             };
-            heard.insert(addr, (link.received, since));
-            if now.saturating_duration_since(since) <= RTT_FRESH {
+            heard.insert(
+                addr,
+                Heard {
+                    conn: link.conn,
+                    acked: link.acked,
+                    asked: link.asked,
+                    unanswered_since,
+                },
+            );
+            if unanswered_since.is_none_or(|t| now.saturating_duration_since(t) < RTT_FRESH) {
                 fresh.push((addr, link.rtt));
             }
         }
@@ -632,32 +661,52 @@ mod tests {
     }
 
     #[test]
-    fn a_round_trip_counts_only_while_packets_come_in_on_its_connection() {
+    fn a_round_trip_stops_counting_when_what_was_sent_is_not_acknowledged() {
         let mut now = Instant::now();
         let mut cores = vec![core(1, vec![], now), core(2, vec![addr(1)], now)];
         let until = now + Duration::from_secs(2);
         run(&mut cores, &mut now, until);
         let c = &mut cores[0];
         let stretch = |c: &Core| c.membership().stretch(Some(addr(2)));
-        let link = |received| LinkSample {
+        let link = |conn, acked, asked| LinkSample {
+            conn,
             rtt: Duration::from_millis(400),
-            received,
+            acked,
+            asked,
         };
-        c.handle_rtts(now, [(addr(2), link(10))]);
-        assert_eq!(stretch(c), 8, "a loaded link that answers");
-        // Silent since: its last estimate counts a while, then no more (as if killed).
-        c.handle_rtts(now + RTT_FRESH, [(addr(2), link(10))]);
-        assert_eq!(stretch(c), 8);
-        c.handle_rtts(now + RTT_FRESH + RTTS_EVERY, [(addr(2), link(10))]);
-        assert_eq!(stretch(c), 1, "a silent link's old round trip");
-        // Packets again: it counts again.
-        let later = now + RTT_FRESH * 2;
-        c.handle_rtts(later, [(addr(2), link(11))]);
-        assert_eq!(stretch(c), 8);
-        // A connection closed and opened again starts afresh, whatever its count.
-        c.handle_rtts(later + RTTS_EVERY, []);
-        c.handle_rtts(later + RTT_FRESH * 2, [(addr(2), link(11))]);
-        assert_eq!(stretch(c), 8);
+        let mut at = |c: &mut Core, after: Duration, sample: LinkSample| {
+            now += after;
+            c.handle_rtts(now, [(addr(2), sample)]);
+            stretch(c)
+        };
+        assert_eq!(at(c, RTTS_EVERY, link(1, 10, 10)), 8, "a loaded link");
+        assert_eq!(at(c, RTTS_EVERY, link(1, 20, 20)), 8, "that answers");
+        // Idle: nothing sent, nothing back, for long: its estimate stays.
+        assert_eq!(at(c, RTT_FRESH * 10, link(1, 20, 20)), 8, "an idle link");
+        // Sent to, and no acknowledgement: it counts a while, then no more (as if killed).
+        assert_eq!(at(c, RTTS_EVERY, link(1, 20, 21)), 8);
+        assert_eq!(at(c, RTT_FRESH - RTTS_EVERY, link(1, 20, 25)), 8);
+        assert_eq!(
+            at(c, RTTS_EVERY, link(1, 20, 25)),
+            1,
+            "unanswered for RTT_FRESH"
+        );
+        assert_eq!(at(c, RTT_FRESH, link(1, 20, 25)), 1, "nor once idle again");
+        // An acknowledgement: it counts again.
+        assert_eq!(at(c, RTTS_EVERY, link(1, 21, 25)), 8);
+        // A connection replaced starts afresh, whatever its counts.
+        at(c, RTTS_EVERY, link(1, 21, 26));
+        assert_eq!(at(c, RTT_FRESH, link(1, 21, 27)), 1);
+        assert_eq!(at(c, RTTS_EVERY, link(2, 21, 27)), 8, "a new connection");
+        // A connection closed and gone: no round trip at all.
+        assert_eq!(
+            {
+                now += RTTS_EVERY;
+                c.handle_rtts(now, []);
+                stretch(c)
+            },
+            1
+        );
     }
 
     #[test]

@@ -291,17 +291,23 @@ impl Pool {
             .collect()
     }
 
-    /// The smoothed round trip of each open connection, and how many datagrams came in on
-    /// it, by peer address.
+    /// The smoothed round trip of each open connection, and what was sent on it and
+    /// acknowledged, by peer address.
     pub fn rtts(&self) -> impl Iterator<Item = (SocketAddr, LinkSample)> + '_ {
         self.slots.iter().filter_map(|(addr, s)| match s {
-            Slot::Connected(l) if l.conn.close_reason().is_none() => Some((
-                *addr,
-                LinkSample {
-                    rtt: l.conn.rtt(),
-                    received: l.conn.stats().udp_rx.datagrams,
-                },
-            )),
+            Slot::Connected(l) if l.conn.close_reason().is_none() => {
+                let stats = l.conn.stats();
+                let sent = stats.frame_tx;
+                Some((
+                    *addr,
+                    LinkSample {
+                        conn: l.conn.stable_id(),
+                        rtt: l.conn.rtt(),
+                        acked: stats.frame_rx.acks,
+                        asked: sent.stream + sent.datagram + sent.ping,
+                    },
+                ))
+            }
             _ => None,
         })
     }
