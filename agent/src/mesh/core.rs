@@ -32,8 +32,12 @@ pub const RTTS_EVERY: Duration = Duration::from_millis(500);
 /// up as slowly as that link was. Three times the longest round trip that stretches
 /// ([`membership::MAX_STRETCH`] × [`membership::RTT_BUDGET`]), and shorter than the probe
 /// cycle at the larger stretches, so that a member killed under load is suspected with its
-/// round trip no longer counted.
+/// round trip no longer counted. A slower link gets four of its round trips (a lost packet
+/// is sent again after about two), up to [`RTT_FRESH_MAX`].
 pub const RTT_FRESH: Duration = Duration::from_millis(1500);
+/// The most time a connection's acknowledgement is waited for ([`RTT_FRESH`]): with the
+/// sampling's 500 ms, still within the probe cycle at the largest stretch (3 s).
+pub const RTT_FRESH_MAX: Duration = Duration::from_millis(2500);
 
 /// One open connection as the driver samples it for [`Core::handle_rtts`] (quinn's
 /// connection statistics).
@@ -288,7 +292,8 @@ impl Core {
     /// The round trip measured on each open connection (QUIC's smoothed RTT), every
     /// [`RTTS_EVERY`]: the failure detection waits longer on slow or loaded links (see
     /// [`Membership::set_rtts`]). A connection's round trip stops counting once this agent
-    /// has sent on it and no acknowledgement came back for [`RTT_FRESH`]: QUIC keeps the
+    /// has sent on it and no acknowledgement came back for [`RTT_FRESH`] (four of its
+    /// round trips on a slower link, at most [`RTT_FRESH_MAX`]): QUIC keeps the
     /// last estimate of a peer that went silent, such as a member killed while its link
     /// was loaded. A loaded link that answers is acknowledged all the time; an idle one
     /// keeps its estimate (nothing says it changed).
@@ -300,7 +305,12 @@ impl Core {
         let mut heard = HashMap::new();
         let mut fresh = Vec::new();
         for (addr, link) in links {
-            let before = self.heard.get(&addr).filter(|h| h.conn == link.conn);
+            // quinn's `stable_id` is an address, which a later connection may reuse: a
+            // count that went back is another connection too.
+            let before = self
+                .heard
+                .get(&addr)
+                .filter(|h| h.conn == link.conn && h.acked <= link.acked && h.asked <= link.asked);
             let unanswered_since = match before {
                 None => None,
                 Some(h) if h.acked != link.acked => None,
@@ -316,7 +326,8 @@ impl Core {
                     unanswered_since,
                 },
             );
-            if unanswered_since.is_none_or(|t| now.saturating_duration_since(t) < RTT_FRESH) {
+            let wait = (link.rtt * 4).clamp(RTT_FRESH, RTT_FRESH_MAX);
+            if unanswered_since.is_none_or(|t| now.saturating_duration_since(t) < wait) {
                 fresh.push((addr, link.rtt));
             }
         }
@@ -670,7 +681,7 @@ mod tests {
         let stretch = |c: &Core| c.membership().stretch(Some(addr(2)));
         let link = |conn, acked, asked| LinkSample {
             conn,
-            rtt: Duration::from_millis(400),
+            rtt: Duration::from_millis(300),
             acked,
             asked,
         };
@@ -679,13 +690,13 @@ mod tests {
             c.handle_rtts(now, [(addr(2), sample)]);
             stretch(c)
         };
-        assert_eq!(at(c, RTTS_EVERY, link(1, 10, 10)), 8, "a loaded link");
-        assert_eq!(at(c, RTTS_EVERY, link(1, 20, 20)), 8, "that answers");
+        assert_eq!(at(c, RTTS_EVERY, link(1, 10, 10)), 6, "a loaded link");
+        assert_eq!(at(c, RTTS_EVERY, link(1, 20, 20)), 6, "that answers");
         // Idle: nothing sent, nothing back, for long: its estimate stays.
-        assert_eq!(at(c, RTT_FRESH * 10, link(1, 20, 20)), 8, "an idle link");
+        assert_eq!(at(c, RTT_FRESH * 10, link(1, 20, 20)), 6, "an idle link");
         // Sent to, and no acknowledgement: it counts a while, then no more (as if killed).
-        assert_eq!(at(c, RTTS_EVERY, link(1, 20, 21)), 8);
-        assert_eq!(at(c, RTT_FRESH - RTTS_EVERY, link(1, 20, 25)), 8);
+        assert_eq!(at(c, RTTS_EVERY, link(1, 20, 21)), 6);
+        assert_eq!(at(c, RTT_FRESH - RTTS_EVERY, link(1, 20, 25)), 6);
         assert_eq!(
             at(c, RTTS_EVERY, link(1, 20, 25)),
             1,
@@ -693,11 +704,35 @@ mod tests {
         );
         assert_eq!(at(c, RTT_FRESH, link(1, 20, 25)), 1, "nor once idle again");
         // An acknowledgement: it counts again.
-        assert_eq!(at(c, RTTS_EVERY, link(1, 21, 25)), 8);
+        assert_eq!(at(c, RTTS_EVERY, link(1, 21, 25)), 6);
         // A connection replaced starts afresh, whatever its counts.
         at(c, RTTS_EVERY, link(1, 21, 26));
         assert_eq!(at(c, RTT_FRESH, link(1, 21, 27)), 1);
-        assert_eq!(at(c, RTTS_EVERY, link(2, 21, 27)), 8, "a new connection");
+        assert_eq!(at(c, RTTS_EVERY, link(2, 21, 27)), 6, "a new connection");
+        // A slower link waits four of its round trips (a lost packet sent again): 600 ms
+        // answered after 1.8 s still counts; at most RTT_FRESH_MAX.
+        let slow = |acked, asked| LinkSample {
+            rtt: Duration::from_millis(600),
+            ..link(3, acked, asked)
+        };
+        assert_eq!(at(c, RTTS_EVERY, slow(1, 1)), 10);
+        assert_eq!(at(c, RTTS_EVERY, slow(1, 2)), 10);
+        assert_eq!(
+            at(c, Duration::from_millis(1800), slow(1, 2)),
+            10,
+            "lost, sent again"
+        );
+        let ms = Duration::from_millis;
+        assert_eq!(at(c, ms(600), slow(1, 3)), 1, "four round trips, 2.4 s");
+        assert_eq!(at(c, RTTS_EVERY, slow(2, 3)), 10);
+        let slowest = |acked, asked| LinkSample {
+            rtt: Duration::from_secs(5),
+            ..link(3, acked, asked)
+        };
+        at(c, RTTS_EVERY, slowest(2, 4));
+        assert_eq!(at(c, RTT_FRESH_MAX, slowest(2, 4)), 1, "capped");
+        // Counts that went back: another connection that reused the id.
+        assert_eq!(at(c, RTTS_EVERY, slow(0, 0)), 10);
         // A connection closed and gone: no round trip at all.
         assert_eq!(
             {

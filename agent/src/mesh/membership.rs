@@ -713,8 +713,9 @@ impl Membership {
     /// members' links are slow. Addresses are taken in their canonical form (a dual-stack
     /// socket reports IPv4 peers IPv6-mapped); those that are not members are ignored.
     /// QUIC's estimate is smoothed (an eighth of each sample), so the stretch lags a
-    /// sudden load by a few round trips; the caller hands in only the round trips of
-    /// connections that packets still come in on ([`super::core::Core::handle_rtts`]).
+    /// sudden load by a few round trips; the caller leaves out the round trip of a
+    /// connection sent on and not acknowledged for a while, such as a killed member's
+    /// ([`super::core::Core::handle_rtts`]).
     pub fn set_rtts(&mut self, rtts: impl IntoIterator<Item = (SocketAddr, Duration)>) {
         let index = &self.index.by_addr;
         self.rtts = rtts

@@ -304,7 +304,9 @@ impl Pool {
                         conn: l.conn.stable_id(),
                         rtt: l.conn.rtt(),
                         acked: stats.frame_rx.acks,
-                        asked: sent.stream + sent.datagram + sent.ping,
+                        // Path MTU probes are pings that may go unanswered by design.
+                        asked: (sent.stream + sent.datagram + sent.ping)
+                            .saturating_sub(stats.path.sent_plpmtud_probes),
                     },
                 ))
             }
