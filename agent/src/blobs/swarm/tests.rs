@@ -170,6 +170,32 @@ fn fetchers_that_start_together_take_different_parts_from_the_origin() {
 }
 
 #[test]
+fn the_origins_window_is_shared_by_the_fetchers_it_serves() {
+    let now = Instant::now();
+    let all = chunks(200);
+    // What a fetcher asks the origin at once: (chunks per request, requests).
+    let asks = |fetchers: usize| {
+        let mut s = Swarm::new("f0", all.clone(), |_| false, Config::default());
+        let names: Vec<String> = (0..fetchers).map(|i| format!("f{i}")).collect();
+        s.set_fetchers(&names);
+        s.add_peer(now, "origin", Role::Origin);
+        let f = fetches(&drain(&mut s, now));
+        let sizes: HashSet<usize> = f.iter().map(|(_, _, ids)| ids.len()).collect();
+        assert_eq!(sizes.len(), 1, "{f:?}");
+        (*sizes.iter().next().unwrap(), f.len())
+    };
+    let c = Config::default();
+    // Few fetchers: the most per fetcher (4 chunks a request, 2 requests).
+    assert_eq!(asks(1), (c.origin_batch, c.origin_pipeline));
+    assert_eq!(asks(4), (c.origin_batch, c.origin_pipeline));
+    // 8 fetchers: 32 / 8 = 4 chunks each, in 2 requests of 2.
+    assert_eq!(asks(8), (2, 2));
+    // 16 and more: 2 chunks each, in one request; never less.
+    assert_eq!(asks(16), (2, 1));
+    assert_eq!(asks(100), (2, 1));
+}
+
+#[test]
 fn a_peer_that_sends_a_corrupt_chunk_is_dropped_and_its_chunks_asked_elsewhere() {
     let now = Instant::now();
     let all = chunks(4);
