@@ -63,7 +63,9 @@ pub struct Config {
     pub origin_pipeline: usize,
     pub origin_batch: usize,
     /// The chunks in flight from the origin to all fetchers together, which each fetcher
-    /// takes its share of (at least 2 chunks, at most `origin_batch × origin_pipeline`):
+    /// takes its share of (at least 2 chunks, at most `origin_batch × origin_pipeline`;
+    /// the fetchers counted are those still fetching and not dropped; the most once
+    /// impatient):
     /// enough to keep the origin's link full, and no more, since each chunk waiting in
     /// its queue is one the other fetchers get that much later. On the bench (16 hosts on
     /// 10 Mbit/s links) 8 chunks per fetcher, 4 MiB in all, made every chunk wait about
@@ -622,7 +624,7 @@ impl Swarm {
                     && s.resting_until.is_none_or(|t| t <= now)
                     && s.in_flight
                         < if s.role == Role::Origin {
-                            self.origin_share().1
+                            self.origin_share(patient).1
                         } else {
                             self.config.pipeline
                         }
@@ -762,22 +764,28 @@ impl Swarm {
     }
 
     /// This fetcher's share of the origin ([`Config::origin_window`]): chunks per request
-    /// and requests in flight, for the fetchers it knows of (itself among them).
-    fn origin_share(&self) -> (usize, usize) {
+    /// and requests in flight, for the fetchers still fetching that it knows as peers and
+    /// has not dropped (itself among them). Once impatient (nothing stored for
+    /// [`Config::patience`]: nobody else is bringing anything), the most.
+    fn origin_share(&self, patient: bool) -> (usize, usize) {
         let c = &self.config;
         let most = c.origin_batch * c.origin_pipeline;
-        let share = (c.origin_window / self.turn.1.max(1)).clamp(2.min(most), most);
-        if share >= most {
-            (c.origin_batch, c.origin_pipeline)
-        } else {
-            // Two requests once a share allows two chunks each; one below.
-            let pipeline = if share >= 4 {
-                2.min(c.origin_pipeline)
-            } else {
-                1
-            };
-            (share / pipeline, pipeline)
+        let fetchers = 1 + self
+            .peers
+            .values()
+            .filter(|s| s.role == Role::Fetcher && s.dropped.is_none())
+            .count();
+        let share = (c.origin_window / fetchers).clamp(2.min(most), most);
+        if !patient || share >= most {
+            return (c.origin_batch, c.origin_pipeline);
         }
+        // Two requests once a share allows two chunks each; one below.
+        let pipeline = if share >= 4 {
+            2.min(c.origin_pipeline)
+        } else {
+            1
+        };
+        ((share / pipeline).min(c.origin_batch), pipeline)
     }
 
     /// Up to a batch of chunks to ask `peer` for: missing, held by it, not asked of anyone
@@ -851,7 +859,7 @@ impl Swarm {
         // A helper leaves the front of the next fetcher's part to its owner: the chunks
         // it may have asked already and not yet said it holds.
         if state.role == Role::Origin && patient {
-            let (batch, pipeline) = self.origin_share();
+            let (batch, pipeline) = self.origin_share(patient);
             let margin = (2 * batch * pipeline).max(1);
             let mut helped: Vec<u64> = candidates
                 .iter()
@@ -869,7 +877,7 @@ impl Swarm {
         }
         candidates.sort_unstable();
         let batch = if state.role == Role::Origin {
-            self.origin_share().0
+            self.origin_share(patient).0
         } else {
             self.config.batch
         };

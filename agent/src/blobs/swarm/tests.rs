@@ -171,28 +171,54 @@ fn fetchers_that_start_together_take_different_parts_from_the_origin() {
 
 #[test]
 fn the_origins_window_is_shared_by_the_fetchers_it_serves() {
-    let now = Instant::now();
+    let t0 = Instant::now();
     let all = chunks(200);
-    // What a fetcher asks the origin at once: (chunks per request, requests).
-    let asks = |fetchers: usize| {
+    let c = Config::default();
+    // A fetch with `fetchers` fetchers (f0 and peers f1..), `dropped` of the peers found
+    // to lie, the others holding nothing yet; what f0 asks the origin at once, as
+    // (chunks per request, requests), while patient, and then once the patience is over.
+    let asks = |fetchers: usize, dropped: usize| {
         let mut s = Swarm::new("f0", all.clone(), |_| false, Config::default());
         let names: Vec<String> = (0..fetchers).map(|i| format!("f{i}")).collect();
         s.set_fetchers(&names);
-        s.add_peer(now, "origin", Role::Origin);
-        let f = fetches(&drain(&mut s, now));
-        let sizes: HashSet<usize> = f.iter().map(|(_, _, ids)| ids.len()).collect();
-        assert_eq!(sizes.len(), 1, "{f:?}");
-        (*sizes.iter().next().unwrap(), f.len())
+        for (i, name) in names.iter().enumerate().skip(1) {
+            s.add_peer(t0, name, Role::Fetcher);
+            // A list of the wrong length drops the peer.
+            let bits = if i <= dropped {
+                vec![false; 3]
+            } else {
+                vec![false; all.len()]
+            };
+            s.handle_have(t0, name, Some(bits));
+        }
+        s.add_peer(t0, "origin", Role::Origin);
+        let shape = |f: &[(u64, String, Vec<ChunkId>)]| {
+            assert!(f.iter().all(|(_, p, _)| p == "origin"), "{f:?}");
+            let most = f.iter().map(|(_, _, ids)| ids.len()).max().unwrap_or(0);
+            (most, f.len())
+        };
+        let patient = shape(&fetches(&drain(&mut s, t0)));
+        let end = t0 + c.patience;
+        s.handle_timeout(end);
+        let impatient = shape(&fetches(&drain(&mut s, end)));
+        (patient, impatient)
     };
-    let c = Config::default();
+    let most = (c.origin_batch, c.origin_pipeline);
     // Few fetchers: the most per fetcher (4 chunks a request, 2 requests).
-    assert_eq!(asks(1), (c.origin_batch, c.origin_pipeline));
-    assert_eq!(asks(4), (c.origin_batch, c.origin_pipeline));
+    assert_eq!(asks(1, 0).0, most);
+    assert_eq!(asks(4, 0).0, most);
     // 8 fetchers: 32 / 8 = 4 chunks each, in 2 requests of 2.
-    assert_eq!(asks(8), (2, 2));
-    // 16 and more: 2 chunks each, in one request; never less.
-    assert_eq!(asks(16), (2, 1));
-    assert_eq!(asks(100), (2, 1));
+    assert_eq!(asks(8, 0).0, (2, 2));
+    // 16: 2 chunks each, in one request; never less, however many.
+    assert_eq!(asks(16, 0).0, (2, 1));
+    assert_eq!(asks(40, 0).0, (2, 1));
+    // Fetchers dropped take no share: 16 named, 12 dropped, as 4.
+    assert_eq!(asks(16, 12).0, most);
+    assert_eq!(asks(16, 8).0, (2, 2));
+    // Once impatient (nothing stored for a while: nobody else brings anything), the most,
+    // in the 2 requests the pipeline allows (the first one still in flight).
+    let (_, impatient) = asks(16, 0);
+    assert_eq!(impatient, (c.origin_batch, 1));
 }
 
 #[test]
@@ -441,8 +467,9 @@ fn the_origin_gives_this_fetchers_turn_then_the_next_ones_from_its_other_end_the
     let mut a = swarm("a");
     let parts = asked(&mut a);
     // Its own part first, then the next fetcher's ("b"), from its other end, but not the
-    // first 8 (2 × origin_batch × origin_pipeline: what "b" may have asked and not yet
-    // said it holds); while patient, never the third's ("c"'s).
+    // first 8 (two of its shares of the origin, 2 × origin_batch × origin_pipeline here:
+    // what "b" may have asked and not yet said it holds); while patient, never the
+    // third's ("c"'s).
     let order: Vec<u8> = parts.iter().map(|(p, _)| *p).collect();
     assert_eq!(order, [&[0; 5][..], &[1; 3]].concat(), "{parts:?}");
     let of_b: Vec<ChunkId> = all
