@@ -296,19 +296,7 @@ impl Pool {
     pub fn rtts(&self) -> impl Iterator<Item = (SocketAddr, LinkSample)> + '_ {
         self.slots.iter().filter_map(|(addr, s)| match s {
             Slot::Connected(l) if l.conn.close_reason().is_none() => {
-                let stats = l.conn.stats();
-                let sent = stats.frame_tx;
-                Some((
-                    *addr,
-                    LinkSample {
-                        conn: l.conn.stable_id(),
-                        rtt: l.conn.rtt(),
-                        acked: stats.frame_rx.acks,
-                        // Path MTU probes are pings that may go unanswered by design.
-                        asked: (sent.stream + sent.datagram + sent.ping)
-                            .saturating_sub(stats.path.sent_plpmtud_probes),
-                    },
-                ))
+                Some((*addr, link_sample(&l.conn)))
             }
             _ => None,
         })
@@ -320,6 +308,21 @@ impl Pool {
             .values()
             .filter(|s| matches!(s, Slot::Connected(l) if l.conn.close_reason().is_none()))
             .count()
+    }
+}
+
+/// What [`crate::mesh::core::Core::handle_rtts`] takes of a connection, from quinn's
+/// statistics.
+fn link_sample(conn: &quinn::Connection) -> LinkSample {
+    let stats = conn.stats();
+    let sent = stats.frame_tx;
+    LinkSample {
+        conn: conn.stable_id(),
+        rtt: conn.rtt(),
+        acked: stats.frame_rx.acks,
+        // Path MTU probes are pings that may go unanswered by design.
+        asked: (sent.stream + sent.datagram + sent.ping)
+            .saturating_sub(stats.path.sent_plpmtud_probes),
     }
 }
 
@@ -368,6 +371,82 @@ mod tests {
         }
         b.succeeded(a(1));
         assert!(b.may_dial(now, a(1)) && !b.is_failing(a(1)));
+    }
+
+    /// Two real endpoints of a test fleet on loopback: what `link_sample` reads moves as
+    /// `Core::handle_rtts` expects, while the peer answers and once it is gone silent.
+    #[tokio::test]
+    async fn a_link_sample_counts_what_was_sent_and_what_came_back_acknowledged() {
+        use crate::identity::{self, Identity, Role};
+        use crate::mesh::transport;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        identity::init_ca(&ca).unwrap();
+        for n in ["a", "b"] {
+            identity::issue(&ca, n, Role::Agent, &dir.path().join(n)).unwrap();
+        }
+        let id = |n: &str| Identity::load(&dir.path().join(n)).unwrap();
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let a = transport::endpoint(loopback, &id("a"), None).unwrap();
+        // The peer runs on a runtime of its own, shut down later without a word: as a
+        // killed agent, it sends no close.
+        let peer_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let b_id = id("b");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        peer_rt.spawn(async move {
+            let b = transport::endpoint(loopback, &b_id, None).unwrap();
+            tx.send(b.local_addr().unwrap()).unwrap();
+            let conn = b.accept().await.unwrap().await.unwrap();
+            while let Ok(mut s) = conn.accept_uni().await {
+                let _ = s.read_to_end(1 << 20).await;
+            }
+        });
+        let b_addr = rx.await.unwrap();
+        let conn = transport::connect(&a, b_addr).await.unwrap();
+        let send = |conn: &quinn::Connection| {
+            let conn = conn.clone();
+            async move {
+                let mut s = conn.open_uni().await.unwrap();
+                s.write_all(b"hello").await.unwrap();
+                s.finish().unwrap();
+            }
+        };
+        // Answered: what is sent moves, and acknowledgements come back.
+        let before = link_sample(&conn);
+        assert_eq!(before.conn, conn.stable_id());
+        send(&conn).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut answered = link_sample(&conn);
+        while answered.acked == before.acked || answered.asked == before.asked {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no acknowledgement: {before:?} {answered:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            answered = link_sample(&conn);
+        }
+        // Gone silent: what is sent still moves, acknowledgements do not.
+        peer_rt.shutdown_background();
+        // What it acknowledged before it stopped has come (loopback).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let silent = link_sample(&conn);
+        send(&conn).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut later = link_sample(&conn);
+        while later.asked == silent.asked {
+            assert!(tokio::time::Instant::now() < deadline, "nothing sent");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            later = link_sample(&conn);
+        }
+        // QUIC probes again after a while: still nothing back.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let last = link_sample(&conn);
+        assert!(last.asked > silent.asked, "{silent:?} {last:?}");
+        assert_eq!(last.acked, silent.acked, "acknowledged by no one: {last:?}");
     }
 
     #[test]
