@@ -39,6 +39,9 @@ pub const RTT_FRESH: Duration = Duration::from_millis(1500);
 /// sampling's 500 ms, still within the probe cycle at the largest stretch (3 s).
 pub const RTT_FRESH_MAX: Duration = Duration::from_millis(2500);
 
+/// How often the members' addresses are remembered and dissemination refitted.
+pub const REMEMBER_EVERY: Duration = Duration::from_secs(10);
+
 /// One open connection as the driver samples it for [`Core::handle_rtts`] (quinn's
 /// connection statistics).
 #[derive(Clone, Copy, Debug)]
@@ -62,8 +65,6 @@ struct Heard {
     /// Since when this agent has sent on it with no acknowledgement back.
     unanswered_since: Option<Instant>,
 }
-/// How often the members' addresses are remembered and dissemination refitted.
-pub const REMEMBER_EVERY: Duration = Duration::from_secs(10);
 
 /// What survives a restart, in `data_dir/mesh/self.json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
